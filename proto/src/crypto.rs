@@ -1,0 +1,329 @@
+//! Envelope cryptography: per-chunk AES-256-GCM sealing under a release's content key, and HPKE
+//! wrapping of that content key for one device (PROTOCOL.md §Cryptography).
+//!
+//! The constructions bind context so ciphertext can't be moved: a chunk's nonce and AAD carry the
+//! artifact id, its index and the chunk count (no reorder, no truncation, no splicing across
+//! releases); a wrapped key's HPKE `info` carries the device id and the artifact id (a key wrapped
+//! for one device or release is useless for another).
+
+use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::{Aes256Gcm, KeyInit};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use hpke::kem::X25519HkdfSha256;
+use hpke::{Deserializable, OpModeR, OpModeS, Serializable};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use crate::ids::{ArtifactId, DeviceId};
+
+type WrapKem = X25519HkdfSha256;
+type WrapKdf = hpke::kdf::HkdfSha256;
+type WrapAead = hpke::aead::AesGcm256;
+
+/// Bytes an AES-GCM tag adds to every sealed chunk.
+pub const TAG_LEN: usize = 16;
+
+const CHUNK_AAD_LABEL: &[u8] = b"aloft-chunk-v1";
+const WRAP_INFO_LABEL: &[u8] = b"aloft-key-wrap-v1";
+
+/// Why a cryptographic operation failed. Deliberately coarse: an attacker learns nothing from
+/// which check refused its input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CryptoError {
+    #[error("chunk failed authentication")]
+    ChunkAuthentication,
+    #[error("wrapped key is malformed")]
+    MalformedWrappedKey,
+    #[error("wrapped key failed to unwrap")]
+    UnwrapFailed,
+    #[error("public key is malformed")]
+    MalformedPublicKey,
+    #[error("operating system randomness unavailable")]
+    Randomness,
+}
+
+/// Fills `buf` from the operating system's CSPRNG.
+pub fn random_bytes(buf: &mut [u8]) -> Result<(), CryptoError> {
+    getrandom::fill(buf).map_err(|_| CryptoError::Randomness)
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// A release's 256-bit content key. Zeroized on drop; never logged.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct ContentKey([u8; 32]);
+
+impl ContentKey {
+    pub fn generate() -> Result<Self, CryptoError> {
+        let mut k = [0u8; 32];
+        random_bytes(&mut k)?;
+        Ok(Self(k))
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ContentKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ContentKey(..)")
+    }
+}
+
+fn chunk_nonce(index: u32) -> [u8; 12] {
+    // The content key is fresh per artifact, so the chunk index alone is a unique nonce.
+    let mut n = [0u8; 12];
+    n[..4].copy_from_slice(&index.to_be_bytes());
+    n
+}
+
+fn chunk_aad(artifact: &ArtifactId, index: u32, count: u32) -> Vec<u8> {
+    let a = artifact.as_str().as_bytes();
+    let mut aad = Vec::with_capacity(CHUNK_AAD_LABEL.len() + 1 + a.len() + 8);
+    aad.extend_from_slice(CHUNK_AAD_LABEL);
+    aad.push(a.len() as u8); // ids are at most 64 bytes
+    aad.extend_from_slice(a);
+    aad.extend_from_slice(&index.to_be_bytes());
+    aad.extend_from_slice(&count.to_be_bytes());
+    aad
+}
+
+fn chunk_cipher(key: &ContentKey) -> Aes256Gcm {
+    Aes256Gcm::new(&key.0.into())
+}
+
+/// Seals chunk `index` of `count` of `artifact`: ciphertext followed by the 16-byte tag.
+pub fn seal_chunk(
+    key: &ContentKey,
+    artifact: &ArtifactId,
+    index: u32,
+    count: u32,
+    plaintext: &[u8],
+) -> Vec<u8> {
+    let aad = chunk_aad(artifact, index, count);
+    let nonce = chunk_nonce(index);
+    // AES-GCM encryption fails only for inputs over 64 GiB; chunks are at most 1 MiB.
+    chunk_cipher(key)
+        .encrypt(
+            &nonce.into(),
+            Payload {
+                msg: plaintext,
+                aad: &aad,
+            },
+        )
+        .unwrap_or_default()
+}
+
+/// Opens a sealed chunk; fails unless it was sealed under `key` for exactly this artifact, index
+/// and count.
+pub fn open_chunk(
+    key: &ContentKey,
+    artifact: &ArtifactId,
+    index: u32,
+    count: u32,
+    sealed: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    let aad = chunk_aad(artifact, index, count);
+    let nonce = chunk_nonce(index);
+    chunk_cipher(key)
+        .decrypt(
+            &nonce.into(),
+            Payload {
+                msg: sealed,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| CryptoError::ChunkAuthentication)
+}
+
+/// A device's X25519 key for receiving wrapped content keys. The secret never leaves the device.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct DeviceEncryptionKey {
+    secret: [u8; 32],
+}
+
+impl DeviceEncryptionKey {
+    pub fn generate() -> Result<Self, CryptoError> {
+        let mut secret = [0u8; 32];
+        random_bytes(&mut secret)?;
+        Ok(Self { secret })
+    }
+
+    pub fn from_bytes(secret: [u8; 32]) -> Self {
+        Self { secret }
+    }
+
+    pub fn secret_bytes(&self) -> &[u8; 32] {
+        &self.secret
+    }
+
+    fn private_key(&self) -> Result<<WrapKem as hpke::Kem>::PrivateKey, CryptoError> {
+        <WrapKem as hpke::Kem>::PrivateKey::from_bytes(&self.secret)
+            .map_err(|_| CryptoError::MalformedPublicKey)
+    }
+
+    /// The public half, as carried in the device certificate.
+    pub fn public_bytes(&self) -> Result<[u8; 32], CryptoError> {
+        let sk = self.private_key()?;
+        let pk = <WrapKem as hpke::Kem>::sk_to_pk(&sk);
+        let bytes = pk.to_bytes();
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&bytes);
+        Ok(out)
+    }
+}
+
+/// A content key wrapped for one device with HPKE (base mode, DHKEM(X25519, HKDF-SHA256),
+/// HKDF-SHA256, AES-256-GCM). Both fields are standard base64.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WrappedKey {
+    /// The HPKE encapsulated key (32 bytes).
+    pub enc: String,
+    /// The sealed content key (32 bytes + 16-byte tag).
+    pub ct: String,
+}
+
+fn wrap_info(device: &DeviceId, artifact: &ArtifactId) -> Vec<u8> {
+    let d = device.as_str().as_bytes();
+    let a = artifact.as_str().as_bytes();
+    let mut info = Vec::with_capacity(WRAP_INFO_LABEL.len() + 2 + d.len() + a.len());
+    info.extend_from_slice(WRAP_INFO_LABEL);
+    info.push(d.len() as u8);
+    info.extend_from_slice(d);
+    info.push(a.len() as u8);
+    info.extend_from_slice(a);
+    info
+}
+
+/// Wraps `key` so that only the holder of the secret behind `device_public` can unwrap it, and
+/// only as the content key of `artifact` for `device`.
+pub fn wrap_content_key(
+    device_public: &[u8; 32],
+    device: &DeviceId,
+    artifact: &ArtifactId,
+    key: &ContentKey,
+) -> Result<WrappedKey, CryptoError> {
+    let pk = <WrapKem as hpke::Kem>::PublicKey::from_bytes(device_public)
+        .map_err(|_| CryptoError::MalformedPublicKey)?;
+    let info = wrap_info(device, artifact);
+    let (enc, ct) = hpke::single_shot_seal::<WrapAead, WrapKdf, WrapKem>(
+        &OpModeS::Base,
+        &pk,
+        &info,
+        key.as_bytes(),
+        b"",
+    )
+    .map_err(|_| CryptoError::MalformedPublicKey)?;
+    Ok(WrappedKey {
+        enc: B64.encode(enc.to_bytes()),
+        ct: B64.encode(ct),
+    })
+}
+
+/// Unwraps a content key addressed to this device for `artifact`.
+pub fn unwrap_content_key(
+    device_key: &DeviceEncryptionKey,
+    device: &DeviceId,
+    artifact: &ArtifactId,
+    wrapped: &WrappedKey,
+) -> Result<ContentKey, CryptoError> {
+    let enc_bytes = B64
+        .decode(&wrapped.enc)
+        .map_err(|_| CryptoError::MalformedWrappedKey)?;
+    let ct = B64
+        .decode(&wrapped.ct)
+        .map_err(|_| CryptoError::MalformedWrappedKey)?;
+    if enc_bytes.len() != 32 || ct.len() != 32 + TAG_LEN {
+        return Err(CryptoError::MalformedWrappedKey);
+    }
+    let enc = <WrapKem as hpke::Kem>::EncappedKey::from_bytes(&enc_bytes)
+        .map_err(|_| CryptoError::MalformedWrappedKey)?;
+    let sk = device_key.private_key()?;
+    let info = wrap_info(device, artifact);
+    let mut pt = hpke::single_shot_open::<WrapAead, WrapKdf, WrapKem>(
+        &OpModeR::Base,
+        &sk,
+        &enc,
+        &info,
+        &ct,
+        b"",
+    )
+    .map_err(|_| CryptoError::UnwrapFailed)?;
+    let mut key = [0u8; 32];
+    if pt.len() != 32 {
+        pt.zeroize();
+        return Err(CryptoError::UnwrapFailed);
+    }
+    key.copy_from_slice(&pt);
+    pt.zeroize();
+    Ok(ContentKey(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids() -> (DeviceId, ArtifactId) {
+        (
+            DeviceId::new("dev-1").unwrap(),
+            ArtifactId::new("fw-1").unwrap(),
+        )
+    }
+
+    #[test]
+    fn sealed_chunk_opens_only_in_its_place() {
+        let key = ContentKey::generate().unwrap();
+        let (_, art) = ids();
+        let sealed = seal_chunk(&key, &art, 3, 10, b"hello");
+        assert_eq!(sealed.len(), 5 + TAG_LEN);
+        assert_eq!(open_chunk(&key, &art, 3, 10, &sealed).unwrap(), b"hello");
+        assert!(open_chunk(&key, &art, 4, 10, &sealed).is_err(), "reordered");
+        assert!(open_chunk(&key, &art, 3, 9, &sealed).is_err(), "truncated");
+        let other = ArtifactId::new("fw-2").unwrap();
+        assert!(open_chunk(&key, &other, 3, 10, &sealed).is_err(), "spliced");
+        let mut flipped = sealed.clone();
+        flipped[0] ^= 1;
+        assert!(open_chunk(&key, &art, 3, 10, &flipped).is_err(), "tampered");
+    }
+
+    #[test]
+    fn wrapped_key_unwraps_only_for_its_device_and_artifact() {
+        let (dev, art) = ids();
+        let dk = DeviceEncryptionKey::generate().unwrap();
+        let key = ContentKey::generate().unwrap();
+        let w = wrap_content_key(&dk.public_bytes().unwrap(), &dev, &art, &key).unwrap();
+        let got = unwrap_content_key(&dk, &dev, &art, &w).unwrap();
+        assert_eq!(got.as_bytes(), key.as_bytes());
+
+        let other_dev = DeviceId::new("dev-2").unwrap();
+        assert!(unwrap_content_key(&dk, &other_dev, &art, &w).is_err());
+        let other_art = ArtifactId::new("fw-9").unwrap();
+        assert!(unwrap_content_key(&dk, &dev, &other_art, &w).is_err());
+        let stranger = DeviceEncryptionKey::generate().unwrap();
+        assert!(unwrap_content_key(&stranger, &dev, &art, &w).is_err());
+    }
+
+    #[test]
+    fn malformed_wrapped_key_is_an_error_not_a_panic() {
+        let (dev, art) = ids();
+        let dk = DeviceEncryptionKey::generate().unwrap();
+        for (enc, ct) in [("", ""), ("!!", "AA=="), (&*B64.encode([0u8; 32]), "AA==")] {
+            let w = WrappedKey {
+                enc: enc.into(),
+                ct: ct.into(),
+            };
+            assert!(unwrap_content_key(&dk, &dev, &art, &w).is_err());
+        }
+    }
+}

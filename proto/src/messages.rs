@@ -1,0 +1,430 @@
+//! JSON messages of protocol v1 (PROTOCOL.md §Messages): jobs, state reports, acknowledgements
+//! and chunk requests. Every decoder is size-limited and strict (unknown fields are refused),
+//! and [`decode`] validates semantic rules after parsing.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::WrappedKey;
+use crate::ids::{ArtifactId, CampaignId};
+use crate::manifest::SignedManifest;
+
+/// The message format version carried in every message's `v` field.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Largest accepted payloads, per topic, in bytes.
+pub const MAX_STATUS_BYTES: usize = 4 * 1024;
+pub const MAX_ACK_BYTES: usize = 4 * 1024;
+pub const MAX_CHUNK_REQUEST_BYTES: usize = 4 * 1024;
+pub const MAX_JOB_BYTES: usize = 512 * 1024;
+/// Longest free-text `detail` in a report.
+pub const MAX_DETAIL_LEN: usize = 256;
+/// Most chunks one request may ask for, and most ranges it may list.
+pub const MAX_CHUNKS_PER_REQUEST: u32 = 64;
+pub const MAX_RANGES_PER_REQUEST: usize = 16;
+
+/// Why a payload was refused. The orchestrator counts these by [`DecodeError::code`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("payload of {size} bytes exceeds the limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("payload is not valid: {0}")]
+    Malformed(String),
+    #[error("unsupported message version {0}")]
+    UnsupportedVersion(u8),
+    #[error("invalid message: {0}")]
+    Invalid(&'static str),
+}
+
+impl DecodeError {
+    /// A stable, low-cardinality label for metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::Malformed(_) => "malformed",
+            DecodeError::UnsupportedVersion(_) => "unsupported_version",
+            DecodeError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// A message that checks its own semantic rules after parsing.
+pub trait Message: Serialize + DeserializeOwned {
+    const MAX_BYTES: usize;
+    fn version(&self) -> u8;
+    fn validate(&self) -> Result<(), DecodeError> {
+        Ok(())
+    }
+}
+
+/// Decodes and validates a message received from the network.
+pub fn decode<M: Message>(payload: &[u8]) -> Result<M, DecodeError> {
+    if payload.len() > M::MAX_BYTES {
+        return Err(DecodeError::TooLarge {
+            size: payload.len(),
+            limit: M::MAX_BYTES,
+        });
+    }
+    let m: M =
+        serde_json::from_slice(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if m.version() != PROTOCOL_VERSION {
+        return Err(DecodeError::UnsupportedVersion(m.version()));
+    }
+    m.validate()?;
+    Ok(m)
+}
+
+/// Encodes a message. Serializing these plain structs to JSON cannot fail.
+pub fn encode<M: Message>(m: &M) -> Vec<u8> {
+    serde_json::to_vec(m).unwrap_or_default()
+}
+
+/// Orchestrator → device, retained on the device's job topic: what to install.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    pub v: u8,
+    pub campaign: CampaignId,
+    pub manifest: SignedManifest,
+    /// The release's content key, wrapped for this device alone.
+    pub wrapped_key: WrappedKey,
+    /// Unix seconds.
+    pub issued_at: u64,
+}
+
+impl Message for Job {
+    const MAX_BYTES: usize = MAX_JOB_BYTES;
+    fn version(&self) -> u8 {
+        self.v
+    }
+}
+
+/// The per-device update state of one campaign, as the orchestrator tracks it and devices report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    /// Targeted, job not yet published.
+    Idle,
+    /// Job published to the device.
+    Notified,
+    Downloading,
+    /// Every chunk verified and written, whole image verified.
+    Downloaded,
+    Installing,
+    Rebooting,
+    /// Booted the new slot, running its health check.
+    Verifying,
+    Succeeded,
+    Failed,
+    RolledBack,
+}
+
+impl DeviceState {
+    pub const ALL: [DeviceState; 10] = [
+        DeviceState::Idle,
+        DeviceState::Notified,
+        DeviceState::Downloading,
+        DeviceState::Downloaded,
+        DeviceState::Installing,
+        DeviceState::Rebooting,
+        DeviceState::Verifying,
+        DeviceState::Succeeded,
+        DeviceState::Failed,
+        DeviceState::RolledBack,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            DeviceState::Succeeded | DeviceState::Failed | DeviceState::RolledBack
+        )
+    }
+
+    /// States a device may report (the others are the orchestrator's own).
+    pub fn is_reportable(self) -> bool {
+        !matches!(self, DeviceState::Idle | DeviceState::Notified)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceState::Idle => "idle",
+            DeviceState::Notified => "notified",
+            DeviceState::Downloading => "downloading",
+            DeviceState::Downloaded => "downloaded",
+            DeviceState::Installing => "installing",
+            DeviceState::Rebooting => "rebooting",
+            DeviceState::Verifying => "verifying",
+            DeviceState::Succeeded => "succeeded",
+            DeviceState::Failed => "failed",
+            DeviceState::RolledBack => "rolled_back",
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a device failed or rolled back (PROTOCOL.md §Reason codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The job or manifest could not be parsed.
+    MalformedJob,
+    /// No signature from a release key the device trusts.
+    UnknownSigningKey,
+    /// A signature from a trusted key did not verify.
+    BadSignature,
+    /// The manifest is for another hardware model.
+    WrongHardware,
+    /// The manifest's security version is below the device's anti-rollback floor.
+    Downgrade,
+    /// The manifest expired.
+    ManifestExpired,
+    /// The wrapped content key did not unwrap with the device's key.
+    KeyUnwrapFailed,
+    /// Chunks kept failing their digest after the retry budget.
+    ChunkVerificationFailed,
+    /// The assembled image did not match the manifest's digest.
+    ImageVerificationFailed,
+    /// The image does not fit the update slot.
+    ImageTooLarge,
+    /// Writing the update slot failed.
+    InstallFailed,
+    /// The new image booted but its health check failed.
+    HealthCheckFailed,
+    /// The new image did not boot, or did not confirm in time.
+    BootFailed,
+    /// The orchestrator gave up waiting for the device.
+    TimedOut,
+    /// The campaign was cancelled.
+    Cancelled,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::MalformedJob => "malformed_job",
+            Reason::UnknownSigningKey => "unknown_signing_key",
+            Reason::BadSignature => "bad_signature",
+            Reason::WrongHardware => "wrong_hardware",
+            Reason::Downgrade => "downgrade",
+            Reason::ManifestExpired => "manifest_expired",
+            Reason::KeyUnwrapFailed => "key_unwrap_failed",
+            Reason::ChunkVerificationFailed => "chunk_verification_failed",
+            Reason::ImageVerificationFailed => "image_verification_failed",
+            Reason::ImageTooLarge => "image_too_large",
+            Reason::InstallFailed => "install_failed",
+            Reason::HealthCheckFailed => "health_check_failed",
+            Reason::BootFailed => "boot_failed",
+            Reason::TimedOut => "timed_out",
+            Reason::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Device → orchestrator: "I am now in `state` for `campaign`". Reports of one campaign carry
+/// consecutive `seq` numbers from 1; the device resends unacknowledged reports in order until
+/// each is acknowledged, so duplicates are normal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusReport {
+    pub v: u8,
+    pub campaign: CampaignId,
+    pub seq: u32,
+    pub state: DeviceState,
+    /// Required with `failed` and `rolled_back`, absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    /// Free text for humans, at most [`MAX_DETAIL_LEN`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// The firmware version the device runs right now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_version: Option<String>,
+}
+
+impl Message for StatusReport {
+    const MAX_BYTES: usize = MAX_STATUS_BYTES;
+    fn version(&self) -> u8 {
+        self.v
+    }
+    fn validate(&self) -> Result<(), DecodeError> {
+        if self.seq == 0 {
+            return Err(DecodeError::Invalid("seq starts at 1"));
+        }
+        if !self.state.is_reportable() {
+            return Err(DecodeError::Invalid("state is not reportable by a device"));
+        }
+        let needs_reason = matches!(self.state, DeviceState::Failed | DeviceState::RolledBack);
+        if needs_reason != self.reason.is_some() {
+            return Err(DecodeError::Invalid(
+                "reason is required with failed and rolled_back, and only then",
+            ));
+        }
+        if self.detail.as_ref().is_some_and(|d| d.len() > MAX_DETAIL_LEN) {
+            return Err(DecodeError::Invalid("detail is too long"));
+        }
+        if self
+            .running_version
+            .as_ref()
+            .is_some_and(|d| d.len() > crate::manifest::MAX_LABEL_LEN)
+        {
+            return Err(DecodeError::Invalid("running_version is too long"));
+        }
+        Ok(())
+    }
+}
+
+/// What the orchestrator did with a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckOutcome {
+    /// The transition is now durable.
+    Applied,
+    /// Seen before; nothing changed.
+    Duplicate,
+    /// Refused; `error` says why. The device must not retry this report.
+    Rejected,
+}
+
+/// Why a report was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckError {
+    /// No such campaign, or this device is not in it.
+    NotTargeted,
+    /// The transition from the orchestrator's recorded state is not allowed.
+    IllegalTransition,
+    /// `seq` skips ahead of the next expected number.
+    SequenceGap,
+}
+
+/// Orchestrator → device: acknowledges one report, once it is durable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusAck {
+    pub v: u8,
+    pub campaign: CampaignId,
+    pub seq: u32,
+    pub outcome: AckOutcome,
+    /// The orchestrator's recorded state for this device after handling the report.
+    pub state: DeviceState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<AckError>,
+}
+
+impl Message for StatusAck {
+    const MAX_BYTES: usize = MAX_ACK_BYTES;
+    fn version(&self) -> u8 {
+        self.v
+    }
+}
+
+/// Device → orchestrator: send me these chunks. Ranges are half-open `[start, end)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkRequest {
+    pub v: u8,
+    pub campaign: CampaignId,
+    pub artifact: ArtifactId,
+    pub ranges: Vec<[u32; 2]>,
+}
+
+impl ChunkRequest {
+    /// The requested indices, in order. Only meaningful after validation.
+    pub fn indices(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ranges.iter().flat_map(|[s, e]| *s..*e)
+    }
+}
+
+impl Message for ChunkRequest {
+    const MAX_BYTES: usize = MAX_CHUNK_REQUEST_BYTES;
+    fn version(&self) -> u8 {
+        self.v
+    }
+    fn validate(&self) -> Result<(), DecodeError> {
+        if self.ranges.is_empty() || self.ranges.len() > MAX_RANGES_PER_REQUEST {
+            return Err(DecodeError::Invalid("ranges must list 1 to 16 ranges"));
+        }
+        let mut total: u64 = 0;
+        for [s, e] in &self.ranges {
+            if s >= e {
+                return Err(DecodeError::Invalid("a range is empty or reversed"));
+            }
+            total += u64::from(e - s);
+        }
+        if total > u64::from(MAX_CHUNKS_PER_REQUEST) {
+            return Err(DecodeError::Invalid("request asks for too many chunks"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(json: &str) -> Result<StatusReport, DecodeError> {
+        decode(json.as_bytes())
+    }
+
+    #[test]
+    fn valid_report_decodes() {
+        let r = report(r#"{"v":1,"campaign":"c-1","seq":1,"state":"downloading"}"#).unwrap();
+        assert_eq!(r.state, DeviceState::Downloading);
+        let r = report(
+            r#"{"v":1,"campaign":"c-1","seq":2,"state":"failed","reason":"bad_signature"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.reason, Some(Reason::BadSignature));
+    }
+
+    #[test]
+    fn malformed_truncated_and_oversized_reports_are_refused() {
+        let cases = [
+            "",
+            "{",
+            r#"{"v":1,"campaign":"c-1","seq":1,"state":"downloading""#,
+            r#"{"v":2,"campaign":"c-1","seq":1,"state":"downloading"}"#,
+            r#"{"v":1,"campaign":"c/1","seq":1,"state":"downloading"}"#,
+            r#"{"v":1,"campaign":"c-1","seq":0,"state":"downloading"}"#,
+            r#"{"v":1,"campaign":"c-1","seq":1,"state":"notified"}"#,
+            r#"{"v":1,"campaign":"c-1","seq":1,"state":"failed"}"#,
+            r#"{"v":1,"campaign":"c-1","seq":1,"state":"downloading","reason":"downgrade"}"#,
+            r#"{"v":1,"campaign":"c-1","seq":1,"state":"downloading","extra":1}"#,
+            r#"{"v":1,"campaign":"c-1","seq":1,"state":"exploded"}"#,
+        ];
+        for c in cases {
+            assert!(report(c).is_err(), "accepted {c:?}");
+        }
+        let big = format!(
+            r#"{{"v":1,"campaign":"c-1","seq":1,"state":"downloading","detail":"{}"}}"#,
+            "x".repeat(MAX_STATUS_BYTES)
+        );
+        assert!(matches!(report(&big), Err(DecodeError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn chunk_request_bounds_are_enforced() {
+        let ok = r#"{"v":1,"campaign":"c","artifact":"a","ranges":[[0,8],[10,12]]}"#;
+        let r: ChunkRequest = decode(ok.as_bytes()).unwrap();
+        assert_eq!(r.indices().collect::<Vec<_>>(), [0, 1, 2, 3, 4, 5, 6, 7, 10, 11]);
+        for bad in [
+            r#"{"v":1,"campaign":"c","artifact":"a","ranges":[]}"#,
+            r#"{"v":1,"campaign":"c","artifact":"a","ranges":[[5,5]]}"#,
+            r#"{"v":1,"campaign":"c","artifact":"a","ranges":[[9,2]]}"#,
+            r#"{"v":1,"campaign":"c","artifact":"a","ranges":[[0,4294967295]]}"#,
+        ] {
+            assert!(decode::<ChunkRequest>(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+}
