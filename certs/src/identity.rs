@@ -1,0 +1,116 @@
+//! Who a certificate speaks for: its role, id and (for devices) X25519 key, read from a
+//! certificate the TLS layer has already verified. Anything missing, doubled or unexpected is an
+//! error: the mTLS front and the orchestrator fail closed on it.
+
+use aloft_proto::{DeviceId, OperatorId};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+
+use crate::profile::{only_value, only_x25519_key, Role, SanName};
+use crate::{pem, PkiError};
+
+/// The identity an Aloft certificate asserts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertIdentity {
+    pub role: Role,
+    /// The subject CN: a valid `DeviceId` for devices, a valid `OperatorId` for operators.
+    pub id: String,
+    /// The device's X25519 encryption public key; `None` for operators and servers.
+    pub x25519: Option<[u8; 32]>,
+    /// End of the certificate's validity, in Unix seconds.
+    pub not_after: i64,
+}
+
+impl CertIdentity {
+    /// The device id, if this is a device certificate.
+    pub fn device_id(&self) -> Option<DeviceId> {
+        match self.role {
+            Role::Device => DeviceId::new(self.id.as_str()).ok(),
+            Role::Operator | Role::Server => None,
+        }
+    }
+
+    /// The operator id, if this is an operator certificate.
+    pub fn operator_id(&self) -> Option<OperatorId> {
+        match self.role {
+            Role::Operator => OperatorId::new(self.id.as_str()).ok(),
+            Role::Device | Role::Server => None,
+        }
+    }
+}
+
+/// Reads the identity of a DER certificate: exactly one CN, exactly one OU naming a role, and
+/// for devices a valid device id plus exactly one well-formed x25519 SAN URI and no other SAN.
+///
+/// This does not verify the certificate's signature or validity; the TLS handshake has.
+pub fn parse_identity(cert_der: &[u8]) -> Result<CertIdentity, PkiError> {
+    let x509 = parse_x509(cert_der)?;
+    let subject = x509.subject();
+    let id = only_value(
+        subject.iter_common_name(),
+        "common name",
+        PkiError::CommonNameCount,
+    )?;
+    let ou = only_value(
+        subject.iter_organizational_unit(),
+        "organizational unit",
+        PkiError::OrganizationalUnitCount,
+    )?;
+    let role = Role::from_ou(ou)?;
+    let x25519 = match role {
+        Role::Device => {
+            DeviceId::new(id).map_err(PkiError::InvalidDeviceId)?;
+            Some(only_x25519_key(&sans(&x509)?)?)
+        }
+        Role::Operator => {
+            OperatorId::new(id).map_err(PkiError::InvalidOperatorId)?;
+            None
+        }
+        Role::Server => None,
+    };
+    Ok(CertIdentity {
+        role,
+        id: id.to_owned(),
+        x25519,
+        not_after: x509.validity().not_after.timestamp(),
+    })
+}
+
+/// The serial number of a PEM certificate, big-endian, as [`crate::FleetCa::crl`] takes it.
+pub fn cert_serial(cert_pem: &str) -> Result<Vec<u8>, PkiError> {
+    let der = pem::parse_cert(cert_pem)?;
+    Ok(parse_x509(&der)?.tbs_certificate.serial.to_bytes_be())
+}
+
+fn parse_x509(der: &[u8]) -> Result<X509Certificate<'_>, PkiError> {
+    let (rest, x509) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| PkiError::CertificateParse(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(PkiError::CertificateParse(
+            "trailing bytes after the certificate".into(),
+        ));
+    }
+    Ok(x509)
+}
+
+fn sans(x509: &X509Certificate<'_>) -> Result<Vec<SanName>, PkiError> {
+    // An error here includes a duplicated SAN extension: refuse rather than pick one.
+    let ext = x509
+        .subject_alternative_name()
+        .map_err(|e| PkiError::MalformedSan(e.to_string()))?;
+    Ok(ext
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .map(|name| match name {
+                    GeneralName::URI(uri) => SanName::Uri((*uri).to_owned()),
+                    other => SanName::Other(other.to_string()),
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests;

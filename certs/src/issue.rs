@@ -1,0 +1,139 @@
+//! Issuing leaf certificates: devices (and optionally operators) from CSRs, so their keys never
+//! come here; operators and the orchestrator's server with keys generated on the spot. Every
+//! certificate follows the profile in `profile`: a CSR contributes its public key, its CN and,
+//! for devices, the X25519 key, and nothing more.
+
+use std::net::IpAddr;
+
+use aloft_proto::{DeviceId, OperatorId};
+use rcgen::{CertificateParams, KeyPair, PublicKeyData, SanType, PKCS_ECDSA_P256_SHA256};
+use rustls::pki_types::DnsName;
+
+use crate::csr;
+use crate::profile::{
+    leaf_params, only_x25519_key, x25519_uri, Role, Validity, SERVER_COMMON_NAME,
+};
+use crate::{FleetCa, PkiError};
+
+/// A certificate together with the private key generated for it.
+pub struct IssuedKeyPair {
+    pub cert_pem: String,
+    /// PKCS#8 PEM; whoever receives it must keep it private.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for IssuedKeyPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedKeyPair")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"[elided]")
+            .finish()
+    }
+}
+
+impl FleetCa {
+    /// Signs a device's CSR: CN must be a valid device id and the only SAN one well-formed
+    /// `urn:aloft:x25519:` URI. Returns the certificate as PEM.
+    pub fn issue_device(&self, csr_pem: &str, validity: Validity) -> Result<String, PkiError> {
+        let csr = csr::vet(csr_pem)?;
+        let id = DeviceId::new(csr.common_name).map_err(PkiError::InvalidDeviceId)?;
+        let x25519 = only_x25519_key(&csr.sans)?;
+        // Re-encoded from the parsed key rather than copied, so the certificate carries exactly
+        // the canonical spelling.
+        let uri = x25519_uri(&x25519);
+        let san = SanType::URI(
+            uri.clone()
+                .try_into()
+                .map_err(|_| PkiError::MalformedX25519Key(uri))?,
+        );
+        let params = leaf_params(Role::Device, id.as_str(), vec![san], &validity)?;
+        self.sign(&params, &csr.public_key)
+    }
+
+    /// [`FleetCa::issue_device`] for each CSR, results in the same order.
+    pub fn issue_devices(
+        &self,
+        csrs: &[String],
+        validity: Validity,
+    ) -> Vec<Result<String, PkiError>> {
+        csrs.iter()
+            .map(|csr| self.issue_device(csr, validity))
+            .collect()
+    }
+
+    /// A certificate and a fresh key for operator `id`, for the CLI on the operator's machine.
+    pub fn issue_operator(
+        &self,
+        id: &OperatorId,
+        validity: Validity,
+    ) -> Result<IssuedKeyPair, PkiError> {
+        let params = leaf_params(Role::Operator, id.as_str(), Vec::new(), &validity)?;
+        self.issue_with_new_key(&params)
+    }
+
+    /// Signs an operator's CSR: CN must be a valid operator id and no SAN may be requested.
+    pub fn issue_operator_from_csr(
+        &self,
+        csr_pem: &str,
+        validity: Validity,
+    ) -> Result<String, PkiError> {
+        let csr = csr::vet(csr_pem)?;
+        let id = OperatorId::new(csr.common_name).map_err(PkiError::InvalidOperatorId)?;
+        if let Some(san) = csr.sans.first() {
+            return Err(PkiError::UnexpectedSan(san.to_string()));
+        }
+        let params = leaf_params(Role::Operator, id.as_str(), Vec::new(), &validity)?;
+        self.sign(&params, &csr.public_key)
+    }
+
+    /// The orchestrator's TLS server certificate and a fresh key; each hostname becomes an IP
+    /// address SAN if it parses as one, else a DNS name SAN.
+    pub fn issue_server(
+        &self,
+        hostnames: &[String],
+        validity: Validity,
+    ) -> Result<IssuedKeyPair, PkiError> {
+        if hostnames.is_empty() {
+            return Err(PkiError::NoHostnames);
+        }
+        let sans = hostnames
+            .iter()
+            .map(|host| server_san(host))
+            .collect::<Result<_, _>>()?;
+        let params = leaf_params(Role::Server, SERVER_COMMON_NAME, sans, &validity)?;
+        self.issue_with_new_key(&params)
+    }
+
+    fn issue_with_new_key(&self, params: &CertificateParams) -> Result<IssuedKeyPair, PkiError> {
+        let key =
+            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(PkiError::KeyGeneration)?;
+        let cert_pem = self.sign(params, &key)?;
+        Ok(IssuedKeyPair {
+            cert_pem,
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    fn sign(
+        &self,
+        params: &CertificateParams,
+        public_key: &impl PublicKeyData,
+    ) -> Result<String, PkiError> {
+        let cert = params
+            .signed_by(public_key, &self.issuer)
+            .map_err(PkiError::Signing)?;
+        Ok(cert.pem())
+    }
+}
+
+fn server_san(host: &str) -> Result<SanType, PkiError> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    let invalid = || PkiError::InvalidHostname(host.to_owned());
+    DnsName::try_from(host).map_err(|_| invalid())?;
+    Ok(SanType::DnsName(host.try_into().map_err(|_| invalid())?))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,27 @@
+//! Aloft's PKI: the fleet CA, device certificates issued from CSRs (binding each device's X25519
+//! encryption key to its id), operator and server certificates, CRLs, reading the identity out of
+//! a verified certificate, and the rustls configurations every TLS endpoint uses.
+#![forbid(unsafe_code)]
+
+mod ca;
+mod csr;
+mod device;
+mod error;
+mod identity;
+mod issue;
+mod pem;
+mod profile;
+pub mod tls;
+
+#[cfg(test)]
+mod testutil;
+
+pub use ca::{FleetCa, CA_CERT_FILE, CA_KEY_FILE};
+pub use device::{device_csr, DeviceCsr};
+pub use error::PkiError;
+pub use identity::{cert_serial, parse_identity, CertIdentity};
+pub use issue::IssuedKeyPair;
+pub use profile::{
+    parse_x25519_uri, x25519_uri, Role, Validity, SERVER_COMMON_NAME, X25519_URI_PREFIX,
+};
+pub use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
