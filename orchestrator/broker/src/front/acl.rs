@@ -1,0 +1,285 @@
+//! Topic ACLs: what each peer may publish to and subscribe to. Pure functions, no I/O.
+//!
+//! The rules follow the topic layout in `aloft_proto::topics`:
+//! - device X publishes only to exactly `aloft/v1/d/X/status` and `aloft/v1/d/X/chunk/req`;
+//! - device X subscribes only under `aloft/v1/d/X/` or `aloft/v1/manifests/`;
+//! - operator O publishes only to `aloft/v1/admin/O/<op>` (one level, no wildcards);
+//! - operator O subscribes only under `aloft/v1/o/O/`;
+//! - nobody publishes retained messages or uses topic aliases.
+//!
+//! Filters are checked against the literal prefix, so wildcards can only appear after it and
+//! stay inside the peer's subtree. Malformed filters are refused even where MQTT would merely
+//! let them match nothing, and empty levels are refused outright: Aloft never uses them.
+
+use aloft_proto::topics;
+
+use super::identity::Peer;
+
+/// Why a PUBLISH, Will or SUBSCRIBE was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("retained messages are not allowed")]
+    Retain,
+    #[error("topic aliases are not allowed")]
+    TopicAlias,
+    #[error("topic is not valid UTF-8")]
+    NotUtf8,
+    #[error("not allowed to publish to this topic")]
+    PublishTopic,
+    #[error("malformed topic filter")]
+    MalformedFilter,
+    #[error("not allowed to subscribe to this filter")]
+    SubscribeFilter,
+}
+
+/// May `peer` publish to `topic` (with these flags)? Also used for a CONNECT's Will.
+pub fn check_publish(
+    peer: &Peer,
+    topic: &[u8],
+    retain: bool,
+    topic_alias: bool,
+) -> Result<(), Denied> {
+    if topic_alias {
+        return Err(Denied::TopicAlias);
+    }
+    if retain {
+        return Err(Denied::Retain);
+    }
+    let topic = std::str::from_utf8(topic).map_err(|_| Denied::NotUtf8)?;
+    let allowed = match peer {
+        Peer::Device(d) => topic == topics::status(d) || topic == topics::chunk_request(d),
+        Peer::Operator(o) => topic
+            .strip_prefix(&topics::admin_prefix(o))
+            .is_some_and(is_plain_level),
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(Denied::PublishTopic)
+    }
+}
+
+/// May `peer` subscribe to `filter`?
+pub fn check_subscribe(peer: &Peer, filter: &str) -> Result<(), Denied> {
+    if !is_valid_filter(filter) {
+        return Err(Denied::MalformedFilter);
+    }
+    let allowed = match peer {
+        Peer::Device(d) => {
+            filter.starts_with(&topics::device_prefix(d))
+                || filter.starts_with(&topics::manifests_prefix())
+        }
+        Peer::Operator(o) => filter.starts_with(&topics::operator_prefix(o)),
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(Denied::SubscribeFilter)
+    }
+}
+
+/// One non-empty topic level without separators, wildcards or NUL.
+fn is_plain_level(level: &str) -> bool {
+    !level.is_empty() && !level.contains(['/', '+', '#', '\0'])
+}
+
+/// A topic filter per MQTT 5 §4.7, made stricter: no empty levels, no NUL, no `$` topics.
+pub fn is_valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.starts_with('$') || filter.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    let last = levels.len() - 1;
+    levels.iter().enumerate().all(|(i, level)| match *level {
+        "" => false,
+        "+" => true,
+        "#" => i == last,
+        other => !other.contains(['+', '#']),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aloft_proto::{DeviceId, OperatorId};
+
+    fn dev(id: &str) -> Peer {
+        Peer::Device(DeviceId::new(id).unwrap())
+    }
+    fn op(id: &str) -> Peer {
+        Peer::Operator(OperatorId::new(id).unwrap())
+    }
+    fn publish(peer: &Peer, topic: &str) -> Result<(), Denied> {
+        check_publish(peer, topic.as_bytes(), false, false)
+    }
+
+    #[test]
+    fn device_publishes_only_its_status_and_chunk_requests() {
+        let a = dev("dev-a");
+        assert_eq!(publish(&a, "aloft/v1/d/dev-a/status"), Ok(()));
+        assert_eq!(publish(&a, "aloft/v1/d/dev-a/chunk/req"), Ok(()));
+        for t in [
+            "aloft/v1/d/dev-b/status",
+            "aloft/v1/d/dev-a/job",
+            "aloft/v1/d/dev-a/chunk/resp",
+            "aloft/v1/d/dev-a/ack",
+            "aloft/v1/d/dev-a/status/",
+            "aloft/v1/d/dev-a/status/x",
+            "aloft/v1/d/dev-a/+",
+            "aloft/v1/d/dev-a/#",
+            "aloft/v1/d/+/status",
+            "aloft/v1/d/dev-a",
+            "aloft/v1/manifests/fw-1",
+            "aloft/v1/admin/dev-a/x",
+            "/aloft/v1/d/dev-a/status",
+            "aloft/v1/d/dev-a//status",
+            "aloft/v1/d/dev-a/status\0",
+            "$SYS/x",
+            "",
+        ] {
+            assert_eq!(publish(&a, t), Err(Denied::PublishTopic), "{t:?}");
+        }
+        // A device whose id is a prefix of another's gains nothing.
+        assert_eq!(
+            publish(&dev("dev"), "aloft/v1/d/dev-a/status"),
+            Err(Denied::PublishTopic)
+        );
+    }
+
+    #[test]
+    fn retain_topic_alias_and_invalid_utf8_are_refused_for_everyone() {
+        for p in [dev("dev-a"), op("alice")] {
+            let ok_topic = match &p {
+                Peer::Device(_) => "aloft/v1/d/dev-a/status",
+                Peer::Operator(_) => "aloft/v1/admin/alice/campaign.create",
+            };
+            assert_eq!(check_publish(&p, ok_topic.as_bytes(), false, false), Ok(()));
+            assert_eq!(
+                check_publish(&p, ok_topic.as_bytes(), true, false),
+                Err(Denied::Retain)
+            );
+            assert_eq!(
+                check_publish(&p, ok_topic.as_bytes(), false, true),
+                Err(Denied::TopicAlias)
+            );
+            assert_eq!(check_publish(&p, b"", false, true), Err(Denied::TopicAlias));
+            assert_eq!(
+                check_publish(&p, b"aloft/v1/\xff", false, false),
+                Err(Denied::NotUtf8)
+            );
+        }
+    }
+
+    #[test]
+    fn operator_publishes_one_level_under_its_own_admin_prefix() {
+        let o = op("alice");
+        assert_eq!(publish(&o, "aloft/v1/admin/alice/campaign.create"), Ok(()));
+        assert_eq!(publish(&o, "aloft/v1/admin/alice/x"), Ok(()));
+        for t in [
+            "aloft/v1/admin/alice/",
+            "aloft/v1/admin/alice",
+            "aloft/v1/admin/alice/a/b",
+            "aloft/v1/admin/alice/+",
+            "aloft/v1/admin/alice/#",
+            "aloft/v1/admin/bob/x",
+            "aloft/v1/admin/+/x",
+            "aloft/v1/o/alice/reply",
+            "aloft/v1/d/alice/status",
+            "aloft/v1/manifests/fw",
+        ] {
+            assert_eq!(publish(&o, t), Err(Denied::PublishTopic), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn device_subscribes_only_inside_its_subtree_and_manifests() {
+        let a = dev("dev-a");
+        for f in [
+            "aloft/v1/d/dev-a/#",
+            "aloft/v1/d/dev-a/job",
+            "aloft/v1/d/dev-a/+",
+            "aloft/v1/d/dev-a/chunk/resp",
+            "aloft/v1/d/dev-a/+/resp",
+            "aloft/v1/manifests/#",
+            "aloft/v1/manifests/fw-1",
+            "aloft/v1/manifests/+",
+        ] {
+            assert_eq!(check_subscribe(&a, f), Ok(()), "{f:?}");
+        }
+        for f in [
+            "#",
+            "+",
+            "aloft/#",
+            "aloft/v1/#",
+            "aloft/v1/d/#",
+            "aloft/v1/d/+/job",
+            "aloft/v1/d/+/#",
+            "aloft/v1/d/dev-b/#",
+            "aloft/v1/d/dev-a",
+            "aloft/v1/d/dev-ab/#",
+            "aloft/v1/o/dev-a/#",
+            "aloft/v1/admin/#",
+            "aloft/v1/manifests",
+            "+/v1/d/dev-a/#",
+        ] {
+            assert_eq!(
+                check_subscribe(&a, f),
+                Err(Denied::SubscribeFilter),
+                "{f:?}"
+            );
+        }
+        for f in [
+            "$share/g/aloft/v1/d/dev-a/#",
+            "$SYS/#",
+            "aloft/v1/d/dev-a/",
+            "aloft/v1/d/dev-a//job",
+            "aloft/v1/d/dev-a/#/job",
+            "aloft/v1/d/dev-a/j#",
+            "aloft/v1/d/dev-a/j+",
+            "aloft/v1/d/dev-a/+x",
+            "aloft/v1/d/dev-a/job\0",
+            "aloft/v1/manifests/",
+            "",
+        ] {
+            assert_eq!(
+                check_subscribe(&a, f),
+                Err(Denied::MalformedFilter),
+                "{f:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn operator_subscribes_only_under_its_reply_prefix() {
+        let o = op("alice");
+        assert_eq!(check_subscribe(&o, "aloft/v1/o/alice/reply"), Ok(()));
+        assert_eq!(check_subscribe(&o, "aloft/v1/o/alice/#"), Ok(()));
+        for f in [
+            "aloft/v1/o/bob/#",
+            "aloft/v1/o/+/reply",
+            "aloft/v1/o/alice",
+            "aloft/v1/admin/alice/#",
+            "aloft/v1/d/alice/#",
+            "aloft/v1/manifests/#",
+            "#",
+        ] {
+            assert_eq!(
+                check_subscribe(&o, f),
+                Err(Denied::SubscribeFilter),
+                "{f:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn filter_syntax_follows_mqtt_with_no_empty_levels() {
+        for f in ["a", "a/b", "+", "#", "a/+/b", "a/#", "+/+"] {
+            assert!(is_valid_filter(f), "{f:?}");
+        }
+        for f in [
+            "", "a/", "/a", "a//b", "#/a", "a/#/b", "a#", "a+", "+a", "$x", "a\0",
+        ] {
+            assert!(!is_valid_filter(f), "{f:?}");
+        }
+    }
+}

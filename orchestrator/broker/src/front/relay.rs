@@ -1,0 +1,492 @@
+//! One front connection after TLS: admit its CONNECT, open its backend session, then relay.
+//!
+//! Client → broker, every packet is framed under the peer's size cap, decoded, and PUBLISH and
+//! SUBSCRIBE are checked by [`super::acl`] before their original bytes are forwarded. Broker →
+//! client is a byte copy: the broker only delivers what the client was allowed to subscribe to.
+//! Any violation ends the connection with a v5 DISCONNECT and nothing of it reaches the broker.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttd::protocol::{Connect, Login, Packet};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::timeout;
+use tracing::{debug, info, warn};
+
+use super::acl;
+use super::identity::Peer;
+use super::mqtt::{self, ConnAckProps, DecodeError, FrameError, FrameReader, Reason};
+use super::registry::Claim;
+use super::{FrontContext, FrontStats};
+use aloft_proto::DeviceId;
+
+/// Keep-alive assumed for a client that asks for none (0): the front must still notice a dead
+/// link to free the identity.
+const DEFAULT_KEEP_ALIVE_SECS: u16 = 300;
+/// Longest keep-alive the front honours, so a half-open connection holds an identity for at
+/// most 1.5 × this.
+const MAX_KEEP_ALIVE_SECS: u16 = 1_200;
+/// Time allowed for the last words (a DISCONNECT or CONNACK) to a client that is being closed.
+const LAST_WORDS: Duration = Duration::from_secs(2);
+/// Size cap for frames from the backend during the CONNECT exchange (a CONNACK is tiny).
+const BACKEND_CONNACK_MAX: usize = 64 * 1024;
+
+/// Where the peer's identity comes from.
+pub(crate) enum IdentitySource {
+    /// A verified client certificate: the CONNECT client id must equal it.
+    Certificate(Peer),
+    /// The insecure plain listener: the client id *is* the device identity, if `allowed`.
+    ClaimedClientId { allowed: bool },
+}
+
+/// A CONNECT the front accepted, rewritten for the backend.
+struct Admitted {
+    peer: Peer,
+    /// The CONNECT with the backend client id, credentials and effective keep-alive.
+    backend_connect: Bytes,
+    keep_alive_secs: u16,
+    keep_alive_changed: bool,
+    claim: Claim,
+}
+
+/// How the front refuses a connection before it is relayed.
+enum Refusal {
+    /// Just close (the client is gone or never spoke MQTT).
+    Close,
+    /// Answer with a CONNACK carrying this reason, then close.
+    ConnAck(Reason, &'static str),
+}
+
+/// How the client → broker direction ended.
+enum End {
+    /// The client went away or the backend write failed: nothing more to say.
+    Quiet,
+    /// The front ends the session and tells the client why.
+    Disconnect(Reason),
+}
+
+/// Runs one connection to completion (identity established or to be claimed).
+pub(crate) async fn run<S>(
+    stream: S,
+    addr: SocketAddr,
+    source: IdentitySource,
+    identity: Option<aloft_certs::CertIdentity>,
+    ctx: &FrontContext,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut client_r, mut client_w) = tokio::io::split(stream);
+    let max = match &source {
+        IdentitySource::Certificate(peer) => ctx.cfg.max_packet_bytes(peer),
+        IdentitySource::ClaimedClientId { .. } => ctx.cfg.device_max_packet_bytes,
+    };
+    let mut reader = FrameReader::new(max);
+    let connect_timeout = Duration::from_millis(ctx.cfg.connect_timeout_ms);
+
+    let admitted = match timeout(
+        connect_timeout,
+        admit(&mut reader, &mut client_r, addr, source, ctx),
+    )
+    .await
+    {
+        Ok(Ok(a)) => a,
+        Ok(Err(refusal)) => return refuse(&mut client_w, refusal).await,
+        Err(_) => {
+            FrontStats::inc(&ctx.stats.connects_timed_out);
+            debug!(%addr, "no CONNECT in time");
+            return;
+        }
+    };
+    let peer = admitted.peer.clone();
+
+    let opened = timeout(
+        connect_timeout,
+        open_backend(ctx, &admitted.backend_connect),
+    )
+    .await
+    .unwrap_or(Err(BackendError::TimedOut));
+    let (backend, session_present, leftover) = match opened {
+        Ok(b) => b,
+        Err(e) => {
+            FrontStats::inc(&ctx.stats.refused_backend);
+            warn!(%peer, %addr, error = %e, "backend refused or unreachable");
+            let refusal = Refusal::ConnAck(Reason::ServerUnavailable, "broker unavailable");
+            return refuse(&mut client_w, refusal).await;
+        }
+    };
+    let connack = mqtt::connack(
+        session_present,
+        Reason::Success,
+        &ConnAckProps {
+            server_keep_alive: admitted
+                .keep_alive_changed
+                .then_some(admitted.keep_alive_secs),
+            max_packet_size: u32::try_from(max).ok(),
+            no_retain_no_shared: true,
+            reason_string: None,
+        },
+    );
+    if write_flush(&mut client_w, &connack).await.is_err() {
+        return;
+    }
+    FrontStats::inc(&ctx.stats.sessions_established);
+    FrontStats::add(&ctx.stats.bytes_out, connack.len());
+    debug!(%peer, %addr, "session relayed");
+    if let (Some(hook), Some(identity)) = (&ctx.on_session, &identity) {
+        (hook.0)(identity);
+    }
+
+    let (mut backend_r, mut backend_w) = backend.into_split();
+    let idle = Duration::from_millis(u64::from(admitted.keep_alive_secs) * 1_500);
+    let (end_tx, end_rx) = oneshot::channel();
+    let mut claim = Some(admitted.claim);
+    let c2b = async {
+        let end =
+            client_to_broker(&mut reader, &mut client_r, &mut backend_w, &peer, idle, ctx).await;
+        let reason = match end {
+            End::Quiet => None,
+            End::Disconnect(r) => Some(r),
+        };
+        let _ = end_tx.send(reason);
+    };
+    let b2c = broker_to_client(&mut backend_r, &mut client_w, leftover, end_rx, ctx);
+    tokio::pin!(c2b, b2c);
+    tokio::select! {
+        () = &mut c2b => {
+            // The client is gone or being closed: free its identity now so an immediate
+            // reconnect is not refused, then give the DISCONNECT a bounded chance to leave.
+            claim.take();
+            let _ = timeout(LAST_WORDS, &mut b2c).await;
+        }
+        () = &mut b2c => {}
+    }
+    drop(claim);
+    debug!(%peer, %addr, "session closed");
+}
+
+/// Reads and checks the CONNECT, claims the identity and rewrites the CONNECT for the backend.
+async fn admit<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader,
+    client_r: &mut R,
+    addr: SocketAddr,
+    source: IdentitySource,
+    ctx: &FrontContext,
+) -> Result<Admitted, Refusal> {
+    let stats = &ctx.stats;
+    let frame = match reader.next(client_r).await {
+        Ok(f) => f,
+        Err(FrameError::Oversized(n)) => {
+            FrontStats::inc(&stats.oversized_packets);
+            info!(%addr, bytes = n, "oversized first packet");
+            return Err(Refusal::ConnAck(Reason::PacketTooLarge, "packet too large"));
+        }
+        Err(FrameError::BadHeader) => {
+            FrontStats::inc(&stats.refused_malformed);
+            return Err(Refusal::ConnAck(
+                Reason::MalformedPacket,
+                "malformed packet",
+            ));
+        }
+        Err(e) => {
+            debug!(%addr, error = %e, "closed before CONNECT");
+            return Err(Refusal::Close);
+        }
+    };
+    FrontStats::add(&stats.bytes_in, frame.len());
+    let (connect, props, will, will_props) = match mqtt::decode_client(&frame) {
+        Ok(Packet::Connect(connect, props, will, will_props, _login)) => {
+            (connect, props, will, will_props)
+        }
+        Ok(_) => {
+            FrontStats::inc(&stats.refused_malformed);
+            info!(%addr, "first packet is not CONNECT");
+            return Err(Refusal::Close);
+        }
+        Err(DecodeError::UnsupportedProtocol) => {
+            FrontStats::inc(&stats.refused_protocol);
+            info!(%addr, "CONNECT is not MQTT 5");
+            return Err(Refusal::ConnAck(
+                Reason::UnsupportedProtocolVersion,
+                "MQTT 5 only",
+            ));
+        }
+        Err(e) => {
+            FrontStats::inc(&stats.refused_malformed);
+            info!(%addr, error = %e, "malformed CONNECT");
+            return Err(Refusal::ConnAck(
+                Reason::MalformedPacket,
+                "malformed CONNECT",
+            ));
+        }
+    };
+
+    let peer = match source {
+        IdentitySource::Certificate(peer) if connect.client_id == peer.id() => peer,
+        IdentitySource::Certificate(peer) => {
+            FrontStats::inc(&stats.refused_bad_client_id);
+            info!(%peer, %addr, client_id = %connect.client_id, "client id differs from certificate");
+            return Err(Refusal::ConnAck(
+                Reason::ClientIdentifierNotValid,
+                "client id must equal the certificate's identity",
+            ));
+        }
+        IdentitySource::ClaimedClientId { allowed: false } => {
+            FrontStats::inc(&stats.refused_not_authorized);
+            return Err(Refusal::ConnAck(
+                Reason::NotAuthorized,
+                "plain listener is closed",
+            ));
+        }
+        IdentitySource::ClaimedClientId { allowed: true } => {
+            match DeviceId::new(&connect.client_id) {
+                Ok(id) => Peer::Device(id),
+                Err(_) => {
+                    FrontStats::inc(&stats.refused_bad_client_id);
+                    return Err(Refusal::ConnAck(
+                        Reason::ClientIdentifierNotValid,
+                        "invalid device id",
+                    ));
+                }
+            }
+        }
+    };
+
+    if let Some(w) = &will {
+        if let Err(denied) = acl::check_publish(&peer, &w.topic, w.retain, false) {
+            FrontStats::inc(&stats.refused_not_authorized);
+            warn!(%peer, %addr, topic = %String::from_utf8_lossy(&w.topic), %denied, "will refused");
+            return Err(Refusal::ConnAck(Reason::NotAuthorized, "will not allowed"));
+        }
+    }
+
+    let claim = match ctx.registry.claim(&peer, addr) {
+        Ok(claim) => claim,
+        Err(existing) => {
+            FrontStats::inc(&stats.refused_duplicate_identity);
+            warn!(%peer, new = %addr, existing = %existing, "identity already connected; refusing the new connection");
+            return Err(Refusal::ConnAck(
+                Reason::NotAuthorized,
+                "identity already connected",
+            ));
+        }
+    };
+
+    let keep_alive_secs = match connect.keep_alive {
+        0 => DEFAULT_KEEP_ALIVE_SECS,
+        k => k.min(MAX_KEEP_ALIVE_SECS),
+    };
+    // The device's own username/password are discarded: the backend only knows the secret.
+    let backend_id = peer.backend_client_id();
+    let rewritten = Packet::Connect(
+        Connect {
+            // Twice the client's: the front enforces the keep-alive (and says so with a
+            // DISCONNECT 0x8D); the backend's own check must not race it and is only a backstop.
+            keep_alive: keep_alive_secs.saturating_mul(2),
+            client_id: backend_id.clone(),
+            clean_session: connect.clean_session,
+        },
+        props,
+        will,
+        will_props,
+        Some(Login {
+            username: backend_id,
+            password: ctx.backend.secret.as_str().to_owned(),
+        }),
+    );
+    let backend_connect = mqtt::encode(rewritten).map_err(|e| {
+        FrontStats::inc(&stats.refused_malformed);
+        info!(%peer, %addr, error = %e, "CONNECT could not be re-encoded");
+        Refusal::ConnAck(Reason::MalformedPacket, "malformed CONNECT")
+    })?;
+    Ok(Admitted {
+        peer,
+        backend_connect,
+        keep_alive_secs,
+        keep_alive_changed: keep_alive_secs != connect.keep_alive,
+        claim,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+enum BackendError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("backend closed or sent an unreadable CONNACK: {0}")]
+    Frame(#[from] FrameError),
+    #[error("backend answered with something other than a CONNACK")]
+    NotConnAck,
+    #[error("backend refused the session with reason {0:#04x}")]
+    Refused(u8),
+    #[error("timed out")]
+    TimedOut,
+}
+
+/// Connects to the backend, sends the CONNECT and waits for a successful CONNACK. Returns the
+/// stream, the session-present flag and any bytes that followed the CONNACK.
+async fn open_backend(
+    ctx: &FrontContext,
+    connect: &[u8],
+) -> Result<(TcpStream, bool, BytesMut), BackendError> {
+    let mut backend = TcpStream::connect(ctx.backend.addr).await?;
+    let _ = backend.set_nodelay(true);
+    backend.write_all(connect).await?;
+    let mut reader = FrameReader::new(BACKEND_CONNACK_MAX);
+    let frame = reader.next(&mut backend).await?;
+    match mqtt::connack_head(&frame) {
+        Some((session_present, 0)) => Ok((backend, session_present, reader.take_buffered())),
+        Some((_, code)) => Err(BackendError::Refused(code)),
+        None => Err(BackendError::NotConnAck),
+    }
+}
+
+/// Relays client packets to the backend after checking them; returns how it ended.
+async fn client_to_broker<R, W>(
+    reader: &mut FrameReader,
+    client_r: &mut R,
+    backend_w: &mut W,
+    peer: &Peer,
+    idle: Duration,
+    ctx: &FrontContext,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let stats = &ctx.stats;
+    loop {
+        let frame = match timeout(idle, reader.next(client_r)).await {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(FrameError::Oversized(n))) => {
+                FrontStats::inc(&stats.oversized_packets);
+                warn!(%peer, bytes = n, "oversized packet; closing");
+                return End::Disconnect(Reason::PacketTooLarge);
+            }
+            Ok(Err(FrameError::BadHeader)) => {
+                FrontStats::inc(&stats.malformed_packets);
+                info!(%peer, "malformed fixed header; closing");
+                return End::Disconnect(Reason::MalformedPacket);
+            }
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "client closed");
+                return End::Quiet;
+            }
+            Err(_) => {
+                FrontStats::inc(&stats.keep_alive_timeouts);
+                info!(%peer, idle_secs = idle.as_secs(), "keep-alive expired; closing");
+                return End::Disconnect(Reason::KeepAliveTimeout);
+            }
+        };
+        FrontStats::add(&stats.bytes_in, frame.len());
+        match mqtt::decode_client(&frame) {
+            Ok(Packet::Publish(publish, props)) => {
+                let alias = props.as_ref().is_some_and(|p| p.topic_alias.is_some());
+                if let Err(denied) = acl::check_publish(peer, &publish.topic, publish.retain, alias)
+                {
+                    FrontStats::inc(&stats.acl_denied_publish);
+                    warn!(%peer, topic = %String::from_utf8_lossy(&publish.topic), retain = publish.retain, %denied, "publish denied; closing");
+                    return End::Disconnect(Reason::NotAuthorized);
+                }
+            }
+            Ok(Packet::Subscribe(subscribe, _)) => {
+                // rumqttd's codec already refuses a SUBSCRIBE without filters; an ACL loop over
+                // nothing must not be what lets one through if that ever changes.
+                if subscribe.filters.is_empty() {
+                    FrontStats::inc(&stats.malformed_packets);
+                    return End::Disconnect(Reason::MalformedPacket);
+                }
+                for filter in &subscribe.filters {
+                    if let Err(denied) = acl::check_subscribe(peer, &filter.path) {
+                        FrontStats::inc(&stats.acl_denied_subscribe);
+                        warn!(%peer, filter = %filter.path, %denied, "subscribe denied; closing");
+                        return End::Disconnect(Reason::NotAuthorized);
+                    }
+                }
+            }
+            Ok(Packet::Connect(..)) => {
+                FrontStats::inc(&stats.malformed_packets);
+                info!(%peer, "second CONNECT; closing");
+                return End::Disconnect(Reason::ProtocolError);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                FrontStats::inc(&stats.malformed_packets);
+                info!(%peer, error = %e, "malformed packet; closing");
+                return End::Disconnect(Reason::MalformedPacket);
+            }
+        }
+        // The original bytes, not a re-encoding: the backend parses exactly what we checked.
+        if backend_w.write_all(&frame).await.is_err() {
+            return End::Quiet;
+        }
+    }
+}
+
+/// Copies backend bytes to the client until either side closes or the client → broker
+/// direction ends; in the latter case it sends that direction's DISCONNECT, if any, between
+/// two writes (never in the middle of one).
+async fn broker_to_client<S>(
+    backend_r: &mut tokio::net::tcp::OwnedReadHalf,
+    client_w: &mut WriteHalf<S>,
+    leftover: BytesMut,
+    mut end: oneshot::Receiver<Option<Reason>>,
+    ctx: &FrontContext,
+) where
+    S: AsyncRead + AsyncWrite,
+{
+    if !leftover.is_empty() {
+        if write_flush(client_w, &leftover).await.is_err() {
+            return;
+        }
+        FrontStats::add(&ctx.stats.bytes_out, leftover.len());
+    }
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            biased;
+            reason = &mut end => {
+                if let Ok(Some(reason)) = reason {
+                    let _ = write_flush(client_w, &mqtt::disconnect(reason)).await;
+                }
+                break;
+            }
+            read = backend_r.read(&mut buf) => {
+                let n = match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if write_flush(client_w, &buf[..n]).await.is_err() {
+                    break;
+                }
+                FrontStats::add(&ctx.stats.bytes_out, n);
+            }
+        }
+    }
+    let _ = client_w.shutdown().await;
+}
+
+/// Answers a refused CONNECT (if there is an answer) and closes, within a bounded time.
+async fn refuse<S: AsyncRead + AsyncWrite>(client_w: &mut WriteHalf<S>, refusal: Refusal) {
+    if let Refusal::ConnAck(reason, text) = refusal {
+        let connack = mqtt::connack(
+            false,
+            reason,
+            &ConnAckProps {
+                reason_string: Some(text.to_owned()),
+                ..ConnAckProps::default()
+            },
+        );
+        let _ = timeout(LAST_WORDS, async {
+            let _ = write_flush(client_w, &connack).await;
+            let _ = client_w.shutdown().await;
+        })
+        .await;
+    }
+}
+
+async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}

@@ -1,0 +1,716 @@
+//! End-to-end tests of the device-facing edge: a real embedded rumqttd behind the real mTLS
+//! front, real certificates from a fresh fleet CA per test, real rumqttc v5 clients (and raw
+//! TLS sockets where a test needs to send bytes no client library would).
+//!
+//! Every refusal test ends by showing that a valid device still works: a rejection must never
+//! wedge anything.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aloft_broker::{
+    serve, serve_plain_insecure, BrokerConfig, EmbeddedBroker, FrontConfig, FrontContext,
+    FrontStatsSnapshot,
+};
+use aloft_certs::tls::{
+    client_config, client_config_without_cert, install_crypto_provider, server_config,
+};
+use aloft_certs::{device_csr, FleetCa, Validity};
+use aloft_proto::{DeviceId, OperatorId};
+use bytes::BytesMut;
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+use rumqttd::protocol::v5::V5;
+use rumqttd::protocol::{Connect, Packet as WirePacket, Protocol};
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+// ---------------------------------------------------------------- harness
+
+/// Upper bound for every test; nothing inside is timed, this only stops a hang.
+const TEST_LIMIT: Duration = Duration::from_secs(60);
+
+async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::time::timeout(TEST_LIMIT, f)
+        .await
+        .expect("test exceeded its time bound");
+}
+
+/// An embedded broker with the front before it, and the CA that issues everyone's certificates.
+struct Edge {
+    ca: FleetCa,
+    broker: EmbeddedBroker,
+    ctx: Arc<FrontContext>,
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Edge {
+    async fn start() -> Edge {
+        Edge::with(FrontConfig::default()).await
+    }
+
+    async fn with(cfg: FrontConfig) -> Edge {
+        install_crypto_provider();
+        let ca = FleetCa::create("Aloft Broker Test CA", 30).unwrap();
+        let hosts = ["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let server = ca.issue_server(&hosts, Validity::days(1)).unwrap();
+        let tls = server_config(ca.cert_pem(), &server.cert_pem, &server.key_pem, vec![]).unwrap();
+        let broker = tokio::task::spawn_blocking(|| EmbeddedBroker::start(BrokerConfig::default()))
+            .await
+            .unwrap()
+            .unwrap();
+        let ctx = Arc::new(FrontContext::new(Arc::new(tls), broker.backend(), cfg).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(serve(listener, Arc::clone(&ctx), async {
+            let _ = stopped.await;
+        }));
+        Edge {
+            ca,
+            broker,
+            ctx,
+            addr,
+            stop: Some(stop),
+        }
+    }
+
+    fn stats(&self) -> FrontStatsSnapshot {
+        self.ctx.stats.snapshot()
+    }
+
+    /// Enrolls device `id` (CSR, key stays here) and returns its TLS client config.
+    fn device_tls(&self, id: &str, validity: Validity) -> Arc<ClientConfig> {
+        let csr = device_csr(&DeviceId::new(id).unwrap(), &[7; 32]).unwrap();
+        let cert = self.ca.issue_device(&csr.csr_pem, validity).unwrap();
+        Arc::new(client_config(self.ca.cert_pem(), &cert, &csr.key_pem).unwrap())
+    }
+
+    fn operator_tls(&self, id: &str) -> Arc<ClientConfig> {
+        let op = self
+            .ca
+            .issue_operator(&OperatorId::new(id).unwrap(), Validity::days(1))
+            .unwrap();
+        Arc::new(client_config(self.ca.cert_pem(), &op.cert_pem, &op.key_pem).unwrap())
+    }
+
+    fn options(&self, client_id: &str, tls: Arc<ClientConfig>) -> MqttOptions {
+        let mut o = MqttOptions::new(client_id, "localhost", self.addr.port());
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+        o.set_outgoing_inflight_upper_limit(100);
+        o
+    }
+
+    async fn device(&self, id: &str) -> Mqtt {
+        let tls = self.device_tls(id, Validity::days(1));
+        Mqtt::connect(self.options(id, tls)).await.unwrap()
+    }
+
+    /// The orchestrator's side: a client connected straight to the backend.
+    async fn backend_client(&self, id: &str) -> Mqtt {
+        let addr = self.broker.addr();
+        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        let (user, pass) = self.broker.credentials_for(id);
+        o.set_credentials(user, pass);
+        o.set_outgoing_inflight_upper_limit(100);
+        Mqtt::connect(o).await.unwrap()
+    }
+
+    /// A TLS connection as device `id`, for writing raw bytes.
+    async fn raw_tls(&self, id: &str) -> TlsStream<TcpStream> {
+        let connector = TlsConnector::from(self.device_tls(id, Validity::days(1)));
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        connector.connect(name, tcp).await.unwrap()
+    }
+
+    /// The project rule after every refusal: a fresh, valid device connects, subscribes to its
+    /// own subtree and receives what the orchestrator sends it.
+    async fn assert_valid_device_works(&self, id: &str) {
+        let mut orch = self.backend_client(&format!("orch-check-{id}")).await;
+        let mut dev = self.device(id).await;
+        dev.subscribe(&format!("aloft/v1/d/{id}/#")).await;
+        assert!(dev
+            .suback()
+            .await
+            .iter()
+            .all(|c| matches!(c, SubscribeReasonCode::Success(_))));
+        orch.subscribe(&format!("aloft/v1/d/{id}/status")).await;
+        orch.suback().await;
+        orch.publish(&format!("aloft/v1/d/{id}/job"), b"job", false)
+            .await;
+        assert_eq!(dev.next_publish().await.0, format!("aloft/v1/d/{id}/job"));
+        dev.publish(&format!("aloft/v1/d/{id}/status"), b"ok", false)
+            .await;
+        assert_eq!(orch.next_publish().await.1, b"ok");
+    }
+}
+
+#[derive(Debug)]
+enum Ev {
+    Publish(String, Vec<u8>, bool),
+    SubAck(Vec<SubscribeReasonCode>),
+    PubAck,
+    Closed(String),
+}
+
+/// A connected rumqttc v5 client whose event loop runs in a task, reporting events in order.
+/// The loop stops at the first error, so a refused client is never silently reconnected.
+struct Mqtt {
+    client: AsyncClient,
+    events: mpsc::UnboundedReceiver<Ev>,
+}
+
+impl Mqtt {
+    async fn connect(opts: MqttOptions) -> Result<Mqtt, ConnectionError> {
+        let (client, mut el) = AsyncClient::new(opts, 32);
+        loop {
+            match el.poll().await? {
+                Event::Incoming(Packet::ConnAck(_)) => break,
+                _ => continue,
+            }
+        }
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let ev = match el.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                        Ev::Publish(topic, p.payload.to_vec(), p.retain)
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(s))) => Ev::SubAck(s.return_codes),
+                    Ok(Event::Incoming(Packet::PubAck(_))) => Ev::PubAck,
+                    Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                        Ev::Closed(format!("disconnect {:?}", d.reason_code))
+                    }
+                    Ok(_) => continue,
+                    Err(e) => Ev::Closed(e.to_string()),
+                };
+                let closed = matches!(ev, Ev::Closed(_));
+                if tx.send(ev).is_err() || closed {
+                    break;
+                }
+            }
+        });
+        Ok(Mqtt { client, events })
+    }
+
+    async fn subscribe(&self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+    }
+
+    async fn publish(&self, topic: &str, payload: &[u8], retain: bool) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload.to_vec())
+            .await
+            .unwrap();
+    }
+
+    async fn next(&mut self) -> Ev {
+        self.events
+            .recv()
+            .await
+            .unwrap_or(Ev::Closed("event loop gone".into()))
+    }
+
+    async fn suback(&mut self) -> Vec<SubscribeReasonCode> {
+        loop {
+            match self.next().await {
+                Ev::SubAck(codes) => return codes,
+                Ev::Closed(why) => panic!("closed while waiting for SUBACK: {why}"),
+                _ => {}
+            }
+        }
+    }
+
+    async fn puback(&mut self) {
+        loop {
+            match self.next().await {
+                Ev::PubAck => return,
+                Ev::Closed(why) => panic!("closed while waiting for PUBACK: {why}"),
+                _ => {}
+            }
+        }
+    }
+
+    async fn next_publish(&mut self) -> (String, Vec<u8>, bool) {
+        loop {
+            match self.next().await {
+                Ev::Publish(t, p, r) => return (t, p, r),
+                Ev::Closed(why) => panic!("closed while waiting for a PUBLISH: {why}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Waits until the connection is closed and returns why; panics if a PUBLISH arrives.
+    async fn closed(&mut self) -> String {
+        loop {
+            match self.next().await {
+                Ev::Closed(why) => return why,
+                Ev::Publish(t, ..) => panic!("unexpected PUBLISH on {t}"),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn connect_bytes(client_id: &str, keep_alive: u16) -> BytesMut {
+    let connect = Connect {
+        keep_alive,
+        client_id: client_id.into(),
+        clean_session: true,
+    };
+    let mut buf = BytesMut::new();
+    V5.write(
+        WirePacket::Connect(connect, None, None, None, None),
+        &mut buf,
+    )
+    .unwrap();
+    buf
+}
+
+/// Reads until the peer closes (EOF or error) and returns what arrived.
+async fn read_to_close<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while let Ok(n @ 1..) = s.read(&mut buf).await {
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
+/// The server refuses the client's certificate with `alert`. Under TLS 1.3 the client learns
+/// it only after its own half of the handshake, so the alert surfaces on the first read.
+async fn refused_at_tls(edge: &Edge, id: &str, tls: Arc<ClientConfig>, alert: &str) {
+    let err = Mqtt::connect(edge.options(id, tls))
+        .await
+        .err()
+        .expect("connection must fail");
+    let err = format!("{err:?}");
+    assert!(
+        err.contains(&format!("AlertReceived({alert})")),
+        "expected alert {alert}, got {err}"
+    );
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_with_valid_cert_can_subscribe_and_receive_its_own_topics() {
+    bounded(async {
+        let edge = Edge::start().await;
+        let mut orch = edge.backend_client("aloft-orchestrator").await;
+        orch.subscribe("aloft/v1/d/+/status").await;
+        orch.suback().await;
+        orch.subscribe("aloft/v1/d/+/chunk/req").await;
+        orch.suback().await;
+        orch.publish("aloft/v1/d/dev-1/job", b"job-1", true).await;
+        orch.puback().await;
+
+        let mut dev = edge.device("dev-1").await;
+        dev.subscribe("aloft/v1/d/dev-1/#").await;
+        dev.subscribe("aloft/v1/manifests/#").await;
+        let (topic, payload, _) = dev.next_publish().await;
+        assert_eq!(
+            (topic.as_str(), payload.as_slice()),
+            ("aloft/v1/d/dev-1/job", &b"job-1"[..])
+        );
+
+        dev.publish("aloft/v1/d/dev-1/status", b"{\"state\":\"idle\"}", false)
+            .await;
+        let (topic, payload, _) = orch.next_publish().await;
+        assert_eq!(topic, "aloft/v1/d/dev-1/status");
+        assert_eq!(payload, b"{\"state\":\"idle\"}");
+        dev.publish("aloft/v1/d/dev-1/chunk/req", b"0-3", false)
+            .await;
+        assert_eq!(orch.next_publish().await.0, "aloft/v1/d/dev-1/chunk/req");
+        let s = edge.stats();
+        assert_eq!((s.handshakes_ok, s.sessions_established), (1, 1));
+        assert!(edge
+            .ctx
+            .registry
+            .is_connected(&aloft_broker::Peer::Device(DeviceId::new("dev-1").unwrap())));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_publishes_admin_requests_and_receives_replies_only_on_its_own_topics() {
+    bounded(async {
+        let edge = Edge::start().await;
+        let mut orch = edge.backend_client("aloft-orchestrator").await;
+        orch.subscribe("aloft/v1/admin/+/+").await;
+        orch.suback().await;
+        let mut alice = Mqtt::connect(edge.options("alice", edge.operator_tls("alice")))
+            .await
+            .unwrap();
+        alice.subscribe("aloft/v1/o/alice/reply").await;
+        alice.suback().await;
+        alice
+            .publish("aloft/v1/admin/alice/campaign.list", b"{}", false)
+            .await;
+        assert_eq!(
+            orch.next_publish().await.0,
+            "aloft/v1/admin/alice/campaign.list"
+        );
+        orch.publish("aloft/v1/o/alice/reply", b"[]", false).await;
+        assert_eq!(alice.next_publish().await.1, b"[]");
+        // An operator is not a device: device topics are off limits.
+        alice.subscribe("aloft/v1/d/dev-1/#").await;
+        alice.closed().await;
+        assert_eq!(edge.stats().acl_denied_subscribe, 1);
+        edge.assert_valid_device_works("dev-after-operator").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_without_client_certificate_is_refused_at_tls() {
+    bounded(async {
+        let edge = Edge::start().await;
+        let tls = Arc::new(client_config_without_cert(edge.ca.cert_pem()).unwrap());
+        refused_at_tls(&edge, "dev-1", tls, "CertificateRequired").await;
+        edge.assert_valid_device_works("dev-ok").await;
+        assert_eq!(edge.stats().handshakes_failed, 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_from_another_ca_is_refused_at_tls() {
+    bounded(async {
+        let edge = Edge::start().await;
+        let rogue = FleetCa::create("Rogue CA", 30).unwrap();
+        let csr = device_csr(&DeviceId::new("dev-1").unwrap(), &[7; 32]).unwrap();
+        let cert = rogue.issue_device(&csr.csr_pem, Validity::days(1)).unwrap();
+        // The client trusts our server (so the failure is the server refusing the client).
+        let tls = Arc::new(client_config(edge.ca.cert_pem(), &cert, &csr.key_pem).unwrap());
+        refused_at_tls(&edge, "dev-1", tls, "UnknownCA").await;
+        edge.assert_valid_device_works("dev-1").await;
+        assert_eq!(edge.stats().handshakes_failed, 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_certificate_is_refused_at_tls() {
+    bounded(async {
+        let edge = Edge::start().await;
+        let now = time::OffsetDateTime::now_utc();
+        let expired = Validity {
+            not_before: now - time::Duration::days(10),
+            not_after: now - time::Duration::days(1),
+        };
+        let tls = edge.device_tls("dev-1", expired);
+        refused_at_tls(&edge, "dev-1", tls, "CertificateExpired").await;
+        edge.assert_valid_device_works("dev-1").await;
+        assert_eq!(edge.stats().handshakes_failed, 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_id_different_from_certificate_is_refused() {
+    bounded(async {
+        let edge = Edge::start().await;
+        let tls = edge.device_tls("dev-1", Validity::days(1));
+        let err = Mqtt::connect(edge.options("dev-2", tls))
+            .await
+            .err()
+            .expect("must be refused");
+        assert!(
+            matches!(
+                err,
+                ConnectionError::ConnectionRefused(ConnectReturnCode::ClientIdentifierNotValid)
+            ),
+            "{err:?}"
+        );
+        assert_eq!(edge.stats().refused_bad_client_id, 1);
+        edge.assert_valid_device_works("dev-2").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_to_another_devices_topic_is_refused_and_not_delivered() {
+    bounded(async {
+        let edge = Edge::start().await;
+        let mut orch = edge.backend_client("aloft-orchestrator").await;
+        orch.subscribe("aloft/v1/d/+/status").await;
+        orch.suback().await;
+        let mut a = edge.device("dev-a").await;
+        a.publish("aloft/v1/d/dev-b/status", b"forged", false).await;
+        assert!(a.closed().await.contains("NotAuthorized"));
+        assert_eq!(edge.stats().acl_denied_publish, 1);
+        // Had the forged report been forwarded it would have reached the broker before A's
+        // DISCONNECT; the first report the orchestrator sees is B's genuine one.
+        let b = edge.device("dev-b").await;
+        b.publish("aloft/v1/d/dev-b/status", b"genuine", false)
+            .await;
+        assert_eq!(orch.next_publish().await.1, b"genuine");
+        edge.assert_valid_device_works("dev-a").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_to_hash_wildcard_is_refused() {
+    bounded(async {
+        let edge = Edge::start().await;
+        for (n, filter) in ["#", "aloft/v1/d/+/job", "$share/g/aloft/v1/d/dev-1/#"]
+            .iter()
+            .enumerate()
+        {
+            let mut dev = edge.device("dev-1").await;
+            dev.subscribe(filter).await;
+            assert!(dev.closed().await.contains("NotAuthorized"), "{filter}");
+            assert_eq!(edge.stats().acl_denied_subscribe, n as u64 + 1);
+        }
+        edge.assert_valid_device_works("dev-1").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_publish_from_device_is_refused() {
+    bounded(async {
+        let edge = Edge::start().await;
+        let mut dev = edge.device("dev-1").await;
+        dev.publish("aloft/v1/d/dev-1/status", b"sticky", true)
+            .await;
+        assert!(dev.closed().await.contains("NotAuthorized"));
+        assert_eq!(edge.stats().acl_denied_publish, 1);
+        // Nothing was retained: a new subscriber to the topic gets only the fresh report.
+        let mut orch = edge.backend_client("aloft-orchestrator").await;
+        orch.subscribe("aloft/v1/d/dev-1/status").await;
+        orch.suback().await;
+        let dev = edge.device("dev-1").await;
+        dev.publish("aloft/v1/d/dev-1/status", b"fresh", false)
+            .await;
+        assert_eq!(orch.next_publish().await.1, b"fresh");
+        edge.assert_valid_device_works("dev-2").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_connection_with_same_identity_does_not_hijack_the_first() {
+    bounded(async {
+        let edge = Edge::start().await;
+        let mut orch = edge.backend_client("aloft-orchestrator").await;
+        let mut first = edge.device("dev-1").await;
+        first.subscribe("aloft/v1/d/dev-1/#").await;
+        first.suback().await;
+
+        let tls = edge.device_tls("dev-1", Validity::days(1));
+        let err = Mqtt::connect(edge.options("dev-1", tls))
+            .await
+            .err()
+            .expect("must be refused");
+        assert!(
+            matches!(
+                err,
+                ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)
+            ),
+            "{err:?}"
+        );
+        assert_eq!(edge.stats().refused_duplicate_identity, 1);
+
+        orch.publish("aloft/v1/d/dev-1/job", b"still yours", false)
+            .await;
+        assert_eq!(first.next_publish().await.1, b"still yours");
+        orch.subscribe("aloft/v1/d/dev-1/status").await;
+        orch.suback().await;
+        first
+            .publish("aloft/v1/d/dev-1/status", b"alive", false)
+            .await;
+        assert_eq!(orch.next_publish().await.1, b"alive");
+        edge.assert_valid_device_works("dev-2").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_client_is_closed_after_one_and_a_half_keep_alives_and_its_identity_freed() {
+    bounded(async {
+        let edge = Edge::start().await;
+        let mut raw = edge.raw_tls("dev-1").await;
+        raw.write_all(&connect_bytes("dev-1", 1)).await.unwrap();
+        // CONNACK success, then silence until the front gives up with DISCONNECT 0x8D.
+        let got = read_to_close(&mut raw).await;
+        assert_eq!(
+            (got[0], got[3]),
+            (0x20, 0x00),
+            "CONNACK must be success: {got:02x?}"
+        );
+        assert!(got.ends_with(&[0xE0, 0x02, 0x8D, 0x00]), "{got:02x?}");
+        assert_eq!(edge.stats().keep_alive_timeouts, 1);
+        edge.assert_valid_device_works("dev-1").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_3_connect_is_refused_with_unsupported_protocol_version() {
+    bounded(async {
+        let edge = Edge::start().await;
+        let mut raw = edge.raw_tls("dev-1").await;
+        raw.write_all(b"\x10\x11\x00\x04MQTT\x04\x02\x00\x3c\x00\x05dev-1")
+            .await
+            .unwrap();
+        let got = read_to_close(&mut raw).await;
+        assert_eq!((got[0], got[3]), (0x20, 0x84), "{got:02x?}");
+        assert_eq!(edge.stats().refused_protocol, 1);
+        edge.assert_valid_device_works("dev-1").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_open_sockets_do_not_delay_other_devices() {
+    bounded(async {
+        let cfg = FrontConfig {
+            handshake_timeout_ms: 1_000,
+            ..FrontConfig::default()
+        };
+        let edge = Edge::with(cfg).await;
+        let mut idle = Vec::new();
+        for _ in 0..50 {
+            idle.push(TcpStream::connect(edge.addr).await.unwrap());
+        }
+        // Half a real ClientHello, then nothing.
+        let tls = edge.device_tls("dev-x", Validity::days(1));
+        let mut hello = Vec::new();
+        let mut conn =
+            rustls::ClientConnection::new(tls, ServerName::try_from("localhost").unwrap()).unwrap();
+        conn.write_tls(&mut hello).unwrap();
+        for _ in 0..10 {
+            let mut s = TcpStream::connect(edge.addr).await.unwrap();
+            s.write_all(&hello[..hello.len() / 2]).await.unwrap();
+            idle.push(s);
+        }
+        // While all 60 are open and stuck, a real device connects and is served.
+        edge.assert_valid_device_works("dev-1").await;
+        // Then the handshake timeout closes every one of them.
+        for s in &mut idle {
+            read_to_close(s).await;
+        }
+        assert_eq!(edge.stats().handshakes_timed_out, 60);
+        edge.assert_valid_device_works("dev-2").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_packets_close_the_connection_without_harm() {
+    bounded(async {
+        let edge = Edge::start().await;
+        // Garbage instead of CONNECT.
+        let mut raw = edge.raw_tls("dev-1").await;
+        raw.write_all(b"\x10\x05\xde\xad\xbe\xef\x00")
+            .await
+            .unwrap();
+        let got = read_to_close(&mut raw).await;
+        assert_eq!((got[0], got[3]), (0x20, 0x81), "{got:02x?}");
+        // A server-only packet type first: malformed too.
+        let mut raw = edge.raw_tls("dev-1").await;
+        raw.write_all(b"\x20\x03\x00\x00\x00").await.unwrap();
+        let got = read_to_close(&mut raw).await;
+        assert_eq!((got[0], got[3]), (0x20, 0x81), "{got:02x?}");
+        // After a good CONNECT: a PUBLISH header claiming 100 MB.
+        let mut raw = edge.raw_tls("dev-1").await;
+        raw.write_all(&connect_bytes("dev-1", 30)).await.unwrap();
+        raw.write_all(b"\x30\x80\xde\xe1\x2f").await.unwrap();
+        let got = read_to_close(&mut raw).await;
+        assert!(got.ends_with(&[0xE0, 0x02, 0x95, 0x00]), "{got:02x?}");
+        // After a good CONNECT: a malformed SUBSCRIBE and then a CONNACK (server-only type).
+        for junk in [
+            &b"\x82\x03\x00\x01\x00"[..],
+            b"\x20\x03\x00\x00\x00",
+            b"\x30\xff\xff\xff\xff\x7f",
+        ] {
+            let mut raw = edge.raw_tls("dev-1").await;
+            raw.write_all(&connect_bytes("dev-1", 30)).await.unwrap();
+            raw.write_all(junk).await.unwrap();
+            let got = read_to_close(&mut raw).await;
+            assert!(
+                got.ends_with(&[0xE0, 0x02, 0x81, 0x00]),
+                "{junk:02x?} -> {got:02x?}"
+            );
+        }
+        let s = edge.stats();
+        assert_eq!(
+            (
+                s.oversized_packets,
+                s.malformed_packets,
+                s.refused_malformed
+            ),
+            (1, 3, 2)
+        );
+        edge.assert_valid_device_works("dev-1").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_plain_listener_takes_the_device_id_from_the_client_id_only_when_enabled() {
+    bounded(async {
+        let edge = Edge::start().await;
+        for enabled in [false, true] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let (_stop, stopped) = oneshot::channel::<()>();
+            let ctx = Arc::clone(&edge.ctx);
+            tokio::spawn(serve_plain_insecure(listener, ctx, enabled, async {
+                let _ = stopped.await;
+            }));
+            let connected = Mqtt::connect(MqttOptions::new("dev-plain", "127.0.0.1", port)).await;
+            if !enabled {
+                let err = connected.err().expect("a closed plain listener refuses");
+                assert!(
+                    matches!(
+                        err,
+                        ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)
+                    ),
+                    "{err:?}"
+                );
+                continue;
+            }
+            // Even here the ACL holds for the claimed identity.
+            let mut dev = connected.unwrap();
+            dev.publish("aloft/v1/d/dev-other/status", b"x", false)
+                .await;
+            assert!(dev.closed().await.contains("NotAuthorized"));
+        }
+        edge.assert_valid_device_works("dev-plain").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_accepting_and_drops_relayed_sessions() {
+    bounded(async {
+        let mut edge = Edge::start().await;
+        let mut dev = edge.device("dev-1").await;
+        dev.subscribe("aloft/v1/d/dev-1/#").await;
+        dev.suback().await;
+        drop(edge.stop.take());
+        dev.closed().await;
+        assert!(TcpStream::connect(edge.addr).await.is_err());
+        assert!(edge.ctx.registry.is_empty());
+    })
+    .await;
+}

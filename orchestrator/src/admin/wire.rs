@@ -1,0 +1,170 @@
+//! The admin protocol between the operator CLI and the orchestrator (PROTOCOL.md §Admin):
+//! JSON requests on `aloft/v1/admin/{operator}/request`, replies on `aloft/v1/o/{operator}/reply`
+//! matched by `id`. The correlation id travels in the body, not in MQTT 5 properties, so the
+//! protocol works unchanged through any broker.
+
+use std::collections::BTreeMap;
+
+use aloft_proto::manifest::SignedManifest;
+use aloft_proto::messages::{DecodeError, Message, PROTOCOL_VERSION};
+use aloft_proto::{ArtifactId, CampaignId, DeviceId, Reason};
+use serde::{Deserialize, Serialize};
+
+use crate::store::Target;
+
+/// The admin op name in the request topic.
+pub const REQUEST_OP: &str = "request";
+/// Largest admin request: a release chunk (up to 1 MiB, base64) plus envelope.
+pub const MAX_ADMIN_BYTES: usize = 1536 * 1024;
+/// Largest admin reply.
+pub const MAX_REPLY_BYTES: usize = 8 * 1024 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminRequest {
+    pub v: u8,
+    /// Chosen by the client, echoed in the reply; 1 to 64 bytes.
+    pub id: String,
+    pub body: AdminBody,
+}
+
+impl Message for AdminRequest {
+    const MAX_BYTES: usize = MAX_ADMIN_BYTES;
+    fn version(&self) -> u8 {
+        self.v
+    }
+    fn validate(&self) -> Result<(), DecodeError> {
+        if self.id.is_empty() || self.id.len() > 64 {
+            return Err(DecodeError::Invalid("id must be 1 to 64 bytes"));
+        }
+        Ok(())
+    }
+}
+
+/// One admin operation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdminBody {
+    /// Offer a release: its signed manifest and content key (hex). The orchestrator verifies the
+    /// signature against its trusted release keys before storing anything.
+    ReleasePut {
+        manifest: SignedManifest,
+        content_key: String,
+    },
+    /// One sealed chunk of an offered release, base64.
+    ReleaseChunk {
+        artifact: ArtifactId,
+        index: u32,
+        data: String,
+    },
+    ReleaseList {},
+    /// Register devices from their certificates (PEM), optionally into groups.
+    DeviceRegister {
+        certs: Vec<String>,
+        #[serde(default)]
+        groups: Vec<String>,
+    },
+    DeviceList {},
+    CampaignCreate {
+        artifact: ArtifactId,
+        target: Target,
+    },
+    CampaignStatus {
+        campaign: CampaignId,
+        /// Also list every device's state.
+        #[serde(default)]
+        devices: bool,
+    },
+    CampaignList {},
+}
+
+/// A reply: `ok` with a `result`, or an `error`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminReply {
+    pub v: u8,
+    pub id: String,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<AdminError>,
+}
+
+impl Message for AdminReply {
+    const MAX_BYTES: usize = MAX_REPLY_BYTES;
+    fn version(&self) -> u8 {
+        self.v
+    }
+}
+
+impl AdminReply {
+    pub fn ok(id: String, result: serde_json::Value) -> Self {
+        Self {
+            v: PROTOCOL_VERSION,
+            id,
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    pub fn err(id: String, error: AdminError) -> Self {
+        Self {
+            v: PROTOCOL_VERSION,
+            id,
+            ok: false,
+            result: None,
+            error: Some(error),
+        }
+    }
+}
+
+/// A refused admin request: a stable code and a message for humans.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(deny_unknown_fields)]
+#[error("{code}: {message}")]
+pub struct AdminError {
+    pub code: String,
+    pub message: String,
+}
+
+impl AdminError {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// `campaign_status` result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CampaignSummary {
+    pub campaign: CampaignId,
+    pub artifact: ArtifactId,
+    pub status: crate::store::CampaignStatus,
+    pub total: u32,
+    /// Devices per state (states with zero devices omitted).
+    pub counts: BTreeMap<String, u32>,
+    /// Failed and rolled-back devices per reason.
+    pub reasons: BTreeMap<String, u32>,
+    pub created_ms: u64,
+    pub finished_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceSummary>,
+}
+
+impl CampaignSummary {
+    pub fn count(&self, state: aloft_proto::DeviceState) -> u32 {
+        self.counts.get(state.as_str()).copied().unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSummary {
+    pub device: DeviceId,
+    pub state: aloft_proto::DeviceState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+}

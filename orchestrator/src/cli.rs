@@ -1,0 +1,655 @@
+//! The `aloft` command line: `serve` for the orchestrator, and the operator's commands (PKI,
+//! release build/sign/upload, devices, campaigns). Release signing happens here, on the
+//! operator's machine, with a key the server never holds.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aloft_certs::{FleetCa, Validity};
+use aloft_proto::manifest::{ReleaseSigningKey, SignedManifest, DEFAULT_CHUNK_BYTES};
+use aloft_proto::release::{build_release, ReleaseMeta};
+use aloft_proto::{ArtifactId, CampaignId, DeviceId, DeviceState, OperatorId, SecurityVersion};
+use anyhow::{bail, Context, Result};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::admin::client::{AdminClient, PROFILE_CA, PROFILE_CERT, PROFILE_KEY};
+use crate::admin::wire::{AdminBody, CampaignSummary};
+use crate::config::{layout, FileConfig, ServeConfig, DEFAULT_CONFIG_TOML};
+use crate::store::Target;
+
+/// Files of a release bundle directory (`aloft release build`).
+pub mod bundle {
+    pub const MANIFEST: &str = "manifest.json";
+    pub const CHUNKS: &str = "chunks.bin";
+    /// The content key, hex; a secret.
+    pub const CONTENT_KEY: &str = "content-key";
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "aloft", version, about = "Aloft: OTA update orchestrator for IoT fleets")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a data directory: fleet CA and the orchestrator's TLS server certificate.
+    Init {
+        #[arg(long, env = "ALOFT_DATA_DIR")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "Aloft Fleet CA")]
+        ca_name: String,
+        /// DNS names or IPs devices use to reach the orchestrator.
+        #[arg(long = "hostname", default_values = ["localhost", "127.0.0.1"])]
+        hostnames: Vec<String>,
+    },
+    /// Run the orchestrator (embedded broker, mTLS front, engine, metrics).
+    Serve(ServeArgs),
+    /// Print the commented default configuration.
+    GenerateConfig,
+    /// Certificates: devices (from CSRs), operators.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Trust anchors of the orchestrator.
+    #[command(subcommand)]
+    Trust(TrustCommand),
+    /// Build, sign and upload releases.
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+    /// Register and list devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Create campaigns and follow them.
+    #[command(subcommand)]
+    Campaign(CampaignCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[arg(long, env = "ALOFT_DATA_DIR")]
+    pub data_dir: PathBuf,
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// mTLS listener (overrides the file); port 0 picks a free port.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// INSECURE plain-TCP listener for local debugging (loopback only).
+    #[arg(long)]
+    pub insecure_plain_listen: Option<SocketAddr>,
+}
+
+/// How an operator command reaches the orchestrator.
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// Operator profile directory (ca.crt, operator.crt, operator.key).
+    #[arg(long, env = "ALOFT_PROFILE")]
+    pub profile: PathBuf,
+    #[arg(long, env = "ALOFT_SERVER", default_value = "127.0.0.1:8883")]
+    pub server: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PkiCommand {
+    /// Issue a device certificate from the device's CSR.
+    IssueDevice {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        csr: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+    /// Issue certificates for every `*.csr` in a directory (written beside them as `*.crt`).
+    IssueDevices {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        csr_dir: PathBuf,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+    /// Issue an operator certificate and write an operator profile directory.
+    IssueOperator {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out_dir: PathBuf,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TrustCommand {
+    /// Trust a release public key (64 hex digits) for uploads.
+    AddReleaseKey {
+        #[arg(long, env = "ALOFT_DATA_DIR")]
+        data_dir: PathBuf,
+        key: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ReleaseCommand {
+    /// Generate a release signing key (secret, file mode 0600); prints its public key.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Cut an image into chunks, seal them, and sign the manifest.
+    Build {
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        security_version: u64,
+        #[arg(long)]
+        hardware_model: String,
+        /// Release signing key file (from `release keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// Defaults to `fw-<version>`.
+        #[arg(long)]
+        artifact: Option<String>,
+        #[arg(long, default_value_t = DEFAULT_CHUNK_BYTES)]
+        chunk_bytes: u32,
+        #[arg(long, default_value_t = 365)]
+        expires_days: u64,
+    },
+    /// Upload a built release; the orchestrator verifies its signature before accepting it.
+    Upload {
+        #[arg(long)]
+        bundle: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeviceCommand {
+    /// Register devices from their certificates.
+    Register {
+        #[arg(long = "cert", required = true)]
+        certs: Vec<PathBuf>,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CampaignCommand {
+    /// Create a campaign: the release goes to every targeted device.
+    Create {
+        #[arg(long)]
+        artifact: String,
+        #[arg(long, conflicts_with_all = ["group", "devices"])]
+        all: bool,
+        #[arg(long, conflicts_with = "devices")]
+        group: Option<String>,
+        /// Comma-separated device ids.
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Counts per state; `--watch` follows until the campaign finishes.
+    Status {
+        campaign: String,
+        #[arg(long)]
+        devices: bool,
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init {
+            data_dir,
+            ca_name,
+            hostnames,
+        } => init(&data_dir, &ca_name, &hostnames).map(|_| ()),
+        Command::Serve(args) => serve(args).await,
+        Command::GenerateConfig => {
+            print!("{DEFAULT_CONFIG_TOML}");
+            Ok(())
+        }
+        Command::Pki(c) => pki(c),
+        Command::Trust(TrustCommand::AddReleaseKey { data_dir, key }) => {
+            add_release_key(&data_dir, &key)
+        }
+        Command::Release(c) => release(c).await,
+        Command::Device(c) => device(c).await,
+        Command::Campaign(c) => campaign(c).await,
+    }
+}
+
+/// Creates the fleet CA and the server certificate under `data_dir/pki`.
+pub fn init(data_dir: &Path, ca_name: &str, hostnames: &[String]) -> Result<FleetCa> {
+    let pki = data_dir.join(layout::PKI_DIR);
+    std::fs::create_dir_all(&pki).with_context(|| format!("creating {}", pki.display()))?;
+    let ca = FleetCa::create(ca_name, 3650)?;
+    ca.save(&pki)?;
+    let server = ca.issue_server(hostnames, Validity::days(825))?;
+    write_new(&pki.join(layout::SERVER_CERT), server.cert_pem.as_bytes(), false)?;
+    write_new(&pki.join(layout::SERVER_KEY), server.key_pem.as_bytes(), true)?;
+    println!("initialized {}: fleet CA and server certificate", data_dir.display());
+    Ok(ca)
+}
+
+/// Writes a file that must not exist yet; secrets get mode 0600 from creation on.
+pub fn write_new(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let mut file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    if let Some(l) = args.listen {
+        file.listen = l;
+    }
+    if let Some(m) = args.metrics_listen {
+        file.metrics_listen = Some(m);
+    }
+    if let Some(p) = args.insecure_plain_listen {
+        file.insecure_plain_listen = Some(p);
+    }
+    let cfg = ServeConfig {
+        data_dir: args.data_dir,
+        file,
+    };
+    let mut running = crate::start(cfg).await?;
+    // One machine-readable line, so scripts and tests can find a port chosen at run time.
+    println!(
+        "aloft listening device={} metrics={}",
+        running.device_addr,
+        running
+            .metrics_addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+    tokio::select! {
+        r = running.wait() => r?,
+        _ = tokio::signal::ctrl_c() => {
+            running.shutdown().await?;
+        }
+    }
+    Ok(())
+}
+
+fn pki(c: PkiCommand) -> Result<()> {
+    match c {
+        PkiCommand::IssueDevice {
+            ca_dir,
+            csr,
+            out,
+            days,
+        } => {
+            let ca = FleetCa::load(&ca_dir)?;
+            let csr = std::fs::read_to_string(&csr)?;
+            let cert = ca.issue_device(&csr, Validity::days(days))?;
+            write_new(&out, cert.as_bytes(), false)?;
+            println!("issued {}", out.display());
+        }
+        PkiCommand::IssueDevices {
+            ca_dir,
+            csr_dir,
+            days,
+        } => {
+            let ca = FleetCa::load(&ca_dir)?;
+            let mut paths: Vec<PathBuf> = std::fs::read_dir(&csr_dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "csr"))
+                .collect();
+            paths.sort();
+            let csrs = paths
+                .iter()
+                .map(std::fs::read_to_string)
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let mut failed = 0;
+            for (p, r) in paths.iter().zip(ca.issue_devices(&csrs, Validity::days(days))) {
+                match r {
+                    Ok(cert) => write_new(&p.with_extension("crt"), cert.as_bytes(), false)?,
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{}: {e}", p.display());
+                    }
+                }
+            }
+            println!("issued {} certificates, {failed} refused", paths.len() - failed);
+            if failed > 0 {
+                bail!("{failed} CSRs were refused");
+            }
+        }
+        PkiCommand::IssueOperator {
+            ca_dir,
+            name,
+            out_dir,
+            days,
+        } => {
+            let ca = FleetCa::load(&ca_dir)?;
+            issue_operator_profile(&ca, &OperatorId::new(name)?, &out_dir, days)?;
+            println!("operator profile written to {}", out_dir.display());
+        }
+    }
+    Ok(())
+}
+
+/// Writes an operator profile directory: the CA, the operator's certificate and key.
+pub fn issue_operator_profile(
+    ca: &FleetCa,
+    name: &OperatorId,
+    out_dir: &Path,
+    days: u32,
+) -> Result<()> {
+    std::fs::create_dir_all(out_dir)?;
+    let issued = ca.issue_operator(name, Validity::days(days))?;
+    write_new(&out_dir.join(PROFILE_CA), ca.cert_pem().as_bytes(), false)?;
+    write_new(&out_dir.join(PROFILE_CERT), issued.cert_pem.as_bytes(), false)?;
+    write_new(&out_dir.join(PROFILE_KEY), issued.key_pem.as_bytes(), true)?;
+    Ok(())
+}
+
+/// Appends a release public key to the orchestrator's trusted set.
+pub fn add_release_key(data_dir: &Path, key: &str) -> Result<()> {
+    let parsed = aloft_proto::manifest::ReleasePublicKey::from_hex(key)
+        .map_err(|_| anyhow::anyhow!("not a 64-hex-digit Ed25519 public key"))?;
+    let path = data_dir.join(layout::TRUSTED_RELEASE_KEYS);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{}  # key id {}", parsed.to_hex(), parsed.key_id())?;
+    println!("trusted release key {} (restart the orchestrator to apply)", parsed.key_id());
+    Ok(())
+}
+
+/// Builds and signs a release into `out_dir`; returns the artifact id.
+pub fn build_bundle(
+    image: &Path,
+    meta: &ReleaseMeta,
+    key: &ReleaseSigningKey,
+    out_dir: &Path,
+) -> Result<ArtifactId> {
+    std::fs::create_dir_all(out_dir)?;
+    let mut file =
+        std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let size = file.metadata()?.len();
+    let chunks_path = out_dir.join(bundle::CHUNKS);
+    let mut chunks = std::io::BufWriter::new(
+        std::fs::File::create(&chunks_path)
+            .with_context(|| format!("creating {}", chunks_path.display()))?,
+    );
+    let built = build_release(&mut file, size, meta, key, |_, sealed| chunks.write_all(&sealed))?;
+    chunks.flush()?;
+    let manifest = serde_json::to_vec_pretty(&built.signed)?;
+    std::fs::write(out_dir.join(bundle::MANIFEST), manifest)?;
+    let key_path = out_dir.join(bundle::CONTENT_KEY);
+    let _ = std::fs::remove_file(&key_path);
+    write_new(&key_path, hex::encode(built.content_key.as_bytes()).as_bytes(), true)?;
+    Ok(built.manifest.artifact)
+}
+
+/// Uploads a bundle through `client`, chunk by chunk, with a progress bar.
+pub async fn upload_bundle(client: &AdminClient, dir: &Path, progress: bool) -> Result<ArtifactId> {
+    let signed: SignedManifest =
+        serde_json::from_slice(&std::fs::read(dir.join(bundle::MANIFEST))?)?;
+    let manifest = signed.peek_unverified()?;
+    let content_key = std::fs::read_to_string(dir.join(bundle::CONTENT_KEY))?;
+    let chunks = std::fs::read(dir.join(bundle::CHUNKS))?;
+    let _: Value = client
+        .call(AdminBody::ReleasePut {
+            manifest: signed,
+            content_key: content_key.trim().to_owned(),
+        })
+        .await?;
+    let bar = if progress {
+        indicatif::ProgressBar::new(u64::from(manifest.chunk_count))
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut offset = 0usize;
+    for index in 0..manifest.chunk_count {
+        let len = manifest.sealed_len(index).unwrap_or(0);
+        let Some(sealed) = chunks.get(offset..offset + len) else {
+            bail!("{} is shorter than the manifest says", bundle::CHUNKS);
+        };
+        offset += len;
+        let _: Value = client
+            .call(AdminBody::ReleaseChunk {
+                artifact: manifest.artifact.clone(),
+                index,
+                data: B64.encode(sealed),
+            })
+            .await?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(manifest.artifact)
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn release(c: ReleaseCommand) -> Result<()> {
+    match c {
+        ReleaseCommand::Keygen { out } => {
+            let key = ReleaseSigningKey::generate()?;
+            write_new(&out, key.to_hex().as_bytes(), true)?;
+            let public = key.public();
+            println!("{}", public.to_hex());
+            eprintln!(
+                "release signing key {} written to {}; keep it offline. Trust it on the orchestrator with `aloft trust add-release-key {}`",
+                public.key_id(),
+                out.display(),
+                public.to_hex()
+            );
+        }
+        ReleaseCommand::Build {
+            image,
+            version,
+            security_version,
+            hardware_model,
+            key,
+            out_dir,
+            artifact,
+            chunk_bytes,
+            expires_days,
+        } => {
+            let key = ReleaseSigningKey::from_hex(&std::fs::read_to_string(&key)?)
+                .map_err(|_| anyhow::anyhow!("{} is not a release signing key", key.display()))?;
+            let now = crate::engine::now_ms() / 1000;
+            let meta = ReleaseMeta {
+                artifact: ArtifactId::new(artifact.unwrap_or_else(|| format!("fw-{version}")))?,
+                version,
+                security_version: SecurityVersion(security_version),
+                hardware_model,
+                chunk_size: chunk_bytes,
+                created_at: now,
+                expires_at: now + expires_days * 86_400,
+            };
+            let a = build_bundle(&image, &meta, &key, &out_dir)?;
+            println!("built and signed {a} into {}", out_dir.display());
+        }
+        ReleaseCommand::Upload { bundle, conn } => {
+            let client = AdminClient::connect(&conn.profile, &conn.server).await?;
+            let a = upload_bundle(&client, &bundle, true).await?;
+            println!("uploaded {a}; the orchestrator verified its signature");
+            client.disconnect().await;
+        }
+        ReleaseCommand::List { conn } => {
+            let client = AdminClient::connect(&conn.profile, &conn.server).await?;
+            let v: Value = client.call(AdminBody::ReleaseList {}).await?;
+            print_json(&v)?;
+        }
+    }
+    Ok(())
+}
+
+async fn device(c: DeviceCommand) -> Result<()> {
+    match c {
+        DeviceCommand::Register {
+            certs,
+            groups,
+            conn,
+        } => {
+            let pems = certs
+                .iter()
+                .map(std::fs::read_to_string)
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let client = AdminClient::connect(&conn.profile, &conn.server).await?;
+            let v: Value = client
+                .call(AdminBody::DeviceRegister {
+                    certs: pems,
+                    groups,
+                })
+                .await?;
+            print_json(&v)?;
+        }
+        DeviceCommand::List { conn } => {
+            let client = AdminClient::connect(&conn.profile, &conn.server).await?;
+            let v: Value = client.call(AdminBody::DeviceList {}).await?;
+            print_json(&v)?;
+        }
+    }
+    Ok(())
+}
+
+async fn campaign(c: CampaignCommand) -> Result<()> {
+    match c {
+        CampaignCommand::Create {
+            artifact,
+            all,
+            group,
+            devices,
+            conn,
+        } => {
+            let target = if all {
+                Target::All
+            } else if let Some(g) = group {
+                Target::Group(g)
+            } else if !devices.is_empty() {
+                Target::Devices(
+                    devices
+                        .into_iter()
+                        .map(DeviceId::new)
+                        .collect::<Result<_, _>>()?,
+                )
+            } else {
+                bail!("choose a target: --all, --group G or --devices a,b");
+            };
+            let client = AdminClient::connect(&conn.profile, &conn.server).await?;
+            let v: Value = client
+                .call(AdminBody::CampaignCreate {
+                    artifact: ArtifactId::new(artifact)?,
+                    target,
+                })
+                .await?;
+            print_json(&v)?;
+        }
+        CampaignCommand::Status {
+            campaign,
+            devices,
+            watch,
+            conn,
+        } => {
+            let client = AdminClient::connect(&conn.profile, &conn.server).await?;
+            let campaign = CampaignId::new(campaign)?;
+            if watch {
+                watch_campaign(&client, &campaign).await?;
+            }
+            let s: CampaignSummary = client
+                .call(AdminBody::CampaignStatus { campaign, devices })
+                .await?;
+            print_json(&s)?;
+        }
+        CampaignCommand::List { conn } => {
+            let client = AdminClient::connect(&conn.profile, &conn.server).await?;
+            let v: Value = client.call(AdminBody::CampaignList {}).await?;
+            print_json(&v)?;
+        }
+    }
+    Ok(())
+}
+
+/// Shows a progress bar of terminal devices until the campaign finishes.
+async fn watch_campaign(client: &AdminClient, campaign: &CampaignId) -> Result<()> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    loop {
+        let s: CampaignSummary = client
+            .call(AdminBody::CampaignStatus {
+                campaign: campaign.clone(),
+                devices: false,
+            })
+            .await?;
+        let done = s.count(DeviceState::Succeeded)
+            + s.count(DeviceState::Failed)
+            + s.count(DeviceState::RolledBack);
+        bar.set_length(u64::from(s.total));
+        bar.set_position(u64::from(done));
+        bar.set_message(format!(
+            "succeeded={} failed={} rolled_back={}",
+            s.count(DeviceState::Succeeded),
+            s.count(DeviceState::Failed),
+            s.count(DeviceState::RolledBack)
+        ));
+        if s.status == crate::store::CampaignStatus::Finished {
+            bar.finish();
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

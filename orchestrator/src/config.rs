@@ -1,0 +1,202 @@
+//! The orchestrator's configuration: each subsystem's `Config` composed here, read from a TOML
+//! file (optional) and overridden by command-line flags, validated once at start-up.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use aloft_broker::{BrokerConfig, FrontConfig};
+use serde::{Deserialize, Serialize};
+
+/// The commented default configuration, printed by `aloft generate-config`.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../aloft.example.toml");
+
+/// File names inside the data directory.
+pub mod layout {
+    /// The fleet CA and the orchestrator's TLS server certificate.
+    pub const PKI_DIR: &str = "pki";
+    pub const SERVER_CERT: &str = "server.crt";
+    pub const SERVER_KEY: &str = "server.key";
+    /// Optional CRL (PEM) the front enforces.
+    pub const CRL: &str = "crl.pem";
+    /// Trusted release public keys, one 64-hex-digit key per line (`#` comments allowed).
+    pub const TRUSTED_RELEASE_KEYS: &str = "trusted-release-keys";
+    /// The sled database.
+    pub const STORE_DIR: &str = "store";
+}
+
+/// What `aloft serve` reads from its config file. Every key has a default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    /// Device- and operator-facing mTLS listener.
+    pub listen: SocketAddr,
+    /// Prometheus endpoint; empty string disables it.
+    pub metrics_listen: Option<SocketAddr>,
+    /// INSECURE plain-TCP MQTT listener for local debugging; off unless set.
+    pub insecure_plain_listen: Option<SocketAddr>,
+    pub front: FrontFile,
+    pub broker: BrokerFile,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            insecure_plain_listen: None,
+            front: FrontFile::default(),
+            broker: BrokerFile::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FrontFile {
+    pub handshake_timeout_ms: u64,
+    pub max_concurrent_handshakes: usize,
+    pub max_connections: usize,
+    pub device_max_packet_bytes: usize,
+    pub operator_max_packet_bytes: usize,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for FrontFile {
+    fn default() -> Self {
+        let d = FrontConfig::default();
+        Self {
+            handshake_timeout_ms: d.handshake_timeout_ms,
+            max_concurrent_handshakes: d.max_concurrent_handshakes,
+            max_connections: d.max_connections,
+            device_max_packet_bytes: d.device_max_packet_bytes,
+            operator_max_packet_bytes: d.operator_max_packet_bytes,
+            connect_timeout_ms: d.connect_timeout_ms,
+        }
+    }
+}
+
+impl From<&FrontFile> for FrontConfig {
+    fn from(f: &FrontFile) -> Self {
+        FrontConfig {
+            handshake_timeout_ms: f.handshake_timeout_ms,
+            max_concurrent_handshakes: f.max_concurrent_handshakes,
+            max_connections: f.max_connections,
+            device_max_packet_bytes: f.device_max_packet_bytes,
+            operator_max_packet_bytes: f.operator_max_packet_bytes,
+            connect_timeout_ms: f.connect_timeout_ms,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerFile {
+    pub max_connections: usize,
+    pub max_payload_bytes: usize,
+}
+
+impl Default for BrokerFile {
+    fn default() -> Self {
+        let d = BrokerConfig::default();
+        Self {
+            max_connections: d.max_connections,
+            max_payload_bytes: d.max_payload_bytes,
+        }
+    }
+}
+
+impl From<&BrokerFile> for BrokerConfig {
+    fn from(f: &BrokerFile) -> Self {
+        BrokerConfig {
+            max_connections: f.max_connections,
+            max_payload_bytes: f.max_payload_bytes,
+            ..BrokerConfig::default()
+        }
+    }
+}
+
+/// Everything `serve` needs, resolved.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub file: FileConfig,
+}
+
+/// A configuration problem found at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+}
+
+impl ServeConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        FrontConfig::from(&self.file.front)
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        BrokerConfig::from(&self.file.broker)
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(p) = self.file.insecure_plain_listen {
+            if !p.ip().is_loopback() {
+                return Err(ConfigError::Invalid(
+                    "insecure_plain_listen must be a loopback address".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pki_dir(&self) -> PathBuf {
+        self.data_dir.join(layout::PKI_DIR)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_committed_example_config_parses_and_validates() {
+        let file: FileConfig = toml::from_str(DEFAULT_CONFIG_TOML).unwrap();
+        let cfg = ServeConfig {
+            data_dir: PathBuf::from("/nonexistent"),
+            file,
+        };
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn a_public_insecure_listener_is_refused() {
+        let mut file = FileConfig::default();
+        file.insecure_plain_listen = Some("0.0.0.0:1883".parse().unwrap());
+        let cfg = ServeConfig {
+            data_dir: PathBuf::new(),
+            file,
+        };
+        assert!(cfg.validate().is_err());
+    }
+}

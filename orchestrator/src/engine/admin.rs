@@ -1,0 +1,406 @@
+//! Admin requests from operators: release upload (signature verified here, against the trusted
+//! release keys, before anything is stored), device registration, campaign creation and status.
+
+use std::collections::{BTreeMap, HashSet};
+
+use aloft_proto::crypto::{self, sha256};
+use aloft_proto::manifest::ManifestError;
+use aloft_proto::messages::{self, DecodeError};
+use aloft_proto::{topics, ArtifactId, CampaignId, DeviceId, OperatorId};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use super::{now_ms, parse_key_hex, Engine, LiveCampaign};
+use crate::admin::wire::{
+    AdminBody, AdminError, AdminReply, AdminRequest, CampaignSummary, DeviceSummary,
+};
+use crate::fleet::state::Progress;
+use crate::store::{
+    CampaignRecord, CampaignStatus, DeviceRecord, ReleaseRecord, StoreError, Target,
+};
+
+type AdminResult = Result<Result<Value, AdminError>, StoreError>;
+
+fn refuse(code: &str, message: impl Into<String>) -> AdminResult {
+    Ok(Err(AdminError::new(code, message)))
+}
+
+impl Engine {
+    pub(super) fn on_admin(
+        &mut self,
+        operator: OperatorId,
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
+        let reply_topic = topics::operator_reply(&operator);
+        let req: AdminRequest = match messages::decode(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.rejected("admin", e.code());
+                warn!(%operator, error = %e, "admin request refused");
+                let reply = AdminReply::err(loose_id(payload, &e), AdminError::new("malformed", e.to_string()));
+                self.send(reply_topic, messages::encode(&reply), false);
+                return Ok(());
+            }
+        };
+        let id = req.id.clone();
+        let reply = match self.dispatch(&operator, req.body)? {
+            Ok(result) => AdminReply::ok(id, result),
+            Err(e) => {
+                self.metrics.rejected("admin", "refused");
+                warn!(%operator, code = %e.code, message = %e.message, "admin request refused");
+                AdminReply::err(id, e)
+            }
+        };
+        self.send(reply_topic, messages::encode(&reply), false);
+        Ok(())
+    }
+
+    fn dispatch(&mut self, operator: &OperatorId, body: AdminBody) -> AdminResult {
+        match body {
+            AdminBody::ReleasePut {
+                manifest,
+                content_key,
+            } => self.release_put(operator, manifest, &content_key),
+            AdminBody::ReleaseChunk {
+                artifact,
+                index,
+                data,
+            } => self.release_chunk(&artifact, index, &data),
+            AdminBody::ReleaseList {} => self.release_list(),
+            AdminBody::DeviceRegister { certs, groups } => self.device_register(&certs, &groups),
+            AdminBody::DeviceList {} => {
+                let devices = self.store.devices()?;
+                Ok(Ok(json!(devices)))
+            }
+            AdminBody::CampaignCreate { artifact, target } => {
+                self.campaign_create(operator, &artifact, target)
+            }
+            AdminBody::CampaignStatus { campaign, devices } => {
+                match self.campaigns.get(&campaign) {
+                    Some(live) => Ok(Ok(json!(summary(live, devices)))),
+                    None => refuse("unknown_campaign", format!("no campaign {campaign}")),
+                }
+            }
+            AdminBody::CampaignList {} => {
+                let mut all: Vec<_> = self.campaigns.values().map(|l| summary(l, false)).collect();
+                all.sort_by_key(|s| s.created_ms);
+                Ok(Ok(json!(all)))
+            }
+        }
+    }
+
+    fn release_put(
+        &mut self,
+        operator: &OperatorId,
+        signed: aloft_proto::manifest::SignedManifest,
+        content_key: &str,
+    ) -> AdminResult {
+        let manifest = match signed.verify(&self.cfg.trusted_release_keys) {
+            Ok(m) => m,
+            Err(e) => {
+                let code = match e {
+                    ManifestError::UnknownKey => "unknown_signing_key",
+                    ManifestError::BadSignature => "bad_signature",
+                    _ => "invalid_manifest",
+                };
+                self.metrics.rejected("release", code);
+                warn!(%operator, error = %e, "release refused: signature");
+                return refuse(code, e.to_string());
+            }
+        };
+        if parse_key_hex(content_key).is_none() {
+            return refuse("invalid_content_key", "content_key must be 64 hex digits");
+        }
+        if let Some(existing) = self.store.release(&manifest.artifact)? {
+            if existing.signed.payload != signed.payload {
+                return refuse(
+                    "conflict",
+                    format!("artifact {} exists with another manifest", manifest.artifact),
+                );
+            }
+            return Ok(Ok(json!({"artifact": manifest.artifact, "complete": existing.complete})));
+        }
+        let artifact = manifest.artifact.clone();
+        let record = ReleaseRecord {
+            artifact: artifact.clone(),
+            signed,
+            manifest,
+            content_key_hex: content_key.to_owned(),
+            complete: false,
+            uploaded_by: operator.clone(),
+            uploaded_ms: now_ms(),
+        };
+        self.store.put_release(&record)?;
+        self.dirty = true;
+        self.uploads.insert(artifact.clone(), HashSet::new());
+        info!(%operator, %artifact, version = %record.manifest.version, "release offered; signature verified");
+        Ok(Ok(json!({"artifact": artifact, "complete": false})))
+    }
+
+    fn release_chunk(&mut self, artifact: &ArtifactId, index: u32, data: &str) -> AdminResult {
+        let Some(mut record) = self.store.release(artifact)? else {
+            return refuse("unknown_artifact", format!("no release {artifact}"));
+        };
+        let Some(expected) = record.manifest.chunk_digest(index) else {
+            return refuse("out_of_range", format!("chunk {index} is out of range"));
+        };
+        let Ok(sealed) = B64.decode(data) else {
+            return refuse("malformed", "chunk data is not base64");
+        };
+        if sha256(&sealed) != expected {
+            self.metrics.rejected("release", "chunk_digest");
+            return refuse("chunk_digest_mismatch", format!("chunk {index} does not match the manifest"));
+        }
+        let Some(key) = parse_key_hex(&record.content_key_hex) else {
+            return refuse("invalid_content_key", "stored content key is malformed");
+        };
+        let count = record.manifest.chunk_count;
+        if crypto::open_chunk(&key, artifact, index, count, &sealed).is_err() {
+            self.metrics.rejected("release", "content_key_mismatch");
+            return refuse(
+                "content_key_mismatch",
+                format!("chunk {index} does not open with the offered content key"),
+            );
+        }
+        if record.complete {
+            return Ok(Ok(json!({"artifact": artifact, "complete": true})));
+        }
+        self.store.put_chunk(artifact, index, &sealed)?;
+        self.dirty = true;
+        let received = match self.uploads.get_mut(artifact) {
+            Some(set) => set,
+            None => {
+                // After a restart: rebuild what was received from the store.
+                let mut set = HashSet::new();
+                for i in 0..count {
+                    if self.store.chunk(artifact, i)?.is_some() {
+                        set.insert(i);
+                    }
+                }
+                self.uploads.entry(artifact.clone()).or_insert(set)
+            }
+        };
+        received.insert(index);
+        let complete = received.len() == count as usize;
+        if complete {
+            record.complete = true;
+            self.store.put_release(&record)?;
+            self.uploads.remove(artifact);
+            info!(%artifact, chunks = count, "release complete");
+        }
+        Ok(Ok(json!({"artifact": artifact, "complete": complete})))
+    }
+
+    fn release_list(&self) -> AdminResult {
+        let list: Vec<Value> = self
+            .store
+            .releases()?
+            .into_iter()
+            .map(|r| {
+                json!({
+                    "artifact": r.artifact,
+                    "version": r.manifest.version,
+                    "security_version": r.manifest.security_version,
+                    "hardware_model": r.manifest.hardware_model,
+                    "image_size": r.manifest.image_size,
+                    "chunk_count": r.manifest.chunk_count,
+                    "complete": r.complete,
+                    "uploaded_by": r.uploaded_by,
+                })
+            })
+            .collect();
+        Ok(Ok(json!(list)))
+    }
+
+    fn device_register(&mut self, certs: &[String], groups: &[String]) -> AdminResult {
+        if let Some(g) = groups.iter().find(|g| !valid_group(g)) {
+            return refuse("invalid_group", format!("group {g:?} is not a valid name"));
+        }
+        let mut registered = Vec::new();
+        let mut errors = Vec::new();
+        let now = now_ms();
+        for pem in certs {
+            let identity = match aloft_certs::tls::verify_client_cert(&self.cfg.ca_pem, pem, Vec::new()) {
+                Ok(i) => i,
+                Err(e) => {
+                    errors.push(e.to_string());
+                    continue;
+                }
+            };
+            let (Some(id), Some(x)) = (identity.device_id(), identity.x25519) else {
+                errors.push(format!("{} is not a device certificate", identity.id));
+                continue;
+            };
+            let mut record = self.store.device(&id)?.unwrap_or(DeviceRecord {
+                id: id.clone(),
+                x25519_public: String::new(),
+                cert_not_after: 0,
+                groups: Vec::new(),
+                registered_ms: now,
+                last_seen_ms: 0,
+            });
+            record.x25519_public = hex::encode(x);
+            record.cert_not_after = identity.not_after;
+            for g in groups {
+                if !record.groups.contains(g) {
+                    record.groups.push(g.clone());
+                }
+            }
+            self.store.put_device(&record)?;
+            registered.push(id);
+        }
+        self.dirty = true;
+        Ok(Ok(json!({"registered": registered, "errors": errors})))
+    }
+
+    fn campaign_create(
+        &mut self,
+        operator: &OperatorId,
+        artifact: &ArtifactId,
+        target: Target,
+    ) -> AdminResult {
+        let Some(release) = self.store.release(artifact)? else {
+            return refuse("unknown_artifact", format!("no release {artifact}"));
+        };
+        if !release.complete {
+            return refuse("incomplete_release", format!("release {artifact} is still uploading"));
+        }
+        let Some(key) = parse_key_hex(&release.content_key_hex) else {
+            return refuse("invalid_content_key", "stored content key is malformed");
+        };
+        let devices = match self.resolve(&target)? {
+            Ok(d) => d,
+            Err(e) => return Ok(Err(e)),
+        };
+        if devices.is_empty() {
+            return refuse("empty_target", "the target matches no registered device");
+        }
+        let id = new_campaign_id();
+        let now = now_ms();
+        let record = CampaignRecord {
+            id: id.clone(),
+            artifact: artifact.clone(),
+            target,
+            devices: devices.clone(),
+            status: CampaignStatus::Active,
+            created_by: operator.clone(),
+            created_ms: now,
+            finished_ms: None,
+        };
+        self.store.put_campaign(&record)?;
+        let mut progress = std::collections::HashMap::new();
+        for d in &devices {
+            let p = Progress::new(now);
+            self.store.put_progress(&id, d, &p)?;
+            progress.insert(d.clone(), p);
+        }
+        self.dirty = true;
+        self.campaigns.insert(
+            id.clone(),
+            LiveCampaign {
+                record,
+                manifest: release.manifest,
+                signed: release.signed,
+                key,
+                progress,
+            },
+        );
+        self.publish_pending_jobs(&id)?;
+        self.refresh_campaign(&id)?;
+        info!(%operator, campaign = %id, %artifact, devices = devices.len(), "campaign created");
+        Ok(Ok(json!({"campaign": id, "devices": devices.len()})))
+    }
+
+    fn resolve(&self, target: &Target) -> Result<Result<Vec<DeviceId>, AdminError>, StoreError> {
+        let all = self.store.devices()?;
+        let ids = match target {
+            Target::All => all.into_iter().map(|d| d.id).collect(),
+            Target::Group(g) => all
+                .into_iter()
+                .filter(|d| d.groups.contains(g))
+                .map(|d| d.id)
+                .collect(),
+            Target::Devices(ids) => {
+                let known: HashSet<_> = all.into_iter().map(|d| d.id).collect();
+                if let Some(missing) = ids.iter().find(|i| !known.contains(*i)) {
+                    return Ok(Err(AdminError::new(
+                        "unknown_device",
+                        format!("device {missing} is not registered"),
+                    )));
+                }
+                let mut v = ids.clone();
+                v.sort();
+                v.dedup();
+                v
+            }
+        };
+        Ok(Ok(ids))
+    }
+}
+
+fn summary(live: &LiveCampaign, with_devices: bool) -> CampaignSummary {
+    let counts: BTreeMap<String, u32> = live
+        .counts()
+        .into_iter()
+        .map(|(s, n)| (s.as_str().to_owned(), n))
+        .collect();
+    let mut reasons = BTreeMap::new();
+    for p in live.progress.values() {
+        if let Some(r) = p.reason {
+            *reasons.entry(r.as_str().to_owned()).or_insert(0) += 1;
+        }
+    }
+    let mut devices: Vec<DeviceSummary> = if with_devices {
+        live.progress
+            .iter()
+            .map(|(d, p)| DeviceSummary {
+                device: d.clone(),
+                state: p.state,
+                reason: p.reason,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    devices.sort_by(|a, b| a.device.cmp(&b.device));
+    CampaignSummary {
+        campaign: live.record.id.clone(),
+        artifact: live.record.artifact.clone(),
+        status: live.record.status,
+        total: live.progress.len() as u32,
+        counts,
+        reasons,
+        created_ms: live.record.created_ms,
+        finished_ms: live.record.finished_ms,
+        devices,
+    }
+}
+
+fn valid_group(g: &str) -> bool {
+    aloft_proto::CampaignId::new(g).is_ok()
+}
+
+fn new_campaign_id() -> CampaignId {
+    let mut r = [0u8; 6];
+    // Without OS randomness the id falls back to the clock alone, which is still unique enough
+    // for one orchestrator creating campaigns one at a time.
+    let _ = crypto::random_bytes(&mut r);
+    let id = format!("c-{:x}-{}", now_ms() / 1000, hex::encode(r));
+    // The format above only produces valid ids; the fallback keeps this free of panics.
+    CampaignId::new(id).unwrap_or_else(|_| CampaignId::new("c-0").expect("literal id is valid"))
+}
+
+/// The request id of a payload that failed to decode, if one can be read, so the operator's
+/// client can still match the error to its request.
+fn loose_id(payload: &[u8], _e: &DecodeError) -> String {
+    if payload.len() > crate::admin::wire::MAX_ADMIN_BYTES {
+        return String::new();
+    }
+    serde_json::from_slice::<Value>(payload)
+        .ok()
+        .and_then(|v| v.get("id")?.as_str().map(|s| s.chars().take(64).collect()))
+        .unwrap_or_default()
+}
+

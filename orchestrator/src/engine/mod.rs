@@ -1,0 +1,466 @@
+//! The engine: the single task that owns campaign and device state. It applies device reports
+//! through the pure state machine ([`crate::fleet::state`]), serves chunks, answers admin
+//! requests, and makes every change durable before anything about it leaves the process.
+//!
+//! Design: one task, batched. Events are taken in batches (up to [`BATCH_MAX`]); all writes of a
+//! batch are flushed once (group commit) and only then are its acknowledgements, jobs and replies
+//! published. A crash therefore loses only unacknowledged work, which devices resend.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use aloft_proto::chunkframe::{self, ChunkErrorCode};
+use aloft_proto::crypto::{self, ContentKey};
+use aloft_proto::manifest::{Manifest, ReleasePublicKey, SignedManifest};
+use aloft_proto::messages::{
+    self, AckError, AckOutcome, ChunkRequest, Job, StatusAck, StatusReport, PROTOCOL_VERSION,
+};
+use aloft_proto::{topics, ArtifactId, CampaignId, DeviceId, DeviceState, OperatorId};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::fleet::state::{self, Decision, Progress};
+use crate::metrics::Metrics;
+use crate::mqtt::{LinkClosed, Publisher};
+use crate::store::{CampaignRecord, CampaignStatus, DeviceRecord, Store, StoreError};
+
+mod admin;
+
+/// Most events handled per group commit.
+pub const BATCH_MAX: usize = 256;
+
+/// Something that happened outside the engine.
+#[derive(Debug)]
+pub enum Inbound {
+    Status { device: DeviceId, payload: Bytes },
+    ChunkRequest { device: DeviceId, payload: Bytes },
+    Admin { operator: OperatorId, payload: Bytes },
+    /// A device completed an mTLS handshake and CONNECT through the front.
+    DeviceSeen(SeenDevice),
+}
+
+/// A device identity taken from a verified certificate.
+#[derive(Debug, Clone)]
+pub struct SeenDevice {
+    pub id: DeviceId,
+    pub x25519_public: [u8; 32],
+    pub not_after: i64,
+}
+
+/// What the engine needs besides its store.
+#[derive(Clone)]
+pub struct EngineConfig {
+    /// Release keys whose signatures the orchestrator accepts on upload.
+    pub trusted_release_keys: Vec<ReleasePublicKey>,
+    /// The fleet CA, for verifying certificates submitted for registration.
+    pub ca_pem: String,
+}
+
+/// Why the engine stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Link(#[from] LinkClosed),
+}
+
+/// A campaign with its release material and every member's progress, in memory.
+struct LiveCampaign {
+    record: CampaignRecord,
+    manifest: Manifest,
+    signed: SignedManifest,
+    key: ContentKey,
+    progress: HashMap<DeviceId, Progress>,
+}
+
+impl LiveCampaign {
+    fn counts(&self) -> BTreeMap<DeviceState, u32> {
+        let mut c = BTreeMap::new();
+        for p in self.progress.values() {
+            *c.entry(p.state).or_insert(0) += 1;
+        }
+        c
+    }
+
+    fn all_terminal(&self) -> bool {
+        self.progress.values().all(|p| p.state.is_terminal())
+    }
+}
+
+struct Outgoing {
+    topic: String,
+    payload: Vec<u8>,
+    retain: bool,
+}
+
+pub struct Engine {
+    store: Store,
+    cfg: EngineConfig,
+    metrics: Arc<Metrics>,
+    campaigns: HashMap<CampaignId, LiveCampaign>,
+    /// Chunks received so far of releases being uploaded.
+    uploads: HashMap<ArtifactId, HashSet<u32>>,
+    out: Vec<Outgoing>,
+    dirty: bool,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Engine {
+    pub fn new(store: Store, cfg: EngineConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            store,
+            cfg,
+            metrics,
+            campaigns: HashMap::new(),
+            uploads: HashMap::new(),
+            out: Vec::new(),
+            dirty: false,
+        }
+    }
+
+    /// Runs until `rx` closes. Returns an error only for failures that make continuing unsafe
+    /// (the store cannot write, the broker link is gone).
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Inbound>,
+        publisher: Publisher,
+    ) -> Result<(), EngineError> {
+        self.recover()?;
+        self.commit(&publisher).await?;
+        while let Some(first) = rx.recv().await {
+            self.handle(first)?;
+            for _ in 1..BATCH_MAX {
+                match rx.try_recv() {
+                    Ok(ev) => self.handle(ev)?,
+                    Err(_) => break,
+                }
+            }
+            self.commit(&publisher).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes the batch durable, then lets its output out.
+    async fn commit(&mut self, publisher: &Publisher) -> Result<(), EngineError> {
+        if self.dirty {
+            let t = Instant::now();
+            self.store.flush()?;
+            self.metrics.store_flushed(t.elapsed().as_secs_f64());
+            self.dirty = false;
+        }
+        for o in self.out.drain(..) {
+            publisher.publish(o.topic, o.payload, o.retain).await?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, topic: String, payload: Vec<u8>, retain: bool) {
+        self.out.push(Outgoing {
+            topic,
+            payload,
+            retain,
+        });
+    }
+
+    fn handle(&mut self, ev: Inbound) -> Result<(), StoreError> {
+        match ev {
+            Inbound::Status { device, payload } => self.on_status(device, &payload),
+            Inbound::ChunkRequest { device, payload } => self.on_chunk_request(device, &payload),
+            Inbound::Admin { operator, payload } => self.on_admin(operator, &payload),
+            Inbound::DeviceSeen(seen) => self.on_device_seen(seen),
+        }
+    }
+
+    /// Loads every campaign; notifies members still idle and republishes the jobs of members in
+    /// flight (the embedded broker keeps no retained messages across restarts).
+    fn recover(&mut self) -> Result<(), StoreError> {
+        for record in self.store.campaigns()? {
+            let Some(live) = self.load_campaign(record)? else {
+                continue;
+            };
+            let id = live.record.id.clone();
+            self.campaigns.insert(id.clone(), live);
+            self.publish_pending_jobs(&id)?;
+            self.refresh_campaign(&id)?;
+        }
+        info!(campaigns = self.campaigns.len(), "engine recovered");
+        Ok(())
+    }
+
+    fn load_campaign(&self, record: CampaignRecord) -> Result<Option<LiveCampaign>, StoreError> {
+        let Some(release) = self.store.release(&record.artifact)? else {
+            warn!(campaign = %record.id, artifact = %record.artifact, "campaign's release is missing; skipped");
+            return Ok(None);
+        };
+        let Some(key) = parse_key_hex(&release.content_key_hex) else {
+            warn!(artifact = %record.artifact, "stored content key is malformed; campaign skipped");
+            return Ok(None);
+        };
+        let progress = self.store.campaign_progress(&record.id)?.into_iter().collect();
+        Ok(Some(LiveCampaign {
+            manifest: release.manifest,
+            signed: release.signed,
+            key,
+            progress,
+            record,
+        }))
+    }
+
+    /// Moves idle members to `Notified` and (re)publishes the job of every member in flight.
+    fn publish_pending_jobs(&mut self, id: &CampaignId) -> Result<(), StoreError> {
+        let now = now_ms();
+        let Some(live) = self.campaigns.get_mut(id) else {
+            return Ok(());
+        };
+        if live.record.status != CampaignStatus::Active {
+            return Ok(());
+        }
+        let mut jobs = Vec::new();
+        for (device, p) in live.progress.iter_mut() {
+            if p.state == DeviceState::Idle {
+                if let Some(n) = state::advance(p, DeviceState::Notified, None, now) {
+                    *p = n;
+                    self.store.put_progress(id, device, p)?;
+                    self.dirty = true;
+                }
+            }
+            if !p.state.is_terminal() {
+                jobs.push(device.clone());
+            }
+        }
+        for device in jobs {
+            let Some(record) = self.store.device(&device)? else {
+                warn!(%device, "campaign member is not registered; no job");
+                continue;
+            };
+            let Some(live) = self.campaigns.get(id) else {
+                return Ok(());
+            };
+            match job_payload(live, &record, now) {
+                Ok(payload) => self.send(topics::job(&device), payload, true),
+                Err(e) => warn!(%device, error = %e, "cannot wrap the content key for device"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-exports a campaign's gauges and marks it finished when every member is terminal.
+    fn refresh_campaign(&mut self, id: &CampaignId) -> Result<(), StoreError> {
+        let Some(live) = self.campaigns.get_mut(id) else {
+            return Ok(());
+        };
+        let counts = live.counts();
+        for s in DeviceState::ALL {
+            let n = counts.get(&s).copied().unwrap_or(0);
+            self.metrics
+                .set_device_state(id.as_str(), s.as_str(), i64::from(n));
+        }
+        if live.record.status == CampaignStatus::Active && live.all_terminal() {
+            live.record.status = CampaignStatus::Finished;
+            live.record.finished_ms = Some(now_ms());
+            self.store.put_campaign(&live.record)?;
+            self.dirty = true;
+            info!(campaign = %id, ?counts, "campaign finished");
+        }
+        Ok(())
+    }
+
+    fn on_status(&mut self, device: DeviceId, payload: &[u8]) -> Result<(), StoreError> {
+        let report: StatusReport = match messages::decode(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.rejected("status", e.code());
+                warn!(%device, error = %e, "status report refused");
+                return Ok(());
+            }
+        };
+        let now = now_ms();
+        let campaign = report.campaign.clone();
+        let current = self
+            .campaigns
+            .get(&campaign)
+            .and_then(|c| c.progress.get(&device))
+            .cloned();
+        let Some(current) = current else {
+            self.metrics.report("rejected");
+            debug!(%device, %campaign, "report for a campaign the device is not in");
+            self.ack(&device, &report, AckOutcome::Rejected, DeviceState::Idle, Some(AckError::NotTargeted));
+            return Ok(());
+        };
+        let (outcome, state, error) = match state::apply_report(&current, &report, now) {
+            Decision::Apply(next) => {
+                self.store.put_progress(&campaign, &device, &next)?;
+                self.dirty = true;
+                self.metrics.report("applied");
+                if let Some(reason) = next.reason {
+                    self.metrics.failure(reason.as_str());
+                    info!(%device, %campaign, state = %next.state, %reason, "device did not succeed");
+                }
+                let s = next.state;
+                if let Some(live) = self.campaigns.get_mut(&campaign) {
+                    live.progress.insert(device.clone(), next);
+                }
+                self.refresh_campaign(&campaign)?;
+                (AckOutcome::Applied, s, None)
+            }
+            Decision::Duplicate => {
+                self.metrics.report("duplicate");
+                (AckOutcome::Duplicate, current.state, None)
+            }
+            Decision::Reject(next, error) => {
+                self.metrics.report("rejected");
+                if error == AckError::IllegalTransition {
+                    self.metrics.illegal_transition();
+                }
+                warn!(%device, %campaign, from = %current.state, to = %report.state, seq = report.seq, ?error, "report rejected");
+                if next != current {
+                    self.store.put_progress(&campaign, &device, &next)?;
+                    self.dirty = true;
+                    if let Some(live) = self.campaigns.get_mut(&campaign) {
+                        live.progress.insert(device.clone(), next);
+                    }
+                }
+                (AckOutcome::Rejected, current.state, Some(error))
+            }
+        };
+        self.ack(&device, &report, outcome, state, error);
+        Ok(())
+    }
+
+    fn ack(
+        &mut self,
+        device: &DeviceId,
+        report: &StatusReport,
+        outcome: AckOutcome,
+        state: DeviceState,
+        error: Option<AckError>,
+    ) {
+        let ack = StatusAck {
+            v: PROTOCOL_VERSION,
+            campaign: report.campaign.clone(),
+            seq: report.seq,
+            outcome,
+            state,
+            error,
+        };
+        self.send(topics::ack(device), messages::encode(&ack), false);
+    }
+
+    fn on_chunk_request(&mut self, device: DeviceId, payload: &[u8]) -> Result<(), StoreError> {
+        let req: ChunkRequest = match messages::decode(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.rejected("chunk_request", e.code());
+                warn!(%device, error = %e, "chunk request refused");
+                return Ok(());
+            }
+        };
+        let topic = topics::chunk_response(&device);
+        let first = req.ranges[0][0];
+        let Some(live) = self.campaigns.get(&req.campaign) else {
+            self.metrics.rejected("chunk_request", "unknown_campaign");
+            let frame = chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::UnknownArtifact);
+            self.send(topic, frame, false);
+            return Ok(());
+        };
+        let state = live.progress.get(&device).map(|p| p.state);
+        if live.record.artifact != req.artifact || state.is_none() {
+            self.metrics.rejected("chunk_request", "unknown_artifact");
+            let frame = chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::UnknownArtifact);
+            self.send(topic, frame, false);
+            return Ok(());
+        }
+        // `Notified` too: the device's `downloading` report may still be in this very batch.
+        if !matches!(state, Some(DeviceState::Notified | DeviceState::Downloading)) {
+            self.metrics.rejected("chunk_request", "not_downloading");
+            let frame = chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::NotDownloading);
+            self.send(topic, frame, false);
+            return Ok(());
+        }
+        let count = live.manifest.chunk_count;
+        let artifact = live.record.artifact.clone();
+        for index in req.indices() {
+            if index >= count {
+                let frame = chunkframe::encode_error(&artifact, index, ChunkErrorCode::OutOfRange);
+                self.send(topic.clone(), frame, false);
+                break;
+            }
+            let Some(sealed) = self.store.chunk(&artifact, index)? else {
+                warn!(%artifact, index, "stored release is missing a chunk");
+                let frame = chunkframe::encode_error(&artifact, index, ChunkErrorCode::UnknownArtifact);
+                self.send(topic.clone(), frame, false);
+                break;
+            };
+            self.metrics.chunk_served(sealed.len());
+            let frame = chunkframe::encode_data(&artifact, index, count, &sealed);
+            self.send(topic.clone(), frame, false);
+        }
+        Ok(())
+    }
+
+    fn on_device_seen(&mut self, seen: SeenDevice) -> Result<(), StoreError> {
+        let x25519 = hex::encode(seen.x25519_public);
+        let now = now_ms();
+        match self.store.device(&seen.id)? {
+            Some(mut d) => {
+                d.last_seen_ms = now;
+                if d.x25519_public != x25519 || d.cert_not_after != seen.not_after {
+                    info!(device = %seen.id, "device presented a new certificate; registry updated");
+                    d.x25519_public = x25519;
+                    d.cert_not_after = seen.not_after;
+                }
+                // Last-seen is informational: sled's background flush is durable enough for it.
+                self.store.put_device(&d)?;
+            }
+            None => {
+                info!(device = %seen.id, "device registered from its certificate");
+                self.store.put_device(&DeviceRecord {
+                    id: seen.id,
+                    x25519_public: x25519,
+                    cert_not_after: seen.not_after,
+                    groups: Vec::new(),
+                    registered_ms: now,
+                    last_seen_ms: now,
+                })?;
+                self.dirty = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_key_hex(s: &str) -> Option<ContentKey> {
+    let bytes: [u8; 32] = hex::decode(s).ok()?.try_into().ok()?;
+    Some(ContentKey::from_bytes(bytes))
+}
+
+/// The job for one device: the signed manifest and the content key wrapped for it alone.
+fn job_payload(
+    live: &LiveCampaign,
+    device: &DeviceRecord,
+    now_ms: u64,
+) -> Result<Vec<u8>, crypto::CryptoError> {
+    let public: [u8; 32] = hex::decode(&device.x25519_public)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or(crypto::CryptoError::MalformedPublicKey)?;
+    let wrapped =
+        crypto::wrap_content_key(&public, &device.id, &live.record.artifact, &live.key)?;
+    let job = Job {
+        v: PROTOCOL_VERSION,
+        campaign: live.record.id.clone(),
+        manifest: live.signed.clone(),
+        wrapped_key: wrapped,
+        issued_at: now_ms / 1000,
+    };
+    Ok(messages::encode(&job))
+}

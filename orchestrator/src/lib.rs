@@ -1,0 +1,18 @@
+//! The Aloft orchestrator: it authenticates devices at its mTLS front, publishes signed jobs,
+//! serves sealed chunks, and tracks every device's update state durably. Devices report, the
+//! orchestrator decides, devices obey. The `aloft` binary (server and operator CLI) is a thin
+//! `main.rs` over this library.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod fleet;
+pub mod metrics;
+pub mod mqtt;
+pub mod server;
+pub mod store;
+
+pub use config::ServeConfig;
+pub use server::{start, Running, ServeError};

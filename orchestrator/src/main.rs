@@ -1,0 +1,16 @@
+//! `aloft`: the orchestrator server and the operator CLI. Parses arguments, sets up logging and
+//! hands over to the library.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,rumqttd=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    aloft_orchestrator::cli::run(aloft_orchestrator::cli::Cli::parse()).await
+}

@@ -1,0 +1,254 @@
+//! `aloft serve`: wires the store, the embedded broker, the mTLS front, the orchestrator's MQTT
+//! link, the engine and the metrics endpoint together, and runs them until shutdown.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use aloft_broker::{BrokerConfig, EmbeddedBroker, FrontConfig, FrontContext, SessionHook};
+use aloft_certs::CertIdentity;
+use aloft_proto::manifest::ReleasePublicKey;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::config::{layout, ServeConfig};
+use crate::engine::{Engine, EngineConfig, EngineError, Inbound, SeenDevice};
+use crate::metrics::{self, Metrics};
+use crate::mqtt::{self, LinkConfig};
+use crate::store::{Store, StoreError};
+
+/// The client id of the orchestrator's own broker connection.
+pub const ORCHESTRATOR_CLIENT_ID: &str = "aloft-orchestrator";
+
+/// Why the orchestrator could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("pki: {0}")]
+    Pki(#[from] aloft_certs::PkiError),
+    #[error("trusted release key on line {line}: not 64 hex digits of an Ed25519 key")]
+    BadReleaseKey { line: usize },
+    #[error("opening the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("broker: {0}")]
+    Broker(#[from] aloft_broker::BrokerError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the orchestrator's broker link did not come up")]
+    LinkDown,
+    #[error("engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error("engine task ended abnormally")]
+    EngineTask,
+}
+
+fn read(path: &Path) -> Result<String, ServeError> {
+    std::fs::read_to_string(path).map_err(|source| ServeError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Reads the trusted release keys file: one key per line, `#` comments, blank lines ignored.
+pub fn load_trusted_release_keys(path: &Path) -> Result<Vec<ReleasePublicKey>, ServeError> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let mut keys = Vec::new();
+    for (i, line) in read(path)?.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let key =
+            ReleasePublicKey::from_hex(line).map_err(|_| ServeError::BadReleaseKey { line: i + 1 })?;
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+/// A running orchestrator.
+pub struct Running {
+    /// Where devices and operators connect (mTLS).
+    pub device_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub insecure_addr: Option<SocketAddr>,
+    pub metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    engine: JoinHandle<Result<(), EngineError>>,
+}
+
+impl Running {
+    /// Stops accepting connections and ends the engine after its current batch.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        let _ = self.shutdown.send(true);
+        self.engine.abort();
+        match self.engine.await {
+            Ok(r) => Ok(r?),
+            Err(e) if e.is_cancelled() => Ok(()),
+            Err(_) => Err(ServeError::EngineTask),
+        }
+    }
+
+    /// Waits until the engine stops by itself (it only does on a fatal error).
+    pub async fn wait(&mut self) -> Result<(), ServeError> {
+        match (&mut self.engine).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ServeError::EngineTask),
+        }
+    }
+}
+
+/// Starts everything and returns once the orchestrator accepts devices.
+pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
+    cfg.validate()?;
+    aloft_certs::tls::install_crypto_provider();
+    let pki = cfg.pki_dir();
+    let ca_pem = read(&pki.join(aloft_certs::CA_CERT_FILE))?;
+    let server_cert = read(&pki.join(layout::SERVER_CERT))?;
+    let server_key = read(&pki.join(layout::SERVER_KEY))?;
+    let crl_path = cfg.data_dir.join(layout::CRL);
+    let crls = if crl_path.exists() {
+        vec![aloft_certs::tls::parse_crl(&read(&crl_path)?)?]
+    } else {
+        Vec::new()
+    };
+    let tls = aloft_certs::tls::server_config(&ca_pem, &server_cert, &server_key, crls)?;
+    let trusted = load_trusted_release_keys(&cfg.data_dir.join(layout::TRUSTED_RELEASE_KEYS))?;
+    if trusted.is_empty() {
+        warn!("no trusted release keys: every release upload will be refused");
+    }
+    let store = Store::open(&cfg.data_dir.join(layout::STORE_DIR))?;
+
+    let broker_cfg = BrokerConfig::from(&cfg.file.broker);
+    let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(broker_cfg))
+        .await
+        .map_err(|_| ServeError::EngineTask)??;
+
+    let (tx, rx) = mpsc::channel(8192);
+    let ctx = Arc::new(
+        FrontContext::new(
+            Arc::new(tls),
+            broker.backend(),
+            FrontConfig::from(&cfg.file.front),
+        )?
+        .with_session_hook(device_seen_hook(tx.clone())),
+    );
+    let metrics = Metrics::new(Some(ctx.stats.clone()));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let listener = bind(cfg.file.listen).await?;
+    let device_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: cfg.file.listen,
+        source,
+    })?;
+    tokio::spawn(aloft_broker::serve(
+        listener,
+        ctx.clone(),
+        until(shutdown_rx.clone()),
+    ));
+    let insecure_addr = match cfg.file.insecure_plain_listen {
+        Some(addr) => {
+            let l = bind(addr).await?;
+            let a = l.local_addr().ok();
+            tokio::spawn(aloft_broker::serve_plain_insecure(
+                l,
+                ctx.clone(),
+                true,
+                until(shutdown_rx.clone()),
+            ));
+            a
+        }
+        None => None,
+    };
+    let metrics_addr = match cfg.file.metrics_listen {
+        Some(addr) => {
+            let l = bind(addr).await?;
+            let a = l.local_addr().ok();
+            tokio::spawn(metrics::serve(l, metrics.clone()));
+            a
+        }
+        None => None,
+    };
+
+    let (username, password) = broker.credentials_for(ORCHESTRATOR_CLIENT_ID);
+    let link_cfg = LinkConfig {
+        host: broker.addr().ip().to_string(),
+        port: broker.addr().port(),
+        client_id: ORCHESTRATOR_CLIENT_ID.into(),
+        username,
+        password,
+        max_packet_bytes: 2 * 1024 * 1024,
+    };
+    let m = metrics.clone();
+    let (publisher, mut ready) = mqtt::connect(&link_cfg, tx, move |reason| {
+        m.rejected("topic", reason)
+    });
+    let up = tokio::time::timeout(std::time::Duration::from_secs(10), ready.wait_for(|r| *r)).await;
+    if !matches!(up, Ok(Ok(_))) {
+        return Err(ServeError::LinkDown);
+    }
+    let engine = Engine::new(
+        store,
+        EngineConfig {
+            trusted_release_keys: trusted,
+            ca_pem,
+        },
+        metrics.clone(),
+    );
+    let engine = tokio::spawn(engine.run(rx, publisher));
+    // The broker runs on its own threads for the life of the process; keep its handle alive.
+    std::mem::forget(broker);
+    info!(%device_addr, ?metrics_addr, "orchestrator listening");
+    Ok(Running {
+        device_addr,
+        metrics_addr,
+        insecure_addr,
+        metrics,
+        shutdown: shutdown_tx,
+        engine,
+    })
+}
+
+/// Turns every device session the front establishes into a `DeviceSeen` event, which registers
+/// a device on first contact (its certificate is from the fleet CA, so it is one of ours).
+fn device_seen_hook(tx: mpsc::Sender<Inbound>) -> SessionHook {
+    SessionHook(Arc::new(move |identity: &CertIdentity| {
+        let (Some(id), Some(x25519_public)) = (identity.device_id(), identity.x25519) else {
+            return;
+        };
+        let seen = SeenDevice {
+            id,
+            x25519_public,
+            not_after: identity.not_after,
+        };
+        // Queue without blocking the relay; on a full queue wait for room on a task of its own.
+        if let Err(mpsc::error::TrySendError::Full(ev)) = tx.try_send(Inbound::DeviceSeen(seen)) {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(ev).await;
+            });
+        }
+    }))
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+async fn until(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
