@@ -70,11 +70,10 @@ pub fn apply_report(current: &Progress, report: &StatusReport, now_ms: u64) -> D
     if report.seq <= current.last_seq {
         return Decision::Duplicate;
     }
-    if report.seq != current.last_seq + 1 {
-        // The device never discards a report before it is acknowledged, so a gap means the two
-        // sides disagree about history: refuse rather than guess, without consuming the number.
-        return Decision::Reject(current.clone(), AckError::SequenceGap);
-    }
+    // A gap is accepted: a device sends one report at a time and moves on only after an ack, so
+    // skipped numbers are reports that were answered (rejected) or never sent; order still holds,
+    // and legality is checked against the recorded state. Refusing gaps would wedge a device
+    // forever after a single lost number.
     let mut next = current.clone();
     next.last_seq = report.seq;
     if !is_legal(current.state, report.state) {
@@ -184,11 +183,14 @@ mod tests {
     }
 
     #[test]
-    fn a_gap_in_sequence_is_rejected_without_consuming_it() {
+    fn a_gap_in_sequence_numbers_is_accepted_in_order() {
         let mut p = Progress::new(0);
         p.state = Notified;
-        let d = apply_report(&p, &report(2, Downloading), 5);
-        assert_eq!(d, Decision::Reject(p.clone(), AckError::SequenceGap));
+        let Decision::Apply(after) = apply_report(&p, &report(3, Downloading), 5) else {
+            panic!("refused")
+        };
+        assert_eq!((after.state, after.last_seq), (Downloading, 3));
+        assert_eq!(apply_report(&after, &report(2, Downloaded), 6), Decision::Duplicate);
     }
 
     #[test]

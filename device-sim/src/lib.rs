@@ -1,0 +1,25 @@
+//! Aloft's device agent and its simulator.
+//!
+//! The agent has the seam of drogue-iot's embedded-update: the [`transport`] talks MQTT on one
+//! side, [`slots`] store firmware on the other, and between them [`update`] decides, as a sans-I/O
+//! state machine that takes the time as a parameter. [`store`] keeps the device's record across
+//! restarts, [`identity`] its keys and certificate. [`sim`] runs thousands of agents in one
+//! process, one tokio task per device.
+#![forbid(unsafe_code)]
+
+pub mod identity;
+pub mod sim;
+pub mod slots;
+pub mod store;
+pub mod transport;
+pub mod update;
+
+pub use identity::DeviceIdentity;
+pub use sim::{DeviceView, Faults, Fleet, FleetConfig, FleetCounters};
+pub use slots::{FileFlash, Flash, FlashError, MemoryFlash, SlotId, SlotState, SlotTable};
+pub use store::{DeviceRecord, DeviceStore, JsonFileStore, MemoryStore, StoreError};
+pub use transport::{Device, Hooks, NoHooks, TransportConfig};
+pub use update::{
+    AgentConfig, AgentStats, AlwaysHealthy, HealthCheck, Input, OutTopic, Output, Persist,
+    UpdateAgent,
+};

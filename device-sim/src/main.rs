@@ -1,0 +1,160 @@
+//! `device-sim`: enrolls a simulated fleet (keys and CSRs generated here, certificates issued by
+//! the fleet CA) and runs it against an orchestrator.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aloft_certs::{FleetCa, Validity};
+use aloft_device::identity;
+use aloft_device::{Faults, Fleet, FleetConfig};
+use aloft_proto::manifest::ReleasePublicKey;
+use aloft_proto::{DeviceState, SecurityVersion};
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "device-sim", version, about = "Runs N simulated Aloft devices in one process")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate keys and CSRs for devices PREFIX-00000 … (the keys never leave DIR).
+    Enroll {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        #[arg(long, default_value = "dev")]
+        prefix: String,
+    },
+    /// Lab shortcut: sign every CSR in DIR with the fleet CA in CA_DIR (what `aloft pki
+    /// issue-devices` does) and store the CA certificate in DIR.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+    /// Run every enrolled device until interrupted.
+    Run {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The orchestrator's device listener.
+        #[arg(long, default_value = "127.0.0.1:8883")]
+        server: String,
+        /// A release public key (hex) the devices trust; repeat for several.
+        #[arg(long = "release-key", required = true)]
+        release_keys: Vec<String>,
+        #[arg(long, default_value = "sim-v1")]
+        hardware_model: String,
+        #[arg(long, default_value = "1.0.0")]
+        initial_version: String,
+        #[arg(long, default_value_t = 1)]
+        initial_security_version: u64,
+        #[arg(long, default_value_t = 16)]
+        window: u32,
+        #[arg(long, default_value_t = 64)]
+        connect_concurrency: usize,
+        #[arg(long, default_value_t = 0.0)]
+        corrupt_chunk_probability: f64,
+        #[arg(long, default_value_t = 0.0)]
+        health_check_failure_probability: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    aloft_certs::tls::install_crypto_provider();
+    match Cli::parse().command {
+        Command::Enroll { dir, count, prefix } => {
+            let csrs = identity::enroll(&dir, &prefix, count)?;
+            println!("{} devices enrolled; CSRs in {}", csrs.len(), dir.join(identity::DEVICES_DIR).display());
+        }
+        Command::Issue { dir, ca_dir, days } => {
+            let ca = FleetCa::load(&ca_dir)?;
+            let n = identity::issue_all(&dir, &ca, Validity::days(days))?;
+            println!("issued {n} device certificates");
+        }
+        Command::Run {
+            dir,
+            server,
+            release_keys,
+            hardware_model,
+            initial_version,
+            initial_security_version,
+            window,
+            connect_concurrency,
+            corrupt_chunk_probability,
+            health_check_failure_probability,
+            seed,
+        } => {
+            let (host, port) = server
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+                .with_context(|| format!("--server {server}: expected host:port"))?;
+            let keys = release_keys
+                .iter()
+                .map(|k| ReleasePublicKey::from_hex(k).with_context(|| format!("release key {k}")))
+                .collect::<Result<Vec<_>>>()?;
+            let (ca_pem, devices) = identity::load(&dir)?;
+            if devices.is_empty() {
+                bail!("no enrolled devices with certificates in {}", dir.display());
+            }
+            let mut cfg = FleetConfig::new(host, port, ca_pem, dir);
+            cfg.release_keys = keys;
+            cfg.hardware_model = hardware_model;
+            cfg.initial_version = initial_version;
+            cfg.initial_security_version = SecurityVersion(initial_security_version);
+            cfg.window = window;
+            cfg.connect_concurrency = connect_concurrency;
+            cfg.faults = Faults {
+                seed,
+                corrupt_chunk_probability,
+                health_check_failure_probability,
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async move {
+                let fleet = Fleet::start(&cfg, devices)?;
+                eprintln!("running {} devices against {server}", fleet.len());
+                let mut every = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => break,
+                        _ = every.tick() => report(&fleet),
+                    }
+                }
+                fleet.shutdown().await;
+                anyhow::Ok(())
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn report(fleet: &Fleet) {
+    let views = fleet.views();
+    let connected = views.iter().filter(|(_, v)| v.connected).count();
+    let mut by_state = std::collections::BTreeMap::<&str, usize>::new();
+    for (_, v) in &views {
+        let s = match (&v.current, &v.last_finished) {
+            (Some((_, s)), _) => s.as_str(),
+            (None, Some((_, s, _, _))) => s.as_str(),
+            (None, None) => DeviceState::Idle.as_str(),
+        };
+        *by_state.entry(s).or_default() += 1;
+    }
+    eprintln!("connected={connected}/{} {by_state:?}", views.len());
+}

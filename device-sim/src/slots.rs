@@ -1,0 +1,383 @@
+//! A/B firmware slots, named as esp-idf-svc names them: the *running* slot executes now, the
+//! *boot* slot is what the next reset starts, the *update* slot is the other one, where a new
+//! image is written. [`SlotTable`] is the small metadata (persisted with the device record);
+//! [`Flash`] is the byte storage behind the slots, with a sparse-file and an in-memory
+//! implementation.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use aloft_proto::SecurityVersion;
+use serde::{Deserialize, Serialize};
+
+/// One of the two firmware slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SlotId {
+    A,
+    B,
+}
+
+impl SlotId {
+    /// The other slot.
+    pub fn other(self) -> SlotId {
+        match self {
+            SlotId::A => SlotId::B,
+            SlotId::B => SlotId::A,
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            SlotId::A => 0,
+            SlotId::B => 1,
+        }
+    }
+}
+
+/// Whether a slot's image may be booted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SlotState {
+    /// Booted and confirmed healthy.
+    Valid,
+    /// Installed, or booted but not yet confirmed: the bootloader falls back if it fails.
+    Unverified,
+    /// Empty, partially written, or failed: never booted.
+    Invalid,
+}
+
+/// What a slot holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotMeta {
+    pub state: SlotState,
+    /// The firmware version of the image in the slot, if it holds one.
+    pub version: Option<String>,
+    /// The anti-rollback counter of that image.
+    pub security_version: SecurityVersion,
+}
+
+impl SlotMeta {
+    fn empty() -> Self {
+        SlotMeta {
+            state: SlotState::Invalid,
+            version: None,
+            security_version: SecurityVersion(0),
+        }
+    }
+}
+
+/// The boot control block: which slot runs, which boots next, and what each holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotTable {
+    running: SlotId,
+    boot: SlotId,
+    slots: [SlotMeta; 2],
+}
+
+impl SlotTable {
+    /// A factory-fresh device: slot A holds a valid image of `version`, slot B is empty.
+    pub fn factory(version: &str, security_version: SecurityVersion) -> Self {
+        SlotTable {
+            running: SlotId::A,
+            boot: SlotId::A,
+            slots: [
+                SlotMeta {
+                    state: SlotState::Valid,
+                    version: Some(version.to_owned()),
+                    security_version,
+                },
+                SlotMeta::empty(),
+            ],
+        }
+    }
+
+    pub fn running_slot(&self) -> SlotId {
+        self.running
+    }
+
+    pub fn boot_slot(&self) -> SlotId {
+        self.boot
+    }
+
+    /// The slot a new image is written to: whichever is not running.
+    pub fn update_slot(&self) -> SlotId {
+        self.running.other()
+    }
+
+    pub fn meta(&self, slot: SlotId) -> &SlotMeta {
+        &self.slots[slot.index()]
+    }
+
+    pub fn running_meta(&self) -> &SlotMeta {
+        self.meta(self.running)
+    }
+
+    /// Forgets the update slot's image before it is overwritten.
+    pub fn invalidate_update_slot(&mut self) {
+        self.slots[self.update_slot().index()] = SlotMeta::empty();
+    }
+
+    /// Marks the update slot Invalid, keeping what it was meant to hold for diagnosis.
+    pub fn mark_update_slot_invalid(&mut self) {
+        self.slots[self.update_slot().index()].state = SlotState::Invalid;
+    }
+
+    /// Records a freshly installed image in the update slot and makes it the next boot slot.
+    pub fn install_update(&mut self, version: &str, security_version: SecurityVersion) {
+        let update = self.update_slot();
+        self.slots[update.index()] = SlotMeta {
+            state: SlotState::Unverified,
+            version: Some(version.to_owned()),
+            security_version,
+        };
+        self.boot = update;
+    }
+
+    /// A reset: the boot slot becomes the running slot. The previous one stays as the fallback.
+    pub fn reboot(&mut self) {
+        self.running = self.boot;
+    }
+
+    /// Confirms the running image (esp-idf's `mark_running_slot_valid`).
+    pub fn mark_running_slot_valid(&mut self) {
+        self.slots[self.running.index()].state = SlotState::Valid;
+    }
+
+    /// Gives up on the running image: marks it Invalid and boots back into the other slot.
+    pub fn roll_back(&mut self) {
+        self.slots[self.running.index()].state = SlotState::Invalid;
+        self.running = self.running.other();
+        self.boot = self.running;
+    }
+
+    /// True if some slot holds a confirmed image the bootloader can always fall back to.
+    pub fn has_valid_slot(&self) -> bool {
+        self.slots.iter().any(|s| s.state == SlotState::Valid)
+    }
+}
+
+/// Why a slot operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FlashError {
+    #[error("write of {len} bytes at {offset} exceeds the slot capacity of {capacity}")]
+    OutOfBounds { offset: u64, len: usize, capacity: u64 },
+    #[error("slot storage i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The bytes of the two slots. The update logic writes only the update slot and reads it back to
+/// verify; a real device implements this over its flash partitions and bootloader.
+pub trait Flash: Send {
+    /// Bytes one slot can hold.
+    fn capacity(&self) -> u64;
+    /// Prepares `slot` for an image of `size` bytes, discarding what it held.
+    fn begin_update(&mut self, slot: SlotId, size: u64) -> Result<(), FlashError>;
+    fn write(&mut self, slot: SlotId, offset: u64, data: &[u8]) -> Result<(), FlashError>;
+    /// Fills `buf` from `offset`; bytes never written read as zero.
+    fn read(&mut self, slot: SlotId, offset: u64, buf: &mut [u8]) -> Result<(), FlashError>;
+    /// Tells the bootloader which slot to start next. Simulated storage needs nothing here: the
+    /// [`SlotTable`] records it.
+    fn set_boot_slot(&mut self, _slot: SlotId) -> Result<(), FlashError> {
+        Ok(())
+    }
+}
+
+fn check_bounds(capacity: u64, offset: u64, len: usize) -> Result<(), FlashError> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= capacity => Ok(()),
+        _ => Err(FlashError::OutOfBounds {
+            offset,
+            len,
+            capacity,
+        }),
+    }
+}
+
+/// Slots held in memory, for tests. Each slot grows only as far as it is written.
+#[derive(Debug, Default)]
+pub struct MemoryFlash {
+    capacity: u64,
+    slots: [Vec<u8>; 2],
+}
+
+impl MemoryFlash {
+    pub fn new(capacity: u64) -> Self {
+        MemoryFlash {
+            capacity,
+            slots: [Vec::new(), Vec::new()],
+        }
+    }
+
+    /// Test access to a slot's raw bytes.
+    pub fn slot_bytes_mut(&mut self, slot: SlotId) -> &mut Vec<u8> {
+        &mut self.slots[slot.index()]
+    }
+}
+
+impl Flash for MemoryFlash {
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn begin_update(&mut self, slot: SlotId, size: u64) -> Result<(), FlashError> {
+        check_bounds(self.capacity, 0, size as usize)?;
+        self.slots[slot.index()] = Vec::new();
+        Ok(())
+    }
+
+    fn write(&mut self, slot: SlotId, offset: u64, data: &[u8]) -> Result<(), FlashError> {
+        check_bounds(self.capacity, offset, data.len())?;
+        let bytes = &mut self.slots[slot.index()];
+        let start = offset as usize;
+        let end = start + data.len();
+        if bytes.len() < end {
+            bytes.resize(end, 0);
+        }
+        bytes[start..end].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn read(&mut self, slot: SlotId, offset: u64, buf: &mut [u8]) -> Result<(), FlashError> {
+        check_bounds(self.capacity, offset, buf.len())?;
+        let bytes = &self.slots[slot.index()];
+        buf.fill(0);
+        let start = (offset as usize).min(bytes.len());
+        let end = (start + buf.len()).min(bytes.len());
+        buf[..end - start].copy_from_slice(&bytes[start..end]);
+        Ok(())
+    }
+}
+
+/// Both slots in one sparse file: slot A at offset 0, slot B at `capacity`. Sparse, so a fleet of
+/// simulated devices costs disk only for the images actually written.
+#[derive(Debug)]
+pub struct FileFlash {
+    path: PathBuf,
+    file: File,
+    capacity: u64,
+}
+
+impl FileFlash {
+    /// Opens (or creates) the slot file at `path`.
+    pub fn open(path: &Path, capacity: u64) -> Result<Self, FlashError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        Ok(FileFlash {
+            path: path.to_owned(),
+            file,
+            capacity,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn base(&self, slot: SlotId) -> u64 {
+        slot.index() as u64 * self.capacity
+    }
+}
+
+impl Flash for FileFlash {
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn begin_update(&mut self, slot: SlotId, size: u64) -> Result<(), FlashError> {
+        check_bounds(self.capacity, 0, size as usize)?;
+        // Punching holes portably is not possible with std; when the update slot is the last
+        // one, truncating to its start frees it, otherwise stale bytes are simply overwritten
+        // (every byte of the new image is written before it is read back).
+        if slot == SlotId::B {
+            self.file.set_len(self.base(SlotId::B))?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, slot: SlotId, offset: u64, data: &[u8]) -> Result<(), FlashError> {
+        use std::os::unix::fs::FileExt;
+        check_bounds(self.capacity, offset, data.len())?;
+        self.file.write_all_at(data, self.base(slot) + offset)?;
+        Ok(())
+    }
+
+    fn read(&mut self, slot: SlotId, offset: u64, buf: &mut [u8]) -> Result<(), FlashError> {
+        use std::os::unix::fs::FileExt;
+        check_bounds(self.capacity, offset, buf.len())?;
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self
+                .file
+                .read_at(&mut buf[done..], self.base(slot) + offset + done as u64)?;
+            if n == 0 {
+                // Past the end of the file: never written, reads as zero like a hole.
+                buf[done..].fill(0);
+                break;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_reboot_and_confirm_moves_the_running_slot() {
+        let mut t = SlotTable::factory("1.0", SecurityVersion(1));
+        assert_eq!(t.update_slot(), SlotId::B);
+        t.install_update("2.0", SecurityVersion(2));
+        assert_eq!(t.boot_slot(), SlotId::B);
+        assert_eq!(t.running_slot(), SlotId::A);
+        t.reboot();
+        assert_eq!(t.running_meta().state, SlotState::Unverified);
+        assert!(t.has_valid_slot(), "the old slot stays as fallback");
+        t.mark_running_slot_valid();
+        assert_eq!(t.running_meta().version.as_deref(), Some("2.0"));
+        assert_eq!(t.update_slot(), SlotId::A);
+    }
+
+    #[test]
+    fn roll_back_boots_the_old_slot_and_invalidates_the_new() {
+        let mut t = SlotTable::factory("1.0", SecurityVersion(1));
+        t.install_update("2.0", SecurityVersion(2));
+        t.reboot();
+        t.roll_back();
+        assert_eq!(t.running_slot(), SlotId::A);
+        assert_eq!(t.boot_slot(), SlotId::A);
+        assert_eq!(t.meta(SlotId::B).state, SlotState::Invalid);
+        assert_eq!(t.running_meta().state, SlotState::Valid);
+    }
+
+    fn exercise(flash: &mut dyn Flash) {
+        flash.begin_update(SlotId::B, 100).unwrap();
+        flash.write(SlotId::B, 10, b"hello").unwrap();
+        let mut buf = [9u8; 20];
+        flash.read(SlotId::B, 5, &mut buf).unwrap();
+        assert_eq!(&buf[..5], &[0; 5]);
+        assert_eq!(&buf[5..10], b"hello");
+        assert_eq!(&buf[10..], &[0; 10]);
+        assert!(flash.write(SlotId::B, 98, b"abc").is_err());
+        assert!(flash.write(SlotId::A, u64::MAX, b"a").is_err());
+        let mut a = [1u8; 4];
+        flash.read(SlotId::A, 0, &mut a).unwrap();
+        assert_eq!(a, [0; 4], "slot A untouched");
+    }
+
+    #[test]
+    fn memory_flash_reads_back_what_was_written() {
+        exercise(&mut MemoryFlash::new(100));
+    }
+
+    #[test]
+    fn file_flash_reads_back_what_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = FileFlash::open(&dir.path().join("slots.bin"), 100).unwrap();
+        exercise(&mut f);
+    }
+}

@@ -1,0 +1,234 @@
+//! The download half of a campaign, in memory only: which chunks are requested and when, how
+//! often each failed, the request timeout with its backoff, and the check of every sealed chunk
+//! against the signed manifest *before* it is decrypted and written.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aloft_proto::crypto::{self, ContentKey};
+use aloft_proto::manifest::Manifest;
+use aloft_proto::messages::{MAX_CHUNKS_PER_REQUEST, MAX_RANGES_PER_REQUEST};
+use aloft_proto::ArtifactId;
+use sha2::{Digest, Sha256};
+
+use crate::slots::{Flash, FlashError, SlotId};
+use crate::store::ChunkBitmap;
+
+/// Bytes read per step when hashing the update slot back.
+const VERIFY_BLOCK_BYTES: usize = 16 * 1024;
+
+/// What became of one data frame.
+#[derive(Debug)]
+pub(super) enum ChunkOutcome {
+    /// Verified, opened and written.
+    Written,
+    /// Already written: a redelivery.
+    Duplicate,
+    /// Not part of this download (another artifact, a bad index or count).
+    Ignored,
+    /// Failed its digest or authentication; `exhausted` once the retry budget is spent.
+    Rejected { exhausted: bool },
+    WriteFailed(FlashError),
+}
+
+/// The in-memory companion of a campaign in progress.
+pub(super) struct Session {
+    pub manifest: Manifest,
+    digests: Vec<[u8; 32]>,
+    /// Held only while downloading; dropping it zeroizes it.
+    key: Option<ContentKey>,
+    /// Requested chunks not yet received, with the time of their last request.
+    outstanding: BTreeMap<u32, u64>,
+    failures: HashMap<u32, u32>,
+    /// The current request timeout: doubles on every expiry, back to the base on progress.
+    timeout_ms: u64,
+    /// No requests before this time (the orchestrator said it is not serving us yet).
+    pub paused_until: u64,
+    /// Chunk requests wait until the campaign's `downloading` report has been published once,
+    /// so the orchestrator knows the device is downloading before it is asked for chunks.
+    pub requests_enabled: bool,
+}
+
+impl Session {
+    pub fn new(manifest: Manifest, key: Option<ContentKey>, base_timeout_ms: u64) -> Self {
+        Session {
+            digests: manifest.chunk_digests(),
+            manifest,
+            key,
+            outstanding: BTreeMap::new(),
+            failures: HashMap::new(),
+            timeout_ms: base_timeout_ms,
+            paused_until: 0,
+            requests_enabled: false,
+        }
+    }
+
+    pub fn artifact(&self) -> &ArtifactId {
+        &self.manifest.artifact
+    }
+
+    /// Forgets the content key once every chunk is written.
+    pub fn drop_key(&mut self) {
+        self.key = None;
+    }
+
+    /// Forgets what was requested: after a reconnect or a pause everything missing is asked again.
+    pub fn forget_outstanding(&mut self) {
+        self.outstanding.clear();
+    }
+
+    /// Handles one data frame for chunk `index` of `count`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn accept(
+        &mut self,
+        artifact: &ArtifactId,
+        index: u32,
+        count: u32,
+        sealed: &[u8],
+        written: &mut ChunkBitmap,
+        slot: SlotId,
+        flash: &mut dyn Flash,
+        max_retries: u32,
+    ) -> ChunkOutcome {
+        if artifact != &self.manifest.artifact
+            || count != self.manifest.chunk_count
+            || index >= count
+            || written.len() != count
+        {
+            return ChunkOutcome::Ignored;
+        }
+        if written.get(index) {
+            self.outstanding.remove(&index);
+            return ChunkOutcome::Duplicate;
+        }
+        let Some(key) = &self.key else {
+            return ChunkOutcome::Ignored;
+        };
+        // The digest is checked before decrypting: a tampered chunk never reaches the cipher.
+        let digest_ok = self.manifest.sealed_len(index) == Some(sealed.len())
+            && self.digests.get(index as usize) == Some(&crypto::sha256(sealed));
+        let plain = if digest_ok {
+            crypto::open_chunk(key, artifact, index, count, sealed).ok()
+        } else {
+            None
+        };
+        let Some(plain) = plain else {
+            // Dropping it from `outstanding` makes the next window fill request it again.
+            self.outstanding.remove(&index);
+            let n = self.failures.entry(index).or_insert(0);
+            *n += 1;
+            return ChunkOutcome::Rejected {
+                exhausted: *n >= max_retries,
+            };
+        };
+        let offset = u64::from(index) * u64::from(self.manifest.chunk_size);
+        if let Err(e) = flash.write(slot, offset, &plain) {
+            return ChunkOutcome::WriteFailed(e);
+        }
+        written.set(index);
+        self.outstanding.remove(&index);
+        self.failures.remove(&index);
+        ChunkOutcome::Written
+    }
+
+    /// Progress was made: requests time out at the base rate again.
+    pub fn reset_timeout(&mut self, base_ms: u64) {
+        self.timeout_ms = base_ms;
+    }
+
+    /// Drops requests older than the current timeout so they are asked again, and backs off.
+    pub fn expire(&mut self, now: u64, max_ms: u64) {
+        let timeout = self.timeout_ms;
+        let before = self.outstanding.len();
+        self.outstanding
+            .retain(|_, sent| now.saturating_sub(*sent) < timeout);
+        if self.outstanding.len() != before {
+            self.timeout_ms = timeout.saturating_mul(2).min(max_ms);
+        }
+    }
+
+    /// Picks missing chunks to fill the window up to `window` outstanding, marks them requested
+    /// at `now`, and returns them as request range lists within the protocol's limits.
+    pub fn next_requests(
+        &mut self,
+        now: u64,
+        written: &ChunkBitmap,
+        window: u32,
+    ) -> Vec<Vec<[u32; 2]>> {
+        let room = (window.max(1) as usize).saturating_sub(self.outstanding.len());
+        if room == 0 {
+            return Vec::new();
+        }
+        let picked: Vec<u32> = written
+            .missing()
+            .filter(|i| !self.outstanding.contains_key(i))
+            .take(room)
+            .collect();
+        for &i in &picked {
+            self.outstanding.insert(i, now);
+        }
+        to_requests(&picked)
+    }
+}
+
+/// Splits sorted indices into half-open ranges, at most 64 chunks and 16 ranges per request.
+fn to_requests(indices: &[u32]) -> Vec<Vec<[u32; 2]>> {
+    let mut requests = Vec::new();
+    let mut ranges: Vec<[u32; 2]> = Vec::new();
+    let mut chunks = 0u32;
+    for &i in indices {
+        let extends = ranges.last().is_some_and(|r| r[1] == i);
+        if chunks == MAX_CHUNKS_PER_REQUEST
+            || (!extends && ranges.len() == MAX_RANGES_PER_REQUEST)
+        {
+            requests.push(std::mem::take(&mut ranges));
+            chunks = 0;
+        }
+        match ranges.last_mut() {
+            Some(r) if r[1] == i => r[1] = i + 1,
+            _ => ranges.push([i, i + 1]),
+        }
+        chunks += 1;
+    }
+    if !ranges.is_empty() {
+        requests.push(ranges);
+    }
+    requests
+}
+
+/// Reads the update slot back and compares its SHA-256 with the manifest's image digest.
+pub(super) fn verify_image(
+    flash: &mut dyn Flash,
+    slot: SlotId,
+    manifest: &Manifest,
+) -> Result<bool, FlashError> {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; VERIFY_BLOCK_BYTES];
+    let mut offset = 0u64;
+    while offset < manifest.image_size {
+        let n = (manifest.image_size - offset).min(VERIFY_BLOCK_BYTES as u64) as usize;
+        flash.read(slot, offset, &mut buf[..n])?;
+        hash.update(&buf[..n]);
+        offset += n as u64;
+    }
+    let digest: [u8; 32] = hash.finalize().into();
+    Ok(manifest.image_digest() == Some(digest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_respect_chunk_and_range_limits() {
+        let all: Vec<u32> = (0..100).collect();
+        let r = to_requests(&all);
+        assert_eq!(r, vec![vec![[0, 64]], vec![[64, 100]]]);
+        let sparse: Vec<u32> = (0..40).map(|i| i * 2).collect();
+        let r = to_requests(&sparse);
+        assert_eq!(r.len(), 3);
+        assert!(r.iter().all(|q| q.len() <= MAX_RANGES_PER_REQUEST));
+        let flat: Vec<u32> = r.iter().flatten().flat_map(|[s, e]| *s..*e).collect();
+        assert_eq!(flat, sparse);
+        assert!(to_requests(&[]).is_empty());
+    }
+}

@@ -1,0 +1,741 @@
+//! The device's update logic as a sans-I/O state machine: [`UpdateAgent::handle`] takes the time,
+//! one input (a connection change, a payload from one of the device's topics, or a timer tick)
+//! and the slot storage, changes the [`DeviceRecord`] and returns what to publish. It owns no
+//! socket and no clock, so tests drive it with real crypto and in-memory flash, and the caller
+//! persists the record (see [`UpdateAgent::take_persist`]) before publishing the outputs.
+//!
+//! Everything from the network is untrusted: undecodable payloads are counted and dropped, and a
+//! refused job is reported and forgotten, so no input can panic or wedge the agent.
+
+mod download;
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod testkit;
+#[cfg(test)]
+mod tests;
+
+use aloft_proto::chunkframe::{self, ChunkErrorCode, ChunkFrame};
+use aloft_proto::crypto::{self, ContentKey, DeviceEncryptionKey};
+use aloft_proto::manifest::{Manifest, ManifestError, ReleasePublicKey};
+use aloft_proto::messages::{self, AckOutcome, ChunkRequest, Job, StatusAck, StatusReport};
+use aloft_proto::{CampaignId, DeviceId, DeviceState, Reason};
+use tracing::{debug, info, warn};
+
+use crate::slots::Flash;
+use crate::store::{CampaignProgress, ChunkBitmap, DeviceRecord, FinishedCampaign};
+use download::{ChunkOutcome, Session};
+
+/// How the agent behaves; everything but the identity has a sensible default.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub device: DeviceId,
+    /// Manifests for any other model are refused.
+    pub hardware_model: String,
+    /// Release keys whose signatures the device accepts (pinned at provisioning).
+    pub release_keys: Vec<ReleasePublicKey>,
+    /// Chunks requested but not yet received, at most.
+    pub window: u32,
+    /// A requested chunk not received within this is requested again; doubles per expiry.
+    pub chunk_timeout_ms: u64,
+    pub max_chunk_timeout_ms: u64,
+    /// An unacknowledged report is published again after this.
+    pub report_timeout_ms: u64,
+    /// Failures of one chunk after which the campaign fails with `chunk_verification_failed`.
+    pub max_chunk_retries: u32,
+    /// How long to wait after a `not_downloading` error frame before asking again.
+    pub not_downloading_pause_ms: u64,
+}
+
+impl AgentConfig {
+    pub fn new(
+        device: DeviceId,
+        hardware_model: impl Into<String>,
+        release_keys: Vec<ReleasePublicKey>,
+    ) -> Self {
+        AgentConfig {
+            device,
+            hardware_model: hardware_model.into(),
+            release_keys,
+            window: 16,
+            chunk_timeout_ms: 3_000,
+            max_chunk_timeout_ms: 30_000,
+            report_timeout_ms: 5_000,
+            max_chunk_retries: 8,
+            not_downloading_pause_ms: 1_000,
+        }
+    }
+}
+
+/// Decides whether a freshly booted image is healthy.
+pub trait HealthCheck: Send {
+    fn check(&mut self, campaign: &CampaignId, version: &str) -> bool;
+}
+
+/// A health check that always passes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AlwaysHealthy;
+
+impl HealthCheck for AlwaysHealthy {
+    fn check(&mut self, _: &CampaignId, _: &str) -> bool {
+        true
+    }
+}
+
+/// One thing that happened to the device.
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    /// The MQTT session is up and the device's subtree subscribed.
+    Connected,
+    Disconnected,
+    /// A payload on the device's `job` topic (empty: no job).
+    Job(&'a [u8]),
+    /// A payload on the device's `chunk/resp` topic.
+    ChunkFrame(&'a [u8]),
+    /// A payload on the device's `ack` topic.
+    Ack(&'a [u8]),
+    /// Time passed; timers are checked.
+    Tick,
+}
+
+/// Where an output goes: the device's own topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutTopic {
+    Status,
+    ChunkRequest,
+}
+
+/// What the caller must do after [`UpdateAgent::handle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Publish `payload` at QoS 1 on the device's `topic`.
+    Publish { topic: OutTopic, payload: Vec<u8> },
+}
+
+/// How urgently the record must be saved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Persist {
+    #[default]
+    Clean,
+    /// Only download progress changed: losing it costs re-downloading some chunks.
+    Soon,
+    /// A state, report or outbox changed: save before publishing the outputs.
+    Now,
+}
+
+/// Counters for observability.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentStats {
+    /// Chunks verified, decrypted and written.
+    pub chunks_received: u64,
+    /// Chunks that failed their digest or authentication.
+    pub chunks_rejected: u64,
+    /// Payloads that did not decode, on any topic.
+    pub bad_payloads: u64,
+    /// Reports the orchestrator rejected.
+    pub reports_rejected: u64,
+}
+
+/// Why a job was refused.
+struct Refusal {
+    reason: Reason,
+    detail: String,
+}
+
+impl Refusal {
+    fn new(reason: Reason, detail: impl std::fmt::Display) -> Self {
+        Refusal {
+            reason,
+            detail: clip(detail.to_string()),
+        }
+    }
+}
+
+fn clip(mut s: String) -> String {
+    if s.len() > messages::MAX_DETAIL_LEN {
+        let mut end = messages::MAX_DETAIL_LEN;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// The update state machine of one device.
+pub struct UpdateAgent {
+    cfg: AgentConfig,
+    key: DeviceEncryptionKey,
+    health: Box<dyn HealthCheck>,
+    record: DeviceRecord,
+    connected: bool,
+    /// When the outbox head was last published in this connection.
+    head_sent_at: Option<u64>,
+    /// The in-memory half of `record.current`, rebuilt lazily after a restart.
+    session: Option<Session>,
+    /// A job for another campaign that arrived while the current one was past the point of no
+    /// return; handled when the current one finishes (the retained job is not redelivered).
+    deferred_job: Option<Vec<u8>>,
+    stats: AgentStats,
+    persist: Persist,
+}
+
+impl UpdateAgent {
+    pub fn new(
+        cfg: AgentConfig,
+        key: DeviceEncryptionKey,
+        record: DeviceRecord,
+        health: Box<dyn HealthCheck>,
+    ) -> Self {
+        UpdateAgent {
+            cfg,
+            key,
+            health,
+            record,
+            connected: false,
+            head_sent_at: None,
+            session: None,
+            deferred_job: None,
+            stats: AgentStats::default(),
+            persist: Persist::Clean,
+        }
+    }
+
+    pub fn device(&self) -> &DeviceId {
+        &self.cfg.device
+    }
+
+    pub fn record(&self) -> &DeviceRecord {
+        &self.record
+    }
+
+    pub fn stats(&self) -> AgentStats {
+        self.stats
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// The campaign in progress and its phase.
+    pub fn current(&self) -> Option<(&CampaignId, DeviceState)> {
+        self.record.current.as_ref().map(|c| (&c.campaign, c.phase))
+    }
+
+    /// How urgently the record must be saved since the last call; resets it.
+    pub fn take_persist(&mut self) -> Persist {
+        std::mem::take(&mut self.persist)
+    }
+
+    fn dirty(&mut self, p: Persist) {
+        self.persist = self.persist.max(p);
+    }
+
+    /// Handles one input at `now_ms` (Unix milliseconds) and returns what to publish.
+    pub fn handle(&mut self, now_ms: u64, input: Input<'_>, flash: &mut dyn Flash) -> Vec<Output> {
+        let mut out = Vec::new();
+        match input {
+            Input::Connected => {
+                self.connected = true;
+                self.head_sent_at = None;
+                if let Some(s) = &mut self.session {
+                    s.forget_outstanding();
+                }
+            }
+            Input::Disconnected => self.connected = false,
+            Input::Job(payload) => self.on_job(now_ms, payload, flash),
+            Input::ChunkFrame(payload) => self.on_frame(now_ms, payload, flash),
+            Input::Ack(payload) => self.on_ack(payload),
+            Input::Tick => {}
+        }
+        self.drive(now_ms, flash, &mut out);
+        out
+    }
+
+    /// Moves everything forward that can move: resumes a campaign, runs the phases after the
+    /// download, handles a deferred job, publishes the outbox head and requests chunks.
+    fn drive(&mut self, now: u64, flash: &mut dyn Flash, out: &mut Vec<Output>) {
+        // Each pass either finishes a campaign or reaches a phase that waits for input; a
+        // deferred job can start at most one more campaign, so three passes always suffice.
+        for _ in 0..3 {
+            self.ensure_session(flash);
+            self.advance(flash);
+            if self.record.current.is_some() {
+                break;
+            }
+            match self.deferred_job.take() {
+                Some(job) => self.on_job(now, &job, flash),
+                None => break,
+            }
+        }
+        if !self.connected {
+            return;
+        }
+        self.publish_head(now, out);
+        self.request_chunks(now, out);
+    }
+
+    fn publish_head(&mut self, now: u64, out: &mut Vec<Output>) {
+        let Some(head) = self.record.outbox.front() else {
+            return;
+        };
+        let due = self
+            .head_sent_at
+            .is_none_or(|t| now.saturating_sub(t) >= self.cfg.report_timeout_ms);
+        if !due {
+            return;
+        }
+        out.push(Output::Publish {
+            topic: OutTopic::Status,
+            payload: messages::encode(head),
+        });
+        self.head_sent_at = Some(now);
+        let is_downloading_report = head.state == DeviceState::Downloading
+            && self
+                .record
+                .current
+                .as_ref()
+                .is_some_and(|c| c.campaign == head.campaign);
+        if let (true, Some(s)) = (is_downloading_report, &mut self.session) {
+            s.requests_enabled = true;
+        }
+    }
+
+    fn request_chunks(&mut self, now: u64, out: &mut Vec<Output>) {
+        let (Some(cur), Some(s)) = (&self.record.current, &mut self.session) else {
+            return;
+        };
+        if cur.phase != DeviceState::Downloading || !s.requests_enabled || now < s.paused_until {
+            return;
+        }
+        s.expire(now, self.cfg.max_chunk_timeout_ms);
+        for ranges in s.next_requests(now, &cur.written, self.cfg.window) {
+            let req = ChunkRequest {
+                v: messages::PROTOCOL_VERSION,
+                campaign: cur.campaign.clone(),
+                artifact: s.artifact().clone(),
+                ranges,
+            };
+            out.push(Output::Publish {
+                topic: OutTopic::ChunkRequest,
+                payload: messages::encode(&req),
+            });
+        }
+    }
+
+    /// Rebuilds the in-memory session of a campaign loaded from the record.
+    fn ensure_session(&mut self, flash: &mut dyn Flash) {
+        let Some(cur) = &self.record.current else {
+            self.session = None;
+            return;
+        };
+        if self.session.is_some() {
+            return;
+        }
+        let downloading = cur.phase == DeviceState::Downloading;
+        let manifest = match verify_signature(&cur.job, &self.cfg.release_keys) {
+            Ok(m) => m,
+            Err(r) => return self.fail(r.reason, Some(r.detail)),
+        };
+        let key = if downloading {
+            match self.unwrap_key(&cur.job, &manifest) {
+                Ok(k) => Some(k),
+                Err(r) => return self.fail(r.reason, Some(r.detail)),
+            }
+        } else {
+            None
+        };
+        let mut session = Session::new(manifest, key, self.cfg.chunk_timeout_ms);
+        // If the downloading report is no longer queued, it was published (and acknowledged).
+        session.requests_enabled = !self
+            .record
+            .outbox
+            .iter()
+            .any(|r| r.campaign == cur.campaign && r.state == DeviceState::Downloading);
+        let count = session.manifest.chunk_count;
+        if let Some(cur) = &mut self.record.current {
+            if !cur.written.is_consistent() || cur.written.len() != count {
+                warn!(device = %self.cfg.device, "stored chunk bitmap is inconsistent; downloading again");
+                cur.written = ChunkBitmap::new(count);
+                let slot = self.record.slots.update_slot();
+                if let Err(e) = flash.begin_update(slot, session.manifest.image_size) {
+                    return self.fail(Reason::InstallFailed, Some(e.to_string()));
+                }
+            }
+        }
+        self.session = Some(session);
+    }
+
+    fn unwrap_key(&self, job: &Job, manifest: &Manifest) -> Result<ContentKey, Refusal> {
+        crypto::unwrap_content_key(&self.key, &self.cfg.device, &manifest.artifact, &job.wrapped_key)
+            .map_err(|e| Refusal::new(Reason::KeyUnwrapFailed, e))
+    }
+
+    /// Runs the phases after the download; each appends its report to the outbox.
+    fn advance(&mut self, flash: &mut dyn Flash) {
+        loop {
+            let Some(cur) = &self.record.current else {
+                return;
+            };
+            let (phase, complete, campaign) =
+                (cur.phase, cur.written.is_complete(), cur.campaign.clone());
+            let Some(session) = &mut self.session else {
+                return;
+            };
+            let update = self.record.slots.update_slot();
+            let version = session.manifest.version.clone();
+            let security_version = session.manifest.security_version;
+            match phase {
+                DeviceState::Downloading => {
+                    if !complete {
+                        return;
+                    }
+                    session.drop_key();
+                    match download::verify_image(flash, update, &session.manifest) {
+                        Ok(true) => self.enter(DeviceState::Downloaded),
+                        Ok(false) => {
+                            self.record.slots.mark_update_slot_invalid();
+                            self.fail(Reason::ImageVerificationFailed, None);
+                        }
+                        Err(e) => self.fail(Reason::InstallFailed, Some(e.to_string())),
+                    }
+                }
+                DeviceState::Downloaded => match flash.set_boot_slot(update) {
+                    Ok(()) => {
+                        self.record.slots.install_update(&version, security_version);
+                        self.enter(DeviceState::Installing);
+                    }
+                    Err(e) => self.fail(Reason::InstallFailed, Some(e.to_string())),
+                },
+                DeviceState::Installing => {
+                    // The report says what is about to happen, so it precedes the reset.
+                    self.enter(DeviceState::Rebooting);
+                    self.record.slots.reboot();
+                }
+                DeviceState::Rebooting => self.enter(DeviceState::Verifying),
+                DeviceState::Verifying => {
+                    if self.health.check(&campaign, &version) {
+                        self.record.slots.mark_running_slot_valid();
+                        // The floor rises only here, after a confirmed healthy boot: raising it
+                        // earlier would leave a device whose new image fails unable to fall back.
+                        self.record.floor = self.record.floor.max(security_version);
+                        info!(device = %self.cfg.device, %campaign, %version, "update succeeded");
+                        self.finish(DeviceState::Succeeded, None, None);
+                    } else {
+                        self.record.slots.roll_back();
+                        let old = self.record.slots.running_slot();
+                        if let Err(e) = flash.set_boot_slot(old) {
+                            warn!(device = %self.cfg.device, error = %e, "setting the boot slot back failed");
+                        }
+                        warn!(device = %self.cfg.device, %campaign, "health check failed; rolled back");
+                        self.finish(DeviceState::RolledBack, Some(Reason::HealthCheckFailed), None);
+                    }
+                }
+                other => {
+                    // Not a phase a record can hold; close the campaign rather than loop.
+                    warn!(device = %self.cfg.device, state = %other, "campaign in an unexpected phase");
+                    self.fail(Reason::InstallFailed, Some(format!("unexpected phase {other}")));
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, reason: Reason, detail: Option<String>) {
+        self.finish(DeviceState::Failed, Some(reason), detail.map(clip));
+    }
+
+    /// Sets the current campaign's phase and queues its report.
+    fn enter(&mut self, state: DeviceState) {
+        if let Some(cur) = &mut self.record.current {
+            cur.phase = state;
+        }
+        self.report(state, None, None);
+    }
+
+    /// Queues a report for the current campaign with its next seq.
+    fn report(&mut self, state: DeviceState, reason: Option<Reason>, detail: Option<String>) -> Option<StatusReport> {
+        let running_version = Some(self.record.running_version().to_owned());
+        let cur = self.record.current.as_mut()?;
+        let report = StatusReport {
+            v: messages::PROTOCOL_VERSION,
+            campaign: cur.campaign.clone(),
+            seq: cur.next_seq,
+            state,
+            reason,
+            detail,
+            running_version,
+        };
+        cur.next_seq += 1;
+        self.record.outbox.push_back(report.clone());
+        self.dirty(Persist::Now);
+        debug!(device = %self.cfg.device, campaign = %report.campaign, seq = report.seq, state = %state, "report queued");
+        Some(report)
+    }
+
+    /// Closes the current campaign with a terminal report; the content key goes with the session.
+    fn finish(&mut self, state: DeviceState, reason: Option<Reason>, detail: Option<String>) {
+        let Some(report) = self.report(state, reason, detail) else {
+            return;
+        };
+        self.session = None;
+        if let Some(cur) = self.record.current.take() {
+            self.record.push_finished(FinishedCampaign {
+                campaign: cur.campaign,
+                state,
+                reason,
+                final_report: report,
+                acked: false,
+            });
+        }
+    }
+
+    /// Refuses a job of a campaign the device is not running: `failed` with seq 1.
+    fn refuse(&mut self, campaign: CampaignId, refusal: Refusal) {
+        warn!(device = %self.cfg.device, %campaign, reason = %refusal.reason, detail = %refusal.detail, "job refused");
+        let report = StatusReport {
+            v: messages::PROTOCOL_VERSION,
+            campaign: campaign.clone(),
+            seq: 1,
+            state: DeviceState::Failed,
+            reason: Some(refusal.reason),
+            detail: Some(refusal.detail),
+            running_version: Some(self.record.running_version().to_owned()),
+        };
+        self.record.outbox.push_back(report.clone());
+        self.record.push_finished(FinishedCampaign {
+            campaign,
+            state: DeviceState::Failed,
+            reason: Some(refusal.reason),
+            final_report: report,
+            acked: false,
+        });
+        self.dirty(Persist::Now);
+    }
+
+    fn on_job(&mut self, now: u64, payload: &[u8], flash: &mut dyn Flash) {
+        if payload.is_empty() {
+            return self.on_job_withdrawn();
+        }
+        let job: Job = match messages::decode(payload) {
+            Ok(j) => j,
+            Err(e) => {
+                self.stats.bad_payloads += 1;
+                warn!(device = %self.cfg.device, error = %e, "undecodable job");
+                // A job whose campaign can still be read is refused, so the orchestrator learns
+                // why; one without a readable campaign cannot be answered at all.
+                if let Some(campaign) = peek_campaign(payload) {
+                    if self.is_new_campaign(&campaign) {
+                        self.refuse(campaign, Refusal::new(Reason::MalformedJob, e));
+                    }
+                }
+                return;
+            }
+        };
+        let campaign = job.campaign.clone();
+        if let Some(f) = self.record.finished(&campaign) {
+            if !f.acked && self.record.outbox.front() == Some(&f.final_report) {
+                // A redelivered job of a finished campaign whose result is unacknowledged:
+                // publish the result again now rather than at the next timeout.
+                self.head_sent_at = None;
+            }
+            return;
+        }
+        let current = self.record.current.as_ref().map(|c| (c.campaign.clone(), c.phase));
+        if let Some((cur, phase)) = &current {
+            if cur == &campaign {
+                return; // A redelivery: the campaign simply continues.
+            }
+            if *phase >= DeviceState::Installing {
+                info!(device = %self.cfg.device, %campaign, current = %cur, "job deferred until the current campaign finishes");
+                self.deferred_job = Some(payload.to_vec());
+                return;
+            }
+        }
+        let manifest = match self.verify_job(now, &job, flash.capacity()) {
+            Ok(m) => m,
+            Err(r) => return self.refuse(campaign, r),
+        };
+        let key = match self.unwrap_key(&job, &manifest) {
+            Ok(k) => k,
+            Err(r) => return self.refuse(campaign, r),
+        };
+        if let Some((cur, _)) = current {
+            info!(device = %self.cfg.device, %campaign, replaced = %cur, "new job replaces the current download");
+            self.finish(DeviceState::Failed, Some(Reason::Cancelled), Some(format!("replaced by campaign {campaign}")));
+        }
+        self.start(job, manifest, key, flash);
+    }
+
+    /// An empty job: the orchestrator withdrew it. A download is abandoned; an install that has
+    /// begun runs to its end, since stopping it halfway would gain nothing.
+    fn on_job_withdrawn(&mut self) {
+        self.deferred_job = None;
+        if self.current().is_some_and(|(_, p)| p == DeviceState::Downloading) {
+            self.finish(DeviceState::Failed, Some(Reason::Cancelled), Some("job withdrawn".into()));
+        }
+    }
+
+    fn is_new_campaign(&self, campaign: &CampaignId) -> bool {
+        self.record.finished(campaign).is_none()
+            && self.current().is_none_or(|(c, _)| c != campaign)
+    }
+
+    /// The checks of a new job, in protocol order.
+    fn verify_job(&self, now_ms: u64, job: &Job, capacity: u64) -> Result<Manifest, Refusal> {
+        let m = verify_signature(job, &self.cfg.release_keys)?;
+        if m.hardware_model != self.cfg.hardware_model {
+            return Err(Refusal::new(Reason::WrongHardware, format!("manifest is for {}", m.hardware_model)));
+        }
+        if m.security_version < self.record.floor {
+            return Err(Refusal::new(
+                Reason::Downgrade,
+                format!("security version {} is below the floor {}", m.security_version, self.record.floor),
+            ));
+        }
+        if m.expires_at < now_ms / 1000 {
+            return Err(Refusal::new(Reason::ManifestExpired, format!("expired at {}", m.expires_at)));
+        }
+        if m.image_size > capacity {
+            return Err(Refusal::new(
+                Reason::ImageTooLarge,
+                format!("{} bytes do not fit a slot of {capacity}", m.image_size),
+            ));
+        }
+        Ok(m)
+    }
+
+    /// Accepts a verified job: prepares the update slot and reports `downloading`.
+    fn start(&mut self, job: Job, manifest: Manifest, key: ContentKey, flash: &mut dyn Flash) {
+        let campaign = job.campaign.clone();
+        info!(device = %self.cfg.device, %campaign, artifact = %manifest.artifact, version = %manifest.version, "job accepted");
+        self.record.slots.invalidate_update_slot();
+        self.record.current = Some(CampaignProgress {
+            campaign,
+            job,
+            phase: DeviceState::Downloading,
+            next_seq: 1,
+            written: ChunkBitmap::new(manifest.chunk_count),
+        });
+        let slot = self.record.slots.update_slot();
+        if let Err(e) = flash.begin_update(slot, manifest.image_size) {
+            return self.fail(Reason::InstallFailed, Some(e.to_string()));
+        }
+        self.report(DeviceState::Downloading, None, None);
+        self.session = Some(Session::new(manifest, Some(key), self.cfg.chunk_timeout_ms));
+    }
+
+    fn on_frame(&mut self, now: u64, payload: &[u8], flash: &mut dyn Flash) {
+        let frame = match chunkframe::decode(payload) {
+            Ok(f) => f,
+            Err(e) => {
+                self.stats.bad_payloads += 1;
+                debug!(device = %self.cfg.device, error = %e, "undecodable chunk frame");
+                return;
+            }
+        };
+        let downloading = self.current().is_some_and(|(_, p)| p == DeviceState::Downloading);
+        let (true, Some(session), Some(cur)) = (downloading, &mut self.session, &mut self.record.current) else {
+            return;
+        };
+        match frame {
+            ChunkFrame::Error { artifact, index, code } => {
+                if &artifact != session.artifact() {
+                    return;
+                }
+                if code == ChunkErrorCode::NotDownloading {
+                    // The orchestrator may not have applied our `downloading` report yet.
+                    session.paused_until = now + self.cfg.not_downloading_pause_ms;
+                    session.forget_outstanding();
+                } else {
+                    warn!(device = %self.cfg.device, %artifact, index, code = code.as_str(), "chunk error frame");
+                }
+            }
+            ChunkFrame::Data { artifact, index, count, sealed } => {
+                let slot = self.record.slots.update_slot();
+                let outcome = session.accept(
+                    &artifact,
+                    index,
+                    count,
+                    sealed,
+                    &mut cur.written,
+                    slot,
+                    flash,
+                    self.cfg.max_chunk_retries,
+                );
+                match outcome {
+                    ChunkOutcome::Written => {
+                        self.stats.chunks_received += 1;
+                        session.reset_timeout(self.cfg.chunk_timeout_ms);
+                        self.dirty(Persist::Soon);
+                    }
+                    ChunkOutcome::Duplicate | ChunkOutcome::Ignored => {}
+                    ChunkOutcome::Rejected { exhausted } => {
+                        self.stats.chunks_rejected += 1;
+                        debug!(device = %self.cfg.device, index, "chunk failed verification");
+                        if exhausted {
+                            let detail = format!("chunk {index} failed {} times", self.cfg.max_chunk_retries);
+                            self.finish(DeviceState::Failed, Some(Reason::ChunkVerificationFailed), Some(detail));
+                        }
+                    }
+                    ChunkOutcome::WriteFailed(e) => {
+                        self.fail(Reason::InstallFailed, Some(e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_ack(&mut self, payload: &[u8]) {
+        let ack: StatusAck = match messages::decode(payload) {
+            Ok(a) => a,
+            Err(e) => {
+                self.stats.bad_payloads += 1;
+                debug!(device = %self.cfg.device, error = %e, "undecodable ack");
+                return;
+            }
+        };
+        let matches_head = self
+            .record
+            .outbox
+            .front()
+            .is_some_and(|h| h.campaign == ack.campaign && h.seq == ack.seq);
+        if !matches_head {
+            return; // A duplicate or stale acknowledgement.
+        }
+        self.record.outbox.pop_front();
+        if ack.outcome == AckOutcome::Rejected {
+            self.stats.reports_rejected += 1;
+            warn!(device = %self.cfg.device, campaign = %ack.campaign, seq = ack.seq, error = ?ack.error, state = %ack.state, "report rejected");
+        }
+        if let Some(f) = self.record.finished_mut(&ack.campaign) {
+            if f.final_report.seq == ack.seq {
+                f.acked = true;
+            }
+        }
+        self.head_sent_at = None;
+        self.dirty(Persist::Now);
+    }
+}
+
+fn verify_signature(job: &Job, keys: &[ReleasePublicKey]) -> Result<Manifest, Refusal> {
+    job.manifest.verify(keys).map_err(|e| {
+        let reason = match e {
+            ManifestError::UnknownKey => Reason::UnknownSigningKey,
+            ManifestError::BadSignature => Reason::BadSignature,
+            _ => Reason::MalformedJob,
+        };
+        Refusal::new(reason, e)
+    })
+}
+
+/// Reads just the campaign id of a job that failed strict decoding.
+fn peek_campaign(payload: &[u8]) -> Option<CampaignId> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        campaign: CampaignId,
+    }
+    if payload.len() > messages::MAX_JOB_BYTES {
+        return None;
+    }
+    serde_json::from_slice::<Head>(payload).ok().map(|h| h.campaign)
+}

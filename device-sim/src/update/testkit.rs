@@ -1,0 +1,275 @@
+//! Test fixtures for the agent: real releases built with the proto crate, jobs wrapped for the
+//! device, and a rig that feeds inputs, records outputs and plays the orchestrator's part.
+
+use std::collections::VecDeque;
+
+use aloft_proto::chunkframe;
+use aloft_proto::crypto::{self, ContentKey, DeviceEncryptionKey};
+use aloft_proto::manifest::{Manifest, ReleaseSigningKey, SignedManifest};
+use aloft_proto::messages::{self, AckOutcome, ChunkRequest, Job, StatusAck, StatusReport};
+use aloft_proto::release::{build_release, ReleaseMeta};
+use aloft_proto::{ArtifactId, CampaignId, DeviceId, DeviceState, SecurityVersion};
+
+use super::*;
+use crate::slots::MemoryFlash;
+use crate::store::DeviceRecord;
+
+/// Unix milliseconds the rig's clock starts at.
+pub const T0: u64 = 1_700_000_000_000;
+pub const HW: &str = "sim-v1";
+
+pub struct TestRelease {
+    pub manifest: Manifest,
+    pub signed: SignedManifest,
+    pub content_key: ContentKey,
+    pub sealed: Vec<Vec<u8>>,
+    pub image: Vec<u8>,
+}
+
+impl TestRelease {
+    pub fn frame(&self, i: u32) -> Vec<u8> {
+        chunkframe::encode_data(
+            &self.manifest.artifact,
+            i,
+            self.manifest.chunk_count,
+            &self.sealed[i as usize],
+        )
+    }
+
+    /// The frame of chunk `i` with one byte of its sealed data flipped.
+    pub fn tampered_frame(&self, i: u32) -> Vec<u8> {
+        let mut f = self.frame(i);
+        if let Some(last) = f.last_mut() {
+            *last ^= 0x5a;
+        }
+        f
+    }
+}
+
+pub struct ReleaseSpec<'a> {
+    pub artifact: &'a str,
+    pub version: &'a str,
+    pub security_version: u64,
+    pub hardware_model: &'a str,
+    pub size: usize,
+    pub expires_at: u64,
+}
+
+impl Default for ReleaseSpec<'_> {
+    fn default() -> Self {
+        ReleaseSpec {
+            artifact: "fw-2",
+            version: "2.0.0",
+            security_version: 2,
+            hardware_model: HW,
+            size: 5000,
+            expires_at: T0 / 1000 + 86_400,
+        }
+    }
+}
+
+pub fn release(key: &ReleaseSigningKey, spec: &ReleaseSpec<'_>) -> TestRelease {
+    let image: Vec<u8> = (0..spec.size).map(|i| (i * 31 + spec.size) as u8).collect();
+    let meta = ReleaseMeta {
+        artifact: ArtifactId::new(spec.artifact).unwrap(),
+        version: spec.version.into(),
+        security_version: SecurityVersion(spec.security_version),
+        hardware_model: spec.hardware_model.into(),
+        chunk_size: 1024,
+        created_at: T0 / 1000 - 86_400,
+        expires_at: spec.expires_at,
+    };
+    let mut sealed = Vec::new();
+    let built = build_release(&mut image.as_slice(), spec.size as u64, &meta, key, |_, c| {
+        sealed.push(c);
+        Ok(())
+    })
+    .unwrap();
+    TestRelease {
+        manifest: built.manifest,
+        signed: built.signed,
+        content_key: built.content_key,
+        sealed,
+        image,
+    }
+}
+
+pub struct Fixture {
+    pub signing: ReleaseSigningKey,
+    pub device: DeviceId,
+    pub device_key: DeviceEncryptionKey,
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        Fixture {
+            signing: ReleaseSigningKey::generate().unwrap(),
+            device: DeviceId::new("dev-00001").unwrap(),
+            device_key: DeviceEncryptionKey::generate().unwrap(),
+        }
+    }
+
+    pub fn release(&self, spec: &ReleaseSpec<'_>) -> TestRelease {
+        release(&self.signing, spec)
+    }
+
+    /// A job for `campaign` with the content key wrapped for `device` under `public`.
+    pub fn job_wrapped(
+        &self,
+        campaign: &str,
+        rel: &TestRelease,
+        device: &DeviceId,
+        public: &[u8; 32],
+    ) -> Vec<u8> {
+        let wrapped =
+            crypto::wrap_content_key(public, device, &rel.manifest.artifact, &rel.content_key)
+                .unwrap();
+        messages::encode(&Job {
+            v: messages::PROTOCOL_VERSION,
+            campaign: CampaignId::new(campaign).unwrap(),
+            manifest: rel.signed.clone(),
+            wrapped_key: wrapped,
+            issued_at: T0 / 1000,
+        })
+    }
+
+    pub fn job(&self, campaign: &str, rel: &TestRelease) -> Vec<u8> {
+        let public = self.device_key.public_bytes().unwrap();
+        self.job_wrapped(campaign, rel, &self.device, &public)
+    }
+
+    pub fn agent(&self, record: DeviceRecord, health: Box<dyn HealthCheck>) -> UpdateAgent {
+        let cfg = AgentConfig::new(self.device.clone(), HW, vec![self.signing.public()]);
+        UpdateAgent::new(cfg, self.device_key.clone(), record, health)
+    }
+
+    pub fn rig(&self) -> Rig {
+        self.rig_with(DeviceRecord::factory("1.0.0", SecurityVersion(1)), true)
+    }
+
+    pub fn rig_with(&self, record: DeviceRecord, healthy: bool) -> Rig {
+        let health: Box<dyn HealthCheck> = Box::new(FixedHealth(healthy));
+        Rig::new(self.agent(record, health))
+    }
+}
+
+pub struct FixedHealth(pub bool);
+
+impl HealthCheck for FixedHealth {
+    fn check(&mut self, _: &CampaignId, _: &str) -> bool {
+        self.0
+    }
+}
+
+/// The agent, its flash and clock, every output so far, and the chunks it asked for.
+pub struct Rig {
+    pub agent: UpdateAgent,
+    pub flash: MemoryFlash,
+    pub now: u64,
+    pub published: Vec<Output>,
+    pub requested: VecDeque<u32>,
+}
+
+impl Rig {
+    pub fn new(agent: UpdateAgent) -> Self {
+        Rig {
+            agent,
+            flash: MemoryFlash::new(1 << 20),
+            now: T0,
+            published: Vec::new(),
+            requested: VecDeque::new(),
+        }
+    }
+
+    pub fn step(&mut self, input: Input<'_>) -> Vec<Output> {
+        let out = self.agent.handle(self.now, input, &mut self.flash);
+        for o in &out {
+            if let Some(req) = as_request(o) {
+                self.requested.extend(req.indices());
+            }
+        }
+        self.published.extend(out.iter().cloned());
+        out
+    }
+
+    pub fn connect(&mut self) -> Vec<Output> {
+        self.step(Input::Connected)
+    }
+
+    pub fn advance(&mut self, ms: u64) -> Vec<Output> {
+        self.now += ms;
+        self.step(Input::Tick)
+    }
+
+    /// Every status report published so far, resends included, in order.
+    pub fn reports(&self) -> Vec<StatusReport> {
+        self.published.iter().filter_map(as_report).collect()
+    }
+
+    /// Distinct reports of `campaign` in seq order, as (seq, state).
+    pub fn states_of(&self, campaign: &str) -> Vec<(u32, DeviceState)> {
+        let mut v: Vec<(u32, DeviceState)> = self
+            .reports()
+            .into_iter()
+            .filter(|r| r.campaign.as_str() == campaign)
+            .map(|r| (r.seq, r.state))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    pub fn ack_head(&mut self, outcome: AckOutcome) -> Option<Vec<Output>> {
+        let head = self.agent.record().outbox.front()?.clone();
+        let ack = StatusAck {
+            v: messages::PROTOCOL_VERSION,
+            campaign: head.campaign,
+            seq: head.seq,
+            outcome,
+            state: head.state,
+            error: None,
+        };
+        Some(self.step(Input::Ack(&messages::encode(&ack))))
+    }
+
+    /// Plays the orchestrator until nothing moves: serves requested chunks of `rel` (the
+    /// `tamper` ones tampered, each once per listed occurrence) and acknowledges every report.
+    pub fn run(&mut self, rel: &TestRelease, tamper: &mut Vec<u32>) {
+        for _ in 0..10_000 {
+            if let Some(i) = self.requested.pop_front() {
+                let frame = match tamper.iter().position(|&t| t == i) {
+                    Some(p) => {
+                        tamper.remove(p);
+                        rel.tampered_frame(i)
+                    }
+                    None if i < rel.manifest.chunk_count => rel.frame(i),
+                    None => continue,
+                };
+                self.step(Input::ChunkFrame(&frame));
+            } else if self.ack_head(AckOutcome::Applied).is_none() {
+                return;
+            }
+        }
+        panic!("the agent never went quiet");
+    }
+}
+
+pub fn as_report(o: &Output) -> Option<StatusReport> {
+    match o {
+        Output::Publish {
+            topic: OutTopic::Status,
+            payload,
+        } => Some(messages::decode(payload).expect("the agent publishes valid reports")),
+        _ => None,
+    }
+}
+
+pub fn as_request(o: &Output) -> Option<ChunkRequest> {
+    match o {
+        Output::Publish {
+            topic: OutTopic::ChunkRequest,
+            payload,
+        } => Some(messages::decode(payload).expect("the agent publishes valid requests")),
+        _ => None,
+    }
+}

@@ -1,0 +1,340 @@
+//! The lab: everything a demo or an end-to-end test needs around a real orchestrator — a data
+//! directory with a fleet CA, an operator profile, a trusted release key, releases built and
+//! signed like an operator would, and the orchestrator itself, in-process or as a child process
+//! that can be killed with SIGKILL.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use aloft_certs::{FleetCa, Validity};
+use aloft_device::{DeviceIdentity, FleetConfig};
+use aloft_orchestrator::admin::client::AdminClient;
+use aloft_orchestrator::admin::wire::{AdminBody, CampaignSummary};
+use aloft_orchestrator::cli;
+use aloft_orchestrator::config::{FileConfig, ServeConfig};
+use aloft_orchestrator::store::Target;
+use aloft_proto::manifest::ReleaseSigningKey;
+use aloft_proto::release::ReleaseMeta;
+use aloft_proto::{ArtifactId, CampaignId, DeviceState, OperatorId, SecurityVersion};
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// The hardware model every simulated device reports unless told otherwise.
+pub const HARDWARE_MODEL: &str = "sim-v1";
+
+/// A directory holding one orchestrator's data, its operator and its release key.
+pub struct Lab {
+    pub root: PathBuf,
+    pub data_dir: PathBuf,
+    pub profile_dir: PathBuf,
+    pub ca: FleetCa,
+    pub release_key: ReleaseSigningKey,
+}
+
+impl Lab {
+    /// Creates the fleet CA and server certificate, an operator `ops`, and a release key the
+    /// orchestrator trusts.
+    pub fn create(root: &Path) -> Result<Lab> {
+        aloft_certs::tls::install_crypto_provider();
+        let data_dir = root.join("orchestrator");
+        let ca = cli::init(
+            &data_dir,
+            "Aloft Lab CA",
+            &["localhost".to_owned(), "127.0.0.1".to_owned()],
+        )?;
+        let profile_dir = root.join("operator");
+        cli::issue_operator_profile(&ca, &OperatorId::new("ops")?, &profile_dir, 30)?;
+        let release_key = ReleaseSigningKey::generate()?;
+        cli::add_release_key(&data_dir, &release_key.public().to_hex())?;
+        Ok(Lab {
+            root: root.to_owned(),
+            data_dir,
+            profile_dir,
+            ca,
+            release_key,
+        })
+    }
+
+    /// The orchestrator's configuration with every listener on a port chosen at run time.
+    pub fn serve_config(&self) -> ServeConfig {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        ServeConfig {
+            data_dir: self.data_dir.clone(),
+            file: FileConfig {
+                listen: any,
+                metrics_listen: Some(any),
+                ..FileConfig::default()
+            },
+        }
+    }
+
+    /// Starts the orchestrator in this process.
+    pub async fn start(&self) -> Result<aloft_orchestrator::Running> {
+        Ok(aloft_orchestrator::start(self.serve_config()).await?)
+    }
+
+    /// Starts the orchestrator as a child process of `exe` (a binary whose first argument
+    /// `orchestrator` runs `aloft serve`), listening on `listen`.
+    pub fn spawn(&self, exe: &Path, listen: SocketAddr) -> Result<OrchestratorProcess> {
+        let mut child = Command::new(exe)
+            .arg("orchestrator")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--metrics-listen")
+            .arg("127.0.0.1:0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let field = |name: &str| -> Option<SocketAddr> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .and_then(|v| v.parse().ok())
+        };
+        let (Some(device_addr), metrics_addr) = (field("device="), field("metrics=")) else {
+            let _ = child.kill();
+            bail!("orchestrator did not report its addresses: {line:?}");
+        };
+        Ok(OrchestratorProcess {
+            child,
+            device_addr,
+            metrics_addr,
+        })
+    }
+
+    /// Enrolls `count` simulated devices (keys and CSRs made device-side, certificates issued by
+    /// this lab's CA) under `root/fleet`, and loads them.
+    pub fn enroll_fleet(&self, prefix: &str, count: usize) -> Result<Vec<DeviceIdentity>> {
+        let dir = self.fleet_dir();
+        aloft_device::identity::enroll(&dir, prefix, count)?;
+        aloft_device::identity::issue_all(&dir, &self.ca, Validity::days(30))?;
+        let (_, devices) = aloft_device::identity::load(&dir)?;
+        Ok(devices)
+    }
+
+    pub fn fleet_dir(&self) -> PathBuf {
+        self.root.join("fleet")
+    }
+
+    /// Settings for a fleet of this lab against the orchestrator at `addr`.
+    pub fn fleet_config(&self, addr: SocketAddr) -> FleetConfig {
+        let mut cfg = FleetConfig::new(
+            addr.ip().to_string(),
+            addr.port(),
+            self.ca.cert_pem().to_owned(),
+            self.fleet_dir(),
+        );
+        cfg.release_keys = vec![self.release_key.public()];
+        cfg.hardware_model = HARDWARE_MODEL.to_owned();
+        cfg
+    }
+
+    /// An operator connection to the orchestrator at `addr`.
+    pub async fn operator(&self, addr: SocketAddr) -> Result<AdminClient> {
+        Ok(AdminClient::connect(&self.profile_dir, &addr.to_string()).await?)
+    }
+
+    /// Builds and signs a release of a pseudo-random image of `image_bytes` bytes.
+    pub fn build_release(&self, spec: &ReleaseSpec) -> Result<PathBuf> {
+        let dir = self.root.join("releases").join(&spec.version);
+        std::fs::create_dir_all(&dir)?;
+        let image = dir.join("image.bin");
+        std::fs::write(&image, pseudo_random_image(spec.image_bytes, spec.seed))?;
+        let now = now_secs();
+        let meta = ReleaseMeta {
+            artifact: ArtifactId::new(format!("fw-{}", spec.version))?,
+            version: spec.version.clone(),
+            security_version: SecurityVersion(spec.security_version),
+            hardware_model: spec.hardware_model.clone(),
+            chunk_size: spec.chunk_bytes,
+            created_at: now,
+            expires_at: now + 86_400,
+        };
+        let bundle = dir.join("bundle");
+        cli::build_bundle(&image, &meta, &self.release_key, &bundle)?;
+        Ok(bundle)
+    }
+
+    /// Builds, uploads, and creates a campaign for every registered device.
+    pub async fn release_to_all(
+        &self,
+        admin: &AdminClient,
+        spec: &ReleaseSpec,
+    ) -> Result<CampaignId> {
+        let bundle = self.build_release(spec)?;
+        let artifact = cli::upload_bundle(admin, &bundle, false).await?;
+        create_campaign(admin, artifact, Target::All).await
+    }
+}
+
+/// Waits until the orchestrator has registered at least `n` devices.
+pub async fn wait_registered(admin: &AdminClient, n: usize, timeout: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let devices: Vec<Value> = admin.call(AdminBody::DeviceList {}).await?;
+        if devices.len() >= n {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("only {} of {n} devices registered within {timeout:?}", devices.len());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Creates a campaign and returns its id.
+pub async fn create_campaign(
+    admin: &AdminClient,
+    artifact: ArtifactId,
+    target: Target,
+) -> Result<CampaignId> {
+    let v: Value = admin
+        .call(AdminBody::CampaignCreate { artifact, target })
+        .await?;
+    let id = v
+        .get("campaign")
+        .and_then(Value::as_str)
+        .context("campaign id in reply")?;
+    Ok(CampaignId::new(id)?)
+}
+
+/// Polls a campaign's status until `done` holds or `timeout` passes.
+pub async fn wait_campaign(
+    admin: &AdminClient,
+    campaign: &CampaignId,
+    timeout: Duration,
+    done: impl Fn(&CampaignSummary) -> bool,
+) -> Result<CampaignSummary> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let s = status(admin, campaign, false).await?;
+        if done(&s) {
+            return Ok(s);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("campaign {campaign} not done within {timeout:?}: {:?}", s.counts);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn status(
+    admin: &AdminClient,
+    campaign: &CampaignId,
+    devices: bool,
+) -> Result<CampaignSummary> {
+    Ok(admin
+        .call(AdminBody::CampaignStatus {
+            campaign: campaign.clone(),
+            devices,
+        })
+        .await?)
+}
+
+/// Whether every device of the campaign reached a terminal state.
+pub fn finished(s: &CampaignSummary) -> bool {
+    s.count(DeviceState::Succeeded) + s.count(DeviceState::Failed) + s.count(DeviceState::RolledBack)
+        == s.total
+}
+
+/// What release to build.
+#[derive(Debug, Clone)]
+pub struct ReleaseSpec {
+    pub version: String,
+    pub security_version: u64,
+    pub hardware_model: String,
+    pub image_bytes: usize,
+    pub chunk_bytes: u32,
+    pub seed: u64,
+}
+
+impl ReleaseSpec {
+    pub fn new(version: &str, security_version: u64, image_bytes: usize) -> Self {
+        Self {
+            version: version.to_owned(),
+            security_version,
+            hardware_model: HARDWARE_MODEL.to_owned(),
+            image_bytes,
+            chunk_bytes: aloft_proto::manifest::DEFAULT_CHUNK_BYTES,
+            seed: security_version,
+        }
+    }
+}
+
+/// A deterministic, incompressible-looking image (xorshift), so releases differ by seed.
+pub fn pseudo_random_image(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// An orchestrator running as a child process.
+pub struct OrchestratorProcess {
+    pub child: Child,
+    pub device_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl OrchestratorProcess {
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Peak resident memory of the process so far, from /proc (Linux).
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        peak_rss_of(&format!("/proc/{}/status", self.child.id()))
+    }
+}
+
+impl Drop for OrchestratorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `VmHWM` of a /proc status file, in bytes.
+pub fn peak_rss_of(status_path: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(status_path).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Reads one counter from a Prometheus text endpoint.
+pub async fn scrape(addr: SocketAddr, metric: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    body.lines()
+        .find(|l| l.starts_with(metric) && l[metric.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
