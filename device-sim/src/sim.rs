@@ -88,6 +88,8 @@ pub struct DeviceView {
     /// The newest finished campaign: its final state and reason, and whether it was acknowledged.
     pub last_finished: Option<(CampaignId, DeviceState, Option<Reason>, bool)>,
     pub stats: AgentStats,
+    /// The last report the orchestrator accepted, since the simulator started.
+    pub last_acked: Option<(CampaignId, DeviceState)>,
     /// Reports not yet acknowledged.
     pub outbox: usize,
 }
@@ -125,6 +127,7 @@ impl Hooks for SimHooks {
             .back()
             .map(|f| (f.campaign.clone(), f.state, f.reason, f.acked));
         v.stats = agent.stats();
+        v.last_acked = agent.last_acked().cloned();
         v.outbox = record.outbox.len();
     }
 

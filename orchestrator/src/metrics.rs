@@ -142,6 +142,11 @@ impl Metrics {
     }
 
     /// A counter's current value, for tests and summaries.
+    /// The front's counters now, if this orchestrator has a front.
+    pub fn front_snapshot(&self) -> Option<FrontStatsSnapshot> {
+        self.front.as_ref().map(|f| f.snapshot())
+    }
+
     pub fn rejected_count(&self, kind: &str, reason: &str) -> u64 {
         self.rejected_messages
             .with_label_values(&[kind, reason])

@@ -85,6 +85,10 @@ pub struct Running {
     pub metrics_addr: Option<SocketAddr>,
     pub insecure_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
+    /// The embedded broker's loopback listener and secret: whoever holds them can publish
+    /// anything to any device, as the orchestrator does. Exposed for tests that play a
+    /// compromised server.
+    pub backend: aloft_broker::BackendAddr,
     shutdown: watch::Sender<bool>,
     engine: JoinHandle<Result<(), EngineError>>,
 }
@@ -208,17 +212,17 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         metrics.clone(),
     );
     let engine = tokio::spawn(engine.run(rx, publisher));
-    // The broker runs on its own threads for the life of the process; keep its handle alive.
-    std::mem::forget(broker);
     info!(%device_addr, ?metrics_addr, "orchestrator listening");
     Ok(Running {
         device_addr,
         metrics_addr,
         insecure_addr,
         metrics,
+        backend: broker.backend(),
         shutdown: shutdown_tx,
         engine,
     })
+    // `broker` is dropped here: rumqttd runs on its own threads for the life of the process.
 }
 
 /// Turns every device session the front establishes into a `DeviceSeen` event, which registers

@@ -178,6 +178,9 @@ pub struct UpdateAgent {
     deferred_job: Option<Vec<u8>>,
     stats: AgentStats,
     persist: Persist,
+    /// The last report the orchestrator accepted (applied or duplicate) in this process's life:
+    /// what it has promised to remember.
+    last_acked: Option<(CampaignId, DeviceState)>,
 }
 
 impl UpdateAgent {
@@ -198,6 +201,7 @@ impl UpdateAgent {
             deferred_job: None,
             stats: AgentStats::default(),
             persist: Persist::Clean,
+            last_acked: None,
         }
     }
 
@@ -207,6 +211,11 @@ impl UpdateAgent {
 
     pub fn record(&self) -> &DeviceRecord {
         &self.record
+    }
+
+    /// The campaign and state of the last report the orchestrator accepted since start-up.
+    pub fn last_acked(&self) -> Option<&(CampaignId, DeviceState)> {
+        self.last_acked.as_ref()
     }
 
     pub fn stats(&self) -> AgentStats {
@@ -702,7 +711,10 @@ impl UpdateAgent {
         if !matches_head {
             return; // A duplicate or stale acknowledgement.
         }
-        self.record.outbox.pop_front();
+        let acked = self.record.outbox.pop_front();
+        if ack.outcome != AckOutcome::Rejected {
+            self.last_acked = acked.map(|r| (r.campaign, r.state));
+        }
         if ack.outcome == AckOutcome::Rejected {
             self.stats.reports_rejected += 1;
             warn!(device = %self.cfg.device, campaign = %ack.campaign, seq = ack.seq, error = ?ack.error, state = %ack.state, "report rejected");

@@ -1,0 +1,168 @@
+//! Shared set-up for the end-to-end tests.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aloft_device::{DeviceIdentity, Fleet, FleetConfig};
+use aloft_e2e::{wait_registered, Lab};
+use aloft_orchestrator::admin::client::AdminClient;
+use aloft_orchestrator::Running;
+use aloft_proto::DeviceId;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+use tempfile::TempDir;
+
+/// Generous bound for anything that should take seconds; hit only when something is broken.
+pub const LIMIT: Duration = Duration::from_secs(120);
+
+/// An orchestrator in this process, an operator, and an enrolled (not yet running) fleet.
+pub struct Env {
+    /// Kept for its lifetime: the directory is removed when the test ends.
+    _tmp: TempDir,
+    pub lab: Lab,
+    pub running: Running,
+    pub admin: AdminClient,
+    pub devices: Vec<DeviceIdentity>,
+}
+
+impl Env {
+    pub async fn new(devices: usize) -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let lab = Lab::create(tmp.path()).unwrap();
+        let running = lab.start().await.unwrap();
+        let admin = lab.operator(running.device_addr).await.unwrap();
+        let devices = lab.enroll_fleet("dev", devices).unwrap();
+        Env {
+            _tmp: tmp,
+            lab,
+            running,
+            admin,
+            devices,
+        }
+    }
+
+    pub fn fleet_config(&self) -> FleetConfig {
+        self.lab.fleet_config(self.running.device_addr)
+    }
+
+    /// Starts the whole fleet and waits until the orchestrator registered every device.
+    pub async fn start_fleet(&self, cfg: &FleetConfig) -> Fleet {
+        let fleet = Fleet::start(cfg, self.devices.clone()).unwrap();
+        wait_registered(&self.admin, self.devices.len(), LIMIT)
+            .await
+            .unwrap();
+        fleet
+    }
+}
+
+/// Connects an MQTT client as `device` (its real certificate) and waits for the CONNACK.
+pub async fn device_client(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    device: &DeviceIdentity,
+) -> (AsyncClient, EventLoop) {
+    let tls = aloft_certs::tls::client_config(ca_pem, &device.cert_pem, &device.key_pem).unwrap();
+    let mut opts = MqttOptions::new(device.id.as_str(), addr.ip().to_string(), addr.port());
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(tls),
+    )))
+    .set_outgoing_inflight_upper_limit(16)
+    .set_max_packet_size(Some(1024 * 1024));
+    connected(opts).await
+}
+
+/// Connects to the embedded broker's backend like the orchestrator does (a compromised
+/// server's view: it can publish anything to any device).
+pub async fn backend_client(running: &Running) -> (AsyncClient, EventLoop) {
+    let backend = &running.backend;
+    let mut opts = MqttOptions::new(
+        "attacker",
+        backend.addr.ip().to_string(),
+        backend.addr.port(),
+    );
+    opts.set_credentials("attacker", backend.secret.as_str())
+        .set_outgoing_inflight_upper_limit(16)
+        .set_max_packet_size(Some(2 * 1024 * 1024));
+    connected(opts).await
+}
+
+async fn connected(opts: MqttOptions) -> (AsyncClient, EventLoop) {
+    let (client, mut el) = AsyncClient::new(opts, 64);
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("connect failed: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    (client, el)
+}
+
+/// Publishes at QoS 1 and drives the event loop until the broker acknowledged it (or the
+/// connection closed, which is also an answer for refused input).
+pub async fn publish_and_settle(
+    client: &AsyncClient,
+    el: &mut EventLoop,
+    topic: String,
+    payload: Vec<u8>,
+    retain: bool,
+) {
+    client
+        .publish(topic, QoS::AtLeastOnce, retain, payload)
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+}
+
+pub fn id(s: &str) -> DeviceId {
+    DeviceId::new(s).unwrap()
+}
+
+/// Connects an MQTT client with the operator profile in `profile_dir`.
+pub async fn operator_client(
+    addr: std::net::SocketAddr,
+    profile_dir: &Path,
+) -> (AsyncClient, EventLoop) {
+    let read = |f: &str| std::fs::read_to_string(profile_dir.join(f)).unwrap();
+    let tls = aloft_certs::tls::client_config(
+        &read("ca.crt"),
+        &read("operator.crt"),
+        &read("operator.key"),
+    )
+    .unwrap();
+    let der = aloft_certs::tls::parse_cert(&read("operator.crt")).unwrap();
+    let name = aloft_certs::parse_identity(&der).unwrap().id;
+    let mut opts = MqttOptions::new(name, addr.ip().to_string(), addr.port());
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(tls),
+    )))
+    .set_outgoing_inflight_upper_limit(16)
+    .set_max_packet_size(Some(2 * 1024 * 1024));
+    connected(opts).await
+}
+
+/// Sends DISCONNECT and drives the event loop until the connection is gone, so the front has
+/// released the identity before the test connects it again.
+pub async fn close(client: AsyncClient, mut el: EventLoop) {
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while el.poll().await.is_ok() {}
+    })
+    .await;
+}

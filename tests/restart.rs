@@ -1,0 +1,99 @@
+//! Crash safety: the orchestrator is killed with SIGKILL mid-campaign and started again on the
+//! same data directory. The embedded broker keeps nothing, so everything devices need must come
+//! back from the store, and no transition the orchestrator acknowledged may be lost.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use aloft_device::Fleet;
+use aloft_e2e::{finished, status, wait_campaign, wait_registered, Lab, ReleaseSpec};
+use aloft_proto::{CampaignId, DeviceId, DeviceState};
+
+use crate::common::LIMIT;
+
+/// Position of a state along the success path, for "did not go backwards".
+fn rank(s: DeviceState) -> u8 {
+    use DeviceState::*;
+    match s {
+        Idle => 0,
+        Notified => 1,
+        Downloading => 2,
+        Downloaded => 3,
+        Installing => 4,
+        Rebooting => 5,
+        Verifying => 6,
+        Succeeded | Failed | RolledBack => 7,
+    }
+}
+
+fn exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_aloft-demo"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrator_killed_mid_campaign_resumes_and_loses_no_acknowledged_transition() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = Lab::create(tmp.path()).unwrap();
+    let orch = lab.spawn(exe(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = orch.device_addr;
+    let devices = lab.enroll_fleet("dev", 50).unwrap();
+    let mut cfg = lab.fleet_config(addr);
+    // Small chunks and a small window: the campaign takes long enough to be caught mid-way.
+    cfg.window = 2;
+    let fleet = Fleet::start(&cfg, devices).unwrap();
+    let admin = lab.operator(addr).await.unwrap();
+    wait_registered(&admin, 50, LIMIT).await.unwrap();
+    let mut spec = ReleaseSpec::new("2.0.0", 2, 512 * 1024);
+    spec.chunk_bytes = 4 * 1024;
+    let campaign = lab.release_to_all(&admin, &spec).await.unwrap();
+
+    // Wait until some devices are well into the campaign, then kill without warning.
+    wait_campaign(&admin, &campaign, LIMIT, |s| {
+        s.count(DeviceState::Downloading) + s.count(DeviceState::Downloaded) > 0
+            && s.count(DeviceState::Succeeded) >= 1
+    })
+    .await
+    .ok();
+    let before = status(&admin, &campaign, false).await.unwrap();
+    admin.disconnect().await;
+    orch.kill9().unwrap();
+    // Devices cannot get acknowledgements any more: what each last had accepted is now fixed.
+    let acked = acknowledged(&fleet, &campaign);
+    assert!(!before.counts.is_empty());
+    assert!(
+        acked.values().any(|s| *s != DeviceState::Succeeded),
+        "the kill landed mid-campaign: {:?}",
+        before.counts
+    );
+
+    let orch = lab.spawn(exe(), addr).unwrap();
+    let admin = lab.operator(orch.device_addr).await.unwrap();
+    let after_restart = status(&admin, &campaign, true).await.unwrap();
+    for d in &after_restart.devices {
+        if let Some(a) = acked.get(&d.device) {
+            assert!(
+                rank(d.state) >= rank(*a),
+                "{} was acknowledged in {a} but the restarted orchestrator says {}",
+                d.device,
+                d.state
+            );
+        }
+    }
+    let s = wait_campaign(&admin, &campaign, LIMIT, finished).await.unwrap();
+    assert_eq!(s.count(DeviceState::Succeeded), 50, "{:?}", s.counts);
+    assert!(fleet.wait_all(LIMIT, |v| v.running_version == "2.0.0").await);
+    fleet.shutdown().await;
+    drop(orch);
+}
+
+/// Each device's last acknowledged state in `campaign`.
+fn acknowledged(fleet: &Fleet, campaign: &CampaignId) -> HashMap<DeviceId, DeviceState> {
+    fleet
+        .views()
+        .into_iter()
+        .filter_map(|(id, v)| match v.last_acked {
+            Some((c, s)) if &c == campaign => Some((id, s)),
+            _ => None,
+        })
+        .collect()
+}

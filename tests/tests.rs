@@ -1,0 +1,9 @@
+//! End-to-end tests: the real orchestrator (in-process, or a child process where it must be
+//! killed), its embedded broker behind the mTLS front, and simulated devices running the real
+//! agent, all over loopback with certificates from the project's own CA.
+
+mod common;
+
+mod attacks;
+mod campaign;
+mod restart;
