@@ -184,7 +184,10 @@ pub async fn wait_registered(admin: &AdminClient, n: usize, timeout: Duration) -
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("only {} of {n} devices registered within {timeout:?}", devices.len());
+            bail!(
+                "only {} of {n} devices registered within {timeout:?}",
+                devices.len()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -220,7 +223,10 @@ pub async fn wait_campaign(
             return Ok(s);
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("campaign {campaign} not done within {timeout:?}: {:?}", s.counts);
+            bail!(
+                "campaign {campaign} not done within {timeout:?}: {:?}",
+                s.counts
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -241,7 +247,9 @@ pub async fn status(
 
 /// Whether every device of the campaign reached a terminal state.
 pub fn finished(s: &CampaignSummary) -> bool {
-    s.count(DeviceState::Succeeded) + s.count(DeviceState::Failed) + s.count(DeviceState::RolledBack)
+    s.count(DeviceState::Succeeded)
+        + s.count(DeviceState::Failed)
+        + s.count(DeviceState::RolledBack)
         == s.total
 }
 

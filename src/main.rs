@@ -103,10 +103,17 @@ async fn demo(args: Args) -> Result<bool> {
     step("fleet CA, server certificate, operator and release key created");
     let exe = std::env::current_exe()?;
     let orch = lab.spawn(&exe, SocketAddr::from(([127, 0, 0, 1], 0)))?;
-    step(&format!("orchestrator (pid {}) listening on {}", orch.child.id(), orch.device_addr));
+    step(&format!(
+        "orchestrator (pid {}) listening on {}",
+        orch.child.id(),
+        orch.device_addr
+    ));
 
     let devices = lab.enroll_fleet("dev", args.devices)?;
-    step(&format!("{} devices enrolled (device-side keys, CSRs signed by the fleet CA)", devices.len()));
+    step(&format!(
+        "{} devices enrolled (device-side keys, CSRs signed by the fleet CA)",
+        devices.len()
+    ));
     let mut cfg = lab.fleet_config(orch.device_addr);
     cfg.window = args.window;
     cfg.connect_concurrency = args.connect_concurrency;
@@ -115,13 +122,19 @@ async fn demo(args: Args) -> Result<bool> {
     let admin = lab.operator(orch.device_addr).await?;
     let limit = Duration::from_secs(args.timeout_secs);
     wait_registered(&admin, args.devices, limit).await?;
-    step(&format!("{} devices connected over mTLS and registered", args.devices));
+    step(&format!(
+        "{} devices connected over mTLS and registered",
+        args.devices
+    ));
 
     let mut spec = ReleaseSpec::new("2.0.0", 2, args.image_kib * 1024);
     spec.chunk_bytes = args.chunk_kib * 1024;
     let bundle = lab.build_release(&spec)?;
     let artifact = orch_cli::upload_bundle(&admin, &bundle, false).await?;
-    step(&format!("release {artifact} built, signed, encrypted and uploaded ({} KiB)", args.image_kib));
+    step(&format!(
+        "release {artifact} built, signed, encrypted and uploaded ({} KiB)",
+        args.image_kib
+    ));
 
     let campaign = create_campaign(&admin, artifact, Target::All).await?;
     let started = Instant::now();
@@ -159,7 +172,9 @@ async fn demo(args: Args) -> Result<bool> {
     bar.finish_and_clear();
 
     let served = match orch.metrics_addr {
-        Some(m) => scrape(m, "aloft_chunk_bytes_served_total").await.unwrap_or(0.0),
+        Some(m) => scrape(m, "aloft_chunk_bytes_served_total")
+            .await
+            .unwrap_or(0.0),
         None => 0.0,
     };
     let orch_rss = orch.peak_rss_bytes().unwrap_or(0);

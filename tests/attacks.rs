@@ -23,9 +23,15 @@ async fn valid_update_succeeds(env: &Env, fleet: &aloft_device::Fleet, version: 
         .release_to_all(&env.admin, &ReleaseSpec::new(version, sv, 64 * 1024))
         .await
         .unwrap();
-    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished).await.unwrap();
+    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
     assert_eq!(s.count(DeviceState::Succeeded), s.total, "{:?}", s.counts);
-    assert!(fleet.wait_all(LIMIT, |v| v.running_version == version).await);
+    assert!(
+        fleet
+            .wait_all(LIMIT, |v| v.running_version == version)
+            .await
+    );
 }
 
 fn read_bundle(dir: &std::path::Path) -> (SignedManifest, ContentKey) {
@@ -50,7 +56,10 @@ fn tamper(signed: &SignedManifest) -> SignedManifest {
 async fn forged_jobs_from_a_compromised_server_are_refused_then_a_valid_update_succeeds() {
     let env = Env::new(2).await;
     let fleet = env.start_fleet(&env.fleet_config()).await;
-    let bundle = env.lab.build_release(&ReleaseSpec::new("3.0.0", 3, 64 * 1024)).unwrap();
+    let bundle = env
+        .lab
+        .build_release(&ReleaseSpec::new("3.0.0", 3, 64 * 1024))
+        .unwrap();
     let (signed, key) = read_bundle(&bundle);
     let rogue = ReleaseSigningKey::generate().unwrap();
     let forged_by_rogue = SignedManifest::sign(&signed.peek_unverified().unwrap(), &rogue);
@@ -73,8 +82,14 @@ async fn forged_jobs_from_a_compromised_server_are_refused_then_a_valid_update_s
             wrapped_key: crypto::wrap_content_key(&public, &device, &artifact, &key).unwrap(),
             issued_at: aloft_e2e::now_secs(),
         };
-        publish_and_settle(&backend, &mut el, topics::job(&device), messages::encode(&job), true)
-            .await;
+        publish_and_settle(
+            &backend,
+            &mut el,
+            topics::job(&device),
+            messages::encode(&job),
+            true,
+        )
+        .await;
     }
     for (device, _, reason) in &cases {
         let refused = fleet
@@ -83,7 +98,11 @@ async fn forged_jobs_from_a_compromised_server_are_refused_then_a_valid_update_s
                     if c.as_str() == "forged-1" && r == reason)
             })
             .await;
-        assert!(refused, "{device} refused the forged job with {reason:?}: {:?}", fleet.view(&id(device)));
+        assert!(
+            refused,
+            "{device} refused the forged job with {reason:?}: {:?}",
+            fleet.view(&id(device))
+        );
         let v = fleet.view(&id(device)).unwrap();
         assert_eq!(v.running_version, "1.0.0", "nothing was installed");
         assert_eq!(v.stats.chunks_received, 0, "nothing was downloaded");
@@ -99,7 +118,9 @@ async fn manifest_for_another_hardware_model_is_refused_then_a_valid_update_succ
     let mut spec = ReleaseSpec::new("2.0.0-other", 2, 64 * 1024);
     spec.hardware_model = "other-board".into();
     let campaign = env.lab.release_to_all(&env.admin, &spec).await.unwrap();
-    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished).await.unwrap();
+    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
     assert_eq!(s.count(DeviceState::Failed), 2, "{:?}", s.counts);
     assert_eq!(s.reasons.get("wrong_hardware"), Some(&2), "{:?}", s.reasons);
     valid_update_succeeds(&env, &fleet, "2.0.0", 2).await;
@@ -111,17 +132,26 @@ async fn lower_security_version_is_refused_as_a_downgrade_then_a_valid_update_su
     let env = Env::new(2).await;
     let fleet = env.start_fleet(&env.fleet_config()).await;
     valid_update_succeeds(&env, &fleet, "3.0.0", 3).await;
-    assert!(fleet.wait_all(LIMIT, |v| v.floor == 3).await, "floor raised after a healthy boot");
+    assert!(
+        fleet.wait_all(LIMIT, |v| v.floor == 3).await,
+        "floor raised after a healthy boot"
+    );
 
     let campaign = env
         .lab
         .release_to_all(&env.admin, &ReleaseSpec::new("2.5.0", 2, 64 * 1024))
         .await
         .unwrap();
-    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished).await.unwrap();
+    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
     assert_eq!(s.count(DeviceState::Failed), 2, "{:?}", s.counts);
     assert_eq!(s.reasons.get("downgrade"), Some(&2), "{:?}", s.reasons);
-    assert!(fleet.wait_all(LIMIT, |v| v.running_version == "3.0.0" && v.floor == 3).await);
+    assert!(
+        fleet
+            .wait_all(LIMIT, |v| v.running_version == "3.0.0" && v.floor == 3)
+            .await
+    );
 
     valid_update_succeeds(&env, &fleet, "4.0.0", 4).await;
     fleet.shutdown().await;
@@ -130,11 +160,17 @@ async fn lower_security_version_is_refused_as_a_downgrade_then_a_valid_update_su
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_upload_with_a_bad_signature_is_refused_by_the_server() {
     let env = Env::new(1).await;
-    let bundle = env.lab.build_release(&ReleaseSpec::new("2.0.0", 2, 64 * 1024)).unwrap();
+    let bundle = env
+        .lab
+        .build_release(&ReleaseSpec::new("2.0.0", 2, 64 * 1024))
+        .unwrap();
     let (signed, key) = read_bundle(&bundle);
     let rogue = ReleaseSigningKey::generate().unwrap();
     let untrusted = SignedManifest::sign(&signed.peek_unverified().unwrap(), &rogue);
-    for (manifest, code) in [(tamper(&signed), "bad_signature"), (untrusted, "unknown_signing_key")] {
+    for (manifest, code) in [
+        (tamper(&signed), "bad_signature"),
+        (untrusted, "unknown_signing_key"),
+    ] {
         let r: Result<Value, _> = env
             .admin
             .call(AdminBody::ReleasePut {
@@ -152,9 +188,15 @@ async fn release_upload_with_a_bad_signature_is_refused_by_the_server() {
 
     // The same bundle, untouched, is accepted and can be rolled out.
     let fleet = env.start_fleet(&env.fleet_config()).await;
-    let artifact = cli::upload_bundle(&env.admin, &bundle, false).await.unwrap();
-    let campaign = create_campaign(&env.admin, artifact, Target::All).await.unwrap();
-    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished).await.unwrap();
+    let artifact = cli::upload_bundle(&env.admin, &bundle, false)
+        .await
+        .unwrap();
+    let campaign = create_campaign(&env.admin, artifact, Target::All)
+        .await
+        .unwrap();
+    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
     assert_eq!(s.count(DeviceState::Succeeded), 1, "{:?}", s.counts);
     fleet.shutdown().await;
 }
@@ -167,13 +209,20 @@ async fn malformed_truncated_and_oversized_payloads_are_counted_and_lose_nothing
     let ca = env.lab.ca.cert_pem().to_owned();
     let status = topics::status(&device.id);
     let chunk_req = topics::chunk_request(&device.id);
-    let valid_status = br#"{"v":1,"campaign":"c-1","seq":1,"state":"downloading","running_version":"1.0.0"}"#;
+    let valid_status =
+        br#"{"v":1,"campaign":"c-1","seq":1,"state":"downloading","running_version":"1.0.0"}"#;
     let bad: Vec<(&str, Vec<u8>)> = vec![
         ("garbage", b"\xff\xfe not json".to_vec()),
         ("truncated", valid_status[..valid_status.len() / 2].to_vec()),
         ("empty", Vec::new()),
-        ("unknown field", br#"{"v":1,"campaign":"c-1","seq":1,"state":"downloading","x":1}"#.to_vec()),
-        ("wrong version", br#"{"v":9,"campaign":"c-1","seq":1,"state":"downloading"}"#.to_vec()),
+        (
+            "unknown field",
+            br#"{"v":1,"campaign":"c-1","seq":1,"state":"downloading","x":1}"#.to_vec(),
+        ),
+        (
+            "wrong version",
+            br#"{"v":9,"campaign":"c-1","seq":1,"state":"downloading"}"#.to_vec(),
+        ),
         ("too large for the message", vec![b' '; 8 * 1024]),
     ];
     {
@@ -192,8 +241,13 @@ async fn malformed_truncated_and_oversized_payloads_are_counted_and_lose_nothing
         let profile = env.lab.root.join("ops2");
         cli::issue_operator_profile(&env.lab.ca, &op, &profile, 1).unwrap();
         let topic = topics::admin_request(&op, "request");
-        let (client, mut el) = crate::common::operator_client(env.running.device_addr, &profile).await;
-        for payload in [b"{".to_vec(), b"[]".to_vec(), br#"{"v":1,"id":"x","op":"nope"}"#.to_vec()] {
+        let (client, mut el) =
+            crate::common::operator_client(env.running.device_addr, &profile).await;
+        for payload in [
+            b"{".to_vec(),
+            b"[]".to_vec(),
+            br#"{"v":1,"id":"x","op":"nope"}"#.to_vec(),
+        ] {
             publish_and_settle(&client, &mut el, topic.clone(), payload, false).await;
         }
     }
@@ -202,7 +256,9 @@ async fn malformed_truncated_and_oversized_payloads_are_counted_and_lose_nothing
     while tokio::time::Instant::now() < deadline {
         let s: u64 = ["malformed", "too_large", "unsupported_version", "invalid"]
             .iter()
-            .map(|r| metrics.rejected_count("status", r) + metrics.rejected_count("chunk_request", r))
+            .map(|r| {
+                metrics.rejected_count("status", r) + metrics.rejected_count("chunk_request", r)
+            })
             .sum();
         if s >= 2 * bad.len() as u64 {
             break;

@@ -17,11 +17,15 @@ async fn campaign_over_mtls_updates_fifty_devices() {
         .release_to_all(&env.admin, &ReleaseSpec::new("2.0.0", 2, 192 * 1024))
         .await
         .unwrap();
-    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished).await.unwrap();
+    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
     assert_eq!(s.count(DeviceState::Succeeded), 50, "{:?}", s.counts);
     assert!(
         fleet
-            .wait_all(LIMIT, |v| v.running_version == "2.0.0" && v.floor == 2 && v.outbox == 0)
+            .wait_all(LIMIT, |v| v.running_version == "2.0.0"
+                && v.floor == 2
+                && v.outbox == 0)
             .await,
         "every device runs 2.0.0 with its floor raised and nothing left to report"
     );
@@ -45,11 +49,20 @@ async fn tampered_chunks_are_rejected_by_the_device_re_requested_and_the_campaig
         .release_to_all(&env.admin, &ReleaseSpec::new("2.0.0", 2, 256 * 1024))
         .await
         .unwrap();
-    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished).await.unwrap();
+    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
     assert_eq!(s.count(DeviceState::Succeeded), 4, "{:?}", s.counts);
     let corrupted = fleet.counters.chunks_corrupted.load(Ordering::Relaxed);
-    let rejected: u64 = fleet.views().iter().map(|(_, v)| v.stats.chunks_rejected).sum();
+    let rejected: u64 = fleet
+        .views()
+        .iter()
+        .map(|(_, v)| v.stats.chunks_rejected)
+        .sum();
     assert!(corrupted > 0, "the fault injector corrupted some chunks");
-    assert_eq!(rejected, corrupted, "every corrupted chunk was caught before decryption");
+    assert_eq!(
+        rejected, corrupted,
+        "every corrupted chunk was caught before decryption"
+    );
     fleet.shutdown().await;
 }

@@ -79,9 +79,15 @@ async fn orchestrator_killed_mid_campaign_resumes_and_loses_no_acknowledged_tran
             );
         }
     }
-    let s = wait_campaign(&admin, &campaign, LIMIT, finished).await.unwrap();
+    let s = wait_campaign(&admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
     assert_eq!(s.count(DeviceState::Succeeded), 50, "{:?}", s.counts);
-    assert!(fleet.wait_all(LIMIT, |v| v.running_version == "2.0.0").await);
+    assert!(
+        fleet
+            .wait_all(LIMIT, |v| v.running_version == "2.0.0")
+            .await
+    );
     fleet.shutdown().await;
     drop(orch);
 }

@@ -13,7 +13,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "device-sim", version, about = "Runs N simulated Aloft devices in one process")]
+#[command(
+    name = "device-sim",
+    version,
+    about = "Runs N simulated Aloft devices in one process"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,8 +76,7 @@ enum Command {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -81,7 +84,11 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Enroll { dir, count, prefix } => {
             let csrs = identity::enroll(&dir, &prefix, count)?;
-            println!("{} devices enrolled; CSRs in {}", csrs.len(), dir.join(identity::DEVICES_DIR).display());
+            println!(
+                "{} devices enrolled; CSRs in {}",
+                csrs.len(),
+                dir.join(identity::DEVICES_DIR).display()
+            );
         }
         Command::Issue { dir, ca_dir, days } => {
             let ca = FleetCa::load(&ca_dir)?;

@@ -137,7 +137,9 @@ impl Hooks for SimHooks {
             // The last byte of a data frame is sealed data (the GCM tag).
             if let Some(b) = frame.last_mut() {
                 *b ^= 0x5a;
-                self.counters.chunks_corrupted.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .chunks_corrupted
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -152,7 +154,9 @@ impl Hooks for SimHooks {
     }
 
     fn dropped_publish(&mut self) {
-        self.counters.publishes_dropped.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .publishes_dropped
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     fn store_failed(&mut self, _error: &str) {

@@ -159,7 +159,11 @@ impl SlotTable {
 #[derive(Debug, thiserror::Error)]
 pub enum FlashError {
     #[error("write of {len} bytes at {offset} exceeds the slot capacity of {capacity}")]
-    OutOfBounds { offset: u64, len: usize, capacity: u64 },
+    OutOfBounds {
+        offset: u64,
+        len: usize,
+        capacity: u64,
+    },
     #[error("slot storage i/o: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -204,13 +204,37 @@ pub async fn run(
             }
             let (kind, payload) = input_payload;
             match kind {
-                0 => step(&mut device, &session.client, &topics, Input::Job(&payload), hooks, &mut unsaved, &mut last_save),
+                0 => step(
+                    &mut device,
+                    &session.client,
+                    &topics,
+                    Input::Job(&payload),
+                    hooks,
+                    &mut unsaved,
+                    &mut last_save,
+                ),
                 1 => {
                     let mut frame = payload.to_vec();
                     hooks.inbound_chunk(&mut frame);
-                    step(&mut device, &session.client, &topics, Input::ChunkFrame(&frame), hooks, &mut unsaved, &mut last_save);
+                    step(
+                        &mut device,
+                        &session.client,
+                        &topics,
+                        Input::ChunkFrame(&frame),
+                        hooks,
+                        &mut unsaved,
+                        &mut last_save,
+                    );
                 }
-                _ => step(&mut device, &session.client, &topics, Input::Ack(&payload), hooks, &mut unsaved, &mut last_save),
+                _ => step(
+                    &mut device,
+                    &session.client,
+                    &topics,
+                    Input::Ack(&payload),
+                    hooks,
+                    &mut unsaved,
+                    &mut last_save,
+                ),
             }
         };
         debug!(device = %id, %reason, "session ended");
@@ -244,7 +268,12 @@ fn jitter(d: Duration) -> Duration {
     Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms.max(1)))
 }
 
-fn save(device: &mut Device, hooks: &mut dyn Hooks, unsaved: &mut bool, last_save: &mut tokio::time::Instant) -> bool {
+fn save(
+    device: &mut Device,
+    hooks: &mut dyn Hooks,
+    unsaved: &mut bool,
+    last_save: &mut tokio::time::Instant,
+) -> bool {
     match device.store.save(device.agent.record()) {
         Ok(()) => {
             *unsaved = false;

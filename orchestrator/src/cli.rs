@@ -31,7 +31,11 @@ pub mod bundle {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "aloft", version, about = "Aloft: OTA update orchestrator for IoT fleets")]
+#[command(
+    name = "aloft",
+    version,
+    about = "Aloft: OTA update orchestrator for IoT fleets"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -263,9 +267,20 @@ pub fn init(data_dir: &Path, ca_name: &str, hostnames: &[String]) -> Result<Flee
     let ca = FleetCa::create(ca_name, 3650)?;
     ca.save(&pki)?;
     let server = ca.issue_server(hostnames, Validity::days(825))?;
-    write_new(&pki.join(layout::SERVER_CERT), server.cert_pem.as_bytes(), false)?;
-    write_new(&pki.join(layout::SERVER_KEY), server.key_pem.as_bytes(), true)?;
-    println!("initialized {}: fleet CA and server certificate", data_dir.display());
+    write_new(
+        &pki.join(layout::SERVER_CERT),
+        server.cert_pem.as_bytes(),
+        false,
+    )?;
+    write_new(
+        &pki.join(layout::SERVER_KEY),
+        server.key_pem.as_bytes(),
+        true,
+    )?;
+    println!(
+        "initialized {}: fleet CA and server certificate",
+        data_dir.display()
+    );
     Ok(ca)
 }
 
@@ -353,7 +368,10 @@ fn pki(c: PkiCommand) -> Result<()> {
                 .map(std::fs::read_to_string)
                 .collect::<std::io::Result<Vec<_>>>()?;
             let mut failed = 0;
-            for (p, r) in paths.iter().zip(ca.issue_devices(&csrs, Validity::days(days))) {
+            for (p, r) in paths
+                .iter()
+                .zip(ca.issue_devices(&csrs, Validity::days(days)))
+            {
                 match r {
                     Ok(cert) => write_new(&p.with_extension("crt"), cert.as_bytes(), false)?,
                     Err(e) => {
@@ -362,7 +380,10 @@ fn pki(c: PkiCommand) -> Result<()> {
                     }
                 }
             }
-            println!("issued {} certificates, {failed} refused", paths.len() - failed);
+            println!(
+                "issued {} certificates, {failed} refused",
+                paths.len() - failed
+            );
             if failed > 0 {
                 bail!("{failed} CSRs were refused");
             }
@@ -391,7 +412,11 @@ pub fn issue_operator_profile(
     std::fs::create_dir_all(out_dir)?;
     let issued = ca.issue_operator(name, Validity::days(days))?;
     write_new(&out_dir.join(PROFILE_CA), ca.cert_pem().as_bytes(), false)?;
-    write_new(&out_dir.join(PROFILE_CERT), issued.cert_pem.as_bytes(), false)?;
+    write_new(
+        &out_dir.join(PROFILE_CERT),
+        issued.cert_pem.as_bytes(),
+        false,
+    )?;
     write_new(&out_dir.join(PROFILE_KEY), issued.key_pem.as_bytes(), true)?;
     Ok(())
 }
@@ -407,7 +432,10 @@ pub fn add_release_key(data_dir: &Path, key: &str) -> Result<()> {
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     writeln!(f, "{}  # key id {}", parsed.to_hex(), parsed.key_id())?;
-    println!("trusted release key {} (restart the orchestrator to apply)", parsed.key_id());
+    println!(
+        "trusted release key {} (restart the orchestrator to apply)",
+        parsed.key_id()
+    );
     Ok(())
 }
 
@@ -427,13 +455,19 @@ pub fn build_bundle(
         std::fs::File::create(&chunks_path)
             .with_context(|| format!("creating {}", chunks_path.display()))?,
     );
-    let built = build_release(&mut file, size, meta, key, |_, sealed| chunks.write_all(&sealed))?;
+    let built = build_release(&mut file, size, meta, key, |_, sealed| {
+        chunks.write_all(&sealed)
+    })?;
     chunks.flush()?;
     let manifest = serde_json::to_vec_pretty(&built.signed)?;
     std::fs::write(out_dir.join(bundle::MANIFEST), manifest)?;
     let key_path = out_dir.join(bundle::CONTENT_KEY);
     let _ = std::fs::remove_file(&key_path);
-    write_new(&key_path, hex::encode(built.content_key.as_bytes()).as_bytes(), true)?;
+    write_new(
+        &key_path,
+        hex::encode(built.content_key.as_bytes()).as_bytes(),
+        true,
+    )?;
     Ok(built.manifest.artifact)
 }
 

@@ -191,8 +191,10 @@ mod tests {
 
     #[test]
     fn a_public_insecure_listener_is_refused() {
-        let mut file = FileConfig::default();
-        file.insecure_plain_listen = Some("0.0.0.0:1883".parse().unwrap());
+        let file = FileConfig {
+            insecure_plain_listen: Some("0.0.0.0:1883".parse().unwrap()),
+            ..FileConfig::default()
+        };
         let cfg = ServeConfig {
             data_dir: PathBuf::new(),
             file,

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use aloft_broker::{FrontStats, FrontStatsSnapshot};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -59,7 +59,10 @@ impl Metrics {
             &["kind", "reason"],
         ));
         let failures = must(IntCounterVec::new(
-            Opts::new("aloft_device_failures_total", "Failed or rolled-back devices by reason"),
+            Opts::new(
+                "aloft_device_failures_total",
+                "Failed or rolled-back devices by reason",
+            ),
             &["reason"],
         ));
         let chunks_served = must(IntCounter::new(
@@ -72,10 +75,15 @@ impl Metrics {
         ));
         let store_flush_seconds = must(Histogram::with_opts(
             HistogramOpts::new("aloft_store_flush_seconds", "Time to make a batch durable")
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]),
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+                ]),
         ));
         let front_gauges = must(IntGaugeVec::new(
-            Opts::new("aloft_front", "mTLS front counters (cumulative unless noted)"),
+            Opts::new(
+                "aloft_front",
+                "mTLS front counters (cumulative unless noted)",
+            ),
             &["counter"],
         ));
         for c in [
@@ -107,7 +115,9 @@ impl Metrics {
     }
 
     pub fn set_device_state(&self, campaign: &str, state: &str, n: i64) {
-        self.device_state.with_label_values(&[campaign, state]).set(n);
+        self.device_state
+            .with_label_values(&[campaign, state])
+            .set(n);
     }
 
     pub fn report(&self, outcome: &str) {
@@ -177,15 +187,13 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                sock.read(&mut buf),
-            )
-            .await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
+            let n =
+                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
+                    .await
+                {
+                    Ok(Ok(n)) => n,
+                    _ => return,
+                };
             let head = String::from_utf8_lossy(&buf[..n]);
             let (status, body) = if head.starts_with("GET /metrics") {
                 ("200 OK", metrics.render())
@@ -205,7 +213,6 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
-
 
 fn front_counters(s: &FrontStatsSnapshot) -> [(&'static str, u64); 21] {
     [

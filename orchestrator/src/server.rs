@@ -71,8 +71,8 @@ pub fn load_trusted_release_keys(path: &Path) -> Result<Vec<ReleasePublicKey>, S
         if line.is_empty() {
             continue;
         }
-        let key =
-            ReleasePublicKey::from_hex(line).map_err(|_| ServeError::BadReleaseKey { line: i + 1 })?;
+        let key = ReleasePublicKey::from_hex(line)
+            .map_err(|_| ServeError::BadReleaseKey { line: i + 1 })?;
         keys.push(key);
     }
     Ok(keys)
@@ -196,9 +196,8 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         max_packet_bytes: 2 * 1024 * 1024,
     };
     let m = metrics.clone();
-    let (publisher, mut ready) = mqtt::connect(&link_cfg, tx, move |reason| {
-        m.rejected("topic", reason)
-    });
+    let (publisher, mut ready) =
+        mqtt::connect(&link_cfg, tx, move |reason| m.rejected("topic", reason));
     let up = tokio::time::timeout(std::time::Duration::from_secs(10), ready.wait_for(|r| *r)).await;
     if !matches!(up, Ok(Ok(_))) {
         return Err(ServeError::LinkDown);

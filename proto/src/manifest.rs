@@ -100,7 +100,11 @@ impl Manifest {
         }
         match B64.decode(&self.chunk_sha256) {
             Ok(d) if d.len() == 32 * self.chunk_count as usize => {}
-            _ => return Err(Inconsistent("chunk_sha256 does not hold one digest per chunk")),
+            _ => {
+                return Err(Inconsistent(
+                    "chunk_sha256 does not hold one digest per chunk",
+                ))
+            }
         }
         if self.expires_at <= self.created_at {
             return Err(Inconsistent("expires_at is not after created_at"));

@@ -270,7 +270,11 @@ impl Message for StatusReport {
                 "reason is required with failed and rolled_back, and only then",
             ));
         }
-        if self.detail.as_ref().is_some_and(|d| d.len() > MAX_DETAIL_LEN) {
+        if self
+            .detail
+            .as_ref()
+            .is_some_and(|d| d.len() > MAX_DETAIL_LEN)
+        {
             return Err(DecodeError::Invalid("detail is too long"));
         }
         if self
@@ -381,10 +385,9 @@ mod tests {
     fn valid_report_decodes() {
         let r = report(r#"{"v":1,"campaign":"c-1","seq":1,"state":"downloading"}"#).unwrap();
         assert_eq!(r.state, DeviceState::Downloading);
-        let r = report(
-            r#"{"v":1,"campaign":"c-1","seq":2,"state":"failed","reason":"bad_signature"}"#,
-        )
-        .unwrap();
+        let r =
+            report(r#"{"v":1,"campaign":"c-1","seq":2,"state":"failed","reason":"bad_signature"}"#)
+                .unwrap();
         assert_eq!(r.reason, Some(Reason::BadSignature));
     }
 
@@ -417,7 +420,10 @@ mod tests {
     fn chunk_request_bounds_are_enforced() {
         let ok = r#"{"v":1,"campaign":"c","artifact":"a","ranges":[[0,8],[10,12]]}"#;
         let r: ChunkRequest = decode(ok.as_bytes()).unwrap();
-        assert_eq!(r.indices().collect::<Vec<_>>(), [0, 1, 2, 3, 4, 5, 6, 7, 10, 11]);
+        assert_eq!(
+            r.indices().collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4, 5, 6, 7, 10, 11]
+        );
         for bad in [
             r#"{"v":1,"campaign":"c","artifact":"a","ranges":[]}"#,
             r#"{"v":1,"campaign":"c","artifact":"a","ranges":[[5,5]]}"#,

@@ -26,7 +26,9 @@ pub(super) enum ChunkOutcome {
     /// Not part of this download (another artifact, a bad index or count).
     Ignored,
     /// Failed its digest or authentication; `exhausted` once the retry budget is spent.
-    Rejected { exhausted: bool },
+    Rejected {
+        exhausted: bool,
+    },
     WriteFailed(FlashError),
 }
 
@@ -177,8 +179,7 @@ fn to_requests(indices: &[u32]) -> Vec<Vec<[u32; 2]>> {
     let mut chunks = 0u32;
     for &i in indices {
         let extends = ranges.last().is_some_and(|r| r[1] == i);
-        if chunks == MAX_CHUNKS_PER_REQUEST
-            || (!extends && ranges.len() == MAX_RANGES_PER_REQUEST)
+        if chunks == MAX_CHUNKS_PER_REQUEST || (!extends && ranges.len() == MAX_RANGES_PER_REQUEST)
         {
             requests.push(std::mem::take(&mut ranges));
             chunks = 0;

@@ -376,8 +376,13 @@ impl UpdateAgent {
     }
 
     fn unwrap_key(&self, job: &Job, manifest: &Manifest) -> Result<ContentKey, Refusal> {
-        crypto::unwrap_content_key(&self.key, &self.cfg.device, &manifest.artifact, &job.wrapped_key)
-            .map_err(|e| Refusal::new(Reason::KeyUnwrapFailed, e))
+        crypto::unwrap_content_key(
+            &self.key,
+            &self.cfg.device,
+            &manifest.artifact,
+            &job.wrapped_key,
+        )
+        .map_err(|e| Refusal::new(Reason::KeyUnwrapFailed, e))
     }
 
     /// Runs the phases after the download; each appends its report to the outbox.
@@ -437,13 +442,20 @@ impl UpdateAgent {
                             warn!(device = %self.cfg.device, error = %e, "setting the boot slot back failed");
                         }
                         warn!(device = %self.cfg.device, %campaign, "health check failed; rolled back");
-                        self.finish(DeviceState::RolledBack, Some(Reason::HealthCheckFailed), None);
+                        self.finish(
+                            DeviceState::RolledBack,
+                            Some(Reason::HealthCheckFailed),
+                            None,
+                        );
                     }
                 }
                 other => {
                     // Not a phase a record can hold; close the campaign rather than loop.
                     warn!(device = %self.cfg.device, state = %other, "campaign in an unexpected phase");
-                    self.fail(Reason::InstallFailed, Some(format!("unexpected phase {other}")));
+                    self.fail(
+                        Reason::InstallFailed,
+                        Some(format!("unexpected phase {other}")),
+                    );
                 }
             }
         }
@@ -462,7 +474,12 @@ impl UpdateAgent {
     }
 
     /// Queues a report for the current campaign with its next seq.
-    fn report(&mut self, state: DeviceState, reason: Option<Reason>, detail: Option<String>) -> Option<StatusReport> {
+    fn report(
+        &mut self,
+        state: DeviceState,
+        reason: Option<Reason>,
+        detail: Option<String>,
+    ) -> Option<StatusReport> {
         let running_version = Some(self.record.running_version().to_owned());
         let cur = self.record.current.as_mut()?;
         let report = StatusReport {
@@ -549,7 +566,11 @@ impl UpdateAgent {
             }
             return;
         }
-        let current = self.record.current.as_ref().map(|c| (c.campaign.clone(), c.phase));
+        let current = self
+            .record
+            .current
+            .as_ref()
+            .map(|c| (c.campaign.clone(), c.phase));
         if let Some((cur, phase)) = &current {
             if cur == &campaign {
                 return; // A redelivery: the campaign simply continues.
@@ -570,7 +591,11 @@ impl UpdateAgent {
         };
         if let Some((cur, _)) = current {
             info!(device = %self.cfg.device, %campaign, replaced = %cur, "new job replaces the current download");
-            self.finish(DeviceState::Failed, Some(Reason::Cancelled), Some(format!("replaced by campaign {campaign}")));
+            self.finish(
+                DeviceState::Failed,
+                Some(Reason::Cancelled),
+                Some(format!("replaced by campaign {campaign}")),
+            );
         }
         self.start(job, manifest, key, flash);
     }
@@ -579,8 +604,15 @@ impl UpdateAgent {
     /// begun runs to its end, since stopping it halfway would gain nothing.
     fn on_job_withdrawn(&mut self) {
         self.deferred_job = None;
-        if self.current().is_some_and(|(_, p)| p == DeviceState::Downloading) {
-            self.finish(DeviceState::Failed, Some(Reason::Cancelled), Some("job withdrawn".into()));
+        if self
+            .current()
+            .is_some_and(|(_, p)| p == DeviceState::Downloading)
+        {
+            self.finish(
+                DeviceState::Failed,
+                Some(Reason::Cancelled),
+                Some("job withdrawn".into()),
+            );
         }
     }
 
@@ -593,16 +625,25 @@ impl UpdateAgent {
     fn verify_job(&self, now_ms: u64, job: &Job, capacity: u64) -> Result<Manifest, Refusal> {
         let m = verify_signature(job, &self.cfg.release_keys)?;
         if m.hardware_model != self.cfg.hardware_model {
-            return Err(Refusal::new(Reason::WrongHardware, format!("manifest is for {}", m.hardware_model)));
+            return Err(Refusal::new(
+                Reason::WrongHardware,
+                format!("manifest is for {}", m.hardware_model),
+            ));
         }
         if m.security_version < self.record.floor {
             return Err(Refusal::new(
                 Reason::Downgrade,
-                format!("security version {} is below the floor {}", m.security_version, self.record.floor),
+                format!(
+                    "security version {} is below the floor {}",
+                    m.security_version, self.record.floor
+                ),
             ));
         }
         if m.expires_at < now_ms / 1000 {
-            return Err(Refusal::new(Reason::ManifestExpired, format!("expired at {}", m.expires_at)));
+            return Err(Refusal::new(
+                Reason::ManifestExpired,
+                format!("expired at {}", m.expires_at),
+            ));
         }
         if m.image_size > capacity {
             return Err(Refusal::new(
@@ -642,12 +683,20 @@ impl UpdateAgent {
                 return;
             }
         };
-        let downloading = self.current().is_some_and(|(_, p)| p == DeviceState::Downloading);
-        let (true, Some(session), Some(cur)) = (downloading, &mut self.session, &mut self.record.current) else {
+        let downloading = self
+            .current()
+            .is_some_and(|(_, p)| p == DeviceState::Downloading);
+        let (true, Some(session), Some(cur)) =
+            (downloading, &mut self.session, &mut self.record.current)
+        else {
             return;
         };
         match frame {
-            ChunkFrame::Error { artifact, index, code } => {
+            ChunkFrame::Error {
+                artifact,
+                index,
+                code,
+            } => {
                 if &artifact != session.artifact() {
                     return;
                 }
@@ -659,7 +708,12 @@ impl UpdateAgent {
                     warn!(device = %self.cfg.device, %artifact, index, code = code.as_str(), "chunk error frame");
                 }
             }
-            ChunkFrame::Data { artifact, index, count, sealed } => {
+            ChunkFrame::Data {
+                artifact,
+                index,
+                count,
+                sealed,
+            } => {
                 let slot = self.record.slots.update_slot();
                 let outcome = session.accept(
                     &artifact,
@@ -682,8 +736,15 @@ impl UpdateAgent {
                         self.stats.chunks_rejected += 1;
                         debug!(device = %self.cfg.device, index, "chunk failed verification");
                         if exhausted {
-                            let detail = format!("chunk {index} failed {} times", self.cfg.max_chunk_retries);
-                            self.finish(DeviceState::Failed, Some(Reason::ChunkVerificationFailed), Some(detail));
+                            let detail = format!(
+                                "chunk {index} failed {} times",
+                                self.cfg.max_chunk_retries
+                            );
+                            self.finish(
+                                DeviceState::Failed,
+                                Some(Reason::ChunkVerificationFailed),
+                                Some(detail),
+                            );
                         }
                     }
                     ChunkOutcome::WriteFailed(e) => {
@@ -749,5 +810,7 @@ fn peek_campaign(payload: &[u8]) -> Option<CampaignId> {
     if payload.len() > messages::MAX_JOB_BYTES {
         return None;
     }
-    serde_json::from_slice::<Head>(payload).ok().map(|h| h.campaign)
+    serde_json::from_slice::<Head>(payload)
+        .ok()
+        .map(|h| h.campaign)
 }

@@ -17,14 +17,26 @@ enum Action {
     /// Deliver job `0..5` (see [`World::jobs`]); 4 is the empty "no job".
     Job(usize),
     /// Serve the oldest requested chunk, optionally tampered.
-    Serve { tamper: bool },
+    Serve {
+        tamper: bool,
+    },
     /// A data frame of release `r`, chunk `i`, whether requested or not.
-    Chunk { r: usize, i: u32 },
+    Chunk {
+        r: usize,
+        i: u32,
+    },
     AckHead(u8),
     StaleAck(u32),
     /// A valid payload of kind `k` with one byte flipped.
-    Mutated { k: u8, at: usize, xor: u8 },
-    Garbage { k: u8, bytes: Vec<u8> },
+    Mutated {
+        k: u8,
+        at: usize,
+        xor: u8,
+    },
+    Garbage {
+        k: u8,
+        bytes: Vec<u8>,
+    },
     Connect,
     Disconnect,
     Tick(u64),
@@ -50,7 +62,10 @@ struct Scripted(Arc<Mutex<Vec<bool>>>);
 
 impl HealthCheck for Scripted {
     fn check(&mut self, _: &CampaignId, _: &str) -> bool {
-        self.0.lock().map(|mut v| v.pop().unwrap_or(true)).unwrap_or(true)
+        self.0
+            .lock()
+            .map(|mut v| v.pop().unwrap_or(true))
+            .unwrap_or(true)
     }
 }
 
@@ -63,13 +78,47 @@ struct World {
 impl World {
     fn new() -> Self {
         let fx = Fixture::new();
-        let r1 = fx.release(&ReleaseSpec { artifact: "fw-1", version: "2.0", security_version: 2, size: 5000, ..Default::default() });
-        let r2 = fx.release(&ReleaseSpec { artifact: "fw-2", version: "3.0", security_version: 3, size: 2500, ..Default::default() });
-        let r0 = fx.release(&ReleaseSpec { artifact: "fw-0", version: "1.1", security_version: 1, size: 1024, ..Default::default() });
+        let r1 = fx.release(&ReleaseSpec {
+            artifact: "fw-1",
+            version: "2.0",
+            security_version: 2,
+            size: 5000,
+            ..Default::default()
+        });
+        let r2 = fx.release(&ReleaseSpec {
+            artifact: "fw-2",
+            version: "3.0",
+            security_version: 3,
+            size: 2500,
+            ..Default::default()
+        });
+        let r0 = fx.release(&ReleaseSpec {
+            artifact: "fw-0",
+            version: "1.1",
+            security_version: 1,
+            size: 1024,
+            ..Default::default()
+        });
         let stranger = aloft_proto::manifest::ReleaseSigningKey::generate().unwrap();
-        let forged = release(&stranger, &ReleaseSpec { artifact: "fw-x", ..Default::default() });
-        let jobs = vec![fx.job("c-1", &r1), fx.job("c-2", &r2), fx.job("c-3", &forged), fx.job("c-4", &r0), Vec::new()];
-        World { fx, releases: vec![r1, r2, r0], jobs }
+        let forged = release(
+            &stranger,
+            &ReleaseSpec {
+                artifact: "fw-x",
+                ..Default::default()
+            },
+        );
+        let jobs = vec![
+            fx.job("c-1", &r1),
+            fx.job("c-2", &r2),
+            fx.job("c-3", &forged),
+            fx.job("c-4", &r0),
+            Vec::new(),
+        ];
+        World {
+            fx,
+            releases: vec![r1, r2, r0],
+            jobs,
+        }
     }
 
     fn release_of(&self, campaign: &str) -> Option<&TestRelease> {
@@ -94,20 +143,36 @@ impl Invariants {
         let rec = rig.agent.record();
         prop_assert!(rec.slots.has_valid_slot(), "no valid slot to fall back to");
         prop_assert!(rec.floor >= self.floor, "floor decreased");
-        prop_assert!(rec.floor <= rec.slots.running_meta().security_version, "floor above the running image");
+        prop_assert!(
+            rec.floor <= rec.slots.running_meta().security_version,
+            "floor above the running image"
+        );
         self.floor = rec.floor;
         for o in out {
-            let Output::Publish { topic: OutTopic::Status, payload } = o else {
+            let Output::Publish {
+                topic: OutTopic::Status,
+                payload,
+            } = o
+            else {
                 continue;
             };
             let r = as_report(o).unwrap();
             let seen = self.reports.entry(r.campaign.clone()).or_default();
             let seq = r.seq as usize;
-            prop_assert!(seq >= 1 && seq <= seen.len() + 1, "seq {} after {}", seq, seen.len());
+            prop_assert!(
+                seq >= 1 && seq <= seen.len() + 1,
+                "seq {} after {}",
+                seq,
+                seen.len()
+            );
             if seq == seen.len() + 1 {
                 seen.push(payload.clone());
             } else {
-                prop_assert_eq!(&seen[seq - 1], payload, "a resend differs from the original");
+                prop_assert_eq!(
+                    &seen[seq - 1],
+                    payload,
+                    "a resend differs from the original"
+                );
             }
         }
         let mut next: HashMap<&CampaignId, u32> = HashMap::new();
@@ -127,10 +192,17 @@ fn apply(world: &World, rig: &mut Rig, inv: &Invariants, a: &Action) -> Vec<Outp
             let Some(i) = rig.requested.pop_front() else {
                 return Vec::new();
             };
-            let rel = rig.agent.current().and_then(|(c, _)| world.release_of(c.as_str()));
+            let rel = rig
+                .agent
+                .current()
+                .and_then(|(c, _)| world.release_of(c.as_str()));
             match rel {
                 Some(rel) if i < rel.manifest.chunk_count => {
-                    let f = if *tamper { rel.tampered_frame(i) } else { rel.frame(i) };
+                    let f = if *tamper {
+                        rel.tampered_frame(i)
+                    } else {
+                        rel.frame(i)
+                    };
                     rig.step(Input::ChunkFrame(&f))
                 }
                 _ => Vec::new(),
@@ -144,18 +216,36 @@ fn apply(world: &World, rig: &mut Rig, inv: &Invariants, a: &Action) -> Vec<Outp
         Action::AckHead(o) => {
             // The orchestrator can only acknowledge a report it has received.
             let published = rig.agent.record().outbox.front().is_some_and(|h| {
-                inv.reports.get(&h.campaign).is_some_and(|v| v.len() >= h.seq as usize)
+                inv.reports
+                    .get(&h.campaign)
+                    .is_some_and(|v| v.len() >= h.seq as usize)
             });
             if !published {
                 return Vec::new();
             }
-            let outcome = [AckOutcome::Applied, AckOutcome::Duplicate, AckOutcome::Rejected][*o as usize % 3];
+            let outcome = [
+                AckOutcome::Applied,
+                AckOutcome::Duplicate,
+                AckOutcome::Rejected,
+            ][*o as usize % 3];
             rig.ack_head(outcome).unwrap_or_default()
         }
         Action::StaleAck(seq) => {
-            let ack = StatusAck { v: 1, campaign: CampaignId::new("c-1").unwrap(), seq: *seq, outcome: AckOutcome::Applied, state: DeviceState::Downloading, error: None };
+            let ack = StatusAck {
+                v: 1,
+                campaign: CampaignId::new("c-1").unwrap(),
+                seq: *seq,
+                outcome: AckOutcome::Applied,
+                state: DeviceState::Downloading,
+                error: None,
+            };
             // Only acks that do not match the head are stale; a matching one is a real ack.
-            let head = rig.agent.record().outbox.front().map(|h| (h.campaign.clone(), h.seq));
+            let head = rig
+                .agent
+                .record()
+                .outbox
+                .front()
+                .map(|h| (h.campaign.clone(), h.seq));
             if head == Some((ack.campaign.clone(), ack.seq)) {
                 return Vec::new();
             }
@@ -165,7 +255,14 @@ fn apply(world: &World, rig: &mut Rig, inv: &Invariants, a: &Action) -> Vec<Outp
             let mut p = match k {
                 0 => world.jobs[0].clone(),
                 1 => world.releases[0].frame(0),
-                _ => messages::encode(&StatusAck { v: 1, campaign: CampaignId::new("c-1").unwrap(), seq: 1, outcome: AckOutcome::Applied, state: DeviceState::Downloading, error: None }),
+                _ => messages::encode(&StatusAck {
+                    v: 1,
+                    campaign: CampaignId::new("c-1").unwrap(),
+                    seq: 1,
+                    outcome: AckOutcome::Applied,
+                    state: DeviceState::Downloading,
+                    error: None,
+                }),
             };
             let n = p.len();
             p[at % n] ^= xor;
@@ -188,14 +285,29 @@ fn feed(rig: &mut Rig, k: u8, p: &[u8]) -> Vec<Output> {
 
 /// After any history, a fresh valid job still installs.
 fn assert_not_wedged(world: &World, rig: &mut Rig) -> Result<(), TestCaseError> {
-    let fresh = world.fx.release(&ReleaseSpec { artifact: "fw-9", version: "9.0", security_version: 9, ..Default::default() });
+    let fresh = world.fx.release(&ReleaseSpec {
+        artifact: "fw-9",
+        version: "9.0",
+        security_version: 9,
+        ..Default::default()
+    });
     rig.connect();
     rig.step(Input::Job(&world.fx.job("c-final", &fresh)));
     rig.run(&fresh, &mut vec![]);
-    let f = rig.agent.record().finished.iter().find(|f| f.campaign.as_str() == "c-final").cloned();
+    let f = rig
+        .agent
+        .record()
+        .finished
+        .iter()
+        .find(|f| f.campaign.as_str() == "c-final")
+        .cloned();
     prop_assert!(f.is_some(), "c-final did not finish");
     let f = f.unwrap();
-    prop_assert!(matches!(f.state, DeviceState::Succeeded | DeviceState::RolledBack), "c-final ended {:?}", f.state);
+    prop_assert!(
+        matches!(f.state, DeviceState::Succeeded | DeviceState::RolledBack),
+        "c-final ended {:?}",
+        f.state
+    );
     prop_assert!(rig.agent.record().outbox.is_empty());
     Ok(())
 }

@@ -80,10 +80,16 @@ pub fn release(key: &ReleaseSigningKey, spec: &ReleaseSpec<'_>) -> TestRelease {
         expires_at: spec.expires_at,
     };
     let mut sealed = Vec::new();
-    let built = build_release(&mut image.as_slice(), spec.size as u64, &meta, key, |_, c| {
-        sealed.push(c);
-        Ok(())
-    })
+    let built = build_release(
+        &mut image.as_slice(),
+        spec.size as u64,
+        &meta,
+        key,
+        |_, c| {
+            sealed.push(c);
+            Ok(())
+        },
+    )
     .unwrap();
     TestRelease {
         manifest: built.manifest,

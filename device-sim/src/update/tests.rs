@@ -13,10 +13,21 @@ use crate::store::{DeviceRecord, DeviceStore, MemoryStore};
 
 use DeviceState::*;
 
-const HAPPY: [DeviceState; 6] = [Downloading, Downloaded, Installing, Rebooting, Verifying, Succeeded];
+const HAPPY: [DeviceState; 6] = [
+    Downloading,
+    Downloaded,
+    Installing,
+    Rebooting,
+    Verifying,
+    Succeeded,
+];
 
 fn numbered(states: &[DeviceState]) -> Vec<(u32, DeviceState)> {
-    states.iter().enumerate().map(|(i, s)| (i as u32 + 1, *s)).collect()
+    states
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i as u32 + 1, *s))
+        .collect()
 }
 
 fn finished(rig: &Rig, campaign: &str) -> (DeviceState, Option<Reason>) {
@@ -47,7 +58,10 @@ fn happy_path_reports_every_state_in_order_and_installs_the_image() {
     assert_eq!(rec.slots.running_slot(), SlotId::B);
     assert_eq!(rec.slots.running_meta().state, SlotState::Valid);
     assert!(rec.outbox.is_empty() && rec.current.is_none());
-    assert_eq!(rig.flash.slot_bytes_mut(SlotId::B)[..rel.image.len()], rel.image[..]);
+    assert_eq!(
+        rig.flash.slot_bytes_mut(SlotId::B)[..rel.image.len()],
+        rel.image[..]
+    );
     let last = rig.reports().pop().unwrap();
     assert_eq!(last.running_version.as_deref(), Some("2.0.0"));
     assert_eq!(rig.agent.stats().chunks_received, 5);
@@ -64,8 +78,16 @@ fn progress_does_not_wait_for_acks_but_only_the_head_is_in_flight() {
         rig.step(Input::ChunkFrame(&rel.frame(i)));
     }
     assert_eq!(finished(&rig, "c-1").0, Succeeded);
-    assert_eq!(rig.agent.record().outbox.len(), 6, "all queued, none acknowledged");
-    assert_eq!(rig.states_of("c-1"), numbered(&[Downloading]), "only the head was sent");
+    assert_eq!(
+        rig.agent.record().outbox.len(),
+        6,
+        "all queued, none acknowledged"
+    );
+    assert_eq!(
+        rig.states_of("c-1"),
+        numbered(&[Downloading]),
+        "only the head was sent"
+    );
     for _ in 0..6 {
         rig.ack_head(AckOutcome::Applied);
     }
@@ -81,8 +103,16 @@ fn tampered_chunk_is_rejected_and_requested_again() {
     rig.step(Input::Job(&fx.job("c-1", &rel)));
     rig.requested.clear();
     let out = rig.step(Input::ChunkFrame(&rel.tampered_frame(2)));
-    let again: Vec<u32> = out.iter().filter_map(as_request).flat_map(|r| r.indices().collect::<Vec<_>>()).collect();
-    assert_eq!(again, vec![2], "the rejected chunk is asked for again at once");
+    let again: Vec<u32> = out
+        .iter()
+        .filter_map(as_request)
+        .flat_map(|r| r.indices().collect::<Vec<_>>())
+        .collect();
+    assert_eq!(
+        again,
+        vec![2],
+        "the rejected chunk is asked for again at once"
+    );
     assert_eq!(rig.agent.stats().chunks_rejected, 1);
     assert!(!rig.agent.record().current.as_ref().unwrap().written.get(2));
     rig.requested = (0..5).collect();
@@ -98,7 +128,10 @@ fn a_chunk_that_keeps_failing_fails_the_campaign_and_the_next_job_succeeds() {
     rig.connect();
     rig.step(Input::Job(&fx.job("c-1", &rel)));
     rig.run(&rel, &mut vec![3; 8]);
-    assert_eq!(finished(&rig, "c-1"), (Failed, Some(Reason::ChunkVerificationFailed)));
+    assert_eq!(
+        finished(&rig, "c-1"),
+        (Failed, Some(Reason::ChunkVerificationFailed))
+    );
     assert_eq!(rig.agent.stats().chunks_rejected, 8);
     assert_eq!(rig.agent.record().floor, SecurityVersion(1));
 
@@ -114,12 +147,20 @@ fn assert_refused_then_recovers(rig: &mut Rig, fx: &Fixture, bad_job: &[u8], rea
     rig.step(Input::Job(bad_job));
     rig.run(&fx.release(&ReleaseSpec::default()), &mut vec![]);
     assert_eq!(rig.states_of("c-bad"), vec![(1, Failed)]);
-    let r = rig.reports().into_iter().find(|r| r.campaign.as_str() == "c-bad").unwrap();
+    let r = rig
+        .reports()
+        .into_iter()
+        .find(|r| r.campaign.as_str() == "c-bad")
+        .unwrap();
     assert_eq!(r.reason, Some(reason));
     assert!(rig.agent.record().current.is_none());
 
     let sv = rig.agent.record().floor.0.max(2);
-    let good = fx.release(&ReleaseSpec { artifact: "fw-good", security_version: sv, ..Default::default() });
+    let good = fx.release(&ReleaseSpec {
+        artifact: "fw-good",
+        security_version: sv,
+        ..Default::default()
+    });
     rig.step(Input::Job(&fx.job("c-good", &good)));
     rig.run(&good, &mut vec![]);
     assert_eq!(rig.states_of("c-good"), numbered(&HAPPY), "after {reason}");
@@ -130,7 +171,12 @@ fn unknown_signing_key_is_refused() {
     let fx = Fixture::new();
     let stranger = ReleaseSigningKey::generate().unwrap();
     let rel = release(&stranger, &ReleaseSpec::default());
-    assert_refused_then_recovers(&mut fx.rig(), &fx, &fx.job("c-bad", &rel), Reason::UnknownSigningKey);
+    assert_refused_then_recovers(
+        &mut fx.rig(),
+        &fx,
+        &fx.job("c-bad", &rel),
+        Reason::UnknownSigningKey,
+    );
 }
 
 #[test]
@@ -140,21 +186,40 @@ fn bad_signature_is_refused() {
     let mut m = rel.manifest.clone();
     m.security_version = SecurityVersion(99);
     let b64 = base64::engine::general_purpose::STANDARD;
-    rel.signed = SignedManifest { payload: b64.encode(serde_json::to_vec(&m).unwrap()), signatures: rel.signed.signatures.clone() };
-    assert_refused_then_recovers(&mut fx.rig(), &fx, &fx.job("c-bad", &rel), Reason::BadSignature);
+    rel.signed = SignedManifest {
+        payload: b64.encode(serde_json::to_vec(&m).unwrap()),
+        signatures: rel.signed.signatures.clone(),
+    };
+    assert_refused_then_recovers(
+        &mut fx.rig(),
+        &fx,
+        &fx.job("c-bad", &rel),
+        Reason::BadSignature,
+    );
 }
 
 #[test]
 fn wrong_hardware_is_refused() {
     let fx = Fixture::new();
-    let rel = fx.release(&ReleaseSpec { hardware_model: "other-v9", ..Default::default() });
-    assert_refused_then_recovers(&mut fx.rig(), &fx, &fx.job("c-bad", &rel), Reason::WrongHardware);
+    let rel = fx.release(&ReleaseSpec {
+        hardware_model: "other-v9",
+        ..Default::default()
+    });
+    assert_refused_then_recovers(
+        &mut fx.rig(),
+        &fx,
+        &fx.job("c-bad", &rel),
+        Reason::WrongHardware,
+    );
 }
 
 #[test]
 fn downgrade_below_the_floor_is_refused() {
     let fx = Fixture::new();
-    let rel = fx.release(&ReleaseSpec { security_version: 4, ..Default::default() });
+    let rel = fx.release(&ReleaseSpec {
+        security_version: 4,
+        ..Default::default()
+    });
     let mut rig = fx.rig_with(DeviceRecord::factory("5.0.0", SecurityVersion(5)), true);
     assert_refused_then_recovers(&mut rig, &fx, &fx.job("c-bad", &rel), Reason::Downgrade);
 }
@@ -162,8 +227,16 @@ fn downgrade_below_the_floor_is_refused() {
 #[test]
 fn expired_manifest_is_refused() {
     let fx = Fixture::new();
-    let rel = fx.release(&ReleaseSpec { expires_at: T0 / 1000 - 1, ..Default::default() });
-    assert_refused_then_recovers(&mut fx.rig(), &fx, &fx.job("c-bad", &rel), Reason::ManifestExpired);
+    let rel = fx.release(&ReleaseSpec {
+        expires_at: T0 / 1000 - 1,
+        ..Default::default()
+    });
+    assert_refused_then_recovers(
+        &mut fx.rig(),
+        &fx,
+        &fx.job("c-bad", &rel),
+        Reason::ManifestExpired,
+    );
 }
 
 #[test]
@@ -179,7 +252,10 @@ fn key_wrapped_for_another_device_is_refused() {
 #[test]
 fn image_larger_than_the_slot_is_refused() {
     let fx = Fixture::new();
-    let rel = fx.release(&ReleaseSpec { size: 9000, ..Default::default() });
+    let rel = fx.release(&ReleaseSpec {
+        size: 9000,
+        ..Default::default()
+    });
     let mut rig = fx.rig();
     rig.flash = crate::slots::MemoryFlash::new(8192);
     assert_refused_then_recovers(&mut rig, &fx, &fx.job("c-bad", &rel), Reason::ImageTooLarge);
@@ -195,18 +271,35 @@ fn malformed_job_with_a_readable_campaign_is_refused() {
 #[test]
 fn health_check_failure_rolls_back_and_keeps_the_floor() {
     let fx = Fixture::new();
-    let rel = fx.release(&ReleaseSpec { security_version: 7, ..Default::default() });
+    let rel = fx.release(&ReleaseSpec {
+        security_version: 7,
+        ..Default::default()
+    });
     let mut rig = fx.rig_with(DeviceRecord::factory("1.0.0", SecurityVersion(1)), false);
     rig.connect();
     rig.step(Input::Job(&fx.job("c-1", &rel)));
     rig.run(&rel, &mut vec![]);
     assert_eq!(
         rig.states_of("c-1"),
-        numbered(&[Downloading, Downloaded, Installing, Rebooting, Verifying, RolledBack])
+        numbered(&[
+            Downloading,
+            Downloaded,
+            Installing,
+            Rebooting,
+            Verifying,
+            RolledBack
+        ])
     );
-    assert_eq!(finished(&rig, "c-1"), (RolledBack, Some(Reason::HealthCheckFailed)));
+    assert_eq!(
+        finished(&rig, "c-1"),
+        (RolledBack, Some(Reason::HealthCheckFailed))
+    );
     let rec = rig.agent.record();
-    assert_eq!(rec.floor, SecurityVersion(1), "floor never raised without a healthy boot");
+    assert_eq!(
+        rec.floor,
+        SecurityVersion(1),
+        "floor never raised without a healthy boot"
+    );
     assert_eq!(rec.slots.running_slot(), SlotId::A);
     assert_eq!(rec.slots.boot_slot(), SlotId::A);
     assert_eq!(rec.slots.meta(SlotId::B).state, SlotState::Invalid);
@@ -218,7 +311,10 @@ fn health_check_failure_rolls_back_and_keeps_the_floor() {
 #[test]
 fn floor_is_not_raised_while_downloading_or_installing() {
     let fx = Fixture::new();
-    let rel = fx.release(&ReleaseSpec { security_version: 7, ..Default::default() });
+    let rel = fx.release(&ReleaseSpec {
+        security_version: 7,
+        ..Default::default()
+    });
     let mut rig = fx.rig();
     rig.connect();
     rig.step(Input::Job(&fx.job("c-1", &rel)));
@@ -227,7 +323,11 @@ fn floor_is_not_raised_while_downloading_or_installing() {
         assert_eq!(rig.agent.record().floor, SecurityVersion(1));
     }
     rig.step(Input::ChunkFrame(&rel.frame(4)));
-    assert_eq!(rig.agent.record().floor, SecurityVersion(7), "raised once healthy");
+    assert_eq!(
+        rig.agent.record().floor,
+        SecurityVersion(7),
+        "raised once healthy"
+    );
 }
 
 #[test]
@@ -244,12 +344,22 @@ fn duplicate_job_chunk_and_ack_deliveries_change_nothing() {
 
     rig.step(Input::ChunkFrame(&rel.frame(0)));
     let before = rig.agent.record().clone();
-    assert!(rig.step(Input::ChunkFrame(&rel.frame(0))).is_empty(), "redelivered chunk");
+    assert!(
+        rig.step(Input::ChunkFrame(&rel.frame(0))).is_empty(),
+        "redelivered chunk"
+    );
     assert_eq!(rig.agent.record(), &before);
     assert_eq!(rig.agent.stats().chunks_received, 1);
 
     let head = rig.agent.record().outbox.front().unwrap().clone();
-    let ack = aloft_proto::messages::StatusAck { v: 1, campaign: head.campaign, seq: head.seq, outcome: AckOutcome::Applied, state: head.state, error: None };
+    let ack = aloft_proto::messages::StatusAck {
+        v: 1,
+        campaign: head.campaign,
+        seq: head.seq,
+        outcome: AckOutcome::Applied,
+        state: head.state,
+        error: None,
+    };
     let ack = aloft_proto::messages::encode(&ack);
     rig.step(Input::Ack(&ack));
     let before = rig.agent.record().clone();
@@ -259,7 +369,10 @@ fn duplicate_job_chunk_and_ack_deliveries_change_nothing() {
     rig.requested = (1..5).collect();
     rig.run(&rel, &mut vec![]);
     let before = rig.agent.record().clone();
-    assert!(rig.step(Input::Job(&job)).is_empty(), "job of a finished, acknowledged campaign");
+    assert!(
+        rig.step(Input::Job(&job)).is_empty(),
+        "job of a finished, acknowledged campaign"
+    );
     assert_eq!(rig.agent.record(), &before);
     assert_eq!(rig.states_of("c-1"), numbered(&HAPPY));
 }
@@ -274,14 +387,24 @@ fn outbox_resends_its_head_on_reconnect_and_after_the_timeout() {
     let sent = |rig: &Rig| rig.reports().len();
     assert_eq!(sent(&rig), 1);
     rig.step(Input::Disconnected);
-    assert!(rig.advance(10_000).is_empty(), "nothing is published while offline");
+    assert!(
+        rig.advance(10_000).is_empty(),
+        "nothing is published while offline"
+    );
     let out = rig.connect();
     let resent: Vec<_> = out.iter().filter_map(as_report).collect();
     assert_eq!(resent.len(), 1);
     assert_eq!((resent[0].seq, resent[0].state), (1, Downloading));
-    assert!(out.iter().any(|o| as_request(o).is_some()), "missing chunks asked again");
+    assert!(
+        out.iter().any(|o| as_request(o).is_some()),
+        "missing chunks asked again"
+    );
     assert!(rig.advance(4_000).iter().all(|o| as_report(o).is_none()));
-    assert_eq!(rig.advance(1_000).iter().filter_map(as_report).count(), 1, "resent after 5 s");
+    assert_eq!(
+        rig.advance(1_000).iter().filter_map(as_report).count(),
+        1,
+        "resent after 5 s"
+    );
 }
 
 #[test]
@@ -304,9 +427,14 @@ fn chunk_requests_wait_until_the_downloading_report_is_sent() {
     let rel = fx.release(&ReleaseSpec::default());
     let mut rig = fx.rig();
     rig.connect();
-    rig.step(Input::Job(&fx.job("c-bad", &release(&stranger, &ReleaseSpec::default()))));
+    rig.step(Input::Job(
+        &fx.job("c-bad", &release(&stranger, &ReleaseSpec::default())),
+    ));
     let out = rig.step(Input::Job(&fx.job("c-1", &rel)));
-    assert!(out.is_empty(), "the refusal of c-bad is still the unacknowledged head");
+    assert!(
+        out.is_empty(),
+        "the refusal of c-bad is still the unacknowledged head"
+    );
     let out = rig.ack_head(AckOutcome::Applied).unwrap();
     assert_eq!(as_report(&out[0]).map(|r| r.state), Some(Downloading));
     assert!(out[1..].iter().all(|o| as_request(o).is_some()) && out.len() > 1);
@@ -315,18 +443,32 @@ fn chunk_requests_wait_until_the_downloading_report_is_sent() {
 #[test]
 fn requests_fill_a_window_and_time_out_with_backoff() {
     let fx = Fixture::new();
-    let rel = fx.release(&ReleaseSpec { size: 40 * 1024, ..Default::default() });
+    let rel = fx.release(&ReleaseSpec {
+        size: 40 * 1024,
+        ..Default::default()
+    });
     let mut rig = fx.rig();
     rig.connect();
     rig.step(Input::Job(&fx.job("c-1", &rel)));
-    assert_eq!(rig.requested.iter().copied().collect::<Vec<_>>(), (0..16).collect::<Vec<_>>());
+    assert_eq!(
+        rig.requested.iter().copied().collect::<Vec<_>>(),
+        (0..16).collect::<Vec<_>>()
+    );
     rig.requested.clear();
     rig.step(Input::ChunkFrame(&rel.frame(0)));
-    assert_eq!(rig.requested.iter().copied().collect::<Vec<_>>(), vec![16], "window refilled");
+    assert_eq!(
+        rig.requested.iter().copied().collect::<Vec<_>>(),
+        vec![16],
+        "window refilled"
+    );
     rig.requested.clear();
     assert!(rig.advance(2_999).is_empty());
     rig.advance(1);
-    assert_eq!(rig.requested.len(), 16, "all outstanding re-requested after 3 s");
+    assert_eq!(
+        rig.requested.len(),
+        16,
+        "all outstanding re-requested after 3 s"
+    );
     rig.requested.clear();
     rig.advance(3_000);
     assert!(rig.requested.is_empty(), "backed off to 6 s");
@@ -368,9 +510,18 @@ fn download_resumes_after_a_restart_from_the_saved_record() {
     let mut rig = Rig::new(fx.agent(record, Box::new(AlwaysHealthy)));
     rig.flash = flash;
     rig.connect();
-    assert_eq!(rig.requested.iter().copied().collect::<Vec<_>>(), vec![1, 3, 4]);
+    assert_eq!(
+        rig.requested.iter().copied().collect::<Vec<_>>(),
+        vec![1, 3, 4]
+    );
     rig.run(&rel, &mut vec![]);
-    assert_eq!(rig.states_of("c-1"), numbered(&HAPPY[1..]).into_iter().map(|(s, st)| (s + 1, st)).collect::<Vec<_>>());
+    assert_eq!(
+        rig.states_of("c-1"),
+        numbered(&HAPPY[1..])
+            .into_iter()
+            .map(|(s, st)| (s + 1, st))
+            .collect::<Vec<_>>()
+    );
     assert_eq!(finished(&rig, "c-1").0, Succeeded);
 }
 
@@ -378,7 +529,12 @@ fn download_resumes_after_a_restart_from_the_saved_record() {
 fn a_new_job_replaces_a_download_and_an_empty_job_cancels_one() {
     let fx = Fixture::new();
     let rel1 = fx.release(&ReleaseSpec::default());
-    let rel2 = fx.release(&ReleaseSpec { artifact: "fw-3", version: "3.0.0", security_version: 3, ..Default::default() });
+    let rel2 = fx.release(&ReleaseSpec {
+        artifact: "fw-3",
+        version: "3.0.0",
+        security_version: 3,
+        ..Default::default()
+    });
     let mut rig = fx.rig();
     rig.connect();
     rig.step(Input::Job(&fx.job("c-1", &rel1)));
@@ -405,5 +561,8 @@ fn garbage_on_every_topic_is_counted_and_ignored() {
         assert!(rig.step(Input::Ack(junk)).is_empty());
     }
     assert_eq!(rig.agent.stats().bad_payloads, 15);
-    assert_eq!(rig.agent.record(), &DeviceRecord::factory("1.0.0", SecurityVersion(1)));
+    assert_eq!(
+        rig.agent.record(),
+        &DeviceRecord::factory("1.0.0", SecurityVersion(1))
+    );
 }

@@ -359,7 +359,7 @@ mod tests {
     fn secret_comparison_accepts_only_the_exact_secret() {
         let s = BackendSecret::generate().unwrap();
         assert_eq!(s.as_str().len(), 64);
-        assert!(s.matches(&s.as_str().to_owned()));
+        assert!(s.matches(s.as_str()));
         assert!(!s.matches(""));
         assert!(!s.matches(&s.as_str()[..63]));
         assert!(!format!("{s:?}").contains(s.as_str()));

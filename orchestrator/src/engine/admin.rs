@@ -39,7 +39,10 @@ impl Engine {
             Err(e) => {
                 self.metrics.rejected("admin", e.code());
                 warn!(%operator, error = %e, "admin request refused");
-                let reply = AdminReply::err(loose_id(payload, &e), AdminError::new("malformed", e.to_string()));
+                let reply = AdminReply::err(
+                    loose_id(payload, &e),
+                    AdminError::new("malformed", e.to_string()),
+                );
                 self.send(reply_topic, messages::encode(&reply), false);
                 return Ok(());
             }
@@ -117,10 +120,15 @@ impl Engine {
             if existing.signed.payload != signed.payload {
                 return refuse(
                     "conflict",
-                    format!("artifact {} exists with another manifest", manifest.artifact),
+                    format!(
+                        "artifact {} exists with another manifest",
+                        manifest.artifact
+                    ),
                 );
             }
-            return Ok(Ok(json!({"artifact": manifest.artifact, "complete": existing.complete})));
+            return Ok(Ok(
+                json!({"artifact": manifest.artifact, "complete": existing.complete}),
+            ));
         }
         let artifact = manifest.artifact.clone();
         let record = ReleaseRecord {
@@ -151,7 +159,10 @@ impl Engine {
         };
         if sha256(&sealed) != expected {
             self.metrics.rejected("release", "chunk_digest");
-            return refuse("chunk_digest_mismatch", format!("chunk {index} does not match the manifest"));
+            return refuse(
+                "chunk_digest_mismatch",
+                format!("chunk {index} does not match the manifest"),
+            );
         }
         let Some(key) = parse_key_hex(&record.content_key_hex) else {
             return refuse("invalid_content_key", "stored content key is malformed");
@@ -222,13 +233,14 @@ impl Engine {
         let mut errors = Vec::new();
         let now = now_ms();
         for pem in certs {
-            let identity = match aloft_certs::tls::verify_client_cert(&self.cfg.ca_pem, pem, Vec::new()) {
-                Ok(i) => i,
-                Err(e) => {
-                    errors.push(e.to_string());
-                    continue;
-                }
-            };
+            let identity =
+                match aloft_certs::tls::verify_client_cert(&self.cfg.ca_pem, pem, Vec::new()) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        continue;
+                    }
+                };
             let (Some(id), Some(x)) = (identity.device_id(), identity.x25519) else {
                 errors.push(format!("{} is not a device certificate", identity.id));
                 continue;
@@ -265,7 +277,10 @@ impl Engine {
             return refuse("unknown_artifact", format!("no release {artifact}"));
         };
         if !release.complete {
-            return refuse("incomplete_release", format!("release {artifact} is still uploading"));
+            return refuse(
+                "incomplete_release",
+                format!("release {artifact} is still uploading"),
+            );
         }
         let Some(key) = parse_key_hex(&release.content_key_hex) else {
             return refuse("invalid_content_key", "stored content key is malformed");
@@ -403,4 +418,3 @@ fn loose_id(payload: &[u8], _e: &DecodeError) -> String {
         .and_then(|v| v.get("id")?.as_str().map(|s| s.chars().take(64).collect()))
         .unwrap_or_default()
 }
-

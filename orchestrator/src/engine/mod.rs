@@ -34,9 +34,18 @@ pub const BATCH_MAX: usize = 256;
 /// Something that happened outside the engine.
 #[derive(Debug)]
 pub enum Inbound {
-    Status { device: DeviceId, payload: Bytes },
-    ChunkRequest { device: DeviceId, payload: Bytes },
-    Admin { operator: OperatorId, payload: Bytes },
+    Status {
+        device: DeviceId,
+        payload: Bytes,
+    },
+    ChunkRequest {
+        device: DeviceId,
+        payload: Bytes,
+    },
+    Admin {
+        operator: OperatorId,
+        payload: Bytes,
+    },
     /// A device completed an mTLS handshake and CONNECT through the front.
     DeviceSeen(SeenDevice),
 }
@@ -205,7 +214,11 @@ impl Engine {
             warn!(artifact = %record.artifact, "stored content key is malformed; campaign skipped");
             return Ok(None);
         };
-        let progress = self.store.campaign_progress(&record.id)?.into_iter().collect();
+        let progress = self
+            .store
+            .campaign_progress(&record.id)?
+            .into_iter()
+            .collect();
         Ok(Some(LiveCampaign {
             manifest: release.manifest,
             signed: release.signed,
@@ -293,7 +306,13 @@ impl Engine {
         let Some(current) = current else {
             self.metrics.report("rejected");
             debug!(%device, %campaign, "report for a campaign the device is not in");
-            self.ack(&device, &report, AckOutcome::Rejected, DeviceState::Idle, Some(AckError::NotTargeted));
+            self.ack(
+                &device,
+                &report,
+                AckOutcome::Rejected,
+                DeviceState::Idle,
+                Some(AckError::NotTargeted),
+            );
             return Ok(());
         };
         let (outcome, state, error) = match state::apply_report(&current, &report, now) {
@@ -368,21 +387,27 @@ impl Engine {
         let first = req.ranges[0][0];
         let Some(live) = self.campaigns.get(&req.campaign) else {
             self.metrics.rejected("chunk_request", "unknown_campaign");
-            let frame = chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::UnknownArtifact);
+            let frame =
+                chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::UnknownArtifact);
             self.send(topic, frame, false);
             return Ok(());
         };
         let state = live.progress.get(&device).map(|p| p.state);
         if live.record.artifact != req.artifact || state.is_none() {
             self.metrics.rejected("chunk_request", "unknown_artifact");
-            let frame = chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::UnknownArtifact);
+            let frame =
+                chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::UnknownArtifact);
             self.send(topic, frame, false);
             return Ok(());
         }
         // `Notified` too: the device's `downloading` report may still be in this very batch.
-        if !matches!(state, Some(DeviceState::Notified | DeviceState::Downloading)) {
+        if !matches!(
+            state,
+            Some(DeviceState::Notified | DeviceState::Downloading)
+        ) {
             self.metrics.rejected("chunk_request", "not_downloading");
-            let frame = chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::NotDownloading);
+            let frame =
+                chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::NotDownloading);
             self.send(topic, frame, false);
             return Ok(());
         }
@@ -396,7 +421,8 @@ impl Engine {
             }
             let Some(sealed) = self.store.chunk(&artifact, index)? else {
                 warn!(%artifact, index, "stored release is missing a chunk");
-                let frame = chunkframe::encode_error(&artifact, index, ChunkErrorCode::UnknownArtifact);
+                let frame =
+                    chunkframe::encode_error(&artifact, index, ChunkErrorCode::UnknownArtifact);
                 self.send(topic.clone(), frame, false);
                 break;
             };
@@ -453,8 +479,7 @@ fn job_payload(
         .ok()
         .and_then(|b| b.try_into().ok())
         .ok_or(crypto::CryptoError::MalformedPublicKey)?;
-    let wrapped =
-        crypto::wrap_content_key(&public, &device.id, &live.record.artifact, &live.key)?;
+    let wrapped = crypto::wrap_content_key(&public, &device.id, &live.record.artifact, &live.key)?;
     let job = Job {
         v: PROTOCOL_VERSION,
         campaign: live.record.id.clone(),

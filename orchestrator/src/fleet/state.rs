@@ -27,7 +27,10 @@ pub fn is_legal(from: DeviceState, to: DeviceState) -> bool {
             | (Rebooting, Verifying)
             | (Verifying, Succeeded)
             | (Rebooting | Verifying, RolledBack)
-            | (Idle | Notified | Downloading | Downloaded | Installing | Rebooting | Verifying, Failed)
+            | (
+                Idle | Notified | Downloading | Downloaded | Installing | Rebooting | Verifying,
+                Failed
+            )
     )
 }
 
@@ -190,7 +193,10 @@ mod tests {
             panic!("refused")
         };
         assert_eq!((after.state, after.last_seq), (Downloading, 3));
-        assert_eq!(apply_report(&after, &report(2, Downloaded), 6), Decision::Duplicate);
+        assert_eq!(
+            apply_report(&after, &report(2, Downloaded), 6),
+            Decision::Duplicate
+        );
     }
 
     #[test]
