@@ -35,7 +35,7 @@ struct Args {
     #[arg(long, default_value_t = 16)]
     chunk_kib: u32,
     /// Chunk requests in flight per device.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     window: u32,
     /// Devices handshaking at once.
     #[arg(long, default_value_t = 64)]

@@ -60,7 +60,7 @@ enum Command {
         initial_version: String,
         #[arg(long, default_value_t = 1)]
         initial_security_version: u64,
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 8)]
         window: u32,
         #[arg(long, default_value_t = 64)]
         connect_concurrency: usize,

@@ -70,7 +70,7 @@ impl FleetConfig {
             initial_security_version: SecurityVersion(1),
             dir,
             slot_capacity: 64 * 1024 * 1024,
-            window: 16,
+            window: 8,
             connect_concurrency: 64,
             faults: Faults::default(),
         }

@@ -57,7 +57,7 @@ impl AgentConfig {
             device,
             hardware_model: hardware_model.into(),
             release_keys,
-            window: 16,
+            window: 8,
             chunk_timeout_ms: 3_000,
             max_chunk_timeout_ms: 30_000,
             report_timeout_ms: 5_000,

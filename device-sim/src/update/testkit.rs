@@ -145,7 +145,9 @@ impl Fixture {
     }
 
     pub fn agent(&self, record: DeviceRecord, health: Box<dyn HealthCheck>) -> UpdateAgent {
-        let cfg = AgentConfig::new(self.device.clone(), HW, vec![self.signing.public()]);
+        let mut cfg = AgentConfig::new(self.device.clone(), HW, vec![self.signing.public()]);
+        // The tests were written against a window of 16, independent of the default.
+        cfg.window = 16;
         UpdateAgent::new(cfg, self.device_key.clone(), record, health)
     }
 
