@@ -1,6 +1,6 @@
 //! The orchestrator's MQTT client: one rumqttc v5 connection to the broker (the embedded one on
 //! loopback, or an external one), turning subscribed publishes into engine [`Inbound`] events and
-//! engine output into publishes. Only this module knows rumqttc.
+//! engine output into publishes. The admin client (`admin::client`) is the only other user of rumqttc.
 
 use std::time::Duration;
 

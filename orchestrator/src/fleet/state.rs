@@ -6,8 +6,8 @@
 //!          │             │             │            │            │           │
 //!          └──── Failed(reason) ◄──────┴────────────┘            └─► RolledBack(reason)
 //! ```
-//! Any non-terminal state may also become `Failed` by the orchestrator's own decision
-//! (timeouts, cancellation). Terminal states (`Succeeded`, `Failed`, `RolledBack`) are absorbing.
+//! `Failed` is legal from every non-terminal state, so that a later orchestrator decision
+//! (timeouts, cancellation: not built yet) fits the same table. Terminal states (`Succeeded`, `Failed`, `RolledBack`) are absorbing.
 
 use aloft_proto::messages::{AckError, StatusReport};
 use aloft_proto::{DeviceState, Reason};
