@@ -348,6 +348,10 @@ impl Session {
             None => None,
         };
         let mut opts = MqttOptions::new(id.as_str(), cfg.host.clone(), cfg.port);
+        // Request/response over small packets: Nagle would add delayed-ACK stalls to each one.
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        opts.set_network_options(net);
         opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             cfg.tls.clone(),
         )))

@@ -264,6 +264,16 @@ pub async fn run(cli: Cli) -> Result<()> {
 pub fn init(data_dir: &Path, ca_name: &str, hostnames: &[String]) -> Result<FleetCa> {
     let pki = data_dir.join(layout::PKI_DIR);
     std::fs::create_dir_all(&pki).with_context(|| format!("creating {}", pki.display()))?;
+    // The data directory holds the CA key, the server key and (in the store) content keys:
+    // owner-only whatever the umask.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for dir in [data_dir, pki.as_path()] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("restricting {}", dir.display()))?;
+        }
+    }
     let ca = FleetCa::create(ca_name, 3650)?;
     ca.save(&pki)?;
     let server = ca.issue_server(hostnames, Validity::days(825))?;
@@ -331,11 +341,27 @@ async fn serve(args: ServeArgs) -> Result<()> {
     );
     tokio::select! {
         r = running.wait() => r?,
-        _ = tokio::signal::ctrl_c() => {
+        () = shutdown_signal() => {
             running.shutdown().await?;
         }
     }
     Ok(())
+}
+
+/// SIGINT or SIGTERM (what systemd and container runtimes send).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 fn pki(c: PkiCommand) -> Result<()> {

@@ -68,6 +68,10 @@ pub fn connect(
     on_reject: impl Fn(&'static str) + Send + 'static,
 ) -> (Publisher, tokio::sync::watch::Receiver<bool>) {
     let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
+    // Request/response over small packets: Nagle would add delayed-ACK stalls to each one.
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    opts.set_network_options(net);
     opts.set_credentials(cfg.username.clone(), cfg.password.clone())
         .set_keep_alive(Duration::from_secs(30))
         .set_clean_start(true)

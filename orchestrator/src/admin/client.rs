@@ -81,6 +81,10 @@ impl AdminClient {
             .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
             .ok_or_else(|| ClientError::Connect(server.to_owned()))?;
         let mut opts = MqttOptions::new(operator.to_string(), host, port);
+        // Request/response over small packets: Nagle would add delayed-ACK stalls to each one.
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        opts.set_network_options(net);
         opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(tls),
         )))
