@@ -47,13 +47,13 @@ async fn orchestrator_killed_mid_campaign_resumes_and_loses_no_acknowledged_tran
     spec.chunk_bytes = 4 * 1024;
     let campaign = lab.release_to_all(&admin, &spec).await.unwrap();
 
-    // Wait until some devices are well into the campaign, then kill without warning.
+    // Wait until devices are downloading (their `downloading` reports acknowledged), then kill
+    // without warning, well before the campaign can finish.
     wait_campaign(&admin, &campaign, LIMIT, |s| {
-        s.count(DeviceState::Downloading) + s.count(DeviceState::Downloaded) > 0
-            && s.count(DeviceState::Succeeded) >= 1
+        s.count(DeviceState::Downloading) >= 10 && !finished(s)
     })
     .await
-    .ok();
+    .unwrap();
     let before = status(&admin, &campaign, false).await.unwrap();
     admin.disconnect().await;
     orch.kill9().unwrap();

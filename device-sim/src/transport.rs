@@ -142,15 +142,7 @@ pub async fn run(
     while !*stop.borrow() {
         let session = Session::connect(&id, &cfg, &mut stop).await;
         let Some(mut session) = session else {
-            if *stop.borrow() {
-                break;
-            }
-            let wait = jitter(backoff);
-            backoff = (backoff * 2).min(cfg.backoff_max);
-            tokio::select! {
-                _ = stop.changed() => {}
-                () = tokio::time::sleep(wait) => {}
-            }
+            back_off(&mut backoff, cfg.backoff_max, &mut stop).await;
             continue;
         };
         let mut tick = tokio::time::interval(cfg.tick);
@@ -246,20 +238,25 @@ pub async fn run(
             .handle(now_ms(), Input::Disconnected, device.flash.as_mut());
         hooks.observe(&device.agent, false);
         session.close().await;
-        if *stop.borrow() {
-            break;
-        }
-        let wait = jitter(backoff);
-        backoff = (backoff * 2).min(cfg.backoff_max);
-        tokio::select! {
-            _ = stop.changed() => {}
-            () = tokio::time::sleep(wait) => {}
-        }
+        back_off(&mut backoff, cfg.backoff_max, &mut stop).await;
     }
     if unsaved {
         save(&mut device, hooks, &mut unsaved, &mut last_save);
     }
     device
+}
+
+/// Waits out one backoff step (unless stopped) and doubles the next, up to `max`.
+async fn back_off(backoff: &mut Duration, max: Duration, stop: &mut watch::Receiver<bool>) {
+    if *stop.borrow() {
+        return;
+    }
+    let wait = jitter(*backoff);
+    *backoff = (*backoff * 2).min(max);
+    tokio::select! {
+        _ = stop.changed() => {}
+        () = tokio::time::sleep(wait) => {}
+    }
 }
 
 /// Full jitter: anywhere in `[d/2, d]`, so reconnecting devices spread out.

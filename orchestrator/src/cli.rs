@@ -535,6 +535,15 @@ pub async fn upload_bundle(client: &AdminClient, dir: &Path, progress: bool) -> 
     Ok(manifest.artifact)
 }
 
+/// One admin call whose reply is printed as JSON.
+async fn call_and_print(conn: &Conn, body: AdminBody) -> Result<()> {
+    let client = AdminClient::connect(&conn.profile, &conn.server).await?;
+    let v: Value = client.call(body).await?;
+    print_json(&v)?;
+    client.disconnect().await;
+    Ok(())
+}
+
 fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -587,9 +596,7 @@ async fn release(c: ReleaseCommand) -> Result<()> {
             client.disconnect().await;
         }
         ReleaseCommand::List { conn } => {
-            let client = AdminClient::connect(&conn.profile, &conn.server).await?;
-            let v: Value = client.call(AdminBody::ReleaseList {}).await?;
-            print_json(&v)?;
+            call_and_print(&conn, AdminBody::ReleaseList {}).await?;
         }
     }
     Ok(())
@@ -616,9 +623,7 @@ async fn device(c: DeviceCommand) -> Result<()> {
             print_json(&v)?;
         }
         DeviceCommand::List { conn } => {
-            let client = AdminClient::connect(&conn.profile, &conn.server).await?;
-            let v: Value = client.call(AdminBody::DeviceList {}).await?;
-            print_json(&v)?;
+            call_and_print(&conn, AdminBody::DeviceList {}).await?;
         }
     }
     Ok(())
