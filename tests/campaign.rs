@@ -95,10 +95,16 @@ async fn a_device_offline_when_the_campaign_starts_gets_its_job_when_it_connects
     .await
     .unwrap();
     assert_eq!(s.total, 3, "the offline device is a member: {registered}");
-    assert!(!finished(&s), "the campaign waits for the offline device: {:?}", s.counts);
+    assert!(
+        !finished(&s),
+        "the campaign waits for the offline device: {:?}",
+        s.counts
+    );
 
     let late = Fleet::start(&env.fleet_config(), offline.to_vec()).unwrap();
-    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished).await.unwrap();
+    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
     assert_eq!(s.count(DeviceState::Succeeded), 3, "{:?}", s.counts);
     assert!(late.wait_all(LIMIT, |v| v.running_version == "2.0.0").await);
     fleet.shutdown().await;

@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
+use futures_util::{StreamExt, TryStreamExt};
 use serde_json::Value;
 
 use crate::admin::client::{AdminClient, PROFILE_CA, PROFILE_CERT, PROFILE_KEY};
@@ -497,6 +498,9 @@ pub fn build_bundle(
     Ok(built.manifest.artifact)
 }
 
+/// Chunk uploads in flight at once.
+const UPLOAD_CONCURRENCY: usize = 16;
+
 /// Uploads a bundle through `client`, chunk by chunk, with a progress bar.
 pub async fn upload_bundle(client: &AdminClient, dir: &Path, progress: bool) -> Result<ArtifactId> {
     let signed: SignedManifest =
@@ -515,6 +519,8 @@ pub async fn upload_bundle(client: &AdminClient, dir: &Path, progress: bool) -> 
     } else {
         indicatif::ProgressBar::hidden()
     };
+    // Cut the file into the manifest's sealed chunks first, so a short file fails before upload.
+    let mut pieces = Vec::with_capacity(manifest.chunk_count as usize);
     let mut offset = 0usize;
     for index in 0..manifest.chunk_count {
         let len = manifest.sealed_len(index).unwrap_or(0);
@@ -522,15 +528,27 @@ pub async fn upload_bundle(client: &AdminClient, dir: &Path, progress: bool) -> 
             bail!("{} is shorter than the manifest says", bundle::CHUNKS);
         };
         offset += len;
-        let _: Value = client
-            .call(AdminBody::ReleaseChunk {
+        pieces.push((index, sealed));
+    }
+    // Several calls in flight: each is a round trip through the broker and a store flush, and
+    // the engine commits a batch of them with one flush. Chunks may arrive in any order.
+    futures_util::stream::iter(pieces)
+        .map(|(index, sealed)| {
+            let body = AdminBody::ReleaseChunk {
                 artifact: manifest.artifact.clone(),
                 index,
                 data: B64.encode(sealed),
-            })
-            .await?;
-        bar.inc(1);
-    }
+            };
+            let bar = &bar;
+            async move {
+                let _: Value = client.call(body).await?;
+                bar.inc(1);
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(UPLOAD_CONCURRENCY)
+        .try_for_each(|()| async { Ok(()) })
+        .await?;
     bar.finish_and_clear();
     Ok(manifest.artifact)
 }
