@@ -5,7 +5,8 @@ use std::sync::atomic::Ordering;
 
 use aloft_device::Fleet;
 use aloft_e2e::{finished, wait_campaign, wait_registered, ReleaseSpec};
-use aloft_orchestrator::admin::wire::AdminBody;
+use aloft_orchestrator::admin::wire::{AdminBody, AdminRequest};
+use aloft_orchestrator::store::Target;
 use aloft_proto::DeviceState;
 
 use crate::common::{Env, LIMIT};
@@ -109,4 +110,48 @@ async fn a_device_offline_when_the_campaign_starts_gets_its_job_when_it_connects
     assert!(late.wait_all(LIMIT, |v| v.running_version == "2.0.0").await);
     fleet.shutdown().await;
     late.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_campaign_create_creates_one_campaign() {
+    let env = Env::new(1).await;
+    let fleet = env.start_fleet(&env.fleet_config()).await;
+    let bundle = env
+        .lab
+        .build_release(&ReleaseSpec::new("2.0.0", 2, 64 * 1024))
+        .unwrap();
+    let artifact = aloft_orchestrator::cli::upload_bundle(&env.admin, &bundle, false)
+        .await
+        .unwrap();
+    // A second operator sends the same request twice, as QoS 1 redelivery would.
+    let op = aloft_proto::OperatorId::new("ops2").unwrap();
+    let profile = env.lab.root.join("ops2");
+    aloft_orchestrator::cli::issue_operator_profile(&env.lab.ca, &op, &profile, 1).unwrap();
+    let (client, mut el) = crate::common::operator_client(env.running.device_addr, &profile).await;
+    let request = AdminRequest {
+        v: 1,
+        id: "create-once".into(),
+        body: AdminBody::CampaignCreate {
+            artifact,
+            target: Target::All,
+        },
+    };
+    let topic = aloft_proto::topics::admin_request(&op, "request");
+    for _ in 0..2 {
+        let payload = aloft_proto::messages::encode(&request);
+        crate::common::publish_and_settle(&client, &mut el, topic.clone(), payload, false).await;
+    }
+    crate::common::close(client, el).await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let campaigns = loop {
+        let c: Vec<serde_json::Value> = env.admin.call(AdminBody::CampaignList {}).await.unwrap();
+        if !c.is_empty() || tokio::time::Instant::now() > deadline {
+            break c;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    // Both copies were handled before the list (one engine, one queue, in order).
+    assert_eq!(campaigns.len(), 1, "{campaigns:?}");
+    assert_eq!(env.running.metrics.rejected_count("admin", "duplicate"), 1);
+    fleet.shutdown().await;
 }

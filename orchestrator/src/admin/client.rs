@@ -55,6 +55,8 @@ pub struct AdminClient {
     pending: Pending,
     timeout: Duration,
     next_id: std::sync::atomic::AtomicU64,
+    /// Random per connection: request ids never repeat across CLI runs.
+    session: String,
 }
 
 fn read(path: &Path) -> Result<String, ClientError> {
@@ -147,6 +149,12 @@ impl AdminClient {
             pending,
             timeout: Duration::from_secs(30),
             next_id: std::sync::atomic::AtomicU64::new(1),
+            session: {
+                let mut r = [0u8; 8];
+                aloft_proto::crypto::random_bytes(&mut r)
+                    .map_err(|e| ClientError::Connect(format!("randomness: {e}")))?;
+                hex::encode(r)
+            },
         })
     }
 
@@ -159,7 +167,8 @@ impl AdminClient {
         let n = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let id = format!("{}-{n}", std::process::id());
+        // Unique across invocations, since the orchestrator answers a repeated id from its cache.
+        let id = format!("{}-{n}", self.session);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().await.insert(id.clone(), tx);
         let req = AdminRequest {

@@ -1,7 +1,7 @@
 //! Admin requests from operators: release upload (signature verified here, against the trusted
 //! release keys, before anything is stored), device registration, campaign creation and status.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use aloft_proto::crypto::{self, sha256};
 use aloft_proto::manifest::ManifestError;
@@ -22,6 +22,34 @@ use crate::store::{
 };
 
 type AdminResult = Result<Result<Value, AdminError>, StoreError>;
+
+/// Replies to recent admin requests by (operator, request id), so a request delivered twice
+/// (QoS 1 redelivery) is answered twice but carried out once: a campaign is created once.
+#[derive(Default)]
+pub(super) struct ReplyCache {
+    replies: HashMap<(OperatorId, String), Vec<u8>>,
+    order: VecDeque<(OperatorId, String)>,
+}
+
+impl ReplyCache {
+    /// Requests remembered; older ones are forgotten first.
+    const CAPACITY: usize = 4096;
+
+    fn get(&self, key: &(OperatorId, String)) -> Option<&Vec<u8>> {
+        self.replies.get(key)
+    }
+
+    fn insert(&mut self, key: (OperatorId, String), reply: Vec<u8>) {
+        if self.replies.insert(key.clone(), reply).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > Self::CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.replies.remove(&old);
+            }
+        }
+    }
+}
 
 fn refuse(code: &str, message: impl Into<String>) -> AdminResult {
     Ok(Err(AdminError::new(code, message)))
@@ -48,6 +76,14 @@ impl Engine {
             }
         };
         let id = req.id.clone();
+        let key = (operator.clone(), id.clone());
+        if let Some(reply) = self.admin_replies.get(&key) {
+            self.metrics.rejected("admin", "duplicate");
+            info!(%operator, request = %id, "duplicate admin request answered from cache");
+            let reply = reply.clone();
+            self.send(reply_topic, reply, false);
+            return Ok(());
+        }
         let reply = match self.dispatch(&operator, req.body)? {
             Ok(result) => AdminReply::ok(id, result),
             Err(e) => {
@@ -56,7 +92,9 @@ impl Engine {
                 AdminReply::err(id, e)
             }
         };
-        self.send(reply_topic, messages::encode(&reply), false);
+        let encoded = messages::encode(&reply);
+        self.admin_replies.insert(key, encoded.clone());
+        self.send(reply_topic, encoded, false);
         Ok(())
     }
 

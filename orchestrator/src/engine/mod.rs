@@ -114,6 +114,7 @@ pub struct Engine {
     uploads: HashMap<ArtifactId, HashSet<u32>>,
     out: Vec<Outgoing>,
     dirty: bool,
+    admin_replies: admin::ReplyCache,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -133,6 +134,7 @@ impl Engine {
             uploads: HashMap::new(),
             out: Vec::new(),
             dirty: false,
+            admin_replies: admin::ReplyCache::default(),
         }
     }
 
