@@ -207,6 +207,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         EngineConfig {
             trusted_release_keys: trusted,
             ca_pem,
+            direct: Some(ctx.direct.clone()),
         },
         metrics.clone(),
     );

@@ -16,6 +16,7 @@ pub mod embedded;
 pub mod front;
 
 pub use embedded::{BackendAddr, BackendSecret, BrokerConfig, EmbeddedBroker};
+pub use front::direct::{DeliverError, DirectRoutes};
 pub use front::{
     serve, serve_plain_insecure, FrontConfig, FrontContext, FrontStats, FrontStatsSnapshot, Peer,
     Registry, SessionHook,

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use aloft_broker::{DeliverError, DirectRoutes};
 use aloft_proto::chunkframe::{self, ChunkErrorCode};
 use aloft_proto::crypto::{self, ContentKey};
 use aloft_proto::manifest::{Manifest, ReleasePublicKey, SignedManifest};
@@ -65,6 +66,9 @@ pub struct EngineConfig {
     pub trusted_release_keys: Vec<ReleasePublicKey>,
     /// The fleet CA, for verifying certificates submitted for registration.
     pub ca_pem: String,
+    /// The front's direct routes: chunk responses go to devices this way, past the broker
+    /// (see `aloft_broker::front::direct`). Without it they are published through the broker.
+    pub direct: Option<Arc<DirectRoutes>>,
 }
 
 /// Why the engine stopped.
@@ -391,7 +395,7 @@ impl Engine {
             self.metrics.rejected("chunk_request", "unknown_campaign");
             let frame =
                 chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::UnknownArtifact);
-            self.send(topic, frame, false);
+            self.send_chunk(&device, &topic, frame);
             return Ok(());
         };
         let state = live.progress.get(&device).map(|p| p.state);
@@ -399,7 +403,7 @@ impl Engine {
             self.metrics.rejected("chunk_request", "unknown_artifact");
             let frame =
                 chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::UnknownArtifact);
-            self.send(topic, frame, false);
+            self.send_chunk(&device, &topic, frame);
             return Ok(());
         }
         // `Notified` too: the device's `downloading` report may still be in this very batch.
@@ -410,7 +414,7 @@ impl Engine {
             self.metrics.rejected("chunk_request", "not_downloading");
             let frame =
                 chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::NotDownloading);
-            self.send(topic, frame, false);
+            self.send_chunk(&device, &topic, frame);
             return Ok(());
         }
         let count = live.manifest.chunk_count;
@@ -418,21 +422,39 @@ impl Engine {
         for index in req.indices() {
             if index >= count {
                 let frame = chunkframe::encode_error(&artifact, index, ChunkErrorCode::OutOfRange);
-                self.send(topic.clone(), frame, false);
+                self.send_chunk(&device, &topic, frame);
                 break;
             }
             let Some(sealed) = self.store.chunk(&artifact, index)? else {
                 warn!(%artifact, index, "stored release is missing a chunk");
                 let frame =
                     chunkframe::encode_error(&artifact, index, ChunkErrorCode::UnknownArtifact);
-                self.send(topic.clone(), frame, false);
+                self.send_chunk(&device, &topic, frame);
                 break;
             };
             self.metrics.chunk_served(sealed.len());
             let frame = chunkframe::encode_data(&artifact, index, count, &sealed);
-            self.send(topic.clone(), frame, false);
+            self.send_chunk(&device, &topic, frame);
         }
         Ok(())
+    }
+
+    /// Sends a chunk frame: directly on the device's connection when the front offers it.
+    /// Chunk frames carry no state, so they need not wait for the batch's commit.
+    fn send_chunk(&mut self, device: &DeviceId, topic: &str, frame: Vec<u8>) {
+        match &self.cfg.direct {
+            Some(direct) => {
+                if let Err(e) = direct.deliver(device, topic, &frame) {
+                    let why = match e {
+                        DeliverError::NotConnected => "not_connected",
+                        DeliverError::QueueFull => "queue_full",
+                    };
+                    self.metrics.rejected("chunk_response", why);
+                    debug!(%device, error = %e, "chunk response dropped; the device will ask again");
+                }
+            }
+            None => self.send(topic.to_owned(), frame, false),
+        }
     }
 
     fn on_device_seen(&mut self, seen: SeenDevice) -> Result<(), StoreError> {

@@ -9,6 +9,7 @@
 //! CONNECT named exactly the certificate's identity, and no other live connection holds it.
 
 pub mod acl;
+pub mod direct;
 mod identity;
 pub(crate) mod mqtt;
 mod registry;
@@ -28,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::embedded::BackendAddr;
 use crate::BrokerError;
+pub use direct::{DeliverError, DirectRoutes};
 pub use identity::{IdentityError, Peer};
 pub use registry::Registry;
 use relay::IdentitySource;
@@ -118,6 +120,8 @@ pub struct FrontContext {
     pub registry: Arc<Registry>,
     /// Told about every session established with a client certificate.
     pub on_session: Option<SessionHook>,
+    /// Device-bound packets the orchestrator delivers past the broker (chunk responses).
+    pub direct: Arc<DirectRoutes>,
     /// Slots for TLS handshakes in progress (`max_concurrent_handshakes`).
     handshake_slots: Semaphore,
 }
@@ -137,6 +141,7 @@ impl FrontContext {
             stats: Arc::default(),
             registry: Arc::default(),
             on_session: None,
+            direct: Arc::default(),
         })
     }
 

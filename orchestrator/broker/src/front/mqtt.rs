@@ -89,6 +89,14 @@ impl FrameReader {
         }
     }
 
+    /// A reader that starts with `buffered` (bytes already read from the stream).
+    pub fn with_buffered(max_packet_bytes: usize, buffered: BytesMut) -> Self {
+        Self {
+            buf: buffered,
+            max_packet_bytes,
+        }
+    }
+
     /// The next complete frame (fixed header included).
     ///
     /// The size cap is checked as soon as the fixed header is in, before the body is read: a

@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{Connect, Login, Packet};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
@@ -33,6 +33,9 @@ const MAX_KEEP_ALIVE_SECS: u16 = 1_200;
 const LAST_WORDS: Duration = Duration::from_secs(2);
 /// Size cap for frames from the backend during the CONNECT exchange (a CONNACK is tiny).
 const BACKEND_CONNACK_MAX: usize = 64 * 1024;
+/// Size cap for frames from the backend to a device: jobs (512 KiB) and, should they come this
+/// way, chunk frames of the largest chunk size (1 MiB), with room to spare.
+const BACKEND_TO_DEVICE_MAX: usize = 4 * 1024 * 1024;
 
 /// Where the peer's identity comes from.
 pub(crate) enum IdentitySource {
@@ -139,6 +142,14 @@ pub(crate) async fn run<S>(
         (hook.0)(identity);
     }
 
+    // A device's session also carries packets delivered past the broker (see `direct`).
+    let (route, direct_rx) = match &peer {
+        Peer::Device(d) => {
+            let (guard, rx) = ctx.direct.open(d.clone());
+            (Some(guard), Some(rx))
+        }
+        Peer::Operator(_) => (None, None),
+    };
     let (mut backend_r, mut backend_w) = backend.into_split();
     let idle = Duration::from_millis(u64::from(admitted.keep_alive_secs) * 1_500);
     let (end_tx, end_rx) = oneshot::channel();
@@ -152,7 +163,14 @@ pub(crate) async fn run<S>(
         };
         let _ = end_tx.send(reason);
     };
-    let b2c = broker_to_client(&mut backend_r, &mut client_w, leftover, end_rx, ctx);
+    let b2c = broker_to_client(
+        &mut backend_r,
+        &mut client_w,
+        leftover,
+        end_rx,
+        direct_rx,
+        ctx,
+    );
     tokio::pin!(c2b, b2c);
     tokio::select! {
         () = &mut c2b => {
@@ -163,6 +181,7 @@ pub(crate) async fn run<S>(
         }
         () = &mut b2c => {}
     }
+    drop(route);
     drop(claim);
     debug!(%peer, %addr, "session closed");
 }
@@ -424,47 +443,107 @@ where
     }
 }
 
-/// Copies backend bytes to the client until either side closes or the client → broker
+/// Copies backend packets to the client until either side closes or the client → broker
 /// direction ends; in the latter case it sends that direction's DISCONNECT, if any, between
-/// two writes (never in the middle of one).
+/// two writes (never in the middle of one). With `direct`, packets from it are written between
+/// two whole backend packets, so the backend stream is read frame by frame.
 async fn broker_to_client<S>(
     backend_r: &mut tokio::net::tcp::OwnedReadHalf,
     client_w: &mut WriteHalf<S>,
     leftover: BytesMut,
     mut end: oneshot::Receiver<Option<Reason>>,
+    direct: Option<mpsc::Receiver<Bytes>>,
     ctx: &FrontContext,
 ) where
     S: AsyncRead + AsyncWrite,
 {
-    if !leftover.is_empty() {
-        if write_flush(client_w, &leftover).await.is_err() {
-            return;
+    match direct {
+        Some(direct) => {
+            let frames = FrameReader::with_buffered(BACKEND_TO_DEVICE_MAX, leftover);
+            framed_to_client(backend_r, client_w, frames, &mut end, direct, ctx).await;
         }
-        FrontStats::add(&ctx.stats.bytes_out, leftover.len());
+        None => {
+            if !leftover.is_empty() {
+                if write_flush(client_w, &leftover).await.is_err() {
+                    return;
+                }
+                FrontStats::add(&ctx.stats.bytes_out, leftover.len());
+            }
+            raw_to_client(backend_r, client_w, &mut end, ctx).await;
+        }
     }
+    let _ = client_w.shutdown().await;
+}
+
+async fn raw_to_client<S>(
+    backend_r: &mut tokio::net::tcp::OwnedReadHalf,
+    client_w: &mut WriteHalf<S>,
+    end: &mut oneshot::Receiver<Option<Reason>>,
+    ctx: &FrontContext,
+) where
+    S: AsyncRead + AsyncWrite,
+{
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         tokio::select! {
             biased;
-            reason = &mut end => {
+            reason = &mut *end => {
                 if let Ok(Some(reason)) = reason {
                     let _ = write_flush(client_w, &mqtt::disconnect(reason)).await;
                 }
-                break;
+                return;
             }
             read = backend_r.read(&mut buf) => {
                 let n = match read {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
                 if write_flush(client_w, &buf[..n]).await.is_err() {
-                    break;
+                    return;
                 }
                 FrontStats::add(&ctx.stats.bytes_out, n);
             }
         }
     }
-    let _ = client_w.shutdown().await;
+}
+
+async fn framed_to_client<S>(
+    backend_r: &mut tokio::net::tcp::OwnedReadHalf,
+    client_w: &mut WriteHalf<S>,
+    mut frames: FrameReader,
+    end: &mut oneshot::Receiver<Option<Reason>>,
+    mut direct: mpsc::Receiver<Bytes>,
+    ctx: &FrontContext,
+) where
+    S: AsyncRead + AsyncWrite,
+{
+    loop {
+        // `FrameReader::next` is cancel-safe, so losing the race to a direct packet loses no
+        // backend bytes.
+        let packet = tokio::select! {
+            biased;
+            reason = &mut *end => {
+                if let Ok(Some(reason)) = reason {
+                    let _ = write_flush(client_w, &mqtt::disconnect(reason)).await;
+                }
+                return;
+            }
+            frame = frames.next(backend_r) => match frame {
+                Ok(f) => f,
+                Err(e) => {
+                    if !matches!(e, FrameError::Closed) {
+                        warn!(error = %e, "backend stream to a device ended abnormally");
+                    }
+                    return;
+                }
+            },
+            Some(p) = direct.recv() => p,
+        };
+        if write_flush(client_w, &packet).await.is_err() {
+            return;
+        }
+        FrontStats::add(&ctx.stats.bytes_out, packet.len());
+    }
 }
 
 /// Answers a refused CONNECT (if there is an answer) and closes, within a bounded time.
