@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use aloft_broker::{FrontStats, FrontStatsSnapshot};
+use aloft_broker::{DirectRoutes, FrontStats, FrontStatsSnapshot};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -24,6 +24,7 @@ pub struct Metrics {
     chunk_bytes_served: IntCounter,
     store_flush_seconds: Histogram,
     front: Option<Arc<FrontStats>>,
+    direct: Option<Arc<DirectRoutes>>,
     front_gauges: IntGaugeVec,
 }
 
@@ -37,7 +38,7 @@ fn must<T>(r: prometheus::Result<T>) -> T {
 }
 
 impl Metrics {
-    pub fn new(front: Option<Arc<FrontStats>>) -> Arc<Self> {
+    pub fn new(front: Option<Arc<FrontStats>>, direct: Option<Arc<DirectRoutes>>) -> Arc<Self> {
         let registry = Registry::new();
         let device_state = must(IntGaugeVec::new(
             Opts::new("aloft_devices", "Devices per campaign and update state"),
@@ -110,6 +111,7 @@ impl Metrics {
             chunk_bytes_served,
             store_flush_seconds,
             front,
+            direct,
             front_gauges,
         })
     }
@@ -151,12 +153,17 @@ impl Metrics {
         self.store_flush_seconds.observe(secs);
     }
 
-    /// A counter's current value, for tests and summaries.
     /// The front's counters now, if this orchestrator has a front.
     pub fn front_snapshot(&self) -> Option<FrontStatsSnapshot> {
         self.front.as_ref().map(|f| f.snapshot())
     }
 
+    /// Packets (chunk frames) the front delivered directly, past the broker.
+    pub fn direct_delivered(&self) -> u64 {
+        self.direct.as_ref().map_or(0, |d| d.delivered())
+    }
+
+    /// A counter's current value, for tests and summaries.
     pub fn rejected_count(&self, kind: &str, reason: &str) -> u64 {
         self.rejected_messages
             .with_label_values(&[kind, reason])
@@ -167,6 +174,14 @@ impl Metrics {
     pub fn render(&self) -> String {
         if let Some(f) = &self.front {
             for (name, v) in front_counters(&f.snapshot()) {
+                self.front_gauges.with_label_values(&[name]).set(v as i64);
+            }
+        }
+        if let Some(d) = &self.direct {
+            for (name, v) in [
+                ("direct_delivered", d.delivered()),
+                ("direct_dropped", d.dropped()),
+            ] {
                 self.front_gauges.with_label_values(&[name]).set(v as i64);
             }
         }

@@ -149,7 +149,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         )?
         .with_session_hook(device_seen_hook(tx.clone())),
     );
-    let metrics = Metrics::new(Some(ctx.stats.clone()));
+    let metrics = Metrics::new(Some(ctx.stats.clone()), Some(ctx.direct.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let listener = bind(cfg.file.listen).await?;
