@@ -171,18 +171,36 @@ async fn demo(args: Args) -> Result<bool> {
     let secs = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
 
-    let served = match orch.metrics_addr {
-        Some(m) => scrape(m, "aloft_chunk_bytes_served_total")
-            .await
-            .unwrap_or(0.0),
-        None => 0.0,
+    let metrics_addr = orch.metrics_addr;
+    let metric = |name: &'static str| async move {
+        match metrics_addr {
+            Some(m) => scrape(m, name).await.unwrap_or(0.0),
+            None => 0.0,
+        }
     };
+    let served = metric("aloft_chunk_bytes_served_total").await;
+    let dropped = metric("aloft_front{counter=\"direct_dropped\"}").await;
+    let views = fleet.views();
+    let total = |f: fn(&aloft_device::AgentStats) -> u64| -> u64 {
+        views.iter().map(|(_, v)| f(&v.stats)).sum()
+    };
+    let request_errors = total(|s| s.chunks_rejected);
+    let expired = total(|s| s.chunk_requests_expired);
+    let duplicates = total(|s| s.chunks_duplicate);
+    let sessions = fleet
+        .counters
+        .sessions_up
+        .load(std::sync::atomic::Ordering::Relaxed);
     let orch_rss = orch.peak_rss_bytes().unwrap_or(0);
     let sim_rss = peak_rss_of("/proc/self/status").unwrap_or(0);
     let corrupted = fleet
         .counters
         .chunks_corrupted
         .load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "devices: {sessions} sessions for {} devices, {expired} chunk requests timed out, {duplicates} duplicate chunks received",
+        args.devices
+    );
     let fmt_mark = |v: Option<f64>| v.map_or("-".to_owned(), |s| format!("{s:.2}s"));
     eprintln!(
         "time to 50%: {}  95%: {}  100%: {}",
@@ -191,7 +209,7 @@ async fn demo(args: Args) -> Result<bool> {
         fmt_mark(reached[2])
     );
     eprintln!(
-        "chunk bytes served: {:.1} MiB; peak RSS orchestrator: {:.1} MiB, simulator: {:.1} MiB; chunks corrupted in transit: {corrupted}",
+        "chunk bytes served: {:.1} MiB ({dropped} frames dropped at the front, {request_errors} rejected by devices); peak RSS orchestrator: {:.1} MiB, simulator: {:.1} MiB; chunks corrupted in transit: {corrupted}",
         served / 1_048_576.0,
         orch_rss as f64 / 1_048_576.0,
         sim_rss as f64 / 1_048_576.0,

@@ -138,14 +138,17 @@ impl Session {
     }
 
     /// Drops requests older than the current timeout so they are asked again, and backs off.
-    pub fn expire(&mut self, now: u64, max_ms: u64) {
+    /// Returns how many expired.
+    pub fn expire(&mut self, now: u64, max_ms: u64) -> u64 {
         let timeout = self.timeout_ms;
         let before = self.outstanding.len();
         self.outstanding
             .retain(|_, sent| now.saturating_sub(*sent) < timeout);
-        if self.outstanding.len() != before {
+        let expired = before - self.outstanding.len();
+        if expired > 0 {
             self.timeout_ms = timeout.saturating_mul(2).min(max_ms);
         }
+        expired as u64
     }
 
     /// Picks missing chunks to fill the window up to `window` outstanding, marks them requested

@@ -134,6 +134,10 @@ pub struct AgentStats {
     pub bad_payloads: u64,
     /// Reports the orchestrator rejected.
     pub reports_rejected: u64,
+    /// Chunk requests that timed out and were asked again.
+    pub chunk_requests_expired: u64,
+    /// Chunk frames that arrived for chunks already written (answers to repeated requests).
+    pub chunks_duplicate: u64,
 }
 
 /// Why a job was refused.
@@ -317,7 +321,7 @@ impl UpdateAgent {
         if cur.phase != DeviceState::Downloading || !s.requests_enabled || now < s.paused_until {
             return;
         }
-        s.expire(now, self.cfg.max_chunk_timeout_ms);
+        self.stats.chunk_requests_expired += s.expire(now, self.cfg.max_chunk_timeout_ms);
         for ranges in s.next_requests(now, &cur.written, self.cfg.window) {
             let req = ChunkRequest {
                 v: messages::PROTOCOL_VERSION,
@@ -731,7 +735,8 @@ impl UpdateAgent {
                         session.reset_timeout(self.cfg.chunk_timeout_ms);
                         self.dirty(Persist::Soon);
                     }
-                    ChunkOutcome::Duplicate | ChunkOutcome::Ignored => {}
+                    ChunkOutcome::Duplicate => self.stats.chunks_duplicate += 1,
+                    ChunkOutcome::Ignored => {}
                     ChunkOutcome::Rejected { exhausted } => {
                         self.stats.chunks_rejected += 1;
                         debug!(device = %self.cfg.device, index, "chunk failed verification");
