@@ -1,8 +1,14 @@
 //! The download half of a campaign, in memory only: which chunks are requested and when, how
-//! often each failed, the request timeout with its backoff, and the check of every sealed chunk
-//! against the signed manifest *before* it is decrypted and written.
+//! often each failed, the request timeout, and the check of every sealed chunk against the
+//! signed manifest *before* it is decrypted and written.
+//!
+//! The timeout follows the measured response time as TCP's does (RFC 6298: SRTT + 4·RTTVAR,
+//! never below the configured base; samples only from chunks asked for once, Karn's rule) and
+//! doubles on expiry. A fixed timeout breaks down when a loaded orchestrator shares its
+//! bandwidth among thousands of devices: a window then takes longer to drain than the timeout,
+//! and devices re-request what is merely slow, which adds load.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use aloft_proto::crypto::{self, ContentKey};
 use aloft_proto::manifest::Manifest;
@@ -38,11 +44,17 @@ pub(super) struct Session {
     digests: Vec<[u8; 32]>,
     /// Held only while downloading; dropping it zeroizes it.
     key: Option<ContentKey>,
-    /// Requested chunks not yet received, with the time of their last request.
-    outstanding: BTreeMap<u32, u64>,
+    /// Requested chunks not yet received: the time of their last request, and whether it was a
+    /// repeat (whose answer may be to the first request, so it gives no response time).
+    outstanding: BTreeMap<u32, (u64, bool)>,
+    /// Chunks asked for before whose answer has not arrived; asking again is a repeat.
+    asked_before: HashSet<u32>,
     failures: HashMap<u32, u32>,
-    /// The current request timeout: doubles on every expiry, back to the base on progress.
+    /// The current request timeout: doubles on every expiry, back to the estimate on progress.
     timeout_ms: u64,
+    /// Smoothed response time and its variation, once measured (ms).
+    srtt: Option<f64>,
+    rttvar: f64,
     /// No requests before this time (the orchestrator said it is not serving us yet).
     pub paused_until: u64,
     /// Chunk requests wait until the campaign's `downloading` report has been published once,
@@ -57,8 +69,11 @@ impl Session {
             manifest,
             key,
             outstanding: BTreeMap::new(),
+            asked_before: HashSet::new(),
             failures: HashMap::new(),
             timeout_ms: base_timeout_ms,
+            srtt: None,
+            rttvar: 0.0,
             paused_until: 0,
             requests_enabled: false,
         }
@@ -75,13 +90,16 @@ impl Session {
 
     /// Forgets what was requested: after a reconnect or a pause everything missing is asked again.
     pub fn forget_outstanding(&mut self) {
+        let asked: Vec<u32> = self.outstanding.keys().copied().collect();
+        self.asked_before.extend(asked);
         self.outstanding.clear();
     }
 
-    /// Handles one data frame for chunk `index` of `count`.
+    /// Handles one data frame for chunk `index` of `count`, received at `now`.
     #[allow(clippy::too_many_arguments)]
     pub fn accept(
         &mut self,
+        now: u64,
         artifact: &ArtifactId,
         index: u32,
         count: u32,
@@ -127,14 +145,32 @@ impl Session {
             return ChunkOutcome::WriteFailed(e);
         }
         written.set(index);
-        self.outstanding.remove(&index);
+        if let Some((sent, false)) = self.outstanding.remove(&index) {
+            self.sample_response_time(now.saturating_sub(sent) as f64);
+        }
+        self.asked_before.remove(&index);
         self.failures.remove(&index);
         ChunkOutcome::Written
     }
 
-    /// Progress was made: requests time out at the base rate again.
-    pub fn reset_timeout(&mut self, base_ms: u64) {
-        self.timeout_ms = base_ms;
+    fn sample_response_time(&mut self, ms: f64) {
+        match self.srtt {
+            None => {
+                self.srtt = Some(ms);
+                self.rttvar = ms / 2.0;
+            }
+            Some(srtt) => {
+                self.rttvar = 0.75 * self.rttvar + 0.25 * (srtt - ms).abs();
+                self.srtt = Some(0.875 * srtt + 0.125 * ms);
+            }
+        }
+    }
+
+    /// Progress was made: requests time out after the estimated response time again, never
+    /// sooner than `base_ms` nor later than `max_ms`.
+    pub fn reset_timeout(&mut self, base_ms: u64, max_ms: u64) {
+        let estimate = self.srtt.map_or(0.0, |s| s + 4.0 * self.rttvar);
+        self.timeout_ms = (estimate.ceil() as u64).clamp(base_ms, max_ms.max(base_ms));
     }
 
     /// Drops requests older than the current timeout so they are asked again, and backs off.
@@ -142,8 +178,14 @@ impl Session {
     pub fn expire(&mut self, now: u64, max_ms: u64) -> u64 {
         let timeout = self.timeout_ms;
         let before = self.outstanding.len();
-        self.outstanding
-            .retain(|_, sent| now.saturating_sub(*sent) < timeout);
+        let asked_before = &mut self.asked_before;
+        self.outstanding.retain(|i, (sent, _)| {
+            let keep = now.saturating_sub(*sent) < timeout;
+            if !keep {
+                asked_before.insert(*i);
+            }
+            keep
+        });
         let expired = before - self.outstanding.len();
         if expired > 0 {
             self.timeout_ms = timeout.saturating_mul(2).min(max_ms);
@@ -169,7 +211,8 @@ impl Session {
             .take(room)
             .collect();
         for &i in &picked {
-            self.outstanding.insert(i, now);
+            let repeat = self.asked_before.contains(&i);
+            self.outstanding.insert(i, (now, repeat));
         }
         to_requests(&picked)
     }

@@ -720,6 +720,7 @@ impl UpdateAgent {
             } => {
                 let slot = self.record.slots.update_slot();
                 let outcome = session.accept(
+                    now,
                     &artifact,
                     index,
                     count,
@@ -732,7 +733,10 @@ impl UpdateAgent {
                 match outcome {
                     ChunkOutcome::Written => {
                         self.stats.chunks_received += 1;
-                        session.reset_timeout(self.cfg.chunk_timeout_ms);
+                        session.reset_timeout(
+                            self.cfg.chunk_timeout_ms,
+                            self.cfg.max_chunk_timeout_ms,
+                        );
                         self.dirty(Persist::Soon);
                     }
                     ChunkOutcome::Duplicate => self.stats.chunks_duplicate += 1,

@@ -566,3 +566,27 @@ fn garbage_on_every_topic_is_counted_and_ignored() {
         &DeviceRecord::factory("1.0.0", SecurityVersion(1))
     );
 }
+
+#[test]
+fn the_request_timeout_follows_the_measured_response_time() {
+    let fx = Fixture::new();
+    let rel = fx.release(&ReleaseSpec {
+        size: 40 * 1024,
+        ..Default::default()
+    });
+    let mut rig = fx.rig();
+    rig.connect();
+    rig.step(Input::Job(&fx.job("c-1", &rel)));
+    // A loaded orchestrator: the window's chunks trickle in over 2.5 s. The timeout grows past
+    // the 3 s base instead of re-requesting what is merely slow.
+    for i in 0..16 {
+        rig.advance(2_500 / 16);
+        rig.step(Input::ChunkFrame(&rel.frame(i)));
+    }
+    // The refills (16..32) were requested between 0.16 s and 2.5 s. At 6 s a fixed 3 s timeout
+    // would ask for all 16 again; the estimate (well above 3 s here) only for the oldest.
+    rig.requested.clear();
+    rig.advance(3_500);
+    assert!(rig.requested.len() < 16, "asked again: {:?}", rig.requested);
+    assert!(rig.requested.iter().all(|i| *i < 20), "{:?}", rig.requested);
+}
