@@ -55,6 +55,8 @@ pub(super) struct Session {
     /// Smoothed response time and its variation, once measured (ms).
     srtt: Option<f64>,
     rttvar: f64,
+    /// A response time was measured since the timeout was last set.
+    fresh_sample: bool,
     /// No requests before this time (the orchestrator said it is not serving us yet).
     pub paused_until: u64,
     /// Chunk requests wait until the campaign's `downloading` report has been published once,
@@ -74,6 +76,7 @@ impl Session {
             timeout_ms: base_timeout_ms,
             srtt: None,
             rttvar: 0.0,
+            fresh_sample: false,
             paused_until: 0,
             requests_enabled: false,
         }
@@ -154,6 +157,7 @@ impl Session {
     }
 
     fn sample_response_time(&mut self, ms: f64) {
+        self.fresh_sample = true;
         match self.srtt {
             None => {
                 self.srtt = Some(ms);
@@ -166,10 +170,16 @@ impl Session {
         }
     }
 
-    /// Progress was made: requests time out after the estimated response time again, never
-    /// sooner than `base_ms` nor later than `max_ms`.
+    /// Progress was made: if it brought a new response time, requests time out after the new
+    /// estimate, never sooner than `base_ms` nor later than `max_ms`. Without one (only answers
+    /// to repeated requests arrived), a backed-off timeout stays backed off (RFC 6298 §5.7):
+    /// falling back to the base would re-request everything again under the same load.
     pub fn reset_timeout(&mut self, base_ms: u64, max_ms: u64) {
-        let estimate = self.srtt.map_or(0.0, |s| s + 4.0 * self.rttvar);
+        let Some(srtt) = self.srtt.filter(|_| self.fresh_sample) else {
+            return;
+        };
+        self.fresh_sample = false;
+        let estimate = srtt + 4.0 * self.rttvar;
         self.timeout_ms = (estimate.ceil() as u64).clamp(base_ms, max_ms.max(base_ms));
     }
 
