@@ -631,14 +631,14 @@ async fn device(c: DeviceCommand) -> Result<()> {
                 .iter()
                 .map(std::fs::read_to_string)
                 .collect::<std::io::Result<Vec<_>>>()?;
-            let client = AdminClient::connect(&conn.profile, &conn.server).await?;
-            let v: Value = client
-                .call(AdminBody::DeviceRegister {
+            call_and_print(
+                &conn,
+                AdminBody::DeviceRegister {
                     certs: pems,
                     groups,
-                })
-                .await?;
-            print_json(&v)?;
+                },
+            )
+            .await?;
         }
         DeviceCommand::List { conn } => {
             call_and_print(&conn, AdminBody::DeviceList {}).await?;
@@ -670,14 +670,11 @@ async fn campaign(c: CampaignCommand) -> Result<()> {
             } else {
                 bail!("choose a target: --all, --group G or --devices a,b");
             };
-            let client = AdminClient::connect(&conn.profile, &conn.server).await?;
-            let v: Value = client
-                .call(AdminBody::CampaignCreate {
-                    artifact: ArtifactId::new(artifact)?,
-                    target,
-                })
-                .await?;
-            print_json(&v)?;
+            let body = AdminBody::CampaignCreate {
+                artifact: ArtifactId::new(artifact)?,
+                target,
+            };
+            call_and_print(&conn, body).await?;
         }
         CampaignCommand::Status {
             campaign,
@@ -696,9 +693,7 @@ async fn campaign(c: CampaignCommand) -> Result<()> {
             print_json(&s)?;
         }
         CampaignCommand::List { conn } => {
-            let client = AdminClient::connect(&conn.profile, &conn.server).await?;
-            let v: Value = client.call(AdminBody::CampaignList {}).await?;
-            print_json(&v)?;
+            call_and_print(&conn, AdminBody::CampaignList {}).await?;
         }
     }
     Ok(())
