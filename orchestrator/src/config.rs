@@ -34,7 +34,7 @@ pub struct FileConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// INSECURE plain-TCP MQTT listener for local debugging; off unless set.
     pub insecure_plain_listen: Option<SocketAddr>,
-    pub front: FrontFile,
+    pub front: FrontConfig,
     pub broker: BrokerFile,
 }
 
@@ -44,46 +44,8 @@ impl Default for FileConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8883)),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             insecure_plain_listen: None,
-            front: FrontFile::default(),
+            front: FrontConfig::default(),
             broker: BrokerFile::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct FrontFile {
-    pub handshake_timeout_ms: u64,
-    pub max_concurrent_handshakes: usize,
-    pub max_connections: usize,
-    pub device_max_packet_bytes: usize,
-    pub operator_max_packet_bytes: usize,
-    pub connect_timeout_ms: u64,
-}
-
-impl Default for FrontFile {
-    fn default() -> Self {
-        let d = FrontConfig::default();
-        Self {
-            handshake_timeout_ms: d.handshake_timeout_ms,
-            max_concurrent_handshakes: d.max_concurrent_handshakes,
-            max_connections: d.max_connections,
-            device_max_packet_bytes: d.device_max_packet_bytes,
-            operator_max_packet_bytes: d.operator_max_packet_bytes,
-            connect_timeout_ms: d.connect_timeout_ms,
-        }
-    }
-}
-
-impl From<&FrontFile> for FrontConfig {
-    fn from(f: &FrontFile) -> Self {
-        FrontConfig {
-            handshake_timeout_ms: f.handshake_timeout_ms,
-            max_concurrent_handshakes: f.max_concurrent_handshakes,
-            max_connections: f.max_connections,
-            device_max_packet_bytes: f.device_max_packet_bytes,
-            operator_max_packet_bytes: f.operator_max_packet_bytes,
-            connect_timeout_ms: f.connect_timeout_ms,
         }
     }
 }
@@ -154,7 +116,9 @@ impl FileConfig {
 
 impl ServeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        FrontConfig::from(&self.file.front)
+        self.file
+            .front
+            .clone()
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         BrokerConfig::from(&self.file.broker)

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use aloft_broker::{BrokerConfig, EmbeddedBroker, FrontConfig, FrontContext, SessionHook};
+use aloft_broker::{BrokerConfig, EmbeddedBroker, FrontContext, SessionHook};
 use aloft_certs::CertIdentity;
 use aloft_proto::manifest::ReleasePublicKey;
 use tokio::net::TcpListener;
@@ -142,12 +142,8 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
 
     let (tx, rx) = mpsc::channel(8192);
     let ctx = Arc::new(
-        FrontContext::new(
-            Arc::new(tls),
-            broker.backend(),
-            FrontConfig::from(&cfg.file.front),
-        )?
-        .with_session_hook(device_seen_hook(tx.clone())),
+        FrontContext::new(Arc::new(tls), broker.backend(), cfg.file.front.clone())?
+            .with_session_hook(device_seen_hook(tx.clone())),
     );
     let metrics = Metrics::new(Some(ctx.stats.clone()), Some(ctx.direct.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

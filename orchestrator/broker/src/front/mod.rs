@@ -36,8 +36,9 @@ use relay::IdentitySource;
 use stats::ActiveGuard;
 pub use stats::{FrontStats, FrontStatsSnapshot};
 
-/// Limits of the front.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Limits of the front; also the `[front]` section of the orchestrator's configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct FrontConfig {
     /// Time a socket gets to wait for a handshake slot and complete its TLS handshake.
     pub handshake_timeout_ms: u64,
