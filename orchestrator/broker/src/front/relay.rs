@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{Connect, Login, Packet};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
@@ -33,9 +33,9 @@ const MAX_KEEP_ALIVE_SECS: u16 = 1_200;
 const LAST_WORDS: Duration = Duration::from_secs(2);
 /// Size cap for frames from the backend during the CONNECT exchange (a CONNACK is tiny).
 const BACKEND_CONNACK_MAX: usize = 64 * 1024;
-/// Size cap for frames from the backend to a device: jobs (512 KiB) and, should they come this
-/// way, chunk frames of the largest chunk size (1 MiB), with room to spare.
-const BACKEND_TO_DEVICE_MAX: usize = 4 * 1024 * 1024;
+/// Size cap for frames from the backend to a client: above the largest payload the protocol
+/// sends anyone (an 8 MiB admin reply; a device gets at most a 512 KiB job).
+const BACKEND_TO_CLIENT_MAX: usize = 9 * 1024 * 1024;
 
 /// Where the peer's identity comes from.
 pub(crate) enum IdentitySource {
@@ -443,106 +443,56 @@ where
     }
 }
 
-/// Copies backend packets to the client until either side closes or the client → broker
-/// direction ends; in the latter case it sends that direction's DISCONNECT, if any, between
-/// two writes (never in the middle of one). With `direct`, packets from it are written between
-/// two whole backend packets, so the backend stream is read frame by frame.
+/// Copies backend packets to the client, frame by frame, until either side closes or the client
+/// → broker direction ends; in the latter case it sends that direction's DISCONNECT, if any.
+/// Packets from `direct` (a device's chunk frames) are written between two whole backend
+/// packets, never inside one.
 async fn broker_to_client<S>(
     backend_r: &mut tokio::net::tcp::OwnedReadHalf,
     client_w: &mut WriteHalf<S>,
     leftover: BytesMut,
     mut end: oneshot::Receiver<Option<Reason>>,
-    direct: Option<mpsc::Receiver<Bytes>>,
+    mut direct: Option<mpsc::Receiver<Bytes>>,
     ctx: &FrontContext,
 ) where
     S: AsyncRead + AsyncWrite,
 {
-    match direct {
-        Some(direct) => {
-            let frames = FrameReader::with_buffered(BACKEND_TO_DEVICE_MAX, leftover);
-            framed_to_client(backend_r, client_w, frames, &mut end, direct, ctx).await;
-        }
-        None => {
-            if !leftover.is_empty() {
-                if write_flush(client_w, &leftover).await.is_err() {
-                    return;
-                }
-                FrontStats::add(&ctx.stats.bytes_out, leftover.len());
-            }
-            raw_to_client(backend_r, client_w, &mut end, ctx).await;
-        }
-    }
-    let _ = client_w.shutdown().await;
-}
-
-async fn raw_to_client<S>(
-    backend_r: &mut tokio::net::tcp::OwnedReadHalf,
-    client_w: &mut WriteHalf<S>,
-    end: &mut oneshot::Receiver<Option<Reason>>,
-    ctx: &FrontContext,
-) where
-    S: AsyncRead + AsyncWrite,
-{
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        tokio::select! {
-            biased;
-            reason = &mut *end => {
-                if let Ok(Some(reason)) = reason {
-                    let _ = write_flush(client_w, &mqtt::disconnect(reason)).await;
-                }
-                return;
-            }
-            read = backend_r.read(&mut buf) => {
-                let n = match read {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                if write_flush(client_w, &buf[..n]).await.is_err() {
-                    return;
-                }
-                FrontStats::add(&ctx.stats.bytes_out, n);
-            }
-        }
-    }
-}
-
-async fn framed_to_client<S>(
-    backend_r: &mut tokio::net::tcp::OwnedReadHalf,
-    client_w: &mut WriteHalf<S>,
-    mut frames: FrameReader,
-    end: &mut oneshot::Receiver<Option<Reason>>,
-    mut direct: mpsc::Receiver<Bytes>,
-    ctx: &FrontContext,
-) where
-    S: AsyncRead + AsyncWrite,
-{
+    let mut frames = FrameReader::with_buffered(BACKEND_TO_CLIENT_MAX, leftover);
     loop {
         // `FrameReader::next` is cancel-safe, so losing the race to a direct packet loses no
         // backend bytes.
         let packet = tokio::select! {
             biased;
-            reason = &mut *end => {
+            reason = &mut end => {
                 if let Ok(Some(reason)) = reason {
                     let _ = write_flush(client_w, &mqtt::disconnect(reason)).await;
                 }
-                return;
+                break;
             }
             frame = frames.next(backend_r) => match frame {
                 Ok(f) => f,
                 Err(e) => {
                     if !matches!(e, FrameError::Closed) {
-                        warn!(error = %e, "backend stream to a device ended abnormally");
+                        warn!(error = %e, "backend stream to a client ended abnormally");
                     }
-                    return;
+                    break;
                 }
             },
-            Some(p) = direct.recv() => p,
+            Some(p) = next_direct(&mut direct) => p,
         };
         if write_flush(client_w, &packet).await.is_err() {
-            return;
+            break;
         }
         FrontStats::add(&ctx.stats.bytes_out, packet.len());
+    }
+    let _ = client_w.shutdown().await;
+}
+
+/// The next direct packet; never resolves for a peer without a direct route.
+async fn next_direct(direct: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
+    match direct {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
