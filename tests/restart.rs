@@ -11,19 +11,13 @@ use aloft_proto::{CampaignId, DeviceId, DeviceState};
 
 use crate::common::LIMIT;
 
-/// Position of a state along the success path, for "did not go backwards".
-fn rank(s: DeviceState) -> u8 {
-    use DeviceState::*;
-    match s {
-        Idle => 0,
-        Notified => 1,
-        Downloading => 2,
-        Downloaded => 3,
-        Installing => 4,
-        Rebooting => 5,
-        Verifying => 6,
-        Succeeded | Failed | RolledBack => 7,
-    }
+/// Position of a state along the success path, for "did not go backwards"; every terminal
+/// state counts as the end.
+fn rank(s: DeviceState) -> usize {
+    DeviceState::SUCCESS_PATH
+        .iter()
+        .position(|p| *p == s)
+        .unwrap_or(DeviceState::SUCCESS_PATH.len() - 1)
 }
 
 fn exe() -> &'static Path {

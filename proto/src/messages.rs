@@ -133,6 +133,18 @@ impl DeviceState {
         DeviceState::RolledBack,
     ];
 
+    /// The only way to `succeeded`, one legal step at a time.
+    pub const SUCCESS_PATH: [DeviceState; 8] = [
+        DeviceState::Idle,
+        DeviceState::Notified,
+        DeviceState::Downloading,
+        DeviceState::Downloaded,
+        DeviceState::Installing,
+        DeviceState::Rebooting,
+        DeviceState::Verifying,
+        DeviceState::Succeeded,
+    ];
+
     pub fn is_terminal(self) -> bool {
         matches!(
             self,

@@ -153,17 +153,7 @@ mod tests {
 
     #[test]
     fn the_happy_path_is_legal_step_by_step() {
-        let path = [
-            Idle,
-            Notified,
-            Downloading,
-            Downloaded,
-            Installing,
-            Rebooting,
-            Verifying,
-            Succeeded,
-        ];
-        for w in path.windows(2) {
+        for w in DeviceState::SUCCESS_PATH.windows(2) {
             assert!(is_legal(w[0], w[1]), "{} -> {}", w[0], w[1]);
         }
         // No skipping ahead.
