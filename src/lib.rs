@@ -18,7 +18,7 @@ use aloft_orchestrator::config::{FileConfig, ServeConfig};
 use aloft_orchestrator::store::Target;
 use aloft_proto::manifest::ReleaseSigningKey;
 use aloft_proto::release::ReleaseMeta;
-use aloft_proto::{ArtifactId, CampaignId, DeviceState, OperatorId, SecurityVersion};
+use aloft_proto::{ArtifactId, CampaignId, OperatorId, SecurityVersion};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
@@ -247,10 +247,7 @@ pub async fn status(
 
 /// Whether every device of the campaign reached a terminal state.
 pub fn finished(s: &CampaignSummary) -> bool {
-    s.count(DeviceState::Succeeded)
-        + s.count(DeviceState::Failed)
-        + s.count(DeviceState::RolledBack)
-        == s.total
+    s.terminal() == s.total
 }
 
 /// What release to build.

@@ -146,7 +146,7 @@ async fn demo(args: Args) -> Result<bool> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let n = args.devices as u32;
-    let marks = [(50u32, "50%"), (95, "95%"), (100, "100%")];
+    let marks = [50u64, 95, 100];
     let mut reached: Vec<Option<f64>> = vec![None; marks.len()];
     let summary = loop {
         let s = status(&admin, &campaign, false).await?;
@@ -158,8 +158,8 @@ async fn demo(args: Args) -> Result<bool> {
             s.count(DeviceState::Failed),
             s.count(DeviceState::RolledBack)
         ));
-        for (i, (pct, _)) in marks.iter().enumerate() {
-            if reached[i].is_none() && u64::from(ok) * 100 >= u64::from(*pct) * u64::from(n) {
+        for (i, pct) in marks.iter().enumerate() {
+            if reached[i].is_none() && u64::from(ok) * 100 >= pct * u64::from(n) {
                 reached[i] = Some(started.elapsed().as_secs_f64());
             }
         }

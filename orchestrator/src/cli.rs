@@ -713,9 +713,7 @@ async fn watch_campaign(client: &AdminClient, campaign: &CampaignId) -> Result<(
                 devices: false,
             })
             .await?;
-        let done = s.count(DeviceState::Succeeded)
-            + s.count(DeviceState::Failed)
-            + s.count(DeviceState::RolledBack);
+        let done = s.terminal();
         bar.set_length(u64::from(s.total));
         bar.set_position(u64::from(done));
         bar.set_message(format!(

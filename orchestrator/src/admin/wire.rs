@@ -159,6 +159,15 @@ impl CampaignSummary {
     pub fn count(&self, state: aloft_proto::DeviceState) -> u32 {
         self.counts.get(state.as_str()).copied().unwrap_or(0)
     }
+
+    /// Devices in a terminal state (succeeded, failed or rolled back).
+    pub fn terminal(&self) -> u32 {
+        aloft_proto::DeviceState::ALL
+            .iter()
+            .filter(|s| s.is_terminal())
+            .map(|s| self.count(*s))
+            .sum()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
