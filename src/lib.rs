@@ -13,8 +13,8 @@ use aloft_certs::{FleetCa, Validity};
 use aloft_device::{DeviceIdentity, FleetConfig};
 use aloft_orchestrator::admin::client::AdminClient;
 use aloft_orchestrator::admin::wire::{AdminBody, CampaignSummary};
-use aloft_orchestrator::cli;
 use aloft_orchestrator::config::{FileConfig, ServeConfig};
+use aloft_orchestrator::ops;
 use aloft_orchestrator::store::Target;
 use aloft_proto::manifest::ReleaseSigningKey;
 use aloft_proto::release::ReleaseMeta;
@@ -40,15 +40,15 @@ impl Lab {
     pub fn create(root: &Path) -> Result<Lab> {
         aloft_certs::tls::install_crypto_provider();
         let data_dir = root.join("orchestrator");
-        let ca = cli::init(
+        let ca = ops::init(
             &data_dir,
             "Aloft Lab CA",
             &["localhost".to_owned(), "127.0.0.1".to_owned()],
         )?;
         let profile_dir = root.join("operator");
-        cli::issue_operator_profile(&ca, &OperatorId::new("ops")?, &profile_dir, 30)?;
+        ops::issue_operator_profile(&ca, &OperatorId::new("ops")?, &profile_dir, 30)?;
         let release_key = ReleaseSigningKey::generate()?;
-        cli::add_release_key(&data_dir, &release_key.public().to_hex())?;
+        ops::add_release_key(&data_dir, &release_key.public().to_hex())?;
         Ok(Lab {
             root: root.to_owned(),
             data_dir,
@@ -159,7 +159,7 @@ impl Lab {
             expires_at: now + 86_400,
         };
         let bundle = dir.join("bundle");
-        cli::build_bundle(&image, &meta, &self.release_key, &bundle)?;
+        ops::build_bundle(&image, &meta, &self.release_key, &bundle)?;
         Ok(bundle)
     }
 
@@ -170,7 +170,7 @@ impl Lab {
         spec: &ReleaseSpec,
     ) -> Result<CampaignId> {
         let bundle = self.build_release(spec)?;
-        let artifact = cli::upload_bundle(admin, &bundle, false).await?;
+        let artifact = ops::upload_bundle(admin, &bundle, false).await?;
         create_campaign(admin, artifact, Target::All).await
     }
 }

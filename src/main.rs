@@ -130,7 +130,7 @@ async fn demo(args: Args) -> Result<bool> {
     let mut spec = ReleaseSpec::new("2.0.0", 2, args.image_kib * 1024);
     spec.chunk_bytes = args.chunk_kib * 1024;
     let bundle = lab.build_release(&spec)?;
-    let artifact = orch_cli::upload_bundle(&admin, &bundle, false).await?;
+    let artifact = aloft_orchestrator::ops::upload_bundle(&admin, &bundle, false).await?;
     step(&format!(
         "release {artifact} built, signed, encrypted and uploaded ({} KiB)",
         args.image_kib

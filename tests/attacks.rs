@@ -4,7 +4,7 @@
 use aloft_e2e::{create_campaign, finished, wait_campaign, ReleaseSpec};
 use aloft_orchestrator::admin::client::ClientError;
 use aloft_orchestrator::admin::wire::AdminBody;
-use aloft_orchestrator::cli;
+use aloft_orchestrator::ops;
 use aloft_orchestrator::store::Target;
 use aloft_proto::crypto::{self, ContentKey};
 use aloft_proto::manifest::{ReleaseSigningKey, SignedManifest};
@@ -188,7 +188,7 @@ async fn release_upload_with_a_bad_signature_is_refused_by_the_server() {
 
     // The same bundle, untouched, is accepted and can be rolled out.
     let fleet = env.start_fleet(&env.fleet_config()).await;
-    let artifact = cli::upload_bundle(&env.admin, &bundle, false)
+    let artifact = ops::upload_bundle(&env.admin, &bundle, false)
         .await
         .unwrap();
     let campaign = create_campaign(&env.admin, artifact, Target::All)
@@ -239,7 +239,7 @@ async fn malformed_truncated_and_oversized_payloads_are_counted_and_lose_nothing
         // A second operator: `ops` is connected already (as the test's admin client).
         let op = aloft_proto::OperatorId::new("ops2").unwrap();
         let profile = env.lab.root.join("ops2");
-        cli::issue_operator_profile(&env.lab.ca, &op, &profile, 1).unwrap();
+        ops::issue_operator_profile(&env.lab.ca, &op, &profile, 1).unwrap();
         let topic = topics::admin_request(&op, "request");
         let (client, mut el) =
             crate::common::operator_client(env.running.device_addr, &profile).await;

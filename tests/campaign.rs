@@ -123,13 +123,13 @@ async fn a_redelivered_campaign_create_creates_one_campaign() {
         .lab
         .build_release(&ReleaseSpec::new("2.0.0", 2, 64 * 1024))
         .unwrap();
-    let artifact = aloft_orchestrator::cli::upload_bundle(&env.admin, &bundle, false)
+    let artifact = aloft_orchestrator::ops::upload_bundle(&env.admin, &bundle, false)
         .await
         .unwrap();
     // A second operator sends the same request twice, as QoS 1 redelivery would.
     let op = aloft_proto::OperatorId::new("ops2").unwrap();
     let profile = env.lab.root.join("ops2");
-    aloft_orchestrator::cli::issue_operator_profile(&env.lab.ca, &op, &profile, 1).unwrap();
+    aloft_orchestrator::ops::issue_operator_profile(&env.lab.ca, &op, &profile, 1).unwrap();
     let (client, mut el) = crate::common::operator_client(env.running.device_addr, &profile).await;
     let request = AdminRequest {
         v: 1,

@@ -2,34 +2,25 @@
 //! release build/sign/upload, devices, campaigns). Release signing happens here, on the
 //! operator's machine, with a key the server never holds.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use aloft_certs::{FleetCa, Validity};
-use aloft_proto::manifest::{ReleaseSigningKey, SignedManifest, DEFAULT_CHUNK_BYTES};
-use aloft_proto::release::{build_release, ReleaseMeta};
+use aloft_proto::manifest::{ReleaseSigningKey, DEFAULT_CHUNK_BYTES};
+use aloft_proto::release::ReleaseMeta;
 use aloft_proto::{ArtifactId, CampaignId, DeviceId, DeviceState, OperatorId, SecurityVersion};
-use anyhow::{bail, Context, Result};
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
-use futures_util::{StreamExt, TryStreamExt};
 use serde_json::Value;
 
-use crate::admin::client::{AdminClient, PROFILE_CA, PROFILE_CERT, PROFILE_KEY};
+use crate::admin::client::AdminClient;
 use crate::admin::wire::{AdminBody, CampaignSummary};
-use crate::config::{layout, FileConfig, ServeConfig, DEFAULT_CONFIG_TOML};
+use crate::config::{FileConfig, ServeConfig, DEFAULT_CONFIG_TOML};
+use crate::ops::{
+    add_release_key, build_bundle, init, issue_operator_profile, upload_bundle, write_new,
+};
 use crate::store::Target;
-
-/// Files of a release bundle directory (`aloft release build`).
-pub mod bundle {
-    pub const MANIFEST: &str = "manifest.json";
-    pub const CHUNKS: &str = "chunks.bin";
-    /// The content key, hex; a secret.
-    pub const CONTENT_KEY: &str = "content-key";
-}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -261,57 +252,6 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Creates the fleet CA and the server certificate under `data_dir/pki`.
-pub fn init(data_dir: &Path, ca_name: &str, hostnames: &[String]) -> Result<FleetCa> {
-    let pki = data_dir.join(layout::PKI_DIR);
-    std::fs::create_dir_all(&pki).with_context(|| format!("creating {}", pki.display()))?;
-    // The data directory holds the CA key, the server key and (in the store) content keys:
-    // owner-only whatever the umask.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        for dir in [data_dir, pki.as_path()] {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .with_context(|| format!("restricting {}", dir.display()))?;
-        }
-    }
-    let ca = FleetCa::create(ca_name, 3650)?;
-    ca.save(&pki)?;
-    let server = ca.issue_server(hostnames, Validity::days(825))?;
-    write_new(
-        &pki.join(layout::SERVER_CERT),
-        server.cert_pem.as_bytes(),
-        false,
-    )?;
-    write_new(
-        &pki.join(layout::SERVER_KEY),
-        server.key_pem.as_bytes(),
-        true,
-    )?;
-    println!(
-        "initialized {}: fleet CA and server certificate",
-        data_dir.display()
-    );
-    Ok(ca)
-}
-
-/// Writes a file that must not exist yet; secrets get mode 0600 from creation on.
-pub fn write_new(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
 async fn serve(args: ServeArgs) -> Result<()> {
     let mut file = match &args.config {
         Some(p) => FileConfig::load(p)?,
@@ -427,130 +367,6 @@ fn pki(c: PkiCommand) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Writes an operator profile directory: the CA, the operator's certificate and key.
-pub fn issue_operator_profile(
-    ca: &FleetCa,
-    name: &OperatorId,
-    out_dir: &Path,
-    days: u32,
-) -> Result<()> {
-    std::fs::create_dir_all(out_dir)?;
-    let issued = ca.issue_operator(name, Validity::days(days))?;
-    write_new(&out_dir.join(PROFILE_CA), ca.cert_pem().as_bytes(), false)?;
-    write_new(
-        &out_dir.join(PROFILE_CERT),
-        issued.cert_pem.as_bytes(),
-        false,
-    )?;
-    write_new(&out_dir.join(PROFILE_KEY), issued.key_pem.as_bytes(), true)?;
-    Ok(())
-}
-
-/// Appends a release public key to the orchestrator's trusted set.
-pub fn add_release_key(data_dir: &Path, key: &str) -> Result<()> {
-    let parsed = aloft_proto::manifest::ReleasePublicKey::from_hex(key)
-        .map_err(|_| anyhow::anyhow!("not a 64-hex-digit Ed25519 public key"))?;
-    let path = data_dir.join(layout::TRUSTED_RELEASE_KEYS);
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    writeln!(f, "{}  # key id {}", parsed.to_hex(), parsed.key_id())?;
-    println!(
-        "trusted release key {} (restart the orchestrator to apply)",
-        parsed.key_id()
-    );
-    Ok(())
-}
-
-/// Builds and signs a release into `out_dir`; returns the artifact id.
-pub fn build_bundle(
-    image: &Path,
-    meta: &ReleaseMeta,
-    key: &ReleaseSigningKey,
-    out_dir: &Path,
-) -> Result<ArtifactId> {
-    std::fs::create_dir_all(out_dir)?;
-    let mut file =
-        std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
-    let size = file.metadata()?.len();
-    let chunks_path = out_dir.join(bundle::CHUNKS);
-    let mut chunks = std::io::BufWriter::new(
-        std::fs::File::create(&chunks_path)
-            .with_context(|| format!("creating {}", chunks_path.display()))?,
-    );
-    let built = build_release(&mut file, size, meta, key, |_, sealed| {
-        chunks.write_all(&sealed)
-    })?;
-    chunks.flush()?;
-    let manifest = serde_json::to_vec_pretty(&built.signed)?;
-    std::fs::write(out_dir.join(bundle::MANIFEST), manifest)?;
-    let key_path = out_dir.join(bundle::CONTENT_KEY);
-    let _ = std::fs::remove_file(&key_path);
-    write_new(
-        &key_path,
-        hex::encode(built.content_key.as_bytes()).as_bytes(),
-        true,
-    )?;
-    Ok(built.manifest.artifact)
-}
-
-/// Chunk uploads in flight at once.
-const UPLOAD_CONCURRENCY: usize = 16;
-
-/// Uploads a bundle through `client`, chunk by chunk, with a progress bar.
-pub async fn upload_bundle(client: &AdminClient, dir: &Path, progress: bool) -> Result<ArtifactId> {
-    let signed: SignedManifest =
-        serde_json::from_slice(&std::fs::read(dir.join(bundle::MANIFEST))?)?;
-    let manifest = signed.peek_unverified()?;
-    let content_key = std::fs::read_to_string(dir.join(bundle::CONTENT_KEY))?;
-    let chunks = std::fs::read(dir.join(bundle::CHUNKS))?;
-    let _: Value = client
-        .call(AdminBody::ReleasePut {
-            manifest: signed,
-            content_key: content_key.trim().to_owned(),
-        })
-        .await?;
-    let bar = if progress {
-        indicatif::ProgressBar::new(u64::from(manifest.chunk_count))
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    // Cut the file into the manifest's sealed chunks first, so a short file fails before upload.
-    let mut pieces = Vec::with_capacity(manifest.chunk_count as usize);
-    let mut offset = 0usize;
-    for index in 0..manifest.chunk_count {
-        let len = manifest.sealed_len(index).unwrap_or(0);
-        let Some(sealed) = chunks.get(offset..offset + len) else {
-            bail!("{} is shorter than the manifest says", bundle::CHUNKS);
-        };
-        offset += len;
-        pieces.push((index, sealed));
-    }
-    // Several calls in flight: each is a round trip through the broker and a store flush, and
-    // the engine commits a batch of them with one flush. Chunks may arrive in any order.
-    futures_util::stream::iter(pieces)
-        .map(|(index, sealed)| {
-            let body = AdminBody::ReleaseChunk {
-                artifact: manifest.artifact.clone(),
-                index,
-                data: B64.encode(sealed),
-            };
-            let bar = &bar;
-            async move {
-                let _: Value = client.call(body).await?;
-                bar.inc(1);
-                anyhow::Ok(())
-            }
-        })
-        .buffer_unordered(UPLOAD_CONCURRENCY)
-        .try_for_each(|()| async { Ok(()) })
-        .await?;
-    bar.finish_and_clear();
-    Ok(manifest.artifact)
 }
 
 /// One admin call whose reply is printed as JSON.

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod fleet;
 pub mod metrics;
 pub mod mqtt;
+pub mod ops;
 pub mod server;
 pub mod store;
 
