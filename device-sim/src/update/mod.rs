@@ -7,6 +7,7 @@
 //! Everything from the network is untrusted: undecodable payloads are counted and dropped, and a
 //! refused job is reported and forgotten, so no input can panic or wedge the agent.
 
+mod checks;
 mod download;
 #[cfg(test)]
 mod proptests;
@@ -16,14 +17,15 @@ mod testkit;
 mod tests;
 
 use aloft_proto::chunkframe::{self, ChunkErrorCode, ChunkFrame};
-use aloft_proto::crypto::{self, ContentKey, DeviceEncryptionKey};
-use aloft_proto::manifest::{Manifest, ManifestError, ReleasePublicKey};
+use aloft_proto::crypto::{ContentKey, DeviceEncryptionKey};
+use aloft_proto::manifest::{Manifest, ReleasePublicKey};
 use aloft_proto::messages::{self, AckOutcome, ChunkRequest, Job, StatusAck, StatusReport};
 use aloft_proto::{CampaignId, DeviceId, DeviceState, Reason};
 use tracing::{debug, info, warn};
 
 use crate::slots::Flash;
 use crate::store::{CampaignProgress, ChunkBitmap, DeviceRecord, FinishedCampaign};
+use checks::{clip, peek_campaign, unwrap_key, verify_job, verify_signature, Refusal};
 use download::{ChunkOutcome, Session};
 
 /// How the agent behaves; everything but the identity has a sensible default.
@@ -138,32 +140,6 @@ pub struct AgentStats {
     pub chunk_requests_expired: u64,
     /// Chunk frames that arrived for chunks already written (answers to repeated requests).
     pub chunks_duplicate: u64,
-}
-
-/// Why a job was refused.
-struct Refusal {
-    reason: Reason,
-    detail: String,
-}
-
-impl Refusal {
-    fn new(reason: Reason, detail: impl std::fmt::Display) -> Self {
-        Refusal {
-            reason,
-            detail: clip(detail.to_string()),
-        }
-    }
-}
-
-fn clip(mut s: String) -> String {
-    if s.len() > messages::MAX_DETAIL_LEN {
-        let mut end = messages::MAX_DETAIL_LEN;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
-    s
 }
 
 /// The update state machine of one device.
@@ -351,7 +327,7 @@ impl UpdateAgent {
             Err(r) => return self.fail(r.reason, Some(r.detail)),
         };
         let key = if downloading {
-            match self.unwrap_key(&cur.job, &manifest) {
+            match unwrap_key(&self.key, &self.cfg.device, &cur.job, &manifest) {
                 Ok(k) => Some(k),
                 Err(r) => return self.fail(r.reason, Some(r.detail)),
             }
@@ -377,16 +353,6 @@ impl UpdateAgent {
             }
         }
         self.session = Some(session);
-    }
-
-    fn unwrap_key(&self, job: &Job, manifest: &Manifest) -> Result<ContentKey, Refusal> {
-        crypto::unwrap_content_key(
-            &self.key,
-            &self.cfg.device,
-            &manifest.artifact,
-            &job.wrapped_key,
-        )
-        .map_err(|e| Refusal::new(Reason::KeyUnwrapFailed, e))
     }
 
     /// Runs the phases after the download; each appends its report to the outbox.
@@ -585,11 +551,11 @@ impl UpdateAgent {
                 return;
             }
         }
-        let manifest = match self.verify_job(now, &job, flash.capacity()) {
+        let manifest = match verify_job(&self.cfg, self.record.floor, now, &job, flash.capacity()) {
             Ok(m) => m,
             Err(r) => return self.refuse(campaign, r),
         };
-        let key = match self.unwrap_key(&job, &manifest) {
+        let key = match unwrap_key(&self.key, &self.cfg.device, &job, &manifest) {
             Ok(k) => k,
             Err(r) => return self.refuse(campaign, r),
         };
@@ -623,39 +589,6 @@ impl UpdateAgent {
     fn is_new_campaign(&self, campaign: &CampaignId) -> bool {
         self.record.finished(campaign).is_none()
             && self.current().is_none_or(|(c, _)| c != campaign)
-    }
-
-    /// The checks of a new job, in protocol order.
-    fn verify_job(&self, now_ms: u64, job: &Job, capacity: u64) -> Result<Manifest, Refusal> {
-        let m = verify_signature(job, &self.cfg.release_keys)?;
-        if m.hardware_model != self.cfg.hardware_model {
-            return Err(Refusal::new(
-                Reason::WrongHardware,
-                format!("manifest is for {}", m.hardware_model),
-            ));
-        }
-        if m.security_version < self.record.floor {
-            return Err(Refusal::new(
-                Reason::Downgrade,
-                format!(
-                    "security version {} is below the floor {}",
-                    m.security_version, self.record.floor
-                ),
-            ));
-        }
-        if m.expires_at < now_ms / 1000 {
-            return Err(Refusal::new(
-                Reason::ManifestExpired,
-                format!("expired at {}", m.expires_at),
-            ));
-        }
-        if m.image_size > capacity {
-            return Err(Refusal::new(
-                Reason::ImageTooLarge,
-                format!("{} bytes do not fit a slot of {capacity}", m.image_size),
-            ));
-        }
-        Ok(m)
     }
 
     /// Accepts a verified job: prepares the update slot and reports `downloading`.
@@ -797,29 +730,4 @@ impl UpdateAgent {
         self.head_sent_at = None;
         self.dirty(Persist::Now);
     }
-}
-
-fn verify_signature(job: &Job, keys: &[ReleasePublicKey]) -> Result<Manifest, Refusal> {
-    job.manifest.verify(keys).map_err(|e| {
-        let reason = match e {
-            ManifestError::UnknownKey => Reason::UnknownSigningKey,
-            ManifestError::BadSignature => Reason::BadSignature,
-            _ => Reason::MalformedJob,
-        };
-        Refusal::new(reason, e)
-    })
-}
-
-/// Reads just the campaign id of a job that failed strict decoding.
-fn peek_campaign(payload: &[u8]) -> Option<CampaignId> {
-    #[derive(serde::Deserialize)]
-    struct Head {
-        campaign: CampaignId,
-    }
-    if payload.len() > messages::MAX_JOB_BYTES {
-        return None;
-    }
-    serde_json::from_slice::<Head>(payload)
-        .ok()
-        .map(|h| h.campaign)
 }
