@@ -130,18 +130,7 @@ pub fn publish_qos0(topic: &str, payload: &[u8]) -> Bytes {
     let remaining = 2 + topic.len() + 1 + payload.len();
     let mut out = BytesMut::with_capacity(5 + remaining);
     out.put_u8(0x30);
-    let mut n = remaining;
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.put_u8(byte);
-        if n == 0 {
-            break;
-        }
-    }
+    super::mqtt::put_varint(&mut out, remaining);
     // Topics are ours and short; the length always fits two bytes.
     out.put_u16(u16::try_from(topic.len()).unwrap_or(u16::MAX));
     out.put_slice(topic.as_bytes());

@@ -167,7 +167,8 @@ pub fn encode(packet: Packet) -> Result<Bytes, CodecError> {
     Ok(buf.freeze())
 }
 
-fn put_varint(buf: &mut BytesMut, mut n: usize) {
+/// Appends an MQTT variable byte integer.
+pub(crate) fn put_varint(buf: &mut BytesMut, mut n: usize) {
     loop {
         let mut byte = (n % 128) as u8;
         n /= 128;
