@@ -352,13 +352,7 @@ impl Engine {
         self.dirty = true;
         self.campaigns.insert(
             id.clone(),
-            LiveCampaign {
-                record,
-                manifest: release.manifest,
-                signed: release.signed,
-                key,
-                progress,
-            },
+            LiveCampaign::new(record, release.manifest, release.signed, key, progress),
         );
         self.publish_pending_jobs(&id)?;
         self.refresh_campaign(&id)?;

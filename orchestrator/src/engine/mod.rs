@@ -87,19 +87,60 @@ struct LiveCampaign {
     signed: SignedManifest,
     key: ContentKey,
     progress: HashMap<DeviceId, Progress>,
+    /// Members per state, kept with `progress` (see `set`): every applied report refreshes the
+    /// campaign's gauges, which must not cost a pass over the whole fleet.
+    counts: BTreeMap<DeviceState, u32>,
 }
 
 impl LiveCampaign {
-    fn counts(&self) -> BTreeMap<DeviceState, u32> {
-        let mut c = BTreeMap::new();
-        for p in self.progress.values() {
-            *c.entry(p.state).or_insert(0) += 1;
+    fn new(
+        record: CampaignRecord,
+        manifest: Manifest,
+        signed: SignedManifest,
+        key: ContentKey,
+        progress: HashMap<DeviceId, Progress>,
+    ) -> Self {
+        let mut counts = BTreeMap::new();
+        for p in progress.values() {
+            *counts.entry(p.state).or_insert(0) += 1;
         }
-        c
+        LiveCampaign {
+            record,
+            manifest,
+            signed,
+            key,
+            progress,
+            counts,
+        }
+    }
+
+    /// Records a member's new progress.
+    fn set(&mut self, device: &DeviceId, next: Progress) {
+        let to = next.state;
+        if let Some(old) = self.progress.insert(device.clone(), next) {
+            if let Some(n) = self.counts.get_mut(&old.state) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        *self.counts.entry(to).or_insert(0) += 1;
+    }
+
+    fn counts(&self) -> BTreeMap<DeviceState, u32> {
+        self.counts
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(s, n)| (*s, *n))
+            .collect()
     }
 
     fn all_terminal(&self) -> bool {
-        self.progress.values().all(|p| p.state.is_terminal())
+        let terminal: u32 = self
+            .counts
+            .iter()
+            .filter(|(s, _)| s.is_terminal())
+            .map(|(_, n)| *n)
+            .sum();
+        terminal as usize == self.progress.len()
     }
 }
 
@@ -225,13 +266,13 @@ impl Engine {
             .campaign_progress(&record.id)?
             .into_iter()
             .collect();
-        Ok(Some(LiveCampaign {
-            manifest: release.manifest,
-            signed: release.signed,
+        Ok(Some(LiveCampaign::new(
+            record,
+            release.manifest,
+            release.signed,
             key,
             progress,
-            record,
-        }))
+        )))
     }
 
     /// Moves idle members to `Notified` and (re)publishes the job of every member in flight.
@@ -243,19 +284,30 @@ impl Engine {
         if live.record.status != CampaignStatus::Active {
             return Ok(());
         }
-        let mut jobs = Vec::new();
-        for (device, p) in live.progress.iter_mut() {
-            if p.state == DeviceState::Idle {
-                if let Some(n) = state::advance(p, DeviceState::Notified, None, now) {
-                    *p = n;
-                    self.store.put_progress(id, device, p)?;
-                    self.dirty = true;
-                }
-            }
-            if !p.state.is_terminal() {
-                jobs.push(device.clone());
-            }
+        let idle: Vec<DeviceId> = live
+            .progress
+            .iter()
+            .filter(|(_, p)| p.state == DeviceState::Idle)
+            .map(|(d, _)| d.clone())
+            .collect();
+        for device in &idle {
+            let Some(n) = live
+                .progress
+                .get(device)
+                .and_then(|p| state::advance(p, DeviceState::Notified, None, now))
+            else {
+                continue;
+            };
+            self.store.put_progress(id, device, &n)?;
+            self.dirty = true;
+            live.set(device, n);
         }
+        let jobs: Vec<DeviceId> = live
+            .progress
+            .iter()
+            .filter(|(_, p)| !p.state.is_terminal())
+            .map(|(d, _)| d.clone())
+            .collect();
         for device in jobs {
             let Some(record) = self.store.device(&device)? else {
                 warn!(%device, "campaign member is not registered; no job");
@@ -332,7 +384,7 @@ impl Engine {
                 }
                 let s = next.state;
                 if let Some(live) = self.campaigns.get_mut(&campaign) {
-                    live.progress.insert(device.clone(), next);
+                    live.set(&device, next);
                 }
                 self.refresh_campaign(&campaign)?;
                 (AckOutcome::Applied, s, None)
@@ -351,7 +403,7 @@ impl Engine {
                     self.store.put_progress(&campaign, &device, &next)?;
                     self.dirty = true;
                     if let Some(live) = self.campaigns.get_mut(&campaign) {
-                        live.progress.insert(device.clone(), next);
+                        live.set(&device, next);
                     }
                 }
                 (AckOutcome::Rejected, current.state, Some(error))
