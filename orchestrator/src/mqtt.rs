@@ -52,10 +52,11 @@ impl Publisher {
 }
 
 /// The filters the orchestrator subscribes to.
-fn subscriptions() -> [String; 3] {
+fn subscriptions() -> [String; 4] {
     [
         format!("{}/d/+/status", topics::ROOT),
         format!("{}/d/+/chunk/req", topics::ROOT),
+        format!("{}/d/+/health", topics::ROOT),
         format!("{}/admin/#", topics::ROOT),
     ]
 }
@@ -123,6 +124,7 @@ fn route(topic: &Bytes, payload: Bytes) -> Option<Inbound> {
     match topics::parse_inbound(topic) {
         Ok(Topic::Status(device)) => Some(Inbound::Status { device, payload }),
         Ok(Topic::ChunkRequest(device)) => Some(Inbound::ChunkRequest { device, payload }),
+        Ok(Topic::Health(device)) => Some(Inbound::Health { device, payload }),
         Ok(Topic::Admin { operator, op: _ }) => Some(Inbound::Admin { operator, payload }),
         Err(e) => {
             warn!(topic, error = %e, "publish on an unexpected topic refused");

@@ -16,6 +16,7 @@ pub const PROTOCOL_VERSION: u8 = 1;
 pub const MAX_STATUS_BYTES: usize = 4 * 1024;
 pub const MAX_ACK_BYTES: usize = 4 * 1024;
 pub const MAX_CHUNK_REQUEST_BYTES: usize = 4 * 1024;
+pub const MAX_HEARTBEAT_BYTES: usize = 1024;
 pub const MAX_JOB_BYTES: usize = 512 * 1024;
 /// Longest free-text `detail` in a report.
 pub const MAX_DETAIL_LEN: usize = 256;
@@ -385,6 +386,44 @@ impl Message for ChunkRequest {
     }
 }
 
+/// Device → orchestrator, QoS 0, periodic: "the application on the image I run is (not) healthy".
+/// Sent from the moment a device confirms a new image, so the orchestrator can hold a wave's
+/// verdict until its soak time has passed (PROTOCOL.md §Health). Loss of one heartbeat is
+/// harmless: the next one says the same or worse.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub v: u8,
+    /// The campaign that installed the running image, if the device knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<CampaignId>,
+    pub running_version: String,
+    pub healthy: bool,
+    /// Free text for humans, at most [`MAX_DETAIL_LEN`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Message for Heartbeat {
+    const MAX_BYTES: usize = MAX_HEARTBEAT_BYTES;
+    fn version(&self) -> u8 {
+        self.v
+    }
+    fn validate(&self) -> Result<(), DecodeError> {
+        if self.running_version.len() > crate::manifest::MAX_LABEL_LEN {
+            return Err(DecodeError::Invalid("running_version is too long"));
+        }
+        if self
+            .detail
+            .as_ref()
+            .is_some_and(|d| d.len() > MAX_DETAIL_LEN)
+        {
+            return Err(DecodeError::Invalid("detail is too long"));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,6 +465,20 @@ mod tests {
             "x".repeat(MAX_STATUS_BYTES)
         );
         assert!(matches!(report(&big), Err(DecodeError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn heartbeats_are_strict() {
+        let ok = r#"{"v":1,"campaign":"c-1","running_version":"2.0.0","healthy":false}"#;
+        let h: Heartbeat = decode(ok.as_bytes()).unwrap();
+        assert!(!h.healthy);
+        for bad in [
+            r#"{"v":1,"running_version":"2.0.0"}"#,
+            r#"{"v":1,"running_version":"2.0.0","healthy":true,"x":1}"#,
+            r#"{"v":2,"running_version":"2.0.0","healthy":true}"#,
+        ] {
+            assert!(decode::<Heartbeat>(bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]

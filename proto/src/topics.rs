@@ -24,6 +24,12 @@ pub fn status(id: &DeviceId) -> String {
     format!("{ROOT}/d/{id}/status")
 }
 
+/// Device → orchestrator: application health heartbeats ([`crate::messages::Heartbeat`]), QoS 0.
+/// Since protocol 1.1; an orchestrator of 1.0 never subscribed to it.
+pub fn health(id: &DeviceId) -> String {
+    format!("{ROOT}/d/{id}/health")
+}
+
 /// Device → orchestrator: chunk requests ([`crate::messages::ChunkRequest`]), QoS 1.
 pub fn chunk_request(id: &DeviceId) -> String {
     format!("{ROOT}/d/{id}/chunk/req")
@@ -79,6 +85,7 @@ pub fn operator_reply(operator: &OperatorId) -> String {
 pub enum Inbound {
     Status(DeviceId),
     ChunkRequest(DeviceId),
+    Health(DeviceId),
     Admin { operator: OperatorId, op: String },
 }
 
@@ -103,6 +110,7 @@ pub fn parse_inbound(topic: &str) -> Result<Inbound, TopicError> {
     match levels.as_slice() {
         ["d", id, "status"] => Ok(Inbound::Status(DeviceId::new(*id)?)),
         ["d", id, "chunk", "req"] => Ok(Inbound::ChunkRequest(DeviceId::new(*id)?)),
+        ["d", id, "health"] => Ok(Inbound::Health(DeviceId::new(*id)?)),
         ["admin", operator, op] if is_op_name(op) => Ok(Inbound::Admin {
             operator: OperatorId::new(*operator)?,
             op: (*op).to_owned(),
@@ -131,6 +139,7 @@ mod tests {
             parse_inbound(&chunk_request(&d)),
             Ok(Inbound::ChunkRequest(d.clone()))
         );
+        assert_eq!(parse_inbound(&health(&d)), Ok(Inbound::Health(d.clone())));
         let o = OperatorId::new("alice").unwrap();
         assert_eq!(
             parse_inbound(&admin_request(&o, "campaign.create")),

@@ -43,6 +43,10 @@ pub enum Inbound {
         device: DeviceId,
         payload: Bytes,
     },
+    Health {
+        device: DeviceId,
+        payload: Bytes,
+    },
     Admin {
         operator: OperatorId,
         payload: Bytes,
@@ -231,6 +235,7 @@ impl Engine {
         match ev {
             Inbound::Status { device, payload } => self.on_status(device, &payload),
             Inbound::ChunkRequest { device, payload } => self.on_chunk_request(device, &payload),
+            Inbound::Health { device, payload } => self.on_health(device, &payload),
             Inbound::Admin { operator, payload } => self.on_admin(operator, &payload),
             Inbound::DeviceSeen(seen) => self.on_device_seen(seen),
         }
@@ -507,6 +512,19 @@ impl Engine {
             }
             None => self.send(topic.to_owned(), frame, false),
         }
+    }
+
+    fn on_health(&mut self, device: DeviceId, payload: &[u8]) -> Result<(), StoreError> {
+        let _hb: messages::Heartbeat = match messages::decode(payload) {
+            Ok(h) => h,
+            Err(e) => {
+                self.metrics.rejected("health", e.code());
+                debug!(%device, error = %e, "heartbeat refused");
+                return Ok(());
+            }
+        };
+        let _ = device;
+        Ok(())
     }
 
     fn on_device_seen(&mut self, seen: SeenDevice) -> Result<(), StoreError> {

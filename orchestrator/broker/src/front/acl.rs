@@ -1,7 +1,7 @@
 //! Topic ACLs: what each peer may publish to and subscribe to. Pure functions, no I/O.
 //!
 //! The rules follow the topic layout in `aloft_proto::topics`:
-//! - device X publishes only to exactly `aloft/v1/d/X/status` and `aloft/v1/d/X/chunk/req`;
+//! - device X publishes only to exactly `aloft/v1/d/X/status`, `.../chunk/req` and `.../health`;
 //! - device X subscribes only under `aloft/v1/d/X/` or `aloft/v1/manifests/`;
 //! - operator O publishes only to `aloft/v1/admin/O/<op>` (one level, no wildcards);
 //! - operator O subscribes only under `aloft/v1/o/O/`;
@@ -47,7 +47,11 @@ pub fn check_publish(
     }
     let topic = std::str::from_utf8(topic).map_err(|_| Denied::NotUtf8)?;
     let allowed = match peer {
-        Peer::Device(d) => topic == topics::status(d) || topic == topics::chunk_request(d),
+        Peer::Device(d) => {
+            topic == topics::status(d)
+                || topic == topics::chunk_request(d)
+                || topic == topics::health(d)
+        }
         Peer::Operator(o) => topic
             .strip_prefix(&topics::admin_prefix(o))
             .is_some_and(is_plain_level),
