@@ -200,7 +200,14 @@ pub async fn create_campaign(
     target: Target,
 ) -> Result<CampaignId> {
     let v: Value = admin
-        .call(AdminBody::CampaignCreate { artifact, target })
+        .call(AdminBody::CampaignCreate {
+            artifact,
+            target,
+            include: Vec::new(),
+            exclude: Vec::new(),
+            policy: Default::default(),
+            dry_run: false,
+        })
         .await?;
     let id = v
         .get("campaign")

@@ -15,11 +15,13 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
 use crate::admin::client::AdminClient;
-use crate::admin::wire::{AdminBody, CampaignSummary};
+use crate::admin::wire::{AdminBody, CampaignSummary, DryRun};
 use crate::config::{FileConfig, ServeConfig, DEFAULT_CONFIG_TOML};
 use crate::ops::{
     add_release_key, build_bundle, init, issue_operator_profile, upload_bundle, write_new,
 };
+use crate::rollout::policy::{Growth, MaintenanceWindow, Size, Threshold};
+use crate::rollout::RolloutPolicy;
 use crate::store::Target;
 
 #[derive(Parser, Debug)]
@@ -63,7 +65,7 @@ pub enum Command {
     Device(DeviceCommand),
     /// Create campaigns and follow them.
     #[command(subcommand)]
-    Campaign(CampaignCommand),
+    Campaign(Box<CampaignCommand>),
 }
 
 #[derive(Args, Debug)]
@@ -182,6 +184,20 @@ pub enum ReleaseCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum DeviceCommand {
+    /// Set or remove labels (`key=value`) on devices, for targeting.
+    Label {
+        /// Comma-separated device ids.
+        #[arg(long, value_delimiter = ',', required = true)]
+        devices: Vec<String>,
+        /// `key=value`; repeatable.
+        #[arg(long = "set")]
+        set: Vec<String>,
+        /// A key to remove; repeatable.
+        #[arg(long = "remove")]
+        remove: Vec<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Register devices from their certificates.
     Register {
         #[arg(long = "cert", required = true)]
@@ -199,17 +215,64 @@ pub enum DeviceCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum CampaignCommand {
-    /// Create a campaign: the release goes to every targeted device.
+    /// Create a campaign: the release goes to the targeted devices, wave by wave as the policy
+    /// says. Membership is fixed now.
     Create {
         #[arg(long)]
         artifact: String,
-        #[arg(long, conflicts_with_all = ["group", "devices"])]
+        #[arg(long, conflicts_with_all = ["group", "devices", "label"])]
         all: bool,
-        #[arg(long, conflicts_with = "devices")]
+        #[arg(long, conflicts_with_all = ["devices", "label"])]
         group: Option<String>,
         /// Comma-separated device ids.
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', conflicts_with = "label")]
         devices: Vec<String>,
+        /// Devices carrying this label (`key=value`); repeat to require several.
+        #[arg(long)]
+        label: Vec<String>,
+        /// Comma-separated device ids added to the target.
+        #[arg(long, value_delimiter = ',')]
+        include: Vec<String>,
+        /// Comma-separated device ids removed from the target.
+        #[arg(long, value_delimiter = ',')]
+        exclude: Vec<String>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Print who would get the release in which wave; touch nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Stop notifying devices; those in flight finish.
+    Pause {
+        campaign: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Continue a paused campaign (overrides the pause threshold for the waves open now).
+    Resume {
+        campaign: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Stop for good: devices not started get nothing, downloads in flight are withdrawn.
+    Abort {
+        campaign: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Return the devices that took a campaign's release to another release (aborting the
+    /// campaign first if it still runs).
+    Rollback {
+        campaign: String,
+        /// The release to return to; its security version must not be below the campaign's.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -227,6 +290,207 @@ pub enum CampaignCommand {
         #[command(flatten)]
         conn: Conn,
     },
+}
+
+/// A rollout policy from the command line: a TOML file (`--policy`) overridden by flags.
+/// Durations take `s`, `m`, `h` or `d` (`90s`, `10m`); ratios take `%`.
+#[derive(Args, Debug, Default)]
+pub struct PolicyArgs {
+    /// TOML file holding a rollout policy (the fields of PROTOCOL.md §Rollout policy).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// The first wave: a device count (`10`) or a percentage (`1%`).
+    #[arg(long)]
+    canary: Option<String>,
+    /// Cumulative percentages of the waves after the canary, e.g. `10,50,100`.
+    #[arg(long, value_delimiter = ',', conflicts_with = "growth")]
+    waves: Vec<f64>,
+    /// Exponential growth: each wave this many times the one before.
+    #[arg(long)]
+    growth: Option<f64>,
+    /// Wait this long after a wave finishes before the next starts.
+    #[arg(long)]
+    soak: Option<String>,
+    /// A wave is finished when this share of it has finished (`95%`).
+    #[arg(long)]
+    advance_at: Option<String>,
+    /// Pause when a wave's failed/finished reaches this: `RATIO%[:MIN_SAMPLE]`, e.g. `20%:5`.
+    #[arg(long)]
+    pause_at: Option<String>,
+    /// Abort when a wave's failed/finished reaches this: `RATIO%[:MIN_SAMPLE]`.
+    #[arg(long)]
+    abort_at: Option<String>,
+    /// A device stuck downloading, installing or verifying for longer is timed out.
+    #[arg(long)]
+    device_timeout: Option<String>,
+    /// A notified device silent for longer is timed out (unset: it keeps its job).
+    #[arg(long)]
+    notified_timeout: Option<String>,
+    /// At most this many devices downloading at once.
+    #[arg(long)]
+    concurrency: Option<u32>,
+    /// Start no device before this: Unix seconds, or `+DURATION` from now.
+    #[arg(long)]
+    start_at: Option<String>,
+    /// Daily maintenance window in UTC, `HH:MM-HH:MM` (may wrap past midnight).
+    #[arg(long)]
+    window: Option<String>,
+    /// After this long, devices that never started are timed out and the campaign expires.
+    #[arg(long)]
+    deadline: Option<String>,
+}
+
+/// Parses `90`, `90s`, `10m`, `2h`, `1d` into seconds.
+pub fn parse_duration(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s, 's'),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{s:?} is not a duration like 90s, 10m, 2h or 1d"))?;
+    let mult = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => bail!("{s:?}: unknown unit {unit:?} (use s, m, h or d)"),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| anyhow::anyhow!("{s:?} is too long"))
+}
+
+/// Parses `20%` or `0.2` into a ratio in [0, 1].
+fn parse_ratio(s: &str) -> Result<f64> {
+    let r = match s.trim().strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|p| p / 100.0),
+        None => s.trim().parse::<f64>(),
+    }
+    .map_err(|_| anyhow::anyhow!("{s:?} is not a ratio like 20% or 0.2"))?;
+    if !(0.0..=1.0).contains(&r) {
+        bail!("{s:?} is not between 0% and 100%");
+    }
+    Ok(r)
+}
+
+fn parse_threshold(s: &str) -> Result<Threshold> {
+    let (ratio, min) = match s.split_once(':') {
+        Some((r, m)) => (r, m.trim().parse::<u32>()?),
+        None => (s, 1),
+    };
+    Ok(Threshold {
+        ratio: parse_ratio(ratio)?,
+        min_sample: min,
+    })
+}
+
+impl PolicyArgs {
+    pub fn to_policy(&self, now_secs: u64) -> Result<RolloutPolicy> {
+        let mut p = match &self.policy {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)?;
+                toml::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("policy file {}: {e}", path.display()))?
+            }
+            None => RolloutPolicy::default(),
+        };
+        if let Some(c) = &self.canary {
+            p.waves.canary = Some(match c.trim().strip_suffix('%') {
+                Some(pct) => Size::Percent(pct.trim().parse()?),
+                None => Size::Count(c.trim().parse()?),
+            });
+        }
+        if !self.waves.is_empty() {
+            p.waves.growth = Growth::Percent(self.waves.clone());
+        }
+        if let Some(f) = self.growth {
+            p.waves.growth = Growth::Exponential(f);
+        }
+        if let Some(d) = &self.soak {
+            p.soak_secs = parse_duration(d)?;
+        }
+        if let Some(r) = &self.advance_at {
+            p.advance_at = parse_ratio(r)?;
+        }
+        if let Some(t) = &self.pause_at {
+            p.pause_at = Some(parse_threshold(t)?);
+        }
+        if let Some(t) = &self.abort_at {
+            p.abort_at = Some(parse_threshold(t)?);
+        }
+        if let Some(d) = &self.device_timeout {
+            p.device_timeout_secs = Some(parse_duration(d)?);
+        }
+        if let Some(d) = &self.notified_timeout {
+            p.notified_timeout_secs = Some(parse_duration(d)?);
+        }
+        if let Some(k) = self.concurrency {
+            p.concurrency = Some(k);
+        }
+        if let Some(t) = &self.start_at {
+            p.start_at = Some(match t.trim().strip_prefix('+') {
+                Some(d) => now_secs + parse_duration(d)?,
+                None => t.trim().parse()?,
+            });
+        }
+        if let Some(w) = &self.window {
+            p.window = Some(MaintenanceWindow::parse(w)?);
+        }
+        if let Some(d) = &self.deadline {
+            p.deadline_secs = Some(parse_duration(d)?);
+        }
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+fn parse_label(s: &str) -> Result<(String, String)> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => bail!("label {s:?} is not key=value"),
+    }
+}
+
+fn device_ids(v: Vec<String>) -> Result<Vec<DeviceId>> {
+    Ok(v.into_iter().map(DeviceId::new).collect::<Result<_, _>>()?)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Prints a dry run as the operator reads it: wave by wave.
+fn print_dry_run(d: &DryRun) {
+    println!(
+        "dry run: {} would go to {} devices in {} waves",
+        d.artifact,
+        d.total,
+        d.waves.len()
+    );
+    let mut before = 0;
+    for (i, w) in d.waves.iter().enumerate() {
+        before += w.len();
+        let ids: Vec<&str> = w.iter().map(|d| d.as_str()).collect();
+        println!(
+            "wave {i}: {} devices (cumulative {before}): {}",
+            w.len(),
+            ids.join(" ")
+        );
+    }
+}
+
+async fn create_or_dry_run(conn: &Conn, body: AdminBody, dry_run: bool) -> Result<()> {
+    if !dry_run {
+        return call_and_print(conn, body).await;
+    }
+    let client = AdminClient::connect(&conn.profile, &conn.server).await?;
+    let plan: DryRun = client.call(body).await?;
+    print_dry_run(&plan);
+    Ok(())
 }
 
 /// Runs a parsed command line.
@@ -248,7 +512,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Release(c) => release(c).await,
         Command::Device(c) => device(c).await,
-        Command::Campaign(c) => campaign(c).await,
+        Command::Campaign(c) => campaign(*c).await,
     }
 }
 
@@ -459,6 +723,19 @@ async fn device(c: DeviceCommand) -> Result<()> {
         DeviceCommand::List { conn } => {
             call_and_print(&conn, AdminBody::DeviceList {}).await?;
         }
+        DeviceCommand::Label {
+            devices,
+            set,
+            remove,
+            conn,
+        } => {
+            let body = AdminBody::DeviceLabel {
+                devices: device_ids(devices)?,
+                set: set.iter().map(|l| parse_label(l)).collect::<Result<_>>()?,
+                remove,
+            };
+            call_and_print(&conn, body).await?;
+        }
     }
     Ok(())
 }
@@ -470,6 +747,11 @@ async fn campaign(c: CampaignCommand) -> Result<()> {
             all,
             group,
             devices,
+            label,
+            include,
+            exclude,
+            policy,
+            dry_run,
             conn,
         } => {
             let target = if all {
@@ -477,20 +759,55 @@ async fn campaign(c: CampaignCommand) -> Result<()> {
             } else if let Some(g) = group {
                 Target::Group(g)
             } else if !devices.is_empty() {
-                Target::Devices(
-                    devices
-                        .into_iter()
-                        .map(DeviceId::new)
-                        .collect::<Result<_, _>>()?,
+                Target::Devices(device_ids(devices)?)
+            } else if !label.is_empty() {
+                Target::Labels(
+                    label
+                        .iter()
+                        .map(|l| parse_label(l))
+                        .collect::<Result<_>>()?,
                 )
+            } else if !include.is_empty() {
+                Target::Devices(Vec::new())
             } else {
-                bail!("choose a target: --all, --group G or --devices a,b");
+                bail!("choose a target: --all, --group G, --label k=v or --devices a,b");
             };
             let body = AdminBody::CampaignCreate {
                 artifact: ArtifactId::new(artifact)?,
                 target,
+                include: device_ids(include)?,
+                exclude: device_ids(exclude)?,
+                policy: policy.to_policy(unix_now())?,
+                dry_run,
             };
-            call_and_print(&conn, body).await?;
+            create_or_dry_run(&conn, body, dry_run).await?;
+        }
+        CampaignCommand::Pause { campaign, conn } => {
+            let campaign = CampaignId::new(campaign)?;
+            call_and_print(&conn, AdminBody::CampaignPause { campaign }).await?;
+        }
+        CampaignCommand::Resume { campaign, conn } => {
+            let campaign = CampaignId::new(campaign)?;
+            call_and_print(&conn, AdminBody::CampaignResume { campaign }).await?;
+        }
+        CampaignCommand::Abort { campaign, conn } => {
+            let campaign = CampaignId::new(campaign)?;
+            call_and_print(&conn, AdminBody::CampaignAbort { campaign }).await?;
+        }
+        CampaignCommand::Rollback {
+            campaign,
+            to,
+            policy,
+            dry_run,
+            conn,
+        } => {
+            let body = AdminBody::CampaignRollback {
+                campaign: CampaignId::new(campaign)?,
+                to: ArtifactId::new(to)?,
+                policy: policy.to_policy(unix_now())?,
+                dry_run,
+            };
+            create_or_dry_run(&conn, body, dry_run).await?;
         }
         CampaignCommand::Status {
             campaign,
@@ -538,8 +855,12 @@ async fn watch_campaign(client: &AdminClient, campaign: &CampaignId) -> Result<(
             s.count(DeviceState::Failed),
             s.count(DeviceState::RolledBack)
         ));
-        if s.status == crate::store::CampaignStatus::Finished {
-            bar.finish();
+        if s.status != crate::store::CampaignStatus::Active {
+            bar.finish_with_message(format!(
+                "{} {}",
+                s.status,
+                s.reason.as_deref().unwrap_or("")
+            ));
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -12,6 +12,7 @@ pub mod fleet;
 pub mod metrics;
 pub mod mqtt;
 pub mod ops;
+pub mod rollout;
 pub mod server;
 pub mod store;
 

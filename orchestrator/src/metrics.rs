@@ -26,6 +26,8 @@ pub struct Metrics {
     front: Option<Arc<FrontStats>>,
     direct: Option<Arc<DirectRoutes>>,
     front_gauges: IntGaugeVec,
+    heartbeats: IntCounterVec,
+    campaign_wave: IntGaugeVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -87,7 +89,23 @@ impl Metrics {
             ),
             &["counter"],
         ));
+        let heartbeats = must(IntCounterVec::new(
+            Opts::new(
+                "aloft_heartbeats_total",
+                "Device health heartbeats by verdict",
+            ),
+            &["healthy"],
+        ));
+        let campaign_wave = must(IntGaugeVec::new(
+            Opts::new(
+                "aloft_campaign_wave",
+                "The highest open wave of each campaign (0-based)",
+            ),
+            &["campaign"],
+        ));
         for c in [
+            Box::new(heartbeats.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(campaign_wave.clone()),
             Box::new(device_state.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reports.clone()),
             Box::new(illegal_transitions.clone()),
@@ -113,7 +131,20 @@ impl Metrics {
             front,
             direct,
             front_gauges,
+            heartbeats,
+            campaign_wave,
         })
+    }
+
+    pub fn heartbeat(&self, healthy: bool) {
+        let label = if healthy { "true" } else { "false" };
+        self.heartbeats.with_label_values(&[label]).inc();
+    }
+
+    pub fn wave_opened(&self, campaign: &str, wave: u32) {
+        self.campaign_wave
+            .with_label_values(&[campaign])
+            .set(i64::from(wave));
     }
 
     pub fn set_device_state(&self, campaign: &str, state: &str, n: i64) {

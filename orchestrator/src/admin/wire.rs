@@ -10,6 +10,7 @@ use aloft_proto::messages::{DecodeError, Message, PROTOCOL_VERSION};
 use aloft_proto::{ArtifactId, CampaignId, DeviceId, Reason};
 use serde::{Deserialize, Serialize};
 
+use crate::rollout::{RolloutPolicy, WaveCounts};
 use crate::store::Target;
 
 /// The admin op name in the request topic.
@@ -65,9 +66,46 @@ pub enum AdminBody {
         groups: Vec<String>,
     },
     DeviceList {},
+    /// Set and remove labels on devices.
+    DeviceLabel {
+        devices: Vec<DeviceId>,
+        #[serde(default)]
+        set: BTreeMap<String, String>,
+        #[serde(default)]
+        remove: Vec<String>,
+    },
+    /// Create a campaign; membership is fixed now. `dry_run` returns the wave plan and touches
+    /// nothing.
     CampaignCreate {
         artifact: ArtifactId,
         target: Target,
+        #[serde(default)]
+        include: Vec<DeviceId>,
+        #[serde(default)]
+        exclude: Vec<DeviceId>,
+        #[serde(default)]
+        policy: RolloutPolicy,
+        #[serde(default)]
+        dry_run: bool,
+    },
+    CampaignPause {
+        campaign: CampaignId,
+    },
+    CampaignResume {
+        campaign: CampaignId,
+    },
+    CampaignAbort {
+        campaign: CampaignId,
+    },
+    /// A new campaign returning `campaign`'s succeeded devices to the release `to`; aborts
+    /// `campaign` first if it still runs.
+    CampaignRollback {
+        campaign: CampaignId,
+        to: ArtifactId,
+        #[serde(default)]
+        policy: RolloutPolicy,
+        #[serde(default)]
+        dry_run: bool,
     },
     CampaignStatus {
         campaign: CampaignId,
@@ -139,7 +177,7 @@ impl AdminError {
 }
 
 /// `campaign_status` result.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CampaignSummary {
     pub campaign: CampaignId,
     pub artifact: ArtifactId,
@@ -151,8 +189,42 @@ pub struct CampaignSummary {
     pub reasons: BTreeMap<String, u32>,
     pub created_ms: u64,
     pub finished_ms: Option<u64>,
+    /// Why the campaign is paused, aborted or expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub policy: RolloutPolicy,
+    #[serde(default)]
+    pub waves: Vec<WaveSummary>,
+    /// Succeeded devices that reported themselves unhealthy during their wave's soak.
+    #[serde(default)]
+    pub unhealthy: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolls_back: Option<CampaignId>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceSummary>,
+}
+
+/// One wave of a campaign.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaveSummary {
+    pub wave: u32,
+    #[serde(flatten)]
+    pub counts: WaveCounts,
+    /// When it opened (Unix ms), if it has.
+    pub opened_ms: Option<u64>,
+    /// When `advance_at` of it had finished (its soak started).
+    pub finished_ms: Option<u64>,
+}
+
+/// `campaign_create` / `campaign_rollback` with `dry_run`: who would get the release in which
+/// wave.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DryRun {
+    pub artifact: ArtifactId,
+    pub total: u32,
+    pub policy: RolloutPolicy,
+    pub waves: Vec<Vec<DeviceId>>,
 }
 
 impl CampaignSummary {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use aloft_proto::crypto::{self, sha256};
 use aloft_proto::manifest::ManifestError;
 use aloft_proto::messages::{self, DecodeError};
-use aloft_proto::{topics, ArtifactId, CampaignId, DeviceId, OperatorId};
+use aloft_proto::{topics, ArtifactId, CampaignId, DeviceId, DeviceState, OperatorId};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::{json, Value};
@@ -14,9 +14,11 @@ use tracing::{info, warn};
 
 use super::{now_ms, parse_key_hex, Engine, LiveCampaign};
 use crate::admin::wire::{
-    AdminBody, AdminError, AdminReply, AdminRequest, CampaignSummary, DeviceSummary,
+    AdminBody, AdminError, AdminReply, AdminRequest, CampaignSummary, DeviceSummary, DryRun,
+    WaveSummary,
 };
 use crate::fleet::state::Progress;
+use crate::rollout::{Plan, RolloutPolicy, RolloutState};
 use crate::store::{
     CampaignRecord, CampaignStatus, DeviceRecord, ReleaseRecord, StoreError, Target,
 };
@@ -115,9 +117,36 @@ impl Engine {
                 let devices = self.store.devices()?;
                 Ok(Ok(json!(devices)))
             }
-            AdminBody::CampaignCreate { artifact, target } => {
-                self.campaign_create(operator, &artifact, target)
+            AdminBody::DeviceLabel {
+                devices,
+                set,
+                remove,
+            } => self.device_label(&devices, &set, &remove),
+            AdminBody::CampaignCreate {
+                artifact,
+                target,
+                include,
+                exclude,
+                policy,
+                dry_run,
+            } => self.campaign_create(
+                operator, &artifact, target, &include, &exclude, policy, dry_run,
+            ),
+            AdminBody::CampaignPause { campaign } => {
+                self.campaign_control(operator, &campaign, "pause")
             }
+            AdminBody::CampaignResume { campaign } => {
+                self.campaign_control(operator, &campaign, "resume")
+            }
+            AdminBody::CampaignAbort { campaign } => {
+                self.campaign_control(operator, &campaign, "abort")
+            }
+            AdminBody::CampaignRollback {
+                campaign,
+                to,
+                policy,
+                dry_run,
+            } => self.campaign_rollback(operator, &campaign, &to, policy, dry_run),
             AdminBody::CampaignStatus { campaign, devices } => {
                 match self.campaigns.get(&campaign) {
                     Some(live) => Ok(Ok(json!(summary(live, devices)))),
@@ -288,6 +317,7 @@ impl Engine {
                 x25519_public: String::new(),
                 cert_not_after: 0,
                 groups: Vec::new(),
+                labels: Default::default(),
                 registered_ms: now,
                 last_seen_ms: 0,
             });
@@ -305,11 +335,44 @@ impl Engine {
         Ok(Ok(json!({"registered": registered, "errors": errors})))
     }
 
+    /// Resolves the membership, then (unless `dry_run`) stores the campaign and lets its
+    /// rollout notify the first wave before this batch commits.
+    #[allow(clippy::too_many_arguments)]
     fn campaign_create(
         &mut self,
         operator: &OperatorId,
         artifact: &ArtifactId,
         target: Target,
+        include: &[DeviceId],
+        exclude: &[DeviceId],
+        policy: RolloutPolicy,
+        dry_run: bool,
+    ) -> AdminResult {
+        let mut devices = match self.resolve(&target)? {
+            Ok(d) => d,
+            Err(e) => return Ok(Err(e)),
+        };
+        match self.resolve(&Target::Devices(include.to_vec()))? {
+            Ok(extra) => devices.extend(extra),
+            Err(e) => return Ok(Err(e)),
+        }
+        let excluded: HashSet<&DeviceId> = exclude.iter().collect();
+        devices.retain(|d| !excluded.contains(d));
+        devices.sort();
+        devices.dedup();
+        self.start_campaign(operator, artifact, target, devices, policy, dry_run, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_campaign(
+        &mut self,
+        operator: &OperatorId,
+        artifact: &ArtifactId,
+        target: Target,
+        devices: Vec<DeviceId>,
+        policy: RolloutPolicy,
+        dry_run: bool,
+        rolls_back: Option<CampaignId>,
     ) -> AdminResult {
         let Some(release) = self.store.release(artifact)? else {
             return refuse("unknown_artifact", format!("no release {artifact}"));
@@ -323,14 +386,22 @@ impl Engine {
         let Some(key) = parse_key_hex(&release.content_key_hex) else {
             return refuse("invalid_content_key", "stored content key is malformed");
         };
-        let devices = match self.resolve(&target)? {
-            Ok(d) => d,
-            Err(e) => return Ok(Err(e)),
-        };
+        if let Err(e) = policy.validate() {
+            return refuse("invalid_policy", e.to_string());
+        }
         if devices.is_empty() {
             return refuse("empty_target", "the target matches no registered device");
         }
         let id = new_campaign_id();
+        if dry_run {
+            let plan = Plan::new(&id, &devices, &policy);
+            return Ok(Ok(json!(DryRun {
+                artifact: artifact.clone(),
+                total: devices.len() as u32,
+                policy,
+                waves: plan.waves(),
+            })));
+        }
         let now = now_ms();
         let record = CampaignRecord {
             id: id.clone(),
@@ -341,6 +412,9 @@ impl Engine {
             created_by: operator.clone(),
             created_ms: now,
             finished_ms: None,
+            policy,
+            rollout: RolloutState::default(),
+            rolls_back,
         };
         self.store.put_campaign(&record)?;
         let mut progress = std::collections::HashMap::new();
@@ -350,14 +424,148 @@ impl Engine {
             progress.insert(d.clone(), p);
         }
         self.dirty = true;
-        self.campaigns.insert(
-            id.clone(),
-            LiveCampaign::new(record, release.manifest, release.signed, key, progress),
-        );
-        self.publish_pending_jobs(&id)?;
-        self.refresh_campaign(&id)?;
-        info!(%operator, campaign = %id, %artifact, devices = devices.len(), "campaign created");
-        Ok(Ok(json!({"campaign": id, "devices": devices.len()})))
+        let live = LiveCampaign::new(record, release.manifest, release.signed, key, progress);
+        let waves = live.rollout.waves().len();
+        self.campaigns.insert(id.clone(), live);
+        self.touched.insert(id.clone());
+        info!(%operator, campaign = %id, %artifact, devices = devices.len(), waves, "campaign created");
+        Ok(Ok(
+            json!({"campaign": id, "devices": devices.len(), "waves": waves}),
+        ))
+    }
+
+    /// Pause, resume or abort, by an operator.
+    fn campaign_control(
+        &mut self,
+        operator: &OperatorId,
+        campaign: &CampaignId,
+        verb: &str,
+    ) -> AdminResult {
+        let Some(live) = self.campaigns.get_mut(campaign) else {
+            return refuse("unknown_campaign", format!("no campaign {campaign}"));
+        };
+        let result = match verb {
+            "pause" => live.rollout.pause(format!("paused by {operator}")),
+            "resume" => live.rollout.resume(),
+            _ => live.rollout.abort(format!("aborted by {operator}")),
+        };
+        let actions = match result {
+            Ok(a) => a,
+            Err(e) => return refuse("wrong_status", e.to_string()),
+        };
+        info!(%operator, %campaign, verb, "campaign control");
+        self.apply_rollout(campaign, actions, now_ms())?;
+        self.touched.insert(campaign.clone());
+        let status = self.campaigns.get(campaign).map(|l| l.record.status);
+        Ok(Ok(json!({"campaign": campaign, "status": status})))
+    }
+
+    /// A new campaign that returns the devices that took `campaign`'s release to `to`.
+    fn campaign_rollback(
+        &mut self,
+        operator: &OperatorId,
+        campaign: &CampaignId,
+        to: &ArtifactId,
+        policy: RolloutPolicy,
+        dry_run: bool,
+    ) -> AdminResult {
+        let Some(live) = self.campaigns.get(campaign) else {
+            return refuse("unknown_campaign", format!("no campaign {campaign}"));
+        };
+        let Some(target) = self.store.release(to)? else {
+            return refuse("unknown_artifact", format!("no release {to}"));
+        };
+        let from = &live.manifest;
+        if target.manifest.hardware_model != from.hardware_model {
+            return refuse(
+                "wrong_hardware",
+                format!(
+                    "{to} is for {}, the campaign's devices are {}",
+                    target.manifest.hardware_model, from.hardware_model
+                ),
+            );
+        }
+        // Devices raised their anti-rollback floor to the release's security version when they
+        // confirmed it, and refuse anything lower: such a campaign could only fail.
+        if target.manifest.security_version < from.security_version {
+            return refuse(
+                "downgrade_blocked",
+                format!(
+                    "{to} has security version {} but devices that took {} ({}) raised their floor to {}; \
+                     sign the previous image again as a new release with security version >= {}",
+                    target.manifest.security_version.0,
+                    live.record.artifact,
+                    from.version,
+                    from.security_version.0,
+                    from.security_version.0
+                ),
+            );
+        }
+        let devices: Vec<DeviceId> = live
+            .progress
+            .iter()
+            .filter(|(_, p)| p.state == DeviceState::Succeeded)
+            .map(|(d, _)| d.clone())
+            .collect();
+        if devices.is_empty() {
+            return refuse(
+                "empty_target",
+                format!("no device of {campaign} took its release"),
+            );
+        }
+        if !dry_run && !live.record.status.is_final() {
+            let actions = match self.campaigns.get_mut(campaign) {
+                Some(l) => l
+                    .rollout
+                    .abort(format!("rolled back by {operator}"))
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            };
+            self.apply_rollout(campaign, actions, now_ms())?;
+        }
+        let target = Target::Devices(devices.clone());
+        self.start_campaign(
+            operator,
+            to,
+            target,
+            devices,
+            policy,
+            dry_run,
+            Some(campaign.clone()),
+        )
+    }
+
+    fn device_label(
+        &mut self,
+        devices: &[DeviceId],
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> AdminResult {
+        if let Some((k, v)) = set.iter().find(|(k, v)| !valid_label(k, v)) {
+            return refuse(
+                "invalid_label",
+                format!(
+                    "label {k}={v} is not valid (keys and values: 1 to 63 of a-z A-Z 0-9 . _ -)"
+                ),
+            );
+        }
+        let mut records = Vec::with_capacity(devices.len());
+        for d in devices {
+            match self.store.device(d)? {
+                Some(r) => records.push(r),
+                None => return refuse("unknown_device", format!("device {d} is not registered")),
+            }
+        }
+        for mut r in records {
+            for k in remove {
+                r.labels.remove(k);
+            }
+            r.labels
+                .extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+            self.store.put_device(&r)?;
+        }
+        self.dirty = true;
+        Ok(Ok(json!({"labelled": devices.len()})))
     }
 
     fn resolve(&self, target: &Target) -> Result<Result<Vec<DeviceId>, AdminError>, StoreError> {
@@ -367,6 +575,11 @@ impl Engine {
             Target::Group(g) => all
                 .into_iter()
                 .filter(|d| d.groups.contains(g))
+                .map(|d| d.id)
+                .collect(),
+            Target::Labels(want) => all
+                .into_iter()
+                .filter(|d| want.iter().all(|(k, v)| d.labels.get(k) == Some(v)))
                 .map(|d| d.id)
                 .collect(),
             Target::Devices(ids) => {
@@ -385,6 +598,16 @@ impl Engine {
         };
         Ok(Ok(ids))
     }
+}
+
+/// Label keys and values: 1 to 63 characters of `a-z A-Z 0-9 . _ -`.
+fn valid_label(k: &str, v: &str) -> bool {
+    let ok = |s: &str| {
+        (1..=63).contains(&s.len())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    };
+    ok(k) && ok(v)
 }
 
 fn summary(live: &LiveCampaign, with_devices: bool) -> CampaignSummary {
@@ -421,6 +644,22 @@ fn summary(live: &LiveCampaign, with_devices: bool) -> CampaignSummary {
         reasons,
         created_ms: live.record.created_ms,
         finished_ms: live.record.finished_ms,
+        reason: live.rollout.state().reason.clone(),
+        policy: live.record.policy.clone(),
+        waves: live
+            .rollout
+            .waves()
+            .iter()
+            .enumerate()
+            .map(|(w, c)| WaveSummary {
+                wave: w as u32,
+                counts: *c,
+                opened_ms: live.rollout.state().opened_ms.get(w).copied(),
+                finished_ms: live.rollout.state().finished_ms.get(w).copied(),
+            })
+            .collect(),
+        unhealthy: live.progress.values().filter(|p| p.unhealthy).count() as u32,
+        rolls_back: live.record.rolls_back.clone(),
         devices,
     }
 }

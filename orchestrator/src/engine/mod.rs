@@ -17,7 +17,7 @@ use aloft_proto::manifest::{Manifest, ReleasePublicKey, SignedManifest};
 use aloft_proto::messages::{
     self, AckError, AckOutcome, ChunkRequest, Job, StatusAck, StatusReport, PROTOCOL_VERSION,
 };
-use aloft_proto::{topics, ArtifactId, CampaignId, DeviceId, DeviceState, OperatorId};
+use aloft_proto::{topics, ArtifactId, CampaignId, DeviceId, DeviceState, OperatorId, Reason};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -25,12 +25,16 @@ use tracing::{debug, info, warn};
 use crate::fleet::state::{self, Decision, Progress};
 use crate::metrics::Metrics;
 use crate::mqtt::{LinkClosed, Publisher};
-use crate::store::{CampaignRecord, CampaignStatus, DeviceRecord, Store, StoreError};
+use crate::rollout::{Action, Known, Plan, Rollout};
+use crate::store::{CampaignRecord, DeviceRecord, Store, StoreError};
 
 mod admin;
 
 /// Most events handled per group commit.
 pub const BATCH_MAX: usize = 256;
+
+/// How often rollouts are moved forward when no event arrives (timeouts, soaks, schedules).
+pub const TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Something that happened outside the engine.
 #[derive(Debug)]
@@ -94,6 +98,8 @@ struct LiveCampaign {
     /// Members per state, kept with `progress` (see `set`): every applied report refreshes the
     /// campaign's gauges, which must not cost a pass over the whole fleet.
     counts: BTreeMap<DeviceState, u32>,
+    /// Who is notified when; it sees every change of `progress`.
+    rollout: Rollout,
 }
 
 impl LiveCampaign {
@@ -108,6 +114,26 @@ impl LiveCampaign {
         for p in progress.values() {
             *counts.entry(p.state).or_insert(0) += 1;
         }
+        let known: HashMap<DeviceId, Known> = progress
+            .iter()
+            .map(|(d, p)| {
+                let k = Known {
+                    state: p.state,
+                    since_ms: p.updated_ms,
+                    unhealthy: p.unhealthy,
+                };
+                (d.clone(), k)
+            })
+            .collect();
+        let plan = Plan::new(&record.id, &record.devices, &record.policy);
+        let rollout = Rollout::new(
+            plan,
+            record.policy.clone(),
+            record.created_ms,
+            record.status,
+            record.rollout.clone(),
+            &known,
+        );
         LiveCampaign {
             record,
             manifest,
@@ -115,12 +141,14 @@ impl LiveCampaign {
             key,
             progress,
             counts,
+            rollout,
         }
     }
 
     /// Records a member's new progress.
     fn set(&mut self, device: &DeviceId, next: Progress) {
         let to = next.state;
+        self.rollout.observe(device, to, next.updated_ms);
         if let Some(old) = self.progress.insert(device.clone(), next) {
             if let Some(n) = self.counts.get_mut(&old.state) {
                 *n = n.saturating_sub(1);
@@ -135,16 +163,6 @@ impl LiveCampaign {
             .filter(|(_, n)| **n > 0)
             .map(|(s, n)| (*s, *n))
             .collect()
-    }
-
-    fn all_terminal(&self) -> bool {
-        let terminal: u32 = self
-            .counts
-            .iter()
-            .filter(|(s, _)| s.is_terminal())
-            .map(|(_, n)| *n)
-            .sum();
-        terminal as usize == self.progress.len()
     }
 }
 
@@ -164,6 +182,8 @@ pub struct Engine {
     out: Vec<Outgoing>,
     dirty: bool,
     admin_replies: admin::ReplyCache,
+    /// Campaigns changed in this batch: their rollouts move before the batch commits.
+    touched: HashSet<CampaignId>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -184,6 +204,7 @@ impl Engine {
             out: Vec::new(),
             dirty: false,
             admin_replies: admin::ReplyCache::default(),
+            touched: HashSet::new(),
         }
     }
 
@@ -196,12 +217,24 @@ impl Engine {
     ) -> Result<(), EngineError> {
         self.recover()?;
         self.commit(&publisher).await?;
-        while let Some(first) = rx.recv().await {
-            self.handle(first)?;
-            for _ in 1..BATCH_MAX {
-                match rx.try_recv() {
-                    Ok(ev) => self.handle(ev)?,
-                    Err(_) => break,
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some(first) = ev else { break };
+                    self.handle(first)?;
+                    for _ in 1..BATCH_MAX {
+                        match rx.try_recv() {
+                            Ok(ev) => self.handle(ev)?,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = ticker.tick() => {
+                    self.touched.extend(self.campaigns.iter()
+                        .filter(|(_, c)| c.record.status != crate::store::CampaignStatus::Finished)
+                        .map(|(id, _)| id.clone()));
                 }
             }
             self.commit(&publisher).await?;
@@ -209,8 +242,12 @@ impl Engine {
         Ok(())
     }
 
-    /// Makes the batch durable, then lets its output out.
+    /// Moves the touched rollouts, makes the batch durable, then lets its output out.
     async fn commit(&mut self, publisher: &Publisher) -> Result<(), EngineError> {
+        let now = now_ms();
+        for id in std::mem::take(&mut self.touched) {
+            self.tick_rollout(&id, now)?;
+        }
         if self.dirty {
             let t = Instant::now();
             self.store.flush()?;
@@ -250,8 +287,9 @@ impl Engine {
             };
             let id = live.record.id.clone();
             self.campaigns.insert(id.clone(), live);
-            self.publish_pending_jobs(&id)?;
-            self.refresh_campaign(&id)?;
+            self.republish_jobs(&id)?;
+            self.refresh_gauges(&id);
+            self.touched.insert(id);
         }
         info!(campaigns = self.campaigns.len(), "engine recovered");
         Ok(())
@@ -280,59 +318,150 @@ impl Engine {
         )))
     }
 
-    /// Moves idle members to `Notified` and (re)publishes the job of every member in flight.
-    fn publish_pending_jobs(&mut self, id: &CampaignId) -> Result<(), StoreError> {
+    /// Publishes the job of every member in flight again: the embedded broker keeps no retained
+    /// messages across restarts. Members of a final campaign get nothing new.
+    fn republish_jobs(&mut self, id: &CampaignId) -> Result<(), StoreError> {
         let now = now_ms();
-        let Some(live) = self.campaigns.get_mut(id) else {
+        let Some(live) = self.campaigns.get(id) else {
             return Ok(());
         };
-        if live.record.status != CampaignStatus::Active {
+        if live.record.status.is_final() {
             return Ok(());
-        }
-        let idle: Vec<DeviceId> = live
-            .progress
-            .iter()
-            .filter(|(_, p)| p.state == DeviceState::Idle)
-            .map(|(d, _)| d.clone())
-            .collect();
-        for device in &idle {
-            let Some(n) = live
-                .progress
-                .get(device)
-                .and_then(|p| state::advance(p, DeviceState::Notified, None, now))
-            else {
-                continue;
-            };
-            self.store.put_progress(id, device, &n)?;
-            self.dirty = true;
-            live.set(device, n);
         }
         let jobs: Vec<DeviceId> = live
             .progress
             .iter()
-            .filter(|(_, p)| !p.state.is_terminal())
+            .filter(|(_, p)| p.state != DeviceState::Idle && !p.state.is_terminal())
             .map(|(d, _)| d.clone())
             .collect();
         for device in jobs {
-            let Some(record) = self.store.device(&device)? else {
-                warn!(%device, "campaign member is not registered; no job");
-                continue;
-            };
-            let Some(live) = self.campaigns.get(id) else {
-                return Ok(());
-            };
-            match job_payload(live, &record, now) {
-                Ok(payload) => self.send(topics::job(&device), payload, true),
-                Err(e) => warn!(%device, error = %e, "cannot wrap the content key for device"),
-            }
+            self.publish_job(id, &device, now)?;
         }
         Ok(())
     }
 
-    /// Re-exports a campaign's gauges and marks it finished when every member is terminal.
-    fn refresh_campaign(&mut self, id: &CampaignId) -> Result<(), StoreError> {
+    /// Publishes one member's job, with the content key wrapped for it alone.
+    fn publish_job(
+        &mut self,
+        id: &CampaignId,
+        device: &DeviceId,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let Some(record) = self.store.device(device)? else {
+            warn!(%device, "campaign member is not registered; no job");
+            return Ok(());
+        };
+        let Some(live) = self.campaigns.get(id) else {
+            return Ok(());
+        };
+        match job_payload(live, &record, now) {
+            Ok(payload) => self.send(topics::job(device), payload, true),
+            Err(e) => warn!(%device, error = %e, "cannot wrap the content key for device"),
+        }
+        Ok(())
+    }
+
+    /// Clears a device's retained job: a device downloading it stops (PROTOCOL.md §Jobs).
+    fn withdraw_job(&mut self, device: &DeviceId) {
+        self.send(topics::job(device), Vec::new(), true);
+    }
+
+    /// Moves a campaign's rollout to `now` and carries out what it decides.
+    fn tick_rollout(&mut self, id: &CampaignId, now: u64) -> Result<(), StoreError> {
         let Some(live) = self.campaigns.get_mut(id) else {
             return Ok(());
+        };
+        let actions = live.rollout.tick(now);
+        self.apply_rollout(id, actions, now)
+    }
+
+    /// Carries out a rollout's decisions, then stores its state if it changed.
+    fn apply_rollout(
+        &mut self,
+        id: &CampaignId,
+        actions: Vec<Action>,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        for action in actions {
+            match action {
+                Action::Notify(d) => {
+                    self.move_member(id, &d, DeviceState::Notified, None, now)?;
+                    self.publish_job(id, &d, now)?;
+                }
+                Action::TimeOut(d) => {
+                    self.move_member(id, &d, DeviceState::Failed, Some(Reason::TimedOut), now)?;
+                    self.withdraw_job(&d);
+                }
+                Action::Cancel(d) => {
+                    self.move_member(id, &d, DeviceState::Failed, Some(Reason::Cancelled), now)?;
+                    self.withdraw_job(&d);
+                }
+                Action::Withdraw(d) => self.withdraw_job(&d),
+                Action::WaveOpened(n) => {
+                    self.metrics.wave_opened(id.as_str(), n);
+                    info!(campaign = %id, wave = n, "wave opened");
+                }
+                Action::Status(status) => {
+                    let reason = self
+                        .campaigns
+                        .get(id)
+                        .and_then(|l| l.rollout.state().reason.clone())
+                        .unwrap_or_default();
+                    info!(campaign = %id, %status, %reason, "campaign status changed");
+                }
+            }
+        }
+        let Some(live) = self.campaigns.get_mut(id) else {
+            return Ok(());
+        };
+        if live.rollout.take_changed() {
+            let status = live.rollout.status();
+            if status.is_final() && live.record.finished_ms.is_none() {
+                live.record.finished_ms = Some(now);
+                info!(campaign = %id, counts = ?live.counts(), %status, "campaign ended");
+            }
+            live.record.status = status;
+            live.record.rollout = live.rollout.state().clone();
+            self.store.put_campaign(&live.record)?;
+            self.dirty = true;
+        }
+        self.refresh_gauges(id);
+        Ok(())
+    }
+
+    /// The orchestrator's own transition of a member (notify, time out, cancel).
+    fn move_member(
+        &mut self,
+        id: &CampaignId,
+        device: &DeviceId,
+        to: DeviceState,
+        reason: Option<Reason>,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let Some(live) = self.campaigns.get_mut(id) else {
+            return Ok(());
+        };
+        let Some(next) = live
+            .progress
+            .get(device)
+            .and_then(|p| state::advance(p, to, reason, now))
+        else {
+            return Ok(());
+        };
+        self.store.put_progress(id, device, &next)?;
+        self.dirty = true;
+        live.set(device, next);
+        if let Some(r) = reason {
+            self.metrics.failure(r.as_str());
+            info!(%device, campaign = %id, reason = %r, "device stopped by the orchestrator");
+        }
+        Ok(())
+    }
+
+    /// Re-exports a campaign's gauges.
+    fn refresh_gauges(&self, id: &CampaignId) {
+        let Some(live) = self.campaigns.get(id) else {
+            return;
         };
         let counts = live.counts();
         for s in DeviceState::ALL {
@@ -340,14 +469,6 @@ impl Engine {
             self.metrics
                 .set_device_state(id.as_str(), s.as_str(), i64::from(n));
         }
-        if live.record.status == CampaignStatus::Active && live.all_terminal() {
-            live.record.status = CampaignStatus::Finished;
-            live.record.finished_ms = Some(now_ms());
-            self.store.put_campaign(&live.record)?;
-            self.dirty = true;
-            info!(campaign = %id, ?counts, "campaign finished");
-        }
-        Ok(())
     }
 
     fn on_status(&mut self, device: DeviceId, payload: &[u8]) -> Result<(), StoreError> {
@@ -391,7 +512,8 @@ impl Engine {
                 if let Some(live) = self.campaigns.get_mut(&campaign) {
                     live.set(&device, next);
                 }
-                self.refresh_campaign(&campaign)?;
+                self.refresh_gauges(&campaign);
+                self.touched.insert(campaign.clone());
                 (AckOutcome::Applied, s, None)
             }
             Decision::Duplicate => {
@@ -515,7 +637,7 @@ impl Engine {
     }
 
     fn on_health(&mut self, device: DeviceId, payload: &[u8]) -> Result<(), StoreError> {
-        let _hb: messages::Heartbeat = match messages::decode(payload) {
+        let hb: messages::Heartbeat = match messages::decode(payload) {
             Ok(h) => h,
             Err(e) => {
                 self.metrics.rejected("health", e.code());
@@ -523,7 +645,26 @@ impl Engine {
                 return Ok(());
             }
         };
-        let _ = device;
+        self.metrics.heartbeat(hb.healthy);
+        let Some(campaign) = hb.campaign else {
+            return Ok(());
+        };
+        let now = now_ms();
+        let Some(live) = self.campaigns.get_mut(&campaign) else {
+            return Ok(());
+        };
+        if !live.rollout.observe_health(&device, hb.healthy, now) {
+            return Ok(());
+        }
+        let Some(mut p) = live.progress.get(&device).cloned() else {
+            return Ok(());
+        };
+        warn!(%device, %campaign, detail = hb.detail.as_deref().unwrap_or(""), "device unhealthy during its wave's soak; counted as a failure");
+        p.unhealthy = true;
+        self.store.put_progress(&campaign, &device, &p)?;
+        live.progress.insert(device, p);
+        self.dirty = true;
+        self.touched.insert(campaign);
         Ok(())
     }
 
@@ -548,6 +689,7 @@ impl Engine {
                     x25519_public: x25519,
                     cert_not_after: seen.not_after,
                     groups: Vec::new(),
+                    labels: Default::default(),
                     registered_ms: now,
                     last_seen_ms: now,
                 })?;

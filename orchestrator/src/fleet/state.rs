@@ -44,6 +44,9 @@ pub struct Progress {
     pub last_seq: u32,
     /// Unix milliseconds of the last change.
     pub updated_ms: u64,
+    /// Succeeded, then reported itself unhealthy during its wave's soak.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unhealthy: bool,
 }
 
 impl Progress {
@@ -53,6 +56,7 @@ impl Progress {
             reason: None,
             last_seq: 0,
             updated_ms: now_ms,
+            unhealthy: false,
         }
     }
 }
@@ -103,6 +107,7 @@ pub fn advance(
         reason,
         last_seq: current.last_seq,
         updated_ms: now_ms,
+        unhealthy: current.unhealthy,
     })
 }
 

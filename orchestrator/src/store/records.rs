@@ -1,8 +1,12 @@
 //! The records the store keeps, serialized as JSON values in sled trees.
 
+use std::collections::BTreeMap;
+
 use aloft_proto::manifest::{Manifest, SignedManifest};
 use aloft_proto::{ArtifactId, CampaignId, DeviceId, OperatorId};
 use serde::{Deserialize, Serialize};
+
+use crate::rollout::{RolloutPolicy, RolloutState};
 
 /// A device the orchestrator may target, learned from its CA-signed certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,6 +18,9 @@ pub struct DeviceRecord {
     pub cert_not_after: i64,
     /// Operator-assigned groups.
     pub groups: Vec<String>,
+    /// Operator-assigned labels (`key=value`), for targeting.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// Unix milliseconds of registration.
     pub registered_ms: u64,
     /// Unix milliseconds of the last connection through the front (0 if never seen).
@@ -41,18 +48,54 @@ pub enum Target {
     All,
     Group(String),
     Devices(Vec<DeviceId>),
+    /// Devices carrying every one of these labels.
+    Labels(BTreeMap<String, String>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CampaignStatus {
+    /// Rolling out (possibly waiting for its start time, window or a wave's soak).
     Active,
-    /// Every targeted device reached a terminal state.
+    /// No new device is notified (an operator or the pause threshold); devices in flight finish.
+    Paused,
+    /// Stopped for good (an operator or the abort threshold): nobody new is notified and
+    /// downloads in flight were withdrawn.
+    Aborted,
+    /// The deadline passed: devices that never started were timed out.
+    Expired,
+    /// Every wave ran and every member reached a terminal state.
     Finished,
 }
 
+impl CampaignStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CampaignStatus::Active => "active",
+            CampaignStatus::Paused => "paused",
+            CampaignStatus::Aborted => "aborted",
+            CampaignStatus::Expired => "expired",
+            CampaignStatus::Finished => "finished",
+        }
+    }
+
+    /// No device will be notified again.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            CampaignStatus::Aborted | CampaignStatus::Expired | CampaignStatus::Finished
+        )
+    }
+}
+
+impl std::fmt::Display for CampaignStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A campaign: a release, a fixed membership, and its status.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CampaignRecord {
     pub id: CampaignId,
     pub artifact: ArtifactId,
@@ -63,4 +106,11 @@ pub struct CampaignRecord {
     pub created_by: OperatorId,
     pub created_ms: u64,
     pub finished_ms: Option<u64>,
+    #[serde(default)]
+    pub policy: RolloutPolicy,
+    #[serde(default)]
+    pub rollout: RolloutState,
+    /// The campaign this one rolls back, if it is a rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolls_back: Option<CampaignId>,
 }
