@@ -15,6 +15,7 @@ use aloft_orchestrator::admin::client::AdminClient;
 use aloft_orchestrator::admin::wire::{AdminBody, CampaignSummary};
 use aloft_orchestrator::config::{FileConfig, ServeConfig};
 use aloft_orchestrator::ops;
+use aloft_orchestrator::rollout::RolloutPolicy;
 use aloft_orchestrator::store::Target;
 use aloft_proto::manifest::ReleaseSigningKey;
 use aloft_proto::release::ReleaseMeta;
@@ -169,9 +170,14 @@ impl Lab {
         admin: &AdminClient,
         spec: &ReleaseSpec,
     ) -> Result<CampaignId> {
-        let bundle = self.build_release(spec)?;
-        let artifact = ops::upload_bundle(admin, &bundle, false).await?;
+        let artifact = self.upload(admin, spec).await?;
         create_campaign(admin, artifact, Target::All).await
+    }
+
+    /// Builds and uploads a release.
+    pub async fn upload(&self, admin: &AdminClient, spec: &ReleaseSpec) -> Result<ArtifactId> {
+        let bundle = self.build_release(spec)?;
+        Ok(ops::upload_bundle(admin, &bundle, false).await?)
     }
 }
 
@@ -193,11 +199,21 @@ pub async fn wait_registered(admin: &AdminClient, n: usize, timeout: Duration) -
     }
 }
 
-/// Creates a campaign and returns its id.
+/// Creates a plain campaign (one wave, no limits) and returns its id.
 pub async fn create_campaign(
     admin: &AdminClient,
     artifact: ArtifactId,
     target: Target,
+) -> Result<CampaignId> {
+    create_rollout(admin, artifact, target, RolloutPolicy::default()).await
+}
+
+/// Creates a campaign that follows `policy` and returns its id.
+pub async fn create_rollout(
+    admin: &AdminClient,
+    artifact: ArtifactId,
+    target: Target,
+    policy: RolloutPolicy,
 ) -> Result<CampaignId> {
     let v: Value = admin
         .call(AdminBody::CampaignCreate {
@@ -205,7 +221,7 @@ pub async fn create_campaign(
             target,
             include: Vec::new(),
             exclude: Vec::new(),
-            policy: Default::default(),
+            policy,
             dry_run: false,
         })
         .await?;

@@ -137,6 +137,10 @@ async fn a_redelivered_campaign_create_creates_one_campaign() {
         body: AdminBody::CampaignCreate {
             artifact,
             target: Target::All,
+            include: Vec::new(),
+            exclude: Vec::new(),
+            policy: Default::default(),
+            dry_run: false,
         },
     };
     let topic = aloft_proto::topics::admin_request(&op, "request");

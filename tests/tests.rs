@@ -7,3 +7,4 @@ mod common;
 mod attacks;
 mod campaign;
 mod restart;
+mod rollout;

@@ -248,4 +248,10 @@ pub struct DeviceSummary {
     pub state: aloft_proto::DeviceState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<Reason>,
+    /// The wave the device belongs to (0-based).
+    #[serde(default)]
+    pub wave: u32,
+    /// Reported itself unhealthy during its wave's soak.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unhealthy: bool,
 }

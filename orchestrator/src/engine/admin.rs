@@ -392,9 +392,8 @@ impl Engine {
         if devices.is_empty() {
             return refuse("empty_target", "the target matches no registered device");
         }
-        let id = new_campaign_id();
         if dry_run {
-            let plan = Plan::new(&id, &devices, &policy);
+            let plan = Plan::new(artifact, &devices, &policy);
             return Ok(Ok(json!(DryRun {
                 artifact: artifact.clone(),
                 total: devices.len() as u32,
@@ -402,6 +401,7 @@ impl Engine {
                 waves: plan.waves(),
             })));
         }
+        let id = new_campaign_id();
         let now = now_ms();
         let record = CampaignRecord {
             id: id.clone(),
@@ -629,6 +629,8 @@ fn summary(live: &LiveCampaign, with_devices: bool) -> CampaignSummary {
                 device: d.clone(),
                 state: p.state,
                 reason: p.reason,
+                wave: live.rollout.wave_of(d).unwrap_or(0),
+                unhealthy: p.unhealthy,
             })
             .collect()
     } else {

@@ -125,7 +125,7 @@ impl LiveCampaign {
                 (d.clone(), k)
             })
             .collect();
-        let plan = Plan::new(&record.id, &record.devices, &record.policy);
+        let plan = Plan::new(&record.artifact, &record.devices, &record.policy);
         let rollout = Rollout::new(
             plan,
             record.policy.clone(),

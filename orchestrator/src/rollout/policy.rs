@@ -1,12 +1,14 @@
 //! A campaign's rollout policy (set at creation, stored with the campaign, shown by the CLI) and
 //! the wave plan derived from it: which member falls in which wave.
 //!
-//! Wave membership is a stable hash of (campaign, device): members are ranked by it and each wave
-//! takes the next slice of the ranking. Wave sizes only grow with their percentages, so raising a
-//! percentage never drops a device already chosen, and a restart recomputes the same plan.
+//! Wave membership is a stable hash of (the campaign's release, device): members are ranked by it
+//! and each wave takes the next slice of the ranking. Wave sizes only grow with their
+//! percentages, so raising a percentage never drops a device already chosen, a restart
+//! recomputes the same plan, and a dry run shows exactly the waves the campaign will have (a
+//! campaign id does not exist before the campaign does).
 
 use aloft_proto::crypto::sha256;
-use aloft_proto::{CampaignId, DeviceId};
+use aloft_proto::{ArtifactId, DeviceId};
 use serde::{Deserialize, Serialize};
 
 /// Most waves a plan may have (an exponential growth from one device to a large fleet needs
@@ -282,10 +284,10 @@ impl RolloutPolicy {
     }
 }
 
-/// A member's place in the ranking: the first eight bytes of SHA-256(campaign ‖ 0 ‖ device).
-pub fn rank(campaign: &CampaignId, device: &DeviceId) -> u64 {
-    let mut input = Vec::with_capacity(campaign.as_str().len() + device.as_str().len() + 1);
-    input.extend_from_slice(campaign.as_str().as_bytes());
+/// A member's place in the ranking: the first eight bytes of SHA-256(artifact ‖ 0 ‖ device).
+pub fn rank(artifact: &ArtifactId, device: &DeviceId) -> u64 {
+    let mut input = Vec::with_capacity(artifact.as_str().len() + device.as_str().len() + 1);
+    input.extend_from_slice(artifact.as_str().as_bytes());
     input.push(0);
     input.extend_from_slice(device.as_str().as_bytes());
     let h = sha256(&input);
@@ -302,10 +304,10 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn new(campaign: &CampaignId, members: &[DeviceId], policy: &RolloutPolicy) -> Plan {
+    pub fn new(artifact: &ArtifactId, members: &[DeviceId], policy: &RolloutPolicy) -> Plan {
         let mut order: Vec<(u64, DeviceId)> = members
             .iter()
-            .map(|d| (rank(campaign, d), d.clone()))
+            .map(|d| (rank(artifact, d), d.clone()))
             .collect();
         order.sort();
         order.dedup_by(|a, b| a.1 == b.1);
@@ -438,7 +440,7 @@ mod tests {
             n in 1usize..300, low in 1.0f64..99.0, raise in 0.0f64..50.0,
         ) {
             let members = ids(n);
-            let c = CampaignId::new("c-prop").unwrap();
+            let c = ArtifactId::new("fw-prop").unwrap();
             let before = Plan::new(&c, &members, &policy(Some(Size::Percent(low)), Growth::default()));
             let high = (low + raise).min(100.0);
             let after = Plan::new(&c, &members, &policy(Some(Size::Percent(high)), Growth::default()));
@@ -451,13 +453,13 @@ mod tests {
 
     #[test]
     fn the_plan_is_stable_and_order_independent() {
-        let c = CampaignId::new("c-1").unwrap();
+        let c = ArtifactId::new("fw-1").unwrap();
         let mut m = ids(50);
         let p = RolloutPolicy::default();
         let a = Plan::new(&c, &m, &p);
         m.reverse();
         assert_eq!(a, Plan::new(&c, &m, &p));
-        let other = Plan::new(&CampaignId::new("c-2").unwrap(), &m, &p);
-        assert_ne!(a.order, other.order, "another campaign ranks differently");
+        let other = Plan::new(&ArtifactId::new("fw-2").unwrap(), &m, &p);
+        assert_ne!(a.order, other.order, "another release ranks differently");
     }
 }

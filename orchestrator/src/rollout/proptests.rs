@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use aloft_proto::{CampaignId, DeviceId, DeviceState};
+use aloft_proto::{ArtifactId, DeviceId, DeviceState};
 use proptest::prelude::*;
 
 use super::policy::{Growth, Size, Threshold, Waves};
@@ -213,7 +213,7 @@ proptest! {
         policy in policy(),
         events in proptest::collection::vec(event(), 1..200),
     ) {
-        let c = CampaignId::new("c-prop").unwrap();
+        let c = ArtifactId::new("fw-prop").unwrap();
         let members: Vec<DeviceId> = (0..n).map(|i| DeviceId::new(format!("d{i}")).unwrap()).collect();
         let plan = Plan::new(&c, &members, &policy);
         let r = Rollout::new(plan.clone(), policy, 0, CampaignStatus::Active, RolloutState::default(), &HashMap::new());
@@ -270,7 +270,7 @@ proptest! {
         policy in policy(),
         steps in proptest::collection::vec((any::<usize>(), any::<bool>(), 0u64..60), 1..60),
     ) {
-        let c = CampaignId::new("c-restart").unwrap();
+        let c = ArtifactId::new("fw-restart").unwrap();
         let members: Vec<DeviceId> = (0..n).map(|i| DeviceId::new(format!("d{i}")).unwrap()).collect();
         let plan = Plan::new(&c, &members, &policy);
         let mut r = Rollout::new(plan.clone(), policy.clone(), 0, CampaignStatus::Active, RolloutState::default(), &HashMap::new());
@@ -299,7 +299,7 @@ proptest! {
 
 #[test]
 fn a_failing_canary_pauses_before_anyone_else_is_notified() {
-    let c = CampaignId::new("c-bad").unwrap();
+    let c = ArtifactId::new("fw-bad").unwrap();
     let members: Vec<DeviceId> = (0..100)
         .map(|i| DeviceId::new(format!("d{i}")).unwrap())
         .collect();
@@ -357,7 +357,7 @@ fn a_failing_canary_pauses_before_anyone_else_is_notified() {
 
 #[test]
 fn unhealthy_during_soak_fails_the_wave_but_not_after() {
-    let c = CampaignId::new("c-soak").unwrap();
+    let c = ArtifactId::new("fw-soak").unwrap();
     let members: Vec<DeviceId> = (0..4)
         .map(|i| DeviceId::new(format!("d{i}")).unwrap())
         .collect();
