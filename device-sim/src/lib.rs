@@ -16,10 +16,10 @@ pub mod update;
 
 pub use identity::DeviceIdentity;
 pub use sim::{DeviceView, Faults, Fleet, FleetConfig, FleetCounters};
-pub use slots::{FileFlash, Flash, FlashError, MemoryFlash, SlotId, SlotState, SlotTable};
+pub use slots::{FileFlash, Flash, FlashError, MemoryFlash, PowerOn, SlotId, SlotState, SlotTable};
 pub use store::{DeviceRecord, DeviceStore, JsonFileStore, MemoryStore, StoreError};
 pub use transport::{Device, Hooks, NoHooks, TransportConfig};
 pub use update::{
-    AgentConfig, AgentStats, AlwaysHealthy, HealthCheck, Input, OutTopic, Output, Persist,
-    UpdateAgent,
+    AgentConfig, AgentStats, AlwaysHealthy, AppHealth, HealthCheck, HealthStatus, Input, OutTopic,
+    Output, Persist, UpdateAgent,
 };

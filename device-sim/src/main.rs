@@ -64,12 +64,17 @@ enum Command {
         window: u32,
         #[arg(long, default_value_t = 64)]
         connect_concurrency: usize,
-        #[arg(long, default_value_t = 0.0)]
-        corrupt_chunk_probability: f64,
-        #[arg(long, default_value_t = 0.0)]
-        health_check_failure_probability: f64,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+        /// A TOML file of faults to inject: a `[faults]` table (as in a scenario file) or the
+        /// fields of one at the top level. The flags below override it.
+        #[arg(long)]
+        faults: Option<PathBuf>,
+        #[arg(long)]
+        corrupt_chunk_probability: Option<f64>,
+        #[arg(long)]
+        health_check_failure_probability: Option<f64>,
+        /// Seed of every fault draw [default: 1, or the file's].
+        #[arg(long)]
+        seed: Option<u64>,
     },
 }
 
@@ -104,10 +109,28 @@ fn main() -> Result<()> {
             initial_security_version,
             window,
             connect_concurrency,
+            faults,
             corrupt_chunk_probability,
             health_check_failure_probability,
             seed,
         } => {
+            let mut faults = match &faults {
+                Some(path) => read_faults(path)?,
+                None => Faults {
+                    seed: 1,
+                    ..Faults::default()
+                },
+            };
+            if let Some(p) = corrupt_chunk_probability {
+                faults.corrupt_chunk_probability = p;
+            }
+            if let Some(p) = health_check_failure_probability {
+                faults.health_check_failure_probability = p;
+            }
+            if let Some(s) = seed {
+                faults.seed = s;
+            }
+            faults.validate()?;
             let (host, port) = server
                 .rsplit_once(':')
                 .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
@@ -127,11 +150,7 @@ fn main() -> Result<()> {
             cfg.initial_security_version = SecurityVersion(initial_security_version);
             cfg.window = window;
             cfg.connect_concurrency = connect_concurrency;
-            cfg.faults = Faults {
-                seed,
-                corrupt_chunk_probability,
-                health_check_failure_probability,
-            };
+            cfg.faults = faults;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
                 let fleet = Fleet::start(&cfg, devices)?;
@@ -149,6 +168,21 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Reads a [`Faults`] table from a TOML file: under `[faults]`, or at the top level.
+fn read_faults(path: &std::path::Path) -> Result<Faults> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let doc: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let table = match doc.get("faults") {
+        Some(toml::Value::Table(t)) => t.clone(),
+        _ => doc,
+    };
+    table
+        .try_into()
+        .with_context(|| format!("the faults in {}", path.display()))
 }
 
 fn report(fleet: &Fleet) {

@@ -1,7 +1,14 @@
 //! The simulator: thousands of device agents in one process, each its own tokio task with its own
 //! key, certificate, mTLS connection, A/B slot file and record. Observability is a shared view
-//! per device (updated after every agent step) and fleet-wide counters; faults (corrupted chunks
-//! in transit, failing health checks) are injected from a seeded RNG so a run can be repeated.
+//! per device (updated after every agent step) and fleet-wide counters.
+//!
+//! Faults ([`Faults`]) are injected per device from an RNG seeded with the fleet seed and the
+//! device's index, so a run can be repeated: chunks corrupted in transit, failing or hanging
+//! health checks, flaky and slow links, devices offline at the start, power losses at a chosen
+//! phase of an update, and applications that turn unhealthy after confirming. A power loss, like
+//! [`Fleet::power_cycle`], drops the device's agent with whatever it had not saved, keeps it off
+//! for a moment, then starts a new agent from the record on disk (the bootloader decides which
+//! slot runs). [`Fleet::set_online`] takes a link down and brings it back.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,29 +16,137 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use aloft_proto::crypto::DeviceEncryptionKey;
 use aloft_proto::manifest::ReleasePublicKey;
 use aloft_proto::{CampaignId, DeviceId, DeviceState, Reason, SecurityVersion};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
+use tracing::warn;
 
 use crate::identity::{DeviceIdentity, STATE_DIR};
-use crate::slots::FileFlash;
+use crate::slots::{FileFlash, Flash, SlotState};
 use crate::store::{DeviceRecord, DeviceStore, JsonFileStore};
-use crate::transport::{self, Device, Hooks, TransportConfig};
-use crate::update::{AgentConfig, AgentStats, HealthCheck, UpdateAgent};
+use crate::transport::{self, Control, Device, Hooks, Intervention, RunEnd, TransportConfig};
+use crate::update::{AgentConfig, AgentStats, AppHealth, HealthCheck, HealthStatus, UpdateAgent};
 
-/// Faults to inject, all off by default.
-#[derive(Debug, Clone, Default)]
+/// Faults to inject, all off by default. Probabilities are per device (a device's draws come
+/// from its own RNG, seeded from `seed` and its index) and must lie in `[0, 1]`. As a table of
+/// a TOML scenario file:
+///
+/// ```toml
+/// [faults]
+/// seed = 7
+/// link_drop_probability = 0.2
+/// power_loss_probability = 0.05
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Faults {
     pub seed: u64,
     /// Each chunk frame is corrupted in transit (one byte of its sealed data flipped) with this
     /// probability; the agent must notice, re-request and still succeed.
     pub corrupt_chunk_probability: f64,
-    /// Each health check after an update fails with this probability (the device rolls back).
+    /// Each health check after an update fails with this probability (the device rolls back,
+    /// `health_check_failed`).
     pub health_check_failure_probability: f64,
+    /// Each new image hangs at boot with this probability: its health check never finishes, so
+    /// the confirm deadline passes and the device rolls back (`boot_failed`).
+    pub boot_hang_probability: f64,
+    /// A device is flaky with this probability: during downloads its link drops 1 to 3 times
+    /// (seeded), each after a seeded number (1 to 8) of chunks received since the last drop; the
+    /// transport reconnects with its usual backoff.
+    pub link_drop_probability: f64,
+    /// A device loses power once with this probability, at a seeded phase of its first update:
+    /// while downloading, after the download (installed, before the reset into the new image),
+    /// or after the reset before the image confirmed (then it falls back: `boot_failed`).
+    pub power_loss_probability: f64,
+    /// How long a device stays off after a power loss, at most (seeded, at least half of it).
+    pub power_off_ms: u64,
+    /// A device's inbound chunk bytes are capped at `slow_link_bytes_per_sec` with this
+    /// probability (chunk frames reach its agent late).
+    pub slow_link_probability: f64,
+    pub slow_link_bytes_per_sec: u64,
+    /// A device is offline (never connects) for `offline_ms` from the start with this
+    /// probability.
+    pub offline_probability: f64,
+    pub offline_ms: u64,
+    /// After each confirmed update, a device's application turns unhealthy with this
+    /// probability, some seeded time up to `unhealthy_after_ms` later (at least half of it). It
+    /// keeps the confirmed image and reports `healthy: false` in its heartbeats.
+    pub unhealthy_after_confirm_probability: f64,
+    pub unhealthy_after_ms: u64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            seed: 0,
+            corrupt_chunk_probability: 0.0,
+            health_check_failure_probability: 0.0,
+            boot_hang_probability: 0.0,
+            link_drop_probability: 0.0,
+            power_loss_probability: 0.0,
+            power_off_ms: 1_000,
+            slow_link_probability: 0.0,
+            slow_link_bytes_per_sec: 64 * 1024,
+            offline_probability: 0.0,
+            offline_ms: 10_000,
+            unhealthy_after_confirm_probability: 0.0,
+            unhealthy_after_ms: 3_000,
+        }
+    }
+}
+
+impl Faults {
+    /// Refuses probabilities outside `[0, 1]` and a zero rate for slow links.
+    pub fn validate(&self) -> Result<()> {
+        let probabilities = [
+            ("corrupt_chunk_probability", self.corrupt_chunk_probability),
+            (
+                "health_check_failure_probability",
+                self.health_check_failure_probability,
+            ),
+            ("boot_hang_probability", self.boot_hang_probability),
+            ("link_drop_probability", self.link_drop_probability),
+            ("power_loss_probability", self.power_loss_probability),
+            ("slow_link_probability", self.slow_link_probability),
+            ("offline_probability", self.offline_probability),
+            (
+                "unhealthy_after_confirm_probability",
+                self.unhealthy_after_confirm_probability,
+            ),
+        ];
+        for (name, p) in probabilities {
+            if !(0.0..=1.0).contains(&p) {
+                bail!("faults.{name} = {p}: must be between 0 and 1");
+            }
+        }
+        if self.slow_link_probability > 0.0 && self.slow_link_bytes_per_sec == 0 {
+            bail!("faults.slow_link_bytes_per_sec must be above 0");
+        }
+        Ok(())
+    }
+}
+
+/// True with probability `p`; never draws when `p` is zero, so a fault that is off leaves its
+/// RNG stream (and every later draw) as it was.
+fn chance(rng: &mut StdRng, p: f64) -> bool {
+    if p.is_nan() || p <= 0.0 {
+        false
+    } else if p >= 1.0 {
+        true
+    } else {
+        rng.gen_bool(p)
+    }
+}
+
+/// A seeded duration in `[max/2, max]` milliseconds.
+fn some_of(rng: &mut StdRng, max_ms: u64) -> Duration {
+    Duration::from_millis(rng.gen_range(max_ms / 2..=max_ms))
 }
 
 /// How the fleet runs.
@@ -56,6 +171,18 @@ pub struct FleetConfig {
     /// Devices handshaking at once.
     pub connect_concurrency: usize,
     pub faults: Faults,
+    /// How often a device running a confirmed campaign image sends a heartbeat (default 2 s, so
+    /// soak windows in tests can be short; a real device's default is 10 s).
+    pub heartbeat_ms: u64,
+    /// How long a new image may take to confirm after the reset into it before the device falls
+    /// back (`boot_failed`). Default 5 s; a real device's default is 60 s.
+    pub confirm_deadline_ms: u64,
+    /// How long the reset into a new image takes (default 200 ms): long enough that a power loss
+    /// can strike between the `rebooting` report and the reset.
+    pub reboot_ms: u64,
+    /// How long a new image's health check runs before its verdict (default 200 ms), so a device
+    /// spends a moment in `verifying`, where a power loss makes it fall back.
+    pub health_check_ms: u64,
 }
 
 impl FleetConfig {
@@ -73,6 +200,10 @@ impl FleetConfig {
             window: 8,
             connect_concurrency: 64,
             faults: Faults::default(),
+            heartbeat_ms: 2_000,
+            confirm_deadline_ms: 5_000,
+            reboot_ms: 200,
+            health_check_ms: 200,
         }
     }
 }
@@ -81,20 +212,35 @@ impl FleetConfig {
 #[derive(Debug, Clone, Default)]
 pub struct DeviceView {
     pub connected: bool,
+    /// False while the device is off after a power loss.
+    pub powered: bool,
     pub running_version: String,
+    /// The running slot holds a confirmed (Valid) image; false while a new image is on trial.
+    pub running_slot_valid: bool,
+    /// Some slot holds a Valid image to fall back to (must always hold).
+    pub has_valid_slot: bool,
     pub floor: u64,
     /// The campaign in progress and its phase.
     pub current: Option<(CampaignId, DeviceState)>,
     /// The newest finished campaign: its final state and reason, and whether it was acknowledged.
     pub last_finished: Option<(CampaignId, DeviceState, Option<Reason>, bool)>,
+    /// The agent's counters, summed over every power-on since the simulator started.
     pub stats: AgentStats,
-    /// The last report the orchestrator accepted, since the simulator started.
+    /// The last report the orchestrator accepted, since the device last powered on.
     pub last_acked: Option<(CampaignId, DeviceState)>,
     /// Reports not yet acknowledged.
     pub outbox: usize,
+    /// Chunk data frames that reached this device since the simulator started, over all its
+    /// power-ons: every chunk fetched, including duplicates, corrupted ones and chunks fetched
+    /// again because a power loss dropped unsaved progress. Summed over the fleet, minus the
+    /// chunk count of every image downloaded, it counts chunks re-sent because of faults (and
+    /// because of timeouts under load).
+    pub chunks_fetched_total: u64,
+    /// Power losses this device went through (injected faults and [`Fleet::power_cycle`]).
+    pub power_cycles: u32,
 }
 
-/// Counters of the whole fleet.
+/// Counters of the whole fleet. Fault counters count injected faults.
 #[derive(Debug, Default)]
 pub struct FleetCounters {
     pub sessions_up: AtomicU64,
@@ -102,46 +248,165 @@ pub struct FleetCounters {
     pub chunks_corrupted: AtomicU64,
     pub publishes_dropped: AtomicU64,
     pub store_failures: AtomicU64,
+    /// Links dropped mid-download by `link_drop_probability`.
+    pub link_drops: AtomicU64,
+    /// Power losses, injected by `power_loss_probability` or asked for with
+    /// [`Fleet::power_cycle`].
+    pub power_losses: AtomicU64,
+    /// New images whose health check hung (`boot_hang_probability`).
+    pub boot_hangs: AtomicU64,
+    /// Health checks failed on purpose (`health_check_failure_probability`).
+    pub health_check_failures: AtomicU64,
+    /// Devices with a capped link (`slow_link_probability`).
+    pub slow_devices: AtomicU64,
+    /// Devices held offline at the start (`offline_probability`).
+    pub offline_devices: AtomicU64,
+    /// Devices whose application turned unhealthy after confirming
+    /// (`unhealthy_after_confirm_probability`), counted when their first unhealthy heartbeat
+    /// is due.
+    pub unhealthy_devices: AtomicU64,
 }
 
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Where in its first update a device loses power.
+#[derive(Debug, Clone, Copy)]
+enum PowerLossAt {
+    /// Once at least this fraction of the chunks is written.
+    Downloading(f64),
+    /// Installed, before the reset into the new image.
+    Installing,
+    /// Booted into the new image, before it confirmed.
+    BeforeConfirm,
+}
+
+/// The transport hooks of one device; they outlive its power cycles.
 struct SimHooks {
     view: Arc<Mutex<DeviceView>>,
     counters: Arc<FleetCounters>,
+    /// Draws for chunk corruption (its own stream, as before the other faults existed).
     rng: StdRng,
     corrupt: f64,
+    /// Draws for this device's other faults as they happen.
+    fault_rng: StdRng,
+    link_drops_left: u32,
+    /// Chunk frames still to receive before the next link drop.
+    frames_until_drop: u32,
+    power_loss: Option<PowerLossAt>,
+    /// The inbound byte rate of a slow link, and when it is next free.
+    slow: Option<(u64, tokio::time::Instant)>,
+    chunks_fetched_total: u64,
+    /// The agent counters of earlier power-ons.
+    stats_before: AgentStats,
+}
+
+impl SimHooks {
+    fn view(&self) -> std::sync::MutexGuard<'_, DeviceView> {
+        match self.view.lock() {
+            Ok(v) => v,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The power went: the agent's counters are kept, the device shows as off.
+    fn powered_off(&mut self, agent: &UpdateAgent) {
+        self.stats_before = self.stats_before.plus(agent.stats());
+        let mut v = self.view();
+        v.connected = false;
+        v.powered = false;
+        v.power_cycles += 1;
+    }
+
+    fn power_loss_due(&self, agent: &UpdateAgent) -> bool {
+        let (Some(at), Some(cur)) = (self.power_loss, agent.record().current.as_ref()) else {
+            return false;
+        };
+        let slots = &agent.record().slots;
+        match at {
+            PowerLossAt::Downloading(fraction) => {
+                let total = cur.written.len();
+                let threshold = ((f64::from(total) * fraction).ceil() as u32).max(1);
+                // A download that completes within one step loses power just after it.
+                cur.phase != DeviceState::Downloading || cur.written.count() >= threshold
+            }
+            PowerLossAt::Installing => {
+                matches!(
+                    cur.phase,
+                    DeviceState::Downloaded | DeviceState::Installing | DeviceState::Rebooting
+                ) && slots.running_slot() != slots.boot_slot()
+            }
+            PowerLossAt::BeforeConfirm => cur.phase == DeviceState::Verifying,
+        }
+    }
 }
 
 impl Hooks for SimHooks {
     fn observe(&mut self, agent: &UpdateAgent, connected: bool) {
         let record = agent.record();
-        let mut v = match self.view.lock() {
-            Ok(v) => v,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let stats = self.stats_before.plus(agent.stats());
+        let fetched = self.chunks_fetched_total;
+        let mut v = self.view();
         v.connected = connected;
+        v.powered = true;
         v.running_version = record.running_version().to_owned();
+        v.running_slot_valid = record.slots.running_meta().state == SlotState::Valid;
+        v.has_valid_slot = record.slots.has_valid_slot();
         v.floor = record.floor.0;
         v.current = agent.current().map(|(c, s)| (c.clone(), s));
         v.last_finished = record
             .finished
             .back()
             .map(|f| (f.campaign.clone(), f.state, f.reason, f.acked));
-        v.stats = agent.stats();
+        v.stats = stats;
         v.last_acked = agent.last_acked().cloned();
         v.outbox = record.outbox.len();
+        v.chunks_fetched_total = fetched;
     }
 
     fn inbound_chunk(&mut self, frame: &mut Vec<u8>) {
         let is_data = frame.get(4) == Some(&0);
-        if is_data && self.corrupt > 0.0 && self.rng.gen_bool(self.corrupt.min(1.0)) {
+        if !is_data {
+            return;
+        }
+        self.chunks_fetched_total += 1;
+        self.frames_until_drop = self.frames_until_drop.saturating_sub(1);
+        if chance(&mut self.rng, self.corrupt) {
             // The last byte of a data frame is sealed data (the GCM tag).
             if let Some(b) = frame.last_mut() {
                 *b ^= 0x5a;
-                self.counters
-                    .chunks_corrupted
-                    .fetch_add(1, Ordering::Relaxed);
+                bump(&self.counters.chunks_corrupted);
             }
         }
+    }
+
+    fn chunk_delay(&mut self, len: usize) -> Duration {
+        let Some((rate, free_at)) = &mut self.slow else {
+            return Duration::ZERO;
+        };
+        let now = tokio::time::Instant::now();
+        let start = (*free_at).max(now);
+        let transfer = Duration::from_secs_f64(len as f64 / (*rate).max(1) as f64);
+        *free_at = start + transfer;
+        *free_at - now
+    }
+
+    fn after_step(&mut self, agent: &UpdateAgent) -> Intervention {
+        if self.power_loss_due(agent) {
+            self.power_loss = None;
+            return Intervention::PowerLoss;
+        }
+        let downloading = agent
+            .current()
+            .is_some_and(|(_, p)| p == DeviceState::Downloading);
+        if downloading && self.link_drops_left > 0 && self.frames_until_drop == 0 {
+            self.link_drops_left -= 1;
+            self.frames_until_drop = self.fault_rng.gen_range(1..=8);
+            bump(&self.counters.link_drops);
+            return Intervention::DropLink;
+        }
+        Intervention::None
     }
 
     fn connection(&mut self, up: bool) {
@@ -150,34 +415,202 @@ impl Hooks for SimHooks {
         } else {
             &self.counters.sessions_down
         };
-        c.fetch_add(1, Ordering::Relaxed);
+        bump(c);
     }
 
     fn dropped_publish(&mut self) {
-        self.counters
-            .publishes_dropped
-            .fetch_add(1, Ordering::Relaxed);
+        bump(&self.counters.publishes_dropped);
     }
 
     fn store_failed(&mut self, _error: &str) {
-        self.counters.store_failures.fetch_add(1, Ordering::Relaxed);
+        bump(&self.counters.store_failures);
     }
 }
 
-struct RandomHealth {
-    rng: StdRng,
-    failure_probability: f64,
+/// What a simulated image's health check will say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Healthy,
+    Unhealthy,
+    /// Never finishes.
+    Hang,
 }
 
-impl HealthCheck for RandomHealth {
-    fn check(&mut self, _: &CampaignId, _: &str) -> bool {
-        !(self.failure_probability > 0.0 && self.rng.gen_bool(self.failure_probability.min(1.0)))
+/// A device's simulated health: the health check of each new image and its application's health
+/// afterwards. Shared between the device task, which resets it at each power-on, and the agent.
+struct HealthState {
+    /// Draws for check failures (its own stream, as before the other faults existed).
+    fail_rng: StdRng,
+    hang_rng: StdRng,
+    app_rng: StdRng,
+    failure_probability: f64,
+    hang_probability: f64,
+    unhealthy_probability: f64,
+    unhealthy_after_ms: u64,
+    check_ms: u64,
+    /// The check running in this boot: for which campaign, since when, and what it will say.
+    check: Option<(CampaignId, u64, Verdict)>,
+    /// When the application turns unhealthy, if it is going to.
+    unhealthy_at: Option<u64>,
+    counted_unhealthy: bool,
+    counters: Arc<FleetCounters>,
+}
+
+#[derive(Clone)]
+struct SimHealth(Arc<Mutex<HealthState>>);
+
+impl SimHealth {
+    fn state(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        match self.0.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// A new boot: whatever check was running died with the power.
+    fn power_on(&self) {
+        self.state().check = None;
+    }
+}
+
+impl HealthCheck for SimHealth {
+    fn check(&mut self, now_ms: u64, campaign: &CampaignId, _version: &str) -> HealthStatus {
+        let mut s = self.state();
+        let s = &mut *s;
+        let (started, verdict) = match &s.check {
+            Some((c, started, verdict)) if c == campaign => (*started, *verdict),
+            _ => {
+                let fails = chance(&mut s.fail_rng, s.failure_probability);
+                let hangs = chance(&mut s.hang_rng, s.hang_probability);
+                let verdict = if hangs {
+                    bump(&s.counters.boot_hangs);
+                    Verdict::Hang
+                } else if fails {
+                    bump(&s.counters.health_check_failures);
+                    Verdict::Unhealthy
+                } else {
+                    Verdict::Healthy
+                };
+                s.check = Some((campaign.clone(), now_ms, verdict));
+                (now_ms, verdict)
+            }
+        };
+        if verdict == Verdict::Hang || now_ms.saturating_sub(started) < s.check_ms {
+            return HealthStatus::Pending;
+        }
+        s.check = None;
+        if verdict == Verdict::Unhealthy {
+            return HealthStatus::Unhealthy;
+        }
+        s.unhealthy_at = chance(&mut s.app_rng, s.unhealthy_probability).then(|| {
+            let after = some_of(&mut s.app_rng, s.unhealthy_after_ms);
+            now_ms.saturating_add(after.as_millis() as u64)
+        });
+        s.counted_unhealthy = false;
+        HealthStatus::Healthy
+    }
+
+    fn app_health(&mut self, now_ms: u64) -> AppHealth {
+        let mut s = self.state();
+        if s.unhealthy_at.is_none_or(|t| now_ms < t) {
+            return AppHealth::healthy();
+        }
+        if !s.counted_unhealthy {
+            s.counted_unhealthy = true;
+            bump(&s.counters.unhealthy_devices);
+        }
+        AppHealth {
+            healthy: false,
+            detail: Some("simulated fault: the application's main loop stalled".into()),
+        }
+    }
+}
+
+/// What a device task needs to start an agent again after a power loss.
+struct Boot {
+    acfg: AgentConfig,
+    key: DeviceEncryptionKey,
+    factory: (String, SecurityVersion),
+    tcfg: TransportConfig,
+    health: SimHealth,
+    power_off_ms: u64,
+}
+
+impl Boot {
+    fn agent(&self, record: DeviceRecord) -> UpdateAgent {
+        self.health.power_on();
+        UpdateAgent::new(
+            self.acfg.clone(),
+            self.key.clone(),
+            record,
+            Box::new(self.health.clone()),
+        )
+    }
+}
+
+/// One device's life: runs until stopped, and after each power loss stays off for a moment,
+/// then powers on from the record on disk.
+async fn live(
+    boot: Boot,
+    mut device: Device,
+    mut hooks: SimHooks,
+    stop: watch::Receiver<bool>,
+    control: watch::Receiver<Control>,
+) {
+    let mut tcfg = boot.tcfg.clone();
+    loop {
+        let end = transport::run_controlled(
+            device,
+            tcfg.clone(),
+            &mut hooks,
+            stop.clone(),
+            control.clone(),
+        )
+        .await;
+        let d = match end {
+            RunEnd::Stopped(_) => return,
+            RunEnd::PowerLost(d) => d,
+        };
+        bump(&hooks.counters.power_losses);
+        hooks.powered_off(&d.agent);
+        let Device {
+            agent,
+            flash,
+            mut store,
+        } = d;
+        // The agent's memory is gone: only what the store saved survives.
+        drop(agent);
+        let off = some_of(&mut hooks.fault_rng, boot.power_off_ms);
+        let mut stopping = stop.clone();
+        tokio::select! {
+            _ = stopping.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(off) => {}
+        }
+        let record = match store.load() {
+            Ok(Some(r)) => r,
+            Ok(None) => DeviceRecord::factory(&boot.factory.0, boot.factory.1),
+            Err(e) => {
+                // A simulated device with an unreadable record starts from the factory state
+                // rather than stopping the simulation.
+                warn!(device = %boot.acfg.device, error = %e, "record unreadable after a power loss");
+                hooks.store_failed(&e.to_string());
+                DeviceRecord::factory(&boot.factory.0, boot.factory.1)
+            }
+        };
+        device = Device {
+            agent: boot.agent(record),
+            flash,
+            store,
+        };
+        // Only the first power-on of a device held offline starts offline.
+        tcfg.offline_for = Duration::ZERO;
     }
 }
 
 /// A running fleet.
 pub struct Fleet {
     views: BTreeMap<DeviceId, Arc<Mutex<DeviceView>>>,
+    controls: BTreeMap<DeviceId, watch::Sender<Control>>,
     pub counters: Arc<FleetCounters>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -187,13 +620,16 @@ impl Fleet {
     /// Starts one task per device. Must be called inside a tokio runtime.
     pub fn start(cfg: &FleetConfig, devices: Vec<DeviceIdentity>) -> Result<Fleet> {
         aloft_certs::tls::install_crypto_provider();
+        cfg.faults.validate()?;
         let state_dir = cfg.dir.join(STATE_DIR);
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
         let gate = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
         let counters = Arc::new(FleetCounters::default());
+        let faults = &cfg.faults;
         let (stop, stop_rx) = watch::channel(false);
         let mut views = BTreeMap::new();
+        let mut controls = BTreeMap::new();
         let mut tasks = Vec::with_capacity(devices.len());
         for (n, ident) in devices.into_iter().enumerate() {
             let tls = aloft_certs::tls::client_config(&cfg.ca_pem, &ident.cert_pem, &ident.key_pem)
@@ -212,39 +648,96 @@ impl Fleet {
                 cfg.slot_capacity,
             )
             .with_context(|| format!("slots of {}", ident.id))?;
-            let seed = cfg.faults.seed ^ (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            let health = RandomHealth {
-                rng: StdRng::seed_from_u64(seed),
-                failure_probability: cfg.faults.health_check_failure_probability,
+
+            // Each fault draws from its own stream, so turning one on leaves the others' draws
+            // (and runs recorded before it existed) unchanged.
+            let seed = faults.seed ^ (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let stream = |k: u64| StdRng::seed_from_u64(seed.rotate_left(17 + 7 * k as u32) ^ k);
+            let mut plan = stream(1);
+            let link_drops = if chance(&mut plan, faults.link_drop_probability) {
+                plan.gen_range(1..=3)
+            } else {
+                0
             };
+            let frames_until_drop = plan.gen_range(1..=8);
+            let power_loss = chance(&mut plan, faults.power_loss_probability).then(|| {
+                match plan.gen_range(0..3) {
+                    0 => PowerLossAt::Downloading(plan.gen_range(0.2..0.8)),
+                    1 => PowerLossAt::Installing,
+                    _ => PowerLossAt::BeforeConfirm,
+                }
+            });
+            let slow = chance(&mut plan, faults.slow_link_probability);
+            let offline = chance(&mut plan, faults.offline_probability);
+            if slow {
+                bump(&counters.slow_devices);
+            }
+            if offline {
+                bump(&counters.offline_devices);
+                tcfg.offline_for = Duration::from_millis(faults.offline_ms);
+            }
+
+            let health = SimHealth(Arc::new(Mutex::new(HealthState {
+                fail_rng: StdRng::seed_from_u64(seed),
+                hang_rng: stream(2),
+                app_rng: stream(3),
+                failure_probability: faults.health_check_failure_probability,
+                hang_probability: faults.boot_hang_probability,
+                unhealthy_probability: faults.unhealthy_after_confirm_probability,
+                unhealthy_after_ms: faults.unhealthy_after_ms,
+                check_ms: cfg.health_check_ms,
+                check: None,
+                unhealthy_at: None,
+                counted_unhealthy: false,
+                counters: counters.clone(),
+            })));
             let mut acfg = AgentConfig::new(
                 ident.id.clone(),
                 cfg.hardware_model.clone(),
                 cfg.release_keys.clone(),
             );
             acfg.window = cfg.window;
-            let agent = UpdateAgent::new(acfg, ident.encryption_key, record, Box::new(health));
+            acfg.heartbeat_ms = cfg.heartbeat_ms;
+            acfg.confirm_deadline_ms = cfg.confirm_deadline_ms;
+            acfg.reboot_delay_ms = cfg.reboot_ms;
+            let boot = Boot {
+                acfg,
+                key: ident.encryption_key,
+                factory: (cfg.initial_version.clone(), cfg.initial_security_version),
+                tcfg,
+                health,
+                power_off_ms: faults.power_off_ms,
+            };
+            let agent = boot.agent(record);
             let view = Arc::new(Mutex::new(DeviceView::default()));
             let mut hooks = SimHooks {
                 view: view.clone(),
                 counters: counters.clone(),
                 rng: StdRng::seed_from_u64(seed.rotate_left(17)),
-                corrupt: cfg.faults.corrupt_chunk_probability,
+                corrupt: faults.corrupt_chunk_probability,
+                fault_rng: stream(4),
+                link_drops_left: link_drops,
+                frames_until_drop,
+                power_loss,
+                slow: slow.then(|| (faults.slow_link_bytes_per_sec, tokio::time::Instant::now())),
+                chunks_fetched_total: 0,
+                stats_before: AgentStats::default(),
             };
             hooks.observe(&agent, false);
             views.insert(ident.id.clone(), view);
+            let (control, control_rx) = watch::channel(Control::default());
+            controls.insert(ident.id.clone(), control);
             let device = Device {
                 agent,
-                flash: Box::new(flash),
-                store: Box::new(store),
+                flash: Box::new(flash) as Box<dyn Flash>,
+                store: Box::new(store) as Box<dyn DeviceStore>,
             };
             let stop = stop_rx.clone();
-            tasks.push(tokio::spawn(async move {
-                transport::run(device, tcfg, &mut hooks, stop).await;
-            }));
+            tasks.push(tokio::spawn(live(boot, device, hooks, stop, control_rx)));
         }
         Ok(Fleet {
             views,
+            controls,
             counters,
             stop,
             tasks,
@@ -261,6 +754,28 @@ impl Fleet {
 
     pub fn ids(&self) -> impl Iterator<Item = &DeviceId> {
         self.views.keys()
+    }
+
+    /// Takes `id`'s link down and keeps it down (`false`), or lets it reconnect at once
+    /// (`true`). The device stays powered meanwhile and its timers run. False for an unknown
+    /// device.
+    pub fn set_online(&self, id: &DeviceId, online: bool) -> bool {
+        let Some(c) = self.controls.get(id) else {
+            return false;
+        };
+        c.send_modify(|c| c.online = online);
+        true
+    }
+
+    /// Cuts `id`'s power now: its agent is dropped with whatever it had not saved, and after a
+    /// short (seeded) time off the device powers on again from its record. A link taken down
+    /// with [`set_online`](Self::set_online) stays down. False for an unknown device.
+    pub fn power_cycle(&self, id: &DeviceId) -> bool {
+        let Some(c) = self.controls.get(id) else {
+            return false;
+        };
+        c.send_modify(|c| c.power_losses += 1);
+        true
     }
 
     /// A snapshot of one device.
@@ -323,5 +838,50 @@ impl Fleet {
         for t in self.tasks {
             let _ = t.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_read_from_a_toml_table_with_defaults_for_what_is_left_out() {
+        #[derive(Deserialize)]
+        struct Scenario {
+            faults: Faults,
+        }
+        let s: Scenario = toml::from_str(
+            "[faults]\nseed = 7\nlink_drop_probability = 0.25\npower_loss_probability = 1.0\n",
+        )
+        .unwrap();
+        assert_eq!(s.faults.seed, 7);
+        assert_eq!(s.faults.link_drop_probability, 0.25);
+        assert_eq!(
+            s.faults.slow_link_bytes_per_sec,
+            Faults::default().slow_link_bytes_per_sec
+        );
+        assert!(s.faults.validate().is_ok());
+        assert!(toml::from_str::<Scenario>("[faults]\nlink_drop_chance = 0.1\n").is_err());
+    }
+
+    #[test]
+    fn faults_outside_zero_to_one_are_refused() {
+        for bad in [-0.1, 1.5, f64::NAN] {
+            let f = Faults {
+                boot_hang_probability: bad,
+                ..Faults::default()
+            };
+            assert!(f.validate().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_fault_that_is_off_draws_nothing() {
+        let mut a = StdRng::seed_from_u64(3);
+        let mut b = StdRng::seed_from_u64(3);
+        assert!(!chance(&mut a, 0.0));
+        assert!(chance(&mut a, 1.0));
+        assert_eq!(a.gen::<u64>(), b.gen::<u64>());
     }
 }

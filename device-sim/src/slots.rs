@@ -153,6 +153,44 @@ impl SlotTable {
     pub fn has_valid_slot(&self) -> bool {
         self.slots.iter().any(|s| s.state == SlotState::Valid)
     }
+
+    /// What the bootloader does when power comes back (or after any reset it did not ask for),
+    /// as esp-idf's does with rollback enabled:
+    ///
+    /// - the running image was booted but never confirmed (Unverified): it is abandoned, marked
+    ///   Invalid, and the other slot, Valid, boots;
+    /// - an installed image waits in the boot slot and was never booted: it boots now, still
+    ///   Unverified, and must confirm in this boot;
+    /// - otherwise the running slot boots again.
+    ///
+    /// A Valid slot is never given up, so a device always keeps one to fall back to.
+    pub fn power_on(&mut self) -> PowerOn {
+        let other = self.running.other();
+        if self.running_meta().state == SlotState::Unverified
+            && self.meta(other).state == SlotState::Valid
+        {
+            self.roll_back();
+            return PowerOn::FellBack;
+        }
+        if self.boot != self.running && self.meta(self.boot).state == SlotState::Unverified {
+            self.running = self.boot;
+            return PowerOn::BootedUpdate;
+        }
+        // A boot slot that holds nothing bootable is ignored: the running slot boots again.
+        self.boot = self.running;
+        PowerOn::Unchanged
+    }
+}
+
+/// What [`SlotTable::power_on`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerOn {
+    /// The same slot runs again.
+    Unchanged,
+    /// The installed image was booted for the first time; it runs Unverified.
+    BootedUpdate,
+    /// The unconfirmed image was abandoned; the previous, Valid image runs again.
+    FellBack,
 }
 
 /// Why a slot operation failed.
@@ -356,6 +394,38 @@ mod tests {
         assert_eq!(t.boot_slot(), SlotId::A);
         assert_eq!(t.meta(SlotId::B).state, SlotState::Invalid);
         assert_eq!(t.running_meta().state, SlotState::Valid);
+    }
+
+    #[test]
+    fn power_on_boots_an_installed_image_that_never_ran() {
+        let mut t = SlotTable::factory("1.0", SecurityVersion(1));
+        t.install_update("2.0", SecurityVersion(2));
+        assert_eq!(t.power_on(), PowerOn::BootedUpdate);
+        assert_eq!(t.running_slot(), SlotId::B);
+        assert_eq!(t.running_meta().state, SlotState::Unverified);
+        assert!(t.has_valid_slot());
+    }
+
+    #[test]
+    fn power_on_falls_back_from_an_image_that_booted_but_never_confirmed() {
+        let mut t = SlotTable::factory("1.0", SecurityVersion(1));
+        t.install_update("2.0", SecurityVersion(2));
+        t.reboot();
+        assert_eq!(t.power_on(), PowerOn::FellBack);
+        assert_eq!((t.running_slot(), t.boot_slot()), (SlotId::A, SlotId::A));
+        assert_eq!(t.meta(SlotId::B).state, SlotState::Invalid);
+        assert_eq!(t.power_on(), PowerOn::Unchanged, "stable from then on");
+    }
+
+    #[test]
+    fn power_on_keeps_a_confirmed_image() {
+        let mut t = SlotTable::factory("1.0", SecurityVersion(1));
+        assert_eq!(t.power_on(), PowerOn::Unchanged);
+        t.install_update("2.0", SecurityVersion(2));
+        t.reboot();
+        t.mark_running_slot_valid();
+        assert_eq!(t.power_on(), PowerOn::Unchanged);
+        assert_eq!(t.running_meta().version.as_deref(), Some("2.0"));
     }
 
     fn exercise(flash: &mut dyn Flash) {

@@ -1,7 +1,8 @@
 //! The device's persistent record: anti-rollback floor, slot table, the campaign in progress
-//! (its job, phase, next report number and which chunks are written), the report outbox and the
-//! last finished campaigns. [`DeviceStore`] saves it; the JSON file store replaces the file
-//! atomically (temp file + rename) so a crash leaves either the old record or the new one.
+//! (its job, phase, next report number and which chunks are written), the report outbox, the
+//! last finished campaigns, and which campaign installed the running image. [`DeviceStore`]
+//! saves it; the JSON file store replaces the file atomically (temp file + rename) so a crash
+//! leaves either the old record or the new one.
 
 use std::collections::VecDeque;
 use std::fs;
@@ -116,6 +117,10 @@ pub struct DeviceRecord {
     pub outbox: VecDeque<StatusReport>,
     /// The most recent finished campaigns, newest last.
     pub finished: VecDeque<FinishedCampaign>,
+    /// The campaign that installed the confirmed image running now; `None` for the factory
+    /// image. Heartbeats name it. Records saved before it existed load with `None`.
+    #[serde(default)]
+    pub installed_by: Option<CampaignId>,
 }
 
 impl DeviceRecord {
@@ -127,6 +132,7 @@ impl DeviceRecord {
             current: None,
             outbox: VecDeque::new(),
             finished: VecDeque::new(),
+            installed_by: None,
         }
     }
 
@@ -296,6 +302,14 @@ mod tests {
         s.save(&r).unwrap();
         assert_eq!(s.load().unwrap(), Some(r));
         assert!(!dir.path().join("state.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_record_saved_before_installed_by_existed_still_loads() {
+        let mut r = serde_json::to_value(DeviceRecord::factory("1.0", SecurityVersion(1))).unwrap();
+        r.as_object_mut().unwrap().remove("installed_by");
+        let r: DeviceRecord = serde_json::from_value(r).unwrap();
+        assert_eq!(r.installed_by, None);
     }
 
     #[test]

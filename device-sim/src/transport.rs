@@ -3,7 +3,10 @@
 //!
 //! The record is saved before the outputs that depend on it are published (the agent says how
 //! urgently, see [`Persist`]); if saving fails nothing is published, and the agent's own timers
-//! retry later. A real Linux device runs one [`run`]; the simulator runs thousands.
+//! retry later. The agent's timers run whether or not the link is up: a confirm deadline does
+//! not wait for the network. A real Linux device runs one [`run`]; the simulator runs thousands
+//! with [`run_controlled`], which also lets it take a link down and cut the power ([`Control`],
+//! [`Hooks::after_step`]).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,6 +24,8 @@ use tracing::{debug, warn};
 use crate::slots::Flash;
 use crate::store::DeviceStore;
 use crate::update::{Input, OutTopic, Output, Persist, UpdateAgent};
+
+type Instant = tokio::time::Instant;
 
 /// How a device reaches the orchestrator.
 #[derive(Clone)]
@@ -43,6 +48,8 @@ pub struct TransportConfig {
     pub inflight: u16,
     /// How long a `Persist::Soon` change may stay unsaved.
     pub save_every: Duration,
+    /// The link stays down this long after start (the device is powered and its timers run).
+    pub offline_for: Duration,
 }
 
 impl TransportConfig {
@@ -59,6 +66,7 @@ impl TransportConfig {
             tick: Duration::from_millis(500),
             inflight: 32,
             save_every: Duration::from_secs(2),
+            offline_for: Duration::ZERO,
         }
     }
 }
@@ -69,6 +77,15 @@ pub trait Hooks: Send {
     fn observe(&mut self, _agent: &UpdateAgent, _connected: bool) {}
     /// May alter a chunk frame before the agent sees it (fault injection in the simulator).
     fn inbound_chunk(&mut self, _frame: &mut Vec<u8>) {}
+    /// How long to hold a chunk frame of `len` bytes before the agent sees it (a slow link).
+    fn chunk_delay(&mut self, _len: usize) -> Duration {
+        Duration::ZERO
+    }
+    /// After every step, once the record is saved as the agent asked and before its outputs are
+    /// published: a fault to inject now (the simulator's link drops and power losses).
+    fn after_step(&mut self, _agent: &UpdateAgent) -> Intervention {
+        Intervention::None
+    }
     /// The session came up (true) or went down (false).
     fn connection(&mut self, _up: bool) {}
     /// A publish could not be queued (the client's request queue was full).
@@ -77,9 +94,47 @@ pub trait Hooks: Send {
     fn store_failed(&mut self, _error: &str) {}
 }
 
+/// A fault [`Hooks::after_step`] injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intervention {
+    None,
+    /// The link breaks (no DISCONNECT is sent); the transport reconnects with its backoff.
+    DropLink,
+    /// The power goes: the step's outputs are never published and nothing more is saved.
+    PowerLoss,
+}
+
 /// No hooks.
 pub struct NoHooks;
 impl Hooks for NoHooks {}
+
+/// Outside control of a running device, through a `watch` channel (see [`run_controlled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Control {
+    /// While false the link is down and stays down; the device stays powered and its timers
+    /// run. Set back to true, it connects at once.
+    pub online: bool,
+    /// Each increment is a power loss: the run ends at once, without saving.
+    pub power_losses: u64,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Control {
+            online: true,
+            power_losses: 0,
+        }
+    }
+}
+
+/// How [`run_controlled`] ended.
+pub enum RunEnd {
+    /// `stop` became true; the record was saved.
+    Stopped(Device),
+    /// The power went. The agent's memory is lost: the caller must drop `agent` and start a new
+    /// one from what `store` holds (flash and store survive, like hardware).
+    PowerLost(Device),
+}
 
 /// A device: its agent and where it keeps its firmware and record.
 pub struct Device {
@@ -107,6 +162,7 @@ struct Topics {
     chunks: String,
     status: String,
     chunk_request: String,
+    health: String,
 }
 
 impl Topics {
@@ -117,6 +173,7 @@ impl Topics {
             chunks: topics::chunk_response(id),
             status: topics::status(id),
             chunk_request: topics::chunk_request(id),
+            health: topics::health(id),
         }
     }
 }
@@ -127,135 +184,394 @@ enum Link {
     Down(String),
 }
 
-/// Runs the device until `stop` becomes true. Returns the device (for a restart in tests).
+/// Runs the device until `stop` becomes true, saves its record and returns it (for a restart
+/// in tests). Nothing but the hooks can cut its power here; if they do, the device is returned
+/// as it was when the power went, and the caller must treat its agent as lost.
 pub async fn run(
-    mut device: Device,
+    device: Device,
     cfg: TransportConfig,
     hooks: &mut dyn Hooks,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Device {
+    let (_control, rx) = watch::channel(Control::default());
+    match run_controlled(device, cfg, hooks, stop, rx).await {
+        RunEnd::Stopped(d) | RunEnd::PowerLost(d) => d,
+    }
+}
+
+/// Why a run, or one session of it, ended.
+enum End {
+    Stopped,
+    PowerLost,
+    /// The link failed, was dropped by a hook, or was taken down through [`Control::online`].
+    Link(String),
+}
+
+/// What a change of `stop` or of the [`Control`] channel means.
+enum ControlEvent {
+    Stop,
+    PowerLoss,
+    Online(bool),
+}
+
+/// What one inbound publish is, by topic.
+enum Kind {
+    Job,
+    Chunk,
+    Ack,
+}
+
+/// The parts of a run that outlive each session.
+struct Runner<'h> {
+    device: Device,
+    hooks: &'h mut dyn Hooks,
+    topics: Topics,
+    save_every: Duration,
+    unsaved: bool,
+    last_save: Instant,
+    stop: watch::Receiver<bool>,
+    control: watch::Receiver<Control>,
+    /// False once every sender of `control` is gone (nothing can change it any more).
+    control_open: bool,
+    /// `Control::power_losses` when the run started: any other value is a power loss.
+    power_base: u64,
+}
+
+/// Runs the device like [`run`], under outside [`Control`]: the link can be taken down and
+/// brought back, and the power cut. Ends when `stop` becomes true or the power goes.
+pub async fn run_controlled(
+    device: Device,
+    cfg: TransportConfig,
+    hooks: &mut dyn Hooks,
+    stop: watch::Receiver<bool>,
+    mut control: watch::Receiver<Control>,
+) -> RunEnd {
     let id = device.agent.device().clone();
-    let topics = Topics::new(&id);
+    let power_base = control.borrow_and_update().power_losses;
+    let mut r = Runner {
+        topics: Topics::new(&id),
+        device,
+        hooks,
+        save_every: cfg.save_every,
+        unsaved: false,
+        last_save: Instant::now(),
+        stop,
+        control,
+        control_open: true,
+        power_base,
+    };
+    // A new agent may have changed its record at power-on (the bootloader's choice of slot).
+    r.persist();
+    r.hooks.observe(&r.device.agent, false);
+    let mut tick = tokio::time::interval(cfg.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let hold_until = Instant::now() + cfg.offline_for;
     let mut backoff = cfg.backoff_min;
-    let mut last_save = tokio::time::Instant::now();
-    let mut unsaved = false;
-    while !*stop.borrow() {
-        let session = Session::connect(&id, &cfg, &mut stop).await;
-        let Some(mut session) = session else {
-            back_off(&mut backoff, cfg.backoff_max, &mut stop).await;
-            continue;
-        };
-        let mut tick = tokio::time::interval(cfg.tick);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut subscribed = false;
-        let reason = loop {
-            let input_payload: (u8, Bytes);
-            tokio::select! {
-                changed = stop.changed() => {
-                    if changed.is_err() || *stop.borrow() {
-                        break "stopped".to_owned();
+    let mut retry_at = Instant::now();
+    loop {
+        if *r.stop.borrow() {
+            return r.end(End::Stopped);
+        }
+        if let Err(end) = r.idle(&mut tick, hold_until, retry_at).await {
+            return r.end(end);
+        }
+        let connected = {
+            let connecting = Session::connect(&id, &cfg);
+            tokio::pin!(connecting);
+            loop {
+                tokio::select! {
+                    s = &mut connecting => break Ok(s),
+                    ev = r.control_event() => match ev {
+                        ControlEvent::Stop => break Err(End::Stopped),
+                        ControlEvent::PowerLoss => break Err(End::PowerLost),
+                        ControlEvent::Online(false) => break Ok(None),
+                        ControlEvent::Online(true) => {}
+                    },
+                    _ = tick.tick() => {
+                        if r.tick(None) == Intervention::PowerLoss {
+                            break Err(End::PowerLost);
+                        }
                     }
-                    continue;
                 }
+            }
+        };
+        let mut session = match connected {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                retry_at = Instant::now() + jitter(backoff);
+                backoff = (backoff * 2).min(cfg.backoff_max);
+                continue;
+            }
+            Err(end) => return r.end(end),
+        };
+        let (end, subscribed) = r.session(&mut session, &mut tick).await;
+        if subscribed {
+            backoff = cfg.backoff_min;
+        }
+        match end {
+            End::PowerLost => {
+                // A dead device sends nothing: its link just breaks.
+                session.abort();
+                if subscribed {
+                    r.hooks.connection(false);
+                }
+                return r.end(End::PowerLost);
+            }
+            End::Stopped => {
+                r.disconnected(subscribed);
+                session.close().await;
+                return r.end(End::Stopped);
+            }
+            End::Link(reason) => {
+                debug!(device = %id, %reason, "session ended");
+                r.disconnected(subscribed);
+                session.abort();
+                retry_at = Instant::now() + jitter(backoff);
+                backoff = (backoff * 2).min(cfg.backoff_max);
+            }
+        }
+    }
+}
+
+impl Runner<'_> {
+    /// Waits with the link down until `retry_at` (which coming back online cuts short) and
+    /// `hold_until` have passed and the link may be up, ticking the agent meanwhile.
+    async fn idle(
+        &mut self,
+        tick: &mut tokio::time::Interval,
+        hold_until: Instant,
+        mut retry_at: Instant,
+    ) -> Result<(), End> {
+        loop {
+            let online = self.control.borrow().online;
+            let ready_at = retry_at.max(hold_until);
+            if online && Instant::now() >= ready_at {
+                return Ok(());
+            }
+            tokio::select! {
+                ev = self.control_event() => match ev {
+                    ControlEvent::Stop => return Err(End::Stopped),
+                    ControlEvent::PowerLoss => return Err(End::PowerLost),
+                    // Back online: connect now rather than after the rest of a backoff.
+                    ControlEvent::Online(true) => retry_at = Instant::now(),
+                    ControlEvent::Online(false) => {}
+                },
                 _ = tick.tick() => {
-                    if unsaved && last_save.elapsed() >= cfg.save_every {
-                        save(&mut device, hooks, &mut unsaved, &mut last_save);
+                    if self.tick(None) == Intervention::PowerLoss {
+                        return Err(End::PowerLost);
                     }
-                    if subscribed {
-                        step(&mut device, &session.client, &topics, Input::Tick, hooks, &mut unsaved, &mut last_save);
+                }
+                () = tokio::time::sleep_until(ready_at), if online => {}
+            }
+        }
+    }
+
+    /// Ends the run outside a session: saves what is unsaved unless the power went.
+    fn end(mut self, end: End) -> RunEnd {
+        match end {
+            End::PowerLost => RunEnd::PowerLost(self.device),
+            End::Stopped | End::Link(_) => {
+                if self.unsaved {
+                    self.save();
+                }
+                RunEnd::Stopped(self.device)
+            }
+        }
+    }
+
+    /// The next change of `stop` or of the control channel that matters.
+    async fn control_event(&mut self) -> ControlEvent {
+        loop {
+            tokio::select! {
+                changed = self.stop.changed() => {
+                    if changed.is_err() || *self.stop.borrow() {
+                        return ControlEvent::Stop;
                     }
-                    continue;
+                }
+                changed = self.control.changed(), if self.control_open => {
+                    if changed.is_err() {
+                        self.control_open = false;
+                        continue;
+                    }
+                    let c = *self.control.borrow_and_update();
+                    if c.power_losses != self.power_base {
+                        return ControlEvent::PowerLoss;
+                    }
+                    return ControlEvent::Online(c.online);
+                }
+            }
+        }
+    }
+
+    /// Drives one connected session until it ends; also says whether it got as far as the
+    /// subscription (the agent saw `Connected`).
+    async fn session(
+        &mut self,
+        session: &mut Session,
+        tick: &mut tokio::time::Interval,
+    ) -> (End, bool) {
+        let mut subscribed = false;
+        let end = loop {
+            let (kind, payload): (Kind, Bytes);
+            tokio::select! {
+                ev = self.control_event() => match ev {
+                    ControlEvent::Stop => break End::Stopped,
+                    ControlEvent::PowerLoss => break End::PowerLost,
+                    ControlEvent::Online(false) => break End::Link("taken offline".into()),
+                    ControlEvent::Online(true) => continue,
+                },
+                _ = tick.tick() => {
+                    let client = subscribed.then_some(&session.client);
+                    match self.tick(client) {
+                        Intervention::None => continue,
+                        Intervention::DropLink => break End::Link("link dropped (injected)".into()),
+                        Intervention::PowerLoss => break End::PowerLost,
+                    }
                 }
                 link = session.events.recv() => match link {
-                    None => break "poller ended".to_owned(),
-                    Some(Link::Down(e)) => break e,
+                    None => break End::Link("poller ended".into()),
+                    Some(Link::Down(e)) => break End::Link(e),
                     Some(Link::Event(ev)) => match *ev {
                         Event::Incoming(Packet::SubAck(_)) if !subscribed => {
                             subscribed = true;
-                            backoff = cfg.backoff_min;
-                            hooks.connection(true);
-                            step(&mut device, &session.client, &topics, Input::Connected, hooks, &mut unsaved, &mut last_save);
-                            continue;
+                            self.hooks.connection(true);
+                            match self.step(Some(&session.client), Input::Connected) {
+                                Intervention::None => continue,
+                                Intervention::DropLink => break End::Link("link dropped (injected)".into()),
+                                Intervention::PowerLoss => break End::PowerLost,
+                            }
                         }
                         Event::Incoming(Packet::Publish(p)) => {
-                            let kind = if p.topic == topics.job.as_bytes() {
-                                0
-                            } else if p.topic == topics.chunks.as_bytes() {
-                                1
-                            } else if p.topic == topics.ack.as_bytes() {
-                                2
+                            let t = &self.topics;
+                            kind = if p.topic == t.job.as_bytes() {
+                                Kind::Job
+                            } else if p.topic == t.chunks.as_bytes() {
+                                Kind::Chunk
+                            } else if p.topic == t.ack.as_bytes() {
+                                Kind::Ack
                             } else {
-                                debug!(device = %id, "publish on an unexpected topic ignored");
+                                debug!(device = %self.device.agent.device(), "publish on an unexpected topic ignored");
                                 continue;
                             };
-                            input_payload = (kind, p.payload);
+                            payload = p.payload;
                         }
                         _ => continue,
                     },
                 },
             }
-            let (kind, payload) = input_payload;
-            match kind {
-                0 => step(
-                    &mut device,
-                    &session.client,
-                    &topics,
-                    Input::Job(&payload),
-                    hooks,
-                    &mut unsaved,
-                    &mut last_save,
-                ),
-                1 => {
-                    let mut frame = payload.to_vec();
-                    hooks.inbound_chunk(&mut frame);
-                    step(
-                        &mut device,
-                        &session.client,
-                        &topics,
-                        Input::ChunkFrame(&frame),
-                        hooks,
-                        &mut unsaved,
-                        &mut last_save,
-                    );
+            let frame;
+            let input = match kind {
+                Kind::Job => Input::Job(&payload),
+                Kind::Ack => Input::Ack(&payload),
+                Kind::Chunk => {
+                    let mut f = payload.to_vec();
+                    self.hooks.inbound_chunk(&mut f);
+                    let delay = self.hooks.chunk_delay(f.len());
+                    if !delay.is_zero() {
+                        // A slow link: this frame arrives later, and so does everything behind it.
+                        tokio::select! {
+                            ev = self.control_event() => match ev {
+                                ControlEvent::Stop => break End::Stopped,
+                                ControlEvent::PowerLoss => break End::PowerLost,
+                                ControlEvent::Online(false) => break End::Link("taken offline".into()),
+                                ControlEvent::Online(true) => {}
+                            },
+                            () = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                    frame = f;
+                    Input::ChunkFrame(&frame)
                 }
-                _ => step(
-                    &mut device,
-                    &session.client,
-                    &topics,
-                    Input::Ack(&payload),
-                    hooks,
-                    &mut unsaved,
-                    &mut last_save,
-                ),
+            };
+            match self.step(Some(&session.client), input) {
+                Intervention::None => {}
+                Intervention::DropLink => break End::Link("link dropped (injected)".into()),
+                Intervention::PowerLoss => break End::PowerLost,
             }
         };
-        debug!(device = %id, %reason, "session ended");
-        if subscribed {
-            hooks.connection(false);
-        }
-        let _ = device
-            .agent
-            .handle(now_ms(), Input::Disconnected, device.flash.as_mut());
-        hooks.observe(&device.agent, false);
-        session.close().await;
-        back_off(&mut backoff, cfg.backoff_max, &mut stop).await;
+        (end, subscribed)
     }
-    if unsaved {
-        save(&mut device, hooks, &mut unsaved, &mut last_save);
-    }
-    device
-}
 
-/// Waits out one backoff step (unless stopped) and doubles the next, up to `max`.
-async fn back_off(backoff: &mut Duration, max: Duration, stop: &mut watch::Receiver<bool>) {
-    if *stop.borrow() {
-        return;
+    /// A timer tick: saves delayed progress when due and lets the agent check its timers.
+    fn tick(&mut self, client: Option<&AsyncClient>) -> Intervention {
+        if self.unsaved && self.last_save.elapsed() >= self.save_every {
+            self.save();
+        }
+        self.step(client, Input::Tick)
     }
-    let wait = jitter(*backoff);
-    *backoff = (*backoff * 2).min(max);
-    tokio::select! {
-        _ = stop.changed() => {}
-        () = tokio::time::sleep(wait) => {}
+
+    /// Tells the hooks and the agent that the link is down.
+    fn disconnected(&mut self, subscribed: bool) {
+        if subscribed {
+            self.hooks.connection(false);
+        }
+        // Faults wait for the next step: the link is already down and the device is stopping
+        // or about to reconnect.
+        let _ = self.step(None, Input::Disconnected);
+    }
+
+    fn save(&mut self) -> bool {
+        match self.device.store.save(self.device.agent.record()) {
+            Ok(()) => {
+                self.unsaved = false;
+                self.last_save = Instant::now();
+                true
+            }
+            Err(e) => {
+                warn!(device = %self.device.agent.device(), error = %e, "saving the device record failed");
+                self.hooks.store_failed(&e.to_string());
+                false
+            }
+        }
+    }
+
+    /// Saves the record as urgently as the agent asks; false if an urgent save failed.
+    fn persist(&mut self) -> bool {
+        match self.device.agent.take_persist() {
+            Persist::Clean => true,
+            Persist::Soon => {
+                self.unsaved = true;
+                true
+            }
+            Persist::Now => self.save(),
+        }
+    }
+
+    /// One agent step: handle, persist as the agent asks, let the hooks intervene, then publish
+    /// on `client` (`None` while the session is not up).
+    fn step(&mut self, client: Option<&AsyncClient>, input: Input<'_>) -> Intervention {
+        let d = &mut self.device;
+        let outputs = d.agent.handle(now_ms(), input, d.flash.as_mut());
+        let connected = client.is_some();
+        if !self.persist() {
+            // Publishing a report the record does not hold could lose it on a restart.
+            self.hooks.observe(&self.device.agent, connected);
+            return Intervention::None;
+        }
+        self.hooks.observe(&self.device.agent, connected);
+        let intervention = self.hooks.after_step(&self.device.agent);
+        if intervention != Intervention::None {
+            return intervention;
+        }
+        let Some(client) = client else {
+            return Intervention::None;
+        };
+        for Output::Publish { topic, payload } in outputs {
+            let (topic, qos) = match topic {
+                OutTopic::Status => (&self.topics.status, QoS::AtLeastOnce),
+                OutTopic::ChunkRequest => (&self.topics.chunk_request, QoS::AtLeastOnce),
+                // A lost heartbeat is superseded by the next one.
+                OutTopic::Health => (&self.topics.health, QoS::AtMostOnce),
+            };
+            if client
+                .try_publish(topic.clone(), qos, false, payload)
+                .is_err()
+            {
+                // The agent re-sends on its timers; nothing is lost but time.
+                self.hooks.dropped_publish();
+            }
+        }
+        Intervention::None
     }
 }
 
@@ -263,64 +579,6 @@ async fn back_off(backoff: &mut Duration, max: Duration, stop: &mut watch::Recei
 fn jitter(d: Duration) -> Duration {
     let ms = d.as_millis() as u64;
     Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms.max(1)))
-}
-
-fn save(
-    device: &mut Device,
-    hooks: &mut dyn Hooks,
-    unsaved: &mut bool,
-    last_save: &mut tokio::time::Instant,
-) -> bool {
-    match device.store.save(device.agent.record()) {
-        Ok(()) => {
-            *unsaved = false;
-            *last_save = tokio::time::Instant::now();
-            true
-        }
-        Err(e) => {
-            warn!(device = %device.agent.device(), error = %e, "saving the device record failed");
-            hooks.store_failed(&e.to_string());
-            false
-        }
-    }
-}
-
-/// One agent step: handle, persist as the agent asks, then publish.
-fn step(
-    device: &mut Device,
-    client: &AsyncClient,
-    topics: &Topics,
-    input: Input<'_>,
-    hooks: &mut dyn Hooks,
-    unsaved: &mut bool,
-    last_save: &mut tokio::time::Instant,
-) {
-    let outputs = device.agent.handle(now_ms(), input, device.flash.as_mut());
-    match device.agent.take_persist() {
-        Persist::Clean => {}
-        Persist::Soon => *unsaved = true,
-        Persist::Now => {
-            if !save(device, hooks, unsaved, last_save) {
-                // Publishing a report the record does not hold could lose it on a restart.
-                hooks.observe(&device.agent, true);
-                return;
-            }
-        }
-    }
-    hooks.observe(&device.agent, true);
-    for Output::Publish { topic, payload } in outputs {
-        let topic = match topic {
-            OutTopic::Status => topics.status.clone(),
-            OutTopic::ChunkRequest => topics.chunk_request.clone(),
-        };
-        if client
-            .try_publish(topic, QoS::AtLeastOnce, false, payload)
-            .is_err()
-        {
-            // The agent re-sends on its timers; nothing is lost but time.
-            hooks.dropped_publish();
-        }
-    }
 }
 
 /// One MQTT connection: the client handle and the events its poller task forwards.
@@ -331,17 +589,11 @@ struct Session {
 }
 
 impl Session {
-    /// Connects and subscribes; `None` if the connection could not be made (or `stop`).
-    async fn connect(
-        id: &DeviceId,
-        cfg: &TransportConfig,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Option<Session> {
+    /// Connects and subscribes; `None` if the connection could not be made. The caller stops
+    /// waiting by dropping the future.
+    async fn connect(id: &DeviceId, cfg: &TransportConfig) -> Option<Session> {
         let _permit = match &cfg.connect_gate {
-            Some(gate) => tokio::select! {
-                p = gate.clone().acquire_owned() => Some(p.ok()?),
-                _ = stop.changed() => return None,
-            },
+            Some(gate) => Some(gate.clone().acquire_owned().await.ok()?),
             None => None,
         };
         let mut opts = MqttOptions::new(id.as_str(), cfg.host.clone(), cfg.port);
@@ -423,5 +675,12 @@ impl Session {
         {
             poller.abort();
         }
+    }
+}
+
+impl Session {
+    /// Breaks the connection without a DISCONNECT, as a failed link or a dead device would.
+    fn abort(self) {
+        self.poller.abort();
     }
 }

@@ -6,6 +6,14 @@
 //!
 //! Everything from the network is untrusted: undecodable payloads are counted and dropped, and a
 //! refused job is reported and forgotten, so no input can panic or wedge the agent.
+//!
+//! A new agent is a device that just powered on: [`UpdateAgent::new`] first does what the
+//! bootloader does ([`SlotTable::power_on`](crate::slots::SlotTable::power_on)). An image that
+//! booted but never confirmed is abandoned and the campaign ends `rolled_back` / `boot_failed`;
+//! one installed but not yet booted boots now and is verified. After the reset into a new image
+//! the health check may take its time ([`HealthStatus::Pending`]); if the image has not confirmed
+//! within [`AgentConfig::confirm_deadline_ms`] it is abandoned the same way. Once a campaign's
+//! image is confirmed, the agent publishes [`Heartbeat`]s with the application's health.
 
 mod checks;
 mod download;
@@ -19,11 +27,13 @@ mod tests;
 use aloft_proto::chunkframe::{self, ChunkErrorCode, ChunkFrame};
 use aloft_proto::crypto::{ContentKey, DeviceEncryptionKey};
 use aloft_proto::manifest::{Manifest, ReleasePublicKey};
-use aloft_proto::messages::{self, AckOutcome, ChunkRequest, Job, StatusAck, StatusReport};
+use aloft_proto::messages::{
+    self, AckOutcome, ChunkRequest, Heartbeat, Job, StatusAck, StatusReport,
+};
 use aloft_proto::{CampaignId, DeviceId, DeviceState, Reason};
 use tracing::{debug, info, warn};
 
-use crate::slots::Flash;
+use crate::slots::{Flash, PowerOn, SlotState};
 use crate::store::{CampaignProgress, ChunkBitmap, DeviceRecord, FinishedCampaign};
 use checks::{clip, peek_campaign, unwrap_key, verify_job, verify_signature, Refusal};
 use download::{ChunkOutcome, Session};
@@ -47,6 +57,16 @@ pub struct AgentConfig {
     pub max_chunk_retries: u32,
     /// How long to wait after a `not_downloading` error frame before asking again.
     pub not_downloading_pause_ms: u64,
+    /// A new image that has not confirmed (its health check still pending) this long after the
+    /// reset into it is abandoned: the device boots back into the old slot and reports
+    /// `rolled_back` / `boot_failed`, as a bootloader watchdog would.
+    pub confirm_deadline_ms: u64,
+    /// How often a device running a confirmed image from a campaign publishes a heartbeat while
+    /// connected; 0 turns heartbeats off.
+    pub heartbeat_ms: u64,
+    /// How long the reset into a new image takes after the `rebooting` report is queued. 0 resets
+    /// within the same step; a simulator sets more so that a power loss can strike in between.
+    pub reboot_delay_ms: u64,
 }
 
 impl AgentConfig {
@@ -65,22 +85,62 @@ impl AgentConfig {
             report_timeout_ms: 5_000,
             max_chunk_retries: 8,
             not_downloading_pause_ms: 1_000,
+            confirm_deadline_ms: 60_000,
+            heartbeat_ms: 10_000,
+            reboot_delay_ms: 0,
         }
     }
 }
 
-/// Decides whether a freshly booted image is healthy.
-pub trait HealthCheck: Send {
-    fn check(&mut self, campaign: &CampaignId, version: &str) -> bool;
+/// The verdict of a health check on a freshly booted image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthStatus {
+    /// Confirm the image.
+    Healthy,
+    /// Roll back: `rolled_back` / `health_check_failed`.
+    Unhealthy,
+    /// Not decided yet; asked again at the next input (a timer tick at the latest). An image
+    /// that stays pending past the confirm deadline is rolled back as `boot_failed`.
+    Pending,
 }
 
-/// A health check that always passes.
+/// How the application is doing while it runs a confirmed image (sent in heartbeats).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppHealth {
+    pub healthy: bool,
+    /// What is wrong, for humans; clipped to the protocol's limit when sent.
+    pub detail: Option<String>,
+}
+
+impl AppHealth {
+    pub fn healthy() -> Self {
+        AppHealth {
+            healthy: true,
+            detail: None,
+        }
+    }
+}
+
+/// The device's health sources: the check that decides whether a freshly booted image is
+/// confirmed, and the application's health reported in heartbeats afterwards.
+pub trait HealthCheck: Send {
+    /// Checks the image of `campaign` (firmware `version`) that has just booted and is not yet
+    /// confirmed. Called at `now_ms` on every step in `verifying` until it is not `Pending`.
+    fn check(&mut self, now_ms: u64, campaign: &CampaignId, version: &str) -> HealthStatus;
+
+    /// The application's health at `now_ms`, for a heartbeat. Healthy unless overridden.
+    fn app_health(&mut self, _now_ms: u64) -> AppHealth {
+        AppHealth::healthy()
+    }
+}
+
+/// A health check that always passes at once.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AlwaysHealthy;
 
 impl HealthCheck for AlwaysHealthy {
-    fn check(&mut self, _: &CampaignId, _: &str) -> bool {
-        true
+    fn check(&mut self, _: u64, _: &CampaignId, _: &str) -> HealthStatus {
+        HealthStatus::Healthy
     }
 }
 
@@ -103,14 +163,26 @@ pub enum Input<'a> {
 /// Where an output goes: the device's own topics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutTopic {
+    /// `status`, QoS 1.
     Status,
+    /// `chunk/req`, QoS 1.
     ChunkRequest,
+    /// `health`, QoS 0: a lost heartbeat is superseded by the next one.
+    Health,
+}
+
+impl OutTopic {
+    /// Whether a publish here may be lost (QoS 0) rather than delivered at least once (QoS 1).
+    pub fn is_best_effort(self) -> bool {
+        self == OutTopic::Health
+    }
 }
 
 /// What the caller must do after [`UpdateAgent::handle`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
-    /// Publish `payload` at QoS 1 on the device's `topic`.
+    /// Publish `payload` on the device's `topic`, at the QoS the topic calls for (see
+    /// [`OutTopic`]).
     Publish { topic: OutTopic, payload: Vec<u8> },
 }
 
@@ -140,6 +212,23 @@ pub struct AgentStats {
     pub chunk_requests_expired: u64,
     /// Chunk frames that arrived for chunks already written (answers to repeated requests).
     pub chunks_duplicate: u64,
+    /// Heartbeats published.
+    pub heartbeats_sent: u64,
+}
+
+impl AgentStats {
+    /// The sum of two sets of counters (e.g. over a device's successive power-ons).
+    pub fn plus(self, o: AgentStats) -> AgentStats {
+        AgentStats {
+            chunks_received: self.chunks_received + o.chunks_received,
+            chunks_rejected: self.chunks_rejected + o.chunks_rejected,
+            bad_payloads: self.bad_payloads + o.bad_payloads,
+            reports_rejected: self.reports_rejected + o.reports_rejected,
+            chunk_requests_expired: self.chunk_requests_expired + o.chunk_requests_expired,
+            chunks_duplicate: self.chunks_duplicate + o.chunks_duplicate,
+            heartbeats_sent: self.heartbeats_sent + o.heartbeats_sent,
+        }
+    }
 }
 
 /// The update state machine of one device.
@@ -161,16 +250,26 @@ pub struct UpdateAgent {
     /// The last report the orchestrator accepted (applied or duplicate) in this process's life:
     /// what it has promised to remember.
     last_acked: Option<(CampaignId, DeviceState)>,
+    /// When the reset into the installed image happens (`rebooting`, not yet reset).
+    reboot_at: Option<u64>,
+    /// When the new image entered `verifying`: the confirm deadline runs from here. In memory
+    /// only, since a reset in `verifying` abandons the image anyway.
+    verifying_since: Option<u64>,
+    /// When the last heartbeat went out in this connection.
+    last_heartbeat: Option<u64>,
 }
 
 impl UpdateAgent {
+    /// A device powering on with `record` as last saved: the bootloader's choice of slot is
+    /// applied first (see the module doc), so the record may change (check
+    /// [`take_persist`](Self::take_persist) before the first input).
     pub fn new(
         cfg: AgentConfig,
         key: DeviceEncryptionKey,
         record: DeviceRecord,
         health: Box<dyn HealthCheck>,
     ) -> Self {
-        UpdateAgent {
+        let mut agent = UpdateAgent {
             cfg,
             key,
             health,
@@ -182,7 +281,42 @@ impl UpdateAgent {
             stats: AgentStats::default(),
             persist: Persist::Clean,
             last_acked: None,
+            reboot_at: None,
+            verifying_since: None,
+            last_heartbeat: None,
+        };
+        agent.power_on();
+        agent
+    }
+
+    /// Boots the slot the bootloader would, and ends a campaign whose new image was reset before
+    /// it confirmed. An image installed but never booted is simply booted: `advance` verifies it.
+    fn power_on(&mut self) {
+        let outcome = self.record.slots.power_on();
+        if outcome == PowerOn::Unchanged {
+            return;
         }
+        self.dirty(Persist::Now);
+        if outcome != PowerOn::FellBack {
+            return;
+        }
+        let Some(phase) = self.current().map(|(_, p)| p) else {
+            warn!(device = %self.cfg.device, "fell back from an unconfirmed image outside any campaign");
+            return;
+        };
+        warn!(device = %self.cfg.device, %phase, "reset before the new image confirmed; the bootloader fell back");
+        // The image runs only from `rebooting` on, so an earlier phase here means a record that
+        // does not add up; `failed` is legal from every phase, `rolled_back` is not.
+        let state = if phase >= DeviceState::Rebooting {
+            DeviceState::RolledBack
+        } else {
+            DeviceState::Failed
+        };
+        self.finish(
+            state,
+            Some(Reason::BootFailed),
+            Some("reset before the new image confirmed; booted the previous image".into()),
+        );
     }
 
     pub fn device(&self) -> &DeviceId {
@@ -227,6 +361,7 @@ impl UpdateAgent {
             Input::Connected => {
                 self.connected = true;
                 self.head_sent_at = None;
+                self.last_heartbeat = None;
                 if let Some(s) = &mut self.session {
                     s.forget_outstanding();
                 }
@@ -248,7 +383,7 @@ impl UpdateAgent {
         // deferred job can start at most one more campaign, so three passes always suffice.
         for _ in 0..3 {
             self.ensure_session(flash);
-            self.advance(flash);
+            self.advance(now, flash);
             if self.record.current.is_some() {
                 break;
             }
@@ -262,6 +397,38 @@ impl UpdateAgent {
         }
         self.publish_head(now, out);
         self.request_chunks(now, out);
+        self.publish_heartbeat(now, out);
+    }
+
+    /// A heartbeat, if one is due: only while a campaign's image runs confirmed.
+    fn publish_heartbeat(&mut self, now: u64, out: &mut Vec<Output>) {
+        if self.cfg.heartbeat_ms == 0 || self.record.slots.running_meta().state != SlotState::Valid
+        {
+            return;
+        }
+        let Some(campaign) = &self.record.installed_by else {
+            return;
+        };
+        let due = self
+            .last_heartbeat
+            .is_none_or(|t| now.saturating_sub(t) >= self.cfg.heartbeat_ms);
+        if !due {
+            return;
+        }
+        let app = self.health.app_health(now);
+        let beat = Heartbeat {
+            v: messages::PROTOCOL_VERSION,
+            campaign: Some(campaign.clone()),
+            running_version: self.record.running_version().to_owned(),
+            healthy: app.healthy,
+            detail: app.detail.map(clip),
+        };
+        out.push(Output::Publish {
+            topic: OutTopic::Health,
+            payload: messages::encode(&beat),
+        });
+        self.last_heartbeat = Some(now);
+        self.stats.heartbeats_sent += 1;
     }
 
     fn publish_head(&mut self, now: u64, out: &mut Vec<Output>) {
@@ -356,7 +523,7 @@ impl UpdateAgent {
     }
 
     /// Runs the phases after the download; each appends its report to the outbox.
-    fn advance(&mut self, flash: &mut dyn Flash) {
+    fn advance(&mut self, now: u64, flash: &mut dyn Flash) {
         loop {
             let Some(cur) = &self.record.current else {
                 return;
@@ -394,29 +561,60 @@ impl UpdateAgent {
                 DeviceState::Installing => {
                     // The report says what is about to happen, so it precedes the reset.
                     self.enter(DeviceState::Rebooting);
-                    self.record.slots.reboot();
+                    self.reboot_at = Some(now.saturating_add(self.cfg.reboot_delay_ms));
                 }
-                DeviceState::Rebooting => self.enter(DeviceState::Verifying),
-                DeviceState::Verifying => {
-                    if self.health.check(&campaign, &version) {
-                        self.record.slots.mark_running_slot_valid();
-                        // The floor rises only here, after a confirmed healthy boot: raising it
-                        // earlier would leave a device whose new image fails unable to fall back.
-                        self.record.floor = self.record.floor.max(security_version);
-                        info!(device = %self.cfg.device, %campaign, %version, "update succeeded");
-                        self.finish(DeviceState::Succeeded, None, None);
-                    } else {
-                        self.record.slots.roll_back();
-                        let old = self.record.slots.running_slot();
-                        if let Err(e) = flash.set_boot_slot(old) {
-                            warn!(device = %self.cfg.device, error = %e, "setting the boot slot back failed");
+                DeviceState::Rebooting => {
+                    let slots = &mut self.record.slots;
+                    if slots.running_slot() != slots.boot_slot() {
+                        // Not reset yet. After a power-on the bootloader has already booted the
+                        // new image, so a pending reset exists only in this process's memory.
+                        if self.reboot_at.is_some_and(|t| now < t) {
+                            return;
                         }
-                        warn!(device = %self.cfg.device, %campaign, "health check failed; rolled back");
-                        self.finish(
-                            DeviceState::RolledBack,
-                            Some(Reason::HealthCheckFailed),
-                            None,
+                        slots.reboot();
+                        self.dirty(Persist::Now);
+                    }
+                    self.reboot_at = None;
+                    if self.record.slots.running_meta().state != SlotState::Unverified {
+                        // The boot slot never held the new image: nothing to verify.
+                        self.fail(
+                            Reason::InstallFailed,
+                            Some("the new image is not in the boot slot".into()),
                         );
+                        continue;
+                    }
+                    self.verifying_since = Some(now);
+                    self.enter(DeviceState::Verifying);
+                }
+                DeviceState::Verifying => {
+                    let since = *self.verifying_since.get_or_insert(now);
+                    // The deadline comes first: a watchdog resets a device that has not
+                    // confirmed in time, whatever its check would say later.
+                    if now.saturating_sub(since) >= self.cfg.confirm_deadline_ms {
+                        let detail = format!(
+                            "not confirmed within {} ms of the reset",
+                            self.cfg.confirm_deadline_ms
+                        );
+                        self.abandon_new_image(flash, Reason::BootFailed, Some(detail));
+                        continue;
+                    }
+                    match self.health.check(now, &campaign, &version) {
+                        HealthStatus::Pending => return,
+                        HealthStatus::Healthy => {
+                            self.record.slots.mark_running_slot_valid();
+                            // The floor rises only here, after a confirmed healthy boot: raising
+                            // it earlier would leave a device whose new image fails unable to
+                            // fall back.
+                            self.record.floor = self.record.floor.max(security_version);
+                            self.record.installed_by = Some(campaign.clone());
+                            // The first heartbeat of the new image goes out at once.
+                            self.last_heartbeat = None;
+                            info!(device = %self.cfg.device, %campaign, %version, "update succeeded");
+                            self.finish(DeviceState::Succeeded, None, None);
+                        }
+                        HealthStatus::Unhealthy => {
+                            self.abandon_new_image(flash, Reason::HealthCheckFailed, None);
+                        }
                     }
                 }
                 other => {
@@ -429,6 +627,18 @@ impl UpdateAgent {
                 }
             }
         }
+    }
+
+    /// Marks the running (new, unconfirmed) image invalid, boots back into the previous one and
+    /// reports `rolled_back` with `reason`.
+    fn abandon_new_image(&mut self, flash: &mut dyn Flash, reason: Reason, detail: Option<String>) {
+        self.record.slots.roll_back();
+        let old = self.record.slots.running_slot();
+        if let Err(e) = flash.set_boot_slot(old) {
+            warn!(device = %self.cfg.device, error = %e, "setting the boot slot back failed");
+        }
+        warn!(device = %self.cfg.device, reason = %reason, "new image abandoned; rolled back");
+        self.finish(DeviceState::RolledBack, Some(reason), detail.map(clip));
     }
 
     fn fail(&mut self, reason: Reason, detail: Option<String>) {
@@ -474,6 +684,8 @@ impl UpdateAgent {
             return;
         };
         self.session = None;
+        self.reboot_at = None;
+        self.verifying_since = None;
         if let Some(cur) = self.record.current.take() {
             self.record.push_finished(FinishedCampaign {
                 campaign: cur.campaign,
@@ -715,6 +927,15 @@ impl UpdateAgent {
             return; // A duplicate or stale acknowledgement.
         }
         let acked = self.record.outbox.pop_front();
+        let downloading_acked = acked.as_ref().is_some_and(|r| {
+            r.state == DeviceState::Downloading
+                && self.current().is_some_and(|(c, _)| c == &r.campaign)
+        });
+        if let (true, Some(s)) = (downloading_acked, &mut self.session) {
+            // Acknowledged means published: after a restart the ack of the report sent before it
+            // may arrive before the report is sent again.
+            s.requests_enabled = true;
+        }
         if ack.outcome != AckOutcome::Rejected {
             self.last_acked = acked.map(|r| (r.campaign, r.state));
         }

@@ -1,5 +1,7 @@
-//! Property tests: random interleavings of valid, duplicate, stale, mutated and garbage inputs
-//! never panic the agent, never break its invariants, and never wedge it.
+//! Property tests: random interleavings of valid, duplicate, stale, mutated and garbage inputs,
+//! slow, failing and hanging health checks, and power losses at any point never panic the agent,
+//! never break its invariants (a Valid slot always exists, in memory and on disk), never wedge
+//! it, and every campaign it took on ends with a reported terminal state.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -40,6 +42,10 @@ enum Action {
     Connect,
     Disconnect,
     Tick(u64),
+    /// The power goes: the agent restarts from the saved record.
+    PowerLoss,
+    /// Delayed progress (chunk bits) is saved, as the transport does now and then.
+    Save,
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -54,18 +60,30 @@ fn action() -> impl Strategy<Value = Action> {
         1 => Just(Action::Connect),
         1 => Just(Action::Disconnect),
         2 => (0..8_000u64).prop_map(Action::Tick),
+        2 => Just(Action::PowerLoss),
+        1 => Just(Action::Save),
     ]
 }
 
-/// Health outcomes replayed in order, then always healthy.
-struct Scripted(Arc<Mutex<Vec<bool>>>);
+fn health_status() -> impl Strategy<Value = HealthStatus> {
+    prop_oneof![
+        2 => Just(HealthStatus::Healthy),
+        1 => Just(HealthStatus::Unhealthy),
+        3 => Just(HealthStatus::Pending),
+    ]
+}
+
+/// Health check answers replayed one per call (a run of `Pending` keeps a check pending for
+/// that many steps), then always healthy.
+#[derive(Clone)]
+struct Scripted(Arc<Mutex<Vec<HealthStatus>>>);
 
 impl HealthCheck for Scripted {
-    fn check(&mut self, _: &CampaignId, _: &str) -> bool {
+    fn check(&mut self, _: u64, _: &CampaignId, _: &str) -> HealthStatus {
         self.0
             .lock()
-            .map(|mut v| v.pop().unwrap_or(true))
-            .unwrap_or(true)
+            .map(|mut v| v.pop().unwrap_or(HealthStatus::Healthy))
+            .unwrap_or(HealthStatus::Healthy)
     }
 }
 
@@ -73,10 +91,15 @@ struct World {
     fx: Fixture,
     releases: Vec<TestRelease>,
     jobs: Vec<Vec<u8>>,
+    health: Scripted,
 }
 
 impl World {
     fn new() -> Self {
+        Self::with_health(Vec::new())
+    }
+
+    fn with_health(health: Vec<HealthStatus>) -> Self {
         let fx = Fixture::new();
         let r1 = fx.release(&ReleaseSpec {
             artifact: "fw-1",
@@ -107,6 +130,12 @@ impl World {
                 ..Default::default()
             },
         );
+        let fresh = fx.release(&ReleaseSpec {
+            artifact: "fw-9",
+            version: "9.0",
+            security_version: 9,
+            ..Default::default()
+        });
         let jobs = vec![
             fx.job("c-1", &r1),
             fx.job("c-2", &r2),
@@ -116,8 +145,9 @@ impl World {
         ];
         World {
             fx,
-            releases: vec![r1, r2, r0],
+            releases: vec![r1, r2, r0, fresh],
             jobs,
+            health: Scripted(Arc::new(Mutex::new(health))),
         }
     }
 
@@ -126,8 +156,19 @@ impl World {
             "c-1" => Some(&self.releases[0]),
             "c-2" => Some(&self.releases[1]),
             "c-4" => Some(&self.releases[2]),
+            "c-final" => Some(&self.releases[3]),
             _ => None,
         }
+    }
+
+    /// A device that powers on with `record`. Resets take a second and a new image must confirm
+    /// within ten, so both are pauses a power loss or a tick can fall into.
+    fn agent(&self, record: DeviceRecord) -> UpdateAgent {
+        let mut cfg = self.fx.config();
+        cfg.reboot_delay_ms = 1_000;
+        cfg.confirm_deadline_ms = 10_000;
+        self.fx
+            .agent_with(cfg, record, Box::new(self.health.clone()))
     }
 }
 
@@ -142,6 +183,10 @@ impl Invariants {
     fn check(&mut self, rig: &Rig, out: &[Output]) -> Result<(), TestCaseError> {
         let rec = rig.agent.record();
         prop_assert!(rec.slots.has_valid_slot(), "no valid slot to fall back to");
+        prop_assert!(
+            rig.saved.slots.has_valid_slot(),
+            "no valid slot in the saved record"
+        );
         prop_assert!(rec.floor >= self.floor, "floor decreased");
         prop_assert!(
             rec.floor <= rec.slots.running_meta().security_version,
@@ -272,7 +317,60 @@ fn apply(world: &World, rig: &mut Rig, inv: &Invariants, a: &Action) -> Vec<Outp
         Action::Connect => rig.connect(),
         Action::Disconnect => rig.step(Input::Disconnected),
         Action::Tick(ms) => rig.advance(*ms),
+        Action::PowerLoss => {
+            rig.power_cycle(|record| world.agent(record));
+            Vec::new()
+        }
+        Action::Save => {
+            rig.save();
+            Vec::new()
+        }
     }
+}
+
+/// Plays the orchestrator, serving the chunks of whichever campaign is current and
+/// acknowledging every report, and lets time pass until nothing is in progress.
+fn settle(world: &World, rig: &mut Rig) -> Result<(), TestCaseError> {
+    rig.connect();
+    for _ in 0..10_000 {
+        if let Some(i) = rig.requested.pop_front() {
+            let rel = rig
+                .agent
+                .current()
+                .and_then(|(c, _)| world.release_of(c.as_str()))
+                .filter(|r| i < r.manifest.chunk_count);
+            if let Some(rel) = rel {
+                rig.step(Input::ChunkFrame(&rel.frame(i)));
+            }
+        } else if rig.ack_head(AckOutcome::Applied).is_none() {
+            if rig.agent.current().is_none() {
+                return Ok(());
+            }
+            rig.advance(1_000);
+        }
+    }
+    Err(TestCaseError::fail("the device never settled"))
+}
+
+/// Every campaign the device reported on has a terminal state as its last report.
+fn assert_all_reported_terminal(rig: &Rig) -> Result<(), TestCaseError> {
+    let mut last: HashMap<CampaignId, (u32, DeviceState)> = HashMap::new();
+    for r in rig.reports() {
+        let e = last.entry(r.campaign.clone()).or_insert((r.seq, r.state));
+        if r.seq >= e.0 {
+            *e = (r.seq, r.state);
+        }
+    }
+    for (c, (seq, state)) in last {
+        prop_assert!(
+            state.is_terminal(),
+            "{} ended at seq {} in {}",
+            c,
+            seq,
+            state
+        );
+    }
+    Ok(())
 }
 
 fn feed(rig: &mut Rig, k: u8, p: &[u8]) -> Vec<Output> {
@@ -283,17 +381,11 @@ fn feed(rig: &mut Rig, k: u8, p: &[u8]) -> Vec<Output> {
     }
 }
 
-/// After any history, a fresh valid job still installs.
+/// After any history, a fresh valid job still installs (or is rolled back by its health check).
 fn assert_not_wedged(world: &World, rig: &mut Rig) -> Result<(), TestCaseError> {
-    let fresh = world.fx.release(&ReleaseSpec {
-        artifact: "fw-9",
-        version: "9.0",
-        security_version: 9,
-        ..Default::default()
-    });
     rig.connect();
-    rig.step(Input::Job(&world.fx.job("c-final", &fresh)));
-    rig.run(&fresh, &mut vec![]);
+    rig.step(Input::Job(&world.fx.job("c-final", &world.releases[3])));
+    settle(world, rig)?;
     let f = rig
         .agent
         .record()
@@ -318,17 +410,19 @@ proptest! {
     #[test]
     fn random_interleavings_keep_the_invariants(
         actions in proptest::collection::vec(action(), 1..80),
-        health in proptest::collection::vec(any::<bool>(), 0..4),
+        health in proptest::collection::vec(health_status(), 0..8),
     ) {
-        let world = World::new();
-        let script = Arc::new(Mutex::new(health));
-        let agent = world.fx.agent(DeviceRecord::factory("1.0", SecurityVersion(1)), Box::new(Scripted(script)));
-        let mut rig = Rig::new(agent);
+        let world = World::with_health(health);
+        let mut rig = Rig::new(world.agent(DeviceRecord::factory("1.0", SecurityVersion(1))));
         let mut inv = Invariants { floor: SecurityVersion(1), reports: HashMap::new() };
         for a in &actions {
             let out = apply(&world, &mut rig, &inv, a);
             inv.check(&rig, &out)?;
         }
+        let published = rig.published.len();
+        settle(&world, &mut rig)?;
+        inv.check(&rig, &rig.published[published..])?;
+        assert_all_reported_terminal(&rig)?;
         assert_not_wedged(&world, &mut rig)?;
         let out: Vec<Output> = rig.published.clone();
         inv.reports.clear();

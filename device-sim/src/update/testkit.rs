@@ -1,5 +1,6 @@
 //! Test fixtures for the agent: real releases built with the proto crate, jobs wrapped for the
-//! device, and a rig that feeds inputs, records outputs and plays the orchestrator's part.
+//! device, and a rig that feeds inputs, records outputs, keeps what the device saved (so a power
+//! loss can be played) and plays the orchestrator's part.
 
 use std::collections::VecDeque;
 
@@ -144,10 +145,23 @@ impl Fixture {
         self.job_wrapped(campaign, rel, &self.device, &public)
     }
 
-    pub fn agent(&self, record: DeviceRecord, health: Box<dyn HealthCheck>) -> UpdateAgent {
+    pub fn config(&self) -> AgentConfig {
         let mut cfg = AgentConfig::new(self.device.clone(), HW, vec![self.signing.public()]);
         // The tests were written against a window of 16, independent of the default.
         cfg.window = 16;
+        cfg
+    }
+
+    pub fn agent(&self, record: DeviceRecord, health: Box<dyn HealthCheck>) -> UpdateAgent {
+        self.agent_with(self.config(), record, health)
+    }
+
+    pub fn agent_with(
+        &self,
+        cfg: AgentConfig,
+        record: DeviceRecord,
+        health: Box<dyn HealthCheck>,
+    ) -> UpdateAgent {
         UpdateAgent::new(cfg, self.device_key.clone(), record, health)
     }
 
@@ -164,23 +178,33 @@ impl Fixture {
 pub struct FixedHealth(pub bool);
 
 impl HealthCheck for FixedHealth {
-    fn check(&mut self, _: &CampaignId, _: &str) -> bool {
-        self.0
+    fn check(&mut self, _: u64, _: &CampaignId, _: &str) -> HealthStatus {
+        if self.0 {
+            HealthStatus::Healthy
+        } else {
+            HealthStatus::Unhealthy
+        }
     }
 }
 
-/// The agent, its flash and clock, every output so far, and the chunks it asked for.
+/// The agent, its flash and clock, every output so far, the chunks it asked for, and the record
+/// as last saved.
 pub struct Rig {
     pub agent: UpdateAgent,
     pub flash: MemoryFlash,
     pub now: u64,
     pub published: Vec<Output>,
     pub requested: VecDeque<u32>,
+    /// What the device's store holds: saved after every step that asks for `Persist::Now`, as
+    /// the transport does; `Persist::Soon` progress only on [`Rig::save`].
+    pub saved: DeviceRecord,
 }
 
 impl Rig {
-    pub fn new(agent: UpdateAgent) -> Self {
+    pub fn new(mut agent: UpdateAgent) -> Self {
+        agent.take_persist();
         Rig {
+            saved: agent.record().clone(),
             agent,
             flash: MemoryFlash::new(1 << 20),
             now: T0,
@@ -189,8 +213,27 @@ impl Rig {
         }
     }
 
+    /// Saves delayed progress, as the transport does every few seconds.
+    pub fn save(&mut self) {
+        self.saved = self.agent.record().clone();
+    }
+
+    /// A power loss: the agent goes with everything it did not save, and `power_on` makes the
+    /// new one from the saved record. The flash keeps what was written; requests in flight are
+    /// forgotten, like the connection.
+    pub fn power_cycle(&mut self, power_on: impl FnOnce(DeviceRecord) -> UpdateAgent) {
+        self.agent = power_on(self.saved.clone());
+        if self.agent.take_persist() == Persist::Now {
+            self.save();
+        }
+        self.requested.clear();
+    }
+
     pub fn step(&mut self, input: Input<'_>) -> Vec<Output> {
         let out = self.agent.handle(self.now, input, &mut self.flash);
+        if self.agent.take_persist() == Persist::Now {
+            self.save();
+        }
         for o in &out {
             if let Some(req) = as_request(o) {
                 self.requested.extend(req.indices());
@@ -259,6 +302,29 @@ impl Rig {
             }
         }
         panic!("the agent never went quiet");
+    }
+
+    /// Like [`Rig::run`], and lets time pass (a second at a time) while a campaign waits on a
+    /// timer: a pending health check, its confirm deadline, or a delayed reset.
+    pub fn settle(&mut self, rel: &TestRelease) {
+        for _ in 0..1_000 {
+            self.run(rel, &mut vec![]);
+            if self.agent.current().is_none() && self.agent.record().outbox.is_empty() {
+                return;
+            }
+            self.advance(1_000);
+        }
+        panic!("the campaign never finished");
+    }
+}
+
+pub fn as_heartbeat(o: &Output) -> Option<aloft_proto::messages::Heartbeat> {
+    match o {
+        Output::Publish {
+            topic: OutTopic::Health,
+            payload,
+        } => Some(messages::decode(payload).expect("the agent publishes valid heartbeats")),
+        _ => None,
     }
 }
 

@@ -584,3 +584,360 @@ fn the_request_timeout_follows_the_measured_response_time() {
     assert!(rig.requested.len() < 16, "asked again: {:?}", rig.requested);
     assert!(rig.requested.iter().all(|i| *i < 20), "{:?}", rig.requested);
 }
+
+/// A health check that stays pending for its first `pending` calls, then says `then`; the
+/// application's health is `app`.
+#[derive(Clone)]
+struct SlowHealth {
+    pending: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    then: HealthStatus,
+    app: AppHealth,
+}
+
+impl SlowHealth {
+    fn new(pending: u32, then: HealthStatus) -> Self {
+        SlowHealth {
+            pending: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(pending)),
+            then,
+            app: AppHealth::healthy(),
+        }
+    }
+}
+
+impl HealthCheck for SlowHealth {
+    fn check(&mut self, _: u64, _: &CampaignId, _: &str) -> HealthStatus {
+        use std::sync::atomic::Ordering;
+        let left = self.pending.load(Ordering::SeqCst);
+        if left == 0 {
+            return self.then;
+        }
+        self.pending.store(left - 1, Ordering::SeqCst);
+        HealthStatus::Pending
+    }
+
+    fn app_health(&mut self, _: u64) -> AppHealth {
+        self.app.clone()
+    }
+}
+
+use aloft_proto::CampaignId;
+
+/// The agent settings of the power-loss tests: resets take a second, confirmation may take ten.
+fn slow_boot_config(fx: &Fixture) -> AgentConfig {
+    let mut cfg = fx.config();
+    cfg.reboot_delay_ms = 1_000;
+    cfg.confirm_deadline_ms = 10_000;
+    cfg
+}
+
+/// One move of the orchestrator or the clock: serve a requested chunk, else acknowledge the
+/// head, else let half a second pass while a campaign is in progress. False once all is done.
+fn one_move(rig: &mut Rig, rel: &TestRelease) -> bool {
+    if let Some(i) = rig.requested.pop_front() {
+        rig.step(Input::ChunkFrame(&rel.frame(i)));
+    } else if rig.ack_head(AckOutcome::Applied).is_some() {
+    } else if rig.agent.current().is_some() {
+        rig.advance(500);
+    } else {
+        return false;
+    }
+    true
+}
+
+#[test]
+fn a_health_check_that_never_finishes_rolls_back_at_the_confirm_deadline() {
+    let fx = Fixture::new();
+    let rel = fx.release(&ReleaseSpec::default());
+    let health = SlowHealth::new(u32::MAX, HealthStatus::Healthy);
+    let mut rig = Rig::new(fx.agent_with(
+        fx.config(),
+        DeviceRecord::factory("1.0.0", SecurityVersion(1)),
+        Box::new(health),
+    ));
+    rig.connect();
+    rig.step(Input::Job(&fx.job("c-1", &rel)));
+    rig.run(&rel, &mut vec![]);
+    assert_eq!(rig.agent.current().map(|(_, p)| p), Some(Verifying));
+    assert_eq!(rig.agent.record().slots.running_slot(), SlotId::B);
+    rig.advance(59_999);
+    assert_eq!(
+        rig.agent.current().map(|(_, p)| p),
+        Some(Verifying),
+        "still within the deadline"
+    );
+    rig.advance(1);
+    rig.run(&rel, &mut vec![]);
+    assert_eq!(
+        finished(&rig, "c-1"),
+        (RolledBack, Some(Reason::BootFailed))
+    );
+    assert_eq!(
+        rig.states_of("c-1"),
+        numbered(&[
+            Downloading,
+            Downloaded,
+            Installing,
+            Rebooting,
+            Verifying,
+            RolledBack
+        ])
+    );
+    let rec = rig.agent.record();
+    assert_eq!(rec.slots.running_slot(), SlotId::A);
+    assert_eq!(rec.slots.meta(SlotId::B).state, SlotState::Invalid);
+    assert_eq!(rec.floor, SecurityVersion(1));
+}
+
+#[test]
+fn a_pending_health_check_confirms_once_it_passes() {
+    let fx = Fixture::new();
+    let rel = fx.release(&ReleaseSpec::default());
+    let mut rig = Rig::new(fx.agent_with(
+        fx.config(),
+        DeviceRecord::factory("1.0.0", SecurityVersion(1)),
+        Box::new(SlowHealth::new(3, HealthStatus::Healthy)),
+    ));
+    rig.connect();
+    rig.step(Input::Job(&fx.job("c-1", &rel)));
+    rig.settle(&rel);
+    assert_eq!(rig.states_of("c-1"), numbered(HAPPY));
+    assert_eq!(rig.agent.record().floor, SecurityVersion(2));
+}
+
+#[test]
+fn a_reset_before_the_new_image_confirms_falls_back_and_reports_boot_failed() {
+    let fx = Fixture::new();
+    let rel = fx.release(&ReleaseSpec::default());
+    let health = SlowHealth::new(5, HealthStatus::Healthy);
+    let power_on = |record| {
+        fx.agent_with(
+            slow_boot_config(&fx),
+            record,
+            Box::new(health.clone()) as Box<dyn HealthCheck>,
+        )
+    };
+    let mut rig = Rig::new(power_on(DeviceRecord::factory("1.0.0", SecurityVersion(1))));
+    rig.connect();
+    rig.step(Input::Job(&fx.job("c-1", &rel)));
+    while rig.agent.current().map(|(_, p)| p) != Some(Verifying) {
+        assert!(one_move(&mut rig, &rel));
+    }
+    assert_eq!(rig.saved.slots.running_meta().state, SlotState::Unverified);
+
+    rig.power_cycle(power_on);
+    assert_eq!(
+        finished(&rig, "c-1"),
+        (RolledBack, Some(Reason::BootFailed))
+    );
+    let rec = rig.agent.record();
+    assert_eq!(rec.slots.running_slot(), SlotId::A);
+    assert_eq!(rec.running_version(), "1.0.0");
+    assert_eq!(rec.slots.meta(SlotId::B).state, SlotState::Invalid);
+    assert_eq!(rec.floor, SecurityVersion(1));
+    assert_eq!(&rig.saved, rec, "the fallback is saved at once");
+    rig.connect();
+    rig.settle(&rel);
+    assert_eq!(
+        rig.states_of("c-1").last(),
+        Some(&(6, RolledBack)),
+        "reported after the power-on"
+    );
+}
+
+#[test]
+fn a_power_loss_between_the_rebooting_report_and_the_reset_boots_and_verifies_the_new_image() {
+    let fx = Fixture::new();
+    let rel = fx.release(&ReleaseSpec::default());
+    let power_on = |record| {
+        fx.agent_with(
+            slow_boot_config(&fx),
+            record,
+            Box::new(AlwaysHealthy) as Box<dyn HealthCheck>,
+        )
+    };
+    let mut rig = Rig::new(power_on(DeviceRecord::factory("1.0.0", SecurityVersion(1))));
+    rig.connect();
+    rig.step(Input::Job(&fx.job("c-1", &rel)));
+    while rig.agent.current().map(|(_, p)| p) != Some(Rebooting) {
+        assert!(one_move(&mut rig, &rel));
+    }
+    let slots = &rig.saved.slots;
+    assert_eq!(
+        (slots.running_slot(), slots.boot_slot()),
+        (SlotId::A, SlotId::B)
+    );
+
+    rig.power_cycle(power_on);
+    assert_eq!(rig.agent.record().slots.running_slot(), SlotId::B);
+    rig.connect();
+    rig.settle(&rel);
+    assert_eq!(rig.states_of("c-1"), numbered(HAPPY));
+    assert_eq!(
+        rig.agent.record().slots.running_meta().state,
+        SlotState::Valid
+    );
+}
+
+#[test]
+fn a_power_loss_at_any_step_of_an_update_keeps_a_valid_slot_and_still_reports_an_end() {
+    let fx = Fixture::new();
+    let rel = fx.release(&ReleaseSpec::default());
+    let power_on = |record| {
+        fx.agent_with(
+            slow_boot_config(&fx),
+            record,
+            Box::new(SlowHealth::new(2, HealthStatus::Healthy)) as Box<dyn HealthCheck>,
+        )
+    };
+    let mut outcomes = std::collections::BTreeSet::new();
+    for k in 0.. {
+        let mut rig = Rig::new(power_on(DeviceRecord::factory("1.0.0", SecurityVersion(1))));
+        rig.connect();
+        rig.step(Input::Job(&fx.job("c-1", &rel)));
+        let mut moves = 0;
+        while moves < k && one_move(&mut rig, &rel) {
+            moves += 1;
+        }
+        if moves < k {
+            break; // The update finished before the k-th move: every point has been tried.
+        }
+        rig.power_cycle(power_on);
+        assert!(rig.agent.record().slots.has_valid_slot(), "after move {k}");
+        rig.connect();
+        rig.settle(&rel);
+        let end = finished(&rig, "c-1");
+        let reports = rig.states_of("c-1");
+        assert_eq!(reports.last().map(|r| r.1), Some(end.0), "after move {k}");
+        assert!(rig.agent.record().slots.has_valid_slot());
+        assert!(rig.agent.record().outbox.is_empty());
+        outcomes.insert(format!("{:?}", end));
+    }
+    // Before the reset the new image is still booted and verified; after it, unconfirmed, it is
+    // abandoned.
+    let expected = ["(Succeeded, None)", "(RolledBack, Some(BootFailed))"];
+    assert_eq!(outcomes, expected.into_iter().map(String::from).collect());
+}
+
+#[test]
+fn a_download_resumes_after_a_power_loss_from_the_chunks_saved() {
+    let fx = Fixture::new();
+    let rel = fx.release(&ReleaseSpec {
+        size: 20 * 1024,
+        ..Default::default()
+    });
+    let power_on = |record| fx.agent(record, Box::new(AlwaysHealthy));
+    let mut rig = Rig::new(power_on(DeviceRecord::factory("1.0.0", SecurityVersion(1))));
+    rig.connect();
+    rig.step(Input::Job(&fx.job("c-1", &rel)));
+    rig.ack_head(AckOutcome::Applied);
+    for i in 0..12 {
+        rig.step(Input::ChunkFrame(&rel.frame(i)));
+    }
+    rig.save();
+    for i in 12..15 {
+        rig.step(Input::ChunkFrame(&rel.frame(i)));
+    }
+    // Chunks 12..15 were written to flash, but the record saying so was not saved.
+    rig.power_cycle(power_on);
+    let served_before = rig.agent.stats().chunks_received;
+    assert_eq!(served_before, 0, "a new agent");
+    rig.connect();
+    let mut fetched = 0;
+    while let Some(i) = rig.requested.pop_front() {
+        fetched += 1;
+        rig.step(Input::ChunkFrame(&rel.frame(i)));
+    }
+    assert_eq!(fetched, 8, "only the chunks not saved are fetched again");
+    assert!(fetched < rel.manifest.chunk_count);
+    rig.run(&rel, &mut vec![]);
+    assert_eq!(finished(&rig, "c-1"), (Succeeded, None));
+}
+
+#[test]
+fn heartbeats_start_when_an_update_confirms_and_repeat_while_connected() {
+    let fx = Fixture::new();
+    let rel = fx.release(&ReleaseSpec::default());
+    let mut health = SlowHealth::new(0, HealthStatus::Healthy);
+    health.app = AppHealth {
+        healthy: false,
+        detail: Some("x".repeat(1_000)),
+    };
+    let mut rig = Rig::new(fx.agent(
+        DeviceRecord::factory("1.0.0", SecurityVersion(1)),
+        Box::new(health),
+    ));
+    rig.connect();
+    assert!(
+        rig.advance(20_000)
+            .iter()
+            .all(|o| as_heartbeat(o).is_none()),
+        "the factory image sends none"
+    );
+    rig.step(Input::Job(&fx.job("c-1", &rel)));
+    rig.run(&rel, &mut vec![]);
+    let beats: Vec<_> = rig.published.iter().filter_map(as_heartbeat).collect();
+    assert_eq!(beats.len(), 1, "the first goes out at the confirm");
+    let b = &beats[0];
+    assert_eq!(b.campaign.as_ref().map(|c| c.as_str()), Some("c-1"));
+    assert_eq!(b.running_version, "2.0.0");
+    assert!(!b.healthy);
+    assert_eq!(
+        b.detail.as_ref().map(|d| d.len()),
+        Some(aloft_proto::messages::MAX_DETAIL_LEN)
+    );
+    let count = |rig: &Rig| rig.published.iter().filter_map(as_heartbeat).count();
+    rig.advance(9_999);
+    assert_eq!(count(&rig), 1);
+    rig.advance(1);
+    assert_eq!(count(&rig), 2, "every 10 s");
+    rig.step(Input::Disconnected);
+    rig.advance(30_000);
+    assert_eq!(count(&rig), 2, "none while offline");
+    rig.connect();
+    assert_eq!(count(&rig), 3, "one at once on reconnect");
+    let payload = rig
+        .published
+        .iter()
+        .rev()
+        .find_map(|o| match o {
+            Output::Publish {
+                topic: OutTopic::Health,
+                payload,
+            } => Some(payload.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(aloft_proto::messages::decode::<aloft_proto::messages::Heartbeat>(&payload).is_ok());
+    assert!(OutTopic::Health.is_best_effort() && !OutTopic::Status.is_best_effort());
+    assert_eq!(rig.agent.stats().heartbeats_sent, 3);
+}
+
+#[test]
+fn heartbeats_keep_naming_the_confirmed_campaign_after_a_later_rollback() {
+    let fx = Fixture::new();
+    let rel = fx.release(&ReleaseSpec::default());
+    let rel3 = fx.release(&ReleaseSpec {
+        artifact: "fw-3",
+        version: "3.0.0",
+        security_version: 3,
+        ..Default::default()
+    });
+    let mut rig = fx.rig();
+    rig.connect();
+    rig.step(Input::Job(&fx.job("c-1", &rel)));
+    rig.run(&rel, &mut vec![]);
+    let power_on = |record| fx.agent(record, Box::new(FixedHealth(false)));
+    rig.power_cycle(power_on);
+    rig.connect();
+    rig.step(Input::Job(&fx.job("c-2", &rel3)));
+    rig.run(&rel3, &mut vec![]);
+    assert_eq!(finished(&rig, "c-2").0, RolledBack);
+    rig.advance(10_000);
+    let last = rig.published.iter().rev().find_map(as_heartbeat).unwrap();
+    assert_eq!(last.campaign.as_ref().map(|c| c.as_str()), Some("c-1"));
+    assert_eq!(last.running_version, "2.0.0");
+    assert_eq!(
+        rig.agent.record().installed_by.as_ref().map(|c| c.as_str()),
+        Some("c-1")
+    );
+}
