@@ -3,6 +3,8 @@
 //! signed like an operator would, and the orchestrator itself, in-process or as a child process
 //! that can be killed with SIGKILL.
 
+pub mod scenario;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,18 +1,22 @@
 //! `aloft-demo`: the whole system in one command. It creates a fleet CA and an operator, starts
 //! `aloft serve` (this same binary, role `orchestrator`) as a child process, enrolls and runs a
 //! simulated fleet in this process, builds a signed and encrypted release, runs a campaign to
-//! every device and prints one summary line. Exit code 0 only if every device succeeded.
+//! every device and prints one summary line. A scenario file (`--scenario`, see
+//! `aloft_e2e::scenario`) sets the fault mix and the rollout policy. Exit code 0 only if the run
+//! ended as the scenario expects (by default: every device succeeded).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use aloft_device::Fleet;
-use aloft_e2e::{
-    create_campaign, finished, peak_rss_of, scrape, status, wait_registered, Lab, ReleaseSpec,
-};
+use std::sync::atomic::Ordering::Relaxed;
+
+use aloft_e2e::scenario::{Expect, Scenario};
+use aloft_e2e::{create_rollout, peak_rss_of, scrape, status, wait_registered, Lab, ReleaseSpec};
+use aloft_orchestrator::admin::wire::AdminBody;
 use aloft_orchestrator::cli as orch_cli;
-use aloft_orchestrator::store::Target;
+use aloft_orchestrator::store::{CampaignStatus, Target};
 use aloft_proto::DeviceState;
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -25,21 +29,25 @@ use indicatif::{ProgressBar, ProgressStyle};
     about = "Runs an orchestrator, a simulated fleet and one campaign to every device"
 )]
 struct Args {
-    /// Simulated devices.
-    #[arg(long, default_value_t = 100)]
-    devices: usize,
-    /// Size of the firmware image, KiB.
-    #[arg(long, default_value_t = 1024)]
-    image_kib: usize,
-    /// Chunk size, KiB.
-    #[arg(long, default_value_t = 16)]
-    chunk_kib: u32,
-    /// Chunk requests in flight per device.
-    #[arg(long, default_value_t = 8)]
-    window: u32,
-    /// Devices handshaking at once.
-    #[arg(long, default_value_t = 64)]
-    connect_concurrency: usize,
+    /// A scenario file (TOML): fleet, faults, rollout policy, expected outcome. Flags below
+    /// override its fleet settings.
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    /// Simulated devices [default: 100].
+    #[arg(long)]
+    devices: Option<usize>,
+    /// Size of the firmware image, KiB [default: 1024].
+    #[arg(long)]
+    image_kib: Option<usize>,
+    /// Chunk size, KiB [default: 16].
+    #[arg(long)]
+    chunk_kib: Option<u32>,
+    /// Chunk requests in flight per device [default: 8].
+    #[arg(long)]
+    window: Option<u32>,
+    /// Devices handshaking at once [default: 64].
+    #[arg(long)]
+    connect_concurrency: Option<usize>,
     /// Working directory (default: a fresh temporary one, removed afterwards).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -84,7 +92,23 @@ fn run_orchestrator(rest: &[String]) -> Result<()> {
     tokio::runtime::Runtime::new()?.block_on(orch_cli::run(cli))
 }
 
+/// The scenario with the command line's overrides applied.
+fn scenario(args: &Args) -> Result<Scenario> {
+    let mut sc = match &args.scenario {
+        Some(p) => Scenario::load(p)?,
+        None => Scenario::default(),
+    };
+    let f = &mut sc.fleet;
+    f.devices = args.devices.unwrap_or(f.devices);
+    f.image_kib = args.image_kib.unwrap_or(f.image_kib);
+    f.chunk_kib = args.chunk_kib.unwrap_or(f.chunk_kib);
+    f.window = args.window.unwrap_or(f.window);
+    f.connect_concurrency = args.connect_concurrency.unwrap_or(f.connect_concurrency);
+    Ok(sc)
+}
+
 async fn demo(args: Args) -> Result<bool> {
+    let sc = scenario(&args)?;
     let tmp;
     let root = match &args.dir {
         Some(d) => {
@@ -98,6 +122,7 @@ async fn demo(args: Args) -> Result<bool> {
     };
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("[{:>7.2}s] {what}", t0.elapsed().as_secs_f64());
+    let n_devices = sc.fleet.devices;
 
     let lab = Lab::create(&root).context("creating the lab")?;
     step("fleet CA, server certificate, operator and release key created");
@@ -109,52 +134,80 @@ async fn demo(args: Args) -> Result<bool> {
         orch.device_addr
     ));
 
-    let devices = lab.enroll_fleet("dev", args.devices)?;
+    let devices = lab.enroll_fleet("dev", n_devices)?;
     step(&format!(
         "{} devices enrolled (device-side keys, CSRs signed by the fleet CA)",
         devices.len()
     ));
     let mut cfg = lab.fleet_config(orch.device_addr);
-    cfg.window = args.window;
-    cfg.connect_concurrency = args.connect_concurrency;
-    cfg.slot_capacity = (args.image_kib as u64 * 1024).max(1024 * 1024) * 2;
+    cfg.window = sc.fleet.window;
+    cfg.connect_concurrency = sc.fleet.connect_concurrency;
+    cfg.slot_capacity = (sc.fleet.image_kib as u64 * 1024).max(1024 * 1024) * 2;
+    cfg.faults = sc.faults.clone();
+    let certs: Vec<String> = devices.iter().map(|d| d.cert_pem.clone()).collect();
     let fleet = Fleet::start(&cfg, devices)?;
     let admin = lab.operator(orch.device_addr).await?;
     let limit = Duration::from_secs(args.timeout_secs);
-    wait_registered(&admin, args.devices, limit).await?;
+    // Devices the scenario keeps offline at first are registered by their certificates later.
+    let expected_online = n_devices - fleet.counters.offline_devices.load(Relaxed) as usize;
+    wait_registered(&admin, expected_online, limit).await?;
     step(&format!(
-        "{} devices connected over mTLS and registered",
-        args.devices
+        "{expected_online} devices connected over mTLS and registered"
     ));
+    if expected_online < n_devices {
+        let _: serde_json::Value = admin
+            .call(AdminBody::DeviceRegister {
+                certs,
+                groups: Vec::new(),
+            })
+            .await?;
+        step(&format!(
+            "{} offline devices registered from their certificates",
+            n_devices - expected_online
+        ));
+    }
 
-    let mut spec = ReleaseSpec::new("2.0.0", 2, args.image_kib * 1024);
-    spec.chunk_bytes = args.chunk_kib * 1024;
-    let bundle = lab.build_release(&spec)?;
-    let artifact = aloft_orchestrator::ops::upload_bundle(&admin, &bundle, false).await?;
+    let mut spec = ReleaseSpec::new(
+        &sc.release.version,
+        sc.release.security_version,
+        sc.fleet.image_kib * 1024,
+    );
+    spec.chunk_bytes = sc.fleet.chunk_kib * 1024;
+    let artifact = lab.upload(&admin, &spec).await?;
+    let chunk_count = (sc.fleet.image_kib as u64).div_ceil(u64::from(sc.fleet.chunk_kib));
     step(&format!(
         "release {artifact} built, signed, encrypted and uploaded ({} KiB)",
-        args.image_kib
+        sc.fleet.image_kib
     ));
 
-    let campaign = create_campaign(&admin, artifact, Target::All).await?;
+    let campaign = create_rollout(&admin, artifact, Target::All, sc.policy.clone()).await?;
     let started = Instant::now();
-    step(&format!("campaign {campaign} created for every device"));
+    let first = status(&admin, &campaign, false).await?;
+    step(&format!(
+        "campaign {campaign} created for every device: {} waves of {:?}",
+        first.waves.len(),
+        first.waves.iter().map(|w| w.counts.size).collect::<Vec<_>>()
+    ));
 
-    let bar = ProgressBar::new(args.devices as u64);
+    let bar = ProgressBar::new(n_devices as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} succeeded {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let n = args.devices as u32;
+    let n = n_devices as u32;
     let marks = [50u64, 95, 100];
     let mut reached: Vec<Option<f64>> = vec![None; marks.len()];
+    let mut touched_at_pause: Option<u32> = None;
     let summary = loop {
         let s = status(&admin, &campaign, false).await?;
         let ok = s.count(DeviceState::Succeeded);
+        let idle = s.count(DeviceState::Idle);
+        let in_flight = s.total - idle - s.terminal();
         bar.set_position(u64::from(ok));
         bar.set_message(format!(
-            "downloading={} failed={} rolled_back={}",
-            s.count(DeviceState::Downloading),
+            "{} wave {} in flight={in_flight} failed={} rolled_back={}",
+            s.status,
+            s.waves.iter().filter(|w| w.opened_ms.is_some()).count(),
             s.count(DeviceState::Failed),
             s.count(DeviceState::RolledBack)
         ));
@@ -163,7 +216,15 @@ async fn demo(args: Args) -> Result<bool> {
                 reached[i] = Some(started.elapsed().as_secs_f64());
             }
         }
-        if finished(&s) || started.elapsed() > limit {
+        if s.status == CampaignStatus::Paused && touched_at_pause.is_none() {
+            touched_at_pause = Some(s.total - idle);
+        }
+        let settled = match s.status {
+            CampaignStatus::Active => false,
+            // Devices in flight when it paused or stopped finish on their own.
+            _ => in_flight == 0,
+        };
+        if settled || started.elapsed() > limit {
             break s;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -179,6 +240,7 @@ async fn demo(args: Args) -> Result<bool> {
         }
     };
     let served = metric("aloft_chunk_bytes_served_total").await;
+    let chunks_served = metric("aloft_chunks_served_total").await as u64;
     let dropped = metric("aloft_front{counter=\"direct_dropped\"}").await;
     let views = fleet.views();
     let total = |f: fn(&aloft_device::AgentStats) -> u64| -> u64 {
@@ -187,20 +249,47 @@ async fn demo(args: Args) -> Result<bool> {
     let request_errors = total(|s| s.chunks_rejected);
     let expired = total(|s| s.chunk_requests_expired);
     let duplicates = total(|s| s.chunks_duplicate);
-    let sessions = fleet
-        .counters
-        .sessions_up
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let c = &fleet.counters;
+    let sessions = c.sessions_up.load(Relaxed);
     let orch_rss = orch.peak_rss_bytes().unwrap_or(0);
     let sim_rss = peak_rss_of("/proc/self/status").unwrap_or(0);
-    let corrupted = fleet
-        .counters
-        .chunks_corrupted
-        .load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
-        "devices: {sessions} sessions for {} devices, {expired} chunk requests timed out, {duplicates} duplicate chunks received",
-        args.devices
+        "devices: {sessions} sessions for {n_devices} devices, {expired} chunk requests timed out, {duplicates} duplicate chunks received"
     );
+    eprintln!(
+        "faults injected: {} link drops, {} power losses, {} chunks corrupted, {} slow links, {} offline at start, {} boot hangs, {} unhealthy after confirm",
+        c.link_drops.load(Relaxed),
+        c.power_losses.load(Relaxed),
+        c.chunks_corrupted.load(Relaxed),
+        c.slow_devices.load(Relaxed),
+        c.offline_devices.load(Relaxed),
+        c.boot_hangs.load(Relaxed),
+        c.unhealthy_devices.load(Relaxed),
+    );
+    let downloaded = u64::from(summary.total - summary.count(DeviceState::Idle));
+    let needed = downloaded * chunk_count;
+    eprintln!(
+        "chunks served: {chunks_served} for {downloaded} devices that needed {needed}: {} re-sent ({:.1}%)",
+        chunks_served.saturating_sub(needed),
+        chunks_served.saturating_sub(needed) as f64 * 100.0 / needed.max(1) as f64
+    );
+    for w in &summary.waves {
+        let at = |ms: Option<u64>| {
+            ms.map_or("-".to_owned(), |t| {
+                format!("{:.2}s", t.saturating_sub(summary.created_ms) as f64 / 1000.0)
+            })
+        };
+        eprintln!(
+            "wave {}: {} devices, opened {} finished {} (succeeded {}, failed {}, unhealthy {})",
+            w.wave,
+            w.counts.size,
+            at(w.opened_ms),
+            at(w.finished_ms),
+            w.counts.succeeded,
+            w.counts.failed,
+            w.counts.unhealthy
+        );
+    }
     let fmt_mark = |v: Option<f64>| v.map_or("-".to_owned(), |s| format!("{s:.2}s"));
     eprintln!(
         "time to 50%: {}  95%: {}  100%: {}",
@@ -208,8 +297,15 @@ async fn demo(args: Args) -> Result<bool> {
         fmt_mark(reached[1]),
         fmt_mark(reached[2])
     );
+    if let Some(t) = touched_at_pause {
+        eprintln!(
+            "paused by itself: {}; {t} devices notified when it paused, {} in the end",
+            summary.reason.as_deref().unwrap_or(""),
+            summary.total - summary.count(DeviceState::Idle)
+        );
+    }
     eprintln!(
-        "chunk bytes served: {:.1} MiB ({dropped} frames dropped at the front, {request_errors} rejected by devices); peak RSS orchestrator: {:.1} MiB, simulator: {:.1} MiB; chunks corrupted in transit: {corrupted}",
+        "chunk bytes served: {:.1} MiB ({dropped} frames dropped at the front, {request_errors} rejected by devices); peak RSS orchestrator: {:.1} MiB, simulator: {:.1} MiB",
         served / 1_048_576.0,
         orch_rss as f64 / 1_048_576.0,
         sim_rss as f64 / 1_048_576.0,
@@ -220,9 +316,21 @@ async fn demo(args: Args) -> Result<bool> {
 
     let succeeded = summary.count(DeviceState::Succeeded);
     println!(
-        "campaign {campaign}: succeeded={succeeded} failed={} rolled_back={} in {secs:.2}s",
+        "campaign {campaign}: {} succeeded={succeeded} failed={} rolled_back={} in {secs:.2}s",
+        summary.status,
         summary.count(DeviceState::Failed),
         summary.count(DeviceState::RolledBack),
     );
-    Ok(succeeded as usize == args.devices && summary.total as usize == args.devices)
+    Ok(match sc.expect {
+        Expect::Finished => {
+            summary.status == CampaignStatus::Finished
+                && succeeded as usize == n_devices
+                && summary.total as usize == n_devices
+        }
+        Expect::Paused => {
+            let canary = summary.waves.first().map_or(0, |w| w.counts.size);
+            summary.status == CampaignStatus::Paused
+                && summary.total - summary.count(DeviceState::Idle) <= canary
+        }
+    })
 }
