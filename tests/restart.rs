@@ -97,3 +97,85 @@ fn acknowledged(fleet: &Fleet, campaign: &CampaignId) -> HashMap<DeviceId, Devic
         })
         .collect()
 }
+
+/// A campaign that paused itself stays paused across a SIGKILL: the rollout's state (open waves,
+/// status, why) comes back from the store, nobody new is notified, and the thresholds still hold
+/// when an operator resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_rollout_stays_paused_across_a_crash_and_its_thresholds_still_hold() {
+    use aloft_e2e::create_rollout;
+    use aloft_orchestrator::admin::wire::AdminBody;
+    use aloft_orchestrator::rollout::policy::{Growth, Size, Threshold, Waves};
+    use aloft_orchestrator::rollout::RolloutPolicy;
+    use aloft_orchestrator::store::{CampaignStatus, Target};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = Lab::create(tmp.path()).unwrap();
+    let orch = lab.spawn(exe(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = orch.device_addr;
+    let devices = lab.enroll_fleet("dev", 10).unwrap();
+    let mut cfg = lab.fleet_config(addr);
+    cfg.faults.health_check_failure_probability = 1.0;
+    let fleet = Fleet::start(&cfg, devices).unwrap();
+    let admin = lab.operator(addr).await.unwrap();
+    wait_registered(&admin, 10, LIMIT).await.unwrap();
+    let artifact = lab
+        .upload(&admin, &ReleaseSpec::new("2.0.0", 2, 64 * 1024))
+        .await
+        .unwrap();
+    let policy = RolloutPolicy {
+        waves: Waves {
+            canary: Some(Size::Count(2)),
+            growth: Growth::Percent(vec![50.0, 100.0]),
+        },
+        pause_at: Some(Threshold {
+            ratio: 0.5,
+            min_sample: 2,
+        }),
+        ..RolloutPolicy::default()
+    };
+    let campaign = create_rollout(&admin, artifact, Target::All, policy)
+        .await
+        .unwrap();
+    let paused = wait_campaign(&admin, &campaign, LIMIT, |s| {
+        s.status == CampaignStatus::Paused && s.waves[0].counts.finished() == 2
+    })
+    .await
+    .unwrap();
+    admin.disconnect().await;
+    orch.kill9().unwrap();
+
+    let orch = lab.spawn(exe(), addr).unwrap();
+    let admin = lab.operator(orch.device_addr).await.unwrap();
+    let after = status(&admin, &campaign, false).await.unwrap();
+    assert_eq!(after.status, CampaignStatus::Paused);
+    assert_eq!(after.reason, paused.reason);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let later = status(&admin, &campaign, false).await.unwrap();
+    assert_eq!(
+        later.count(DeviceState::Idle),
+        8,
+        "nobody notified after the restart"
+    );
+
+    // Resuming overrides the canary's verdict; wave 1 fails too and pauses the campaign again.
+    let _: serde_json::Value = admin
+        .call(AdminBody::CampaignResume {
+            campaign: campaign.clone(),
+        })
+        .await
+        .unwrap();
+    let again = wait_campaign(&admin, &campaign, LIMIT, |s| {
+        s.status == CampaignStatus::Paused && s.reason.as_deref().unwrap_or("").contains("wave 1")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        again.count(DeviceState::Idle),
+        5,
+        "wave 2 never opened: {:?}",
+        again.counts
+    );
+    fleet.shutdown().await;
+    drop(orch);
+}
