@@ -198,4 +198,20 @@ fn report(fleet: &Fleet) {
         *by_state.entry(s).or_default() += 1;
     }
     eprintln!("connected={connected}/{} {by_state:?}", views.len());
+    let c = &fleet.counters;
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let faults = [
+        ("chunks_corrupted", n(&c.chunks_corrupted)),
+        ("link_drops", n(&c.link_drops)),
+        ("power_losses", n(&c.power_losses)),
+        ("boot_hangs", n(&c.boot_hangs)),
+        ("health_check_failures", n(&c.health_check_failures)),
+        ("slow_devices", n(&c.slow_devices)),
+        ("offline_devices", n(&c.offline_devices)),
+        ("unhealthy_devices", n(&c.unhealthy_devices)),
+    ];
+    if faults.iter().any(|(_, v)| *v > 0) {
+        let list: Vec<String> = faults.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        eprintln!("faults injected: {}", list.join(" "));
+    }
 }

@@ -226,7 +226,7 @@ pub struct DeviceView {
     pub last_finished: Option<(CampaignId, DeviceState, Option<Reason>, bool)>,
     /// The agent's counters, summed over every power-on since the simulator started.
     pub stats: AgentStats,
-    /// The last report the orchestrator accepted, since the device last powered on.
+    /// The last report the orchestrator accepted, since the simulator started.
     pub last_acked: Option<(CampaignId, DeviceState)>,
     /// Reports not yet acknowledged.
     pub outbox: usize,
@@ -360,7 +360,10 @@ impl Hooks for SimHooks {
             .back()
             .map(|f| (f.campaign.clone(), f.state, f.reason, f.acked));
         v.stats = stats;
-        v.last_acked = agent.last_acked().cloned();
+        // A new agent after a power loss remembers no ack yet; the view keeps the last one.
+        if let Some(acked) = agent.last_acked() {
+            v.last_acked = Some(acked.clone());
+        }
         v.outbox = record.outbox.len();
         v.chunks_fetched_total = fetched;
     }
