@@ -53,6 +53,10 @@ pub struct SlotMeta {
     pub version: Option<String>,
     /// The anti-rollback counter of that image.
     pub security_version: SecurityVersion,
+    /// Boots of this image while Unverified (U-Boot's `bootcount`): a power loss before the
+    /// confirm costs one, and the bootloader gives up on the image after its boot limit.
+    #[serde(default)]
+    pub boot_attempts: u8,
 }
 
 impl SlotMeta {
@@ -61,6 +65,7 @@ impl SlotMeta {
             state: SlotState::Invalid,
             version: None,
             security_version: SecurityVersion(0),
+            boot_attempts: 0,
         }
     }
 }
@@ -84,6 +89,7 @@ impl SlotTable {
                     state: SlotState::Valid,
                     version: Some(version.to_owned()),
                     security_version,
+                    boot_attempts: 0,
                 },
                 SlotMeta::empty(),
             ],
@@ -128,6 +134,7 @@ impl SlotTable {
             state: SlotState::Unverified,
             version: Some(version.to_owned()),
             security_version,
+            boot_attempts: 0,
         };
         self.boot = update;
     }
@@ -135,6 +142,14 @@ impl SlotTable {
     /// A reset: the boot slot becomes the running slot. The previous one stays as the fallback.
     pub fn reboot(&mut self) {
         self.running = self.boot;
+        self.count_boot();
+    }
+
+    fn count_boot(&mut self) {
+        let m = &mut self.slots[self.running.index()];
+        if m.state == SlotState::Unverified {
+            m.boot_attempts = m.boot_attempts.saturating_add(1);
+        }
     }
 
     /// Confirms the running image (esp-idf's `mark_running_slot_valid`).
@@ -155,25 +170,32 @@ impl SlotTable {
     }
 
     /// What the bootloader does when power comes back (or after any reset it did not ask for),
-    /// as esp-idf's does with rollback enabled:
+    /// as U-Boot's `bootcount`/`bootlimit` does for RAUC, Mender and SWUpdate (with
+    /// `boot_limit` 1 it is esp-idf's rollback: no second chance):
     ///
-    /// - the running image was booted but never confirmed (Unverified): it is abandoned, marked
-    ///   Invalid, and the other slot, Valid, boots;
+    /// - the running image was booted but never confirmed (Unverified): if it has been booted
+    ///   `boot_limit` times it is abandoned, marked Invalid, and the other slot, Valid, boots;
+    ///   otherwise it boots again and must confirm in this boot;
     /// - an installed image waits in the boot slot and was never booted: it boots now, still
     ///   Unverified, and must confirm in this boot;
     /// - otherwise the running slot boots again.
     ///
     /// A Valid slot is never given up, so a device always keeps one to fall back to.
-    pub fn power_on(&mut self) -> PowerOn {
+    pub fn power_on(&mut self, boot_limit: u8) -> PowerOn {
         let other = self.running.other();
         if self.running_meta().state == SlotState::Unverified
             && self.meta(other).state == SlotState::Valid
         {
+            if self.running_meta().boot_attempts < boot_limit.max(1) {
+                self.count_boot();
+                return PowerOn::BootedAgain;
+            }
             self.roll_back();
             return PowerOn::FellBack;
         }
         if self.boot != self.running && self.meta(self.boot).state == SlotState::Unverified {
             self.running = self.boot;
+            self.count_boot();
             return PowerOn::BootedUpdate;
         }
         // A boot slot that holds nothing bootable is ignored: the running slot boots again.
@@ -189,6 +211,8 @@ pub enum PowerOn {
     Unchanged,
     /// The installed image was booted for the first time; it runs Unverified.
     BootedUpdate,
+    /// The unconfirmed image was booted once more (within its boot limit); it runs Unverified.
+    BootedAgain,
     /// The unconfirmed image was abandoned; the previous, Valid image runs again.
     FellBack,
 }
@@ -400,7 +424,7 @@ mod tests {
     fn power_on_boots_an_installed_image_that_never_ran() {
         let mut t = SlotTable::factory("1.0", SecurityVersion(1));
         t.install_update("2.0", SecurityVersion(2));
-        assert_eq!(t.power_on(), PowerOn::BootedUpdate);
+        assert_eq!(t.power_on(1), PowerOn::BootedUpdate);
         assert_eq!(t.running_slot(), SlotId::B);
         assert_eq!(t.running_meta().state, SlotState::Unverified);
         assert!(t.has_valid_slot());
@@ -411,20 +435,33 @@ mod tests {
         let mut t = SlotTable::factory("1.0", SecurityVersion(1));
         t.install_update("2.0", SecurityVersion(2));
         t.reboot();
-        assert_eq!(t.power_on(), PowerOn::FellBack);
+        assert_eq!(t.power_on(1), PowerOn::FellBack);
         assert_eq!((t.running_slot(), t.boot_slot()), (SlotId::A, SlotId::A));
         assert_eq!(t.meta(SlotId::B).state, SlotState::Invalid);
-        assert_eq!(t.power_on(), PowerOn::Unchanged, "stable from then on");
+        assert_eq!(t.power_on(1), PowerOn::Unchanged, "stable from then on");
+    }
+
+    #[test]
+    fn an_unconfirmed_image_gets_its_boot_limit_then_falls_back() {
+        let mut t = SlotTable::factory("1.0", SecurityVersion(1));
+        t.install_update("2.0", SecurityVersion(2));
+        t.reboot();
+        assert_eq!(t.power_on(3), PowerOn::BootedAgain);
+        assert_eq!(t.power_on(3), PowerOn::BootedAgain);
+        assert_eq!(t.running_meta().boot_attempts, 3);
+        assert_eq!(t.power_on(3), PowerOn::FellBack);
+        assert_eq!(t.running_meta().version.as_deref(), Some("1.0"));
+        assert!(t.has_valid_slot());
     }
 
     #[test]
     fn power_on_keeps_a_confirmed_image() {
         let mut t = SlotTable::factory("1.0", SecurityVersion(1));
-        assert_eq!(t.power_on(), PowerOn::Unchanged);
+        assert_eq!(t.power_on(3), PowerOn::Unchanged);
         t.install_update("2.0", SecurityVersion(2));
         t.reboot();
         t.mark_running_slot_valid();
-        assert_eq!(t.power_on(), PowerOn::Unchanged);
+        assert_eq!(t.power_on(3), PowerOn::Unchanged);
         assert_eq!(t.running_meta().version.as_deref(), Some("2.0"));
     }
 

@@ -9,8 +9,9 @@
 //!
 //! A new agent is a device that just powered on: [`UpdateAgent::new`] first does what the
 //! bootloader does ([`SlotTable::power_on`](crate::slots::SlotTable::power_on)). An image that
-//! booted but never confirmed is abandoned and the campaign ends `rolled_back` / `boot_failed`;
-//! one installed but not yet booted boots now and is verified. After the reset into a new image
+//! booted but never confirmed boots again, up to [`AgentConfig::boot_limit`] boots, and is
+//! verified afresh; past the limit it is abandoned and the campaign ends `rolled_back` /
+//! `boot_failed`. One installed but not yet booted boots now and is verified. After the reset into a new image
 //! the health check may take its time ([`HealthStatus::Pending`]); if the image has not confirmed
 //! within [`AgentConfig::confirm_deadline_ms`] it is abandoned the same way. Once a campaign's
 //! image is confirmed, the agent publishes [`Heartbeat`]s with the application's health.
@@ -61,6 +62,9 @@ pub struct AgentConfig {
     /// reset into it is abandoned: the device boots back into the old slot and reports
     /// `rolled_back` / `boot_failed`, as a bootloader watchdog would.
     pub confirm_deadline_ms: u64,
+    /// Boots an unconfirmed image gets before the bootloader falls back (U-Boot's `bootlimit`):
+    /// a power loss before the confirm costs one. 1 is esp-idf's behaviour.
+    pub boot_limit: u8,
     /// How often a device running a confirmed image from a campaign publishes a heartbeat while
     /// connected; 0 turns heartbeats off.
     pub heartbeat_ms: u64,
@@ -86,6 +90,7 @@ impl AgentConfig {
             max_chunk_retries: 8,
             not_downloading_pause_ms: 1_000,
             confirm_deadline_ms: 60_000,
+            boot_limit: 3,
             heartbeat_ms: 10_000,
             reboot_delay_ms: 0,
         }
@@ -292,7 +297,7 @@ impl UpdateAgent {
     /// Boots the slot the bootloader would, and ends a campaign whose new image was reset before
     /// it confirmed. An image installed but never booted is simply booted: `advance` verifies it.
     fn power_on(&mut self) {
-        let outcome = self.record.slots.power_on();
+        let outcome = self.record.slots.power_on(self.cfg.boot_limit);
         if outcome == PowerOn::Unchanged {
             return;
         }

@@ -704,14 +704,17 @@ fn a_pending_health_check_confirms_once_it_passes() {
     assert_eq!(rig.agent.record().floor, SecurityVersion(2));
 }
 
+/// With a boot limit of 1 (esp-idf's rollback) there is no second boot.
 #[test]
 fn a_reset_before_the_new_image_confirms_falls_back_and_reports_boot_failed() {
     let fx = Fixture::new();
     let rel = fx.release(&ReleaseSpec::default());
     let health = SlowHealth::new(5, HealthStatus::Healthy);
     let power_on = |record| {
+        let mut cfg = slow_boot_config(&fx);
+        cfg.boot_limit = 1;
         fx.agent_with(
-            slow_boot_config(&fx),
+            cfg,
             record,
             Box::new(health.clone()) as Box<dyn HealthCheck>,
         )
@@ -778,13 +781,71 @@ fn a_power_loss_between_the_rebooting_report_and_the_reset_boots_and_verifies_th
     );
 }
 
+/// A reset before the new image confirms costs one of its boots; `boot_limit` of them and
+/// the bootloader falls back.
+#[test]
+fn an_unconfirmed_image_boots_again_until_its_boot_limit() {
+    let fx = Fixture::new();
+    let rel = fx.release(&ReleaseSpec::default());
+    let health = SlowHealth::new(5, HealthStatus::Healthy);
+    let power_on = |record| {
+        fx.agent_with(
+            slow_boot_config(&fx),
+            record,
+            Box::new(health.clone()) as Box<dyn HealthCheck>,
+        )
+    };
+    let verifying = |rig: &mut Rig| {
+        while rig.agent.current().map(|(_, p)| p) != Some(Verifying) {
+            assert!(one_move(rig, &rel));
+        }
+    };
+    // One power loss before the confirm: the image boots again and confirms.
+    let mut rig = Rig::new(power_on(DeviceRecord::factory("1.0.0", SecurityVersion(1))));
+    rig.connect();
+    rig.step(Input::Job(&fx.job("c-1", &rel)));
+    verifying(&mut rig);
+    rig.power_cycle(power_on);
+    assert_eq!(rig.agent.record().running_version(), "2.0.0");
+    rig.connect();
+    rig.settle(&rel);
+    assert_eq!(finished(&rig, "c-1"), (Succeeded, None));
+    assert_eq!(rig.agent.record().floor, SecurityVersion(2));
+
+    // Three boots without a confirm (the default limit): back to the old image.
+    let health = SlowHealth::new(5, HealthStatus::Healthy);
+    let power_on = |record| {
+        fx.agent_with(
+            slow_boot_config(&fx),
+            record,
+            Box::new(health.clone()) as Box<dyn HealthCheck>,
+        )
+    };
+    let mut rig = Rig::new(power_on(DeviceRecord::factory("1.0.0", SecurityVersion(1))));
+    rig.connect();
+    rig.step(Input::Job(&fx.job("c-2", &rel)));
+    verifying(&mut rig);
+    rig.power_cycle(power_on);
+    rig.power_cycle(power_on);
+    assert_eq!(rig.agent.record().running_version(), "2.0.0");
+    rig.power_cycle(power_on);
+    assert_eq!(
+        finished(&rig, "c-2"),
+        (RolledBack, Some(Reason::BootFailed))
+    );
+    assert_eq!(rig.agent.record().running_version(), "1.0.0");
+    assert!(rig.agent.record().slots.has_valid_slot());
+}
+
 #[test]
 fn a_power_loss_at_any_step_of_an_update_keeps_a_valid_slot_and_still_reports_an_end() {
     let fx = Fixture::new();
     let rel = fx.release(&ReleaseSpec::default());
     let power_on = |record| {
+        let mut cfg = slow_boot_config(&fx);
+        cfg.boot_limit = 1;
         fx.agent_with(
-            slow_boot_config(&fx),
+            cfg,
             record,
             Box::new(SlowHealth::new(2, HealthStatus::Healthy)) as Box<dyn HealthCheck>,
         )
@@ -813,7 +874,7 @@ fn a_power_loss_at_any_step_of_an_update_keeps_a_valid_slot_and_still_reports_an
         outcomes.insert(format!("{:?}", end));
     }
     // Before the reset the new image is still booted and verified; after it, unconfirmed, it is
-    // abandoned.
+    // abandoned (a boot limit of 1).
     let expected = ["(Succeeded, None)", "(RolledBack, Some(BootFailed))"];
     assert_eq!(outcomes, expected.into_iter().map(String::from).collect());
 }
