@@ -179,7 +179,7 @@ impl Lab {
     /// Builds and uploads a release.
     pub async fn upload(&self, admin: &AdminClient, spec: &ReleaseSpec) -> Result<ArtifactId> {
         let bundle = self.build_release(spec)?;
-        Ok(ops::upload_bundle(admin, &bundle, false).await?)
+        ops::upload_bundle(admin, &bundle, false).await
     }
 }
 

@@ -186,7 +186,11 @@ async fn demo(args: Args) -> Result<bool> {
     step(&format!(
         "campaign {campaign} created for every device: {} waves of {:?}",
         first.waves.len(),
-        first.waves.iter().map(|w| w.counts.size).collect::<Vec<_>>()
+        first
+            .waves
+            .iter()
+            .map(|w| w.counts.size)
+            .collect::<Vec<_>>()
     ));
 
     let bar = ProgressBar::new(n_devices as u64);
@@ -276,7 +280,10 @@ async fn demo(args: Args) -> Result<bool> {
     for w in &summary.waves {
         let at = |ms: Option<u64>| {
             ms.map_or("-".to_owned(), |t| {
-                format!("{:.2}s", t.saturating_sub(summary.created_ms) as f64 / 1000.0)
+                format!(
+                    "{:.2}s",
+                    t.saturating_sub(summary.created_ms) as f64 / 1000.0
+                )
             })
         };
         eprintln!(

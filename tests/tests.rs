@@ -6,5 +6,6 @@ mod common;
 
 mod attacks;
 mod campaign;
+mod faults;
 mod restart;
 mod rollout;
