@@ -9,7 +9,7 @@ use std::time::Duration;
 use aloft_certs::{FleetCa, Validity};
 use aloft_proto::manifest::{ReleaseSigningKey, DEFAULT_CHUNK_BYTES};
 use aloft_proto::release::ReleaseMeta;
-use aloft_proto::{ArtifactId, CampaignId, DeviceId, DeviceState, OperatorId, SecurityVersion};
+use aloft_proto::{ArtifactId, CampaignId, DeviceState, OperatorId, SecurityVersion};
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
@@ -20,9 +20,11 @@ use crate::config::{FileConfig, ServeConfig, DEFAULT_CONFIG_TOML};
 use crate::ops::{
     add_release_key, build_bundle, init, issue_operator_profile, upload_bundle, write_new,
 };
-use crate::rollout::policy::{Growth, MaintenanceWindow, Size, Threshold};
-use crate::rollout::RolloutPolicy;
 use crate::store::Target;
+
+mod rollout;
+pub use rollout::{describe, describe_policy, parse_duration, PolicyArgs};
+use rollout::{device_ids, parse_label, print_dry_run, unix_now};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -276,13 +278,16 @@ pub enum CampaignCommand {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Counts per state; `--watch` follows until the campaign finishes.
+    /// Status, policy, waves and counts per state; `--watch` follows until the campaign stops.
     Status {
         campaign: String,
         #[arg(long)]
         devices: bool,
         #[arg(long)]
         watch: bool,
+        /// Print the raw JSON summary.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -290,197 +295,6 @@ pub enum CampaignCommand {
         #[command(flatten)]
         conn: Conn,
     },
-}
-
-/// A rollout policy from the command line: a TOML file (`--policy`) overridden by flags.
-/// Durations take `s`, `m`, `h` or `d` (`90s`, `10m`); ratios take `%`.
-#[derive(Args, Debug, Default)]
-pub struct PolicyArgs {
-    /// TOML file holding a rollout policy (the fields of PROTOCOL.md §Rollout policy).
-    #[arg(long)]
-    policy: Option<PathBuf>,
-    /// The first wave: a device count (`10`) or a percentage (`1%`).
-    #[arg(long)]
-    canary: Option<String>,
-    /// Cumulative percentages of the waves after the canary, e.g. `10,50,100`.
-    #[arg(long, value_delimiter = ',', conflicts_with = "growth")]
-    waves: Vec<f64>,
-    /// Exponential growth: each wave this many times the one before.
-    #[arg(long)]
-    growth: Option<f64>,
-    /// Wait this long after a wave finishes before the next starts.
-    #[arg(long)]
-    soak: Option<String>,
-    /// A wave is finished when this share of it has finished (`95%`).
-    #[arg(long)]
-    advance_at: Option<String>,
-    /// Pause when a wave's failed/finished reaches this: `RATIO%[:MIN_SAMPLE]`, e.g. `20%:5`.
-    #[arg(long)]
-    pause_at: Option<String>,
-    /// Abort when a wave's failed/finished reaches this: `RATIO%[:MIN_SAMPLE]`.
-    #[arg(long)]
-    abort_at: Option<String>,
-    /// A device stuck downloading, installing or verifying for longer is timed out.
-    #[arg(long)]
-    device_timeout: Option<String>,
-    /// A notified device silent for longer is timed out (unset: it keeps its job).
-    #[arg(long)]
-    notified_timeout: Option<String>,
-    /// At most this many devices downloading at once.
-    #[arg(long)]
-    concurrency: Option<u32>,
-    /// Start no device before this: Unix seconds, or `+DURATION` from now.
-    #[arg(long)]
-    start_at: Option<String>,
-    /// Daily maintenance window in UTC, `HH:MM-HH:MM` (may wrap past midnight).
-    #[arg(long)]
-    window: Option<String>,
-    /// After this long, devices that never started are timed out and the campaign expires.
-    #[arg(long)]
-    deadline: Option<String>,
-}
-
-/// Parses `90`, `90s`, `10m`, `2h`, `1d` into seconds.
-pub fn parse_duration(s: &str) -> Result<u64> {
-    let s = s.trim();
-    let (num, unit) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
-        _ => (s, 's'),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| anyhow::anyhow!("{s:?} is not a duration like 90s, 10m, 2h or 1d"))?;
-    let mult = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3600,
-        'd' => 86_400,
-        _ => bail!("{s:?}: unknown unit {unit:?} (use s, m, h or d)"),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| anyhow::anyhow!("{s:?} is too long"))
-}
-
-/// Parses `20%` or `0.2` into a ratio in [0, 1].
-fn parse_ratio(s: &str) -> Result<f64> {
-    let r = match s.trim().strip_suffix('%') {
-        Some(p) => p.trim().parse::<f64>().map(|p| p / 100.0),
-        None => s.trim().parse::<f64>(),
-    }
-    .map_err(|_| anyhow::anyhow!("{s:?} is not a ratio like 20% or 0.2"))?;
-    if !(0.0..=1.0).contains(&r) {
-        bail!("{s:?} is not between 0% and 100%");
-    }
-    Ok(r)
-}
-
-fn parse_threshold(s: &str) -> Result<Threshold> {
-    let (ratio, min) = match s.split_once(':') {
-        Some((r, m)) => (r, m.trim().parse::<u32>()?),
-        None => (s, 1),
-    };
-    Ok(Threshold {
-        ratio: parse_ratio(ratio)?,
-        min_sample: min,
-    })
-}
-
-impl PolicyArgs {
-    pub fn to_policy(&self, now_secs: u64) -> Result<RolloutPolicy> {
-        let mut p = match &self.policy {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)?;
-                toml::from_str(&text)
-                    .map_err(|e| anyhow::anyhow!("policy file {}: {e}", path.display()))?
-            }
-            None => RolloutPolicy::default(),
-        };
-        if let Some(c) = &self.canary {
-            p.waves.canary = Some(match c.trim().strip_suffix('%') {
-                Some(pct) => Size::Percent(pct.trim().parse()?),
-                None => Size::Count(c.trim().parse()?),
-            });
-        }
-        if !self.waves.is_empty() {
-            p.waves.growth = Growth::Percent(self.waves.clone());
-        }
-        if let Some(f) = self.growth {
-            p.waves.growth = Growth::Exponential(f);
-        }
-        if let Some(d) = &self.soak {
-            p.soak_secs = parse_duration(d)?;
-        }
-        if let Some(r) = &self.advance_at {
-            p.advance_at = parse_ratio(r)?;
-        }
-        if let Some(t) = &self.pause_at {
-            p.pause_at = Some(parse_threshold(t)?);
-        }
-        if let Some(t) = &self.abort_at {
-            p.abort_at = Some(parse_threshold(t)?);
-        }
-        if let Some(d) = &self.device_timeout {
-            p.device_timeout_secs = Some(parse_duration(d)?);
-        }
-        if let Some(d) = &self.notified_timeout {
-            p.notified_timeout_secs = Some(parse_duration(d)?);
-        }
-        if let Some(k) = self.concurrency {
-            p.concurrency = Some(k);
-        }
-        if let Some(t) = &self.start_at {
-            p.start_at = Some(match t.trim().strip_prefix('+') {
-                Some(d) => now_secs + parse_duration(d)?,
-                None => t.trim().parse()?,
-            });
-        }
-        if let Some(w) = &self.window {
-            p.window = Some(MaintenanceWindow::parse(w)?);
-        }
-        if let Some(d) = &self.deadline {
-            p.deadline_secs = Some(parse_duration(d)?);
-        }
-        p.validate()?;
-        Ok(p)
-    }
-}
-
-fn parse_label(s: &str) -> Result<(String, String)> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => bail!("label {s:?} is not key=value"),
-    }
-}
-
-fn device_ids(v: Vec<String>) -> Result<Vec<DeviceId>> {
-    Ok(v.into_iter().map(DeviceId::new).collect::<Result<_, _>>()?)
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Prints a dry run as the operator reads it: wave by wave.
-fn print_dry_run(d: &DryRun) {
-    println!(
-        "dry run: {} would go to {} devices in {} waves",
-        d.artifact,
-        d.total,
-        d.waves.len()
-    );
-    let mut before = 0;
-    for (i, w) in d.waves.iter().enumerate() {
-        before += w.len();
-        let ids: Vec<&str> = w.iter().map(|d| d.as_str()).collect();
-        println!(
-            "wave {i}: {} devices (cumulative {before}): {}",
-            w.len(),
-            ids.join(" ")
-        );
-    }
 }
 
 async fn create_or_dry_run(conn: &Conn, body: AdminBody, dry_run: bool) -> Result<()> {
@@ -813,6 +627,7 @@ async fn campaign(c: CampaignCommand) -> Result<()> {
             campaign,
             devices,
             watch,
+            json,
             conn,
         } => {
             let client = AdminClient::connect(&conn.profile, &conn.server).await?;
@@ -823,7 +638,11 @@ async fn campaign(c: CampaignCommand) -> Result<()> {
             let s: CampaignSummary = client
                 .call(AdminBody::CampaignStatus { campaign, devices })
                 .await?;
-            print_json(&s)?;
+            if json {
+                print_json(&s)?;
+            } else {
+                print!("{}", describe(&s));
+            }
         }
         CampaignCommand::List { conn } => {
             call_and_print(&conn, AdminBody::CampaignList {}).await?;
