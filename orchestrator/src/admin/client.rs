@@ -25,10 +25,11 @@ pub const PROFILE_KEY: &str = "operator.key";
 /// Why an admin call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("reading {path}: {source}")]
+    // The I/O error is in the message, not a `source`: `{:#}` would print it twice.
+    #[error("reading {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("operator certificate: {0}")]
     Pki(#[from] aloft_certs::PkiError),
@@ -40,8 +41,9 @@ pub enum ClientError {
     Timeout(Duration),
     #[error("connection to the orchestrator closed")]
     Closed,
+    /// Not a `source` either, for the same reason.
     #[error("refused: {0}")]
-    Refused(#[from] AdminError),
+    Refused(AdminError),
     #[error("unexpected reply: {0}")]
     BadReply(String),
 }
@@ -60,9 +62,9 @@ pub struct AdminClient {
 }
 
 fn read(path: &Path) -> Result<String, ClientError> {
-    std::fs::read_to_string(path).map_err(|source| ClientError::Read {
+    std::fs::read_to_string(path).map_err(|error| ClientError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
