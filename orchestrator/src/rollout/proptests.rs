@@ -393,3 +393,99 @@ fn unhealthy_during_soak_fails_the_wave_but_not_after() {
         "after the soak it no longer counts"
     );
 }
+
+fn members(n: usize) -> Vec<DeviceId> {
+    (0..n)
+        .map(|i| DeviceId::new(format!("d{i}")).unwrap())
+        .collect()
+}
+
+fn notified(actions: &[Action]) -> usize {
+    actions
+        .iter()
+        .filter(|a| matches!(a, Action::Notify(_)))
+        .count()
+}
+
+#[test]
+fn nobody_starts_before_the_start_time_or_outside_the_window() {
+    let day = 86_400_000u64;
+    let at = |h: u64, m: u64| 20 * day + (h * 60 + m) * 60_000;
+    let policy = RolloutPolicy {
+        start_at: Some(at(2, 0) / 1000),
+        window: Some(policy::MaintenanceWindow::parse("01:00-03:00").unwrap()),
+        concurrency: Some(2),
+        ..RolloutPolicy::default()
+    };
+    let m = members(5);
+    let plan = Plan::new(&ArtifactId::new("fw-s").unwrap(), &m, &policy);
+    let mut r = Rollout::new(
+        plan,
+        policy,
+        at(0, 30),
+        CampaignStatus::Active,
+        RolloutState::default(),
+        &HashMap::new(),
+    );
+    assert_eq!(
+        notified(&r.tick(at(1, 30))),
+        0,
+        "inside the window, before the start"
+    );
+    let first = r.tick(at(2, 0));
+    assert_eq!(notified(&first), 2, "started, capped by concurrency");
+    for a in &first {
+        if let Action::Notify(d) = a {
+            r.observe(d, DeviceState::Succeeded, at(2, 1));
+        }
+    }
+    assert_eq!(notified(&r.tick(at(3, 0))), 0, "outside the window");
+    assert_eq!(
+        notified(&r.tick(at(3, 0) + day - 3 * 3_600_000)),
+        0,
+        "00:00 next day"
+    );
+    assert_eq!(
+        notified(&r.tick(at(1, 0) + day)),
+        2,
+        "the next night's window"
+    );
+}
+
+#[test]
+fn the_deadline_times_out_silent_devices_and_expires_the_campaign() {
+    let policy = RolloutPolicy {
+        deadline_secs: Some(60),
+        ..RolloutPolicy::default()
+    };
+    let m = members(3);
+    let plan = Plan::new(&ArtifactId::new("fw-d").unwrap(), &m, &policy);
+    let mut r = Rollout::new(
+        plan,
+        policy,
+        0,
+        CampaignStatus::Active,
+        RolloutState::default(),
+        &HashMap::new(),
+    );
+    assert_eq!(notified(&r.tick(0)), 3);
+    r.observe(&m[0], DeviceState::Succeeded, 1_000);
+    r.observe(&m[1], DeviceState::Downloading, 1_000);
+    let end = r.tick(60_000);
+    assert!(
+        end.contains(&Action::Status(CampaignStatus::Expired)),
+        "{end:?}"
+    );
+    assert_eq!(
+        end.iter()
+            .filter(|a| matches!(a, Action::TimeOut(_)))
+            .count(),
+        1,
+        "only the silent one"
+    );
+    assert!(end.contains(&Action::TimeOut(m[2].clone())));
+    assert_eq!(r.state().reason.as_deref(), Some("deadline of 60s passed"));
+    // The one downloading may still finish; nobody else is ever notified.
+    r.observe(&m[1], DeviceState::Succeeded, 61_000);
+    assert!(r.tick(120_000).is_empty());
+}
