@@ -5,10 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aloft_device::{DeviceIdentity, Fleet, FleetConfig};
-use aloft_e2e::{wait_registered, Lab};
+use aloft_e2e::{create_rollout, wait_registered, Lab, ReleaseSpec};
 use aloft_orchestrator::admin::client::AdminClient;
+use aloft_orchestrator::rollout::policy::{Growth, Size, Waves};
+use aloft_orchestrator::rollout::RolloutPolicy;
+use aloft_orchestrator::store::Target;
 use aloft_orchestrator::Running;
-use aloft_proto::DeviceId;
+use aloft_proto::{CampaignId, DeviceId};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
@@ -46,6 +49,14 @@ impl Env {
 
     pub fn fleet_config(&self) -> FleetConfig {
         self.lab.fleet_config(self.running.device_addr)
+    }
+
+    /// Builds and uploads a release, and rolls it out to every registered device.
+    pub async fn roll_out(&self, spec: &ReleaseSpec, policy: RolloutPolicy) -> CampaignId {
+        let artifact = self.lab.upload(&self.admin, spec).await.unwrap();
+        create_rollout(&self.admin, artifact, Target::All, policy)
+            .await
+            .unwrap()
     }
 
     /// Starts the whole fleet and waits until the orchestrator registered every device.
@@ -128,6 +139,14 @@ pub async fn publish_and_settle(
         }
     })
     .await;
+}
+
+/// A canary, then cumulative percentages.
+pub fn waves(canary: Size, growth: &[f64]) -> Waves {
+    Waves {
+        canary: Some(canary),
+        growth: Growth::Percent(growth.to_vec()),
+    }
 }
 
 pub fn id(s: &str) -> DeviceId {

@@ -6,21 +6,14 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use aloft_e2e::{create_rollout, status, wait_campaign, ReleaseSpec};
+use aloft_e2e::{status, wait_campaign, ReleaseSpec};
 use aloft_orchestrator::admin::wire::CampaignSummary;
-use aloft_orchestrator::rollout::policy::{Growth, Size, Threshold, Waves};
+use aloft_orchestrator::rollout::policy::{Size, Threshold};
 use aloft_orchestrator::rollout::RolloutPolicy;
-use aloft_orchestrator::store::{CampaignStatus, Target};
+use aloft_orchestrator::store::CampaignStatus;
 use aloft_proto::{CampaignId, DeviceState, Reason};
 
-use crate::common::{Env, LIMIT};
-
-fn waves(canary: Size, growth: &[f64]) -> Waves {
-    Waves {
-        canary: Some(canary),
-        growth: Growth::Percent(growth.to_vec()),
-    }
-}
+use crate::common::{waves, Env, LIMIT};
 
 async fn ended(env: &Env, c: &CampaignId) -> CampaignSummary {
     wait_campaign(&env.admin, c, LIMIT, |s| s.status != CampaignStatus::Active)
@@ -38,11 +31,6 @@ async fn a_healthy_release_through_flaky_links_and_power_losses_succeeds_everywh
     cfg.faults.power_off_ms = 500;
     cfg.faults.corrupt_chunk_probability = 0.02;
     let fleet = env.start_fleet(&cfg).await;
-    let artifact = env
-        .lab
-        .upload(&env.admin, &ReleaseSpec::new("2.0.0", 2, 256 * 1024))
-        .await
-        .unwrap();
     let policy = RolloutPolicy {
         waves: waves(Size::Percent(10.0), &[50.0, 100.0]),
         pause_at: Some(Threshold {
@@ -53,9 +41,9 @@ async fn a_healthy_release_through_flaky_links_and_power_losses_succeeds_everywh
         device_timeout_secs: Some(120),
         ..RolloutPolicy::default()
     };
-    let campaign = create_rollout(&env.admin, artifact, Target::All, policy)
-        .await
-        .unwrap();
+    let campaign = env
+        .roll_out(&ReleaseSpec::new("2.0.0", 2, 256 * 1024), policy)
+        .await;
     let s = ended(&env, &campaign).await;
     assert_eq!(s.status, CampaignStatus::Finished, "{:?}", s.reason);
     assert_eq!(s.count(DeviceState::Succeeded), 30, "{:?}", s.counts);
@@ -151,20 +139,15 @@ async fn a_device_offline_for_the_whole_rollout_finishes_when_it_comes_back() {
     let late = env.devices[3].id.clone();
     fleet.set_online(&late, false);
     assert!(fleet.wait_one(&late, LIMIT, |v| !v.connected).await);
-    let artifact = env
-        .lab
-        .upload(&env.admin, &ReleaseSpec::new("2.0.0", 2, 64 * 1024))
-        .await
-        .unwrap();
     let policy = RolloutPolicy {
         waves: waves(Size::Count(2), &[50.0, 100.0]),
         // Half of a wave finished is enough, wherever the absent device falls.
         advance_at: 0.5,
         ..RolloutPolicy::default()
     };
-    let campaign = create_rollout(&env.admin, artifact, Target::All, policy)
-        .await
-        .unwrap();
+    let campaign = env
+        .roll_out(&ReleaseSpec::new("2.0.0", 2, 64 * 1024), policy)
+        .await;
     // Every wave opens and everyone else finishes; the campaign waits for the absent device.
     let s = wait_campaign(&env.admin, &campaign, LIMIT, |s| {
         s.count(DeviceState::Succeeded) == 9 && s.waves.iter().all(|w| w.opened_ms.is_some())
@@ -218,11 +201,6 @@ async fn a_device_unhealthy_during_the_soak_fails_its_wave_and_pauses_the_rollou
     cfg.faults.unhealthy_after_ms = 500;
     cfg.heartbeat_ms = 300;
     let fleet = env.start_fleet(&cfg).await;
-    let artifact = env
-        .lab
-        .upload(&env.admin, &ReleaseSpec::new("2.0.0", 2, 64 * 1024))
-        .await
-        .unwrap();
     let policy = RolloutPolicy {
         waves: waves(Size::Count(2), &[100.0]),
         // Long enough for the heartbeats to speak; the test never waits it out.
@@ -233,9 +211,9 @@ async fn a_device_unhealthy_during_the_soak_fails_its_wave_and_pauses_the_rollou
         }),
         ..RolloutPolicy::default()
     };
-    let campaign = create_rollout(&env.admin, artifact, Target::All, policy)
-        .await
-        .unwrap();
+    let campaign = env
+        .roll_out(&ReleaseSpec::new("2.0.0", 2, 64 * 1024), policy)
+        .await;
     let s = ended(&env, &campaign).await;
     assert_eq!(s.status, CampaignStatus::Paused, "{:?}", s.counts);
     assert!(s.unhealthy >= 1, "{s:?}");

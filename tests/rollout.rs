@@ -5,21 +5,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use aloft_device::Fleet;
-use aloft_e2e::{create_rollout, finished, status, wait_campaign, wait_registered, ReleaseSpec};
+use aloft_e2e::{finished, status, wait_campaign, wait_registered, ReleaseSpec};
 use aloft_orchestrator::admin::wire::{AdminBody, CampaignSummary, DryRun};
-use aloft_orchestrator::rollout::policy::{Growth, Size, Threshold, Waves};
+use aloft_orchestrator::rollout::policy::{Size, Threshold};
 use aloft_orchestrator::rollout::RolloutPolicy;
 use aloft_orchestrator::store::{CampaignStatus, Target};
 use aloft_proto::{CampaignId, DeviceId, DeviceState, Reason};
 
-use crate::common::{Env, LIMIT};
-
-fn waves(canary: Size, growth: &[f64]) -> Waves {
-    Waves {
-        canary: Some(canary),
-        growth: Growth::Percent(growth.to_vec()),
-    }
-}
+use crate::common::{waves, Env, LIMIT};
 
 async fn wait_status(env: &Env, c: &CampaignId, want: CampaignStatus) -> CampaignSummary {
     wait_campaign(&env.admin, c, LIMIT, |s| s.status == want)
@@ -55,11 +48,6 @@ async fn a_release_failing_its_health_check_pauses_at_the_canary_and_touches_no_
     let mut cfg = env.fleet_config();
     cfg.faults.health_check_failure_probability = 1.0;
     let fleet = env.start_fleet(&cfg).await;
-    let artifact = env
-        .lab
-        .upload(&env.admin, &ReleaseSpec::new("2.0.0", 2, 64 * 1024))
-        .await
-        .unwrap();
     let policy = RolloutPolicy {
         waves: waves(Size::Count(4), &[50.0, 100.0]),
         pause_at: Some(Threshold {
@@ -68,9 +56,9 @@ async fn a_release_failing_its_health_check_pauses_at_the_canary_and_touches_no_
         }),
         ..RolloutPolicy::default()
     };
-    let campaign = create_rollout(&env.admin, artifact, Target::All, policy)
-        .await
-        .unwrap();
+    let campaign = env
+        .roll_out(&ReleaseSpec::new("2.0.0", 2, 64 * 1024), policy)
+        .await;
     wait_status(&env, &campaign, CampaignStatus::Paused).await;
     // The canary devices in flight when it paused finish (and roll back) on their own.
     wait_campaign(&env.admin, &campaign, LIMIT, |s| {
@@ -145,20 +133,15 @@ async fn pause_resume_and_abort_mid_wave() {
     register_offline(&env, offline).await;
     let fleet = Fleet::start(&env.fleet_config(), online.to_vec()).unwrap();
     wait_registered(&env.admin, 10, LIMIT).await.unwrap();
-    let artifact = env
-        .lab
-        .upload(&env.admin, &ReleaseSpec::new("2.0.0", 2, 64 * 1024))
-        .await
-        .unwrap();
     let policy = RolloutPolicy {
         waves: waves(Size::Count(2), &[60.0, 100.0]),
         // Offline devices must not hold the rollout.
         advance_at: 0.5,
         ..RolloutPolicy::default()
     };
-    let campaign = create_rollout(&env.admin, artifact, Target::All, policy)
-        .await
-        .unwrap();
+    let campaign = env
+        .roll_out(&ReleaseSpec::new("2.0.0", 2, 64 * 1024), policy)
+        .await;
     let _: serde_json::Value = env
         .admin
         .call(AdminBody::CampaignPause {
@@ -262,18 +245,13 @@ async fn a_silent_device_is_timed_out_and_counts_as_a_failure() {
     register_offline(&env, offline).await;
     let fleet = Fleet::start(&env.fleet_config(), online.to_vec()).unwrap();
     wait_registered(&env.admin, 3, LIMIT).await.unwrap();
-    let artifact = env
-        .lab
-        .upload(&env.admin, &ReleaseSpec::new("2.0.0", 2, 64 * 1024))
-        .await
-        .unwrap();
     let policy = RolloutPolicy {
         notified_timeout_secs: Some(2),
         ..RolloutPolicy::default()
     };
-    let campaign = create_rollout(&env.admin, artifact, Target::All, policy)
-        .await
-        .unwrap();
+    let campaign = env
+        .roll_out(&ReleaseSpec::new("2.0.0", 2, 64 * 1024), policy)
+        .await;
     let s = wait_status(&env, &campaign, CampaignStatus::Finished).await;
     assert_eq!(s.count(DeviceState::Succeeded), 2, "{:?}", s.counts);
     assert_eq!(s.count(DeviceState::Failed), 1);

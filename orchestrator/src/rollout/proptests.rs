@@ -10,6 +10,19 @@ use proptest::prelude::*;
 use super::policy::{Growth, Size, Threshold, Waves};
 use super::*;
 
+/// A new, active rollout with nobody notified yet.
+fn fresh(plan: Plan, policy: RolloutPolicy, created_ms: u64) -> Rollout {
+    let known = HashMap::new();
+    Rollout::new(
+        plan,
+        policy,
+        created_ms,
+        CampaignStatus::Active,
+        RolloutState::default(),
+        &known,
+    )
+}
+
 #[derive(Debug, Clone)]
 enum Event {
     /// Time passes by this many seconds.
@@ -216,7 +229,7 @@ proptest! {
         let c = ArtifactId::new("fw-prop").unwrap();
         let members: Vec<DeviceId> = (0..n).map(|i| DeviceId::new(format!("d{i}")).unwrap()).collect();
         let plan = Plan::new(&c, &members, &policy);
-        let r = Rollout::new(plan.clone(), policy, 0, CampaignStatus::Active, RolloutState::default(), &HashMap::new());
+        let r = fresh(plan.clone(), policy, 0);
         let fleet = members.iter().map(|d| (d.clone(), DeviceState::Idle)).collect();
         let mut h = Harness { r, plan, fleet, now: 0, stopped: false };
         let a = h.r.tick(0);
@@ -273,7 +286,7 @@ proptest! {
         let c = ArtifactId::new("fw-restart").unwrap();
         let members: Vec<DeviceId> = (0..n).map(|i| DeviceId::new(format!("d{i}")).unwrap()).collect();
         let plan = Plan::new(&c, &members, &policy);
-        let mut r = Rollout::new(plan.clone(), policy.clone(), 0, CampaignStatus::Active, RolloutState::default(), &HashMap::new());
+        let mut r = fresh(plan.clone(), policy.clone(), 0);
         let mut fleet: HashMap<DeviceId, (DeviceState, u64)> = members.iter().map(|d| (d.clone(), (DeviceState::Idle, 0))).collect();
         let mut now = 0;
         for (k, fail, dt) in steps {
@@ -315,14 +328,7 @@ fn a_failing_canary_pauses_before_anyone_else_is_notified() {
         ..RolloutPolicy::default()
     };
     let plan = Plan::new(&c, &members, &policy);
-    let mut r = Rollout::new(
-        plan.clone(),
-        policy,
-        0,
-        CampaignStatus::Active,
-        RolloutState::default(),
-        &HashMap::new(),
-    );
+    let mut r = fresh(plan.clone(), policy, 0);
     let notified: Vec<DeviceId> = r
         .tick(0)
         .into_iter()
@@ -370,14 +376,7 @@ fn unhealthy_during_soak_fails_the_wave_but_not_after() {
         ..RolloutPolicy::default()
     };
     let plan = Plan::new(&c, &members, &policy);
-    let mut r = Rollout::new(
-        plan.clone(),
-        policy,
-        0,
-        CampaignStatus::Active,
-        RolloutState::default(),
-        &HashMap::new(),
-    );
+    let mut r = fresh(plan.clone(), policy, 0);
     r.tick(0);
     let canary = plan.waves()[0].clone();
     for d in &canary {
@@ -460,14 +459,7 @@ fn the_deadline_times_out_silent_devices_and_expires_the_campaign() {
     };
     let m = members(3);
     let plan = Plan::new(&ArtifactId::new("fw-d").unwrap(), &m, &policy);
-    let mut r = Rollout::new(
-        plan,
-        policy,
-        0,
-        CampaignStatus::Active,
-        RolloutState::default(),
-        &HashMap::new(),
-    );
+    let mut r = fresh(plan, policy, 0);
     assert_eq!(notified(&r.tick(0)), 3);
     r.observe(&m[0], DeviceState::Succeeded, 1_000);
     r.observe(&m[1], DeviceState::Downloading, 1_000);
