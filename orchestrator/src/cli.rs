@@ -18,7 +18,8 @@ use crate::admin::client::AdminClient;
 use crate::admin::wire::{AdminBody, CampaignSummary, DryRun};
 use crate::config::{FileConfig, ServeConfig, DEFAULT_CONFIG_TOML};
 use crate::ops::{
-    add_release_key, build_bundle, init, issue_operator_profile, upload_bundle, write_new,
+    add_release_key, build_bundle, init, issue_operator_profile, read_signing_key, upload_bundle,
+    write_new, write_signing_key,
 };
 use crate::store::Target;
 
@@ -465,7 +466,7 @@ async fn release(c: ReleaseCommand) -> Result<()> {
     match c {
         ReleaseCommand::Keygen { out } => {
             let key = ReleaseSigningKey::generate()?;
-            write_new(&out, key.to_hex().as_bytes(), true)?;
+            write_signing_key(&out, &key)?;
             let public = key.public();
             println!("{}", public.to_hex());
             eprintln!(
@@ -486,8 +487,7 @@ async fn release(c: ReleaseCommand) -> Result<()> {
             chunk_bytes,
             expires_days,
         } => {
-            let key = ReleaseSigningKey::from_hex(&std::fs::read_to_string(&key)?)
-                .map_err(|_| anyhow::anyhow!("{} is not a release signing key", key.display()))?;
+            let key = read_signing_key(&key)?;
             let now = crate::engine::now_ms() / 1000;
             let meta = ReleaseMeta {
                 artifact: ArtifactId::new(artifact.unwrap_or_else(|| format!("fw-{version}")))?,

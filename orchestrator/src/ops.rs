@@ -78,6 +78,20 @@ pub fn write_new(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
     Ok(())
 }
 
+/// Writes a new signing key file (release or root key), readable by its owner only.
+/// Every signing key file goes through this and [`read_signing_key`].
+pub fn write_signing_key(path: &Path, key: &ReleaseSigningKey) -> Result<()> {
+    write_new(path, key.to_hex().as_bytes(), true)
+}
+
+/// Reads a signing key file written by [`write_signing_key`].
+pub fn read_signing_key(path: &Path) -> Result<ReleaseSigningKey> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    ReleaseSigningKey::from_hex(&text)
+        .map_err(|_| anyhow::anyhow!("{} does not hold a signing key", path.display()))
+}
+
 /// Writes an operator profile directory: the CA, the operator's certificate and key.
 pub fn issue_operator_profile(
     ca: &FleetCa,
