@@ -160,6 +160,7 @@ impl Lab {
             chunk_size: spec.chunk_bytes,
             created_at: now,
             expires_at: now + 86_400,
+            sequence: Some(next_sequence()),
         };
         let bundle = dir.join("bundle");
         ops::build_bundle(&image, &meta, &self.release_key, &bundle)?;
@@ -180,6 +181,23 @@ impl Lab {
     pub async fn upload(&self, admin: &AdminClient, spec: &ReleaseSpec) -> Result<ArtifactId> {
         let bundle = self.build_release(spec)?;
         ops::upload_bundle(admin, &bundle, false).await
+    }
+}
+
+/// Release sequence numbers: the clock in milliseconds, strictly increasing within a process
+/// (releases built in the same millisecond still get distinct numbers).
+pub fn next_sequence() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let prev = LAST.fetch_max(now, Ordering::SeqCst);
+    if prev >= now {
+        LAST.fetch_add(1, Ordering::SeqCst) + 1
+    } else {
+        now
     }
 }
 

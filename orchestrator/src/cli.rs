@@ -171,6 +171,10 @@ pub enum ReleaseCommand {
         chunk_bytes: u32,
         #[arg(long, default_value_t = 365)]
         expires_days: u64,
+        /// The manifest's sequence number; devices refuse one not above what they installed
+        /// last. Default: the build time in Unix milliseconds.
+        #[arg(long)]
+        sequence: Option<u64>,
     },
     /// Upload a built release; the orchestrator verifies its signature before accepting it.
     Upload {
@@ -486,6 +490,7 @@ async fn release(c: ReleaseCommand) -> Result<()> {
             artifact,
             chunk_bytes,
             expires_days,
+            sequence,
         } => {
             let key = read_signing_key(&key)?;
             let now = crate::engine::now_ms() / 1000;
@@ -497,6 +502,7 @@ async fn release(c: ReleaseCommand) -> Result<()> {
                 chunk_size: chunk_bytes,
                 created_at: now,
                 expires_at: now + expires_days * 86_400,
+                sequence: Some(sequence.unwrap_or_else(crate::engine::now_ms)),
             };
             let a = build_bundle(&image, &meta, &key, &out_dir)?;
             println!("built and signed {a} into {}", out_dir.display());

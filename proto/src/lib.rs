@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod messages;
 pub mod release;
 pub mod topics;
+pub mod trust;
 
 pub use ids::{ArtifactId, CampaignId, DeviceId, IdError, OperatorId, SecurityVersion};
 pub use messages::{DeviceState, Reason};

@@ -42,6 +42,10 @@ pub enum ManifestError {
     Inconsistent(&'static str),
     #[error("manifest format version {0} is not supported")]
     UnsupportedVersion(u8),
+    #[error("{have} valid signatures from release keys, {need} required")]
+    BelowThreshold { have: u32, need: u32 },
+    #[error("signed only by revoked keys")]
+    RevokedKey,
 }
 
 /// What a release is: identity, anti-rollback counter, target hardware, and the digests that let
@@ -70,6 +74,12 @@ pub struct Manifest {
     pub created_at: u64,
     /// Unix seconds after which devices with a clock refuse the manifest.
     pub expires_at: u64,
+    /// A number that grows with every release (the CLI uses the build time in milliseconds),
+    /// as IETF SUIT's sequence number: a device refuses a manifest whose sequence is not above
+    /// the one it last installed, so an old manifest cannot be replayed at it. Optional for
+    /// manifests built before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
 }
 
 impl Manifest {
@@ -189,6 +199,25 @@ impl SignedManifest {
         signed
     }
 
+    /// Adds one more signature (threshold signing: each approver adds theirs). A key that
+    /// already signed is not added twice.
+    pub fn cosign(&mut self, key: &ReleaseSigningKey) -> Result<(), ManifestError> {
+        let payload = B64
+            .decode(&self.payload)
+            .map_err(|_| ManifestError::Malformed("payload is not base64".into()))?;
+        if self.signatures.len() >= MAX_SIGNATURES {
+            return Err(ManifestError::Malformed("signature count".into()));
+        }
+        if !self
+            .signatures
+            .iter()
+            .any(|s| s.keyid == key.public().key_id())
+        {
+            self.add_signature(key, &payload);
+        }
+        Ok(())
+    }
+
     fn add_signature(&mut self, key: &ReleaseSigningKey, payload: &[u8]) {
         let sig = key.0.sign(&signing_input(payload));
         self.signatures.push(ManifestSignature {
@@ -239,6 +268,28 @@ impl SignedManifest {
         Ok(manifest)
     }
 
+    /// Verifies that at least `threshold` distinct keys of `role` (none of them revoked) signed
+    /// the payload, then parses and validates it. The k-of-n rule of a root's release role.
+    pub fn verify_threshold(
+        &self,
+        role: &[ReleasePublicKey],
+        threshold: u32,
+        revoked: &[String],
+    ) -> Result<Manifest, ManifestError> {
+        let payload = verify_signatures(
+            &self.payload,
+            &self.signatures,
+            SIGNING_CONTEXT,
+            role,
+            threshold,
+            revoked,
+        )?;
+        let manifest: Manifest = serde_json::from_slice(&payload)
+            .map_err(|e| ManifestError::Malformed(e.to_string()))?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
     /// Parses the payload without checking signatures: only for displaying or routing a manifest
     /// that some other component will verify.
     pub fn peek_unverified(&self) -> Result<Manifest, ManifestError> {
@@ -250,10 +301,68 @@ impl SignedManifest {
 }
 
 fn signing_input(payload: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(SIGNING_CONTEXT.len() + payload.len());
-    m.extend_from_slice(SIGNING_CONTEXT);
+    context_input(SIGNING_CONTEXT, payload)
+}
+
+pub(crate) fn context_input(context: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(context.len() + payload.len());
+    m.extend_from_slice(context);
     m.extend_from_slice(payload);
     m
+}
+
+/// Counts distinct keys of `role`, not revoked, whose signature over `context ‖ payload`
+/// verifies; returns the decoded payload if they reach `threshold`. The payload is not parsed
+/// here: callers parse it only after this returns.
+pub(crate) fn verify_signatures(
+    payload_b64: &str,
+    signatures: &[ManifestSignature],
+    context: &[u8],
+    role: &[ReleasePublicKey],
+    threshold: u32,
+    revoked: &[String],
+) -> Result<Vec<u8>, ManifestError> {
+    if signatures.is_empty() || signatures.len() > MAX_SIGNATURES {
+        return Err(ManifestError::Malformed("signature count".into()));
+    }
+    let payload = B64
+        .decode(payload_b64)
+        .map_err(|_| ManifestError::Malformed("payload is not base64".into()))?;
+    let input = context_input(context, &payload);
+    let mut good: Vec<String> = Vec::new();
+    let (mut known, mut only_revoked) = (false, true);
+    for s in signatures {
+        if good.contains(&s.keyid) {
+            continue; // One key counts once, however often it signed.
+        }
+        let Some(key) = role.iter().find(|k| k.key_id() == s.keyid) else {
+            continue;
+        };
+        known = true;
+        if revoked.contains(&s.keyid) {
+            continue;
+        }
+        only_revoked = false;
+        let sig = B64
+            .decode(&s.sig)
+            .ok()
+            .and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok())
+            .map(|b| Signature::from_bytes(&b));
+        if sig.is_some_and(|sig| key.0.verify_strict(&input, &sig).is_ok()) {
+            good.push(s.keyid.clone());
+        }
+    }
+    let need = threshold.max(1);
+    let have = good.len() as u32;
+    if have >= need {
+        return Ok(payload);
+    }
+    Err(match (known, only_revoked, have) {
+        (false, _, _) => ManifestError::UnknownKey,
+        (true, true, _) => ManifestError::RevokedKey,
+        (true, false, 0) => ManifestError::BadSignature,
+        _ => ManifestError::BelowThreshold { have, need },
+    })
 }
 
 /// An Ed25519 release signing key. Held by the operator CLI only.
@@ -284,6 +393,11 @@ impl ReleaseSigningKey {
     pub fn public(&self) -> ReleasePublicKey {
         ReleasePublicKey(self.0.verifying_key())
     }
+
+    /// Signs `message` as given; callers prepend their domain label.
+    pub(crate) fn sign_raw(&self, message: &[u8]) -> [u8; 64] {
+        self.0.sign(message).to_bytes()
+    }
 }
 
 /// An Ed25519 release verification key, trusted by the orchestrator and pinned on devices.
@@ -313,7 +427,7 @@ impl ReleasePublicKey {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample(chunk_count: u32) -> Manifest {
@@ -331,7 +445,47 @@ mod tests {
             chunk_sha256: B64.encode(digests),
             created_at: 100,
             expires_at: 200,
+            sequence: None,
         }
+    }
+
+    #[test]
+    fn thresholds_count_distinct_unrevoked_keys() {
+        let (a, b, c) = (
+            ReleaseSigningKey::generate().unwrap(),
+            ReleaseSigningKey::generate().unwrap(),
+            ReleaseSigningKey::generate().unwrap(),
+        );
+        let role = [a.public(), b.public(), c.public()];
+        let mut s = SignedManifest::sign(&sample(2), &a);
+        assert_eq!(
+            s.verify_threshold(&role, 2, &[]),
+            Err(ManifestError::BelowThreshold { have: 1, need: 2 })
+        );
+        s.cosign(&a).unwrap();
+        assert_eq!(s.signatures.len(), 1, "the same key signs once");
+        let mut twice = s.clone();
+        twice.signatures.push(s.signatures[0].clone());
+        assert!(
+            twice.verify_threshold(&role, 2, &[]).is_err(),
+            "a copied signature counts once"
+        );
+        s.cosign(&b).unwrap();
+        assert!(s.verify_threshold(&role, 2, &[]).is_ok());
+        let revoked = [b.public().key_id()];
+        assert_eq!(
+            s.verify_threshold(&role, 2, &revoked),
+            Err(ManifestError::BelowThreshold { have: 1, need: 2 })
+        );
+        let only_b = SignedManifest::sign(&sample(2), &b);
+        assert_eq!(
+            only_b.verify_threshold(&role, 1, &revoked),
+            Err(ManifestError::RevokedKey)
+        );
+        assert_eq!(
+            only_b.verify_threshold(&[a.public()], 1, &[]),
+            Err(ManifestError::UnknownKey)
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::WrappedKey;
 use crate::ids::{ArtifactId, CampaignId};
 use crate::manifest::SignedManifest;
+use crate::trust::{SignedRoot, MAX_ROOT_CHAIN};
 
 /// The message format version carried in every message's `v` field.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -91,12 +92,22 @@ pub struct Job {
     pub wrapped_key: WrappedKey,
     /// Unix seconds.
     pub issued_at: u64,
+    /// Root metadata newer than version 1, oldest first (at most [`MAX_ROOT_CHAIN`]): a device
+    /// walks forward from the root it trusts before it verifies the manifest (since 1.2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roots: Vec<SignedRoot>,
 }
 
 impl Message for Job {
     const MAX_BYTES: usize = MAX_JOB_BYTES;
     fn version(&self) -> u8 {
         self.v
+    }
+    fn validate(&self) -> Result<(), DecodeError> {
+        if self.roots.len() > MAX_ROOT_CHAIN {
+            return Err(DecodeError::Invalid("too many roots"));
+        }
+        Ok(())
     }
 }
 
@@ -214,6 +225,17 @@ pub enum Reason {
     TimedOut,
     /// The campaign was cancelled.
     Cancelled,
+    /// Fewer release keys signed than the root's release threshold requires (since 1.2).
+    BelowThreshold,
+    /// Signed only by keys a root revoked (since 1.2).
+    RevokedKey,
+    /// The job's root metadata did not walk forward from the root the device trusts (since 1.2).
+    UntrustedRoot,
+    /// The newest root the device trusts has expired (a freeze) (since 1.2).
+    RootExpired,
+    /// The manifest's sequence number is not above the one the device installed last: an old
+    /// manifest replayed (since 1.2).
+    ReplayedManifest,
 }
 
 impl Reason {
@@ -234,6 +256,11 @@ impl Reason {
             Reason::BootFailed => "boot_failed",
             Reason::TimedOut => "timed_out",
             Reason::Cancelled => "cancelled",
+            Reason::BelowThreshold => "below_threshold",
+            Reason::RevokedKey => "revoked_key",
+            Reason::UntrustedRoot => "untrusted_root",
+            Reason::RootExpired => "root_expired",
+            Reason::ReplayedManifest => "replayed_manifest",
         }
     }
 }

@@ -26,6 +26,8 @@ pub struct ReleaseMeta {
     pub created_at: u64,
     /// Unix seconds.
     pub expires_at: u64,
+    /// The manifest's sequence number ([`Manifest::sequence`]).
+    pub sequence: Option<u64>,
 }
 
 /// Why a release could not be built.
@@ -95,6 +97,7 @@ pub fn build_release(
         chunk_sha256: B64.encode(&digests),
         created_at: meta.created_at,
         expires_at: meta.expires_at,
+        sequence: meta.sequence,
     };
     manifest.validate()?;
     let signed = SignedManifest::sign(&manifest, key);
@@ -122,6 +125,7 @@ mod tests {
             chunk_size: 1024,
             created_at: 1,
             expires_at: 2,
+            sequence: Some(1),
         };
         let mut chunks = Vec::new();
         let built = build_release(&mut image.as_slice(), 5000, &meta, &key, |i, c| {
@@ -151,6 +155,7 @@ mod tests {
             chunk_size: 1024,
             created_at: 1,
             expires_at: 2,
+            sequence: Some(1),
         };
         let image = vec![0u8; 3000];
         let r = build_release(&mut image.as_slice(), 2048, &meta, &key, |_, _| Ok(()));

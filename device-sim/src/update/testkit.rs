@@ -54,6 +54,7 @@ pub struct ReleaseSpec<'a> {
     pub hardware_model: &'a str,
     pub size: usize,
     pub expires_at: u64,
+    pub sequence: Option<u64>,
 }
 
 impl Default for ReleaseSpec<'_> {
@@ -65,6 +66,7 @@ impl Default for ReleaseSpec<'_> {
             hardware_model: HW,
             size: 5000,
             expires_at: T0 / 1000 + 86_400,
+            sequence: None,
         }
     }
 }
@@ -79,6 +81,7 @@ pub fn release(key: &ReleaseSigningKey, spec: &ReleaseSpec<'_>) -> TestRelease {
         chunk_size: 1024,
         created_at: T0 / 1000 - 86_400,
         expires_at: spec.expires_at,
+        sequence: spec.sequence,
     };
     let mut sealed = Vec::new();
     let built = build_release(

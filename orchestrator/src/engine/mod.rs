@@ -722,6 +722,7 @@ fn job_payload(
         manifest: live.signed.clone(),
         wrapped_key: wrapped,
         issued_at: now_ms / 1000,
+        roots: Vec::new(),
     };
     Ok(messages::encode(&job))
 }
