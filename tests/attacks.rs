@@ -81,6 +81,7 @@ async fn forged_jobs_from_a_compromised_server_are_refused_then_a_valid_update_s
             manifest: manifest.clone(),
             wrapped_key: crypto::wrap_content_key(&public, &device, &artifact, &key).unwrap(),
             issued_at: aloft_e2e::now_secs(),
+            roots: Vec::new(),
         };
         publish_and_settle(
             &backend,
