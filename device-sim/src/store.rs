@@ -1,6 +1,8 @@
 //! The device's persistent record: anti-rollback floor, slot table, the campaign in progress
 //! (its job, phase, next report number and which chunks are written), the report outbox, the
-//! last finished campaigns, and which campaign installed the running image. [`DeviceStore`]
+//! last finished campaigns, which campaign installed the running image, and what the device has
+//! learnt from signed metadata: the newest root of trust it accepted, the latest signed time it
+//! has seen, and the sequence number of the manifest it installed last. [`DeviceStore`]
 //! saves it; the JSON file store replaces the file atomically (temp file + rename) so a crash
 //! leaves either the old record or the new one.
 
@@ -10,6 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use aloft_proto::messages::{Job, StatusReport};
+use aloft_proto::trust::TrustedRoot;
 use aloft_proto::{CampaignId, DeviceState, Reason, SecurityVersion};
 use serde::{Deserialize, Serialize};
 
@@ -121,6 +124,21 @@ pub struct DeviceRecord {
     /// image. Heartbeats name it. Records saved before it existed load with `None`.
     #[serde(default)]
     pub installed_by: Option<CampaignId>,
+    /// The newest root of trust the device accepted from a job's chain, with every revocation
+    /// seen so far. `None`: the root pinned at provisioning (`AgentConfig::root`), as in records
+    /// saved before roots existed. Its signatures are checked again at each power-on.
+    #[serde(default)]
+    pub trusted_root: Option<TrustedRoot>,
+    /// Unix seconds: the latest signed time the device has seen (the `issued_at` of roots and the
+    /// `created_at` of manifests it accepted). It never goes back, so a device without a trusted
+    /// clock still notices an expired root (a freeze), and one with a clock that was set back
+    /// does too.
+    #[serde(default)]
+    pub time_floor: u64,
+    /// The `sequence` of the last manifest whose image confirmed healthy; a manifest with a
+    /// sequence not above it is a replay. Raised with the floor, after a healthy boot only.
+    #[serde(default)]
+    pub installed_sequence: Option<u64>,
 }
 
 impl DeviceRecord {
@@ -133,6 +151,9 @@ impl DeviceRecord {
             outbox: VecDeque::new(),
             finished: VecDeque::new(),
             installed_by: None,
+            trusted_root: None,
+            time_floor: 0,
+            installed_sequence: None,
         }
     }
 
@@ -310,6 +331,20 @@ mod tests {
         r.as_object_mut().unwrap().remove("installed_by");
         let r: DeviceRecord = serde_json::from_value(r).unwrap();
         assert_eq!(r.installed_by, None);
+    }
+
+    #[test]
+    fn a_record_saved_before_roots_existed_loads_with_the_pinned_root_and_no_floor() {
+        let mut r = serde_json::to_value(DeviceRecord::factory("1.0", SecurityVersion(1))).unwrap();
+        let o = r.as_object_mut().unwrap();
+        for k in ["trusted_root", "time_floor", "installed_sequence"] {
+            o.remove(k);
+        }
+        let r: DeviceRecord = serde_json::from_value(r).unwrap();
+        assert_eq!(
+            (r.trusted_root, r.time_floor, r.installed_sequence),
+            (None, 0, None)
+        );
     }
 
     #[test]
