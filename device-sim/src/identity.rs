@@ -4,7 +4,9 @@
 //!
 //! Layout of a fleet directory (one file set per device, named by device id):
 //! `ca.crt`, `devices/{id}.key` (TLS, PKCS#8 PEM), `devices/{id}.x25519` (hex secret),
-//! `devices/{id}.csr`, `devices/{id}.crt`, and at run time `state/{id}.json`, `state/{id}.slots`.
+//! `devices/{id}.csr`, `devices/{id}.crt`, `root.json` (the root of trust the fleet is
+//! provisioned with, if enrolled with one), and at run time `state/{id}.json`,
+//! `state/{id}.slots`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,8 @@ use anyhow::{bail, Context, Result};
 pub const CA_FILE: &str = "ca.crt";
 pub const DEVICES_DIR: &str = "devices";
 pub const STATE_DIR: &str = "state";
+/// The root of trust pinned at provisioning (a JSON `SignedRoot`).
+pub const ROOT_FILE: &str = "root.json";
 
 /// What a device needs to connect and decrypt.
 #[derive(Clone)]

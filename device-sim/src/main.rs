@@ -1,13 +1,13 @@
 //! `device-sim`: enrolls a simulated fleet (keys and CSRs generated here, certificates issued by
-//! the fleet CA) and runs it against an orchestrator.
+//! the fleet CA), provisions it with a root of trust, and runs it against an orchestrator.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aloft_certs::{FleetCa, Validity};
 use aloft_device::identity;
 use aloft_device::{Faults, Fleet, FleetConfig};
-use aloft_proto::manifest::ReleasePublicKey;
+use aloft_proto::trust::{SignedRoot, TrustedRoot};
 use aloft_proto::{DeviceState, SecurityVersion};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -16,7 +16,12 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "device-sim",
     version,
-    about = "Runs N simulated Aloft devices in one process"
+    about = "Runs N simulated Aloft devices in one process",
+    long_about = "Runs N simulated Aloft devices in one process.\n\n\
+        Devices trust releases through a root of trust (a JSON SignedRoot, version 1 as a rule) \
+        pinned at provisioning: `enroll --root FILE` copies it into the fleet directory, and \
+        `run` reads it from there or from `run --root FILE`. Newer roots reach devices inside \
+        jobs; each device keeps the newest it accepted in its record."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,6 +38,10 @@ enum Command {
         count: usize,
         #[arg(long, default_value = "dev")]
         prefix: String,
+        /// The root of trust to provision (JSON SignedRoot); copied to DIR/root.json once it
+        /// verifies, so `run` finds it there.
+        #[arg(long, value_name = "FILE")]
+        root: Option<PathBuf>,
     },
     /// Lab shortcut: sign every CSR in DIR with the fleet CA in CA_DIR (what `aloft pki
     /// issue-devices` does) and store the CA certificate in DIR.
@@ -51,9 +60,10 @@ enum Command {
         /// The orchestrator's device listener.
         #[arg(long, default_value = "127.0.0.1:8883")]
         server: String,
-        /// A release public key (hex) the devices trust; repeat for several.
-        #[arg(long = "release-key", required = true)]
-        release_keys: Vec<String>,
+        /// The root of trust the devices were provisioned with (JSON SignedRoot): it names the
+        /// release keys they accept [default: DIR/root.json, written by `enroll --root`].
+        #[arg(long, value_name = "FILE")]
+        root: Option<PathBuf>,
         #[arg(long, default_value = "sim-v1")]
         hardware_model: String,
         #[arg(long, default_value = "1.0.0")]
@@ -87,7 +97,21 @@ fn main() -> Result<()> {
         .init();
     aloft_certs::tls::install_crypto_provider();
     match Cli::parse().command {
-        Command::Enroll { dir, count, prefix } => {
+        Command::Enroll {
+            dir,
+            count,
+            prefix,
+            root,
+        } => {
+            if let Some(path) = root {
+                let (signed, version) = read_root(&path)?;
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                let to = dir.join(identity::ROOT_FILE);
+                std::fs::write(&to, serde_json::to_vec_pretty(&signed)?)
+                    .with_context(|| format!("writing {}", to.display()))?;
+                println!("root of trust version {version} pinned in {}", to.display());
+            }
             let csrs = identity::enroll(&dir, &prefix, count)?;
             println!(
                 "{} devices enrolled; CSRs in {}",
@@ -103,7 +127,7 @@ fn main() -> Result<()> {
         Command::Run {
             dir,
             server,
-            release_keys,
+            root,
             hardware_model,
             initial_version,
             initial_security_version,
@@ -135,16 +159,20 @@ fn main() -> Result<()> {
                 .rsplit_once(':')
                 .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
                 .with_context(|| format!("--server {server}: expected host:port"))?;
-            let keys = release_keys
-                .iter()
-                .map(|k| ReleasePublicKey::from_hex(k).with_context(|| format!("release key {k}")))
-                .collect::<Result<Vec<_>>>()?;
+            let root_path = root.unwrap_or_else(|| dir.join(identity::ROOT_FILE));
+            if !root_path.exists() {
+                bail!(
+                    "no root of trust at {}: pass --root FILE, or enroll with --root",
+                    root_path.display()
+                );
+            }
+            let (root, _) = read_root(&root_path)?;
             let (ca_pem, devices) = identity::load(&dir)?;
             if devices.is_empty() {
                 bail!("no enrolled devices with certificates in {}", dir.display());
             }
             let mut cfg = FleetConfig::new(host, port, ca_pem, dir);
-            cfg.release_keys = keys;
+            cfg.root = Some(root);
             cfg.hardware_model = hardware_model;
             cfg.initial_version = initial_version;
             cfg.initial_security_version = SecurityVersion(initial_security_version);
@@ -170,8 +198,27 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Reads a root of trust and checks that it verifies by its own root keys, as a device pinning it
+/// would; returns it and its version.
+fn read_root(path: &Path) -> Result<(SignedRoot, u64)> {
+    // A signed root is its payload (at most 16 KiB, base64) and a few signatures.
+    const MAX_FILE_BYTES: u64 = 64 * 1024;
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    if len > MAX_FILE_BYTES {
+        bail!("{}: {len} bytes is too large for a root", path.display());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let signed: SignedRoot = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}: not a signed root (JSON)", path.display()))?;
+    let trusted = TrustedRoot::pin(signed.clone())
+        .with_context(|| format!("{}: the root does not verify", path.display()))?;
+    Ok((signed, trusted.version()))
+}
+
 /// Reads a [`Faults`] table from a TOML file: under `[faults]`, or at the top level.
-fn read_faults(path: &std::path::Path) -> Result<Faults> {
+fn read_faults(path: &Path) -> Result<Faults> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let doc: toml::Table =

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aloft_proto::crypto::DeviceEncryptionKey;
-use aloft_proto::manifest::ReleasePublicKey;
+use aloft_proto::trust::{SignedRoot, TrustedRoot};
 use aloft_proto::{CampaignId, DeviceId, DeviceState, Reason, SecurityVersion};
 use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
@@ -156,8 +156,9 @@ pub struct FleetConfig {
     pub host: String,
     pub port: u16,
     pub ca_pem: String,
-    /// Release keys the devices were provisioned to trust.
-    pub release_keys: Vec<ReleasePublicKey>,
+    /// The root of trust the devices were provisioned with (it names the release keys they
+    /// accept). Required: [`Fleet::start`] refuses a fleet without one.
+    pub root: Option<SignedRoot>,
     pub hardware_model: String,
     /// What a device with no saved record runs.
     pub initial_version: String,
@@ -191,7 +192,7 @@ impl FleetConfig {
             host: host.into(),
             port,
             ca_pem,
-            release_keys: Vec::new(),
+            root: None,
             hardware_model: "sim-v1".into(),
             initial_version: "1.0.0".into(),
             initial_security_version: SecurityVersion(1),
@@ -624,6 +625,11 @@ impl Fleet {
     pub fn start(cfg: &FleetConfig, devices: Vec<DeviceIdentity>) -> Result<Fleet> {
         aloft_certs::tls::install_crypto_provider();
         cfg.faults.validate()?;
+        let Some(root) = &cfg.root else {
+            bail!("no root of trust: devices must be provisioned with one (FleetConfig::root, device-sim run --root FILE)");
+        };
+        // Checked once here rather than refusing every job later in every device.
+        TrustedRoot::pin(root.clone()).context("the root of trust does not verify")?;
         let state_dir = cfg.dir.join(STATE_DIR);
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
@@ -694,11 +700,8 @@ impl Fleet {
                 counted_unhealthy: false,
                 counters: counters.clone(),
             })));
-            let mut acfg = AgentConfig::new(
-                ident.id.clone(),
-                cfg.hardware_model.clone(),
-                cfg.release_keys.clone(),
-            );
+            let mut acfg =
+                AgentConfig::new(ident.id.clone(), cfg.hardware_model.clone(), root.clone());
             acfg.window = cfg.window;
             acfg.heartbeat_ms = cfg.heartbeat_ms;
             acfg.confirm_deadline_ms = cfg.confirm_deadline_ms;

@@ -15,6 +15,10 @@
 //! the health check may take its time ([`HealthStatus::Pending`]); if the image has not confirmed
 //! within [`AgentConfig::confirm_deadline_ms`] it is abandoned the same way. Once a campaign's
 //! image is confirmed, the agent publishes [`Heartbeat`]s with the application's health.
+//!
+//! Trust starts from the root pinned at provisioning ([`AgentConfig::root`]); jobs may carry newer
+//! roots, and the newest one accepted is kept in the record, so release keys can rotate and be
+//! revoked without touching the device (PROTOCOL.md §9.2).
 
 mod checks;
 mod download;
@@ -24,19 +28,22 @@ mod proptests;
 mod testkit;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod trust_tests;
 
 use aloft_proto::chunkframe::{self, ChunkErrorCode, ChunkFrame};
 use aloft_proto::crypto::{ContentKey, DeviceEncryptionKey};
-use aloft_proto::manifest::{Manifest, ReleasePublicKey};
+use aloft_proto::manifest::Manifest;
 use aloft_proto::messages::{
     self, AckOutcome, ChunkRequest, Heartbeat, Job, StatusAck, StatusReport,
 };
+use aloft_proto::trust::{SignedRoot, TrustError, TrustedRoot};
 use aloft_proto::{CampaignId, DeviceId, DeviceState, Reason};
 use tracing::{debug, info, warn};
 
 use crate::slots::{Flash, PowerOn, SlotState};
 use crate::store::{CampaignProgress, ChunkBitmap, DeviceRecord, FinishedCampaign};
-use checks::{clip, peek_campaign, unwrap_key, verify_job, verify_signature, Refusal};
+use checks::{clip, peek_refusal, unwrap_key, verify_job, verify_signature, walk_roots, Refusal};
 use download::{ChunkOutcome, Session};
 
 /// How the agent behaves; everything but the identity has a sensible default.
@@ -45,8 +52,14 @@ pub struct AgentConfig {
     pub device: DeviceId,
     /// Manifests for any other model are refused.
     pub hardware_model: String,
-    /// Release keys whose signatures the device accepts (pinned at provisioning).
-    pub release_keys: Vec<ReleasePublicKey>,
+    /// The root of trust pinned at provisioning: it names the release keys (and how many must
+    /// sign) until a job's chain of newer roots replaces it; the newest accepted lives in the
+    /// record.
+    pub root: SignedRoot,
+    /// Whether the device's clock can be trusted (default true). Without one, the device's time
+    /// is the latest signed time it has seen (`DeviceRecord::time_floor`), so expiries still
+    /// hold against anything older than the newest metadata it accepted.
+    pub trusted_clock: bool,
     /// Chunks requested but not yet received, at most.
     pub window: u32,
     /// A requested chunk not received within this is requested again; doubles per expiry.
@@ -74,15 +87,12 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    pub fn new(
-        device: DeviceId,
-        hardware_model: impl Into<String>,
-        release_keys: Vec<ReleasePublicKey>,
-    ) -> Self {
+    pub fn new(device: DeviceId, hardware_model: impl Into<String>, root: SignedRoot) -> Self {
         AgentConfig {
             device,
             hardware_model: hardware_model.into(),
-            release_keys,
+            root,
+            trusted_clock: true,
             window: 8,
             chunk_timeout_ms: 3_000,
             max_chunk_timeout_ms: 30_000,
@@ -242,6 +252,10 @@ pub struct UpdateAgent {
     key: DeviceEncryptionKey,
     health: Box<dyn HealthCheck>,
     record: DeviceRecord,
+    /// The root jobs are checked against, as restored at power-on and walked forward since
+    /// (mirrored in `record.trusted_root`); an error if neither the pinned root nor the stored
+    /// one verifies, in which case every job is refused.
+    trust: Result<TrustedRoot, TrustError>,
     connected: bool,
     /// When the outbox head was last published in this connection.
     head_sent_at: Option<u64>,
@@ -274,11 +288,16 @@ impl UpdateAgent {
         record: DeviceRecord,
         health: Box<dyn HealthCheck>,
     ) -> Self {
+        let trust = initial_trust(&cfg, &record);
+        if let Err(e) = &trust {
+            warn!(device = %cfg.device, error = %e, "no root of trust verifies; every job will be refused");
+        }
         let mut agent = UpdateAgent {
             cfg,
             key,
             health,
             record,
+            trust,
             connected: false,
             head_sent_at: None,
             session: None,
@@ -330,6 +349,11 @@ impl UpdateAgent {
 
     pub fn record(&self) -> &DeviceRecord {
         &self.record
+    }
+
+    /// The root of trust jobs are checked against now, if one verifies.
+    pub fn trusted_root(&self) -> Option<&TrustedRoot> {
+        self.trust.as_ref().ok()
     }
 
     /// The campaign and state of the last report the orchestrator accepted since start-up.
@@ -494,7 +518,13 @@ impl UpdateAgent {
             return;
         }
         let downloading = cur.phase == DeviceState::Downloading;
-        let manifest = match verify_signature(&cur.job, &self.cfg.release_keys) {
+        // The stored job is checked again against the root the record trusts now: a record
+        // edited at rest must not smuggle in a job no release key signed.
+        let checked = match &self.trust {
+            Ok(trust) => verify_signature(trust, &cur.job.manifest),
+            Err(e) => Err(Refusal::new(Reason::UntrustedRoot, e)),
+        };
+        let manifest = match checked {
             Ok(m) => m,
             Err(r) => return self.fail(r.reason, Some(r.detail)),
         };
@@ -541,6 +571,7 @@ impl UpdateAgent {
             let update = self.record.slots.update_slot();
             let version = session.manifest.version.clone();
             let security_version = session.manifest.security_version;
+            let sequence = session.manifest.sequence;
             match phase {
                 DeviceState::Downloading => {
                     if !complete {
@@ -611,6 +642,9 @@ impl UpdateAgent {
                             // it earlier would leave a device whose new image fails unable to
                             // fall back.
                             self.record.floor = self.record.floor.max(security_version);
+                            // Replay protection moves with the floor, for the same reason.
+                            self.record.installed_sequence =
+                                self.record.installed_sequence.max(sequence);
                             self.record.installed_by = Some(campaign.clone());
                             // The first heartbeat of the new image goes out at once.
                             self.last_heartbeat = None;
@@ -736,9 +770,9 @@ impl UpdateAgent {
                 warn!(device = %self.cfg.device, error = %e, "undecodable job");
                 // A job whose campaign can still be read is refused, so the orchestrator learns
                 // why; one without a readable campaign cannot be answered at all.
-                if let Some(campaign) = peek_campaign(payload) {
+                if let Some((campaign, refusal)) = peek_refusal(payload, &e) {
                     if self.is_new_campaign(&campaign) {
-                        self.refuse(campaign, Refusal::new(Reason::MalformedJob, e));
+                        self.refuse(campaign, refusal);
                     }
                 }
                 return;
@@ -768,7 +802,23 @@ impl UpdateAgent {
                 return;
             }
         }
-        let manifest = match verify_job(&self.cfg, self.record.floor, now, &job, flash.capacity()) {
+        let walked = match &self.trust {
+            Ok(trust) => walk_roots(trust, &job),
+            Err(e) => Err(Refusal::new(
+                Reason::UntrustedRoot,
+                format!("no trusted root: {e}"),
+            )),
+        };
+        match walked {
+            Ok(Some(newer)) => self.accept_root(newer),
+            Ok(None) => {}
+            Err(r) => return self.refuse(campaign, r),
+        }
+        let verified = match &self.trust {
+            Ok(trust) => verify_job(&self.cfg, trust, &self.record, now, &job, flash.capacity()),
+            Err(e) => Err(Refusal::new(Reason::UntrustedRoot, e)),
+        };
+        let manifest = match verified {
             Ok(m) => m,
             Err(r) => return self.refuse(campaign, r),
         };
@@ -776,6 +826,9 @@ impl UpdateAgent {
             Ok(k) => k,
             Err(r) => return self.refuse(campaign, r),
         };
+        // The manifest is signed time: once it is accepted the device's time never falls back
+        // behind it.
+        self.record.time_floor = self.record.time_floor.max(manifest.created_at);
         if let Some((cur, _)) = current {
             info!(device = %self.cfg.device, %campaign, replaced = %cur, "new job replaces the current download");
             self.finish(
@@ -785,6 +838,16 @@ impl UpdateAgent {
             );
         }
         self.start(job, manifest, key, flash);
+    }
+
+    /// Keeps a root that a job's chain walked forward to. It is saved even if that job is then
+    /// refused: a valid newer root (new keys, revocations) is knowledge worth keeping.
+    fn accept_root(&mut self, newer: TrustedRoot) {
+        info!(device = %self.cfg.device, version = newer.version(), "root of trust rotated");
+        self.record.time_floor = self.record.time_floor.max(newer.root().issued_at);
+        self.record.trusted_root = Some(newer.clone());
+        self.trust = Ok(newer);
+        self.dirty(Persist::Now);
     }
 
     /// An empty job: the orchestrator withdrew it. A download is abandoned; an install that has
@@ -955,5 +1018,30 @@ impl UpdateAgent {
         }
         self.head_sent_at = None;
         self.dirty(Persist::Now);
+    }
+}
+
+/// The root a device trusts at power-on: the newer of the one its record keeps (its signatures
+/// checked again) and the one pinned in its configuration, which a re-provisioned device may
+/// have moved ahead. Revocations the record knows of stay revoked either way.
+fn initial_trust(cfg: &AgentConfig, record: &DeviceRecord) -> Result<TrustedRoot, TrustError> {
+    let pinned = TrustedRoot::pin(cfg.root.clone());
+    let stored = record.trusted_root.clone().map(TrustedRoot::restore);
+    match (pinned, stored) {
+        (pinned, None) => pinned,
+        (Ok(p), Some(Ok(s))) if s.version() >= p.version() => Ok(s),
+        (Ok(mut p), Some(Ok(s))) => {
+            for k in s.revoked {
+                if !p.revoked.contains(&k) {
+                    p.revoked.push(k);
+                }
+            }
+            Ok(p)
+        }
+        (Err(_), Some(Ok(s))) => Ok(s),
+        (pinned, Some(Err(e))) => {
+            warn!(device = %cfg.device, error = %e, "the stored root does not verify; using the pinned one");
+            pinned
+        }
     }
 }

@@ -1,14 +1,16 @@
-//! Test fixtures for the agent: real releases built with the proto crate, jobs wrapped for the
-//! device, and a rig that feeds inputs, records outputs, keeps what the device saved (so a power
+//! Test fixtures for the agent: a root of trust pinned at provisioning and newer roots signed by
+//! any keys, real releases built with the proto crate (signed or cosigned by any keys), jobs
+//! wrapped for the device (with or without a chain of roots), and a rig that feeds inputs, records outputs, keeps what the device saved (so a power
 //! loss can be played) and plays the orchestrator's part.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use aloft_proto::chunkframe;
 use aloft_proto::crypto::{self, ContentKey, DeviceEncryptionKey};
 use aloft_proto::manifest::{Manifest, ReleaseSigningKey, SignedManifest};
 use aloft_proto::messages::{self, AckOutcome, ChunkRequest, Job, StatusAck, StatusReport};
 use aloft_proto::release::{build_release, ReleaseMeta};
+use aloft_proto::trust::{Role, Root, SignedRoot, ROOT_FORMAT};
 use aloft_proto::{ArtifactId, CampaignId, DeviceId, DeviceState, SecurityVersion};
 
 use super::*;
@@ -18,6 +20,54 @@ use crate::store::DeviceRecord;
 /// Unix milliseconds the rig's clock starts at.
 pub const T0: u64 = 1_700_000_000_000;
 pub const HW: &str = "sim-v1";
+/// Unix seconds the fixtures' roots are issued at (a day before the rig's clock starts, with the
+/// releases) and expire at (a year after it starts).
+pub const ROOT_ISSUED_AT: u64 = T0 / 1000 - 86_400;
+pub const ROOT_EXPIRES_AT: u64 = T0 / 1000 + 365 * 86_400;
+
+pub fn key() -> ReleaseSigningKey {
+    ReleaseSigningKey::generate().unwrap()
+}
+
+/// Root metadata `version` whose root role is `root_keys` (1 of n) and whose release role is
+/// `release` (`release_threshold` of n); tests change the fields they care about.
+pub fn root_meta(
+    version: u64,
+    root_keys: &[&ReleaseSigningKey],
+    release: &[&ReleaseSigningKey],
+    release_threshold: u32,
+) -> Root {
+    let mut keys = BTreeMap::new();
+    for k in root_keys.iter().chain(release) {
+        keys.insert(k.public().key_id(), k.public().to_hex());
+    }
+    let ids = |ks: &[&ReleaseSigningKey]| ks.iter().map(|k| k.public().key_id()).collect();
+    Root {
+        v: ROOT_FORMAT,
+        version,
+        issued_at: ROOT_ISSUED_AT,
+        expires_at: ROOT_EXPIRES_AT,
+        keys,
+        root: Role {
+            keyids: ids(root_keys),
+            threshold: 1,
+        },
+        release: Role {
+            keyids: ids(release),
+            threshold: release_threshold,
+        },
+        revoked: Vec::new(),
+    }
+}
+
+/// `root` signed by each of `by`.
+pub fn signed_root(root: &Root, by: &[&ReleaseSigningKey]) -> SignedRoot {
+    let mut s = SignedRoot::new(root);
+    for k in by {
+        s.sign(k).unwrap();
+    }
+    s
+}
 
 pub struct TestRelease {
     pub manifest: Manifest,
@@ -71,6 +121,15 @@ impl Default for ReleaseSpec<'_> {
     }
 }
 
+/// A release signed by every key of `keys` (the first signs, the others cosign).
+pub fn release_cosigned(keys: &[&ReleaseSigningKey], spec: &ReleaseSpec<'_>) -> TestRelease {
+    let mut rel = release(keys[0], spec);
+    for k in &keys[1..] {
+        rel.signed.cosign(k).unwrap();
+    }
+    rel
+}
+
 pub fn release(key: &ReleaseSigningKey, spec: &ReleaseSpec<'_>) -> TestRelease {
     let image: Vec<u8> = (0..spec.size).map(|i| (i * 31 + spec.size) as u8).collect();
     let meta = ReleaseMeta {
@@ -105,15 +164,24 @@ pub fn release(key: &ReleaseSigningKey, spec: &ReleaseSpec<'_>) -> TestRelease {
 }
 
 pub struct Fixture {
+    /// The release key of the pinned root (its release role, 1 of 1).
     pub signing: ReleaseSigningKey,
+    /// The root key of the pinned root (its root role, 1 of 1).
+    pub root_key: ReleaseSigningKey,
+    /// Root version 1, pinned at provisioning.
+    pub root: SignedRoot,
     pub device: DeviceId,
     pub device_key: DeviceEncryptionKey,
 }
 
 impl Fixture {
     pub fn new() -> Self {
+        let (signing, root_key) = (key(), key());
+        let root = signed_root(&root_meta(1, &[&root_key], &[&signing], 1), &[&root_key]);
         Fixture {
-            signing: ReleaseSigningKey::generate().unwrap(),
+            signing,
+            root_key,
+            root,
             device: DeviceId::new("dev-00001").unwrap(),
             device_key: DeviceEncryptionKey::generate().unwrap(),
         }
@@ -131,6 +199,17 @@ impl Fixture {
         device: &DeviceId,
         public: &[u8; 32],
     ) -> Vec<u8> {
+        self.job_full(campaign, rel, device, public, &[])
+    }
+
+    fn job_full(
+        &self,
+        campaign: &str,
+        rel: &TestRelease,
+        device: &DeviceId,
+        public: &[u8; 32],
+        roots: &[SignedRoot],
+    ) -> Vec<u8> {
         let wrapped =
             crypto::wrap_content_key(public, device, &rel.manifest.artifact, &rel.content_key)
                 .unwrap();
@@ -140,16 +219,27 @@ impl Fixture {
             manifest: rel.signed.clone(),
             wrapped_key: wrapped,
             issued_at: T0 / 1000,
+            roots: roots.to_vec(),
         })
     }
 
     pub fn job(&self, campaign: &str, rel: &TestRelease) -> Vec<u8> {
+        self.job_with_roots(campaign, rel, &[])
+    }
+
+    /// A job for this device that carries `roots`, the chain from the pinned root on.
+    pub fn job_with_roots(
+        &self,
+        campaign: &str,
+        rel: &TestRelease,
+        roots: &[SignedRoot],
+    ) -> Vec<u8> {
         let public = self.device_key.public_bytes().unwrap();
-        self.job_wrapped(campaign, rel, &self.device, &public)
+        self.job_full(campaign, rel, &self.device, &public, roots)
     }
 
     pub fn config(&self) -> AgentConfig {
-        let mut cfg = AgentConfig::new(self.device.clone(), HW, vec![self.signing.public()]);
+        let mut cfg = AgentConfig::new(self.device.clone(), HW, self.root.clone());
         // The tests were written against a window of 16, independent of the default.
         cfg.window = 16;
         cfg
@@ -175,6 +265,12 @@ impl Fixture {
     pub fn rig_with(&self, record: DeviceRecord, healthy: bool) -> Rig {
         let health: Box<dyn HealthCheck> = Box::new(FixedHealth(healthy));
         Rig::new(self.agent(record, health))
+    }
+
+    /// A healthy factory-fresh device configured with `cfg`.
+    pub fn rig_cfg(&self, cfg: AgentConfig) -> Rig {
+        let record = DeviceRecord::factory("1.0.0", SecurityVersion(1));
+        Rig::new(self.agent_with(cfg, record, Box::new(FixedHealth(true))))
     }
 }
 
