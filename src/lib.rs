@@ -21,6 +21,7 @@ use aloft_orchestrator::rollout::RolloutPolicy;
 use aloft_orchestrator::store::Target;
 use aloft_proto::manifest::ReleaseSigningKey;
 use aloft_proto::release::ReleaseMeta;
+use aloft_proto::trust::SignedRoot;
 use aloft_proto::{ArtifactId, CampaignId, OperatorId, SecurityVersion};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -28,13 +29,17 @@ use serde_json::Value;
 /// The hardware model every simulated device reports unless told otherwise.
 pub const HARDWARE_MODEL: &str = "sim-v1";
 
-/// A directory holding one orchestrator's data, its operator and its release key.
+/// A directory holding one orchestrator's data, its operator, and its root of trust: one root
+/// key and one release key (threshold 1 each), root version 1 pinned by devices.
 pub struct Lab {
     pub root: PathBuf,
     pub data_dir: PathBuf,
     pub profile_dir: PathBuf,
     pub ca: FleetCa,
     pub release_key: ReleaseSigningKey,
+    pub root_key: ReleaseSigningKey,
+    /// Root metadata version 1: installed in the orchestrator, pinned on devices.
+    pub pinned_root: SignedRoot,
 }
 
 impl Lab {
@@ -51,14 +56,48 @@ impl Lab {
         let profile_dir = root.join("operator");
         ops::issue_operator_profile(&ca, &OperatorId::new("ops")?, &profile_dir, 30)?;
         let release_key = ReleaseSigningKey::generate()?;
-        ops::add_release_key(&data_dir, &release_key.public().to_hex())?;
+        let root_key = ReleaseSigningKey::generate()?;
+        let pinned_root = Lab::make_root(None, &[&root_key], &[&release_key], &[], &[&root_key])?;
+        ops::install_roots(&data_dir, vec![pinned_root.clone()])?;
         Ok(Lab {
             root: root.to_owned(),
             data_dir,
             profile_dir,
             ca,
             release_key,
+            root_key,
+            pinned_root,
         })
+    }
+
+    /// Root metadata following `from` (or version 1), with these root and release keys
+    /// (threshold 1 each), revoking `revoke`, signed by `signers`.
+    pub fn make_root(
+        from: Option<&SignedRoot>,
+        root_keys: &[&ReleaseSigningKey],
+        release_keys: &[&ReleaseSigningKey],
+        revoke: &[String],
+        signers: &[&ReleaseSigningKey],
+    ) -> Result<SignedRoot> {
+        let hex = |ks: &[&ReleaseSigningKey]| -> Vec<String> {
+            ks.iter().map(|k| k.public().to_hex()).collect()
+        };
+        let prev = from.map(|s| s.peek_unverified()).transpose()?;
+        let root = aloft_orchestrator::cli::new_root(
+            prev.as_ref(),
+            &hex(root_keys),
+            None,
+            &hex(release_keys),
+            None,
+            revoke,
+            30,
+            now_secs(),
+        )?;
+        let mut signed = SignedRoot::new(&root);
+        for k in signers {
+            signed.sign(k)?;
+        }
+        Ok(signed)
     }
 
     /// The orchestrator's configuration with every listener on a port chosen at run time.
@@ -135,7 +174,7 @@ impl Lab {
             self.ca.cert_pem().to_owned(),
             self.fleet_dir(),
         );
-        cfg.release_keys = vec![self.release_key.public()];
+        cfg.root = Some(self.pinned_root.clone());
         cfg.hardware_model = HARDWARE_MODEL.to_owned();
         cfg
     }
@@ -147,6 +186,18 @@ impl Lab {
 
     /// Builds and signs a release of a pseudo-random image of `image_bytes` bytes.
     pub fn build_release(&self, spec: &ReleaseSpec) -> Result<PathBuf> {
+        self.build_release_signed(spec, &[&self.release_key])
+    }
+
+    /// Builds a release signed by each of `keys` in turn (threshold signing).
+    pub fn build_release_signed(
+        &self,
+        spec: &ReleaseSpec,
+        keys: &[&ReleaseSigningKey],
+    ) -> Result<PathBuf> {
+        let Some((first, others)) = keys.split_first() else {
+            bail!("a release needs at least one signature");
+        };
         let dir = self.root.join("releases").join(&spec.version);
         std::fs::create_dir_all(&dir)?;
         let image = dir.join("image.bin");
@@ -163,7 +214,10 @@ impl Lab {
             sequence: Some(next_sequence()),
         };
         let bundle = dir.join("bundle");
-        ops::build_bundle(&image, &meta, &self.release_key, &bundle)?;
+        ops::build_bundle(&image, &meta, first, &bundle)?;
+        for k in others {
+            ops::cosign_bundle(&bundle, k)?;
+        }
         Ok(bundle)
     }
 

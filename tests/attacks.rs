@@ -6,41 +6,16 @@ use aloft_orchestrator::admin::client::ClientError;
 use aloft_orchestrator::admin::wire::AdminBody;
 use aloft_orchestrator::ops;
 use aloft_orchestrator::store::Target;
-use aloft_proto::crypto::{self, ContentKey};
 use aloft_proto::manifest::{ReleaseSigningKey, SignedManifest};
-use aloft_proto::messages::{self, Job, PROTOCOL_VERSION};
-use aloft_proto::{topics, CampaignId, DeviceState, Reason};
+use aloft_proto::{topics, DeviceState, Reason};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::Value;
 
-use crate::common::{backend_client, close, device_client, id, publish_and_settle, Env, LIMIT};
-
-/// Runs a valid campaign to every device and asserts it succeeds everywhere.
-async fn valid_update_succeeds(env: &Env, fleet: &aloft_device::Fleet, version: &str, sv: u64) {
-    let campaign = env
-        .lab
-        .release_to_all(&env.admin, &ReleaseSpec::new(version, sv, 64 * 1024))
-        .await
-        .unwrap();
-    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished)
-        .await
-        .unwrap();
-    assert_eq!(s.count(DeviceState::Succeeded), s.total, "{:?}", s.counts);
-    assert!(
-        fleet
-            .wait_all(LIMIT, |v| v.running_version == version)
-            .await
-    );
-}
-
-fn read_bundle(dir: &std::path::Path) -> (SignedManifest, ContentKey) {
-    let signed: SignedManifest =
-        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
-    let key_hex = std::fs::read_to_string(dir.join("content-key")).unwrap();
-    let key: [u8; 32] = hex::decode(key_hex.trim()).unwrap().try_into().unwrap();
-    (signed, ContentKey::from_bytes(key))
-}
+use crate::common::{
+    close, device_client, forge_job, id, publish_and_settle, read_bundle, refused,
+    valid_update_succeeds, Env, LIMIT,
+};
 
 /// A manifest whose payload was changed after signing (a different version claimed).
 fn tamper(signed: &SignedManifest) -> SignedManifest {
@@ -63,7 +38,6 @@ async fn forged_jobs_from_a_compromised_server_are_refused_then_a_valid_update_s
     let (signed, key) = read_bundle(&bundle);
     let rogue = ReleaseSigningKey::generate().unwrap();
     let forged_by_rogue = SignedManifest::sign(&signed.peek_unverified().unwrap(), &rogue);
-    let (backend, mut el) = backend_client(&env.running).await;
     // dev-00000 gets a validly signed manifest altered afterwards; dev-00001 one signed by a
     // key it was never provisioned with.
     let cases = [
@@ -71,36 +45,11 @@ async fn forged_jobs_from_a_compromised_server_are_refused_then_a_valid_update_s
         ("dev-00001", forged_by_rogue, Reason::UnknownSigningKey),
     ];
     for (device, manifest, _) in &cases {
-        let device = id(device);
-        let identity = env.devices.iter().find(|d| d.id == device).unwrap();
-        let public = identity.encryption_key.public_bytes().unwrap();
-        let artifact = manifest.peek_unverified().unwrap().artifact;
-        let job = Job {
-            v: PROTOCOL_VERSION,
-            campaign: CampaignId::new("forged-1").unwrap(),
-            manifest: manifest.clone(),
-            wrapped_key: crypto::wrap_content_key(&public, &device, &artifact, &key).unwrap(),
-            issued_at: aloft_e2e::now_secs(),
-            roots: Vec::new(),
-        };
-        publish_and_settle(
-            &backend,
-            &mut el,
-            topics::job(&device),
-            messages::encode(&job),
-            true,
-        )
-        .await;
+        forge_job(&env, &id(device), "forged-1", manifest, &key, Vec::new()).await;
     }
     for (device, _, reason) in &cases {
-        let refused = fleet
-            .wait_one(&id(device), LIMIT, |v| {
-                matches!(&v.last_finished, Some((c, DeviceState::Failed, Some(r), _))
-                    if c.as_str() == "forged-1" && r == reason)
-            })
-            .await;
         assert!(
-            refused,
+            refused(&fleet, &id(device), "forged-1", *reason).await,
             "{device} refused the forged job with {reason:?}: {:?}",
             fleet.view(&id(device))
         );

@@ -6,12 +6,17 @@ use std::time::Duration;
 
 use aloft_device::{DeviceIdentity, Fleet, FleetConfig};
 use aloft_e2e::{create_rollout, wait_registered, Lab, ReleaseSpec};
+use aloft_e2e::{finished, wait_campaign};
 use aloft_orchestrator::admin::client::AdminClient;
 use aloft_orchestrator::rollout::policy::{Growth, Size, Waves};
 use aloft_orchestrator::rollout::RolloutPolicy;
 use aloft_orchestrator::store::Target;
 use aloft_orchestrator::Running;
-use aloft_proto::{CampaignId, DeviceId};
+use aloft_proto::crypto::{self, ContentKey};
+use aloft_proto::manifest::SignedManifest;
+use aloft_proto::messages::{self, Job, PROTOCOL_VERSION};
+use aloft_proto::trust::SignedRoot;
+use aloft_proto::{topics, CampaignId, DeviceId, DeviceState, Reason};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
@@ -139,6 +144,75 @@ pub async fn publish_and_settle(
         }
     })
     .await;
+}
+
+/// Runs a valid campaign to every device and asserts it succeeds everywhere.
+pub async fn valid_update_succeeds(env: &Env, fleet: &aloft_device::Fleet, version: &str, sv: u64) {
+    let campaign = env
+        .lab
+        .release_to_all(&env.admin, &ReleaseSpec::new(version, sv, 64 * 1024))
+        .await
+        .unwrap();
+    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(s.count(DeviceState::Succeeded), s.total, "{:?}", s.counts);
+    assert!(
+        fleet
+            .wait_all(LIMIT, |v| v.running_version == version)
+            .await
+    );
+}
+
+pub fn read_bundle(dir: &std::path::Path) -> (SignedManifest, ContentKey) {
+    let signed: SignedManifest =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let key_hex = std::fs::read_to_string(dir.join("content-key")).unwrap();
+    let key: [u8; 32] = hex::decode(key_hex.trim()).unwrap().try_into().unwrap();
+    (signed, ContentKey::from_bytes(key))
+}
+
+/// Plays a compromised server: publishes a retained job for `device` straight into the
+/// broker's backend, with `manifest`, the content key wrapped for the device, and `roots`.
+pub async fn forge_job(
+    env: &Env,
+    device: &DeviceId,
+    campaign: &str,
+    manifest: &SignedManifest,
+    key: &ContentKey,
+    roots: Vec<SignedRoot>,
+) {
+    let identity = env.devices.iter().find(|d| &d.id == device).unwrap();
+    let public = identity.encryption_key.public_bytes().unwrap();
+    let artifact = manifest.peek_unverified().unwrap().artifact;
+    let job = Job {
+        v: PROTOCOL_VERSION,
+        campaign: CampaignId::new(campaign).unwrap(),
+        manifest: manifest.clone(),
+        wrapped_key: crypto::wrap_content_key(&public, device, &artifact, key).unwrap(),
+        issued_at: aloft_e2e::now_secs(),
+        roots,
+    };
+    let (backend, mut el) = backend_client(&env.running).await;
+    publish_and_settle(
+        &backend,
+        &mut el,
+        topics::job(device),
+        messages::encode(&job),
+        true,
+    )
+    .await;
+    close(backend, el).await;
+}
+
+/// Waits until `device` refused the job of `campaign` with `reason`.
+pub async fn refused(fleet: &Fleet, device: &DeviceId, campaign: &str, reason: Reason) -> bool {
+    fleet
+        .wait_one(device, LIMIT, |v| {
+            matches!(&v.last_finished, Some((c, DeviceState::Failed, Some(r), _))
+                if c.as_str() == campaign && *r == reason)
+        })
+        .await
 }
 
 /// A canary, then cumulative percentages.

@@ -18,14 +18,16 @@ use crate::admin::client::AdminClient;
 use crate::admin::wire::{AdminBody, CampaignSummary, DryRun};
 use crate::config::{FileConfig, ServeConfig, DEFAULT_CONFIG_TOML};
 use crate::ops::{
-    add_release_key, build_bundle, init, issue_operator_profile, read_signing_key, upload_bundle,
+    build_bundle, cosign_bundle, init, issue_operator_profile, read_signing_key, upload_bundle,
     write_new, write_signing_key,
 };
 use crate::store::Target;
 
 mod rollout;
+mod trust;
 pub use rollout::{describe, describe_policy, parse_duration, PolicyArgs};
 use rollout::{device_ids, parse_label, print_dry_run, unix_now};
+pub use trust::{new_root, TrustCommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -57,7 +59,7 @@ pub enum Command {
     /// Certificates: devices (from CSRs), operators.
     #[command(subcommand)]
     Pki(PkiCommand),
-    /// Trust anchors of the orchestrator.
+    /// The root of trust: root and release keys, root metadata, rotation and revocation.
     #[command(subcommand)]
     Trust(TrustCommand),
     /// Build, sign and upload releases.
@@ -133,16 +135,6 @@ pub enum PkiCommand {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum TrustCommand {
-    /// Trust a release public key (64 hex digits) for uploads.
-    AddReleaseKey {
-        #[arg(long, env = "ALOFT_DATA_DIR")]
-        data_dir: PathBuf,
-        key: String,
-    },
-}
-
-#[derive(Subcommand, Debug)]
 pub enum ReleaseCommand {
     /// Generate a release signing key (secret, file mode 0600); prints its public key.
     Keygen {
@@ -175,6 +167,14 @@ pub enum ReleaseCommand {
         /// last. Default: the build time in Unix milliseconds.
         #[arg(long)]
         sequence: Option<u64>,
+    },
+    /// Add another release key's signature to a built bundle (when the root's release role needs
+    /// more than one: each approver signs in turn).
+    Sign {
+        #[arg(long)]
+        bundle: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
     },
     /// Upload a built release; the orchestrator verifies its signature before accepting it.
     Upload {
@@ -326,9 +326,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Pki(c) => pki(c),
-        Command::Trust(TrustCommand::AddReleaseKey { data_dir, key }) => {
-            add_release_key(&data_dir, &key)
-        }
+        Command::Trust(c) => trust::run(c).await,
         Command::Release(c) => release(c).await,
         Command::Device(c) => device(c).await,
         Command::Campaign(c) => campaign(*c).await,
@@ -506,6 +504,10 @@ async fn release(c: ReleaseCommand) -> Result<()> {
             };
             let a = build_bundle(&image, &meta, &key, &out_dir)?;
             println!("built and signed {a} into {}", out_dir.display());
+        }
+        ReleaseCommand::Sign { bundle, key } => {
+            let n = cosign_bundle(&bundle, &read_signing_key(&key)?)?;
+            println!("{} now carries {n} signature(s)", bundle.display());
         }
         ReleaseCommand::Upload { bundle, conn } => {
             let client = AdminClient::connect(&conn.profile, &conn.server).await?;

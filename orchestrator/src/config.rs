@@ -18,8 +18,8 @@ pub mod layout {
     pub const SERVER_KEY: &str = "server.key";
     /// Optional CRL (PEM) the front enforces.
     pub const CRL: &str = "crl.pem";
-    /// Trusted release public keys, one 64-hex-digit key per line (`#` comments allowed).
-    pub const TRUSTED_RELEASE_KEYS: &str = "trusted-release-keys";
+    /// Accepted root metadata, `root-<version>.json` (see `crate::trust`).
+    pub const TRUST_DIR: &str = "trust";
     /// The sled database.
     pub const STORE_DIR: &str = "store";
 }

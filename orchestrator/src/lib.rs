@@ -15,6 +15,7 @@ pub mod ops;
 pub mod rollout;
 pub mod server;
 pub mod store;
+pub mod trust;
 
 pub use config::ServeConfig;
 pub use server::{start, Running, ServeError};

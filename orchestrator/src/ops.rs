@@ -8,6 +8,7 @@ use std::path::Path;
 use aloft_certs::{FleetCa, Validity};
 use aloft_proto::manifest::{ReleaseSigningKey, SignedManifest};
 use aloft_proto::release::{build_release, ReleaseMeta};
+use aloft_proto::trust::SignedRoot;
 use aloft_proto::{ArtifactId, OperatorId};
 use anyhow::{bail, Context, Result};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -111,22 +112,34 @@ pub fn issue_operator_profile(
     Ok(())
 }
 
-/// Appends a release public key to the orchestrator's trusted set.
-pub fn add_release_key(data_dir: &Path, key: &str) -> Result<()> {
-    let parsed = aloft_proto::manifest::ReleasePublicKey::from_hex(key)
-        .map_err(|_| anyhow::anyhow!("not a 64-hex-digit Ed25519 public key"))?;
-    let path = data_dir.join(layout::TRUSTED_RELEASE_KEYS);
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    writeln!(f, "{}  # key id {}", parsed.to_hex(), parsed.key_id())?;
-    println!(
-        "trusted release key {} (restart the orchestrator to apply)",
-        parsed.key_id()
-    );
-    Ok(())
+/// Installs root metadata into a data directory (offline, before `aloft serve`; later roots
+/// go through `aloft trust push`). Returns the version now trusted.
+pub fn install_roots(data_dir: &Path, roots: Vec<SignedRoot>) -> Result<u64> {
+    Ok(crate::trust::install(
+        &data_dir.join(layout::TRUST_DIR),
+        roots,
+    )?)
+}
+
+/// Reads a signed root file.
+pub fn read_root(path: &Path) -> Result<SignedRoot> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not signed root metadata", path.display()))
+}
+
+/// Adds `key`'s signature to a bundle's manifest (threshold release signing: each approver
+/// runs this on the bundle in turn). Returns the number of signatures now on it.
+pub fn cosign_bundle(dir: &Path, key: &ReleaseSigningKey) -> Result<usize> {
+    let path = dir.join(bundle::MANIFEST);
+    let mut signed: SignedManifest = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+    )?;
+    signed.cosign(key)?;
+    let tmp = dir.join(".manifest.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&signed)?)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(signed.signatures.len())
 }
 
 /// Builds and signs a release into `out_dir`; returns the artifact id.

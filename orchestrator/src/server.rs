@@ -7,11 +7,10 @@ use std::sync::Arc;
 
 use aloft_broker::{BrokerConfig, EmbeddedBroker, FrontContext, SessionHook};
 use aloft_certs::CertIdentity;
-use aloft_proto::manifest::ReleasePublicKey;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::{layout, ServeConfig};
 use crate::engine::{Engine, EngineConfig, EngineError, Inbound, SeenDevice};
@@ -34,8 +33,8 @@ pub enum ServeError {
     },
     #[error("pki: {0}")]
     Pki(#[from] aloft_certs::PkiError),
-    #[error("trusted release key on line {line}: not 64 hex digits of an Ed25519 key")]
-    BadReleaseKey { line: usize },
+    #[error("root of trust: {0}")]
+    Trust(#[from] crate::trust::TrustStoreError),
     #[error("opening the store: {0}")]
     Store(#[from] StoreError),
     #[error("broker: {0}")]
@@ -58,24 +57,6 @@ fn read(path: &Path) -> Result<String, ServeError> {
         path: path.display().to_string(),
         source,
     })
-}
-
-/// Reads the trusted release keys file: one key per line, `#` comments, blank lines ignored.
-pub fn load_trusted_release_keys(path: &Path) -> Result<Vec<ReleasePublicKey>, ServeError> {
-    if !path.exists() {
-        return Ok(Vec::new());
-    }
-    let mut keys = Vec::new();
-    for (i, line) in read(path)?.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let key = ReleasePublicKey::from_hex(line)
-            .map_err(|_| ServeError::BadReleaseKey { line: i + 1 })?;
-        keys.push(key);
-    }
-    Ok(keys)
 }
 
 /// A running orchestrator.
@@ -129,10 +110,10 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         Vec::new()
     };
     let tls = aloft_certs::tls::server_config(&ca_pem, &server_cert, &server_key, crls)?;
-    let trusted = load_trusted_release_keys(&cfg.data_dir.join(layout::TRUSTED_RELEASE_KEYS))?;
-    if trusted.is_empty() {
-        warn!("no trusted release keys: every release upload will be refused");
-    }
+    // No root, no orchestrator: every upload is verified against it (fail closed).
+    let trust_dir = cfg.data_dir.join(layout::TRUST_DIR);
+    let trust = crate::trust::TrustState::load(&trust_dir)?;
+    info!(version = trust.trusted.version(), "root of trust loaded");
     let store = Store::open(&cfg.data_dir.join(layout::STORE_DIR))?;
 
     let broker_cfg = BrokerConfig::from(&cfg.file.broker);
@@ -201,7 +182,8 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let engine = Engine::new(
         store,
         EngineConfig {
-            trusted_release_keys: trusted,
+            trust,
+            trust_dir: Some(trust_dir),
             ca_pem,
             direct: Some(ctx.direct.clone()),
         },

@@ -59,6 +59,13 @@ pub enum AdminBody {
         data: String,
     },
     ReleaseList {},
+    /// New root metadata (one or more versions, any order): accepted only if it walks forward
+    /// from the root the orchestrator trusts.
+    TrustUpdate {
+        roots: Vec<aloft_proto::trust::SignedRoot>,
+    },
+    /// The root the orchestrator trusts now.
+    TrustStatus {},
     /// Register devices from their certificates (PEM), optionally into groups.
     DeviceRegister {
         certs: Vec<String>,

@@ -112,6 +112,8 @@ impl Engine {
                 data,
             } => self.release_chunk(&artifact, index, &data),
             AdminBody::ReleaseList {} => self.release_list(),
+            AdminBody::TrustUpdate { roots } => self.trust_update(operator, &roots),
+            AdminBody::TrustStatus {} => Ok(Ok(trust_status(&self.cfg.trust))),
             AdminBody::DeviceRegister { certs, groups } => self.device_register(&certs, &groups),
             AdminBody::DeviceList {} => {
                 let devices = self.store.devices()?;
@@ -167,14 +169,14 @@ impl Engine {
         signed: aloft_proto::manifest::SignedManifest,
         content_key: &str,
     ) -> AdminResult {
-        let manifest = match signed.verify(&self.cfg.trusted_release_keys) {
+        if let Err(e) = self.cfg.trust.trusted.check_fresh(now_ms() / 1000) {
+            self.metrics.rejected("release", "root_expired");
+            return refuse("root_expired", format!("{e}; push a newer root first"));
+        }
+        let manifest = match self.cfg.trust.trusted.verify_manifest(&signed) {
             Ok(m) => m,
             Err(e) => {
-                let code = match e {
-                    ManifestError::UnknownKey => "unknown_signing_key",
-                    ManifestError::BadSignature => "bad_signature",
-                    _ => "invalid_manifest",
-                };
+                let code = manifest_error_code(&e);
                 self.metrics.rejected("release", code);
                 warn!(%operator, error = %e, "release refused: signature");
                 return refuse(code, e.to_string());
@@ -386,6 +388,20 @@ impl Engine {
         let Some(key) = parse_key_hex(&release.content_key_hex) else {
             return refuse("invalid_content_key", "stored content key is malformed");
         };
+        if let Err(e) = self.cfg.trust.trusted.check_fresh(now_ms() / 1000) {
+            return refuse("root_expired", format!("{e}; push a newer root first"));
+        }
+        // A key revoked (or a threshold raised) since the upload stops the release here too:
+        // devices would refuse it anyway, one by one.
+        if let Err(e) = self.cfg.trust.trusted.verify_manifest(&release.signed) {
+            return refuse(
+                "untrusted_release",
+                format!(
+                    "{artifact} no longer verifies under root version {}: {e}",
+                    self.cfg.trust.trusted.version()
+                ),
+            );
+        }
         if let Err(e) = policy.validate() {
             return refuse("invalid_policy", e.to_string());
         }
@@ -535,6 +551,29 @@ impl Engine {
         )
     }
 
+    /// New root metadata from an operator: accepted only if it walks forward from the root the
+    /// orchestrator trusts (thresholds of the old and the new root keys, revocations kept), and
+    /// written to the trust directory before it counts.
+    fn trust_update(
+        &mut self,
+        operator: &OperatorId,
+        roots: &[aloft_proto::trust::SignedRoot],
+    ) -> AdminResult {
+        let dir = self.cfg.trust_dir.clone();
+        match self.cfg.trust.accept(roots, dir.as_deref()) {
+            Ok(n) => {
+                let version = self.cfg.trust.trusted.version();
+                info!(%operator, version, accepted = n, "root of trust updated");
+                Ok(Ok(json!({"version": version, "accepted": n})))
+            }
+            Err(e) => {
+                self.metrics.rejected("admin", "untrusted_root");
+                warn!(%operator, error = %e, "root update refused");
+                refuse("untrusted_root", e.to_string())
+            }
+        }
+    }
+
     fn device_label(
         &mut self,
         devices: &[DeviceId],
@@ -600,7 +639,36 @@ impl Engine {
     }
 }
 
+/// What `trust_status` returns: the newest root, and the versions jobs carry.
+fn trust_status(trust: &crate::trust::TrustState) -> Value {
+    let root = trust.trusted.root();
+    json!({
+        "version": root.version,
+        "issued_at": root.issued_at,
+        "expires_at": root.expires_at,
+        "root": root.root,
+        "release": root.release,
+        "revoked": trust.trusted.revoked,
+        "job_chain": trust
+            .job_chain()
+            .iter()
+            .filter_map(|s| s.peek_unverified().ok().map(|r| r.version))
+            .collect::<Vec<_>>(),
+    })
+}
+
 /// Label keys and values: 1 to 63 characters of `a-z A-Z 0-9 . _ -`.
+/// The admin error code of a manifest that failed verification.
+fn manifest_error_code(e: &ManifestError) -> &'static str {
+    match e {
+        ManifestError::UnknownKey => "unknown_signing_key",
+        ManifestError::BadSignature => "bad_signature",
+        ManifestError::BelowThreshold { .. } => "below_threshold",
+        ManifestError::RevokedKey => "revoked_key",
+        _ => "invalid_manifest",
+    }
+}
+
 fn valid_label(k: &str, v: &str) -> bool {
     let ok = |s: &str| {
         (1..=63).contains(&s.len())

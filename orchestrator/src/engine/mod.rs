@@ -13,7 +13,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use aloft_broker::{DeliverError, DirectRoutes};
 use aloft_proto::chunkframe::{self, ChunkErrorCode};
 use aloft_proto::crypto::{self, ContentKey};
-use aloft_proto::manifest::{Manifest, ReleasePublicKey, SignedManifest};
+use aloft_proto::manifest::{Manifest, SignedManifest};
 use aloft_proto::messages::{
     self, AckError, AckOutcome, ChunkRequest, Job, StatusAck, StatusReport, PROTOCOL_VERSION,
 };
@@ -70,8 +70,11 @@ pub struct SeenDevice {
 /// What the engine needs besides its store.
 #[derive(Clone)]
 pub struct EngineConfig {
-    /// Release keys whose signatures the orchestrator accepts on upload.
-    pub trusted_release_keys: Vec<ReleasePublicKey>,
+    /// The newest root of trust: its release role must sign every upload (threshold, no
+    /// revoked key), and its chain travels in every job.
+    pub trust: crate::trust::TrustState,
+    /// Where accepted roots are written (`trust_update`); `None` keeps them in memory only.
+    pub trust_dir: Option<std::path::PathBuf>,
     /// The fleet CA, for verifying certificates submitted for registration.
     pub ca_pem: String,
     /// The front's direct routes: chunk responses go to devices this way, past the broker
@@ -354,7 +357,8 @@ impl Engine {
         let Some(live) = self.campaigns.get(id) else {
             return Ok(());
         };
-        match job_payload(live, &record, now) {
+        let roots = self.cfg.trust.job_chain();
+        match job_payload(live, &record, &roots, now) {
             Ok(payload) => self.send(topics::job(device), payload, true),
             Err(e) => warn!(%device, error = %e, "cannot wrap the content key for device"),
         }
@@ -709,6 +713,7 @@ fn parse_key_hex(s: &str) -> Option<ContentKey> {
 fn job_payload(
     live: &LiveCampaign,
     device: &DeviceRecord,
+    roots: &[aloft_proto::trust::SignedRoot],
     now_ms: u64,
 ) -> Result<Vec<u8>, crypto::CryptoError> {
     let public: [u8; 32] = hex::decode(&device.x25519_public)
@@ -722,7 +727,7 @@ fn job_payload(
         manifest: live.signed.clone(),
         wrapped_key: wrapped,
         issued_at: now_ms / 1000,
-        roots: Vec::new(),
+        roots: roots.to_vec(),
     };
     Ok(messages::encode(&job))
 }
