@@ -9,3 +9,4 @@ mod campaign;
 mod faults;
 mod restart;
 mod rollout;
+mod trust;

@@ -348,7 +348,19 @@ impl TrustedRoot {
     /// Verifies a manifest against the release role: a threshold of its keys, none revoked.
     pub fn verify_manifest(&self, signed: &SignedManifest) -> Result<Manifest, ManifestError> {
         let r = self.root();
-        signed.verify_threshold(&r.role_keys(&r.release), r.release.threshold, &self.revoked)
+        match signed.verify_threshold(&r.role_keys(&r.release), r.release.threshold, &self.revoked)
+        {
+            // A revoked key has usually left the role too; say why it does not count.
+            Err(ManifestError::UnknownKey)
+                if signed
+                    .signatures
+                    .iter()
+                    .any(|s| self.revoked.contains(&s.keyid)) =>
+            {
+                Err(ManifestError::RevokedKey)
+            }
+            other => other,
+        }
     }
 }
 
@@ -475,7 +487,7 @@ mod tests {
         t.update(&[signed(&v2, &[&a])]).unwrap();
         assert_eq!(
             t.verify_manifest(&SignedManifest::sign(&m, &rel)),
-            Err(ManifestError::UnknownKey),
+            Err(ManifestError::RevokedKey),
             "a revoked release key no longer counts"
         );
         assert!(t.verify_manifest(&SignedManifest::sign(&m, &rel2)).is_ok());
