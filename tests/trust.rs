@@ -73,7 +73,7 @@ async fn a_rotated_root_reaches_devices_and_a_revoked_release_key_is_refused_fro
         Some(&lab.pinned_root),
         &[&root2],
         &[&rel2],
-        &[old_rel.clone()],
+        std::slice::from_ref(&old_rel),
         &[&root2],
     )
     .unwrap();
