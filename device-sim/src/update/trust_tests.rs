@@ -194,9 +194,9 @@ fn a_forged_gapped_or_overlong_root_chain_is_refused_and_changes_nothing() {
 }
 
 /// A root may not name a revoked key in any role (`Root::validate`), so once a root revokes a
-/// release key it is no longer in the release role at all, and the manifest verifies as signed
-/// by an unknown key: the device reports `unknown_signing_key`. `revoked_key` would need a root
-/// that both lists and revokes the key, which no accepted root can be.
+/// release key it has left the release role too; `TrustedRoot::verify_manifest` still says
+/// `revoked_key` (rather than `unknown_signing_key`) when a signature is by a key some accepted
+/// root revoked, so the operator learns why.
 #[test]
 fn a_release_key_revoked_by_a_newer_root_is_refused_and_stays_revoked() {
     let fx = Fixture::new();
@@ -210,7 +210,7 @@ fn a_release_key_revoked_by_a_newer_root_is_refused_and_stays_revoked() {
     rig.connect();
     let by_old = fx.release(&ReleaseSpec::default());
     let job = fx.job_with_roots("c-revoked", &by_old, std::slice::from_ref(&v2));
-    assert_refused(&mut rig, "c-revoked", &job, Reason::UnknownSigningKey);
+    assert_refused(&mut rig, "c-revoked", &job, Reason::RevokedKey);
     assert_eq!(
         trusted_version(&rig),
         2,
