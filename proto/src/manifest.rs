@@ -322,8 +322,13 @@ pub(crate) fn verify_signatures(
     threshold: u32,
     revoked: &[String],
 ) -> Result<Vec<u8>, ManifestError> {
-    if signatures.is_empty() || signatures.len() > MAX_SIGNATURES {
-        return Err(ManifestError::Malformed("signature count".into()));
+    if signatures.is_empty() {
+        return Err(ManifestError::Malformed("it carries no signature".into()));
+    }
+    if signatures.len() > MAX_SIGNATURES {
+        return Err(ManifestError::Malformed(format!(
+            "more than {MAX_SIGNATURES} signatures"
+        )));
     }
     let payload = B64
         .decode(payload_b64)

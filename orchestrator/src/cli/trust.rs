@@ -42,7 +42,8 @@ pub enum TrustCommand {
         release_keys: Vec<String>,
         #[arg(long)]
         release_threshold: Option<u32>,
-        /// Key ids revoked from now on, for every role; repeat. Revocations are never undone.
+        /// Keys revoked from now on, for every role (public key or key id); repeat. Revocations
+        /// are never undone.
         #[arg(long = "revoke")]
         revoke: Vec<String>,
         #[arg(long, default_value_t = 365)]
@@ -125,8 +126,14 @@ pub fn new_root(
         role(release_keys, release_threshold, from.map(|r| &r.release))?;
     let mut revoked = from.map(|r| r.revoked.clone()).unwrap_or_default();
     for k in revoke {
-        if !revoked.contains(k) {
-            revoked.push(k.clone());
+        // A public key (64 hex digits) or its key id (16).
+        let id = if k.len() == 64 {
+            public(k)?.key_id()
+        } else {
+            k.clone()
+        };
+        if !revoked.contains(&id) {
+            revoked.push(id);
         }
     }
     // Keys: those the roles use, plus revoked ones still known (so a device can tell a revoked
