@@ -22,7 +22,7 @@ pub use ca::{FleetCa, CA_CERT_FILE, CA_KEY_FILE};
 pub use device::{device_csr, device_renewal_csr, DeviceCsr};
 pub use error::PkiError;
 pub use identity::{cert_public_key_matches, cert_serial, parse_identity, CertIdentity};
-pub use issue::IssuedKeyPair;
+pub use issue::{vet_device_csr, IssuedKeyPair};
 pub use profile::{
     parse_x25519_uri, x25519_uri, Role, Validity, SERVER_COMMON_NAME, X25519_URI_PREFIX,
 };

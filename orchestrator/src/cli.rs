@@ -23,6 +23,7 @@ use crate::ops::{
 };
 use crate::store::Target;
 
+mod pki;
 mod rollout;
 pub use rollout::{describe, describe_policy, parse_duration, PolicyArgs};
 use rollout::{device_ids, parse_label, print_dry_run, unix_now};
@@ -54,7 +55,7 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print the commented default configuration.
     GenerateConfig,
-    /// Certificates: devices (from CSRs), operators.
+    /// Certificates: devices (from CSRs), operators; revocation and CRLs.
     #[command(subcommand)]
     Pki(PkiCommand),
     /// Trust anchors of the orchestrator.
@@ -130,6 +131,12 @@ pub enum PkiCommand {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// Record a certificate as revoked in the CA directory (sign a CRL afterwards).
+    Revoke(pki::RevokeArgs),
+    /// Sign a CRL of every revocation so far, numbered one above the last.
+    Crl(pki::CrlArgs),
+    /// Send a signed CRL to the orchestrator, which enforces it at once (no restart).
+    CrlPush(pki::CrlPushArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -321,7 +328,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             print!("{DEFAULT_CONFIG_TOML}");
             Ok(())
         }
-        Command::Pki(c) => pki(c),
+        Command::Pki(c) => pki(c).await,
         Command::Trust(TrustCommand::AddReleaseKey { data_dir, key }) => {
             add_release_key(&data_dir, &key)
         }
@@ -384,8 +391,11 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-fn pki(c: PkiCommand) -> Result<()> {
+async fn pki(c: PkiCommand) -> Result<()> {
     match c {
+        PkiCommand::Revoke(args) => pki::revoke(args)?,
+        PkiCommand::Crl(args) => pki::crl(args)?,
+        PkiCommand::CrlPush(args) => pki::crl_push(args).await?,
         PkiCommand::IssueDevice {
             ca_dir,
             csr,
