@@ -55,12 +55,13 @@ fn refusal_code(r: Result<Value, ClientError>) -> String {
 /// Tries a TLS + MQTT connection as `device`; true if the orchestrator accepted it (CONNACK).
 async fn can_connect(env: &Env, device: &DeviceIdentity) -> bool {
     let addr = env.running.device_addr;
-    let tls = aloft_certs::tls::client_config(env.lab.ca.cert_pem(), &device.cert_pem, &device.key_pem)
-        .unwrap();
+    let tls =
+        aloft_certs::tls::client_config(env.lab.ca.cert_pem(), &device.cert_pem, &device.key_pem)
+            .unwrap();
     let mut opts = MqttOptions::new(device.id.as_str(), addr.ip().to_string(), addr.port());
-    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(
-        tls,
-    ))))
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(tls),
+    )))
     .set_outgoing_inflight_upper_limit(16);
     let (client, mut el) = AsyncClient::new(opts, 16);
     let accepted = tokio::time::timeout(LIMIT, async {
@@ -117,11 +118,7 @@ async fn a_crl_pushed_while_running_refuses_the_revoked_device_at_tls_and_ends_i
     );
 
     // Its live session is ended, and every reconnection fails the handshake: no restart.
-    assert!(
-        fleet
-            .wait_one(&revoked.id, LIMIT, |v| !v.connected)
-            .await
-    );
+    assert!(fleet.wait_one(&revoked.id, LIMIT, |v| !v.connected).await);
     assert!(!can_connect(&env, revoked).await);
     let front = env.running.metrics.front_snapshot().unwrap();
     assert_eq!(front.sessions_revoked, 1);
@@ -133,7 +130,10 @@ async fn a_crl_pushed_while_running_refuses_the_revoked_device_at_tls_and_ends_i
         assert!(fleet.view(&d.id).unwrap().connected, "{} was dropped", d.id);
     }
     let campaign = env
-        .roll_out(&ReleaseSpec::new("2.0.0", 2, 32 * 1024), RolloutPolicy::default())
+        .roll_out(
+            &ReleaseSpec::new("2.0.0", 2, 32 * 1024),
+            RolloutPolicy::default(),
+        )
         .await;
     let s = wait_campaign(&env.admin, &campaign, LIMIT, finished)
         .await
@@ -159,7 +159,10 @@ async fn a_revoked_device_gets_no_job_and_no_chunk_while_the_others_update() {
         .unwrap();
     assert_eq!(registered(&v).len(), 3);
     let first = env
-        .roll_out(&ReleaseSpec::new("2.0.0", 2, 32 * 1024), RolloutPolicy::default())
+        .roll_out(
+            &ReleaseSpec::new("2.0.0", 2, 32 * 1024),
+            RolloutPolicy::default(),
+        )
         .await;
 
     let mut state = RevocationState::default();
@@ -177,9 +180,7 @@ async fn a_revoked_device_gets_no_job_and_no_chunk_while_the_others_update() {
     // A chunk request in its name (only a compromised server could still send one) is refused
     // and counted.
     let (backend, mut el) = backend_client(&env.running).await;
-    let req = format!(
-        r#"{{"v":1,"campaign":"{first}","artifact":"fw-2.0.0","ranges":[[0,2]]}}"#
-    );
+    let req = format!(r#"{{"v":1,"campaign":"{first}","artifact":"fw-2.0.0","ranges":[[0,2]]}}"#);
     publish_and_settle(
         &backend,
         &mut el,
@@ -191,7 +192,10 @@ async fn a_revoked_device_gets_no_job_and_no_chunk_while_the_others_update() {
     let metrics = env.running.metrics.clone();
     let deadline = tokio::time::Instant::now() + LIMIT;
     while metrics.rejected_count("chunk_request", "revoked") == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "chunk request not refused");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "chunk request not refused"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(metrics.chunk_bytes_served(), 0);
@@ -224,7 +228,10 @@ async fn a_revoked_device_gets_no_job_and_no_chunk_while_the_others_update() {
         })
         .await
         .unwrap();
-    assert_eq!((v["devices"].as_u64(), v["excluded_revoked"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(
+        (v["devices"].as_u64(), v["excluded_revoked"].as_u64()),
+        (Some(2), Some(1))
+    );
     let second = aloft_proto::CampaignId::new(v["campaign"].as_str().unwrap()).unwrap();
     let s = wait_campaign(&env.admin, &second, LIMIT, finished)
         .await
@@ -239,7 +246,10 @@ async fn crls_that_are_older_or_not_signed_by_the_fleet_ca_are_refused() {
     let mut state = RevocationState::default();
     let first = crl_revoking(&env.lab.ca, &mut state, &[&env.devices[0]]);
     let second = crl_revoking(&env.lab.ca, &mut state, &[&env.devices[1]]);
-    assert_eq!(push_crl(&env, second.clone()).await.unwrap()["crl_number"], 2);
+    assert_eq!(
+        push_crl(&env, second.clone()).await.unwrap()["crl_number"],
+        2
+    );
 
     // Never backwards: number 1 after number 2.
     assert_eq!(refusal_code(push_crl(&env, first).await), "stale_crl");
@@ -253,7 +263,10 @@ async fn crls_that_are_older_or_not_signed_by_the_fleet_ca_are_refused() {
     };
     let forged = crl_revoking(&impostor, &mut other, &[]);
     assert_eq!(refusal_code(push_crl(&env, forged).await), "invalid_crl");
-    assert_eq!(refusal_code(push_crl(&env, "garbage".into()).await), "invalid_crl");
+    assert_eq!(
+        refusal_code(push_crl(&env, "garbage".into()).await),
+        "invalid_crl"
+    );
 
     // The file on disk is still CRL number 2, and revokes both.
     let on_disk = std::fs::read_to_string(env.lab.data_dir.join("crl.pem")).unwrap();
@@ -283,7 +296,11 @@ async fn registering_a_revoked_certificate_is_refused_and_an_unreadable_crl_refu
     let errors = v["errors"].as_array().unwrap();
     assert_eq!(errors.len(), 1);
     assert!(
-        errors[0].as_str().unwrap().to_lowercase().contains("revoked"),
+        errors[0]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("revoked"),
         "{errors:?}"
     );
 
@@ -304,7 +321,10 @@ async fn a_device_renews_its_certificate_over_mqtt_keeps_its_record_and_updates_
     let env = Env::new(2).await;
     let fleet = env.start_fleet(&env.fleet_config()).await;
     let first = env
-        .roll_out(&ReleaseSpec::new("2.0.0", 2, 32 * 1024), RolloutPolicy::default())
+        .roll_out(
+            &ReleaseSpec::new("2.0.0", 2, 32 * 1024),
+            RolloutPolicy::default(),
+        )
         .await;
     wait_campaign(&env.admin, &first, LIMIT, |s| {
         s.count(DeviceState::Succeeded) == 2
@@ -319,7 +339,10 @@ async fn a_device_renews_its_certificate_over_mqtt_keeps_its_record_and_updates_
     );
     let renewer = fleet.renewer(dev).unwrap();
     let old_serial = renewer.serial_hex();
-    assert_eq!(device_record(&env, dev.as_str()).await["cert_serial"], old_serial);
+    assert_eq!(
+        device_record(&env, dev.as_str()).await["cert_serial"],
+        old_serial
+    );
 
     assert!(fleet.force_renewal(dev));
     let deadline = tokio::time::Instant::now() + LIMIT;
@@ -330,17 +353,18 @@ async fn a_device_renews_its_certificate_over_mqtt_keeps_its_record_and_updates_
     let new_serial = renewer.serial_hex();
     assert_ne!(new_serial, old_serial);
     // Saved where the device keeps it.
-    let on_disk = std::fs::read_to_string(aloft_device::identity::cert_path(
-        &env.lab.fleet_dir(),
-        dev,
-    ))
-    .unwrap();
+    let on_disk =
+        std::fs::read_to_string(aloft_device::identity::cert_path(&env.lab.fleet_dir(), dev))
+            .unwrap();
     assert_eq!(on_disk, renewer.cert_pem());
 
     // It reconnected with the new certificate, and the orchestrator follows it.
     let deadline = tokio::time::Instant::now() + LIMIT;
     while device_record(&env, dev.as_str()).await["cert_serial"] != new_serial {
-        assert!(tokio::time::Instant::now() < deadline, "registry not updated");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "registry not updated"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(fleet.wait_one(dev, LIMIT, |v| v.connected).await);
@@ -351,7 +375,10 @@ async fn a_device_renews_its_certificate_over_mqtt_keeps_its_record_and_updates_
 
     // And a campaign afterwards succeeds on it (its jobs are wrapped to the same X25519 key).
     let second = env
-        .roll_out(&ReleaseSpec::new("3.0.0", 3, 32 * 1024), RolloutPolicy::default())
+        .roll_out(
+            &ReleaseSpec::new("3.0.0", 3, 32 * 1024),
+            RolloutPolicy::default(),
+        )
         .await;
     let s = wait_campaign(&env.admin, &second, LIMIT, finished)
         .await
@@ -377,7 +404,12 @@ async fn renewal_answer(env: &Env, device: &DeviceIdentity, csr: String) -> Rene
                 Event::Incoming(Packet::SubAck(_)) if !sent => {
                     sent = true;
                     client
-                        .publish(topics::csr(&device.id), QoS::AtLeastOnce, false, request.clone())
+                        .publish(
+                            topics::csr(&device.id),
+                            QoS::AtLeastOnce,
+                            false,
+                            request.clone(),
+                        )
                         .await
                         .unwrap();
                 }
@@ -428,8 +460,8 @@ async fn a_csr_naming_another_device_is_refused_and_renewal_needs_the_online_ca(
     std::fs::rename(env.lab.root.join("ca.key.offline"), pki.join("ca.key")).unwrap();
     let answer = renewal_answer(&env, me, mine.csr_pem).await;
     let cert = answer.cert.expect("a certificate");
-    let identity = aloft_certs::tls::verify_client_cert(env.lab.ca.cert_pem(), &cert, Vec::new())
-        .unwrap();
+    let identity =
+        aloft_certs::tls::verify_client_cert(env.lab.ca.cert_pem(), &cert, Vec::new()).unwrap();
     assert_eq!(identity.id, me.id.as_str());
     assert_eq!(identity.x25519, Some(x25519));
     assert_eq!(env.running.metrics.renewal_count("identity_mismatch"), 1);

@@ -59,7 +59,9 @@ impl FleetCa {
         validity: Validity,
     ) -> Result<String, PkiError> {
         if &vet_device_csr(csr_pem)? != expected {
-            return Err(PkiError::CertificateMismatch("the csr names another device"));
+            return Err(PkiError::CertificateMismatch(
+                "the csr names another device",
+            ));
         }
         self.issue_device(csr_pem, validity)
     }

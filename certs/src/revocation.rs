@@ -70,9 +70,7 @@ impl RevocationReason {
             RevocationReason::KeyCompromise => rcgen::RevocationReason::KeyCompromise,
             RevocationReason::AffiliationChanged => rcgen::RevocationReason::AffiliationChanged,
             RevocationReason::Superseded => rcgen::RevocationReason::Superseded,
-            RevocationReason::CessationOfOperation => {
-                rcgen::RevocationReason::CessationOfOperation
-            }
+            RevocationReason::CessationOfOperation => rcgen::RevocationReason::CessationOfOperation,
         }
     }
 }
@@ -322,7 +320,8 @@ impl VerifiedCrl {
 /// stack verifies certificates with: the CA key is P-256, but what matters is only that some
 /// algorithm proves the CA signed it.
 fn verify_signature(public_key: &[u8], message: &[u8], signature: &[u8]) -> Result<(), PkiError> {
-    let algorithms = rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
+    let algorithms =
+        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
     if algorithms
         .all
         .iter()

@@ -183,8 +183,7 @@ impl Renewer {
     /// certificate is due (or renewal was forced) and no request is waiting for its answer.
     pub fn poll(&self, now_ms: u64) -> Option<Vec<u8>> {
         let mut s = self.state();
-        if s
-            .asked_at_ms
+        if s.asked_at_ms
             .is_some_and(|at| now_ms.saturating_sub(at) < self.cfg.retry_ms)
         {
             return None;
@@ -323,8 +322,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dev-1.crt");
         let me = device(&ca, "dev-1", 825);
-        let r = Renewer::new(&me, ca.cert_pem(), Some(path.clone()), RenewalConfig::default())
-            .unwrap();
+        let r = Renewer::new(
+            &me,
+            ca.cert_pem(),
+            Some(path.clone()),
+            RenewalConfig::default(),
+        )
+        .unwrap();
         // Not due, not asked: nothing to send, and an unsolicited answer changes nothing.
         assert_eq!(r.poll(1_000), None);
         let stranger = device(&ca, "dev-1", 825).cert_pem;
@@ -344,10 +348,11 @@ mod tests {
         ));
         let id = DeviceId::new("dev-1").unwrap();
         let before = r.serial_hex();
-        let cert = ca
-            .renew_device(&req.csr, &id, Validity::days(825))
-            .unwrap();
-        assert_eq!(r.on_response(&response(Some(cert.clone()), None)), Outcome::Renewed);
+        let cert = ca.renew_device(&req.csr, &id, Validity::days(825)).unwrap();
+        assert_eq!(
+            r.on_response(&response(Some(cert.clone()), None)),
+            Outcome::Renewed
+        );
         assert_ne!(r.serial_hex(), before);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), cert);
         assert_eq!(r.renewed(), 1);
@@ -357,8 +362,13 @@ mod tests {
     #[test]
     fn a_refusal_keeps_the_old_certificate_and_waits_before_asking_again() {
         let ca = FleetCa::create("t", 30).unwrap();
-        let r = Renewer::new(&device(&ca, "dev-1", 825), ca.cert_pem(), None, RenewalConfig::default())
-            .unwrap();
+        let r = Renewer::new(
+            &device(&ca, "dev-1", 825),
+            ca.cert_pem(),
+            None,
+            RenewalConfig::default(),
+        )
+        .unwrap();
         let before = r.cert_pem();
         r.force();
         assert!(r.poll(0).is_some());

@@ -489,9 +489,13 @@ impl Runner<'_> {
             let input = match kind {
                 Kind::Cert => {
                     // Renewal is beside the agent, not in it: the update record is untouched.
-                    let Some(renewal) = &self.renewal else { continue };
+                    let Some(renewal) = &self.renewal else {
+                        continue;
+                    };
                     match renewal.on_response(&payload) {
-                        Outcome::Renewed => break End::Link("certificate renewed; reconnecting with it".into()),
+                        Outcome::Renewed => {
+                            break End::Link("certificate renewed; reconnecting with it".into())
+                        }
                         Outcome::Refused(_) | Outcome::Ignored(_) => continue,
                     }
                 }

@@ -137,7 +137,11 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         }
     };
     if let Some(c) = &crl {
-        info!(crl_number = c.number, revoked = c.revoked.len(), "crl in force");
+        info!(
+            crl_number = c.number,
+            revoked = c.revoked.len(),
+            "crl in force"
+        );
     }
     let verifier = aloft_certs::tls::ReloadableClientVerifier::new(
         &ca_pem,

@@ -526,7 +526,11 @@ impl Message for RenewalResponse {
                 ))
             }
         }
-        if self.detail.as_ref().is_some_and(|d| d.len() > MAX_DETAIL_LEN) {
+        if self
+            .detail
+            .as_ref()
+            .is_some_and(|d| d.len() > MAX_DETAIL_LEN)
+        {
             return Err(DecodeError::Invalid("detail longer than 256 bytes"));
         }
         Ok(())
@@ -614,9 +618,15 @@ mod tests {
         assert_eq!(req.csr, "-----BEGIN");
         assert!(decode::<RenewalRequest>(br#"{"v":1,"csr":""}"#).is_err());
         assert!(decode::<RenewalRequest>(br#"{"v":1,"csr":"x","extra":1}"#).is_err());
-        let big = format!(r#"{{"v":1,"csr":"{}"}}"#, "x".repeat(MAX_RENEWAL_PEM_LEN + 1));
+        let big = format!(
+            r#"{{"v":1,"csr":"{}"}}"#,
+            "x".repeat(MAX_RENEWAL_PEM_LEN + 1)
+        );
         assert!(decode::<RenewalRequest>(big.as_bytes()).is_err());
-        let huge = format!(r#"{{"v":1,"csr":"{}"}}"#, "x".repeat(MAX_RENEWAL_REQUEST_BYTES));
+        let huge = format!(
+            r#"{{"v":1,"csr":"{}"}}"#,
+            "x".repeat(MAX_RENEWAL_REQUEST_BYTES)
+        );
         assert!(matches!(
             decode::<RenewalRequest>(huge.as_bytes()),
             Err(DecodeError::TooLarge { .. })

@@ -100,7 +100,10 @@ pub enum Inbound {
     Health(DeviceId),
     /// A certificate renewal request (since 1.1).
     Csr(DeviceId),
-    Admin { operator: OperatorId, op: String },
+    Admin {
+        operator: OperatorId,
+        op: String,
+    },
 }
 
 /// Why an inbound topic was refused.

@@ -407,7 +407,9 @@ fn renewing_refuses_a_csr_that_names_another_device() {
     let mine = crate::device_csr(&me, &[7; 32]).unwrap();
     let renewal = crate::device_renewal_csr(&me, &[7; 32], &mine.key_pem).unwrap();
     assert_eq!(renewal.key_pem, mine.key_pem);
-    let cert = ca.renew_device(&renewal.csr_pem, &me, Validity::days(1)).unwrap();
+    let cert = ca
+        .renew_device(&renewal.csr_pem, &me, Validity::days(1))
+        .unwrap();
     assert!(crate::cert_public_key_matches(&cert, &mine.key_pem).unwrap());
     assert!(!crate::cert_public_key_matches(&cert, &csr.key_pem).unwrap());
 }

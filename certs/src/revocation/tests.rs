@@ -124,9 +124,8 @@ fn the_reloadable_verifier_refuses_a_certificate_revoked_after_it_was_built() {
     let revoked = enroll(&ca, "dev-revoked", Validity::days(1));
     let other = enroll(&ca, "dev-other", Validity::days(1));
     let verifier = ReloadableClientVerifier::new(ca.cert_pem(), Vec::new()).unwrap();
-    let config = || {
-        server_config_reloadable(verifier.clone(), &server.cert_pem, &server.key_pem).unwrap()
-    };
+    let config =
+        || server_config_reloadable(verifier.clone(), &server.cert_pem, &server.key_pem).unwrap();
     let client = |d: &crate::testutil::Enrolled| {
         client_config(ca.cert_pem(), &d.cert_pem, &d.key_pem).unwrap()
     };

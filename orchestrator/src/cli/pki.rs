@@ -135,9 +135,17 @@ mod tests {
 
     #[test]
     fn revoke_takes_a_certificate_or_a_serial_but_not_both_or_neither() {
-        let parse = |args: &[&str]| Cli::try_parse_from(["aloft", "pki", "revoke"].iter().chain(args));
-        let ok = parse(&["--ca-dir", "ca", "--serial", "4a01", "--reason", "key-compromise"])
-            .unwrap();
+        let parse =
+            |args: &[&str]| Cli::try_parse_from(["aloft", "pki", "revoke"].iter().chain(args));
+        let ok = parse(&[
+            "--ca-dir",
+            "ca",
+            "--serial",
+            "4a01",
+            "--reason",
+            "key-compromise",
+        ])
+        .unwrap();
         let Command::Pki(PkiCommand::Revoke(a)) = ok.command else {
             panic!("not a revoke");
         };

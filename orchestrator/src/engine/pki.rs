@@ -327,16 +327,20 @@ impl Engine {
             Ok(ca) => ca,
             Err(e) => {
                 warn!(error = %e, "loading the ca for a renewal failed");
-                return Ok(Err((RenewalError::Internal, "the ca could not be loaded".into())));
+                return Ok(Err((
+                    RenewalError::Internal,
+                    "the ca could not be loaded".into(),
+                )));
             }
         };
-        let lifetime_days = if record.cert_not_before > 0 && record.cert_not_after > record.cert_not_before {
-            let secs = record.cert_not_after - record.cert_not_before;
-            u32::try_from((secs + 86_399) / 86_400).unwrap_or(MAX_DEVICE_CERT_DAYS)
-        } else {
-            DEFAULT_DEVICE_CERT_DAYS
-        }
-        .clamp(1, MAX_DEVICE_CERT_DAYS);
+        let lifetime_days =
+            if record.cert_not_before > 0 && record.cert_not_after > record.cert_not_before {
+                let secs = record.cert_not_after - record.cert_not_before;
+                u32::try_from((secs + 86_399) / 86_400).unwrap_or(MAX_DEVICE_CERT_DAYS)
+            } else {
+                DEFAULT_DEVICE_CERT_DAYS
+            }
+            .clamp(1, MAX_DEVICE_CERT_DAYS);
         match ca.renew_device(&req.csr, device, Validity::days(lifetime_days)) {
             Ok(cert) => {
                 info!(%device, days = lifetime_days, "device certificate renewed");

@@ -183,8 +183,15 @@ impl FrontContext {
         FrontStats::inc(&self.stats.crl_reloads);
         // New handshakes see the new CRL before any session is ended, so a dropped device that
         // reconnects at once is refused.
-        let dropped = self.registry.disconnect_revoked(|serial| crl.is_revoked(serial));
-        info!(crl_number = crl.number, revoked = crl.revoked.len(), dropped = dropped.len(), "crl applied");
+        let dropped = self
+            .registry
+            .disconnect_revoked(|serial| crl.is_revoked(serial));
+        info!(
+            crl_number = crl.number,
+            revoked = crl.revoked.len(),
+            dropped = dropped.len(),
+            "crl applied"
+        );
         Ok(dropped)
     }
 
