@@ -6,6 +6,7 @@ mod common;
 
 mod attacks;
 mod campaign;
+mod certs;
 mod faults;
 mod restart;
 mod rollout;

@@ -28,6 +28,25 @@ impl std::fmt::Debug for DeviceCsr {
 /// `urn:aloft:x25519:<hex>` carrying `x25519_public`.
 pub fn device_csr(id: &DeviceId, x25519_public: &[u8; 32]) -> Result<DeviceCsr, PkiError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(PkiError::KeyGeneration)?;
+    csr_for(id, x25519_public, key)
+}
+
+/// A CSR like [`device_csr`], signed with the key the device already has (`key_pem`, PKCS#8):
+/// how a device renews its certificate without replacing a key that may live in a secure
+/// element. The returned `key_pem` is that same key.
+pub fn device_renewal_csr(
+    id: &DeviceId,
+    x25519_public: &[u8; 32],
+    key_pem: &str,
+) -> Result<DeviceCsr, PkiError> {
+    let key = KeyPair::from_pem(key_pem).map_err(PkiError::PrivateKey)?;
+    if key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
+        return Err(PkiError::KeyAlgorithm { what: "device" });
+    }
+    csr_for(id, x25519_public, key)
+}
+
+fn csr_for(id: &DeviceId, x25519_public: &[u8; 32], key: KeyPair) -> Result<DeviceCsr, PkiError> {
     let uri = x25519_uri(x25519_public);
     let mut params = CertificateParams::default();
     params.distinguished_name = subject(id.as_str(), Role::Device);

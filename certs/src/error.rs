@@ -33,6 +33,8 @@ pub enum PkiError {
     AlreadyExists(PathBuf),
     #[error("ca key is not a usable p-256 private key: {0}")]
     CaKey(#[source] rcgen::Error),
+    #[error("private key is not a usable p-256 key: {0}")]
+    PrivateKey(#[source] rcgen::Error),
     #[error("ca key does not belong to the ca certificate")]
     CaKeyMismatch,
     #[error("ca certificate is not a ca (basic constraints missing or ca=false)")]
@@ -81,6 +83,23 @@ pub enum PkiError {
     NoHostnames,
     #[error("hostname {0:?} is neither an ip address nor a dns name")]
     InvalidHostname(String),
+
+    #[error("revocation state is not valid: {0}")]
+    RevocationState(String),
+    #[error("{0:?} is not a revocation reason (unspecified, key-compromise, affiliation-changed, superseded, cessation-of-operation)")]
+    InvalidRevocationReason(String),
+    #[error("{0:?} is not a certificate serial number (hex, up to 20 bytes, not zero)")]
+    InvalidSerial(String),
+    #[error("crl number cannot grow any further")]
+    CrlNumberExhausted,
+    #[error("crl is not valid: {0}")]
+    InvalidCrl(String),
+    #[error("crl was not issued by the fleet ca")]
+    CrlIssuer,
+    #[error("crl signature does not verify with the fleet ca's key")]
+    CrlSignature,
+    #[error("certificate does not hold the expected key or identity: {0}")]
+    CertificateMismatch(&'static str),
 
     #[error("building the tls configuration failed: {0}")]
     Tls(#[from] rustls::Error),

@@ -17,8 +17,13 @@ pub struct CertIdentity {
     pub id: String,
     /// The device's X25519 encryption public key; `None` for operators and servers.
     pub x25519: Option<[u8; 32]>,
+    /// Start of the certificate's validity, in Unix seconds.
+    pub not_before: i64,
     /// End of the certificate's validity, in Unix seconds.
     pub not_after: i64,
+    /// The serial number, big-endian without leading zero bytes: what a CRL lists, and how the
+    /// orchestrator tells two certificates of one device apart.
+    pub serial: Vec<u8>,
 }
 
 impl CertIdentity {
@@ -28,6 +33,11 @@ impl CertIdentity {
             Role::Device => DeviceId::new(self.id.as_str()).ok(),
             Role::Operator | Role::Server => None,
         }
+    }
+
+    /// The serial number as lowercase hex (how it is logged, stored and typed by operators).
+    pub fn serial_hex(&self) -> String {
+        hex::encode(&self.serial)
     }
 
     /// The operator id, if this is an operator certificate.
@@ -72,14 +82,35 @@ pub fn parse_identity(cert_der: &[u8]) -> Result<CertIdentity, PkiError> {
         role,
         id: id.to_owned(),
         x25519,
+        not_before: x509.validity().not_before.timestamp(),
         not_after: x509.validity().not_after.timestamp(),
+        serial: normalize_serial(&x509.tbs_certificate.serial.to_bytes_be()),
     })
 }
 
 /// The serial number of a PEM certificate, big-endian, as [`crate::FleetCa::crl`] takes it.
 pub fn cert_serial(cert_pem: &str) -> Result<Vec<u8>, PkiError> {
     let der = pem::parse_cert(cert_pem)?;
-    Ok(parse_x509(&der)?.tbs_certificate.serial.to_bytes_be())
+    Ok(normalize_serial(
+        &parse_x509(&der)?.tbs_certificate.serial.to_bytes_be(),
+    ))
+}
+
+/// Does the certificate `cert_pem` carry the public key of `key_pem`? A device checks this before
+/// it replaces its certificate with a renewed one: a certificate for another key would lock it
+/// out.
+pub fn cert_public_key_matches(cert_pem: &str, key_pem: &str) -> Result<bool, PkiError> {
+    let der = pem::parse_cert(cert_pem)?;
+    let x509 = parse_x509(&der)?;
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(PkiError::PrivateKey)?;
+    Ok(x509.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
+}
+
+/// A serial number as this crate compares them: big-endian, no leading zero bytes (a DER
+/// INTEGER may carry one to stay positive; a CRL entry and a certificate must still match).
+pub(crate) fn normalize_serial(bytes: &[u8]) -> Vec<u8> {
+    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+    bytes[start..].to_vec()
 }
 
 fn parse_x509(der: &[u8]) -> Result<X509Certificate<'_>, PkiError> {

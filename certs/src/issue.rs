@@ -50,6 +50,22 @@ impl FleetCa {
         self.sign(&params, &csr.public_key)
     }
 
+    /// [`FleetCa::issue_device`] for a device renewing its certificate: the CSR must also name
+    /// `expected`, the device that asked (authenticated by its connection, not by the CSR).
+    pub fn renew_device(
+        &self,
+        csr_pem: &str,
+        expected: &DeviceId,
+        validity: Validity,
+    ) -> Result<String, PkiError> {
+        if &vet_device_csr(csr_pem)? != expected {
+            return Err(PkiError::CertificateMismatch(
+                "the csr names another device",
+            ));
+        }
+        self.issue_device(csr_pem, validity)
+    }
+
     /// [`FleetCa::issue_device`] for each CSR, results in the same order.
     pub fn issue_devices(
         &self,
@@ -124,6 +140,16 @@ impl FleetCa {
             .map_err(PkiError::Signing)?;
         Ok(cert.pem())
     }
+}
+
+/// Vets a device CSR as [`FleetCa::issue_device`] would (signature, P-256, a valid device id
+/// as the only CN, exactly one x25519 key and no other SAN) without a CA, and returns the device
+/// it names: the orchestrator checks this before it looks for its CA key.
+pub fn vet_device_csr(csr_pem: &str) -> Result<DeviceId, PkiError> {
+    let csr = csr::vet(csr_pem)?;
+    let id = DeviceId::new(csr.common_name).map_err(PkiError::InvalidDeviceId)?;
+    only_x25519_key(&csr.sans)?;
+    Ok(id)
 }
 
 fn server_san(host: &str) -> Result<SanType, PkiError> {

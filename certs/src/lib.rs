@@ -1,6 +1,7 @@
 //! Aloft's PKI: the fleet CA, device certificates issued from CSRs (binding each device's X25519
 //! encryption key to its id), operator and server certificates, CRLs, reading the identity out of
-//! a verified certificate, and the rustls configurations every TLS endpoint uses.
+//! a verified certificate, revocation (the CA's record of it and the CRLs the orchestrator
+//! accepts), and the rustls configurations every TLS endpoint uses.
 #![forbid(unsafe_code)]
 
 mod ca;
@@ -11,16 +12,17 @@ mod identity;
 mod issue;
 mod pem;
 mod profile;
+pub mod revocation;
 pub mod tls;
 
 #[cfg(test)]
 mod testutil;
 
 pub use ca::{FleetCa, CA_CERT_FILE, CA_KEY_FILE};
-pub use device::{device_csr, DeviceCsr};
+pub use device::{device_csr, device_renewal_csr, DeviceCsr};
 pub use error::PkiError;
-pub use identity::{cert_serial, parse_identity, CertIdentity};
-pub use issue::IssuedKeyPair;
+pub use identity::{cert_public_key_matches, cert_serial, parse_identity, CertIdentity};
+pub use issue::{vet_device_csr, IssuedKeyPair};
 pub use profile::{
     parse_x25519_uri, x25519_uri, Role, Validity, SERVER_COMMON_NAME, X25519_URI_PREFIX,
 };

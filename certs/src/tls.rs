@@ -2,12 +2,14 @@
 //! client certificate required, verified against the fleet CA and its CRLs) and the clients,
 //! device agent and operator CLI, which trust the fleet CA and nothing else.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
-use rustls::pki_types::CertificateRevocationListDer;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig};
 
 pub use crate::pem::{parse_cert, parse_certs, parse_crl, parse_private_key};
 use crate::PkiError;
@@ -48,6 +50,130 @@ pub fn server_config(
             .with_crls(crls_der)
             .build()?;
     Ok(ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(parse_certs(cert_pem)?, parse_private_key(key_pem)?)?)
+}
+
+/// The front's client certificate verifier, whose CRLs can be replaced while the server runs:
+/// every handshake that starts after [`ReloadableClientVerifier::set_crls`] returns is checked
+/// against the new CRLs, with no restart and no new `ServerConfig`.
+///
+/// Design: rustls asks one `ClientCertVerifier` per handshake and offers no way to swap it in a
+/// live `ServerConfig`, so this wrapper holds the current `WebPkiClientVerifier` behind a lock
+/// and delegates to it. The lock is held only to clone an `Arc`, never across verification.
+#[derive(Debug)]
+pub struct ReloadableClientVerifier {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    /// The fleet CA's subject, offered to clients as the acceptable issuer. It does not change
+    /// with the CRLs, so it is kept here where `root_hint_subjects` can lend it out.
+    hints: Vec<DistinguishedName>,
+    current: RwLock<Arc<dyn ClientCertVerifier>>,
+}
+
+impl ReloadableClientVerifier {
+    /// A verifier for clients of the fleet CA in `ca_pem`, enforcing `crls_der`.
+    pub fn new(
+        ca_pem: &str,
+        crls_der: Vec<CertificateRevocationListDer<'static>>,
+    ) -> Result<Arc<Self>, PkiError> {
+        let roots = fleet_roots(ca_pem)?;
+        let provider = provider();
+        let first = Self::build(&roots, &provider, crls_der)?;
+        Ok(Arc::new(ReloadableClientVerifier {
+            hints: first.root_hint_subjects().to_vec(),
+            roots,
+            provider,
+            current: RwLock::new(first),
+        }))
+    }
+
+    fn build(
+        roots: &Arc<RootCertStore>,
+        provider: &Arc<CryptoProvider>,
+        crls_der: Vec<CertificateRevocationListDer<'static>>,
+    ) -> Result<Arc<dyn ClientCertVerifier>, PkiError> {
+        Ok(
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .with_crls(crls_der)
+                .build()?,
+        )
+    }
+
+    /// Replaces the CRLs for every handshake from now on. On error the old ones stay.
+    pub fn set_crls(
+        &self,
+        crls_der: Vec<CertificateRevocationListDer<'static>>,
+    ) -> Result<(), PkiError> {
+        let next = Self::build(&self.roots, &self.provider, crls_der)?;
+        // A poisoned lock only means a panic elsewhere while swapping an Arc: the value is whole.
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl ClientCertVerifier for ReloadableClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
+}
+
+/// The orchestrator's listener like [`server_config`], verifying clients with `verifier`, whose
+/// CRLs can be replaced later.
+pub fn server_config_reloadable(
+    verifier: Arc<ReloadableClientVerifier>,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<ServerConfig, PkiError> {
+    Ok(ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(parse_certs(cert_pem)?, parse_private_key(key_pem)?)?)

@@ -44,6 +44,11 @@ pub fn device_id(prefix: &str, n: usize) -> Result<DeviceId> {
     Ok(DeviceId::new(format!("{prefix}-{n:05}"))?)
 }
 
+/// Where the certificate of `id` is kept in the fleet directory `dir` (renewal replaces it).
+pub fn cert_path(dir: &Path, id: &DeviceId) -> PathBuf {
+    device_path(dir, id, "crt")
+}
+
 fn device_path(dir: &Path, id: &DeviceId, ext: &str) -> PathBuf {
     dir.join(DEVICES_DIR).join(format!("{id}.{ext}"))
 }

@@ -3,11 +3,13 @@
 //! The agent has the seam of drogue-iot's embedded-update: the [`transport`] talks MQTT on one
 //! side, [`slots`] store firmware on the other, and between them [`update`] decides, as a sans-I/O
 //! state machine that takes the time as a parameter. [`store`] keeps the device's record across
-//! restarts, [`identity`] its keys and certificate. [`sim`] runs thousands of agents in one
+//! restarts, [`identity`] its keys and certificate, and [`renewal`] renews that certificate over MQTT
+//! before it expires. [`sim`] runs thousands of agents in one
 //! process, one tokio task per device.
 #![forbid(unsafe_code)]
 
 pub mod identity;
+pub mod renewal;
 pub mod sim;
 pub mod slots;
 pub mod store;
@@ -15,6 +17,7 @@ pub mod transport;
 pub mod update;
 
 pub use identity::DeviceIdentity;
+pub use renewal::{RenewalConfig, Renewer};
 pub use sim::{DeviceView, Faults, Fleet, FleetConfig, FleetCounters};
 pub use slots::{FileFlash, Flash, FlashError, MemoryFlash, PowerOn, SlotId, SlotState, SlotTable};
 pub use store::{DeviceRecord, DeviceStore, JsonFileStore, MemoryStore, StoreError};

@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 use crate::identity::{DeviceIdentity, STATE_DIR};
+use crate::renewal::{RenewalConfig, Renewer};
 use crate::slots::{FileFlash, Flash, SlotState};
 use crate::store::{DeviceRecord, DeviceStore, JsonFileStore};
 use crate::transport::{self, Control, Device, Hooks, Intervention, RunEnd, TransportConfig};
@@ -184,6 +185,8 @@ pub struct FleetConfig {
     /// How long a new image's health check runs before its verdict (default 200 ms), so a device
     /// spends a moment in `verifying`, where a power loss makes it fall back.
     pub health_check_ms: u64,
+    /// When devices renew their certificates (and how long they wait to ask again).
+    pub renewal: RenewalConfig,
 }
 
 impl FleetConfig {
@@ -205,6 +208,7 @@ impl FleetConfig {
             confirm_deadline_ms: 5_000,
             reboot_ms: 200,
             health_check_ms: 200,
+            renewal: RenewalConfig::default(),
         }
     }
 }
@@ -614,6 +618,7 @@ async fn live(
 /// A running fleet.
 pub struct Fleet {
     views: BTreeMap<DeviceId, Arc<Mutex<DeviceView>>>,
+    renewers: BTreeMap<DeviceId, Arc<Renewer>>,
     controls: BTreeMap<DeviceId, watch::Sender<Control>>,
     pub counters: Arc<FleetCounters>,
     stop: watch::Sender<bool>,
@@ -639,12 +644,23 @@ impl Fleet {
         let (stop, stop_rx) = watch::channel(false);
         let mut views = BTreeMap::new();
         let mut controls = BTreeMap::new();
+        let mut renewers = BTreeMap::new();
         let mut tasks = Vec::with_capacity(devices.len());
         for (n, ident) in devices.into_iter().enumerate() {
             let tls = aloft_certs::tls::client_config(&cfg.ca_pem, &ident.cert_pem, &ident.key_pem)
                 .with_context(|| format!("TLS settings of {}", ident.id))?;
             let mut tcfg = TransportConfig::new(cfg.host.clone(), cfg.port, Arc::new(tls));
             tcfg.connect_gate = Some(gate.clone());
+            // A renewed certificate replaces the file the device was loaded from, if it was.
+            let cert_file = crate::identity::cert_path(&cfg.dir, &ident.id);
+            let renewer = Renewer::new(
+                &ident,
+                &cfg.ca_pem,
+                cert_file.exists().then_some(cert_file),
+                cfg.renewal,
+            )?;
+            renewers.insert(ident.id.clone(), renewer.clone());
+            tcfg.renewal = Some(renewer);
             let mut store = JsonFileStore::new(state_dir.join(format!("{}.json", ident.id)), false);
             let record = store
                 .load()
@@ -743,6 +759,7 @@ impl Fleet {
         }
         Ok(Fleet {
             views,
+            renewers,
             controls,
             counters,
             stop,
@@ -782,6 +799,21 @@ impl Fleet {
         };
         c.send_modify(|c| c.power_losses += 1);
         true
+    }
+
+    /// Makes `id` ask for a new certificate at its next chance (it reconnects with it once it
+    /// has it), whether or not its certificate is due. False for an unknown device.
+    pub fn force_renewal(&self, id: &DeviceId) -> bool {
+        let Some(r) = self.renewers.get(id) else {
+            return false;
+        };
+        r.force();
+        true
+    }
+
+    /// The certificate renewal of `id`: its current certificate, serial and outcomes.
+    pub fn renewer(&self, id: &DeviceId) -> Option<Arc<Renewer>> {
+        self.renewers.get(id).cloned()
     }
 
     /// A snapshot of one device.

@@ -21,6 +21,7 @@ use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
+use crate::renewal::{Outcome, Renewer};
 use crate::slots::Flash;
 use crate::store::DeviceStore;
 use crate::update::{Input, OutTopic, Output, Persist, UpdateAgent};
@@ -50,6 +51,9 @@ pub struct TransportConfig {
     pub save_every: Duration,
     /// The link stays down this long after start (the device is powered and its timers run).
     pub offline_for: Duration,
+    /// Certificate renewal: when set, the device connects with the renewer's current
+    /// certificate (not `tls`), asks for a new one when it is due, and reconnects once it has it.
+    pub renewal: Option<Arc<Renewer>>,
 }
 
 impl TransportConfig {
@@ -67,6 +71,15 @@ impl TransportConfig {
             inflight: 32,
             save_every: Duration::from_secs(2),
             offline_for: Duration::ZERO,
+            renewal: None,
+        }
+    }
+
+    /// The TLS settings for the next connection.
+    fn tls(&self) -> Arc<rustls::ClientConfig> {
+        match &self.renewal {
+            Some(r) => r.tls(),
+            None => self.tls.clone(),
         }
     }
 }
@@ -163,6 +176,8 @@ struct Topics {
     status: String,
     chunk_request: String,
     health: String,
+    csr: String,
+    cert: String,
 }
 
 impl Topics {
@@ -174,6 +189,8 @@ impl Topics {
             status: topics::status(id),
             chunk_request: topics::chunk_request(id),
             health: topics::health(id),
+            csr: topics::csr(id),
+            cert: topics::cert(id),
         }
     }
 }
@@ -219,6 +236,7 @@ enum Kind {
     Job,
     Chunk,
     Ack,
+    Cert,
 }
 
 /// The parts of a run that outlive each session.
@@ -235,6 +253,7 @@ struct Runner<'h> {
     control_open: bool,
     /// `Control::power_losses` when the run started: any other value is a power loss.
     power_base: u64,
+    renewal: Option<Arc<Renewer>>,
 }
 
 /// Runs the device like [`run`], under outside [`Control`]: the link can be taken down and
@@ -259,6 +278,7 @@ pub async fn run_controlled(
         control,
         control_open: true,
         power_base,
+        renewal: cfg.renewal.clone(),
     };
     // A new agent may have changed its record at power-on (the bootloader's choice of slot).
     r.persist();
@@ -422,6 +442,9 @@ impl Runner<'_> {
                 },
                 _ = tick.tick() => {
                     let client = subscribed.then_some(&session.client);
+                    if let Some(c) = client {
+                        self.ask_for_certificate(c);
+                    }
                     match self.tick(client) {
                         Intervention::None => continue,
                         Intervention::DropLink => break End::Link("link dropped (injected)".into()),
@@ -435,6 +458,7 @@ impl Runner<'_> {
                         Event::Incoming(Packet::SubAck(_)) if !subscribed => {
                             subscribed = true;
                             self.hooks.connection(true);
+                            self.ask_for_certificate(&session.client);
                             match self.step(Some(&session.client), Input::Connected) {
                                 Intervention::None => continue,
                                 Intervention::DropLink => break End::Link("link dropped (injected)".into()),
@@ -449,6 +473,8 @@ impl Runner<'_> {
                                 Kind::Chunk
                             } else if p.topic == t.ack.as_bytes() {
                                 Kind::Ack
+                            } else if p.topic == t.cert.as_bytes() {
+                                Kind::Cert
                             } else {
                                 debug!(device = %self.device.agent.device(), "publish on an unexpected topic ignored");
                                 continue;
@@ -461,6 +487,18 @@ impl Runner<'_> {
             }
             let frame;
             let input = match kind {
+                Kind::Cert => {
+                    // Renewal is beside the agent, not in it: the update record is untouched.
+                    let Some(renewal) = &self.renewal else {
+                        continue;
+                    };
+                    match renewal.on_response(&payload) {
+                        Outcome::Renewed => {
+                            break End::Link("certificate renewed; reconnecting with it".into())
+                        }
+                        Outcome::Refused(_) | Outcome::Ignored(_) => continue,
+                    }
+                }
                 Kind::Job => Input::Job(&payload),
                 Kind::Ack => Input::Ack(&payload),
                 Kind::Chunk => {
@@ -490,6 +528,22 @@ impl Runner<'_> {
             }
         };
         (end, subscribed)
+    }
+
+    /// Publishes a certificate renewal request if one is due (see [`Renewer::poll`]).
+    fn ask_for_certificate(&mut self, client: &AsyncClient) {
+        let Some(renewal) = &self.renewal else {
+            return;
+        };
+        if let Some(payload) = renewal.poll(now_ms()) {
+            if client
+                .try_publish(self.topics.csr.clone(), QoS::AtLeastOnce, false, payload)
+                .is_err()
+            {
+                // Asked again after the renewer's retry interval.
+                self.hooks.dropped_publish();
+            }
+        }
     }
 
     /// A timer tick: saves delayed progress when due and lets the agent check its timers.
@@ -602,7 +656,7 @@ impl Session {
         net.set_tcp_nodelay(true);
         opts.set_network_options(net);
         opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            cfg.tls.clone(),
+            cfg.tls(),
         )))
         .set_keep_alive(cfg.keep_alive)
         .set_clean_start(true)
@@ -636,8 +690,10 @@ impl Session {
         }
         drop(_permit);
         let topics = Topics::new(id);
+        let renewing = cfg.renewal.is_some().then_some(&topics.cert);
         let filters = [&topics.job, &topics.chunks, &topics.ack]
             .into_iter()
+            .chain(renewing)
             .map(|t| Filter::new(t.clone(), QoS::AtLeastOnce));
         if client.try_subscribe_many(filters).is_err() {
             return None;

@@ -23,6 +23,7 @@ use crate::ops::{
 };
 use crate::store::Target;
 
+mod pki;
 mod rollout;
 mod trust;
 pub use rollout::{describe, describe_policy, parse_duration, PolicyArgs};
@@ -56,7 +57,7 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print the commented default configuration.
     GenerateConfig,
-    /// Certificates: devices (from CSRs), operators.
+    /// Certificates: devices (from CSRs), operators; revocation and CRLs.
     #[command(subcommand)]
     Pki(PkiCommand),
     /// The root of trust: root and release keys, root metadata, rotation and revocation.
@@ -132,6 +133,12 @@ pub enum PkiCommand {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// Record a certificate as revoked in the CA directory (sign a CRL afterwards).
+    Revoke(pki::RevokeArgs),
+    /// Sign a CRL of every revocation so far, numbered one above the last.
+    Crl(pki::CrlArgs),
+    /// Send a signed CRL to the orchestrator, which enforces it at once (no restart).
+    CrlPush(pki::CrlPushArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -325,7 +332,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             print!("{DEFAULT_CONFIG_TOML}");
             Ok(())
         }
-        Command::Pki(c) => pki(c),
+        Command::Pki(c) => pki(c).await,
         Command::Trust(c) => trust::run(c).await,
         Command::Release(c) => release(c).await,
         Command::Device(c) => device(c).await,
@@ -386,8 +393,11 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-fn pki(c: PkiCommand) -> Result<()> {
+async fn pki(c: PkiCommand) -> Result<()> {
     match c {
+        PkiCommand::Revoke(args) => pki::revoke(args)?,
+        PkiCommand::Crl(args) => pki::crl(args)?,
+        PkiCommand::CrlPush(args) => pki::crl_push(args).await?,
         PkiCommand::IssueDevice {
             ca_dir,
             csr,

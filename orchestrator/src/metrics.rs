@@ -28,6 +28,7 @@ pub struct Metrics {
     front_gauges: IntGaugeVec,
     heartbeats: IntCounterVec,
     campaign_wave: IntGaugeVec,
+    renewals: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -103,8 +104,16 @@ impl Metrics {
             ),
             &["campaign"],
         ));
+        let renewals = must(IntCounterVec::new(
+            Opts::new(
+                "aloft_certificate_renewals_total",
+                "Device certificate renewal requests by outcome (issued, or the refusal code)",
+            ),
+            &["outcome"],
+        ));
         for c in [
-            Box::new(heartbeats.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(renewals.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(heartbeats.clone()),
             Box::new(campaign_wave.clone()),
             Box::new(device_state.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(reports.clone()),
@@ -133,7 +142,17 @@ impl Metrics {
             front_gauges,
             heartbeats,
             campaign_wave,
+            renewals,
         })
+    }
+
+    pub fn renewal(&self, outcome: &str) {
+        self.renewals.with_label_values(&[outcome]).inc();
+    }
+
+    /// Renewals with this outcome so far, for tests.
+    pub fn renewal_count(&self, outcome: &str) -> u64 {
+        self.renewals.with_label_values(&[outcome]).get()
     }
 
     pub fn heartbeat(&self, healthy: bool) {
@@ -260,7 +279,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-fn front_counters(s: &FrontStatsSnapshot) -> [(&'static str, u64); 21] {
+fn front_counters(s: &FrontStatsSnapshot) -> [(&'static str, u64); 23] {
     [
         ("connections_active", s.connections_active),
         ("connections_over_limit", s.connections_over_limit),
@@ -281,6 +300,8 @@ fn front_counters(s: &FrontStatsSnapshot) -> [(&'static str, u64); 21] {
         ("oversized_packets", s.oversized_packets),
         ("malformed_packets", s.malformed_packets),
         ("keep_alive_timeouts", s.keep_alive_timeouts),
+        ("sessions_revoked", s.sessions_revoked),
+        ("crl_reloads", s.crl_reloads),
         ("bytes_in", s.bytes_in),
         ("bytes_out", s.bytes_out),
     ]

@@ -52,11 +52,12 @@ impl Publisher {
 }
 
 /// The filters the orchestrator subscribes to.
-fn subscriptions() -> [String; 4] {
+fn subscriptions() -> [String; 5] {
     [
         format!("{}/d/+/status", topics::ROOT),
         format!("{}/d/+/chunk/req", topics::ROOT),
         format!("{}/d/+/health", topics::ROOT),
+        format!("{}/d/+/csr", topics::ROOT),
         format!("{}/admin/#", topics::ROOT),
     ]
 }
@@ -125,6 +126,7 @@ fn route(topic: &Bytes, payload: Bytes) -> Option<Inbound> {
         Ok(Topic::Status(device)) => Some(Inbound::Status { device, payload }),
         Ok(Topic::ChunkRequest(device)) => Some(Inbound::ChunkRequest { device, payload }),
         Ok(Topic::Health(device)) => Some(Inbound::Health { device, payload }),
+        Ok(Topic::Csr(device)) => Some(Inbound::Csr { device, payload }),
         Ok(Topic::Admin { operator, op: _ }) => Some(Inbound::Admin { operator, payload }),
         Err(e) => {
             warn!(topic, error = %e, "publish on an unexpected topic refused");

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use aloft_broker::{BrokerConfig, EmbeddedBroker, FrontContext, SessionHook};
+use aloft_certs::revocation::VerifiedCrl;
 use aloft_certs::CertIdentity;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -104,12 +105,31 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let server_cert = read(&pki.join(layout::SERVER_CERT))?;
     let server_key = read(&pki.join(layout::SERVER_KEY))?;
     let crl_path = cfg.data_dir.join(layout::CRL);
-    let crls = if crl_path.exists() {
-        vec![aloft_certs::tls::parse_crl(&read(&crl_path)?)?]
-    } else {
-        Vec::new()
+    // Fail closed: a crl.pem that exists must be readable and signed by the fleet CA, or the
+    // orchestrator does not start (starting without it would un-revoke certificates).
+    let crl = match std::fs::read_to_string(&crl_path) {
+        Ok(pem) => Some(VerifiedCrl::parse(&pem, &ca_pem)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(ServeError::Read {
+                path: crl_path.display().to_string(),
+                source,
+            })
+        }
     };
-    let tls = aloft_certs::tls::server_config(&ca_pem, &server_cert, &server_key, crls)?;
+    if let Some(c) = &crl {
+        info!(
+            crl_number = c.number,
+            revoked = c.revoked.len(),
+            "crl in force"
+        );
+    }
+    let verifier = aloft_certs::tls::ReloadableClientVerifier::new(
+        &ca_pem,
+        crl.iter().map(|c| c.der.clone()).collect(),
+    )?;
+    let tls =
+        aloft_certs::tls::server_config_reloadable(verifier.clone(), &server_cert, &server_key)?;
     // No root, no orchestrator: every upload is verified against it (fail closed).
     let trust_dir = cfg.data_dir.join(layout::TRUST_DIR);
     let trust = crate::trust::TrustState::load(&trust_dir)?;
@@ -124,7 +144,8 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let (tx, rx) = mpsc::channel(8192);
     let ctx = Arc::new(
         FrontContext::new(Arc::new(tls), broker.backend(), cfg.file.front.clone())?
-            .with_session_hook(device_seen_hook(tx.clone())),
+            .with_session_hook(device_seen_hook(tx.clone()))
+            .with_reloadable_verifier(verifier),
     );
     let metrics = Metrics::new(Some(ctx.stats.clone()), Some(ctx.direct.clone()));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -186,6 +207,10 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
             trust_dir: Some(trust_dir),
             ca_pem,
             direct: Some(ctx.direct.clone()),
+            front: Some(ctx.clone()),
+            crl,
+            crl_path: Some(crl_path),
+            pki_dir: Some(pki.clone()),
         },
         metrics.clone(),
     );
@@ -213,7 +238,9 @@ fn device_seen_hook(tx: mpsc::Sender<Inbound>) -> SessionHook {
         let seen = SeenDevice {
             id,
             x25519_public,
+            not_before: identity.not_before,
             not_after: identity.not_after,
+            serial: identity.serial.clone(),
         };
         // Queue without blocking the relay; on a full queue wait for room on a task of its own.
         if let Err(mpsc::error::TrySendError::Full(ev)) = tx.try_send(Inbound::DeviceSeen(seen)) {

@@ -19,6 +19,12 @@ pub const MAX_ACK_BYTES: usize = 4 * 1024;
 pub const MAX_CHUNK_REQUEST_BYTES: usize = 4 * 1024;
 pub const MAX_HEARTBEAT_BYTES: usize = 1024;
 pub const MAX_JOB_BYTES: usize = 512 * 1024;
+/// A certificate renewal request (a P-256 CSR in PEM is about 600 bytes).
+pub const MAX_RENEWAL_REQUEST_BYTES: usize = 4 * 1024;
+/// A certificate renewal response (a device certificate in PEM is about 900 bytes).
+pub const MAX_RENEWAL_RESPONSE_BYTES: usize = 8 * 1024;
+/// Longest PEM text inside a renewal message.
+pub const MAX_RENEWAL_PEM_LEN: usize = 3 * 1024;
 /// Longest free-text `detail` in a report.
 pub const MAX_DETAIL_LEN: usize = 256;
 /// Most chunks one request may ask for, and most ranges it may list.
@@ -236,6 +242,9 @@ pub enum Reason {
     /// The manifest's sequence number is not above the one the device installed last: an old
     /// manifest replayed (since 1.2).
     ReplayedManifest,
+    /// The device's current certificate is revoked: the orchestrator publishes it no job and
+    /// serves it no chunk (since 1.2; sent only by the orchestrator, to operators).
+    Revoked,
 }
 
 impl Reason {
@@ -261,6 +270,7 @@ impl Reason {
             Reason::UntrustedRoot => "untrusted_root",
             Reason::RootExpired => "root_expired",
             Reason::ReplayedManifest => "replayed_manifest",
+            Reason::Revoked => "revoked",
         }
     }
 }
@@ -451,6 +461,109 @@ impl Message for Heartbeat {
     }
 }
 
+/// Device → orchestrator, on `aloft/v1/d/{id}/csr` (since 1.1): "issue me a new certificate
+/// for this CSR". The CSR must name the device itself; the orchestrator answers with a
+/// [`RenewalResponse`] on `aloft/v1/d/{id}/cert`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewalRequest {
+    pub v: u8,
+    /// PKCS#10 request, PEM, at most [`MAX_RENEWAL_PEM_LEN`] bytes.
+    pub csr: String,
+}
+
+impl Message for RenewalRequest {
+    const MAX_BYTES: usize = MAX_RENEWAL_REQUEST_BYTES;
+    fn version(&self) -> u8 {
+        self.v
+    }
+    fn validate(&self) -> Result<(), DecodeError> {
+        if self.csr.is_empty() || self.csr.len() > MAX_RENEWAL_PEM_LEN {
+            return Err(DecodeError::Invalid("csr must be 1 to 3072 bytes"));
+        }
+        Ok(())
+    }
+}
+
+/// Why the orchestrator refused to renew a certificate (PROTOCOL.md §12.9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RenewalError {
+    /// The request or its CSR could not be parsed, or the CSR breaks the device profile.
+    InvalidCsr,
+    /// The CSR names another device than the one that sent it.
+    IdentityMismatch,
+    /// The device is not registered with the orchestrator.
+    UnknownDevice,
+    /// The device's current certificate is revoked.
+    Revoked,
+    /// The CA key is not on the orchestrator (moved offline): renewal needs the online CA.
+    CaOffline,
+    /// Issuing failed on the orchestrator's side.
+    Internal,
+}
+
+impl RenewalError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RenewalError::InvalidCsr => "invalid_csr",
+            RenewalError::IdentityMismatch => "identity_mismatch",
+            RenewalError::UnknownDevice => "unknown_device",
+            RenewalError::Revoked => "revoked",
+            RenewalError::CaOffline => "ca_offline",
+            RenewalError::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for RenewalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Orchestrator → device, on `aloft/v1/d/{id}/cert`, not retained (since 1.1): the renewed
+/// certificate, or why there is none. Exactly one of `cert` and `error` is present.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewalResponse {
+    pub v: u8,
+    /// The new certificate, PEM, at most [`MAX_RENEWAL_PEM_LEN`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<RenewalError>,
+    /// Free text for humans, at most [`MAX_DETAIL_LEN`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Message for RenewalResponse {
+    const MAX_BYTES: usize = MAX_RENEWAL_RESPONSE_BYTES;
+    fn version(&self) -> u8 {
+        self.v
+    }
+    fn validate(&self) -> Result<(), DecodeError> {
+        match (&self.cert, &self.error) {
+            (Some(cert), None) if !cert.is_empty() && cert.len() <= MAX_RENEWAL_PEM_LEN => {}
+            (None, Some(_)) => {}
+            _ => {
+                return Err(DecodeError::Invalid(
+                    "exactly one of cert (1 to 3072 bytes) and error",
+                ))
+            }
+        }
+        if self
+            .detail
+            .as_ref()
+            .is_some_and(|d| d.len() > MAX_DETAIL_LEN)
+        {
+            return Err(DecodeError::Invalid("detail longer than 256 bytes"));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,5 +637,43 @@ mod tests {
         ] {
             assert!(decode::<ChunkRequest>(bad.as_bytes()).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn renewal_messages_are_strict_and_size_limited() {
+        let req: RenewalRequest = decode(br#"{"v":1,"csr":"-----BEGIN"}"#).unwrap();
+        assert_eq!(req.csr, "-----BEGIN");
+        assert!(decode::<RenewalRequest>(br#"{"v":1,"csr":""}"#).is_err());
+        assert!(decode::<RenewalRequest>(br#"{"v":1,"csr":"x","extra":1}"#).is_err());
+        let big = format!(
+            r#"{{"v":1,"csr":"{}"}}"#,
+            "x".repeat(MAX_RENEWAL_PEM_LEN + 1)
+        );
+        assert!(decode::<RenewalRequest>(big.as_bytes()).is_err());
+        let huge = format!(
+            r#"{{"v":1,"csr":"{}"}}"#,
+            "x".repeat(MAX_RENEWAL_REQUEST_BYTES)
+        );
+        assert!(matches!(
+            decode::<RenewalRequest>(huge.as_bytes()),
+            Err(DecodeError::TooLarge { .. })
+        ));
+
+        let ok: RenewalResponse = decode(br#"{"v":1,"cert":"pem"}"#).unwrap();
+        assert_eq!(ok.cert.as_deref(), Some("pem"));
+        let refused: RenewalResponse =
+            decode(br#"{"v":1,"error":"ca_offline","detail":"renewal needs the online ca"}"#)
+                .unwrap();
+        assert_eq!(refused.error, Some(RenewalError::CaOffline));
+        for bad in [
+            r#"{"v":1}"#,
+            r#"{"v":1,"cert":"pem","error":"revoked"}"#,
+            r#"{"v":1,"error":"no_such_code"}"#,
+            r#"{"v":2,"cert":"pem"}"#,
+        ] {
+            assert!(decode::<RenewalResponse>(bad.as_bytes()).is_err(), "{bad}");
+        }
+        let round = encode(&ok);
+        assert_eq!(decode::<RenewalResponse>(&round).unwrap(), ok);
     }
 }

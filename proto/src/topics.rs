@@ -35,6 +35,18 @@ pub fn chunk_request(id: &DeviceId) -> String {
     format!("{ROOT}/d/{id}/chunk/req")
 }
 
+/// Device → orchestrator: certificate renewal requests
+/// ([`crate::messages::RenewalRequest`]), QoS 1. Since protocol 1.1.
+pub fn csr(id: &DeviceId) -> String {
+    format!("{ROOT}/d/{id}/csr")
+}
+
+/// Orchestrator → device: renewed certificates or refusals
+/// ([`crate::messages::RenewalResponse`]), QoS 1, not retained. Since protocol 1.1.
+pub fn cert(id: &DeviceId) -> String {
+    format!("{ROOT}/d/{id}/cert")
+}
+
 /// Orchestrator → device: the current job ([`crate::messages::Job`]), retained, QoS 1.
 pub fn job(id: &DeviceId) -> String {
     format!("{ROOT}/d/{id}/job")
@@ -86,7 +98,12 @@ pub enum Inbound {
     Status(DeviceId),
     ChunkRequest(DeviceId),
     Health(DeviceId),
-    Admin { operator: OperatorId, op: String },
+    /// A certificate renewal request (since 1.1).
+    Csr(DeviceId),
+    Admin {
+        operator: OperatorId,
+        op: String,
+    },
 }
 
 /// Why an inbound topic was refused.
@@ -111,6 +128,7 @@ pub fn parse_inbound(topic: &str) -> Result<Inbound, TopicError> {
         ["d", id, "status"] => Ok(Inbound::Status(DeviceId::new(*id)?)),
         ["d", id, "chunk", "req"] => Ok(Inbound::ChunkRequest(DeviceId::new(*id)?)),
         ["d", id, "health"] => Ok(Inbound::Health(DeviceId::new(*id)?)),
+        ["d", id, "csr"] => Ok(Inbound::Csr(DeviceId::new(*id)?)),
         ["admin", operator, op] if is_op_name(op) => Ok(Inbound::Admin {
             operator: OperatorId::new(*operator)?,
             op: (*op).to_owned(),
@@ -140,6 +158,7 @@ mod tests {
             Ok(Inbound::ChunkRequest(d.clone()))
         );
         assert_eq!(parse_inbound(&health(&d)), Ok(Inbound::Health(d.clone())));
+        assert_eq!(parse_inbound(&csr(&d)), Ok(Inbound::Csr(d.clone())));
         let o = OperatorId::new("alice").unwrap();
         assert_eq!(
             parse_inbound(&admin_request(&o, "campaign.create")),
@@ -159,6 +178,8 @@ mod tests {
             "aloft/v1/d//status",
             "aloft/v1/admin/alice/Bad Op",
             "aloft/v1/d/a/job",
+            "aloft/v1/d/a/cert",
+            "aloft/v1/d/a/csr/x",
         ] {
             assert!(parse_inbound(t).is_err(), "{t} accepted");
         }

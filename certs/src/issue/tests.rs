@@ -391,3 +391,25 @@ fn server_cert_needs_valid_hostnames() {
         ));
     }
 }
+
+#[test]
+fn renewing_refuses_a_csr_that_names_another_device() {
+    let ca = ca();
+    let me = DeviceId::new("dev-me").unwrap();
+    let other = DeviceId::new("dev-other").unwrap();
+    let csr = crate::device_csr(&other, &[7; 32]).unwrap();
+    assert_eq!(crate::vet_device_csr(&csr.csr_pem).unwrap(), other);
+    assert!(matches!(
+        ca.renew_device(&csr.csr_pem, &me, Validity::days(1)),
+        Err(PkiError::CertificateMismatch(_))
+    ));
+    // With its own key kept, the device gets a new certificate for the same key.
+    let mine = crate::device_csr(&me, &[7; 32]).unwrap();
+    let renewal = crate::device_renewal_csr(&me, &[7; 32], &mine.key_pem).unwrap();
+    assert_eq!(renewal.key_pem, mine.key_pem);
+    let cert = ca
+        .renew_device(&renewal.csr_pem, &me, Validity::days(1))
+        .unwrap();
+    assert!(crate::cert_public_key_matches(&cert, &mine.key_pem).unwrap());
+    assert!(!crate::cert_public_key_matches(&cert, &csr.key_pem).unwrap());
+}

@@ -73,6 +73,11 @@ pub enum AdminBody {
         groups: Vec<String>,
     },
     DeviceList {},
+    /// Replace the CRL in force (PEM, signed by the fleet CA, numbered above the one in force),
+    /// at once and without a restart (since 1.1).
+    CrlUpdate {
+        crl: String,
+    },
     /// Set and remove labels on devices.
     DeviceLabel {
         devices: Vec<DeviceId>,

@@ -124,6 +124,7 @@ impl Engine {
                 set,
                 remove,
             } => self.device_label(&devices, &set, &remove),
+            AdminBody::CrlUpdate { crl } => self.crl_update(operator, &crl),
             AdminBody::CampaignCreate {
                 artifact,
                 target,
@@ -298,18 +299,41 @@ impl Engine {
         if let Some(g) = groups.iter().find(|g| !valid_group(g)) {
             return refuse("invalid_group", format!("group {g:?} is not a valid name"));
         }
+        // Fail closed: a CRL that cannot be read means nothing is registered, not that nothing
+        // is revoked.
+        let crl = match self.crl_for_registration() {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics.rejected("admin", "crl_unavailable");
+                return refuse(
+                    "crl_unavailable",
+                    format!("the crl cannot be read, so no certificate is registered: {e}"),
+                );
+            }
+        };
+        let crls = crl.iter().map(|c| c.der.clone()).collect::<Vec<_>>();
         let mut registered = Vec::new();
         let mut errors = Vec::new();
         let now = now_ms();
         for pem in certs {
             let identity =
-                match aloft_certs::tls::verify_client_cert(&self.cfg.ca_pem, pem, Vec::new()) {
+                match aloft_certs::tls::verify_client_cert(&self.cfg.ca_pem, pem, crls.clone()) {
                     Ok(i) => i,
                     Err(e) => {
                         errors.push(e.to_string());
                         continue;
                     }
                 };
+            // The verifier consulted the CRL already; asking it directly as well costs nothing
+            // and does not depend on how the verifier treats a CRL it finds.
+            if crl.as_ref().is_some_and(|c| c.is_revoked(&identity.serial)) {
+                errors.push(format!(
+                    "{}: certificate {} is revoked",
+                    identity.id,
+                    identity.serial_hex()
+                ));
+                continue;
+            }
             let (Some(id), Some(x)) = (identity.device_id(), identity.x25519) else {
                 errors.push(format!("{} is not a device certificate", identity.id));
                 continue;
@@ -318,6 +342,9 @@ impl Engine {
                 id: id.clone(),
                 x25519_public: String::new(),
                 cert_not_after: 0,
+                cert_not_before: 0,
+                cert_serial: String::new(),
+                revoked: false,
                 groups: Vec::new(),
                 labels: Default::default(),
                 registered_ms: now,
@@ -325,11 +352,14 @@ impl Engine {
             });
             record.x25519_public = hex::encode(x);
             record.cert_not_after = identity.not_after;
+            record.cert_not_before = identity.not_before;
+            record.cert_serial = identity.serial_hex();
             for g in groups {
                 if !record.groups.contains(g) {
                     record.groups.push(g.clone());
                 }
             }
+            self.set_revoked(&mut record);
             self.store.put_device(&record)?;
             registered.push(id);
         }
@@ -405,8 +435,18 @@ impl Engine {
         if let Err(e) = policy.validate() {
             return refuse("invalid_policy", e.to_string());
         }
+        // A device whose certificate is revoked never becomes a member: it would get no job.
+        let mut devices = devices;
+        let targeted = devices.len();
+        devices.retain(|d| !self.revoked_devices.contains(d));
+        let excluded_revoked = targeted - devices.len();
         if devices.is_empty() {
-            return refuse("empty_target", "the target matches no registered device");
+            let why = if excluded_revoked > 0 {
+                format!("the target matches no registered device whose certificate is not revoked ({excluded_revoked} revoked)")
+            } else {
+                "the target matches no registered device".to_owned()
+            };
+            return refuse("empty_target", why);
         }
         if dry_run {
             let plan = Plan::new(artifact, &devices, &policy);
@@ -444,9 +484,9 @@ impl Engine {
         let waves = live.rollout.waves().len();
         self.campaigns.insert(id.clone(), live);
         self.touched.insert(id.clone());
-        info!(%operator, campaign = %id, %artifact, devices = devices.len(), waves, "campaign created");
+        info!(%operator, campaign = %id, %artifact, devices = devices.len(), waves, excluded_revoked, "campaign created");
         Ok(Ok(
-            json!({"campaign": id, "devices": devices.len(), "waves": waves}),
+            json!({"campaign": id, "devices": devices.len(), "waves": waves, "excluded_revoked": excluded_revoked}),
         ))
     }
 

@@ -2,6 +2,9 @@
 //! through the pure state machine ([`crate::fleet::state`]), serves chunks, answers admin
 //! requests, and makes every change durable before anything about it leaves the process.
 //!
+//! Revocation (`pki`): the engine keeps the CRL in force, knows which registered devices hold a
+//! revoked certificate, and gives them no job and no chunk; it also renews device certificates.
+//!
 //! Design: one task, batched. Events are taken in batches (up to [`BATCH_MAX`]); all writes of a
 //! batch are flushed once (group commit) and only then are its acknowledgements, jobs and replies
 //! published. A crash therefore loses only unacknowledged work, which devices resend.
@@ -10,7 +13,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use aloft_broker::{DeliverError, DirectRoutes};
+use aloft_broker::{DeliverError, DirectRoutes, FrontContext};
+use aloft_certs::revocation::VerifiedCrl;
 use aloft_proto::chunkframe::{self, ChunkErrorCode};
 use aloft_proto::crypto::{self, ContentKey};
 use aloft_proto::manifest::{Manifest, SignedManifest};
@@ -29,6 +33,7 @@ use crate::rollout::{Action, Known, Plan, Rollout};
 use crate::store::{CampaignRecord, DeviceRecord, Store, StoreError};
 
 mod admin;
+mod pki;
 
 /// Most events handled per group commit.
 pub const BATCH_MAX: usize = 256;
@@ -55,6 +60,11 @@ pub enum Inbound {
         operator: OperatorId,
         payload: Bytes,
     },
+    /// A certificate renewal request (since 1.1).
+    Csr {
+        device: DeviceId,
+        payload: Bytes,
+    },
     /// A device completed an mTLS handshake and CONNECT through the front.
     DeviceSeen(SeenDevice),
 }
@@ -64,7 +74,10 @@ pub enum Inbound {
 pub struct SeenDevice {
     pub id: DeviceId,
     pub x25519_public: [u8; 32],
+    pub not_before: i64,
     pub not_after: i64,
+    /// The certificate's serial number, big-endian.
+    pub serial: Vec<u8>,
 }
 
 /// What the engine needs besides its store.
@@ -80,6 +93,15 @@ pub struct EngineConfig {
     /// The front's direct routes: chunk responses go to devices this way, past the broker
     /// (see `aloft_broker::front::direct`). Without it they are published through the broker.
     pub direct: Option<Arc<DirectRoutes>>,
+    /// The front, whose CRL `crl_update` replaces at run time. Without it a CRL cannot be
+    /// applied and `crl_update` is refused.
+    pub front: Option<Arc<FrontContext>>,
+    /// The CRL in force at start-up (from `crl.pem`, already verified against the fleet CA).
+    pub crl: Option<VerifiedCrl>,
+    /// Where the CRL in force is kept (`<data-dir>/crl.pem`); `crl_update` replaces it.
+    pub crl_path: Option<std::path::PathBuf>,
+    /// The CA directory (`<data-dir>/pki`): renewal signs with `ca.key` there, if it is there.
+    pub pki_dir: Option<std::path::PathBuf>,
 }
 
 /// Why the engine stopped.
@@ -187,6 +209,11 @@ pub struct Engine {
     admin_replies: admin::ReplyCache,
     /// Campaigns changed in this batch: their rollouts move before the batch commits.
     touched: HashSet<CampaignId>,
+    /// The CRL in force; only a verified CRL with a higher number replaces it.
+    crl: Option<VerifiedCrl>,
+    /// Registered devices whose current certificate the CRL in force revokes (or whose record
+    /// cannot say which certificate they hold): no job, no chunk.
+    revoked_devices: HashSet<DeviceId>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -200,7 +227,6 @@ impl Engine {
     pub fn new(store: Store, cfg: EngineConfig, metrics: Arc<Metrics>) -> Self {
         Self {
             store,
-            cfg,
             metrics,
             campaigns: HashMap::new(),
             uploads: HashMap::new(),
@@ -208,6 +234,9 @@ impl Engine {
             dirty: false,
             admin_replies: admin::ReplyCache::default(),
             touched: HashSet::new(),
+            crl: cfg.crl.clone(),
+            revoked_devices: HashSet::new(),
+            cfg,
         }
     }
 
@@ -277,6 +306,7 @@ impl Engine {
             Inbound::ChunkRequest { device, payload } => self.on_chunk_request(device, &payload),
             Inbound::Health { device, payload } => self.on_health(device, &payload),
             Inbound::Admin { operator, payload } => self.on_admin(operator, &payload),
+            Inbound::Csr { device, payload } => self.on_csr(device, &payload),
             Inbound::DeviceSeen(seen) => self.on_device_seen(seen),
         }
     }
@@ -284,6 +314,8 @@ impl Engine {
     /// Loads every campaign; notifies members still idle and republishes the jobs of members in
     /// flight (the embedded broker keeps no retained messages across restarts).
     fn recover(&mut self) -> Result<(), StoreError> {
+        // Before any job is republished: the CRL may have changed while the engine was down.
+        self.refresh_revoked()?;
         for record in self.store.campaigns()? {
             let Some(live) = self.load_campaign(record)? else {
                 continue;
@@ -354,6 +386,15 @@ impl Engine {
             warn!(%device, "campaign member is not registered; no job");
             return Ok(());
         };
+        if self.is_revoked(&record) {
+            // Fail closed: no content key is ever wrapped to a revoked certificate's key.
+            self.metrics.rejected("job", "revoked");
+            warn!(%device, campaign = %id, "device certificate is revoked; no job, member failed");
+            self.move_member(id, device, DeviceState::Failed, Some(Reason::Revoked), now)?;
+            self.withdraw_job(device);
+            self.touched.insert(id.clone());
+            return Ok(());
+        }
         let Some(live) = self.campaigns.get(id) else {
             return Ok(());
         };
@@ -574,6 +615,14 @@ impl Engine {
         };
         let topic = topics::chunk_response(&device);
         let first = req.ranges[0][0];
+        if self.revoked_devices.contains(&device) {
+            self.metrics.rejected("chunk_request", "revoked");
+            warn!(%device, "chunk request from a device whose certificate is revoked refused");
+            let frame =
+                chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::NotDownloading);
+            self.send_chunk(&device, &topic, frame);
+            return Ok(());
+        }
         let Some(live) = self.campaigns.get(&req.campaign) else {
             self.metrics.rejected("chunk_request", "unknown_campaign");
             let frame =
@@ -674,32 +723,44 @@ impl Engine {
 
     fn on_device_seen(&mut self, seen: SeenDevice) -> Result<(), StoreError> {
         let x25519 = hex::encode(seen.x25519_public);
+        let serial = hex::encode(&seen.serial);
         let now = now_ms();
-        match self.store.device(&seen.id)? {
+        let mut d = match self.store.device(&seen.id)? {
             Some(mut d) => {
                 d.last_seen_ms = now;
-                if d.x25519_public != x25519 || d.cert_not_after != seen.not_after {
-                    info!(device = %seen.id, "device presented a new certificate; registry updated");
+                if d.x25519_public != x25519 || d.cert_serial != serial {
+                    info!(device = %seen.id, serial = %serial, "device presented a new certificate; registry updated");
                     d.x25519_public = x25519;
+                    d.cert_serial = serial;
+                    d.cert_not_before = seen.not_before;
                     d.cert_not_after = seen.not_after;
+                    // The key that jobs are wrapped to changed: make it durable with the batch.
+                    self.dirty = true;
                 }
-                // Last-seen is informational: sled's background flush is durable enough for it.
-                self.store.put_device(&d)?;
+                d
             }
             None => {
-                info!(device = %seen.id, "device registered from its certificate");
-                self.store.put_device(&DeviceRecord {
+                info!(device = %seen.id, serial = %serial, "device registered from its certificate");
+                self.dirty = true;
+                DeviceRecord {
                     id: seen.id,
                     x25519_public: x25519,
                     cert_not_after: seen.not_after,
+                    cert_not_before: seen.not_before,
+                    cert_serial: serial,
+                    revoked: false,
                     groups: Vec::new(),
                     labels: Default::default(),
                     registered_ms: now,
                     last_seen_ms: now,
-                })?;
-                self.dirty = true;
+                }
             }
-        }
+        };
+        // The front checked this certificate against the CRL at the handshake, but a newer CRL
+        // may have come in since.
+        self.set_revoked(&mut d);
+        // Last-seen alone is informational: sled's background flush is durable enough for it.
+        self.store.put_device(&d)?;
         Ok(())
     }
 }

@@ -16,6 +16,18 @@ pub struct DeviceRecord {
     pub x25519_public: String,
     /// Certificate expiry, unix seconds.
     pub cert_not_after: i64,
+    /// Start of the certificate's validity, unix seconds (0: recorded before 1.1). A renewed
+    /// certificate gets the same lifetime.
+    #[serde(default)]
+    pub cert_not_before: i64,
+    /// Serial number of the device's current certificate, lowercase hex (empty: recorded before
+    /// 1.1; learned at the device's next connection). Revocation is decided on it.
+    #[serde(default)]
+    pub cert_serial: String,
+    /// The current certificate is revoked by the CRL in force: the device gets no job and no
+    /// chunk, and campaigns leave it out.
+    #[serde(default)]
+    pub revoked: bool,
     /// Operator-assigned groups.
     pub groups: Vec<String>,
     /// Operator-assigned labels (`key=value`), for targeting.

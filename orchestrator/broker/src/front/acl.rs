@@ -1,7 +1,8 @@
 //! Topic ACLs: what each peer may publish to and subscribe to. Pure functions, no I/O.
 //!
 //! The rules follow the topic layout in `aloft_proto::topics`:
-//! - device X publishes only to exactly `aloft/v1/d/X/status`, `.../chunk/req` and `.../health`;
+//! - device X publishes only to exactly `aloft/v1/d/X/status`, `.../chunk/req`, `.../health` and
+//!   `.../csr` (certificate renewal);
 //! - device X subscribes only under `aloft/v1/d/X/` or `aloft/v1/manifests/`;
 //! - operator O publishes only to `aloft/v1/admin/O/<op>` (one level, no wildcards);
 //! - operator O subscribes only under `aloft/v1/o/O/`;
@@ -51,6 +52,7 @@ pub fn check_publish(
             topic == topics::status(d)
                 || topic == topics::chunk_request(d)
                 || topic == topics::health(d)
+                || topic == topics::csr(d)
         }
         Peer::Operator(o) => topic
             .strip_prefix(&topics::admin_prefix(o))
@@ -146,6 +148,30 @@ mod tests {
         // A device whose id is a prefix of another's gains nothing.
         assert_eq!(
             publish(&dev("dev"), "aloft/v1/d/dev-a/status"),
+            Err(Denied::PublishTopic)
+        );
+    }
+
+    #[test]
+    fn device_publishes_renewal_requests_only_on_its_own_csr_topic() {
+        let a = dev("dev-a");
+        assert_eq!(publish(&a, "aloft/v1/d/dev-a/csr"), Ok(()));
+        for t in [
+            "aloft/v1/d/dev-b/csr",
+            "aloft/v1/d/dev-a/cert",
+            "aloft/v1/d/dev-a/csr/x",
+            "aloft/v1/d/+/csr",
+        ] {
+            assert_eq!(publish(&a, t), Err(Denied::PublishTopic), "{t:?}");
+        }
+        // The certificate comes back inside the device's own subtree, and only there.
+        assert_eq!(check_subscribe(&a, "aloft/v1/d/dev-a/cert"), Ok(()));
+        assert_eq!(
+            check_subscribe(&a, "aloft/v1/d/dev-b/cert"),
+            Err(Denied::SubscribeFilter)
+        );
+        assert_eq!(
+            publish(&op("alice"), "aloft/v1/d/alice/csr"),
             Err(Denied::PublishTopic)
         );
     }

@@ -123,6 +123,9 @@ pub struct FrontContext {
     pub on_session: Option<SessionHook>,
     /// Device-bound packets the orchestrator delivers past the broker (chunk responses).
     pub direct: Arc<DirectRoutes>,
+    /// The client certificate verifier inside `tls`, when its CRLs can be replaced at run time
+    /// (see [`FrontContext::apply_crl`]).
+    pub client_verifier: Option<Arc<aloft_certs::tls::ReloadableClientVerifier>>,
     /// Slots for TLS handshakes in progress (`max_concurrent_handshakes`).
     handshake_slots: Semaphore,
 }
@@ -143,7 +146,53 @@ impl FrontContext {
             registry: Arc::default(),
             on_session: None,
             direct: Arc::default(),
+            client_verifier: None,
         })
+    }
+
+    /// Declares `verifier` as the one `tls` verifies clients with, so that
+    /// [`FrontContext::apply_crl`] can replace its CRLs.
+    #[must_use]
+    pub fn with_reloadable_verifier(
+        mut self,
+        verifier: Arc<aloft_certs::tls::ReloadableClientVerifier>,
+    ) -> Self {
+        self.client_verifier = Some(verifier);
+        self
+    }
+
+    /// Enforces `crl` from now on, without a restart: every handshake that starts after this
+    /// returns is checked against it, and every live session whose certificate it revokes is
+    /// ended (DISCONNECT 0x98). Returns the peers told to go. The caller has verified that the
+    /// fleet CA signed `crl`.
+    ///
+    /// Fails, and changes nothing, if this front's verifier cannot be reloaded: a front that
+    /// cannot enforce a CRL must not pretend it does.
+    pub fn apply_crl(
+        &self,
+        crl: &aloft_certs::revocation::VerifiedCrl,
+    ) -> Result<Vec<Peer>, BrokerError> {
+        let Some(verifier) = &self.client_verifier else {
+            return Err(BrokerError::Config(
+                "this front's client verifier cannot be reloaded".into(),
+            ));
+        };
+        verifier
+            .set_crls(vec![crl.der.clone()])
+            .map_err(|e| BrokerError::Config(format!("crl refused by the verifier: {e}")))?;
+        FrontStats::inc(&self.stats.crl_reloads);
+        // New handshakes see the new CRL before any session is ended, so a dropped device that
+        // reconnects at once is refused.
+        let dropped = self
+            .registry
+            .disconnect_revoked(|serial| crl.is_revoked(serial));
+        info!(
+            crl_number = crl.number,
+            revoked = crl.revoked.len(),
+            dropped = dropped.len(),
+            "crl applied"
+        );
+        Ok(dropped)
     }
 
     /// Sets the hook told about every certificate-authenticated session.

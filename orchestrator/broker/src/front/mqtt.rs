@@ -28,6 +28,8 @@ pub enum Reason {
     ServerUnavailable = 0x88,
     KeepAliveTimeout = 0x8D,
     PacketTooLarge = 0x95,
+    /// The session was ended by the server's operator: its certificate was revoked.
+    AdministrativeAction = 0x98,
 }
 
 /// Why reading the next frame failed.

@@ -1,16 +1,24 @@
-//! The identities connected through the front right now: at most one live connection each.
+//! The identities connected through the front right now: at most one live connection each,
+//! with the serial number of the certificate each connected with, so that a new CRL can end the
+//! sessions of the certificates it revokes.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tokio::sync::Notify;
+
 use super::identity::Peer;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Entry {
     serial: u64,
     peer_addr: SocketAddr,
+    /// Serial number of the client certificate (big-endian); `None` on the insecure listener.
+    cert_serial: Option<Vec<u8>>,
+    /// Woken to end the connection (its certificate was revoked).
+    kill: Arc<Notify>,
 }
 
 /// Connected identities and the address each is connected from.
@@ -34,18 +42,50 @@ impl Registry {
         self: &Arc<Self>,
         peer: &Peer,
         peer_addr: SocketAddr,
+        cert_serial: Option<Vec<u8>>,
     ) -> Result<Claim, SocketAddr> {
         let mut live = self.lock();
         if let Some(existing) = live.get(peer) {
             return Err(existing.peer_addr);
         }
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
-        live.insert(peer.clone(), Entry { serial, peer_addr });
+        let kill = Arc::new(Notify::new());
+        live.insert(
+            peer.clone(),
+            Entry {
+                serial,
+                peer_addr,
+                cert_serial,
+                kill: kill.clone(),
+            },
+        );
         Ok(Claim {
             registry: Arc::clone(self),
             peer: peer.clone(),
             serial,
+            kill,
         })
+    }
+
+    /// Ends every live connection whose certificate serial `revoked` says is revoked; returns
+    /// who was told to go. Each connection closes itself (DISCONNECT, then frees its identity).
+    pub fn disconnect_revoked(&self, revoked: impl Fn(&[u8]) -> bool) -> Vec<Peer> {
+        let live = self.lock();
+        let mut dropped = Vec::new();
+        for (peer, entry) in live.iter() {
+            if entry.cert_serial.as_deref().is_some_and(&revoked) {
+                // `notify_one` keeps a permit if the connection is not waiting yet, so a session
+                // between its claim and its relay loop is still ended.
+                entry.kill.notify_one();
+                dropped.push(peer.clone());
+            }
+        }
+        dropped
+    }
+
+    /// The serial number of the certificate `peer` is connected with, if it is connected.
+    pub fn cert_serial(&self, peer: &Peer) -> Option<Vec<u8>> {
+        self.lock().get(peer).and_then(|e| e.cert_serial.clone())
     }
 
     /// Is `peer` connected?
@@ -79,6 +119,14 @@ pub(crate) struct Claim {
     registry: Arc<Registry>,
     peer: Peer,
     serial: u64,
+    kill: Arc<Notify>,
+}
+
+impl Claim {
+    /// Notified when the registry ends this connection ([`Registry::disconnect_revoked`]).
+    pub(crate) fn kill_signal(&self) -> Arc<Notify> {
+        self.kill.clone()
+    }
 }
 
 impl Drop for Claim {
@@ -101,13 +149,35 @@ mod tests {
         let p = Peer::Device(DeviceId::new("dev-1").unwrap());
         let a: SocketAddr = "127.0.0.1:1000".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:2000".parse().unwrap();
-        let claim = reg.claim(&p, a).unwrap();
-        assert_eq!(reg.claim(&p, b).unwrap_err(), a);
+        let claim = reg.claim(&p, a, None).unwrap();
+        assert_eq!(reg.claim(&p, b, None).unwrap_err(), a);
         assert!(reg.is_connected(&p));
         assert_eq!(reg.peer_addr(&p), Some(a));
         drop(claim);
         assert!(reg.is_empty());
-        let _again = reg.claim(&p, b).unwrap();
+        let _again = reg.claim(&p, b, None).unwrap();
         assert_eq!(reg.connected(), vec![p]);
+    }
+
+    #[tokio::test]
+    async fn only_connections_of_revoked_serials_are_told_to_go() {
+        let reg = Arc::new(Registry::default());
+        let addr: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let revoked = Peer::Device(DeviceId::new("dev-1").unwrap());
+        let kept = Peer::Device(DeviceId::new("dev-2").unwrap());
+        let plain = Peer::Device(DeviceId::new("dev-3").unwrap());
+        let a = reg.claim(&revoked, addr, Some(vec![1])).unwrap();
+        let b = reg.claim(&kept, addr, Some(vec![2])).unwrap();
+        let _c = reg.claim(&plain, addr, None).unwrap();
+        assert_eq!(reg.cert_serial(&revoked), Some(vec![1]));
+        assert_eq!(reg.disconnect_revoked(|s| s == [1]), vec![revoked]);
+        // The notice waits for the connection even if it was not listening yet.
+        let (a, b) = (a.kill_signal(), b.kill_signal());
+        tokio::time::timeout(std::time::Duration::from_secs(5), a.notified())
+            .await
+            .unwrap();
+        let not_killed =
+            tokio::time::timeout(std::time::Duration::from_millis(50), b.notified()).await;
+        assert!(not_killed.is_err());
     }
 }

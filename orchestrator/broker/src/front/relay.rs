@@ -89,9 +89,10 @@ pub(crate) async fn run<S>(
     let mut reader = FrameReader::new(max);
     let connect_timeout = Duration::from_millis(ctx.cfg.connect_timeout_ms);
 
+    let cert_serial = identity.as_ref().map(|i| i.serial.clone());
     let admitted = match timeout(
         connect_timeout,
-        admit(&mut reader, &mut client_r, addr, source, ctx),
+        admit(&mut reader, &mut client_r, addr, source, cert_serial, ctx),
     )
     .await
     {
@@ -153,10 +154,17 @@ pub(crate) async fn run<S>(
     let (mut backend_r, mut backend_w) = backend.into_split();
     let idle = Duration::from_millis(u64::from(admitted.keep_alive_secs) * 1_500);
     let (end_tx, end_rx) = oneshot::channel();
+    let kill = admitted.claim.kill_signal();
     let mut claim = Some(admitted.claim);
     let c2b = async {
-        let end =
-            client_to_broker(&mut reader, &mut client_r, &mut backend_w, &peer, idle, ctx).await;
+        let end = tokio::select! {
+            end = client_to_broker(&mut reader, &mut client_r, &mut backend_w, &peer, idle, ctx) => end,
+            () = kill.notified() => {
+                FrontStats::inc(&ctx.stats.sessions_revoked);
+                info!(%peer, %addr, "certificate revoked; ending the session");
+                End::Disconnect(Reason::AdministrativeAction)
+            }
+        };
         let reason = match end {
             End::Quiet => None,
             End::Disconnect(r) => Some(r),
@@ -192,6 +200,7 @@ async fn admit<R: AsyncRead + Unpin>(
     client_r: &mut R,
     addr: SocketAddr,
     source: IdentitySource,
+    cert_serial: Option<Vec<u8>>,
     ctx: &FrontContext,
 ) -> Result<Admitted, Refusal> {
     let stats = &ctx.stats;
@@ -281,7 +290,7 @@ async fn admit<R: AsyncRead + Unpin>(
         }
     }
 
-    let claim = match ctx.registry.claim(&peer, addr) {
+    let claim = match ctx.registry.claim(&peer, addr, cert_serial) {
         Ok(claim) => claim,
         Err(existing) => {
             FrontStats::inc(&stats.refused_duplicate_identity);

@@ -68,6 +68,10 @@ stats! {
     malformed_packets,
     /// Sessions closed because the client was silent for 1.5 × its keep-alive.
     keep_alive_timeouts,
+    /// Live sessions ended because a new CRL revoked their certificate.
+    sessions_revoked,
+    /// CRLs applied while running (`FrontContext::apply_crl`).
+    crl_reloads,
     /// Bytes of complete MQTT packets received from clients.
     bytes_in,
     /// Bytes relayed from the backend to clients.

@@ -1,0 +1,392 @@
+//! Revocation, from both ends. The CA side keeps every revocation so far in a state file beside
+//! the CA key (`revocations.json`) and signs CRLs from it, each numbered one above the last. The
+//! orchestrator side accepts a CRL only once it has checked that the fleet CA signed it
+//! ([`VerifiedCrl`]), and learns from it which serial numbers are revoked.
+//!
+//! Fail closed: a state file or CRL that cannot be read or parsed is an error, never "nothing is
+//! revoked".
+
+use std::collections::BTreeSet;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
+use rustls::pki_types::CertificateRevocationListDer;
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+use x509_parser::prelude::FromDer;
+use x509_parser::revocation_list::CertificateRevocationList;
+
+use crate::identity::normalize_serial;
+use crate::{pem, FleetCa, PkiError};
+
+/// File name of the revocation state inside a CA directory, beside `ca.crt` and `ca.key`.
+pub const REVOCATIONS_FILE: &str = "revocations.json";
+
+/// Days until a CRL's `nextUpdate` unless the operator says otherwise.
+pub const DEFAULT_NEXT_UPDATE_DAYS: u32 = 30;
+
+/// Version of the state file's format.
+const STATE_VERSION: u8 = 1;
+
+/// Why a certificate was revoked (RFC 5280 §5.3.1), as the CLI spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RevocationReason {
+    Unspecified,
+    /// The device's or operator's private key leaked (a stolen device).
+    KeyCompromise,
+    AffiliationChanged,
+    /// Replaced by a newer certificate.
+    Superseded,
+    /// The device was decommissioned.
+    CessationOfOperation,
+}
+
+impl RevocationReason {
+    pub const ALL: [RevocationReason; 5] = [
+        RevocationReason::Unspecified,
+        RevocationReason::KeyCompromise,
+        RevocationReason::AffiliationChanged,
+        RevocationReason::Superseded,
+        RevocationReason::CessationOfOperation,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationReason::Unspecified => "unspecified",
+            RevocationReason::KeyCompromise => "key-compromise",
+            RevocationReason::AffiliationChanged => "affiliation-changed",
+            RevocationReason::Superseded => "superseded",
+            RevocationReason::CessationOfOperation => "cessation-of-operation",
+        }
+    }
+
+    fn to_rcgen(self) -> rcgen::RevocationReason {
+        match self {
+            RevocationReason::Unspecified => rcgen::RevocationReason::Unspecified,
+            RevocationReason::KeyCompromise => rcgen::RevocationReason::KeyCompromise,
+            RevocationReason::AffiliationChanged => rcgen::RevocationReason::AffiliationChanged,
+            RevocationReason::Superseded => rcgen::RevocationReason::Superseded,
+            RevocationReason::CessationOfOperation => rcgen::RevocationReason::CessationOfOperation,
+        }
+    }
+}
+
+impl FromStr for RevocationReason {
+    type Err = PkiError;
+    fn from_str(s: &str) -> Result<Self, PkiError> {
+        RevocationReason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| PkiError::InvalidRevocationReason(s.to_owned()))
+    }
+}
+
+impl std::fmt::Display for RevocationReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One revoked certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revoked {
+    /// Serial number, lowercase hex, no leading zero bytes.
+    pub serial: String,
+    pub reason: RevocationReason,
+    /// Unix seconds.
+    pub revoked_at: i64,
+    /// Who the certificate named, when it was revoked from the certificate file (for humans).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+}
+
+/// Everything revoked so far and the number of the last CRL signed: what a CA directory keeps in
+/// [`REVOCATIONS_FILE`]. A new CRL must list every revocation so far, so the state only grows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationState {
+    pub v: u8,
+    /// Number of the last CRL signed from this state (0: none yet). The next one gets one more,
+    /// so the orchestrator, which refuses to go backwards, takes every new CRL.
+    pub crl_number: u64,
+    pub revoked: Vec<Revoked>,
+}
+
+impl Default for RevocationState {
+    fn default() -> Self {
+        RevocationState {
+            v: STATE_VERSION,
+            crl_number: 0,
+            revoked: Vec::new(),
+        }
+    }
+}
+
+impl RevocationState {
+    /// Reads the state of the CA in `ca_dir`; a CA that never revoked anything has no file yet.
+    /// A file that exists but cannot be read or parsed is an error.
+    pub fn load(ca_dir: &Path) -> Result<Self, PkiError> {
+        let path = ca_dir.join(REVOCATIONS_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => return Err(PkiError::Read { path, source }),
+        };
+        let state: RevocationState = serde_json::from_str(&text)
+            .map_err(|e| PkiError::RevocationState(format!("{}: {e}", path.display())))?;
+        if state.v != STATE_VERSION {
+            return Err(PkiError::RevocationState(format!(
+                "{}: unsupported version {}",
+                path.display(),
+                state.v
+            )));
+        }
+        for r in &state.revoked {
+            parse_serial_hex(&r.serial)?;
+        }
+        Ok(state)
+    }
+
+    /// Writes the state into `ca_dir`, atomically: a crash leaves the old state or the new one.
+    pub fn save(&self, ca_dir: &Path) -> Result<(), PkiError> {
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|e| PkiError::RevocationState(e.to_string()))?;
+        write_file_atomically(&ca_dir.join(REVOCATIONS_FILE), &json, 0o600)
+    }
+
+    /// Adds `serial` to the revoked set; false if it was already there (the first revocation's
+    /// reason and time stand).
+    pub fn revoke(
+        &mut self,
+        serial: &[u8],
+        reason: RevocationReason,
+        subject: Option<String>,
+        now: i64,
+    ) -> bool {
+        if self.is_revoked(serial) {
+            return false;
+        }
+        self.revoked.push(Revoked {
+            serial: hex::encode(normalize_serial(serial)),
+            reason,
+            revoked_at: now,
+            subject,
+        });
+        true
+    }
+
+    pub fn is_revoked(&self, serial: &[u8]) -> bool {
+        let hex = hex::encode(normalize_serial(serial));
+        self.revoked.iter().any(|r| r.serial == hex)
+    }
+
+    /// Signs a CRL listing every revocation so far, numbered one above the last, valid for
+    /// `next_update_days`, and returns it as PEM. The state's number moves on only if signing
+    /// succeeded; the caller saves the state before handing the CRL out.
+    pub fn sign_crl(
+        &mut self,
+        ca: &FleetCa,
+        next_update_days: u32,
+        now: OffsetDateTime,
+    ) -> Result<String, PkiError> {
+        if next_update_days == 0 {
+            return Err(PkiError::EmptyValidity);
+        }
+        let number = self
+            .crl_number
+            .checked_add(1)
+            .ok_or(PkiError::CrlNumberExhausted)?;
+        let mut revoked_certs = Vec::with_capacity(self.revoked.len());
+        for r in &self.revoked {
+            revoked_certs.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&parse_serial_hex(&r.serial)?),
+                revocation_time: OffsetDateTime::from_unix_timestamp(r.revoked_at)
+                    .map_err(|e| PkiError::RevocationState(e.to_string()))?,
+                reason_code: Some(r.reason.to_rcgen()),
+                invalidity_date: None,
+            });
+        }
+        let params = CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + Duration::days(i64::from(next_update_days)),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&ca.issuer).map_err(PkiError::Signing)?;
+        let pem = crl.pem().map_err(PkiError::Signing)?;
+        self.crl_number = number;
+        Ok(pem)
+    }
+}
+
+/// A serial number typed by an operator: hex, optionally with `:` between bytes (as OpenSSL
+/// prints them), either case. Returned big-endian without leading zero bytes.
+pub fn parse_serial_hex(s: &str) -> Result<Vec<u8>, PkiError> {
+    let digits: String = s.trim().chars().filter(|c| *c != ':').collect();
+    let invalid = || PkiError::InvalidSerial(s.to_owned());
+    if digits.is_empty() || digits.len() > 40 {
+        return Err(invalid());
+    }
+    let padded = if digits.len() % 2 == 1 {
+        format!("0{digits}")
+    } else {
+        digits
+    };
+    let bytes = hex::decode(padded.to_ascii_lowercase()).map_err(|_| invalid())?;
+    let serial = normalize_serial(&bytes);
+    if serial.is_empty() {
+        return Err(invalid());
+    }
+    Ok(serial)
+}
+
+/// A CRL the fleet CA signed, as the orchestrator uses it.
+#[derive(Debug, Clone)]
+pub struct VerifiedCrl {
+    /// The CRL number (RFC 5280 §5.2.3); the orchestrator never takes a lower one.
+    pub number: u64,
+    /// Revoked serial numbers, big-endian without leading zero bytes.
+    pub revoked: BTreeSet<Vec<u8>>,
+    /// Unix seconds.
+    pub this_update: i64,
+    pub next_update: Option<i64>,
+    /// The CRL as rustls takes it.
+    pub der: CertificateRevocationListDer<'static>,
+}
+
+impl VerifiedCrl {
+    /// Parses `crl_pem` (exactly one CRL) and checks that the CA in `ca_pem` issued and signed
+    /// it and that it carries a CRL number. Anything else is an error.
+    pub fn parse(crl_pem: &str, ca_pem: &str) -> Result<Self, PkiError> {
+        let der = pem::parse_crl(crl_pem)?;
+        let (rest, crl) = CertificateRevocationList::from_der(der.as_ref())
+            .map_err(|e| PkiError::InvalidCrl(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(PkiError::InvalidCrl("trailing bytes after the crl".into()));
+        }
+        let ca_der = pem::parse_cert(ca_pem)?;
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der)
+            .map_err(|e| PkiError::CertificateParse(e.to_string()))?;
+        if crl.issuer().as_raw() != ca.subject().as_raw() {
+            return Err(PkiError::CrlIssuer);
+        }
+        // The signature algorithm inside the signed part must be the one outside it, or what was
+        // signed is not what is claimed.
+        if crl.tbs_cert_list.signature != crl.signature_algorithm {
+            return Err(PkiError::InvalidCrl(
+                "signature algorithm differs inside and outside the signed part".into(),
+            ));
+        }
+        verify_signature(
+            ca.public_key().subject_public_key.data.as_ref(),
+            crl.tbs_cert_list.as_ref(),
+            crl.signature_value.data.as_ref(),
+        )?;
+        let number = crl
+            .crl_number()
+            .ok_or_else(|| PkiError::InvalidCrl("no crl number".into()))?;
+        let number = u64_from_be(&number.to_bytes_be())
+            .ok_or_else(|| PkiError::InvalidCrl("crl number above 2^64".into()))?;
+        let revoked = crl
+            .iter_revoked_certificates()
+            .map(|r| normalize_serial(&r.serial().to_bytes_be()))
+            .collect();
+        let this_update = crl.last_update().timestamp();
+        let next_update = crl.next_update().map(|t| t.timestamp());
+        let der = CertificateRevocationListDer::from(der.as_ref().to_vec());
+        Ok(VerifiedCrl {
+            number,
+            revoked,
+            this_update,
+            next_update,
+            der,
+        })
+    }
+
+    /// Is the certificate with this serial revoked?
+    pub fn is_revoked(&self, serial: &[u8]) -> bool {
+        self.revoked.contains(&normalize_serial(serial))
+    }
+}
+
+/// Checks `signature` over `message` with the CA's public key, trying each algorithm the TLS
+/// stack verifies certificates with: the CA key is P-256, but what matters is only that some
+/// algorithm proves the CA signed it.
+fn verify_signature(public_key: &[u8], message: &[u8], signature: &[u8]) -> Result<(), PkiError> {
+    let algorithms =
+        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
+    if algorithms
+        .all
+        .iter()
+        .any(|alg| alg.verify_signature(public_key, message, signature).is_ok())
+    {
+        Ok(())
+    } else {
+        Err(PkiError::CrlSignature)
+    }
+}
+
+fn u64_from_be(bytes: &[u8]) -> Option<u64> {
+    let bytes = normalize_serial(bytes);
+    if bytes.len() > 8 {
+        return None;
+    }
+    Some(bytes.iter().fold(0u64, |n, b| (n << 8) | u64::from(*b)))
+}
+
+/// Replaces `path` with `contents` so that a reader, or a crash, sees the old file or the new
+/// one and never a mix: write a temporary file beside it, sync it, rename it over, sync the
+/// directory. The file gets `mode` (Unix) from creation on.
+pub fn write_file_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
+    let write_err = |source: std::io::Error| PkiError::Write {
+        path: PathBuf::from(path),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| write_err(std::io::ErrorKind::InvalidInput.into()))?;
+    let mut suffix = [0u8; 6];
+    getrandom::fill(&mut suffix).map_err(PkiError::Randomness)?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        hex::encode(suffix)
+    ));
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let result = (|| {
+        let mut file = options.open(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // The rename is durable only once the directory entry is.
+        #[cfg(unix)]
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(write_err)
+}
+
+#[cfg(test)]
+mod tests;

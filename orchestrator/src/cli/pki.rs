@@ -1,0 +1,195 @@
+//! `aloft pki revoke | crl | crl-push`: revocation for an operator. `revoke` and `crl` run where
+//! the CA key is (they keep `revocations.json` beside it); `crl-push` sends a signed CRL to a
+//! running orchestrator, which enforces it at once.
+
+use std::path::PathBuf;
+
+use aloft_certs::revocation::{
+    parse_serial_hex, RevocationReason, RevocationState, DEFAULT_NEXT_UPDATE_DAYS,
+};
+use aloft_certs::FleetCa;
+use anyhow::{bail, Context, Result};
+use clap::{ArgGroup, Args};
+use serde_json::Value;
+
+use super::{print_json, Conn};
+use crate::admin::client::AdminClient;
+use crate::admin::wire::AdminBody;
+
+/// `aloft pki revoke`.
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("which").required(true).args(["cert", "serial"])))]
+pub struct RevokeArgs {
+    /// The CA directory (ca.crt; revocations.json is kept there).
+    #[arg(long)]
+    pub ca_dir: PathBuf,
+    /// The certificate to revoke (PEM).
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// The serial number to revoke, hex (colons allowed), when the certificate is not at hand.
+    #[arg(long)]
+    pub serial: Option<String>,
+    /// unspecified, key-compromise, affiliation-changed, superseded, cessation-of-operation.
+    #[arg(long, default_value = "unspecified")]
+    pub reason: String,
+}
+
+/// `aloft pki crl`.
+#[derive(Args, Debug)]
+pub struct CrlArgs {
+    /// The CA directory (ca.crt, ca.key, revocations.json).
+    #[arg(long)]
+    pub ca_dir: PathBuf,
+    /// Where to write the signed CRL (PEM); replaced if it exists.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Days until the CRL's nextUpdate.
+    #[arg(long, default_value_t = DEFAULT_NEXT_UPDATE_DAYS)]
+    pub next_update_days: u32,
+}
+
+/// `aloft pki crl-push`.
+#[derive(Args, Debug)]
+pub struct CrlPushArgs {
+    /// The signed CRL (PEM) from `aloft pki crl`.
+    #[arg(long)]
+    pub crl: PathBuf,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// Records a revocation in the CA directory's state. Signs nothing: `aloft pki crl` does.
+pub fn revoke(args: RevokeArgs) -> Result<()> {
+    let reason: RevocationReason = args.reason.parse()?;
+    let (serial, subject) = match (&args.cert, &args.serial) {
+        (Some(path), None) => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let serial = aloft_certs::cert_serial(&pem)?;
+            let subject = aloft_certs::tls::parse_cert(&pem)
+                .ok()
+                .and_then(|der| aloft_certs::parse_identity(&der).ok())
+                .map(|i| format!("{} {}", i.role.ou(), i.id));
+            (serial, subject)
+        }
+        (None, Some(hex)) => (parse_serial_hex(hex)?, None),
+        _ => bail!("give exactly one of --cert and --serial"),
+    };
+    let mut state = RevocationState::load(&args.ca_dir)?;
+    let now = crate::engine::now_ms() / 1000;
+    let added = state.revoke(
+        &serial,
+        reason,
+        subject.clone(),
+        i64::try_from(now).unwrap_or(i64::MAX),
+    );
+    let serial_hex = hex::encode(&serial);
+    if added {
+        state.save(&args.ca_dir)?;
+        println!(
+            "revoked {serial_hex}{} ({reason}); {} revoked in all. Sign a new CRL with `aloft pki crl` and push it with `aloft pki crl-push`",
+            subject.map(|s| format!(" [{s}]")).unwrap_or_default(),
+            state.revoked.len()
+        );
+    } else {
+        println!("{serial_hex} was already revoked; nothing changed");
+    }
+    Ok(())
+}
+
+/// Signs a CRL of every revocation so far, numbered one above the last, and writes it.
+pub fn crl(args: CrlArgs) -> Result<()> {
+    let ca = FleetCa::load(&args.ca_dir)?;
+    let mut state = RevocationState::load(&args.ca_dir)?;
+    let pem = state.sign_crl(&ca, args.next_update_days, time::OffsetDateTime::now_utc())?;
+    // The number is spent once the state says so; a CRL is written only after that, so two
+    // CRLs never share a number.
+    state.save(&args.ca_dir)?;
+    aloft_certs::revocation::write_file_atomically(&args.out, pem.as_bytes(), 0o644)?;
+    println!(
+        "crl number {} ({} revoked, next update in {} days) written to {}",
+        state.crl_number,
+        state.revoked.len(),
+        args.next_update_days,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Sends a CRL to the orchestrator, which verifies and enforces it.
+pub async fn crl_push(args: CrlPushArgs) -> Result<()> {
+    let crl = std::fs::read_to_string(&args.crl)
+        .with_context(|| format!("reading {}", args.crl.display()))?;
+    let client = AdminClient::connect(&args.conn.profile, &args.conn.server).await?;
+    let v: Value = client.call(AdminBody::CrlUpdate { crl }).await?;
+    print_json(&v)?;
+    client.disconnect().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::super::{Cli, Command, PkiCommand};
+
+    #[test]
+    fn revoke_takes_a_certificate_or_a_serial_but_not_both_or_neither() {
+        let parse =
+            |args: &[&str]| Cli::try_parse_from(["aloft", "pki", "revoke"].iter().chain(args));
+        let ok = parse(&[
+            "--ca-dir",
+            "ca",
+            "--serial",
+            "4a01",
+            "--reason",
+            "key-compromise",
+        ])
+        .unwrap();
+        let Command::Pki(PkiCommand::Revoke(a)) = ok.command else {
+            panic!("not a revoke");
+        };
+        assert_eq!(a.serial.as_deref(), Some("4a01"));
+        assert!(parse(&["--ca-dir", "ca", "--cert", "a.crt"]).is_ok());
+        assert!(parse(&["--ca-dir", "ca"]).is_err());
+        assert!(parse(&["--ca-dir", "ca", "--cert", "a.crt", "--serial", "01"]).is_err());
+    }
+
+    #[test]
+    fn revoke_then_crl_writes_crls_with_growing_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        aloft_certs::FleetCa::create("t", 30)
+            .unwrap()
+            .save(dir.path())
+            .unwrap();
+        let ca_pem = std::fs::read_to_string(dir.path().join(aloft_certs::CA_CERT_FILE)).unwrap();
+        let out = dir.path().join("crl.pem");
+        let crl = |n: u32| super::CrlArgs {
+            ca_dir: dir.path().to_owned(),
+            out: out.clone(),
+            next_update_days: n,
+        };
+        super::revoke(super::RevokeArgs {
+            ca_dir: dir.path().to_owned(),
+            cert: None,
+            serial: Some("4a:01".into()),
+            reason: "key-compromise".into(),
+        })
+        .unwrap();
+        super::crl(crl(7)).unwrap();
+        let first = std::fs::read_to_string(&out).unwrap();
+        let first = aloft_certs::revocation::VerifiedCrl::parse(&first, &ca_pem).unwrap();
+        super::crl(crl(7)).unwrap();
+        let second = std::fs::read_to_string(&out).unwrap();
+        let second = aloft_certs::revocation::VerifiedCrl::parse(&second, &ca_pem).unwrap();
+        assert_eq!((first.number, second.number), (1, 2));
+        assert!(second.is_revoked(&[0x4a, 0x01]));
+        assert!(super::revoke(super::RevokeArgs {
+            ca_dir: dir.path().to_owned(),
+            cert: None,
+            serial: Some("01".into()),
+            reason: "stolen".into(),
+        })
+        .is_err());
+    }
+}

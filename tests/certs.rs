@@ -1,0 +1,468 @@
+//! Device certificates against the real orchestrator: a CRL pushed while it runs refuses the
+//! revoked certificate at TLS and ends its live session; a revoked device gets no job and no
+//! chunk while the others update; stale and foreign CRLs are refused; a revoked certificate
+//! cannot be registered; and a device renews its certificate over MQTT, keeps its record, and
+//! updates afterwards.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aloft_certs::revocation::{RevocationReason, RevocationState};
+use aloft_certs::{cert_serial, FleetCa};
+use aloft_device::DeviceIdentity;
+use aloft_e2e::{finished, status, wait_campaign, ReleaseSpec};
+use aloft_orchestrator::admin::client::ClientError;
+use aloft_orchestrator::admin::wire::AdminBody;
+use aloft_orchestrator::rollout::RolloutPolicy;
+use aloft_orchestrator::store::Target;
+use aloft_proto::messages::{self, RenewalError, RenewalRequest, RenewalResponse};
+use aloft_proto::{topics, DeviceState, Reason};
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+use serde_json::Value;
+
+use crate::common::{backend_client, device_client, publish_and_settle, Env, LIMIT};
+
+/// Signs a CRL revoking `devices` (every revocation so far is in `state`).
+fn crl_revoking(ca: &FleetCa, state: &mut RevocationState, devices: &[&DeviceIdentity]) -> String {
+    for d in devices {
+        state.revoke(
+            &cert_serial(&d.cert_pem).unwrap(),
+            RevocationReason::KeyCompromise,
+            Some(d.id.to_string()),
+            0,
+        );
+    }
+    state
+        .sign_crl(ca, 7, time::OffsetDateTime::now_utc())
+        .unwrap()
+}
+
+async fn push_crl(env: &Env, crl: String) -> Result<Value, ClientError> {
+    env.admin.call(AdminBody::CrlUpdate { crl }).await
+}
+
+/// The code of an admin refusal.
+fn refusal_code(r: Result<Value, ClientError>) -> String {
+    match r {
+        Err(ClientError::Refused(e)) => e.code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// Tries a TLS + MQTT connection as `device`; true if the orchestrator accepted it (CONNACK).
+async fn can_connect(env: &Env, device: &DeviceIdentity) -> bool {
+    let addr = env.running.device_addr;
+    let tls =
+        aloft_certs::tls::client_config(env.lab.ca.cert_pem(), &device.cert_pem, &device.key_pem)
+            .unwrap();
+    let mut opts = MqttOptions::new(device.id.as_str(), addr.ip().to_string(), addr.port());
+    opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(tls),
+    )))
+    .set_outgoing_inflight_upper_limit(16);
+    let (client, mut el) = AsyncClient::new(opts, 16);
+    let accepted = tokio::time::timeout(LIMIT, async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    if accepted {
+        crate::common::close(client, el).await;
+    }
+    accepted
+}
+
+fn registered(v: &Value) -> Vec<String> {
+    v["registered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The orchestrator's record of one device.
+async fn device_record(env: &Env, id: &str) -> Value {
+    let devices: Vec<Value> = env.admin.call(AdminBody::DeviceList {}).await.unwrap();
+    devices
+        .into_iter()
+        .find(|d| d["id"] == id)
+        .unwrap_or_else(|| panic!("{id} is not registered"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_pushed_while_running_refuses_the_revoked_device_at_tls_and_ends_its_session() {
+    let env = Env::new(3).await;
+    let fleet = env.start_fleet(&env.fleet_config()).await;
+    assert!(fleet.wait_all(LIMIT, |v| v.connected).await);
+    let revoked = &env.devices[0];
+    let mut state = RevocationState::default();
+
+    let reply = push_crl(&env, crl_revoking(&env.lab.ca, &mut state, &[revoked]))
+        .await
+        .unwrap();
+    assert_eq!(reply["crl_number"], 1);
+    assert_eq!(reply["devices_revoked"], serde_json::json!([revoked.id]));
+    assert_eq!(
+        reply["sessions_dropped"],
+        serde_json::json!([format!("device {}", revoked.id)])
+    );
+
+    // Its live session is ended, and every reconnection fails the handshake: no restart.
+    assert!(fleet.wait_one(&revoked.id, LIMIT, |v| !v.connected).await);
+    assert!(!can_connect(&env, revoked).await);
+    let front = env.running.metrics.front_snapshot().unwrap();
+    assert_eq!(front.sessions_revoked, 1);
+    assert!(front.handshakes_failed >= 1);
+    assert!(device_record(&env, revoked.id.as_str()).await["revoked"] == true);
+
+    // The others never noticed, and an update still reaches them.
+    for d in &env.devices[1..] {
+        assert!(fleet.view(&d.id).unwrap().connected, "{} was dropped", d.id);
+    }
+    let campaign = env
+        .roll_out(
+            &ReleaseSpec::new("2.0.0", 2, 32 * 1024),
+            RolloutPolicy::default(),
+        )
+        .await;
+    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(s.total, 2, "the revoked device is not a member");
+    assert_eq!(s.count(DeviceState::Succeeded), 2);
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_gets_no_job_and_no_chunk_while_the_others_update() {
+    let env = Env::new(3).await;
+    let revoked = &env.devices[0];
+    // Registered and targeted before the revocation, never connected.
+    let certs = env.devices.iter().map(|d| d.cert_pem.clone()).collect();
+    let v: Value = env
+        .admin
+        .call(AdminBody::DeviceRegister {
+            certs,
+            groups: Vec::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(registered(&v).len(), 3);
+    let first = env
+        .roll_out(
+            &ReleaseSpec::new("2.0.0", 2, 32 * 1024),
+            RolloutPolicy::default(),
+        )
+        .await;
+
+    let mut state = RevocationState::default();
+    let reply = push_crl(&env, crl_revoking(&env.lab.ca, &mut state, &[revoked]))
+        .await
+        .unwrap();
+    assert_eq!(reply["members_failed"], 1);
+    let s = status(&env.admin, &first, true).await.unwrap();
+    let member = s.devices.iter().find(|d| d.device == revoked.id).unwrap();
+    assert_eq!(
+        (member.state, member.reason),
+        (DeviceState::Failed, Some(Reason::Revoked))
+    );
+
+    // A chunk request in its name (only a compromised server could still send one) is refused
+    // and counted.
+    let (backend, mut el) = backend_client(&env.running).await;
+    let req = format!(r#"{{"v":1,"campaign":"{first}","artifact":"fw-2.0.0","ranges":[[0,2]]}}"#);
+    publish_and_settle(
+        &backend,
+        &mut el,
+        topics::chunk_request(&revoked.id),
+        req.into_bytes(),
+        false,
+    )
+    .await;
+    let metrics = env.running.metrics.clone();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while metrics.rejected_count("chunk_request", "revoked") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "chunk request not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metrics.chunk_bytes_served(), 0);
+
+    // The others update; the revoked device cannot even connect.
+    let fleet = aloft_device::Fleet::start(&env.fleet_config(), env.devices.clone()).unwrap();
+    let s = wait_campaign(&env.admin, &first, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(s.count(DeviceState::Succeeded), 2);
+    assert_eq!(s.reasons.get("revoked"), Some(&1));
+    assert!(!fleet.view(&revoked.id).unwrap().connected);
+    assert_eq!(fleet.view(&revoked.id).unwrap().running_version, "1.0.0");
+
+    // A new campaign leaves it out, and says so.
+    let artifact = env
+        .lab
+        .upload(&env.admin, &ReleaseSpec::new("3.0.0", 3, 32 * 1024))
+        .await
+        .unwrap();
+    let v: Value = env
+        .admin
+        .call(AdminBody::CampaignCreate {
+            artifact,
+            target: Target::All,
+            include: Vec::new(),
+            exclude: Vec::new(),
+            policy: RolloutPolicy::default(),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (v["devices"].as_u64(), v["excluded_revoked"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let second = aloft_proto::CampaignId::new(v["campaign"].as_str().unwrap()).unwrap();
+    let s = wait_campaign(&env.admin, &second, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(s.count(DeviceState::Succeeded), 2);
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crls_that_are_older_or_not_signed_by_the_fleet_ca_are_refused() {
+    let env = Env::new(2).await;
+    let mut state = RevocationState::default();
+    let first = crl_revoking(&env.lab.ca, &mut state, &[&env.devices[0]]);
+    let second = crl_revoking(&env.lab.ca, &mut state, &[&env.devices[1]]);
+    assert_eq!(
+        push_crl(&env, second.clone()).await.unwrap()["crl_number"],
+        2
+    );
+
+    // Never backwards: number 1 after number 2.
+    assert_eq!(refusal_code(push_crl(&env, first).await), "stale_crl");
+    // The same CRL again changes nothing.
+    assert_eq!(push_crl(&env, second).await.unwrap()["unchanged"], true);
+    // A CRL from a CA with the very same name but another key, numbered higher.
+    let impostor = FleetCa::create("Aloft Lab CA", 30).unwrap();
+    let mut other = RevocationState {
+        crl_number: 99,
+        ..RevocationState::default()
+    };
+    let forged = crl_revoking(&impostor, &mut other, &[]);
+    assert_eq!(refusal_code(push_crl(&env, forged).await), "invalid_crl");
+    assert_eq!(
+        refusal_code(push_crl(&env, "garbage".into()).await),
+        "invalid_crl"
+    );
+
+    // The file on disk is still CRL number 2, and revokes both.
+    let on_disk = std::fs::read_to_string(env.lab.data_dir.join("crl.pem")).unwrap();
+    let on_disk =
+        aloft_certs::revocation::VerifiedCrl::parse(&on_disk, env.lab.ca.cert_pem()).unwrap();
+    assert_eq!(on_disk.number, 2);
+    assert_eq!(on_disk.revoked.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registering_a_revoked_certificate_is_refused_and_an_unreadable_crl_refuses_all() {
+    let env = Env::new(2).await;
+    let (revoked, fine) = (&env.devices[0], &env.devices[1]);
+    let mut state = RevocationState::default();
+    push_crl(&env, crl_revoking(&env.lab.ca, &mut state, &[revoked]))
+        .await
+        .unwrap();
+    let v: Value = env
+        .admin
+        .call(AdminBody::DeviceRegister {
+            certs: vec![revoked.cert_pem.clone(), fine.cert_pem.clone()],
+            groups: Vec::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(registered(&v), vec![fine.id.to_string()]);
+    let errors = v["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("revoked"),
+        "{errors:?}"
+    );
+
+    // Fail closed: a crl.pem that cannot be read is not "nothing revoked".
+    std::fs::write(env.lab.data_dir.join("crl.pem"), "not a crl").unwrap();
+    let r: Result<Value, _> = env
+        .admin
+        .call(AdminBody::DeviceRegister {
+            certs: vec![fine.cert_pem.clone()],
+            groups: Vec::new(),
+        })
+        .await;
+    assert_eq!(refusal_code(r), "crl_unavailable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_renews_its_certificate_over_mqtt_keeps_its_record_and_updates_afterwards() {
+    let env = Env::new(2).await;
+    let fleet = env.start_fleet(&env.fleet_config()).await;
+    let first = env
+        .roll_out(
+            &ReleaseSpec::new("2.0.0", 2, 32 * 1024),
+            RolloutPolicy::default(),
+        )
+        .await;
+    wait_campaign(&env.admin, &first, LIMIT, |s| {
+        s.count(DeviceState::Succeeded) == 2
+    })
+    .await
+    .unwrap();
+    let dev = &env.devices[0].id;
+    assert!(
+        fleet
+            .wait_one(dev, LIMIT, |v| v.floor == 2 && v.outbox == 0)
+            .await
+    );
+    let renewer = fleet.renewer(dev).unwrap();
+    let old_serial = renewer.serial_hex();
+    assert_eq!(
+        device_record(&env, dev.as_str()).await["cert_serial"],
+        old_serial
+    );
+
+    assert!(fleet.force_renewal(dev));
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while renewer.renewed() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no renewal");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let new_serial = renewer.serial_hex();
+    assert_ne!(new_serial, old_serial);
+    // Saved where the device keeps it.
+    let on_disk =
+        std::fs::read_to_string(aloft_device::identity::cert_path(&env.lab.fleet_dir(), dev))
+            .unwrap();
+    assert_eq!(on_disk, renewer.cert_pem());
+
+    // It reconnected with the new certificate, and the orchestrator follows it.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while device_record(&env, dev.as_str()).await["cert_serial"] != new_serial {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "registry not updated"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(fleet.wait_one(dev, LIMIT, |v| v.connected).await);
+    // Its update record is untouched.
+    let v = fleet.view(dev).unwrap();
+    assert_eq!((v.floor, v.running_version.as_str()), (2, "2.0.0"));
+    assert_eq!(env.running.metrics.renewal_count("issued"), 1);
+
+    // And a campaign afterwards succeeds on it (its jobs are wrapped to the same X25519 key).
+    let second = env
+        .roll_out(
+            &ReleaseSpec::new("3.0.0", 3, 32 * 1024),
+            RolloutPolicy::default(),
+        )
+        .await;
+    let s = wait_campaign(&env.admin, &second, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(s.count(DeviceState::Succeeded), 2);
+    assert!(fleet.wait_one(dev, LIMIT, |v| v.floor == 3).await);
+    fleet.shutdown().await;
+}
+
+/// Sends a renewal request as `device` (its real certificate) and returns the answer.
+async fn renewal_answer(env: &Env, device: &DeviceIdentity, csr: String) -> RenewalResponse {
+    let (client, mut el): (AsyncClient, EventLoop) =
+        device_client(env.running.device_addr, env.lab.ca.cert_pem(), device).await;
+    client
+        .subscribe(topics::cert(&device.id), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let request = messages::encode(&RenewalRequest { v: 1, csr });
+    let mut sent = false;
+    let answer = tokio::time::timeout(LIMIT, async {
+        loop {
+            match el.poll().await.unwrap() {
+                Event::Incoming(Packet::SubAck(_)) if !sent => {
+                    sent = true;
+                    client
+                        .publish(
+                            topics::csr(&device.id),
+                            QoS::AtLeastOnce,
+                            false,
+                            request.clone(),
+                        )
+                        .await
+                        .unwrap();
+                }
+                Event::Incoming(Packet::Publish(p)) if p.topic == topics::cert(&device.id) => {
+                    return messages::decode::<RenewalResponse>(&p.payload).unwrap();
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    crate::common::close(client, el).await;
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csr_naming_another_device_is_refused_and_renewal_needs_the_online_ca() {
+    let env = Env::new(2).await;
+    let (me, other) = (&env.devices[0], &env.devices[1]);
+    let v: Value = env
+        .admin
+        .call(AdminBody::DeviceRegister {
+            certs: vec![me.cert_pem.clone()],
+            groups: Vec::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(registered(&v).len(), 1);
+
+    let theirs = aloft_certs::device_csr(&other.id, &[9; 32]).unwrap();
+    let answer = renewal_answer(&env, me, theirs.csr_pem).await;
+    assert_eq!(answer.error, Some(RenewalError::IdentityMismatch));
+    assert!(answer.cert.is_none());
+    let garbage = renewal_answer(&env, me, "not a csr".into()).await;
+    assert_eq!(garbage.error, Some(RenewalError::InvalidCsr));
+
+    // The CA key moved offline: renewal says it needs the online CA.
+    let pki = env.lab.data_dir.join("pki");
+    std::fs::rename(pki.join("ca.key"), env.lab.root.join("ca.key.offline")).unwrap();
+    let x25519 = me.encryption_key.public_bytes().unwrap();
+    let mine = aloft_certs::device_renewal_csr(&me.id, &x25519, &me.key_pem).unwrap();
+    let answer = renewal_answer(&env, me, mine.csr_pem.clone()).await;
+    assert_eq!(answer.error, Some(RenewalError::CaOffline));
+    assert!(answer.detail.unwrap().contains("online ca"));
+
+    // Back online, the same request is granted.
+    std::fs::rename(env.lab.root.join("ca.key.offline"), pki.join("ca.key")).unwrap();
+    let answer = renewal_answer(&env, me, mine.csr_pem).await;
+    let cert = answer.cert.expect("a certificate");
+    let identity =
+        aloft_certs::tls::verify_client_cert(env.lab.ca.cert_pem(), &cert, Vec::new()).unwrap();
+    assert_eq!(identity.id, me.id.as_str());
+    assert_eq!(identity.x25519, Some(x25519));
+    assert_eq!(env.running.metrics.renewal_count("identity_mismatch"), 1);
+}
