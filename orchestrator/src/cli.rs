@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aloft_certs::{FleetCa, Validity};
+use aloft_certs::Validity;
 use aloft_proto::manifest::{ReleaseSigningKey, DEFAULT_CHUNK_BYTES};
 use aloft_proto::release::ReleaseMeta;
 use aloft_proto::{ArtifactId, CampaignId, DeviceState, OperatorId, SecurityVersion};
@@ -18,14 +18,18 @@ use crate::admin::client::AdminClient;
 use crate::admin::wire::{AdminBody, CampaignSummary, DryRun};
 use crate::config::{FileConfig, ServeConfig, DEFAULT_CONFIG_TOML};
 use crate::ops::{
-    add_release_key, build_bundle, init, issue_operator_profile, read_signing_key, upload_bundle,
-    write_new, write_signing_key,
+    add_release_key, build_bundle, init, issue_operator_profile, load_ca, read_signing_key,
+    upload_bundle, write_new, write_signing_key,
 };
 use crate::store::Target;
 
+mod backup;
 mod rollout;
+mod unlock;
+pub use backup::BackupCommand;
 pub use rollout::{describe, describe_policy, parse_duration, PolicyArgs};
 use rollout::{device_ids, parse_label, print_dry_run, unix_now};
+pub use unlock::{NewLockArgs, UnlockArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,6 +53,8 @@ pub enum Command {
         /// DNS names or IPs devices use to reach the orchestrator.
         #[arg(long = "hostname", default_values = ["localhost", "127.0.0.1"])]
         hostnames: Vec<String>,
+        #[command(flatten)]
+        lock: NewLockArgs,
     },
     /// Run the orchestrator (embedded broker, mTLS front, engine, metrics).
     Serve(ServeArgs),
@@ -69,6 +75,9 @@ pub enum Command {
     /// Create campaigns and follow them.
     #[command(subcommand)]
     Campaign(Box<CampaignCommand>),
+    /// End-to-end encrypted backups of a data directory, and restores.
+    #[command(subcommand)]
+    Backup(BackupCommand),
 }
 
 #[derive(Args, Debug)]
@@ -85,6 +94,8 @@ pub struct ServeArgs {
     /// INSECURE plain-TCP listener for local debugging (loopback only).
     #[arg(long)]
     pub insecure_plain_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub unlock: UnlockArgs,
 }
 
 /// How an operator command reaches the orchestrator.
@@ -109,6 +120,8 @@ pub enum PkiCommand {
         out: PathBuf,
         #[arg(long, default_value_t = 825)]
         days: u32,
+        #[command(flatten)]
+        unlock: UnlockArgs,
     },
     /// Issue certificates for every `*.csr` in a directory (written beside them as `*.crt`).
     IssueDevices {
@@ -118,6 +131,8 @@ pub enum PkiCommand {
         csr_dir: PathBuf,
         #[arg(long, default_value_t = 825)]
         days: u32,
+        #[command(flatten)]
+        unlock: UnlockArgs,
     },
     /// Issue an operator certificate and write an operator profile directory.
     IssueOperator {
@@ -129,6 +144,8 @@ pub enum PkiCommand {
         out_dir: PathBuf,
         #[arg(long, default_value_t = 365)]
         days: u32,
+        #[command(flatten)]
+        unlock: UnlockArgs,
     },
 }
 
@@ -144,10 +161,13 @@ pub enum TrustCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum ReleaseCommand {
-    /// Generate a release signing key (secret, file mode 0600); prints its public key.
+    /// Generate a release signing key (sealed, file mode 0600); prints its public key and,
+    /// once, the key file's recovery key.
     Keygen {
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        lock: NewLockArgs,
     },
     /// Cut an image into chunks, seal them, and sign the manifest.
     Build {
@@ -171,6 +191,8 @@ pub enum ReleaseCommand {
         chunk_bytes: u32,
         #[arg(long, default_value_t = 365)]
         expires_days: u64,
+        #[command(flatten)]
+        unlock: UnlockArgs,
     },
     /// Upload a built release; the orchestrator verifies its signature before accepting it.
     Upload {
@@ -315,7 +337,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             data_dir,
             ca_name,
             hostnames,
-        } => init(&data_dir, &ca_name, &hostnames).map(|_| ()),
+            lock,
+        } => {
+            let protection = lock.protection(
+                "the data directory",
+                "this data directory's CA key, server key and keystore",
+            )?;
+            init(&data_dir, &ca_name, &hostnames, &protection).map(|_| ())
+        }
         Command::Serve(args) => serve(args).await,
         Command::GenerateConfig => {
             print!("{DEFAULT_CONFIG_TOML}");
@@ -328,6 +357,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Release(c) => release(c).await,
         Command::Device(c) => device(c).await,
         Command::Campaign(c) => campaign(*c).await,
+        Command::Backup(c) => backup::run(c),
     }
 }
 
@@ -345,9 +375,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(p) = args.insecure_plain_listen {
         file.insecure_plain_listen = Some(p);
     }
+    let unlock = args.unlock.obtain("the data directory")?;
     let cfg = ServeConfig {
         data_dir: args.data_dir,
         file,
+        unlock,
     };
     let mut running = crate::start(cfg).await?;
     // One machine-readable line, so scripts and tests can find a port chosen at run time.
@@ -391,8 +423,9 @@ fn pki(c: PkiCommand) -> Result<()> {
             csr,
             out,
             days,
+            unlock,
         } => {
-            let ca = FleetCa::load(&ca_dir)?;
+            let ca = load_ca(&ca_dir, &unlock.obtain("the fleet CA key")?)?;
             let csr = std::fs::read_to_string(&csr)?;
             let cert = ca.issue_device(&csr, Validity::days(days))?;
             write_new(&out, cert.as_bytes(), false)?;
@@ -402,8 +435,9 @@ fn pki(c: PkiCommand) -> Result<()> {
             ca_dir,
             csr_dir,
             days,
+            unlock,
         } => {
-            let ca = FleetCa::load(&ca_dir)?;
+            let ca = load_ca(&ca_dir, &unlock.obtain("the fleet CA key")?)?;
             let mut paths: Vec<PathBuf> = std::fs::read_dir(&csr_dir)?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|x| x == "csr"))
@@ -439,8 +473,9 @@ fn pki(c: PkiCommand) -> Result<()> {
             name,
             out_dir,
             days,
+            unlock,
         } => {
-            let ca = FleetCa::load(&ca_dir)?;
+            let ca = load_ca(&ca_dir, &unlock.obtain("the fleet CA key")?)?;
             issue_operator_profile(&ca, &OperatorId::new(name)?, &out_dir, days)?;
             println!("operator profile written to {}", out_dir.display());
         }
@@ -464,9 +499,13 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
 
 async fn release(c: ReleaseCommand) -> Result<()> {
     match c {
-        ReleaseCommand::Keygen { out } => {
+        ReleaseCommand::Keygen { out, lock } => {
+            if out.symlink_metadata().is_ok() {
+                bail!("{} already exists", out.display());
+            }
+            let protection = lock.protection("the release key", &format!("{}", out.display()))?;
             let key = ReleaseSigningKey::generate()?;
-            write_signing_key(&out, &key)?;
+            write_signing_key(&out, &key, &protection)?;
             let public = key.public();
             println!("{}", public.to_hex());
             eprintln!(
@@ -486,8 +525,9 @@ async fn release(c: ReleaseCommand) -> Result<()> {
             artifact,
             chunk_bytes,
             expires_days,
+            unlock,
         } => {
-            let key = read_signing_key(&key)?;
+            let key = read_signing_key(&key, &unlock.obtain("the release key")?)?;
             let now = crate::engine::now_ms() / 1000;
             let meta = ReleaseMeta {
                 artifact: ArtifactId::new(artifact.unwrap_or_else(|| format!("fw-{version}")))?,

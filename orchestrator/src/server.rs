@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
+use zeroize::Zeroizing;
 
 use crate::config::{layout, ServeConfig};
 use crate::engine::{Engine, EngineConfig, EngineError, Inbound, SeenDevice};
@@ -31,6 +32,11 @@ pub enum ServeError {
     Read {
         path: String,
         source: std::io::Error,
+    },
+    #[error("unsealing {path}: {source}")]
+    Sealed {
+        path: String,
+        source: aloft_vault::VaultError,
     },
     #[error("pki: {0}")]
     Pki(#[from] aloft_certs::PkiError),
@@ -55,6 +61,16 @@ pub enum ServeError {
 
 fn read(path: &Path) -> Result<String, ServeError> {
     std::fs::read_to_string(path).map_err(|source| ServeError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn open_sealed(
+    path: &Path,
+    unlock: &aloft_vault::Unlock,
+) -> Result<Zeroizing<Vec<u8>>, ServeError> {
+    aloft_vault::open_file(path, unlock).map_err(|source| ServeError::Sealed {
         path: path.display().to_string(),
         source,
     })
@@ -121,19 +137,30 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let pki = cfg.pki_dir();
     let ca_pem = read(&pki.join(aloft_certs::CA_CERT_FILE))?;
     let server_cert = read(&pki.join(layout::SERVER_CERT))?;
-    let server_key = read(&pki.join(layout::SERVER_KEY))?;
+    // Unlock first: a data directory whose keys do not open never starts, not even empty.
+    let server_key = open_sealed(&pki.join(layout::SERVER_KEY), &cfg.unlock)?;
+    let server_key = std::str::from_utf8(&server_key).map_err(|_| ServeError::Sealed {
+        path: pki.join(layout::SERVER_KEY).display().to_string(),
+        source: aloft_vault::VaultError::Malformed("the server key is not PEM"),
+    })?;
+    let store_key = crate::ops::open_keystore(&cfg.data_dir, &cfg.unlock).map_err(|source| {
+        ServeError::Sealed {
+            path: cfg.data_dir.join(layout::KEYSTORE).display().to_string(),
+            source,
+        }
+    })?;
+    let store = Store::open(&cfg.data_dir.join(layout::STORE_DIR), store_key)?;
     let crl_path = cfg.data_dir.join(layout::CRL);
     let crls = if crl_path.exists() {
         vec![aloft_certs::tls::parse_crl(&read(&crl_path)?)?]
     } else {
         Vec::new()
     };
-    let tls = aloft_certs::tls::server_config(&ca_pem, &server_cert, &server_key, crls)?;
+    let tls = aloft_certs::tls::server_config(&ca_pem, &server_cert, server_key, crls)?;
     let trusted = load_trusted_release_keys(&cfg.data_dir.join(layout::TRUSTED_RELEASE_KEYS))?;
     if trusted.is_empty() {
         warn!("no trusted release keys: every release upload will be refused");
     }
-    let store = Store::open(&cfg.data_dir.join(layout::STORE_DIR))?;
 
     let broker_cfg = BrokerConfig::from(&cfg.file.broker);
     let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(broker_cfg))

@@ -89,6 +89,11 @@ impl MasterKey {
         &self.0
     }
 
+    /// The key itself, for a caller that seals it into a keystore file.
+    pub fn to_bytes(&self) -> Zeroizing<[u8; 32]> {
+        self.0.clone()
+    }
+
     /// Seals `plaintext` under this key with a random nonce: `nonce ‖ ciphertext ‖ tag`.
     /// `aad` names what the blob is (e.g. the record it belongs to), so it cannot be moved.
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {

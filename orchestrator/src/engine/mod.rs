@@ -512,6 +512,9 @@ impl Engine {
                 if let Some(live) = self.campaigns.get_mut(&campaign) {
                     live.set(&device, next);
                 }
+                if s == DeviceState::Succeeded {
+                    self.raise_floor(&device, &campaign)?;
+                }
                 self.refresh_gauges(&campaign);
                 self.touched.insert(campaign.clone());
                 (AckOutcome::Applied, s, None)
@@ -668,6 +671,25 @@ impl Engine {
         Ok(())
     }
 
+    /// Records that `device` now runs `campaign`'s security version: the device raised its own
+    /// floor before reporting `succeeded`. Flushed with the batch, before the ack.
+    fn raise_floor(&mut self, device: &DeviceId, campaign: &CampaignId) -> Result<(), StoreError> {
+        let Some(version) = self
+            .campaigns
+            .get(campaign)
+            .map(|live| live.manifest.security_version)
+        else {
+            return Ok(());
+        };
+        if let Some(mut d) = self.store.device(device)? {
+            if d.floor < Some(version) {
+                d.floor = Some(version);
+                self.store.put_device(&d)?;
+            }
+        }
+        Ok(())
+    }
+
     fn on_device_seen(&mut self, seen: SeenDevice) -> Result<(), StoreError> {
         let x25519 = hex::encode(seen.x25519_public);
         let now = now_ms();
@@ -692,6 +714,7 @@ impl Engine {
                     labels: Default::default(),
                     registered_ms: now,
                     last_seen_ms: now,
+                    floor: None,
                 })?;
                 self.dirty = true;
             }
