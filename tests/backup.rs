@@ -185,7 +185,7 @@ async fn tampered_and_truncated_backups_are_refused_and_the_orchestrator_still_s
 
     let fresh = tmp.path().join("fresh");
     let err = backup::restore(&out, &fresh, &lab.unlock()).unwrap_err();
-    assert_eq!(err.to_string(), "backup: wrong passphrase or recovery key");
+    assert_eq!(err.to_string(), "wrong passphrase or recovery key");
     assert!(!fresh.exists());
 
     assert_eq!(

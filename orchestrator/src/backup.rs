@@ -45,10 +45,10 @@ const PRE_RESTORE_PREFIX: &str = ".pre-restore-";
 /// Why a backup or a restore failed. A failed restore has changed nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{0} is not an orchestrator data directory (no keystore)")]
     NotADataDir(PathBuf),
@@ -60,18 +60,18 @@ pub enum BackupError {
     UnsupportedFormat(u16),
     #[error("the backup header is damaged or was altered")]
     HeaderDamaged,
-    #[error("backup: {0}")]
+    #[error(transparent)]
     Vault(#[from] VaultError),
     #[error("the backup is malformed: {0}")]
     Malformed(String),
-    #[error("store: {0}")]
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
-    move |source| BackupError::Io {
+    move |error| BackupError::Io {
         path: path.to_owned(),
-        source,
+        error,
     }
 }
 
@@ -251,6 +251,19 @@ fn read_header(r: &mut impl Read, path: &Path) -> Result<ReadHeader, BackupError
 pub fn inspect(path: &Path) -> Result<BackupHeader, BackupError> {
     let mut f = BufReader::new(File::open(path).map_err(io_err(path))?);
     Ok(read_header(&mut f, path)?.header)
+}
+
+/// Checks that `create` can start: a data directory, its store not in use, `out` free. For a
+/// command line that wants to fail before it makes and shows a recovery key.
+pub fn preflight(data_dir: &Path, out: &Path) -> Result<(), BackupError> {
+    if !data_dir.join(layout::KEYSTORE).is_file() {
+        return Err(BackupError::NotADataDir(data_dir.to_owned()));
+    }
+    if out.symlink_metadata().is_ok() {
+        return Err(BackupError::Exists(out.to_owned()));
+    }
+    RawStore::open(&data_dir.join(layout::STORE_DIR))?;
+    Ok(())
 }
 
 /// Writes a backup of the stopped orchestrator's `data_dir` to `out` (a new file).

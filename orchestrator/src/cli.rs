@@ -338,13 +338,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             ca_name,
             hostnames,
             lock,
-        } => {
-            let protection = lock.protection(
-                "the data directory",
-                "this data directory's CA key, server key and keystore",
-            )?;
-            init(&data_dir, &ca_name, &hostnames, &protection).map(|_| ())
-        }
+        } => lock.seal_with(
+            "the data directory",
+            "this data directory's CA key, server key and keystore",
+            |p| init(&data_dir, &ca_name, &hostnames, p).map(|_| ()),
+        ),
         Command::Serve(args) => serve(args).await,
         Command::GenerateConfig => {
             print!("{DEFAULT_CONFIG_TOML}");
@@ -503,9 +501,10 @@ async fn release(c: ReleaseCommand) -> Result<()> {
             if out.symlink_metadata().is_ok() {
                 bail!("{} already exists", out.display());
             }
-            let protection = lock.protection("the release key", &format!("{}", out.display()))?;
             let key = ReleaseSigningKey::generate()?;
-            write_signing_key(&out, &key, &protection)?;
+            lock.seal_with("the release key", &format!("{}", out.display()), |p| {
+                write_signing_key(&out, &key, p)
+            })?;
             let public = key.public();
             println!("{}", public.to_hex());
             eprintln!(

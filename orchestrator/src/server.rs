@@ -33,10 +33,10 @@ pub enum ServeError {
         path: String,
         source: std::io::Error,
     },
-    #[error("unsealing {path}: {source}")]
+    #[error("unsealing {path}: {error}")]
     Sealed {
         path: String,
-        source: aloft_vault::VaultError,
+        error: aloft_vault::VaultError,
     },
     #[error("pki: {0}")]
     Pki(#[from] aloft_certs::PkiError),
@@ -70,9 +70,9 @@ fn open_sealed(
     path: &Path,
     unlock: &aloft_vault::Unlock,
 ) -> Result<Zeroizing<Vec<u8>>, ServeError> {
-    aloft_vault::open_file(path, unlock).map_err(|source| ServeError::Sealed {
+    aloft_vault::open_file(path, unlock).map_err(|error| ServeError::Sealed {
         path: path.display().to_string(),
-        source,
+        error,
     })
 }
 
@@ -141,12 +141,12 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let server_key = open_sealed(&pki.join(layout::SERVER_KEY), &cfg.unlock)?;
     let server_key = std::str::from_utf8(&server_key).map_err(|_| ServeError::Sealed {
         path: pki.join(layout::SERVER_KEY).display().to_string(),
-        source: aloft_vault::VaultError::Malformed("the server key is not PEM"),
+        error: aloft_vault::VaultError::Malformed("the server key is not PEM"),
     })?;
-    let store_key = crate::ops::open_keystore(&cfg.data_dir, &cfg.unlock).map_err(|source| {
+    let store_key = crate::ops::open_keystore(&cfg.data_dir, &cfg.unlock).map_err(|error| {
         ServeError::Sealed {
             path: cfg.data_dir.join(layout::KEYSTORE).display().to_string(),
-            source,
+            error,
         }
     })?;
     let store = Store::open(&cfg.data_dir.join(layout::STORE_DIR), store_key)?;

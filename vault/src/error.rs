@@ -7,10 +7,12 @@ use crate::keys::KdfParams;
 /// Why a vault operation failed. Messages are for an operator: they say what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
-    #[error("{path}: {source}")]
+    // Not a `source`: the message already carries the cause, and an error chain would print
+    // it twice.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("not an aloft sealed file (it may hold a key in clear from an older version)")]
     NotSealed,
@@ -63,7 +65,7 @@ impl VaultError {
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         VaultError::Io {
             path: path.to_owned(),
-            source,
+            error: source,
         }
     }
 }

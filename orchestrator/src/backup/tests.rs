@@ -320,7 +320,7 @@ fn a_wrong_recovery_key_is_refused_and_changes_nothing() {
     create(&f.data_dir, &out, &p).unwrap();
     let bytes = std::fs::read(&out).unwrap();
     let err = refused(&f, &bytes, &f.data_dir, &f.data_unlock);
-    assert_eq!(err.to_string(), "backup: wrong passphrase or recovery key");
+    assert_eq!(err.to_string(), "wrong passphrase or recovery key");
     let fresh = f.root.join("fresh");
     refused(&f, &bytes, &fresh, &f.data_unlock);
     assert!(!fresh.exists());
@@ -338,7 +338,7 @@ fn a_passphrase_backup_opens_with_its_passphrase_or_recovery_key_and_refuses_a_w
     let bytes = std::fs::read(&out).unwrap();
     let wrong = Unlock::Passphrase(Passphrase::new("not the passphrase"));
     let err = refused(&f, &bytes, &f.data_dir, &wrong);
-    assert_eq!(err.to_string(), "backup: wrong passphrase or recovery key");
+    assert_eq!(err.to_string(), "wrong passphrase or recovery key");
     restore(
         &out,
         &f.root.join("a"),

@@ -49,8 +49,10 @@ pub fn run(c: BackupCommand) -> Result<()> {
             out,
             lock,
         } => {
-            let protection = lock.protection("the backup", &format!("{}", out.display()))?;
-            let s = backup::create(&data_dir, &out, &protection)?;
+            backup::preflight(&data_dir, &out)?;
+            let s = lock.seal_with("the backup", &format!("{}", out.display()), |p| {
+                Ok(backup::create(&data_dir, &out, p)?)
+            })?;
             println!(
                 "backup {} of {} written to {}: {} files, {} store records, {} bytes",
                 s.seq,

@@ -25,8 +25,8 @@ impl UnlockArgs {
     }
 }
 
-/// Locks new sealed files: a fresh recovery key, shown once, plus a passphrase unless
-/// `--no-passphrase`.
+/// Locks new sealed files: a fresh recovery key, shown once after the files exist, plus a
+/// passphrase unless `--no-passphrase`.
 #[derive(Args, Debug, Clone, Default)]
 pub struct NewLockArgs {
     /// File holding the new passphrase [else $ALOFT_UNLOCK, else a prompt on a terminal].
@@ -38,11 +38,18 @@ pub struct NewLockArgs {
 }
 
 impl NewLockArgs {
-    /// The protection for new files; prints the new recovery key (naming what it `opens`).
-    pub fn protection(&self, what: &str, opens: &str) -> Result<Protection> {
+    /// Makes the protection for new files, runs `write` with it, and only when that succeeded
+    /// shows the new recovery key (naming what it `opens`).
+    pub fn seal_with<T>(
+        &self,
+        what: &str,
+        opens: &str,
+        write: impl FnOnce(&Protection) -> Result<T>,
+    ) -> Result<T> {
         let (protection, recovery) =
             new_protection(self.unlock_file.as_deref(), self.no_passphrase, what)?;
+        let done = write(&protection)?;
         print_recovery_key(&recovery, opens);
-        Ok(protection)
+        Ok(done)
     }
 }

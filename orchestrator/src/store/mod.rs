@@ -46,10 +46,10 @@ pub enum StoreError {
     NoKeyCheck,
     #[error("the keystore's master key does not open this store (the keystore belongs to another data directory)")]
     WrongKey,
-    #[error("release {artifact}: sealed content key: {source}")]
+    #[error("release {artifact}: sealed content key: {error}")]
     ContentKey {
         artifact: String,
-        source: aloft_vault::VaultError,
+        error: aloft_vault::VaultError,
     },
 }
 
@@ -134,9 +134,9 @@ impl Store {
         let db = open_db(dir)?;
         let check = key
             .seal(KEY_CHECK_AAD, b"aloft")
-            .map_err(|source| StoreError::ContentKey {
+            .map_err(|error| StoreError::ContentKey {
                 artifact: "-".into(),
-                source,
+                error,
             })?;
         db.open_tree(META_TREE)?.insert(KEY_CHECK, check)?;
         db.flush()?;
@@ -205,9 +205,9 @@ impl Store {
 
     /// Stores a release with its content key sealed.
     pub fn put_release(&self, r: &ReleaseRecord) -> Result<(), StoreError> {
-        let seal_err = |source| StoreError::ContentKey {
+        let seal_err = |error| StoreError::ContentKey {
             artifact: r.artifact.to_string(),
-            source,
+            error,
         };
         let clear = Zeroizing::new(hex::decode(&r.content_key_hex).unwrap_or_default());
         let sealed = self
@@ -246,9 +246,9 @@ impl Store {
         let clear = self
             .key
             .open(&content_key_aad(&artifact), &sealed)
-            .map_err(|source| StoreError::ContentKey {
+            .map_err(|error| StoreError::ContentKey {
                 artifact: artifact.to_string(),
-                source,
+                error,
             })?;
         obj.insert(CLEAR_FIELD.into(), hex::encode(clear.as_slice()).into());
         serde_json::from_value(v).map_err(|source| StoreError::Corrupt { key: name, source })
