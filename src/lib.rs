@@ -23,6 +23,7 @@ use aloft_proto::manifest::ReleaseSigningKey;
 use aloft_proto::release::ReleaseMeta;
 use aloft_proto::trust::SignedRoot;
 use aloft_proto::{ArtifactId, CampaignId, OperatorId, SecurityVersion};
+use aloft_vault::{Protection, RecoveryKey, Unlock};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
@@ -40,6 +41,11 @@ pub struct Lab {
     pub root_key: ReleaseSigningKey,
     /// Root metadata version 1: installed in the orchestrator, pinned on devices.
     pub pinned_root: SignedRoot,
+    /// Opens every sealed file of the lab (data directory, release key file). A recovery key
+    /// rather than a passphrase: unwrapping it needs no Argon2id, so tests stay fast.
+    pub recovery_key: RecoveryKey,
+    /// A file holding `recovery_key`, passed to a child orchestrator as `--unlock-file`.
+    pub unlock_file: PathBuf,
 }
 
 impl Lab {
@@ -48,14 +54,24 @@ impl Lab {
     pub fn create(root: &Path) -> Result<Lab> {
         aloft_certs::tls::install_crypto_provider();
         let data_dir = root.join("orchestrator");
+        let recovery_key = RecoveryKey::generate()?;
+        let protection = Protection::recovery_key(recovery_key.clone());
         let ca = ops::init(
             &data_dir,
             "Aloft Lab CA",
             &["localhost".to_owned(), "127.0.0.1".to_owned()],
+            &protection,
         )?;
         let profile_dir = root.join("operator");
         ops::issue_operator_profile(&ca, &OperatorId::new("ops")?, &profile_dir, 30)?;
-        let release_key = ReleaseSigningKey::generate()?;
+        let unlock_file = root.join("unlock");
+        aloft_vault::write_atomic(&unlock_file, recovery_key.to_hex().as_bytes(), 0o600, false)?;
+        // The release key goes to its sealed file and back, as `release keygen` and `release
+        // build` do.
+        let key_file = root.join("release.key");
+        ops::write_signing_key(&key_file, &ReleaseSigningKey::generate()?, &protection)?;
+        let release_key =
+            ops::read_signing_key(&key_file, &Unlock::RecoveryKey(recovery_key.clone()))?;
         let root_key = ReleaseSigningKey::generate()?;
         let pinned_root = Lab::make_root(None, &[&root_key], &[&release_key], &[], &[&root_key])?;
         ops::install_roots(&data_dir, vec![pinned_root.clone()])?;
@@ -67,7 +83,14 @@ impl Lab {
             release_key,
             root_key,
             pinned_root,
+            recovery_key,
+            unlock_file,
         })
+    }
+
+    /// What opens the lab's sealed files.
+    pub fn unlock(&self) -> Unlock {
+        Unlock::RecoveryKey(self.recovery_key.clone())
     }
 
     /// Root metadata following `from` (or version 1), with these root and release keys
@@ -110,6 +133,7 @@ impl Lab {
                 metrics_listen: Some(any),
                 ..FileConfig::default()
             },
+            unlock: self.unlock(),
         }
     }
 
@@ -129,6 +153,8 @@ impl Lab {
             .arg(listen.to_string())
             .arg("--metrics-listen")
             .arg("127.0.0.1:0")
+            .arg("--unlock-file")
+            .arg(&self.unlock_file)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -5,6 +5,7 @@
 mod common;
 
 mod attacks;
+mod backup;
 mod campaign;
 mod certs;
 mod faults;

@@ -98,8 +98,14 @@ impl FleetCa {
     pub fn load(dir: &Path) -> Result<Self, PkiError> {
         let cert_pem = read(&dir.join(CA_CERT_FILE))?;
         let key_pem = read(&dir.join(CA_KEY_FILE))?;
+        Self::from_pem(cert_pem, &key_pem)
+    }
+
+    /// The CA from its certificate and key (PKCS#8 PEM), with the checks of [`FleetCa::load`].
+    /// For callers that keep the key file sealed and open it themselves.
+    pub fn from_pem(cert_pem: String, key_pem: &str) -> Result<Self, PkiError> {
         let cert_der = pem::parse_cert(&cert_pem)?;
-        let key = KeyPair::from_pem(&key_pem).map_err(PkiError::CaKey)?;
+        let key = KeyPair::from_pem(key_pem).map_err(PkiError::CaKey)?;
         if key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
             return Err(PkiError::KeyAlgorithm { what: "ca" });
         }
@@ -126,6 +132,12 @@ impl FleetCa {
             cert_pem,
             cert_der,
         })
+    }
+
+    /// The CA private key, PKCS#8 PEM: a secret, for a caller that seals it before it is
+    /// written (the caller should hold it in zeroizing memory).
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
     }
 
     /// The CA certificate, PEM-encoded: what every party puts in its trust store.

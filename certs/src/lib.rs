@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod ca;
+mod crl_number;
 mod csr;
 mod device;
 mod error;
@@ -19,6 +20,7 @@ pub mod tls;
 mod testutil;
 
 pub use ca::{FleetCa, CA_CERT_FILE, CA_KEY_FILE};
+pub use crl_number::{crl_number, newer_crl_number};
 pub use device::{device_csr, device_renewal_csr, DeviceCsr};
 pub use error::PkiError;
 pub use identity::{cert_public_key_matches, cert_serial, parse_identity, CertIdentity};

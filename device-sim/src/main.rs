@@ -52,6 +52,10 @@ enum Command {
         ca_dir: PathBuf,
         #[arg(long, default_value_t = 825)]
         days: u32,
+        /// File holding the passphrase or recovery key of the sealed `ca.key` [else
+        /// $ALOFT_UNLOCK, else a prompt on a terminal].
+        #[arg(long)]
+        unlock_file: Option<PathBuf>,
     },
     /// Run every enrolled device until interrupted.
     Run {
@@ -119,8 +123,19 @@ fn main() -> Result<()> {
                 dir.join(identity::DEVICES_DIR).display()
             );
         }
-        Command::Issue { dir, ca_dir, days } => {
-            let ca = FleetCa::load(&ca_dir)?;
+        Command::Issue {
+            dir,
+            ca_dir,
+            days,
+            unlock_file,
+        } => {
+            // The CA key is sealed (aloft-vault), as `aloft init` writes it.
+            let unlock = aloft_vault::obtain(unlock_file.as_deref(), "the fleet CA key")?;
+            let key_path = ca_dir.join(aloft_certs::CA_KEY_FILE);
+            let key = aloft_vault::open_file(&key_path, &unlock)
+                .with_context(|| format!("unsealing {}", key_path.display()))?;
+            let cert = std::fs::read_to_string(ca_dir.join(aloft_certs::CA_CERT_FILE))?;
+            let ca = FleetCa::from_pem(cert, std::str::from_utf8(&key)?)?;
             let n = identity::issue_all(&dir, &ca, Validity::days(days))?;
             println!("issued {n} device certificates");
         }

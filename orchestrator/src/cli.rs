@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aloft_certs::{FleetCa, Validity};
+use aloft_certs::Validity;
 use aloft_proto::manifest::{ReleaseSigningKey, DEFAULT_CHUNK_BYTES};
 use aloft_proto::release::ReleaseMeta;
 use aloft_proto::{ArtifactId, CampaignId, DeviceState, OperatorId, SecurityVersion};
@@ -18,17 +18,21 @@ use crate::admin::client::AdminClient;
 use crate::admin::wire::{AdminBody, CampaignSummary, DryRun};
 use crate::config::{FileConfig, ServeConfig, DEFAULT_CONFIG_TOML};
 use crate::ops::{
-    build_bundle, cosign_bundle, init, issue_operator_profile, read_signing_key, upload_bundle,
-    write_new, write_signing_key,
+    build_bundle, cosign_bundle, init, issue_operator_profile, load_ca, read_signing_key,
+    upload_bundle, write_new, write_signing_key,
 };
 use crate::store::Target;
 
+mod backup;
 mod pki;
 mod rollout;
 mod trust;
+mod unlock;
+pub use backup::BackupCommand;
 pub use rollout::{describe, describe_policy, parse_duration, PolicyArgs};
 use rollout::{device_ids, parse_label, print_dry_run, unix_now};
 pub use trust::{new_root, TrustCommand};
+pub use unlock::{NewLockArgs, UnlockArgs};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -52,6 +56,8 @@ pub enum Command {
         /// DNS names or IPs devices use to reach the orchestrator.
         #[arg(long = "hostname", default_values = ["localhost", "127.0.0.1"])]
         hostnames: Vec<String>,
+        #[command(flatten)]
+        lock: NewLockArgs,
     },
     /// Run the orchestrator (embedded broker, mTLS front, engine, metrics).
     Serve(ServeArgs),
@@ -72,6 +78,9 @@ pub enum Command {
     /// Create campaigns and follow them.
     #[command(subcommand)]
     Campaign(Box<CampaignCommand>),
+    /// End-to-end encrypted backups of a data directory, and restores.
+    #[command(subcommand)]
+    Backup(BackupCommand),
 }
 
 #[derive(Args, Debug)]
@@ -88,6 +97,8 @@ pub struct ServeArgs {
     /// INSECURE plain-TCP listener for local debugging (loopback only).
     #[arg(long)]
     pub insecure_plain_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub unlock: UnlockArgs,
 }
 
 /// How an operator command reaches the orchestrator.
@@ -112,6 +123,8 @@ pub enum PkiCommand {
         out: PathBuf,
         #[arg(long, default_value_t = 825)]
         days: u32,
+        #[command(flatten)]
+        unlock: UnlockArgs,
     },
     /// Issue certificates for every `*.csr` in a directory (written beside them as `*.crt`).
     IssueDevices {
@@ -121,6 +134,8 @@ pub enum PkiCommand {
         csr_dir: PathBuf,
         #[arg(long, default_value_t = 825)]
         days: u32,
+        #[command(flatten)]
+        unlock: UnlockArgs,
     },
     /// Issue an operator certificate and write an operator profile directory.
     IssueOperator {
@@ -132,6 +147,8 @@ pub enum PkiCommand {
         out_dir: PathBuf,
         #[arg(long, default_value_t = 365)]
         days: u32,
+        #[command(flatten)]
+        unlock: UnlockArgs,
     },
     /// Record a certificate as revoked in the CA directory (sign a CRL afterwards).
     Revoke(pki::RevokeArgs),
@@ -143,10 +160,13 @@ pub enum PkiCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum ReleaseCommand {
-    /// Generate a release signing key (secret, file mode 0600); prints its public key.
+    /// Generate a release signing key (sealed, file mode 0600); prints its public key and,
+    /// once, the key file's recovery key.
     Keygen {
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        lock: NewLockArgs,
     },
     /// Cut an image into chunks, seal them, and sign the manifest.
     Build {
@@ -174,6 +194,8 @@ pub enum ReleaseCommand {
         /// last. Default: the build time in Unix milliseconds.
         #[arg(long)]
         sequence: Option<u64>,
+        #[command(flatten)]
+        unlock: UnlockArgs,
     },
     /// Add another release key's signature to a built bundle (when the root's release role needs
     /// more than one: each approver signs in turn).
@@ -182,6 +204,8 @@ pub enum ReleaseCommand {
         bundle: PathBuf,
         #[arg(long)]
         key: PathBuf,
+        #[command(flatten)]
+        unlock: UnlockArgs,
     },
     /// Upload a built release; the orchestrator verifies its signature before accepting it.
     Upload {
@@ -326,7 +350,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             data_dir,
             ca_name,
             hostnames,
-        } => init(&data_dir, &ca_name, &hostnames).map(|_| ()),
+            lock,
+        } => lock.seal_with(
+            "the data directory",
+            "this data directory's CA key, server key and keystore",
+            |p| init(&data_dir, &ca_name, &hostnames, p).map(|_| ()),
+        ),
         Command::Serve(args) => serve(args).await,
         Command::GenerateConfig => {
             print!("{DEFAULT_CONFIG_TOML}");
@@ -337,6 +366,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Release(c) => release(c).await,
         Command::Device(c) => device(c).await,
         Command::Campaign(c) => campaign(*c).await,
+        Command::Backup(c) => backup::run(c),
     }
 }
 
@@ -354,9 +384,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(p) = args.insecure_plain_listen {
         file.insecure_plain_listen = Some(p);
     }
+    let unlock = args.unlock.obtain("the data directory")?;
     let cfg = ServeConfig {
         data_dir: args.data_dir,
         file,
+        unlock,
     };
     let mut running = crate::start(cfg).await?;
     // One machine-readable line, so scripts and tests can find a port chosen at run time.
@@ -403,8 +435,9 @@ async fn pki(c: PkiCommand) -> Result<()> {
             csr,
             out,
             days,
+            unlock,
         } => {
-            let ca = FleetCa::load(&ca_dir)?;
+            let ca = load_ca(&ca_dir, &unlock.obtain("the fleet CA key")?)?;
             let csr = std::fs::read_to_string(&csr)?;
             let cert = ca.issue_device(&csr, Validity::days(days))?;
             write_new(&out, cert.as_bytes(), false)?;
@@ -414,8 +447,9 @@ async fn pki(c: PkiCommand) -> Result<()> {
             ca_dir,
             csr_dir,
             days,
+            unlock,
         } => {
-            let ca = FleetCa::load(&ca_dir)?;
+            let ca = load_ca(&ca_dir, &unlock.obtain("the fleet CA key")?)?;
             let mut paths: Vec<PathBuf> = std::fs::read_dir(&csr_dir)?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|x| x == "csr"))
@@ -451,8 +485,9 @@ async fn pki(c: PkiCommand) -> Result<()> {
             name,
             out_dir,
             days,
+            unlock,
         } => {
-            let ca = FleetCa::load(&ca_dir)?;
+            let ca = load_ca(&ca_dir, &unlock.obtain("the fleet CA key")?)?;
             issue_operator_profile(&ca, &OperatorId::new(name)?, &out_dir, days)?;
             println!("operator profile written to {}", out_dir.display());
         }
@@ -481,13 +516,18 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
 
 async fn release(c: ReleaseCommand) -> Result<()> {
     match c {
-        ReleaseCommand::Keygen { out } => {
+        ReleaseCommand::Keygen { out, lock } => {
+            if out.symlink_metadata().is_ok() {
+                bail!("{} already exists", out.display());
+            }
             let key = ReleaseSigningKey::generate()?;
-            write_signing_key(&out, &key)?;
+            lock.seal_with("the release key", &format!("{}", out.display()), |p| {
+                write_signing_key(&out, &key, p)
+            })?;
             let public = key.public();
             println!("{}", public.to_hex());
             eprintln!(
-                "release signing key {} written to {}; keep it offline. Trust it on the orchestrator with `aloft trust add-release-key {}`",
+                "release signing key {} written to {}; keep it offline. Name it in the root's release role: `aloft trust root-new ... --release-key {}`",
                 public.key_id(),
                 out.display(),
                 public.to_hex()
@@ -504,8 +544,9 @@ async fn release(c: ReleaseCommand) -> Result<()> {
             chunk_bytes,
             expires_days,
             sequence,
+            unlock,
         } => {
-            let key = read_signing_key(&key)?;
+            let key = read_signing_key(&key, &unlock.obtain("the release key")?)?;
             let now = crate::engine::now_ms() / 1000;
             let meta = ReleaseMeta {
                 artifact: ArtifactId::new(artifact.unwrap_or_else(|| format!("fw-{version}")))?,
@@ -520,8 +561,15 @@ async fn release(c: ReleaseCommand) -> Result<()> {
             let a = build_bundle(&image, &meta, &key, &out_dir)?;
             println!("built and signed {a} into {}", out_dir.display());
         }
-        ReleaseCommand::Sign { bundle, key } => {
-            let n = cosign_bundle(&bundle, &read_signing_key(&key)?)?;
+        ReleaseCommand::Sign {
+            bundle,
+            key,
+            unlock,
+        } => {
+            let n = cosign_bundle(
+                &bundle,
+                &read_signing_key(&key, &unlock.obtain("the release key")?)?,
+            )?;
             println!("{} now carries {n} signature(s)", bundle.display());
         }
         ReleaseCommand::Upload { bundle, conn } => {

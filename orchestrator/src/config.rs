@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use aloft_broker::{BrokerConfig, FrontConfig};
+use aloft_vault::Unlock;
 use serde::{Deserialize, Serialize};
 
 /// The commented default configuration, printed by `aloft generate-config`.
@@ -22,6 +23,10 @@ pub mod layout {
     pub const TRUST_DIR: &str = "trust";
     /// The sled database.
     pub const STORE_DIR: &str = "store";
+    /// Sealed file holding the orchestrator's master key, which seals content keys in the store.
+    pub const KEYSTORE: &str = "keystore";
+    /// The number of the last backup taken of this data directory (decimal).
+    pub const BACKUP_SEQ: &str = "backup-seq";
 }
 
 /// What `aloft serve` reads from its config file. Every key has a default.
@@ -82,6 +87,9 @@ impl From<&BrokerFile> for BrokerConfig {
 pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub file: FileConfig,
+    /// Opens the sealed server key and the keystore (passphrase or recovery key of the data
+    /// directory, from `--unlock-file`, `ALOFT_UNLOCK` or a prompt).
+    pub unlock: Unlock,
 }
 
 /// A configuration problem found at start-up.
@@ -143,12 +151,17 @@ impl ServeConfig {
 mod tests {
     use super::*;
 
+    fn test_unlock() -> Unlock {
+        Unlock::RecoveryKey(aloft_vault::RecoveryKey::generate().unwrap())
+    }
+
     #[test]
     fn the_committed_example_config_parses_and_validates() {
         let file: FileConfig = toml::from_str(DEFAULT_CONFIG_TOML).unwrap();
         let cfg = ServeConfig {
             data_dir: PathBuf::from("/nonexistent"),
             file,
+            unlock: test_unlock(),
         };
         cfg.validate().unwrap();
     }
@@ -162,6 +175,7 @@ mod tests {
         let cfg = ServeConfig {
             data_dir: PathBuf::new(),
             file,
+            unlock: test_unlock(),
         };
         assert!(cfg.validate().is_err());
     }

@@ -16,9 +16,13 @@ use base64::Engine as _;
 use futures_util::{StreamExt, TryStreamExt};
 use serde_json::Value;
 
+use aloft_vault::{MasterKey, Protection, RecoveryKey, Unlock, VaultError};
+use zeroize::Zeroizing;
+
 use crate::admin::client::{AdminClient, PROFILE_CA, PROFILE_CERT, PROFILE_KEY};
 use crate::admin::wire::AdminBody;
 use crate::config::layout;
+use crate::store::Store;
 
 /// Files of a release bundle directory (`aloft release build`).
 pub mod bundle {
@@ -28,12 +32,29 @@ pub mod bundle {
     pub const CONTENT_KEY: &str = "content-key";
 }
 
-/// Creates the fleet CA and the server certificate under `data_dir/pki`.
-pub fn init(data_dir: &Path, ca_name: &str, hostnames: &[String]) -> Result<FleetCa> {
+/// Creates a data directory: the fleet CA and the server certificate under `data_dir/pki`
+/// (both keys sealed), the keystore (a sealed master key for the store's content keys) and an
+/// empty store. Every sealed file opens with what `protection` holds.
+pub fn init(
+    data_dir: &Path,
+    ca_name: &str,
+    hostnames: &[String],
+    protection: &Protection,
+) -> Result<FleetCa> {
     let pki = data_dir.join(layout::PKI_DIR);
+    let keystore = data_dir.join(layout::KEYSTORE);
+    let store_dir = data_dir.join(layout::STORE_DIR);
+    for path in [&keystore, &store_dir, &pki.join(aloft_certs::CA_CERT_FILE)] {
+        if path.symlink_metadata().is_ok() {
+            bail!(
+                "{} already exists: refusing to overwrite a data directory",
+                path.display()
+            );
+        }
+    }
     std::fs::create_dir_all(&pki).with_context(|| format!("creating {}", pki.display()))?;
     // The data directory holds the CA key, the server key and (in the store) content keys:
-    // owner-only whatever the umask.
+    // owner-only whatever the umask, even though each is sealed.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -43,23 +64,108 @@ pub fn init(data_dir: &Path, ca_name: &str, hostnames: &[String]) -> Result<Flee
         }
     }
     let ca = FleetCa::create(ca_name, 3650)?;
-    ca.save(&pki)?;
+    save_ca(&ca, &pki, protection)?;
     let server = ca.issue_server(hostnames, Validity::days(825))?;
     write_new(
         &pki.join(layout::SERVER_CERT),
         server.cert_pem.as_bytes(),
         false,
     )?;
-    write_new(
+    let server_key = Zeroizing::new(server.key_pem);
+    aloft_vault::seal_file(
         &pki.join(layout::SERVER_KEY),
-        server.key_pem.as_bytes(),
-        true,
-    )?;
+        server_key.as_bytes(),
+        protection,
+        false,
+    )
+    .context("sealing the server key")?;
+    let store_key = MasterKey::generate()?;
+    create_keystore(data_dir, &store_key, protection)?;
+    Store::create(&store_dir, store_key)?;
     println!(
-        "initialized {}: fleet CA and server certificate",
+        "initialized {}: fleet CA, server certificate, keystore and store",
         data_dir.display()
     );
     Ok(ca)
+}
+
+/// Label sealed with the store's master key, so a keystore is recognised as one.
+const KEYSTORE_LABEL: &[u8] = b"aloft-keystore-v1\0";
+
+/// Writes `data_dir/keystore`: the store's master key, sealed.
+fn create_keystore(data_dir: &Path, key: &MasterKey, protection: &Protection) -> Result<()> {
+    let mut body = Zeroizing::new(KEYSTORE_LABEL.to_vec());
+    body.extend_from_slice(&key.to_bytes()[..]);
+    aloft_vault::seal_file(&data_dir.join(layout::KEYSTORE), &body, protection, false)
+        .context("sealing the keystore")?;
+    Ok(())
+}
+
+/// Opens `data_dir/keystore`: the master key that seals the store's content keys.
+pub fn open_keystore(data_dir: &Path, unlock: &Unlock) -> Result<MasterKey, VaultError> {
+    let body = aloft_vault::open_file(&data_dir.join(layout::KEYSTORE), unlock)?;
+    let key = body
+        .strip_prefix(KEYSTORE_LABEL)
+        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        .ok_or(VaultError::Malformed("not a keystore"))?;
+    Ok(MasterKey::from_bytes(Zeroizing::new(key)))
+}
+
+/// Writes `ca.crt` and the sealed `ca.key` into `dir`, refusing to replace either.
+pub fn save_ca(ca: &FleetCa, dir: &Path, protection: &Protection) -> Result<()> {
+    let cert_path = dir.join(aloft_certs::CA_CERT_FILE);
+    let key_path = dir.join(aloft_certs::CA_KEY_FILE);
+    for path in [&cert_path, &key_path] {
+        if path.symlink_metadata().is_ok() {
+            bail!("{} already exists", path.display());
+        }
+    }
+    let key_pem = Zeroizing::new(ca.key_pem());
+    aloft_vault::seal_file(&key_path, key_pem.as_bytes(), protection, false)
+        .context("sealing the CA key")?;
+    write_new(&cert_path, ca.cert_pem().as_bytes(), false)
+}
+
+/// Loads the fleet CA from `dir` (`ca.crt` and the sealed `ca.key`).
+pub fn load_ca(dir: &Path, unlock: &Unlock) -> Result<FleetCa> {
+    let cert_path = dir.join(aloft_certs::CA_CERT_FILE);
+    let key_path = dir.join(aloft_certs::CA_KEY_FILE);
+    let cert_pem = std::fs::read_to_string(&cert_path)
+        .with_context(|| format!("reading {}", cert_path.display()))?;
+    let key = aloft_vault::open_file(&key_path, unlock)
+        .with_context(|| format!("unsealing {}", key_path.display()))?;
+    let key_pem = std::str::from_utf8(&key).context("the CA key is not PEM")?;
+    Ok(FleetCa::from_pem(cert_pem, key_pem)?)
+}
+
+/// How a new sealed file (a data directory, a signing key, a backup) is locked, for a command
+/// line: always a fresh recovery key (returned, for the caller to show once), plus a passphrase
+/// from `--unlock-file`, `ALOFT_UNLOCK` or a prompt unless `no_passphrase`.
+pub fn new_protection(
+    unlock_file: Option<&Path>,
+    no_passphrase: bool,
+    what: &str,
+) -> Result<(Protection, RecoveryKey)> {
+    let recovery = RecoveryKey::generate()?;
+    let protection = if no_passphrase {
+        Protection::recovery_key(recovery.clone())
+    } else {
+        let passphrase = aloft_vault::new_passphrase(unlock_file, what).context(
+            "choosing a passphrase (or pass --no-passphrase to rely on the recovery key alone)",
+        )?;
+        Protection::passphrase(passphrase).and_recovery_key(recovery.clone())
+    };
+    Ok((protection, recovery))
+}
+
+/// Shows a freshly generated recovery key, once, on stdout, with what it opens.
+pub fn print_recovery_key(key: &RecoveryKey, opens: &str) {
+    println!("recovery key: {}", key.to_hex().as_str());
+    eprintln!(
+        "WARNING: this recovery key is shown once and never stored. It opens {opens}. Write it \
+         down and keep it offline, apart from the files it opens: without it (and without the \
+         passphrase, if you set one) they cannot be recovered."
+    );
 }
 
 /// Writes a file that must not exist yet; secrets get mode 0600 from creation on.
@@ -79,18 +185,26 @@ pub fn write_new(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
     Ok(())
 }
 
-/// Writes a new signing key file (release or root key), readable by its owner only.
+/// Writes a new signing key file (release or root key), sealed, readable by its owner only.
 /// Every signing key file goes through this and [`read_signing_key`].
-pub fn write_signing_key(path: &Path, key: &ReleaseSigningKey) -> Result<()> {
-    write_new(path, key.to_hex().as_bytes(), true)
+pub fn write_signing_key(
+    path: &Path,
+    key: &ReleaseSigningKey,
+    protection: &Protection,
+) -> Result<()> {
+    let hex = key.to_hex();
+    aloft_vault::seal_file(path, hex.as_bytes(), protection, false)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Reads a signing key file written by [`write_signing_key`].
-pub fn read_signing_key(path: &Path) -> Result<ReleaseSigningKey> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    ReleaseSigningKey::from_hex(&text)
-        .map_err(|_| anyhow::anyhow!("{} does not hold a signing key", path.display()))
+pub fn read_signing_key(path: &Path, unlock: &Unlock) -> Result<ReleaseSigningKey> {
+    let text = aloft_vault::open_file(path, unlock)
+        .with_context(|| format!("unsealing {}", path.display()))?;
+    std::str::from_utf8(&text)
+        .ok()
+        .and_then(|t| ReleaseSigningKey::from_hex(t).ok())
+        .ok_or_else(|| anyhow::anyhow!("{} does not hold a signing key", path.display()))
 }
 
 /// Writes an operator profile directory: the CA, the operator's certificate and key.

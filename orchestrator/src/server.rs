@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::info;
+use zeroize::Zeroizing;
 
 use crate::config::{layout, ServeConfig};
 use crate::engine::{Engine, EngineConfig, EngineError, Inbound, SeenDevice};
@@ -31,6 +32,11 @@ pub enum ServeError {
     Read {
         path: String,
         source: std::io::Error,
+    },
+    #[error("unsealing {path}: {error}")]
+    Sealed {
+        path: String,
+        error: aloft_vault::VaultError,
     },
     #[error("pki: {0}")]
     Pki(#[from] aloft_certs::PkiError),
@@ -57,6 +63,16 @@ fn read(path: &Path) -> Result<String, ServeError> {
     std::fs::read_to_string(path).map_err(|source| ServeError::Read {
         path: path.display().to_string(),
         source,
+    })
+}
+
+fn open_sealed(
+    path: &Path,
+    unlock: &aloft_vault::Unlock,
+) -> Result<Zeroizing<Vec<u8>>, ServeError> {
+    aloft_vault::open_file(path, unlock).map_err(|error| ServeError::Sealed {
+        path: path.display().to_string(),
+        error,
     })
 }
 
@@ -103,7 +119,19 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let pki = cfg.pki_dir();
     let ca_pem = read(&pki.join(aloft_certs::CA_CERT_FILE))?;
     let server_cert = read(&pki.join(layout::SERVER_CERT))?;
-    let server_key = read(&pki.join(layout::SERVER_KEY))?;
+    // Unlock first: a data directory whose keys do not open never starts, not even empty.
+    let server_key = open_sealed(&pki.join(layout::SERVER_KEY), &cfg.unlock)?;
+    let server_key = std::str::from_utf8(&server_key).map_err(|_| ServeError::Sealed {
+        path: pki.join(layout::SERVER_KEY).display().to_string(),
+        error: aloft_vault::VaultError::Malformed("the server key is not PEM"),
+    })?;
+    let store_key = crate::ops::open_keystore(&cfg.data_dir, &cfg.unlock).map_err(|error| {
+        ServeError::Sealed {
+            path: cfg.data_dir.join(layout::KEYSTORE).display().to_string(),
+            error,
+        }
+    })?;
+    let store = Store::open(&cfg.data_dir.join(layout::STORE_DIR), store_key)?;
     let crl_path = cfg.data_dir.join(layout::CRL);
     // Fail closed: a crl.pem that exists must be readable and signed by the fleet CA, or the
     // orchestrator does not start (starting without it would un-revoke certificates).
@@ -129,12 +157,11 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         crl.iter().map(|c| c.der.clone()).collect(),
     )?;
     let tls =
-        aloft_certs::tls::server_config_reloadable(verifier.clone(), &server_cert, &server_key)?;
+        aloft_certs::tls::server_config_reloadable(verifier.clone(), &server_cert, server_key)?;
     // No root, no orchestrator: every upload is verified against it (fail closed).
     let trust_dir = cfg.data_dir.join(layout::TRUST_DIR);
     let trust = crate::trust::TrustState::load(&trust_dir)?;
     info!(version = trust.trusted.version(), "root of trust loaded");
-    let store = Store::open(&cfg.data_dir.join(layout::STORE_DIR))?;
 
     let broker_cfg = BrokerConfig::from(&cfg.file.broker);
     let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(broker_cfg))
@@ -211,6 +238,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
             crl,
             crl_path: Some(crl_path),
             pki_dir: Some(pki.clone()),
+            unlock: Some(cfg.unlock.clone()),
         },
         metrics.clone(),
     );

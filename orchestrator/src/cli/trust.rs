@@ -12,7 +12,7 @@ use aloft_proto::trust::{Role, Root, SignedRoot, ROOT_FORMAT};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 
-use super::{call_and_print, print_json, Conn};
+use super::{call_and_print, print_json, Conn, NewLockArgs, UnlockArgs};
 use crate::admin::wire::AdminBody;
 use crate::ops::{install_roots, read_root, read_signing_key, write_signing_key};
 
@@ -23,6 +23,8 @@ pub enum TrustCommand {
     Keygen {
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        lock: NewLockArgs,
     },
     /// Write new root metadata, unsigned. With `--from`, the version is the next one and keys,
     /// roles and revocations are carried over unless given again.
@@ -56,6 +58,8 @@ pub enum TrustCommand {
         /// Signing key file (from `trust keygen`).
         #[arg(long)]
         key: PathBuf,
+        #[command(flatten)]
+        unlock: UnlockArgs,
     },
     /// Print a root file's metadata (signatures not checked).
     Show { root: PathBuf },
@@ -185,9 +189,14 @@ fn write_json(path: &Path, signed: &SignedRoot) -> Result<()> {
 
 pub async fn run(c: TrustCommand) -> Result<()> {
     match c {
-        TrustCommand::Keygen { out } => {
+        TrustCommand::Keygen { out, lock } => {
+            if out.symlink_metadata().is_ok() {
+                bail!("{} already exists", out.display());
+            }
             let key = aloft_proto::manifest::ReleaseSigningKey::generate()?;
-            write_signing_key(&out, &key)?;
+            lock.seal_with("the root key", &format!("{}", out.display()), |p| {
+                write_signing_key(&out, &key, p)
+            })?;
             let p = key.public();
             println!("{}", p.to_hex());
             eprintln!(
@@ -230,9 +239,9 @@ pub async fn run(c: TrustCommand) -> Result<()> {
                     .unwrap_or_default()
             );
         }
-        TrustCommand::Sign { root, key } => {
+        TrustCommand::Sign { root, key, unlock } => {
             let mut signed = read_root(&root)?;
-            let key = read_signing_key(&key)?;
+            let key = read_signing_key(&key, &unlock.obtain("the root key")?)?;
             signed.sign(&key)?;
             write_json(&root, &signed)?;
             println!(

@@ -349,6 +349,7 @@ impl Engine {
                 labels: Default::default(),
                 registered_ms: now,
                 last_seen_ms: 0,
+                floor: None,
             });
             record.x25519_public = hex::encode(x);
             record.cert_not_after = identity.not_after;

@@ -102,6 +102,8 @@ pub struct EngineConfig {
     pub crl_path: Option<std::path::PathBuf>,
     /// The CA directory (`<data-dir>/pki`): renewal signs with `ca.key` there, if it is there.
     pub pki_dir: Option<std::path::PathBuf>,
+    /// Opens the sealed `ca.key` for a renewal (the orchestrator's own unlock secret).
+    pub unlock: Option<aloft_vault::Unlock>,
 }
 
 /// Why the engine stopped.
@@ -557,6 +559,9 @@ impl Engine {
                 if let Some(live) = self.campaigns.get_mut(&campaign) {
                     live.set(&device, next);
                 }
+                if s == DeviceState::Succeeded {
+                    self.raise_floor(&device, &campaign)?;
+                }
                 self.refresh_gauges(&campaign);
                 self.touched.insert(campaign.clone());
                 (AckOutcome::Applied, s, None)
@@ -721,6 +726,25 @@ impl Engine {
         Ok(())
     }
 
+    /// Records that `device` now runs `campaign`'s security version: the device raised its own
+    /// floor before reporting `succeeded`. Flushed with the batch, before the ack.
+    fn raise_floor(&mut self, device: &DeviceId, campaign: &CampaignId) -> Result<(), StoreError> {
+        let Some(version) = self
+            .campaigns
+            .get(campaign)
+            .map(|live| live.manifest.security_version)
+        else {
+            return Ok(());
+        };
+        if let Some(mut d) = self.store.device(device)? {
+            if d.floor < Some(version) {
+                d.floor = Some(version);
+                self.store.put_device(&d)?;
+            }
+        }
+        Ok(())
+    }
+
     fn on_device_seen(&mut self, seen: SeenDevice) -> Result<(), StoreError> {
         let x25519 = hex::encode(seen.x25519_public);
         let serial = hex::encode(&seen.serial);
@@ -753,6 +777,7 @@ impl Engine {
                     labels: Default::default(),
                     registered_ms: now,
                     last_seen_ms: now,
+                    floor: None,
                 }
             }
         };

@@ -4,16 +4,25 @@
 //! Durability contract: a write is durable only after [`Store::flush`] returns. Callers
 //! acknowledge anything to a peer only after flushing (DESIGN.md: sled's `insert` alone loses
 //! acknowledged records on SIGKILL; an explicit flush loses none).
+//!
+//! Secrets at rest: release content keys are sealed under the orchestrator's master key (from
+//! the data directory's keystore) by `put_release` and opened by `release`; the rest of the
+//! store is not secret. A `meta` record sealed under the same key proves at open that the key
+//! belongs to this store. `export` reads and writes raw records for backups.
 
+mod export;
 mod records;
 
+pub use export::{MergeReport, RawRecord, RawStore};
 pub use records::{CampaignRecord, CampaignStatus, DeviceRecord, ReleaseRecord, Target};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use aloft_proto::{ArtifactId, CampaignId, DeviceId};
+use aloft_vault::MasterKey;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use zeroize::Zeroizing;
 
 use crate::fleet::state::Progress;
 
@@ -27,6 +36,21 @@ pub enum StoreError {
         key: String,
         source: serde_json::Error,
     },
+    #[error("no store at {0}: refusing to start with an empty one (run `aloft init`, or restore a backup)")]
+    Missing(PathBuf),
+    #[error("a store already exists at {0}")]
+    Exists(PathBuf),
+    #[error("the store at {0} is in use by another process: stop `aloft serve` first")]
+    Locked(PathBuf),
+    #[error("the store has no key check record: it was not made by `aloft init` or a restore of this version")]
+    NoKeyCheck,
+    #[error("the keystore's master key does not open this store (the keystore belongs to another data directory)")]
+    WrongKey,
+    #[error("release {artifact}: sealed content key: {error}")]
+    ContentKey {
+        artifact: String,
+        error: aloft_vault::VaultError,
+    },
 }
 
 /// The orchestrator's store.
@@ -38,6 +62,36 @@ pub struct Store {
     chunks: sled::Tree,
     campaigns: sled::Tree,
     progress: sled::Tree,
+    /// Seals content keys at rest.
+    key: MasterKey,
+}
+
+/// The tree and key of the record that proves the master key belongs to the store.
+const META_TREE: &str = "meta";
+const KEY_CHECK: &[u8] = b"key-check";
+const KEY_CHECK_AAD: &[u8] = b"aloft-store-key-check-v1";
+const CONTENT_KEY_AAD: &[u8] = b"aloft-store-content-key-v1\0";
+
+/// On disk, a release record carries `content_key_sealed` (hex of a vault blob) instead of
+/// `content_key_hex`.
+const SEALED_FIELD: &str = "content_key_sealed";
+const CLEAR_FIELD: &str = "content_key_hex";
+
+fn content_key_aad(artifact: &ArtifactId) -> Vec<u8> {
+    let mut aad = CONTENT_KEY_AAD.to_vec();
+    aad.extend_from_slice(artifact.as_str().as_bytes());
+    aad
+}
+
+/// sled reports a held lock as a generic I/O error; name it, because the fix is to stop the
+/// other process.
+fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
+    sled::Config::new().path(dir).open().map_err(|e| match &e {
+        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+            StoreError::Locked(dir.to_owned())
+        }
+        _ => StoreError::Sled(e),
+    })
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -72,9 +126,40 @@ fn progress_key(campaign: &CampaignId, device: &DeviceId) -> Vec<u8> {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`. An unreadable store is an error, never a fresh one.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
+    /// Creates a new, empty store in `dir` whose content keys `key` seals (`aloft init`).
+    pub fn create(dir: &Path, key: MasterKey) -> Result<Self, StoreError> {
+        if dir.exists() {
+            return Err(StoreError::Exists(dir.to_owned()));
+        }
+        let db = open_db(dir)?;
+        let check = key
+            .seal(KEY_CHECK_AAD, b"aloft")
+            .map_err(|error| StoreError::ContentKey {
+                artifact: "-".into(),
+                error,
+            })?;
+        db.open_tree(META_TREE)?.insert(KEY_CHECK, check)?;
+        db.flush()?;
+        Self::from_db(db, key)
+    }
+
+    /// Opens the existing store in `dir` with its master key. A missing store, a store without
+    /// its key check, or a key that does not open it is an error, never a fresh store.
+    pub fn open(dir: &Path, key: MasterKey) -> Result<Self, StoreError> {
+        if !dir.join("conf").exists() {
+            return Err(StoreError::Missing(dir.to_owned()));
+        }
+        let db = open_db(dir)?;
+        let check = db
+            .open_tree(META_TREE)?
+            .get(KEY_CHECK)?
+            .ok_or(StoreError::NoKeyCheck)?;
+        key.open(KEY_CHECK_AAD, &check)
+            .map_err(|_| StoreError::WrongKey)?;
+        Self::from_db(db, key)
+    }
+
+    fn from_db(db: sled::Db, key: MasterKey) -> Result<Self, StoreError> {
         Ok(Self {
             devices: db.open_tree("devices")?,
             releases: db.open_tree("releases")?,
@@ -82,6 +167,7 @@ impl Store {
             campaigns: db.open_tree("campaigns")?,
             progress: db.open_tree("progress")?,
             db,
+            key,
         })
     }
 
@@ -117,17 +203,73 @@ impl Store {
         Self::scan(&self.devices, b"")
     }
 
+    /// Stores a release with its content key sealed.
     pub fn put_release(&self, r: &ReleaseRecord) -> Result<(), StoreError> {
-        self.releases.insert(r.artifact.as_str(), encode(r))?;
+        let seal_err = |error| StoreError::ContentKey {
+            artifact: r.artifact.to_string(),
+            error,
+        };
+        let clear = Zeroizing::new(hex::decode(&r.content_key_hex).unwrap_or_default());
+        let sealed = self
+            .key
+            .seal(&content_key_aad(&r.artifact), &clear)
+            .map_err(seal_err)?;
+        let mut v = serde_json::to_value(r).unwrap_or_default();
+        if let Some(obj) = v.as_object_mut() {
+            obj.remove(CLEAR_FIELD);
+            obj.insert(SEALED_FIELD.into(), hex::encode(sealed).into());
+        }
+        self.releases.insert(r.artifact.as_str(), encode(&v))?;
         Ok(())
     }
 
+    fn unseal_release(&self, key: &[u8], bytes: &[u8]) -> Result<ReleaseRecord, StoreError> {
+        let mut v: serde_json::Value = decode(key, bytes)?;
+        let name = String::from_utf8_lossy(key).into_owned();
+        let corrupt = |what: &str| StoreError::Corrupt {
+            key: name.clone(),
+            source: serde::de::Error::custom(what),
+        };
+        let artifact = v
+            .get("artifact")
+            .and_then(|a| a.as_str())
+            .and_then(|a| ArtifactId::new(a).ok())
+            .ok_or_else(|| corrupt("no artifact id"))?;
+        let obj = v.as_object_mut().ok_or_else(|| corrupt("not an object"))?;
+        if obj.contains_key(CLEAR_FIELD) {
+            return Err(corrupt("content key stored in clear"));
+        }
+        let sealed = obj
+            .remove(SEALED_FIELD)
+            .and_then(|s| s.as_str().and_then(|s| hex::decode(s).ok()))
+            .ok_or_else(|| corrupt("no sealed content key"))?;
+        let clear = self
+            .key
+            .open(&content_key_aad(&artifact), &sealed)
+            .map_err(|error| StoreError::ContentKey {
+                artifact: artifact.to_string(),
+                error,
+            })?;
+        obj.insert(CLEAR_FIELD.into(), hex::encode(clear.as_slice()).into());
+        serde_json::from_value(v).map_err(|source| StoreError::Corrupt { key: name, source })
+    }
+
     pub fn release(&self, a: &ArtifactId) -> Result<Option<ReleaseRecord>, StoreError> {
-        Self::get(&self.releases, a.as_str().as_bytes())
+        let key = a.as_str().as_bytes();
+        self.releases
+            .get(key)?
+            .map(|v| self.unseal_release(key, &v))
+            .transpose()
     }
 
     pub fn releases(&self) -> Result<Vec<ReleaseRecord>, StoreError> {
-        Self::scan(&self.releases, b"")
+        self.releases
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                self.unseal_release(&k, &v)
+            })
+            .collect()
     }
 
     pub fn put_chunk(&self, a: &ArtifactId, index: u32, sealed: &[u8]) -> Result<(), StoreError> {
@@ -208,14 +350,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = CampaignId::new("c-1").unwrap();
         let d = DeviceId::new("dev-1").unwrap();
+        let key = MasterKey::generate().unwrap();
         {
-            let s = Store::open(dir.path()).unwrap();
+            let s = Store::create(&dir.path().join("store"), key.clone()).unwrap();
             let mut p = Progress::new(1);
             p.state = DeviceState::Downloading;
             s.put_progress(&c, &d, &p).unwrap();
             s.flush().unwrap();
         }
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::open(&dir.path().join("store"), key).unwrap();
         let all = s.campaign_progress(&c).unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].0, d);
@@ -225,9 +368,74 @@ mod tests {
     #[test]
     fn a_corrupt_record_is_an_error_not_a_default() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = Store::create(&dir.path().join("store"), MasterKey::generate().unwrap()).unwrap();
         s.devices.insert("dev-1", b"{not json".to_vec()).unwrap();
         let id = DeviceId::new("dev-1").unwrap();
         assert!(matches!(s.device(&id), Err(StoreError::Corrupt { .. })));
+    }
+
+    fn release_record(artifact: &str, key_hex: &str) -> ReleaseRecord {
+        use aloft_proto::manifest::ReleaseSigningKey;
+        use aloft_proto::release::{build_release, ReleaseMeta};
+        let meta = ReleaseMeta {
+            artifact: ArtifactId::new(artifact).unwrap(),
+            version: "1".into(),
+            security_version: aloft_proto::SecurityVersion(1),
+            hardware_model: "hw".into(),
+            chunk_size: 1024,
+            created_at: 0,
+            expires_at: 10,
+            sequence: None,
+        };
+        let signing = ReleaseSigningKey::generate().unwrap();
+        let image = vec![7u8; 100];
+        let built =
+            build_release(&mut image.as_slice(), 100, &meta, &signing, |_, _| Ok(())).unwrap();
+        ReleaseRecord {
+            artifact: meta.artifact,
+            signed: built.signed,
+            manifest: built.manifest,
+            content_key_hex: key_hex.into(),
+            complete: true,
+            uploaded_by: aloft_proto::OperatorId::new("ops").unwrap(),
+            uploaded_ms: 1,
+        }
+    }
+
+    #[test]
+    fn content_keys_are_sealed_on_disk_and_open_only_with_the_stores_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let key = MasterKey::generate().unwrap();
+        let clear = "ab".repeat(32);
+        {
+            let s = Store::create(&path, key.clone()).unwrap();
+            s.put_release(&release_record("fw-1", &clear)).unwrap();
+            let raw = s.releases.get("fw-1").unwrap().unwrap();
+            let text = String::from_utf8_lossy(&raw);
+            assert!(!text.contains(&clear), "content key in clear");
+            assert!(text.contains(SEALED_FIELD));
+            let a = ArtifactId::new("fw-1").unwrap();
+            assert_eq!(s.release(&a).unwrap().unwrap().content_key_hex, clear);
+            assert_eq!(s.releases().unwrap().len(), 1);
+            s.flush().unwrap();
+        }
+        let other = MasterKey::generate().unwrap();
+        assert!(matches!(
+            Store::open(&path, other),
+            Err(StoreError::WrongKey)
+        ));
+        assert!(Store::open(&path, key).is_ok());
+    }
+
+    #[test]
+    fn a_missing_store_is_refused_rather_than_created_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let err = Store::open(&path, MasterKey::generate().unwrap())
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::Missing(_)), "{err}");
+        assert!(!path.exists());
     }
 }

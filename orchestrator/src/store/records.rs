@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use aloft_proto::manifest::{Manifest, SignedManifest};
-use aloft_proto::{ArtifactId, CampaignId, DeviceId, OperatorId};
+use aloft_proto::{ArtifactId, CampaignId, DeviceId, OperatorId, SecurityVersion};
 use serde::{Deserialize, Serialize};
 
 use crate::rollout::{RolloutPolicy, RolloutState};
@@ -37,6 +37,11 @@ pub struct DeviceRecord {
     pub registered_ms: u64,
     /// Unix milliseconds of the last connection through the front (0 if never seen).
     pub last_seen_ms: u64,
+    /// The highest security version this device reported `succeeded` with: its anti-rollback
+    /// floor as far as the orchestrator knows. It only rises; a restore keeps the higher of
+    /// the backup's and the surviving store's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor: Option<SecurityVersion>,
 }
 
 /// A release whose signature the orchestrator verified on upload.
@@ -45,7 +50,8 @@ pub struct ReleaseRecord {
     pub artifact: ArtifactId,
     pub signed: SignedManifest,
     pub manifest: Manifest,
-    /// The content key (hex), wrapped per device when a campaign publishes jobs.
+    /// The content key (hex), wrapped per device when a campaign publishes jobs. In memory
+    /// only: `Store` keeps it sealed under the orchestrator's master key on disk.
     pub content_key_hex: String,
     /// True once every chunk is stored and matched its digest.
     pub complete: bool,
