@@ -243,7 +243,7 @@ pub enum Reason {
     /// manifest replayed (since 1.2).
     ReplayedManifest,
     /// The device's current certificate is revoked: the orchestrator publishes it no job and
-    /// serves it no chunk (since 1.2; sent only by the orchestrator, to operators).
+    /// serves it no chunk (since 1.1; sent only by the orchestrator, to operators).
     Revoked,
 }
 
