@@ -97,6 +97,23 @@ async fn a_backup_restored_into_a_wiped_data_dir_resumes_its_campaign_and_later_
         .await
         .iter()
         .all(|f| *f == Some(SecurityVersion(4))));
+    // The audit log came back with the store and goes on: both releases before the backup and
+    // the one after, in one chain that verifies.
+    let audit: serde_json::Value = admin
+        .call(AdminBody::AuditList {
+            since: None,
+            limit: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit["chain"]["ok"], true, "{audit}");
+    let creates = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "campaign_create")
+        .count();
+    assert_eq!(creates, 3, "{audit}");
     fleet.shutdown().await;
     drop(orch);
 }

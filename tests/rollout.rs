@@ -116,6 +116,23 @@ async fn a_release_failing_its_health_check_pauses_at_the_canary_and_touches_no_
             );
         }
     }
+    // The orchestrator logged its own decision.
+    let audit: serde_json::Value = env
+        .admin
+        .call(AdminBody::AuditList {
+            since: None,
+            limit: None,
+        })
+        .await
+        .unwrap();
+    assert!(
+        audit["entries"].as_array().unwrap().iter().any(|e| {
+            e["actor"] == "orchestrator"
+                && e["action"] == "campaign_paused"
+                && e["subject"] == campaign.as_str()
+        }),
+        "{audit}"
+    );
     // Still paused a moment later: no tick notifies anyone while paused.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let again = status(&env.admin, &campaign, false).await.unwrap();
@@ -232,9 +249,44 @@ async fn pause_resume_and_abort_mid_wave() {
     // Resuming an aborted campaign is refused.
     assert!(env
         .admin
-        .call::<serde_json::Value>(AdminBody::CampaignResume { campaign })
+        .call::<serde_json::Value>(AdminBody::CampaignResume {
+            campaign: campaign.clone()
+        })
         .await
         .is_err());
+    // The audit log has every operator action, refusals included, in a chain that verifies.
+    let audit: serde_json::Value = env
+        .admin
+        .call(AdminBody::AuditList {
+            since: None,
+            limit: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit["chain"]["ok"], true, "{audit}");
+    let seen: Vec<(String, String)> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["subject"] == campaign.as_str() || e["action"] == "campaign_create")
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or("").to_owned();
+            (s("action"), s("outcome"))
+        })
+        .collect();
+    let want = [
+        ("campaign_create", "ok"),
+        ("campaign_pause", "ok"),
+        ("campaign_pause", "wrong_status"),
+        ("campaign_resume", "ok"),
+        ("campaign_abort", "ok"),
+        ("campaign_resume", "wrong_status"),
+    ];
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(a, o)| ((*a).to_owned(), (*o).to_owned()))
+        .collect();
+    assert_eq!(seen, want);
     fleet.shutdown().await;
 }
 

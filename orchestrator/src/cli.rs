@@ -75,6 +75,15 @@ pub enum Command {
     /// Register and list devices.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// The audit log: who did what, and what the orchestrator decided itself (hash-chained).
+    Audit {
+        #[arg(long)]
+        since: Option<u64>,
+        #[arg(long)]
+        limit: Option<u32>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Create campaigns and follow them.
     #[command(subcommand)]
     Campaign(Box<CampaignCommand>),
@@ -363,6 +372,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Pki(c) => pki(c).await,
         Command::Trust(c) => trust::run(c).await,
+        Command::Audit { since, limit, conn } => {
+            call_and_print(&conn, AdminBody::AuditList { since, limit }).await
+        }
         Command::Release(c) => release(c).await,
         Command::Device(c) => device(c).await,
         Command::Campaign(c) => campaign(*c).await,

@@ -126,6 +126,14 @@ pub enum AdminBody {
         devices: bool,
     },
     CampaignList {},
+    /// Entries of the audit log from `since` (default 1), at most `limit` (default 100, at most
+    /// 1,000), and whether the whole hash chain verifies.
+    AuditList {
+        #[serde(default)]
+        since: Option<u64>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
 }
 
 /// A reply: `ok` with a `result`, or an `error`.
@@ -266,4 +274,43 @@ pub struct DeviceSummary {
     /// Reported itself unhealthy during its wave's soak.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unhealthy: bool,
+}
+
+impl AdminBody {
+    /// What the audit log records of this request: its operation and subject, or `None` for
+    /// requests that change nothing (and for release chunks, which `release_put` already
+    /// stands for).
+    pub fn audit(&self) -> Option<(&'static str, String)> {
+        Some(match self {
+            AdminBody::ReleasePut { manifest, .. } => (
+                "release_put",
+                manifest
+                    .peek_unverified()
+                    .map(|m| m.artifact.to_string())
+                    .unwrap_or_default(),
+            ),
+            AdminBody::TrustUpdate { roots } => ("trust_update", format!("{} roots", roots.len())),
+            AdminBody::DeviceRegister { certs, .. } => {
+                ("device_register", format!("{} certificates", certs.len()))
+            }
+            AdminBody::CrlUpdate { .. } => ("crl_update", String::new()),
+            AdminBody::DeviceLabel { devices, .. } => {
+                ("device_label", format!("{} devices", devices.len()))
+            }
+            AdminBody::CampaignCreate { artifact, .. } => ("campaign_create", artifact.to_string()),
+            AdminBody::CampaignPause { campaign } => ("campaign_pause", campaign.to_string()),
+            AdminBody::CampaignResume { campaign } => ("campaign_resume", campaign.to_string()),
+            AdminBody::CampaignAbort { campaign } => ("campaign_abort", campaign.to_string()),
+            AdminBody::CampaignRollback { campaign, to, .. } => {
+                ("campaign_rollback", format!("{campaign} to {to}"))
+            }
+            AdminBody::ReleaseChunk { .. }
+            | AdminBody::ReleaseList {}
+            | AdminBody::TrustStatus {}
+            | AdminBody::DeviceList {}
+            | AdminBody::CampaignStatus { .. }
+            | AdminBody::CampaignList {}
+            | AdminBody::AuditList { .. } => return None,
+        })
+    }
 }

@@ -20,7 +20,7 @@ use crate::admin::wire::{
 use crate::fleet::state::Progress;
 use crate::rollout::{Plan, RolloutPolicy, RolloutState};
 use crate::store::{
-    CampaignRecord, CampaignStatus, DeviceRecord, ReleaseRecord, StoreError, Target,
+    AuditEvent, CampaignRecord, CampaignStatus, DeviceRecord, ReleaseRecord, StoreError, Target,
 };
 
 type AdminResult = Result<Result<Value, AdminError>, StoreError>;
@@ -86,6 +86,12 @@ impl Engine {
             self.send(reply_topic, reply, false);
             return Ok(());
         }
+        let audit = req.body.audit();
+        let dry_run = matches!(
+            req.body,
+            AdminBody::CampaignCreate { dry_run: true, .. }
+                | AdminBody::CampaignRollback { dry_run: true, .. }
+        );
         let reply = match self.dispatch(&operator, req.body)? {
             Ok(result) => AdminReply::ok(id, result),
             Err(e) => {
@@ -94,6 +100,20 @@ impl Engine {
                 AdminReply::err(id, e)
             }
         };
+        if let (Some((action, subject)), false) = (audit, dry_run) {
+            let outcome = reply
+                .error
+                .as_ref()
+                .map_or_else(|| "ok".to_owned(), |e| e.code.clone());
+            let event = AuditEvent {
+                actor: operator.to_string(),
+                action: action.to_owned(),
+                subject,
+                outcome,
+            };
+            self.store.append_audit(event, now_ms())?;
+            self.dirty = true;
+        }
         let encoded = messages::encode(&reply);
         self.admin_replies.insert(key, encoded.clone());
         self.send(reply_topic, encoded, false);
@@ -155,6 +175,15 @@ impl Engine {
                     Some(live) => Ok(Ok(json!(summary(live, devices)))),
                     None => refuse("unknown_campaign", format!("no campaign {campaign}")),
                 }
+            }
+            AdminBody::AuditList { since, limit } => {
+                let limit = limit.unwrap_or(100).min(1000) as usize;
+                let entries = self.store.audit(since.unwrap_or(1), limit)?;
+                let chain = match self.store.verify_audit()? {
+                    Ok(n) => json!({"ok": true, "entries": n}),
+                    Err(b) => json!({"ok": false, "broken": b.to_string()}),
+                };
+                Ok(Ok(json!({"entries": entries, "chain": chain})))
             }
             AdminBody::CampaignList {} => {
                 let mut all: Vec<_> = self.campaigns.values().map(|l| summary(l, false)).collect();

@@ -419,6 +419,20 @@ impl Engine {
             return Ok(());
         };
         let actions = live.rollout.tick(now);
+        // A status the rollout reached by itself (a threshold, the deadline, the end) goes to
+        // the audit log; operators' own actions are logged with their request.
+        for a in &actions {
+            if let Action::Status(status) = a {
+                let event = crate::store::AuditEvent {
+                    actor: "orchestrator".into(),
+                    action: format!("campaign_{status}"),
+                    subject: id.to_string(),
+                    outcome: live.rollout.state().reason.clone().unwrap_or_default(),
+                };
+                self.store.append_audit(event, now)?;
+                self.dirty = true;
+            }
+        }
         self.apply_rollout(id, actions, now)
     }
 

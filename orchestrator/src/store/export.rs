@@ -33,6 +33,8 @@ pub struct MergeReport {
     pub devices_added: usize,
     /// Progress records the surviving store had further along (higher `last_seq`).
     pub progress_kept: usize,
+    /// Audit entries taken from the surviving store, whose log was longer (0: the backup's).
+    pub audit_entries_kept: usize,
 }
 
 impl RawStore {
@@ -125,6 +127,23 @@ impl RawStore {
             if theirs.last_seq > mine.last_seq {
                 ours.insert(&k, v)?;
                 report.progress_kept += 1;
+            }
+        }
+        // The audit log is append-only: the longer of the two holds everything the other does
+        // (and what happened after the backup), so it is kept whole.
+        let ours = self.db.open_tree(super::AUDIT_TREE)?;
+        let theirs = surviving.db.open_tree(super::AUDIT_TREE)?;
+        let last = |t: &sled::Tree| -> Result<u64, StoreError> {
+            Ok(t.last()?
+                .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
+                .map_or(0, u64::from_be_bytes))
+        };
+        if last(&theirs)? > last(&ours)? {
+            ours.clear()?;
+            for kv in theirs.iter() {
+                let (k, v) = kv?;
+                ours.insert(k, v)?;
+                report.audit_entries_kept += 1;
             }
         }
         Ok(report)

@@ -10,9 +10,11 @@
 //! store is not secret. A `meta` record sealed under the same key proves at open that the key
 //! belongs to this store. `export` reads and writes raw records for backups.
 
+mod audit;
 mod export;
 mod records;
 
+pub use audit::{AuditBreak, AuditEntry, AuditEvent, AUDIT_TREE};
 pub use export::{MergeReport, RawRecord, RawStore};
 pub use records::{CampaignRecord, CampaignStatus, DeviceRecord, ReleaseRecord, Target};
 
@@ -341,8 +343,14 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A fresh store in `dir`, for tests of other modules.
+    pub(crate) fn new_store(dir: &Path) -> Store {
+        let key = MasterKey::generate().unwrap();
+        Store::create(&dir.join("store"), key).unwrap()
+    }
     use aloft_proto::DeviceState;
 
     #[test]
