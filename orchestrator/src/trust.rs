@@ -131,20 +131,14 @@ impl TrustState {
     }
 }
 
-/// Writes `dir/root-<version>.json` atomically (temp file, fsync, rename).
+/// Writes `dir/root-<version>.json` atomically (temp file, fsync, rename, directory fsync).
 pub fn write_root(dir: &Path, signed: &SignedRoot) -> Result<PathBuf, TrustStoreError> {
     let version = signed.peek_unverified()?.version;
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let path = dir.join(format!("root-{version}.json"));
-    let tmp = dir.join(format!(".root-{version}.json.tmp"));
     let bytes = serde_json::to_vec_pretty(signed).unwrap_or_default();
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-        f.write_all(&bytes).map_err(|e| io(&tmp, e))?;
-        f.sync_all().map_err(|e| io(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
+    aloft_vault::write_atomic(&path, &bytes, 0o644, true)
+        .map_err(|e| io(&path, std::io::Error::other(e.to_string())))?;
     Ok(path)
 }
 

@@ -446,3 +446,15 @@ pub fn as_request(o: &Output) -> Option<ChunkRequest> {
         _ => None,
     }
 }
+
+/// What a device reports of the success path (the orchestrator makes `idle → notified`).
+pub const HAPPY: &[DeviceState] = DeviceState::SUCCESS_PATH.split_at(2).1;
+
+/// States numbered as their reports' `seq`.
+pub fn numbered(states: &[DeviceState]) -> Vec<(u32, DeviceState)> {
+    states
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i as u32 + 1, *s))
+        .collect()
+}

@@ -13,17 +13,6 @@ use crate::store::{DeviceRecord, DeviceStore, MemoryStore};
 
 use DeviceState::*;
 
-/// What a device reports of the success path (the orchestrator makes `idle → notified`).
-const HAPPY: &[DeviceState] = DeviceState::SUCCESS_PATH.split_at(2).1;
-
-fn numbered(states: &[DeviceState]) -> Vec<(u32, DeviceState)> {
-    states
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (i as u32 + 1, *s))
-        .collect()
-}
-
 fn finished(rig: &Rig, campaign: &str) -> (DeviceState, Option<Reason>) {
     let f = rig
         .agent

@@ -13,17 +13,6 @@ use crate::store::DeviceRecord;
 
 use DeviceState::*;
 
-/// What a device reports of the success path (the orchestrator makes `idle → notified`).
-const HAPPY: &[DeviceState] = DeviceState::SUCCESS_PATH.split_at(2).1;
-
-fn numbered(states: &[DeviceState]) -> Vec<(u32, DeviceState)> {
-    states
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (i as u32 + 1, *s))
-        .collect()
-}
-
 /// Delivers `job` for `campaign` and checks that it is refused with `reason` as `failed` seq 1
 /// and that nothing became current.
 fn assert_refused(rig: &mut Rig, campaign: &str, job: &[u8], reason: Reason) {

@@ -180,11 +180,9 @@ pub fn new_root(
 }
 
 fn write_json(path: &Path, signed: &SignedRoot) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(signed)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    let bytes = serde_json::to_vec_pretty(signed)?;
+    aloft_vault::write_atomic(path, &bytes, 0o644, true)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 pub async fn run(c: TrustCommand) -> Result<()> {
