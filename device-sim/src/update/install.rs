@@ -1,0 +1,192 @@
+//! The phases after the download, as the bootloader and the device's own watchdog see them:
+//! install into the boot slot, reset, verify the new image within its confirm deadline and boot
+//! limit, confirm (raising the floor and the installed sequence) or fall back to the Valid slot;
+//! what a power-on does to an update in flight; and the heartbeats a confirmed image sends.
+
+use super::*;
+
+impl UpdateAgent {
+    /// Boots the slot the bootloader would, and ends a campaign whose new image was reset before
+    /// it confirmed. An image installed but never booted is simply booted: `advance` verifies it.
+    pub(super) fn power_on(&mut self) {
+        let outcome = self.record.slots.power_on(self.cfg.boot_limit);
+        if outcome == PowerOn::Unchanged {
+            return;
+        }
+        self.dirty(Persist::Now);
+        if outcome != PowerOn::FellBack {
+            return;
+        }
+        let Some(phase) = self.current().map(|(_, p)| p) else {
+            warn!(device = %self.cfg.device, "fell back from an unconfirmed image outside any campaign");
+            return;
+        };
+        warn!(device = %self.cfg.device, %phase, "reset before the new image confirmed; the bootloader fell back");
+        // The image runs only from `rebooting` on, so an earlier phase here means a record that
+        // does not add up; `failed` is legal from every phase, `rolled_back` is not.
+        let state = if phase >= DeviceState::Rebooting {
+            DeviceState::RolledBack
+        } else {
+            DeviceState::Failed
+        };
+        self.finish(
+            state,
+            Some(Reason::BootFailed),
+            Some("reset before the new image confirmed; booted the previous image".into()),
+        );
+    }
+
+    /// A heartbeat, if one is due: only while a campaign's image runs confirmed.
+    pub(super) fn publish_heartbeat(&mut self, now: u64, out: &mut Vec<Output>) {
+        if self.cfg.heartbeat_ms == 0 || self.record.slots.running_meta().state != SlotState::Valid
+        {
+            return;
+        }
+        let Some(campaign) = &self.record.installed_by else {
+            return;
+        };
+        let due = self
+            .last_heartbeat
+            .is_none_or(|t| now.saturating_sub(t) >= self.cfg.heartbeat_ms);
+        if !due {
+            return;
+        }
+        let app = self.health.app_health(now);
+        let beat = Heartbeat {
+            v: messages::PROTOCOL_VERSION,
+            campaign: Some(campaign.clone()),
+            running_version: self.record.running_version().to_owned(),
+            healthy: app.healthy,
+            detail: app.detail.map(clip),
+        };
+        out.push(Output::Publish {
+            topic: OutTopic::Health,
+            payload: messages::encode(&beat),
+        });
+        self.last_heartbeat = Some(now);
+        self.stats.heartbeats_sent += 1;
+    }
+
+    /// Runs the phases after the download; each appends its report to the outbox.
+    pub(super) fn advance(&mut self, now: u64, flash: &mut dyn Flash) {
+        loop {
+            let Some(cur) = &self.record.current else {
+                return;
+            };
+            let (phase, complete, campaign) =
+                (cur.phase, cur.written.is_complete(), cur.campaign.clone());
+            let Some(session) = &mut self.session else {
+                return;
+            };
+            let update = self.record.slots.update_slot();
+            let version = session.manifest.version.clone();
+            let security_version = session.manifest.security_version;
+            let sequence = session.manifest.sequence;
+            match phase {
+                DeviceState::Downloading => {
+                    if !complete {
+                        return;
+                    }
+                    session.drop_key();
+                    match download::verify_image(flash, update, &session.manifest) {
+                        Ok(true) => self.enter(DeviceState::Downloaded),
+                        Ok(false) => {
+                            self.record.slots.mark_update_slot_invalid();
+                            self.fail(Reason::ImageVerificationFailed, None);
+                        }
+                        Err(e) => self.fail(Reason::InstallFailed, Some(e.to_string())),
+                    }
+                }
+                DeviceState::Downloaded => match flash.set_boot_slot(update) {
+                    Ok(()) => {
+                        self.record.slots.install_update(&version, security_version);
+                        self.enter(DeviceState::Installing);
+                    }
+                    Err(e) => self.fail(Reason::InstallFailed, Some(e.to_string())),
+                },
+                DeviceState::Installing => {
+                    // The report says what is about to happen, so it precedes the reset.
+                    self.enter(DeviceState::Rebooting);
+                    self.reboot_at = Some(now.saturating_add(self.cfg.reboot_delay_ms));
+                }
+                DeviceState::Rebooting => {
+                    let slots = &mut self.record.slots;
+                    if slots.running_slot() != slots.boot_slot() {
+                        // Not reset yet. After a power-on the bootloader has already booted the
+                        // new image, so a pending reset exists only in this process's memory.
+                        if self.reboot_at.is_some_and(|t| now < t) {
+                            return;
+                        }
+                        slots.reboot();
+                        self.dirty(Persist::Now);
+                    }
+                    self.reboot_at = None;
+                    if self.record.slots.running_meta().state != SlotState::Unverified {
+                        // The boot slot never held the new image: nothing to verify.
+                        self.fail(
+                            Reason::InstallFailed,
+                            Some("the new image is not in the boot slot".into()),
+                        );
+                        continue;
+                    }
+                    self.verifying_since = Some(now);
+                    self.enter(DeviceState::Verifying);
+                }
+                DeviceState::Verifying => {
+                    let since = *self.verifying_since.get_or_insert(now);
+                    // The deadline comes first: a watchdog resets a device that has not
+                    // confirmed in time, whatever its check would say later.
+                    if now.saturating_sub(since) >= self.cfg.confirm_deadline_ms {
+                        let detail = format!(
+                            "not confirmed within {} ms of the reset",
+                            self.cfg.confirm_deadline_ms
+                        );
+                        self.abandon_new_image(flash, Reason::BootFailed, Some(detail));
+                        continue;
+                    }
+                    match self.health.check(now, &campaign, &version) {
+                        HealthStatus::Pending => return,
+                        HealthStatus::Healthy => {
+                            self.record.slots.mark_running_slot_valid();
+                            // The floor rises only here, after a confirmed healthy boot: raising
+                            // it earlier would leave a device whose new image fails unable to
+                            // fall back.
+                            self.record.floor = self.record.floor.max(security_version);
+                            // Replay protection moves with the floor, for the same reason.
+                            self.record.installed_sequence =
+                                self.record.installed_sequence.max(sequence);
+                            self.record.installed_by = Some(campaign.clone());
+                            // The first heartbeat of the new image goes out at once.
+                            self.last_heartbeat = None;
+                            info!(device = %self.cfg.device, %campaign, %version, "update succeeded");
+                            self.finish(DeviceState::Succeeded, None, None);
+                        }
+                        HealthStatus::Unhealthy => {
+                            self.abandon_new_image(flash, Reason::HealthCheckFailed, None);
+                        }
+                    }
+                }
+                other => {
+                    // Not a phase a record can hold; close the campaign rather than loop.
+                    warn!(device = %self.cfg.device, state = %other, "campaign in an unexpected phase");
+                    self.fail(
+                        Reason::InstallFailed,
+                        Some(format!("unexpected phase {other}")),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Marks the running (new, unconfirmed) image invalid, boots back into the previous one and
+    /// reports `rolled_back` with `reason`.
+    fn abandon_new_image(&mut self, flash: &mut dyn Flash, reason: Reason, detail: Option<String>) {
+        self.record.slots.roll_back();
+        let old = self.record.slots.running_slot();
+        if let Err(e) = flash.set_boot_slot(old) {
+            warn!(device = %self.cfg.device, error = %e, "setting the boot slot back failed");
+        }
+        warn!(device = %self.cfg.device, reason = %reason, "new image abandoned; rolled back");
+        self.finish(DeviceState::RolledBack, Some(reason), detail.map(clip));
+    }
+}
