@@ -33,6 +33,7 @@ use crate::rollout::{Action, Known, Plan, Rollout};
 use crate::store::{CampaignRecord, DeviceRecord, Store, StoreError};
 
 mod admin;
+mod campaigns;
 mod pki;
 
 /// Most events handled per group commit.

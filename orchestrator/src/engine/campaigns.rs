@@ -1,0 +1,335 @@
+//! Campaign operations from operators: create (membership, policy, dry run), pause, resume,
+//! abort, roll back, and the summaries `campaign_status` and `campaign_list` return.
+
+use super::admin::{refuse, AdminResult};
+use super::*;
+use crate::admin::wire::{AdminError, CampaignSummary, DeviceSummary, DryRun, WaveSummary};
+use crate::rollout::{Plan, RolloutPolicy, RolloutState};
+use crate::store::{CampaignRecord, CampaignStatus, Target};
+use serde_json::json;
+
+impl Engine {
+    /// Resolves the membership, then (unless `dry_run`) stores the campaign and lets its
+    /// rollout notify the first wave before this batch commits.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn campaign_create(
+        &mut self,
+        operator: &OperatorId,
+        artifact: &ArtifactId,
+        target: Target,
+        include: &[DeviceId],
+        exclude: &[DeviceId],
+        policy: RolloutPolicy,
+        dry_run: bool,
+    ) -> AdminResult {
+        let mut devices = match self.resolve(&target)? {
+            Ok(d) => d,
+            Err(e) => return Ok(Err(e)),
+        };
+        match self.resolve(&Target::Devices(include.to_vec()))? {
+            Ok(extra) => devices.extend(extra),
+            Err(e) => return Ok(Err(e)),
+        }
+        let excluded: HashSet<&DeviceId> = exclude.iter().collect();
+        devices.retain(|d| !excluded.contains(d));
+        devices.sort();
+        devices.dedup();
+        self.start_campaign(operator, artifact, target, devices, policy, dry_run, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn start_campaign(
+        &mut self,
+        operator: &OperatorId,
+        artifact: &ArtifactId,
+        target: Target,
+        devices: Vec<DeviceId>,
+        policy: RolloutPolicy,
+        dry_run: bool,
+        rolls_back: Option<CampaignId>,
+    ) -> AdminResult {
+        let Some(release) = self.store.release(artifact)? else {
+            return refuse("unknown_artifact", format!("no release {artifact}"));
+        };
+        if !release.complete {
+            return refuse(
+                "incomplete_release",
+                format!("release {artifact} is still uploading"),
+            );
+        }
+        let Some(key) = parse_key_hex(&release.content_key_hex) else {
+            return refuse("invalid_content_key", "stored content key is malformed");
+        };
+        if let Err(e) = self.cfg.trust.trusted.check_fresh(now_ms() / 1000) {
+            return refuse("root_expired", format!("{e}; push a newer root first"));
+        }
+        // A key revoked (or a threshold raised) since the upload stops the release here too:
+        // devices would refuse it anyway, one by one.
+        if let Err(e) = self.cfg.trust.trusted.verify_manifest(&release.signed) {
+            return refuse(
+                "untrusted_release",
+                format!(
+                    "{artifact} no longer verifies under root version {}: {e}",
+                    self.cfg.trust.trusted.version()
+                ),
+            );
+        }
+        if let Err(e) = policy.validate() {
+            return refuse("invalid_policy", e.to_string());
+        }
+        // A device whose certificate is revoked never becomes a member: it would get no job.
+        let mut devices = devices;
+        let targeted = devices.len();
+        devices.retain(|d| !self.revoked_devices.contains(d));
+        let excluded_revoked = targeted - devices.len();
+        if devices.is_empty() {
+            let why = if excluded_revoked > 0 {
+                format!("the target matches no registered device whose certificate is not revoked ({excluded_revoked} revoked)")
+            } else {
+                "the target matches no registered device".to_owned()
+            };
+            return refuse("empty_target", why);
+        }
+        if dry_run {
+            let plan = Plan::new(artifact, &devices, &policy);
+            return Ok(Ok(json!(DryRun {
+                artifact: artifact.clone(),
+                total: devices.len() as u32,
+                policy,
+                waves: plan.waves(),
+            })));
+        }
+        let id = new_campaign_id();
+        let now = now_ms();
+        let record = CampaignRecord {
+            id: id.clone(),
+            artifact: artifact.clone(),
+            target,
+            devices: devices.clone(),
+            status: CampaignStatus::Active,
+            created_by: operator.clone(),
+            created_ms: now,
+            finished_ms: None,
+            policy,
+            rollout: RolloutState::default(),
+            rolls_back,
+        };
+        self.store.put_campaign(&record)?;
+        let mut progress = std::collections::HashMap::new();
+        for d in &devices {
+            let p = Progress::new(now);
+            self.store.put_progress(&id, d, &p)?;
+            progress.insert(d.clone(), p);
+        }
+        self.dirty = true;
+        let live = LiveCampaign::new(record, release.manifest, release.signed, key, progress);
+        let waves = live.rollout.waves().len();
+        self.campaigns.insert(id.clone(), live);
+        self.touched.insert(id.clone());
+        info!(%operator, campaign = %id, %artifact, devices = devices.len(), waves, excluded_revoked, "campaign created");
+        Ok(Ok(
+            json!({"campaign": id, "devices": devices.len(), "waves": waves, "excluded_revoked": excluded_revoked}),
+        ))
+    }
+
+    /// Pause, resume or abort, by an operator.
+    pub(super) fn campaign_control(
+        &mut self,
+        operator: &OperatorId,
+        campaign: &CampaignId,
+        verb: &str,
+    ) -> AdminResult {
+        let Some(live) = self.campaigns.get_mut(campaign) else {
+            return refuse("unknown_campaign", format!("no campaign {campaign}"));
+        };
+        let result = match verb {
+            "pause" => live.rollout.pause(format!("paused by {operator}")),
+            "resume" => live.rollout.resume(),
+            _ => live.rollout.abort(format!("aborted by {operator}")),
+        };
+        let actions = match result {
+            Ok(a) => a,
+            Err(e) => return refuse("wrong_status", e.to_string()),
+        };
+        info!(%operator, %campaign, verb, "campaign control");
+        self.apply_rollout(campaign, actions, now_ms())?;
+        self.touched.insert(campaign.clone());
+        let status = self.campaigns.get(campaign).map(|l| l.record.status);
+        Ok(Ok(json!({"campaign": campaign, "status": status})))
+    }
+
+    /// A new campaign that returns the devices that took `campaign`'s release to `to`.
+    pub(super) fn campaign_rollback(
+        &mut self,
+        operator: &OperatorId,
+        campaign: &CampaignId,
+        to: &ArtifactId,
+        policy: RolloutPolicy,
+        dry_run: bool,
+    ) -> AdminResult {
+        let Some(live) = self.campaigns.get(campaign) else {
+            return refuse("unknown_campaign", format!("no campaign {campaign}"));
+        };
+        let Some(target) = self.store.release(to)? else {
+            return refuse("unknown_artifact", format!("no release {to}"));
+        };
+        let from = &live.manifest;
+        if target.manifest.hardware_model != from.hardware_model {
+            return refuse(
+                "wrong_hardware",
+                format!(
+                    "{to} is for {}, the campaign's devices are {}",
+                    target.manifest.hardware_model, from.hardware_model
+                ),
+            );
+        }
+        // Devices raised their anti-rollback floor to the release's security version when they
+        // confirmed it, and refuse anything lower: such a campaign could only fail.
+        if target.manifest.security_version < from.security_version {
+            return refuse(
+                "downgrade_blocked",
+                format!(
+                    "{to} has security version {} but devices that took {} ({}) raised their floor to {}; \
+                     sign the previous image again as a new release with security version >= {}",
+                    target.manifest.security_version.0,
+                    live.record.artifact,
+                    from.version,
+                    from.security_version.0,
+                    from.security_version.0
+                ),
+            );
+        }
+        let devices: Vec<DeviceId> = live
+            .progress
+            .iter()
+            .filter(|(_, p)| p.state == DeviceState::Succeeded)
+            .map(|(d, _)| d.clone())
+            .collect();
+        if devices.is_empty() {
+            return refuse(
+                "empty_target",
+                format!("no device of {campaign} took its release"),
+            );
+        }
+        if !dry_run && !live.record.status.is_final() {
+            let actions = match self.campaigns.get_mut(campaign) {
+                Some(l) => l
+                    .rollout
+                    .abort(format!("rolled back by {operator}"))
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            };
+            self.apply_rollout(campaign, actions, now_ms())?;
+        }
+        let target = Target::Devices(devices.clone());
+        self.start_campaign(
+            operator,
+            to,
+            target,
+            devices,
+            policy,
+            dry_run,
+            Some(campaign.clone()),
+        )
+    }
+
+    pub(super) fn resolve(
+        &self,
+        target: &Target,
+    ) -> Result<Result<Vec<DeviceId>, AdminError>, StoreError> {
+        let all = self.store.devices()?;
+        let ids = match target {
+            Target::All => all.into_iter().map(|d| d.id).collect(),
+            Target::Group(g) => all
+                .into_iter()
+                .filter(|d| d.groups.contains(g))
+                .map(|d| d.id)
+                .collect(),
+            Target::Labels(want) => all
+                .into_iter()
+                .filter(|d| want.iter().all(|(k, v)| d.labels.get(k) == Some(v)))
+                .map(|d| d.id)
+                .collect(),
+            Target::Devices(ids) => {
+                let known: HashSet<_> = all.into_iter().map(|d| d.id).collect();
+                if let Some(missing) = ids.iter().find(|i| !known.contains(*i)) {
+                    return Ok(Err(AdminError::new(
+                        "unknown_device",
+                        format!("device {missing} is not registered"),
+                    )));
+                }
+                let mut v = ids.clone();
+                v.sort();
+                v.dedup();
+                v
+            }
+        };
+        Ok(Ok(ids))
+    }
+}
+
+pub(super) fn summary(live: &LiveCampaign, with_devices: bool) -> CampaignSummary {
+    let counts: BTreeMap<String, u32> = live
+        .counts()
+        .into_iter()
+        .map(|(s, n)| (s.as_str().to_owned(), n))
+        .collect();
+    let mut reasons = BTreeMap::new();
+    for p in live.progress.values() {
+        if let Some(r) = p.reason {
+            *reasons.entry(r.as_str().to_owned()).or_insert(0) += 1;
+        }
+    }
+    let mut devices: Vec<DeviceSummary> = if with_devices {
+        live.progress
+            .iter()
+            .map(|(d, p)| DeviceSummary {
+                device: d.clone(),
+                state: p.state,
+                reason: p.reason,
+                wave: live.rollout.wave_of(d).unwrap_or(0),
+                unhealthy: p.unhealthy,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    devices.sort_by(|a, b| a.device.cmp(&b.device));
+    CampaignSummary {
+        campaign: live.record.id.clone(),
+        artifact: live.record.artifact.clone(),
+        status: live.record.status,
+        total: live.progress.len() as u32,
+        counts,
+        reasons,
+        created_ms: live.record.created_ms,
+        finished_ms: live.record.finished_ms,
+        reason: live.rollout.state().reason.clone(),
+        policy: live.record.policy.clone(),
+        waves: live
+            .rollout
+            .waves()
+            .iter()
+            .enumerate()
+            .map(|(w, c)| WaveSummary {
+                wave: w as u32,
+                counts: *c,
+                opened_ms: live.rollout.state().opened_ms.get(w).copied(),
+                finished_ms: live.rollout.state().finished_ms.get(w).copied(),
+            })
+            .collect(),
+        unhealthy: live.progress.values().filter(|p| p.unhealthy).count() as u32,
+        rolls_back: live.record.rolls_back.clone(),
+        devices,
+    }
+}
+
+pub(super) fn new_campaign_id() -> CampaignId {
+    let mut r = [0u8; 6];
+    // Without OS randomness the id falls back to the clock alone, which is still unique enough
+    // for one orchestrator creating campaigns one at a time.
+    let _ = crypto::random_bytes(&mut r);
+    let id = format!("c-{:x}-{}", now_ms() / 1000, hex::encode(r));
+    // The format above only produces valid ids; the fallback keeps this free of panics.
+    CampaignId::new(id).unwrap_or_else(|_| CampaignId::new("c-0").expect("literal id is valid"))
+}
