@@ -65,6 +65,21 @@ pub trait Message: Serialize + DeserializeOwned {
     }
 }
 
+/// The limit every free-text `detail` shares.
+fn check_detail(detail: Option<&str>) -> Result<(), DecodeError> {
+    match detail {
+        Some(d) if d.len() > MAX_DETAIL_LEN => Err(DecodeError::Invalid("detail is too long")),
+        _ => Ok(()),
+    }
+}
+
+fn check_running_version(v: &str) -> Result<(), DecodeError> {
+    if v.len() > crate::manifest::MAX_LABEL_LEN {
+        return Err(DecodeError::Invalid("running_version is too long"));
+    }
+    Ok(())
+}
+
 /// Decodes and validates a message received from the network.
 pub fn decode<M: Message>(payload: &[u8]) -> Result<M, DecodeError> {
     if payload.len() > M::MAX_BYTES {
@@ -320,19 +335,9 @@ impl Message for StatusReport {
                 "reason is required with failed and rolled_back, and only then",
             ));
         }
-        if self
-            .detail
-            .as_ref()
-            .is_some_and(|d| d.len() > MAX_DETAIL_LEN)
-        {
-            return Err(DecodeError::Invalid("detail is too long"));
-        }
-        if self
-            .running_version
-            .as_ref()
-            .is_some_and(|d| d.len() > crate::manifest::MAX_LABEL_LEN)
-        {
-            return Err(DecodeError::Invalid("running_version is too long"));
+        check_detail(self.detail.as_deref())?;
+        if let Some(v) = &self.running_version {
+            check_running_version(v)?;
         }
         Ok(())
     }
@@ -447,17 +452,8 @@ impl Message for Heartbeat {
         self.v
     }
     fn validate(&self) -> Result<(), DecodeError> {
-        if self.running_version.len() > crate::manifest::MAX_LABEL_LEN {
-            return Err(DecodeError::Invalid("running_version is too long"));
-        }
-        if self
-            .detail
-            .as_ref()
-            .is_some_and(|d| d.len() > MAX_DETAIL_LEN)
-        {
-            return Err(DecodeError::Invalid("detail is too long"));
-        }
-        Ok(())
+        check_running_version(&self.running_version)?;
+        check_detail(self.detail.as_deref())
     }
 }
 
@@ -553,14 +549,7 @@ impl Message for RenewalResponse {
                 ))
             }
         }
-        if self
-            .detail
-            .as_ref()
-            .is_some_and(|d| d.len() > MAX_DETAIL_LEN)
-        {
-            return Err(DecodeError::Invalid("detail longer than 256 bytes"));
-        }
-        Ok(())
+        check_detail(self.detail.as_deref())
     }
 }
 
