@@ -268,7 +268,7 @@ impl Engine {
                 }
                 _ = ticker.tick() => {
                     self.touched.extend(self.campaigns.iter()
-                        .filter(|(_, c)| c.record.status != crate::store::CampaignStatus::Finished)
+                        .filter(|(_, c)| !c.rollout.settled())
                         .map(|(id, _)| id.clone()));
                 }
             }

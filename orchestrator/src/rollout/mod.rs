@@ -234,6 +234,23 @@ impl Rollout {
         self.state.opened_ms.len()
     }
 
+    /// Members notified and not finished.
+    fn in_flight(&self) -> u32 {
+        self.waves
+            .iter()
+            .map(|w| w.notified + w.downloading + w.installing)
+            .sum()
+    }
+
+    /// Nothing will ever change without a report: finished, or stopped for good with nobody in
+    /// flight. The engine stops ticking such a rollout.
+    pub fn settled(&self) -> bool {
+        self.status == CampaignStatus::Finished || (self.status.is_final() && self.in_flight() == 0)
+    }
+
+    /// Moves the cursor past members that left `idle`. Members are notified in rank order
+    /// only, so every member from the cursor on is idle, and loops over members that may be in
+    /// flight stop at the cursor.
     fn skip_started(&mut self) {
         while self
             .members
@@ -356,7 +373,7 @@ impl Rollout {
 
     fn stop_in_flight(&mut self, out: &mut Vec<Action>) {
         // Timestamps of stopped members are not used again (they are final or nearly so).
-        for i in 0..self.members.len() {
+        for i in 0..self.cursor {
             match self.members[i].state {
                 DeviceState::Notified => {
                     self.set_state(i, DeviceState::Failed, self.members[i].since_ms);
@@ -371,7 +388,7 @@ impl Rollout {
     /// Moves time forward to `now_ms`: timeouts, thresholds, waves, notifications.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Action> {
         let mut out = Vec::new();
-        if self.status == CampaignStatus::Finished {
+        if self.settled() {
             return out;
         }
         if self.state.opened_ms.is_empty() && !self.ends.is_empty() {
@@ -388,7 +405,7 @@ impl Rollout {
                     Some(format!("deadline of {deadline}s passed")),
                     &mut out,
                 );
-                for i in 0..self.members.len() {
+                for i in 0..self.cursor {
                     if self.members[i].state == DeviceState::Notified {
                         self.set_state(i, DeviceState::Failed, now_ms);
                         out.push(Action::TimeOut(self.members[i].id.clone()));
@@ -422,7 +439,7 @@ impl Rollout {
         if notified.is_none() && busy.is_none() {
             return;
         }
-        for i in 0..self.members.len() {
+        for i in 0..self.cursor {
             let m = &self.members[i];
             let limit = match m.state {
                 DeviceState::Notified => notified,
