@@ -7,8 +7,6 @@
 //! revoked".
 
 use std::collections::BTreeSet;
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -345,47 +343,16 @@ fn u64_from_be(bytes: &[u8]) -> Option<u64> {
 /// one and never a mix: write a temporary file beside it, sync it, rename it over, sync the
 /// directory. The file gets `mode` (Unix) from creation on.
 pub fn write_file_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
-    let write_err = |source: std::io::Error| PkiError::Write {
-        path: PathBuf::from(path),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| write_err(std::io::ErrorKind::InvalidInput.into()))?;
-    let mut suffix = [0u8; 6];
-    getrandom::fill(&mut suffix).map_err(PkiError::Randomness)?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        hex::encode(suffix)
-    ));
-    let mut options = OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(mode);
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    let result = (|| {
-        let mut file = options.open(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        // The rename is durable only once the directory entry is.
-        #[cfg(unix)]
-        std::fs::File::open(dir)?.sync_all()?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(write_err)
+    aloft_vault::write_atomic(path, contents, mode, true).map_err(|e| match e {
+        aloft_vault::VaultError::Io { error, .. } => PkiError::Write {
+            path: PathBuf::from(path),
+            source: error,
+        },
+        other => PkiError::Write {
+            path: PathBuf::from(path),
+            source: std::io::Error::other(other.to_string()),
+        },
+    })
 }
 
 #[cfg(test)]

@@ -250,9 +250,7 @@ pub fn cosign_bundle(dir: &Path, key: &ReleaseSigningKey) -> Result<usize> {
         &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
     )?;
     signed.cosign(key)?;
-    let tmp = dir.join(".manifest.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&signed)?)?;
-    std::fs::rename(&tmp, &path)?;
+    aloft_vault::write_atomic(&path, &serde_json::to_vec_pretty(&signed)?, 0o644, true)?;
     Ok(signed.signatures.len())
 }
 
