@@ -125,9 +125,9 @@ impl TrustState {
 
     /// What a job carries: the newest accepted roots above the pinned one, at most
     /// [`MAX_ROOT_CHAIN`] (a device further behind must be re-provisioned).
-    pub fn job_chain(&self) -> Vec<SignedRoot> {
+    pub fn job_chain(&self) -> &[SignedRoot] {
         let skip = self.chain.len().saturating_sub(MAX_ROOT_CHAIN);
-        self.chain[skip..].to_vec()
+        &self.chain[skip..]
     }
 }
 

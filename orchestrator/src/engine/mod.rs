@@ -402,7 +402,7 @@ impl Engine {
             return Ok(());
         };
         let roots = self.cfg.trust.job_chain();
-        match job_payload(live, &record, &roots, now) {
+        match job_payload(live, &record, roots, now) {
             Ok(payload) => self.send(topics::job(device), payload, true),
             Err(e) => warn!(%device, error = %e, "cannot wrap the content key for device"),
         }

@@ -508,7 +508,8 @@ impl Rollout {
                 return;
             }
             if w + 1 >= self.ends.len() {
-                if self.members.iter().all(|m| m.state.is_terminal()) {
+                let finished: u32 = self.waves.iter().map(WaveCounts::finished).sum();
+                if finished as usize == self.members.len() {
                     self.set_status(CampaignStatus::Finished, None, out);
                 }
                 return;
