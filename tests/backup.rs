@@ -3,10 +3,7 @@
 //! `backup::restore` and the orchestrator started again. Restores keep the higher security
 //! state, and damaged backups change nothing.
 
-use std::path::Path;
-
-use aloft_device::Fleet;
-use aloft_e2e::{finished, wait_campaign, wait_registered, Lab, ReleaseSpec};
+use aloft_e2e::{finished, wait_campaign, Lab, ReleaseSpec};
 use aloft_orchestrator::admin::client::AdminClient;
 use aloft_orchestrator::admin::wire::AdminBody;
 use aloft_orchestrator::backup::{self, BackupError};
@@ -14,11 +11,7 @@ use aloft_orchestrator::store::DeviceRecord;
 use aloft_proto::{DeviceState, SecurityVersion};
 use aloft_vault::{Protection, RecoveryKey, Unlock};
 
-use crate::common::LIMIT;
-
-fn exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_aloft-demo"))
-}
+use crate::common::{exe, spawned, Spawned, LIMIT};
 
 /// A backup key as `aloft backup create --no-passphrase` makes one (a recovery key: no KDF).
 fn backup_key() -> (Protection, Unlock) {
@@ -33,16 +26,14 @@ async fn floors(admin: &AdminClient) -> Vec<Option<SecurityVersion>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_restored_into_a_wiped_data_dir_resumes_its_campaign_and_later_updates_succeed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let lab = Lab::create(tmp.path()).unwrap();
-    let orch = lab.spawn(exe(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let Spawned {
+        tmp,
+        lab,
+        orch,
+        admin,
+        fleet,
+    } = spawned(10, |cfg| cfg.window = 2).await;
     let addr = orch.device_addr;
-    let devices = lab.enroll_fleet("dev", 10).unwrap();
-    let mut cfg = lab.fleet_config(addr);
-    cfg.window = 2;
-    let fleet = Fleet::start(&cfg, devices).unwrap();
-    let admin = lab.operator(addr).await.unwrap();
-    wait_registered(&admin, 10, LIMIT).await.unwrap();
     let first = lab
         .release_to_all(&admin, &ReleaseSpec::new("2.0.0", 2, 64 * 1024))
         .await
@@ -120,14 +111,14 @@ async fn a_backup_restored_into_a_wiped_data_dir_resumes_its_campaign_and_later_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restoring_an_older_backup_does_not_lower_a_devices_floor() {
-    let tmp = tempfile::tempdir().unwrap();
-    let lab = Lab::create(tmp.path()).unwrap();
-    let orch = lab.spawn(exe(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let Spawned {
+        tmp,
+        lab,
+        orch,
+        admin,
+        fleet,
+    } = spawned(3, |_| {}).await;
     let addr = orch.device_addr;
-    let devices = lab.enroll_fleet("dev", 3).unwrap();
-    let fleet = Fleet::start(&lab.fleet_config(addr), devices).unwrap();
-    let admin = lab.operator(addr).await.unwrap();
-    wait_registered(&admin, 3, LIMIT).await.unwrap();
     let c = lab
         .release_to_all(&admin, &ReleaseSpec::new("2.0.0", 2, 32 * 1024))
         .await

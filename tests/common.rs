@@ -74,6 +74,42 @@ impl Env {
     }
 }
 
+/// The demo binary, which runs `aloft serve` as a child process (role `orchestrator`).
+pub fn exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_aloft-demo"))
+}
+
+/// An orchestrator in a child process (so SIGKILL can stop it, and a data directory can be
+/// backed up and restored under it), an operator, and a running, registered fleet.
+pub struct Spawned {
+    /// Kept for its lifetime: the directory is removed when the test ends.
+    pub tmp: TempDir,
+    pub lab: Lab,
+    pub orch: aloft_e2e::OrchestratorProcess,
+    pub admin: AdminClient,
+    pub fleet: Fleet,
+}
+
+/// Starts a [`Spawned`] with `devices` devices; `tune` adjusts the fleet's settings first.
+pub async fn spawned(devices: usize, tune: impl FnOnce(&mut FleetConfig)) -> Spawned {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = Lab::create(tmp.path()).unwrap();
+    let orch = lab.spawn(exe(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let identities = lab.enroll_fleet("dev", devices).unwrap();
+    let mut cfg = lab.fleet_config(orch.device_addr);
+    tune(&mut cfg);
+    let fleet = Fleet::start(&cfg, identities).unwrap();
+    let admin = lab.operator(orch.device_addr).await.unwrap();
+    wait_registered(&admin, devices, LIMIT).await.unwrap();
+    Spawned {
+        tmp,
+        lab,
+        orch,
+        admin,
+        fleet,
+    }
+}
+
 /// Connects an MQTT client as `device` (its real certificate) and waits for the CONNACK.
 pub async fn device_client(
     addr: std::net::SocketAddr,

@@ -3,13 +3,12 @@
 //! back from the store, and no transition the orchestrator acknowledged may be lost.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use aloft_device::Fleet;
-use aloft_e2e::{finished, status, wait_campaign, wait_registered, Lab, ReleaseSpec};
+use aloft_e2e::{finished, status, wait_campaign, ReleaseSpec};
 use aloft_proto::{CampaignId, DeviceId, DeviceState};
 
-use crate::common::LIMIT;
+use crate::common::{exe, spawned, Spawned, LIMIT};
 
 /// Position of a state along the success path, for "did not go backwards"; every terminal
 /// state counts as the end.
@@ -20,23 +19,17 @@ fn rank(s: DeviceState) -> usize {
         .unwrap_or(DeviceState::SUCCESS_PATH.len() - 1)
 }
 
-fn exe() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_aloft-demo"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orchestrator_killed_mid_campaign_resumes_and_loses_no_acknowledged_transition() {
-    let tmp = tempfile::tempdir().unwrap();
-    let lab = Lab::create(tmp.path()).unwrap();
-    let orch = lab.spawn(exe(), "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = orch.device_addr;
-    let devices = lab.enroll_fleet("dev", 50).unwrap();
-    let mut cfg = lab.fleet_config(addr);
     // Small chunks and a small window: the campaign takes long enough to be caught mid-way.
-    cfg.window = 2;
-    let fleet = Fleet::start(&cfg, devices).unwrap();
-    let admin = lab.operator(addr).await.unwrap();
-    wait_registered(&admin, 50, LIMIT).await.unwrap();
+    let Spawned {
+        tmp: _tmp,
+        lab,
+        orch,
+        admin,
+        fleet,
+    } = spawned(50, |cfg| cfg.window = 2).await;
+    let addr = orch.device_addr;
     let mut spec = ReleaseSpec::new("2.0.0", 2, 512 * 1024);
     spec.chunk_bytes = 4 * 1024;
     let campaign = lab.release_to_all(&admin, &spec).await.unwrap();
@@ -109,16 +102,14 @@ async fn a_paused_rollout_stays_paused_across_a_crash_and_its_thresholds_still_h
     use aloft_orchestrator::rollout::RolloutPolicy;
     use aloft_orchestrator::store::{CampaignStatus, Target};
 
-    let tmp = tempfile::tempdir().unwrap();
-    let lab = Lab::create(tmp.path()).unwrap();
-    let orch = lab.spawn(exe(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let Spawned {
+        tmp: _tmp,
+        lab,
+        orch,
+        admin,
+        fleet,
+    } = spawned(10, |cfg| cfg.faults.health_check_failure_probability = 1.0).await;
     let addr = orch.device_addr;
-    let devices = lab.enroll_fleet("dev", 10).unwrap();
-    let mut cfg = lab.fleet_config(addr);
-    cfg.faults.health_check_failure_probability = 1.0;
-    let fleet = Fleet::start(&cfg, devices).unwrap();
-    let admin = lab.operator(addr).await.unwrap();
-    wait_registered(&admin, 10, LIMIT).await.unwrap();
     let artifact = lab
         .upload(&admin, &ReleaseSpec::new("2.0.0", 2, 64 * 1024))
         .await
