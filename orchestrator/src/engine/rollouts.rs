@@ -1,0 +1,184 @@
+//! Carrying out rollouts: each campaign's `Rollout` is moved forward after every batch that
+//! touched it and on the engine's tick; its actions become progress records, published jobs
+//! and withdrawals, and its own status changes go to the audit log.
+
+use super::*;
+
+impl Engine {
+    /// Publishes the job of every member in flight again: the embedded broker keeps no retained
+    /// messages across restarts. Members of a final campaign get nothing new.
+    pub(super) fn republish_jobs(&mut self, id: &CampaignId) -> Result<(), StoreError> {
+        let now = now_ms();
+        let Some(live) = self.campaigns.get(id) else {
+            return Ok(());
+        };
+        if live.record.status.is_final() {
+            return Ok(());
+        }
+        let jobs: Vec<DeviceId> = live
+            .progress
+            .iter()
+            .filter(|(_, p)| p.state != DeviceState::Idle && !p.state.is_terminal())
+            .map(|(d, _)| d.clone())
+            .collect();
+        for device in jobs {
+            self.publish_job(id, &device, now)?;
+        }
+        Ok(())
+    }
+
+    /// Publishes one member's job, with the content key wrapped for it alone.
+    pub(super) fn publish_job(
+        &mut self,
+        id: &CampaignId,
+        device: &DeviceId,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let Some(record) = self.store.device(device)? else {
+            warn!(%device, "campaign member is not registered; no job");
+            return Ok(());
+        };
+        if self.is_revoked(&record) {
+            // Fail closed: no content key is ever wrapped to a revoked certificate's key.
+            self.metrics.rejected("job", "revoked");
+            warn!(%device, campaign = %id, "device certificate is revoked; no job, member failed");
+            self.move_member(id, device, DeviceState::Failed, Some(Reason::Revoked), now)?;
+            self.withdraw_job(device);
+            self.touched.insert(id.clone());
+            return Ok(());
+        }
+        let Some(live) = self.campaigns.get(id) else {
+            return Ok(());
+        };
+        let roots = self.cfg.trust.job_chain();
+        match job_payload(live, &record, roots, now) {
+            Ok(payload) => self.send(topics::job(device), payload, true),
+            Err(e) => warn!(%device, error = %e, "cannot wrap the content key for device"),
+        }
+        Ok(())
+    }
+
+    /// Clears a device's retained job: a device downloading it stops (PROTOCOL.md §Jobs).
+    pub(super) fn withdraw_job(&mut self, device: &DeviceId) {
+        self.send(topics::job(device), Vec::new(), true);
+    }
+
+    /// Moves a campaign's rollout to `now` and carries out what it decides.
+    pub(super) fn tick_rollout(&mut self, id: &CampaignId, now: u64) -> Result<(), StoreError> {
+        let Some(live) = self.campaigns.get_mut(id) else {
+            return Ok(());
+        };
+        let actions = live.rollout.tick(now);
+        // A status the rollout reached by itself (a threshold, the deadline, the end) goes to
+        // the audit log; operators' own actions are logged with their request.
+        for a in &actions {
+            if let Action::Status(status) = a {
+                let event = crate::store::AuditEvent {
+                    actor: "orchestrator".into(),
+                    action: format!("campaign_{status}"),
+                    subject: id.to_string(),
+                    outcome: live.rollout.state().reason.clone().unwrap_or_default(),
+                };
+                self.store.append_audit(event, now)?;
+                self.dirty = true;
+            }
+        }
+        self.apply_rollout(id, actions, now)
+    }
+
+    /// Carries out a rollout's decisions, then stores its state if it changed.
+    pub(super) fn apply_rollout(
+        &mut self,
+        id: &CampaignId,
+        actions: Vec<Action>,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        for action in actions {
+            match action {
+                Action::Notify(d) => {
+                    self.move_member(id, &d, DeviceState::Notified, None, now)?;
+                    self.publish_job(id, &d, now)?;
+                }
+                Action::TimeOut(d) => {
+                    self.move_member(id, &d, DeviceState::Failed, Some(Reason::TimedOut), now)?;
+                    self.withdraw_job(&d);
+                }
+                Action::Cancel(d) => {
+                    self.move_member(id, &d, DeviceState::Failed, Some(Reason::Cancelled), now)?;
+                    self.withdraw_job(&d);
+                }
+                Action::Withdraw(d) => self.withdraw_job(&d),
+                Action::WaveOpened(n) => {
+                    self.metrics.wave_opened(id.as_str(), n);
+                    info!(campaign = %id, wave = n, "wave opened");
+                }
+                Action::Status(status) => {
+                    let reason = self
+                        .campaigns
+                        .get(id)
+                        .and_then(|l| l.rollout.state().reason.clone())
+                        .unwrap_or_default();
+                    info!(campaign = %id, %status, %reason, "campaign status changed");
+                }
+            }
+        }
+        let Some(live) = self.campaigns.get_mut(id) else {
+            return Ok(());
+        };
+        if live.rollout.take_changed() {
+            let status = live.rollout.status();
+            if status.is_final() && live.record.finished_ms.is_none() {
+                live.record.finished_ms = Some(now);
+                info!(campaign = %id, counts = ?live.counts(), %status, "campaign ended");
+            }
+            live.record.status = status;
+            live.record.rollout = live.rollout.state().clone();
+            self.store.put_campaign(&live.record)?;
+            self.dirty = true;
+        }
+        self.refresh_gauges(id);
+        Ok(())
+    }
+
+    /// The orchestrator's own transition of a member (notify, time out, cancel).
+    pub(super) fn move_member(
+        &mut self,
+        id: &CampaignId,
+        device: &DeviceId,
+        to: DeviceState,
+        reason: Option<Reason>,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let Some(live) = self.campaigns.get_mut(id) else {
+            return Ok(());
+        };
+        let Some(next) = live
+            .progress
+            .get(device)
+            .and_then(|p| state::advance(p, to, reason, now))
+        else {
+            return Ok(());
+        };
+        self.store.put_progress(id, device, &next)?;
+        self.dirty = true;
+        live.set(device, next);
+        if let Some(r) = reason {
+            self.metrics.failure(r.as_str());
+            info!(%device, campaign = %id, reason = %r, "device stopped by the orchestrator");
+        }
+        Ok(())
+    }
+
+    /// Re-exports a campaign's gauges.
+    pub(super) fn refresh_gauges(&self, id: &CampaignId) {
+        let Some(live) = self.campaigns.get(id) else {
+            return;
+        };
+        let counts = live.counts();
+        for s in DeviceState::ALL {
+            let n = counts.get(&s).copied().unwrap_or(0);
+            self.metrics
+                .set_device_state(id.as_str(), s.as_str(), i64::from(n));
+        }
+    }
+}
