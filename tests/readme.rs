@@ -20,7 +20,7 @@
 //!
 //! The binaries are the ones `cargo nextest run --workspace` builds beside this test (the
 //! orchestrator's and device-sim's own integration tests make cargo build them). Run alone
-//! (`-p aloft-e2e`), this test refuses binaries older than the libraries it was built with.
+//! (`-p aloft-e2e`), this test refuses binaries older than their sources.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -106,44 +106,57 @@ fn the_walkthrough_is_read_with_continuations_joined_and_comments_dropped() {
 }
 
 /// Where cargo put this workspace's binaries: this test runs as `target/<profile>/deps/e2e-*`.
+/// Each binary must be newer than every source it is built from, else it may not be what the
+/// sources say (a run of this package alone rebuilds the libraries, not the binaries).
 fn binary_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    let dir = deps.parent().unwrap().to_owned();
-    let mtime = |p: &Path| p.metadata().and_then(|m| m.modified()).ok();
-    for (bin, lib) in [
-        ("aloft", "aloft_orchestrator"),
-        ("device-sim", "aloft_device"),
+    let dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shared = ["proto/src", "certs/src", "vault/src", "Cargo.lock"];
+    let aloft = [
+        "orchestrator/src",
+        "orchestrator/broker/src",
+        "orchestrator/aloft.example.toml",
+    ];
+    for (bin, own) in [
+        ("aloft", &aloft[..]),
+        ("device-sim", &["device-sim/src"][..]),
     ] {
         let path = dir.join(bin);
-        let Some(built) = mtime(&path) else {
+        let built = mtime(&path).unwrap_or_else(|| {
             panic!(
                 "{} is missing: run the whole suite (`cargo nextest run --workspace`), or \
                  `cargo build --workspace --bins` first",
                 path.display()
+            )
+        });
+        for source in shared.iter().chain(own) {
+            let newest = newest_mtime(&workspace.join(source));
+            assert!(
+                newest <= built,
+                "{} is older than {source}: run the whole suite (`cargo nextest run \
+                 --workspace`), or `cargo build --workspace --bins` first",
+                path.display()
             );
-        };
-        // The library this test was linked with was rebuilt after the binary: the binary may
-        // not be what the sources say any more.
-        let newest_lib = std::fs::read_dir(deps)
-            .unwrap()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&format!("lib{lib}-")) && n.ends_with(".rlib"))
-            })
-            .filter_map(|p| mtime(&p))
-            .max()
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        assert!(
-            built >= newest_lib,
-            "{} is older than {lib}: run the whole suite (`cargo nextest run --workspace`), or \
-             `cargo build --workspace --bins` first",
-            path.display()
-        );
+        }
     }
     dir
+}
+
+fn mtime(path: &Path) -> Option<SystemTime> {
+    path.metadata().and_then(|m| m.modified()).ok()
+}
+
+/// The newest modification time of a file, or of any file under a directory.
+fn newest_mtime(path: &Path) -> SystemTime {
+    let own = mtime(path).unwrap_or(SystemTime::UNIX_EPOCH);
+    match std::fs::read_dir(path) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .map(|e| newest_mtime(&e.path()))
+            .fold(own, SystemTime::max),
+        Err(_) => own,
+    }
 }
 
 /// A command running in the background: `aloft serve` or `device-sim run`.
