@@ -51,6 +51,7 @@ pub struct Cli {
 pub enum Command {
     /// Create a data directory: fleet CA and the orchestrator's TLS server certificate.
     Init {
+        /// The data directory to create; its `pki/`, `keystore` and `store/` must not exist yet.
         #[arg(long, env = "ALOFT_DATA_DIR")]
         data_dir: PathBuf,
         #[arg(long, default_value = "Aloft Fleet CA")]
@@ -100,8 +101,10 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
+    /// The data directory `aloft init` made.
     #[arg(long, env = "ALOFT_DATA_DIR")]
     pub data_dir: PathBuf,
+    /// A TOML configuration file (`aloft generate-config` prints a commented one).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// mTLS listener for devices and operators [default: the file's, else 127.0.0.1:8883];
