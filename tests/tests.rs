@@ -9,6 +9,7 @@ mod backup;
 mod campaign;
 mod certs;
 mod faults;
+mod readme;
 mod restart;
 mod rollout;
 mod trust;

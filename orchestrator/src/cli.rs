@@ -26,6 +26,8 @@ use crate::store::Target;
 mod backup;
 mod pki;
 mod rollout;
+#[cfg(test)]
+mod tests;
 mod trust;
 mod unlock;
 pub use backup::BackupCommand;
@@ -49,12 +51,15 @@ pub struct Cli {
 pub enum Command {
     /// Create a data directory: fleet CA and the orchestrator's TLS server certificate.
     Init {
+        /// The data directory to create; its `pki/`, `keystore` and `store/` must not exist yet.
         #[arg(long, env = "ALOFT_DATA_DIR")]
         data_dir: PathBuf,
         #[arg(long, default_value = "Aloft Fleet CA")]
         ca_name: String,
-        /// DNS names or IPs devices use to reach the orchestrator.
-        #[arg(long = "hostname", default_values = ["localhost", "127.0.0.1"])]
+        /// A DNS name or IP address devices and operators use to reach the orchestrator; repeat
+        /// for several. The server certificate carries these in addition to `localhost` and
+        /// `127.0.0.1`, which it always carries so that commands on the server itself work.
+        #[arg(long = "hostname")]
         hostnames: Vec<String>,
         #[command(flatten)]
         lock: NewLockArgs,
@@ -77,8 +82,10 @@ pub enum Command {
     Device(DeviceCommand),
     /// The audit log: who did what, and what the orchestrator decided itself (hash-chained).
     Audit {
+        /// The first entry to show, by sequence number [default: 1].
         #[arg(long)]
         since: Option<u64>,
+        /// At most this many entries [default: 100, at most 1000].
         #[arg(long)]
         limit: Option<u32>,
         #[command(flatten)]
@@ -94,13 +101,18 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
+    /// The data directory `aloft init` made.
     #[arg(long, env = "ALOFT_DATA_DIR")]
     pub data_dir: PathBuf,
+    /// A TOML configuration file (`aloft generate-config` prints a commented one).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// mTLS listener (overrides the file); port 0 picks a free port.
+    /// mTLS listener for devices and operators [default: the file's, else 127.0.0.1:8883];
+    /// port 0 picks a free port.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Prometheus endpoint, `GET /metrics` [default: the file's, else 127.0.0.1:9464]; port 0
+    /// picks a free port.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
     /// INSECURE plain-TCP listener for local debugging (loopback only).
@@ -111,11 +123,17 @@ pub struct ServeArgs {
 }
 
 /// How an operator command reaches the orchestrator.
+// A flattened struct's doc comment would become the `about` of every subcommand that has none of
+// its own (`device list` once described itself with the line above): `about = None` keeps it
+// out of `--help`.
 #[derive(Args, Debug, Clone)]
+#[command(about = None, long_about = None)]
 pub struct Conn {
     /// Operator profile directory (ca.crt, operator.crt, operator.key).
     #[arg(long, env = "ALOFT_PROFILE")]
     pub profile: PathBuf,
+    /// The orchestrator's mTLS listener, `host:port`; the host must be a name its server
+    /// certificate carries (`localhost` and `127.0.0.1` always are).
     #[arg(long, env = "ALOFT_SERVER", default_value = "127.0.0.1:8883")]
     pub server: String,
 }
@@ -169,8 +187,8 @@ pub enum PkiCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum ReleaseCommand {
-    /// Generate a release signing key (sealed, file mode 0600); prints its public key and,
-    /// once, the key file's recovery key.
+    /// Generate a release signing key (sealed, file mode 0600). Prints its public key alone on
+    /// stdout; the key file's recovery key goes to stderr, once.
     Keygen {
         #[arg(long)]
         out: PathBuf,
@@ -223,6 +241,7 @@ pub enum ReleaseCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// List the uploaded releases.
     List {
         #[command(flatten)]
         conn: Conn,
@@ -254,6 +273,7 @@ pub enum DeviceCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// List the registered devices (devices register themselves when they first connect).
     List {
         #[command(flatten)]
         conn: Conn,
@@ -293,18 +313,21 @@ pub enum CampaignCommand {
     },
     /// Stop notifying devices; those in flight finish.
     Pause {
+        /// The campaign id (`campaign create` prints it).
         campaign: String,
         #[command(flatten)]
         conn: Conn,
     },
     /// Continue a paused campaign (overrides the pause threshold for the waves open now).
     Resume {
+        /// The campaign id (`campaign create` prints it).
         campaign: String,
         #[command(flatten)]
         conn: Conn,
     },
     /// Stop for good: devices not started get nothing, downloads in flight are withdrawn.
     Abort {
+        /// The campaign id (`campaign create` prints it).
         campaign: String,
         #[command(flatten)]
         conn: Conn,
@@ -312,6 +335,7 @@ pub enum CampaignCommand {
     /// Return the devices that took a campaign's release to another release (aborting the
     /// campaign first if it still runs).
     Rollback {
+        /// The campaign id (`campaign create` prints it).
         campaign: String,
         /// The release to return to; its security version must not be below the campaign's.
         #[arg(long)]
@@ -325,6 +349,7 @@ pub enum CampaignCommand {
     },
     /// Status, policy, waves and counts per state; `--watch` follows until the campaign stops.
     Status {
+        /// The campaign id (`campaign create` prints it).
         campaign: String,
         #[arg(long)]
         devices: bool,
@@ -336,6 +361,7 @@ pub enum CampaignCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// List every campaign with its status.
     List {
         #[command(flatten)]
         conn: Conn,
@@ -537,6 +563,8 @@ async fn release(c: ReleaseCommand) -> Result<()> {
                 write_signing_key(&out, &key, p)
             })?;
             let public = key.public();
+            // Only the public key on stdout, so that `$(aloft release keygen ...)` is the key
+            // to name in a root; the recovery key went to stderr.
             println!("{}", public.to_hex());
             eprintln!(
                 "release signing key {} written to {}; keep it offline. Name it in the root's release role: `aloft trust root-new ... --release-key {}`",

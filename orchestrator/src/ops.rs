@@ -24,6 +24,9 @@ use crate::admin::wire::AdminBody;
 use crate::config::layout;
 use crate::store::Store;
 
+#[cfg(test)]
+mod tests;
+
 /// Files of a release bundle directory (`aloft release build`).
 pub mod bundle {
     pub const MANIFEST: &str = "manifest.json";
@@ -32,9 +35,25 @@ pub mod bundle {
     pub const CONTENT_KEY: &str = "content-key";
 }
 
+/// Names the server certificate carries whatever else it is given: operator commands and a
+/// simulator run on the server itself reach it by these (`--server 127.0.0.1:8883`).
+pub const LOCAL_SERVER_NAMES: [&str; 2] = ["localhost", "127.0.0.1"];
+
+/// The server certificate's names: [`LOCAL_SERVER_NAMES`], then `hostnames`, each once.
+pub fn server_names(hostnames: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = LOCAL_SERVER_NAMES.iter().map(|n| (*n).to_owned()).collect();
+    for name in hostnames {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names
+}
+
 /// Creates a data directory: the fleet CA and the server certificate under `data_dir/pki`
-/// (both keys sealed), the keystore (a sealed master key for the store's content keys) and an
-/// empty store. Every sealed file opens with what `protection` holds.
+/// (both keys sealed; the certificate names `hostnames` and [`LOCAL_SERVER_NAMES`]), the
+/// keystore (a sealed master key for the store's content keys) and an empty store. Every
+/// sealed file opens with what `protection` holds.
 pub fn init(
     data_dir: &Path,
     ca_name: &str,
@@ -65,7 +84,7 @@ pub fn init(
     }
     let ca = FleetCa::create(ca_name, 3650)?;
     save_ca(&ca, &pki, protection)?;
-    let server = ca.issue_server(hostnames, Validity::days(825))?;
+    let server = ca.issue_server(&server_names(hostnames), Validity::days(825))?;
     write_new(
         &pki.join(layout::SERVER_CERT),
         server.cert_pem.as_bytes(),
@@ -158,9 +177,10 @@ pub fn new_protection(
     Ok((protection, recovery))
 }
 
-/// Shows a freshly generated recovery key, once, on stdout, with what it opens.
+/// Shows a freshly generated recovery key, once, labeled, with what it opens. On stderr: stdout
+/// is for what scripts capture (a public key), and a secret should not land in their logs.
 pub fn print_recovery_key(key: &RecoveryKey, opens: &str) {
-    println!("recovery key: {}", key.to_hex().as_str());
+    eprintln!("recovery key: {}", key.to_hex().as_str());
     eprintln!(
         "WARNING: this recovery key is shown once and never stored. It opens {opens}. Write it \
          down and keep it offline, apart from the files it opens: without it (and without the \

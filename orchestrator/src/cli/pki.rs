@@ -1,18 +1,18 @@
 //! `aloft pki revoke | crl | crl-push`: revocation for an operator. `revoke` and `crl` run where
 //! the CA key is (they keep `revocations.json` beside it); `crl-push` sends a signed CRL to a
-//! running orchestrator, which enforces it at once.
+//! running orchestrator, which enforces it at once. `crl` signs with the CA key, sealed as
+//! `aloft init` wrote it: it opens like `serve` does (`--unlock-file`, `ALOFT_UNLOCK`, a prompt).
 
 use std::path::PathBuf;
 
 use aloft_certs::revocation::{
     parse_serial_hex, RevocationReason, RevocationState, DEFAULT_NEXT_UPDATE_DAYS,
 };
-use aloft_certs::FleetCa;
 use anyhow::{bail, Context, Result};
 use clap::{ArgGroup, Args};
 use serde_json::Value;
 
-use super::{print_json, Conn};
+use super::{print_json, Conn, UnlockArgs};
 use crate::admin::client::AdminClient;
 use crate::admin::wire::AdminBody;
 
@@ -37,7 +37,7 @@ pub struct RevokeArgs {
 /// `aloft pki crl`.
 #[derive(Args, Debug)]
 pub struct CrlArgs {
-    /// The CA directory (ca.crt, ca.key, revocations.json).
+    /// The CA directory (ca.crt, the sealed ca.key, revocations.json).
     #[arg(long)]
     pub ca_dir: PathBuf,
     /// Where to write the signed CRL (PEM); replaced if it exists.
@@ -46,6 +46,8 @@ pub struct CrlArgs {
     /// Days until the CRL's nextUpdate.
     #[arg(long, default_value_t = DEFAULT_NEXT_UPDATE_DAYS)]
     pub next_update_days: u32,
+    #[command(flatten)]
+    pub unlock: UnlockArgs,
 }
 
 /// `aloft pki crl-push`.
@@ -99,7 +101,7 @@ pub fn revoke(args: RevokeArgs) -> Result<()> {
 
 /// Signs a CRL of every revocation so far, numbered one above the last, and writes it.
 pub fn crl(args: CrlArgs) -> Result<()> {
-    let ca = FleetCa::load(&args.ca_dir)?;
+    let ca = crate::ops::load_ca(&args.ca_dir, &args.unlock.obtain("the fleet CA key")?)?;
     let mut state = RevocationState::load(&args.ca_dir)?;
     let pem = state.sign_crl(&ca, args.next_update_days, time::OffsetDateTime::now_utc())?;
     // The number is spent once the state says so; a CRL is written only after that, so two
@@ -129,9 +131,11 @@ pub async fn crl_push(args: CrlPushArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::{Path, PathBuf};
+
     use clap::Parser;
 
-    use super::super::{Cli, Command, PkiCommand};
+    use super::super::{Cli, Command, PkiCommand, UnlockArgs};
 
     #[test]
     fn revoke_takes_a_certificate_or_a_serial_but_not_both_or_neither() {
@@ -156,21 +160,47 @@ mod tests {
     }
 
     #[test]
-    fn revoke_then_crl_writes_crls_with_growing_numbers() {
+    fn crl_takes_the_secret_of_the_sealed_ca_key() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["aloft", "pki", "crl"].iter().chain(args));
+        let ok = parse(&["--ca-dir", "ca", "--out", "crl.pem", "--unlock-file", "u"]).unwrap();
+        let Command::Pki(PkiCommand::Crl(a)) = ok.command else {
+            panic!("not a crl");
+        };
+        assert_eq!(a.unlock.unlock_file.as_deref(), Some(Path::new("u")));
+    }
+
+    /// The CA directory `aloft init` writes: the key sealed, the secret in an unlock file.
+    fn sealed_ca_dir() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
-        aloft_certs::FleetCa::create("t", 30)
-            .unwrap()
-            .save(dir.path())
-            .unwrap();
-        let ca_pem = std::fs::read_to_string(dir.path().join(aloft_certs::CA_CERT_FILE)).unwrap();
-        let out = dir.path().join("crl.pem");
+        let recovery = aloft_vault::RecoveryKey::generate().unwrap();
+        crate::ops::init(
+            &dir.path().join("data"),
+            "t",
+            &[],
+            &aloft_vault::Protection::recovery_key(recovery.clone()),
+        )
+        .unwrap();
+        let unlock = dir.path().join("unlock");
+        std::fs::write(&unlock, recovery.to_hex().as_bytes()).unwrap();
+        (dir, unlock)
+    }
+
+    #[test]
+    fn revoke_then_crl_on_an_initialized_data_directory_writes_crls_with_growing_numbers() {
+        let (tmp, unlock) = sealed_ca_dir();
+        let dir = tmp.path().join("data").join("pki");
+        let ca_pem = std::fs::read_to_string(dir.join(aloft_certs::CA_CERT_FILE)).unwrap();
+        let out = tmp.path().join("crl.pem");
         let crl = |n: u32| super::CrlArgs {
-            ca_dir: dir.path().to_owned(),
+            ca_dir: dir.clone(),
             out: out.clone(),
             next_update_days: n,
+            unlock: UnlockArgs {
+                unlock_file: Some(unlock.clone()),
+            },
         };
         super::revoke(super::RevokeArgs {
-            ca_dir: dir.path().to_owned(),
+            ca_dir: dir.clone(),
             cert: None,
             serial: Some("4a:01".into()),
             reason: "key-compromise".into(),
@@ -185,7 +215,7 @@ mod tests {
         assert_eq!((first.number, second.number), (1, 2));
         assert!(second.is_revoked(&[0x4a, 0x01]));
         assert!(super::revoke(super::RevokeArgs {
-            ca_dir: dir.path().to_owned(),
+            ca_dir: dir.clone(),
             cert: None,
             serial: Some("01".into()),
             reason: "stolen".into(),

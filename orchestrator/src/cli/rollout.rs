@@ -15,6 +15,7 @@ use crate::rollout::RolloutPolicy;
 /// A rollout policy from the command line: a TOML file (`--policy`) overridden by flags.
 /// Durations take `s`, `m`, `h` or `d` (`90s`, `10m`); ratios take `%`.
 #[derive(Args, Debug, Default)]
+#[command(about = None, long_about = None)]
 pub struct PolicyArgs {
     /// TOML file holding a rollout policy (the fields of PROTOCOL.md §Rollout policy).
     #[arg(long)]

@@ -18,8 +18,8 @@ use crate::ops::{install_roots, read_root, read_signing_key, write_signing_key};
 
 #[derive(Subcommand, Debug)]
 pub enum TrustCommand {
-    /// Generate a signing key for a root or release role (secret, mode 0600); prints its public
-    /// key and key id.
+    /// Generate a signing key for a root or release role (sealed, file mode 0600). Prints its
+    /// public key alone on stdout; its key id and the key file's recovery key go to stderr.
     Keygen {
         #[arg(long)]
         out: PathBuf,
@@ -196,6 +196,8 @@ pub async fn run(c: TrustCommand) -> Result<()> {
                 write_signing_key(&out, &key, p)
             })?;
             let p = key.public();
+            // Only the public key on stdout, so that `$(aloft trust keygen ...)` is the key to
+            // name in a root; the recovery key went to stderr.
             println!("{}", p.to_hex());
             eprintln!(
                 "signing key {} written to {}; keep it offline",

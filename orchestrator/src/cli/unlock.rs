@@ -11,6 +11,7 @@ use crate::ops::{new_protection, print_recovery_key};
 
 /// Opens existing sealed files.
 #[derive(Args, Debug, Clone, Default)]
+#[command(about = None, long_about = None)]
 pub struct UnlockArgs {
     /// File holding the passphrase or the 64-hex-digit recovery key [else $ALOFT_UNLOCK, else a
     /// prompt on a terminal].
@@ -28,11 +29,12 @@ impl UnlockArgs {
 /// Locks new sealed files: a fresh recovery key, shown once after the files exist, plus a
 /// passphrase unless `--no-passphrase`.
 #[derive(Args, Debug, Clone, Default)]
+#[command(about = None, long_about = None)]
 pub struct NewLockArgs {
     /// File holding the new passphrase [else $ALOFT_UNLOCK, else a prompt on a terminal].
     #[arg(long)]
     pub unlock_file: Option<PathBuf>,
-    /// No passphrase: the recovery key printed now is the only way to open the files.
+    /// No passphrase: the recovery key shown now (on stderr) is the only way to open the files.
     #[arg(long)]
     pub no_passphrase: bool,
 }

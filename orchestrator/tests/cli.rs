@@ -1,0 +1,84 @@
+//! The `aloft` binary as a script or a reader sees it: what goes to stdout and to stderr, and
+//! what `--help` says. (Also why cargo builds `aloft` whenever the workspace's tests are built:
+//! tests/readme.rs runs it.)
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use aloft_orchestrator::cli::Cli;
+use clap::CommandFactory;
+
+fn aloft<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(env!("CARGO_BIN_EXE_aloft"))
+        .args(args)
+        .env_remove("ALOFT_UNLOCK")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn keygen_prints_the_public_key_alone_on_stdout_and_the_recovery_key_labeled_on_stderr() {
+    for role in ["trust", "release"] {
+        let dir = tempfile::tempdir().unwrap();
+        let key: &Path = &dir.path().join("k.key");
+        let out = aloft([
+            role.as_ref(),
+            "keygen".as_ref(),
+            "--out".as_ref(),
+            key.as_os_str(),
+            "--no-passphrase".as_ref(),
+        ]);
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        let recovery = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("recovery key: "))
+            .unwrap_or_else(|| panic!("`{role} keygen` showed no labeled recovery key: {stderr}"));
+        assert!(
+            !stdout.contains(recovery),
+            "the recovery key reached stdout"
+        );
+        let unlock = aloft_vault::Unlock::parse(recovery).unwrap();
+        let signing = aloft_orchestrator::ops::read_signing_key(key, &unlock).unwrap();
+        assert_eq!(
+            stdout,
+            format!("{}\n", signing.public().to_hex()),
+            "`{role} keygen` stdout must be the public key alone"
+        );
+    }
+}
+
+#[test]
+fn every_subcommand_answers_help_with_its_own_about_line() {
+    fn walk(cmd: &clap::Command, path: &mut Vec<String>, out: &mut Vec<(Vec<String>, String)>) {
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            path.push(sub.get_name().to_owned());
+            let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+            out.push((path.clone(), about));
+            walk(sub, path, out);
+            path.pop();
+        }
+    }
+    let mut all = Vec::new();
+    walk(&Cli::command(), &mut Vec::new(), &mut all);
+    for (path, about) in all {
+        let out = aloft(path.iter().map(String::as_str).chain(["--help"]));
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(
+            help.lines().next(),
+            Some(about.as_str()),
+            "`aloft {} --help`",
+            path.join(" ")
+        );
+    }
+}
