@@ -77,6 +77,8 @@ impl Signer {
     ) -> std::io::Result<Signer> {
         let (tx, rx) = std_mpsc::sync_channel(QUEUE);
         let dir = pki_dir.clone();
+        // Weak: the signer must not keep the engine's queue open once everything else is gone.
+        let results = results.downgrade();
         std::thread::Builder::new()
             .name("aloft-ca-signer".into())
             .spawn(move || run(dir, unlock, rx, results))?;
@@ -156,7 +158,7 @@ fn run(
     dir: PathBuf,
     unlock: Option<aloft_vault::Unlock>,
     rx: std_mpsc::Receiver<SignRequest>,
-    results: mpsc::Sender<Inbound>,
+    results: mpsc::WeakSender<Inbound>,
 ) {
     let mut ca = Ca {
         dir,
@@ -171,6 +173,9 @@ fn run(
         let outcome = match sign(&mut ca, &req) {
             Ok((cert, serial)) => SignOutcome::Issued { cert, serial },
             Err((code, detail)) => SignOutcome::Refused(code, detail),
+        };
+        let Some(results) = results.upgrade() else {
+            break;
         };
         if results
             .blocking_send(Inbound::Signed(Signed { device, outcome }))
