@@ -8,15 +8,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aloft_certs::revocation::{RevocationReason, RevocationState};
-use aloft_certs::{cert_serial, FleetCa};
+use aloft_certs::{cert_serial, FleetCa, Validity};
 use aloft_device::DeviceIdentity;
 use aloft_e2e::{finished, status, wait_campaign, ReleaseSpec};
 use aloft_orchestrator::admin::client::ClientError;
 use aloft_orchestrator::admin::wire::AdminBody;
 use aloft_orchestrator::rollout::RolloutPolicy;
 use aloft_orchestrator::store::Target;
-use aloft_proto::messages::{self, RenewalError, RenewalRequest, RenewalResponse};
-use aloft_proto::{topics, DeviceState, Reason};
+use aloft_proto::crypto::DeviceEncryptionKey;
+use aloft_proto::messages::{self, Job, RenewalError, RenewalRequest, RenewalResponse};
+use aloft_proto::{topics, DeviceId, DeviceState, Reason};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
@@ -344,6 +345,8 @@ async fn a_device_renews_its_certificate_over_mqtt_keeps_its_record_and_updates_
         old_serial
     );
 
+    // Far from expiry: the device may renew only because an operator allows it, once.
+    allow_renewal(&env, dev).await;
     assert!(fleet.force_renewal(dev));
     let deadline = tokio::time::Instant::now() + LIMIT;
     while renewer.renewed() == 0 {
@@ -440,10 +443,13 @@ async fn a_csr_naming_another_device_is_refused_and_renewal_needs_the_online_ca(
         .unwrap();
     assert_eq!(registered(&v).len(), 1);
 
+    // Far from expiry: each attempt below needs an operator's leave (and spends it).
     let theirs = aloft_certs::device_csr(&other.id, &[9; 32]).unwrap();
+    allow_renewal(&env, &me.id).await;
     let answer = renewal_answer(&env, me, theirs.csr_pem).await;
     assert_eq!(answer.error, Some(RenewalError::IdentityMismatch));
     assert!(answer.cert.is_none());
+    allow_renewal(&env, &me.id).await;
     let garbage = renewal_answer(&env, me, "not a csr".into()).await;
     assert_eq!(garbage.error, Some(RenewalError::InvalidCsr));
 
@@ -458,6 +464,7 @@ async fn a_csr_naming_another_device_is_refused_and_renewal_needs_the_online_ca(
 
     // Back online, the same request is granted.
     std::fs::rename(env.lab.root.join("ca.key.offline"), pki.join("ca.key")).unwrap();
+    allow_renewal(&env, &me.id).await;
     let answer = renewal_answer(&env, me, mine.csr_pem).await;
     let cert = answer.cert.expect("a certificate");
     let identity =
@@ -465,4 +472,313 @@ async fn a_csr_naming_another_device_is_refused_and_renewal_needs_the_online_ca(
     assert_eq!(identity.id, me.id.as_str());
     assert_eq!(identity.x25519, Some(x25519));
     assert_eq!(env.running.metrics.renewal_count("identity_mismatch"), 1);
+}
+
+/// An operator allows `device` one early renewal (`aloft device renew-allow`).
+async fn allow_renewal(env: &Env, device: &DeviceId) {
+    let v: Value = env
+        .admin
+        .call(AdminBody::DeviceRenewAllow {
+            device: device.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(v["allowed"], true);
+}
+
+/// A device `id` whose certificate (from the lab's CA, recorded in the issuance ledger as
+/// `aloft pki issue-devices` does) is inside its renewal window: 20 days old, 5 days left.
+fn due_device(env: &Env, id: &str) -> DeviceIdentity {
+    let id = DeviceId::new(id).unwrap();
+    let encryption_key = DeviceEncryptionKey::generate().unwrap();
+    let csr = aloft_certs::device_csr(&id, &encryption_key.public_bytes().unwrap()).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let validity = Validity {
+        not_before: now - time::Duration::days(20),
+        not_after: now + time::Duration::days(5),
+    };
+    let cert_pem = env.lab.ca.issue_device(&csr.csr_pem, validity).unwrap();
+    aloft_certs::ledger::record_certs(&env.lab.data_dir.join("pki"), &[&cert_pem]).unwrap();
+    DeviceIdentity {
+        id,
+        key_pem: csr.key_pem,
+        cert_pem,
+        encryption_key,
+    }
+}
+
+/// Connects as `device`, takes its retained job, and disconnects.
+async fn retained_job(env: &Env, device: &DeviceIdentity) -> Job {
+    let (client, mut el) =
+        device_client(env.running.device_addr, env.lab.ca.cert_pem(), device).await;
+    client
+        .subscribe(topics::job(&device.id), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let job = tokio::time::timeout(LIMIT, async {
+        loop {
+            if let Event::Incoming(Packet::Publish(p)) = el.poll().await.unwrap() {
+                if p.topic == topics::job(&device.id) && !p.payload.is_empty() {
+                    return messages::decode::<Job>(&p.payload).unwrap();
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    crate::common::close(client, el).await;
+    job
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thief_with_only_the_tls_key_cannot_renew_with_its_own_x25519_key_and_jobs_stay_wrapped_to_the_device(
+) {
+    let env = Env::new(0).await;
+    let device = due_device(&env, "dev-stolen");
+    // The thief holds the TLS key and the certificate, not the X25519 key; the real device is
+    // offline. Its certificate is due, so no operator's leave is needed.
+    let thief_key = DeviceEncryptionKey::generate().unwrap();
+    let thief_x25519 = thief_key.public_bytes().unwrap();
+    let csr = aloft_certs::device_renewal_csr(&device.id, &thief_x25519, &device.key_pem).unwrap();
+    let answer = renewal_answer(&env, &device, csr.csr_pem).await;
+    assert_eq!(answer.error, Some(RenewalError::X25519KeyChanged));
+    assert!(answer.cert.is_none());
+    assert_eq!(env.running.metrics.renewal_count("x25519_key_changed"), 1);
+    assert_eq!(env.running.metrics.renewal_count("issued"), 0);
+    let audit: Value = env
+        .admin
+        .call(AdminBody::AuditList {
+            since: None,
+            limit: None,
+        })
+        .await
+        .unwrap();
+    assert!(
+        audit["entries"].as_array().unwrap().iter().any(|e| {
+            e["action"] == "certificate_renewal" && e["outcome"] == "x25519_key_changed"
+        }),
+        "{audit}"
+    );
+    // Asking again at once is refused before the CSR is even read.
+    let again =
+        aloft_certs::device_renewal_csr(&device.id, &thief_x25519, &device.key_pem).unwrap();
+    let answer = renewal_answer(&env, &device, again.csr_pem).await;
+    assert_eq!(answer.error, Some(RenewalError::RateLimited));
+
+    // A job created afterwards is wrapped to the device's own key, and useless to the thief.
+    let campaign = env
+        .roll_out(
+            &ReleaseSpec::new("2.0.0", 2, 32 * 1024),
+            RolloutPolicy::default(),
+        )
+        .await;
+    let job = retained_job(&env, &device).await;
+    assert_eq!(job.campaign, campaign);
+    let artifact = job.manifest.peek_unverified().unwrap().artifact;
+    assert!(aloft_proto::crypto::unwrap_content_key(
+        &device.encryption_key,
+        &device.id,
+        &artifact,
+        &job.wrapped_key
+    )
+    .is_ok());
+    assert!(aloft_proto::crypto::unwrap_content_key(
+        &thief_key,
+        &device.id,
+        &artifact,
+        &job.wrapped_key
+    )
+    .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_original_certificate_revokes_the_renewed_one_and_ends_its_session() {
+    let env = Env::new(2).await;
+    let fleet = env.start_fleet(&env.fleet_config()).await;
+    let original = &env.devices[0];
+    let dev = &original.id;
+    allow_renewal(&env, dev).await;
+    assert!(fleet.force_renewal(dev));
+    let renewer = fleet.renewer(dev).unwrap();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while renewer.renewed() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no renewal");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let renewed_serial = renewer.serial_hex();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while device_record(&env, dev.as_str()).await["cert_serial"] != renewed_serial {
+        assert!(tokio::time::Instant::now() < deadline, "not reconnected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(fleet.wait_one(dev, LIMIT, |v| v.connected).await);
+
+    // README procedure 4 with the certificate file the operator has: the original one.
+    let pki = env.lab.data_dir.join("pki");
+    let original_file = env.lab.root.join("stolen.crt");
+    std::fs::write(&original_file, &original.cert_pem).unwrap();
+    aloft_orchestrator::cli::pki::revoke(aloft_orchestrator::cli::pki::RevokeArgs {
+        ca_dir: pki.clone(),
+        cert: Some(original_file),
+        serial: None,
+        device: None,
+        reason: "key-compromise".into(),
+    })
+    .unwrap();
+    let (crl, _) = aloft_certs::revocation::sign_next_crl(
+        &pki,
+        &env.lab.ca,
+        7,
+        time::OffsetDateTime::now_utc(),
+    )
+    .unwrap();
+    let reply = push_crl(&env, crl).await.unwrap();
+    assert_eq!(reply["devices_revoked"], serde_json::json!([dev]));
+    assert_eq!(
+        reply["sessions_dropped"],
+        serde_json::json!([format!("device {dev}")])
+    );
+
+    // The renewed certificate's live session is ended and it is refused at connect; so is the
+    // original. No restart.
+    assert!(fleet.wait_one(dev, LIMIT, |v| !v.connected).await);
+    let renewed = DeviceIdentity {
+        cert_pem: renewer.cert_pem(),
+        ..original.clone()
+    };
+    assert!(!can_connect(&env, &renewed).await);
+    assert!(!can_connect(&env, original).await);
+    assert!(fleet.view(&env.devices[1].id).unwrap().connected);
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_renewal_requests_from_one_device_issue_one_certificate_and_another_device_is_still_answered(
+) {
+    let env = Env::new(1).await;
+    let flooder = due_device(&env, "dev-flood");
+    let other = &env.devices[0];
+    let addr = env.running.device_addr;
+    let (a, mut a_el) = device_client(addr, env.lab.ca.cert_pem(), &flooder).await;
+    let (b, mut b_el) = device_client(addr, env.lab.ca.cert_pem(), other).await;
+    a.subscribe(topics::cert(&flooder.id), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    b.subscribe(topics::ack(&other.id), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    // Both subscriptions stand before anything is sent.
+    for el in [&mut a_el, &mut b_el] {
+        tokio::time::timeout(LIMIT, async {
+            loop {
+                if let Event::Incoming(Packet::SubAck(_)) = el.poll().await.unwrap() {
+                    return;
+                }
+            }
+        })
+        .await
+        .unwrap();
+    }
+    let x25519 = flooder.encryption_key.public_bytes().unwrap();
+    let csr = aloft_certs::device_renewal_csr(&flooder.id, &x25519, &flooder.key_pem).unwrap();
+    let request = messages::encode(&RenewalRequest {
+        v: 1,
+        csr: csr.csr_pem,
+    });
+    const FLOOD: usize = 40;
+    let started = std::time::Instant::now();
+    for _ in 0..FLOOD {
+        a.publish(
+            topics::csr(&flooder.id),
+            QoS::AtLeastOnce,
+            false,
+            request.clone(),
+        )
+        .await
+        .unwrap();
+    }
+    // The other device reports (for a campaign it is not in: still acknowledged) while the
+    // flood is under way, and again once it has been answered.
+    let report = br#"{"v":1,"campaign":"c-none","seq":1,"state":"downloading"}"#.to_vec();
+    b.publish(
+        topics::status(&other.id),
+        QoS::AtLeastOnce,
+        false,
+        report.clone(),
+    )
+    .await
+    .unwrap();
+    let mut answers: Vec<RenewalResponse> = Vec::new();
+    let mut ack_at = None;
+    tokio::time::timeout(LIMIT, async {
+        while answers.len() < FLOOD || ack_at.is_none() {
+            tokio::select! {
+                ev = a_el.poll() => {
+                    if let Event::Incoming(Packet::Publish(p)) = ev.unwrap() {
+                        answers.push(messages::decode(&p.payload).unwrap());
+                    }
+                }
+                ev = b_el.poll() => {
+                    if let Event::Incoming(Packet::Publish(p)) = ev.unwrap() {
+                        if p.topic == topics::ack(&other.id) && ack_at.is_none() {
+                            ack_at = Some((started.elapsed(), answers.len()));
+                        }
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let all_answered = started.elapsed();
+    let (ack_rtt, answered_before_ack) = ack_at.unwrap();
+    let issued = answers.iter().filter(|r| r.cert.is_some()).count();
+    let limited = answers
+        .iter()
+        .filter(|r| r.error == Some(RenewalError::RateLimited))
+        .count();
+    println!(
+        "other device's ack after {ack_rtt:?} ({answered_before_ack} of {FLOOD} renewal answers before it); all {FLOOD} answered after {all_answered:?}"
+    );
+    let errors: Vec<_> = answers.iter().map(|r| r.error).collect();
+    assert_eq!((issued, limited), (1, FLOOD - 1), "{errors:?}");
+    assert_eq!(env.running.metrics.renewal_count("issued"), 1);
+    assert_eq!(
+        env.running.metrics.renewal_count("rate_limited"),
+        (FLOOD - 1) as u64
+    );
+
+    // Renewals from it are still refused, and the other device is still answered at once.
+    a.publish(topics::csr(&flooder.id), QoS::AtLeastOnce, false, request)
+        .await
+        .unwrap();
+    let sent = std::time::Instant::now();
+    b.publish(topics::status(&other.id), QoS::AtLeastOnce, false, report)
+        .await
+        .unwrap();
+    let (mut refused, mut acked) = (false, false);
+    tokio::time::timeout(LIMIT, async {
+        while !(refused && acked) {
+            tokio::select! {
+                ev = a_el.poll() => {
+                    if let Event::Incoming(Packet::Publish(p)) = ev.unwrap() {
+                        let r: RenewalResponse = messages::decode(&p.payload).unwrap();
+                        assert_eq!(r.error, Some(RenewalError::RateLimited));
+                        refused = true;
+                    }
+                }
+                ev = b_el.poll() => {
+                    if let Event::Incoming(Packet::Publish(p)) = ev.unwrap() {
+                        acked |= p.topic == topics::ack(&other.id);
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    println!("second ack round trip {:?}", sent.elapsed());
+    assert_eq!(env.running.metrics.renewal_count("issued"), 1);
+    crate::common::close(a, a_el).await;
+    crate::common::close(b, b_el).await;
 }

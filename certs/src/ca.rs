@@ -22,11 +22,37 @@ pub const CA_CERT_FILE: &str = "ca.crt";
 /// File name of the CA private key inside a CA directory.
 pub const CA_KEY_FILE: &str = "ca.key";
 
+/// The CA's private key. Its DER copy is wiped when it is dropped: the orchestrator keeps the
+/// CA in memory for the life of the process to answer renewals, and what it drops must not
+/// linger in freed memory (the signing key inside aws-lc is cleansed by aws-lc itself).
+pub(crate) struct CaKey(KeyPair);
+
+impl Drop for CaKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+impl rcgen::PublicKeyData for CaKey {
+    fn der_bytes(&self) -> &[u8] {
+        self.0.der_bytes()
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        rcgen::PublicKeyData::algorithm(&self.0)
+    }
+}
+
+impl rcgen::SigningKey for CaKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.0.sign(msg)
+    }
+}
+
 /// The certificate authority every Aloft certificate chains to.
 pub struct FleetCa {
     /// Subject, key identifier method and signing key as rcgen signs with them, built once so
     /// that issuing thousands of certificates never re-parses the CA certificate.
-    pub(crate) issuer: Issuer<'static, KeyPair>,
+    pub(crate) issuer: Issuer<'static, CaKey>,
     cert_pem: String,
     cert_der: CertificateDer<'static>,
 }
@@ -67,7 +93,7 @@ impl FleetCa {
         Ok(FleetCa {
             cert_pem: cert.pem(),
             cert_der: cert.der().clone(),
-            issuer: Issuer::new(params, key),
+            issuer: Issuer::new(params, CaKey(key)),
         })
     }
 
@@ -87,7 +113,7 @@ impl FleetCa {
         }
         write_new(
             &key_path,
-            self.issuer.key().serialize_pem().as_bytes(),
+            self.issuer.key().0.serialize_pem().as_bytes(),
             0o600,
         )?;
         write_new(&cert_path, self.cert_pem.as_bytes(), 0o644)
@@ -125,7 +151,7 @@ impl FleetCa {
             return Err(PkiError::CaKeyMismatch);
         }
 
-        let issuer = Issuer::from_ca_cert_der(&cert_der, key)
+        let issuer = Issuer::from_ca_cert_der(&cert_der, CaKey(key))
             .map_err(|e| PkiError::CertificateParse(e.to_string()))?;
         Ok(FleetCa {
             issuer,
@@ -137,7 +163,7 @@ impl FleetCa {
     /// The CA private key, PKCS#8 PEM: a secret, for a caller that seals it before it is
     /// written (the caller should hold it in zeroizing memory).
     pub fn key_pem(&self) -> String {
-        self.issuer.key().serialize_pem()
+        self.issuer.key().0.serialize_pem()
     }
 
     /// The CA certificate, PEM-encoded: what every party puts in its trust store.

@@ -100,6 +100,10 @@ pub enum PkiError {
     CrlSignature,
     #[error("certificate does not hold the expected key or identity: {0}")]
     CertificateMismatch(&'static str),
+    #[error("the csr carries another x25519 key than the device's current certificate; renewal keeps the x25519 key (rotate it by re-enrolling through the operator)")]
+    X25519KeyChanged,
+    #[error("the issuance ledger is not valid: {0}")]
+    Ledger(String),
 
     #[error("building the tls configuration failed: {0}")]
     Tls(#[from] rustls::Error),

@@ -51,17 +51,25 @@ impl FleetCa {
     }
 
     /// [`FleetCa::issue_device`] for a device renewing its certificate: the CSR must also name
-    /// `expected`, the device that asked (authenticated by its connection, not by the CSR).
+    /// `expected`, the device that asked (authenticated by its connection, not by the CSR), and
+    /// carry `x25519`, the encryption key of the device's current certificate. The TLS key may
+    /// change (that is what renewal is for); the X25519 key may not, since content keys are
+    /// wrapped to it and the TLS key alone must never be enough to get them.
     pub fn renew_device(
         &self,
         csr_pem: &str,
         expected: &DeviceId,
+        x25519: &[u8; 32],
         validity: Validity,
     ) -> Result<String, PkiError> {
-        if &vet_device_csr(csr_pem)? != expected {
+        let (named, key) = read_device_csr(csr_pem)?;
+        if &named != expected {
             return Err(PkiError::CertificateMismatch(
                 "the csr names another device",
             ));
+        }
+        if &key != x25519 {
+            return Err(PkiError::X25519KeyChanged);
         }
         self.issue_device(csr_pem, validity)
     }
@@ -146,10 +154,15 @@ impl FleetCa {
 /// as the only CN, exactly one x25519 key and no other SAN) without a CA, and returns the device
 /// it names: the orchestrator checks this before it looks for its CA key.
 pub fn vet_device_csr(csr_pem: &str) -> Result<DeviceId, PkiError> {
+    read_device_csr(csr_pem).map(|(id, _)| id)
+}
+
+/// [`vet_device_csr`], also returning the X25519 key the CSR carries.
+pub fn read_device_csr(csr_pem: &str) -> Result<(DeviceId, [u8; 32]), PkiError> {
     let csr = csr::vet(csr_pem)?;
     let id = DeviceId::new(csr.common_name).map_err(PkiError::InvalidDeviceId)?;
-    only_x25519_key(&csr.sans)?;
-    Ok(id)
+    let key = only_x25519_key(&csr.sans)?;
+    Ok((id, key))
 }
 
 fn server_san(host: &str) -> Result<SanType, PkiError> {

@@ -11,8 +11,10 @@ mod device;
 mod error;
 mod identity;
 mod issue;
+pub mod ledger;
 mod pem;
 mod profile;
+pub mod renewal;
 pub mod revocation;
 pub mod tls;
 
@@ -24,7 +26,7 @@ pub use crl_number::{crl_number, newer_crl_number};
 pub use device::{device_csr, device_renewal_csr, DeviceCsr};
 pub use error::PkiError;
 pub use identity::{cert_public_key_matches, cert_serial, parse_identity, CertIdentity};
-pub use issue::{vet_device_csr, IssuedKeyPair};
+pub use issue::{read_device_csr, vet_device_csr, IssuedKeyPair};
 pub use profile::{
     parse_x25519_uri, x25519_uri, Role, Validity, SERVER_COMMON_NAME, X25519_URI_PREFIX,
 };

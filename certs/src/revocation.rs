@@ -224,6 +224,92 @@ impl RevocationState {
     }
 }
 
+/// What [`revoke_device`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRevocation {
+    /// Serials revoked now (hex), in ledger order; the certificate at hand first if it was new.
+    pub newly: Vec<String>,
+    /// Serials of this device that were already revoked.
+    pub already: usize,
+    /// Revocations in the state file in all.
+    pub total: usize,
+}
+
+/// Revokes every certificate the issuance ledger of `ca_dir` records for `device`, and `also`
+/// (the serial of the certificate at hand, which the ledger may predate), in one update of
+/// `revocations.json` under the CA directory's lock. A renewal that the orchestrator signs
+/// after this is refused, because the certificate it would come through is revoked now
+/// (see `ledger`). Signs nothing: the next CRL (`aloft pki crl`) carries them.
+pub fn revoke_device(
+    ca_dir: &Path,
+    device: &aloft_proto::DeviceId,
+    also: Option<&[u8]>,
+    reason: RevocationReason,
+    now: i64,
+) -> Result<DeviceRevocation, PkiError> {
+    let lock = crate::ledger::CaDirLock::acquire(ca_dir)?;
+    let mut serials: Vec<Vec<u8>> = also.map(normalize_serial).into_iter().collect();
+    for s in crate::ledger::serials_of(ca_dir, device)? {
+        if !serials.contains(&s) {
+            serials.push(s);
+        }
+    }
+    let mut state = RevocationState::load(ca_dir)?;
+    let subject = format!("device {device}");
+    let mut newly = Vec::new();
+    let mut already = 0;
+    for serial in &serials {
+        if state.revoke(serial, reason, Some(subject.clone()), now) {
+            newly.push(hex::encode(serial));
+        } else {
+            already += 1;
+        }
+    }
+    if !newly.is_empty() {
+        state.save(ca_dir)?;
+    }
+    drop(lock);
+    Ok(DeviceRevocation {
+        newly,
+        already,
+        total: state.revoked.len(),
+    })
+}
+
+/// Revokes one certificate by serial, under the CA directory's lock; false if it was already
+/// revoked. For an operator's certificate, or one certificate of a device that stays trusted.
+pub fn revoke_serial(
+    ca_dir: &Path,
+    serial: &[u8],
+    reason: RevocationReason,
+    subject: Option<String>,
+    now: i64,
+) -> Result<(bool, usize), PkiError> {
+    let _lock = crate::ledger::CaDirLock::acquire(ca_dir)?;
+    let mut state = RevocationState::load(ca_dir)?;
+    let added = state.revoke(serial, reason, subject, now);
+    if added {
+        state.save(ca_dir)?;
+    }
+    Ok((added, state.revoked.len()))
+}
+
+/// Signs the next CRL from the state in `ca_dir` and saves the state, under the CA directory's
+/// lock, so that a concurrent `revoke_device` is neither lost nor left out half-done. Returns
+/// the CRL (PEM) and the state it was made from.
+pub fn sign_next_crl(
+    ca_dir: &Path,
+    ca: &FleetCa,
+    next_update_days: u32,
+    now: OffsetDateTime,
+) -> Result<(String, RevocationState), PkiError> {
+    let _lock = crate::ledger::CaDirLock::acquire(ca_dir)?;
+    let mut state = RevocationState::load(ca_dir)?;
+    let pem = state.sign_crl(ca, next_update_days, now)?;
+    state.save(ca_dir)?;
+    Ok((pem, state))
+}
+
 /// A serial number typed by an operator: hex, optionally with `:` between bytes (as OpenSSL
 /// prints them), either case. Returned big-endian without leading zero bytes.
 pub fn parse_serial_hex(s: &str) -> Result<Vec<u8>, PkiError> {

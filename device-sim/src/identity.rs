@@ -95,6 +95,18 @@ pub fn enroll(dir: &Path, prefix: &str, count: usize) -> Result<Vec<PathBuf>> {
 /// Plays the CA's part for a lab: issues a certificate for every CSR in `dir` lacking one and
 /// stores the CA certificate beside them. In production the CSRs go to `aloft pki issue-devices`.
 pub fn issue_all(dir: &Path, ca: &FleetCa, validity: Validity) -> Result<usize> {
+    issue_all_recorded(dir, ca, validity, None)
+}
+
+/// [`issue_all`], recording each certificate in the issuance ledger of the CA directory
+/// `ca_dir` (if given) before it is written, as `aloft pki issue-devices` does: revoking a
+/// device then reaches it.
+pub fn issue_all_recorded(
+    dir: &Path,
+    ca: &FleetCa,
+    validity: Validity,
+    ca_dir: Option<&Path>,
+) -> Result<usize> {
     let mut issued = 0;
     for path in list(dir, "csr")? {
         let crt = path.with_extension("crt");
@@ -105,6 +117,9 @@ pub fn issue_all(dir: &Path, ca: &FleetCa, validity: Validity) -> Result<usize> 
         let cert = ca
             .issue_device(&csr, validity)
             .with_context(|| format!("issuing for {}", path.display()))?;
+        if let Some(ca_dir) = ca_dir {
+            aloft_certs::ledger::record_certs(ca_dir, &[&cert])?;
+        }
         std::fs::write(&crt, cert)?;
         issued += 1;
     }

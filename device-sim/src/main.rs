@@ -136,7 +136,7 @@ fn main() -> Result<()> {
                 .with_context(|| format!("unsealing {}", key_path.display()))?;
             let cert = std::fs::read_to_string(ca_dir.join(aloft_certs::CA_CERT_FILE))?;
             let ca = FleetCa::from_pem(cert, std::str::from_utf8(&key)?)?;
-            let n = identity::issue_all(&dir, &ca, Validity::days(days))?;
+            let n = identity::issue_all_recorded(&dir, &ca, Validity::days(days), Some(&ca_dir))?;
             println!("issued {n} device certificates");
         }
         Command::Run {

@@ -33,9 +33,11 @@ pub struct RenewalConfig {
 
 impl Default for RenewalConfig {
     fn default() -> Self {
+        // The orchestrator's window (`aloft_certs::renewal`): asking earlier is refused
+        // `not_due` unless an operator allowed it.
         RenewalConfig {
-            before_expiry_secs: 30 * 86_400,
-            lifetime_fraction: 1.0 / 3.0,
+            before_expiry_secs: aloft_certs::renewal::RENEWAL_WINDOW_SECS.unsigned_abs(),
+            lifetime_fraction: aloft_certs::renewal::RENEWAL_WINDOW_FRACTION,
             retry_ms: 5 * 60 * 1000,
         }
     }
@@ -45,11 +47,12 @@ impl RenewalConfig {
     /// Is a certificate valid from `not_before` to `not_after` (Unix seconds) due for renewal
     /// at `now` (Unix seconds)?
     pub fn due(&self, now: i64, not_before: i64, not_after: i64) -> bool {
-        let lifetime = (not_after - not_before).max(0) as f64;
-        let fraction = (lifetime * self.lifetime_fraction.clamp(0.0, 1.0)) as i64;
-        let window = i64::try_from(self.before_expiry_secs)
-            .unwrap_or(i64::MAX)
-            .min(fraction);
+        let window = aloft_certs::renewal::window_secs(
+            not_before,
+            not_after,
+            i64::try_from(self.before_expiry_secs).unwrap_or(i64::MAX),
+            self.lifetime_fraction,
+        );
         not_after.saturating_sub(now) <= window
     }
 }
@@ -348,7 +351,10 @@ mod tests {
         ));
         let id = DeviceId::new("dev-1").unwrap();
         let before = r.serial_hex();
-        let cert = ca.renew_device(&req.csr, &id, Validity::days(825)).unwrap();
+        let x25519 = me.encryption_key.public_bytes().unwrap();
+        let cert = ca
+            .renew_device(&req.csr, &id, &x25519, Validity::days(825))
+            .unwrap();
         assert_eq!(
             r.on_response(&response(Some(cert.clone()), None)),
             Outcome::Renewed

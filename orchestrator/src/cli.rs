@@ -24,7 +24,7 @@ use crate::ops::{
 use crate::store::Target;
 
 mod backup;
-mod pki;
+pub mod pki;
 mod rollout;
 #[cfg(test)]
 mod tests;
@@ -278,6 +278,14 @@ pub enum DeviceCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Let one device renew its certificate once, now, although it is not yet due or renewed
+    /// within the hour (forgotten if the orchestrator restarts first).
+    RenewAllow {
+        #[arg(long)]
+        device: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -478,6 +486,8 @@ async fn pki(c: PkiCommand) -> Result<()> {
             let ca = load_ca(&ca_dir, &unlock.obtain("the fleet CA key")?)?;
             let csr = std::fs::read_to_string(&csr)?;
             let cert = ca.issue_device(&csr, Validity::days(days))?;
+            // In the issuance ledger before it leaves: revoking the device reaches it.
+            aloft_certs::ledger::record_certs(&ca_dir, &[&cert])?;
             write_new(&out, cert.as_bytes(), false)?;
             println!("issued {}", out.display());
         }
@@ -498,10 +508,11 @@ async fn pki(c: PkiCommand) -> Result<()> {
                 .map(std::fs::read_to_string)
                 .collect::<std::io::Result<Vec<_>>>()?;
             let mut failed = 0;
-            for (p, r) in paths
-                .iter()
-                .zip(ca.issue_devices(&csrs, Validity::days(days)))
-            {
+            let results = ca.issue_devices(&csrs, Validity::days(days));
+            // In the issuance ledger before they leave: revoking a device reaches them.
+            let issued: Vec<&str> = results.iter().flatten().map(String::as_str).collect();
+            aloft_certs::ledger::record_certs(&ca_dir, &issued)?;
+            for (p, r) in paths.iter().zip(results) {
                 match r {
                     Ok(cert) => write_new(&p.with_extension("crt"), cert.as_bytes(), false)?,
                     Err(e) => {
@@ -647,6 +658,10 @@ async fn device(c: DeviceCommand) -> Result<()> {
         }
         DeviceCommand::List { conn } => {
             call_and_print(&conn, AdminBody::DeviceList {}).await?;
+        }
+        DeviceCommand::RenewAllow { device, conn } => {
+            let device = aloft_proto::DeviceId::new(device)?;
+            call_and_print(&conn, AdminBody::DeviceRenewAllow { device }).await?;
         }
         DeviceCommand::Label {
             devices,

@@ -15,6 +15,7 @@ pub mod mqtt;
 pub mod ops;
 pub mod rollout;
 pub mod server;
+pub mod signer;
 pub mod store;
 pub mod trust;
 

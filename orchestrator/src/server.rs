@@ -57,6 +57,8 @@ pub enum ServeError {
     Engine(#[from] EngineError),
     #[error("engine task ended abnormally")]
     EngineTask,
+    #[error("starting the renewal signer: {0}")]
+    Signer(std::io::Error),
 }
 
 fn read(path: &Path) -> Result<String, ServeError> {
@@ -220,6 +222,10 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         password,
         max_packet_bytes: 2 * 1024 * 1024,
     };
+    // Started before the link: the CA key is unsealed on the signer's thread while the rest
+    // comes up, never on the engine's.
+    let signer = crate::signer::Signer::start(pki.clone(), Some(cfg.unlock.clone()), tx.clone())
+        .map_err(ServeError::Signer)?;
     let m = metrics.clone();
     let (publisher, mut ready) =
         mqtt::connect(&link_cfg, tx, move |reason| m.rejected("topic", reason));
@@ -237,8 +243,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
             front: Some(ctx.clone()),
             crl,
             crl_path: Some(crl_path),
-            pki_dir: Some(pki.clone()),
-            unlock: Some(cfg.unlock.clone()),
+            signer: Some(signer),
         },
         metrics.clone(),
     );

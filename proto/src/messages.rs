@@ -497,6 +497,13 @@ pub enum RenewalError {
     CaOffline,
     /// Issuing failed on the orchestrator's side.
     Internal,
+    /// The CSR carries another X25519 key than the device's current certificate: renewal keeps
+    /// the encryption key (a new one needs re-enrollment through the operator).
+    X25519KeyChanged,
+    /// The device renewed (or asked to) too recently; it may ask again later.
+    RateLimited,
+    /// The certificate is not yet in its renewal window and no operator allowed an early one.
+    NotDue,
 }
 
 impl RenewalError {
@@ -508,6 +515,9 @@ impl RenewalError {
             RenewalError::Revoked => "revoked",
             RenewalError::CaOffline => "ca_offline",
             RenewalError::Internal => "internal",
+            RenewalError::X25519KeyChanged => "x25519_key_changed",
+            RenewalError::RateLimited => "rate_limited",
+            RenewalError::NotDue => "not_due",
         }
     }
 }

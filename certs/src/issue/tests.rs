@@ -400,7 +400,7 @@ fn renewing_refuses_a_csr_that_names_another_device() {
     let csr = crate::device_csr(&other, &[7; 32]).unwrap();
     assert_eq!(crate::vet_device_csr(&csr.csr_pem).unwrap(), other);
     assert!(matches!(
-        ca.renew_device(&csr.csr_pem, &me, Validity::days(1)),
+        ca.renew_device(&csr.csr_pem, &me, &[7; 32], Validity::days(1)),
         Err(PkiError::CertificateMismatch(_))
     ));
     // With its own key kept, the device gets a new certificate for the same key.
@@ -408,8 +408,28 @@ fn renewing_refuses_a_csr_that_names_another_device() {
     let renewal = crate::device_renewal_csr(&me, &[7; 32], &mine.key_pem).unwrap();
     assert_eq!(renewal.key_pem, mine.key_pem);
     let cert = ca
-        .renew_device(&renewal.csr_pem, &me, Validity::days(1))
+        .renew_device(&renewal.csr_pem, &me, &[7; 32], Validity::days(1))
         .unwrap();
     assert!(crate::cert_public_key_matches(&cert, &mine.key_pem).unwrap());
     assert!(!crate::cert_public_key_matches(&cert, &csr.key_pem).unwrap());
+}
+
+#[test]
+fn a_renewal_may_change_the_tls_key_but_never_the_x25519_key() {
+    let ca = ca();
+    let me = DeviceId::new("dev-me").unwrap();
+    // A thief with the TLS key only: a renewal CSR for that key with its own x25519 key.
+    let original = crate::device_csr(&me, &[7; 32]).unwrap();
+    let thief = crate::device_renewal_csr(&me, &[8; 32], &original.key_pem).unwrap();
+    assert!(matches!(
+        ca.renew_device(&thief.csr_pem, &me, &[7; 32], Validity::days(1)),
+        Err(PkiError::X25519KeyChanged)
+    ));
+    assert_eq!(crate::read_device_csr(&thief.csr_pem).unwrap().1, [8; 32]);
+    // A new TLS key with the same x25519 key is a renewal.
+    let fresh = crate::device_csr(&me, &[7; 32]).unwrap();
+    let cert = ca
+        .renew_device(&fresh.csr_pem, &me, &[7; 32], Validity::days(1))
+        .unwrap();
+    assert!(crate::cert_public_key_matches(&cert, &fresh.key_pem).unwrap());
 }

@@ -78,6 +78,11 @@ pub enum AdminBody {
     CrlUpdate {
         crl: String,
     },
+    /// Let one registered device renew its certificate once, now, though it is not yet in its
+    /// renewal window or renewed within the hour (one-shot; forgotten at restart).
+    DeviceRenewAllow {
+        device: DeviceId,
+    },
     /// Set and remove labels on devices.
     DeviceLabel {
         devices: Vec<DeviceId>,
@@ -294,6 +299,7 @@ impl AdminBody {
                 ("device_register", format!("{} certificates", certs.len()))
             }
             AdminBody::CrlUpdate { .. } => ("crl_update", String::new()),
+            AdminBody::DeviceRenewAllow { device } => ("device_renew_allow", device.to_string()),
             AdminBody::DeviceLabel { devices, .. } => {
                 ("device_label", format!("{} devices", devices.len()))
             }

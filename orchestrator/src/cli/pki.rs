@@ -5,9 +5,7 @@
 
 use std::path::PathBuf;
 
-use aloft_certs::revocation::{
-    parse_serial_hex, RevocationReason, RevocationState, DEFAULT_NEXT_UPDATE_DAYS,
-};
+use aloft_certs::revocation::{self, parse_serial_hex, RevocationReason, DEFAULT_NEXT_UPDATE_DAYS};
 use anyhow::{bail, Context, Result};
 use clap::{ArgGroup, Args};
 use serde_json::Value;
@@ -18,17 +16,22 @@ use crate::admin::wire::AdminBody;
 
 /// `aloft pki revoke`.
 #[derive(Args, Debug)]
-#[command(group(ArgGroup::new("which").required(true).args(["cert", "serial"])))]
+#[command(group(ArgGroup::new("which").required(true).args(["cert", "serial", "device"])))]
 pub struct RevokeArgs {
-    /// The CA directory (ca.crt; revocations.json is kept there).
+    /// The CA directory (ca.crt; revocations.json and the issuance ledger issued.jsonl are
+    /// kept there).
     #[arg(long)]
     pub ca_dir: PathBuf,
-    /// The certificate to revoke (PEM).
+    /// The certificate to revoke (PEM). For a device certificate, every certificate ever
+    /// issued to that device id (renewals included, from the issuance ledger) is revoked.
     #[arg(long)]
     pub cert: Option<PathBuf>,
-    /// The serial number to revoke, hex (colons allowed), when the certificate is not at hand.
+    /// The serial number to revoke, hex (colons allowed): that one certificate only.
     #[arg(long)]
     pub serial: Option<String>,
+    /// A device id: every certificate the issuance ledger records for it is revoked.
+    #[arg(long)]
+    pub device: Option<String>,
     /// unspecified, key-compromise, affiliation-changed, superseded, cessation-of-operation.
     #[arg(long, default_value = "unspecified")]
     pub reason: String,
@@ -60,38 +63,54 @@ pub struct CrlPushArgs {
     pub conn: Conn,
 }
 
-/// Records a revocation in the CA directory's state. Signs nothing: `aloft pki crl` does.
+/// Records a revocation in the CA directory's state (`aloft_certs::revocation` does the work,
+/// under the CA directory's lock). Signs nothing: `aloft pki crl` does.
 pub fn revoke(args: RevokeArgs) -> Result<()> {
     let reason: RevocationReason = args.reason.parse()?;
-    let (serial, subject) = match (&args.cert, &args.serial) {
-        (Some(path), None) => {
+    let now = i64::try_from(crate::engine::now_ms() / 1000).unwrap_or(i64::MAX);
+    let next = "Sign a new CRL with `aloft pki crl` and push it with `aloft pki crl-push`";
+    let (device, serial, subject) = match (&args.cert, &args.serial, &args.device) {
+        (Some(path), None, None) => {
             let pem = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
             let serial = aloft_certs::cert_serial(&pem)?;
-            let subject = aloft_certs::tls::parse_cert(&pem)
+            let identity = aloft_certs::tls::parse_cert(&pem)
                 .ok()
-                .and_then(|der| aloft_certs::parse_identity(&der).ok())
+                .and_then(|der| aloft_certs::parse_identity(&der).ok());
+            let subject = identity
+                .as_ref()
                 .map(|i| format!("{} {}", i.role.ou(), i.id));
-            (serial, subject)
+            (identity.and_then(|i| i.device_id()), Some(serial), subject)
         }
-        (None, Some(hex)) => (parse_serial_hex(hex)?, None),
-        _ => bail!("give exactly one of --cert and --serial"),
+        (None, Some(hex), None) => (None, Some(parse_serial_hex(hex)?), None),
+        (None, None, Some(id)) => (Some(aloft_proto::DeviceId::new(id.as_str())?), None, None),
+        _ => bail!("give exactly one of --cert, --serial and --device"),
     };
-    let mut state = RevocationState::load(&args.ca_dir)?;
-    let now = crate::engine::now_ms() / 1000;
-    let added = state.revoke(
-        &serial,
-        reason,
-        subject.clone(),
-        i64::try_from(now).unwrap_or(i64::MAX),
-    );
+    if let Some(device) = device {
+        let done =
+            revocation::revoke_device(&args.ca_dir, &device, serial.as_deref(), reason, now)?;
+        if done.newly.is_empty() && done.already == 0 {
+            bail!("the issuance ledger records no certificate for {device}; revoke by --cert or --serial");
+        }
+        println!(
+            "revoked device {device} ({reason}): {} certificates newly revoked [{}], {} already; {} revoked in all. {next}",
+            done.newly.len(),
+            done.newly.join(", "),
+            done.already,
+            done.total
+        );
+        return Ok(());
+    }
+    let Some(serial) = serial else {
+        bail!("nothing to revoke");
+    };
+    let (added, total) =
+        revocation::revoke_serial(&args.ca_dir, &serial, reason, subject.clone(), now)?;
     let serial_hex = hex::encode(&serial);
     if added {
-        state.save(&args.ca_dir)?;
         println!(
-            "revoked {serial_hex}{} ({reason}); {} revoked in all. Sign a new CRL with `aloft pki crl` and push it with `aloft pki crl-push`",
+            "revoked {serial_hex}{} ({reason}); {total} revoked in all. {next}",
             subject.map(|s| format!(" [{s}]")).unwrap_or_default(),
-            state.revoked.len()
         );
     } else {
         println!("{serial_hex} was already revoked; nothing changed");
@@ -102,11 +121,15 @@ pub fn revoke(args: RevokeArgs) -> Result<()> {
 /// Signs a CRL of every revocation so far, numbered one above the last, and writes it.
 pub fn crl(args: CrlArgs) -> Result<()> {
     let ca = crate::ops::load_ca(&args.ca_dir, &args.unlock.obtain("the fleet CA key")?)?;
-    let mut state = RevocationState::load(&args.ca_dir)?;
-    let pem = state.sign_crl(&ca, args.next_update_days, time::OffsetDateTime::now_utc())?;
-    // The number is spent once the state says so; a CRL is written only after that, so two
+    // Under the CA directory's lock, so a concurrent `pki revoke` or renewal is not lost; the
+    // number is spent once the state says so, and a CRL is written only after that, so two
     // CRLs never share a number.
-    state.save(&args.ca_dir)?;
+    let (pem, state) = aloft_certs::revocation::sign_next_crl(
+        &args.ca_dir,
+        &ca,
+        args.next_update_days,
+        time::OffsetDateTime::now_utc(),
+    )?;
     aloft_certs::revocation::write_file_atomically(&args.out, pem.as_bytes(), 0o644)?;
     println!(
         "crl number {} ({} revoked, next update in {} days) written to {}",
@@ -203,6 +226,7 @@ mod tests {
             ca_dir: dir.clone(),
             cert: None,
             serial: Some("4a:01".into()),
+            device: None,
             reason: "key-compromise".into(),
         })
         .unwrap();
@@ -218,6 +242,7 @@ mod tests {
             ca_dir: dir.clone(),
             cert: None,
             serial: Some("01".into()),
+            device: None,
             reason: "stolen".into(),
         })
         .is_err());

@@ -141,6 +141,7 @@ impl Engine {
                 remove,
             } => self.device_label(&devices, &set, &remove),
             AdminBody::CrlUpdate { crl } => self.crl_update(operator, &crl),
+            AdminBody::DeviceRenewAllow { device } => self.device_renew_allow(&device),
             AdminBody::CampaignCreate {
                 artifact,
                 target,

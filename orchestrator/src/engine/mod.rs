@@ -35,7 +35,10 @@ use crate::store::{CampaignRecord, DeviceRecord, Store, StoreError};
 mod admin;
 mod campaigns;
 mod pki;
+mod renewal;
 mod rollouts;
+
+pub use renewal::RENEWAL_INTERVAL_MS;
 
 /// Most events handled per group commit.
 pub const BATCH_MAX: usize = 256;
@@ -69,6 +72,8 @@ pub enum Inbound {
     },
     /// A device completed an mTLS handshake and CONNECT through the front.
     DeviceSeen(SeenDevice),
+    /// The renewal signer's answer to a renewal this engine handed it.
+    Signed(crate::signer::Signed),
 }
 
 /// A device identity taken from a verified certificate.
@@ -102,10 +107,9 @@ pub struct EngineConfig {
     pub crl: Option<VerifiedCrl>,
     /// Where the CRL in force is kept (`<data-dir>/crl.pem`); `crl_update` replaces it.
     pub crl_path: Option<std::path::PathBuf>,
-    /// The CA directory (`<data-dir>/pki`): renewal signs with `ca.key` there, if it is there.
-    pub pki_dir: Option<std::path::PathBuf>,
-    /// Opens the sealed `ca.key` for a renewal (the orchestrator's own unlock secret).
-    pub unlock: Option<aloft_vault::Unlock>,
+    /// Signs renewals with `<data-dir>/pki/ca.key`, on a thread of its own; without it every
+    /// renewal answers `ca_offline`.
+    pub signer: Option<crate::signer::Signer>,
 }
 
 /// Why the engine stopped.
@@ -218,6 +222,8 @@ pub struct Engine {
     /// Registered devices whose current certificate the CRL in force revokes (or whose record
     /// cannot say which certificate they hold): no job, no chunk.
     revoked_devices: HashSet<DeviceId>,
+    /// Who may renew a certificate now (one per device per hour, operators' early leaves).
+    renewals: renewal::RenewalGate,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -240,6 +246,7 @@ impl Engine {
             touched: HashSet::new(),
             crl: cfg.crl.clone(),
             revoked_devices: HashSet::new(),
+            renewals: renewal::RenewalGate::default(),
             cfg,
         }
     }
@@ -312,6 +319,7 @@ impl Engine {
             Inbound::Admin { operator, payload } => self.on_admin(operator, &payload),
             Inbound::Csr { device, payload } => self.on_csr(device, &payload),
             Inbound::DeviceSeen(seen) => self.on_device_seen(seen),
+            Inbound::Signed(signed) => self.on_signed(signed),
         }
     }
 

@@ -1,17 +1,14 @@
-//! Device certificates in the engine: which registered devices hold a revoked certificate, the
+//! Revocation in the engine: which registered devices hold a revoked certificate, and the
 //! `crl_update` admin operation (verify, never go backwards, store, enforce at the front, fail
-//! the revoked members), and certificate renewal over MQTT.
+//! the revoked members). Renewal is in `renewal`.
 //!
 //! Fail closed throughout: a device whose record names no readable serial while a CRL is in
 //! force counts as revoked; a CRL that cannot be read or verified is an error, never "nothing is
-//! revoked"; a renewal that cannot be checked is refused.
+//! revoked".
 
 use aloft_certs::revocation::{write_file_atomically, VerifiedCrl};
-use aloft_certs::{FleetCa, PkiError, Validity, CA_KEY_FILE};
-use aloft_proto::messages::{
-    self, RenewalError, RenewalRequest, RenewalResponse, MAX_DETAIL_LEN, PROTOCOL_VERSION,
-};
-use aloft_proto::{topics, DeviceId, DeviceState, OperatorId, Reason};
+use aloft_certs::PkiError;
+use aloft_proto::{DeviceId, DeviceState, OperatorId, Reason};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::json;
@@ -21,13 +18,7 @@ use super::{now_ms, Engine};
 use crate::admin::wire::AdminError;
 use crate::store::{DeviceRecord, StoreError};
 
-type AdminResult = Result<Result<serde_json::Value, AdminError>, StoreError>;
-
-/// Lifetime of a renewed certificate when the old one's is not on record (as `aloft pki
-/// issue-device`).
-const DEFAULT_DEVICE_CERT_DAYS: u32 = 825;
-/// Longest lifetime a renewal carries over (the CA's own default lifetime).
-const MAX_DEVICE_CERT_DAYS: u32 = 3650;
+pub(super) type AdminResult = Result<Result<serde_json::Value, AdminError>, StoreError>;
 
 fn refuse(code: &str, message: impl Into<String>) -> AdminResult {
     Ok(Err(AdminError::new(code, message)))
@@ -217,144 +208,5 @@ impl Engine {
             "sessions_dropped": sessions,
             "members_failed": failed,
         })))
-    }
-
-    /// A device asks for a new certificate. Answered on its `cert` topic either way.
-    pub(super) fn on_csr(&mut self, device: DeviceId, payload: &[u8]) -> Result<(), StoreError> {
-        let outcome = self.renew(&device, payload)?;
-        let response = match outcome {
-            Ok(cert) => {
-                self.metrics.renewal("issued");
-                RenewalResponse {
-                    v: PROTOCOL_VERSION,
-                    cert: Some(cert),
-                    error: None,
-                    detail: None,
-                }
-            }
-            Err((error, detail)) => {
-                self.metrics.renewal(error.as_str());
-                self.metrics.rejected("csr", error.as_str());
-                warn!(%device, %error, %detail, "certificate renewal refused");
-                let mut detail = detail;
-                if detail.len() > MAX_DETAIL_LEN {
-                    let mut cut = MAX_DETAIL_LEN;
-                    while !detail.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    detail.truncate(cut);
-                }
-                RenewalResponse {
-                    v: PROTOCOL_VERSION,
-                    cert: None,
-                    error: Some(error),
-                    detail: Some(detail),
-                }
-            }
-        };
-        self.send(topics::cert(&device), messages::encode(&response), false);
-        Ok(())
-    }
-
-    /// Checks a renewal request and issues the certificate, or says why not.
-    fn renew(
-        &mut self,
-        device: &DeviceId,
-        payload: &[u8],
-    ) -> Result<Result<String, (RenewalError, String)>, StoreError> {
-        let req: RenewalRequest = match messages::decode(payload) {
-            Ok(r) => r,
-            Err(e) => return Ok(Err((RenewalError::InvalidCsr, e.to_string()))),
-        };
-        let Some(record) = self.store.device(device)? else {
-            return Ok(Err((
-                RenewalError::UnknownDevice,
-                format!("device {device} is not registered"),
-            )));
-        };
-        if record.revoked || self.is_revoked(&record) {
-            return Ok(Err((
-                RenewalError::Revoked,
-                "the current certificate is revoked".into(),
-            )));
-        }
-        // The certificate of the session the request came through must itself be current: the
-        // record could lag behind a reconnect, the live session cannot.
-        if let Some(front) = &self.cfg.front {
-            let peer = aloft_broker::Peer::Device(device.clone());
-            match front.registry.cert_serial(&peer) {
-                Some(serial) => {
-                    if self.crl.as_ref().is_some_and(|c| c.is_revoked(&serial)) {
-                        return Ok(Err((
-                            RenewalError::Revoked,
-                            "the session's certificate is revoked".into(),
-                        )));
-                    }
-                }
-                None => {
-                    return Ok(Err((
-                        RenewalError::UnknownDevice,
-                        "no live certificate-authenticated session for this device".into(),
-                    )));
-                }
-            }
-        }
-        match aloft_certs::vet_device_csr(&req.csr) {
-            Ok(named) if &named == device => {}
-            Ok(named) => {
-                return Ok(Err((
-                    RenewalError::IdentityMismatch,
-                    format!("the csr names {named}, the request came from {device}"),
-                )));
-            }
-            Err(e) => return Ok(Err((RenewalError::InvalidCsr, e.to_string()))),
-        }
-        let Some(pki) = &self.cfg.pki_dir else {
-            return Ok(Err((
-                RenewalError::CaOffline,
-                "renewal needs the online ca; this orchestrator has none".into(),
-            )));
-        };
-        if !pki.join(CA_KEY_FILE).exists() {
-            return Ok(Err((
-                RenewalError::CaOffline,
-                "renewal needs the online ca: the ca key is not on the orchestrator".into(),
-            )));
-        }
-        // Read per request: renewals are rare, and an operator who moves the key offline (or
-        // back) is obeyed at once. The key is sealed; with a passphrase unlock this costs one
-        // Argon2id derivation (~0.2 s) of the engine's time per renewal.
-        let loaded = match &self.cfg.unlock {
-            Some(unlock) => crate::ops::load_ca(pki, unlock),
-            None => FleetCa::load(pki).map_err(anyhow::Error::from),
-        };
-        let ca = match loaded {
-            Ok(ca) => ca,
-            Err(e) => {
-                warn!(error = %e, "loading the ca for a renewal failed");
-                return Ok(Err((
-                    RenewalError::Internal,
-                    "the ca could not be loaded".into(),
-                )));
-            }
-        };
-        let lifetime_days =
-            if record.cert_not_before > 0 && record.cert_not_after > record.cert_not_before {
-                let secs = record.cert_not_after - record.cert_not_before;
-                u32::try_from((secs + 86_399) / 86_400).unwrap_or(MAX_DEVICE_CERT_DAYS)
-            } else {
-                DEFAULT_DEVICE_CERT_DAYS
-            }
-            .clamp(1, MAX_DEVICE_CERT_DAYS);
-        match ca.renew_device(&req.csr, device, Validity::days(lifetime_days)) {
-            Ok(cert) => {
-                info!(%device, days = lifetime_days, "device certificate renewed");
-                Ok(Ok(cert))
-            }
-            Err(PkiError::CertificateMismatch(why)) => {
-                Ok(Err((RenewalError::IdentityMismatch, why.to_owned())))
-            }
-            Err(e) => Ok(Err((RenewalError::InvalidCsr, e.to_string()))),
-        }
     }
 }
