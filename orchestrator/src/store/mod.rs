@@ -371,6 +371,7 @@ pub(crate) mod tests {
             let s = Store::create(&dir.path().join("store"), key.clone()).unwrap();
             let mut p = Progress::new(1);
             p.state = DeviceState::Downloading;
+            p.served = true;
             s.put_progress(&c, &d, &p).unwrap();
             s.flush().unwrap();
         }
@@ -379,6 +380,17 @@ pub(crate) mod tests {
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].0, d);
         assert_eq!(all[0].1.state, DeviceState::Downloading);
+        assert!(all[0].1.served);
+    }
+
+    #[test]
+    fn a_progress_record_written_before_served_existed_reads_as_not_served() {
+        let p: Progress = serde_json::from_str(
+            r#"{"state":"downloading","reason":null,"last_seq":1,"updated_ms":5}"#,
+        )
+        .unwrap();
+        assert!(!p.served);
+        assert!(!String::from_utf8(encode(&p)).unwrap().contains("served"));
     }
 
     #[test]
