@@ -235,3 +235,116 @@ async fn malformed_truncated_and_oversized_payloads_are_counted_and_lose_nothing
     valid_update_succeeds(&env, &fleet, "2.0.0", 2).await;
     fleet.shutdown().await;
 }
+
+/// A member that reports the whole way to `succeeded` without ever asking for a chunk is still
+/// counted as succeeded (the device is the authority on what it runs), but flagged: a counter,
+/// and an audit entry naming it. A device that really downloaded is not flagged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_report_for_an_image_never_served_is_flagged_and_a_real_one_is_not() {
+    use aloft_orchestrator::engine::SUCCESS_WITHOUT_DOWNLOAD;
+    use aloft_proto::messages::{self, AckOutcome, StatusAck, StatusReport, PROTOCOL_VERSION};
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::Event;
+
+    let env = Env::new(2).await;
+    let (honest, liar) = (env.devices[0].clone(), env.devices[1].clone());
+    let ca = env.lab.ca.cert_pem().to_owned();
+    // The liar registers by connecting, and listens for its job and its acks.
+    let (client, mut el) = device_client(env.running.device_addr, &ca, &liar).await;
+    for topic in [topics::job(&liar.id), topics::ack(&liar.id)] {
+        client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
+    }
+    let fleet = aloft_device::Fleet::start(&env.fleet_config(), vec![honest.clone()]).unwrap();
+    aloft_e2e::wait_registered(&env.admin, 2, LIMIT)
+        .await
+        .unwrap();
+    let campaign = env
+        .lab
+        .release_to_all(&env.admin, &ReleaseSpec::new("2.0.0", 2, 64 * 1024))
+        .await
+        .unwrap();
+
+    // Notified (its job arrives), the liar reports every step to `succeeded`, each one
+    // acknowledged `applied`, and never sends a chunk request.
+    let mut next = 0usize;
+    let steps = [
+        DeviceState::Downloading,
+        DeviceState::Downloaded,
+        DeviceState::Installing,
+        DeviceState::Rebooting,
+        DeviceState::Verifying,
+        DeviceState::Succeeded,
+    ];
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            let Event::Incoming(Packet::Publish(p)) = el.poll().await.unwrap() else {
+                continue;
+            };
+            // The job starts the sequence; each ack of the last report sends the next one.
+            let send_next = if p.topic == topics::job(&liar.id) {
+                next == 0 && !p.payload.is_empty()
+            } else if p.topic == topics::ack(&liar.id) {
+                let ack: StatusAck = messages::decode(&p.payload).unwrap();
+                let current = ack.campaign == campaign && ack.seq == next as u32;
+                if current {
+                    assert_eq!(ack.outcome, AckOutcome::Applied, "{ack:?}");
+                    if next == steps.len() {
+                        return;
+                    }
+                }
+                current
+            } else {
+                false
+            };
+            if !send_next {
+                continue;
+            }
+            let report = StatusReport {
+                v: PROTOCOL_VERSION,
+                campaign: campaign.clone(),
+                seq: next as u32 + 1,
+                state: steps[next],
+                reason: None,
+                detail: None,
+                running_version: None,
+            };
+            next += 1;
+            client
+                .publish(
+                    topics::status(&liar.id),
+                    QoS::AtLeastOnce,
+                    false,
+                    messages::encode(&report),
+                )
+                .await
+                .unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    close(client, el).await;
+
+    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(s.count(DeviceState::Succeeded), 2, "{:?}", s.counts);
+    assert_eq!(env.running.metrics.success_without_download_count(), 1);
+    let audit: Value = env
+        .admin
+        .call(AdminBody::AuditList {
+            since: None,
+            limit: None,
+        })
+        .await
+        .unwrap();
+    let flagged: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == SUCCESS_WITHOUT_DOWNLOAD)
+        .map(|e| e["subject"].as_str().unwrap())
+        .collect();
+    assert_eq!(flagged, [format!("{campaign}/{}", liar.id)], "{audit}");
+    fleet.shutdown().await;
+}

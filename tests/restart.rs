@@ -70,6 +70,15 @@ async fn orchestrator_killed_mid_campaign_resumes_and_loses_no_acknowledged_tran
         .await
         .unwrap();
     assert_eq!(s.count(DeviceState::Succeeded), 50, "{:?}", s.counts);
+    // Devices served before the kill that report `succeeded` after it are not flagged: "served"
+    // was durable before their first chunk left.
+    let metrics = orch
+        .metrics_addr
+        .expect("the spawned orchestrator serves metrics");
+    assert_eq!(
+        aloft_e2e::scrape(metrics, "aloft_success_without_download_total").await,
+        Some(0.0)
+    );
     assert!(
         fleet
             .wait_all(LIMIT, |v| v.running_version == "2.0.0")

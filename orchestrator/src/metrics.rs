@@ -29,6 +29,7 @@ pub struct Metrics {
     heartbeats: IntCounterVec,
     campaign_wave: IntGaugeVec,
     renewals: IntCounterVec,
+    success_without_download: IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -111,8 +112,13 @@ impl Metrics {
             ),
             &["outcome"],
         ));
+        let success_without_download = must(IntCounter::new(
+            "aloft_success_without_download_total",
+            "Succeeded reports from campaign members the orchestrator never sent a chunk",
+        ));
         for c in [
-            Box::new(renewals.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(success_without_download.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(renewals.clone()),
             Box::new(heartbeats.clone()),
             Box::new(campaign_wave.clone()),
             Box::new(device_state.clone()) as Box<dyn prometheus::core::Collector>,
@@ -143,7 +149,16 @@ impl Metrics {
             heartbeats,
             campaign_wave,
             renewals,
+            success_without_download,
         })
+    }
+
+    pub fn success_without_download(&self) {
+        self.success_without_download.inc();
+    }
+
+    pub fn success_without_download_count(&self) -> u64 {
+        self.success_without_download.get()
     }
 
     pub fn renewal(&self, outcome: &str) {

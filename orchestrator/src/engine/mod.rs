@@ -43,6 +43,9 @@ pub use renewal::RENEWAL_INTERVAL_MS;
 /// Most events handled per group commit.
 pub const BATCH_MAX: usize = 256;
 
+/// The audit action of a `succeeded` report from a member never sent a chunk (§10).
+pub const SUCCESS_WITHOUT_DOWNLOAD: &str = "success_without_download";
+
 /// How often rollouts are moved forward when no event arrives (timeouts, soaks, schedules).
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -224,6 +227,9 @@ pub struct Engine {
     revoked_devices: HashSet<DeviceId>,
     /// Who may renew a certificate now (one per device per hour, operators' early leaves).
     renewals: renewal::RenewalGate,
+    /// Chunk requests of members served for the first time, answered once the batch's commit
+    /// has made that durable (see `note_served`); at most one per event of the batch.
+    held_requests: Vec<(DeviceId, ArtifactId, u32, ChunkRequest)>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -247,6 +253,7 @@ impl Engine {
             crl: cfg.crl.clone(),
             revoked_devices: HashSet::new(),
             renewals: renewal::RenewalGate::default(),
+            held_requests: Vec::new(),
             cfg,
         }
     }
@@ -296,6 +303,9 @@ impl Engine {
             self.store.flush()?;
             self.metrics.store_flushed(t.elapsed().as_secs_f64());
             self.dirty = false;
+        }
+        for (device, artifact, count, req) in std::mem::take(&mut self.held_requests) {
+            self.serve_chunks(&device, &artifact, count, &req)?;
         }
         for o in self.out.drain(..) {
             publisher.publish(o.topic, o.payload, o.retain).await?;
@@ -407,6 +417,9 @@ impl Engine {
                     live.set(&device, next);
                 }
                 if s == DeviceState::Succeeded {
+                    if !current.served {
+                        self.flag_success_without_download(&device, &campaign, now)?;
+                    }
                     self.raise_floor(&device, &campaign)?;
                 }
                 self.refresh_gauges(&campaign);
@@ -503,23 +516,89 @@ impl Engine {
         }
         let count = live.manifest.chunk_count;
         let artifact = live.record.artifact.clone();
+        // A member's first request for a chunk of the image records that it was served, and is
+        // answered after the batch's commit, once that record is durable.
+        if first < count && !self.note_served(&req.campaign, &device)? {
+            self.held_requests.push((device, artifact, count, req));
+            return Ok(());
+        }
+        self.serve_chunks(&device, &artifact, count, &req)
+    }
+
+    /// One frame per requested index, in order (PROTOCOL.md §10.7).
+    fn serve_chunks(
+        &mut self,
+        device: &DeviceId,
+        artifact: &ArtifactId,
+        count: u32,
+        req: &ChunkRequest,
+    ) -> Result<(), StoreError> {
+        let topic = topics::chunk_response(device);
         for index in req.indices() {
             if index >= count {
-                let frame = chunkframe::encode_error(&artifact, index, ChunkErrorCode::OutOfRange);
-                self.send_chunk(&device, &topic, frame);
+                let frame = chunkframe::encode_error(artifact, index, ChunkErrorCode::OutOfRange);
+                self.send_chunk(device, &topic, frame);
                 break;
             }
-            let Some(sealed) = self.store.chunk(&artifact, index)? else {
+            let Some(sealed) = self.store.chunk(artifact, index)? else {
                 warn!(%artifact, index, "stored release is missing a chunk");
                 let frame =
-                    chunkframe::encode_error(&artifact, index, ChunkErrorCode::UnknownArtifact);
-                self.send_chunk(&device, &topic, frame);
+                    chunkframe::encode_error(artifact, index, ChunkErrorCode::UnknownArtifact);
+                self.send_chunk(device, &topic, frame);
                 break;
             };
             self.metrics.chunk_served(sealed.len());
-            let frame = chunkframe::encode_data(&artifact, index, count, &sealed);
-            self.send_chunk(&device, &topic, frame);
+            let frame = chunkframe::encode_data(artifact, index, count, &sealed);
+            self.send_chunk(device, &topic, frame);
         }
+        Ok(())
+    }
+
+    /// Records that a member is being served chunks; returns whether it was already recorded.
+    /// One write per member, never one per chunk. The first time, the caller holds the request
+    /// until the batch's commit: no chunk leaves before "served" is durable, so a device that
+    /// downloaded before a crash or restart and reports `succeeded` after it is never flagged.
+    fn note_served(
+        &mut self,
+        campaign: &CampaignId,
+        device: &DeviceId,
+    ) -> Result<bool, StoreError> {
+        let Some(p) = self
+            .campaigns
+            .get_mut(campaign)
+            .and_then(|live| live.progress.get_mut(device))
+        else {
+            return Ok(true);
+        };
+        if p.served {
+            return Ok(true);
+        }
+        p.served = true;
+        self.store.put_progress(campaign, device, p)?;
+        self.dirty = true;
+        Ok(false)
+    }
+
+    /// A member reported `succeeded` but was never handed a chunk of the image. Devices are
+    /// trusted to report honestly (SECURITY.md), so the report is still applied (the device is
+    /// the authority on what it runs), but an operator must be able to see it: a counter, a
+    /// warning, and an audit entry, durable with the batch like the transition itself.
+    fn flag_success_without_download(
+        &mut self,
+        device: &DeviceId,
+        campaign: &CampaignId,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        self.metrics.success_without_download();
+        warn!(%device, %campaign, "device reported succeeded but was never sent a chunk of the image");
+        let event = crate::store::AuditEvent {
+            actor: "orchestrator".into(),
+            action: SUCCESS_WITHOUT_DOWNLOAD.into(),
+            subject: format!("{campaign}/{device}"),
+            outcome: "flagged".into(),
+        };
+        self.store.append_audit(event, now)?;
+        self.dirty = true;
         Ok(())
     }
 

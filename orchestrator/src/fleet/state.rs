@@ -47,6 +47,10 @@ pub struct Progress {
     /// Succeeded, then reported itself unhealthy during its wave's soak.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unhealthy: bool,
+    /// The orchestrator handed this member at least one chunk of the campaign's image (set
+    /// once, never cleared): a `succeeded` without it is flagged (PROTOCOL.md §10).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub served: bool,
 }
 
 impl Progress {
@@ -57,6 +61,7 @@ impl Progress {
             last_seq: 0,
             updated_ms: now_ms,
             unhealthy: false,
+            served: false,
         }
     }
 }
@@ -108,6 +113,7 @@ pub fn advance(
         last_seq: current.last_seq,
         updated_ms: now_ms,
         unhealthy: current.unhealthy,
+        served: current.served,
     })
 }
 

@@ -57,7 +57,7 @@ pub struct AuditBreak {
 
 impl Store {
     fn audit_tree(&self) -> Result<sled::Tree, StoreError> {
-        Ok(self.db.open_tree(AUDIT_TREE)?)
+        Ok(self.trees.db.open_tree(AUDIT_TREE)?)
     }
 
     /// Appends an entry (durable with the caller's next flush) and returns it.

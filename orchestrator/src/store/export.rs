@@ -7,7 +7,7 @@ use std::path::Path;
 
 use aloft_proto::{CampaignId, DeviceId};
 
-use super::{decode, encode, open_db, progress_key, StoreError};
+use super::{decode, encode, progress_key, Sled, StoreError};
 use crate::fleet::state::Progress;
 use crate::store::DeviceRecord;
 
@@ -21,7 +21,7 @@ pub struct RawRecord {
 
 /// A store opened without its master key: raw records only.
 pub struct RawStore {
-    db: sled::Db,
+    db: Sled<sled::Db>,
 }
 
 /// What a merge kept from the surviving store.
@@ -43,7 +43,9 @@ impl RawStore {
         if !dir.join("conf").exists() {
             return Err(StoreError::Missing(dir.to_owned()));
         }
-        Ok(Self { db: open_db(dir)? })
+        Ok(Self {
+            db: Sled::open(dir)?,
+        })
     }
 
     /// Creates an empty store to import into; `dir` must not exist.
@@ -51,7 +53,9 @@ impl RawStore {
         if dir.exists() {
             return Err(StoreError::Exists(dir.to_owned()));
         }
-        Ok(Self { db: open_db(dir)? })
+        Ok(Self {
+            db: Sled::open(dir)?,
+        })
     }
 
     /// Calls `f` with every record of every named tree (sled's own default tree is empty for
