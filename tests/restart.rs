@@ -179,3 +179,74 @@ async fn a_paused_rollout_stays_paused_across_a_crash_and_its_thresholds_still_h
     fleet.shutdown().await;
     drop(orch);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_timed_out_while_offline_learns_of_it_even_after_the_orchestrator_restarted() {
+    let Spawned {
+        tmp: _tmp,
+        lab,
+        orch,
+        admin,
+        fleet,
+    } = spawned(1, |cfg| {
+        cfg.faults.slow_link_probability = 1.0;
+        cfg.faults.slow_link_bytes_per_sec = 16 * 1024;
+    })
+    .await;
+    let addr = orch.device_addr;
+    let id = fleet.ids().next().unwrap().clone();
+    let artifact = lab
+        .upload(&admin, &ReleaseSpec::new("2.0.0", 2, 256 * 1024))
+        .await
+        .unwrap();
+    let policy = aloft_orchestrator::rollout::RolloutPolicy {
+        device_timeout_secs: Some(3),
+        ..Default::default()
+    };
+    let campaign = aloft_e2e::create_rollout(
+        &admin,
+        artifact,
+        aloft_orchestrator::store::Target::All,
+        policy,
+    )
+    .await
+    .unwrap();
+    assert!(
+        fleet
+            .wait_one(&id, LIMIT, |v| v
+                .current
+                .as_ref()
+                .is_some_and(|c| c.1 == DeviceState::Downloading)
+                && v.stats.chunks_received > 0)
+            .await
+    );
+    fleet.set_online(&id, false);
+    wait_campaign(&admin, &campaign, LIMIT, |s| {
+        s.reasons.get("timed_out") == Some(&1)
+    })
+    .await
+    .unwrap();
+    // The retained withdrawal dies with the embedded broker.
+    admin.disconnect().await;
+    orch.kill9().unwrap();
+    let orch = lab.spawn(exe(), addr).unwrap();
+    let admin = lab.operator(orch.device_addr).await.unwrap();
+    fleet.set_online(&id, true);
+    // Its next chunk request is refused and answered with the withdrawal.
+    assert!(
+        fleet
+            .wait_one(&id, LIMIT, |v| v.current.is_none() && v.outbox == 0)
+            .await,
+        "{:?}",
+        fleet.view(&id)
+    );
+    let v = fleet.view(&id).unwrap();
+    assert_eq!(
+        v.last_finished.map(|f| (f.0, f.1)),
+        Some((campaign, DeviceState::Failed))
+    );
+    assert_eq!(v.running_version, "1.0.0");
+    admin.disconnect().await;
+    fleet.shutdown().await;
+    drop(orch);
+}

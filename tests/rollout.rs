@@ -7,10 +7,11 @@ use std::time::Duration;
 use aloft_device::Fleet;
 use aloft_e2e::{finished, status, wait_campaign, wait_registered, ReleaseSpec};
 use aloft_orchestrator::admin::wire::{AdminBody, CampaignSummary, DryRun};
+use aloft_orchestrator::ops;
 use aloft_orchestrator::rollout::policy::{Size, Threshold};
 use aloft_orchestrator::rollout::RolloutPolicy;
 use aloft_orchestrator::store::{CampaignStatus, Target};
-use aloft_proto::{CampaignId, DeviceId, DeviceState, Reason};
+use aloft_proto::{ArtifactId, CampaignId, DeviceId, DeviceState, Reason};
 
 use crate::common::{waves, Env, LIMIT};
 
@@ -428,5 +429,207 @@ async fn labels_select_the_target_and_a_dry_run_touches_nothing() {
     let s = status(&env.admin, &campaign, true).await.unwrap();
     let members: HashSet<DeviceId> = s.devices.iter().map(|d| d.device.clone()).collect();
     assert_eq!(members, planned, "the dry run named exactly the members");
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_to_an_older_build_is_refused_as_a_replay_until_the_image_is_signed_again() {
+    let env = Env::new(4).await;
+    let fleet = env.start_fleet(&env.fleet_config()).await;
+    // Built first, so its manifest sequence (the build time) is below 2.0.0's; the same
+    // security version, so the floor allows it.
+    let old_bundle = env
+        .lab
+        .build_release(&ReleaseSpec::new("1.9.1", 2, 64 * 1024))
+        .unwrap();
+    let first = env
+        .lab
+        .release_to_all(&env.admin, &ReleaseSpec::new("2.0.0", 2, 64 * 1024))
+        .await
+        .unwrap();
+    wait_campaign(&env.admin, &first, LIMIT, finished)
+        .await
+        .unwrap();
+    let old = ops::upload_bundle(&env.admin, &old_bundle, false)
+        .await
+        .unwrap();
+    let releases: Vec<serde_json::Value> = env.admin.call(AdminBody::ReleaseList {}).await.unwrap();
+    let sequence = |a: &str| {
+        releases
+            .iter()
+            .find(|r| r["artifact"] == a)
+            .and_then(|r| r["sequence"].as_u64())
+            .unwrap()
+    };
+    assert!(sequence("fw-1.9.1") < sequence("fw-2.0.0"), "{releases:?}");
+
+    // Refused up front, dry run or not, rollback or plain campaign: no device is asked.
+    let rollback = |to: ArtifactId, dry_run| AdminBody::CampaignRollback {
+        campaign: first.clone(),
+        to,
+        policy: RolloutPolicy::default(),
+        dry_run,
+    };
+    let create = AdminBody::CampaignCreate {
+        artifact: old.clone(),
+        target: Target::All,
+        include: Vec::new(),
+        exclude: Vec::new(),
+        policy: RolloutPolicy::default(),
+        dry_run: true,
+    };
+    for body in [
+        rollback(old.clone(), true),
+        rollback(old.clone(), false),
+        create,
+    ] {
+        let refused = env
+            .admin
+            .call::<serde_json::Value>(body)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("replay_blocked"), "{refused}");
+        assert!(refused.contains("release resign"), "{refused}");
+    }
+    let campaigns: Vec<serde_json::Value> =
+        env.admin.call(AdminBody::CampaignList {}).await.unwrap();
+    assert_eq!(campaigns.len(), 1, "nothing was created");
+    assert_eq!(
+        fleet.count(|v| v.running_version == "2.0.0" && v.current.is_none()),
+        4
+    );
+
+    // The fix the message gives: the same image signed again as a new release.
+    let new_bundle = env.lab.root.join("releases").join("1.9.1-r2");
+    let now = aloft_e2e::now_secs();
+    let resign = ops::Resign {
+        artifact: ArtifactId::new("fw-1.9.1-r2").unwrap(),
+        version: "1.9.1-r2".into(),
+        security_version: None,
+        created_at: now,
+        expires_at: now + 86_400,
+        sequence: aloft_e2e::next_sequence(),
+    };
+    let (_, m) =
+        ops::resign_bundle(&old_bundle, &resign, &env.lab.release_key, &new_bundle).unwrap();
+    assert_eq!(m.security_version.0, 2);
+    let again = ops::upload_bundle(&env.admin, &new_bundle, false)
+        .await
+        .unwrap();
+    let v: serde_json::Value = env.admin.call(rollback(again, false)).await.unwrap();
+    let back = CampaignId::new(v["campaign"].as_str().unwrap()).unwrap();
+    let s = wait_campaign(&env.admin, &back, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(s.count(DeviceState::Succeeded), 4, "{:?}", s.reasons);
+    assert!(
+        fleet
+            .wait_all(LIMIT, |v| v.running_version == "1.9.1-r2")
+            .await
+    );
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_timed_out_while_offline_learns_of_the_withdrawal_when_it_reconnects() {
+    let env = Env::new(1).await;
+    let mut cfg = env.fleet_config();
+    // Slow enough that the download is still going when the device drops off.
+    cfg.faults.slow_link_probability = 1.0;
+    cfg.faults.slow_link_bytes_per_sec = 16 * 1024;
+    let fleet = env.start_fleet(&cfg).await;
+    let id = env.devices[0].id.clone();
+    let policy = RolloutPolicy {
+        device_timeout_secs: Some(3),
+        ..RolloutPolicy::default()
+    };
+    let campaign = env
+        .roll_out(&ReleaseSpec::new("2.0.0", 2, 256 * 1024), policy)
+        .await;
+    assert!(
+        fleet
+            .wait_one(&id, LIMIT, |v| v
+                .current
+                .as_ref()
+                .is_some_and(|c| c.1 == DeviceState::Downloading)
+                && v.stats.chunks_received > 0)
+            .await
+    );
+    fleet.set_online(&id, false);
+    assert!(fleet.wait_one(&id, LIMIT, |v| !v.connected).await);
+    let s = wait_campaign(&env.admin, &campaign, LIMIT, |s| {
+        s.reasons.get("timed_out") == Some(&1)
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.count(DeviceState::Failed), 1);
+    assert_eq!(
+        fleet.view(&id).unwrap().current.map(|c| c.1),
+        Some(DeviceState::Downloading),
+        "offline, it never heard of the time-out"
+    );
+
+    fleet.set_online(&id, true);
+    // Back, it learns its job was withdrawn: it abandons the download, reports it, and is
+    // idle on its old image, ready for the next campaign.
+    assert!(
+        fleet
+            .wait_one(&id, LIMIT, |v| v.current.is_none() && v.outbox == 0)
+            .await,
+        "{:?}",
+        fleet.view(&id)
+    );
+    let v = fleet.view(&id).unwrap();
+    assert_eq!(
+        v.last_finished.map(|f| (f.0, f.1, f.2)),
+        Some((
+            campaign.clone(),
+            DeviceState::Failed,
+            Some(Reason::Cancelled)
+        ))
+    );
+    assert_eq!(v.running_version, "1.0.0");
+    assert!(v.running_slot_valid);
+    let next = env
+        .roll_out(
+            &ReleaseSpec::new("2.0.1", 2, 16 * 1024),
+            RolloutPolicy::default(),
+        )
+        .await;
+    let s = wait_campaign(&env.admin, &next, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(s.count(DeviceState::Succeeded), 1, "{:?}", s.reasons);
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_download_that_keeps_progressing_outlasts_the_device_timeout_and_succeeds() {
+    let env = Env::new(1).await;
+    let mut cfg = env.fleet_config();
+    cfg.faults.slow_link_probability = 1.0;
+    cfg.faults.slow_link_bytes_per_sec = 64 * 1024;
+    let fleet = env.start_fleet(&cfg).await;
+    let policy = RolloutPolicy {
+        device_timeout_secs: Some(4),
+        ..RolloutPolicy::default()
+    };
+    // About 8 s of downloading at 64 KiB/s, twice the timeout: a 16 KiB chunk and a new
+    // request every 0.25 s. (The device is silent only while its last window of 8 chunks
+    // arrives, 2 s, below the timeout.)
+    let started = std::time::Instant::now();
+    let campaign = env
+        .roll_out(&ReleaseSpec::new("2.0.0", 2, 512 * 1024), policy)
+        .await;
+    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(s.count(DeviceState::Succeeded), 1, "{:?}", s.reasons);
+    assert!(
+        started.elapsed() > Duration::from_secs(6),
+        "the link was not slow: {:?}",
+        started.elapsed()
+    );
     fleet.shutdown().await;
 }

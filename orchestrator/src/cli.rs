@@ -234,6 +234,36 @@ pub enum ReleaseCommand {
         #[command(flatten)]
         unlock: UnlockArgs,
     },
+    /// Sign an old release's image again as a new release: a new artifact id and version, a
+    /// fresh manifest sequence (devices refuse a sequence not above the one they installed, so
+    /// an old manifest cannot be rolled back to) and a fresh content key. The image is taken
+    /// from the old bundle, each chunk checked against its manifest before it is decrypted.
+    Resign {
+        /// The old release's bundle directory (from `release build`).
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The new release's version, e.g. `1.9.1-r2`.
+        #[arg(long)]
+        version: String,
+        /// Defaults to the old release's; never below it.
+        #[arg(long)]
+        security_version: Option<u64>,
+        /// Release signing key file (from `release keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// Defaults to `fw-<version>`; must differ from the old release's.
+        #[arg(long)]
+        artifact: Option<String>,
+        #[arg(long, default_value_t = 365)]
+        expires_days: u64,
+        /// Default: the signing time in Unix milliseconds; must be above the old release's.
+        #[arg(long)]
+        sequence: Option<u64>,
+        #[command(flatten)]
+        unlock: UnlockArgs,
+    },
     /// Upload a built release; the orchestrator verifies its signature before accepting it.
     Upload {
         #[arg(long)]
@@ -611,6 +641,37 @@ async fn release(c: ReleaseCommand) -> Result<()> {
             };
             let a = build_bundle(&image, &meta, &key, &out_dir)?;
             println!("built and signed {a} into {}", out_dir.display());
+        }
+        ReleaseCommand::Resign {
+            bundle,
+            version,
+            security_version,
+            key,
+            out_dir,
+            artifact,
+            expires_days,
+            sequence,
+            unlock,
+        } => {
+            let key = read_signing_key(&key, &unlock.obtain("the release key")?)?;
+            let now = crate::engine::now_ms() / 1000;
+            let new = crate::ops::Resign {
+                artifact: ArtifactId::new(artifact.unwrap_or_else(|| format!("fw-{version}")))?,
+                version,
+                security_version: security_version.map(SecurityVersion),
+                created_at: now,
+                expires_at: now + expires_days * 86_400,
+                sequence: sequence.unwrap_or_else(crate::engine::now_ms),
+            };
+            let (old, m) = crate::ops::resign_bundle(&bundle, &new, &key, &out_dir)?;
+            println!(
+                "re-signed the image of {old} as {} (version {}, security version {}, sequence {}) into {}",
+                m.artifact,
+                m.version,
+                m.security_version.0,
+                m.sequence.unwrap_or(0),
+                out_dir.display()
+            );
         }
         ReleaseCommand::Sign {
             bundle,

@@ -6,10 +6,11 @@ use std::io::Write;
 use std::path::Path;
 
 use aloft_certs::{FleetCa, Validity};
-use aloft_proto::manifest::{ReleaseSigningKey, SignedManifest};
+use aloft_proto::crypto::ContentKey;
+use aloft_proto::manifest::{Manifest, ReleaseSigningKey, SignedManifest};
 use aloft_proto::release::{build_release, ReleaseMeta};
 use aloft_proto::trust::SignedRoot;
-use aloft_proto::{ArtifactId, OperatorId};
+use aloft_proto::{ArtifactId, OperatorId, SecurityVersion};
 use anyhow::{bail, Context, Result};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -281,16 +282,169 @@ pub fn build_bundle(
     key: &ReleaseSigningKey,
     out_dir: &Path,
 ) -> Result<ArtifactId> {
-    std::fs::create_dir_all(out_dir)?;
     let mut file =
         std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
     let size = file.metadata()?.len();
+    Ok(write_bundle(&mut file, size, meta, key, out_dir)?.artifact)
+}
+
+/// What `release resign` changes; everything else (image, hardware model, chunk size) is the
+/// old release's.
+#[derive(Debug, Clone)]
+pub struct Resign {
+    pub artifact: ArtifactId,
+    pub version: String,
+    /// `None`: the old release's. Never below it.
+    pub security_version: Option<SecurityVersion>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds.
+    pub expires_at: u64,
+    /// Must be above the old release's.
+    pub sequence: u64,
+}
+
+/// Signs the image of the release in bundle `old_dir` again as a new release into `out_dir`
+/// (new artifact id, fresh sequence and content key): what lets an operator roll devices back
+/// to an image they would refuse as a replayed manifest. Each sealed chunk is checked against
+/// the old manifest's digest before it is opened, and the whole image against its SHA-256, so
+/// only the image that manifest describes is signed. Returns the old artifact and the new
+/// manifest.
+pub fn resign_bundle(
+    old_dir: &Path,
+    new: &Resign,
+    key: &ReleaseSigningKey,
+    out_dir: &Path,
+) -> Result<(ArtifactId, Manifest)> {
+    let manifest_path = old_dir.join(bundle::MANIFEST);
+    let signed: SignedManifest = serde_json::from_slice(
+        &std::fs::read(&manifest_path)
+            .with_context(|| format!("reading {}", manifest_path.display()))?,
+    )
+    .with_context(|| format!("{} is not a signed manifest", manifest_path.display()))?;
+    let old = signed.peek_unverified()?;
+    if new.artifact == old.artifact {
+        bail!(
+            "the new release needs an artifact id other than {}",
+            old.artifact
+        );
+    }
+    let security_version = new.security_version.unwrap_or(old.security_version);
+    if security_version < old.security_version {
+        bail!(
+            "security version {} is below the old release's {}: devices that installed it would refuse it",
+            security_version.0,
+            old.security_version.0
+        );
+    }
+    if old.sequence.is_some_and(|s| new.sequence <= s) {
+        bail!(
+            "sequence {} is not above the old release's {}",
+            new.sequence,
+            old.sequence.unwrap_or(0)
+        );
+    }
+    let key_text = Zeroizing::new(
+        std::fs::read_to_string(old_dir.join(bundle::CONTENT_KEY))
+            .with_context(|| format!("reading {}", old_dir.join(bundle::CONTENT_KEY).display()))?,
+    );
+    let content_key = hex::decode(key_text.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .map(ContentKey::from_bytes)
+        .context("the old bundle's content key is not 64 hex digits")?;
+    let chunks_path = old_dir.join(bundle::CHUNKS);
+    let chunks = std::io::BufReader::new(
+        std::fs::File::open(&chunks_path)
+            .with_context(|| format!("opening {}", chunks_path.display()))?,
+    );
+    let mut image = OpenedChunks {
+        manifest: &old,
+        key: &content_key,
+        sealed: chunks,
+        next: 0,
+        plain: Vec::new(),
+        at: 0,
+    };
+    let meta = ReleaseMeta {
+        artifact: new.artifact.clone(),
+        version: new.version.clone(),
+        security_version,
+        hardware_model: old.hardware_model.clone(),
+        chunk_size: old.chunk_size,
+        created_at: new.created_at,
+        expires_at: new.expires_at,
+        sequence: Some(new.sequence),
+    };
+    let built = write_bundle(&mut image, old.image_size, &meta, key, out_dir)?;
+    if built.image_sha256 != old.image_sha256 {
+        bail!("the re-signed image does not match the old manifest's image_sha256");
+    }
+    Ok((old.artifact, built))
+}
+
+/// The plaintext image of a bundle, read chunk by chunk from its sealed chunks.
+struct OpenedChunks<'a, R> {
+    manifest: &'a Manifest,
+    key: &'a ContentKey,
+    sealed: R,
+    next: u32,
+    plain: Vec<u8>,
+    at: usize,
+}
+
+impl<R: std::io::Read> std::io::Read for OpenedChunks<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::{Error, ErrorKind};
+        if self.at == self.plain.len() {
+            if self.next == self.manifest.chunk_count {
+                return Ok(0);
+            }
+            let index = self.next;
+            let bad =
+                |why: &str| Error::new(ErrorKind::InvalidData, format!("chunk {index}: {why}"));
+            let len = self
+                .manifest
+                .sealed_len(index)
+                .ok_or_else(|| bad("out of range"))?;
+            let mut sealed = vec![0u8; len];
+            self.sealed.read_exact(&mut sealed)?;
+            if Some(aloft_proto::crypto::sha256(&sealed)) != self.manifest.chunk_digest(index) {
+                return Err(bad("does not match the manifest's digest"));
+            }
+            self.plain = aloft_proto::crypto::open_chunk(
+                self.key,
+                &self.manifest.artifact,
+                index,
+                self.manifest.chunk_count,
+                &sealed,
+            )
+            .map_err(|_| bad("does not open with the bundle's content key"))?;
+            self.at = 0;
+            self.next += 1;
+        }
+        let n = buf.len().min(self.plain.len() - self.at);
+        buf[..n].copy_from_slice(&self.plain[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Seals `size` bytes of `image` into a signed bundle in `out_dir`; returns its manifest.
+fn write_bundle(
+    image: &mut dyn std::io::Read,
+    size: u64,
+    meta: &ReleaseMeta,
+    key: &ReleaseSigningKey,
+    out_dir: &Path,
+) -> Result<Manifest> {
+    std::fs::create_dir_all(out_dir)?;
     let chunks_path = out_dir.join(bundle::CHUNKS);
     let mut chunks = std::io::BufWriter::new(
         std::fs::File::create(&chunks_path)
             .with_context(|| format!("creating {}", chunks_path.display()))?,
     );
-    let built = build_release(&mut file, size, meta, key, |_, sealed| {
+    let built = build_release(image, size, meta, key, |_, sealed| {
         chunks.write_all(&sealed)
     })?;
     chunks.flush()?;
@@ -303,7 +457,7 @@ pub fn build_bundle(
         hex::encode(built.content_key.as_bytes()).as_bytes(),
         true,
     )?;
-    Ok(built.manifest.artifact)
+    Ok(built.manifest)
 }
 
 /// Chunk uploads in flight at once.
@@ -359,4 +513,109 @@ pub async fn upload_bundle(client: &AdminClient, dir: &Path, progress: bool) -> 
         .await?;
     bar.finish_and_clear();
     Ok(manifest.artifact)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aloft_proto::crypto::{open_chunk, sha256};
+
+    fn meta(artifact: &str, sv: u64, sequence: u64) -> ReleaseMeta {
+        ReleaseMeta {
+            artifact: ArtifactId::new(artifact).unwrap(),
+            version: artifact.trim_start_matches("fw-").to_owned(),
+            security_version: SecurityVersion(sv),
+            hardware_model: "sim-v1".into(),
+            chunk_size: 1024,
+            created_at: 1_000,
+            expires_at: 2_000,
+            sequence: Some(sequence),
+        }
+    }
+
+    fn resign(artifact: &str, sv: Option<u64>, sequence: u64) -> Resign {
+        Resign {
+            artifact: ArtifactId::new(artifact).unwrap(),
+            version: artifact.trim_start_matches("fw-").to_owned(),
+            security_version: sv.map(SecurityVersion),
+            created_at: 3_000,
+            expires_at: 4_000,
+            sequence,
+        }
+    }
+
+    #[test]
+    fn a_resigned_bundle_carries_the_same_image_under_a_new_artifact_and_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let image: Vec<u8> = (0..5_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let image_path = dir.path().join("image.bin");
+        std::fs::write(&image_path, &image).unwrap();
+        let key = ReleaseSigningKey::generate().unwrap();
+        let old_dir = dir.path().join("old");
+        build_bundle(&image_path, &meta("fw-1.9.1", 2, 100), &key, &old_dir).unwrap();
+
+        let new_dir = dir.path().join("new");
+        let (old, m) =
+            resign_bundle(&old_dir, &resign("fw-1.9.1-r2", None, 200), &key, &new_dir).unwrap();
+        assert_eq!(old.as_str(), "fw-1.9.1");
+        assert_eq!(m.artifact.as_str(), "fw-1.9.1-r2");
+        assert_eq!(
+            (m.security_version, m.sequence),
+            (SecurityVersion(2), Some(200))
+        );
+        assert_eq!((m.hardware_model.as_str(), m.chunk_size), ("sim-v1", 1024));
+        let signed: SignedManifest =
+            serde_json::from_slice(&std::fs::read(new_dir.join(bundle::MANIFEST)).unwrap())
+                .unwrap();
+        assert_eq!(signed.verify(&[key.public()]).unwrap(), m);
+        // The new bundle's chunks open, under its own key and artifact, to the old image.
+        let ck: [u8; 32] =
+            hex::decode(std::fs::read_to_string(new_dir.join(bundle::CONTENT_KEY)).unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap();
+        let ck = ContentKey::from_bytes(ck);
+        let sealed = std::fs::read(new_dir.join(bundle::CHUNKS)).unwrap();
+        let mut plain = Vec::new();
+        let mut at = 0;
+        for i in 0..m.chunk_count {
+            let len = m.sealed_len(i).unwrap();
+            let c = &sealed[at..at + len];
+            at += len;
+            assert_eq!(Some(sha256(c)), m.chunk_digest(i));
+            plain.extend(open_chunk(&ck, &m.artifact, i, m.chunk_count, c).unwrap());
+        }
+        assert_eq!(plain, image);
+    }
+
+    #[test]
+    fn resigning_refuses_a_lower_security_version_an_old_sequence_the_same_artifact_and_tampered_chunks(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let image_path = dir.path().join("image.bin");
+        std::fs::write(&image_path, vec![7u8; 3_000]).unwrap();
+        let key = ReleaseSigningKey::generate().unwrap();
+        let old_dir = dir.path().join("old");
+        build_bundle(&image_path, &meta("fw-1.9.1", 2, 100), &key, &old_dir).unwrap();
+        let out = dir.path().join("out");
+        for (r, why) in [
+            (resign("fw-r2", Some(1), 200), "below the old release"),
+            (resign("fw-r2", None, 100), "not above"),
+            (resign("fw-1.9.1", None, 200), "artifact id"),
+        ] {
+            let e = resign_bundle(&old_dir, &r, &key, &out)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{e}");
+        }
+        let chunks = old_dir.join(bundle::CHUNKS);
+        let mut sealed = std::fs::read(&chunks).unwrap();
+        sealed[1500] ^= 1;
+        std::fs::write(&chunks, sealed).unwrap();
+        let e = format!(
+            "{:#}",
+            resign_bundle(&old_dir, &resign("fw-r2", Some(3), 200), &key, &out).unwrap_err()
+        );
+        assert!(e.contains("chunk 1: does not match"), "{e}");
+    }
 }

@@ -132,6 +132,37 @@ impl Message for Job {
     }
 }
 
+/// Largest withdrawal payload on the job topic.
+pub const MAX_WITHDRAWAL_BYTES: usize = 1024;
+
+/// Orchestrator → device, retained on the device's job topic in place of a [`Job`]: the device
+/// has no job now (PROTOCOL.md §5.2). Unlike the empty payload that clears a retained message
+/// (which a device subscribing later never receives), it stays retained, so a device that was
+/// offline when its job was withdrawn learns of it when it subscribes again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Withdrawal {
+    pub v: u8,
+    pub withdrawn: Withdrawn,
+}
+
+/// What a [`Withdrawal`] withdraws.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Withdrawn {
+    /// The campaign whose job was withdrawn.
+    pub campaign: CampaignId,
+    /// Why: `timed_out`, `cancelled` or `revoked`.
+    pub reason: Reason,
+}
+
+impl Message for Withdrawal {
+    const MAX_BYTES: usize = MAX_WITHDRAWAL_BYTES;
+    fn version(&self) -> u8 {
+        self.v
+    }
+}
+
 /// The per-device update state of one campaign, as the orchestrator tracks it and devices report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -569,6 +600,23 @@ mod tests {
 
     fn report(json: &str) -> Result<StatusReport, DecodeError> {
         decode(json.as_bytes())
+    }
+
+    #[test]
+    fn a_withdrawal_decodes_and_is_no_job() {
+        let w: Withdrawal =
+            decode(br#"{"v":1,"withdrawn":{"campaign":"c-1","reason":"timed_out"}}"#).unwrap();
+        assert_eq!(w.withdrawn.reason, Reason::TimedOut);
+        assert_eq!(decode::<Withdrawal>(&encode(&w)), Ok(w.clone()));
+        // A device that knows only jobs fails to decode it and finds no campaign to refuse.
+        assert!(decode::<Job>(&encode(&w)).is_err());
+        assert!(
+            serde_json::from_slice::<serde_json::Value>(&encode(&w)).unwrap()["campaign"].is_null()
+        );
+        assert!(decode::<Withdrawal>(
+            br#"{"v":1,"campaign":"c-1","withdrawn":{"campaign":"c-1","reason":"timed_out"}}"#
+        )
+        .is_err());
     }
 
     #[test]

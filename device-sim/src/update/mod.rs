@@ -36,7 +36,7 @@ use aloft_proto::chunkframe::{self, ChunkErrorCode, ChunkFrame};
 use aloft_proto::crypto::{ContentKey, DeviceEncryptionKey};
 use aloft_proto::manifest::Manifest;
 use aloft_proto::messages::{
-    self, AckOutcome, ChunkRequest, Heartbeat, Job, StatusAck, StatusReport,
+    self, AckOutcome, ChunkRequest, Heartbeat, Job, StatusAck, StatusReport, Withdrawal, Withdrawn,
 };
 use aloft_proto::trust::{SignedRoot, TrustError, TrustedRoot};
 use aloft_proto::{CampaignId, DeviceId, DeviceState, Reason};
@@ -166,7 +166,7 @@ pub enum Input<'a> {
     /// The MQTT session is up and the device's subtree subscribed.
     Connected,
     Disconnected,
-    /// A payload on the device's `job` topic (empty: no job).
+    /// A payload on the device's `job` topic: a job, or no job (empty, or a withdrawal).
     Job(&'a [u8]),
     /// A payload on the device's `chunk/resp` topic.
     ChunkFrame(&'a [u8]),
@@ -578,7 +578,10 @@ impl UpdateAgent {
 
     fn on_job(&mut self, now: u64, payload: &[u8], flash: &mut dyn Flash) {
         if payload.is_empty() {
-            return self.on_job_withdrawn();
+            return self.on_job_withdrawn(None);
+        }
+        if let Ok(w) = messages::decode::<Withdrawal>(payload) {
+            return self.on_job_withdrawn(Some(w.withdrawn));
         }
         let job: Job = match messages::decode(payload) {
             Ok(j) => j,
@@ -667,18 +670,26 @@ impl UpdateAgent {
         self.dirty(Persist::Now);
     }
 
-    /// An empty job: the orchestrator withdrew it. A download is abandoned; an install that has
-    /// begun runs to its end, since stopping it halfway would gain nothing.
-    fn on_job_withdrawn(&mut self) {
+    /// No job (an empty payload, or a `Withdrawal` naming the campaign and why): the job topic
+    /// holds the device's whole job state, so whatever it is downloading was withdrawn, even a
+    /// campaign other than the one named (a later job may have come and gone while the device
+    /// was offline). The download is abandoned and the running slot untouched; an install that
+    /// has begun runs to its end, since stopping it halfway would gain nothing.
+    fn on_job_withdrawn(&mut self, withdrawn: Option<Withdrawn>) {
         self.deferred_job = None;
         if self
             .current()
             .is_some_and(|(_, p)| p == DeviceState::Downloading)
         {
+            let detail = match &withdrawn {
+                Some(w) => format!("job withdrawn ({} of {})", w.reason, w.campaign),
+                None => "job withdrawn".into(),
+            };
+            info!(device = %self.cfg.device, %detail, "download abandoned");
             self.finish(
                 DeviceState::Failed,
                 Some(Reason::Cancelled),
-                Some("job withdrawn".into()),
+                Some(clip(detail)),
             );
         }
     }

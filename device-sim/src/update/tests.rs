@@ -533,6 +533,93 @@ fn a_new_job_replaces_a_download_and_an_empty_job_cancels_one() {
     assert!(rig.agent.record().outbox.is_empty());
 }
 
+fn withdrawal(campaign: &str, reason: Reason) -> Vec<u8> {
+    messages::encode(&messages::Withdrawal {
+        v: messages::PROTOCOL_VERSION,
+        withdrawn: messages::Withdrawn {
+            campaign: aloft_proto::CampaignId::new(campaign).unwrap(),
+            reason,
+        },
+    })
+}
+
+#[test]
+fn a_retained_withdrawal_after_a_restart_abandons_the_download_and_keeps_the_running_slot() {
+    let fx = Fixture::new();
+    let rel = fx.release(&ReleaseSpec::default());
+    let mut rig = fx.rig();
+    let mut store = MemoryStore::new();
+    rig.connect();
+    rig.step(Input::Job(&fx.job("c-1", &rel)));
+    rig.ack_head(AckOutcome::Applied);
+    rig.step(Input::ChunkFrame(&rel.frame(0)));
+    store.save(rig.agent.record()).unwrap();
+    let running = rig.agent.record().slots.running_slot();
+
+    // Offline while the orchestrator timed it out; powered on again, it subscribes and gets
+    // the retained withdrawal instead of its job.
+    let flash = std::mem::take(&mut rig.flash);
+    let mut rig = Rig::new(fx.agent(store.load().unwrap().unwrap(), Box::new(AlwaysHealthy)));
+    rig.flash = flash;
+    rig.connect();
+    rig.step(Input::Job(&withdrawal("c-1", Reason::TimedOut)));
+    assert_eq!(finished(&rig, "c-1"), (Failed, Some(Reason::Cancelled)));
+    let last = rig.agent.record().outbox.back().unwrap().clone();
+    assert!(last.detail.unwrap().contains("timed_out"));
+    let rec = rig.agent.record();
+    assert!(rec.current.is_none(), "back to idle");
+    assert_eq!(rec.slots.running_slot(), running);
+    assert_eq!(rec.slots.running_meta().state, SlotState::Valid);
+    assert_eq!(rec.running_version(), "1.0.0");
+    rig.requested.clear();
+    rig.run(&rel, &mut vec![]);
+    assert!(
+        rig.requested.is_empty(),
+        "no chunk asked for after the withdrawal"
+    );
+    assert_eq!(rig.agent.stats().bad_payloads, 0);
+
+    // The same withdrawal redelivered (every subscribe) and one of a campaign the device never
+    // saw change nothing; a new job afterwards is taken as usual.
+    let before = rig.agent.record().clone();
+    rig.step(Input::Job(&withdrawal("c-1", Reason::TimedOut)));
+    rig.step(Input::Job(&withdrawal("c-9", Reason::Cancelled)));
+    assert_eq!(rig.agent.record(), &before);
+    let rel2 = fx.release(&ReleaseSpec {
+        artifact: "fw-3",
+        version: "3.0.0",
+        security_version: 3,
+        ..Default::default()
+    });
+    rig.step(Input::Job(&fx.job("c-2", &rel2)));
+    rig.settle(&rel2);
+    assert_eq!(finished(&rig, "c-2"), (Succeeded, None));
+}
+
+#[test]
+fn a_withdrawal_of_another_campaign_still_stops_the_download_but_not_an_install() {
+    let fx = Fixture::new();
+    let rel = fx.release(&ReleaseSpec::default());
+    let mut rig = fx.rig_cfg(slow_boot_config(&fx));
+    rig.connect();
+    rig.step(Input::Job(&fx.job("c-1", &rel)));
+    rig.ack_head(AckOutcome::Applied);
+    // A later campaign's job came and was withdrawn while the device was offline: the job
+    // topic says "no job", which is what counts.
+    rig.step(Input::Job(&withdrawal("c-2", Reason::TimedOut)));
+    assert_eq!(finished(&rig, "c-1"), (Failed, Some(Reason::Cancelled)));
+
+    // Past the download, a withdrawal lets the install finish.
+    rig.step(Input::Job(&fx.job("c-3", &rel)));
+    while rig.agent.current().is_some_and(|(_, p)| p < Installing) {
+        assert!(one_move(&mut rig, &rel));
+    }
+    assert!(rig.agent.current().is_some_and(|(_, p)| p >= Installing));
+    rig.step(Input::Job(&withdrawal("c-3", Reason::TimedOut)));
+    rig.settle(&rel);
+    assert_eq!(finished(&rig, "c-3"), (Succeeded, None));
+}
+
 #[test]
 fn garbage_on_every_topic_is_counted_and_ignored() {
     let fx = Fixture::new();

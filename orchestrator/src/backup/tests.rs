@@ -57,6 +57,7 @@ fn device(id: &str, floor: Option<u64>) -> DeviceRecord {
         registered_ms: 1,
         last_seen_ms: 2,
         floor: floor.map(SecurityVersion),
+        installed_sequence: None,
     }
 }
 
@@ -380,7 +381,11 @@ fn restoring_an_old_backup_keeps_the_higher_floors_sequence_numbers_and_newer_cr
     let d1 = DeviceId::new("dev-1").unwrap();
     {
         let s = open_store(&f, &f.data_dir);
-        s.put_device(&device("dev-1", Some(7))).unwrap();
+        s.put_device(&DeviceRecord {
+            installed_sequence: Some(42),
+            ..device("dev-1", Some(7))
+        })
+        .unwrap();
         s.put_device(&device("dev-3", Some(2))).unwrap();
         s.put_progress(&c, &d1, &progress(DeviceState::Succeeded, 9))
             .unwrap();
@@ -405,6 +410,7 @@ fn restoring_an_old_backup_keeps_the_higher_floors_sequence_numbers_and_newer_cr
         s.device(&d1).unwrap().unwrap().floor,
         Some(SecurityVersion(7))
     );
+    assert_eq!(s.device(&d1).unwrap().unwrap().installed_sequence, Some(42));
     assert_eq!(
         s.device(&DeviceId::new("dev-3").unwrap())
             .unwrap()

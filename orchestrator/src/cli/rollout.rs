@@ -41,7 +41,10 @@ pub struct PolicyArgs {
     /// Abort when a wave's failed/finished reaches this: `RATIO%[:MIN_SAMPLE]`.
     #[arg(long)]
     abort_at: Option<String>,
-    /// A device stuck downloading, installing or verifying for longer is timed out.
+    /// A device downloading, installing or verifying that stays silent this long (no report, no
+    /// chunk request, no heartbeat) is timed out and its job withdrawn. Silence, not slowness: a
+    /// slow download that keeps asking for chunks is never timed out by it. Set it above the
+    /// time a window of chunks (8 × 16 KiB by default) takes on the slowest link.
     #[arg(long)]
     device_timeout: Option<String>,
     /// A notified device silent for longer is timed out (unset: it keeps its job).

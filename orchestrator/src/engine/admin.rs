@@ -310,6 +310,7 @@ impl Engine {
                     "artifact": r.artifact,
                     "version": r.manifest.version,
                     "security_version": r.manifest.security_version,
+                    "sequence": r.manifest.sequence,
                     "hardware_model": r.manifest.hardware_model,
                     "image_size": r.manifest.image_size,
                     "chunk_count": r.manifest.chunk_count,
@@ -376,6 +377,7 @@ impl Engine {
                 registered_ms: now,
                 last_seen_ms: 0,
                 floor: None,
+                installed_sequence: None,
             });
             record.x25519_public = hex::encode(x);
             record.cert_not_after = identity.not_after;

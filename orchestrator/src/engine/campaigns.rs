@@ -90,6 +90,9 @@ impl Engine {
             };
             return refuse("empty_target", why);
         }
+        if let Some(refusal) = self.replay_blocked(&release.manifest, &devices)? {
+            return Ok(Err(refusal));
+        }
         if dry_run {
             let plan = Plan::new(artifact, &devices, &policy);
             return Ok(Ok(json!(DryRun {
@@ -199,6 +202,21 @@ impl Engine {
                 ),
             );
         }
+        // Those devices also raised their installed sequence to the release's, and refuse a
+        // manifest whose sequence is not above it, whatever its security version.
+        if let (Some(old), Some(new)) = (from.sequence, target.manifest.sequence) {
+            if new <= old {
+                return refuse(
+                    "replay_blocked",
+                    format!(
+                        "{to} has manifest sequence {new} but devices that took {} installed sequence {old}, \
+                         and devices refuse a sequence not above the one they installed; {}",
+                        live.record.artifact,
+                        resign_hint(to)
+                    ),
+                );
+            }
+        }
         let devices: Vec<DeviceId> = live
             .progress
             .iter()
@@ -231,6 +249,45 @@ impl Engine {
             dry_run,
             Some(campaign.clone()),
         )
+    }
+
+    /// Refuses a release that members would refuse as a replay: its manifest sequence is not
+    /// above the one a member last installed (as recorded when it reported `succeeded`).
+    fn replay_blocked(
+        &self,
+        manifest: &Manifest,
+        devices: &[DeviceId],
+    ) -> Result<Option<AdminError>, StoreError> {
+        let Some(seq) = manifest.sequence else {
+            return Ok(None);
+        };
+        let mut blocked = Vec::new();
+        let mut highest = 0;
+        for d in devices {
+            let installed = self.store.device(d)?.and_then(|r| r.installed_sequence);
+            if let Some(i) = installed.filter(|i| *i >= seq) {
+                blocked.push(d.as_str());
+                highest = highest.max(i);
+            }
+        }
+        if blocked.is_empty() {
+            return Ok(None);
+        }
+        let n = blocked.len();
+        blocked.truncate(5);
+        let more = if n > blocked.len() { ", …" } else { "" };
+        Ok(Some(AdminError::new(
+            "replay_blocked",
+            format!(
+                "{} has manifest sequence {seq} but {n} of the {} targeted devices ({}{more}) installed \
+                 sequence {highest} or later, and devices refuse a sequence not above the one they \
+                 installed; {}, or leave those devices out (--exclude)",
+                manifest.artifact,
+                devices.len(),
+                blocked.join(", "),
+                resign_hint(&manifest.artifact)
+            ),
+        )))
     }
 
     pub(super) fn resolve(
@@ -322,6 +379,15 @@ pub(super) fn summary(live: &LiveCampaign, with_devices: bool) -> CampaignSummar
         rolls_back: live.record.rolls_back.clone(),
         devices,
     }
+}
+
+/// How an operator gets an old image past the devices' replay check.
+fn resign_hint(artifact: &ArtifactId) -> String {
+    format!(
+        "re-sign the image as a new release with a fresh sequence \
+         (`aloft release resign --bundle <bundle of {artifact}> --version <new version> --key <release key> --out-dir <dir>`), \
+         upload it and use that"
+    )
 }
 
 pub(super) fn new_campaign_id() -> CampaignId {

@@ -338,10 +338,12 @@ impl Engine {
     fn recover(&mut self) -> Result<(), StoreError> {
         // Before any job is republished: the CRL may have changed while the engine was down.
         self.refresh_revoked()?;
+        let now = now_ms();
         for record in self.store.campaigns()? {
-            let Some(live) = self.load_campaign(record)? else {
+            let Some(mut live) = self.load_campaign(record)? else {
                 continue;
             };
+            live.rollout.recovered(now);
             let id = live.record.id.clone();
             self.campaigns.insert(id.clone(), live);
             self.republish_jobs(&id)?;
@@ -403,6 +405,11 @@ impl Engine {
             );
             return Ok(());
         };
+        // Any decodable report of a member, even a duplicate, is a sign of life (the device
+        // timeout measures silence).
+        if let Some(live) = self.campaigns.get_mut(&campaign) {
+            live.rollout.touch(&device, now);
+        }
         let (outcome, state, error) = match state::apply_report(&current, &report, now) {
             Decision::Apply(next) => {
                 self.store.put_progress(&campaign, &device, &next)?;
@@ -488,14 +495,19 @@ impl Engine {
             self.send_chunk(&device, &topic, frame);
             return Ok(());
         }
-        let Some(live) = self.campaigns.get(&req.campaign) else {
+        let Some(live) = self.campaigns.get_mut(&req.campaign) else {
             self.metrics.rejected("chunk_request", "unknown_campaign");
             let frame =
                 chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::UnknownArtifact);
             self.send_chunk(&device, &topic, frame);
             return Ok(());
         };
-        let state = live.progress.get(&device).map(|p| p.state);
+        let progress = live.progress.get(&device);
+        let state = progress.map(|p| p.state);
+        let withdrawn = progress.and_then(|p| withdrawn_reason(p, live.record.status));
+        if state.is_some() {
+            live.rollout.touch(&device, now_ms());
+        }
         if live.record.artifact != req.artifact || state.is_none() {
             self.metrics.rejected("chunk_request", "unknown_artifact");
             let frame =
@@ -504,14 +516,24 @@ impl Engine {
             return Ok(());
         }
         // `Notified` too: the device's `downloading` report may still be in this very batch.
-        if !matches!(
+        let serving = matches!(
             state,
             Some(DeviceState::Notified | DeviceState::Downloading)
-        ) {
+        );
+        if !serving || withdrawn.is_some() {
             self.metrics.rejected("chunk_request", "not_downloading");
             let frame =
                 chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::NotDownloading);
             self.send_chunk(&device, &topic, frame);
+            // A device still downloading a withdrawn job missed its withdrawal: the broker
+            // lost the retained one in a restart. Tell it again, unless a newer job of another
+            // campaign is what its job topic holds now.
+            if let Some(reason) = withdrawn {
+                if !self.has_job_elsewhere(&device, &req.campaign) {
+                    self.metrics.rejected("chunk_request", "withdrawn");
+                    self.withdraw_job(&device, &req.campaign, reason);
+                }
+            }
             return Ok(());
         }
         let count = live.manifest.chunk_count;
@@ -620,6 +642,19 @@ impl Engine {
         }
     }
 
+    /// Whether `device` is in flight in a running campaign other than `campaign`: its job
+    /// topic then holds that campaign's job, which a withdrawal must not replace. O(campaigns).
+    fn has_job_elsewhere(&self, device: &DeviceId, campaign: &CampaignId) -> bool {
+        self.campaigns.iter().any(|(id, live)| {
+            id != campaign
+                && !live.record.status.is_final()
+                && live
+                    .progress
+                    .get(device)
+                    .is_some_and(|p| p.state != DeviceState::Idle && !p.state.is_terminal())
+        })
+    }
+
     fn on_health(&mut self, device: DeviceId, payload: &[u8]) -> Result<(), StoreError> {
         let hb: messages::Heartbeat = match messages::decode(payload) {
             Ok(h) => h,
@@ -637,6 +672,7 @@ impl Engine {
         let Some(live) = self.campaigns.get_mut(&campaign) else {
             return Ok(());
         };
+        live.rollout.touch(&device, now);
         if !live.rollout.observe_health(&device, hb.healthy, now) {
             return Ok(());
         }
@@ -652,19 +688,22 @@ impl Engine {
         Ok(())
     }
 
-    /// Records that `device` now runs `campaign`'s security version: the device raised its own
-    /// floor before reporting `succeeded`. Flushed with the batch, before the ack.
+    /// Records that `device` now runs `campaign`'s security version and manifest sequence: the
+    /// device raised its own floor and installed sequence before reporting `succeeded`.
+    /// Flushed with the batch, before the ack.
     fn raise_floor(&mut self, device: &DeviceId, campaign: &CampaignId) -> Result<(), StoreError> {
-        let Some(version) = self
+        let Some((version, sequence)) = self
             .campaigns
             .get(campaign)
-            .map(|live| live.manifest.security_version)
+            .map(|live| (live.manifest.security_version, live.manifest.sequence))
         else {
             return Ok(());
         };
         if let Some(mut d) = self.store.device(device)? {
-            if d.floor < Some(version) {
-                d.floor = Some(version);
+            let raised = d.floor < Some(version) || d.installed_sequence < sequence;
+            if raised {
+                d.floor = d.floor.max(Some(version));
+                d.installed_sequence = d.installed_sequence.max(sequence);
                 self.store.put_device(&d)?;
             }
         }
@@ -704,6 +743,7 @@ impl Engine {
                     registered_ms: now,
                     last_seen_ms: now,
                     floor: None,
+                    installed_sequence: None,
                 }
             }
         };
@@ -713,6 +753,23 @@ impl Engine {
         // Last-seen alone is informational: sled's background flush is durable enough for it.
         self.store.put_device(&d)?;
         Ok(())
+    }
+}
+
+/// Why a member's job was withdrawn, if it was: the orchestrator timed it out, cancelled it or
+/// revoked its certificate, or its campaign was aborted while it was notified or downloading.
+fn withdrawn_reason(p: &Progress, status: crate::store::CampaignStatus) -> Option<Reason> {
+    match (p.state, p.reason) {
+        (
+            DeviceState::Failed,
+            Some(r @ (Reason::TimedOut | Reason::Cancelled | Reason::Revoked)),
+        ) => Some(r),
+        (DeviceState::Notified | DeviceState::Downloading, _)
+            if status == crate::store::CampaignStatus::Aborted =>
+        {
+            Some(Reason::Cancelled)
+        }
+        _ => None,
     }
 }
 

@@ -99,7 +99,7 @@ impl Engine {
         }
         for (id, device) in &doomed {
             self.move_member(id, device, DeviceState::Failed, Some(Reason::Revoked), now)?;
-            self.withdraw_job(device);
+            self.withdraw_job(device, id, Reason::Revoked);
             self.touched.insert(id.clone());
         }
         Ok(doomed.len())

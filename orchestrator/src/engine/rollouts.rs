@@ -43,7 +43,7 @@ impl Engine {
             self.metrics.rejected("job", "revoked");
             warn!(%device, campaign = %id, "device certificate is revoked; no job, member failed");
             self.move_member(id, device, DeviceState::Failed, Some(Reason::Revoked), now)?;
-            self.withdraw_job(device);
+            self.withdraw_job(device, id, Reason::Revoked);
             self.touched.insert(id.clone());
             return Ok(());
         }
@@ -58,9 +58,25 @@ impl Engine {
         Ok(())
     }
 
-    /// Clears a device's retained job: a device downloading it stops (PROTOCOL.md §Jobs).
-    pub(super) fn withdraw_job(&mut self, device: &DeviceId) {
-        self.send(topics::job(device), Vec::new(), true);
+    /// Withdraws a device's job (PROTOCOL.md §5.2): a device downloading stops. First the empty
+    /// payload that clears the retained job, which connected devices of every version act on;
+    /// then a retained `Withdrawal`, which a device subscribing later (offline now) receives.
+    pub(super) fn withdraw_job(
+        &mut self,
+        device: &DeviceId,
+        campaign: &CampaignId,
+        reason: Reason,
+    ) {
+        let topic = topics::job(device);
+        self.send(topic.clone(), Vec::new(), true);
+        let w = messages::Withdrawal {
+            v: PROTOCOL_VERSION,
+            withdrawn: messages::Withdrawn {
+                campaign: campaign.clone(),
+                reason,
+            },
+        };
+        self.send(topic, messages::encode(&w), true);
     }
 
     /// Moves a campaign's rollout to `now` and carries out what it decides.
@@ -101,13 +117,13 @@ impl Engine {
                 }
                 Action::TimeOut(d) => {
                     self.move_member(id, &d, DeviceState::Failed, Some(Reason::TimedOut), now)?;
-                    self.withdraw_job(&d);
+                    self.withdraw_job(&d, id, Reason::TimedOut);
                 }
                 Action::Cancel(d) => {
                     self.move_member(id, &d, DeviceState::Failed, Some(Reason::Cancelled), now)?;
-                    self.withdraw_job(&d);
+                    self.withdraw_job(&d, id, Reason::Cancelled);
                 }
-                Action::Withdraw(d) => self.withdraw_job(&d),
+                Action::Withdraw(d) => self.withdraw_job(&d, id, Reason::Cancelled),
                 Action::WaveOpened(n) => {
                     self.metrics.wave_opened(id.as_str(), n);
                     info!(campaign = %id, wave = n, "wave opened");

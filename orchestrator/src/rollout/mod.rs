@@ -119,6 +119,9 @@ struct Member {
     wave: u32,
     state: DeviceState,
     since_ms: u64,
+    /// The last sign of life (a state change, a report, a chunk request, a heartbeat): the
+    /// device timeout measures silence from here. In memory only (see [`Rollout::recovered`]).
+    active_ms: u64,
     unhealthy: bool,
 }
 
@@ -174,10 +177,12 @@ impl Rollout {
                 wave += 1;
             }
             let k = known.get(&id);
+            let since_ms = k.map_or(created_ms, |k| k.since_ms);
             let m = Member {
                 wave,
                 state: k.map_or(DeviceState::Idle, |k| k.state),
-                since_ms: k.map_or(created_ms, |k| k.since_ms),
+                since_ms,
+                active_ms: since_ms,
                 unhealthy: k.is_some_and(|k| k.unhealthy),
                 id: id.clone(),
             };
@@ -272,6 +277,25 @@ impl Rollout {
         }
         m.state = state;
         m.since_ms = now_ms;
+        m.active_ms = m.active_ms.max(now_ms);
+    }
+
+    /// A member showed a sign of life (a report, even a duplicate; a chunk request; a
+    /// heartbeat) at `now_ms`: the device timeout starts again from here. O(1).
+    pub fn touch(&mut self, device: &DeviceId, now_ms: u64) {
+        if let Some(&i) = self.index.get(device) {
+            let m = &mut self.members[i];
+            m.active_ms = m.active_ms.max(now_ms);
+        }
+    }
+
+    /// The orchestrator restarted at `now_ms`: what members did while it was down is unknown,
+    /// so every member in flight is given a full device timeout from now rather than being
+    /// timed out for a silence nobody observed.
+    pub fn recovered(&mut self, now_ms: u64) {
+        for m in &mut self.members[..self.cursor] {
+            m.active_ms = m.active_ms.max(now_ms);
+        }
     }
 
     /// A member's recorded state changed (a report was applied). Idempotent.
@@ -441,12 +465,14 @@ impl Rollout {
         }
         for i in 0..self.cursor {
             let m = &self.members[i];
-            let limit = match m.state {
-                DeviceState::Notified => notified,
-                s if s > DeviceState::Notified && !s.is_terminal() => busy,
-                _ => None,
+            // A notified device is timed out for not starting; one that started, for falling
+            // silent: a slow download that keeps asking for chunks is not stuck.
+            let (limit, from) = match m.state {
+                DeviceState::Notified => (notified, m.since_ms),
+                s if s > DeviceState::Notified && !s.is_terminal() => (busy, m.active_ms),
+                _ => (None, 0),
             };
-            if limit.is_some_and(|l| now_ms.saturating_sub(m.since_ms) > l) {
+            if limit.is_some_and(|l| now_ms.saturating_sub(from) > l) {
                 let id = m.id.clone();
                 self.set_state(i, DeviceState::Failed, now_ms);
                 out.push(Action::TimeOut(id));

@@ -31,7 +31,9 @@ pub struct RolloutPolicy {
     pub pause_at: Option<Threshold>,
     /// Crossing this failure ratio in any wave aborts the campaign.
     pub abort_at: Option<Threshold>,
-    /// A device in `downloading` … `verifying` for longer than this is marked `timed_out`.
+    /// A device in `downloading` … `verifying` silent for longer than this (no report, no chunk
+    /// request, no heartbeat) is marked `timed_out`. A slow download that keeps asking for
+    /// chunks is never timed out by it.
     pub device_timeout_secs: Option<u64>,
     /// A device notified but silent for longer than this is marked `timed_out`. Unset, an
     /// offline device keeps its job until the campaign's deadline.

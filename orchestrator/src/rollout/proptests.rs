@@ -481,3 +481,106 @@ fn the_deadline_times_out_silent_devices_and_expires_the_campaign() {
     r.observe(&m[1], DeviceState::Succeeded, 61_000);
     assert!(r.tick(120_000).is_empty());
 }
+
+#[test]
+fn a_member_that_keeps_showing_progress_is_not_timed_out_and_a_silent_one_is() {
+    let policy = RolloutPolicy {
+        device_timeout_secs: Some(5),
+        ..RolloutPolicy::default()
+    };
+    let m = members(2);
+    let plan = Plan::new(&ArtifactId::new("fw-slow").unwrap(), &m, &policy);
+    let mut r = fresh(plan, policy, 0);
+    assert_eq!(notified(&r.tick(0)), 2);
+    r.observe(&m[0], DeviceState::Downloading, 1_000);
+    r.observe(&m[1], DeviceState::Downloading, 1_000);
+    // m[0] asks for chunks every 2 s for a minute, twelve timeouts' worth of downloading.
+    let mut now = 1_000;
+    while now < 61_000 {
+        now += 2_000;
+        r.touch(&m[0], now);
+        let a = r.tick(now);
+        assert!(
+            !a.contains(&Action::TimeOut(m[0].clone())),
+            "timed out at {now} while it kept asking: {a:?}"
+        );
+        if now == 7_000 {
+            assert!(a.contains(&Action::TimeOut(m[1].clone())), "{a:?}");
+        }
+    }
+    assert_eq!(r.waves()[0].failed, 1, "only the silent one");
+    // Once it falls silent, the timeout runs from its last sign of life.
+    assert!(!r.tick(now + 5_000).contains(&Action::TimeOut(m[0].clone())));
+    assert!(r.tick(now + 5_001).contains(&Action::TimeOut(m[0].clone())));
+}
+
+#[test]
+fn a_restart_gives_members_in_flight_a_full_timeout_from_the_recovery() {
+    let policy = RolloutPolicy {
+        device_timeout_secs: Some(5),
+        ..RolloutPolicy::default()
+    };
+    let m = members(1);
+    let plan = Plan::new(&ArtifactId::new("fw-restart").unwrap(), &m, &policy);
+    let known = HashMap::from([(
+        m[0].clone(),
+        Known {
+            state: DeviceState::Downloading,
+            since_ms: 1_000,
+            unhealthy: false,
+        },
+    )]);
+    let rebuild = || {
+        Rollout::new(
+            plan.clone(),
+            policy.clone(),
+            0,
+            CampaignStatus::Active,
+            RolloutState {
+                opened_ms: vec![0],
+                ..RolloutState::default()
+            },
+            &known,
+        )
+    };
+    // Without the recovery, the downtime counts as silence.
+    assert!(rebuild()
+        .tick(60_000)
+        .contains(&Action::TimeOut(m[0].clone())));
+    let mut r = rebuild();
+    r.recovered(60_000);
+    assert!(!r.tick(65_000).contains(&Action::TimeOut(m[0].clone())));
+    assert!(r.tick(65_001).contains(&Action::TimeOut(m[0].clone())));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Whatever the pace, a started member showing a sign of life at least once per timeout is
+    /// never timed out, and one silent for longer than the timeout always is.
+    #[test]
+    fn silence_not_slowness_times_a_member_out(
+        gaps in proptest::collection::vec(1u64..=5, 1..60),
+        silence in 6u64..30,
+        state in prop_oneof![
+            Just(DeviceState::Downloading),
+            Just(DeviceState::Installing),
+            Just(DeviceState::Verifying),
+        ],
+    ) {
+        let policy = RolloutPolicy { device_timeout_secs: Some(5), ..RolloutPolicy::default() };
+        let m = members(1);
+        let plan = Plan::new(&ArtifactId::new("fw-pace").unwrap(), &m, &policy);
+        let mut r = fresh(plan, policy, 0);
+        r.tick(0);
+        r.observe(&m[0], state, 0);
+        let mut now = 0;
+        for g in gaps {
+            now += g * 1000;
+            prop_assert!(!r.tick(now).contains(&Action::TimeOut(m[0].clone())), "at {}", now);
+            r.touch(&m[0], now);
+        }
+        now += silence * 1000;
+        prop_assert!(r.tick(now).contains(&Action::TimeOut(m[0].clone())));
+    }
+}

@@ -27,7 +27,7 @@ pub struct RawStore {
 /// What a merge kept from the surviving store.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct MergeReport {
-    /// Devices whose floor the surviving store had higher.
+    /// Devices whose floor or installed sequence the surviving store had higher.
     pub floors_raised: usize,
     /// Devices only the surviving store knew, added with their floor.
     pub devices_added: usize,
@@ -107,8 +107,12 @@ impl RawStore {
             match ours.get(&k)? {
                 Some(mine) => {
                     let mut mine: DeviceRecord = decode(&k, &mine)?;
-                    if theirs.floor > mine.floor {
-                        mine.floor = theirs.floor;
+                    if theirs.floor > mine.floor
+                        || theirs.installed_sequence > mine.installed_sequence
+                    {
+                        mine.floor = mine.floor.max(theirs.floor);
+                        mine.installed_sequence =
+                            mine.installed_sequence.max(theirs.installed_sequence);
                         ours.insert(&k, encode(&mine))?;
                         report.floors_raised += 1;
                     }

@@ -42,6 +42,10 @@ pub struct DeviceRecord {
     /// the backup's and the surviving store's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub floor: Option<SecurityVersion>,
+    /// The highest manifest `sequence` this device reported `succeeded` with: it refuses any
+    /// manifest whose sequence is not above it (`replayed_manifest`). Only rises, like `floor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installed_sequence: Option<u64>,
 }
 
 /// A release whose signature the orchestrator verified on upload.
