@@ -8,7 +8,8 @@
 //! ulimit -n 20000 && cargo run --release -p aloft-broker --example handshake_flood
 //! ```
 //!
-//! Each device is a raw TLS 1.3 client with its own certificate from a fresh fleet CA that
+//! `DEVICES`, `SILENT` and `ROUNDS` in the environment override 1,000, 1,000 and 3 (for a quick
+//! smoke run). Each device is a raw TLS 1.3 client with its own certificate from a fresh fleet CA that
 //! sends an MQTT 5 CONNECT and waits for the CONNACK; at most `CONNECT_CONCURRENCY` connect at
 //! once, like device-sim's default gate. The attacker opens `SILENT` TCP connections that never
 //! send a byte, and re-opens each one the server closes at `REOPEN_PER_SEC` in total, so the
@@ -34,11 +35,16 @@ use tokio::sync::Semaphore;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-const DEVICES: usize = 1_000;
-const SILENT: usize = 1_000;
 const CONNECT_CONCURRENCY: usize = 64;
 const REOPEN_PER_SEC: u64 = 100;
-const ROUNDS: usize = 3;
+
+/// `name` from the environment (for a quick smoke run), else `default`.
+fn knob(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -51,6 +57,9 @@ fn main() -> Result<(), Error> {
 }
 
 async fn run() -> Result<(), Error> {
+    let devices_n = knob("DEVICES", 1_000);
+    let silent_n = knob("SILENT", 1_000);
+    let rounds = knob("ROUNDS", 3).max(1);
     install_crypto_provider();
     let ca = FleetCa::create("Aloft Bench CA", 30)?;
     let hosts = ["localhost".to_owned(), "127.0.0.1".to_owned()];
@@ -67,9 +76,9 @@ async fn run() -> Result<(), Error> {
     let addr = listener.local_addr()?;
     tokio::spawn(serve(listener, Arc::clone(&ctx), std::future::pending()));
 
-    eprintln!("issuing {DEVICES} device certificates...");
-    let mut devices = Vec::with_capacity(DEVICES);
-    for i in 0..DEVICES {
+    eprintln!("issuing {devices_n} device certificates...");
+    let mut devices = Vec::with_capacity(devices_n);
+    for i in 0..devices_n {
         let id = format!("dev-{i:05}");
         let csr = device_csr(&DeviceId::new(&id)?, &[7; 32])?;
         let cert = ca.issue_device(&csr.csr_pem, Validity::days(1))?;
@@ -81,21 +90,21 @@ async fn run() -> Result<(), Error> {
     let scenarios: [(&str, Option<IpAddr>); 3] = [
         ("(a) devices alone", None),
         (
-            "(b) + 1,000 silent sockets from 127.0.0.2",
+            "(b) + silent sockets from 127.0.0.2",
             Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))),
         ),
         (
-            "(c) + 1,000 silent sockets from 127.0.0.1",
+            "(c) + silent sockets from 127.0.0.1",
             Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         ),
     ];
     let mut medians = Vec::new();
     for (name, attacker) in scenarios {
         let mut times = Vec::new();
-        for round in 1..=ROUNDS {
+        for round in 1..=rounds {
             let before = ctx.stats.snapshot();
             let flood = match attacker {
-                Some(ip) => Some(Flood::start(ip, addr).await),
+                Some(ip) => Some(Flood::start(ip, addr, silent_n).await),
                 None => None,
             };
             let took = connect_all(&devices, addr).await?;
@@ -121,7 +130,8 @@ async fn run() -> Result<(), Error> {
         medians.push((name, times[times.len() / 2]));
     }
     let base = medians[0].1.as_secs_f64();
-    println!("| scenario | median of {ROUNDS} | ratio to (a) |");
+    println!("{devices_n} devices, {silent_n} silent sockets");
+    println!("| scenario | median of {rounds} | ratio to (a) |");
     println!("|---|---|---|");
     for (name, m) in &medians {
         println!(
@@ -205,7 +215,7 @@ async fn connect_device(
     Ok(tls)
 }
 
-/// `SILENT` sockets from one source address that never send a byte, each re-opened when the
+/// `silent` sockets from one source address that never send a byte, each re-opened when the
 /// server closes it (at `REOPEN_PER_SEC` in total). Dropping it closes them all.
 struct Flood {
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -215,7 +225,7 @@ struct Flood {
 
 impl Flood {
     /// Returns once every socket was opened (and possibly closed again) once.
-    async fn start(source: IpAddr, target: SocketAddr) -> Flood {
+    async fn start(source: IpAddr, target: SocketAddr, silent: usize) -> Flood {
         let open = Arc::new(AtomicU64::new(0));
         let reopened = Arc::new(AtomicU64::new(0));
         let tokens = Arc::new(Semaphore::new(0));
@@ -232,9 +242,9 @@ impl Flood {
                 }
             })
         };
-        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(SILENT);
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(silent.max(1));
         let mut tasks = vec![refill];
-        for _ in 0..SILENT {
+        for _ in 0..silent {
             let (open, reopened, tokens) = (
                 Arc::clone(&open),
                 Arc::clone(&reopened),
@@ -268,7 +278,7 @@ impl Flood {
             }));
         }
         drop(ready_tx);
-        for _ in 0..SILENT {
+        for _ in 0..silent {
             let _ = ready_rx.recv().await;
         }
         Flood {
