@@ -100,7 +100,7 @@ async fn a_start_clean_disconnects_and_a_shutdown_log_no_error() {
     let mut o = MqttOptions::new("orchestrator", addr.ip().to_string(), addr.port());
     let (user, pass) = broker.credentials_for("orchestrator");
     o.set_credentials(user, pass);
-    let (orch, mut orch_el) = connected(o).await;
+    let (orch, orch_el) = connected(o).await;
 
     let csr = device_csr(&DeviceId::new("dev-1").unwrap(), &[7; 32]).unwrap();
     let cert = ca.issue_device(&csr.csr_pem, Validity::days(1)).unwrap();

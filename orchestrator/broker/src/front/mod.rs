@@ -452,7 +452,7 @@ async fn handshake(
             Err(_) => return Outcome::TimedOut("no first byte"),
         }
         match tokio::time::timeout_at(started + whole, acceptor.accept(tcp).into_fallible()).await {
-            Ok(Ok(tls)) => Outcome::Done(tls),
+            Ok(Ok(tls)) => Outcome::Done(Box::new(tls)),
             Ok(Err((e, _tcp))) => Outcome::Failed(e),
             Err(_) => Outcome::TimedOut("handshake unfinished"),
         }
@@ -466,7 +466,7 @@ async fn handshake(
     match outcome {
         Outcome::Done(tls) => {
             FrontStats::inc(&ctx.stats.handshakes_ok);
-            Some(tls)
+            Some(*tls)
         }
         Outcome::Failed(e) => {
             FrontStats::inc(&ctx.stats.handshakes_failed);
@@ -488,7 +488,7 @@ type EvictionSignal = tokio::sync::oneshot::Receiver<()>;
 
 /// How a handshake attempt ended.
 enum Outcome {
-    Done(tokio_rustls::server::TlsStream<TcpStream>),
+    Done(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     Failed(std::io::Error),
     TimedOut(&'static str),
     Evicted,
