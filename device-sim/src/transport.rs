@@ -195,6 +195,16 @@ impl Topics {
     }
 }
 
+/// The topic filters a device subscribes to on every connection (one SUBSCRIBE): the front
+/// allows a device only a fixed few (PROTOCOL.md §4.2), and its tests check these are among them.
+pub fn subscriptions(id: &DeviceId, renewing: bool) -> Vec<String> {
+    let mut filters = vec![topics::job(id), topics::chunk_response(id), topics::ack(id)];
+    if renewing {
+        filters.push(topics::cert(id));
+    }
+    filters
+}
+
 /// What the poller task forwards: MQTT events until the connection fails.
 enum Link {
     Event(Box<Event>),
@@ -689,12 +699,9 @@ impl Session {
             }
         }
         drop(_permit);
-        let topics = Topics::new(id);
-        let renewing = cfg.renewal.is_some().then_some(&topics.cert);
-        let filters = [&topics.job, &topics.chunks, &topics.ack]
+        let filters = subscriptions(id, cfg.renewal.is_some())
             .into_iter()
-            .chain(renewing)
-            .map(|t| Filter::new(t.clone(), QoS::AtLeastOnce));
+            .map(|t| Filter::new(t, QoS::AtLeastOnce));
         if client.try_subscribe_many(filters).is_err() {
             return None;
         }

@@ -294,13 +294,18 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-fn front_counters(s: &FrontStatsSnapshot) -> [(&'static str, u64); 23] {
+fn front_counters(s: &FrontStatsSnapshot) -> [(&'static str, u64); 26] {
     [
         ("connections_active", s.connections_active),
         ("connections_over_limit", s.connections_over_limit),
         ("handshakes_ok", s.handshakes_ok),
         ("handshakes_failed", s.handshakes_failed),
         ("handshakes_timed_out", s.handshakes_timed_out),
+        (
+            "handshakes_refused_per_source",
+            s.handshakes_refused_per_source,
+        ),
+        ("handshakes_evicted", s.handshakes_evicted),
         ("certificates_refused", s.certificates_refused),
         ("connects_timed_out", s.connects_timed_out),
         ("refused_bad_client_id", s.refused_bad_client_id),
@@ -312,6 +317,7 @@ fn front_counters(s: &FrontStatsSnapshot) -> [(&'static str, u64); 23] {
         ("sessions_established", s.sessions_established),
         ("acl_denied_publish", s.acl_denied_publish),
         ("acl_denied_subscribe", s.acl_denied_subscribe),
+        ("subscriptions_over_quota", s.subscriptions_over_quota),
         ("oversized_packets", s.oversized_packets),
         ("malformed_packets", s.malformed_packets),
         ("keep_alive_timeouts", s.keep_alive_timeouts),

@@ -346,8 +346,12 @@ fn probe(addr: SocketAddr, secret: &BackendSecret) -> Result<(), String> {
     if head[0] != 0x20 || head[3] != 0 {
         return Err(format!("unexpected answer {head:02x?}"));
     }
-    // A clean DISCONNECT (reason 0) so rumqttd does not log a broken connection.
-    let _ = stream.write_all(&[0xE0, 0x00]);
+    // Leave like a client that went away, which rumqttd logs at info: FIN, then read until it
+    // closes too. A DISCONNECT would be logged as an error ("router-drop"), and closing with
+    // the CONNACK's properties unread would reset the connection (logged as an error too).
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut rest = [0u8; 256];
+    while matches!(stream.read(&mut rest), Ok(1..)) {}
     Ok(())
 }
 

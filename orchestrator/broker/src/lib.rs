@@ -19,7 +19,7 @@ pub use embedded::{BackendAddr, BackendSecret, BrokerConfig, EmbeddedBroker};
 pub use front::direct::{DeliverError, DirectRoutes};
 pub use front::{
     serve, serve_plain_insecure, FrontConfig, FrontContext, FrontStats, FrontStatsSnapshot, Peer,
-    Registry, SessionHook,
+    PendingHandshakes, Registry, SessionHook,
 };
 
 /// What can go wrong while starting the broker or setting up the front.

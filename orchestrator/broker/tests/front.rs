@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aloft_broker::front::acl::device_filters;
 use aloft_broker::{
     serve, serve_plain_insecure, BrokerConfig, EmbeddedBroker, FrontConfig, FrontContext,
     FrontStatsSnapshot,
@@ -24,7 +25,9 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
 use rumqttd::protocol::v5::V5;
-use rumqttd::protocol::{Connect, Packet as WirePacket, Protocol};
+use rumqttd::protocol::{
+    Connect, Filter, Packet as WirePacket, Protocol, QoS as WireQoS, RetainForwardRule, Subscribe,
+};
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -716,6 +719,230 @@ async fn shutdown_stops_accepting_and_drops_relayed_sessions() {
         dev.closed().await;
         assert!(TcpStream::connect(edge.addr).await.is_err());
         assert!(edge.ctx.registry.is_empty());
+    })
+    .await;
+}
+
+/// One SUBSCRIBE packet (QoS 1 filters, no properties) as raw bytes.
+fn subscribe_bytes(pkid: u16, filters: &[String]) -> BytesMut {
+    let filters = filters
+        .iter()
+        .map(|path| Filter {
+            path: path.clone(),
+            qos: WireQoS::AtLeastOnce,
+            nolocal: false,
+            preserve_retain: false,
+            retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+        })
+        .collect();
+    let mut buf = BytesMut::new();
+    V5.write(
+        WirePacket::Subscribe(Subscribe { pkid, filters }, None),
+        &mut buf,
+    )
+    .unwrap();
+    buf
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_distinct_filters_inside_a_devices_own_tree_are_all_refused() {
+    bounded(async {
+        let edge = Edge::start().await;
+        // Each made-up filter would have cost the broker ~6 KiB for as long as it runs. In
+        // packets of 100 (under the device's 16 KiB packet limit), one connection each: the
+        // first disallowed filter ends the connection before anything reaches the broker.
+        let filters: Vec<String> = (0..1_000)
+            .map(|i| format!("aloft/v1/d/dev-1/x{i:04}/#"))
+            .collect();
+        for (n, batch) in filters.chunks(100).enumerate() {
+            let mut raw = edge.raw_tls("dev-1").await;
+            raw.write_all(&connect_bytes("dev-1", 30)).await.unwrap();
+            raw.write_all(&subscribe_bytes(1, batch)).await.unwrap();
+            let got = read_to_close(&mut raw).await;
+            assert_eq!((got[0], got[3]), (0x20, 0x00), "CONNACK: {got:02x?}");
+            assert!(
+                got.ends_with(&[0xE0, 0x02, 0x87, 0x00]),
+                "batch {n}: {got:02x?}"
+            );
+            assert!(!got.contains(&0x90), "no SUBACK may come back: {got:02x?}");
+        }
+        assert_eq!(edge.stats().acl_denied_subscribe, 10);
+        edge.assert_valid_device_works("dev-1").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_beyond_the_session_quota_are_refused_with_quota_exceeded_and_the_session_keeps_working(
+) {
+    bounded(async {
+        let edge = Edge::start().await;
+        let quota = FrontConfig::default().max_subscriptions_per_session;
+        let mut orch = edge.backend_client("aloft-orchestrator").await;
+        let mut dev = edge.device("dev-1").await;
+        let allowed = device_filters(&DeviceId::new("dev-1").unwrap());
+        // 1,000 SUBSCRIBEs of allowed filters: the first `quota` are the broker's, the rest
+        // the front answers itself.
+        let mut codes = Vec::new();
+        for i in 0..1_000 {
+            dev.subscribe(&allowed[i % allowed.len()]).await;
+            codes.extend(dev.suback().await);
+        }
+        let granted = codes
+            .iter()
+            .filter(|c| matches!(c, SubscribeReasonCode::Success(_)))
+            .count();
+        let over = codes
+            .iter()
+            .filter(|c| matches!(c, SubscribeReasonCode::QuotaExceeded))
+            .count();
+        assert_eq!((granted, over), (quota, 1_000 - quota), "{codes:?}");
+        assert!(codes[..quota]
+            .iter()
+            .all(|c| matches!(c, SubscribeReasonCode::Success(_))));
+        assert_eq!(
+            edge.stats().subscriptions_over_quota,
+            (1_000 - quota) as u64
+        );
+        assert_eq!(edge.stats().acl_denied_subscribe, 0);
+        // The session is still up, and what it was granted still delivers.
+        orch.publish("aloft/v1/d/dev-1/job", b"job-1", false).await;
+        assert_eq!(dev.next_publish().await.1, b"job-1");
+        orch.subscribe("aloft/v1/d/dev-1/status").await;
+        orch.suback().await;
+        dev.publish("aloft/v1/d/dev-1/status", b"alive", false)
+            .await;
+        assert_eq!(orch.next_publish().await.1, b"alive");
+        edge.assert_valid_device_works("dev-2").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_filter_the_reference_device_subscribes_to_is_allowed_and_within_quota() {
+    bounded(async {
+        let edge = Edge::start().await;
+        let id = DeviceId::new("dev-1").unwrap();
+        let allowed = device_filters(&id);
+        for renewing in [false, true] {
+            let honest = aloft_device::transport::subscriptions(&id, renewing);
+            for f in &honest {
+                assert!(allowed.contains(f), "{f} is not in {allowed:?}");
+            }
+            let mut dev = edge.device("dev-1").await;
+            let filters = honest
+                .iter()
+                .map(|f| rumqttc::v5::mqttbytes::v5::Filter::new(f, QoS::AtLeastOnce));
+            dev.client.subscribe_many(filters).await.unwrap();
+            let codes = dev.suback().await;
+            assert_eq!(codes.len(), honest.len());
+            assert!(
+                codes
+                    .iter()
+                    .all(|c| matches!(c, SubscribeReasonCode::Success(_))),
+                "{codes:?}"
+            );
+            dev.client.disconnect().await.unwrap();
+            dev.closed().await;
+        }
+        let s = edge.stats();
+        assert_eq!((s.acl_denied_subscribe, s.subscriptions_over_quota), (0, 0));
+    })
+    .await;
+}
+
+/// A TCP connection to the front from `source` (any 127.0.0.0/8 address reaches it).
+async fn tcp_from(source: [u8; 4], edge: &Edge) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((source, 0))).unwrap();
+    socket.connect(edge.addr).await.unwrap()
+}
+
+/// Timeouts long enough that nothing in these tests is closed for time.
+fn patient(cfg: FrontConfig) -> FrontConfig {
+    FrontConfig {
+        first_byte_timeout_ms: 60_000,
+        handshake_timeout_ms: 60_000,
+        ..cfg
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_address_at_its_handshake_limit_is_refused_and_counted() {
+    bounded(async {
+        let edge = Edge::with(patient(FrontConfig {
+            max_handshakes_per_source: 4,
+            ..FrontConfig::default()
+        }))
+        .await;
+        // Four handshakes from 127.0.0.2 under way (half a ClientHello each), then stuck.
+        let tls = edge.device_tls("dev-x", Validity::days(1));
+        let mut hello = Vec::new();
+        let mut conn =
+            rustls::ClientConnection::new(tls, ServerName::try_from("localhost").unwrap()).unwrap();
+        conn.write_tls(&mut hello).unwrap();
+        let mut stuck = Vec::new();
+        for _ in 0..4 {
+            let mut s = tcp_from([127, 0, 0, 2], &edge).await;
+            s.write_all(&hello[..hello.len() / 2]).await.unwrap();
+            stuck.push(s);
+        }
+        // The front has seen their first bytes (a readiness poll, not a guess at a delay).
+        while edge.ctx.pending_handshakes().in_handshake < 4 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A fifth socket from that address is closed at once: none of the four is silent.
+        let mut fifth = tcp_from([127, 0, 0, 2], &edge).await;
+        assert!(read_to_close(&mut fifth).await.is_empty());
+        let s = edge.stats();
+        assert_eq!(
+            (s.handshakes_refused_per_source, s.handshakes_evicted),
+            (1, 0)
+        );
+        // Other addresses are not affected.
+        edge.assert_valid_device_works("dev-1").await;
+        assert_eq!(edge.stats().handshakes_timed_out, 0);
+        drop(stuck);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_beyond_the_table_are_evicted_and_a_device_from_their_address_still_connects(
+) {
+    bounded(async {
+        let edge = Edge::with(patient(FrontConfig {
+            max_concurrent_handshakes: 8,
+            ..FrontConfig::default()
+        }))
+        .await;
+        // 20 silent sockets from the devices' own address: a per-source limit cannot tell
+        // them apart, so a full table must give up its oldest silent socket for each new one.
+        let mut silent = Vec::new();
+        for _ in 0..20 {
+            silent.push(tcp_from([127, 0, 0, 1], &edge).await);
+        }
+        let (oldest, held) = silent.split_at_mut(12);
+        for s in oldest.iter_mut() {
+            assert!(read_to_close(s).await.is_empty());
+        }
+        assert_eq!(edge.stats().handshakes_evicted, 12);
+        assert_eq!(
+            edge.ctx.pending_handshakes(),
+            aloft_broker::PendingHandshakes {
+                silent: 8,
+                in_handshake: 0
+            }
+        );
+        // A device is served while the table is full of silent sockets: its socket takes the
+        // slot of the oldest of them, and nobody waits for a timeout.
+        edge.assert_valid_device_works("dev-1").await;
+        let s = edge.stats();
+        assert_eq!((s.handshakes_evicted, s.handshakes_timed_out), (13, 0));
+        assert_eq!(s.handshakes_ok, 1);
+        // The eight still held were never closed for time.
+        assert_eq!(held.len(), 8);
+        drop(silent);
     })
     .await;
 }

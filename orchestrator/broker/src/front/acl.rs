@@ -3,14 +3,21 @@
 //! The rules follow the topic layout in `aloft_proto::topics`:
 //! - device X publishes only to exactly `aloft/v1/d/X/status`, `.../chunk/req`, `.../health` and
 //!   `.../csr` (certificate renewal);
-//! - device X subscribes only under `aloft/v1/d/X/` or `aloft/v1/manifests/`;
+//! - device X subscribes only to the fixed filters of [`device_filters`]: its `job`, `ack`,
+//!   `chunk/resp` and `cert` topics, its whole subtree `aloft/v1/d/X/#`, and the public
+//!   manifests as a whole (`aloft/v1/manifests/#` or `/+`);
 //! - operator O publishes only to `aloft/v1/admin/O/<op>` (one level, no wildcards);
 //! - operator O subscribes only under `aloft/v1/o/O/`;
 //! - nobody publishes retained messages or uses topic aliases.
 //!
-//! Filters are checked against the literal prefix, so wildcards can only appear after it and
-//! stay inside the peer's subtree. Malformed filters are refused even where MQTT would merely
-//! let them match nothing, and empty levels are refused outright: Aloft never uses them.
+//! A device's filters are a fixed list, not a prefix, because the embedded broker keeps every
+//! distinct filter it has seen for as long as it runs (about 6 KiB each): a prefix rule let one
+//! certificate grow the server by 600 MiB with 100,000 made-up filters inside its own subtree.
+//! With the list, a device costs the broker at most that many filters, and a reconnect reuses
+//! them. An operator's filters are checked against its literal prefix, so wildcards can only
+//! appear after it; operators are few and trusted with the admin API anyway. Malformed filters
+//! are refused even where MQTT would merely let them match nothing, and empty levels are
+//! refused outright: Aloft never uses them.
 
 use aloft_proto::topics;
 
@@ -71,10 +78,7 @@ pub fn check_subscribe(peer: &Peer, filter: &str) -> Result<(), Denied> {
         return Err(Denied::MalformedFilter);
     }
     let allowed = match peer {
-        Peer::Device(d) => {
-            filter.starts_with(&topics::device_prefix(d))
-                || filter.starts_with(&topics::manifests_prefix())
-        }
+        Peer::Device(d) => device_filters(d).iter().any(|f| f == filter),
         Peer::Operator(o) => filter.starts_with(&topics::operator_prefix(o)),
     };
     if allowed {
@@ -82,6 +86,21 @@ pub fn check_subscribe(peer: &Peer, filter: &str) -> Result<(), Denied> {
     } else {
         Err(Denied::SubscribeFilter)
     }
+}
+
+/// Every filter device `d` may subscribe to (PROTOCOL.md §4.2): the topics the orchestrator
+/// sends it on, its whole subtree, and the public manifests as a whole.
+pub fn device_filters(d: &aloft_proto::DeviceId) -> [String; 7] {
+    let manifests = topics::manifests_prefix();
+    [
+        topics::job(d),
+        topics::ack(d),
+        topics::chunk_response(d),
+        topics::cert(d),
+        topics::device_subscription(d),
+        format!("{manifests}#"),
+        format!("{manifests}+"),
+    ]
 }
 
 /// One non-empty topic level without separators, wildcards or NUL.
@@ -222,21 +241,28 @@ mod tests {
     }
 
     #[test]
-    fn device_subscribes_only_inside_its_subtree_and_manifests() {
+    fn device_subscribes_only_to_its_fixed_filters() {
         let a = dev("dev-a");
         for f in [
             "aloft/v1/d/dev-a/#",
             "aloft/v1/d/dev-a/job",
-            "aloft/v1/d/dev-a/+",
+            "aloft/v1/d/dev-a/ack",
+            "aloft/v1/d/dev-a/cert",
             "aloft/v1/d/dev-a/chunk/resp",
-            "aloft/v1/d/dev-a/+/resp",
             "aloft/v1/manifests/#",
-            "aloft/v1/manifests/fw-1",
             "aloft/v1/manifests/+",
         ] {
             assert_eq!(check_subscribe(&a, f), Ok(()), "{f:?}");
         }
         for f in [
+            // In the device's own subtree, but not a filter the protocol needs: each distinct
+            // one would cost the broker memory for as long as it runs.
+            "aloft/v1/d/dev-a/+",
+            "aloft/v1/d/dev-a/+/resp",
+            "aloft/v1/d/dev-a/job/#",
+            "aloft/v1/d/dev-a/x0001",
+            "aloft/v1/d/dev-a/status",
+            "aloft/v1/manifests/fw-1",
             "#",
             "+",
             "aloft/#",
@@ -247,6 +273,7 @@ mod tests {
             "aloft/v1/d/dev-b/#",
             "aloft/v1/d/dev-a",
             "aloft/v1/d/dev-ab/#",
+            "aloft/v1/d/dev/#",
             "aloft/v1/o/dev-a/#",
             "aloft/v1/admin/#",
             "aloft/v1/manifests",

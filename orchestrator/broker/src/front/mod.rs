@@ -1,9 +1,9 @@
 //! The mTLS front: the only listener devices and operators reach.
 //!
-//! It owns accepting sockets, TLS handshakes (in parallel, capped and timed out, never awaited
-//! by the accept loop), turning the verified client certificate into a [`Peer`], and handing the
-//! connection to [`relay`], which binds the MQTT session to that peer and enforces [`acl`] on
-//! the way to the embedded broker.
+//! It owns accepting sockets, TLS handshakes (in parallel, capped in total and per source
+//! address, timed out, never awaited by the accept loop, see [`pending`]), turning the verified
+//! client certificate into a [`Peer`], and handing the connection to [`relay`], which binds the
+//! MQTT session to that peer and enforces [`acl`] on the way to the embedded broker.
 //!
 //! Invariant: nothing reaches the backend before the peer's certificate was verified, its
 //! CONNECT named exactly the certificate's identity, and no other live connection holds it.
@@ -12,6 +12,7 @@ pub mod acl;
 pub mod direct;
 mod identity;
 pub(crate) mod mqtt;
+mod pending;
 mod registry;
 mod relay;
 mod stats;
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -31,6 +32,7 @@ use crate::embedded::BackendAddr;
 use crate::BrokerError;
 pub use direct::{DeliverError, DirectRoutes};
 pub use identity::{IdentityError, Peer};
+use pending::{LogLimit, PendingTable, Slot};
 pub use registry::Registry;
 use relay::IdentitySource;
 use stats::ActiveGuard;
@@ -40,10 +42,16 @@ pub use stats::{FrontStats, FrontStatsSnapshot};
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FrontConfig {
-    /// Time a socket gets to wait for a handshake slot and complete its TLS handshake.
+    /// Time from accept to the end of the TLS handshake.
     pub handshake_timeout_ms: u64,
-    /// TLS handshakes in progress at once; more wait (within their timeout).
+    /// Time from accept to the first byte (of the ClientHello).
+    pub first_byte_timeout_ms: u64,
+    /// Unauthenticated sockets (accepted, handshake unfinished) held at once. A new socket
+    /// beyond this closes the oldest one that has sent nothing (else the oldest): none waits.
     pub max_concurrent_handshakes: usize,
+    /// Unauthenticated sockets one source address may hold. Beyond it, a new socket from that
+    /// address closes that address's oldest silent one, or is refused if none is silent.
+    pub max_handshakes_per_source: usize,
     /// Open sockets at once; beyond that new sockets are closed immediately.
     pub max_connections: usize,
     /// Largest MQTT packet a device may send (devices only send small JSON).
@@ -52,17 +60,26 @@ pub struct FrontConfig {
     pub operator_max_packet_bytes: usize,
     /// Time between the end of the TLS handshake and the CONNECT packet's arrival.
     pub connect_timeout_ms: u64,
+    /// Topic filters one session may subscribe to, over all its SUBSCRIBEs; a SUBSCRIBE beyond
+    /// is answered SUBACK 0x97 (Quota exceeded) and not forwarded.
+    pub max_subscriptions_per_session: usize,
 }
 
 impl Default for FrontConfig {
     fn default() -> Self {
         Self {
             handshake_timeout_ms: 10_000,
+            // A ClientHello leaves with the TCP handshake's last ACK: 2 s covers a slow link.
+            first_byte_timeout_ms: 2_000,
             max_concurrent_handshakes: 512,
+            // Above device-sim's default of 64 connects at once from one address, with room.
+            max_handshakes_per_source: 128,
             max_connections: 20_000,
             device_max_packet_bytes: 16 * 1024,
             operator_max_packet_bytes: 1024 * 1024 + 4 * 1024,
             connect_timeout_ms: 10_000,
+            // An honest device subscribes to 3 or 4 filters once per connection.
+            max_subscriptions_per_session: 16,
         }
     }
 }
@@ -71,11 +88,21 @@ impl FrontConfig {
     /// Refuses limits that would make the front refuse everything or frame nothing.
     pub fn validate(&self) -> Result<(), BrokerError> {
         let bad = |m: &str| Err(BrokerError::Config(m.to_owned()));
-        if self.handshake_timeout_ms == 0 || self.connect_timeout_ms == 0 {
+        if self.handshake_timeout_ms == 0
+            || self.connect_timeout_ms == 0
+            || self.first_byte_timeout_ms == 0
+        {
             return bad("front timeouts must be positive");
         }
-        if self.max_concurrent_handshakes == 0 || self.max_connections == 0 {
-            return bad("max_concurrent_handshakes and max_connections must be at least 1");
+        if self.first_byte_timeout_ms > self.handshake_timeout_ms {
+            return bad("first_byte_timeout_ms must not exceed handshake_timeout_ms");
+        }
+        if self.max_concurrent_handshakes == 0
+            || self.max_handshakes_per_source == 0
+            || self.max_connections == 0
+            || self.max_subscriptions_per_session == 0
+        {
+            return bad("max_concurrent_handshakes, max_handshakes_per_source, max_connections and max_subscriptions_per_session must be at least 1");
         }
         // 256 bytes fits any CONNECT Aloft sends; MQTT cannot frame more than 256 MiB.
         let range = 256..=256 * 1024 * 1024;
@@ -126,8 +153,10 @@ pub struct FrontContext {
     /// The client certificate verifier inside `tls`, when its CRLs can be replaced at run time
     /// (see [`FrontContext::apply_crl`]).
     pub client_verifier: Option<Arc<aloft_certs::tls::ReloadableClientVerifier>>,
-    /// Slots for TLS handshakes in progress (`max_concurrent_handshakes`).
-    handshake_slots: Semaphore,
+    /// Unauthenticated sockets (`max_concurrent_handshakes`, `max_handshakes_per_source`).
+    pending: Arc<PendingTable>,
+    /// Refusals and evictions of unauthenticated sockets are logged at most once a second.
+    pending_log: LogLimit,
 }
 
 impl FrontContext {
@@ -140,7 +169,11 @@ impl FrontContext {
         Ok(FrontContext {
             tls,
             backend,
-            handshake_slots: Semaphore::new(cfg.max_concurrent_handshakes),
+            pending: PendingTable::new(
+                cfg.max_concurrent_handshakes,
+                cfg.max_handshakes_per_source,
+            ),
+            pending_log: LogLimit::new(Duration::from_secs(1)),
             cfg,
             stats: Arc::default(),
             registry: Arc::default(),
@@ -195,12 +228,29 @@ impl FrontContext {
         Ok(dropped)
     }
 
+    /// Unauthenticated sockets held right now: those that have sent nothing yet, and those
+    /// whose TLS handshake is under way.
+    pub fn pending_handshakes(&self) -> PendingHandshakes {
+        let (silent, in_handshake) = self.pending.counts();
+        PendingHandshakes {
+            silent,
+            in_handshake,
+        }
+    }
+
     /// Sets the hook told about every certificate-authenticated session.
     #[must_use]
     pub fn with_session_hook(mut self, hook: SessionHook) -> Self {
         self.on_session = Some(hook);
         self
     }
+}
+
+/// See [`FrontContext::pending_handshakes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingHandshakes {
+    pub silent: usize,
+    pub in_handshake: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -266,6 +316,15 @@ async fn accept_loop(
             debug!(%addr, active, "front at max_connections; closing new socket");
             continue;
         }
+        // Admitted here, in accept order, so that "oldest" means what it says and a refused
+        // socket costs no task.
+        let slot = match mode {
+            Mode::Tls => match admit_pending(&ctx, addr) {
+                Some(slot) => Some(slot),
+                None => continue,
+            },
+            Mode::Plain { .. } => None,
+        };
         // Counted here rather than in the task so a burst of accepts cannot overshoot the cap.
         let guard = ActiveGuard::new(Arc::clone(&ctx.stats));
         let ctx = Arc::clone(&ctx);
@@ -274,7 +333,7 @@ async fn accept_loop(
             let _guard = guard;
             tokio::select! {
                 _ = stop.changed() => {}
-                () = handle(tcp, addr, &ctx, mode) => {}
+                () = handle(tcp, addr, slot, &ctx, mode) => {}
             }
         });
     }
@@ -284,7 +343,40 @@ async fn accept_loop(
     info!("front stopped accepting");
 }
 
-async fn handle(tcp: TcpStream, addr: SocketAddr, ctx: &FrontContext, mode: Mode) {
+/// Gives a socket just accepted from `addr` its pending-handshake entry, or refuses it (`None`:
+/// drop it). Counts and logs who is refused or evicted.
+fn admit_pending(ctx: &FrontContext, addr: SocketAddr) -> Option<(Slot, EvictionSignal)> {
+    match ctx.pending.admit(addr) {
+        Ok((slot, signal, evicted)) => {
+            if let Some(ev) = evicted {
+                FrontStats::inc(&ctx.stats.handshakes_evicted);
+                if let Some(held_back) = ctx.pending_log.allow() {
+                    warn!(victim = %ev.addr, silent = ev.silent, reason = ev.why.as_str(), for_source = %addr, held_back, "unauthenticated socket evicted to admit a new one");
+                } else {
+                    debug!(victim = %ev.addr, reason = ev.why.as_str(), "unauthenticated socket evicted");
+                }
+            }
+            Some((slot, signal))
+        }
+        Err(pending::Refused) => {
+            FrontStats::inc(&ctx.stats.handshakes_refused_per_source);
+            if let Some(held_back) = ctx.pending_log.allow() {
+                warn!(%addr, limit = ctx.cfg.max_handshakes_per_source, held_back, "new socket refused: its source address holds its limit of unfinished handshakes");
+            } else {
+                debug!(%addr, "new socket refused: source at its handshake limit");
+            }
+            None
+        }
+    }
+}
+
+async fn handle(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    slot: Option<(Slot, EvictionSignal)>,
+    ctx: &FrontContext,
+    mode: Mode,
+) {
     // MQTT is request/response-heavy with small packets: Nagle would only add latency.
     let _ = tcp.set_nodelay(true);
     match mode {
@@ -298,7 +390,10 @@ async fn handle(tcp: TcpStream, addr: SocketAddr, ctx: &FrontContext, mode: Mode
             relay::run(tcp, addr, source, None, ctx).await;
         }
         Mode::Tls => {
-            let Some(tls) = handshake(tcp, addr, ctx).await else {
+            let Some((slot, evicted)) = slot else {
+                return;
+            };
+            let Some(tls) = handshake(tcp, addr, slot, evicted, ctx).await else {
                 return;
             };
             let cert = tls
@@ -335,39 +430,67 @@ async fn handle(tcp: TcpStream, addr: SocketAddr, ctx: &FrontContext, mode: Mode
     }
 }
 
-/// Waits for a handshake slot and runs the TLS handshake, both within the handshake timeout.
+/// Runs the TLS handshake of a socket holding `slot`: its first byte within the first-byte
+/// timeout, the whole handshake within the handshake timeout, unless it is evicted first.
 async fn handshake(
     tcp: TcpStream,
     addr: SocketAddr,
+    slot: Slot,
+    evicted: EvictionSignal,
     ctx: &FrontContext,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     let acceptor = TlsAcceptor::from(Arc::clone(&ctx.tls));
-    let limit = Duration::from_millis(ctx.cfg.handshake_timeout_ms);
-    let attempt = tokio::time::timeout(limit, async {
-        // The semaphore is never closed, so `acquire` cannot fail; treat it as a refusal
-        // anyway rather than unwrap.
-        let _slot = ctx.handshake_slots.acquire().await.ok()?;
-        Some(acceptor.accept(tcp).into_fallible().await)
-    });
-    // Pinned here so that on a timeout the socket is dropped (closed) only when this function
-    // returns, after the counter moved: whoever sees the close also sees the count.
-    tokio::pin!(attempt);
-    match (&mut attempt).await {
-        Ok(Some(Ok(tls))) => {
-            FrontStats::inc(&ctx.stats.handshakes_ok);
-            Some(tls)
+    let started = tokio::time::Instant::now();
+    let first_byte = Duration::from_millis(ctx.cfg.first_byte_timeout_ms);
+    let whole = Duration::from_millis(ctx.cfg.handshake_timeout_ms);
+    let attempt = async {
+        let mut probe = [0u8; 1];
+        match tokio::time::timeout(first_byte, tcp.peek(&mut probe)).await {
+            Ok(Ok(1..)) => slot.spoke(),
+            // Closed, or an error, before saying anything: nothing to count.
+            Ok(_) => return Outcome::Gone,
+            Err(_) => return Outcome::TimedOut("no first byte"),
         }
-        Ok(Some(Err((e, tcp)))) => {
+        match tokio::time::timeout_at(started + whole, acceptor.accept(tcp).into_fallible()).await {
+            Ok(Ok(tls)) => Outcome::Done(Box::new(tls)),
+            Ok(Err((e, _tcp))) => Outcome::Failed(e),
+            Err(_) => Outcome::TimedOut("handshake unfinished"),
+        }
+    };
+    // The socket is dropped (closed) when `attempt` is, inside this function, after the counter
+    // moved: whoever sees the close also sees the count.
+    let outcome = tokio::select! {
+        outcome = attempt => outcome,
+        _ = evicted => Outcome::Evicted,
+    };
+    match outcome {
+        Outcome::Done(tls) => {
+            FrontStats::inc(&ctx.stats.handshakes_ok);
+            Some(*tls)
+        }
+        Outcome::Failed(e) => {
             FrontStats::inc(&ctx.stats.handshakes_failed);
             debug!(%addr, error = %e, "tls handshake failed");
-            drop(tcp);
             None
         }
-        Ok(None) => None,
-        Err(_) => {
+        Outcome::TimedOut(phase) => {
             FrontStats::inc(&ctx.stats.handshakes_timed_out);
-            debug!(%addr, "tls handshake timed out");
+            debug!(%addr, phase, "tls handshake timed out");
             None
         }
+        // Counted and logged by whoever evicted it.
+        Outcome::Evicted | Outcome::Gone => None,
     }
+}
+
+/// Resolves when a pending socket is evicted to make room for another.
+type EvictionSignal = tokio::sync::oneshot::Receiver<()>;
+
+/// How a handshake attempt ended.
+enum Outcome {
+    Done(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Failed(std::io::Error),
+    TimedOut(&'static str),
+    Evicted,
+    Gone,
 }

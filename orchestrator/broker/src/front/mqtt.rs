@@ -1,5 +1,5 @@
 //! MQTT 5 wire handling for the front: framing with a size cap, decoding client packets, and the
-//! few packets the front writes itself (CONNACK, DISCONNECT).
+//! few packets the front writes itself (CONNACK, SUBACK, DISCONNECT).
 //!
 //! Decoding uses rumqttd's own v5 codec on purpose: the front decides on the same parse the
 //! backend will make of the very same bytes, so there is no parser differential to smuggle a
@@ -28,6 +28,8 @@ pub enum Reason {
     ServerUnavailable = 0x88,
     KeepAliveTimeout = 0x8D,
     PacketTooLarge = 0x95,
+    /// A SUBSCRIBE beyond the session's subscription quota.
+    QuotaExceeded = 0x97,
     /// The session was ended by the server's operator: its certificate was revoked.
     AdministrativeAction = 0x98,
 }
@@ -227,6 +229,20 @@ pub fn connack(session_present: bool, reason: Reason, props: &ConnAckProps) -> B
     out.put_u8(0x20);
     put_varint(&mut out, body.len());
     out.put_slice(&body);
+    out.freeze()
+}
+
+/// A v5 SUBACK for packet `pkid` giving every one of `filters` filters the same `reason`,
+/// with no properties.
+pub fn suback(pkid: u16, filters: usize, reason: Reason) -> Bytes {
+    // Packet id, an empty property length, one reason code per filter.
+    let body = 2 + 1 + filters;
+    let mut out = BytesMut::with_capacity(5 + body);
+    out.put_u8(0x90);
+    put_varint(&mut out, body);
+    out.put_u16(pkid);
+    out.put_u8(0);
+    out.put_bytes(reason as u8, filters);
     out.freeze()
 }
 

@@ -4,6 +4,14 @@
 //! SUBSCRIBE are checked by [`super::acl`] before their original bytes are forwarded. Broker →
 //! client is a byte copy: the broker only delivers what the client was allowed to subscribe to.
 //! Any violation ends the connection with a v5 DISCONNECT and nothing of it reaches the broker.
+//! A SUBSCRIBE beyond the session's quota is answered by the front itself (SUBACK 0x97) and
+//! never reaches the broker either.
+//!
+//! However a session ends, the backend connection is closed the way rumqttd expects of a client
+//! that simply went away (FIN, then its remaining output read and dropped): a client's own
+//! DISCONNECT is forwarded only when it must cancel a Will, because rumqttd logs every
+//! DISCONNECT it receives as an error ("router-drop"), and a connection closed with unread bytes
+//! as a reset.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -36,6 +44,9 @@ const BACKEND_CONNACK_MAX: usize = 64 * 1024;
 /// Size cap for frames from the backend to a client: above the largest payload the protocol
 /// sends anyone (an 8 MiB admin reply; a device gets at most a 512 KiB job).
 const BACKEND_TO_CLIENT_MAX: usize = 9 * 1024 * 1024;
+/// Packets the front itself answers a client with (quota SUBACKs) waiting to be written: the
+/// client → broker direction waits when it is full, so a flood of SUBSCRIBEs slows its sender.
+const REPLY_QUEUE: usize = 4;
 
 /// Where the peer's identity comes from.
 pub(crate) enum IdentitySource {
@@ -53,6 +64,33 @@ struct Admitted {
     keep_alive_secs: u16,
     keep_alive_changed: bool,
     claim: Claim,
+    /// The CONNECT carried a Will: a clean DISCONNECT must reach the broker to cancel it.
+    has_will: bool,
+}
+
+/// How many topic filters a session has subscribed to and how many were refused for quota.
+/// UNSUBSCRIBE gives nothing back: the cap bounds the SUBSCRIBE work one session can cause
+/// (each one makes the broker redeliver retained jobs), not just what it holds at once.
+struct SubscriptionQuota {
+    cap: usize,
+    used: usize,
+    refused: u64,
+}
+
+impl SubscriptionQuota {
+    /// Takes `filters` from the quota if they all fit; a SUBSCRIBE is admitted or refused whole.
+    fn admit(&mut self, filters: usize) -> bool {
+        match self.used.checked_add(filters) {
+            Some(total) if total <= self.cap => {
+                self.used = total;
+                true
+            }
+            _ => {
+                self.refused += filters as u64;
+                false
+            }
+        }
+    }
 }
 
 /// How the front refuses a connection before it is relayed.
@@ -154,44 +192,84 @@ pub(crate) async fn run<S>(
     let (mut backend_r, mut backend_w) = backend.into_split();
     let idle = Duration::from_millis(u64::from(admitted.keep_alive_secs) * 1_500);
     let (end_tx, end_rx) = oneshot::channel();
+    let (reply_tx, reply_rx) = mpsc::channel(REPLY_QUEUE);
     let kill = admitted.claim.kill_signal();
     let mut claim = Some(admitted.claim);
-    let c2b = async {
-        let end = tokio::select! {
-            end = client_to_broker(&mut reader, &mut client_r, &mut backend_w, &peer, idle, ctx) => end,
-            () = kill.notified() => {
-                FrontStats::inc(&ctx.stats.sessions_revoked);
-                info!(%peer, %addr, "certificate revoked; ending the session");
-                End::Disconnect(Reason::AdministrativeAction)
-            }
-        };
-        let reason = match end {
-            End::Quiet => None,
-            End::Disconnect(r) => Some(r),
-        };
-        let _ = end_tx.send(reason);
+    let mut quota = SubscriptionQuota {
+        cap: ctx.cfg.max_subscriptions_per_session,
+        used: 0,
+        refused: 0,
     };
-    let b2c = broker_to_client(
-        &mut backend_r,
-        &mut client_w,
-        leftover,
-        end_rx,
-        direct_rx,
-        ctx,
-    );
-    tokio::pin!(c2b, b2c);
-    tokio::select! {
-        () = &mut c2b => {
-            // The client is gone or being closed: free its identity now so an immediate
-            // reconnect is not refused, then give the DISCONNECT a bounded chance to leave.
-            claim.take();
-            let _ = timeout(LAST_WORDS, &mut b2c).await;
+    let session = Session {
+        peer: &peer,
+        idle,
+        has_will: admitted.has_will,
+        replies: reply_tx,
+    };
+    {
+        let c2b = async {
+            let end = tokio::select! {
+                end = client_to_broker(&mut reader, &mut client_r, &mut backend_w, &session, &mut quota, ctx) => end,
+                () = kill.notified() => {
+                    FrontStats::inc(&ctx.stats.sessions_revoked);
+                    info!(%peer, %addr, "certificate revoked; ending the session");
+                    End::Disconnect(Reason::AdministrativeAction)
+                }
+            };
+            let reason = match end {
+                End::Quiet => None,
+                End::Disconnect(r) => Some(r),
+            };
+            let _ = end_tx.send(reason);
+        };
+        let b2c = broker_to_client(
+            &mut backend_r,
+            &mut client_w,
+            leftover,
+            end_rx,
+            direct_rx,
+            reply_rx,
+            ctx,
+        );
+        tokio::pin!(c2b, b2c);
+        tokio::select! {
+            () = &mut c2b => {
+                // The client is gone or being closed: free its identity now so an immediate
+                // reconnect is not refused, then give the DISCONNECT a bounded chance to leave.
+                claim.take();
+                let _ = timeout(LAST_WORDS, &mut b2c).await;
+            }
+            () = &mut b2c => {}
         }
-        () = &mut b2c => {}
     }
+    let _ = timeout(LAST_WORDS, close_backend(&mut backend_w, &mut backend_r)).await;
     drop(route);
     drop(claim);
+    if quota.refused > 0 {
+        warn!(%peer, %addr, refused = quota.refused, cap = quota.cap, "session ended after subscriptions were refused for quota");
+    }
     debug!(%peer, %addr, "session closed");
+}
+
+/// Closes the backend connection like a client that went away: FIN, then whatever the broker
+/// still sends is read and dropped until it closes too, so that neither side resets.
+async fn close_backend(
+    backend_w: &mut tokio::net::tcp::OwnedWriteHalf,
+    backend_r: &mut tokio::net::tcp::OwnedReadHalf,
+) {
+    let _ = backend_w.shutdown().await;
+    let mut frames = FrameReader::new(BACKEND_TO_CLIENT_MAX);
+    while frames.next(backend_r).await.is_ok() {}
+}
+
+/// What the client → broker direction of one session needs besides the streams.
+struct Session<'a> {
+    peer: &'a Peer,
+    /// Silence after which the client is cut off (1.5 × keep-alive).
+    idle: Duration,
+    has_will: bool,
+    /// Packets the front answers the client with itself, written by the other direction.
+    replies: mpsc::Sender<Bytes>,
 }
 
 /// Reads and checks the CONNECT, claims the identity and rewrites the CONNECT for the backend.
@@ -302,6 +380,7 @@ async fn admit<R: AsyncRead + Unpin>(
         }
     };
 
+    let has_will = will.is_some();
     let keep_alive_secs = match connect.keep_alive {
         0 => DEFAULT_KEEP_ALIVE_SECS,
         k => k.min(MAX_KEEP_ALIVE_SECS),
@@ -335,6 +414,7 @@ async fn admit<R: AsyncRead + Unpin>(
         keep_alive_secs,
         keep_alive_changed: keep_alive_secs != connect.keep_alive,
         claim,
+        has_will,
     })
 }
 
@@ -375,8 +455,8 @@ async fn client_to_broker<R, W>(
     reader: &mut FrameReader,
     client_r: &mut R,
     backend_w: &mut W,
-    peer: &Peer,
-    idle: Duration,
+    session: &Session<'_>,
+    quota: &mut SubscriptionQuota,
     ctx: &FrontContext,
 ) -> End
 where
@@ -384,6 +464,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let stats = &ctx.stats;
+    let (peer, idle) = (session.peer, session.idle);
     loop {
         let frame = match timeout(idle, reader.next(client_r)).await {
             Ok(Ok(frame)) => frame,
@@ -432,6 +513,29 @@ where
                         return End::Disconnect(Reason::NotAuthorized);
                     }
                 }
+                let filters = subscribe.filters.len();
+                if !quota.admit(filters) {
+                    FrontStats::add(&stats.subscriptions_over_quota, filters);
+                    // One warn per session; the total is logged when it ends.
+                    if quota.refused == filters as u64 {
+                        warn!(%peer, cap = quota.cap, "subscription quota reached; refusing further SUBSCRIBEs (0x97)");
+                    } else {
+                        debug!(%peer, filters, "SUBSCRIBE over quota refused (0x97)");
+                    }
+                    let suback = mqtt::suback(subscribe.pkid, filters, Reason::QuotaExceeded);
+                    if session.replies.send(suback).await.is_err() {
+                        return End::Quiet;
+                    }
+                    continue;
+                }
+            }
+            Ok(Packet::Disconnect(..)) => {
+                // Without a Will, closing the backend connection (which follows) means the
+                // same to rumqttd as a DISCONNECT, and it logs only the latter as an error.
+                if session.has_will {
+                    let _ = backend_w.write_all(&frame).await;
+                }
+                return End::Quiet;
             }
             Ok(Packet::Connect(..)) => {
                 FrontStats::inc(&stats.malformed_packets);
@@ -454,14 +558,15 @@ where
 
 /// Copies backend packets to the client, frame by frame, until either side closes or the client
 /// → broker direction ends; in the latter case it sends that direction's DISCONNECT, if any.
-/// Packets from `direct` (a device's chunk frames) are written between two whole backend
-/// packets, never inside one.
+/// Packets from `direct` (a device's chunk frames) and `replies` (the front's own answers) are
+/// written between two whole backend packets, never inside one.
 async fn broker_to_client<S>(
     backend_r: &mut tokio::net::tcp::OwnedReadHalf,
     client_w: &mut WriteHalf<S>,
     leftover: BytesMut,
     mut end: oneshot::Receiver<Option<Reason>>,
     mut direct: Option<mpsc::Receiver<Bytes>>,
+    mut replies: mpsc::Receiver<Bytes>,
     ctx: &FrontContext,
 ) where
     S: AsyncRead + AsyncWrite,
@@ -488,6 +593,7 @@ async fn broker_to_client<S>(
                 }
             },
             Some(p) = next_direct(&mut direct) => p,
+            Some(p) = replies.recv() => p,
         };
         if write_flush(client_w, &packet).await.is_err() {
             break;

@@ -38,8 +38,15 @@ stats! {
     handshakes_ok,
     /// TLS handshakes that failed (no, untrusted, expired or revoked certificate; not TLS).
     handshakes_failed,
-    /// TLS handshakes (including the wait for a handshake slot) that ran out of time.
+    /// Unauthenticated sockets closed because they sent nothing within `first_byte_timeout_ms`
+    /// or did not finish the TLS handshake within `handshake_timeout_ms`.
     handshakes_timed_out,
+    /// New sockets closed at once because their source address already held
+    /// `max_handshakes_per_source` unfinished handshakes that had all sent something.
+    handshakes_refused_per_source,
+    /// Unfinished handshakes closed to make room for a new socket: the oldest silent one (else
+    /// the oldest) of a full table, or of a source address at its limit.
+    handshakes_evicted,
     /// Verified certificates whose identity we refuse (server role, unparsable subject).
     certificates_refused,
     /// Connections that sent no CONNECT in time, or something else first.
@@ -62,6 +69,9 @@ stats! {
     acl_denied_publish,
     /// SUBSCRIBEs refused by the ACL (the connection is closed).
     acl_denied_subscribe,
+    /// Topic filters refused with SUBACK 0x97 because their session had used its
+    /// `max_subscriptions_per_session` (the connection stays up).
+    subscriptions_over_quota,
     /// Packets larger than the peer's limit (the connection is closed).
     oversized_packets,
     /// Malformed packets after CONNECT (the connection is closed).

@@ -276,3 +276,11 @@ fn connack_and_disconnect_encode_as_mqtt_5() {
     );
     assert_eq!(disconnect(Reason::NotAuthorized), [0xE0, 0x02, 0x87, 0x00]);
 }
+
+#[test]
+fn a_quota_suback_carries_one_reason_per_filter_and_no_properties() {
+    assert_eq!(
+        &suback(0x0107, 3, Reason::QuotaExceeded)[..],
+        &[0x90, 0x06, 0x01, 0x07, 0x00, 0x97, 0x97, 0x97]
+    );
+}
