@@ -9,6 +9,7 @@ mod backup;
 mod campaign;
 mod certs;
 mod faults;
+mod fuzz_corpus;
 mod readme;
 mod restart;
 mod rollout;

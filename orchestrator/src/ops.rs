@@ -468,6 +468,8 @@ pub async fn upload_bundle(client: &AdminClient, dir: &Path, progress: bool) -> 
     let signed: SignedManifest =
         serde_json::from_slice(&std::fs::read(dir.join(bundle::MANIFEST))?)?;
     let manifest = signed.peek_unverified()?;
+    // The counts below size allocations and slices: a damaged bundle must not claim 2^32 chunks.
+    manifest.validate()?;
     let content_key = std::fs::read_to_string(dir.join(bundle::CONTENT_KEY))?;
     let chunks = std::fs::read(dir.join(bundle::CHUNKS))?;
     let _: Value = client

@@ -147,7 +147,10 @@ impl Manifest {
             return None;
         }
         let start = u64::from(index) * u64::from(self.chunk_size);
-        Some((self.image_size - start).min(u64::from(self.chunk_size)) as u32)
+        // Only a validated manifest has counts that agree; a peeked one may claim more chunks
+        // than its image holds.
+        let rest = self.image_size.checked_sub(start)?;
+        Some(rest.min(u64::from(self.chunk_size)) as u32)
     }
 
     /// The sealed length of chunk `index` (plaintext + tag).
@@ -452,6 +455,17 @@ pub(crate) mod tests {
             expires_at: 200,
             sequence: None,
         }
+    }
+
+    #[test]
+    fn a_peeked_manifest_claiming_more_chunks_than_its_image_holds_gives_no_length() {
+        // Found while writing the `signed` fuzz target: `aloft release upload` sizes chunks from a bundle's
+        // manifest before anything validated it.
+        let mut m = sample(4);
+        m.image_size = 10;
+        assert_eq!(m.plaintext_len(0), Some(10));
+        assert_eq!(m.plaintext_len(3), None);
+        assert_eq!(m.sealed_len(3), None);
     }
 
     #[test]

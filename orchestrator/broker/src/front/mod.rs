@@ -10,6 +10,8 @@
 
 pub mod acl;
 pub mod direct;
+#[doc(hidden)]
+pub mod fuzzing;
 mod identity;
 pub(crate) mod mqtt;
 mod pending;
