@@ -216,6 +216,21 @@ pub fn serials_of(ca_dir: &Path, device: &DeviceId) -> Result<Vec<Vec<u8>>, PkiE
         .collect()
 }
 
+/// Adds to the ledger of `ca_dir` every entry of the ledger of `other_dir` it lacks (by serial);
+/// returns how many. What a backup restore calls, so that restoring an older CA directory never
+/// forgets a certificate issued since: `pki revoke --device` must still reach it.
+pub fn merge_from(ca_dir: &Path, other_dir: &Path) -> Result<usize, PkiError> {
+    let lock = CaDirLock::acquire(ca_dir)?;
+    let ours: std::collections::HashSet<String> =
+        read(ca_dir)?.into_iter().map(|e| e.serial).collect();
+    let missing: Vec<Issued> = read(other_dir)?
+        .into_iter()
+        .filter(|e| !ours.contains(&e.serial))
+        .collect();
+    append(ca_dir, &missing, &lock)?;
+    Ok(missing.len())
+}
+
 /// Where the ledger of `ca_dir` is.
 pub fn path(ca_dir: &Path) -> PathBuf {
     ca_dir.join(LEDGER_FILE)

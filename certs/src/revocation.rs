@@ -150,6 +150,27 @@ impl RevocationState {
         Ok(state)
     }
 
+    /// Takes in `other`: every revocation it has that this state lacks, and the higher CRL
+    /// number (so the next CRL is numbered above both). Returns whether anything changed. A
+    /// backup restore merges the surviving state into the restored one with it: a restore never
+    /// un-revokes a certificate.
+    pub fn merge(&mut self, other: &RevocationState) -> bool {
+        let mut changed = false;
+        if other.crl_number > self.crl_number {
+            self.crl_number = other.crl_number;
+            changed = true;
+        }
+        let ours: std::collections::HashSet<String> =
+            self.revoked.iter().map(|r| r.serial.clone()).collect();
+        for r in &other.revoked {
+            if !ours.contains(&r.serial) {
+                self.revoked.push(r.clone());
+                changed = true;
+            }
+        }
+        changed
+    }
+
     /// Writes the state into `ca_dir`, atomically: a crash leaves the old state or the new one.
     pub fn save(&self, ca_dir: &Path) -> Result<(), PkiError> {
         let json = serde_json::to_vec_pretty(self)

@@ -66,6 +66,8 @@ pub enum BackupError {
     Malformed(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("merging the surviving CA directory's records: {0}")]
+    Pki(#[from] aloft_certs::PkiError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
@@ -653,7 +655,8 @@ fn read_entries<R: Read>(
 /// Brings surviving files that hold newer security state into the staging directory; returns
 /// their names. Rules: `crl.pem` with the higher CRL number; files under `trust/` (one accepted
 /// root version per file, `root-<N>.json`): the surviving copy, and the union of both sides, so
-/// the newest root either side accepted stays trusted; any file only the survivor has: kept. Keys,
+/// the newest root either side accepted stays trusted; any file only the survivor has: kept; the
+/// CA directory's issuance ledger and revocation state: the union of both. Keys,
 /// certificates and the keystore come from the backup (the store's sealed content keys need
 /// the backup's keystore).
 fn merge_files(data_dir: &Path, staging: &Path) -> Result<Vec<String>, BackupError> {
@@ -680,7 +683,38 @@ fn merge_files(data_dir: &Path, staging: &Path) -> Result<Vec<String>, BackupErr
             kept.push(name);
         }
     }
+    kept.extend(merge_ca_records(
+        &data_dir.join(layout::PKI_DIR),
+        &staging.join(layout::PKI_DIR),
+    )?);
     Ok(kept)
+}
+
+/// The CA directory's records only grow: the restored issuance ledger gets every certificate
+/// the surviving one recorded since the backup (so `pki revoke --device` still reaches them), and
+/// the restored revocation state every surviving revocation and the higher CRL number.
+fn merge_ca_records(ours: &Path, staged: &Path) -> Result<Vec<String>, BackupError> {
+    let mut merged = Vec::new();
+    if !ours.is_dir() || !staged.is_dir() {
+        return Ok(merged);
+    }
+    if aloft_certs::ledger::merge_from(staged, ours)? > 0 {
+        merged.push(format!(
+            "{}/{} (merged)",
+            layout::PKI_DIR,
+            aloft_certs::ledger::LEDGER_FILE
+        ));
+    }
+    let mut state = aloft_certs::revocation::RevocationState::load(staged)?;
+    if state.merge(&aloft_certs::revocation::RevocationState::load(ours)?) {
+        state.save(staged)?;
+        merged.push(format!(
+            "{}/{} (merged)",
+            layout::PKI_DIR,
+            aloft_certs::revocation::REVOCATIONS_FILE
+        ));
+    }
+    Ok(merged)
 }
 
 fn is_root_metadata(rel: &Path) -> bool {

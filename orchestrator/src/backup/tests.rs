@@ -455,3 +455,66 @@ fn paths_that_leave_the_data_directory_are_refused() {
     }
     assert!(safe_rel("pki/ca.key").is_ok());
 }
+
+#[test]
+fn restoring_an_old_backup_keeps_certificates_issued_and_revoked_since() {
+    use aloft_certs::ledger::{self, CaDirLock, Issued};
+    use aloft_certs::revocation::{RevocationReason, RevocationState, Revoked};
+    let f = fixture();
+    populate(&f);
+    let pki = f.data_dir.join(layout::PKI_DIR);
+    let issued = |serial: &str| Issued {
+        device: DeviceId::new("dev-9").unwrap(),
+        serial: serial.into(),
+        not_after: 1,
+    };
+    let revoked = |serial: &str| Revoked {
+        serial: serial.into(),
+        reason: RevocationReason::KeyCompromise,
+        revoked_at: 1,
+        subject: None,
+    };
+    ledger::append(&pki, &[issued("0a")], &CaDirLock::acquire(&pki).unwrap()).unwrap();
+    RevocationState {
+        crl_number: 1,
+        revoked: vec![revoked("0c")],
+        ..RevocationState::default()
+    }
+    .save(&pki)
+    .unwrap();
+    let out = f.root.join("old.aloftbak");
+    let (p, unlock) = recovery_protection();
+    create(&f.data_dir, &out, &p).unwrap();
+
+    // After the backup: the device renews (a second certificate), then both are revoked and a
+    // CRL numbered 3 is signed.
+    ledger::append(&pki, &[issued("0b")], &CaDirLock::acquire(&pki).unwrap()).unwrap();
+    RevocationState {
+        crl_number: 3,
+        revoked: vec![revoked("0a"), revoked("0b")],
+        ..RevocationState::default()
+    }
+    .save(&pki)
+    .unwrap();
+
+    let r = restore(&out, &f.data_dir, &unlock).unwrap();
+    assert!(r.kept_surviving.iter().any(|k| k.contains("issued.jsonl")));
+    let serials = ledger::serials_of(&pki, &DeviceId::new("dev-9").unwrap()).unwrap();
+    assert_eq!(
+        serials,
+        vec![vec![0x0a], vec![0x0b]],
+        "the renewed certificate stays known"
+    );
+    let state = RevocationState::load(&pki).unwrap();
+    assert_eq!(
+        state.crl_number, 3,
+        "the next CRL is numbered above the last one signed"
+    );
+    let mut serials: Vec<_> = state.revoked.iter().map(|r| r.serial.as_str()).collect();
+    serials.sort();
+    assert_eq!(
+        serials,
+        ["0a", "0b", "0c"],
+        "a restore never un-revokes a certificate"
+    );
+}
