@@ -16,7 +16,8 @@
 //!   orchestrator is stopped with SIGTERM before a backup ("orchestrator stopped").
 //!
 //! A command that exits non-zero, or times out, fails the test; so do campaigns followed with
-//! `--watch` that end with any device not `succeeded`.
+//! `--watch` that end with any device not `succeeded`, and any ERROR line `aloft serve` logs
+//! (every start, connect, disconnect and stop of the walkthrough is a normal one).
 //!
 //! The binaries are the ones `cargo nextest run --workspace` builds beside this test (the
 //! orchestrator's and device-sim's own integration tests make cargo build them). Run alone
@@ -406,7 +407,11 @@ impl Reader {
     /// Starts `aloft serve` on free ports and waits for the line naming them.
     async fn start_serve(&mut self, line: &str) {
         let line = format!("exec {line} --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0");
-        let log = self.work.join("serve.log");
+        // One log per start: the walkthrough serves again after its restore.
+        let starts = std::fs::read_dir(&self.work)
+            .map(|d| d.filter_map(Result::ok).count())
+            .unwrap_or(0);
+        let log = self.work.join(format!("serve-{starts}.log"));
         let mut cmd = self.command(&line);
         cmd.stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap());
@@ -486,6 +491,29 @@ async fn every_command_of_the_readme_walkthrough_runs_as_written() {
         let status = serve.stop("TERM").await;
         assert!(status.success(), "`aloft serve` ended {status} on SIGTERM");
     }
+    // Clean starts, operators and devices coming and going, a revoked device's session ended and
+    // clean stops are all normal: none of it is an ERROR in `aloft serve`'s log.
+    let mut logs = 0;
+    for entry in std::fs::read_dir(&reader.work).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !(name.starts_with("serve-") && name.ends_with(".log")) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("INFO"), "{name} holds no log at all");
+        logs += 1;
+        let errors: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();
+        assert!(
+            errors.is_empty(),
+            "{name} has ERROR lines:\n{}",
+            errors.join("\n")
+        );
+    }
+    assert_eq!(
+        logs, 2,
+        "the walkthrough serves twice, before and after its restore"
+    );
 }
 
 /// The block stays runnable: each line is one command (no `a|b` alternatives to choose from).
