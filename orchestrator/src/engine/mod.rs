@@ -230,6 +230,9 @@ pub struct Engine {
     /// Chunk requests of members served for the first time, answered once the batch's commit
     /// has made that durable (see `note_served`); at most one per event of the batch.
     held_requests: Vec<(DeviceId, ArtifactId, u32, ChunkRequest)>,
+    /// Withdrawals published again for a member that asked for chunks of a withdrawn job since
+    /// this process started: at most one each, however often it asks.
+    rewithdrawn: HashSet<(DeviceId, CampaignId)>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -254,6 +257,7 @@ impl Engine {
             revoked_devices: HashSet::new(),
             renewals: renewal::RenewalGate::default(),
             held_requests: Vec::new(),
+            rewithdrawn: HashSet::new(),
             cfg,
         }
     }
@@ -526,10 +530,17 @@ impl Engine {
                 chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::NotDownloading);
             self.send_chunk(&device, &topic, frame);
             // A device still downloading a withdrawn job missed its withdrawal: the broker
-            // lost the retained one in a restart. Tell it again, unless a newer job of another
-            // campaign is what its job topic holds now.
+            // lost the retained one in a restart. Tell it again, once per process (the broker
+            // keeps it from then on, so a device repeating its request gets no second copy),
+            // unless a newer job of another campaign is what its job topic holds now.
             if let Some(reason) = withdrawn {
-                if !self.has_job_elsewhere(&device, &req.campaign) {
+                if !self
+                    .rewithdrawn
+                    .contains(&(device.clone(), req.campaign.clone()))
+                    && !self.has_job_elsewhere(&device, &req.campaign)
+                {
+                    self.rewithdrawn
+                        .insert((device.clone(), req.campaign.clone()));
                     self.metrics.rejected("chunk_request", "withdrawn");
                     self.withdraw_job(&device, &req.campaign, reason);
                 }
