@@ -24,7 +24,7 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
 use serde_json::Value;
 
-use crate::common::{backend_client, device_client, publish_and_settle, Env, LIMIT};
+use crate::common::{device_client, Env, LIMIT};
 
 /// Signs a CRL revoking `devices` (every revocation so far is in `state`).
 fn crl_revoking(ca: &FleetCa, state: &mut RevocationState, devices: &[&DeviceIdentity]) -> String {
@@ -180,16 +180,17 @@ async fn a_revoked_device_gets_no_job_and_no_chunk_while_the_others_update() {
 
     // A chunk request in its name (only a compromised server could still send one) is refused
     // and counted.
-    let (backend, mut el) = backend_client(&env.running).await;
     let req = format!(r#"{{"v":1,"campaign":"{first}","artifact":"fw-2.0.0","ranges":[[0,2]]}}"#);
-    publish_and_settle(
-        &backend,
-        &mut el,
-        topics::chunk_request(&revoked.id),
-        req.into_bytes(),
-        false,
-    )
-    .await;
+    assert!(
+        env.running
+            .devices
+            .submit(aloft_broker::DeviceMessage {
+                device: revoked.id.clone(),
+                topic: aloft_broker::DeviceTopic::ChunkRequest,
+                payload: req.into_bytes().into(),
+            })
+            .await
+    );
     let metrics = env.running.metrics.clone();
     let deadline = tokio::time::Instant::now() + LIMIT;
     while metrics.rejected_count("chunk_request", "revoked") == 0 {

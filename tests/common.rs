@@ -16,7 +16,7 @@ use aloft_proto::crypto::{self, ContentKey};
 use aloft_proto::manifest::SignedManifest;
 use aloft_proto::messages::{self, Job, PROTOCOL_VERSION};
 use aloft_proto::trust::SignedRoot;
-use aloft_proto::{topics, CampaignId, DeviceId, DeviceState, Reason};
+use aloft_proto::{CampaignId, DeviceId, DeviceState, Reason};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
@@ -126,21 +126,6 @@ pub async fn device_client(
     connected(opts).await
 }
 
-/// Connects to the embedded broker's backend like the orchestrator does (a compromised
-/// server's view: it can publish anything to any device).
-pub async fn backend_client(running: &Running) -> (AsyncClient, EventLoop) {
-    let backend = &running.backend;
-    let mut opts = MqttOptions::new(
-        "attacker",
-        backend.addr.ip().to_string(),
-        backend.addr.port(),
-    );
-    opts.set_credentials("attacker", backend.secret.as_str())
-        .set_outgoing_inflight_upper_limit(16)
-        .set_max_packet_size(Some(2 * 1024 * 1024));
-    connected(opts).await
-}
-
 async fn connected(opts: MqttOptions) -> (AsyncClient, EventLoop) {
     let (client, mut el) = AsyncClient::new(opts, 64);
     tokio::time::timeout(LIMIT, async {
@@ -208,8 +193,8 @@ pub fn read_bundle(dir: &std::path::Path) -> (SignedManifest, ContentKey) {
     (signed, ContentKey::from_bytes(key))
 }
 
-/// Plays a compromised server: publishes a retained job for `device` straight into the
-/// broker's backend, with `manifest`, the content key wrapped for the device, and `roots`.
+/// Plays a compromised server: publishes a retained job for `device` on the front's device
+/// road, with `manifest`, the content key wrapped for the device, and `roots`.
 pub async fn forge_job(
     env: &Env,
     device: &DeviceId,
@@ -229,16 +214,16 @@ pub async fn forge_job(
         issued_at: aloft_e2e::now_secs(),
         roots,
     };
-    let (backend, mut el) = backend_client(&env.running).await;
-    publish_and_settle(
-        &backend,
-        &mut el,
-        topics::job(device),
-        messages::encode(&job),
-        true,
-    )
-    .await;
-    close(backend, el).await;
+    // The front's device road is where the orchestrator's jobs leave from.
+    env.running
+        .devices
+        .publish(
+            device,
+            aloft_broker::DeviceBound::Job,
+            messages::encode(&job).into(),
+            true,
+        )
+        .unwrap();
 }
 
 /// Waits until `device` refused the job of `campaign` with `reason`.

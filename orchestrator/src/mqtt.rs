@@ -2,9 +2,12 @@
 //! loopback, or an external one), turning subscribed publishes into engine [`Inbound`] events and
 //! engine output into publishes. The admin client (`admin::client`) is the only other user of rumqttc.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use aloft_broker::{DeviceBound, DeviceMessage, DeviceTopic, DirectRoutes};
 use aloft_proto::topics::{self, Inbound as Topic};
+use aloft_proto::DeviceId;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
@@ -26,10 +29,12 @@ pub struct LinkConfig {
     pub max_packet_bytes: u32,
 }
 
-/// Publishes on behalf of the engine.
+/// Publishes on behalf of the engine: device-bound topics on the front's device road when
+/// there is one (the embedded default), everything else through the broker.
 #[derive(Clone)]
 pub struct Publisher {
     client: AsyncClient,
+    devices: Option<Arc<DirectRoutes>>,
 }
 
 /// Why a publish failed: the link's request queue is gone, i.e. the event loop stopped.
@@ -44,10 +49,52 @@ impl Publisher {
         payload: Vec<u8>,
         retain: bool,
     ) -> Result<(), LinkClosed> {
+        if let Some(road) = &self.devices {
+            if let Some((device, kind)) = device_bound(&topic) {
+                // Not connected or not reading: the device's own timers recover (it resends
+                // its report, re-requests chunks); jobs are kept retained whatever happens.
+                if let Err(e) = road.publish(&device, kind, Bytes::from(payload), retain) {
+                    debug!(%device, ?kind, error = %e, "device-bound message not delivered");
+                }
+                return Ok(());
+            }
+        }
         self.client
             .publish(topic, QoS::AtLeastOnce, retain, payload)
             .await
             .map_err(|_| LinkClosed)
+    }
+
+    /// Sends device-bound messages on `road` from now on instead of through the broker.
+    #[must_use]
+    pub fn with_device_road(mut self, road: Arc<DirectRoutes>) -> Self {
+        self.devices = Some(road);
+        self
+    }
+}
+
+/// The device and kind of a topic the orchestrator sends devices on (PROTOCOL.md §4.1).
+fn device_bound(topic: &str) -> Option<(DeviceId, DeviceBound)> {
+    let rest = topic.strip_prefix(topics::ROOT)?.strip_prefix("/d/")?;
+    let (id, leaf) = rest.split_once('/')?;
+    let kind = match leaf {
+        "job" => DeviceBound::Job,
+        "ack" => DeviceBound::Ack,
+        "cert" => DeviceBound::Cert,
+        "chunk/resp" => DeviceBound::ChunkResponse,
+        _ => return None,
+    };
+    Some((DeviceId::new(id).ok()?, kind))
+}
+
+/// A device's message from the front's device road, as an engine event.
+pub fn from_device(m: DeviceMessage) -> Inbound {
+    let (device, payload) = (m.device, m.payload);
+    match m.topic {
+        DeviceTopic::Status => Inbound::Status { device, payload },
+        DeviceTopic::ChunkRequest => Inbound::ChunkRequest { device, payload },
+        DeviceTopic::Health => Inbound::Health { device, payload },
+        DeviceTopic::Csr => Inbound::Csr { device, payload },
     }
 }
 
@@ -117,7 +164,13 @@ pub fn connect(
             }
         }
     });
-    (Publisher { client }, ready_rx)
+    (
+        Publisher {
+            client,
+            devices: None,
+        },
+        ready_rx,
+    )
 }
 
 fn route(topic: &Bytes, payload: Bytes) -> Option<Inbound> {
@@ -131,6 +184,33 @@ fn route(topic: &Bytes, payload: Bytes) -> Option<Inbound> {
         Err(e) => {
             warn!(topic, error = %e, "publish on an unexpected topic refused");
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_bound_topics_are_recognised_and_nothing_else() {
+        let d = DeviceId::new("dev-7").unwrap();
+        for (topic, kind) in [
+            (topics::job(&d), DeviceBound::Job),
+            (topics::ack(&d), DeviceBound::Ack),
+            (topics::cert(&d), DeviceBound::Cert),
+            (topics::chunk_response(&d), DeviceBound::ChunkResponse),
+        ] {
+            assert_eq!(device_bound(&topic), Some((d.clone(), kind)));
+        }
+        for other in [
+            topics::status(&d),
+            topics::chunk_request(&d),
+            "aloft/v1/o/alice/reply".to_owned(),
+            "aloft/v1/d/bad id/job".to_owned(),
+            "aloft/v1/d/dev-7/job/x".to_owned(),
+        ] {
+            assert_eq!(device_bound(&other), None, "{other}");
         }
     }
 }

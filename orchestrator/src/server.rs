@@ -85,10 +85,13 @@ pub struct Running {
     pub metrics_addr: Option<SocketAddr>,
     pub insecure_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
-    /// The embedded broker's loopback listener and secret: whoever holds them can publish
-    /// anything to any device, as the orchestrator does. Exposed for tests that play a
-    /// compromised server.
+    /// The embedded broker's loopback listener and secret (operator traffic). Exposed for
+    /// tests that play a compromised server.
     pub backend: aloft_broker::BackendAddr,
+    /// The front's device road: whoever holds it can send anything to any device and speak for
+    /// any device, as the orchestrator and the front do. Exposed for tests that play a
+    /// compromised server.
+    pub devices: Arc<aloft_broker::DirectRoutes>,
     shutdown: watch::Sender<bool>,
     engine: JoinHandle<Result<(), EngineError>>,
 }
@@ -227,8 +230,20 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let signer = crate::signer::Signer::start(pki.clone(), Some(cfg.unlock.clone()), tx.clone())
         .map_err(ServeError::Signer)?;
     let m = metrics.clone();
+    // Devices' messages come from the front's device road, not through the broker.
+    if let Some(mut inbox) = ctx.direct.take_inbox() {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Some(message) = inbox.recv().await {
+                if tx.send(mqtt::from_device(message)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let (publisher, mut ready) =
         mqtt::connect(&link_cfg, tx, move |reason| m.rejected("topic", reason));
+    let publisher = publisher.with_device_road(ctx.direct.clone());
     let up = tokio::time::timeout(std::time::Duration::from_secs(10), ready.wait_for(|r| *r)).await;
     if !matches!(up, Ok(Ok(_))) {
         return Err(ServeError::LinkDown);
@@ -255,6 +270,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         insecure_addr,
         metrics,
         backend: broker.backend(),
+        devices: ctx.direct.clone(),
         shutdown: shutdown_tx,
         engine,
     })

@@ -29,6 +29,9 @@ pub enum ChunkErrorCode {
     OutOfRange,
     /// The device's state in the campaign does not allow downloading.
     NotDownloading,
+    /// The orchestrator is serving as many bytes as it will at once: the chunk was not sent.
+    /// The frame's count field carries how long to wait before asking again, in ms (1.4).
+    Busy,
 }
 
 impl ChunkErrorCode {
@@ -37,6 +40,7 @@ impl ChunkErrorCode {
             ChunkErrorCode::UnknownArtifact => "unknown_artifact",
             ChunkErrorCode::OutOfRange => "out_of_range",
             ChunkErrorCode::NotDownloading => "not_downloading",
+            ChunkErrorCode::Busy => "busy",
         }
     }
 
@@ -45,6 +49,7 @@ impl ChunkErrorCode {
             b"unknown_artifact" => Some(Self::UnknownArtifact),
             b"out_of_range" => Some(Self::OutOfRange),
             b"not_downloading" => Some(Self::NotDownloading),
+            b"busy" => Some(Self::Busy),
             _ => None,
         }
     }
@@ -63,6 +68,9 @@ pub enum ChunkFrame<'a> {
         artifact: ArtifactId,
         index: u32,
         code: ChunkErrorCode,
+        /// For `busy`: milliseconds to wait before asking for `index` again (the count field);
+        /// 0 for every other code.
+        retry_after_ms: u32,
     },
 }
 
@@ -95,6 +103,11 @@ fn header(kind: u8, artifact: &ArtifactId, index: u32, count: u32, extra: usize)
     f
 }
 
+/// The length of a frame's header for `artifact`: everything before the data.
+pub fn header_len(artifact: &ArtifactId) -> usize {
+    14 + artifact.as_str().len()
+}
+
 /// Encodes a data frame.
 pub fn encode_data(artifact: &ArtifactId, index: u32, count: u32, sealed: &[u8]) -> Vec<u8> {
     let mut f = header(0, artifact, index, count, sealed.len());
@@ -106,6 +119,15 @@ pub fn encode_data(artifact: &ArtifactId, index: u32, count: u32, sealed: &[u8])
 pub fn encode_error(artifact: &ArtifactId, index: u32, code: ChunkErrorCode) -> Vec<u8> {
     let code = code.as_str().as_bytes();
     let mut f = header(1, artifact, index, 0, code.len());
+    f.extend_from_slice(code);
+    f
+}
+
+/// Encodes a `busy` frame: chunk `index` (and those requested after it) was not sent; ask
+/// again after `retry_after_ms`.
+pub fn encode_busy(artifact: &ArtifactId, index: u32, retry_after_ms: u32) -> Vec<u8> {
+    let code = ChunkErrorCode::Busy.as_str().as_bytes();
+    let mut f = header(1, artifact, index, retry_after_ms, code.len());
     f.extend_from_slice(code);
     f
 }
@@ -140,11 +162,16 @@ pub fn decode(frame: &[u8]) -> Result<ChunkFrame<'_>, FrameError> {
             count,
             sealed: data,
         }),
-        1 => Ok(ChunkFrame::Error {
-            artifact,
-            index,
-            code: ChunkErrorCode::parse(data).ok_or(FrameError::BadErrorCode)?,
-        }),
+        1 => {
+            let code = ChunkErrorCode::parse(data).ok_or(FrameError::BadErrorCode)?;
+            let retry_after_ms = if code == ChunkErrorCode::Busy { count } else { 0 };
+            Ok(ChunkFrame::Error {
+                artifact,
+                index,
+                code,
+                retry_after_ms,
+            })
+        }
         k => Err(FrameError::BadKind(k)),
     }
 }
@@ -173,6 +200,35 @@ mod tests {
             ChunkFrame::Error {
                 code: ChunkErrorCode::OutOfRange,
                 index: 3,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_busy_frame_carries_its_wait_in_the_count_field() {
+        let a = ArtifactId::new("fw-1").unwrap();
+        let f = encode_busy(&a, 5, 750);
+        assert_eq!(
+            hex::encode(&f),
+            "414c4331010466772d3100000005000002ee62757379"
+        );
+        assert_eq!(
+            decode(&f).unwrap(),
+            ChunkFrame::Error {
+                artifact: a.clone(),
+                index: 5,
+                code: ChunkErrorCode::Busy,
+                retry_after_ms: 750,
+            }
+        );
+        // Every other error code ignores the count field.
+        let mut e = encode_error(&a, 3, ChunkErrorCode::OutOfRange);
+        e[13] = 9;
+        assert!(matches!(
+            decode(&e).unwrap(),
+            ChunkFrame::Error {
+                retry_after_ms: 0,
                 ..
             }
         ));

@@ -98,6 +98,15 @@ impl Session {
         self.outstanding.clear();
     }
 
+    /// The orchestrator sent no chunk from `index` on (`busy`, PROTOCOL.md §5.5): those
+    /// requests are forgotten without counting as asked (nothing was sent, so a later answer
+    /// still measures the response time) and without backing off the timeout, and no request
+    /// leaves before `resume_at`.
+    pub fn on_busy(&mut self, index: u32, resume_at: u64) {
+        let _ = self.outstanding.split_off(&index);
+        self.paused_until = self.paused_until.max(resume_at);
+    }
+
     /// Handles one data frame for chunk `index` of `count`, received at `now`.
     #[allow(clippy::too_many_arguments)]
     pub fn accept(

@@ -213,6 +213,10 @@ pub enum Persist {
     Now,
 }
 
+/// Longest wait a `busy` frame can impose (its hint is the orchestrator's to set; a device
+/// does not let a bad value stop its download for long).
+const MAX_BUSY_WAIT_MS: u32 = 10_000;
+
 /// Counters for observability.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AgentStats {
@@ -230,6 +234,8 @@ pub struct AgentStats {
     pub chunks_duplicate: u64,
     /// Heartbeats published.
     pub heartbeats_sent: u64,
+    /// `busy` frames: the orchestrator asked this device to wait before asking again.
+    pub busy_frames: u64,
 }
 
 impl AgentStats {
@@ -243,6 +249,7 @@ impl AgentStats {
             chunk_requests_expired: self.chunk_requests_expired + o.chunk_requests_expired,
             chunks_duplicate: self.chunks_duplicate + o.chunks_duplicate,
             heartbeats_sent: self.heartbeats_sent + o.heartbeats_sent,
+            busy_frames: self.busy_frames + o.busy_frames,
         }
     }
 }
@@ -741,11 +748,19 @@ impl UpdateAgent {
                 artifact,
                 index,
                 code,
+                retry_after_ms,
             } => {
                 if &artifact != session.artifact() {
                     return;
                 }
-                if code == ChunkErrorCode::NotDownloading {
+                if code == ChunkErrorCode::Busy {
+                    // Waits between half and all of the hint again on top of it, so the
+                    // devices told at once do not all come back at once.
+                    let hint = u64::from(retry_after_ms.clamp(1, MAX_BUSY_WAIT_MS));
+                    let wait = hint + rand::random::<u64>() % hint;
+                    self.stats.busy_frames += 1;
+                    session.on_busy(index, now + wait);
+                } else if code == ChunkErrorCode::NotDownloading {
                     // The orchestrator may not have applied our `downloading` report yet.
                     session.paused_until = now + self.cfg.not_downloading_pause_ms;
                     session.forget_outstanding();

@@ -16,7 +16,7 @@ pub mod embedded;
 pub mod front;
 
 pub use embedded::{BackendAddr, BackendSecret, BrokerConfig, EmbeddedBroker};
-pub use front::direct::{DeliverError, DirectRoutes};
+pub use front::direct::{DeliverError, DeviceBound, DeviceMessage, DeviceTopic, DirectRoutes};
 pub use front::{
     serve, serve_plain_insecure, FrontConfig, FrontContext, FrontStats, FrontStatsSnapshot, Peer,
     PendingHandshakes, Registry, SessionHook,

@@ -1,6 +1,8 @@
-//! End-to-end tests of the device-facing edge: a real embedded rumqttd behind the real mTLS
-//! front, real certificates from a fresh fleet CA per test, real rumqttc v5 clients (and raw
-//! TLS sockets where a test needs to send bytes no client library would).
+//! End-to-end tests of the device-facing edge: the real mTLS front serving devices on its
+//! device road and relaying operators to a real embedded rumqttd, real certificates from a
+//! fresh fleet CA per test, real rumqttc v5 clients (and raw TLS sockets where a test needs to
+//! send bytes no client library would). The orchestrator's side of the device road is the
+//! road itself: its inbox and `DirectRoutes::publish`.
 //!
 //! Every refusal test ends by showing that a valid device still works: a rejection must never
 //! wedge anything.
@@ -11,8 +13,8 @@ use std::time::Duration;
 
 use aloft_broker::front::acl::device_filters;
 use aloft_broker::{
-    serve, serve_plain_insecure, BrokerConfig, EmbeddedBroker, FrontConfig, FrontContext,
-    FrontStatsSnapshot,
+    serve, serve_plain_insecure, BrokerConfig, DeviceBound, DeviceMessage, DeviceTopic,
+    EmbeddedBroker, FrontConfig, FrontContext, FrontStatsSnapshot,
 };
 use aloft_certs::tls::{
     client_config, client_config_without_cert, install_crypto_provider, server_config,
@@ -54,6 +56,8 @@ struct Edge {
     ctx: Arc<FrontContext>,
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
+    /// What devices sent the orchestrator on the device road.
+    inbox: tokio::sync::Mutex<mpsc::Receiver<DeviceMessage>>,
 }
 
 impl Edge {
@@ -72,6 +76,7 @@ impl Edge {
             .unwrap()
             .unwrap();
         let ctx = Arc::new(FrontContext::new(Arc::new(tls), broker.backend(), cfg).unwrap());
+        let inbox = tokio::sync::Mutex::new(ctx.direct.take_inbox().unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -84,7 +89,29 @@ impl Edge {
             ctx,
             addr,
             stop: Some(stop),
+            inbox,
         }
+    }
+
+    /// The orchestrator sends `device` a message on the device road.
+    fn send(&self, device: &str, kind: DeviceBound, payload: &[u8], retain: bool) {
+        let id = DeviceId::new(device).unwrap();
+        self.ctx
+            .direct
+            .publish(&id, kind, bytes::Bytes::copy_from_slice(payload), retain)
+            .unwrap();
+    }
+
+    /// The next message any device sent the orchestrator: its topic and payload.
+    async fn received(&self) -> (String, Vec<u8>) {
+        let m = self.inbox.lock().await.recv().await.expect("inbox open");
+        let leaf = match m.topic {
+            DeviceTopic::Status => "status",
+            DeviceTopic::ChunkRequest => "chunk/req",
+            DeviceTopic::Health => "health",
+            DeviceTopic::Csr => "csr",
+        };
+        (format!("aloft/v1/d/{}/{leaf}", m.device), m.payload.to_vec())
     }
 
     fn stats(&self) -> FrontStatsSnapshot {
@@ -139,7 +166,6 @@ impl Edge {
     /// The project rule after every refusal: a fresh, valid device connects, subscribes to its
     /// own subtree and receives what the orchestrator sends it.
     async fn assert_valid_device_works(&self, id: &str) {
-        let mut orch = self.backend_client(&format!("orch-check-{id}")).await;
         let mut dev = self.device(id).await;
         dev.subscribe(&format!("aloft/v1/d/{id}/#")).await;
         assert!(dev
@@ -147,14 +173,14 @@ impl Edge {
             .await
             .iter()
             .all(|c| matches!(c, SubscribeReasonCode::Success(_))));
-        orch.subscribe(&format!("aloft/v1/d/{id}/status")).await;
-        orch.suback().await;
-        orch.publish(&format!("aloft/v1/d/{id}/job"), b"job", false)
-            .await;
-        assert_eq!(dev.next_publish().await.0, format!("aloft/v1/d/{id}/job"));
+        self.send(id, DeviceBound::Ack, b"ack", false);
+        assert_eq!(dev.next_publish().await.0, format!("aloft/v1/d/{id}/ack"));
         dev.publish(&format!("aloft/v1/d/{id}/status"), b"ok", false)
             .await;
-        assert_eq!(orch.next_publish().await.1, b"ok");
+        assert_eq!(
+            self.received().await,
+            (format!("aloft/v1/d/{id}/status"), b"ok".to_vec())
+        );
     }
 }
 
@@ -238,15 +264,6 @@ impl Mqtt {
         }
     }
 
-    async fn puback(&mut self) {
-        loop {
-            match self.next().await {
-                Ev::PubAck => return,
-                Ev::Closed(why) => panic!("closed while waiting for PUBACK: {why}"),
-                _ => {}
-            }
-        }
-    }
 
     async fn next_publish(&mut self) -> (String, Vec<u8>, bool) {
         loop {
@@ -315,31 +332,36 @@ async fn refused_at_tls(edge: &Edge, id: &str, tls: Arc<ClientConfig>, alert: &s
 async fn device_with_valid_cert_can_subscribe_and_receive_its_own_topics() {
     bounded(async {
         let edge = Edge::start().await;
-        let mut orch = edge.backend_client("aloft-orchestrator").await;
-        orch.subscribe("aloft/v1/d/+/status").await;
-        orch.suback().await;
-        orch.subscribe("aloft/v1/d/+/chunk/req").await;
-        orch.suback().await;
-        orch.publish("aloft/v1/d/dev-1/job", b"job-1", true).await;
-        orch.puback().await;
+        // A retained job published before the device connects is delivered on subscribe.
+        edge.send("dev-1", DeviceBound::Job, b"job-1", true);
 
         let mut dev = edge.device("dev-1").await;
         dev.subscribe("aloft/v1/d/dev-1/#").await;
         dev.subscribe("aloft/v1/manifests/#").await;
-        let (topic, payload, _) = dev.next_publish().await;
+        let (topic, payload, retained) = dev.next_publish().await;
         assert_eq!(
-            (topic.as_str(), payload.as_slice()),
-            ("aloft/v1/d/dev-1/job", &b"job-1"[..])
+            (topic.as_str(), payload.as_slice(), retained),
+            ("aloft/v1/d/dev-1/job", &b"job-1"[..], true)
+        );
+        // A new job reaches the subscribed device at once; a cleared one as an empty message.
+        edge.send("dev-1", DeviceBound::Job, b"job-2", true);
+        assert_eq!(dev.next_publish().await.1, b"job-2");
+        edge.send("dev-1", DeviceBound::Job, b"", true);
+        assert_eq!(dev.next_publish().await.1, b"");
+        edge.send("dev-1", DeviceBound::ChunkResponse, b"frame", false);
+        assert_eq!(
+            dev.next_publish().await,
+            ("aloft/v1/d/dev-1/chunk/resp".to_owned(), b"frame".to_vec(), false)
         );
 
         dev.publish("aloft/v1/d/dev-1/status", b"{\"state\":\"idle\"}", false)
             .await;
-        let (topic, payload, _) = orch.next_publish().await;
+        let (topic, payload) = edge.received().await;
         assert_eq!(topic, "aloft/v1/d/dev-1/status");
         assert_eq!(payload, b"{\"state\":\"idle\"}");
         dev.publish("aloft/v1/d/dev-1/chunk/req", b"0-3", false)
             .await;
-        assert_eq!(orch.next_publish().await.0, "aloft/v1/d/dev-1/chunk/req");
+        assert_eq!(edge.received().await.0, "aloft/v1/d/dev-1/chunk/req");
         let s = edge.stats();
         assert_eq!((s.handshakes_ok, s.sessions_established), (1, 1));
         assert!(edge
@@ -451,19 +473,16 @@ async fn client_id_different_from_certificate_is_refused() {
 async fn publishing_to_another_devices_topic_is_refused_and_not_delivered() {
     bounded(async {
         let edge = Edge::start().await;
-        let mut orch = edge.backend_client("aloft-orchestrator").await;
-        orch.subscribe("aloft/v1/d/+/status").await;
-        orch.suback().await;
         let mut a = edge.device("dev-a").await;
         a.publish("aloft/v1/d/dev-b/status", b"forged", false).await;
         assert!(a.closed().await.contains("NotAuthorized"));
         assert_eq!(edge.stats().acl_denied_publish, 1);
-        // Had the forged report been forwarded it would have reached the broker before A's
+        // Had the forged report been forwarded it would have reached the inbox before A's
         // DISCONNECT; the first report the orchestrator sees is B's genuine one.
         let b = edge.device("dev-b").await;
         b.publish("aloft/v1/d/dev-b/status", b"genuine", false)
             .await;
-        assert_eq!(orch.next_publish().await.1, b"genuine");
+        assert_eq!(edge.received().await.1, b"genuine");
         edge.assert_valid_device_works("dev-a").await;
     })
     .await;
@@ -496,14 +515,11 @@ async fn retained_publish_from_device_is_refused() {
             .await;
         assert!(dev.closed().await.contains("NotAuthorized"));
         assert_eq!(edge.stats().acl_denied_publish, 1);
-        // Nothing was retained: a new subscriber to the topic gets only the fresh report.
-        let mut orch = edge.backend_client("aloft-orchestrator").await;
-        orch.subscribe("aloft/v1/d/dev-1/status").await;
-        orch.suback().await;
+        // Nothing was passed on: the first report the orchestrator sees is the fresh one.
         let dev = edge.device("dev-1").await;
         dev.publish("aloft/v1/d/dev-1/status", b"fresh", false)
             .await;
-        assert_eq!(orch.next_publish().await.1, b"fresh");
+        assert_eq!(edge.received().await.1, b"fresh");
         edge.assert_valid_device_works("dev-2").await;
     })
     .await;
@@ -513,7 +529,6 @@ async fn retained_publish_from_device_is_refused() {
 async fn second_connection_with_same_identity_does_not_hijack_the_first() {
     bounded(async {
         let edge = Edge::start().await;
-        let mut orch = edge.backend_client("aloft-orchestrator").await;
         let mut first = edge.device("dev-1").await;
         first.subscribe("aloft/v1/d/dev-1/#").await;
         first.suback().await;
@@ -532,15 +547,12 @@ async fn second_connection_with_same_identity_does_not_hijack_the_first() {
         );
         assert_eq!(edge.stats().refused_duplicate_identity, 1);
 
-        orch.publish("aloft/v1/d/dev-1/job", b"still yours", false)
-            .await;
+        edge.send("dev-1", DeviceBound::Job, b"still yours", true);
         assert_eq!(first.next_publish().await.1, b"still yours");
-        orch.subscribe("aloft/v1/d/dev-1/status").await;
-        orch.suback().await;
         first
             .publish("aloft/v1/d/dev-1/status", b"alive", false)
             .await;
-        assert_eq!(orch.next_publish().await.1, b"alive");
+        assert_eq!(edge.received().await.1, b"alive");
         edge.assert_valid_device_works("dev-2").await;
     })
     .await;
@@ -778,11 +790,10 @@ async fn subscriptions_beyond_the_session_quota_are_refused_with_quota_exceeded_
     bounded(async {
         let edge = Edge::start().await;
         let quota = FrontConfig::default().max_subscriptions_per_session;
-        let mut orch = edge.backend_client("aloft-orchestrator").await;
         let mut dev = edge.device("dev-1").await;
         let allowed = device_filters(&DeviceId::new("dev-1").unwrap());
-        // 1,000 SUBSCRIBEs of allowed filters: the first `quota` are the broker's, the rest
-        // the front answers itself.
+        // 1,000 SUBSCRIBEs of allowed filters: the first `quota` are granted, the rest
+        // refused for quota.
         let mut codes = Vec::new();
         for i in 0..1_000 {
             dev.subscribe(&allowed[i % allowed.len()]).await;
@@ -806,13 +817,11 @@ async fn subscriptions_beyond_the_session_quota_are_refused_with_quota_exceeded_
         );
         assert_eq!(edge.stats().acl_denied_subscribe, 0);
         // The session is still up, and what it was granted still delivers.
-        orch.publish("aloft/v1/d/dev-1/job", b"job-1", false).await;
+        edge.send("dev-1", DeviceBound::Job, b"job-1", true);
         assert_eq!(dev.next_publish().await.1, b"job-1");
-        orch.subscribe("aloft/v1/d/dev-1/status").await;
-        orch.suback().await;
         dev.publish("aloft/v1/d/dev-1/status", b"alive", false)
             .await;
-        assert_eq!(orch.next_publish().await.1, b"alive");
+        assert_eq!(edge.received().await.1, b"alive");
         edge.assert_valid_device_works("dev-2").await;
     })
     .await;

@@ -34,6 +34,7 @@ use crate::store::{CampaignRecord, DeviceRecord, Store, StoreError};
 
 mod admin;
 mod campaigns;
+mod frames;
 mod pki;
 mod renewal;
 mod rollouts;
@@ -45,6 +46,10 @@ pub const BATCH_MAX: usize = 256;
 
 /// The audit action of a `succeeded` report from a member never sent a chunk (§10).
 pub const SUCCESS_WITHOUT_DOWNLOAD: &str = "success_without_download";
+
+/// How long a device told `busy` waits before asking again (it adds up to as much again at
+/// random): about the time the front's fleet budget takes to drain.
+pub const BUSY_RETRY_MS: u32 = 500;
 
 /// How often rollouts are moved forward when no event arrives (timeouts, soaks, schedules).
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(500);
@@ -233,6 +238,8 @@ pub struct Engine {
     /// Withdrawals published again for a member that asked for chunks of a withdrawn job since
     /// this process started: at most one each, however often it asks.
     rewithdrawn: HashSet<(DeviceId, CampaignId)>,
+    /// Encoded chunk frames, shared by every device served the same chunk.
+    frames: frames::FrameCache,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -258,6 +265,7 @@ impl Engine {
             renewals: renewal::RenewalGate::default(),
             held_requests: Vec::new(),
             rewithdrawn: HashSet::new(),
+            frames: frames::FrameCache::default(),
             cfg,
         }
     }
@@ -558,7 +566,8 @@ impl Engine {
         self.serve_chunks(&device, &artifact, count, &req)
     }
 
-    /// One frame per requested index, in order (PROTOCOL.md §10.7).
+    /// One frame per requested index, in order (PROTOCOL.md §10.7), until the fleet's chunk
+    /// budget is spent: then one `busy` frame for the first index not sent.
     fn serve_chunks(
         &mut self,
         device: &DeviceId,
@@ -573,16 +582,32 @@ impl Engine {
                 self.send_chunk(device, &topic, frame);
                 break;
             }
-            let Some(sealed) = self.store.chunk(artifact, index)? else {
+            let Some(frame) = self.frames.get(&self.store, artifact, index, count)? else {
                 warn!(%artifact, index, "stored release is missing a chunk");
                 let frame =
                     chunkframe::encode_error(artifact, index, ChunkErrorCode::UnknownArtifact);
                 self.send_chunk(device, &topic, frame);
                 break;
             };
-            self.metrics.chunk_served(sealed.len());
-            let frame = chunkframe::encode_data(artifact, index, count, &sealed);
-            self.send_chunk(device, &topic, frame);
+            let sealed = frame.len() - chunkframe::header_len(artifact);
+            let Some(direct) = &self.cfg.direct else {
+                self.metrics.chunk_served(sealed);
+                self.send(topic.clone(), frame.to_vec(), false);
+                continue;
+            };
+            match direct.deliver(device, &topic, frame) {
+                Ok(()) => self.metrics.chunk_served(sealed),
+                Err(DeliverError::Busy | DeliverError::QueueFull) => {
+                    self.metrics.rejected("chunk_response", "busy");
+                    let busy = chunkframe::encode_busy(artifact, index, BUSY_RETRY_MS);
+                    let _ = direct.deliver_unmetered(device, &topic, Bytes::from(busy));
+                    break;
+                }
+                Err(DeliverError::NotConnected) => {
+                    self.metrics.rejected("chunk_response", "not_connected");
+                    break;
+                }
+            }
         }
         Ok(())
     }
@@ -640,10 +665,11 @@ impl Engine {
     fn send_chunk(&mut self, device: &DeviceId, topic: &str, frame: Vec<u8>) {
         match &self.cfg.direct {
             Some(direct) => {
-                if let Err(e) = direct.deliver(device, topic, &frame) {
+                if let Err(e) = direct.deliver_unmetered(device, topic, Bytes::from(frame)) {
                     let why = match e {
                         DeliverError::NotConnected => "not_connected",
                         DeliverError::QueueFull => "queue_full",
+                        DeliverError::Busy => "busy",
                     };
                     self.metrics.rejected("chunk_response", why);
                     debug!(%device, error = %e, "chunk response dropped; the device will ask again");

@@ -103,6 +103,38 @@ pub fn device_filters(d: &aloft_proto::DeviceId) -> [String; 7] {
     ]
 }
 
+/// The four topics a device publishes to the orchestrator (PROTOCOL.md §4.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceTopic {
+    Status,
+    ChunkRequest,
+    Health,
+    Csr,
+}
+
+/// Which of its own topics device `d` publishes to, or `None` if `topic` is not one of them.
+/// The same rule as [`check_publish`] for a device, without allocating: it runs for every
+/// packet a device sends.
+pub fn device_publish_topic(d: &aloft_proto::DeviceId, topic: &[u8]) -> Option<DeviceTopic> {
+    let rest = topic
+        .strip_prefix(topics::ROOT.as_bytes())?
+        .strip_prefix(b"/d/")?
+        .strip_prefix(d.as_str().as_bytes())?
+        .strip_prefix(b"/")?;
+    match rest {
+        b"status" => Some(DeviceTopic::Status),
+        b"chunk/req" => Some(DeviceTopic::ChunkRequest),
+        b"health" => Some(DeviceTopic::Health),
+        b"csr" => Some(DeviceTopic::Csr),
+        _ => None,
+    }
+}
+
+/// The position of `filter` in [`device_filters`] of `d`, if it is one of them.
+pub fn device_filter_index(d: &aloft_proto::DeviceId, filter: &str) -> Option<usize> {
+    device_filters(d).iter().position(|f| f == filter)
+}
+
 /// One non-empty topic level without separators, wildcards or NUL.
 fn is_plain_level(level: &str) -> bool {
     !level.is_empty() && !level.contains(['/', '+', '#', '\0'])

@@ -17,6 +17,7 @@ pub(crate) mod mqtt;
 mod pending;
 mod registry;
 mod relay;
+mod session;
 mod stats;
 
 use std::future::Future;
@@ -32,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::embedded::BackendAddr;
 use crate::BrokerError;
-pub use direct::{DeliverError, DirectRoutes};
+pub use direct::{DeliverError, DeviceBound, DeviceMessage, DeviceTopic, DirectRoutes};
 pub use identity::{IdentityError, Peer};
 use pending::{LogLimit, PendingTable, Slot};
 pub use registry::Registry;

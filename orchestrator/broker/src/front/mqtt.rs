@@ -32,6 +32,8 @@ pub enum Reason {
     QuotaExceeded = 0x97,
     /// The session was ended by the server's operator: its certificate was revoked.
     AdministrativeAction = 0x98,
+    /// A QoS 2 PUBLISH: the front grants at most QoS 1 (CONNACK Maximum QoS).
+    QosNotSupported = 0x9B,
 }
 
 /// Why reading the next frame failed.
@@ -198,6 +200,8 @@ pub struct ConnAckProps {
     pub no_retain_no_shared: bool,
     /// Reason String (0x1F) for refusals.
     pub reason_string: Option<String>,
+    /// Maximum QoS (0x24) = 1: sessions the front serves itself grant at most QoS 1.
+    pub max_qos_1: bool,
 }
 
 /// A v5 CONNACK.
@@ -213,6 +217,9 @@ pub fn connack(session_present: bool, reason: Reason, props: &ConnAckProps) -> B
     }
     if props.no_retain_no_shared {
         p.put_slice(&[0x25, 0, 0x2A, 0]);
+    }
+    if props.max_qos_1 {
+        p.put_slice(&[0x24, 1]);
     }
     if let Some(s) = &props.reason_string {
         let s = &s.as_bytes()[..s.len().min(1024)];
@@ -244,6 +251,57 @@ pub fn suback(pkid: u16, filters: usize, reason: Reason) -> Bytes {
     out.put_u8(0);
     out.put_bytes(reason as u8, filters);
     out.freeze()
+}
+
+/// A v5 SUBACK for packet `pkid` with one reason code per filter (a granted QoS, or a refusal).
+pub fn suback_codes(pkid: u16, codes: &[u8]) -> Bytes {
+    let body = 2 + 1 + codes.len();
+    let mut out = BytesMut::with_capacity(5 + body);
+    out.put_u8(0x90);
+    put_varint(&mut out, body);
+    out.put_u16(pkid);
+    out.put_u8(0);
+    out.put_slice(codes);
+    out.freeze()
+}
+
+/// A v5 UNSUBACK for packet `pkid` with one reason code per filter.
+pub fn unsuback(pkid: u16, codes: &[u8]) -> Bytes {
+    let body = 2 + 1 + codes.len();
+    let mut out = BytesMut::with_capacity(5 + body);
+    out.put_u8(0xB0);
+    put_varint(&mut out, body);
+    out.put_u16(pkid);
+    out.put_u8(0);
+    out.put_slice(codes);
+    out.freeze()
+}
+
+/// A v5 PUBACK (success, no properties: the short form of §3.4.2.1).
+pub fn puback(pkid: u16) -> Bytes {
+    let [hi, lo] = pkid.to_be_bytes();
+    Bytes::copy_from_slice(&[0x40, 0x02, hi, lo])
+}
+
+/// A PINGRESP.
+pub const PINGRESP: [u8; 2] = [0xD0, 0x00];
+
+/// The QoS and packet id of a PUBLISH frame already decoded by [`decode_client`] (rumqttd's
+/// `Publish` keeps both private). `None` if the frame is not a well-formed PUBLISH.
+pub fn publish_qos_pkid(frame: &[u8]) -> Option<(u8, Option<u16>)> {
+    let first = *frame.first()?;
+    if first >> 4 != 3 {
+        return None;
+    }
+    let qos = (first >> 1) & 0b11;
+    if qos == 0 {
+        return Some((0, None));
+    }
+    let (head, _) = fixed_header(frame).ok()??;
+    let topic_len = usize::from(u16::from_be_bytes([*frame.get(head)?, *frame.get(head + 1)?]));
+    let at = head + 2 + topic_len;
+    let pkid = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]);
+    Some((qos, Some(pkid)))
 }
 
 /// A v5 DISCONNECT with a reason code and no properties.

@@ -56,16 +56,23 @@ pub(crate) enum IdentitySource {
     ClaimedClientId { allowed: bool },
 }
 
-/// A CONNECT the front accepted, rewritten for the backend.
+/// A CONNECT the front accepted.
 struct Admitted {
     peer: Peer,
-    /// The CONNECT with the backend client id, credentials and effective keep-alive.
-    backend_connect: Bytes,
+    /// For an operator, the CONNECT with the backend client id, credentials and effective
+    /// keep-alive; a device's session is served by the front itself (`session`).
+    backend_connect: Option<Bytes>,
     keep_alive_secs: u16,
     keep_alive_changed: bool,
     claim: Claim,
     /// The CONNECT carried a Will: a clean DISCONNECT must reach the broker to cancel it.
     has_will: bool,
+    /// A device's Will, for the orchestrator if its session ends without a DISCONNECT.
+    device_will: Option<super::direct::DeviceMessage>,
+    /// The client's Receive Maximum (default 65,535).
+    receive_maximum: u16,
+    /// The client's Maximum Packet Size (default: none).
+    client_max_packet: usize,
 }
 
 /// How many topic filters a session has subscribed to and how many were refused for quota.
@@ -143,13 +150,27 @@ pub(crate) async fn run<S>(
         }
     };
     let peer = admitted.peer.clone();
+    let backend_connect = match (&peer, admitted.backend_connect.clone()) {
+        (Peer::Operator(_), Some(connect)) => connect,
+        (Peer::Device(device), _) => {
+            let device = device.clone();
+            return serve_device(
+                device,
+                admitted,
+                max,
+                addr,
+                identity,
+                (reader, client_r, client_w),
+                ctx,
+            )
+            .await;
+        }
+        (Peer::Operator(_), None) => return,
+    };
 
-    let opened = timeout(
-        connect_timeout,
-        open_backend(ctx, &admitted.backend_connect),
-    )
-    .await
-    .unwrap_or(Err(BackendError::TimedOut));
+    let opened = timeout(connect_timeout, open_backend(ctx, &backend_connect))
+        .await
+        .unwrap_or(Err(BackendError::TimedOut));
     let (backend, session_present, leftover) = match opened {
         Ok(b) => b,
         Err(e) => {
@@ -169,6 +190,7 @@ pub(crate) async fn run<S>(
             max_packet_size: u32::try_from(max).ok(),
             no_retain_no_shared: true,
             reason_string: None,
+            max_qos_1: false,
         },
     );
     if write_flush(&mut client_w, &connack).await.is_err() {
@@ -181,14 +203,6 @@ pub(crate) async fn run<S>(
         (hook.0)(identity);
     }
 
-    // A device's session also carries packets delivered past the broker (see `direct`).
-    let (route, direct_rx) = match &peer {
-        Peer::Device(d) => {
-            let (guard, rx) = ctx.direct.open(d.clone());
-            (Some(guard), Some(rx))
-        }
-        Peer::Operator(_) => (None, None),
-    };
     let (mut backend_r, mut backend_w) = backend.into_split();
     let idle = Duration::from_millis(u64::from(admitted.keep_alive_secs) * 1_500);
     let (end_tx, end_rx) = oneshot::channel();
@@ -227,7 +241,6 @@ pub(crate) async fn run<S>(
             &mut client_w,
             leftover,
             end_rx,
-            direct_rx,
             reply_rx,
             ctx,
         );
@@ -243,12 +256,76 @@ pub(crate) async fn run<S>(
         }
     }
     let _ = timeout(LAST_WORDS, close_backend(&mut backend_w, &mut backend_r)).await;
-    drop(route);
     drop(claim);
     if quota.refused > 0 {
         warn!(%peer, %addr, refused = quota.refused, cap = quota.cap, "session ended after subscriptions were refused for quota");
     }
     debug!(%peer, %addr, "session closed");
+}
+
+/// Answers an admitted device's CONNECT and serves its session on the device road.
+async fn serve_device<R, W>(
+    device: DeviceId,
+    admitted: Admitted,
+    max: usize,
+    addr: SocketAddr,
+    identity: Option<aloft_certs::CertIdentity>,
+    (mut reader, mut client_r, mut client_w): (FrameReader, R, W),
+    ctx: &FrontContext,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // The route opens before the CONNACK: whatever the orchestrator sends from the moment the
+    // device can know it is connected reaches it.
+    let (route, queues) = ctx.direct.open(device.clone());
+    let connack = mqtt::connack(
+        false,
+        Reason::Success,
+        &ConnAckProps {
+            server_keep_alive: admitted
+                .keep_alive_changed
+                .then_some(admitted.keep_alive_secs),
+            max_packet_size: u32::try_from(max).ok(),
+            no_retain_no_shared: true,
+            reason_string: None,
+            max_qos_1: true,
+        },
+    );
+    if write_flush(&mut client_w, &connack).await.is_err() {
+        return;
+    }
+    FrontStats::inc(&ctx.stats.sessions_established);
+    FrontStats::add(&ctx.stats.bytes_out, connack.len());
+    debug!(%device, %addr, "device session served");
+    if let (Some(hook), Some(identity)) = (&ctx.on_session, &identity) {
+        (hook.0)(identity);
+    }
+    let kill = admitted.claim.kill_signal();
+    let mut claim = Some(admitted.claim);
+    let session = super::session::DeviceSession {
+        device: device.clone(),
+        addr,
+        idle: Duration::from_millis(u64::from(admitted.keep_alive_secs) * 1_500),
+        receive_maximum: usize::from(admitted.receive_maximum),
+        client_max_packet: admitted.client_max_packet,
+        will: admitted.device_will,
+        max_subscriptions: ctx.cfg.max_subscriptions_per_session,
+        ctx,
+    };
+    super::session::run(
+        session,
+        &mut reader,
+        &mut client_r,
+        &mut client_w,
+        queues,
+        &kill,
+        || drop(claim.take()),
+    )
+    .await;
+    drop(route);
+    drop(claim);
+    debug!(%device, %addr, "session closed");
 }
 
 /// Closes the backend connection like a client that went away: FIN, then whatever the broker
@@ -385,6 +462,30 @@ async fn admit<R: AsyncRead + Unpin>(
         0 => DEFAULT_KEEP_ALIVE_SECS,
         k => k.min(MAX_KEEP_ALIVE_SECS),
     };
+    let receive_maximum = props
+        .as_ref()
+        .and_then(|p| p.receive_maximum)
+        .unwrap_or(u16::MAX);
+    let client_max_packet = props
+        .as_ref()
+        .and_then(|p| p.max_packet_size)
+        .map_or(usize::MAX, |m| m as usize);
+    if let Peer::Device(device) = &peer {
+        let device_will = will
+            .as_ref()
+            .and_then(|w| super::session::will_message(device, &w.topic, w.message.clone()));
+        return Ok(Admitted {
+            peer,
+            backend_connect: None,
+            keep_alive_secs,
+            keep_alive_changed: keep_alive_secs != connect.keep_alive,
+            claim,
+            has_will,
+            device_will,
+            receive_maximum,
+            client_max_packet,
+        });
+    }
     // The device's own username/password are discarded: the backend only knows the secret.
     let backend_id = peer.backend_client_id();
     let rewritten = Packet::Connect(
@@ -410,11 +511,14 @@ async fn admit<R: AsyncRead + Unpin>(
     })?;
     Ok(Admitted {
         peer,
-        backend_connect,
+        backend_connect: Some(backend_connect),
         keep_alive_secs,
         keep_alive_changed: keep_alive_secs != connect.keep_alive,
         claim,
         has_will,
+        device_will: None,
+        receive_maximum,
+        client_max_packet,
     })
 }
 
@@ -558,14 +662,13 @@ where
 
 /// Copies backend packets to the client, frame by frame, until either side closes or the client
 /// → broker direction ends; in the latter case it sends that direction's DISCONNECT, if any.
-/// Packets from `direct` (a device's chunk frames) and `replies` (the front's own answers) are
-/// written between two whole backend packets, never inside one.
+/// Packets from `replies` (the front's own answers) are written between two whole backend
+/// packets, never inside one.
 async fn broker_to_client<S>(
     backend_r: &mut tokio::net::tcp::OwnedReadHalf,
     client_w: &mut WriteHalf<S>,
     leftover: BytesMut,
     mut end: oneshot::Receiver<Option<Reason>>,
-    mut direct: Option<mpsc::Receiver<Bytes>>,
     mut replies: mpsc::Receiver<Bytes>,
     ctx: &FrontContext,
 ) where
@@ -592,7 +695,6 @@ async fn broker_to_client<S>(
                     break;
                 }
             },
-            Some(p) = next_direct(&mut direct) => p,
             Some(p) = replies.recv() => p,
         };
         if write_flush(client_w, &packet).await.is_err() {
@@ -601,14 +703,6 @@ async fn broker_to_client<S>(
         FrontStats::add(&ctx.stats.bytes_out, packet.len());
     }
     let _ = client_w.shutdown().await;
-}
-
-/// The next direct packet; never resolves for a peer without a direct route.
-async fn next_direct(direct: &mut Option<mpsc::Receiver<Bytes>>) -> Option<Bytes> {
-    match direct {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Answers a refused CONNECT (if there is an answer) and closes, within a bounded time.

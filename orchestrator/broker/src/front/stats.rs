@@ -63,7 +63,7 @@ stats! {
     refused_not_authorized,
     /// CONNECTs the backend did not accept or could not be reached for.
     refused_backend,
-    /// Sessions relayed to the backend (CONNACK success).
+    /// Sessions established (CONNACK success): devices served by the front, operators relayed.
     sessions_established,
     /// PUBLISHes refused by the ACL (the connection is closed).
     acl_denied_publish,
@@ -82,9 +82,16 @@ stats! {
     sessions_revoked,
     /// CRLs applied while running (`FrontContext::apply_crl`).
     crl_reloads,
+    /// PUBLISHes devices sent on their own topics, handed to the orchestrator (device road).
+    device_messages,
+    /// Device QoS 0 PUBLISHes (heartbeats) and Wills dropped because the orchestrator's inbox
+    /// was full.
+    device_inbox_full,
+    /// Packets not sent to a device because they exceed the Maximum Packet Size it declared.
+    device_packets_over_client_max,
     /// Bytes of complete MQTT packets received from clients.
     bytes_in,
-    /// Bytes relayed from the backend to clients.
+    /// Bytes written to clients.
     bytes_out,
 }
 

@@ -267,14 +267,34 @@ fn connack_and_disconnect_encode_as_mqtt_5() {
             max_packet_size: Some(16384),
             no_retain_no_shared: true,
             reason_string: None,
+            max_qos_1: true,
         },
     );
     assert_eq!(connack_head(&ok), Some((true, 0)));
     assert_eq!(
         &ok[..],
-        b"\x20\x0f\x01\x00\x0c\x13\x01\x2c\x27\x00\x00\x40\x00\x25\x00\x2a\x00"
+        b"\x20\x11\x01\x00\x0e\x13\x01\x2c\x27\x00\x00\x40\x00\x25\x00\x2a\x00\x24\x01"
     );
     assert_eq!(disconnect(Reason::NotAuthorized), [0xE0, 0x02, 0x87, 0x00]);
+}
+
+#[test]
+fn replies_the_front_writes_itself_decode_as_their_packets() {
+    assert_eq!(&puback(0x0102)[..], &[0x40, 0x02, 0x01, 0x02]);
+    assert_eq!(
+        &suback_codes(9, &[1, 0])[..],
+        &[0x90, 0x05, 0x00, 0x09, 0x00, 0x01, 0x00]
+    );
+    assert_eq!(
+        &unsuback(9, &[0, 0x11])[..],
+        &[0xB0, 0x05, 0x00, 0x09, 0x00, 0x00, 0x11]
+    );
+    let q1 = crate::front::direct::publish_qos1("a/b", 0x0304, false, b"xy");
+    assert_eq!(publish_qos_pkid(&q1), Some((1, Some(0x0304))));
+    let q0 = crate::front::direct::publish_qos0("a/b", b"xy");
+    assert_eq!(publish_qos_pkid(&q0), Some((0, None)));
+    assert_eq!(publish_qos_pkid(&[0x32, 0x03, 0x00]), None, "truncated");
+    assert_eq!(publish_qos_pkid(&puback(1)), None, "not a publish");
 }
 
 #[test]
