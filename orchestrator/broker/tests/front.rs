@@ -955,3 +955,128 @@ async fn silent_sockets_beyond_the_table_are_evicted_and_a_device_from_their_add
     })
     .await;
 }
+
+// ------------------------------------------------- device sessions served by the front (1.4)
+
+/// A raw device connection: CONNECT with `props` and `will`, CONNACK read, then SUBSCRIBE to
+/// the device's subtree and its SUBACK read. Returns the stream and its packet reader.
+async fn raw_device_session(
+    edge: &Edge,
+    id: &str,
+    props: Option<rumqttd::protocol::ConnectProperties>,
+    will: Option<rumqttd::protocol::LastWill>,
+) -> (TlsStream<TcpStream>, PacketReader) {
+    let mut raw = edge.raw_tls(id).await;
+    let connect = Connect {
+        keep_alive: 30,
+        client_id: id.into(),
+        clean_session: true,
+    };
+    let mut buf = BytesMut::new();
+    V5.write(WirePacket::Connect(connect, props, will, None, None), &mut buf)
+        .unwrap();
+    raw.write_all(&buf).await.unwrap();
+    let mut reader = PacketReader::default();
+    assert!(matches!(reader.next(&mut raw).await, Packet::ConnAck(..)));
+    raw.write_all(&subscribe_bytes(1, &[format!("aloft/v1/d/{id}/#")]))
+        .await
+        .unwrap();
+    assert!(matches!(reader.next(&mut raw).await, Packet::SubAck(..)));
+    (raw, reader)
+}
+
+/// Reads whole MQTT 5 packets as a client sees them (rumqttc's codec) from a stream.
+#[derive(Default)]
+struct PacketReader {
+    buf: BytesMut,
+}
+
+impl PacketReader {
+    async fn next<S: tokio::io::AsyncRead + Unpin>(&mut self, s: &mut S) -> Packet {
+        loop {
+            if !self.buf.is_empty() {
+                let mut copy = self.buf.clone();
+                if let Ok(p) = Packet::read(&mut copy, None) {
+                    self.buf = copy;
+                    return p;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed while waiting for a packet");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+fn puback_bytes(pkid: u16) -> [u8; 4] {
+    let [hi, lo] = pkid.to_be_bytes();
+    [0x40, 0x02, hi, lo]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_1_publishes_to_a_device_stay_within_its_receive_maximum() {
+    bounded(async {
+        let edge = Edge::start().await;
+        let props = rumqttd::protocol::ConnectProperties {
+            session_expiry_interval: None,
+            receive_maximum: Some(1),
+            max_packet_size: None,
+            topic_alias_max: None,
+            request_response_info: None,
+            request_problem_info: None,
+            user_properties: Vec::new(),
+            authentication_method: None,
+            authentication_data: None,
+        };
+        let (mut raw, mut reader) = raw_device_session(&edge, "dev-1", Some(props), None).await;
+        for n in 0..3u8 {
+            edge.send("dev-1", DeviceBound::Ack, &[b'0' + n], false);
+        }
+        // One at a time: the next leaves only after the device acknowledged the last. A
+        // second one sent early would be read here instead of the PINGRESP.
+        for n in 0..3u8 {
+            let Packet::Publish(p) = reader.next(&mut raw).await else {
+                panic!("expected an ack publish")
+            };
+            assert_eq!(&p.payload[..], &[b'0' + n]);
+            assert_eq!(p.qos, QoS::AtLeastOnce);
+            raw.write_all(&[0xC0, 0x00]).await.unwrap(); // PINGREQ
+            assert!(matches!(reader.next(&mut raw).await, Packet::PingResp(_)));
+            raw.write_all(&puback_bytes(p.pkid)).await.unwrap();
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos_2_publish_is_refused_and_a_will_reaches_the_orchestrator() {
+    bounded(async {
+        let edge = Edge::start().await;
+        let will = rumqttd::protocol::LastWill {
+            topic: "aloft/v1/d/dev-1/health".into(),
+            message: bytes::Bytes::from_static(b"gone"),
+            qos: WireQoS::AtMostOnce,
+            retain: false,
+        };
+        let (mut raw, _) = raw_device_session(&edge, "dev-1", None, Some(will)).await;
+        // QoS 2 PUBLISH on the device's own status topic: flags 0b0100.
+        let mut publish = BytesMut::new();
+        let topic = b"aloft/v1/d/dev-1/status";
+        publish.extend_from_slice(&[0x34, (2 + topic.len() + 2 + 1 + 1) as u8]);
+        publish.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        publish.extend_from_slice(topic);
+        publish.extend_from_slice(&[0x00, 0x01, 0x00, b'x']);
+        raw.write_all(&publish).await.unwrap();
+        let got = read_to_close(&mut raw).await;
+        assert!(got.ends_with(&[0xE0, 0x02, 0x9B, 0x00]), "{got:02x?}");
+        // Ended by the front, not by a DISCONNECT of its own: the Will is the first (and only)
+        // thing the orchestrator hears of dev-1.
+        assert_eq!(
+            edge.received().await,
+            ("aloft/v1/d/dev-1/health".to_owned(), b"gone".to_vec())
+        );
+        edge.assert_valid_device_works("dev-1").await;
+    })
+    .await;
+}
