@@ -246,6 +246,10 @@ impl Metrics {
             for (name, v) in [
                 ("direct_delivered", d.delivered()),
                 ("direct_dropped", d.dropped()),
+                ("direct_busy", d.busy()),
+                ("direct_queued_bytes", d.queued_bytes()),
+                ("direct_control_dropped", d.control_dropped()),
+                ("retained_jobs", d.retained_jobs() as u64),
             ] {
                 self.front_gauges.with_label_values(&[name]).set(v as i64);
             }
