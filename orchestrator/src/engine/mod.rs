@@ -35,6 +35,7 @@ use crate::store::{CampaignRecord, DeviceRecord, Store, StoreError};
 mod admin;
 mod campaigns;
 mod frames;
+mod pacing;
 mod pki;
 mod renewal;
 mod rollouts;
@@ -46,10 +47,6 @@ pub const BATCH_MAX: usize = 256;
 
 /// The audit action of a `succeeded` report from a member never sent a chunk (§10).
 pub const SUCCESS_WITHOUT_DOWNLOAD: &str = "success_without_download";
-
-/// How long a device told `busy` waits before asking again (it adds up to as much again at
-/// random): about the time the front's fleet budget takes to drain.
-pub const BUSY_RETRY_MS: u32 = 500;
 
 /// How often rollouts are moved forward when no event arrives (timeouts, soaks, schedules).
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(500);
@@ -240,6 +237,8 @@ pub struct Engine {
     rewithdrawn: HashSet<(DeviceId, CampaignId)>,
     /// Encoded chunk frames, shared by every device served the same chunk.
     frames: frames::FrameCache,
+    /// Which devices are sent chunks now; the others are told to wait (`busy`).
+    slots: pacing::DownloadSlots,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -266,6 +265,7 @@ impl Engine {
             held_requests: Vec::new(),
             rewithdrawn: HashSet::new(),
             frames: frames::FrameCache::default(),
+            slots: pacing::DownloadSlots::default(),
             cfg,
         }
     }
@@ -432,6 +432,9 @@ impl Engine {
                     info!(%device, %campaign, state = %next.state, %reason, "device did not succeed");
                 }
                 let s = next.state;
+                if s != DeviceState::Downloading {
+                    self.slots.release(&device);
+                }
                 if let Some(live) = self.campaigns.get_mut(&campaign) {
                     live.set(&device, next);
                 }
@@ -557,6 +560,12 @@ impl Engine {
         }
         let count = live.manifest.chunk_count;
         let artifact = live.record.artifact.clone();
+        if let Err(wait_ms) = self.slots.admit(&device, now_ms()) {
+            self.metrics.rejected("chunk_request", "busy");
+            let busy = chunkframe::encode_busy(&artifact, first, wait_ms);
+            self.send_chunk(&device, &topic, busy);
+            return Ok(());
+        }
         // A member's first request for a chunk of the image records that it was served, and is
         // answered after the batch's commit, once that record is durable.
         if first < count && !self.note_served(&req.campaign, &device)? {
@@ -599,7 +608,7 @@ impl Engine {
                 Ok(()) => self.metrics.chunk_served(sealed),
                 Err(DeliverError::Busy | DeliverError::QueueFull) => {
                     self.metrics.rejected("chunk_response", "busy");
-                    let busy = chunkframe::encode_busy(artifact, index, BUSY_RETRY_MS);
+                    let busy = chunkframe::encode_busy(artifact, index, pacing::MIN_WAIT_MS);
                     let _ = direct.deliver_unmetered(device, &topic, Bytes::from(busy));
                     break;
                 }
