@@ -22,11 +22,11 @@ use aloft_proto::messages::{
     self, AckError, AckOutcome, ChunkRequest, Job, StatusAck, StatusReport, PROTOCOL_VERSION,
 };
 use aloft_proto::{topics, ArtifactId, CampaignId, DeviceId, DeviceState, OperatorId, Reason};
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::fleet::state::{self, Decision, Progress};
+pub use crate::inbound::{Inbound, SeenDevice};
 use crate::metrics::Metrics;
 use crate::mqtt::{LinkClosed, Publisher};
 use crate::rollout::{Action, Known, Plan, Rollout};
@@ -48,47 +48,6 @@ pub const SUCCESS_WITHOUT_DOWNLOAD: &str = "success_without_download";
 
 /// How often rollouts are moved forward when no event arrives (timeouts, soaks, schedules).
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// Something that happened outside the engine.
-#[derive(Debug)]
-pub enum Inbound {
-    Status {
-        device: DeviceId,
-        payload: Bytes,
-    },
-    ChunkRequest {
-        device: DeviceId,
-        payload: Bytes,
-    },
-    Health {
-        device: DeviceId,
-        payload: Bytes,
-    },
-    Admin {
-        operator: OperatorId,
-        payload: Bytes,
-    },
-    /// A certificate renewal request (since 1.1).
-    Csr {
-        device: DeviceId,
-        payload: Bytes,
-    },
-    /// A device completed an mTLS handshake and CONNECT through the front.
-    DeviceSeen(SeenDevice),
-    /// The renewal signer's answer to a renewal this engine handed it.
-    Signed(crate::signer::Signed),
-}
-
-/// A device identity taken from a verified certificate.
-#[derive(Debug, Clone)]
-pub struct SeenDevice {
-    pub id: DeviceId,
-    pub x25519_public: [u8; 32],
-    pub not_before: i64,
-    pub not_after: i64,
-    /// The certificate's serial number, big-endian.
-    pub serial: Vec<u8>,
-}
 
 /// What the engine needs besides its store.
 #[derive(Clone)]
