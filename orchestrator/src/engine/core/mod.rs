@@ -374,6 +374,9 @@ pub struct Core {
     /// Withdrawals published again for a member that asked for chunks of a withdrawn job since
     /// this process started: at most one each, however often it asks.
     rewithdrawn: HashSet<(DeviceId, CampaignId)>,
+    /// Members whose "served" write is in the batch not yet settled: their chunk requests wait
+    /// for the commit too, not only the first.
+    served_unflushed: HashSet<(CampaignId, DeviceId)>,
     seed: [u8; 16],
     /// Campaign ids made so far.
     ids: u64,
@@ -415,6 +418,7 @@ impl Core {
             revoked_devices: HashSet::new(),
             renewals: RenewalGate::default(),
             rewithdrawn: HashSet::new(),
+            served_unflushed: HashSet::new(),
             seed: cfg.seed,
             ids: 0,
             now: 0,
@@ -481,10 +485,12 @@ impl Core {
         std::mem::take(&mut self.fx)
     }
 
-    /// Moves the rollouts touched since the last settle; the shell calls it once per batch,
-    /// before the batch commits.
+    /// Moves the rollouts touched since the last settle and ends the batch: the shell calls it
+    /// once per batch, then makes every write of the batch durable before any of its held
+    /// output leaves.
     pub fn settle(&mut self, now: u64) -> Effects {
         self.now = now;
+        self.served_unflushed.clear();
         let mut touched: Vec<CampaignId> = std::mem::take(&mut self.touched).into_iter().collect();
         touched.sort();
         for id in touched {
@@ -772,8 +778,8 @@ impl Core {
         }
     }
 
-    /// Records that a member is being served chunks; returns whether it was already recorded.
-    /// One write per member, never one per chunk. The first time, the caller holds the request
+    /// Records that a member is being served chunks; returns whether that record is durable
+    /// already (written in an earlier batch). One write per member, never one per chunk. The first time, the caller holds the request
     /// until the batch's commit: no chunk leaves before "served" is durable, so a device that
     /// downloaded before a crash or restart and reports `succeeded` after it is never flagged.
     fn note_served(&mut self, campaign: &CampaignId, device: &DeviceId) -> bool {
@@ -784,12 +790,14 @@ impl Core {
         else {
             return true;
         };
+        let key = (campaign.clone(), device.clone());
         if p.served {
-            return true;
+            return !self.served_unflushed.contains(&key);
         }
         p.served = true;
         let p = p.clone();
         self.put_progress(campaign, device, &p);
+        self.served_unflushed.insert(key);
         false
     }
 
