@@ -150,6 +150,9 @@ struct Shell {
     direct: Option<Arc<DirectRoutes>>,
     front: Option<Arc<FrontContext>>,
     signer: Option<crate::signer::Signer>,
+    /// `crl.pem`, the trust directory and the front's CRL, for the operator actions the core
+    /// suspends until they are done.
+    files: Files,
     core: Core,
     /// The batch so far: writes to make and output held for the commit.
     batch: Effects,
@@ -170,11 +173,12 @@ impl Shell {
             // unique enough for one orchestrator creating campaigns one at a time.
             seed[..8].copy_from_slice(&now_ms().to_be_bytes());
         }
-        let outside = Box::new(Files {
+        let files = Files {
             front: cfg.front.clone(),
-            crl_path: cfg.crl_path.clone(),
-            trust_dir: cfg.trust_dir.clone(),
-        });
+            crl_path: cfg.crl_path,
+            trust_dir: cfg.trust_dir,
+            ca_pem: cfg.ca_pem.clone(),
+        };
         let core = Core::new(
             CoreConfig {
                 trust: cfg.trust,
@@ -183,7 +187,6 @@ impl Shell {
                 seed,
             },
             metrics.clone(),
-            outside,
             loaded,
         );
         Ok(Shell {
@@ -192,6 +195,7 @@ impl Shell {
             direct: cfg.direct,
             front: cfg.front,
             signer: cfg.signer,
+            files,
             core,
             batch: Effects::default(),
         })
@@ -267,6 +271,51 @@ impl Shell {
                         let fx = self.core.on_event(now_ms(), Event::SignerBusy(req.device));
                         self.absorb(fx);
                     }
+                }
+                Out::ApplyCrl {
+                    crl,
+                    previous,
+                    pending,
+                } => {
+                    let result = self.files.apply_crl(&crl, previous.as_deref());
+                    let event = Event::CrlApplied {
+                        pending,
+                        crl,
+                        result,
+                    };
+                    let fx = self.core.on_event(now_ms(), event);
+                    self.absorb(fx);
+                }
+                Out::ReadCrl {
+                    certs,
+                    groups,
+                    pending,
+                } => {
+                    let on_disk = self.files.crl_on_disk();
+                    let event = Event::CrlRead {
+                        pending,
+                        certs,
+                        groups,
+                        on_disk,
+                    };
+                    let fx = self.core.on_event(now_ms(), event);
+                    self.absorb(fx);
+                }
+                Out::StoreRoots {
+                    roots,
+                    next,
+                    accepted,
+                    pending,
+                } => {
+                    let result = self.files.store_roots(&roots);
+                    let event = Event::RootsStored {
+                        pending,
+                        next,
+                        accepted,
+                        result,
+                    };
+                    let fx = self.core.on_event(now_ms(), event);
+                    self.absorb(fx);
                 }
                 other => self.batch.after_commit.push(other),
             }
@@ -371,15 +420,12 @@ impl Shell {
                         .publish(topic, messages::encode(&reply), false)
                         .await?;
                 }
-                Out::Sign(req) => {
-                    // The core hands requests to the signer at once; one arriving here is
-                    // handed over late rather than lost.
-                    if let Some(signer) = &self.signer {
-                        if let Err(req) = signer.submit(req) {
-                            let fx = self.core.on_event(now_ms(), Event::SignerBusy(req.device));
-                            self.absorb(fx);
-                        }
-                    }
+                // The core asks for these among what may happen at once; `absorb` did them.
+                Out::Sign(_)
+                | Out::ApplyCrl { .. }
+                | Out::ReadCrl { .. }
+                | Out::StoreRoots { .. } => {
+                    warn!("a request to the signer or the files arrived with held output; dropped");
                 }
             }
         }
@@ -553,20 +599,25 @@ fn job_payload(order: &JobOrder) -> Result<Vec<u8>, crypto::CryptoError> {
     Ok(messages::encode(&job))
 }
 
-/// The core's way to the CRL file, the front and the trust directory.
+/// The CRL file, the front and the trust directory, for the operator actions the core
+/// suspends until they are done.
 struct Files {
     front: Option<Arc<FrontContext>>,
     crl_path: Option<PathBuf>,
     trust_dir: Option<PathBuf>,
+    ca_pem: String,
 }
 
-impl self::core::Outside for Files {
+impl Files {
+    /// Stores `crl` as `crl.pem`, then enforces it at the front (new handshakes, and live
+    /// sessions of revoked certificates are ended); returns those sessions. Stored first, so a
+    /// restart enforces what the front is about to enforce; on failure the file is as it was.
     fn apply_crl(
-        &mut self,
+        &self,
         crl: &VerifiedCrl,
         previous: Option<&VerifiedCrl>,
     ) -> Result<Vec<String>, String> {
-        let Some(front) = self.front.clone() else {
+        let Some(front) = &self.front else {
             return Err("this orchestrator has no front whose crl can be replaced".into());
         };
         let previous = previous.map(|c| crl_pem(c.der.as_ref()));
@@ -598,12 +649,14 @@ impl self::core::Outside for Files {
         }
     }
 
-    fn crl_on_disk(&self, ca_pem: &str) -> Result<Option<VerifiedCrl>, String> {
+    /// The CRL in `crl.pem`, verified against the fleet CA, if the file exists. A file that
+    /// exists but cannot be read or verified is an error.
+    fn crl_on_disk(&self) -> Result<Option<VerifiedCrl>, String> {
         let Some(path) = &self.crl_path else {
             return Ok(None);
         };
         match std::fs::read_to_string(path) {
-            Ok(pem) => VerifiedCrl::parse(&pem, ca_pem)
+            Ok(pem) => VerifiedCrl::parse(&pem, &self.ca_pem)
                 .map(Some)
                 .map_err(|e| format!("{}: {e}", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -611,14 +664,14 @@ impl self::core::Outside for Files {
         }
     }
 
-    fn accept_roots(
-        &mut self,
-        trust: &mut crate::trust::TrustState,
-        roots: &[SignedRoot],
-    ) -> Result<usize, String> {
-        trust
-            .accept(roots, self.trust_dir.as_deref())
-            .map_err(|e| e.to_string())
+    /// Writes each accepted root to the trust directory (none: kept in memory only).
+    fn store_roots(&self, roots: &[SignedRoot]) -> Result<(), String> {
+        if let Some(dir) = &self.trust_dir {
+            for r in roots {
+                crate::trust::write_root(dir, r).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
     }
 }
 

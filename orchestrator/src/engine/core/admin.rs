@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use super::campaigns::summary;
-use super::{parse_key_hex, refuse, AdminResult, Core, Out, Write};
+use super::{parse_key_hex, refuse, AdminResult, Core, Out, Pending, Write};
 use crate::admin::wire::{AdminBody, AdminError, AdminReply, AdminRequest};
 use crate::store::{AuditEvent, DeviceRecord, ReleaseRecord};
 
@@ -72,12 +72,6 @@ impl Core {
             self.send(reply_topic, reply, false);
             return;
         }
-        let audit = req.body.audit();
-        let dry_run = matches!(
-            req.body,
-            AdminBody::CampaignCreate { dry_run: true, .. }
-                | AdminBody::CampaignRollback { dry_run: true, .. }
-        );
         // Read from the store by the shell after the batch's commit, and not cached: it changes
         // nothing, so a redelivered request may be answered from a newer state.
         if let AdminBody::AuditList { since, limit } = req.body {
@@ -89,15 +83,39 @@ impl Core {
             });
             return;
         }
-        let reply = match self.dispatch(&operator, req.body) {
-            Ok(result) => AdminReply::ok(id, result),
+        let audit = req.body.audit();
+        let dry_run = matches!(
+            req.body,
+            AdminBody::CampaignCreate { dry_run: true, .. }
+                | AdminBody::CampaignRollback { dry_run: true, .. }
+        );
+        let pending = Pending {
+            operator: operator.clone(),
+            id,
+            audit: audit.filter(|_| !dry_run),
+        };
+        if let Some(answer) = self.dispatch(&operator, req.body, &pending) {
+            self.finish_admin(pending, answer);
+        }
+    }
+
+    /// Answers an operator request (now, or once the shell did what it was suspended for),
+    /// completes its audit entry, and remembers the reply for redeliveries.
+    pub(super) fn finish_admin(&mut self, pending: Pending, answer: AdminResult) {
+        let Pending {
+            operator,
+            id,
+            audit,
+        } = pending;
+        let reply = match answer {
+            Ok(result) => AdminReply::ok(id.clone(), result),
             Err(e) => {
                 self.metrics.rejected("admin", "refused");
                 warn!(%operator, code = %e.code, message = %e.message, "admin request refused");
-                AdminReply::err(id, e)
+                AdminReply::err(id.clone(), e)
             }
         };
-        if let (Some((action, subject)), false) = (audit, dry_run) {
+        if let Some((action, subject)) = audit {
             let outcome = reply
                 .error
                 .as_ref()
@@ -110,12 +128,19 @@ impl Core {
             });
         }
         let encoded = messages::encode(&reply);
-        self.admin_replies.insert(key, encoded.clone());
-        self.send(reply_topic, encoded, false);
+        self.admin_replies
+            .insert((operator.clone(), id), encoded.clone());
+        self.send(topics::operator_reply(&operator), encoded, false);
     }
 
-    fn dispatch(&mut self, operator: &OperatorId, body: AdminBody) -> AdminResult {
-        match body {
+    /// Carries out a request; `None`: suspended until the shell hands back what it needs.
+    fn dispatch(
+        &mut self,
+        operator: &OperatorId,
+        body: AdminBody,
+        pending: &Pending,
+    ) -> Option<AdminResult> {
+        Some(match body {
             AdminBody::ReleasePut {
                 manifest,
                 content_key,
@@ -126,9 +151,13 @@ impl Core {
                 data,
             } => self.release_chunk(&artifact, index, &data),
             AdminBody::ReleaseList {} => self.release_list(),
-            AdminBody::TrustUpdate { roots } => self.trust_update(operator, &roots),
+            AdminBody::TrustUpdate { roots } => {
+                return self.trust_update(operator, &roots, pending)
+            }
             AdminBody::TrustStatus {} => Ok(trust_status(&self.trust)),
-            AdminBody::DeviceRegister { certs, groups } => self.device_register(&certs, &groups),
+            AdminBody::DeviceRegister { certs, groups } => {
+                return self.device_register(certs, groups, pending)
+            }
             AdminBody::DeviceList {} => {
                 let devices: Vec<&DeviceRecord> = self.devices.values().collect();
                 Ok(json!(devices))
@@ -138,7 +167,7 @@ impl Core {
                 set,
                 remove,
             } => self.device_label(&devices, &set, &remove),
-            AdminBody::CrlUpdate { crl } => self.crl_update(operator, &crl),
+            AdminBody::CrlUpdate { crl } => return self.crl_update(operator, &crl, pending),
             AdminBody::DeviceRenewAllow { device } => self.device_renew_allow(&device),
             AdminBody::CampaignCreate {
                 artifact,
@@ -179,7 +208,7 @@ impl Core {
                 all.sort_by_key(|s| s.created_ms);
                 Ok(json!(all))
             }
-        }
+        })
     }
 
     fn release_put(
@@ -302,13 +331,38 @@ impl Core {
         Ok(json!(list))
     }
 
-    fn device_register(&mut self, certs: &[String], groups: &[String]) -> AdminResult {
+    /// Checks the groups, then asks the shell for `crl.pem` (`register_with` goes on).
+    fn device_register(
+        &mut self,
+        certs: Vec<String>,
+        groups: Vec<String>,
+        pending: &Pending,
+    ) -> Option<AdminResult> {
         if let Some(g) = groups.iter().find(|g| !valid_group(g)) {
-            return refuse("invalid_group", format!("group {g:?} is not a valid name"));
+            return Some(refuse(
+                "invalid_group",
+                format!("group {g:?} is not a valid name"),
+            ));
         }
+        self.fx.now.push(Out::ReadCrl {
+            certs,
+            groups,
+            pending: pending.clone(),
+        });
+        None
+    }
+
+    /// Registers the certificates that verify and are not revoked by the CRL in force or by
+    /// `crl.pem` as the shell read it (`on_disk`).
+    pub(super) fn register_with(
+        &mut self,
+        certs: &[String],
+        groups: &[String],
+        on_disk: Result<Option<aloft_certs::revocation::VerifiedCrl>, String>,
+    ) -> AdminResult {
         // Fail closed: a CRL that cannot be read means nothing is registered, not that nothing
         // is revoked.
-        let crl = match self.crl_for_registration() {
+        let crl = match self.crl_for_registration(on_disk) {
             Ok(c) => c,
             Err(e) => {
                 self.metrics.rejected("admin", "crl_unavailable");
@@ -379,24 +433,60 @@ impl Core {
     /// New root metadata from an operator: accepted only if it walks forward from the root the
     /// orchestrator trusts (thresholds of the old and the new root keys, revocations kept), and
     /// written to the trust directory before it counts.
+    /// Walks forward from the trusted root in memory; the roots it accepts count only once the
+    /// shell has written them to the trust directory (`roots_stored`).
     fn trust_update(
         &mut self,
         operator: &OperatorId,
         roots: &[aloft_proto::trust::SignedRoot],
-    ) -> AdminResult {
-        match self.outside.accept_roots(&mut self.trust, roots) {
-            Ok(n) => {
-                let version = self.trust.trusted.version();
-                self.roots = std::sync::Arc::new(self.trust.job_chain().to_vec());
-                info!(%operator, version, accepted = n, "root of trust updated");
-                Ok(json!({"version": version, "accepted": n}))
+        pending: &Pending,
+    ) -> Option<AdminResult> {
+        let current = self.trust.trusted.version();
+        let mut next = self.trust.clone();
+        match next.accept(roots, None) {
+            Ok(0) => Some(Ok(json!({"version": current, "accepted": 0}))),
+            Ok(accepted) => {
+                let mut newer: Vec<aloft_proto::trust::SignedRoot> = roots
+                    .iter()
+                    .filter(|s| s.peek_unverified().is_ok_and(|r| r.version > current))
+                    .cloned()
+                    .collect();
+                newer.sort_by_key(|s| s.peek_unverified().map(|r| r.version).unwrap_or(0));
+                self.fx.now.push(Out::StoreRoots {
+                    roots: newer,
+                    next: Box::new(next),
+                    accepted,
+                    pending: pending.clone(),
+                });
+                None
             }
             Err(e) => {
                 self.metrics.rejected("admin", "untrusted_root");
                 warn!(%operator, error = %e, "root update refused");
-                refuse("untrusted_root", e)
+                Some(refuse("untrusted_root", e.to_string()))
             }
         }
+    }
+
+    /// The accepted roots are on disk (or could not be written: nothing changes).
+    pub(super) fn roots_stored(
+        &mut self,
+        pending: &Pending,
+        next: crate::trust::TrustState,
+        accepted: usize,
+        result: Result<(), String>,
+    ) -> AdminResult {
+        let operator = &pending.operator;
+        if let Err(e) = result {
+            self.metrics.rejected("admin", "untrusted_root");
+            warn!(%operator, error = %e, "root update refused");
+            return refuse("untrusted_root", e);
+        }
+        self.trust = next;
+        self.roots = std::sync::Arc::new(self.trust.job_chain().to_vec());
+        let version = self.trust.trusted.version();
+        info!(%operator, version, accepted, "root of trust updated");
+        Ok(json!({"version": version, "accepted": accepted}))
     }
 
     fn device_label(

@@ -7,9 +7,11 @@
 //! start-up ([`Loaded`]): live campaigns with every member's progress, the device registry,
 //! release metadata, the CRL in force and the revoked set, the renewal gate, the reply cache.
 //!
-//! The only ways out are the effects and the [`Outside`] port, which the shell implements for
-//! the three operator actions that must touch a file or the front before they can answer
-//! (`crl_update`, the `crl.pem` check of `device_register`, `trust_update`).
+//! The only way out is the effects. The three operator actions that must reach a file or the
+//! front before they can answer (`crl_update`, the `crl.pem` check of `device_register`,
+//! `trust_update`) are suspended: the core asks (`Out::ApplyCrl`, `Out::ReadCrl`,
+//! `Out::StoreRoots`), the shell does it at once and hands the outcome back as an event
+//! (`Event::CrlApplied`, `Event::CrlRead`, `Event::RootsStored`), and the core answers then.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -82,6 +84,26 @@ pub enum Event {
     Signed(Signed),
     /// The signer's queue refused a request the core handed over (`Out::Sign`).
     SignerBusy(DeviceId),
+    /// What became of `Out::ApplyCrl`: the sessions the front ended, or why nothing changed.
+    CrlApplied {
+        pending: Pending,
+        crl: Box<VerifiedCrl>,
+        result: Result<Vec<String>, String>,
+    },
+    /// `crl.pem` as read for `Out::ReadCrl` (`None`: there is no such file).
+    CrlRead {
+        pending: Pending,
+        certs: Vec<String>,
+        groups: Vec<String>,
+        on_disk: Result<Option<VerifiedCrl>, String>,
+    },
+    /// What became of `Out::StoreRoots`.
+    RootsStored {
+        pending: Pending,
+        next: Box<crate::trust::TrustState>,
+        accepted: usize,
+        result: Result<(), String>,
+    },
 }
 
 /// What the front says about the session a renewal request came through.
@@ -192,6 +214,28 @@ pub enum Out {
     },
     /// Hand a checked renewal to the signer.
     Sign(SignRequest),
+    /// `crl_update`: store `crl` as `crl.pem` and enforce it at the front (on failure leave the
+    /// file as it was, `previous`), then hand back `Event::CrlApplied`.
+    ApplyCrl {
+        crl: Box<VerifiedCrl>,
+        previous: Option<Box<VerifiedCrl>>,
+        pending: Pending,
+    },
+    /// `device_register`: read and verify `crl.pem` (someone may have replaced it by hand),
+    /// then hand back `Event::CrlRead` with `certs` and `groups`.
+    ReadCrl {
+        certs: Vec<String>,
+        groups: Vec<String>,
+        pending: Pending,
+    },
+    /// `trust_update`: write each of `roots` to the trust directory (`root-<N>.json`), then hand
+    /// back `Event::RootsStored` with `next` and `accepted`.
+    StoreRoots {
+        roots: Vec<SignedRoot>,
+        next: Box<crate::trust::TrustState>,
+        accepted: usize,
+        pending: Pending,
+    },
 }
 
 /// What one event (or a settle) produced.
@@ -222,24 +266,13 @@ impl Effects {
     }
 }
 
-/// The three operator actions that must reach a file or the front before they can answer.
-/// The shell implements it; tests use a fake.
-pub trait Outside: Send {
-    /// Stores `crl` as `crl.pem` and enforces it at the front (ending sessions of revoked
-    /// certificates, which it returns); on failure leaves the file as it was.
-    fn apply_crl(
-        &mut self,
-        crl: &VerifiedCrl,
-        previous: Option<&VerifiedCrl>,
-    ) -> Result<Vec<String>, String>;
-    /// The CRL in `crl.pem`, if the file exists (someone may have replaced it by hand).
-    fn crl_on_disk(&self, ca_pem: &str) -> Result<Option<VerifiedCrl>, String>;
-    /// Accepts new roots into `trust`, writing each to the trust directory before it counts.
-    fn accept_roots(
-        &mut self,
-        trust: &mut crate::trust::TrustState,
-        roots: &[SignedRoot],
-    ) -> Result<usize, String>;
+/// An operator request suspended while the shell reaches a file or the front for it.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    operator: OperatorId,
+    id: String,
+    /// The audit entry the answer completes (action, subject).
+    audit: Option<(&'static str, String)>,
 }
 
 /// Everything the core starts from, read from the store by the shell.
@@ -353,7 +386,6 @@ pub struct Core {
     roots: Arc<Vec<SignedRoot>>,
     ca_pem: String,
     metrics: Arc<Metrics>,
-    outside: Box<dyn Outside>,
     campaigns: HashMap<CampaignId, LiveCampaign>,
     /// Every registered device, by id (ordered as the store lists them).
     devices: BTreeMap<DeviceId, DeviceRecord>,
@@ -387,19 +419,13 @@ pub struct Core {
 }
 
 impl Core {
-    pub fn new(
-        cfg: CoreConfig,
-        metrics: Arc<Metrics>,
-        outside: Box<dyn Outside>,
-        loaded: Loaded,
-    ) -> Self {
+    pub fn new(cfg: CoreConfig, metrics: Arc<Metrics>, loaded: Loaded) -> Self {
         let roots = Arc::new(cfg.trust.job_chain().to_vec());
         let mut core = Core {
             trust: cfg.trust,
             roots,
             ca_pem: cfg.ca_pem,
             metrics,
-            outside,
             campaigns: HashMap::new(),
             devices: loaded
                 .devices
@@ -468,6 +494,32 @@ impl Core {
             Event::DeviceSeen(seen) => self.on_device_seen(seen),
             Event::Signed(signed) => self.on_signed(signed),
             Event::SignerBusy(device) => self.on_signer_busy(device),
+            Event::CrlApplied {
+                pending,
+                crl,
+                result,
+            } => {
+                let answer = self.crl_applied(&pending, *crl, result);
+                self.finish_admin(pending, answer);
+            }
+            Event::CrlRead {
+                pending,
+                certs,
+                groups,
+                on_disk,
+            } => {
+                let answer = self.register_with(&certs, &groups, on_disk);
+                self.finish_admin(pending, answer);
+            }
+            Event::RootsStored {
+                pending,
+                next,
+                accepted,
+                result,
+            } => {
+                let answer = self.roots_stored(&pending, *next, accepted, result);
+                self.finish_admin(pending, answer);
+            }
         }
         std::mem::take(&mut self.fx)
     }

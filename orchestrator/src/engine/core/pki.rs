@@ -11,7 +11,7 @@ use aloft_proto::{DeviceId, DeviceState, OperatorId, Reason};
 use serde_json::json;
 use tracing::info;
 
-use super::{refuse, AdminResult, Core};
+use super::{refuse, AdminResult, Core, Out, Pending};
 use crate::store::DeviceRecord;
 
 impl Core {
@@ -85,8 +85,11 @@ impl Core {
     /// The CRL `device_register` checks certificates against: the one in force, or the one in
     /// `crl.pem` if that file is newer (someone replaced it by hand). A `crl.pem` that exists
     /// but cannot be read or verified is an error: registration then refuses everything.
-    pub(super) fn crl_for_registration(&self) -> Result<Option<VerifiedCrl>, String> {
-        let on_disk = self.outside.crl_on_disk(&self.ca_pem)?;
+    pub(super) fn crl_for_registration(
+        &self,
+        on_disk: Result<Option<VerifiedCrl>, String>,
+    ) -> Result<Option<VerifiedCrl>, String> {
+        let on_disk = on_disk?;
         Ok(match (self.crl.clone(), on_disk) {
             (Some(a), Some(b)) => Some(if b.number > a.number { b } else { a }),
             (a, b) => a.or(b),
@@ -97,12 +100,17 @@ impl Core {
     /// force (or equal to it with other content), stores it in place of `crl.pem`, enforces it
     /// at the front (new handshakes, and live sessions of revoked certificates are ended), then
     /// marks the revoked devices and fails their unfinished campaign memberships.
-    pub(super) fn crl_update(&mut self, operator: &OperatorId, pem: &str) -> AdminResult {
+    pub(super) fn crl_update(
+        &mut self,
+        operator: &OperatorId,
+        pem: &str,
+        pending: &Pending,
+    ) -> Option<AdminResult> {
         let crl = match VerifiedCrl::parse(pem, &self.ca_pem) {
             Ok(c) => c,
             Err(e) => {
                 self.metrics.rejected("crl", "invalid");
-                return refuse("invalid_crl", e.to_string());
+                return Some(refuse("invalid_crl", e.to_string()));
             }
         };
         if let Some(current) = &self.crl {
@@ -110,25 +118,41 @@ impl Core {
                 || (crl.number == current.number && crl.der != current.der)
             {
                 self.metrics.rejected("crl", "stale");
-                return refuse(
+                return Some(refuse(
                     "stale_crl",
                     format!(
                         "crl number {} is not newer than the crl in force ({}); never go backwards",
                         crl.number, current.number
                     ),
-                );
+                ));
             }
             if crl.der == current.der {
-                return Ok(json!({
+                return Some(Ok(json!({
                     "crl_number": crl.number,
                     "revoked_serials": crl.revoked.len(),
                     "unchanged": true,
-                }));
+                })));
             }
         }
-        // Stored first, so a restart enforces what the front is about to enforce; on failure
-        // the file is as it was and the old CRL stays in force.
-        let dropped = match self.outside.apply_crl(&crl, self.crl.as_ref()) {
+        info!(%operator, crl_number = crl.number, "crl verified; storing it and applying it at the front");
+        self.fx.now.push(Out::ApplyCrl {
+            crl: Box::new(crl),
+            previous: self.crl.clone().map(Box::new),
+            pending: pending.clone(),
+        });
+        None
+    }
+
+    /// The shell stored the CRL and the front enforces it (or neither happened): marks the
+    /// revoked devices and fails their unfinished campaign memberships.
+    pub(super) fn crl_applied(
+        &mut self,
+        pending: &Pending,
+        crl: VerifiedCrl,
+        result: Result<Vec<String>, String>,
+    ) -> AdminResult {
+        let operator = &pending.operator;
+        let dropped = match result {
             Ok(d) => d,
             Err(e) => return refuse("crl_not_applied", e),
         };

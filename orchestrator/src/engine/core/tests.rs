@@ -14,29 +14,6 @@ use super::*;
 use crate::rollout::{RolloutPolicy, RolloutState};
 use crate::store::Target;
 
-/// A core with no way out: every operator action that needs a file or the front is refused.
-struct NoOutside;
-
-impl Outside for NoOutside {
-    fn apply_crl(
-        &mut self,
-        _crl: &VerifiedCrl,
-        _previous: Option<&VerifiedCrl>,
-    ) -> Result<Vec<String>, String> {
-        Err("no front in this test".into())
-    }
-    fn crl_on_disk(&self, _ca_pem: &str) -> Result<Option<VerifiedCrl>, String> {
-        Ok(None)
-    }
-    fn accept_roots(
-        &mut self,
-        _trust: &mut crate::trust::TrustState,
-        _roots: &[SignedRoot],
-    ) -> Result<usize, String> {
-        Err("no trust directory in this test".into())
-    }
-}
-
 /// What the store would hold after the writes so far.
 #[derive(Clone, Default)]
 pub(super) struct Durable {
@@ -230,7 +207,6 @@ impl Fixture {
                 seed: [0; 16],
             },
             Metrics::new(None, None),
-            Box::new(NoOutside),
             self.durable.loaded(),
         )
     }
@@ -466,4 +442,104 @@ fn a_core_restarted_from_its_writes_republishes_the_jobs_of_members_in_flight_on
         })
         .collect();
     assert_eq!(jobs, vec![&f.devices[0]]);
+}
+
+fn admin(id: &str, body: crate::admin::wire::AdminBody) -> Event {
+    let req = crate::admin::wire::AdminRequest {
+        v: PROTOCOL_VERSION,
+        id: id.into(),
+        body,
+    };
+    Event::Admin {
+        operator: OperatorId::new("ops").unwrap(),
+        payload: Bytes::from(messages::encode(&req)),
+    }
+}
+
+fn replies(outs: &[Out]) -> Vec<crate::admin::wire::AdminReply> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Out::Publish { payload, .. } => serde_json::from_slice(payload).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_registration_waits_for_crl_pem_and_fails_closed_when_the_shell_cannot_read_it() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    let body = crate::admin::wire::AdminBody::DeviceRegister {
+        certs: Vec::new(),
+        groups: vec!["lab".into()],
+    };
+    let fx = core.on_event(1_000, admin("r-1", body));
+    assert!(
+        fx.after_commit.is_empty(),
+        "no answer before crl.pem is read"
+    );
+    let Some(Out::ReadCrl { pending, .. }) = fx.now.into_iter().next() else {
+        panic!("the core did not ask for crl.pem");
+    };
+    let fx = core.on_event(
+        1_001,
+        Event::CrlRead {
+            pending,
+            certs: Vec::new(),
+            groups: vec!["lab".into()],
+            on_disk: Err("crl.pem: unreadable".into()),
+        },
+    );
+    let answered = replies(&fx.after_commit);
+    assert_eq!(answered.len(), 1);
+    assert_eq!(answered[0].id, "r-1");
+    assert_eq!(answered[0].error.as_ref().unwrap().code, "crl_unavailable");
+    // The refusal is audited with the batch, and a redelivery is answered from the cache.
+    assert!(fx.flush);
+    let again = core.on_event(
+        1_002,
+        admin(
+            "r-1",
+            crate::admin::wire::AdminBody::DeviceRegister {
+                certs: Vec::new(),
+                groups: Vec::new(),
+            },
+        ),
+    );
+    assert!(again.now.is_empty());
+    assert_eq!(
+        replies(&again.after_commit)[0].error.as_ref().unwrap().code,
+        "crl_unavailable"
+    );
+}
+
+#[test]
+fn a_crl_that_does_not_verify_is_refused_at_once_without_reaching_the_shell() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    let body = crate::admin::wire::AdminBody::CrlUpdate {
+        crl: "not a crl".into(),
+    };
+    let fx = core.on_event(1_000, admin("c-1", body));
+    assert!(fx.now.is_empty());
+    assert_eq!(
+        replies(&fx.after_commit)[0].error.as_ref().unwrap().code,
+        "invalid_crl"
+    );
+}
+
+#[test]
+fn an_audit_list_is_left_to_the_shell_after_the_commit() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    let body = crate::admin::wire::AdminBody::AuditList {
+        since: Some(3),
+        limit: Some(5_000),
+    };
+    let fx = core.on_event(1_000, admin("a-1", body));
+    assert!(fx.now.is_empty() && fx.writes.is_empty());
+    assert!(matches!(
+        fx.after_commit.as_slice(),
+        [Out::AuditReply { id, since: 3, limit: 1000, .. }] if id == "a-1"
+    ));
 }
