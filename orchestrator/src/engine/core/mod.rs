@@ -246,7 +246,8 @@ pub struct Effects {
     /// Some write must be durable before `after_commit` leaves (a write without it, such as a
     /// device's last-seen time, may reach the disk with the store's background flush).
     pub flush: bool,
-    /// May leave at once: chunk service and hand-overs to the signer.
+    /// Done at once, before the batch commits: chunk service (it carries no state), hand-overs
+    /// to the signer, and the file and front work of a suspended operator action.
     pub now: Vec<Out>,
     /// Leaves only after `writes` are flushed, in order.
     pub after_commit: Vec<Out>,
