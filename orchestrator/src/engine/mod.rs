@@ -349,13 +349,17 @@ impl Shell {
             self.store.flush()?;
             self.metrics.store_flushed(t.elapsed().as_secs_f64());
         }
-        let mut wrapped = Vec::new();
-        for task in wrapping {
+        // One entry per job, in order, so each stays in its place among the batch's output.
+        let mut wrapped: Vec<Option<WrappedJob>> = Vec::new();
+        for (task, len) in wrapping {
             // A wrapping task that panicked loses its jobs; the devices get them at the next
             // restart's republication, and a panic there is a bug to see in the log.
             match task.await {
-                Ok(w) => wrapped.extend(w),
-                Err(e) => warn!(error = %e, "wrapping content keys failed"),
+                Ok(w) => wrapped.extend(w.into_iter().map(Some)),
+                Err(e) => {
+                    warn!(error = %e, "wrapping content keys failed");
+                    wrapped.extend(std::iter::repeat_with(|| None).take(len));
+                }
             }
         }
         let mut wrapped = wrapped.into_iter();
@@ -371,7 +375,7 @@ impl Shell {
                         .publish(topics::ack(&device), messages::encode(&ack), false)
                         .await?
                 }
-                Out::Job(_) => match wrapped.next() {
+                Out::Job(_) => match wrapped.next().flatten() {
                     Some((device, Ok(payload))) => {
                         publisher
                             .publish(topics::job(&device), payload, true)
@@ -561,10 +565,13 @@ fn load(store: &Store) -> Result<Loaded, StoreError> {
     })
 }
 
-type Wrapped = Vec<(DeviceId, Result<Vec<u8>, crypto::CryptoError>)>;
+/// A job's payload for its device, or why its content key could not be wrapped.
+type WrappedJob = (DeviceId, Result<Vec<u8>, crypto::CryptoError>);
+type Wrapped = Vec<WrappedJob>;
 
-/// Wraps each job's content key for its device on the blocking pool, a few tasks at once.
-fn wrap_jobs(jobs: Vec<JobOrder>) -> Vec<tokio::task::JoinHandle<Wrapped>> {
+/// Wraps each job's content key for its device on the blocking pool, a few tasks at once; each
+/// task with the number of jobs it wraps.
+fn wrap_jobs(jobs: Vec<JobOrder>) -> Vec<(tokio::task::JoinHandle<Wrapped>, usize)> {
     if jobs.is_empty() {
         return Vec::new();
     }
@@ -574,11 +581,13 @@ fn wrap_jobs(jobs: Vec<JobOrder>) -> Vec<tokio::task::JoinHandle<Wrapped>> {
     let mut jobs = jobs.into_iter().peekable();
     while jobs.peek().is_some() {
         let part: Vec<JobOrder> = jobs.by_ref().take(per_task).collect();
-        tasks.push(tokio::task::spawn_blocking(move || {
+        let len = part.len();
+        let task = tokio::task::spawn_blocking(move || {
             part.iter()
                 .map(|j| (j.device.clone(), job_payload(j)))
                 .collect()
-        }));
+        });
+        tasks.push((task, len));
     }
     tasks
 }
