@@ -201,8 +201,9 @@ async fn malformed_truncated_and_oversized_payloads_are_counted_and_lose_nothing
             publish_and_settle(&client, &mut el, topic.clone(), payload, false).await;
         }
     }
-    // The engine handles inbound messages asynchronously, devices' and operators' on separate
-    // roads; wait for it to catch up with both.
+    // The engine handles inbound messages asynchronously; wait for it to catch up. A PUBACK
+    // says only that the broker has a message, so the operator's requests, published last, are
+    // waited for too.
     let deadline = tokio::time::Instant::now() + LIMIT;
     while tokio::time::Instant::now() < deadline {
         let s: u64 = ["malformed", "too_large", "unsupported_version", "invalid"]

@@ -15,7 +15,7 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::engine::Inbound;
+use crate::inbound::Inbound;
 
 /// Where and as whom the orchestrator connects.
 #[derive(Debug, Clone)]

@@ -19,7 +19,8 @@ use aloft_proto::DeviceId;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::engine::Inbound;
+use crate::inbound::Inbound;
+pub use crate::inbound::{SignOutcome, Signed};
 
 /// Renewals waiting for the signer at most; the engine refuses more (`rate_limited`). Each
 /// device has at most one in flight, so this bounds how many devices renew at once.
@@ -39,24 +40,6 @@ pub struct SignRequest {
     /// Serial of the certificate the request came through (big-endian).
     pub session_serial: Vec<u8>,
     pub lifetime_days: u32,
-}
-
-/// What the signer made of a [`SignRequest`].
-#[derive(Debug)]
-pub enum SignOutcome {
-    /// The certificate (PEM), already in the issuance ledger.
-    Issued {
-        cert: String,
-        serial: String,
-    },
-    Refused(RenewalError, String),
-}
-
-/// The signer's answer to the engine.
-#[derive(Debug)]
-pub struct Signed {
-    pub device: DeviceId,
-    pub outcome: SignOutcome,
 }
 
 /// The engine's handle on the signer thread; dropping it ends the thread, which drops (and so

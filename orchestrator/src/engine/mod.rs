@@ -1,96 +1,57 @@
-//! The engine: the single task that owns campaign and device state. It applies device reports
-//! through the pure state machine ([`crate::fleet::state`]), serves chunks, answers admin
-//! requests, and makes every change durable before anything about it leaves the process.
+//! The engine: the single task that owns campaign and device state. Its decisions are made by a
+//! pure core (`core`: events and the time in, effects out, no I/O); this module is the thin shell
+//! around it that owns the store, the clock, the publisher, the front and the signer.
 //!
-//! Revocation (`pki`): the engine keeps the CRL in force, knows which registered devices hold a
-//! revoked certificate, and gives them no job and no chunk; it also renews device certificates.
-//!
-//! Design: one task, batched. Events are taken in batches (up to [`BATCH_MAX`]); all writes of a
-//! batch are flushed once (group commit) and only then are its acknowledgements, jobs and replies
-//! published. A crash therefore loses only unacknowledged work, which devices resend.
+//! Design: one task, batched. Events are taken in batches (up to [`BATCH_MAX`]) and handed to
+//! the core one by one; chunk service and hand-overs to the signer happen at once. At the end of
+//! a batch the core moves the rollouts it touched, then the shell applies the batch's writes,
+//! flushes them once (group commit) and only then lets out its acknowledgements, jobs, replies
+//! and answers. A crash therefore loses only unacknowledged work, which devices resend. The
+//! content keys of a batch's jobs are wrapped (HPKE) on the blocking pool while the store
+//! flushes, never on the engine task.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use aloft_broker::{DeliverError, DirectRoutes, FrontContext};
-use aloft_certs::revocation::VerifiedCrl;
+use aloft_certs::revocation::{write_file_atomically, VerifiedCrl};
+use aloft_certs::PkiError;
 use aloft_proto::chunkframe::{self, ChunkErrorCode};
-use aloft_proto::crypto::{self, ContentKey};
-use aloft_proto::manifest::{Manifest, SignedManifest};
-use aloft_proto::messages::{
-    self, AckError, AckOutcome, ChunkRequest, Job, StatusAck, StatusReport, PROTOCOL_VERSION,
-};
-use aloft_proto::{topics, ArtifactId, CampaignId, DeviceId, DeviceState, OperatorId, Reason};
+use aloft_proto::crypto;
+use aloft_proto::messages::{self, Job, PROTOCOL_VERSION};
+use aloft_proto::trust::SignedRoot;
+use aloft_proto::{topics, ArtifactId, DeviceId};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use bytes::Bytes;
+use serde_json::json;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use crate::fleet::state::{self, Decision, Progress};
+use self::core::{
+    CaState, Core, CoreConfig, Effects, Event, JobOrder, Loaded, Out, Session, Write,
+};
+use crate::admin::wire::AdminReply;
 use crate::metrics::Metrics;
 use crate::mqtt::{LinkClosed, Publisher};
-use crate::rollout::{Action, Known, Plan, Rollout};
-use crate::store::{CampaignRecord, DeviceRecord, Store, StoreError};
+use crate::store::{Store, StoreError};
 
-mod admin;
-mod campaigns;
+pub mod core;
 mod frames;
-mod pacing;
-mod pki;
-mod renewal;
-mod rollouts;
 
-pub use renewal::RENEWAL_INTERVAL_MS;
+pub use self::core::{RENEWAL_INTERVAL_MS, SUCCESS_WITHOUT_DOWNLOAD};
+pub use crate::inbound::{Inbound, SeenDevice};
 
 /// Most events handled per group commit.
 pub const BATCH_MAX: usize = 256;
 
-/// The audit action of a `succeeded` report from a member never sent a chunk (§10).
-pub const SUCCESS_WITHOUT_DOWNLOAD: &str = "success_without_download";
-
 /// How often rollouts are moved forward when no event arrives (timeouts, soaks, schedules).
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Something that happened outside the engine.
-#[derive(Debug)]
-pub enum Inbound {
-    Status {
-        device: DeviceId,
-        payload: Bytes,
-    },
-    ChunkRequest {
-        device: DeviceId,
-        payload: Bytes,
-    },
-    Health {
-        device: DeviceId,
-        payload: Bytes,
-    },
-    Admin {
-        operator: OperatorId,
-        payload: Bytes,
-    },
-    /// A certificate renewal request (since 1.1).
-    Csr {
-        device: DeviceId,
-        payload: Bytes,
-    },
-    /// A device completed an mTLS handshake and CONNECT through the front.
-    DeviceSeen(SeenDevice),
-    /// The renewal signer's answer to a renewal this engine handed it.
-    Signed(crate::signer::Signed),
-}
-
-/// A device identity taken from a verified certificate.
-#[derive(Debug, Clone)]
-pub struct SeenDevice {
-    pub id: DeviceId,
-    pub x25519_public: [u8; 32],
-    pub not_before: i64,
-    pub not_after: i64,
-    /// The certificate's serial number, big-endian.
-    pub serial: Vec<u8>,
-}
+/// Jobs wrapped per task of the blocking pool at least.
+const JOBS_PER_TASK: usize = 32;
 
 /// What the engine needs besides its store.
 #[derive(Clone)]
@@ -99,7 +60,7 @@ pub struct EngineConfig {
     /// revoked key), and its chain travels in every job.
     pub trust: crate::trust::TrustState,
     /// Where accepted roots are written (`trust_update`); `None` keeps them in memory only.
-    pub trust_dir: Option<std::path::PathBuf>,
+    pub trust_dir: Option<PathBuf>,
     /// The fleet CA, for verifying certificates submitted for registration.
     pub ca_pem: String,
     /// The front's direct routes: chunk responses go to devices this way, past the broker
@@ -111,7 +72,7 @@ pub struct EngineConfig {
     /// The CRL in force at start-up (from `crl.pem`, already verified against the fleet CA).
     pub crl: Option<VerifiedCrl>,
     /// Where the CRL in force is kept (`<data-dir>/crl.pem`); `crl_update` replaces it.
-    pub crl_path: Option<std::path::PathBuf>,
+    pub crl_path: Option<PathBuf>,
     /// Signs renewals with `<data-dir>/pki/ca.key`, on a thread of its own; without it every
     /// renewal answers `ca_offline`.
     pub signer: Option<crate::signer::Signer>,
@@ -126,119 +87,10 @@ pub enum EngineError {
     Link(#[from] LinkClosed),
 }
 
-/// A campaign with its release material and every member's progress, in memory.
-struct LiveCampaign {
-    record: CampaignRecord,
-    manifest: Manifest,
-    signed: SignedManifest,
-    key: ContentKey,
-    progress: HashMap<DeviceId, Progress>,
-    /// Members per state, kept with `progress` (see `set`): every applied report refreshes the
-    /// campaign's gauges, which must not cost a pass over the whole fleet.
-    counts: BTreeMap<DeviceState, u32>,
-    /// Who is notified when; it sees every change of `progress`.
-    rollout: Rollout,
-}
-
-impl LiveCampaign {
-    fn new(
-        record: CampaignRecord,
-        manifest: Manifest,
-        signed: SignedManifest,
-        key: ContentKey,
-        progress: HashMap<DeviceId, Progress>,
-    ) -> Self {
-        let mut counts = BTreeMap::new();
-        for p in progress.values() {
-            *counts.entry(p.state).or_insert(0) += 1;
-        }
-        let known: HashMap<DeviceId, Known> = progress
-            .iter()
-            .map(|(d, p)| {
-                let k = Known {
-                    state: p.state,
-                    since_ms: p.updated_ms,
-                    unhealthy: p.unhealthy,
-                };
-                (d.clone(), k)
-            })
-            .collect();
-        let plan = Plan::new(&record.artifact, &record.devices, &record.policy);
-        let rollout = Rollout::new(
-            plan,
-            record.policy.clone(),
-            record.created_ms,
-            record.status,
-            record.rollout.clone(),
-            &known,
-        );
-        LiveCampaign {
-            record,
-            manifest,
-            signed,
-            key,
-            progress,
-            counts,
-            rollout,
-        }
-    }
-
-    /// Records a member's new progress.
-    fn set(&mut self, device: &DeviceId, next: Progress) {
-        let to = next.state;
-        self.rollout.observe(device, to, next.updated_ms);
-        if let Some(old) = self.progress.insert(device.clone(), next) {
-            if let Some(n) = self.counts.get_mut(&old.state) {
-                *n = n.saturating_sub(1);
-            }
-        }
-        *self.counts.entry(to).or_insert(0) += 1;
-    }
-
-    fn counts(&self) -> BTreeMap<DeviceState, u32> {
-        self.counts
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(s, n)| (*s, *n))
-            .collect()
-    }
-}
-
-struct Outgoing {
-    topic: String,
-    payload: Vec<u8>,
-    retain: bool,
-}
-
 pub struct Engine {
     store: Store,
     cfg: EngineConfig,
     metrics: Arc<Metrics>,
-    campaigns: HashMap<CampaignId, LiveCampaign>,
-    /// Chunks received so far of releases being uploaded.
-    uploads: HashMap<ArtifactId, HashSet<u32>>,
-    out: Vec<Outgoing>,
-    dirty: bool,
-    admin_replies: admin::ReplyCache,
-    /// Campaigns changed in this batch: their rollouts move before the batch commits.
-    touched: HashSet<CampaignId>,
-    /// The CRL in force; only a verified CRL with a higher number replaces it.
-    crl: Option<VerifiedCrl>,
-    /// Registered devices whose current certificate the CRL in force revokes (or whose record
-    /// cannot say which certificate they hold): no job, no chunk.
-    revoked_devices: HashSet<DeviceId>,
-    /// Who may renew a certificate now (one per device per hour, operators' early leaves).
-    renewals: renewal::RenewalGate,
-    /// Chunk requests of members served for the first time, answered once the batch's commit
-    /// has made that durable (see `note_served`); at most one per event of the batch.
-    held_requests: Vec<(DeviceId, ArtifactId, u32, ChunkRequest)>,
-    /// Withdrawals published again for a member that asked for chunks of a withdrawn job since
-    /// this process started: at most one each, however often it asks.
-    rewithdrawn: HashSet<(DeviceId, CampaignId)>,
-    /// Encoded chunk frames, shared by every device served the same chunk.
-    frames: frames::FrameCache,
-    /// Which devices are sent chunks now; the others are told to wait (`busy`).
-    slots: pacing::DownloadSlots,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -252,363 +104,407 @@ impl Engine {
     pub fn new(store: Store, cfg: EngineConfig, metrics: Arc<Metrics>) -> Self {
         Self {
             store,
-            metrics,
-            campaigns: HashMap::new(),
-            uploads: HashMap::new(),
-            out: Vec::new(),
-            dirty: false,
-            admin_replies: admin::ReplyCache::default(),
-            touched: HashSet::new(),
-            crl: cfg.crl.clone(),
-            revoked_devices: HashSet::new(),
-            renewals: renewal::RenewalGate::default(),
-            held_requests: Vec::new(),
-            rewithdrawn: HashSet::new(),
-            frames: frames::FrameCache::default(),
-            slots: pacing::DownloadSlots::default(),
             cfg,
+            metrics,
         }
     }
 
     /// Runs until `rx` closes. Returns an error only for failures that make continuing unsafe
-    /// (the store cannot write, the broker link is gone).
+    /// (the store cannot read or write, the broker link is gone).
     pub async fn run(
-        mut self,
+        self,
         mut rx: mpsc::Receiver<Inbound>,
         publisher: Publisher,
     ) -> Result<(), EngineError> {
-        self.recover()?;
-        self.commit(&publisher).await?;
+        let mut shell = Shell::start(self)?;
+        let fx = shell.core.recover(now_ms());
+        shell.absorb(fx);
+        shell.commit(&publisher).await?;
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 ev = rx.recv() => {
                     let Some(first) = ev else { break };
-                    self.handle(first)?;
+                    shell.handle(first)?;
                     for _ in 1..BATCH_MAX {
                         match rx.try_recv() {
-                            Ok(ev) => self.handle(ev)?,
+                            Ok(ev) => shell.handle(ev)?,
                             Err(_) => break,
                         }
                     }
                 }
                 _ = ticker.tick() => {
-                    self.touched.extend(self.campaigns.iter()
-                        .filter(|(_, c)| !c.rollout.settled())
-                        .map(|(id, _)| id.clone()));
+                    let fx = shell.core.on_tick(now_ms());
+                    shell.absorb(fx);
                 }
             }
-            self.commit(&publisher).await?;
+            shell.commit(&publisher).await?;
         }
         Ok(())
+    }
+}
+
+/// The engine task's state: the core, and what it must not touch.
+struct Shell {
+    store: Store,
+    metrics: Arc<Metrics>,
+    direct: Option<Arc<DirectRoutes>>,
+    front: Option<Arc<FrontContext>>,
+    signer: Option<crate::signer::Signer>,
+    /// `crl.pem`, the trust directory and the front's CRL, for the operator actions the core
+    /// suspends until they are done.
+    files: Files,
+    core: Core,
+    /// The batch so far: writes to make and output held for the commit.
+    batch: Effects,
+    /// Encoded chunk frames, shared by every device served the same chunk.
+    frames: frames::FrameCache,
+}
+
+impl Shell {
+    /// Loads everything the core keeps in memory and builds it.
+    fn start(engine: Engine) -> Result<Self, StoreError> {
+        let Engine {
+            store,
+            cfg,
+            metrics,
+        } = engine;
+        let loaded = load(&store)?;
+        let mut seed = [0u8; 16];
+        if crypto::random_bytes(&mut seed).is_err() {
+            // Without OS randomness campaign ids fall back to the clock alone, which is still
+            // unique enough for one orchestrator creating campaigns one at a time.
+            seed[..8].copy_from_slice(&now_ms().to_be_bytes());
+        }
+        let files = Files {
+            front: cfg.front.clone(),
+            crl_path: cfg.crl_path,
+            trust_dir: cfg.trust_dir,
+            ca_pem: cfg.ca_pem.clone(),
+        };
+        let core = Core::new(
+            CoreConfig {
+                trust: cfg.trust,
+                ca_pem: cfg.ca_pem,
+                crl: cfg.crl,
+                seed,
+            },
+            metrics.clone(),
+            loaded,
+        );
+        Ok(Shell {
+            store,
+            metrics,
+            direct: cfg.direct,
+            front: cfg.front,
+            signer: cfg.signer,
+            files,
+            core,
+            batch: Effects::default(),
+            frames: frames::FrameCache::default(),
+        })
+    }
+
+    fn handle(&mut self, ev: Inbound) -> Result<(), StoreError> {
+        let event = match ev {
+            Inbound::Status { device, payload } => Event::Status { device, payload },
+            Inbound::ChunkRequest { device, payload } => Event::ChunkRequest { device, payload },
+            Inbound::Health { device, payload } => Event::Health { device, payload },
+            Inbound::Admin { operator, payload } => Event::Admin { operator, payload },
+            Inbound::Csr { device, payload } => Event::Csr {
+                session: self.session(&device),
+                ca: self.ca_state(),
+                device,
+                payload,
+            },
+            Inbound::DeviceSeen(seen) => Event::DeviceSeen(seen),
+            Inbound::Signed(signed) => Event::Signed(signed),
+        };
+        let fx = self.core.on_event(now_ms(), event);
+        self.absorb(fx);
+        Ok(())
+    }
+
+    /// The certificate of the device's live session, as the front knows it.
+    fn session(&self, device: &DeviceId) -> Session {
+        match &self.front {
+            Some(front) => {
+                let peer = aloft_broker::Peer::Device(device.clone());
+                match front.registry.cert_serial(&peer) {
+                    Some(serial) => Session::Serial(serial),
+                    None => Session::Absent,
+                }
+            }
+            None => Session::NoFront,
+        }
+    }
+
+    fn ca_state(&self) -> CaState {
+        match &self.signer {
+            None => CaState::NoSigner,
+            Some(s) if !s.key_present() => CaState::KeyAbsent,
+            Some(_) => CaState::Ready,
+        }
+    }
+
+    /// Carries out what may happen at once and keeps the rest for the commit.
+    fn absorb(&mut self, fx: Effects) {
+        let Effects {
+            writes,
+            flush,
+            now,
+            after_commit,
+        } = fx;
+        self.batch.writes.extend(writes);
+        self.batch.flush |= flush;
+        self.batch.after_commit.extend(after_commit);
+        for out in now {
+            match out {
+                Out::ChunkFrame { device, frame } => self.send_chunk(&device, frame),
+                Out::ServeChunks {
+                    device,
+                    artifact,
+                    count,
+                    indices,
+                } => self.serve_chunks(&device, &artifact, count, &indices),
+                Out::Sign(req) => {
+                    let Some(signer) = &self.signer else {
+                        continue;
+                    };
+                    if let Err(req) = signer.submit(req) {
+                        let fx = self.core.on_event(now_ms(), Event::SignerBusy(req.device));
+                        self.absorb(fx);
+                    }
+                }
+                Out::ApplyCrl {
+                    crl,
+                    previous,
+                    pending,
+                } => {
+                    let result = self.files.apply_crl(&crl, previous.as_deref());
+                    let event = Event::CrlApplied {
+                        pending,
+                        crl,
+                        result,
+                    };
+                    let fx = self.core.on_event(now_ms(), event);
+                    self.absorb(fx);
+                }
+                Out::ReadCrl {
+                    certs,
+                    groups,
+                    pending,
+                } => {
+                    let on_disk = self.files.crl_on_disk();
+                    let event = Event::CrlRead {
+                        pending,
+                        certs,
+                        groups,
+                        on_disk,
+                    };
+                    let fx = self.core.on_event(now_ms(), event);
+                    self.absorb(fx);
+                }
+                Out::StoreRoots {
+                    roots,
+                    next,
+                    accepted,
+                    pending,
+                } => {
+                    let result = self.files.store_roots(&roots);
+                    let event = Event::RootsStored {
+                        pending,
+                        next,
+                        accepted,
+                        result,
+                    };
+                    let fx = self.core.on_event(now_ms(), event);
+                    self.absorb(fx);
+                }
+                other => self.batch.after_commit.push(other),
+            }
+        }
     }
 
     /// Moves the touched rollouts, makes the batch durable, then lets its output out.
     async fn commit(&mut self, publisher: &Publisher) -> Result<(), EngineError> {
-        let now = now_ms();
-        for id in std::mem::take(&mut self.touched) {
-            self.tick_rollout(&id, now)?;
+        let fx = self.core.settle(now_ms());
+        self.absorb(fx);
+        let Effects {
+            writes,
+            flush,
+            after_commit,
+            ..
+        } = std::mem::take(&mut self.batch);
+        // Wrapping starts before the flush and runs beside it, off this task.
+        let jobs: Vec<JobOrder> = after_commit
+            .iter()
+            .filter_map(|o| match o {
+                Out::Job(j) => Some(j.clone()),
+                _ => None,
+            })
+            .collect();
+        let wrapping = wrap_jobs(jobs);
+        for w in writes {
+            self.apply(w)?;
         }
-        if self.dirty {
+        if flush {
             let t = Instant::now();
             self.store.flush()?;
             self.metrics.store_flushed(t.elapsed().as_secs_f64());
-            self.dirty = false;
         }
-        for (device, artifact, count, req) in std::mem::take(&mut self.held_requests) {
-            self.serve_chunks(&device, &artifact, count, &req)?;
-        }
-        for o in self.out.drain(..) {
-            publisher.publish(o.topic, o.payload, o.retain).await?;
-        }
-        Ok(())
-    }
-
-    fn send(&mut self, topic: String, payload: Vec<u8>, retain: bool) {
-        self.out.push(Outgoing {
-            topic,
-            payload,
-            retain,
-        });
-    }
-
-    fn handle(&mut self, ev: Inbound) -> Result<(), StoreError> {
-        match ev {
-            Inbound::Status { device, payload } => self.on_status(device, &payload),
-            Inbound::ChunkRequest { device, payload } => self.on_chunk_request(device, &payload),
-            Inbound::Health { device, payload } => self.on_health(device, &payload),
-            Inbound::Admin { operator, payload } => self.on_admin(operator, &payload),
-            Inbound::Csr { device, payload } => self.on_csr(device, &payload),
-            Inbound::DeviceSeen(seen) => self.on_device_seen(seen),
-            Inbound::Signed(signed) => self.on_signed(signed),
-        }
-    }
-
-    /// Loads every campaign; notifies members still idle and republishes the jobs of members in
-    /// flight (the embedded broker keeps no retained messages across restarts).
-    fn recover(&mut self) -> Result<(), StoreError> {
-        // Before any job is republished: the CRL may have changed while the engine was down.
-        self.refresh_revoked()?;
-        let now = now_ms();
-        for record in self.store.campaigns()? {
-            let Some(mut live) = self.load_campaign(record)? else {
-                continue;
-            };
-            live.rollout.recovered(now);
-            let id = live.record.id.clone();
-            self.campaigns.insert(id.clone(), live);
-            self.republish_jobs(&id)?;
-            self.refresh_gauges(&id);
-            self.touched.insert(id);
-        }
-        info!(campaigns = self.campaigns.len(), "engine recovered");
-        Ok(())
-    }
-
-    fn load_campaign(&self, record: CampaignRecord) -> Result<Option<LiveCampaign>, StoreError> {
-        let Some(release) = self.store.release(&record.artifact)? else {
-            warn!(campaign = %record.id, artifact = %record.artifact, "campaign's release is missing; skipped");
-            return Ok(None);
-        };
-        let Some(key) = parse_key_hex(&release.content_key_hex) else {
-            warn!(artifact = %record.artifact, "stored content key is malformed; campaign skipped");
-            return Ok(None);
-        };
-        let progress = self
-            .store
-            .campaign_progress(&record.id)?
-            .into_iter()
-            .collect();
-        Ok(Some(LiveCampaign::new(
-            record,
-            release.manifest,
-            release.signed,
-            key,
-            progress,
-        )))
-    }
-
-    fn on_status(&mut self, device: DeviceId, payload: &[u8]) -> Result<(), StoreError> {
-        let report: StatusReport = match messages::decode(payload) {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics.rejected("status", e.code());
-                warn!(%device, error = %e, "status report refused");
-                return Ok(());
+        // One entry per job, in order, so each stays in its place among the batch's output.
+        let mut wrapped: Vec<Option<WrappedJob>> = Vec::new();
+        for (task, len) in wrapping {
+            // A wrapping task that panicked loses its jobs; the devices get them at the next
+            // restart's republication, and a panic there is a bug to see in the log.
+            match task.await {
+                Ok(w) => wrapped.extend(w.into_iter().map(Some)),
+                Err(e) => {
+                    warn!(error = %e, "wrapping content keys failed");
+                    wrapped.extend(std::iter::repeat_with(|| None).take(len));
+                }
             }
-        };
-        let now = now_ms();
-        let campaign = report.campaign.clone();
-        let current = self
-            .campaigns
-            .get(&campaign)
-            .and_then(|c| c.progress.get(&device))
-            .cloned();
-        let Some(current) = current else {
-            self.metrics.report("rejected");
-            debug!(%device, %campaign, "report for a campaign the device is not in");
-            self.ack(
-                &device,
-                &report,
-                AckOutcome::Rejected,
-                DeviceState::Idle,
-                Some(AckError::NotTargeted),
-            );
-            return Ok(());
-        };
-        // Any decodable report of a member, even a duplicate, is a sign of life (the device
-        // timeout measures silence).
-        if let Some(live) = self.campaigns.get_mut(&campaign) {
-            live.rollout.touch(&device, now);
         }
-        let (outcome, state, error) = match state::apply_report(&current, &report, now) {
-            Decision::Apply(next) => {
-                self.store.put_progress(&campaign, &device, &next)?;
-                self.dirty = true;
-                self.metrics.report("applied");
-                if let Some(reason) = next.reason {
-                    self.metrics.failure(reason.as_str());
-                    info!(%device, %campaign, state = %next.state, %reason, "device did not succeed");
+        let mut wrapped = wrapped.into_iter();
+        for out in after_commit {
+            match out {
+                Out::Publish {
+                    topic,
+                    payload,
+                    retain,
+                } => publisher.publish(topic, payload, retain).await?,
+                Out::Ack { device, ack } => {
+                    publisher
+                        .publish(topics::ack(&device), messages::encode(&ack), false)
+                        .await?
                 }
-                let s = next.state;
-                if s != DeviceState::Downloading {
-                    self.slots.release(&device);
-                }
-                if let Some(live) = self.campaigns.get_mut(&campaign) {
-                    live.set(&device, next);
-                }
-                if s == DeviceState::Succeeded {
-                    if !current.served {
-                        self.flag_success_without_download(&device, &campaign, now)?;
+                Out::Job(_) => match wrapped.next().flatten() {
+                    Some((device, Ok(payload))) => {
+                        publisher
+                            .publish(topics::job(&device), payload, true)
+                            .await?
                     }
-                    self.raise_floor(&device, &campaign)?;
+                    Some((device, Err(e))) => {
+                        warn!(%device, error = %e, "cannot wrap the content key for device")
+                    }
+                    None => {}
+                },
+                Out::ChunkFrame { device, frame } => {
+                    self.send_chunk_now(&device, frame, publisher).await?
                 }
-                self.refresh_gauges(&campaign);
-                self.touched.insert(campaign.clone());
-                (AckOutcome::Applied, s, None)
-            }
-            Decision::Duplicate => {
-                self.metrics.report("duplicate");
-                (AckOutcome::Duplicate, current.state, None)
-            }
-            Decision::Reject(next, error) => {
-                self.metrics.report("rejected");
-                if error == AckError::IllegalTransition {
-                    self.metrics.illegal_transition();
-                }
-                warn!(%device, %campaign, from = %current.state, to = %report.state, seq = report.seq, ?error, "report rejected");
-                if next != current {
-                    self.store.put_progress(&campaign, &device, &next)?;
-                    self.dirty = true;
-                    if let Some(live) = self.campaigns.get_mut(&campaign) {
-                        live.set(&device, next);
+                Out::ServeChunks {
+                    device,
+                    artifact,
+                    count,
+                    indices,
+                } => {
+                    self.serve_chunks(&device, &artifact, count, &indices);
+                    for o in std::mem::take(&mut self.batch.after_commit) {
+                        if let Out::Publish {
+                            topic,
+                            payload,
+                            retain,
+                        } = o
+                        {
+                            publisher.publish(topic, payload, retain).await?;
+                        }
                     }
                 }
-                (AckOutcome::Rejected, current.state, Some(error))
+                Out::AuditReply {
+                    operator,
+                    id,
+                    since,
+                    limit,
+                } => {
+                    let entries = self.store.audit(since, limit)?;
+                    let chain = match self.store.verify_audit()? {
+                        Ok(n) => json!({"ok": true, "entries": n}),
+                        Err(b) => json!({"ok": false, "broken": b.to_string()}),
+                    };
+                    let reply = AdminReply::ok(id, json!({"entries": entries, "chain": chain}));
+                    let topic = topics::operator_reply(&operator);
+                    publisher
+                        .publish(topic, messages::encode(&reply), false)
+                        .await?;
+                }
+                // The core asks for these among what may happen at once; `absorb` did them.
+                Out::Sign(_)
+                | Out::ApplyCrl { .. }
+                | Out::ReadCrl { .. }
+                | Out::StoreRoots { .. } => {
+                    warn!("a request to the signer or the files arrived with held output; dropped");
+                }
             }
-        };
-        self.ack(&device, &report, outcome, state, error);
+        }
         Ok(())
     }
 
-    fn ack(
-        &mut self,
-        device: &DeviceId,
-        report: &StatusReport,
-        outcome: AckOutcome,
-        state: DeviceState,
-        error: Option<AckError>,
-    ) {
-        let ack = StatusAck {
-            v: PROTOCOL_VERSION,
-            campaign: report.campaign.clone(),
-            seq: report.seq,
-            outcome,
-            state,
-            error,
-        };
-        self.send(topics::ack(device), messages::encode(&ack), false);
+    /// Makes one of the core's writes.
+    fn apply(&self, w: Write) -> Result<(), StoreError> {
+        match w {
+            Write::Progress {
+                campaign,
+                device,
+                progress,
+            } => self.store.put_progress(&campaign, &device, &progress),
+            Write::Device(d) => self.store.put_device(&d),
+            Write::Campaign(c) => self.store.put_campaign(&c),
+            Write::Release(r) => self.store.put_release(&r),
+            Write::Chunk {
+                artifact,
+                index,
+                sealed,
+            } => self.store.put_chunk(&artifact, index, &sealed),
+            Write::Audit { event, at_ms } => self.store.append_audit(event, at_ms).map(|_| ()),
+        }
     }
 
-    fn on_chunk_request(&mut self, device: DeviceId, payload: &[u8]) -> Result<(), StoreError> {
-        let req: ChunkRequest = match messages::decode(payload) {
-            Ok(r) => r,
-            Err(e) => {
-                self.metrics.rejected("chunk_request", e.code());
-                warn!(%device, error = %e, "chunk request refused");
-                return Ok(());
-            }
-        };
-        let topic = topics::chunk_response(&device);
-        let first = req.ranges[0][0];
-        if self.revoked_devices.contains(&device) {
-            self.metrics.rejected("chunk_request", "revoked");
-            warn!(%device, "chunk request from a device whose certificate is revoked refused");
-            let frame =
-                chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::NotDownloading);
-            self.send_chunk(&device, &topic, frame);
-            return Ok(());
-        }
-        let Some(live) = self.campaigns.get_mut(&req.campaign) else {
-            self.metrics.rejected("chunk_request", "unknown_campaign");
-            let frame =
-                chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::UnknownArtifact);
-            self.send_chunk(&device, &topic, frame);
-            return Ok(());
-        };
-        let progress = live.progress.get(&device);
-        let state = progress.map(|p| p.state);
-        let withdrawn = progress.and_then(|p| withdrawn_reason(p, live.record.status));
-        if state.is_some() {
-            live.rollout.touch(&device, now_ms());
-        }
-        if live.record.artifact != req.artifact || state.is_none() {
-            self.metrics.rejected("chunk_request", "unknown_artifact");
-            let frame =
-                chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::UnknownArtifact);
-            self.send_chunk(&device, &topic, frame);
-            return Ok(());
-        }
-        // `Notified` too: the device's `downloading` report may still be in this very batch.
-        let serving = matches!(
-            state,
-            Some(DeviceState::Notified | DeviceState::Downloading)
-        );
-        if !serving || withdrawn.is_some() {
-            self.metrics.rejected("chunk_request", "not_downloading");
-            let frame =
-                chunkframe::encode_error(&req.artifact, first, ChunkErrorCode::NotDownloading);
-            self.send_chunk(&device, &topic, frame);
-            // A device still downloading a withdrawn job missed its withdrawal: the broker
-            // lost the retained one in a restart. Tell it again, once per process (the broker
-            // keeps it from then on, so a device repeating its request gets no second copy),
-            // unless a newer job of another campaign is what its job topic holds now.
-            if let Some(reason) = withdrawn {
-                if !self
-                    .rewithdrawn
-                    .contains(&(device.clone(), req.campaign.clone()))
-                    && !self.has_job_elsewhere(&device, &req.campaign)
-                {
-                    self.rewithdrawn
-                        .insert((device.clone(), req.campaign.clone()));
-                    self.metrics.rejected("chunk_request", "withdrawn");
-                    self.withdraw_job(&device, &req.campaign, reason);
-                }
-            }
-            return Ok(());
-        }
-        let count = live.manifest.chunk_count;
-        let artifact = live.record.artifact.clone();
-        if let Err(wait_ms) = self.slots.admit(&device, now_ms()) {
-            self.metrics.rejected("chunk_request", "busy");
-            let busy = chunkframe::encode_busy(&artifact, first, wait_ms);
-            self.send_chunk(&device, &topic, busy);
-            return Ok(());
-        }
-        // A member's first request for a chunk of the image records that it was served, and is
-        // answered after the batch's commit, once that record is durable.
-        if first < count && !self.note_served(&req.campaign, &device)? {
-            self.held_requests.push((device, artifact, count, req));
-            return Ok(());
-        }
-        self.serve_chunks(&device, &artifact, count, &req)
-    }
-
-    /// One frame per requested index, in order (PROTOCOL.md §10.7), until the fleet's chunk
-    /// budget is spent: then one `busy` frame for the first index not sent.
+    /// Chunk service: one frame per requested index, in order, read from the store
+    /// (PROTOCOL.md §10.7). The core has decided the device may have them.
     fn serve_chunks(
         &mut self,
         device: &DeviceId,
         artifact: &ArtifactId,
         count: u32,
-        req: &ChunkRequest,
-    ) -> Result<(), StoreError> {
-        let topic = topics::chunk_response(device);
-        for index in req.indices() {
+        indices: &[u32],
+    ) {
+        for &index in indices {
             if index >= count {
                 let frame = chunkframe::encode_error(artifact, index, ChunkErrorCode::OutOfRange);
-                self.send_chunk(device, &topic, frame);
+                self.send_chunk(device, frame);
                 break;
             }
-            let Some(frame) = self.frames.get(&self.store, artifact, index, count)? else {
-                warn!(%artifact, index, "stored release is missing a chunk");
-                let frame =
-                    chunkframe::encode_error(artifact, index, ChunkErrorCode::UnknownArtifact);
-                self.send_chunk(device, &topic, frame);
-                break;
+            let frame = match self.frames.get(&self.store, artifact, index, count) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    warn!(%artifact, index, "stored release is missing a chunk");
+                    let frame =
+                        chunkframe::encode_error(artifact, index, ChunkErrorCode::UnknownArtifact);
+                    self.send_chunk(device, frame);
+                    break;
+                }
+                Err(e) => {
+                    // The device asks again; a store that cannot read fails the next write.
+                    warn!(%artifact, index, error = %e, "reading a chunk failed");
+                    break;
+                }
             };
             let sealed = frame.len() - chunkframe::header_len(artifact);
-            let Some(direct) = &self.cfg.direct else {
+            let Some(direct) = &self.direct else {
                 self.metrics.chunk_served(sealed);
-                self.send(topic.clone(), frame.to_vec(), false);
+                self.send_chunk(device, frame.to_vec());
                 continue;
             };
+            let topic = topics::chunk_response(device);
             match direct.deliver(device, &topic, frame) {
                 Ok(()) => self.metrics.chunk_served(sealed),
+                // The front's fleet budget (or this device's queue) is full: the device waits
+                // instead of timing out, and asks again for this chunk and those after it.
                 Err(DeliverError::Busy | DeliverError::QueueFull) => {
                     self.metrics.rejected("chunk_response", "busy");
-                    let busy = chunkframe::encode_busy(artifact, index, pacing::MIN_WAIT_MS);
+                    let busy = chunkframe::encode_busy(artifact, index, core::pacing::MIN_WAIT_MS);
                     let _ = direct.deliver_unmetered(device, &topic, Bytes::from(busy));
                     break;
                 }
@@ -618,63 +514,16 @@ impl Engine {
                 }
             }
         }
-        Ok(())
     }
 
-    /// Records that a member is being served chunks; returns whether it was already recorded.
-    /// One write per member, never one per chunk. The first time, the caller holds the request
-    /// until the batch's commit: no chunk leaves before "served" is durable, so a device that
-    /// downloaded before a crash or restart and reports `succeeded` after it is never flagged.
-    fn note_served(
-        &mut self,
-        campaign: &CampaignId,
-        device: &DeviceId,
-    ) -> Result<bool, StoreError> {
-        let Some(p) = self
-            .campaigns
-            .get_mut(campaign)
-            .and_then(|live| live.progress.get_mut(device))
-        else {
-            return Ok(true);
-        };
-        if p.served {
-            return Ok(true);
-        }
-        p.served = true;
-        self.store.put_progress(campaign, device, p)?;
-        self.dirty = true;
-        Ok(false)
-    }
-
-    /// A member reported `succeeded` but was never handed a chunk of the image. Devices are
-    /// trusted to report honestly (SECURITY.md), so the report is still applied (the device is
-    /// the authority on what it runs), but an operator must be able to see it: a counter, a
-    /// warning, and an audit entry, durable with the batch like the transition itself.
-    fn flag_success_without_download(
-        &mut self,
-        device: &DeviceId,
-        campaign: &CampaignId,
-        now: u64,
-    ) -> Result<(), StoreError> {
-        self.metrics.success_without_download();
-        warn!(%device, %campaign, "device reported succeeded but was never sent a chunk of the image");
-        let event = crate::store::AuditEvent {
-            actor: "orchestrator".into(),
-            action: SUCCESS_WITHOUT_DOWNLOAD.into(),
-            subject: format!("{campaign}/{device}"),
-            outcome: "flagged".into(),
-        };
-        self.store.append_audit(event, now)?;
-        self.dirty = true;
-        Ok(())
-    }
-
-    /// Sends a chunk frame: directly on the device's connection when the front offers it.
-    /// Chunk frames carry no state, so they need not wait for the batch's commit.
-    fn send_chunk(&mut self, device: &DeviceId, topic: &str, frame: Vec<u8>) {
-        match &self.cfg.direct {
+    /// Sends a chunk frame: directly on the device's connection when the front offers it,
+    /// else through the broker with the batch's output. Chunk frames carry no state, so they
+    /// need not wait for the batch's commit.
+    fn send_chunk(&mut self, device: &DeviceId, frame: Vec<u8>) {
+        let topic = topics::chunk_response(device);
+        match &self.direct {
             Some(direct) => {
-                if let Err(e) = direct.deliver_unmetered(device, topic, Bytes::from(frame)) {
+                if let Err(e) = direct.deliver_unmetered(device, &topic, Bytes::from(frame)) {
                     let why = match e {
                         DeliverError::NotConnected => "not_connected",
                         DeliverError::QueueFull => "queue_full",
@@ -684,165 +533,191 @@ impl Engine {
                     debug!(%device, error = %e, "chunk response dropped; the device will ask again");
                 }
             }
-            None => self.send(topic.to_owned(), frame, false),
+            None => self.batch.after_commit.push(Out::Publish {
+                topic,
+                payload: frame,
+                retain: false,
+            }),
         }
     }
 
-    /// Whether `device` is in flight in a running campaign other than `campaign`: its job
-    /// topic then holds that campaign's job, which a withdrawal must not replace. O(campaigns).
-    fn has_job_elsewhere(&self, device: &DeviceId, campaign: &CampaignId) -> bool {
-        self.campaigns.iter().any(|(id, live)| {
-            id != campaign
-                && !live.record.status.is_final()
-                && live
-                    .progress
-                    .get(device)
-                    .is_some_and(|p| p.state != DeviceState::Idle && !p.state.is_terminal())
-        })
-    }
-
-    fn on_health(&mut self, device: DeviceId, payload: &[u8]) -> Result<(), StoreError> {
-        let hb: messages::Heartbeat = match messages::decode(payload) {
-            Ok(h) => h,
-            Err(e) => {
-                self.metrics.rejected("health", e.code());
-                debug!(%device, error = %e, "heartbeat refused");
-                return Ok(());
-            }
-        };
-        self.metrics.heartbeat(hb.healthy);
-        let Some(campaign) = hb.campaign else {
-            return Ok(());
-        };
-        let now = now_ms();
-        let Some(live) = self.campaigns.get_mut(&campaign) else {
-            return Ok(());
-        };
-        live.rollout.touch(&device, now);
-        if !live.rollout.observe_health(&device, hb.healthy, now) {
-            return Ok(());
-        }
-        let Some(mut p) = live.progress.get(&device).cloned() else {
-            return Ok(());
-        };
-        warn!(%device, %campaign, detail = hb.detail.as_deref().unwrap_or(""), "device unhealthy during its wave's soak; counted as a failure");
-        p.unhealthy = true;
-        self.store.put_progress(&campaign, &device, &p)?;
-        live.progress.insert(device, p);
-        self.dirty = true;
-        self.touched.insert(campaign);
-        Ok(())
-    }
-
-    /// Records that `device` now runs `campaign`'s security version and manifest sequence: the
-    /// device raised its own floor and installed sequence before reporting `succeeded`.
-    /// Flushed with the batch, before the ack.
-    fn raise_floor(&mut self, device: &DeviceId, campaign: &CampaignId) -> Result<(), StoreError> {
-        let Some((version, sequence)) = self
-            .campaigns
-            .get(campaign)
-            .map(|live| (live.manifest.security_version, live.manifest.sequence))
-        else {
-            return Ok(());
-        };
-        if let Some(mut d) = self.store.device(device)? {
-            let raised = d.floor < Some(version) || d.installed_sequence < sequence;
-            if raised {
-                d.floor = d.floor.max(Some(version));
-                d.installed_sequence = d.installed_sequence.max(sequence);
-                self.store.put_device(&d)?;
+    /// `send_chunk` during the commit's output, when nothing more is batched.
+    async fn send_chunk_now(
+        &mut self,
+        device: &DeviceId,
+        frame: Vec<u8>,
+        publisher: &Publisher,
+    ) -> Result<(), LinkClosed> {
+        self.send_chunk(device, frame);
+        for o in std::mem::take(&mut self.batch.after_commit) {
+            if let Out::Publish {
+                topic,
+                payload,
+                retain,
+            } = o
+            {
+                publisher.publish(topic, payload, retain).await?;
             }
         }
-        Ok(())
-    }
-
-    fn on_device_seen(&mut self, seen: SeenDevice) -> Result<(), StoreError> {
-        let x25519 = hex::encode(seen.x25519_public);
-        let serial = hex::encode(&seen.serial);
-        let now = now_ms();
-        let mut d = match self.store.device(&seen.id)? {
-            Some(mut d) => {
-                d.last_seen_ms = now;
-                if d.x25519_public != x25519 || d.cert_serial != serial {
-                    info!(device = %seen.id, serial = %serial, "device presented a new certificate; registry updated");
-                    d.x25519_public = x25519;
-                    d.cert_serial = serial;
-                    d.cert_not_before = seen.not_before;
-                    d.cert_not_after = seen.not_after;
-                    // The key that jobs are wrapped to changed: make it durable with the batch.
-                    self.dirty = true;
-                }
-                d
-            }
-            None => {
-                info!(device = %seen.id, serial = %serial, "device registered from its certificate");
-                self.dirty = true;
-                DeviceRecord {
-                    id: seen.id,
-                    x25519_public: x25519,
-                    cert_not_after: seen.not_after,
-                    cert_not_before: seen.not_before,
-                    cert_serial: serial,
-                    revoked: false,
-                    groups: Vec::new(),
-                    labels: Default::default(),
-                    registered_ms: now,
-                    last_seen_ms: now,
-                    floor: None,
-                    installed_sequence: None,
-                }
-            }
-        };
-        // The front checked this certificate against the CRL at the handshake, but a newer CRL
-        // may have come in since.
-        self.set_revoked(&mut d);
-        // Last-seen alone is informational: sled's background flush is durable enough for it.
-        self.store.put_device(&d)?;
         Ok(())
     }
 }
 
-/// Why a member's job was withdrawn, if it was: the orchestrator timed it out, cancelled it or
-/// revoked its certificate, or its campaign was aborted while it was notified or downloading.
-fn withdrawn_reason(p: &Progress, status: crate::store::CampaignStatus) -> Option<Reason> {
-    match (p.state, p.reason) {
-        (
-            DeviceState::Failed,
-            Some(r @ (Reason::TimedOut | Reason::Cancelled | Reason::Revoked)),
-        ) => Some(r),
-        (DeviceState::Notified | DeviceState::Downloading, _)
-            if status == crate::store::CampaignStatus::Aborted =>
-        {
-            Some(Reason::Cancelled)
+/// Everything the core keeps in memory, read from the store.
+fn load(store: &Store) -> Result<Loaded, StoreError> {
+    let devices = store.devices()?;
+    let releases = store.releases()?;
+    let mut uploads = HashMap::new();
+    for r in releases.iter().filter(|r| !r.complete) {
+        let mut received = HashSet::new();
+        for i in 0..r.manifest.chunk_count {
+            if store.chunk(&r.artifact, i)?.is_some() {
+                received.insert(i);
+            }
         }
-        _ => None,
+        uploads.insert(r.artifact.clone(), received);
     }
+    let mut campaigns = Vec::new();
+    for record in store.campaigns()? {
+        let progress = store.campaign_progress(&record.id)?;
+        campaigns.push((record, progress));
+    }
+    Ok(Loaded {
+        devices,
+        releases,
+        campaigns,
+        uploads,
+    })
 }
 
-fn parse_key_hex(s: &str) -> Option<ContentKey> {
-    let bytes: [u8; 32] = hex::decode(s).ok()?.try_into().ok()?;
-    Some(ContentKey::from_bytes(bytes))
+/// A job's payload for its device, or why its content key could not be wrapped.
+type WrappedJob = (DeviceId, Result<Vec<u8>, crypto::CryptoError>);
+type Wrapped = Vec<WrappedJob>;
+
+/// Wraps each job's content key for its device on the blocking pool, a few tasks at once; each
+/// task with the number of jobs it wraps.
+fn wrap_jobs(jobs: Vec<JobOrder>) -> Vec<(tokio::task::JoinHandle<Wrapped>, usize)> {
+    if jobs.is_empty() {
+        return Vec::new();
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_task = jobs.len().div_ceil(threads).max(JOBS_PER_TASK);
+    let mut tasks = Vec::new();
+    let mut jobs = jobs.into_iter().peekable();
+    while jobs.peek().is_some() {
+        let part: Vec<JobOrder> = jobs.by_ref().take(per_task).collect();
+        let len = part.len();
+        let task = tokio::task::spawn_blocking(move || {
+            part.iter()
+                .map(|j| (j.device.clone(), job_payload(j)))
+                .collect()
+        });
+        tasks.push((task, len));
+    }
+    tasks
 }
 
 /// The job for one device: the signed manifest and the content key wrapped for it alone.
-fn job_payload(
-    live: &LiveCampaign,
-    device: &DeviceRecord,
-    roots: &[aloft_proto::trust::SignedRoot],
-    now_ms: u64,
-) -> Result<Vec<u8>, crypto::CryptoError> {
-    let public: [u8; 32] = hex::decode(&device.x25519_public)
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or(crypto::CryptoError::MalformedPublicKey)?;
-    let wrapped = crypto::wrap_content_key(&public, &device.id, &live.record.artifact, &live.key)?;
+fn job_payload(order: &JobOrder) -> Result<Vec<u8>, crypto::CryptoError> {
+    let t = &order.template;
+    let wrapped =
+        crypto::wrap_content_key(&order.x25519_public, &order.device, &t.artifact, &t.key)?;
     let job = Job {
         v: PROTOCOL_VERSION,
-        campaign: live.record.id.clone(),
-        manifest: live.signed.clone(),
+        campaign: t.campaign.clone(),
+        manifest: t.signed.clone(),
         wrapped_key: wrapped,
-        issued_at: now_ms / 1000,
-        roots: roots.to_vec(),
+        issued_at: order.issued_at_ms / 1000,
+        roots: order.roots.to_vec(),
     };
     Ok(messages::encode(&job))
+}
+
+/// The CRL file, the front and the trust directory, for the operator actions the core
+/// suspends until they are done.
+struct Files {
+    front: Option<Arc<FrontContext>>,
+    crl_path: Option<PathBuf>,
+    trust_dir: Option<PathBuf>,
+    ca_pem: String,
+}
+
+impl Files {
+    /// Stores `crl` as `crl.pem`, then enforces it at the front (new handshakes, and live
+    /// sessions of revoked certificates are ended); returns those sessions. Stored first, so a
+    /// restart enforces what the front is about to enforce; on failure the file is as it was.
+    fn apply_crl(
+        &self,
+        crl: &VerifiedCrl,
+        previous: Option<&VerifiedCrl>,
+    ) -> Result<Vec<String>, String> {
+        let Some(front) = &self.front else {
+            return Err("this orchestrator has no front whose crl can be replaced".into());
+        };
+        let previous = previous.map(|c| crl_pem(c.der.as_ref()));
+        if let Some(path) = &self.crl_path {
+            if let Err(e) = write_file_atomically(path, crl_pem(crl.der.as_ref()).as_bytes(), 0o600)
+            {
+                warn!(error = %e, "storing the new crl failed; the old one stays in force");
+                return Err(e.to_string());
+            }
+        }
+        match front.apply_crl(crl) {
+            Ok(dropped) => Ok(dropped.iter().map(ToString::to_string).collect()),
+            Err(e) => {
+                // Put the file back as it was, so disk and front agree on the old CRL.
+                if let Some(path) = &self.crl_path {
+                    let restored = match &previous {
+                        Some(old) => write_file_atomically(path, old.as_bytes(), 0o600),
+                        None => std::fs::remove_file(path).map_err(|source| PkiError::Write {
+                            path: path.clone(),
+                            source,
+                        }),
+                    };
+                    if let Err(re) = restored {
+                        warn!(error = %re, "restoring the previous crl.pem failed");
+                    }
+                }
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// The CRL in `crl.pem`, verified against the fleet CA, if the file exists. A file that
+    /// exists but cannot be read or verified is an error.
+    fn crl_on_disk(&self) -> Result<Option<VerifiedCrl>, String> {
+        let Some(path) = &self.crl_path else {
+            return Ok(None);
+        };
+        match std::fs::read_to_string(path) {
+            Ok(pem) => VerifiedCrl::parse(&pem, &self.ca_pem)
+                .map(Some)
+                .map_err(|e| format!("{}: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Writes each accepted root to the trust directory (none: kept in memory only).
+    fn store_roots(&self, roots: &[SignedRoot]) -> Result<(), String> {
+        if let Some(dir) = &self.trust_dir {
+            for r in roots {
+                crate::trust::write_root(dir, r).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The CRL as PEM, re-encoded from the verified DER so nothing else from the request reaches
+/// the file.
+fn crl_pem(der: &[u8]) -> String {
+    let body = B64.encode(der);
+    let mut pem = String::from("-----BEGIN X509 CRL-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END X509 CRL-----\n");
+    pem
 }

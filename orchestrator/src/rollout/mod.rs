@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use aloft_proto::{DeviceId, DeviceState};
 use serde::{Deserialize, Serialize};
 
-use crate::store::CampaignStatus;
+use crate::model::CampaignStatus;
 pub use policy::{Plan, RolloutPolicy};
 
 /// What a rollout keeps across restarts (stored with the campaign); members' states come from

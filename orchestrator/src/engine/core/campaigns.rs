@@ -1,14 +1,13 @@
 //! Campaign operations from operators: create (membership, policy, dry run), pause, resume,
 //! abort, roll back, and the summaries `campaign_status` and `campaign_list` return.
 
-use super::admin::{refuse, AdminResult};
 use super::*;
 use crate::admin::wire::{AdminError, CampaignSummary, DeviceSummary, DryRun, WaveSummary};
 use crate::rollout::{Plan, RolloutPolicy, RolloutState};
-use crate::store::{CampaignRecord, CampaignStatus, Target};
+use crate::store::{CampaignRecord, Target};
 use serde_json::json;
 
-impl Engine {
+impl Core {
     /// Resolves the membership, then (unless `dry_run`) stores the campaign and lets its
     /// rollout notify the first wave before this batch commits.
     #[allow(clippy::too_many_arguments)]
@@ -22,14 +21,8 @@ impl Engine {
         policy: RolloutPolicy,
         dry_run: bool,
     ) -> AdminResult {
-        let mut devices = match self.resolve(&target)? {
-            Ok(d) => d,
-            Err(e) => return Ok(Err(e)),
-        };
-        match self.resolve(&Target::Devices(include.to_vec()))? {
-            Ok(extra) => devices.extend(extra),
-            Err(e) => return Ok(Err(e)),
-        }
+        let mut devices = self.resolve(&target)?;
+        devices.extend(self.resolve(&Target::Devices(include.to_vec()))?);
         let excluded: HashSet<&DeviceId> = exclude.iter().collect();
         devices.retain(|d| !excluded.contains(d));
         devices.sort();
@@ -48,7 +41,7 @@ impl Engine {
         dry_run: bool,
         rolls_back: Option<CampaignId>,
     ) -> AdminResult {
-        let Some(release) = self.store.release(artifact)? else {
+        let Some(release) = self.releases.get(artifact).cloned() else {
             return refuse("unknown_artifact", format!("no release {artifact}"));
         };
         if !release.complete {
@@ -60,17 +53,17 @@ impl Engine {
         let Some(key) = parse_key_hex(&release.content_key_hex) else {
             return refuse("invalid_content_key", "stored content key is malformed");
         };
-        if let Err(e) = self.cfg.trust.trusted.check_fresh(now_ms() / 1000) {
+        if let Err(e) = self.trust.trusted.check_fresh(self.now / 1000) {
             return refuse("root_expired", format!("{e}; push a newer root first"));
         }
         // A key revoked (or a threshold raised) since the upload stops the release here too:
         // devices would refuse it anyway, one by one.
-        if let Err(e) = self.cfg.trust.trusted.verify_manifest(&release.signed) {
+        if let Err(e) = self.trust.trusted.verify_manifest(&release.signed) {
             return refuse(
                 "untrusted_release",
                 format!(
                     "{artifact} no longer verifies under root version {}: {e}",
-                    self.cfg.trust.trusted.version()
+                    self.trust.trusted.version()
                 ),
             );
         }
@@ -90,20 +83,20 @@ impl Engine {
             };
             return refuse("empty_target", why);
         }
-        if let Some(refusal) = self.replay_blocked(&release.manifest, &devices)? {
-            return Ok(Err(refusal));
+        if let Some(refusal) = self.replay_blocked(&release.manifest, &devices) {
+            return Err(refusal);
         }
         if dry_run {
             let plan = Plan::new(artifact, &devices, &policy);
-            return Ok(Ok(json!(DryRun {
+            return Ok(json!(DryRun {
                 artifact: artifact.clone(),
                 total: devices.len() as u32,
                 policy,
                 waves: plan.waves(),
-            })));
+            }));
         }
-        let id = new_campaign_id();
-        let now = now_ms();
+        let id = self.new_campaign_id();
+        let now = self.now;
         let record = CampaignRecord {
             id: id.clone(),
             artifact: artifact.clone(),
@@ -117,22 +110,21 @@ impl Engine {
             rollout: RolloutState::default(),
             rolls_back,
         };
-        self.store.put_campaign(&record)?;
+        self.write(Write::Campaign(record.clone()));
         let mut progress = std::collections::HashMap::new();
         for d in &devices {
             let p = Progress::new(now);
-            self.store.put_progress(&id, d, &p)?;
+            self.put_progress(&id, d, &p);
             progress.insert(d.clone(), p);
         }
-        self.dirty = true;
-        let live = LiveCampaign::new(record, release.manifest, release.signed, key, progress);
+        let live = LiveCampaign::new(record, &release, key, progress);
         let waves = live.rollout.waves().len();
         self.campaigns.insert(id.clone(), live);
         self.touched.insert(id.clone());
         info!(%operator, campaign = %id, %artifact, devices = devices.len(), waves, excluded_revoked, "campaign created");
-        Ok(Ok(
+        Ok(
             json!({"campaign": id, "devices": devices.len(), "waves": waves, "excluded_revoked": excluded_revoked}),
-        ))
+        )
     }
 
     /// Pause, resume or abort, by an operator.
@@ -155,10 +147,10 @@ impl Engine {
             Err(e) => return refuse("wrong_status", e.to_string()),
         };
         info!(%operator, %campaign, verb, "campaign control");
-        self.apply_rollout(campaign, actions, now_ms())?;
+        self.apply_rollout(campaign, actions, self.now);
         self.touched.insert(campaign.clone());
         let status = self.campaigns.get(campaign).map(|l| l.record.status);
-        Ok(Ok(json!({"campaign": campaign, "status": status})))
+        Ok(json!({"campaign": campaign, "status": status}))
     }
 
     /// A new campaign that returns the devices that took `campaign`'s release to `to`.
@@ -173,7 +165,7 @@ impl Engine {
         let Some(live) = self.campaigns.get(campaign) else {
             return refuse("unknown_campaign", format!("no campaign {campaign}"));
         };
-        let Some(target) = self.store.release(to)? else {
+        let Some(target) = self.releases.get(to) else {
             return refuse("unknown_artifact", format!("no release {to}"));
         };
         let from = &live.manifest;
@@ -237,7 +229,7 @@ impl Engine {
                     .unwrap_or_default(),
                 None => Vec::new(),
             };
-            self.apply_rollout(campaign, actions, now_ms())?;
+            self.apply_rollout(campaign, actions, self.now);
         }
         let target = Target::Devices(devices.clone());
         self.start_campaign(
@@ -253,30 +245,24 @@ impl Engine {
 
     /// Refuses a release that members would refuse as a replay: its manifest sequence is not
     /// above the one a member last installed (as recorded when it reported `succeeded`).
-    fn replay_blocked(
-        &self,
-        manifest: &Manifest,
-        devices: &[DeviceId],
-    ) -> Result<Option<AdminError>, StoreError> {
-        let Some(seq) = manifest.sequence else {
-            return Ok(None);
-        };
+    fn replay_blocked(&self, manifest: &Manifest, devices: &[DeviceId]) -> Option<AdminError> {
+        let seq = manifest.sequence?;
         let mut blocked = Vec::new();
         let mut highest = 0;
         for d in devices {
-            let installed = self.store.device(d)?.and_then(|r| r.installed_sequence);
+            let installed = self.devices.get(d).and_then(|r| r.installed_sequence);
             if let Some(i) = installed.filter(|i| *i >= seq) {
                 blocked.push(d.as_str());
                 highest = highest.max(i);
             }
         }
         if blocked.is_empty() {
-            return Ok(None);
+            return None;
         }
         let n = blocked.len();
         blocked.truncate(5);
         let more = if n > blocked.len() { ", …" } else { "" };
-        Ok(Some(AdminError::new(
+        Some(AdminError::new(
             "replay_blocked",
             format!(
                 "{} has manifest sequence {seq} but {n} of the {} targeted devices ({}{more}) installed \
@@ -287,33 +273,27 @@ impl Engine {
                 blocked.join(", "),
                 resign_hint(&manifest.artifact)
             ),
-        )))
+        ))
     }
 
-    pub(super) fn resolve(
-        &self,
-        target: &Target,
-    ) -> Result<Result<Vec<DeviceId>, AdminError>, StoreError> {
-        let all = self.store.devices()?;
+    pub(super) fn resolve(&self, target: &Target) -> Result<Vec<DeviceId>, AdminError> {
+        let all = self.devices.values();
         let ids = match target {
-            Target::All => all.into_iter().map(|d| d.id).collect(),
+            Target::All => all.map(|d| d.id.clone()).collect(),
             Target::Group(g) => all
-                .into_iter()
                 .filter(|d| d.groups.contains(g))
-                .map(|d| d.id)
+                .map(|d| d.id.clone())
                 .collect(),
             Target::Labels(want) => all
-                .into_iter()
                 .filter(|d| want.iter().all(|(k, v)| d.labels.get(k) == Some(v)))
-                .map(|d| d.id)
+                .map(|d| d.id.clone())
                 .collect(),
             Target::Devices(ids) => {
-                let known: HashSet<_> = all.into_iter().map(|d| d.id).collect();
-                if let Some(missing) = ids.iter().find(|i| !known.contains(*i)) {
-                    return Ok(Err(AdminError::new(
+                if let Some(missing) = ids.iter().find(|i| !self.devices.contains_key(*i)) {
+                    return Err(AdminError::new(
                         "unknown_device",
                         format!("device {missing} is not registered"),
-                    )));
+                    ));
                 }
                 let mut v = ids.clone();
                 v.sort();
@@ -321,7 +301,7 @@ impl Engine {
                 v
             }
         };
-        Ok(Ok(ids))
+        Ok(ids)
     }
 }
 
@@ -388,14 +368,4 @@ fn resign_hint(artifact: &ArtifactId) -> String {
          (`aloft release resign --bundle <bundle of {artifact}> --version <new version> --key <release key> --out-dir <dir>`), \
          upload it and use that"
     )
-}
-
-pub(super) fn new_campaign_id() -> CampaignId {
-    let mut r = [0u8; 6];
-    // Without OS randomness the id falls back to the clock alone, which is still unique enough
-    // for one orchestrator creating campaigns one at a time.
-    let _ = crypto::random_bytes(&mut r);
-    let id = format!("c-{:x}-{}", now_ms() / 1000, hex::encode(r));
-    // The format above only produces valid ids; the fallback keeps this free of panics.
-    CampaignId::new(id).unwrap_or_else(|_| CampaignId::new("c-0").expect("literal id is valid"))
 }

@@ -1,4 +1,4 @@
-//! Certificate renewal in the engine (PROTOCOL.md §5.9): the checks a request passes before the
+//! Certificate renewal in the core (PROTOCOL.md §5.9): the checks a request passes before the
 //! signer sees it, the per-device limits ([`RenewalGate`], pure), the operator's leave for an
 //! early renewal (`device_renew_allow`), and the answer once the signer is done.
 //!
@@ -20,11 +20,10 @@ use aloft_proto::{topics, DeviceId};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::pki::AdminResult;
-use super::{now_ms, Engine};
+use super::{AdminResult, CaState, Core, Out, Session};
 use crate::admin::wire::AdminError;
 use crate::signer::{SignOutcome, SignRequest, Signed};
-use crate::store::{AuditEvent, StoreError};
+use crate::store::AuditEvent;
 
 /// Lifetime of a renewed certificate when the old one's is not on record (as `aloft pki
 /// issue-device`).
@@ -117,24 +116,39 @@ impl RenewalGate {
     }
 }
 
-impl Engine {
+impl Core {
     /// A device asks for a new certificate. Refusals are answered on its `cert` topic now; a
     /// request that passes goes to the signer, and is answered when it comes back (`on_signed`).
-    pub(super) fn on_csr(&mut self, device: DeviceId, payload: &[u8]) -> Result<(), StoreError> {
-        if let Err((error, detail)) = self.renew(&device, payload)? {
+    pub(super) fn on_csr(
+        &mut self,
+        device: DeviceId,
+        payload: &[u8],
+        session: Session,
+        ca: CaState,
+    ) {
+        if let Err((error, detail)) = self.renew(&device, payload, session, ca) {
             self.answer_refusal(&device, error, detail);
         }
-        Ok(())
+    }
+
+    /// The signer's queue was full: the device gets its slot back and is told to ask later.
+    pub(super) fn on_signer_busy(&mut self, device: DeviceId) {
+        self.renewals.release(&device);
+        self.answer_refusal(
+            &device,
+            RenewalError::RateLimited,
+            "the orchestrator is signing as many renewals as it queues; ask again later".into(),
+        );
     }
 
     /// The signer's answer.
-    pub(super) fn on_signed(&mut self, signed: Signed) -> Result<(), StoreError> {
+    pub(super) fn on_signed(&mut self, signed: Signed) {
         let device = signed.device;
         match signed.outcome {
             SignOutcome::Issued { cert, serial } => {
                 self.metrics.renewal("issued");
                 info!(%device, %serial, "device certificate renewed");
-                self.audit_renewal(&device, format!("{device} serial {serial}"), "ok")?;
+                self.audit_renewal(&device, format!("{device} serial {serial}"), "ok");
                 let response = RenewalResponse {
                     v: PROTOCOL_VERSION,
                     cert: Some(cert),
@@ -148,12 +162,11 @@ impl Engine {
                     self.renewals.release(&device);
                 }
                 if error == RenewalError::X25519KeyChanged {
-                    self.audit_renewal(&device, device.to_string(), error.as_str())?;
+                    self.audit_renewal(&device, device.to_string(), error.as_str());
                 }
                 self.answer_refusal(&device, error, detail);
             }
         }
-        Ok(())
     }
 
     fn answer_refusal(&mut self, device: &DeviceId, error: RenewalError, mut detail: String) {
@@ -177,21 +190,13 @@ impl Engine {
     }
 
     /// A renewal the orchestrator decided on its own goes to the audit log.
-    fn audit_renewal(
-        &mut self,
-        device: &DeviceId,
-        subject: String,
-        outcome: &str,
-    ) -> Result<(), StoreError> {
-        let event = AuditEvent {
+    fn audit_renewal(&mut self, device: &DeviceId, subject: String, outcome: &str) {
+        self.audit(AuditEvent {
             actor: format!("device {device}"),
             action: "certificate_renewal".into(),
             subject,
             outcome: outcome.into(),
-        };
-        self.store.append_audit(event, now_ms())?;
-        self.dirty = true;
-        Ok(())
+        });
     }
 
     /// Checks a renewal request and hands it to the signer, or says why not.
@@ -199,91 +204,89 @@ impl Engine {
         &mut self,
         device: &DeviceId,
         payload: &[u8],
-    ) -> Result<Result<(), Refusal>, StoreError> {
+        session: Session,
+        ca: CaState,
+    ) -> Result<(), Refusal> {
         let req: RenewalRequest = match messages::decode(payload) {
             Ok(r) => r,
-            Err(e) => return Ok(Err((RenewalError::InvalidCsr, e.to_string()))),
+            Err(e) => return Err((RenewalError::InvalidCsr, e.to_string())),
         };
-        let Some(record) = self.store.device(device)? else {
-            return Ok(Err((
+        let Some(record) = self.devices.get(device).cloned() else {
+            return Err((
                 RenewalError::UnknownDevice,
                 format!("device {device} is not registered"),
-            )));
+            ));
         };
         if record.revoked || self.is_revoked(&record) {
-            return Ok(Err((
+            return Err((
                 RenewalError::Revoked,
                 "the current certificate is revoked".into(),
-            )));
+            ));
         }
         // The certificate of the session the request came through must itself be current: the
         // record could lag behind a reconnect, the live session cannot.
-        let session_serial = match &self.cfg.front {
-            Some(front) => {
-                let peer = aloft_broker::Peer::Device(device.clone());
-                match front.registry.cert_serial(&peer) {
-                    Some(serial) => {
-                        if self.crl.as_ref().is_some_and(|c| c.is_revoked(&serial)) {
-                            return Ok(Err((
-                                RenewalError::Revoked,
-                                "the session's certificate is revoked".into(),
-                            )));
-                        }
-                        serial
-                    }
-                    None => {
-                        return Ok(Err((
-                            RenewalError::UnknownDevice,
-                            "no live certificate-authenticated session for this device".into(),
-                        )));
-                    }
+        let session_serial = match session {
+            Session::Serial(serial) => {
+                if self.crl.as_ref().is_some_and(|c| c.is_revoked(&serial)) {
+                    return Err((
+                        RenewalError::Revoked,
+                        "the session's certificate is revoked".into(),
+                    ));
                 }
+                serial
             }
-            None => hex::decode(&record.cert_serial).unwrap_or_default(),
+            Session::Absent => {
+                return Err((
+                    RenewalError::UnknownDevice,
+                    "no live certificate-authenticated session for this device".into(),
+                ));
+            }
+            Session::NoFront => hex::decode(&record.cert_serial).unwrap_or_default(),
         };
-        let Some(signer) = self.cfg.signer.clone() else {
-            return Ok(Err((
-                RenewalError::CaOffline,
-                "renewal needs the online ca; this orchestrator has none".into(),
-            )));
-        };
-        if !signer.key_present() {
-            return Ok(Err((
-                RenewalError::CaOffline,
-                format!(
-                    "renewal needs the online ca: the ca key is not on the orchestrator ({CA_KEY_FILE})"
-                ),
-            )));
+        match ca {
+            CaState::Ready => {}
+            CaState::NoSigner => {
+                return Err((
+                    RenewalError::CaOffline,
+                    "renewal needs the online ca; this orchestrator has none".into(),
+                ));
+            }
+            CaState::KeyAbsent => {
+                return Err((
+                    RenewalError::CaOffline,
+                    format!(
+                        "renewal needs the online ca: the ca key is not on the orchestrator ({CA_KEY_FILE})"
+                    ),
+                ));
+            }
         }
-        let now = now_ms();
+        let now = self.now;
         let now_secs = i64::try_from(now / 1000).unwrap_or(i64::MAX);
         let due = aloft_certs::renewal::grantable(
             now_secs,
             record.cert_not_before,
             record.cert_not_after,
         );
-        if let Err(refusal) = self.renewals.admit(now, device, due) {
-            return Ok(Err(refusal));
-        }
+        self.renewals.admit(now, device, due)?;
         // From here on the device's slot is spent: a refusal below costs it the hour too.
         let (named, x25519) = match aloft_certs::read_device_csr(&req.csr) {
             Ok(read) => read,
-            Err(e) => return Ok(Err((RenewalError::InvalidCsr, e.to_string()))),
+            Err(e) => return Err((RenewalError::InvalidCsr, e.to_string())),
         };
         if &named != device {
-            return Ok(Err((
+            return Err((
                 RenewalError::IdentityMismatch,
                 format!("the csr names {named}, the request came from {device}"),
-            )));
+            ));
         }
         let current: Option<[u8; 32]> = hex::decode(&record.x25519_public)
             .ok()
             .and_then(|b| b.try_into().ok());
         let Some(current) = current else {
-            return Ok(Err((
+            return Err((
                 RenewalError::Internal,
                 "the device's recorded x25519 key is unreadable".into(),
-            )));
+            ));
         };
         if x25519 != current {
             warn!(%device, "renewal with another x25519 key refused: whoever asked may hold only the tls key");
@@ -291,12 +294,12 @@ impl Engine {
                 device,
                 device.to_string(),
                 RenewalError::X25519KeyChanged.as_str(),
-            )?;
-            return Ok(Err((
+            );
+            return Err((
                 RenewalError::X25519KeyChanged,
                 "renewal keeps the x25519 key; a new one needs re-enrollment through the operator"
                     .into(),
-            )));
+            ));
         }
         let lifetime_days =
             if record.cert_not_before > 0 && record.cert_not_after > record.cert_not_before {
@@ -313,32 +316,27 @@ impl Engine {
             session_serial,
             lifetime_days,
         };
-        if signer.submit(request).is_err() {
-            self.renewals.release(device);
-            return Ok(Err((
-                RenewalError::RateLimited,
-                "the orchestrator is signing as many renewals as it queues; ask again later".into(),
-            )));
-        }
-        Ok(Ok(()))
+        // The shell hands it over at once; a full queue comes back as `Event::SignerBusy`.
+        self.fx.now.push(Out::Sign(request));
+        Ok(())
     }
 
     /// `device_renew_allow`: lets one registered device renew once, now, early or not.
     pub(super) fn device_renew_allow(&mut self, device: &DeviceId) -> AdminResult {
-        if self.store.device(device)?.is_none() {
-            return Ok(Err(AdminError::new(
+        if !self.devices.contains_key(device) {
+            return Err(AdminError::new(
                 "unknown_device",
                 format!("device {device} is not registered"),
-            )));
+            ));
         }
         if !self.renewals.allow(device) {
-            return Ok(Err(AdminError::new(
+            return Err(AdminError::new(
                 "too_many_allowed",
                 format!("{MAX_ALLOWED_RENEWALS} early renewals are allowed already; let some be used first"),
-            )));
+            ));
         }
         info!(%device, "one early renewal allowed");
-        Ok(Ok(json!({ "device": device, "allowed": true })))
+        Ok(json!({ "device": device, "allowed": true }))
     }
 }
 

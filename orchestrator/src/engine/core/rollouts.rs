@@ -1,19 +1,19 @@
 //! Carrying out rollouts: each campaign's `Rollout` is moved forward after every batch that
-//! touched it and on the engine's tick; its actions become progress records, published jobs
-//! and withdrawals, and its own status changes go to the audit log.
+//! touched it and on the engine's tick; its actions become progress writes, job orders and
+//! withdrawals, and its own status changes go to the audit log.
 
 use super::*;
 
-impl Engine {
+impl Core {
     /// Publishes the job of every member in flight again: the embedded broker keeps no retained
     /// messages across restarts. Members of a final campaign get nothing new.
-    pub(super) fn republish_jobs(&mut self, id: &CampaignId) -> Result<(), StoreError> {
-        let now = now_ms();
+    pub(super) fn republish_jobs(&mut self, id: &CampaignId) {
+        let now = self.now;
         let Some(live) = self.campaigns.get(id) else {
-            return Ok(());
+            return;
         };
         if live.record.status.is_final() {
-            return Ok(());
+            return;
         }
         let jobs: Vec<DeviceId> = live
             .progress
@@ -22,40 +22,43 @@ impl Engine {
             .map(|(d, _)| d.clone())
             .collect();
         for device in jobs {
-            self.publish_job(id, &device, now)?;
+            self.publish_job(id, &device, now);
         }
-        Ok(())
     }
 
-    /// Publishes one member's job, with the content key wrapped for it alone.
-    pub(super) fn publish_job(
-        &mut self,
-        id: &CampaignId,
-        device: &DeviceId,
-        now: u64,
-    ) -> Result<(), StoreError> {
-        let Some(record) = self.store.device(device)? else {
+    /// Orders one member's job, with the content key to be wrapped for it alone.
+    pub(super) fn publish_job(&mut self, id: &CampaignId, device: &DeviceId, now: u64) {
+        let Some(record) = self.devices.get(device) else {
             warn!(%device, "campaign member is not registered; no job");
-            return Ok(());
+            return;
         };
-        if self.is_revoked(&record) {
+        if self.is_revoked(record) {
             // Fail closed: no content key is ever wrapped to a revoked certificate's key.
             self.metrics.rejected("job", "revoked");
             warn!(%device, campaign = %id, "device certificate is revoked; no job, member failed");
-            self.move_member(id, device, DeviceState::Failed, Some(Reason::Revoked), now)?;
+            self.move_member(id, device, DeviceState::Failed, Some(Reason::Revoked), now);
             self.withdraw_job(device, id, Reason::Revoked);
             self.touched.insert(id.clone());
-            return Ok(());
+            return;
         }
-        let Some(live) = self.campaigns.get(id) else {
-            return Ok(());
+        let public: Option<[u8; 32]> = hex::decode(&record.x25519_public)
+            .ok()
+            .and_then(|b| b.try_into().ok());
+        let Some(x25519_public) = public else {
+            warn!(%device, "cannot wrap the content key for device: its recorded x25519 key is malformed");
+            return;
         };
-        let roots = self.cfg.trust.job_chain();
-        match job_payload(live, &record, roots, now) {
-            Ok(payload) => self.send(topics::job(device), payload, true),
-            Err(e) => warn!(%device, error = %e, "cannot wrap the content key for device"),
-        }
-        Ok(())
+        let Some(live) = self.campaigns.get(id) else {
+            return;
+        };
+        let order = JobOrder {
+            device: device.clone(),
+            x25519_public,
+            template: live.job.clone(),
+            roots: self.roots.clone(),
+            issued_at_ms: now,
+        };
+        self.fx.after_commit.push(Out::Job(order));
     }
 
     /// Withdraws a device's job (PROTOCOL.md §5.2): a device downloading stops. First the empty
@@ -80,47 +83,41 @@ impl Engine {
     }
 
     /// Moves a campaign's rollout to `now` and carries out what it decides.
-    pub(super) fn tick_rollout(&mut self, id: &CampaignId, now: u64) -> Result<(), StoreError> {
+    pub(super) fn tick_rollout(&mut self, id: &CampaignId, now: u64) {
         let Some(live) = self.campaigns.get_mut(id) else {
-            return Ok(());
+            return;
         };
         let actions = live.rollout.tick(now);
         // A status the rollout reached by itself (a threshold, the deadline, the end) goes to
         // the audit log; operators' own actions are logged with their request.
+        let reason = live.rollout.state().reason.clone().unwrap_or_default();
         for a in &actions {
             if let Action::Status(status) = a {
-                let event = crate::store::AuditEvent {
+                self.audit(AuditEvent {
                     actor: "orchestrator".into(),
                     action: format!("campaign_{status}"),
                     subject: id.to_string(),
-                    outcome: live.rollout.state().reason.clone().unwrap_or_default(),
-                };
-                self.store.append_audit(event, now)?;
-                self.dirty = true;
+                    outcome: reason.clone(),
+                });
             }
         }
         self.apply_rollout(id, actions, now)
     }
 
     /// Carries out a rollout's decisions, then stores its state if it changed.
-    pub(super) fn apply_rollout(
-        &mut self,
-        id: &CampaignId,
-        actions: Vec<Action>,
-        now: u64,
-    ) -> Result<(), StoreError> {
+    pub(super) fn apply_rollout(&mut self, id: &CampaignId, actions: Vec<Action>, now: u64) {
         for action in actions {
             match action {
                 Action::Notify(d) => {
-                    self.move_member(id, &d, DeviceState::Notified, None, now)?;
-                    self.publish_job(id, &d, now)?;
+                    self.move_member(id, &d, DeviceState::Notified, None, now);
+                    self.publish_job(id, &d, now);
                 }
                 Action::TimeOut(d) => {
-                    self.move_member(id, &d, DeviceState::Failed, Some(Reason::TimedOut), now)?;
+                    self.move_member(id, &d, DeviceState::Failed, Some(Reason::TimedOut), now);
                     self.withdraw_job(&d, id, Reason::TimedOut);
                 }
                 Action::Cancel(d) => {
-                    self.move_member(id, &d, DeviceState::Failed, Some(Reason::Cancelled), now)?;
+                    self.move_member(id, &d, DeviceState::Failed, Some(Reason::Cancelled), now);
                     self.withdraw_job(&d, id, Reason::Cancelled);
                 }
                 Action::Withdraw(d) => self.withdraw_job(&d, id, Reason::Cancelled),
@@ -139,7 +136,7 @@ impl Engine {
             }
         }
         let Some(live) = self.campaigns.get_mut(id) else {
-            return Ok(());
+            return;
         };
         if live.rollout.take_changed() {
             let status = live.rollout.status();
@@ -149,11 +146,10 @@ impl Engine {
             }
             live.record.status = status;
             live.record.rollout = live.rollout.state().clone();
-            self.store.put_campaign(&live.record)?;
-            self.dirty = true;
+            let record = live.record.clone();
+            self.write(Write::Campaign(record));
         }
         self.refresh_gauges(id);
-        Ok(())
     }
 
     /// The orchestrator's own transition of a member (notify, time out, cancel).
@@ -164,25 +160,23 @@ impl Engine {
         to: DeviceState,
         reason: Option<Reason>,
         now: u64,
-    ) -> Result<(), StoreError> {
+    ) {
         let Some(live) = self.campaigns.get_mut(id) else {
-            return Ok(());
+            return;
         };
         let Some(next) = live
             .progress
             .get(device)
             .and_then(|p| state::advance(p, to, reason, now))
         else {
-            return Ok(());
+            return;
         };
-        self.store.put_progress(id, device, &next)?;
-        self.dirty = true;
-        live.set(device, next);
+        live.set(device, next.clone());
+        self.put_progress(id, device, &next);
         if let Some(r) = reason {
             self.metrics.failure(r.as_str());
             info!(%device, campaign = %id, reason = %r, "device stopped by the orchestrator");
         }
-        Ok(())
     }
 
     /// Re-exports a campaign's gauges.

@@ -15,11 +15,9 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use super::campaigns::summary;
-use super::{now_ms, parse_key_hex, Engine};
+use super::{parse_key_hex, refuse, AdminResult, Core, Out, Pending, Write};
 use crate::admin::wire::{AdminBody, AdminError, AdminReply, AdminRequest};
-use crate::store::{AuditEvent, DeviceRecord, ReleaseRecord, StoreError};
-
-pub(super) type AdminResult = Result<Result<Value, AdminError>, StoreError>;
+use crate::store::{AuditEvent, DeviceRecord, ReleaseRecord};
 
 /// Replies to recent admin requests by (operator, request id), so a request delivered twice
 /// (QoS 1 redelivery) is answered twice but carried out once: a campaign is created once.
@@ -49,16 +47,8 @@ impl ReplyCache {
     }
 }
 
-pub(super) fn refuse(code: &str, message: impl Into<String>) -> AdminResult {
-    Ok(Err(AdminError::new(code, message)))
-}
-
-impl Engine {
-    pub(super) fn on_admin(
-        &mut self,
-        operator: OperatorId,
-        payload: &[u8],
-    ) -> Result<(), StoreError> {
+impl Core {
+    pub(super) fn on_admin(&mut self, operator: OperatorId, payload: &[u8]) {
         let reply_topic = topics::operator_reply(&operator);
         let req: AdminRequest = match messages::decode(payload) {
             Ok(r) => r,
@@ -70,7 +60,7 @@ impl Engine {
                     AdminError::new("malformed", e.to_string()),
                 );
                 self.send(reply_topic, messages::encode(&reply), false);
-                return Ok(());
+                return;
             }
         };
         let id = req.id.clone();
@@ -80,7 +70,18 @@ impl Engine {
             info!(%operator, request = %id, "duplicate admin request answered from cache");
             let reply = reply.clone();
             self.send(reply_topic, reply, false);
-            return Ok(());
+            return;
+        }
+        // Read from the store by the shell after the batch's commit, and not cached: it changes
+        // nothing, so a redelivered request may be answered from a newer state.
+        if let AdminBody::AuditList { since, limit } = req.body {
+            self.fx.after_commit.push(Out::AuditReply {
+                operator,
+                id,
+                since: since.unwrap_or(1),
+                limit: limit.unwrap_or(100).min(1000) as usize,
+            });
+            return;
         }
         let audit = req.body.audit();
         let dry_run = matches!(
@@ -88,36 +89,58 @@ impl Engine {
             AdminBody::CampaignCreate { dry_run: true, .. }
                 | AdminBody::CampaignRollback { dry_run: true, .. }
         );
-        let reply = match self.dispatch(&operator, req.body)? {
-            Ok(result) => AdminReply::ok(id, result),
+        let pending = Pending {
+            operator: operator.clone(),
+            id,
+            audit: audit.filter(|_| !dry_run),
+        };
+        if let Some(answer) = self.dispatch(&operator, req.body, &pending) {
+            self.finish_admin(pending, answer);
+        }
+    }
+
+    /// Answers an operator request (now, or once the shell did what it was suspended for),
+    /// completes its audit entry, and remembers the reply for redeliveries.
+    pub(super) fn finish_admin(&mut self, pending: Pending, answer: AdminResult) {
+        let Pending {
+            operator,
+            id,
+            audit,
+        } = pending;
+        let reply = match answer {
+            Ok(result) => AdminReply::ok(id.clone(), result),
             Err(e) => {
                 self.metrics.rejected("admin", "refused");
                 warn!(%operator, code = %e.code, message = %e.message, "admin request refused");
-                AdminReply::err(id, e)
+                AdminReply::err(id.clone(), e)
             }
         };
-        if let (Some((action, subject)), false) = (audit, dry_run) {
+        if let Some((action, subject)) = audit {
             let outcome = reply
                 .error
                 .as_ref()
                 .map_or_else(|| "ok".to_owned(), |e| e.code.clone());
-            let event = AuditEvent {
+            self.audit(AuditEvent {
                 actor: operator.to_string(),
                 action: action.to_owned(),
                 subject,
                 outcome,
-            };
-            self.store.append_audit(event, now_ms())?;
-            self.dirty = true;
+            });
         }
         let encoded = messages::encode(&reply);
-        self.admin_replies.insert(key, encoded.clone());
-        self.send(reply_topic, encoded, false);
-        Ok(())
+        self.admin_replies
+            .insert((operator.clone(), id), encoded.clone());
+        self.send(topics::operator_reply(&operator), encoded, false);
     }
 
-    fn dispatch(&mut self, operator: &OperatorId, body: AdminBody) -> AdminResult {
-        match body {
+    /// Carries out a request; `None`: suspended until the shell hands back what it needs.
+    fn dispatch(
+        &mut self,
+        operator: &OperatorId,
+        body: AdminBody,
+        pending: &Pending,
+    ) -> Option<AdminResult> {
+        Some(match body {
             AdminBody::ReleasePut {
                 manifest,
                 content_key,
@@ -128,19 +151,23 @@ impl Engine {
                 data,
             } => self.release_chunk(&artifact, index, &data),
             AdminBody::ReleaseList {} => self.release_list(),
-            AdminBody::TrustUpdate { roots } => self.trust_update(operator, &roots),
-            AdminBody::TrustStatus {} => Ok(Ok(trust_status(&self.cfg.trust))),
-            AdminBody::DeviceRegister { certs, groups } => self.device_register(&certs, &groups),
+            AdminBody::TrustUpdate { roots } => {
+                return self.trust_update(operator, &roots, pending)
+            }
+            AdminBody::TrustStatus {} => Ok(trust_status(&self.trust)),
+            AdminBody::DeviceRegister { certs, groups } => {
+                return self.device_register(certs, groups, pending)
+            }
             AdminBody::DeviceList {} => {
-                let devices = self.store.devices()?;
-                Ok(Ok(json!(devices)))
+                let devices: Vec<&DeviceRecord> = self.devices.values().collect();
+                Ok(json!(devices))
             }
             AdminBody::DeviceLabel {
                 devices,
                 set,
                 remove,
             } => self.device_label(&devices, &set, &remove),
-            AdminBody::CrlUpdate { crl } => self.crl_update(operator, &crl),
+            AdminBody::CrlUpdate { crl } => return self.crl_update(operator, &crl, pending),
             AdminBody::DeviceRenewAllow { device } => self.device_renew_allow(&device),
             AdminBody::CampaignCreate {
                 artifact,
@@ -169,25 +196,19 @@ impl Engine {
             } => self.campaign_rollback(operator, &campaign, &to, policy, dry_run),
             AdminBody::CampaignStatus { campaign, devices } => {
                 match self.campaigns.get(&campaign) {
-                    Some(live) => Ok(Ok(json!(summary(live, devices)))),
+                    Some(live) => Ok(json!(summary(live, devices))),
                     None => refuse("unknown_campaign", format!("no campaign {campaign}")),
                 }
             }
-            AdminBody::AuditList { since, limit } => {
-                let limit = limit.unwrap_or(100).min(1000) as usize;
-                let entries = self.store.audit(since.unwrap_or(1), limit)?;
-                let chain = match self.store.verify_audit()? {
-                    Ok(n) => json!({"ok": true, "entries": n}),
-                    Err(b) => json!({"ok": false, "broken": b.to_string()}),
-                };
-                Ok(Ok(json!({"entries": entries, "chain": chain})))
+            AdminBody::AuditList { .. } => {
+                refuse("internal", "audit_list is answered by the shell")
             }
             AdminBody::CampaignList {} => {
                 let mut all: Vec<_> = self.campaigns.values().map(|l| summary(l, false)).collect();
                 all.sort_by_key(|s| s.created_ms);
-                Ok(Ok(json!(all)))
+                Ok(json!(all))
             }
-        }
+        })
     }
 
     fn release_put(
@@ -196,11 +217,11 @@ impl Engine {
         signed: aloft_proto::manifest::SignedManifest,
         content_key: &str,
     ) -> AdminResult {
-        if let Err(e) = self.cfg.trust.trusted.check_fresh(now_ms() / 1000) {
+        if let Err(e) = self.trust.trusted.check_fresh(self.now / 1000) {
             self.metrics.rejected("release", "root_expired");
             return refuse("root_expired", format!("{e}; push a newer root first"));
         }
-        let manifest = match self.cfg.trust.trusted.verify_manifest(&signed) {
+        let manifest = match self.trust.trusted.verify_manifest(&signed) {
             Ok(m) => m,
             Err(e) => {
                 let code = manifest_error_code(&e);
@@ -212,7 +233,7 @@ impl Engine {
         if parse_key_hex(content_key).is_none() {
             return refuse("invalid_content_key", "content_key must be 64 hex digits");
         }
-        if let Some(existing) = self.store.release(&manifest.artifact)? {
+        if let Some(existing) = self.releases.get(&manifest.artifact) {
             if existing.signed.payload != signed.payload {
                 return refuse(
                     "conflict",
@@ -222,9 +243,7 @@ impl Engine {
                     ),
                 );
             }
-            return Ok(Ok(
-                json!({"artifact": manifest.artifact, "complete": existing.complete}),
-            ));
+            return Ok(json!({"artifact": manifest.artifact, "complete": existing.complete}));
         }
         let artifact = manifest.artifact.clone();
         let record = ReleaseRecord {
@@ -234,17 +253,16 @@ impl Engine {
             content_key_hex: content_key.to_owned(),
             complete: false,
             uploaded_by: operator.clone(),
-            uploaded_ms: now_ms(),
+            uploaded_ms: self.now,
         };
-        self.store.put_release(&record)?;
-        self.dirty = true;
-        self.uploads.insert(artifact.clone(), HashSet::new());
         info!(%operator, %artifact, version = %record.manifest.version, "release offered; signature verified");
-        Ok(Ok(json!({"artifact": artifact, "complete": false})))
+        self.put_release(record);
+        self.uploads.insert(artifact.clone(), HashSet::new());
+        Ok(json!({"artifact": artifact, "complete": false}))
     }
 
     fn release_chunk(&mut self, artifact: &ArtifactId, index: u32, data: &str) -> AdminResult {
-        let Some(mut record) = self.store.release(artifact)? else {
+        let Some(mut record) = self.releases.get(artifact).cloned() else {
             return refuse("unknown_artifact", format!("no release {artifact}"));
         };
         let Some(expected) = record.manifest.chunk_digest(index) else {
@@ -272,39 +290,30 @@ impl Engine {
             );
         }
         if record.complete {
-            return Ok(Ok(json!({"artifact": artifact, "complete": true})));
+            return Ok(json!({"artifact": artifact, "complete": true}));
         }
-        self.store.put_chunk(artifact, index, &sealed)?;
-        self.dirty = true;
-        let received = match self.uploads.get_mut(artifact) {
-            Some(set) => set,
-            None => {
-                // After a restart: rebuild what was received from the store.
-                let mut set = HashSet::new();
-                for i in 0..count {
-                    if self.store.chunk(artifact, i)?.is_some() {
-                        set.insert(i);
-                    }
-                }
-                self.uploads.entry(artifact.clone()).or_insert(set)
-            }
-        };
+        self.write(Write::Chunk {
+            artifact: artifact.clone(),
+            index,
+            sealed,
+        });
+        // The shell loaded what was received before a restart (`Loaded::uploads`).
+        let received = self.uploads.entry(artifact.clone()).or_default();
         received.insert(index);
         let complete = received.len() == count as usize;
         if complete {
             record.complete = true;
-            self.store.put_release(&record)?;
+            self.put_release(record);
             self.uploads.remove(artifact);
             info!(%artifact, chunks = count, "release complete");
         }
-        Ok(Ok(json!({"artifact": artifact, "complete": complete})))
+        Ok(json!({"artifact": artifact, "complete": complete}))
     }
 
     fn release_list(&self) -> AdminResult {
         let list: Vec<Value> = self
-            .store
-            .releases()?
-            .into_iter()
+            .releases
+            .values()
             .map(|r| {
                 json!({
                     "artifact": r.artifact,
@@ -319,16 +328,41 @@ impl Engine {
                 })
             })
             .collect();
-        Ok(Ok(json!(list)))
+        Ok(json!(list))
     }
 
-    fn device_register(&mut self, certs: &[String], groups: &[String]) -> AdminResult {
+    /// Checks the groups, then asks the shell for `crl.pem` (`register_with` goes on).
+    fn device_register(
+        &mut self,
+        certs: Vec<String>,
+        groups: Vec<String>,
+        pending: &Pending,
+    ) -> Option<AdminResult> {
         if let Some(g) = groups.iter().find(|g| !valid_group(g)) {
-            return refuse("invalid_group", format!("group {g:?} is not a valid name"));
+            return Some(refuse(
+                "invalid_group",
+                format!("group {g:?} is not a valid name"),
+            ));
         }
+        self.fx.now.push(Out::ReadCrl {
+            certs,
+            groups,
+            pending: pending.clone(),
+        });
+        None
+    }
+
+    /// Registers the certificates that verify and are not revoked by the CRL in force or by
+    /// `crl.pem` as the shell read it (`on_disk`).
+    pub(super) fn register_with(
+        &mut self,
+        certs: &[String],
+        groups: &[String],
+        on_disk: Result<Option<aloft_certs::revocation::VerifiedCrl>, String>,
+    ) -> AdminResult {
         // Fail closed: a CRL that cannot be read means nothing is registered, not that nothing
         // is revoked.
-        let crl = match self.crl_for_registration() {
+        let crl = match self.crl_for_registration(on_disk) {
             Ok(c) => c,
             Err(e) => {
                 self.metrics.rejected("admin", "crl_unavailable");
@@ -341,10 +375,10 @@ impl Engine {
         let crls = crl.iter().map(|c| c.der.clone()).collect::<Vec<_>>();
         let mut registered = Vec::new();
         let mut errors = Vec::new();
-        let now = now_ms();
+        let now = self.now;
         for pem in certs {
             let identity =
-                match aloft_certs::tls::verify_client_cert(&self.cfg.ca_pem, pem, crls.clone()) {
+                match aloft_certs::tls::verify_client_cert(&self.ca_pem, pem, crls.clone()) {
                     Ok(i) => i,
                     Err(e) => {
                         errors.push(e.to_string());
@@ -365,7 +399,7 @@ impl Engine {
                 errors.push(format!("{} is not a device certificate", identity.id));
                 continue;
             };
-            let mut record = self.store.device(&id)?.unwrap_or(DeviceRecord {
+            let mut record = self.devices.get(&id).cloned().unwrap_or(DeviceRecord {
                 id: id.clone(),
                 x25519_public: String::new(),
                 cert_not_after: 0,
@@ -389,34 +423,70 @@ impl Engine {
                 }
             }
             self.set_revoked(&mut record);
-            self.store.put_device(&record)?;
+            self.put_device(record, true);
             registered.push(id);
         }
-        self.dirty = true;
-        Ok(Ok(json!({"registered": registered, "errors": errors})))
+        self.fx.flush = true;
+        Ok(json!({"registered": registered, "errors": errors}))
     }
 
     /// New root metadata from an operator: accepted only if it walks forward from the root the
     /// orchestrator trusts (thresholds of the old and the new root keys, revocations kept), and
     /// written to the trust directory before it counts.
+    /// Walks forward from the trusted root in memory; the roots it accepts count only once the
+    /// shell has written them to the trust directory (`roots_stored`).
     fn trust_update(
         &mut self,
         operator: &OperatorId,
         roots: &[aloft_proto::trust::SignedRoot],
-    ) -> AdminResult {
-        let dir = self.cfg.trust_dir.clone();
-        match self.cfg.trust.accept(roots, dir.as_deref()) {
-            Ok(n) => {
-                let version = self.cfg.trust.trusted.version();
-                info!(%operator, version, accepted = n, "root of trust updated");
-                Ok(Ok(json!({"version": version, "accepted": n})))
+        pending: &Pending,
+    ) -> Option<AdminResult> {
+        let current = self.trust.trusted.version();
+        let mut next = self.trust.clone();
+        match next.accept(roots, None) {
+            Ok(0) => Some(Ok(json!({"version": current, "accepted": 0}))),
+            Ok(accepted) => {
+                let mut newer: Vec<aloft_proto::trust::SignedRoot> = roots
+                    .iter()
+                    .filter(|s| s.peek_unverified().is_ok_and(|r| r.version > current))
+                    .cloned()
+                    .collect();
+                newer.sort_by_key(|s| s.peek_unverified().map(|r| r.version).unwrap_or(0));
+                self.fx.now.push(Out::StoreRoots {
+                    roots: newer,
+                    next: Box::new(next),
+                    accepted,
+                    pending: pending.clone(),
+                });
+                None
             }
             Err(e) => {
                 self.metrics.rejected("admin", "untrusted_root");
                 warn!(%operator, error = %e, "root update refused");
-                refuse("untrusted_root", e.to_string())
+                Some(refuse("untrusted_root", e.to_string()))
             }
         }
+    }
+
+    /// The accepted roots are on disk (or could not be written: nothing changes).
+    pub(super) fn roots_stored(
+        &mut self,
+        pending: &Pending,
+        next: crate::trust::TrustState,
+        accepted: usize,
+        result: Result<(), String>,
+    ) -> AdminResult {
+        let operator = &pending.operator;
+        if let Err(e) = result {
+            self.metrics.rejected("admin", "untrusted_root");
+            warn!(%operator, error = %e, "root update refused");
+            return refuse("untrusted_root", e);
+        }
+        self.trust = next;
+        self.roots = std::sync::Arc::new(self.trust.job_chain().to_vec());
+        let version = self.trust.trusted.version();
+        info!(%operator, version, accepted, "root of trust updated");
+        Ok(json!({"version": version, "accepted": accepted}))
     }
 
     fn device_label(
@@ -435,8 +505,8 @@ impl Engine {
         }
         let mut records = Vec::with_capacity(devices.len());
         for d in devices {
-            match self.store.device(d)? {
-                Some(r) => records.push(r),
+            match self.devices.get(d) {
+                Some(r) => records.push(r.clone()),
                 None => return refuse("unknown_device", format!("device {d} is not registered")),
             }
         }
@@ -446,10 +516,10 @@ impl Engine {
             }
             r.labels
                 .extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
-            self.store.put_device(&r)?;
+            self.put_device(r, true);
         }
-        self.dirty = true;
-        Ok(Ok(json!({"labelled": devices.len()})))
+        self.fx.flush = true;
+        Ok(json!({"labelled": devices.len()}))
     }
 }
 
@@ -471,7 +541,6 @@ fn trust_status(trust: &crate::trust::TrustState) -> Value {
     })
 }
 
-/// Label keys and values: 1 to 63 characters of `a-z A-Z 0-9 . _ -`.
 /// The admin error code of a manifest that failed verification.
 fn manifest_error_code(e: &ManifestError) -> &'static str {
     match e {
@@ -483,6 +552,7 @@ fn manifest_error_code(e: &ManifestError) -> &'static str {
     }
 }
 
+/// Label keys and values: 1 to 63 characters of `a-z A-Z 0-9 . _ -`.
 fn valid_label(k: &str, v: &str) -> bool {
     let ok = |s: &str| {
         (1..=63).contains(&s.len())

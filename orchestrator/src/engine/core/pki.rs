@@ -1,4 +1,4 @@
-//! Revocation in the engine: which registered devices hold a revoked certificate, and the
+//! Revocation in the core: which registered devices hold a revoked certificate, and the
 //! `crl_update` admin operation (verify, never go backwards, store, enforce at the front, fail
 //! the revoked members). Renewal is in `renewal`.
 //!
@@ -6,38 +6,15 @@
 //! force counts as revoked; a CRL that cannot be read or verified is an error, never "nothing is
 //! revoked".
 
-use aloft_certs::revocation::{write_file_atomically, VerifiedCrl};
-use aloft_certs::PkiError;
+use aloft_certs::revocation::VerifiedCrl;
 use aloft_proto::{DeviceId, DeviceState, OperatorId, Reason};
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::info;
 
-use super::{now_ms, Engine};
-use crate::admin::wire::AdminError;
-use crate::store::{DeviceRecord, StoreError};
+use super::{refuse, AdminResult, Core, Out, Pending};
+use crate::store::DeviceRecord;
 
-pub(super) type AdminResult = Result<Result<serde_json::Value, AdminError>, StoreError>;
-
-fn refuse(code: &str, message: impl Into<String>) -> AdminResult {
-    Ok(Err(AdminError::new(code, message)))
-}
-
-/// The CRL as PEM, re-encoded from the verified DER so nothing else from the request reaches
-/// the file.
-fn crl_pem(der: &[u8]) -> String {
-    let body = B64.encode(der);
-    let mut pem = String::from("-----BEGIN X509 CRL-----\n");
-    for line in body.as_bytes().chunks(64) {
-        pem.push_str(&String::from_utf8_lossy(line));
-        pem.push('\n');
-    }
-    pem.push_str("-----END X509 CRL-----\n");
-    pem
-}
-
-impl Engine {
+impl Core {
     /// Does the CRL in force revoke the certificate `record` names? A record whose serial cannot
     /// be read counts as revoked while a CRL is in force. A record from before 1.1 (no serial)
     /// does not: it learns its serial at the device's next connection, which the front checks.
@@ -66,26 +43,26 @@ impl Engine {
 
     /// Re-judges every registered device against the CRL in force; returns the devices revoked
     /// now that were not before.
-    pub(super) fn refresh_revoked(&mut self) -> Result<Vec<DeviceId>, StoreError> {
+    pub(super) fn refresh_revoked(&mut self) -> Vec<DeviceId> {
         let mut newly = Vec::new();
-        for mut record in self.store.devices()? {
+        let records: Vec<DeviceRecord> = self.devices.values().cloned().collect();
+        for mut record in records {
             let was = record.revoked;
             self.set_revoked(&mut record);
             if record.revoked != was {
                 if record.revoked {
                     newly.push(record.id.clone());
                 }
-                self.store.put_device(&record)?;
-                self.dirty = true;
+                self.put_device(record, true);
             }
         }
-        Ok(newly)
+        newly
     }
 
     /// Fails every unfinished member that is a revoked device, in every campaign still running,
     /// and withdraws its job. Returns how many members it failed.
-    fn fail_revoked_members(&mut self) -> Result<usize, StoreError> {
-        let now = now_ms();
+    fn fail_revoked_members(&mut self) -> usize {
+        let now = self.now;
         let mut doomed = Vec::new();
         for (id, live) in &self.campaigns {
             if live.record.status.is_final() {
@@ -98,28 +75,21 @@ impl Engine {
             }
         }
         for (id, device) in &doomed {
-            self.move_member(id, device, DeviceState::Failed, Some(Reason::Revoked), now)?;
+            self.move_member(id, device, DeviceState::Failed, Some(Reason::Revoked), now);
             self.withdraw_job(device, id, Reason::Revoked);
             self.touched.insert(id.clone());
         }
-        Ok(doomed.len())
+        doomed.len()
     }
 
     /// The CRL `device_register` checks certificates against: the one in force, or the one in
     /// `crl.pem` if that file is newer (someone replaced it by hand). A `crl.pem` that exists
     /// but cannot be read or verified is an error: registration then refuses everything.
-    pub(super) fn crl_for_registration(&self) -> Result<Option<VerifiedCrl>, String> {
-        let on_disk = match &self.cfg.crl_path {
-            Some(path) => match std::fs::read_to_string(path) {
-                Ok(pem) => Some(
-                    VerifiedCrl::parse(&pem, &self.cfg.ca_pem)
-                        .map_err(|e| format!("{}: {e}", path.display()))?,
-                ),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => return Err(format!("{}: {e}", path.display())),
-            },
-            None => None,
-        };
+    pub(super) fn crl_for_registration(
+        &self,
+        on_disk: Result<Option<VerifiedCrl>, String>,
+    ) -> Result<Option<VerifiedCrl>, String> {
+        let on_disk = on_disk?;
         Ok(match (self.crl.clone(), on_disk) {
             (Some(a), Some(b)) => Some(if b.number > a.number { b } else { a }),
             (a, b) => a.or(b),
@@ -130,12 +100,17 @@ impl Engine {
     /// force (or equal to it with other content), stores it in place of `crl.pem`, enforces it
     /// at the front (new handshakes, and live sessions of revoked certificates are ended), then
     /// marks the revoked devices and fails their unfinished campaign memberships.
-    pub(super) fn crl_update(&mut self, operator: &OperatorId, pem: &str) -> AdminResult {
-        let crl = match VerifiedCrl::parse(pem, &self.cfg.ca_pem) {
+    pub(super) fn crl_update(
+        &mut self,
+        operator: &OperatorId,
+        pem: &str,
+        pending: &Pending,
+    ) -> Option<AdminResult> {
+        let crl = match VerifiedCrl::parse(pem, &self.ca_pem) {
             Ok(c) => c,
             Err(e) => {
                 self.metrics.rejected("crl", "invalid");
-                return refuse("invalid_crl", e.to_string());
+                return Some(refuse("invalid_crl", e.to_string()));
             }
         };
         if let Some(current) = &self.crl {
@@ -143,70 +118,58 @@ impl Engine {
                 || (crl.number == current.number && crl.der != current.der)
             {
                 self.metrics.rejected("crl", "stale");
-                return refuse(
+                return Some(refuse(
                     "stale_crl",
                     format!(
                         "crl number {} is not newer than the crl in force ({}); never go backwards",
                         crl.number, current.number
                     ),
-                );
+                ));
             }
             if crl.der == current.der {
-                return Ok(Ok(json!({
+                return Some(Ok(json!({
                     "crl_number": crl.number,
                     "revoked_serials": crl.revoked.len(),
                     "unchanged": true,
                 })));
             }
         }
-        let Some(front) = self.cfg.front.clone() else {
-            return refuse(
-                "crl_not_applied",
-                "this orchestrator has no front whose crl can be replaced",
-            );
-        };
-        // Stored first, so a restart enforces what the front is about to enforce.
-        let previous = self.crl.as_ref().map(|c| crl_pem(c.der.as_ref()));
-        if let Some(path) = &self.cfg.crl_path {
-            if let Err(e) = write_file_atomically(path, crl_pem(crl.der.as_ref()).as_bytes(), 0o600)
-            {
-                warn!(error = %e, "storing the new crl failed; the old one stays in force");
-                return refuse("crl_not_applied", e.to_string());
-            }
-        }
-        let dropped = match front.apply_crl(&crl) {
+        info!(%operator, crl_number = crl.number, "crl verified; storing it and applying it at the front");
+        self.fx.now.push(Out::ApplyCrl {
+            crl: Box::new(crl),
+            previous: self.crl.clone().map(Box::new),
+            pending: pending.clone(),
+        });
+        None
+    }
+
+    /// The shell stored the CRL and the front enforces it (or neither happened): marks the
+    /// revoked devices and fails their unfinished campaign memberships.
+    pub(super) fn crl_applied(
+        &mut self,
+        pending: &Pending,
+        crl: VerifiedCrl,
+        result: Result<Vec<String>, String>,
+    ) -> AdminResult {
+        let operator = &pending.operator;
+        let dropped = match result {
             Ok(d) => d,
-            Err(e) => {
-                // Put the file back as it was, so disk and front agree on the old CRL.
-                if let Some(path) = &self.cfg.crl_path {
-                    let restored = match &previous {
-                        Some(old) => write_file_atomically(path, old.as_bytes(), 0o600),
-                        None => std::fs::remove_file(path).map_err(|source| PkiError::Write {
-                            path: path.clone(),
-                            source,
-                        }),
-                    };
-                    if let Err(re) = restored {
-                        warn!(error = %re, "restoring the previous crl.pem failed");
-                    }
-                }
-                return refuse("crl_not_applied", e.to_string());
-            }
+            Err(e) => return refuse("crl_not_applied", e),
         };
         let number = crl.number;
         let serials = crl.revoked.len();
         self.crl = Some(crl);
-        let newly = self.refresh_revoked()?;
-        let failed = self.fail_revoked_members()?;
-        self.dirty = true;
-        let sessions: Vec<String> = dropped.iter().map(ToString::to_string).collect();
+        let newly = self.refresh_revoked();
+        let failed = self.fail_revoked_members();
+        self.fx.flush = true;
+        let sessions = dropped;
         info!(%operator, crl_number = number, revoked_serials = serials, devices_revoked = newly.len(), sessions_dropped = sessions.len(), members_failed = failed, "crl updated");
-        Ok(Ok(json!({
+        Ok(json!({
             "crl_number": number,
             "revoked_serials": serials,
             "devices_revoked": newly,
             "sessions_dropped": sessions,
             "members_failed": failed,
-        })))
+        }))
     }
 }

@@ -1,0 +1,545 @@
+//! Unit tests of the core with no I/O: a release signed in memory, a campaign loaded as the shell
+//! would load it, and events fed with the time. `Durable` stands in for the store: it keeps what
+//! the core's writes would have made durable, so a test can restart a core from it.
+
+use std::collections::BTreeMap;
+
+use aloft_proto::manifest::ReleaseSigningKey;
+use aloft_proto::messages::ChunkRequest;
+use aloft_proto::release::{build_release, ReleaseMeta};
+use aloft_proto::trust::{Role, Root, ROOT_FORMAT};
+use aloft_proto::SecurityVersion;
+
+use super::*;
+use crate::rollout::{RolloutPolicy, RolloutState};
+use crate::store::Target;
+
+/// What the store would hold after the writes so far.
+#[derive(Clone, Default)]
+pub(super) struct Durable {
+    pub devices: BTreeMap<DeviceId, DeviceRecord>,
+    pub releases: BTreeMap<ArtifactId, ReleaseRecord>,
+    pub campaigns: BTreeMap<CampaignId, CampaignRecord>,
+    pub progress: BTreeMap<(CampaignId, DeviceId), Progress>,
+    pub audit: Vec<AuditEvent>,
+}
+
+impl Durable {
+    pub fn apply(&mut self, writes: &[Write]) {
+        for w in writes {
+            match w {
+                Write::Progress {
+                    campaign,
+                    device,
+                    progress,
+                } => {
+                    self.progress
+                        .insert((campaign.clone(), device.clone()), progress.clone());
+                }
+                Write::Device(d) => {
+                    self.devices.insert(d.id.clone(), d.clone());
+                }
+                Write::Campaign(c) => {
+                    self.campaigns.insert(c.id.clone(), c.clone());
+                }
+                Write::Release(r) => {
+                    self.releases.insert(r.artifact.clone(), r.clone());
+                }
+                Write::Chunk { .. } => {}
+                Write::Audit { event, .. } => self.audit.push(event.clone()),
+            }
+        }
+    }
+
+    fn loaded(&self) -> Loaded {
+        Loaded {
+            devices: self.devices.values().cloned().collect(),
+            releases: self.releases.values().cloned().collect(),
+            campaigns: self
+                .campaigns
+                .values()
+                .map(|c| {
+                    let progress = self
+                        .progress
+                        .iter()
+                        .filter(|((id, _), _)| *id == c.id)
+                        .map(|((_, d), p)| (d.clone(), p.clone()))
+                        .collect();
+                    (c.clone(), progress)
+                })
+                .collect(),
+            uploads: HashMap::new(),
+        }
+    }
+}
+
+/// One campaign of `n` devices over a release of `chunks` chunks, as the store would hold it.
+pub(super) struct Fixture {
+    pub trust: crate::trust::TrustState,
+    pub durable: Durable,
+    pub campaign: CampaignId,
+    pub artifact: ArtifactId,
+    pub devices: Vec<DeviceId>,
+}
+
+fn signed_root(root_key: &ReleaseSigningKey, release: &ReleaseSigningKey) -> SignedRoot {
+    let keys: BTreeMap<String, String> = [root_key, release]
+        .iter()
+        .map(|k| (k.public().key_id(), k.public().to_hex()))
+        .collect();
+    let r = Root {
+        v: ROOT_FORMAT,
+        version: 1,
+        issued_at: 1,
+        expires_at: u64::MAX,
+        keys,
+        root: Role {
+            keyids: vec![root_key.public().key_id()],
+            threshold: 1,
+        },
+        release: Role {
+            keyids: vec![release.public().key_id()],
+            threshold: 1,
+        },
+        revoked: Vec::new(),
+    };
+    let mut s = SignedRoot::new(&r);
+    s.sign(root_key).unwrap();
+    s
+}
+
+impl Fixture {
+    pub fn new(n: usize, chunks: u32) -> Fixture {
+        let (root_key, release_key) = (
+            ReleaseSigningKey::generate().unwrap(),
+            ReleaseSigningKey::generate().unwrap(),
+        );
+        let trust =
+            crate::trust::TrustState::from_roots(vec![signed_root(&root_key, &release_key)])
+                .unwrap();
+        let artifact = ArtifactId::new("fw-2").unwrap();
+        let meta = ReleaseMeta {
+            artifact: artifact.clone(),
+            version: "2".into(),
+            security_version: SecurityVersion(2),
+            hardware_model: "hw".into(),
+            chunk_size: 1024,
+            created_at: 0,
+            expires_at: u64::MAX / 2,
+            sequence: Some(2),
+        };
+        let size = u64::from(chunks) * 1024;
+        let image = vec![7u8; size as usize];
+        let built = build_release(&mut image.as_slice(), size, &meta, &release_key, |_, _| {
+            Ok(())
+        })
+        .unwrap();
+        let operator = OperatorId::new("ops").unwrap();
+        let release = ReleaseRecord {
+            artifact: artifact.clone(),
+            signed: built.signed,
+            manifest: built.manifest,
+            content_key_hex: hex::encode(built.content_key.as_bytes()),
+            complete: true,
+            uploaded_by: operator.clone(),
+            uploaded_ms: 0,
+        };
+        let devices: Vec<DeviceId> = (0..n)
+            .map(|i| DeviceId::new(format!("dev-{i}")).unwrap())
+            .collect();
+        let campaign = CampaignId::new("c-test").unwrap();
+        let mut durable = Durable::default();
+        for (i, d) in devices.iter().enumerate() {
+            durable.devices.insert(
+                d.clone(),
+                DeviceRecord {
+                    id: d.clone(),
+                    x25519_public: hex::encode([i as u8 + 1; 32]),
+                    cert_not_after: i64::MAX,
+                    cert_not_before: 0,
+                    cert_serial: format!("{:02x}", i + 1),
+                    revoked: false,
+                    groups: Vec::new(),
+                    labels: Default::default(),
+                    registered_ms: 0,
+                    last_seen_ms: 0,
+                    floor: None,
+                    installed_sequence: None,
+                },
+            );
+            durable
+                .progress
+                .insert((campaign.clone(), d.clone()), Progress::new(0));
+        }
+        durable.releases.insert(artifact.clone(), release);
+        durable.campaigns.insert(
+            campaign.clone(),
+            CampaignRecord {
+                id: campaign.clone(),
+                artifact: artifact.clone(),
+                target: Target::Devices(devices.clone()),
+                devices: devices.clone(),
+                status: CampaignStatus::Active,
+                created_by: operator,
+                created_ms: 0,
+                finished_ms: None,
+                policy: RolloutPolicy::default(),
+                rollout: RolloutState::default(),
+                rolls_back: None,
+            },
+        );
+        Fixture {
+            trust,
+            durable,
+            campaign,
+            artifact,
+            devices,
+        }
+    }
+
+    /// A core started from what is durable now, as the shell starts one after a restart.
+    pub fn core(&self) -> Core {
+        Core::new(
+            CoreConfig {
+                trust: self.trust.clone(),
+                ca_pem: String::new(),
+                crl: None,
+                seed: [0; 16],
+            },
+            Metrics::new(None, None),
+            self.durable.loaded(),
+        )
+    }
+
+    pub fn report(&self, device: usize, seq: u32, state: DeviceState) -> Event {
+        let reason = matches!(state, DeviceState::Failed | DeviceState::RolledBack)
+            .then_some(Reason::HealthCheckFailed);
+        let report = StatusReport {
+            v: PROTOCOL_VERSION,
+            campaign: self.campaign.clone(),
+            seq,
+            state,
+            reason,
+            detail: None,
+            running_version: None,
+        };
+        Event::Status {
+            device: self.devices[device].clone(),
+            payload: Bytes::from(messages::encode(&report)),
+        }
+    }
+
+    pub fn chunk_request(&self, device: usize, from: u32, to: u32) -> Event {
+        let req = ChunkRequest {
+            v: PROTOCOL_VERSION,
+            campaign: self.campaign.clone(),
+            artifact: self.artifact.clone(),
+            ranges: vec![[from, to]],
+        };
+        Event::ChunkRequest {
+            device: self.devices[device].clone(),
+            payload: Bytes::from(messages::encode(&req)),
+        }
+    }
+}
+
+fn acks(outs: &[Out]) -> Vec<&StatusAck> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Out::Ack { ack, .. } => Some(ack),
+            _ => None,
+        })
+        .collect()
+}
+
+fn progress_writes(writes: &[Write]) -> Vec<(&DeviceId, &Progress)> {
+    writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Progress {
+                device, progress, ..
+            } => Some((device, progress)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn recovery_notifies_the_members_durably_and_orders_their_jobs_after_the_commit() {
+    let f = Fixture::new(3, 4);
+    let mut core = f.core();
+    let fx = core.recover(1_000);
+    assert!(fx.flush);
+    let notified: Vec<_> = progress_writes(&fx.writes)
+        .into_iter()
+        .filter(|(_, p)| p.state == DeviceState::Notified)
+        .collect();
+    assert_eq!(notified.len(), 3);
+    let jobs = fx
+        .after_commit
+        .iter()
+        .filter(|o| matches!(o, Out::Job(_)))
+        .count();
+    assert_eq!(jobs, 3);
+    assert!(fx.now.is_empty(), "nothing leaves before the commit");
+}
+
+#[test]
+fn an_applied_report_is_acknowledged_after_the_commit_with_its_write_in_the_same_batch() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    core.recover(1_000);
+    let mut fx = core.on_event(2_000, f.report(0, 1, DeviceState::Downloading));
+    fx.extend(core.settle(2_000));
+    assert!(fx.flush);
+    assert!(acks(&fx.now).is_empty());
+    let acked = acks(&fx.after_commit);
+    assert_eq!(acked.len(), 1);
+    assert_eq!(acked[0].outcome, AckOutcome::Applied);
+    assert_eq!(acked[0].state, DeviceState::Downloading);
+    assert!(progress_writes(&fx.writes)
+        .iter()
+        .any(|(_, p)| p.state == DeviceState::Downloading && p.last_seq == 1));
+}
+
+#[test]
+fn a_duplicate_report_is_acknowledged_again_and_writes_nothing() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    core.recover(1_000);
+    core.on_event(2_000, f.report(0, 1, DeviceState::Downloading));
+    core.settle(2_000);
+    let fx = core.on_event(3_000, f.report(0, 1, DeviceState::Downloading));
+    assert!(fx.writes.is_empty());
+    assert_eq!(acks(&fx.after_commit)[0].outcome, AckOutcome::Duplicate);
+}
+
+#[test]
+fn a_report_for_a_campaign_the_device_is_not_in_is_rejected_without_a_write() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    core.recover(1_000);
+    let mut stranger = Fixture::new(1, 4);
+    stranger.campaign = CampaignId::new("c-other").unwrap();
+    let fx = core.on_event(2_000, stranger.report(0, 1, DeviceState::Downloading));
+    assert!(fx.writes.is_empty() && !fx.flush);
+    let acked = acks(&fx.after_commit);
+    assert_eq!(acked[0].outcome, AckOutcome::Rejected);
+    assert_eq!(acked[0].error, Some(AckError::NotTargeted));
+}
+
+#[test]
+fn a_members_first_chunk_requests_wait_for_the_commit_and_later_ones_are_served_at_once() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    core.recover(1_000);
+    core.settle(1_000);
+    let first = core.on_event(2_000, f.chunk_request(0, 0, 2));
+    assert!(first.flush);
+    assert!(progress_writes(&first.writes).iter().any(|(_, p)| p.served));
+    assert!(first.now.is_empty());
+    assert!(matches!(
+        first.after_commit.as_slice(),
+        [Out::ServeChunks { indices, .. }] if indices == &[0, 1]
+    ));
+    // A second request before the batch commits waits too: "served" is not durable yet.
+    let second = core.on_event(2_001, f.chunk_request(0, 2, 4));
+    assert!(second.now.is_empty());
+    assert_eq!(second.after_commit.len(), 1);
+    core.settle(2_002);
+    let later = core.on_event(3_000, f.chunk_request(0, 0, 9));
+    assert!(later.writes.is_empty());
+    match later.now.as_slice() {
+        [Out::ServeChunks { indices, count, .. }] => {
+            assert_eq!(*count, 4);
+            // Serving stops at the first index out of range.
+            assert_eq!(indices, &[0, 1, 2, 3, 4]);
+        }
+        other => panic!("expected chunks served at once, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_chunk_request_for_another_artifact_gets_an_error_frame_at_once() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    core.recover(1_000);
+    let mut other = Fixture::new(1, 4);
+    other.artifact = ArtifactId::new("fw-9").unwrap();
+    let fx = core.on_event(2_000, other.chunk_request(0, 0, 1));
+    assert!(fx.writes.is_empty() && fx.after_commit.is_empty());
+    assert!(matches!(fx.now.as_slice(), [Out::ChunkFrame { .. }]));
+}
+
+#[test]
+fn a_success_without_any_chunk_is_flagged_in_the_audit_log_and_raises_the_devices_floor() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    core.recover(1_000);
+    let mut fx = Effects::default();
+    for (seq, s) in [
+        DeviceState::Downloading,
+        DeviceState::Downloaded,
+        DeviceState::Installing,
+        DeviceState::Rebooting,
+        DeviceState::Verifying,
+        DeviceState::Succeeded,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        fx.extend(core.on_event(2_000, f.report(0, seq as u32 + 1, s)));
+    }
+    let flagged = fx.writes.iter().any(
+        |w| matches!(w, Write::Audit { event, .. } if event.action == SUCCESS_WITHOUT_DOWNLOAD),
+    );
+    assert!(flagged);
+    let floor = fx.writes.iter().find_map(|w| match w {
+        Write::Device(d) => Some((d.floor, d.installed_sequence)),
+        _ => None,
+    });
+    assert_eq!(floor, Some((Some(SecurityVersion(2)), Some(2))));
+}
+
+#[test]
+fn a_device_seen_for_the_first_time_is_registered_durably_but_last_seen_alone_needs_no_flush() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    let seen = |id: &str| {
+        Event::DeviceSeen(SeenDevice {
+            id: DeviceId::new(id).unwrap(),
+            x25519_public: [9; 32],
+            not_before: 0,
+            not_after: 10,
+            serial: vec![0x42],
+        })
+    };
+    let fx = core.on_event(1_000, seen("dev-new"));
+    assert!(fx.flush);
+    assert!(matches!(fx.writes.as_slice(), [Write::Device(d)] if d.registered_ms == 1_000));
+    let again = core.on_event(2_000, seen("dev-new"));
+    assert!(!again.flush);
+    assert!(matches!(again.writes.as_slice(), [Write::Device(d)] if d.last_seen_ms == 2_000));
+}
+
+#[test]
+fn a_core_restarted_from_its_writes_republishes_the_jobs_of_members_in_flight_only() {
+    let mut f = Fixture::new(2, 4);
+    let mut core = f.core();
+    let mut fx = core.recover(1_000);
+    fx.extend(core.on_event(2_000, f.report(0, 1, DeviceState::Downloading)));
+    fx.extend(core.on_event(2_000, f.report(1, 1, DeviceState::Failed)));
+    fx.extend(core.settle(2_000));
+    f.durable.apply(&fx.writes);
+    let mut restarted = f.core();
+    let fx = restarted.recover(5_000);
+    let jobs: Vec<&DeviceId> = fx
+        .after_commit
+        .iter()
+        .filter_map(|o| match o {
+            Out::Job(j) => Some(&j.device),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(jobs, vec![&f.devices[0]]);
+}
+
+fn admin(id: &str, body: crate::admin::wire::AdminBody) -> Event {
+    let req = crate::admin::wire::AdminRequest {
+        v: PROTOCOL_VERSION,
+        id: id.into(),
+        body,
+    };
+    Event::Admin {
+        operator: OperatorId::new("ops").unwrap(),
+        payload: Bytes::from(messages::encode(&req)),
+    }
+}
+
+fn replies(outs: &[Out]) -> Vec<crate::admin::wire::AdminReply> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Out::Publish { payload, .. } => serde_json::from_slice(payload).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_registration_waits_for_crl_pem_and_fails_closed_when_the_shell_cannot_read_it() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    let body = crate::admin::wire::AdminBody::DeviceRegister {
+        certs: Vec::new(),
+        groups: vec!["lab".into()],
+    };
+    let fx = core.on_event(1_000, admin("r-1", body));
+    assert!(
+        fx.after_commit.is_empty(),
+        "no answer before crl.pem is read"
+    );
+    let Some(Out::ReadCrl { pending, .. }) = fx.now.into_iter().next() else {
+        panic!("the core did not ask for crl.pem");
+    };
+    let fx = core.on_event(
+        1_001,
+        Event::CrlRead {
+            pending,
+            certs: Vec::new(),
+            groups: vec!["lab".into()],
+            on_disk: Err("crl.pem: unreadable".into()),
+        },
+    );
+    let answered = replies(&fx.after_commit);
+    assert_eq!(answered.len(), 1);
+    assert_eq!(answered[0].id, "r-1");
+    assert_eq!(answered[0].error.as_ref().unwrap().code, "crl_unavailable");
+    // The refusal is audited with the batch, and a redelivery is answered from the cache.
+    assert!(fx.flush);
+    let again = core.on_event(
+        1_002,
+        admin(
+            "r-1",
+            crate::admin::wire::AdminBody::DeviceRegister {
+                certs: Vec::new(),
+                groups: Vec::new(),
+            },
+        ),
+    );
+    assert!(again.now.is_empty());
+    assert_eq!(
+        replies(&again.after_commit)[0].error.as_ref().unwrap().code,
+        "crl_unavailable"
+    );
+}
+
+#[test]
+fn a_crl_that_does_not_verify_is_refused_at_once_without_reaching_the_shell() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    let body = crate::admin::wire::AdminBody::CrlUpdate {
+        crl: "not a crl".into(),
+    };
+    let fx = core.on_event(1_000, admin("c-1", body));
+    assert!(fx.now.is_empty());
+    assert_eq!(
+        replies(&fx.after_commit)[0].error.as_ref().unwrap().code,
+        "invalid_crl"
+    );
+}
+
+#[test]
+fn an_audit_list_is_left_to_the_shell_after_the_commit() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    let body = crate::admin::wire::AdminBody::AuditList {
+        since: Some(3),
+        limit: Some(5_000),
+    };
+    let fx = core.on_event(1_000, admin("a-1", body));
+    assert!(fx.now.is_empty() && fx.writes.is_empty());
+    assert!(matches!(
+        fx.after_commit.as_slice(),
+        [Out::AuditReply { id, since: 3, limit: 1000, .. }] if id == "a-1"
+    ));
+}
