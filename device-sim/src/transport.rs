@@ -654,6 +654,21 @@ impl Runner<'_> {
     }
 }
 
+/// An event whose publish no longer shares rumqttc's read buffer. A decoded publish's topic and
+/// payload are slices of that buffer, and while any slice lives the buffer cannot be reused, so
+/// each burst of chunk frames queued for the agent made it allocate a new one (half of a
+/// simulated device's memory). A copy of a 16 KiB frame costs far less than its decryption.
+fn unpin(ev: Event) -> Event {
+    match ev {
+        Event::Incoming(Packet::Publish(mut p)) => {
+            p.topic = Bytes::copy_from_slice(&p.topic);
+            p.payload = Bytes::copy_from_slice(&p.payload);
+            Event::Incoming(Packet::Publish(p))
+        }
+        other => other,
+    }
+}
+
 /// Full jitter: anywhere in `[d/2, d]`, so reconnecting devices spread out.
 fn jitter(d: Duration) -> Duration {
     let ms = d.as_millis() as u64;
@@ -726,13 +741,13 @@ impl Session {
         }
         // Few events wait for the agent: a full channel stops the poller reading the socket, so
         // chunk frames the agent has not reached yet wait in the kernel's socket buffer rather
-        // than in this process (each frame holds its share of rumqttc's read buffer).
-        let (tx, events) = mpsc::channel(8);
+        // than in this process.
+        let (tx, events) = mpsc::channel(4);
         let poller = tokio::spawn(async move {
             loop {
                 match eventloop.poll().await {
                     Ok(ev) => {
-                        if tx.send(Link::Event(Box::new(ev))).await.is_err() {
+                        if tx.send(Link::Event(Box::new(unpin(ev)))).await.is_err() {
                             return;
                         }
                     }

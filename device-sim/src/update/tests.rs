@@ -764,11 +764,13 @@ fn a_health_check_that_never_finishes_rolls_back_at_the_confirm_deadline() {
     assert_eq!(rec.floor, SecurityVersion(1));
 }
 
-/// A health check that runs on its own time, as the simulator's does: it finishes `takes_ms`
-/// after it was first asked, whenever the agent asks again.
+/// A health check that finishes `takes_ms` after it was first asked. With `own_time` it says so,
+/// as the simulator's does, whenever the agent asks again; without, it answers when asked, as a
+/// check running on the device does.
 struct OwnTimeHealth {
     takes_ms: u64,
     started: Option<u64>,
+    own_time: bool,
 }
 
 impl HealthCheck for OwnTimeHealth {
@@ -782,8 +784,10 @@ impl HealthCheck for OwnTimeHealth {
     }
 
     fn decided_at(&self, now: u64) -> u64 {
-        self.started
-            .map_or(now, |s| s.saturating_add(self.takes_ms).min(now))
+        match self.started {
+            Some(s) if self.own_time => s.saturating_add(self.takes_ms).min(now),
+            _ => now,
+        }
     }
 }
 
@@ -813,6 +817,7 @@ fn a_verdict_reached_before_the_deadline_confirms_even_if_the_agent_steps_after_
     let health = OwnTimeHealth {
         takes_ms: 200,
         started: None,
+        own_time: true,
     };
     let (rig, _) = verify_late(Box::new(health), 120_000);
     assert_eq!(finished(&rig, "c-1"), (Succeeded, None));
@@ -824,6 +829,7 @@ fn a_verdict_reached_after_the_deadline_rolls_back_as_boot_failed() {
     let health = OwnTimeHealth {
         takes_ms: 60_000,
         started: None,
+        own_time: true,
     };
     let (rig, _) = verify_late(Box::new(health), 120_000);
     assert_eq!(
@@ -836,7 +842,12 @@ fn a_verdict_reached_after_the_deadline_rolls_back_as_boot_failed() {
 /// A check on the device answers when it is asked: healthy only after the deadline is too late.
 #[test]
 fn a_check_that_answers_healthy_after_the_deadline_is_too_late() {
-    let (rig, _) = verify_late(Box::new(SlowHealth::new(1, HealthStatus::Healthy)), 60_000);
+    let health = OwnTimeHealth {
+        takes_ms: 200,
+        started: None,
+        own_time: false,
+    };
+    let (rig, _) = verify_late(Box::new(health), 60_000);
     assert_eq!(
         finished(&rig, "c-1"),
         (RolledBack, Some(Reason::BootFailed))
