@@ -196,8 +196,7 @@ async fn demo(args: Args) -> Result<bool> {
     if sc.starve.orchestrator_stop_secs > 0 {
         // The status polls below would wait on the stopped process: the fleet is watched
         // in-process instead.
-        let hold = Duration::from_secs(sc.starve.orchestrator_stop_secs);
-        let s = starve_during_installs(&fleet, orch.child.id(), hold, limit).await?;
+        let s = starve_during_installs(&fleet, orch.child.id(), &sc.starve, limit).await?;
         step(&format!(
             "orchestrator stopped (SIGSTOP) for {:.1}s from the first install, {} ms past the devices' confirm deadline: {} devices were installing; while it was stopped {} confirmed and {} rolled back",
             s.stopped_for.as_secs_f64(),

@@ -12,6 +12,7 @@
 //! waves = { canary = { percent = 1.0 }, growth = { percent = [10.0, 50.0, 100.0] } }
 //! [starve]                   # the orchestrator stopped (SIGSTOP) during the installs
 //! orchestrator_stop_secs = 12
+//! after_downloaded_percent = 20.0
 //! ```
 //!
 //! [`starve_during_installs`] carries out the `[starve]` table: a slow or stopped update server
@@ -47,6 +48,9 @@ pub struct Starve {
     /// simulated devices' confirm deadline, this checks that the confirm does not wait for the
     /// server.
     pub orchestrator_stop_secs: u64,
+    /// Stop only once this share of the fleet (percent) is past its download, so that the stop
+    /// catches many devices installing rather than the first one. 0: at the first install.
+    pub after_downloaded_percent: f64,
 }
 
 /// What [`starve_during_installs`] saw.
@@ -72,27 +76,40 @@ fn installing(phase: DeviceState) -> bool {
 }
 
 /// Stops process `pid` (SIGSTOP) as soon as a device of `fleet` is installing, rebooting or
-/// verifying, keeps it stopped for at least `hold` and until every device that was past its
+/// verifying (once `spec.after_downloaded_percent` of the fleet is past its download), keeps it
+/// stopped for at least `spec.orchestrator_stop_secs` and until every device that was past its
 /// download at the stop has reached its own verdict, then resumes it (SIGCONT). Gives up
 /// waiting after `limit` (the process is resumed in any case).
 pub async fn starve_during_installs(
     fleet: &Fleet,
     pid: u32,
-    hold: Duration,
+    spec: &Starve,
     limit: Duration,
 ) -> Result<Starvation> {
+    let hold = Duration::from_secs(spec.orchestrator_stop_secs);
     let give_up = Instant::now() + limit;
-    let in_install = || -> Vec<aloft_proto::DeviceId> {
-        fleet
-            .views()
-            .into_iter()
-            .filter(|(_, v)| v.current.as_ref().is_some_and(|(_, p)| installing(*p)))
-            .map(|(id, _)| id)
-            .collect()
+    // The devices installing now, and whether enough of the fleet is past its download.
+    let in_install = || -> (Vec<aloft_proto::DeviceId>, bool) {
+        let views = fleet.views();
+        let total = views.len();
+        let mut past = 0usize;
+        let mut ids = Vec::new();
+        for (id, v) in views {
+            match &v.current {
+                Some((_, p)) if installing(*p) => {
+                    past += 1;
+                    ids.push(id);
+                }
+                Some(_) => {}
+                None => past += usize::from(v.last_finished.is_some()),
+            }
+        }
+        let enough = past as f64 * 100.0 >= spec.after_downloaded_percent * total as f64;
+        (ids, enough)
     };
     let caught = loop {
-        let ids = in_install();
-        if !ids.is_empty() {
+        let (ids, enough) = in_install();
+        if enough && !ids.is_empty() {
             break ids;
         }
         if Instant::now() > give_up {
@@ -251,6 +268,10 @@ impl Scenario {
 
     pub fn parse(text: &str) -> Result<Scenario> {
         let s: Scenario = toml::from_str(text)?;
+        let pct = s.starve.after_downloaded_percent;
+        if !(0.0..=100.0).contains(&pct) {
+            bail!("starve.after_downloaded_percent must be within 0-100, not {pct}");
+        }
         s.faults.validate()?;
         s.policy.validate()?;
         Ok(s)
@@ -286,5 +307,6 @@ mod tests {
             0
         );
         assert!(Scenario::parse("[starve]\nstop_secs = 3\n").is_err());
+        assert!(Scenario::parse("[starve]\nafter_downloaded_percent = 120.0\n").is_err());
     }
 }

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use aloft_device::{DeviceView, Fleet};
-use aloft_e2e::scenario::starve_during_installs;
+use aloft_e2e::scenario::{starve_during_installs, Starve};
 use aloft_e2e::{wait_campaign, wait_registered, Lab, ReleaseSpec};
 use aloft_orchestrator::store::CampaignStatus;
 use aloft_proto::DeviceState;
@@ -30,8 +30,11 @@ async fn an_orchestrator_stopped_past_the_confirm_deadline_during_installs_rolls
         .await
         .unwrap();
     // Held three deadlines, and until every device caught installing has its own verdict.
-    let hold = Duration::from_millis(3 * DEADLINE_MS);
-    let starved = starve_during_installs(&fleet, orch.child.id(), hold, LIMIT)
+    let spec = Starve {
+        orchestrator_stop_secs: 3 * DEADLINE_MS / 1_000,
+        after_downloaded_percent: 0.0,
+    };
+    let starved = starve_during_installs(&fleet, orch.child.id(), &spec, LIMIT)
         .await
         .unwrap();
     assert!(starved.installing_at_stop >= 1, "{starved:?}");
