@@ -198,7 +198,7 @@ async fn demo(args: Args) -> Result<bool> {
         // in-process instead.
         let s = starve_during_installs(&fleet, orch.child.id(), &sc.starve, limit).await?;
         step(&format!(
-            "orchestrator stopped (SIGSTOP) for {:.1}s from the first install, {} ms past the devices' confirm deadline: {} devices were installing; while it was stopped {} confirmed and {} rolled back",
+            "orchestrator stopped (SIGSTOP) for {:.1}s during the installs, {} ms past the devices' confirm deadline: {} devices were installing when it stopped; while it was stopped {} confirmed and {} rolled back",
             s.stopped_for.as_secs_f64(),
             (s.stopped_for.as_millis() as u64).saturating_sub(cfg.confirm_deadline_ms),
             s.installing_at_stop,
