@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use aloft_device::Fleet;
 use std::sync::atomic::Ordering::Relaxed;
 
-use aloft_e2e::scenario::{Expect, Scenario};
+use aloft_e2e::scenario::{starve_during_installs, Expect, Scenario};
 use aloft_e2e::{create_rollout, peak_rss_of, scrape, status, wait_registered, Lab, ReleaseSpec};
 use aloft_orchestrator::admin::wire::AdminBody;
 use aloft_orchestrator::cli as orch_cli;
@@ -192,6 +192,20 @@ async fn demo(args: Args) -> Result<bool> {
             .map(|w| w.counts.size)
             .collect::<Vec<_>>()
     ));
+
+    if sc.starve.orchestrator_stop_secs > 0 {
+        // The status polls below would wait on the stopped process: the fleet is watched
+        // in-process instead.
+        let s = starve_during_installs(&fleet, orch.child.id(), &sc.starve, limit).await?;
+        step(&format!(
+            "orchestrator stopped (SIGSTOP) for {:.1}s during the installs, {} ms past the devices' confirm deadline: {} devices were installing when it stopped; while it was stopped {} confirmed and {} rolled back",
+            s.stopped_for.as_secs_f64(),
+            (s.stopped_for.as_millis() as u64).saturating_sub(cfg.confirm_deadline_ms),
+            s.installing_at_stop,
+            s.confirmed_while_stopped,
+            s.rolled_back_while_stopped
+        ));
+    }
 
     let bar = ProgressBar::new(n_devices as u64);
     bar.set_style(

@@ -13,4 +13,5 @@ mod fuzz_corpus;
 mod readme;
 mod restart;
 mod rollout;
+mod starvation;
 mod trust;

@@ -111,7 +111,7 @@ impl std::fmt::Debug for Renewer {
 fn current(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Current> {
     let der = aloft_certs::tls::parse_cert(cert_pem)?;
     let identity = aloft_certs::parse_identity(&der)?;
-    let tls = aloft_certs::tls::client_config(ca_pem, cert_pem, key_pem)?;
+    let tls = crate::transport::client_tls(ca_pem, cert_pem, key_pem)?;
     Ok(Current {
         cert_pem: cert_pem.to_owned(),
         not_before: identity.not_before,

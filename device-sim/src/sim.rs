@@ -277,10 +277,6 @@ impl Fleet {
         let mut renewers = BTreeMap::new();
         let mut tasks = Vec::with_capacity(devices.len());
         for (n, ident) in devices.into_iter().enumerate() {
-            let tls = aloft_certs::tls::client_config(&cfg.ca_pem, &ident.cert_pem, &ident.key_pem)
-                .with_context(|| format!("TLS settings of {}", ident.id))?;
-            let mut tcfg = TransportConfig::new(cfg.host.clone(), cfg.port, Arc::new(tls));
-            tcfg.connect_gate = Some(gate.clone());
             // A renewed certificate replaces the file the device was loaded from, if it was.
             let cert_file = crate::identity::cert_path(&cfg.dir, &ident.id);
             let renewer = Renewer::new(
@@ -288,8 +284,13 @@ impl Fleet {
                 &cfg.ca_pem,
                 cert_file.exists().then_some(cert_file),
                 cfg.renewal,
-            )?;
+            )
+            .with_context(|| format!("TLS settings of {}", ident.id))?;
             renewers.insert(ident.id.clone(), renewer.clone());
+            // The device connects with the renewer's current settings; these are the same ones,
+            // not a second copy (each holds the parsed CA, certificate, key and session cache).
+            let mut tcfg = TransportConfig::new(cfg.host.clone(), cfg.port, renewer.tls());
+            tcfg.connect_gate = Some(gate.clone());
             tcfg.renewal = Some(renewer);
             let mut store = JsonFileStore::new(state_dir.join(format!("{}.json", ident.id)), false);
             let record = store
@@ -342,6 +343,7 @@ impl Fleet {
                 unhealthy_after_ms: faults.unhealthy_after_ms,
                 check_ms: cfg.health_check_ms,
                 check: None,
+                decided_at: 0,
                 unhealthy_at: None,
                 counted_unhealthy: false,
                 counters: counters.clone(),

@@ -303,6 +303,9 @@ pub(super) struct HealthState {
     pub(super) check_ms: u64,
     /// The check running in this boot: for which campaign, since when, and what it will say.
     pub(super) check: Option<(CampaignId, u64, Verdict)>,
+    /// When the last verdict was reached: `check_ms` after its check started, on the device's
+    /// own time, however late the simulator got round to asking (see `HealthCheck::decided_at`).
+    pub(super) decided_at: u64,
     /// When the application turns unhealthy, if it is going to.
     pub(super) unhealthy_at: Option<u64>,
     pub(super) counted_unhealthy: bool,
@@ -352,15 +355,20 @@ impl HealthCheck for SimHealth {
             return HealthStatus::Pending;
         }
         s.check = None;
+        s.decided_at = started.saturating_add(s.check_ms);
         if verdict == Verdict::Unhealthy {
             return HealthStatus::Unhealthy;
         }
         s.unhealthy_at = chance(&mut s.app_rng, s.unhealthy_probability).then(|| {
             let after = some_of(&mut s.app_rng, s.unhealthy_after_ms);
-            now_ms.saturating_add(after.as_millis() as u64)
+            s.decided_at.saturating_add(after.as_millis() as u64)
         });
         s.counted_unhealthy = false;
         HealthStatus::Healthy
+    }
+
+    fn decided_at(&self, now_ms: u64) -> u64 {
+        self.state().decided_at.min(now_ms)
     }
 
     fn app_health(&mut self, now_ms: u64) -> AppHealth {

@@ -134,9 +134,18 @@ impl UpdateAgent {
                 }
                 DeviceState::Verifying => {
                     let since = *self.verifying_since.get_or_insert(now);
-                    // The deadline comes first: a watchdog resets a device that has not
-                    // confirmed in time, whatever its check would say later.
-                    if now.saturating_sub(since) >= self.cfg.confirm_deadline_ms {
+                    let deadline = since.saturating_add(self.cfg.confirm_deadline_ms);
+                    // A watchdog resets a device that has not confirmed in time, whatever its
+                    // check would say later; a verdict reached before the deadline stands even
+                    // if this step comes after it (a simulated check keeps its own time, see
+                    // `HealthCheck::decided_at`).
+                    let status = self.health.check(now, &campaign, &version);
+                    let in_time =
+                        status != HealthStatus::Pending && self.health.decided_at(now) < deadline;
+                    if !in_time {
+                        if now < deadline {
+                            return;
+                        }
                         let detail = format!(
                             "not confirmed within {} ms of the reset",
                             self.cfg.confirm_deadline_ms
@@ -144,7 +153,7 @@ impl UpdateAgent {
                         self.abandon_new_image(flash, Reason::BootFailed, Some(detail));
                         continue;
                     }
-                    match self.health.check(now, &campaign, &version) {
+                    match status {
                         HealthStatus::Pending => return,
                         HealthStatus::Healthy => {
                             self.record.slots.mark_running_slot_valid();

@@ -13,7 +13,9 @@
 //! verified afresh; past the limit it is abandoned and the campaign ends `rolled_back` /
 //! `boot_failed`. One installed but not yet booted boots now and is verified. After the reset into a new image
 //! the health check may take its time ([`HealthStatus::Pending`]); if the image has not confirmed
-//! within [`AgentConfig::confirm_deadline_ms`] it is abandoned the same way. Once a campaign's
+//! within [`AgentConfig::confirm_deadline_ms`] it is abandoned the same way. The deadline is
+//! judged against when the check reached its verdict ([`HealthCheck::decided_at`]), never against
+//! the server: nothing between the reset and the confirm waits for the network. Once a campaign's
 //! image is confirmed, the agent publishes [`Heartbeat`]s with the application's health.
 //!
 //! Trust starts from the root pinned at provisioning ([`AgentConfig::root`]); jobs may carry newer
@@ -143,6 +145,17 @@ pub trait HealthCheck: Send {
     /// Checks the image of `campaign` (firmware `version`) that has just booted and is not yet
     /// confirmed. Called at `now_ms` on every step in `verifying` until it is not `Pending`.
     fn check(&mut self, now_ms: u64, campaign: &CampaignId, version: &str) -> HealthStatus;
+
+    /// When the verdict that [`check`](Self::check) just returned at `now_ms` was reached. The
+    /// confirm deadline is judged against this time, as a watchdog judges the device's own
+    /// work: a verdict reached in time confirms (or rolls back as unhealthy) even if the agent
+    /// only got to ask for it later. A check running on the device answers when it is asked, so
+    /// the default is `now_ms`; a simulated check that keeps its own time (a simulator runs
+    /// thousands of agents on a few cores and cannot step each one on time) says when it
+    /// finished.
+    fn decided_at(&self, now_ms: u64) -> u64 {
+        now_ms
+    }
 
     /// The application's health at `now_ms`, for a heartbeat. Healthy unless overridden.
     fn app_health(&mut self, _now_ms: u64) -> AppHealth {

@@ -764,6 +764,96 @@ fn a_health_check_that_never_finishes_rolls_back_at_the_confirm_deadline() {
     assert_eq!(rec.floor, SecurityVersion(1));
 }
 
+/// A health check that finishes `takes_ms` after it was first asked. With `own_time` it says so,
+/// as the simulator's does, whenever the agent asks again; without, it answers when asked, as a
+/// check running on the device does.
+struct OwnTimeHealth {
+    takes_ms: u64,
+    started: Option<u64>,
+    own_time: bool,
+}
+
+impl HealthCheck for OwnTimeHealth {
+    fn check(&mut self, now: u64, _: &CampaignId, _: &str) -> HealthStatus {
+        let started = *self.started.get_or_insert(now);
+        if now.saturating_sub(started) < self.takes_ms {
+            HealthStatus::Pending
+        } else {
+            HealthStatus::Healthy
+        }
+    }
+
+    fn decided_at(&self, now: u64) -> u64 {
+        match self.started {
+            Some(s) if self.own_time => s.saturating_add(self.takes_ms).min(now),
+            _ => now,
+        }
+    }
+}
+
+/// Verifying with `health`, then one step `late_ms` after the reset.
+fn verify_late(health: Box<dyn HealthCheck>, late_ms: u64) -> (Rig, TestRelease) {
+    let fx = Fixture::new();
+    let rel = fx.release(&ReleaseSpec::default());
+    let mut rig = Rig::new(fx.agent_with(
+        fx.config(),
+        DeviceRecord::factory("1.0.0", SecurityVersion(1)),
+        health,
+    ));
+    rig.connect();
+    rig.step(Input::Job(&fx.job("c-1", &rel)));
+    rig.run(&rel, &mut vec![]);
+    assert_eq!(rig.agent.current().map(|(_, p)| p), Some(Verifying));
+    rig.advance(late_ms);
+    rig.run(&rel, &mut vec![]);
+    (rig, rel)
+}
+
+/// Regression (issue 10): 2,000 simulated devices on two cores rolled back healthy images
+/// because their agents were stepped more than the deadline after the reset, although their
+/// 200 ms health check had long finished on the device's own time.
+#[test]
+fn a_verdict_reached_before_the_deadline_confirms_even_if_the_agent_steps_after_it() {
+    let health = OwnTimeHealth {
+        takes_ms: 200,
+        started: None,
+        own_time: true,
+    };
+    let (rig, _) = verify_late(Box::new(health), 120_000);
+    assert_eq!(finished(&rig, "c-1"), (Succeeded, None));
+    assert_eq!(rig.agent.record().floor, SecurityVersion(2));
+}
+
+#[test]
+fn a_verdict_reached_after_the_deadline_rolls_back_as_boot_failed() {
+    let health = OwnTimeHealth {
+        takes_ms: 60_000,
+        started: None,
+        own_time: true,
+    };
+    let (rig, _) = verify_late(Box::new(health), 120_000);
+    assert_eq!(
+        finished(&rig, "c-1"),
+        (RolledBack, Some(Reason::BootFailed))
+    );
+    assert_eq!(rig.agent.record().floor, SecurityVersion(1));
+}
+
+/// A check on the device answers when it is asked: healthy only after the deadline is too late.
+#[test]
+fn a_check_that_answers_healthy_after_the_deadline_is_too_late() {
+    let health = OwnTimeHealth {
+        takes_ms: 200,
+        started: None,
+        own_time: false,
+    };
+    let (rig, _) = verify_late(Box::new(health), 60_000);
+    assert_eq!(
+        finished(&rig, "c-1"),
+        (RolledBack, Some(Reason::BootFailed))
+    );
+}
+
 #[test]
 fn a_pending_health_check_confirms_once_it_passes() {
     let fx = Fixture::new();
