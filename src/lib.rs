@@ -285,15 +285,13 @@ pub fn next_sequence() -> u64 {
 pub async fn wait_registered(admin: &AdminClient, n: usize, timeout: Duration) -> Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let devices: Vec<Value> = admin.call(AdminBody::DeviceList {}).await?;
-        if devices.len() >= n {
+        let count: Value = admin.call(AdminBody::DeviceCount {}).await?;
+        let registered = count["registered"].as_u64().unwrap_or(0) as usize;
+        if registered >= n {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            bail!(
-                "only {} of {n} devices registered within {timeout:?}",
-                devices.len()
-            );
+            bail!("only {registered} of {n} devices registered within {timeout:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

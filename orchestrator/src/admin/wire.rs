@@ -73,6 +73,9 @@ pub enum AdminBody {
         groups: Vec<String>,
     },
     DeviceList {},
+    /// How many devices are registered (1.4): what a script polls while a fleet connects,
+    /// instead of the whole list.
+    DeviceCount {},
     /// Replace the CRL in force (PEM, signed by the fleet CA, numbered above the one in force),
     /// at once and without a restart (since 1.1).
     CrlUpdate {
@@ -314,6 +317,7 @@ impl AdminBody {
             | AdminBody::ReleaseList {}
             | AdminBody::TrustStatus {}
             | AdminBody::DeviceList {}
+            | AdminBody::DeviceCount {}
             | AdminBody::CampaignStatus { .. }
             | AdminBody::CampaignList {}
             | AdminBody::AuditList { .. } => return None,

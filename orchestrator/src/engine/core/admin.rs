@@ -162,6 +162,7 @@ impl Core {
                 let devices: Vec<&DeviceRecord> = self.devices.values().collect();
                 Ok(json!(devices))
             }
+            AdminBody::DeviceCount {} => Ok(json!({ "registered": self.devices.len() })),
             AdminBody::DeviceLabel {
                 devices,
                 set,
