@@ -245,6 +245,9 @@ pub trait Flash: Send {
     fn set_boot_slot(&mut self, _slot: SlotId) -> Result<(), FlashError> {
         Ok(())
     }
+    /// Nothing more will be read or written for a while (an image was prepared for, or read
+    /// back): storage may let go of what it holds open. The next access opens it again.
+    fn release(&mut self) {}
 }
 
 fn check_bounds(capacity: u64, offset: u64, len: usize) -> Result<(), FlashError> {
@@ -314,28 +317,44 @@ impl Flash for MemoryFlash {
 }
 
 /// Both slots in one sparse file: slot A at offset 0, slot B at `capacity`. Sparse, so a fleet of
-/// simulated devices costs disk only for the images actually written.
+/// simulated devices costs disk only for the images actually written. The file is open only
+/// while an image is being written and read back ([`Flash::release`] closes it): a simulator of
+/// 10,000 devices that kept every slot file open used 10,000 descriptors besides its 10,000
+/// sockets, and hit the process's limit.
 #[derive(Debug)]
 pub struct FileFlash {
     path: PathBuf,
-    file: File,
+    file: Option<File>,
     capacity: u64,
 }
 
 impl FileFlash {
-    /// Opens (or creates) the slot file at `path`.
+    /// Opens (or creates) the slot file at `path`, and closes it again until it is used.
     pub fn open(path: &Path, capacity: u64) -> Result<Self, FlashError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        Ok(FileFlash {
+        let mut flash = FileFlash {
             path: path.to_owned(),
-            file,
+            file: None,
             capacity,
-        })
+        };
+        flash.file()?;
+        flash.file = None;
+        Ok(flash)
+    }
+
+    /// The slot file, opened if it is not.
+    fn file(&mut self) -> Result<&File, FlashError> {
+        if self.file.is_none() {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&self.path)?;
+            self.file = Some(file);
+        }
+        self.file
+            .as_ref()
+            .ok_or_else(|| FlashError::from(std::io::Error::other("slot file not open")))
     }
 
     pub fn path(&self) -> &Path {
@@ -358,26 +377,32 @@ impl Flash for FileFlash {
         // one, truncating to its start frees it, otherwise stale bytes are simply overwritten
         // (every byte of the new image is written before it is read back).
         if slot == SlotId::B {
-            self.file.set_len(self.base(SlotId::B))?;
+            let base = self.base(SlotId::B);
+            self.file()?.set_len(base)?;
         }
         Ok(())
+    }
+
+    fn release(&mut self) {
+        self.file = None;
     }
 
     fn write(&mut self, slot: SlotId, offset: u64, data: &[u8]) -> Result<(), FlashError> {
         use std::os::unix::fs::FileExt;
         check_bounds(self.capacity, offset, data.len())?;
-        self.file.write_all_at(data, self.base(slot) + offset)?;
+        let at = self.base(slot) + offset;
+        self.file()?.write_all_at(data, at)?;
         Ok(())
     }
 
     fn read(&mut self, slot: SlotId, offset: u64, buf: &mut [u8]) -> Result<(), FlashError> {
         use std::os::unix::fs::FileExt;
         check_bounds(self.capacity, offset, buf.len())?;
+        let at = self.base(slot) + offset;
+        let file = self.file()?;
         let mut done = 0;
         while done < buf.len() {
-            let n = self
-                .file
-                .read_at(&mut buf[done..], self.base(slot) + offset + done as u64)?;
+            let n = file.read_at(&mut buf[done..], at + done as u64)?;
             if n == 0 {
                 // Past the end of the file: never written, reads as zero like a hole.
                 buf[done..].fill(0);

@@ -88,7 +88,9 @@ impl UpdateAgent {
                         return;
                     }
                     session.drop_key();
-                    match download::verify_image(flash, update, &session.manifest) {
+                    let verified = download::verify_image(flash, update, &session.manifest);
+                    flash.release();
+                    match verified {
                         Ok(true) => self.enter(DeviceState::Downloaded),
                         Ok(false) => {
                             self.record.slots.mark_update_slot_invalid();

@@ -732,7 +732,10 @@ impl UpdateAgent {
             written: ChunkBitmap::new(manifest.chunk_count),
         });
         let slot = self.record.slots.update_slot();
-        if let Err(e) = flash.begin_update(slot, manifest.image_size) {
+        let prepared = flash.begin_update(slot, manifest.image_size);
+        // The first chunk may be a while away (the orchestrator paces the fleet).
+        flash.release();
+        if let Err(e) = prepared {
             return self.fail(Reason::InstallFailed, Some(e.to_string()));
         }
         self.report(DeviceState::Downloading, None, None);
