@@ -150,13 +150,15 @@ impl Lab {
     }
 
     /// Enrolls `count` simulated devices (keys and CSRs made device-side, certificates issued by
-    /// this lab's CA) under `root/fleet`, and loads them.
+    /// this lab's CA, on every core) under `root/fleet`, and returns them.
     pub fn enroll_fleet(&self, prefix: &str, count: usize) -> Result<Vec<DeviceIdentity>> {
-        let dir = self.fleet_dir();
-        aloft_device::identity::enroll(&dir, prefix, count)?;
-        aloft_device::identity::issue_all(&dir, &self.ca, Validity::days(30))?;
-        let (_, devices) = aloft_device::identity::load(&dir)?;
-        Ok(devices)
+        aloft_device::identity::enroll_issued(
+            &self.fleet_dir(),
+            prefix,
+            count,
+            &self.ca,
+            Validity::days(30),
+        )
     }
 
     pub fn fleet_dir(&self) -> PathBuf {

@@ -187,9 +187,12 @@ pub struct BenchArgs {
     /// Every wait gives up after this many seconds.
     #[arg(long, default_value_t = 180)]
     timeout_secs: u64,
-    /// Where the campaign plot goes (`campaign-<N>.svg`); none if empty.
+    /// Where the campaign plot goes (`campaign-<N>.svg`).
     #[arg(long, default_value = "docs/img")]
     plot_dir: PathBuf,
+    /// Draw no plot.
+    #[arg(long)]
+    no_plot: bool,
     /// Working directory for the labs and the store (default: a temporary one on /tmp's disk).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -284,7 +287,7 @@ async fn run(exe: &Path, args: &BenchArgs) -> Result<bool> {
             }
         }
         if let Some(c) = course {
-            if !c.samples.is_empty() && !args.plot_dir.as_os_str().is_empty() {
+            if !c.samples.is_empty() && !args.no_plot {
                 let path = args.plot_dir.join(format!("campaign-{}.svg", args.devices));
                 let title = format!(
                     "{} KiB to {} devices ({}; run {} of {})",
