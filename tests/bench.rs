@@ -11,7 +11,15 @@ fn the_bench_at_20_devices_prints_a_figure_for_every_scenario_and_draws_the_camp
     let tmp = tempfile::tempdir().unwrap();
     let plots = tmp.path().join("img");
     let out = Command::new(exe())
-        .args(["bench", "--devices", "20", "--runs", "1", "--image-kib", "64"])
+        .args([
+            "bench",
+            "--devices",
+            "20",
+            "--runs",
+            "1",
+            "--image-kib",
+            "64",
+        ])
         .args(["--store-secs", "1", "--timeout-secs", "120"])
         .arg("--plot-dir")
         .arg(&plots)

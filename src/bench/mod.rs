@@ -25,7 +25,18 @@ use crate::Lab;
 use machine::Machine;
 
 /// One row of the table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub enum Id {
     S1,
     S1c,
@@ -193,6 +204,10 @@ pub struct BenchArgs {
     /// Draw no plot.
     #[arg(long)]
     no_plot: bool,
+    /// Internal: run once in this process, rooted at this directory, and print the results as
+    /// JSON (the parent runs each run in a fresh process).
+    #[arg(long, hide = true)]
+    child_run: Option<PathBuf>,
     /// Working directory for the labs and the store (default: a temporary one on /tmp's disk).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -242,14 +257,21 @@ pub fn main(exe: &Path, argv: &[String]) -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let rt = tokio::runtime::Runtime::new()?;
-    let ok = rt.block_on(run(exe, &args))?;
+    if let Some(root) = &args.child_run {
+        let results = rt.block_on(single(exe, root, &args));
+        let list: Vec<(Id, Result<f64, String>)> = results.into_iter().collect();
+        println!("{RESULT_MARK}{}", serde_json::to_string(&list)?);
+        return Ok(());
+    }
+    let ok = rt.block_on(run(exe, argv, &args))?;
     std::process::exit(if ok { 0 } else { 1 });
 }
 
-async fn run(exe: &Path, args: &BenchArgs) -> Result<bool> {
-    aloft_certs::tls::install_crypto_provider();
-    let machine = Machine::read();
-    let opts = Opts {
+/// Starts a line of a run's child process that carries its results (JSON).
+const RESULT_MARK: &str = "BENCH-RESULT ";
+
+fn opts(args: &BenchArgs) -> Opts {
+    Opts {
         image_kib: args.image_kib,
         chunk_kib: args.chunk_kib,
         window: args.window,
@@ -257,7 +279,14 @@ async fn run(exe: &Path, args: &BenchArgs) -> Result<bool> {
         timeout: Duration::from_secs(args.timeout_secs),
         broker: args.broker,
         only: args.only.clone(),
-    };
+    }
+}
+
+/// Runs every run in a fresh child process (`--child-run`), so that no run inherits the
+/// allocator's pages, tasks or sockets of the one before (S6 measures this process's memory),
+/// and prints the table of medians.
+async fn run(exe: &Path, argv: &[String], args: &BenchArgs) -> Result<bool> {
+    let machine = Machine::read();
     let tmp;
     let work = match &args.dir {
         Some(d) => {
@@ -270,6 +299,8 @@ async fn run(exe: &Path, args: &BenchArgs) -> Result<bool> {
         }
     };
     let started = Instant::now();
+    // A run is a sequence of scenarios, each bounded by the timeout; past this it is stuck.
+    let run_limit = Duration::from_secs(args.timeout_secs * 8 + 120);
     let mut runs = Vec::new();
     for r in 0..args.runs.max(1) {
         eprintln!(
@@ -279,34 +310,24 @@ async fn run(exe: &Path, args: &BenchArgs) -> Result<bool> {
             args.runs
         );
         let root = work.join(format!("run-{r}"));
-        let (results, course) = run_once(exe, &root, args, &opts).await;
-        for (id, v) in &results {
-            match v {
-                Ok(x) => eprintln!("  {}: {x:.3}", id.label()),
-                Err(e) => eprintln!("  {}: error: {e}", id.label()),
+        let child = tokio::process::Command::new(exe)
+            .arg("bench")
+            .args(argv)
+            .arg("--child-run")
+            .arg(&root)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .output();
+        let results = match tokio::time::timeout(run_limit, child).await {
+            Ok(Ok(out)) => {
+                parse_child(&String::from_utf8_lossy(&out.stdout)).unwrap_or_else(|| {
+                    failed_run(args, &format!("run ended without results ({})", out.status))
+                })
             }
-        }
-        if let Some(c) = course {
-            if !c.samples.is_empty() && !args.no_plot {
-                let path = args.plot_dir.join(format!("campaign-{}.svg", args.devices));
-                let title = format!(
-                    "{} KiB to {} devices ({}; run {} of {})",
-                    args.image_kib,
-                    args.devices,
-                    env!("CARGO_PKG_VERSION"),
-                    r + 1,
-                    args.runs
-                );
-                match plot::draw(&path, &title, &c.samples) {
-                    Ok(()) => eprintln!("  plot: {}", path.display()),
-                    Err(e) => eprintln!("  plot: error: {e:#}"),
-                }
-            }
-        }
-        if args.dir.is_some() {
-            // Keep only the last run's data for inspection.
-            let _ = std::fs::remove_dir_all(work.join(format!("run-{}", r.wrapping_sub(1))));
-        } else {
+            Ok(Err(e)) => failed_run(args, &format!("starting the run: {e}")),
+            Err(_) => failed_run(args, &format!("run did not end within {run_limit:?}")),
+        };
+        if args.dir.is_none() || r + 1 < args.runs {
             let _ = std::fs::remove_dir_all(&root);
         }
         runs.push(results);
@@ -314,6 +335,49 @@ async fn run(exe: &Path, args: &BenchArgs) -> Result<bool> {
     let table = Table::new(args.devices, args.image_kib, &runs);
     println!("{}", table.render(&machine, args));
     Ok(table.errors == 0)
+}
+
+fn parse_child(stdout: &str) -> Option<RunResults> {
+    let line = stdout.lines().find_map(|l| l.strip_prefix(RESULT_MARK))?;
+    let list: Vec<(Id, Result<f64, String>)> = serde_json::from_str(line).ok()?;
+    Some(list.into_iter().collect())
+}
+
+/// Every wanted row of a run that produced nothing, with `why`.
+fn failed_run(args: &BenchArgs, why: &str) -> RunResults {
+    let o = opts(args);
+    all_ids()
+        .into_iter()
+        .filter(|id| o.wants(*id))
+        .map(|id| (id, Err(why.to_owned())))
+        .collect()
+}
+
+/// One run in this process, rooted at `root`; draws the campaign plot.
+async fn single(exe: &Path, root: &Path, args: &BenchArgs) -> RunResults {
+    aloft_certs::tls::install_crypto_provider();
+    let opts = opts(args);
+    let (results, course) = run_once(exe, root, args, &opts).await;
+    for (id, v) in &results {
+        match v {
+            Ok(x) => eprintln!("  {}: {x:.3}", id.label()),
+            Err(e) => eprintln!("  {}: error: {e}", id.label()),
+        }
+    }
+    if let Some(c) = course {
+        if !c.samples.is_empty() && !args.no_plot {
+            let path = args.plot_dir.join(format!("campaign-{}.svg", args.devices));
+            let title = format!(
+                "{} KiB to {} devices, {} KiB chunks, window {}",
+                args.image_kib, args.devices, args.chunk_kib, args.window
+            );
+            match plot::draw(&path, &title, &c.samples) {
+                Ok(()) => eprintln!("  plot: {}", path.display()),
+                Err(e) => eprintln!("  plot: error: {e:#}"),
+            }
+        }
+    }
+    results
 }
 
 /// One run: a fresh lab, every wanted scenario.
