@@ -51,6 +51,21 @@ pub fn cert_path(dir: &Path, id: &DeviceId) -> PathBuf {
     device_path(dir, id, "crt")
 }
 
+/// Where a renewed certificate of `id` is to be saved, if the device was loaded from `dir`: its
+/// certificate file, or beside the fleet file it was enrolled into ([`enroll_issued`], whose
+/// devices are named `{prefix}-{n}`), where [`load`] finds it.
+pub fn renewed_cert_path(dir: &Path, id: &DeviceId) -> Option<PathBuf> {
+    let crt = cert_path(dir, id);
+    let in_fleet_file = || {
+        id.as_str().rsplit_once('-').is_some_and(|(prefix, _)| {
+            dir.join(DEVICES_DIR)
+                .join(format!("{prefix}.{FLEET_EXT}"))
+                .exists()
+        })
+    };
+    (crt.exists() || in_fleet_file()).then_some(crt)
+}
+
 fn device_path(dir: &Path, id: &DeviceId, ext: &str) -> PathBuf {
     dir.join(DEVICES_DIR).join(format!("{id}.{ext}"))
 }
@@ -324,7 +339,10 @@ mod tests {
             ]
         );
         // Device 2 renewed its certificate: it is saved beside the fleet file.
-        std::fs::write(cert_path(tmp.path(), &enrolled[2].id), "renewed").unwrap();
+        let renewed = renewed_cert_path(tmp.path(), &enrolled[2].id).unwrap();
+        std::fs::write(renewed, "renewed").unwrap();
+        let stranger = DeviceId::new("other-00001").unwrap();
+        assert_eq!(renewed_cert_path(tmp.path(), &stranger), None);
 
         let (ca_pem, loaded) = load(tmp.path()).unwrap();
         assert_eq!(ca_pem, ca.cert_pem());

@@ -282,13 +282,8 @@ impl Fleet {
             let mut tcfg = TransportConfig::new(cfg.host.clone(), cfg.port, Arc::new(tls));
             tcfg.connect_gate = Some(gate.clone());
             // A renewed certificate replaces the file the device was loaded from, if it was.
-            let cert_file = crate::identity::cert_path(&cfg.dir, &ident.id);
-            let renewer = Renewer::new(
-                &ident,
-                &cfg.ca_pem,
-                cert_file.exists().then_some(cert_file),
-                cfg.renewal,
-            )?;
+            let cert_file = crate::identity::renewed_cert_path(&cfg.dir, &ident.id);
+            let renewer = Renewer::new(&ident, &cfg.ca_pem, cert_file, cfg.renewal)?;
             renewers.insert(ident.id.clone(), renewer.clone());
             tcfg.renewal = Some(renewer);
             let mut store = JsonFileStore::new(state_dir.join(format!("{}.json", ident.id)), false);

@@ -148,9 +148,18 @@ pub async fn campaign_scenarios(
     match campaign_inner(lab, exe, data_dir, devices, opts, out).await {
         Ok(course) => Some(course),
         Err(e) => {
-            // Every scenario the failure cut short carries the error.
+            // Every scenario the failure cut short carries the error; when the fleet never got
+            // registered, the others say they did not run.
+            let first = !out.contains_key(&Id::S1);
+            out.entry(Id::S1).or_insert_with(|| Err(format!("{e:#}")));
             for id in ids {
-                out.entry(id).or_insert_with(|| Err(format!("{e:#}")));
+                out.entry(id).or_insert_with(|| {
+                    Err(if first {
+                        "not run: S1 failed".to_owned()
+                    } else {
+                        format!("{e:#}")
+                    })
+                });
             }
             None
         }

@@ -10,6 +10,9 @@ pub struct Machine {
     pub cores: usize,
     pub ram_bytes: u64,
     pub kernel: String,
+    /// `/proc/loadavg`'s 1, 5 and 15 minute averages when the bench started: on a shared
+    /// machine, how much else was running.
+    pub load: String,
 }
 
 impl Machine {
@@ -29,11 +32,15 @@ impl Machine {
         let ram_bytes = kib_field(&meminfo, "MemTotal:").unwrap_or(0) * 1024;
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned());
+        let load = std::fs::read_to_string("/proc/loadavg")
+            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|_| "unknown".to_owned());
         Machine {
             cpu_model,
             cores,
             ram_bytes,
             kernel,
+            load,
         }
     }
 }
@@ -42,11 +49,12 @@ impl fmt::Display for Machine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}, {} cores, {:.1} GiB RAM, Linux {}",
+            "{}, {} cores, {:.1} GiB RAM, Linux {}; load average at start {}",
             self.cpu_model,
             self.cores,
             self.ram_bytes as f64 / (1u64 << 30) as f64,
-            self.kernel
+            self.kernel,
+            self.load
         )
     }
 }

@@ -182,6 +182,9 @@ async fn read_packet(s: &mut TlsStream<TcpStream>) -> Result<(u8, Vec<u8>)> {
     Ok((first, body))
 }
 
+/// How long a flood socket the server closed stays closed before the attacker opens it again.
+const REOPEN_AFTER: Duration = Duration::from_secs(1);
+
 /// Sockets an attacker holds open against a port until dropped.
 pub struct Flood {
     stop: watch::Sender<bool>,
@@ -238,7 +241,9 @@ impl Flood {
                         _ = held => {}
                     }
                     reopened.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    // The attacker holds sockets rather than churning them: at most one re-open
+                    // per socket per second (handshake_flood's pace is 100/s in all).
+                    tokio::time::sleep(REOPEN_AFTER).await;
                 }
             });
         }
