@@ -3,6 +3,7 @@
 //! signed like an operator would, and the orchestrator itself, in-process or as a child process
 //! that can be killed with SIGKILL.
 
+pub mod bench;
 pub mod scenario;
 
 use std::io::{BufRead, BufReader};
@@ -145,47 +146,19 @@ impl Lab {
     /// Starts the orchestrator as a child process of `exe` (a binary whose first argument
     /// `orchestrator` runs `aloft serve`), listening on `listen`.
     pub fn spawn(&self, exe: &Path, listen: SocketAddr) -> Result<OrchestratorProcess> {
-        let mut child = Command::new(exe)
-            .arg("orchestrator")
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("--listen")
-            .arg(listen.to_string())
-            .arg("--metrics-listen")
-            .arg("127.0.0.1:0")
-            .arg("--unlock-file")
-            .arg(&self.unlock_file)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", exe.display()))?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let field = |name: &str| -> Option<SocketAddr> {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .and_then(|v| v.parse().ok())
-        };
-        let (Some(device_addr), metrics_addr) = (field("device="), field("metrics=")) else {
-            let _ = child.kill();
-            bail!("orchestrator did not report its addresses: {line:?}");
-        };
-        Ok(OrchestratorProcess {
-            child,
-            device_addr,
-            metrics_addr,
-        })
+        spawn_orchestrator(exe, &self.data_dir, &self.unlock_file, listen)
     }
 
     /// Enrolls `count` simulated devices (keys and CSRs made device-side, certificates issued by
-    /// this lab's CA) under `root/fleet`, and loads them.
+    /// this lab's CA, on every core) under `root/fleet`, and returns them.
     pub fn enroll_fleet(&self, prefix: &str, count: usize) -> Result<Vec<DeviceIdentity>> {
-        let dir = self.fleet_dir();
-        aloft_device::identity::enroll(&dir, prefix, count)?;
-        aloft_device::identity::issue_all(&dir, &self.ca, Validity::days(30))?;
-        let (_, devices) = aloft_device::identity::load(&dir)?;
-        Ok(devices)
+        aloft_device::identity::enroll_issued(
+            &self.fleet_dir(),
+            prefix,
+            count,
+            &self.ca,
+            Validity::days(30),
+        )
     }
 
     pub fn fleet_dir(&self) -> PathBuf {
@@ -262,6 +235,48 @@ impl Lab {
         let bundle = self.build_release(spec)?;
         ops::upload_bundle(admin, &bundle, false).await
     }
+}
+
+/// Starts an orchestrator on `data_dir` (opened with the recovery key in `unlock_file`) as a child
+/// process of `exe` (a binary whose first argument `orchestrator` runs `aloft serve`), listening
+/// on `listen`; returns once it printed its addresses.
+pub fn spawn_orchestrator(
+    exe: &Path,
+    data_dir: &Path,
+    unlock_file: &Path,
+    listen: SocketAddr,
+) -> Result<OrchestratorProcess> {
+    let mut child = Command::new(exe)
+        .arg("orchestrator")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--metrics-listen")
+        .arg("127.0.0.1:0")
+        .arg("--unlock-file")
+        .arg(unlock_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", exe.display()))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let field = |name: &str| -> Option<SocketAddr> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+    };
+    let (Some(device_addr), metrics_addr) = (field("device="), field("metrics=")) else {
+        let _ = child.kill();
+        bail!("orchestrator did not report its addresses: {line:?}");
+    };
+    Ok(OrchestratorProcess {
+        child,
+        device_addr,
+        metrics_addr,
+    })
 }
 
 /// Release sequence numbers: the clock in milliseconds, strictly increasing within a process

@@ -63,6 +63,10 @@ fn main() -> Result<()> {
     if argv.get(1).map(String::as_str) == Some("orchestrator") {
         return run_orchestrator(&argv[2..]);
     }
+    // `aloft-demo bench ARGS`: the scale benchmarks (aloft_e2e::bench).
+    if argv.get(1).map(String::as_str) == Some("bench") {
+        return aloft_e2e::bench::main(&std::env::current_exe()?, &argv[2..]);
+    }
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -6,6 +6,7 @@ mod common;
 
 mod attacks;
 mod backup;
+mod bench;
 mod campaign;
 mod certs;
 mod faults;

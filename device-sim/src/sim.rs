@@ -278,14 +278,9 @@ impl Fleet {
         let mut tasks = Vec::with_capacity(devices.len());
         for (n, ident) in devices.into_iter().enumerate() {
             // A renewed certificate replaces the file the device was loaded from, if it was.
-            let cert_file = crate::identity::cert_path(&cfg.dir, &ident.id);
-            let renewer = Renewer::new(
-                &ident,
-                &cfg.ca_pem,
-                cert_file.exists().then_some(cert_file),
-                cfg.renewal,
-            )
-            .with_context(|| format!("TLS settings of {}", ident.id))?;
+            let cert_file = crate::identity::renewed_cert_path(&cfg.dir, &ident.id);
+            let renewer = Renewer::new(&ident, &cfg.ca_pem, cert_file, cfg.renewal)
+                .with_context(|| format!("TLS settings of {}", ident.id))?;
             renewers.insert(ident.id.clone(), renewer.clone());
             // The device connects with the renewer's current settings; these are the same ones,
             // not a second copy (each holds the parsed CA, certificate, key and session cache).

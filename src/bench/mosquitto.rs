@@ -1,0 +1,111 @@
+//! Mosquitto 2 from the distribution's packages, started for the side-by-side connect storm: a
+//! child process on a free loopback port, configured from a temporary directory with a TLS 1.3
+//! listener that requires a client certificate from the lab's fleet CA and takes the
+//! certificate's CN as the user name, as the Aloft front does.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use aloft_certs::{FleetCa, Validity};
+use anyhow::{bail, Context, Result};
+
+/// A running Mosquitto, killed when dropped.
+pub struct Mosquitto {
+    child: Child,
+    pub addr: SocketAddr,
+    pub pid: u32,
+}
+
+/// Where Debian installs the broker.
+const CANDIDATES: &[&str] = &["/usr/sbin/mosquitto", "/usr/bin/mosquitto"];
+
+fn binary() -> Result<PathBuf> {
+    CANDIDATES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .context("mosquitto is not installed (apt-get install -y mosquitto)")
+}
+
+impl Mosquitto {
+    /// Writes a configuration with a server certificate from `ca` into `dir` and starts the
+    /// broker; returns once its port accepts connections.
+    pub async fn start(dir: &Path, ca: &FleetCa) -> Result<Mosquitto> {
+        let exe = binary()?;
+        std::fs::create_dir_all(dir)?;
+        let server = ca.issue_server(
+            &["localhost".to_owned(), "127.0.0.1".to_owned()],
+            Validity::days(1),
+        )?;
+        let file = |name: &str, text: &str| -> Result<PathBuf> {
+            let p = dir.join(name);
+            std::fs::write(&p, text)?;
+            Ok(p)
+        };
+        let cafile = file("ca.crt", ca.cert_pem())?;
+        let certfile = file("server.crt", &server.cert_pem)?;
+        let keyfile = file("server.key", &server.key_pem)?;
+        // A free port: bound and released at once; Mosquitto takes it right after.
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let conf = format!(
+            "per_listener_settings false\n\
+             persistence false\n\
+             log_dest stderr\n\
+             log_type error\n\
+             max_connections -1\n\
+             listener {port} 127.0.0.1\n\
+             tls_version tlsv1.3\n\
+             cafile {}\n\
+             certfile {}\n\
+             keyfile {}\n\
+             require_certificate true\n\
+             use_identity_as_username true\n\
+             allow_anonymous false\n",
+            cafile.display(),
+            certfile.display(),
+            keyfile.display()
+        );
+        let conf_path = file("mosquitto.conf", &conf)?;
+        let log = std::fs::File::create(dir.join("mosquitto.log"))?;
+        let child = Command::new(&exe)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let pid = child.id();
+        let mut m = Mosquitto { child, addr, pid };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Ok(m);
+            }
+            if let Ok(Some(status)) = m.child.try_wait() {
+                let log = std::fs::read_to_string(dir.join("mosquitto.log")).unwrap_or_default();
+                bail!("mosquitto exited ({status}): {}", log.trim());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("mosquitto did not listen on {addr} within 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The broker's version line (`mosquitto -h` prints it first).
+    pub fn version() -> Option<String> {
+        let out = Command::new(binary().ok()?).arg("-h").output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines().next().map(|l| l.trim().to_owned())
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
