@@ -239,13 +239,17 @@ impl Lab {
 
 /// Starts an orchestrator on `data_dir` (opened with the recovery key in `unlock_file`) as a child
 /// process of `exe` (a binary whose first argument `orchestrator` runs `aloft serve`), listening
-/// on `listen`; returns once it printed its addresses.
+/// on `listen`; returns once it printed its addresses. Its log (warnings and errors, or what
+/// `RUST_LOG` asks for) goes to `orchestrator.log` beside `data_dir`.
 pub fn spawn_orchestrator(
     exe: &Path,
     data_dir: &Path,
     unlock_file: &Path,
     listen: SocketAddr,
 ) -> Result<OrchestratorProcess> {
+    let log_path = data_dir.with_file_name("orchestrator.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
     let mut child = Command::new(exe)
         .arg("orchestrator")
         .arg("--data-dir")
@@ -257,7 +261,7 @@ pub fn spawn_orchestrator(
         .arg("--unlock-file")
         .arg(unlock_file)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .with_context(|| format!("starting {}", exe.display()))?;
     let stdout = child.stdout.take().context("child stdout")?;
