@@ -164,7 +164,11 @@ pub fn decode(frame: &[u8]) -> Result<ChunkFrame<'_>, FrameError> {
         }),
         1 => {
             let code = ChunkErrorCode::parse(data).ok_or(FrameError::BadErrorCode)?;
-            let retry_after_ms = if code == ChunkErrorCode::Busy { count } else { 0 };
+            let retry_after_ms = if code == ChunkErrorCode::Busy {
+                count
+            } else {
+                0
+            };
             Ok(ChunkFrame::Error {
                 artifact,
                 index,

@@ -111,7 +111,10 @@ impl Edge {
             DeviceTopic::Health => "health",
             DeviceTopic::Csr => "csr",
         };
-        (format!("aloft/v1/d/{}/{leaf}", m.device), m.payload.to_vec())
+        (
+            format!("aloft/v1/d/{}/{leaf}", m.device),
+            m.payload.to_vec(),
+        )
     }
 
     fn stats(&self) -> FrontStatsSnapshot {
@@ -264,7 +267,6 @@ impl Mqtt {
         }
     }
 
-
     async fn next_publish(&mut self) -> (String, Vec<u8>, bool) {
         loop {
             match self.next().await {
@@ -351,7 +353,11 @@ async fn device_with_valid_cert_can_subscribe_and_receive_its_own_topics() {
         edge.send("dev-1", DeviceBound::ChunkResponse, b"frame", false);
         assert_eq!(
             dev.next_publish().await,
-            ("aloft/v1/d/dev-1/chunk/resp".to_owned(), b"frame".to_vec(), false)
+            (
+                "aloft/v1/d/dev-1/chunk/resp".to_owned(),
+                b"frame".to_vec(),
+                false
+            )
         );
 
         dev.publish("aloft/v1/d/dev-1/status", b"{\"state\":\"idle\"}", false)
@@ -973,8 +979,11 @@ async fn raw_device_session(
         clean_session: true,
     };
     let mut buf = BytesMut::new();
-    V5.write(WirePacket::Connect(connect, props, will, None, None), &mut buf)
-        .unwrap();
+    V5.write(
+        WirePacket::Connect(connect, props, will, None, None),
+        &mut buf,
+    )
+    .unwrap();
     raw.write_all(&buf).await.unwrap();
     let mut reader = PacketReader::default();
     assert!(matches!(reader.next(&mut raw).await, Packet::ConnAck(..)));

@@ -46,8 +46,7 @@ impl FrameCache {
             self.bytes = 0;
         }
         self.bytes += frame.len();
-        self.frames
-            .insert((artifact.clone(), index), frame.clone());
+        self.frames.insert((artifact.clone(), index), frame.clone());
         Ok(Some(frame))
     }
 }

@@ -485,7 +485,10 @@ mod tests {
     #[test]
     fn the_fleet_budget_refuses_frames_beyond_it_and_is_given_back_as_frames_leave() {
         let routes = Arc::new(DirectRoutes::default().with_budget(100));
-        let (a, b) = (DeviceId::new("dev-a").unwrap(), DeviceId::new("dev-b").unwrap());
+        let (a, b) = (
+            DeviceId::new("dev-a").unwrap(),
+            DeviceId::new("dev-b").unwrap(),
+        );
         let (_ga, mut qa) = routes.open(a.clone());
         let (_gb, _qb) = routes.open(b.clone());
         let body = Bytes::from(vec![0u8; 60]);

@@ -298,7 +298,10 @@ pub fn publish_qos_pkid(frame: &[u8]) -> Option<(u8, Option<u16>)> {
         return Some((0, None));
     }
     let (head, _) = fixed_header(frame).ok()??;
-    let topic_len = usize::from(u16::from_be_bytes([*frame.get(head)?, *frame.get(head + 1)?]));
+    let topic_len = usize::from(u16::from_be_bytes([
+        *frame.get(head)?,
+        *frame.get(head + 1)?,
+    ]));
     let at = head + 2 + topic_len;
     let pkid = u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]);
     Some((qos, Some(pkid)))

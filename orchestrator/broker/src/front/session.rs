@@ -301,7 +301,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     let bit = acl::device_filter_index(device, filter).map_or(0, |i| 1u8 << i);
                     let before = subs.fetch_and(!bit, Relaxed);
                     // 0x11: No subscription existed.
-                    codes.push(if bit != 0 && before & bit != 0 { 0 } else { 0x11 });
+                    codes.push(if bit != 0 && before & bit != 0 {
+                        0
+                    } else {
+                        0x11
+                    });
                 }
                 Reply::Packet(mqtt::unsuback(unsubscribe.pkid, &codes))
             }
@@ -493,7 +497,11 @@ async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io:
 
 /// The Will of a device's CONNECT as a message for the orchestrator, if its topic is one the
 /// device may publish to (relay checked the ACL already; this only maps the topic).
-pub(crate) fn will_message(device: &DeviceId, topic: &[u8], payload: Bytes) -> Option<DeviceMessage> {
+pub(crate) fn will_message(
+    device: &DeviceId,
+    topic: &[u8],
+    payload: Bytes,
+) -> Option<DeviceMessage> {
     let topic: DeviceTopic = acl::device_publish_topic(device, topic)?;
     Some(DeviceMessage {
         device: device.clone(),
