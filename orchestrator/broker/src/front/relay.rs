@@ -180,28 +180,11 @@ pub(crate) async fn run<S>(
             return refuse(&mut client_w, refusal).await;
         }
     };
-    let connack = mqtt::connack(
-        session_present,
-        Reason::Success,
-        &ConnAckProps {
-            server_keep_alive: admitted
-                .keep_alive_changed
-                .then_some(admitted.keep_alive_secs),
-            max_packet_size: u32::try_from(max).ok(),
-            no_retain_no_shared: true,
-            reason_string: None,
-            max_qos_1: false,
-        },
-    );
-    if write_flush(&mut client_w, &connack).await.is_err() {
+    let connack = success_connack(&admitted, session_present, max, false);
+    if !established(&mut client_w, &connack, identity.as_ref(), ctx).await {
         return;
     }
-    FrontStats::inc(&ctx.stats.sessions_established);
-    FrontStats::add(&ctx.stats.bytes_out, connack.len());
     debug!(%peer, %addr, "session relayed");
-    if let (Some(hook), Some(identity)) = (&ctx.on_session, &identity) {
-        (hook.0)(identity);
-    }
 
     let (mut backend_r, mut backend_w) = backend.into_split();
     let idle = Duration::from_millis(u64::from(admitted.keep_alive_secs) * 1_500);
@@ -279,28 +262,12 @@ async fn serve_device<R, W>(
     // The route opens before the CONNACK: whatever the orchestrator sends from the moment the
     // device can know it is connected reaches it.
     let (route, queues) = ctx.direct.open(device.clone());
-    let connack = mqtt::connack(
-        false,
-        Reason::Success,
-        &ConnAckProps {
-            server_keep_alive: admitted
-                .keep_alive_changed
-                .then_some(admitted.keep_alive_secs),
-            max_packet_size: u32::try_from(max).ok(),
-            no_retain_no_shared: true,
-            reason_string: None,
-            max_qos_1: true,
-        },
-    );
-    if write_flush(&mut client_w, &connack).await.is_err() {
+    // Sessions the front serves itself keep nothing across connections and grant QoS 1 at most.
+    let connack = success_connack(&admitted, false, max, true);
+    if !established(&mut client_w, &connack, identity.as_ref(), ctx).await {
         return;
     }
-    FrontStats::inc(&ctx.stats.sessions_established);
-    FrontStats::add(&ctx.stats.bytes_out, connack.len());
     debug!(%device, %addr, "device session served");
-    if let (Some(hook), Some(identity)) = (&ctx.on_session, &identity) {
-        (hook.0)(identity);
-    }
     let kill = admitted.claim.kill_signal();
     let mut claim = Some(admitted.claim);
     let session = super::session::DeviceSession {
@@ -326,6 +293,85 @@ async fn serve_device<R, W>(
     drop(route);
     drop(claim);
     debug!(%device, %addr, "session closed");
+}
+
+/// The CONNACK of an admitted session: the effective keep-alive if the front changed it, the
+/// client's packet limit, what the ACL would refuse anyway.
+fn success_connack(
+    admitted: &Admitted,
+    session_present: bool,
+    max: usize,
+    max_qos_1: bool,
+) -> Bytes {
+    mqtt::connack(
+        session_present,
+        Reason::Success,
+        &ConnAckProps {
+            server_keep_alive: admitted
+                .keep_alive_changed
+                .then_some(admitted.keep_alive_secs),
+            max_packet_size: u32::try_from(max).ok(),
+            no_retain_no_shared: true,
+            reason_string: None,
+            max_qos_1,
+        },
+    )
+}
+
+/// Sends the CONNACK, counts the session and tells the orchestrator who connected; false if the
+/// client is already gone.
+async fn established<W: AsyncWrite + Unpin>(
+    client_w: &mut W,
+    connack: &[u8],
+    identity: Option<&aloft_certs::CertIdentity>,
+    ctx: &FrontContext,
+) -> bool {
+    if write_flush(client_w, connack).await.is_err() {
+        return false;
+    }
+    FrontStats::inc(&ctx.stats.sessions_established);
+    FrontStats::add(&ctx.stats.bytes_out, connack.len());
+    if let (Some(hook), Some(identity)) = (&ctx.on_session, identity) {
+        (hook.0)(identity);
+    }
+    true
+}
+
+/// Reads the next packet of an established session under the keep-alive: `Err(None)` when the
+/// client went away, `Err(Some(reason))` when the front must end the session (counted and
+/// logged here).
+pub(super) async fn next_client_frame<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader,
+    client_r: &mut R,
+    idle: Duration,
+    who: &(dyn std::fmt::Display + Sync),
+    stats: &FrontStats,
+) -> Result<Bytes, Option<Reason>> {
+    match timeout(idle, reader.next(client_r)).await {
+        Ok(Ok(frame)) => {
+            FrontStats::add(&stats.bytes_in, frame.len());
+            Ok(frame)
+        }
+        Ok(Err(FrameError::Oversized(n))) => {
+            FrontStats::inc(&stats.oversized_packets);
+            warn!(peer = %who, bytes = n, "oversized packet; closing");
+            Err(Some(Reason::PacketTooLarge))
+        }
+        Ok(Err(FrameError::BadHeader)) => {
+            FrontStats::inc(&stats.malformed_packets);
+            info!(peer = %who, "malformed fixed header; closing");
+            Err(Some(Reason::MalformedPacket))
+        }
+        Ok(Err(e)) => {
+            debug!(peer = %who, error = %e, "client closed");
+            Err(None)
+        }
+        Err(_) => {
+            FrontStats::inc(&stats.keep_alive_timeouts);
+            info!(peer = %who, idle_secs = idle.as_secs(), "keep-alive expired; closing");
+            Err(Some(Reason::KeepAliveTimeout))
+        }
+    }
 }
 
 /// Closes the backend connection like a client that went away: FIN, then whatever the broker
@@ -570,29 +616,11 @@ where
     let stats = &ctx.stats;
     let (peer, idle) = (session.peer, session.idle);
     loop {
-        let frame = match timeout(idle, reader.next(client_r)).await {
-            Ok(Ok(frame)) => frame,
-            Ok(Err(FrameError::Oversized(n))) => {
-                FrontStats::inc(&stats.oversized_packets);
-                warn!(%peer, bytes = n, "oversized packet; closing");
-                return End::Disconnect(Reason::PacketTooLarge);
-            }
-            Ok(Err(FrameError::BadHeader)) => {
-                FrontStats::inc(&stats.malformed_packets);
-                info!(%peer, "malformed fixed header; closing");
-                return End::Disconnect(Reason::MalformedPacket);
-            }
-            Ok(Err(e)) => {
-                debug!(%peer, error = %e, "client closed");
-                return End::Quiet;
-            }
-            Err(_) => {
-                FrontStats::inc(&stats.keep_alive_timeouts);
-                info!(%peer, idle_secs = idle.as_secs(), "keep-alive expired; closing");
-                return End::Disconnect(Reason::KeepAliveTimeout);
-            }
+        let frame = match next_client_frame(reader, client_r, idle, peer, stats).await {
+            Ok(frame) => frame,
+            Err(None) => return End::Quiet,
+            Err(Some(reason)) => return End::Disconnect(reason),
         };
-        FrontStats::add(&stats.bytes_in, frame.len());
         match mqtt::decode_client(&frame) {
             Ok(Packet::Publish(publish, props)) => {
                 let alias = props.as_ref().is_some_and(|p| p.topic_alias.is_some());

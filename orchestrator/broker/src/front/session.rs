@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::acl::{self, DeviceTopic};
 use super::direct::{publish_qos1, DeviceBound, DeviceMessage, SessionQueues};
-use super::mqtt::{self, FrameError, FrameReader, Reason};
+use super::mqtt::{self, FrameReader, Reason};
 use super::{FrontContext, FrontStats};
 use aloft_proto::{topics, DeviceId};
 
@@ -176,29 +176,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let stats = &ctx.stats;
     let device = &session.device;
     loop {
-        let frame = match timeout(session.idle, reader.next(client_r)).await {
-            Ok(Ok(frame)) => frame,
-            Ok(Err(FrameError::Oversized(n))) => {
-                FrontStats::inc(&stats.oversized_packets);
-                warn!(%device, bytes = n, "oversized packet; closing");
-                return End::Disconnect(Reason::PacketTooLarge);
-            }
-            Ok(Err(FrameError::BadHeader)) => {
-                FrontStats::inc(&stats.malformed_packets);
-                info!(%device, "malformed fixed header; closing");
-                return End::Disconnect(Reason::MalformedPacket);
-            }
-            Ok(Err(e)) => {
-                debug!(%device, error = %e, "client closed");
-                return End::Quiet { will: true };
-            }
-            Err(_) => {
-                FrontStats::inc(&stats.keep_alive_timeouts);
-                info!(%device, idle_secs = session.idle.as_secs(), "keep-alive expired; closing");
-                return End::Disconnect(Reason::KeepAliveTimeout);
-            }
-        };
-        FrontStats::add(&stats.bytes_in, frame.len());
+        let frame =
+            match super::relay::next_client_frame(reader, client_r, session.idle, device, stats)
+                .await
+            {
+                Ok(frame) => frame,
+                Err(None) => return End::Quiet { will: true },
+                Err(Some(reason)) => return End::Disconnect(reason),
+            };
         let reply = match mqtt::decode_client(&frame) {
             Ok(Packet::Publish(publish, props)) => {
                 let alias = props.as_ref().is_some_and(|p| p.topic_alias.is_some());
