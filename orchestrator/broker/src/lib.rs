@@ -2,10 +2,10 @@
 //!
 //! Two halves: [`embedded`] runs rumqttd on a loopback listener that only holders of a
 //! per-broker secret can use, and [`front`] is the mTLS listener devices and operators actually
-//! reach. The front binds each connection to the identity in its client certificate, checks
-//! every PUBLISH and SUBSCRIBE against that identity's topics, and relays what passes to the
-//! embedded broker. rumqttd alone would do none of this (see DESIGN.md, "Facts about the
-//! dependencies").
+//! reach. The front binds each connection to the identity in its client certificate and checks
+//! every PUBLISH and SUBSCRIBE against that identity's topics; it serves devices' sessions
+//! itself on the device road ([`front::direct`]) and relays operators' to the embedded broker.
+//! rumqttd alone would do none of this (see DESIGN.md, "Facts about the dependencies").
 //!
 //! Invariant: only this crate knows rumqttd; nothing here knows the orchestrator's store,
 //! rollout engine or metrics registry (the orchestrator reads [`front::FrontStats`]).

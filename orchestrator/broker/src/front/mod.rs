@@ -3,7 +3,8 @@
 //! It owns accepting sockets, TLS handshakes (in parallel, capped in total and per source
 //! address, timed out, never awaited by the accept loop, see [`pending`]), turning the verified
 //! client certificate into a [`Peer`], and handing the connection to [`relay`], which binds the
-//! MQTT session to that peer and enforces [`acl`] on the way to the embedded broker.
+//! MQTT session to that peer and enforces [`acl`]: an operator's session goes on to the embedded
+//! broker, a device's is served by [`session`] on the device road ([`direct`]).
 //!
 //! Invariant: nothing reaches the backend before the peer's certificate was verified, its
 //! CONNECT named exactly the certificate's identity, and no other live connection holds it.
