@@ -20,13 +20,15 @@ const MAX_BYTES: usize = 256 * 1024 * 1024;
 
 #[derive(Default)]
 pub(super) struct FrameCache {
-    frames: HashMap<(ArtifactId, u32), Bytes>,
+    /// Per release, its frames by chunk index (`None` until first served).
+    frames: HashMap<ArtifactId, Vec<Option<Bytes>>>,
     bytes: usize,
 }
 
 impl FrameCache {
     /// The data frame of chunk `index` of `artifact` (of `count`), from memory or the store;
-    /// `None` if the store lacks the chunk.
+    /// `None` if the store lacks the chunk. A hit costs one lookup and no allocation: this runs
+    /// for every chunk sent.
     pub fn get(
         &mut self,
         store: &Store,
@@ -34,7 +36,13 @@ impl FrameCache {
         index: u32,
         count: u32,
     ) -> Result<Option<Bytes>, StoreError> {
-        if let Some(f) = self.frames.get(&(artifact.clone(), index)) {
+        let slot = index as usize;
+        if let Some(f) = self
+            .frames
+            .get(artifact)
+            .and_then(|frames| frames.get(slot))
+            .and_then(Option::as_ref)
+        {
             return Ok(Some(f.clone()));
         }
         let Some(sealed) = store.chunk(artifact, index)? else {
@@ -46,7 +54,11 @@ impl FrameCache {
             self.bytes = 0;
         }
         self.bytes += frame.len();
-        self.frames.insert((artifact.clone(), index), frame.clone());
+        let frames = self.frames.entry(artifact.clone()).or_default();
+        if frames.len() <= slot {
+            frames.resize(slot + 1, None);
+        }
+        frames[slot] = Some(frame.clone());
         Ok(Some(frame))
     }
 }
