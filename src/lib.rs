@@ -483,3 +483,18 @@ pub async fn scrape(addr: SocketAddr, metric: &str) -> Option<f64> {
         .find(|l| l.starts_with(metric) && l[metric.len()..].starts_with([' ', '{']))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
+
+/// The working directory of a run: `dir` (created if missing) or, without one, a fresh
+/// temporary directory named `prefix…`, removed when the returned guard drops.
+pub fn work_dir(dir: Option<&Path>, prefix: &str) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            Ok((d.to_owned(), None))
+        }
+        None => {
+            let tmp = tempfile::Builder::new().prefix(prefix).tempdir()?;
+            Ok((tmp.path().to_owned(), Some(tmp)))
+        }
+    }
+}

@@ -113,17 +113,7 @@ fn scenario(args: &Args) -> Result<Scenario> {
 
 async fn demo(args: Args) -> Result<bool> {
     let sc = scenario(&args)?;
-    let tmp;
-    let root = match &args.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => {
-            tmp = tempfile::Builder::new().prefix("aloft-demo-").tempdir()?;
-            tmp.path().to_owned()
-        }
-    };
+    let (root, _tmp) = aloft_e2e::work_dir(args.dir.as_deref(), "aloft-demo-")?;
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("[{:>7.2}s] {what}", t0.elapsed().as_secs_f64());
     let n_devices = sc.fleet.devices;

@@ -287,17 +287,7 @@ fn opts(args: &BenchArgs) -> Opts {
 /// and prints the table of medians.
 async fn run(exe: &Path, argv: &[String], args: &BenchArgs) -> Result<bool> {
     let machine = Machine::read();
-    let tmp;
-    let work = match &args.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => {
-            tmp = tempfile::Builder::new().prefix("aloft-bench-").tempdir()?;
-            tmp.path().to_owned()
-        }
-    };
+    let (work, _tmp) = crate::work_dir(args.dir.as_deref(), "aloft-bench-")?;
     let started = Instant::now();
     // A run is a sequence of scenarios, each bounded by the timeout; past this it is stuck.
     let run_limit = Duration::from_secs(args.timeout_secs * 8 + 120);
