@@ -7,8 +7,9 @@
 //! `devices/{id}.csr`, `devices/{id}.crt`, or for a lab's simulated fleet one file
 //! `devices/{prefix}.fleet` holding every device's keys and certificate ([`enroll_issued`]) and
 //! `devices/{id}.crt` only once a device renewed its certificate, `root.json` (the root of trust the fleet is
-//! provisioned with, if enrolled with one), and at run time `state/{id}.json`,
-//! `state/{id}.slots`.
+//! provisioned with, if enrolled with one), and at run time `state/{id}.rec`
+//! (the record, two copies rewritten in place; `state/{id}.json` from an older simulator is read
+//! once), `state/{id}.slots`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -20,7 +20,9 @@ pub use identity::DeviceIdentity;
 pub use renewal::{RenewalConfig, Renewer};
 pub use sim::{DeviceView, Faults, Fleet, FleetConfig, FleetCounters};
 pub use slots::{FileFlash, Flash, FlashError, MemoryFlash, PowerOn, SlotId, SlotState, SlotTable};
-pub use store::{DeviceRecord, DeviceStore, JsonFileStore, MemoryStore, StoreError};
+pub use store::{
+    DeviceRecord, DeviceStore, JsonFileStore, MemoryStore, RecordFileStore, StoreError,
+};
 pub use transport::{Device, Hooks, NoHooks, TransportConfig};
 pub use update::{
     AgentConfig, AgentStats, AlwaysHealthy, AppHealth, HealthCheck, HealthStatus, Input, OutTopic,

@@ -30,7 +30,7 @@ use tracing::warn;
 use crate::identity::{DeviceIdentity, STATE_DIR};
 use crate::renewal::{RenewalConfig, Renewer};
 use crate::slots::{FileFlash, Flash, SlotState};
-use crate::store::{DeviceRecord, DeviceStore, JsonFileStore};
+use crate::store::{DeviceRecord, DeviceStore, RecordFileStore};
 use crate::transport::{self, Control, Device, Hooks, Intervention, RunEnd, TransportConfig};
 use crate::update::{AgentConfig, AgentStats, AppHealth, HealthCheck, HealthStatus, UpdateAgent};
 
@@ -287,7 +287,10 @@ impl Fleet {
             let mut tcfg = TransportConfig::new(cfg.host.clone(), cfg.port, renewer.tls());
             tcfg.connect_gate = Some(gate.clone());
             tcfg.renewal = Some(renewer);
-            let mut store = JsonFileStore::new(state_dir.join(format!("{}.json", ident.id)), false);
+            // Records saved by an older simulator (`{id}.json`) are read until the first save.
+            let mut store =
+                RecordFileStore::new(state_dir.join(format!("{}.rec", ident.id)), false)
+                    .with_legacy(state_dir.join(format!("{}.json", ident.id)));
             let record = store
                 .load()
                 .with_context(|| format!("record of {}", ident.id))?
