@@ -118,6 +118,10 @@ pub struct ServeArgs {
     /// INSECURE plain-TCP listener for local debugging (loopback only).
     #[arg(long)]
     pub insecure_plain_listen: Option<SocketAddr>,
+    /// Devices sent chunks at once over the whole fleet; the others are told to wait (`busy`)
+    /// [default: the file's `downloads.slots`, else 128].
+    #[arg(long)]
+    pub download_slots: Option<usize>,
     #[command(flatten)]
     pub unlock: UnlockArgs,
 }
@@ -459,6 +463,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(p) = args.insecure_plain_listen {
         file.insecure_plain_listen = Some(p);
+    }
+    if let Some(s) = args.download_slots {
+        file.downloads.slots = s;
     }
     let unlock = args.unlock.obtain("the data directory")?;
     let cfg = ServeConfig {

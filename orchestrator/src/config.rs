@@ -41,6 +41,7 @@ pub struct FileConfig {
     pub insecure_plain_listen: Option<SocketAddr>,
     pub front: FrontConfig,
     pub broker: BrokerFile,
+    pub downloads: DownloadsFile,
 }
 
 impl Default for FileConfig {
@@ -51,6 +52,23 @@ impl Default for FileConfig {
             insecure_plain_listen: None,
             front: FrontConfig::default(),
             broker: BrokerFile::default(),
+            downloads: DownloadsFile::default(),
+        }
+    }
+}
+
+/// Fleet-wide pacing of chunk service (`engine::core::pacing`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DownloadsFile {
+    /// Devices sent chunks at once; the others are answered `busy` with a wait.
+    pub slots: usize,
+}
+
+impl Default for DownloadsFile {
+    fn default() -> Self {
+        Self {
+            slots: crate::engine::DEFAULT_DOWNLOAD_SLOTS,
         }
     }
 }
@@ -132,6 +150,11 @@ impl ServeConfig {
         BrokerConfig::from(&self.file.broker)
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if self.file.downloads.slots == 0 {
+            return Err(ConfigError::Invalid(
+                "downloads.slots must be at least 1".into(),
+            ));
+        }
         if let Some(p) = self.file.insecure_plain_listen {
             if !p.ip().is_loopback() {
                 return Err(ConfigError::Invalid(
@@ -164,6 +187,20 @@ mod tests {
             unlock: test_unlock(),
         };
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn download_slots_are_read_from_the_file_and_zero_is_refused() {
+        let file: FileConfig = toml::from_str("[downloads]\nslots = 512\n").unwrap();
+        assert_eq!(file.downloads.slots, 512);
+        let mut cfg = ServeConfig {
+            data_dir: PathBuf::new(),
+            file,
+            unlock: test_unlock(),
+        };
+        cfg.validate().unwrap();
+        cfg.file.downloads.slots = 0;
+        assert!(cfg.validate().is_err());
     }
 
     #[test]

@@ -259,6 +259,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
             crl,
             crl_path: Some(crl_path),
             signer: Some(signer),
+            download_slots: cfg.file.downloads.slots,
         },
         metrics.clone(),
     );

@@ -41,6 +41,7 @@ use crate::store::{Store, StoreError};
 pub mod core;
 mod frames;
 
+pub use self::core::pacing::DEFAULT_SLOTS as DEFAULT_DOWNLOAD_SLOTS;
 pub use self::core::{RENEWAL_INTERVAL_MS, SUCCESS_WITHOUT_DOWNLOAD};
 pub use crate::inbound::{Inbound, SeenDevice};
 
@@ -76,6 +77,8 @@ pub struct EngineConfig {
     /// Signs renewals with `<data-dir>/pki/ca.key`, on a thread of its own; without it every
     /// renewal answers `ca_offline`.
     pub signer: Option<crate::signer::Signer>,
+    /// Devices sent chunks at once over the whole fleet; the others are told `busy`.
+    pub download_slots: usize,
 }
 
 /// Why the engine stopped.
@@ -189,6 +192,7 @@ impl Shell {
                 ca_pem: cfg.ca_pem,
                 crl: cfg.crl,
                 seed,
+                download_slots: cfg.download_slots,
             },
             metrics.clone(),
             loaded,

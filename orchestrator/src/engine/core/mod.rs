@@ -298,6 +298,8 @@ pub struct CoreConfig {
     pub crl: Option<VerifiedCrl>,
     /// Random bytes from the shell: campaign ids are derived from them, the time and a counter.
     pub seed: [u8; 16],
+    /// Devices sent chunks at once over the whole fleet (see `pacing`); at least 1.
+    pub download_slots: usize,
 }
 
 /// A campaign with its release material and every member's progress, in memory.
@@ -449,7 +451,7 @@ impl Core {
             renewals: RenewalGate::default(),
             rewithdrawn: HashSet::new(),
             served_unflushed: HashSet::new(),
-            slots: pacing::DownloadSlots::default(),
+            slots: pacing::DownloadSlots::new(cfg.download_slots, pacing::IDLE_MS),
             seed: cfg.seed,
             ids: 0,
             now: 0,

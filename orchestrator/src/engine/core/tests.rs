@@ -205,6 +205,7 @@ impl Fixture {
                 ca_pem: String::new(),
                 crl: None,
                 seed: [0; 16],
+                download_slots: super::pacing::DEFAULT_SLOTS,
             },
             Metrics::new(None, None),
             self.durable.loaded(),
