@@ -22,6 +22,10 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// Certificates per `device_register` request when the demo registers devices held offline
+/// (about 700 bytes each: 500 fit well inside an operator's 1 MiB packet limit).
+const REGISTER_BATCH: usize = 500;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "aloft-demo",
@@ -149,12 +153,16 @@ async fn demo(args: Args) -> Result<bool> {
         "{expected_online} devices connected over mTLS and registered"
     ));
     if expected_online < n_devices {
-        let _: serde_json::Value = admin
-            .call(AdminBody::DeviceRegister {
-                certs,
-                groups: Vec::new(),
-            })
-            .await?;
+        // In batches: 10,000 certificates in one request outgrow an operator's packet limit
+        // (about 1 MiB), and the front closes a connection that sends a larger packet.
+        for batch in certs.chunks(REGISTER_BATCH) {
+            let _: serde_json::Value = admin
+                .call(AdminBody::DeviceRegister {
+                    certs: batch.to_vec(),
+                    groups: Vec::new(),
+                })
+                .await?;
+        }
         step(&format!(
             "{} offline devices registered from their certificates",
             n_devices - expected_online
