@@ -54,23 +54,24 @@ async fn spawn(
 }
 
 /// Waits until the orchestrator has registered `n` devices; polls less often for big fleets so
-/// the poll is not what loads the orchestrator.
+/// the poll is not what loads the orchestrator. It asks for the count (`device_count`), not the
+/// list: above about 3,000 devices the list outgrows the operator link's packet limit, its reply
+/// never arrives and the wait failed.
 async fn wait_registered(admin: &AdminClient, n: usize, limit: Duration) -> Result<()> {
     let deadline = tokio::time::Instant::now() + limit;
     let every = Duration::from_millis(if n > 2_000 { 250 } else { 50 });
     let mut last = 0;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let call =
-            admin.call::<Vec<Value>>(aloft_orchestrator::admin::wire::AdminBody::DeviceList {});
+        let call = admin.call::<Value>(aloft_orchestrator::admin::wire::AdminBody::DeviceCount {});
         match tokio::time::timeout(left, call).await {
-            Ok(Ok(devices)) => {
-                last = devices.len();
+            Ok(Ok(count)) => {
+                last = count["registered"].as_u64().unwrap_or(0) as usize;
                 if last >= n {
                     return Ok(());
                 }
             }
-            Ok(Err(e)) => bail!("device list failed after {last} of {n} registered: {e}"),
+            Ok(Err(e)) => bail!("device count failed after {last} of {n} registered: {e}"),
             Err(_) => {}
         }
         if tokio::time::Instant::now() >= deadline {
