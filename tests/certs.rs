@@ -184,6 +184,8 @@ async fn a_revoked_device_gets_no_job_and_no_chunk_while_the_others_update() {
     assert!(
         env.running
             .devices
+            .as_ref()
+            .unwrap()
             .submit(aloft_broker::DeviceMessage {
                 device: revoked.id.clone(),
                 topic: aloft_broker::DeviceTopic::ChunkRequest,
