@@ -281,3 +281,74 @@ async fn on_mosquitto_a_spoofed_client_id_can_knock_a_device_off_but_never_reach
     );
     close(client, el).await;
 }
+
+/// Mosquitto is killed (SIGKILL) in the middle of a campaign and started again on the same
+/// port: the orchestrator says the broker is unreachable, then it and the devices reconnect
+/// (jittered exponential backoff), the orchestrator republishes the jobs in flight, and the
+/// campaign completes with every device updated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_killed_mid_campaign_and_restarted_on_its_port_the_campaign_completes() {
+    let mut env = Env::with(Broker::Mosquitto, 24).await;
+    let fleet = env.start_fleet(&env.fleet_config()).await;
+    let campaign = env
+        .roll_out(
+            &ReleaseSpec::new("2.0.0", 2, 1024 * 1024),
+            RolloutPolicy::default(),
+        )
+        .await;
+    let s = wait_campaign(&env.admin, &campaign, LIMIT, |s| {
+        s.count(DeviceState::Downloading) > 0
+    })
+    .await
+    .unwrap();
+    assert!(s.terminal() < s.total, "killed mid-campaign");
+    let mut broker = env.mosquitto.take().unwrap();
+    let addr = broker.addr;
+    broker.kill9().unwrap();
+    drop(broker);
+
+    // The orchestrator notices, and says so on /metrics and /health.
+    let metrics = env.running.metrics.clone();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while metrics.broker_link_is_up() {
+        assert!(tokio::time::Instant::now() < deadline, "link loss not seen");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let metrics_addr = env.running.metrics_addr.unwrap();
+    assert_eq!(
+        aloft_e2e::scrape(metrics_addr, "aloft_broker_link_up").await,
+        Some(0.0)
+    );
+    assert!(http_status(metrics_addr, "/health").await.starts_with("HTTP/1.1 503"));
+
+    env.mosquitto = Some(env.lab.restart_mosquitto(addr).await.unwrap());
+    // The operator's client does not reconnect (a CLI is short-lived): a new one, once the
+    // orchestrator has subscribed again (a request before that has no subscriber and is lost;
+    // the CLI would time out and be run again).
+    while !metrics.broker_link_is_up() {
+        assert!(tokio::time::Instant::now() < deadline, "link not back");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    env.admin = env.lab.operator(addr).await.unwrap();
+    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(s.count(DeviceState::Succeeded), 24, "{:?}", s.counts);
+    assert!(fleet.wait_all(LIMIT, |v| v.running_version == "2.0.0").await);
+    assert!(metrics.broker_link_is_up());
+    assert!(http_status(metrics_addr, "/health").await.starts_with("HTTP/1.1 200"));
+    assert!(aloft_e2e::scrape(metrics_addr, "aloft_broker_link_losses_total").await >= Some(1.0));
+    fleet.shutdown().await;
+}
+
+/// The status line of `GET path` on the metrics listener.
+async fn http_status(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body.lines().next().unwrap_or_default().to_owned()
+}

@@ -9,13 +9,16 @@ use aloft_broker::{DeviceBound, DeviceMessage, DeviceTopic, DirectRoutes};
 use aloft_proto::topics::{self, Inbound as Topic};
 use aloft_proto::DeviceId;
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::inbound::Inbound;
+
+/// Most QoS 1 publishes the link keeps unacknowledged.
+const INFLIGHT: u16 = 1000;
 
 /// Where and as whom the orchestrator connects.
 #[derive(Clone)]
@@ -166,26 +169,40 @@ pub fn connect(
     opts.set_keep_alive(Duration::from_secs(30))
         .set_clean_start(true)
         .set_max_packet_size(Some(cfg.max_packet_bytes))
-        .set_outgoing_inflight_upper_limit(1000);
+        .set_outgoing_inflight_upper_limit(INFLIGHT);
     let (client, mut eventloop) = AsyncClient::new(opts, 4096);
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let sub_client = client.clone();
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
+        let mut connected_before = false;
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     info!("orchestrator link connected");
-                    on_link(true);
                     backoff = Duration::from_millis(100);
-                    for f in subscriptions(share_group.as_deref()) {
-                        if sub_client.subscribe(f, QoS::AtLeastOnce).await.is_err() {
-                            return;
-                        }
-                    }
+                    // One SUBSCRIBE for every filter, so its SUBACK says the link is usable.
+                    // From a task of its own: the request queue may be full of the engine's
+                    // publishes from while the link was down, and only this loop drains it.
+                    let filters: Vec<Filter> = subscriptions(share_group.as_deref())
+                        .into_iter()
+                        .map(|f| Filter::new(f, QoS::AtLeastOnce))
+                        .collect();
+                    let client = sub_client.clone();
+                    tokio::spawn(async move {
+                        let _ = client.subscribe_many(filters).await;
+                    });
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    on_link(true);
                     let _ = ready_tx.send(true);
+                    // A broker that restarted may have lost retained jobs: the engine
+                    // publishes them again, now that devices' requests reach it too.
+                    if std::mem::replace(&mut connected_before, true)
+                        && tx.send(Inbound::LinkRestored).await.is_err()
+                    {
+                        return;
+                    }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let Some(event) = route(&p.topic, p.payload) else {
@@ -201,6 +218,10 @@ pub fn connect(
                 Err(e) => {
                     warn!(error = %e, "orchestrator link error; reconnecting");
                     on_link(false);
+                    // Design: the session starts clean, so nothing of the old one may survive.
+                    // rumqttc keeps a packet-id collision across a reconnect, and then never
+                    // sends another request (its ack will not come on a new session): reset.
+                    eventloop.state = rumqttc::v5::MqttState::new(INFLIGHT, false);
                     tokio::time::sleep(jittered(backoff)).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }

@@ -233,6 +233,7 @@ impl Shell {
             },
             Inbound::DeviceSeen(seen) => Event::DeviceSeen(seen),
             Inbound::Signed(signed) => Event::Signed(signed),
+            Inbound::LinkRestored => Event::LinkRestored,
         };
         let fx = self.core.on_event(now_ms(), event);
         self.absorb(fx);
