@@ -143,6 +143,65 @@ impl Lab {
         Ok(aloft_orchestrator::start(self.serve_config()).await?)
     }
 
+    /// Generates a Mosquitto configuration with `aloft broker-config mosquitto`'s code (a free
+    /// loopback port, operator `ops`, retained jobs persisted) in `root/mosquitto` and starts
+    /// Mosquitto with it.
+    pub async fn start_mosquitto(&self) -> Result<bench::mosquitto::Mosquitto> {
+        let dir = self.mosquitto_dir();
+        let listen = SocketAddr::from(([127, 0, 0, 1], bench::mosquitto::Mosquitto::free_port()?));
+        let opts = aloft_orchestrator::broker_config::MosquittoOptions {
+            listen,
+            hostnames: vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+            operators: vec![OperatorId::new("ops")?],
+            persistence_dir: Some(dir.join("db")),
+            // The lab's files are private to whoever runs it; Mosquitto stays that user.
+            run_as_user: Some(std::env::var("USER").unwrap_or_else(|_| "root".to_owned())),
+        };
+        std::fs::create_dir_all(dir.join("db"))?;
+        let ca = ops::load_ca(&self.data_dir.join("pki"), &self.unlock())?;
+        let conf =
+            aloft_orchestrator::broker_config::write_mosquitto(&self.data_dir, &ca, &dir, &opts)?;
+        bench::mosquitto::Mosquitto::launch(&conf, &dir, listen).await
+    }
+
+    /// Starts Mosquitto again on the same configuration and port (after a kill).
+    pub async fn restart_mosquitto(&self, addr: SocketAddr) -> Result<bench::mosquitto::Mosquitto> {
+        let dir = self.mosquitto_dir();
+        let conf = dir.join(aloft_orchestrator::broker_config::files::CONF);
+        bench::mosquitto::Mosquitto::launch(&conf, &dir, addr).await
+    }
+
+    pub fn mosquitto_dir(&self) -> PathBuf {
+        self.root.join("mosquitto")
+    }
+
+    /// The orchestrator's configuration beside the external broker at `broker` (started by
+    /// [`Lab::start_mosquitto`]): its CRL file and pid file from the generated directory.
+    pub fn serve_config_external(&self, broker: SocketAddr) -> ServeConfig {
+        let mut cfg = self.serve_config();
+        let dir = self.mosquitto_dir();
+        cfg.file.external_broker = Some(format!("mqtts://127.0.0.1:{}", broker.port()));
+        cfg.file.external_broker_crl =
+            Some(dir.join(aloft_orchestrator::broker_config::files::CRL));
+        cfg.file.external_broker_pid_file =
+            Some(dir.join(aloft_orchestrator::broker_config::files::PID));
+        cfg
+    }
+
+    /// Registers devices from their certificates (`device_register`), as an operator must when
+    /// the orchestrator runs beside an external broker and never sees a device's handshake.
+    pub async fn register(&self, admin: &AdminClient, devices: &[DeviceIdentity]) -> Result<()> {
+        for part in devices.chunks(500) {
+            let _: Value = admin
+                .call(AdminBody::DeviceRegister {
+                    certs: part.iter().map(|d| d.cert_pem.clone()).collect(),
+                    groups: Vec::new(),
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Starts the orchestrator as a child process of `exe` (a binary whose first argument
     /// `orchestrator` runs `aloft serve`), listening on `listen`.
     pub fn spawn(&self, exe: &Path, listen: SocketAddr) -> Result<OrchestratorProcess> {

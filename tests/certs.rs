@@ -24,7 +24,7 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
 use serde_json::Value;
 
-use crate::common::{device_client, Env, LIMIT};
+use crate::common::{device_client, Broker, Env, LIMIT};
 
 /// Signs a CRL revoking `devices` (every revocation so far is in `state`).
 fn crl_revoking(ca: &FleetCa, state: &mut RevocationState, devices: &[&DeviceIdentity]) -> String {
@@ -146,19 +146,39 @@ async fn a_crl_pushed_while_running_refuses_the_revoked_device_at_tls_and_ends_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_device_gets_no_job_and_no_chunk_while_the_others_update() {
-    let env = Env::new(3).await;
+    revoked_device_gets_no_job_and_no_chunk(Broker::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_gets_no_job_and_no_chunk_from_beside_mosquitto_and_mosquitto_refuses_it()
+{
+    revoked_device_gets_no_job_and_no_chunk(Broker::Mosquitto).await;
+}
+
+async fn revoked_device_gets_no_job_and_no_chunk(broker: Broker) {
+    let env = Env::with(broker, 3).await;
     let revoked = &env.devices[0];
-    // Registered and targeted before the revocation, never connected.
-    let certs = env.devices.iter().map(|d| d.cert_pem.clone()).collect();
-    let v: Value = env
-        .admin
-        .call(AdminBody::DeviceRegister {
-            certs,
-            groups: Vec::new(),
-        })
-        .await
-        .unwrap();
-    assert_eq!(registered(&v).len(), 3);
+    // Registered and targeted before the revocation (with Mosquitto, `Env` registered them).
+    if broker == Broker::Embedded {
+        let certs = env.devices.iter().map(|d| d.cert_pem.clone()).collect();
+        let v: Value = env
+            .admin
+            .call(AdminBody::DeviceRegister {
+                certs,
+                groups: Vec::new(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(registered(&v).len(), 3);
+    }
+    // With an external broker the revoked device keeps a session opened before the CRL (the
+    // broker checks certificates at the handshake only): it speaks for itself below.
+    let live = match broker {
+        Broker::Mosquitto => {
+            Some(device_client(env.running.device_addr, env.lab.ca.cert_pem(), revoked).await)
+        }
+        Broker::Embedded => None,
+    };
     let first = env
         .roll_out(
             &ReleaseSpec::new("2.0.0", 2, 32 * 1024),
@@ -181,16 +201,33 @@ async fn a_revoked_device_gets_no_job_and_no_chunk_while_the_others_update() {
     // A chunk request in its name (only a compromised server could still send one) is refused
     // and counted.
     let req = format!(r#"{{"v":1,"campaign":"{first}","artifact":"fw-2.0.0","ranges":[[0,2]]}}"#);
-    assert!(
-        env.running
-            .devices
-            .submit(aloft_broker::DeviceMessage {
+    match (&env.running.devices, live) {
+        (Some(road), _) => assert!(
+            road.submit(aloft_broker::DeviceMessage {
                 device: revoked.id.clone(),
                 topic: aloft_broker::DeviceTopic::ChunkRequest,
                 payload: req.into_bytes().into(),
             })
             .await
-    );
+        ),
+        (None, Some((client, mut el))) => {
+            let topic = topics::chunk_request(&revoked.id);
+            crate::common::publish_and_settle(&client, &mut el, topic, req.into_bytes(), false)
+                .await;
+            crate::common::close(client, el).await;
+            // Mosquitto reloads the CRL the orchestrator rewrote on SIGHUP: new handshakes
+            // of the revoked certificate fail once it has.
+            let deadline = tokio::time::Instant::now() + LIMIT;
+            while can_connect(&env, revoked).await {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "mosquitto still accepts the revoked certificate"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        (None, None) => unreachable!("an external broker always has a live session here"),
+    }
     let metrics = env.running.metrics.clone();
     let deadline = tokio::time::Instant::now() + LIMIT;
     while metrics.rejected_count("chunk_request", "revoked") == 0 {

@@ -26,6 +26,16 @@ use tempfile::TempDir;
 /// Generous bound for anything that should take seconds; hit only when something is broken.
 pub const LIMIT: Duration = Duration::from_secs(120);
 
+/// What devices and operators connect to: one test body runs against each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broker {
+    /// The default: the orchestrator's own mTLS front and embedded broker.
+    Embedded,
+    /// Mosquitto 2 with the configuration `aloft broker-config mosquitto` generates; the
+    /// orchestrator is its client and devices are registered by the operator.
+    Mosquitto,
+}
+
 /// An orchestrator in this process, an operator, and an enrolled (not yet running) fleet.
 pub struct Env {
     /// Kept for its lifetime: the directory is removed when the test ends.
@@ -34,21 +44,42 @@ pub struct Env {
     pub running: Running,
     pub admin: AdminClient,
     pub devices: Vec<DeviceIdentity>,
+    pub broker: Broker,
+    /// The external broker, when there is one (killed when the test ends).
+    pub mosquitto: Option<aloft_e2e::bench::mosquitto::Mosquitto>,
 }
 
 impl Env {
     pub async fn new(devices: usize) -> Env {
+        Env::with(Broker::Embedded, devices).await
+    }
+
+    /// An [`Env`] on `broker`. With Mosquitto the enrolled devices are registered from their
+    /// certificates, since the orchestrator never sees their handshakes.
+    pub async fn with(broker: Broker, devices: usize) -> Env {
         let tmp = tempfile::tempdir().unwrap();
         let lab = Lab::create(tmp.path()).unwrap();
-        let running = lab.start().await.unwrap();
+        let (running, mosquitto) = match broker {
+            Broker::Embedded => (lab.start().await.unwrap(), None),
+            Broker::Mosquitto => {
+                let m = lab.start_mosquitto().await.unwrap();
+                let cfg = lab.serve_config_external(m.addr);
+                (aloft_orchestrator::start(cfg).await.unwrap(), Some(m))
+            }
+        };
         let admin = lab.operator(running.device_addr).await.unwrap();
         let devices = lab.enroll_fleet("dev", devices).unwrap();
+        if broker == Broker::Mosquitto {
+            lab.register(&admin, &devices).await.unwrap();
+        }
         Env {
             _tmp: tmp,
             lab,
             running,
             admin,
             devices,
+            broker,
+            mosquitto,
         }
     }
 
@@ -217,6 +248,8 @@ pub async fn forge_job(
     // The front's device road is where the orchestrator's jobs leave from.
     env.running
         .devices
+        .as_ref()
+        .expect("a compromised server's device road exists only with the front")
         .publish(
             device,
             aloft_broker::DeviceBound::Job,

@@ -31,7 +31,7 @@ impl CertIdentity {
     pub fn device_id(&self) -> Option<DeviceId> {
         match self.role {
             Role::Device => DeviceId::new(self.id.as_str()).ok(),
-            Role::Operator | Role::Server => None,
+            Role::Operator | Role::Server | Role::Orchestrator => None,
         }
     }
 
@@ -44,7 +44,7 @@ impl CertIdentity {
     pub fn operator_id(&self) -> Option<OperatorId> {
         match self.role {
             Role::Operator => OperatorId::new(self.id.as_str()).ok(),
-            Role::Device | Role::Server => None,
+            Role::Device | Role::Server | Role::Orchestrator => None,
         }
     }
 }
@@ -76,7 +76,7 @@ pub fn parse_identity(cert_der: &[u8]) -> Result<CertIdentity, PkiError> {
             OperatorId::new(id).map_err(PkiError::InvalidOperatorId)?;
             None
         }
-        Role::Server => None,
+        Role::Server | Role::Orchestrator => None,
     };
     Ok(CertIdentity {
         role,

@@ -11,7 +11,8 @@ use rustls::pki_types::DnsName;
 
 use crate::csr;
 use crate::profile::{
-    leaf_params, only_x25519_key, x25519_uri, Role, Validity, SERVER_COMMON_NAME,
+    leaf_params, only_x25519_key, x25519_uri, Role, Validity, ORCHESTRATOR_COMMON_NAME,
+    SERVER_COMMON_NAME,
 };
 use crate::{FleetCa, PkiError};
 
@@ -125,6 +126,18 @@ impl FleetCa {
             .map(|host| server_san(host))
             .collect::<Result<_, _>>()?;
         let params = leaf_params(Role::Server, SERVER_COMMON_NAME, sans, &validity)?;
+        self.issue_with_new_key(&params)
+    }
+
+    /// The orchestrator's client certificate for an external MQTT broker, and a fresh key:
+    /// role `orchestrator`, CN [`ORCHESTRATOR_COMMON_NAME`], client authentication only.
+    pub fn issue_orchestrator(&self, validity: Validity) -> Result<IssuedKeyPair, PkiError> {
+        let params = leaf_params(
+            Role::Orchestrator,
+            ORCHESTRATOR_COMMON_NAME,
+            Vec::new(),
+            &validity,
+        )?;
         self.issue_with_new_key(&params)
     }
 

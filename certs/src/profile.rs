@@ -16,6 +16,11 @@ pub const X25519_URI_PREFIX: &str = "urn:aloft:x25519:";
 /// Common name of every server certificate.
 pub const SERVER_COMMON_NAME: &str = "aloft-orchestrator";
 
+/// Common name of the orchestrator's client certificate for an external broker. The `:` makes
+/// it a name no device or operator id can take (ids allow only `[A-Za-z0-9._-]`), so a broker
+/// that keys its ACL on the CN alone cannot confuse the orchestrator with a device or operator.
+pub const ORCHESTRATOR_COMMON_NAME: &str = "aloft:orchestrator";
+
 /// Slack subtracted from "now" when a window starts now, so a peer whose clock runs a little
 /// behind does not see a certificate that is not yet valid.
 const CLOCK_SKEW: Duration = Duration::minutes(5);
@@ -29,6 +34,8 @@ pub enum Role {
     Device,
     Operator,
     Server,
+    /// The orchestrator as a client of an external MQTT broker (TLS client authentication).
+    Orchestrator,
 }
 
 impl Role {
@@ -38,6 +45,7 @@ impl Role {
             Role::Device => "device",
             Role::Operator => "operator",
             Role::Server => "server",
+            Role::Orchestrator => "orchestrator",
         }
     }
 
@@ -47,13 +55,16 @@ impl Role {
             "device" => Ok(Role::Device),
             "operator" => Ok(Role::Operator),
             "server" => Ok(Role::Server),
+            "orchestrator" => Ok(Role::Orchestrator),
             other => Err(PkiError::UnknownRole(other.to_owned())),
         }
     }
 
     fn extended_key_usage(self) -> ExtendedKeyUsagePurpose {
         match self {
-            Role::Device | Role::Operator => ExtendedKeyUsagePurpose::ClientAuth,
+            Role::Device | Role::Operator | Role::Orchestrator => {
+                ExtendedKeyUsagePurpose::ClientAuth
+            }
             Role::Server => ExtendedKeyUsagePurpose::ServerAuth,
         }
     }
@@ -254,7 +265,12 @@ mod tests {
 
     #[test]
     fn roles_round_trip_through_their_ou_and_unknown_ous_fail() {
-        for role in [Role::Device, Role::Operator, Role::Server] {
+        for role in [
+            Role::Device,
+            Role::Operator,
+            Role::Server,
+            Role::Orchestrator,
+        ] {
             assert_eq!(Role::from_ou(role.ou()).unwrap(), role);
         }
         assert!(matches!(

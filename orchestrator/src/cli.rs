@@ -64,8 +64,12 @@ pub enum Command {
         #[command(flatten)]
         lock: NewLockArgs,
     },
-    /// Run the orchestrator (embedded broker, mTLS front, engine, metrics).
+    /// Run the orchestrator (embedded broker, mTLS front, engine, metrics), or beside an
+    /// external broker (`--broker`).
     Serve(ServeArgs),
+    /// Generate an external broker's configuration from the fleet's PKI.
+    #[command(subcommand)]
+    BrokerConfig(BrokerConfigCommand),
     /// Print the commented default configuration.
     GenerateConfig,
     /// Certificates: devices (from CSRs), operators; revocation and CRLs.
@@ -99,6 +103,37 @@ pub enum Command {
     Backup(BackupCommand),
 }
 
+#[derive(Subcommand, Debug)]
+pub enum BrokerConfigCommand {
+    /// Mosquitto 2: mosquitto.conf (TLS 1.3, client certificate required, CN as user name, the
+    /// fleet CA and CRL), the ACL, the broker's server certificate, and aloft-external.toml.
+    Mosquitto {
+        /// The data directory `aloft init` made (its fleet CA signs the broker's certificate).
+        #[arg(long, env = "ALOFT_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The directory to write; Mosquitto reads it (`mosquitto -c DIR/mosquitto.conf`).
+        #[arg(long)]
+        out: PathBuf,
+        /// The broker's TLS listener.
+        #[arg(long, default_value = "0.0.0.0:8883")]
+        listen: SocketAddr,
+        /// A name clients reach the broker by (its certificate carries each); repeat for several.
+        #[arg(long = "hostname", required = true)]
+        hostnames: Vec<String>,
+        /// An operator allowed to send admin requests; repeat for several.
+        #[arg(long = "operator")]
+        operators: Vec<String>,
+        /// Keep retained jobs across a broker restart in this directory.
+        #[arg(long)]
+        persistence_dir: Option<PathBuf>,
+        /// The user Mosquitto runs as after starting as root [Mosquitto's default: mosquitto].
+        #[arg(long)]
+        user: Option<String>,
+        #[command(flatten)]
+        unlock: UnlockArgs,
+    },
+}
+
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// The data directory `aloft init` made.
@@ -122,6 +157,10 @@ pub struct ServeArgs {
     /// [default: the file's `downloads.slots`, else 128].
     #[arg(long)]
     pub download_slots: Option<usize>,
+    /// Run beside an external MQTT 5 broker, `mqtts://host:port`, as its client (certificate
+    /// `pki/orchestrator.crt`) instead of the front and the embedded broker.
+    #[arg(long)]
+    pub broker: Option<String>,
     #[command(flatten)]
     pub unlock: UnlockArgs,
 }
@@ -434,6 +473,40 @@ pub async fn run(cli: Cli) -> Result<()> {
             |p| init(&data_dir, &ca_name, &hostnames, p).map(|_| ()),
         ),
         Command::Serve(args) => serve(args).await,
+        Command::BrokerConfig(BrokerConfigCommand::Mosquitto {
+            data_dir,
+            out,
+            listen,
+            hostnames,
+            operators,
+            persistence_dir,
+            user,
+            unlock,
+        }) => {
+            let ca = crate::ops::load_ca(
+                &data_dir.join(crate::config::layout::PKI_DIR),
+                &unlock.obtain("the fleet CA key")?,
+            )?;
+            let operators = operators
+                .into_iter()
+                .map(OperatorId::new)
+                .collect::<Result<Vec<_>, _>>()?;
+            let opts = crate::broker_config::MosquittoOptions {
+                listen,
+                hostnames,
+                operators,
+                persistence_dir,
+                run_as_user: user,
+            };
+            let conf = crate::broker_config::write_mosquitto(&data_dir, &ca, &out, &opts)?;
+            println!(
+                "wrote {} (start: mosquitto -c {}); aloft serve's lines are in {}",
+                out.display(),
+                conf.display(),
+                out.join(crate::broker_config::files::ALOFT_TOML).display()
+            );
+            Ok(())
+        }
         Command::GenerateConfig => {
             print!("{DEFAULT_CONFIG_TOML}");
             Ok(())
@@ -466,6 +539,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(s) = args.download_slots {
         file.downloads.slots = s;
+    }
+    if let Some(b) = args.broker {
+        file.external_broker = Some(b);
     }
     let unlock = args.unlock.obtain("the data directory")?;
     let cfg = ServeConfig {

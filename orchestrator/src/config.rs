@@ -23,6 +23,10 @@ pub mod layout {
     pub const TRUST_DIR: &str = "trust";
     /// The sled database.
     pub const STORE_DIR: &str = "store";
+    /// The orchestrator's client certificate for an external broker (role `orchestrator`) and
+    /// its sealed key, written by `aloft broker-config`.
+    pub const ORCHESTRATOR_CERT: &str = "orchestrator.crt";
+    pub const ORCHESTRATOR_KEY: &str = "orchestrator.key";
     /// Sealed file holding the orchestrator's master key, which seals content keys in the store.
     pub const KEYSTORE: &str = "keystore";
     /// The number of the last backup taken of this data directory (decimal).
@@ -42,6 +46,51 @@ pub struct FileConfig {
     pub front: FrontConfig,
     pub broker: BrokerFile,
     pub downloads: DownloadsFile,
+    /// An external MQTT 5 broker, `mqtts://host:port`: the orchestrator becomes its client
+    /// (certificate `pki/orchestrator.crt`) and starts neither the front nor the embedded
+    /// broker. Named apart from `[broker]`, which configures the embedded one.
+    pub external_broker: Option<String>,
+    /// With an external broker: the CRL file the broker reads, rewritten by `crl_update`, and
+    /// the file holding the broker's process id, sent SIGHUP to reload it (Mosquitto reloads
+    /// its TLS settings, the CRL included, on SIGHUP).
+    pub external_broker_crl: Option<PathBuf>,
+    pub external_broker_pid_file: Option<PathBuf>,
+}
+
+/// Where the external broker listens, from `mqtts://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalBroker {
+    pub host: String,
+    pub port: u16,
+}
+
+impl ExternalBroker {
+    /// Parses `mqtts://host:port` (port 8883 if absent). Plain `mqtt://` is refused: the
+    /// orchestrator authenticates with its certificate and checks the broker's.
+    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::Invalid(format!("external broker {url:?}: {why}"));
+        let rest = url
+            .strip_prefix("mqtts://")
+            .ok_or_else(|| bad("must start with mqtts://"))?;
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') || rest.contains('@') || rest.is_empty() {
+            return Err(bad("expected mqtts://host:port"));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            // An IPv6 literal in brackets, with or without a port.
+            _ if rest.starts_with('[') && rest.ends_with(']') => (rest, 8883),
+            Some((h, p)) => (h, p.parse().map_err(|_| bad("invalid port"))?),
+            None => (rest, 8883),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || port == 0 {
+            return Err(bad("expected mqtts://host:port"));
+        }
+        Ok(ExternalBroker {
+            host: host.to_owned(),
+            port,
+        })
+    }
 }
 
 impl Default for FileConfig {
@@ -53,6 +102,9 @@ impl Default for FileConfig {
             front: FrontConfig::default(),
             broker: BrokerFile::default(),
             downloads: DownloadsFile::default(),
+            external_broker: None,
+            external_broker_crl: None,
+            external_broker_pid_file: None,
         }
     }
 }
@@ -155,6 +207,15 @@ impl ServeConfig {
                 "downloads.slots must be at least 1".into(),
             ));
         }
+        if let Some(url) = &self.file.external_broker {
+            ExternalBroker::parse(url)?;
+            if self.file.insecure_plain_listen.is_some() {
+                return Err(ConfigError::Invalid(
+                    "insecure_plain_listen belongs to the front, which an external broker replaces"
+                        .into(),
+                ));
+            }
+        }
         if let Some(p) = self.file.insecure_plain_listen {
             if !p.ip().is_loopback() {
                 return Err(ConfigError::Invalid(
@@ -167,6 +228,15 @@ impl ServeConfig {
 
     pub fn pki_dir(&self) -> PathBuf {
         self.data_dir.join(layout::PKI_DIR)
+    }
+
+    /// The external broker, if one is configured (validated by [`ServeConfig::validate`]).
+    pub fn external_broker(&self) -> Result<Option<ExternalBroker>, ConfigError> {
+        self.file
+            .external_broker
+            .as_deref()
+            .map(ExternalBroker::parse)
+            .transpose()
     }
 }
 
@@ -201,6 +271,31 @@ mod tests {
         cfg.validate().unwrap();
         cfg.file.downloads.slots = 0;
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn external_broker_urls_are_parsed_strictly() {
+        let ok = |u: &str| ExternalBroker::parse(u).unwrap();
+        assert_eq!(
+            ok("mqtts://broker.example:8884"),
+            ExternalBroker {
+                host: "broker.example".into(),
+                port: 8884
+            }
+        );
+        assert_eq!(ok("mqtts://127.0.0.1").port, 8883);
+        assert_eq!(ok("mqtts://[::1]:9000").host, "::1");
+        for bad in [
+            "mqtt://broker:1883",
+            "broker:8883",
+            "mqtts://",
+            "mqtts://user@broker:8883",
+            "mqtts://broker:port",
+            "mqtts://broker:0",
+            "mqtts://broker:8883/x",
+        ] {
+            assert!(ExternalBroker::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

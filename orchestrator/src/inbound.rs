@@ -34,6 +34,8 @@ pub enum Inbound {
     DeviceSeen(SeenDevice),
     /// The renewal signer's answer to a renewal this engine handed it.
     Signed(Signed),
+    /// The orchestrator's broker link reconnected after a failure.
+    LinkRestored,
 }
 
 /// A device identity taken from a verified certificate.

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod backup;
+pub mod broker_config;
 pub mod cli;
 pub mod config;
 pub mod engine;

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use aloft_broker::{DirectRoutes, FrontStats, FrontStatsSnapshot};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -30,6 +30,9 @@ pub struct Metrics {
     campaign_wave: IntGaugeVec,
     renewals: IntCounterVec,
     success_without_download: IntCounter,
+    /// 1 while the orchestrator's MQTT link to its broker is connected (what `/health` says).
+    broker_link_up: IntGauge,
+    broker_link_losses: IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -116,7 +119,17 @@ impl Metrics {
             "aloft_success_without_download_total",
             "Succeeded reports from campaign members the orchestrator never sent a chunk",
         ));
+        let broker_link_up = must(IntGauge::new(
+            "aloft_broker_link_up",
+            "1 while the orchestrator's MQTT link to its broker is connected, else 0",
+        ));
+        let broker_link_losses = must(IntCounter::new(
+            "aloft_broker_link_losses_total",
+            "Times the orchestrator's MQTT link to its broker failed (then it reconnects)",
+        ));
         for c in [
+            Box::new(broker_link_up.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(broker_link_losses.clone()),
             Box::new(success_without_download.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(renewals.clone()),
             Box::new(heartbeats.clone()),
@@ -150,7 +163,21 @@ impl Metrics {
             campaign_wave,
             renewals,
             success_without_download,
+            broker_link_up,
+            broker_link_losses,
         })
+    }
+
+    /// The broker link came up (`true`) or failed (`false`).
+    pub fn broker_link(&self, up: bool) {
+        if !up && self.broker_link_up.get() == 1 {
+            self.broker_link_losses.inc();
+        }
+        self.broker_link_up.set(i64::from(up));
+    }
+
+    pub fn broker_link_is_up(&self) -> bool {
+        self.broker_link_up.get() == 1
     }
 
     pub fn success_without_download(&self) {
@@ -261,7 +288,7 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` until the listener fails. A deliberately tiny HTTP/1.1 responder: the
+/// Serves `GET /metrics` and `GET /health` until the listener fails. A deliberately tiny HTTP/1.1 responder: the
 /// endpoint has one reader (Prometheus) and one response.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
@@ -281,6 +308,16 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
             let head = String::from_utf8_lossy(&buf[..n]);
             let (status, body) = if head.starts_with("GET /metrics") {
                 ("200 OK", metrics.render())
+            } else if head.starts_with("GET /health") {
+                // Up means the orchestrator can reach devices: its broker link is connected.
+                if metrics.broker_link_is_up() {
+                    ("200 OK", String::from("ok\n"))
+                } else {
+                    (
+                        "503 Service Unavailable",
+                        String::from("broker unreachable\n"),
+                    )
+                }
             } else {
                 ("404 Not Found", String::from("not found\n"))
             };

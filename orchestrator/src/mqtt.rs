@@ -9,7 +9,7 @@ use aloft_broker::{DeviceBound, DeviceMessage, DeviceTopic, DirectRoutes};
 use aloft_proto::topics::{self, Inbound as Topic};
 use aloft_proto::DeviceId;
 use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::mpsc;
@@ -17,14 +17,24 @@ use tracing::{debug, info, warn};
 
 use crate::inbound::Inbound;
 
+/// Most QoS 1 publishes the link keeps unacknowledged.
+const INFLIGHT: u16 = 1000;
+
 /// Where and as whom the orchestrator connects.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LinkConfig {
     pub host: String,
     pub port: u16,
     pub client_id: String,
-    pub username: String,
-    pub password: String,
+    /// The embedded broker's secret; `None` for an external broker, where the certificate
+    /// (in `tls`) is the identity.
+    pub credentials: Option<(String, String)>,
+    /// TLS with the orchestrator's client certificate (external broker); `None` is plain TCP
+    /// to the embedded broker on loopback.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Subscribe to device topics through this MQTT 5 shared-subscription group
+    /// (`$share/<group>/...`), so that replicas of the orchestrator could split the load.
+    pub share_group: Option<String>,
     /// Largest packet accepted from the broker (admin uploads carry chunks).
     pub max_packet_bytes: u32,
 }
@@ -59,8 +69,14 @@ impl Publisher {
                 return Ok(());
             }
         }
+        // Chunk frames carry no state and the device asks again for what it misses: QoS 0, so
+        // a broker never stores or redelivers them (PROTOCOL.md §4).
+        let qos = match device_bound(&topic) {
+            Some((_, DeviceBound::ChunkResponse)) => QoS::AtMostOnce,
+            _ => QoS::AtLeastOnce,
+        };
         self.client
-            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .publish(topic, qos, retain, payload)
             .await
             .map_err(|_| LinkClosed)
     }
@@ -98,8 +114,8 @@ pub fn from_device(m: DeviceMessage) -> Inbound {
     }
 }
 
-/// The filters the orchestrator subscribes to.
-fn subscriptions() -> [String; 5] {
+/// The filters the orchestrator subscribes to, each under `$share/<group>/` when it shares.
+fn subscriptions(share_group: Option<&str>) -> Vec<String> {
     [
         format!("{}/d/+/status", topics::ROOT),
         format!("{}/d/+/chunk/req", topics::ROOT),
@@ -107,6 +123,24 @@ fn subscriptions() -> [String; 5] {
         format!("{}/d/+/csr", topics::ROOT),
         format!("{}/admin/#", topics::ROOT),
     ]
+    .into_iter()
+    .map(|f| match share_group {
+        Some(g) => format!("$share/{g}/{f}"),
+        None => f,
+    })
+    .collect()
+}
+
+/// Exponential backoff with full jitter: a random wait in `[base/2, base]`, so that replicas
+/// (and the fleet) do not reconnect in lockstep after a broker restart.
+fn jittered(base: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let r = if aloft_proto::crypto::random_bytes(&mut b).is_ok() {
+        f64::from(u16::from_be_bytes(b)) / f64::from(u16::MAX)
+    } else {
+        1.0
+    };
+    base.mul_f64(0.5 + 0.5 * r)
 }
 
 /// Connects and spawns the event loop, which forwards inbound publishes to `tx` and
@@ -115,35 +149,60 @@ pub fn connect(
     cfg: &LinkConfig,
     tx: mpsc::Sender<Inbound>,
     on_reject: impl Fn(&'static str) + Send + 'static,
+    on_link: impl Fn(bool) + Send + 'static,
 ) -> (Publisher, tokio::sync::watch::Receiver<bool>) {
     let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
     // Request/response over small packets: Nagle would add delayed-ACK stalls to each one.
     let mut net = rumqttc::NetworkOptions::new();
     net.set_tcp_nodelay(true);
+    net.set_connection_timeout(10);
     opts.set_network_options(net);
-    opts.set_credentials(cfg.username.clone(), cfg.password.clone())
-        .set_keep_alive(Duration::from_secs(30))
+    if let Some((user, password)) = &cfg.credentials {
+        opts.set_credentials(user.clone(), password.clone());
+    }
+    if let Some(tls) = &cfg.tls {
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
+    let share_group = cfg.share_group.clone();
+    opts.set_keep_alive(Duration::from_secs(30))
         .set_clean_start(true)
         .set_max_packet_size(Some(cfg.max_packet_bytes))
-        .set_outgoing_inflight_upper_limit(1000);
+        .set_outgoing_inflight_upper_limit(INFLIGHT);
     let (client, mut eventloop) = AsyncClient::new(opts, 4096);
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let sub_client = client.clone();
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
+        let mut connected_before = false;
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     info!("orchestrator link connected");
                     backoff = Duration::from_millis(100);
-                    for f in subscriptions() {
-                        if sub_client.subscribe(f, QoS::AtLeastOnce).await.is_err() {
-                            return;
-                        }
-                    }
+                    // One SUBSCRIBE for every filter, so its SUBACK says the link is usable.
+                    // From a task of its own: the request queue may be full of the engine's
+                    // publishes from while the link was down, and only this loop drains it.
+                    let filters: Vec<Filter> = subscriptions(share_group.as_deref())
+                        .into_iter()
+                        .map(|f| Filter::new(f, QoS::AtLeastOnce))
+                        .collect();
+                    let client = sub_client.clone();
+                    tokio::spawn(async move {
+                        let _ = client.subscribe_many(filters).await;
+                    });
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    on_link(true);
                     let _ = ready_tx.send(true);
+                    // A broker that restarted may have lost retained jobs: the engine
+                    // publishes them again, now that devices' requests reach it too.
+                    if std::mem::replace(&mut connected_before, true)
+                        && tx.send(Inbound::LinkRestored).await.is_err()
+                    {
+                        return;
+                    }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let Some(event) = route(&p.topic, p.payload) else {
@@ -158,7 +217,12 @@ pub fn connect(
                 Ok(_) => {}
                 Err(e) => {
                     warn!(error = %e, "orchestrator link error; reconnecting");
-                    tokio::time::sleep(backoff).await;
+                    on_link(false);
+                    // Design: the session starts clean, so nothing of the old one may survive.
+                    // rumqttc keeps a packet-id collision across a reconnect, and then never
+                    // sends another request (its ack will not come on a new session): reset.
+                    eventloop.state = rumqttc::v5::MqttState::new(INFLIGHT, false);
+                    tokio::time::sleep(jittered(backoff)).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
@@ -191,6 +255,25 @@ fn route(topic: &Bytes, payload: Bytes) -> Option<Inbound> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_subscriptions_wrap_every_filter() {
+        let plain = subscriptions(None);
+        let shared = subscriptions(Some("aloft"));
+        assert_eq!(plain.len(), shared.len());
+        for (p, s) in plain.iter().zip(&shared) {
+            assert_eq!(s, &format!("$share/aloft/{p}"));
+        }
+    }
+
+    #[test]
+    fn jittered_waits_stay_between_half_and_the_whole_base() {
+        let base = Duration::from_millis(800);
+        for _ in 0..100 {
+            let w = jittered(base);
+            assert!(w >= base / 2 && w <= base, "{w:?}");
+        }
+    }
 
     #[test]
     fn device_bound_topics_are_recognised_and_nothing_else() {

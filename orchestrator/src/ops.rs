@@ -99,11 +99,27 @@ pub fn init(
         false,
     )
     .context("sealing the server key")?;
+    // The orchestrator's client certificate, for when it runs beside an external broker
+    // (`external_broker`): role `orchestrator`, a CN no device or operator can hold.
+    let client = ca.issue_orchestrator(Validity::days(825))?;
+    write_new(
+        &pki.join(layout::ORCHESTRATOR_CERT),
+        client.cert_pem.as_bytes(),
+        false,
+    )?;
+    let client_key = Zeroizing::new(client.key_pem);
+    aloft_vault::seal_file(
+        &pki.join(layout::ORCHESTRATOR_KEY),
+        client_key.as_bytes(),
+        protection,
+        false,
+    )
+    .context("sealing the orchestrator's client key")?;
     let store_key = MasterKey::generate()?;
     create_keystore(data_dir, &store_key, protection)?;
     Store::create(&store_dir, store_key)?;
     println!(
-        "initialized {}: fleet CA, server certificate, keystore and store",
+        "initialized {}: fleet CA, server and orchestrator certificates, keystore and store",
         data_dir.display()
     );
     Ok(ca)

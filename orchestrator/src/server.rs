@@ -1,5 +1,6 @@
-//! `aloft serve`: wires the store, the embedded broker, the mTLS front, the orchestrator's MQTT
-//! link, the engine and the metrics endpoint together, and runs them until shutdown.
+//! `aloft serve`: wires the store, the transport, the orchestrator's MQTT link, the engine and
+//! the metrics endpoint together, and runs them until shutdown. The transport is a choice made
+//! here: the mTLS front with the embedded broker (default), or an external MQTT 5 broker.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,7 +15,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 use zeroize::Zeroizing;
 
-use crate::config::{layout, ServeConfig};
+use crate::config::{layout, ExternalBroker, ServeConfig};
 use crate::engine::{Engine, EngineConfig, EngineError, Inbound, SeenDevice};
 use crate::metrics::{self, Metrics};
 use crate::mqtt::{self, LinkConfig};
@@ -22,6 +23,10 @@ use crate::store::{Store, StoreError};
 
 /// The client id of the orchestrator's own broker connection.
 pub const ORCHESTRATOR_CLIENT_ID: &str = "aloft-orchestrator";
+
+/// The MQTT 5 shared-subscription group the orchestrator reads device topics through on an
+/// external broker (`$share/aloft/aloft/v1/d/+/status`, ...).
+pub const SHARE_GROUP: &str = "aloft";
 
 /// Why the orchestrator could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +58,8 @@ pub enum ServeError {
     },
     #[error("the orchestrator's broker link did not come up")]
     LinkDown,
+    #[error("resolving the external broker {0}: no address")]
+    Resolve(String),
     #[error("engine: {0}")]
     Engine(#[from] EngineError),
     #[error("engine task ended abnormally")]
@@ -80,18 +87,18 @@ fn open_sealed(
 
 /// A running orchestrator.
 pub struct Running {
-    /// Where devices and operators connect (mTLS).
+    /// Where devices and operators connect (mTLS): the front, or the external broker.
     pub device_addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub insecure_addr: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
-    /// The embedded broker's loopback listener and secret (operator traffic). Exposed for
-    /// tests that play a compromised server.
-    pub backend: aloft_broker::BackendAddr,
+    /// The embedded broker's loopback listener and secret (operator traffic); `None` with an
+    /// external broker. Exposed for tests that play a compromised server.
+    pub backend: Option<aloft_broker::BackendAddr>,
     /// The front's device road: whoever holds it can send anything to any device and speak for
-    /// any device, as the orchestrator and the front do. Exposed for tests that play a
-    /// compromised server.
-    pub devices: Arc<aloft_broker::DirectRoutes>,
+    /// any device, as the orchestrator and the front do; `None` with an external broker.
+    /// Exposed for tests that play a compromised server.
+    pub devices: Option<Arc<aloft_broker::DirectRoutes>>,
     shutdown: watch::Sender<bool>,
     engine: JoinHandle<Result<(), EngineError>>,
 }
@@ -168,20 +175,96 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let trust = crate::trust::TrustState::load(&trust_dir)?;
     info!(version = trust.trusted.version(), "root of trust loaded");
 
+    let (tx, rx) = mpsc::channel(8192);
+    // Started before the link: the CA key is unsealed on the signer's thread while the rest
+    // comes up, never on the engine's.
+    let signer = crate::signer::Signer::start(pki.clone(), Some(cfg.unlock.clone()), tx.clone())
+        .map_err(ServeError::Signer)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let Transport {
+        device_addr,
+        insecure_addr,
+        metrics,
+        publisher,
+        ctx,
+        backend,
+        broker_crl,
+    } = match cfg.external_broker()? {
+        Some(external) => {
+            external_transport(&cfg, &external, &ca_pem, tx.clone(), &shutdown_rx).await?
+        }
+        None => embedded_transport(&cfg, tls, verifier, tx.clone(), &shutdown_rx).await?,
+    };
+    let metrics_addr = match cfg.file.metrics_listen {
+        Some(addr) => {
+            let l = bind(addr).await?;
+            let a = l.local_addr().ok();
+            tokio::spawn(metrics::serve(l, metrics.clone()));
+            a
+        }
+        None => None,
+    };
+    let engine = Engine::new(
+        store,
+        EngineConfig {
+            trust,
+            trust_dir: Some(trust_dir),
+            ca_pem,
+            direct: ctx.as_ref().map(|c| c.direct.clone()),
+            front: ctx.clone(),
+            crl,
+            crl_path: Some(crl_path),
+            signer: Some(signer),
+            download_slots: cfg.file.downloads.slots,
+            broker_crl,
+        },
+        metrics.clone(),
+    );
+    let engine = tokio::spawn(engine.run(rx, publisher));
+    info!(%device_addr, ?metrics_addr, "orchestrator listening");
+    Ok(Running {
+        device_addr,
+        metrics_addr,
+        insecure_addr,
+        metrics,
+        backend,
+        devices: ctx.map(|c| c.direct.clone()),
+        shutdown: shutdown_tx,
+        engine,
+    })
+}
+
+/// What the engine talks to devices and operators through: the front and the embedded broker,
+/// or an external broker.
+struct Transport {
+    device_addr: SocketAddr,
+    insecure_addr: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
+    publisher: mqtt::Publisher,
+    ctx: Option<Arc<FrontContext>>,
+    backend: Option<aloft_broker::BackendAddr>,
+    broker_crl: Option<crate::engine::BrokerCrl>,
+}
+
+/// The default: the mTLS front (devices served on its device road, operators relayed) and the
+/// embedded rumqttd the orchestrator's link reaches on loopback.
+async fn embedded_transport(
+    cfg: &ServeConfig,
+    tls: rustls::ServerConfig,
+    verifier: Arc<aloft_certs::tls::ReloadableClientVerifier>,
+    tx: mpsc::Sender<Inbound>,
+    shutdown_rx: &watch::Receiver<bool>,
+) -> Result<Transport, ServeError> {
     let broker_cfg = BrokerConfig::from(&cfg.file.broker);
     let broker = tokio::task::spawn_blocking(move || EmbeddedBroker::start(broker_cfg))
         .await
         .map_err(|_| ServeError::EngineTask)??;
-
-    let (tx, rx) = mpsc::channel(8192);
     let ctx = Arc::new(
         FrontContext::new(Arc::new(tls), broker.backend(), cfg.file.front.clone())?
             .with_session_hook(device_seen_hook(tx.clone()))
             .with_reloadable_verifier(verifier),
     );
     let metrics = Metrics::new(Some(ctx.stats.clone()), Some(ctx.direct.clone()));
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-
     let listener = bind(cfg.file.listen).await?;
     let device_addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: cfg.file.listen,
@@ -206,30 +289,16 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         }
         None => None,
     };
-    let metrics_addr = match cfg.file.metrics_listen {
-        Some(addr) => {
-            let l = bind(addr).await?;
-            let a = l.local_addr().ok();
-            tokio::spawn(metrics::serve(l, metrics.clone()));
-            a
-        }
-        None => None,
-    };
-
     let (username, password) = broker.credentials_for(ORCHESTRATOR_CLIENT_ID);
     let link_cfg = LinkConfig {
         host: broker.addr().ip().to_string(),
         port: broker.addr().port(),
         client_id: ORCHESTRATOR_CLIENT_ID.into(),
-        username,
-        password,
+        credentials: Some((username, password)),
+        tls: None,
+        share_group: None,
         max_packet_bytes: 2 * 1024 * 1024,
     };
-    // Started before the link: the CA key is unsealed on the signer's thread while the rest
-    // comes up, never on the engine's.
-    let signer = crate::signer::Signer::start(pki.clone(), Some(cfg.unlock.clone()), tx.clone())
-        .map_err(ServeError::Signer)?;
-    let m = metrics.clone();
     // Devices' messages come from the front's device road, not through the broker.
     if let Some(mut inbox) = ctx.direct.take_inbox() {
         let tx = tx.clone();
@@ -241,41 +310,96 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
             }
         });
     }
-    let (publisher, mut ready) =
-        mqtt::connect(&link_cfg, tx, move |reason| m.rejected("topic", reason));
+    let publisher = link_up(&link_cfg, tx, &metrics).await?;
     let publisher = publisher.with_device_road(ctx.direct.clone());
+    Ok(Transport {
+        device_addr,
+        insecure_addr,
+        metrics,
+        publisher,
+        ctx: Some(ctx),
+        backend: Some(broker.backend()),
+        broker_crl: None,
+    })
+    // `broker` is dropped here: rumqttd runs on its own threads for the life of the process.
+}
+
+/// An external MQTT 5 broker: the orchestrator is one of its clients, authenticated by
+/// `pki/orchestrator.crt`; the broker's ACL keeps each device to its own topics, so the topic
+/// names the device. No front, no device road, no session hook: devices are registered by an
+/// operator (`device_register`).
+async fn external_transport(
+    cfg: &ServeConfig,
+    external: &ExternalBroker,
+    ca_pem: &str,
+    tx: mpsc::Sender<Inbound>,
+    _shutdown_rx: &watch::Receiver<bool>,
+) -> Result<Transport, ServeError> {
+    let pki = cfg.pki_dir();
+    let cert = read(&pki.join(layout::ORCHESTRATOR_CERT))?;
+    let key_path = pki.join(layout::ORCHESTRATOR_KEY);
+    let key = open_sealed(&key_path, &cfg.unlock)?;
+    let key = std::str::from_utf8(&key).map_err(|_| ServeError::Sealed {
+        path: key_path.display().to_string(),
+        error: aloft_vault::VaultError::Malformed("the orchestrator key is not PEM"),
+    })?;
+    // The broker's server certificate is checked against the fleet CA (`aloft broker-config`
+    // issues it from there), and its name against the URL's host.
+    let tls = aloft_certs::tls::client_config(ca_pem, &cert, key)?;
+    let device_addr = tokio::net::lookup_host((external.host.as_str(), external.port))
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| ServeError::Resolve(format!("{}:{}", external.host, external.port)))?;
+    let metrics = Metrics::new(None, None);
+    let link_cfg = LinkConfig {
+        host: external.host.clone(),
+        port: external.port,
+        client_id: ORCHESTRATOR_CLIENT_ID.into(),
+        credentials: None,
+        tls: Some(Arc::new(tls)),
+        share_group: Some(SHARE_GROUP.into()),
+        max_packet_bytes: 2 * 1024 * 1024,
+    };
+    let publisher = link_up(&link_cfg, tx, &metrics).await?;
+    let broker_crl = cfg
+        .file
+        .external_broker_crl
+        .clone()
+        .map(|path| crate::engine::BrokerCrl {
+            path,
+            pid_file: cfg.file.external_broker_pid_file.clone(),
+        });
+    info!(host = %external.host, port = external.port, "using an external broker");
+    Ok(Transport {
+        device_addr,
+        insecure_addr: None,
+        metrics,
+        publisher,
+        ctx: None,
+        backend: None,
+        broker_crl,
+    })
+}
+
+/// Connects the orchestrator's MQTT link and waits for its first SUBACK.
+async fn link_up(
+    link_cfg: &LinkConfig,
+    tx: mpsc::Sender<Inbound>,
+    metrics: &Arc<Metrics>,
+) -> Result<mqtt::Publisher, ServeError> {
+    let (m, up) = (metrics.clone(), metrics.clone());
+    let (publisher, mut ready) = mqtt::connect(
+        link_cfg,
+        tx,
+        move |reason| m.rejected("topic", reason),
+        move |ok| up.broker_link(ok),
+    );
     let up = tokio::time::timeout(std::time::Duration::from_secs(10), ready.wait_for(|r| *r)).await;
     if !matches!(up, Ok(Ok(_))) {
         return Err(ServeError::LinkDown);
     }
-    let engine = Engine::new(
-        store,
-        EngineConfig {
-            trust,
-            trust_dir: Some(trust_dir),
-            ca_pem,
-            direct: Some(ctx.direct.clone()),
-            front: Some(ctx.clone()),
-            crl,
-            crl_path: Some(crl_path),
-            signer: Some(signer),
-            download_slots: cfg.file.downloads.slots,
-        },
-        metrics.clone(),
-    );
-    let engine = tokio::spawn(engine.run(rx, publisher));
-    info!(%device_addr, ?metrics_addr, "orchestrator listening");
-    Ok(Running {
-        device_addr,
-        metrics_addr,
-        insecure_addr,
-        metrics,
-        backend: broker.backend(),
-        devices: ctx.direct.clone(),
-        shutdown: shutdown_tx,
-        engine,
-    })
-    // `broker` is dropped here: rumqttd runs on its own threads for the life of the process.
+    Ok(publisher)
 }
 
 /// Turns every device session the front establishes into a `DeviceSeen` event, which registers

@@ -9,7 +9,7 @@
 
 mod fleet;
 pub mod machine;
-mod mosquitto;
+pub mod mosquitto;
 pub mod plot;
 mod store;
 pub mod storm;

@@ -1,7 +1,8 @@
-//! Mosquitto 2 from the distribution's packages, started for the side-by-side connect storm: a
-//! child process on a free loopback port, configured from a temporary directory with a TLS 1.3
-//! listener that requires a client certificate from the lab's fleet CA and takes the
-//! certificate's CN as the user name, as the Aloft front does.
+//! Mosquitto 2 from the distribution's packages as a child process on a free loopback port: the
+//! one launcher of the demo, the bench and the tests. [`Mosquitto::start`] writes a bare
+//! configuration for the side-by-side connect storm (TLS 1.3, a client certificate from the
+//! lab's fleet CA, the CN as user name); [`Mosquitto::launch`] runs a configuration written by
+//! `aloft broker-config mosquitto` (`Lab::start_mosquitto`).
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -33,7 +34,6 @@ impl Mosquitto {
     /// Writes a configuration with a server certificate from `ca` into `dir` and starts the
     /// broker; returns once its port accepts connections.
     pub async fn start(dir: &Path, ca: &FleetCa) -> Result<Mosquitto> {
-        let exe = binary()?;
         std::fs::create_dir_all(dir)?;
         let server = ca.issue_server(
             &["localhost".to_owned(), "127.0.0.1".to_owned()],
@@ -68,15 +68,30 @@ impl Mosquitto {
             keyfile.display()
         );
         let conf_path = file("mosquitto.conf", &conf)?;
-        let log = std::fs::File::create(dir.join("mosquitto.log"))?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        Mosquitto::launch(&conf_path, dir, addr).await
+    }
+
+    /// A free loopback port: bound and released at once, for a configuration to name.
+    pub fn free_port() -> Result<u16> {
+        Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    }
+
+    /// Starts Mosquitto with `conf` (its log in `dir/mosquitto.log`) and returns once `addr`
+    /// accepts connections; a configuration Mosquitto refuses is an error with its log.
+    pub async fn launch(conf: &Path, dir: &Path, addr: SocketAddr) -> Result<Mosquitto> {
+        let exe = binary()?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("mosquitto.log"))?;
         let child = Command::new(&exe)
             .arg("-c")
-            .arg(&conf_path)
+            .arg(conf)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", exe.display()))?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let pid = child.id();
         let mut m = Mosquitto { child, addr, pid };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -100,6 +115,15 @@ impl Mosquitto {
         let out = Command::new(binary().ok()?).arg("-h").output().ok()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.lines().next().map(|l| l.trim().to_owned())
+    }
+}
+
+impl Mosquitto {
+    /// SIGKILL: the broker gets no chance to save anything.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
     }
 }
 

@@ -79,6 +79,18 @@ pub struct EngineConfig {
     pub signer: Option<crate::signer::Signer>,
     /// Devices sent chunks at once over the whole fleet; the others are told `busy`.
     pub download_slots: usize,
+    /// With an external broker: the CRL file it reads, rewritten with each new CRL, and how to
+    /// tell it to reload.
+    pub broker_crl: Option<BrokerCrl>,
+}
+
+/// The CRL file an external broker reads (its `crlfile`), and the file holding its process
+/// id: after the file is replaced the broker is sent SIGHUP (Mosquitto 2 then reloads its
+/// listeners' TLS settings, the CRL included, for new connections).
+#[derive(Debug, Clone)]
+pub struct BrokerCrl {
+    pub path: PathBuf,
+    pub pid_file: Option<PathBuf>,
 }
 
 /// Why the engine stopped.
@@ -182,6 +194,7 @@ impl Shell {
         }
         let files = Files {
             front: cfg.front.clone(),
+            broker_crl: cfg.broker_crl,
             crl_path: cfg.crl_path,
             trust_dir: cfg.trust_dir,
             ca_pem: cfg.ca_pem.clone(),
@@ -224,6 +237,7 @@ impl Shell {
             },
             Inbound::DeviceSeen(seen) => Event::DeviceSeen(seen),
             Inbound::Signed(signed) => Event::Signed(signed),
+            Inbound::LinkRestored => Event::LinkRestored,
         };
         let fx = self.core.on_event(now_ms(), event);
         self.absorb(fx);
@@ -641,6 +655,7 @@ fn job_payload(order: &JobOrder) -> Result<Vec<u8>, crypto::CryptoError> {
 /// suspends until they are done.
 struct Files {
     front: Option<Arc<FrontContext>>,
+    broker_crl: Option<BrokerCrl>,
     crl_path: Option<PathBuf>,
     trust_dir: Option<PathBuf>,
     ca_pem: String,
@@ -655,9 +670,9 @@ impl Files {
         crl: &VerifiedCrl,
         previous: Option<&VerifiedCrl>,
     ) -> Result<Vec<String>, String> {
-        let Some(front) = &self.front else {
-            return Err("this orchestrator has no front whose crl can be replaced".into());
-        };
+        if self.front.is_none() && self.broker_crl.is_none() {
+            return Err("this orchestrator has no front or broker crl file to replace".into());
+        }
         let previous = previous.map(|c| crl_pem(c.der.as_ref()));
         if let Some(path) = &self.crl_path {
             if let Err(e) = write_file_atomically(path, crl_pem(crl.der.as_ref()).as_bytes(), 0o600)
@@ -666,6 +681,14 @@ impl Files {
                 return Err(e.to_string());
             }
         }
+        let Some(front) = &self.front else {
+            // An external broker: the engine already refuses the revoked devices (no job, no
+            // chunk); the broker refuses their next handshake once it has reloaded the file.
+            if let Some(broker) = &self.broker_crl {
+                broker.replace(crl_pem(crl.der.as_ref()).as_bytes())?;
+            }
+            return Ok(Vec::new());
+        };
         match front.apply_crl(crl) {
             Ok(dropped) => Ok(dropped.iter().map(ToString::to_string).collect()),
             Err(e) => {
@@ -710,6 +733,43 @@ impl Files {
             }
         }
         Ok(())
+    }
+}
+
+impl BrokerCrl {
+    /// Replaces the broker's CRL file (atomically: the broker never reads half a file) and
+    /// signals the broker to reload it. The file is world-readable: the broker usually runs as
+    /// its own user, and a CRL is public.
+    fn replace(&self, pem: &[u8]) -> Result<(), String> {
+        write_file_atomically(&self.path, pem, 0o644).map_err(|e| e.to_string())?;
+        let Some(pid_file) = &self.pid_file else {
+            return Ok(());
+        };
+        let pid = std::fs::read_to_string(pid_file)
+            .map_err(|e| format!("{}: {e}", pid_file.display()))?;
+        let pid: i32 = pid
+            .trim()
+            .parse()
+            .map_err(|_| format!("{}: not a process id", pid_file.display()))?;
+        if pid <= 1 {
+            return Err(format!("{}: not a broker's process id", pid_file.display()));
+        }
+        send_hangup(pid).map_err(|e| format!("signalling the broker (pid {pid}): {e}"))
+    }
+}
+
+/// Sends SIGHUP to `pid` (the `kill` utility: no unsafe code and no libc binding here).
+fn send_hangup(pid: i32) -> std::io::Result<()> {
+    let status = std::process::Command::new("kill")
+        .arg("-HUP")
+        .arg(pid.to_string())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "kill -HUP exited with {status}"
+        )))
     }
 }
 

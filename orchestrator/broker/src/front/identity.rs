@@ -19,7 +19,7 @@ pub enum Peer {
 pub enum IdentityError {
     #[error("certificate identity could not be parsed: {0}")]
     Unparsable(String),
-    #[error("server certificates cannot connect as clients")]
+    #[error("server and orchestrator certificates cannot connect to the front")]
     ServerRole,
     #[error("certificate names no valid {0} id")]
     BadId(&'static str),
@@ -44,7 +44,9 @@ impl Peer {
                 .operator_id()
                 .map(Peer::Operator)
                 .ok_or(IdentityError::BadId("operator")),
-            Role::Server => Err(IdentityError::ServerRole),
+            // The orchestrator's own client certificate is for external brokers; the front
+            // serves devices and operators only.
+            Role::Server | Role::Orchestrator => Err(IdentityError::ServerRole),
         }
     }
 

@@ -82,6 +82,9 @@ pub enum Event {
         ca: CaState,
     },
     DeviceSeen(SeenDevice),
+    /// The broker link came back after a failure: an external broker may have lost retained
+    /// jobs (a restart), so every member in flight gets its job again.
+    LinkRestored,
     Signed(Signed),
     /// The signer's queue refused a request the core handed over (`Out::Sign`).
     SignerBusy(DeviceId),
@@ -499,6 +502,12 @@ impl Core {
                 ca,
             } => self.on_csr(device, &payload, session, ca),
             Event::DeviceSeen(seen) => self.on_device_seen(seen),
+            Event::LinkRestored => {
+                let ids: Vec<CampaignId> = self.campaigns.keys().cloned().collect();
+                for id in ids {
+                    self.republish_jobs(&id);
+                }
+            }
             Event::Signed(signed) => self.on_signed(signed),
             Event::SignerBusy(device) => self.on_signer_busy(device),
             Event::CrlApplied {
