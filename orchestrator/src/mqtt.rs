@@ -110,7 +110,8 @@ fn subscriptions() -> [String; 5] {
 }
 
 /// Connects and spawns the event loop, which forwards inbound publishes to `tx` and
-/// resubscribes after every reconnect. The returned `watch` turns true at the first CONNACK.
+/// resubscribes after every reconnect. The returned `watch` is true while the link is up: from
+/// each SUBACK until the next link error.
 pub fn connect(
     cfg: &LinkConfig,
     tx: mpsc::Sender<Inbound>,
@@ -157,6 +158,8 @@ pub fn connect(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    // Down until the next SUBACK: what `aloft_broker_up` reports.
+                    let _ = ready_tx.send(false);
                     warn!(error = %e, "orchestrator link error; reconnecting");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));

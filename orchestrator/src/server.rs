@@ -248,6 +248,16 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     if !matches!(up, Ok(Ok(_))) {
         return Err(ServeError::LinkDown);
     }
+    drop(up);
+    let link_metrics = metrics.clone();
+    tokio::spawn(async move {
+        loop {
+            link_metrics.broker_link(*ready.borrow_and_update());
+            if ready.changed().await.is_err() {
+                break;
+            }
+        }
+    });
     let engine = Engine::new(
         store,
         EngineConfig {

@@ -452,6 +452,7 @@ fn admin(id: &str, body: crate::admin::wire::AdminBody) -> Event {
     };
     Event::Admin {
         operator: OperatorId::new("ops").unwrap(),
+        role: Some(aloft_certs::OperatorRole::SecurityAdmin),
         payload: Bytes::from(messages::encode(&req)),
     }
 }
