@@ -259,7 +259,8 @@ async fn prometheus_scrapes_a_campaign_and_fires_the_paused_by_itself_alert() {
             d.id
         );
     }
-    let exported = families(&scrape);
+    let mut exported = families(&scrape);
+    exported.extend(env.running.metrics.family_names().iter().cloned());
     check_dashboard(&exported);
 
     let mut prom = Prometheus::start(metrics_addr);

@@ -45,6 +45,8 @@ pub struct Metrics {
     /// engine in O(log n) per registration or renewal, counted at scrape time, so the expiry
     /// horizon costs the engine's task nothing per message or tick.
     expiries: Mutex<BTreeMap<i64, u64>>,
+    /// Every family registered, whether or not it has a series yet.
+    names: Vec<String>,
     /// One scrape at a time brings the front's counters up to date (see `sync_front`).
     render_lock: Mutex<()>,
     campaign_wave: IntGaugeVec,
@@ -105,6 +107,7 @@ impl Metrics {
                 ]),
         ));
         let front_families = FrontFamilies::new(&registry);
+        let mut vec_names: Vec<String> = Vec::new();
         let update_seconds = must(Histogram::with_opts(
             HistogramOpts::new(
                 "aloft_device_update_seconds",
@@ -231,8 +234,15 @@ impl Metrics {
             Box::new(devices_registered.clone()),
             Box::new(certificates_expiring.clone()),
         ] {
+            vec_names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             must(registry.register(c));
         }
+        let names = registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_owned())
+            .chain(vec_names)
+            .collect();
         Arc::new(Self {
             registry,
             device_state,
@@ -259,6 +269,7 @@ impl Metrics {
             devices_connected,
             devices_registered,
             certificates_expiring,
+            names,
             expiries: Mutex::new(BTreeMap::new()),
             render_lock: Mutex::new(()),
             campaign_wave,
@@ -335,6 +346,11 @@ impl Metrics {
         // Each critical section is one map update or one range count: a panic cannot leave
         // the map half-changed.
         self.expiries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every metric family this orchestrator exports, including those without a series yet.
+    pub fn family_names(&self) -> &[String] {
+        &self.names
     }
 
     pub fn success_without_download(&self) {
