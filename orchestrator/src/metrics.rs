@@ -507,23 +507,35 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// Reads one front counter out of a snapshot.
+type ReadFront = fn(&FrontStatsSnapshot) -> u64;
+/// Reads one device-road counter.
+type ReadDirect = fn(&DirectRoutes) -> u64;
+/// A front family: name, help, label name ("" for a plain counter), and each label value with
+/// the counter it reads.
+type FrontFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    Vec<(&'static str, ReadFront)>,
+);
+
 /// The front's counters as proper Prometheus families: totals as `_total` counters (grouped
 /// under a bounded label where they count one thing for several reasons), the open sockets and
 /// queued bytes as gauges. The front keeps plain atomics (it knows no metrics library); each
 /// scrape raises these counters to the atomics' values.
 struct FrontFamilies {
     connections: IntGauge,
-    counters: Vec<(IntCounter, fn(&FrontStatsSnapshot) -> u64)>,
-    direct_counters: Vec<(IntCounter, fn(&DirectRoutes) -> u64)>,
+    counters: Vec<(IntCounter, ReadFront)>,
+    direct_counters: Vec<(IntCounter, ReadDirect)>,
     direct_queued_bytes: IntGauge,
     retained_jobs: IntGauge,
 }
 
 impl FrontFamilies {
     fn new(registry: &Registry) -> Self {
-        type Read = fn(&FrontStatsSnapshot) -> u64;
         // (family, help, label, [(label value, field)]); an empty label means a plain counter.
-        let table: [(&str, &str, &str, Vec<(&str, Read)>); 14] = [
+        let table: [FrontFamily; 14] = [
             (
                 "aloft_front_connections_over_limit_total",
                 "Sockets closed at once because max_connections were open",
@@ -644,7 +656,6 @@ impl FrontFamilies {
                 }
             }
         }
-        type DirectRead = fn(&DirectRoutes) -> u64;
         let direct = must(IntCounterVec::new(
             Opts::new(
                 "aloft_front_direct_packets_total",
@@ -653,7 +664,7 @@ impl FrontFamilies {
             &["outcome"],
         ));
         must(registry.register(Box::new(direct.clone())));
-        let direct_fields: [(&str, DirectRead); 4] = [
+        let direct_fields: [(&str, ReadDirect); 4] = [
             ("delivered", |d| d.delivered()),
             ("dropped", |d| d.dropped()),
             ("busy", |d| d.busy()),
@@ -701,5 +712,86 @@ impl FrontFamilies {
         }
         self.direct_queued_bytes.set(d.queued_bytes() as i64);
         self.retained_jobs.set(d.retained_jobs() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    #[test]
+    fn the_fronts_counters_are_proper_families_that_follow_the_atomics() {
+        let front = Arc::new(FrontStats::default());
+        let m = Metrics::new(Some(front.clone()), None);
+        front.handshakes_ok.fetch_add(3, Ordering::Relaxed);
+        front.connections_active.fetch_add(2, Ordering::Relaxed);
+        front.bytes_in.fetch_add(100, Ordering::Relaxed);
+        let text = m.render();
+        assert!(!text.contains("aloft_front{"));
+        assert_eq!(
+            value(&text, "aloft_front_handshakes_total{outcome=\"ok\"}"),
+            Some(3.0)
+        );
+        assert_eq!(value(&text, "aloft_front_connections"), Some(2.0));
+        assert_eq!(
+            value(&text, "aloft_front_bytes_total{direction=\"in\"}"),
+            Some(100.0)
+        );
+        // A second scrape adds only what happened in between.
+        front.handshakes_ok.fetch_add(1, Ordering::Relaxed);
+        front.connections_active.fetch_sub(2, Ordering::Relaxed);
+        let text = m.render();
+        assert_eq!(
+            value(&text, "aloft_front_handshakes_total{outcome=\"ok\"}"),
+            Some(4.0)
+        );
+        assert_eq!(value(&text, "aloft_front_connections"), Some(0.0));
+    }
+
+    #[test]
+    fn certificates_expiring_within_thirty_days_are_counted_at_scrape_time() {
+        let m = Metrics::new(None, None);
+        let now = unix_now();
+        let day = 24 * 3600;
+        m.device_certificate(None, now + 10 * day);
+        m.device_certificate(None, now + 10 * day);
+        m.device_certificate(None, now - day);
+        m.device_certificate(None, now + 400 * day);
+        let text = m.render();
+        assert_eq!(
+            value(&text, "aloft_device_certificates_expiring"),
+            Some(3.0)
+        );
+        assert_eq!(value(&text, "aloft_devices_registered"), Some(4.0));
+        // One device renews: its old expiry leaves the count.
+        m.device_certificate(Some(now + 10 * day), now + 365 * day);
+        let text = m.render();
+        assert_eq!(
+            value(&text, "aloft_device_certificates_expiring"),
+            Some(2.0)
+        );
+        assert_eq!(value(&text, "aloft_devices_registered"), Some(4.0));
+    }
+
+    #[test]
+    fn every_family_is_listed_even_before_its_first_series() {
+        let m = Metrics::new(None, None);
+        let names = m.family_names();
+        for n in [
+            "aloft_rejected_messages_total",
+            "aloft_device_failures_total",
+            "aloft_campaign_paused_by_rollout",
+            "aloft_store_commit_seconds",
+            "aloft_front_handshakes_total",
+        ] {
+            assert!(names.iter().any(|x| x == n), "{n}");
+        }
     }
 }
