@@ -106,7 +106,11 @@ fn main() -> Result<()> {
     let csr = aloft_certs::device_csr(&device, &x25519.public_bytes()?)?;
     let cert_pem = ca.issue_device(&csr.csr_pem, Validity::days(30))?;
     let renewal = aloft_certs::device_renewal_csr(&device, &x25519.public_bytes()?, &csr.key_pem)?;
-    let operator = ca.issue_operator(&OperatorId::new("ops-1")?, Validity::days(30))?;
+    let operator = ca.issue_operator(
+        &OperatorId::new("ops-1")?,
+        aloft_certs::OperatorRole::Operator,
+        Validity::days(30),
+    )?;
     let serial = aloft_certs::cert_serial(&cert_pem)?;
     let crl = ca.crl(&[serial], 2, 7)?;
 

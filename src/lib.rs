@@ -64,7 +64,15 @@ impl Lab {
             &protection,
         )?;
         let profile_dir = root.join("operator");
-        ops::issue_operator_profile(&ca, &OperatorId::new("ops")?, &profile_dir, 30)?;
+        // The lab's operator does everything a test asks of it: registrations, CRLs and
+        // roots (security-admin) as well as campaigns.
+        ops::issue_operator_profile(
+            &ca,
+            &OperatorId::new("ops")?,
+            aloft_certs::OperatorRole::SecurityAdmin,
+            &profile_dir,
+            30,
+        )?;
         let unlock_file = root.join("unlock");
         aloft_vault::write_atomic(&unlock_file, recovery_key.to_hex().as_bytes(), 0o600, false)?;
         // The release key goes to its sealed file and back, as `release keygen` and `release

@@ -261,7 +261,7 @@ async fn demo(args: Args) -> Result<bool> {
     };
     let served = metric("aloft_chunk_bytes_served_total").await;
     let chunks_served = metric("aloft_chunks_served_total").await as u64;
-    let dropped = metric("aloft_front{counter=\"direct_dropped\"}").await;
+    let dropped = metric("aloft_front_direct_packets_total{outcome=\"dropped\"}").await;
     let views = fleet.views();
     let total = |f: fn(&aloft_device::AgentStats) -> u64| -> u64 {
         views.iter().map(|(_, v)| f(&v.stats)).sum()

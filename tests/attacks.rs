@@ -189,7 +189,14 @@ async fn malformed_truncated_and_oversized_payloads_are_counted_and_lose_nothing
         // A second operator: `ops` is connected already (as the test's admin client).
         let op = aloft_proto::OperatorId::new("ops2").unwrap();
         let profile = env.lab.root.join("ops2");
-        ops::issue_operator_profile(&env.lab.ca, &op, &profile, 1).unwrap();
+        ops::issue_operator_profile(
+            &env.lab.ca,
+            &op,
+            aloft_certs::OperatorRole::Operator,
+            &profile,
+            1,
+        )
+        .unwrap();
         let topic = topics::admin_request(&op, "request");
         let (client, mut el) =
             crate::common::operator_client(env.running.device_addr, &profile).await;

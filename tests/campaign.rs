@@ -140,7 +140,14 @@ async fn a_redelivered_campaign_create_creates_one_campaign() {
     // A second operator sends the same request twice, as QoS 1 redelivery would.
     let op = aloft_proto::OperatorId::new("ops2").unwrap();
     let profile = env.lab.root.join("ops2");
-    aloft_orchestrator::ops::issue_operator_profile(&env.lab.ca, &op, &profile, 1).unwrap();
+    aloft_orchestrator::ops::issue_operator_profile(
+        &env.lab.ca,
+        &op,
+        aloft_certs::OperatorRole::Operator,
+        &profile,
+        1,
+    )
+    .unwrap();
     let (client, mut el) = crate::common::operator_client(env.running.device_addr, &profile).await;
     let request = AdminRequest {
         v: 1,

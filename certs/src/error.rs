@@ -63,6 +63,10 @@ pub enum PkiError {
     SubjectEncoding { attribute: &'static str },
     #[error("organizational unit {0:?} names no aloft role")]
     UnknownRole(String),
+    #[error("unknown operator role {0:?} (expected viewer, operator or security-admin)")]
+    UnknownOperatorRole(String),
+    #[error("subject carries {0} role attributes (an operator certificate carries at most one, other certificates none)")]
+    OperatorRoleCount(usize),
     #[error("common name is not a valid device id: {0}")]
     InvalidDeviceId(#[source] IdError),
     #[error("common name is not a valid operator id: {0}")]

@@ -5,8 +5,11 @@
 use aloft_proto::{DeviceId, OperatorId};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
+use x509_parser::oid_registry::Oid;
 
-use crate::profile::{only_value, only_x25519_key, Role, SanName};
+use crate::profile::{
+    only_value, only_x25519_key, OperatorRole, Role, SanName, ROLE_ATTRIBUTE_OID,
+};
 use crate::{pem, PkiError};
 
 /// The identity an Aloft certificate asserts.
@@ -24,6 +27,10 @@ pub struct CertIdentity {
     /// The serial number, big-endian without leading zero bytes: what a CRL lists, and how the
     /// orchestrator tells two certificates of one device apart.
     pub serial: Vec<u8>,
+    /// An operator certificate's role attribute (1.5). `None` for every other role, and for an
+    /// operator certificate issued before roles existed, which the orchestrator treats as a
+    /// viewer (PROTOCOL.md §11.7).
+    pub operator_role: Option<OperatorRole>,
 }
 
 impl CertIdentity {
@@ -67,6 +74,7 @@ pub fn parse_identity(cert_der: &[u8]) -> Result<CertIdentity, PkiError> {
         PkiError::OrganizationalUnitCount,
     )?;
     let role = Role::from_ou(ou)?;
+    let operator_role = operator_role(&x509, role)?;
     let x25519 = match role {
         Role::Device => {
             DeviceId::new(id).map_err(PkiError::InvalidDeviceId)?;
@@ -85,7 +93,27 @@ pub fn parse_identity(cert_der: &[u8]) -> Result<CertIdentity, PkiError> {
         not_before: x509.validity().not_before.timestamp(),
         not_after: x509.validity().not_after.timestamp(),
         serial: normalize_serial(&x509.tbs_certificate.serial.to_bytes_be()),
+        operator_role,
     })
+}
+
+/// The operator role a subject names: at most one `role` attribute, only on an operator
+/// certificate, with a value this version knows. Anything else is an error, so a certificate
+/// can never mean more to the orchestrator than its issuer wrote.
+fn operator_role(x509: &X509Certificate<'_>, role: Role) -> Result<Option<OperatorRole>, PkiError> {
+    let oid = Oid::from(&ROLE_ATTRIBUTE_OID)
+        .map_err(|_| PkiError::CertificateParse("role attribute oid".into()))?;
+    let values: Vec<_> = x509.subject().iter_by_oid(&oid).collect();
+    match (values.as_slice(), role) {
+        ([], _) => Ok(None),
+        ([value], Role::Operator) => {
+            let text = value
+                .as_str()
+                .map_err(|_| PkiError::SubjectEncoding { attribute: "role" })?;
+            text.parse().map(Some)
+        }
+        (other, _) => Err(PkiError::OperatorRoleCount(other.len())),
+    }
 }
 
 /// The serial number of a PEM certificate, big-endian, as [`crate::FleetCa::crl`] takes it.

@@ -11,7 +11,8 @@ use rustls::pki_types::DnsName;
 
 use crate::csr;
 use crate::profile::{
-    leaf_params, only_x25519_key, x25519_uri, Role, Validity, ORCHESTRATOR_COMMON_NAME,
+    leaf_params, only_x25519_key, operator_subject, x25519_uri, OperatorRole, Role, Validity,
+    ORCHESTRATOR_COMMON_NAME,
     SERVER_COMMON_NAME,
 };
 use crate::{FleetCa, PkiError};
@@ -86,20 +87,24 @@ impl FleetCa {
             .collect()
     }
 
-    /// A certificate and a fresh key for operator `id`, for the CLI on the operator's machine.
+    /// A certificate and a fresh key for operator `id` with `role` (1.5), for the CLI on the
+    /// operator's machine.
     pub fn issue_operator(
         &self,
         id: &OperatorId,
+        role: OperatorRole,
         validity: Validity,
     ) -> Result<IssuedKeyPair, PkiError> {
-        let params = leaf_params(Role::Operator, id.as_str(), Vec::new(), &validity)?;
-        self.issue_with_new_key(&params)
+        self.issue_with_new_key(&operator_params(id, role, &validity)?)
     }
 
     /// Signs an operator's CSR: CN must be a valid operator id and no SAN may be requested.
+    /// The role is the CA's decision, never the CSR's: whatever subject the CSR asks for, only
+    /// its CN is copied.
     pub fn issue_operator_from_csr(
         &self,
         csr_pem: &str,
+        role: OperatorRole,
         validity: Validity,
     ) -> Result<String, PkiError> {
         let csr = csr::vet(csr_pem)?;
@@ -107,8 +112,7 @@ impl FleetCa {
         if let Some(san) = csr.sans.first() {
             return Err(PkiError::UnexpectedSan(san.to_string()));
         }
-        let params = leaf_params(Role::Operator, id.as_str(), Vec::new(), &validity)?;
-        self.sign(&params, &csr.public_key)
+        self.sign(&operator_params(&id, role, &validity)?, &csr.public_key)
     }
 
     /// The orchestrator's TLS server certificate and a fresh key; each hostname becomes an IP
@@ -176,6 +180,18 @@ pub fn read_device_csr(csr_pem: &str) -> Result<(DeviceId, [u8; 32]), PkiError> 
     let id = DeviceId::new(csr.common_name).map_err(PkiError::InvalidDeviceId)?;
     let key = only_x25519_key(&csr.sans)?;
     Ok((id, key))
+}
+
+/// An operator certificate's profile: the common leaf profile with the role attribute added to
+/// the subject.
+fn operator_params(
+    id: &OperatorId,
+    role: OperatorRole,
+    validity: &Validity,
+) -> Result<CertificateParams, PkiError> {
+    let mut params = leaf_params(Role::Operator, id.as_str(), Vec::new(), validity)?;
+    params.distinguished_name = operator_subject(id.as_str(), role);
+    Ok(params)
 }
 
 fn server_san(host: &str) -> Result<SanType, PkiError> {

@@ -28,7 +28,7 @@ pub use error::PkiError;
 pub use identity::{cert_public_key_matches, cert_serial, parse_identity, CertIdentity};
 pub use issue::{read_device_csr, vet_device_csr, IssuedKeyPair};
 pub use profile::{
-    parse_x25519_uri, x25519_uri, Role, Validity, ORCHESTRATOR_COMMON_NAME, SERVER_COMMON_NAME,
-    X25519_URI_PREFIX,
+    parse_x25519_uri, x25519_uri, OperatorRole, Role, Validity, ORCHESTRATOR_COMMON_NAME,
+    ROLE_ATTRIBUTE_OID, SERVER_COMMON_NAME, X25519_URI_PREFIX,
 };
 pub use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};

@@ -3,7 +3,7 @@
 //! serial numbers. Issuing (`ca`, `issue`) and reading (`identity`) both go through here.
 
 use rcgen::{
-    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
+    DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
     SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
@@ -67,6 +67,63 @@ impl Role {
             }
             Role::Server => ExtendedKeyUsagePurpose::ServerAuth,
         }
+    }
+}
+
+/// What an operator certificate lets its holder do (1.5), written as the subject's X.520 `role`
+/// attribute (OID 2.5.4.72) beside OU `operator`. Each role includes the ones before it: a
+/// viewer reads; an operator also uploads releases, runs campaigns and labels devices; a
+/// security admin also pushes CRLs and roots, registers devices and allows early renewals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum OperatorRole {
+    Viewer,
+    Operator,
+    SecurityAdmin,
+}
+
+/// The OID of the X.520 `role` attribute (RFC 5280's id-at-role), which carries an operator's
+/// [`OperatorRole`].
+pub const ROLE_ATTRIBUTE_OID: [u64; 4] = [2, 5, 4, 72];
+
+impl OperatorRole {
+    /// Every role, least powerful first.
+    pub const ALL: [OperatorRole; 3] = [
+        OperatorRole::Viewer,
+        OperatorRole::Operator,
+        OperatorRole::SecurityAdmin,
+    ];
+
+    /// The attribute value (and the CLI's spelling) of this role.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperatorRole::Viewer => "viewer",
+            OperatorRole::Operator => "operator",
+            OperatorRole::SecurityAdmin => "security-admin",
+        }
+    }
+
+    /// Does this role include `needed`?
+    pub fn allows(self, needed: OperatorRole) -> bool {
+        self >= needed
+    }
+}
+
+impl std::fmt::Display for OperatorRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for OperatorRole {
+    type Err = PkiError;
+
+    /// Exactly one of the spellings of [`OperatorRole::as_str`]; anything else is an error (fail
+    /// closed: a role this version does not know grants nothing).
+    fn from_str(s: &str) -> Result<Self, PkiError> {
+        OperatorRole::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| PkiError::UnknownOperatorRole(s.to_owned()))
     }
 }
 
@@ -172,6 +229,16 @@ pub(crate) fn subject(common_name: &str, role: Role) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name);
     dn.push(DnType::OrganizationalUnitName, role.ou());
+    dn
+}
+
+/// An operator's subject: CN, OU `operator` and the `role` attribute naming what it may do.
+pub(crate) fn operator_subject(common_name: &str, role: OperatorRole) -> DistinguishedName {
+    let mut dn = subject(common_name, Role::Operator);
+    dn.push(
+        DnType::CustomDnType(ROLE_ATTRIBUTE_OID.to_vec()),
+        DnValue::Utf8String(role.as_str().to_owned()),
+    );
     dn
 }
 

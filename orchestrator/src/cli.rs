@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aloft_certs::Validity;
+use aloft_certs::{OperatorRole, Validity};
 use aloft_proto::manifest::{ReleaseSigningKey, DEFAULT_CHUNK_BYTES};
 use aloft_proto::release::ReleaseMeta;
 use aloft_proto::{ArtifactId, CampaignId, DeviceState, OperatorId, SecurityVersion};
@@ -215,6 +215,11 @@ pub enum PkiCommand {
         name: String,
         #[arg(long)]
         out_dir: PathBuf,
+        /// What the certificate lets its holder do: viewer (read only), operator (also
+        /// releases, campaigns, labels) or security-admin (also CRLs, roots, registrations,
+        /// early renewals). No default: choose the least that does the job.
+        #[arg(long, value_parser = parse_operator_role)]
+        role: OperatorRole,
         #[arg(long, default_value_t = 365)]
         days: u32,
         #[command(flatten)]
@@ -646,12 +651,13 @@ async fn pki(c: PkiCommand) -> Result<()> {
             ca_dir,
             name,
             out_dir,
+            role,
             days,
             unlock,
         } => {
             let ca = load_ca(&ca_dir, &unlock.obtain("the fleet CA key")?)?;
-            issue_operator_profile(&ca, &OperatorId::new(name)?, &out_dir, days)?;
-            println!("operator profile written to {}", out_dir.display());
+            issue_operator_profile(&ca, &OperatorId::new(name)?, role, &out_dir, days)?;
+            println!("operator profile ({role}) written to {}", out_dir.display());
         }
     }
     Ok(())
@@ -954,4 +960,9 @@ async fn watch_campaign(client: &AdminClient, campaign: &CampaignId) -> Result<(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// `--role`: one of the operator roles' names.
+fn parse_operator_role(s: &str) -> Result<OperatorRole, String> {
+    s.parse().map_err(|e: aloft_certs::PkiError| e.to_string())
 }

@@ -21,6 +21,14 @@ pub enum CampaignStatus {
 }
 
 impl CampaignStatus {
+    pub const ALL: [CampaignStatus; 5] = [
+        CampaignStatus::Active,
+        CampaignStatus::Paused,
+        CampaignStatus::Aborted,
+        CampaignStatus::Expired,
+        CampaignStatus::Finished,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             CampaignStatus::Active => "active",

@@ -144,7 +144,8 @@ fn jittered(base: Duration) -> Duration {
 }
 
 /// Connects and spawns the event loop, which forwards inbound publishes to `tx` and
-/// resubscribes after every reconnect. The returned `watch` turns true at the first CONNACK.
+/// resubscribes after every reconnect. The returned `watch` is true while the link is up: from
+/// each SUBACK until the next link error.
 pub fn connect(
     cfg: &LinkConfig,
     tx: mpsc::Sender<Inbound>,
@@ -216,6 +217,8 @@ pub fn connect(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    // Down until the next SUBACK: what `aloft_broker_link_up` reports.
+                    let _ = ready_tx.send(false);
                     warn!(error = %e, "orchestrator link error; reconnecting");
                     on_link(false);
                     // Design: the session starts clean, so nothing of the old one may survive.

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use aloft_certs::{FleetCa, Validity};
+use aloft_certs::{FleetCa, OperatorRole, Validity};
 use aloft_proto::crypto::ContentKey;
 use aloft_proto::manifest::{Manifest, ReleaseSigningKey, SignedManifest};
 use aloft_proto::release::{build_release, ReleaseMeta};
@@ -244,15 +244,16 @@ pub fn read_signing_key(path: &Path, unlock: &Unlock) -> Result<ReleaseSigningKe
         .ok_or_else(|| anyhow::anyhow!("{} does not hold a signing key", path.display()))
 }
 
-/// Writes an operator profile directory: the CA, the operator's certificate and key.
+/// Writes an operator profile directory: the CA, the operator's certificate (with `role`) and key.
 pub fn issue_operator_profile(
     ca: &FleetCa,
     name: &OperatorId,
+    role: OperatorRole,
     out_dir: &Path,
     days: u32,
 ) -> Result<()> {
     std::fs::create_dir_all(out_dir)?;
-    let issued = ca.issue_operator(name, Validity::days(days))?;
+    let issued = ca.issue_operator(name, role, Validity::days(days))?;
     write_new(&out_dir.join(PROFILE_CA), ca.cert_pem().as_bytes(), false)?;
     write_new(
         &out_dir.join(PROFILE_CERT),

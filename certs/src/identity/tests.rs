@@ -210,3 +210,46 @@ fn cert_serial_reads_the_serial_the_ca_chose() {
         Err(PkiError::PemMissing { .. })
     ));
 }
+
+const ROLE_OID: &[u64] = &crate::ROLE_ATTRIBUTE_OID;
+
+#[test]
+fn operator_cert_without_a_role_attribute_reads_as_no_role() {
+    let params = params_with_subject(&[
+        (DnType::CommonName, "alice"),
+        (DnType::OrganizationalUnitName, "operator"),
+    ]);
+    let identity = identity_of(&ca(), &params).unwrap();
+    assert_eq!(identity.operator_role, None);
+}
+
+#[test]
+fn unknown_operator_roles_fail_closed() {
+    let unknown = params_with_subject(&[
+        (DnType::CommonName, "alice"),
+        (DnType::OrganizationalUnitName, "operator"),
+        (DnType::CustomDnType(ROLE_OID.to_vec()), "root"),
+    ]);
+    assert!(matches!(
+        identity_of(&ca(), &unknown),
+        Err(PkiError::UnknownOperatorRole(_))
+    ));
+    // A doubled role attribute takes the same path as a role on a device certificate (below):
+    // rcgen's subject builder keeps one value per attribute type, so it cannot write two.
+}
+
+#[test]
+fn a_role_attribute_on_a_device_certificate_fails_closed() {
+    let params = device_params(
+        &[
+            (DnType::CommonName, "dev-1"),
+            (DnType::OrganizationalUnitName, "device"),
+            (DnType::CustomDnType(ROLE_OID.to_vec()), "security-admin"),
+        ],
+        vec![x25519_san(1)],
+    );
+    assert!(matches!(
+        identity_of(&ca(), &params),
+        Err(PkiError::OperatorRoleCount(1))
+    ));
+}

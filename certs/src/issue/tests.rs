@@ -297,12 +297,19 @@ fn issuing_in_bulk_returns_one_result_per_csr_in_order() {
 #[test]
 fn operator_cert_carries_the_operator_role_and_a_fresh_key() {
     let id = OperatorId::new("alice").unwrap();
-    let issued = ca().issue_operator(&id, Validity::days(1)).unwrap();
+    let issued = ca()
+        .issue_operator(&id, OperatorRole::Operator, Validity::days(1))
+        .unwrap();
     let cert_der = der(&issued.cert_pem);
     let identity = parse_identity(&cert_der).unwrap();
     assert_eq!(
-        (identity.role, identity.operator_id(), identity.x25519),
-        (Role::Operator, Some(id), None)
+        (
+            identity.role,
+            identity.operator_id(),
+            identity.x25519,
+            identity.operator_role
+        ),
+        (Role::Operator, Some(id), None, Some(OperatorRole::Operator))
     );
     let cert = parse(&cert_der);
     let eku = cert.extended_key_usage().unwrap().unwrap().value;
@@ -322,11 +329,16 @@ fn operator_cert_from_csr_keeps_the_operators_key_and_refuses_sans_and_bad_ids()
     let cert = ca
         .issue_operator_from_csr(
             &csr_pem(&device_params("alice", vec![]), &key),
+            OperatorRole::Viewer,
             Validity::days(1),
         )
         .unwrap();
     let cert_der = der(&cert);
-    assert_eq!(parse_identity(&cert_der).unwrap().role, Role::Operator);
+    let identity = parse_identity(&cert_der).unwrap();
+    assert_eq!(
+        (identity.role, identity.operator_role),
+        (Role::Operator, Some(OperatorRole::Viewer))
+    );
     assert_eq!(
         parse(&cert_der)
             .public_key()
@@ -338,12 +350,17 @@ fn operator_cert_from_csr_keeps_the_operators_key_and_refuses_sans_and_bad_ids()
 
     let with_san = device_params("alice", vec![uri(&x25519_uri(&x25519(1)))]);
     assert!(matches!(
-        ca.issue_operator_from_csr(&csr_pem(&with_san, &key), Validity::days(1)),
+        ca.issue_operator_from_csr(
+            &csr_pem(&with_san, &key),
+            OperatorRole::Viewer,
+            Validity::days(1)
+        ),
         Err(PkiError::UnexpectedSan(_))
     ));
     assert!(matches!(
         ca.issue_operator_from_csr(
             &csr_pem(&device_params("a b", vec![]), &key),
+            OperatorRole::Viewer,
             Validity::days(1)
         ),
         Err(PkiError::InvalidOperatorId(_))
@@ -432,4 +449,41 @@ fn a_renewal_may_change_the_tls_key_but_never_the_x25519_key() {
         .renew_device(&fresh.csr_pem, &me, &[7; 32], Validity::days(1))
         .unwrap();
     assert!(crate::cert_public_key_matches(&cert, &fresh.key_pem).unwrap());
+}
+
+#[test]
+fn every_operator_role_round_trips_through_a_certificate() {
+    let ca = ca();
+    for role in OperatorRole::ALL {
+        let issued = ca
+            .issue_operator(&OperatorId::new("bob").unwrap(), role, Validity::days(1))
+            .unwrap();
+        let identity = parse_identity(&der(&issued.cert_pem)).unwrap();
+        assert_eq!(identity.operator_role, Some(role));
+        assert_eq!(role.as_str().parse::<OperatorRole>().unwrap(), role);
+    }
+    assert!("admin".parse::<OperatorRole>().is_err());
+    assert!("Viewer".parse::<OperatorRole>().is_err());
+}
+
+#[test]
+fn the_csr_cannot_choose_the_operator_role() {
+    let ca = ca();
+    let key = p256_key();
+    let mut asks = device_params("mallory", vec![]);
+    asks.distinguished_name.push(
+        DnType::CustomDnType(crate::ROLE_ATTRIBUTE_OID.to_vec()),
+        "security-admin",
+    );
+    let cert = ca
+        .issue_operator_from_csr(
+            &csr_pem(&asks, &key),
+            OperatorRole::Viewer,
+            Validity::days(1),
+        )
+        .unwrap();
+    assert_eq!(
+        parse_identity(&der(&cert)).unwrap().operator_role,
+        Some(OperatorRole::Viewer)
+    );
 }

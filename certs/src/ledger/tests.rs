@@ -83,6 +83,7 @@ fn only_device_certificates_go_into_the_ledger() {
     let op = ca
         .issue_operator(
             &aloft_proto::OperatorId::new("ops").unwrap(),
+            crate::OperatorRole::Operator,
             Validity::days(1),
         )
         .unwrap();

@@ -38,6 +38,7 @@ fn operator_completes_the_handshake_too() {
     let op = ca
         .issue_operator(
             &aloft_proto::OperatorId::new("alice").unwrap(),
+            crate::OperatorRole::Operator,
             Validity::days(1),
         )
         .unwrap();

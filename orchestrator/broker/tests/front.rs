@@ -131,7 +131,11 @@ impl Edge {
     fn operator_tls(&self, id: &str) -> Arc<ClientConfig> {
         let op = self
             .ca
-            .issue_operator(&OperatorId::new(id).unwrap(), Validity::days(1))
+            .issue_operator(
+                &OperatorId::new(id).unwrap(),
+                aloft_certs::OperatorRole::Operator,
+                Validity::days(1),
+            )
             .unwrap();
         Arc::new(client_config(self.ca.cert_pem(), &op.cert_pem, &op.key_pem).unwrap())
     }

@@ -106,7 +106,11 @@ async fn a_start_clean_disconnects_and_a_shutdown_log_no_error() {
     let cert = ca.issue_device(&csr.csr_pem, Validity::days(1)).unwrap();
     let dev_tls = Arc::new(client_config(ca.cert_pem(), &cert, &csr.key_pem).unwrap());
     let op = ca
-        .issue_operator(&OperatorId::new("alice").unwrap(), Validity::days(1))
+        .issue_operator(
+            &OperatorId::new("alice").unwrap(),
+            aloft_certs::OperatorRole::Operator,
+            Validity::days(1),
+        )
         .unwrap();
     let op_tls = Arc::new(client_config(ca.cert_pem(), &op.cert_pem, &op.key_pem).unwrap());
     let options = |id: &str, tls: &Arc<rustls::ClientConfig>| {

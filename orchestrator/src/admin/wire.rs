@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use aloft_certs::OperatorRole;
 use aloft_proto::manifest::SignedManifest;
 use aloft_proto::messages::{DecodeError, Message, PROTOCOL_VERSION};
 use aloft_proto::{ArtifactId, CampaignId, DeviceId, Reason};
@@ -288,6 +289,60 @@ impl AdminBody {
     /// What the audit log records of this request: its operation and subject, or `None` for
     /// requests that change nothing (and for release chunks, which `release_put` already
     /// stands for).
+    /// The `op` name of this operation, as on the wire; bounded, so also a metric label.
+    pub fn op(&self) -> &'static str {
+        match self {
+            AdminBody::ReleasePut { .. } => "release_put",
+            AdminBody::ReleaseChunk { .. } => "release_chunk",
+            AdminBody::ReleaseList {} => "release_list",
+            AdminBody::TrustUpdate { .. } => "trust_update",
+            AdminBody::TrustStatus {} => "trust_status",
+            AdminBody::DeviceRegister { .. } => "device_register",
+            AdminBody::DeviceList {} => "device_list",
+            AdminBody::DeviceCount {} => "device_count",
+            AdminBody::CrlUpdate { .. } => "crl_update",
+            AdminBody::DeviceRenewAllow { .. } => "device_renew_allow",
+            AdminBody::DeviceLabel { .. } => "device_label",
+            AdminBody::CampaignCreate { .. } => "campaign_create",
+            AdminBody::CampaignPause { .. } => "campaign_pause",
+            AdminBody::CampaignResume { .. } => "campaign_resume",
+            AdminBody::CampaignAbort { .. } => "campaign_abort",
+            AdminBody::CampaignRollback { .. } => "campaign_rollback",
+            AdminBody::CampaignStatus { .. } => "campaign_status",
+            AdminBody::CampaignList {} => "campaign_list",
+            AdminBody::AuditList { .. } => "audit_list",
+        }
+    }
+
+    /// The least operator role allowed to carry this operation out (1.5, PROTOCOL.md §11.7).
+    /// Reading needs a viewer; changing what the fleet runs (releases, campaigns, labels) an
+    /// operator; changing who and what the fleet trusts (roots, CRLs, registrations, early
+    /// renewals) a security admin. A release is still installed only if the root's release
+    /// role signed it, whatever the uploader's role.
+    pub fn required_role(&self) -> OperatorRole {
+        match self {
+            AdminBody::ReleaseList {}
+            | AdminBody::TrustStatus {}
+            | AdminBody::DeviceList {}
+            | AdminBody::DeviceCount {}
+            | AdminBody::CampaignStatus { .. }
+            | AdminBody::CampaignList {}
+            | AdminBody::AuditList { .. } => OperatorRole::Viewer,
+            AdminBody::ReleasePut { .. }
+            | AdminBody::ReleaseChunk { .. }
+            | AdminBody::DeviceLabel { .. }
+            | AdminBody::CampaignCreate { .. }
+            | AdminBody::CampaignPause { .. }
+            | AdminBody::CampaignResume { .. }
+            | AdminBody::CampaignAbort { .. }
+            | AdminBody::CampaignRollback { .. } => OperatorRole::Operator,
+            AdminBody::TrustUpdate { .. }
+            | AdminBody::CrlUpdate { .. }
+            | AdminBody::DeviceRegister { .. }
+            | AdminBody::DeviceRenewAllow { .. } => OperatorRole::SecurityAdmin,
+        }
+    }
+
     pub fn audit(&self) -> Option<(&'static str, String)> {
         Some(match self {
             AdminBody::ReleasePut { manifest, .. } => (

@@ -22,7 +22,7 @@ use aloft_proto::chunkframe::{self, ChunkErrorCode};
 use aloft_proto::crypto;
 use aloft_proto::messages::{self, Job, PROTOCOL_VERSION};
 use aloft_proto::trust::SignedRoot;
-use aloft_proto::{topics, ArtifactId, DeviceId};
+use aloft_proto::{topics, ArtifactId, DeviceId, OperatorId};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -228,7 +228,11 @@ impl Shell {
             Inbound::Status { device, payload } => Event::Status { device, payload },
             Inbound::ChunkRequest { device, payload } => Event::ChunkRequest { device, payload },
             Inbound::Health { device, payload } => Event::Health { device, payload },
-            Inbound::Admin { operator, payload } => Event::Admin { operator, payload },
+            Inbound::Admin { operator, payload } => Event::Admin {
+                role: self.operator_role(&operator),
+                operator,
+                payload,
+            },
             Inbound::Csr { device, payload } => Event::Csr {
                 session: self.session(&device),
                 ca: self.ca_state(),
@@ -242,6 +246,15 @@ impl Shell {
         let fx = self.core.on_event(now_ms(), event);
         self.absorb(fx);
         Ok(())
+    }
+
+    /// The role of the certificate the operator's live session holds, as the front knows it:
+    /// the request came through that session (the front relays an operator's publishes only
+    /// while it is connected). `None` (a viewer) without a front or once the session is gone.
+    fn operator_role(&self, operator: &OperatorId) -> Option<aloft_certs::OperatorRole> {
+        let front = self.front.as_ref()?;
+        let peer = aloft_broker::Peer::Operator(operator.clone());
+        front.registry.operator_role(&peer).flatten()
     }
 
     /// The certificate of the device's live session, as the front knows it.
@@ -364,6 +377,7 @@ impl Shell {
             })
             .collect();
         let wrapping = wrap_jobs(jobs);
+        let commit_started = Instant::now();
         for w in writes {
             self.apply(w)?;
         }
@@ -371,6 +385,8 @@ impl Shell {
             let t = Instant::now();
             self.store.flush()?;
             self.metrics.store_flushed(t.elapsed().as_secs_f64());
+            self.metrics
+                .store_committed(commit_started.elapsed().as_secs_f64());
         }
         // One entry per job, in order, so each stays in its place among the batch's output.
         let mut wrapped: Vec<Option<WrappedJob>> = Vec::new();
@@ -482,6 +498,19 @@ impl Shell {
     /// Chunk service: one frame per requested index, in order, read from the store
     /// (PROTOCOL.md §10.7). The core has decided the device may have them.
     fn serve_chunks(
+        &mut self,
+        device: &DeviceId,
+        artifact: &ArtifactId,
+        count: u32,
+        indices: &[u32],
+    ) {
+        let started = Instant::now();
+        self.serve_chunk_frames(device, artifact, count, indices);
+        self.metrics
+            .chunk_request_served(started.elapsed().as_secs_f64());
+    }
+
+    fn serve_chunk_frames(
         &mut self,
         device: &DeviceId,
         artifact: &ArtifactId,

@@ -263,6 +263,11 @@ impl DirectRoutes {
         self.spent.load(Ordering::Relaxed)
     }
 
+    /// Devices with a live session on the device road now (one map length read, for metrics).
+    pub fn connected(&self) -> usize {
+        lock(&self.routes).len()
+    }
+
     /// Chunk frames refused because the fleet budget was spent.
     pub fn busy(&self) -> u64 {
         self.busy.load(Ordering::Relaxed)

@@ -1,12 +1,14 @@
 //! The identities connected through the front right now: at most one live connection each,
 //! with the serial number of the certificate each connected with, so that a new CRL can end the
-//! sessions of the certificates it revokes.
+//! sessions of the certificates it revokes, and (1.5) the role of each operator's certificate, so
+//! that the orchestrator checks an admin request against the certificate it came in under.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use aloft_certs::OperatorRole;
 use tokio::sync::Notify;
 
 use super::identity::Peer;
@@ -17,6 +19,9 @@ struct Entry {
     peer_addr: SocketAddr,
     /// Serial number of the client certificate (big-endian); `None` on the insecure listener.
     cert_serial: Option<Vec<u8>>,
+    /// The operator role the certificate names (`None`: not an operator, or an operator
+    /// certificate issued before roles existed).
+    operator_role: Option<OperatorRole>,
     /// Woken to end the connection (its certificate was revoked).
     kill: Arc<Notify>,
 }
@@ -43,6 +48,7 @@ impl Registry {
         peer: &Peer,
         peer_addr: SocketAddr,
         cert_serial: Option<Vec<u8>>,
+        operator_role: Option<OperatorRole>,
     ) -> Result<Claim, SocketAddr> {
         let mut live = self.lock();
         if let Some(existing) = live.get(peer) {
@@ -56,6 +62,7 @@ impl Registry {
                 serial,
                 peer_addr,
                 cert_serial,
+                operator_role,
                 kill: kill.clone(),
             },
         );
@@ -81,6 +88,12 @@ impl Registry {
             }
         }
         dropped
+    }
+
+    /// The role of the certificate `peer` is connected with: `None` if it is not connected,
+    /// `Some(None)` if its certificate names no operator role.
+    pub fn operator_role(&self, peer: &Peer) -> Option<Option<OperatorRole>> {
+        self.lock().get(peer).map(|e| e.operator_role)
     }
 
     /// The serial number of the certificate `peer` is connected with, if it is connected.
@@ -149,14 +162,29 @@ mod tests {
         let p = Peer::Device(DeviceId::new("dev-1").unwrap());
         let a: SocketAddr = "127.0.0.1:1000".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:2000".parse().unwrap();
-        let claim = reg.claim(&p, a, None).unwrap();
-        assert_eq!(reg.claim(&p, b, None).unwrap_err(), a);
+        let claim = reg.claim(&p, a, None, None).unwrap();
+        assert_eq!(reg.claim(&p, b, None, None).unwrap_err(), a);
         assert!(reg.is_connected(&p));
         assert_eq!(reg.peer_addr(&p), Some(a));
         drop(claim);
         assert!(reg.is_empty());
-        let _again = reg.claim(&p, b, None).unwrap();
+        let _again = reg.claim(&p, b, None, None).unwrap();
         assert_eq!(reg.connected(), vec![p]);
+    }
+
+    #[test]
+    fn an_operators_role_is_the_role_of_the_certificate_it_is_connected_with() {
+        let reg = Arc::new(Registry::default());
+        let addr: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let alice = Peer::Operator(aloft_proto::OperatorId::new("alice").unwrap());
+        assert_eq!(reg.operator_role(&alice), None);
+        let claim = reg
+            .claim(&alice, addr, Some(vec![1]), Some(OperatorRole::Viewer))
+            .unwrap();
+        assert_eq!(reg.operator_role(&alice), Some(Some(OperatorRole::Viewer)));
+        drop(claim);
+        let _legacy = reg.claim(&alice, addr, Some(vec![2]), None).unwrap();
+        assert_eq!(reg.operator_role(&alice), Some(None));
     }
 
     #[tokio::test]
@@ -166,9 +194,9 @@ mod tests {
         let revoked = Peer::Device(DeviceId::new("dev-1").unwrap());
         let kept = Peer::Device(DeviceId::new("dev-2").unwrap());
         let plain = Peer::Device(DeviceId::new("dev-3").unwrap());
-        let a = reg.claim(&revoked, addr, Some(vec![1])).unwrap();
-        let b = reg.claim(&kept, addr, Some(vec![2])).unwrap();
-        let _c = reg.claim(&plain, addr, None).unwrap();
+        let a = reg.claim(&revoked, addr, Some(vec![1]), None).unwrap();
+        let b = reg.claim(&kept, addr, Some(vec![2]), None).unwrap();
+        let _c = reg.claim(&plain, addr, None, None).unwrap();
         assert_eq!(reg.cert_serial(&revoked), Some(vec![1]));
         assert_eq!(reg.disconnect_revoked(|s| s == [1]), vec![revoked]);
         // The notice waits for the connection even if it was not listening yet.

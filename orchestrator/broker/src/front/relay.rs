@@ -134,10 +134,12 @@ pub(crate) async fn run<S>(
     let mut reader = FrameReader::new(max);
     let connect_timeout = Duration::from_millis(ctx.cfg.connect_timeout_ms);
 
-    let cert_serial = identity.as_ref().map(|i| i.serial.clone());
+    let cert = identity
+        .as_ref()
+        .map(|i| (i.serial.clone(), i.operator_role));
     let admitted = match timeout(
         connect_timeout,
-        admit(&mut reader, &mut client_r, addr, source, cert_serial, ctx),
+        admit(&mut reader, &mut client_r, addr, source, cert, ctx),
     )
     .await
     {
@@ -401,7 +403,7 @@ async fn admit<R: AsyncRead + Unpin>(
     client_r: &mut R,
     addr: SocketAddr,
     source: IdentitySource,
-    cert_serial: Option<Vec<u8>>,
+    cert: Option<(Vec<u8>, Option<aloft_certs::OperatorRole>)>,
     ctx: &FrontContext,
 ) -> Result<Admitted, Refusal> {
     let stats = &ctx.stats;
@@ -491,7 +493,11 @@ async fn admit<R: AsyncRead + Unpin>(
         }
     }
 
-    let claim = match ctx.registry.claim(&peer, addr, cert_serial) {
+    let (cert_serial, operator_role) = match cert {
+        Some((serial, role)) => (Some(serial), role),
+        None => (None, None),
+    };
+    let claim = match ctx.registry.claim(&peer, addr, cert_serial, operator_role) {
         Ok(claim) => claim,
         Err(existing) => {
             FrontStats::inc(&stats.refused_duplicate_identity);

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
+use aloft_certs::OperatorRole;
 use aloft_proto::crypto::{self, sha256};
 use aloft_proto::manifest::ManifestError;
 use aloft_proto::messages::{self, DecodeError};
@@ -48,7 +49,12 @@ impl ReplyCache {
 }
 
 impl Core {
-    pub(super) fn on_admin(&mut self, operator: OperatorId, payload: &[u8]) {
+    pub(super) fn on_admin(
+        &mut self,
+        operator: OperatorId,
+        role: Option<OperatorRole>,
+        payload: &[u8],
+    ) {
         let reply_topic = topics::operator_reply(&operator);
         let req: AdminRequest = match messages::decode(payload) {
             Ok(r) => r,
@@ -70,6 +76,30 @@ impl Core {
             info!(%operator, request = %id, "duplicate admin request answered from cache");
             let reply = reply.clone();
             self.send(reply_topic, reply, false);
+            return;
+        }
+        // Fail closed: a certificate without a role (issued before 1.5) reads and does nothing
+        // else; the holder of the CA issues a new one with `--role`.
+        self.metrics.admin_request(req.body.op());
+        let effective = role.unwrap_or(OperatorRole::Viewer);
+        let needed = req.body.required_role();
+        if !effective.allows(needed) {
+            let op = req.body.op();
+            self.metrics.admin_forbidden(op, effective.as_str());
+            let subject = req.body.audit().map(|(_, s)| s).unwrap_or_default();
+            let role_name = role.map_or("none (viewer)", OperatorRole::as_str);
+            let pending = Pending {
+                operator,
+                id,
+                audit: Some((op, subject)),
+            };
+            self.finish_admin(
+                pending,
+                refuse(
+                    "forbidden",
+                    format!("{op} needs the {needed} role; this certificate's role is {role_name}"),
+                ),
+            );
             return;
         }
         // Read from the store by the shell after the batch's commit, and not cached: it changes

@@ -148,6 +148,9 @@ impl Core {
         };
         info!(%operator, %campaign, verb, "campaign control");
         self.apply_rollout(campaign, actions, self.now);
+        // An operator's pause is not one the rollout decided (the alert is for the latter).
+        self.metrics
+            .campaign_paused_by_rollout(campaign.as_str(), false);
         self.touched.insert(campaign.clone());
         let status = self.campaigns.get(campaign).map(|l| l.record.status);
         Ok(json!({"campaign": campaign, "status": status}))

@@ -71,6 +71,10 @@ pub enum Event {
     },
     Admin {
         operator: OperatorId,
+        /// The role of the certificate the operator's session holds, as the front saw it; `None`
+        /// when no role is known (a certificate from before roles, a session already gone, no
+        /// front), which counts as a viewer.
+        role: Option<aloft_certs::OperatorRole>,
         payload: Bytes,
     },
     Csr {
@@ -418,6 +422,12 @@ pub struct Core {
     served_unflushed: HashSet<(CampaignId, DeviceId)>,
     /// Which devices are sent chunks now; the others are told to wait (`busy`).
     slots: pacing::DownloadSlots,
+    /// When each member in flight was notified (this process only), for the time-to-succeed
+    /// histogram; an entry leaves when the member finishes.
+    notified_at: HashMap<(CampaignId, DeviceId), u64>,
+    /// The highest chunk index + 1 sent to each device downloading now: a request below it is
+    /// a re-send. An entry leaves when the device stops downloading.
+    chunk_high: HashMap<DeviceId, u32>,
     seed: [u8; 16],
     /// Campaign ids made so far.
     ids: u64,
@@ -455,11 +465,16 @@ impl Core {
             rewithdrawn: HashSet::new(),
             served_unflushed: HashSet::new(),
             slots: pacing::DownloadSlots::new(cfg.download_slots, pacing::IDLE_MS),
+            notified_at: HashMap::new(),
+            chunk_high: HashMap::new(),
             seed: cfg.seed,
             ids: 0,
             now: 0,
             fx: Effects::default(),
         };
+        for d in core.devices.values() {
+            core.metrics.device_certificate(None, d.cert_not_after);
+        }
         for (record, progress) in loaded.campaigns {
             if let Some(live) = core.load_campaign(record, progress) {
                 core.campaigns.insert(live.record.id.clone(), live);
@@ -494,7 +509,11 @@ impl Core {
             Event::Status { device, payload } => self.on_status(device, &payload),
             Event::ChunkRequest { device, payload } => self.on_chunk_request(device, &payload),
             Event::Health { device, payload } => self.on_health(device, &payload),
-            Event::Admin { operator, payload } => self.on_admin(operator, &payload),
+            Event::Admin {
+                operator,
+                role,
+                payload,
+            } => self.on_admin(operator, role, &payload),
             Event::Csr {
                 device,
                 payload,
@@ -583,7 +602,9 @@ impl Core {
 
     /// Stores a device record and keeps the registry in step.
     fn put_device(&mut self, d: DeviceRecord, flush: bool) {
-        self.devices.insert(d.id.clone(), d.clone());
+        let before = self.devices.insert(d.id.clone(), d.clone());
+        self.metrics
+            .device_certificate(before.map(|b| b.cert_not_after), d.cert_not_after);
         self.fx.flush |= flush;
         self.fx.writes.push(Write::Device(d));
     }
@@ -672,6 +693,14 @@ impl Core {
                 let s = next.state;
                 if s != DeviceState::Downloading {
                     self.slots.release(&device);
+                    self.chunk_high.remove(&device);
+                }
+                if s.is_terminal() {
+                    let notified = self.notified_at.remove(&(campaign.clone(), device.clone()));
+                    if let (DeviceState::Succeeded, Some(at)) = (s, notified) {
+                        self.metrics
+                            .update_took(now.saturating_sub(at) as f64 / 1000.0);
+                    }
                 }
                 if let Some(live) = self.campaigns.get_mut(&campaign) {
                     live.set(&device, next);
@@ -839,6 +868,12 @@ impl Core {
             if i >= count {
                 break;
             }
+        }
+        let high = self.chunk_high.entry(device.clone()).or_insert(0);
+        let resent = indices.iter().filter(|i| **i < *high).count();
+        *high = indices.iter().map(|i| i + 1).fold(*high, u32::max);
+        if resent > 0 {
+            self.metrics.chunks_resent(resent as u64);
         }
         let serve = Out::ServeChunks {
             device: device.clone(),

@@ -109,6 +109,7 @@ impl Core {
         for action in actions {
             match action {
                 Action::Notify(d) => {
+                    self.notified_at.insert((id.clone(), d.clone()), now);
                     self.move_member(id, &d, DeviceState::Notified, None, now);
                     self.publish_job(id, &d, now);
                 }
@@ -126,6 +127,12 @@ impl Core {
                     info!(campaign = %id, wave = n, "wave opened");
                 }
                 Action::Status(status) => {
+                    // A pause the rollout decides itself; `campaign_control` clears the gauge
+                    // again when an operator's command caused it.
+                    self.metrics.campaign_paused_by_rollout(
+                        id.as_str(),
+                        status == crate::model::CampaignStatus::Paused,
+                    );
                     let reason = self
                         .campaigns
                         .get(id)
@@ -174,6 +181,8 @@ impl Core {
         live.set(device, next.clone());
         self.put_progress(id, device, &next);
         if let Some(r) = reason {
+            self.notified_at.remove(&(id.clone(), device.clone()));
+            self.chunk_high.remove(device);
             self.metrics.failure(r.as_str());
             info!(%device, campaign = %id, reason = %r, "device stopped by the orchestrator");
         }
@@ -184,6 +193,12 @@ impl Core {
         let Some(live) = self.campaigns.get(id) else {
             return;
         };
+        let status = live.rollout.status();
+        self.metrics.campaign_status(
+            id.as_str(),
+            status.as_str(),
+            &crate::model::CampaignStatus::ALL.map(|s| s.as_str()),
+        );
         let counts = live.counts();
         for s in DeviceState::ALL {
             let n = counts.get(&s).copied().unwrap_or(0);

@@ -453,6 +453,7 @@ fn admin(id: &str, body: crate::admin::wire::AdminBody) -> Event {
     };
     Event::Admin {
         operator: OperatorId::new("ops").unwrap(),
+        role: Some(aloft_certs::OperatorRole::SecurityAdmin),
         payload: Bytes::from(messages::encode(&req)),
     }
 }
@@ -543,4 +544,73 @@ fn an_audit_list_is_left_to_the_shell_after_the_commit() {
         fx.after_commit.as_slice(),
         [Out::AuditReply { id, since: 3, limit: 1000, .. }] if id == "a-1"
     ));
+}
+
+fn admin_as(
+    role: Option<aloft_certs::OperatorRole>,
+    id: &str,
+    body: crate::admin::wire::AdminBody,
+) -> Event {
+    match admin(id, body) {
+        Event::Admin {
+            operator, payload, ..
+        } => Event::Admin {
+            operator,
+            role,
+            payload,
+        },
+        other => other,
+    }
+}
+
+#[test]
+fn a_certificate_without_a_role_reads_but_is_refused_anything_else_and_the_refusal_is_audited() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    let fx = core.on_event(
+        1_000,
+        admin_as(None, "r-1", crate::admin::wire::AdminBody::DeviceCount {}),
+    );
+    assert!(replies(&fx.after_commit)[0].ok);
+    let body = crate::admin::wire::AdminBody::CampaignPause {
+        campaign: f.campaign.clone(),
+    };
+    let fx = core.on_event(1_000, admin_as(None, "r-2", body));
+    let reply = &replies(&fx.after_commit)[0];
+    assert_eq!(reply.error.as_ref().unwrap().code, "forbidden");
+    assert!(
+        reply
+            .error
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("operator role"),
+        "{reply:?}"
+    );
+    // Nothing changed but the audit log.
+    assert!(fx.writes.iter().all(|w| matches!(
+        w,
+        Write::Audit { event, .. } if event.outcome == "forbidden" && event.action == "campaign_pause"
+    )));
+    assert_eq!(fx.writes.len(), 1);
+}
+
+#[test]
+fn an_operator_may_pause_a_campaign_but_not_push_a_crl() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    let op = Some(aloft_certs::OperatorRole::Operator);
+    let body = crate::admin::wire::AdminBody::CampaignPause {
+        campaign: f.campaign.clone(),
+    };
+    let fx = core.on_event(1_000, admin_as(op, "p-1", body));
+    assert!(replies(&fx.after_commit)[0].ok);
+    let body = crate::admin::wire::AdminBody::CrlUpdate {
+        crl: "not a crl".into(),
+    };
+    let fx = core.on_event(1_000, admin_as(op, "c-1", body));
+    assert_eq!(
+        replies(&fx.after_commit)[0].error.as_ref().unwrap().code,
+        "forbidden"
+    );
 }
