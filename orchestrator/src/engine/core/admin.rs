@@ -158,10 +158,7 @@ impl Core {
             AdminBody::DeviceRegister { certs, groups } => {
                 return self.device_register(certs, groups, pending)
             }
-            AdminBody::DeviceList {} => {
-                let devices: Vec<&DeviceRecord> = self.devices.values().collect();
-                Ok(json!(devices))
-            }
+            AdminBody::DeviceList {} => Ok(self.device_list()),
             AdminBody::DeviceCount {} => Ok(json!({ "registered": self.devices.len() })),
             AdminBody::DeviceLabel {
                 devices,
@@ -311,6 +308,41 @@ impl Core {
         Ok(json!({"artifact": artifact, "complete": complete}))
     }
 
+    /// Every registered device's record, each with (since 1.5) the campaign it was last made a
+    /// member of and its state there (`campaign`, `state`; absent if it was never targeted).
+    fn device_list(&self) -> Value {
+        let mut latest: HashMap<
+            &DeviceId,
+            (u64, &aloft_proto::CampaignId, aloft_proto::DeviceState),
+        > = HashMap::new();
+        for live in self.campaigns.values() {
+            let created = live.record.created_ms;
+            for (device, p) in &live.progress {
+                let newer = latest
+                    .get(device)
+                    .is_none_or(|(at, id, _)| (created, &live.record.id) > (*at, *id));
+                if newer {
+                    latest.insert(device, (created, &live.record.id, p.state));
+                }
+            }
+        }
+        let devices: Vec<Value> = self
+            .devices
+            .values()
+            .map(|d| {
+                let mut v = json!(d);
+                if let (Some(obj), Some((_, campaign, state))) =
+                    (v.as_object_mut(), latest.get(&d.id))
+                {
+                    obj.insert("campaign".into(), json!(campaign));
+                    obj.insert("state".into(), json!(state));
+                }
+                v
+            })
+            .collect();
+        Value::Array(devices)
+    }
+
     fn release_list(&self) -> AdminResult {
         let list: Vec<Value> = self
             .releases
@@ -326,6 +358,7 @@ impl Core {
                     "chunk_count": r.manifest.chunk_count,
                     "complete": r.complete,
                     "uploaded_by": r.uploaded_by,
+                    "uploaded_ms": r.uploaded_ms,
                 })
             })
             .collect();
@@ -413,6 +446,7 @@ impl Core {
                 last_seen_ms: 0,
                 floor: None,
                 installed_sequence: None,
+                running_version: None,
             });
             record.x25519_public = hex::encode(x);
             record.cert_not_after = identity.not_after;
