@@ -85,7 +85,7 @@ pub fn parse_server(server: &str) -> Result<(String, u16), ClientError> {
     let trimmed = server.trim();
     // `[::1]:8883`: the brackets are not part of the host.
     let (host, port) = match trimmed.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() && !(h.contains(':') && !h.ends_with(']')) => (h, p),
+        Some((h, p)) if !h.is_empty() && (!h.contains(':') || h.ends_with(']')) => (h, p),
         _ => {
             return Err(address(format!(
                 "it has no port; write {}:{DEFAULT_PORT} (the orchestrator's mTLS listener, which `aloft serve` prints as device=HOST:PORT)",
