@@ -11,6 +11,7 @@ mod campaign;
 mod certs;
 mod faults;
 mod fuzz_corpus;
+mod operator_cli;
 mod readme;
 mod restart;
 mod rollout;

@@ -131,6 +131,10 @@ fn explain(e: &rumqttc::v5::ConnectionError) -> (String, String) {
         return (io.to_string(), fix.to_owned());
     }
     match e {
+        C::ConnectionRefused(rumqttc::v5::mqttbytes::v5::ConnectReturnCode::NotAuthorized) => (
+            "the orchestrator refused the session (not authorized)".to_owned(),
+            "It admits one connection per operator: another `aloft` command with this profile may still be running (a `--watch`?); else the operator certificate may be revoked (its log says which)".to_owned(),
+        ),
         C::ConnectionRefused(code) => (
             format!("the orchestrator refused the MQTT session ({code:?})"),
             "Its log says why; the operator certificate may be revoked".to_owned(),

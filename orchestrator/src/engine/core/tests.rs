@@ -565,8 +565,15 @@ fn device_list_shows_the_version_a_device_runs_and_its_state_in_its_latest_campa
             _ => None,
         })
         .collect();
-    assert_eq!(versions, vec![Some("1.0.0")], "written once, when it changed");
-    let fx = core.on_event(3_000, admin("list", crate::admin::wire::AdminBody::DeviceList {}));
+    assert_eq!(
+        versions,
+        vec![Some("1.0.0")],
+        "written once, when it changed"
+    );
+    let fx = core.on_event(
+        3_000,
+        admin("list", crate::admin::wire::AdminBody::DeviceList {}),
+    );
     let reply = replies(&fx.now)
         .into_iter()
         .chain(replies(&fx.after_commit))
