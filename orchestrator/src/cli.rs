@@ -818,7 +818,7 @@ async fn device(c: DeviceCommand) -> Result<()> {
                 version,
             };
             let client = AdminClient::connect(&conn.profile, &conn.server).await?;
-            let v: Value = client.call(AdminBody::DeviceList {}).await?;
+            let v = all_devices(&client).await?;
             client.disconnect().await;
             if json {
                 print_json(&v)?;
@@ -1008,6 +1008,43 @@ async fn watch_campaign(client: &AdminClient, campaign: &CampaignId) -> Result<(
         last = Some(s);
         last_waiting = waiting;
         tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+}
+
+/// Every registered device, a page at a time (1.5), so that a fleet of any size fits the reply
+/// limit; from an orchestrator before 1.5, which refuses the page fields, in one reply.
+async fn all_devices(client: &AdminClient) -> Result<Value> {
+    use crate::admin::client::ClientError;
+    const PAGE: u32 = 1000;
+    let mut all: Vec<Value> = Vec::new();
+    let mut after: Option<aloft_proto::DeviceId> = None;
+    loop {
+        let page: Result<Vec<Value>, _> = client
+            .call(AdminBody::DeviceList {
+                after: after.clone(),
+                limit: Some(PAGE),
+            })
+            .await;
+        let page = match page {
+            Err(ClientError::Refused(e)) if e.code == "malformed" && after.is_none() => {
+                return Ok(client
+                    .call(AdminBody::DeviceList {
+                        after: None,
+                        limit: None,
+                    })
+                    .await?)
+            }
+            other => other?,
+        };
+        let full = page.len() == PAGE as usize;
+        after = match page.last().and_then(|d| d["id"].as_str()) {
+            Some(id) => Some(aloft_proto::DeviceId::new(id)?),
+            None => None,
+        };
+        all.extend(page);
+        if !full || after.is_none() {
+            return Ok(Value::Array(all));
+        }
     }
 }
 

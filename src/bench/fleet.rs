@@ -62,7 +62,10 @@ async fn wait_registered(admin: &AdminClient, n: usize, limit: Duration) -> Resu
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let call =
-            admin.call::<Vec<Value>>(aloft_orchestrator::admin::wire::AdminBody::DeviceList {});
+            admin.call::<Vec<Value>>(aloft_orchestrator::admin::wire::AdminBody::DeviceList {
+                after: None,
+                limit: None,
+            });
         match tokio::time::timeout(left, call).await {
             Ok(Ok(devices)) => {
                 last = devices.len();

@@ -158,7 +158,7 @@ impl Core {
             AdminBody::DeviceRegister { certs, groups } => {
                 return self.device_register(certs, groups, pending)
             }
-            AdminBody::DeviceList {} => Ok(self.device_list()),
+            AdminBody::DeviceList { after, limit } => Ok(self.device_list(after.as_ref(), limit)),
             AdminBody::DeviceCount {} => Ok(json!({ "registered": self.devices.len() })),
             AdminBody::DeviceLabel {
                 devices,
@@ -308,32 +308,31 @@ impl Core {
         Ok(json!({"artifact": artifact, "complete": complete}))
     }
 
-    /// Every registered device's record, each with (since 1.5) the campaign it was last made a
-    /// member of and its state there (`campaign`, `state`; absent if it was never targeted).
-    fn device_list(&self) -> Value {
-        let mut latest: HashMap<
-            &DeviceId,
-            (u64, &aloft_proto::CampaignId, aloft_proto::DeviceState),
-        > = HashMap::new();
-        for live in self.campaigns.values() {
-            let created = live.record.created_ms;
-            for (device, p) in &live.progress {
-                let newer = latest
-                    .get(device)
-                    .is_none_or(|(at, id, _)| (created, &live.record.id) > (*at, *id));
-                if newer {
-                    latest.insert(device, (created, &live.record.id, p.state));
-                }
-            }
-        }
+    /// Registered devices' records in id order (all, or the page of `limit` after `after`),
+    /// each with (since 1.5) the campaign it was last made a member of and its state there
+    /// (`campaign`, `state`; absent if no campaign targeted it). A page costs its own devices
+    /// times the campaigns, not a pass over the fleet.
+    fn device_list(&self, after: Option<&DeviceId>, limit: Option<u32>) -> Value {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let take = limit.map_or(usize::MAX, |l| {
+            l.clamp(1, crate::admin::wire::MAX_DEVICE_PAGE) as usize
+        });
+        let mut campaigns: Vec<&super::LiveCampaign> = self.campaigns.values().collect();
+        // Newest first: the first that has the device is its latest.
+        campaigns.sort_by(|a, b| {
+            (b.record.created_ms, &b.record.id).cmp(&(a.record.created_ms, &a.record.id))
+        });
         let devices: Vec<Value> = self
             .devices
-            .values()
-            .map(|d| {
+            .range::<DeviceId, _>((from, Bound::Unbounded))
+            .take(take)
+            .map(|(id, d)| {
                 let mut v = json!(d);
-                if let (Some(obj), Some((_, campaign, state))) =
-                    (v.as_object_mut(), latest.get(&d.id))
-                {
+                let latest = campaigns
+                    .iter()
+                    .find_map(|c| c.progress.get(id).map(|p| (&c.record.id, p.state)));
+                if let (Some(obj), Some((campaign, state))) = (v.as_object_mut(), latest) {
                     obj.insert("campaign".into(), json!(campaign));
                     obj.insert("state".into(), json!(state));
                 }

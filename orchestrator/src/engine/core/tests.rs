@@ -572,7 +572,13 @@ fn device_list_shows_the_version_a_device_runs_and_its_state_in_its_latest_campa
     );
     let fx = core.on_event(
         3_000,
-        admin("list", crate::admin::wire::AdminBody::DeviceList {}),
+        admin(
+            "list",
+            crate::admin::wire::AdminBody::DeviceList {
+                after: None,
+                limit: None,
+            },
+        ),
     );
     let reply = replies(&fx.now)
         .into_iter()
@@ -594,4 +600,45 @@ fn device_list_shows_the_version_a_device_runs_and_its_state_in_its_latest_campa
         .unwrap();
     assert_eq!(other["state"], "notified");
     assert!(other.get("running_version").is_none());
+}
+
+#[test]
+fn device_list_pages_in_id_order_after_the_last_id_seen() {
+    let f = Fixture::new(5, 4);
+    let mut core = f.core();
+    core.recover(1_000);
+    let mut ids = Vec::new();
+    let mut after = None;
+    for n in 0.. {
+        let fx = core.on_event(
+            2_000,
+            admin(
+                &format!("page-{n}"),
+                crate::admin::wire::AdminBody::DeviceList {
+                    after: after.clone(),
+                    limit: Some(2),
+                },
+            ),
+        );
+        let reply = replies(&fx.now)
+            .into_iter()
+            .chain(replies(&fx.after_commit))
+            .next()
+            .unwrap();
+        let page: Vec<String> = reply
+            .result
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        after = Some(DeviceId::new(last.clone()).unwrap());
+        ids.extend(page);
+    }
+    let mut expected: Vec<String> = f.devices.iter().map(|d| d.to_string()).collect();
+    expected.sort();
+    assert_eq!(ids, expected);
 }
