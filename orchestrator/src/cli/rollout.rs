@@ -89,10 +89,10 @@ pub fn parse_duration(s: &str) -> Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("{s:?} is too long"))
 }
 
-/// Parses a share, `20%`, into a ratio in [0, 1]. A plain number is refused with the spelling
-/// to use: under the one rule a plain number is a count, and `0.2` or `20` once meant a ratio
-/// here (before 1.5), so neither may silently mean something else now.
-fn parse_share(flag: &str, s: &str) -> Result<f64> {
+/// Parses a share, `20%`, into a percentage in [0, 100]. A plain number is refused with the
+/// spelling to use: under the one rule a plain number is a count, and `0.2` or `20` once meant a
+/// ratio here (before 1.5), so neither may silently mean something else now.
+fn parse_percent(flag: &str, s: &str) -> Result<f64> {
     let t = s.trim();
     let Some(p) = t.strip_suffix('%') else {
         let hint = match t.parse::<f64>() {
@@ -102,15 +102,19 @@ fn parse_share(flag: &str, s: &str) -> Result<f64> {
         };
         bail!("{flag} {s:?}: a share takes %, e.g. {hint} (a plain number would be a count of devices)");
     };
-    let r = p
+    let pct = p
         .trim()
         .parse::<f64>()
-        .map_err(|_| anyhow::anyhow!("{flag} {s:?} is not a share like 20%"))?
-        / 100.0;
-    if !(0.0..=1.0).contains(&r) {
+        .map_err(|_| anyhow::anyhow!("{flag} {s:?} is not a share like 20%"))?;
+    if !(0.0..=100.0).contains(&pct) {
         bail!("{flag} {s:?} is not between 0% and 100%");
     }
-    Ok(r)
+    Ok(pct)
+}
+
+/// Parses a share, `20%`, into a ratio in [0, 1] (see [`parse_percent`]).
+fn parse_share(flag: &str, s: &str) -> Result<f64> {
+    parse_percent(flag, s).map(|p| p / 100.0)
 }
 
 /// Parses a count of devices: a whole number, no `%`.
@@ -191,7 +195,7 @@ impl PolicyArgs {
         };
         if let Some(c) = &self.canary {
             p.waves.canary = Some(match c.trim().strip_suffix('%') {
-                Some(_) => Size::Percent(parse_share("--canary", c)? * 100.0),
+                Some(_) => Size::Percent(parse_percent("--canary", c)?),
                 None => Size::Count(parse_count("--canary", c)?),
             });
         }
@@ -200,7 +204,7 @@ impl PolicyArgs {
                 .waves
                 .iter()
                 .map(|w| {
-                    parse_share("--waves", w).map(|r| r * 100.0).map_err(|_| {
+                    parse_percent("--waves", w).map_err(|_| {
                         let spelled: Vec<String> = self
                             .waves
                             .iter()
@@ -594,6 +598,12 @@ mod tests {
     #[test]
     fn shares_take_a_percent_sign_and_counts_are_plain_numbers() {
         // Shares: `%` everywhere, and the policy says what it understood in the same spelling.
+        let (odd, _) = create(&["--canary", "7%", "--waves", "7%,29%,100%"]);
+        assert!(
+            describe_policy(&odd).starts_with("canary 7%, waves 7%,29%,100%,"),
+            "{}",
+            describe_policy(&odd)
+        );
         let (p, _) = create(&[
             "--canary",
             "5",
