@@ -20,7 +20,13 @@ fn backup_key() -> (Protection, Unlock) {
 }
 
 async fn floors(admin: &AdminClient) -> Vec<Option<SecurityVersion>> {
-    let devices: Vec<DeviceRecord> = admin.call(AdminBody::DeviceList {}).await.unwrap();
+    let devices: Vec<DeviceRecord> = admin
+        .call(AdminBody::DeviceList {
+            after: None,
+            limit: None,
+        })
+        .await
+        .unwrap();
     devices.into_iter().map(|d| d.floor).collect()
 }
 
@@ -202,7 +208,13 @@ async fn tampered_and_truncated_backups_are_refused_and_the_orchestrator_still_s
     );
     let running = lab.start().await.unwrap();
     let admin = lab.operator(running.device_addr).await.unwrap();
-    let _: serde_json::Value = admin.call(AdminBody::DeviceList {}).await.unwrap();
+    let _: serde_json::Value = admin
+        .call(AdminBody::DeviceList {
+            after: None,
+            limit: None,
+        })
+        .await
+        .unwrap();
     admin.disconnect().await;
     running.shutdown().await.unwrap();
 }

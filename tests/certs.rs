@@ -93,7 +93,14 @@ fn registered(v: &Value) -> Vec<String> {
 
 /// The orchestrator's record of one device.
 async fn device_record(env: &Env, id: &str) -> Value {
-    let devices: Vec<Value> = env.admin.call(AdminBody::DeviceList {}).await.unwrap();
+    let devices: Vec<Value> = env
+        .admin
+        .call(AdminBody::DeviceList {
+            after: None,
+            limit: None,
+        })
+        .await
+        .unwrap();
     devices
         .into_iter()
         .find(|d| d["id"] == id)

@@ -109,7 +109,7 @@ fn the_walkthrough_is_read_with_continuations_joined_and_comments_dropped() {
 /// Where cargo put this workspace's binaries: this test runs as `target/<profile>/deps/e2e-*`.
 /// Each binary must be newer than every source it is built from, else it may not be what the
 /// sources say (a run of this package alone rebuilds the libraries, not the binaries).
-fn binary_dir() -> PathBuf {
+pub(crate) fn binary_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap().to_owned();
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));

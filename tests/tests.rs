@@ -13,6 +13,7 @@ mod external;
 mod faults;
 mod fuzz_corpus;
 mod observability;
+mod operator_cli;
 mod readme;
 mod restart;
 mod roles;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use aloft_certs::{OperatorRole, Validity};
 use aloft_proto::manifest::{ReleaseSigningKey, DEFAULT_CHUNK_BYTES};
 use aloft_proto::release::ReleaseMeta;
-use aloft_proto::{ArtifactId, CampaignId, DeviceState, OperatorId, SecurityVersion};
+use aloft_proto::{ArtifactId, CampaignId, OperatorId, SecurityVersion};
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
@@ -24,15 +24,18 @@ use crate::ops::{
 use crate::store::Target;
 
 mod backup;
+mod human;
 pub mod pki;
 mod rollout;
+mod tables;
 #[cfg(test)]
 mod tests;
 mod trust;
 mod unlock;
+mod watch;
 pub use backup::BackupCommand;
 pub use rollout::{describe, describe_policy, parse_duration, PolicyArgs};
-use rollout::{device_ids, parse_label, print_dry_run, unix_now};
+use rollout::{describe_dry_run, device_ids, parse_label, unix_now};
 pub use trust::{new_root, TrustCommand};
 pub use unlock::{NewLockArgs, UnlockArgs};
 
@@ -54,6 +57,7 @@ pub enum Command {
         /// The data directory to create; its `pki/`, `keystore` and `store/` must not exist yet.
         #[arg(long, env = "ALOFT_DATA_DIR")]
         data_dir: PathBuf,
+        /// The fleet CA certificate's common name.
         #[arg(long, default_value = "Aloft Fleet CA")]
         ca_name: String,
         /// A DNS name or IP address devices and operators use to reach the orchestrator; repeat
@@ -185,12 +189,16 @@ pub struct Conn {
 pub enum PkiCommand {
     /// Issue a device certificate from the device's CSR.
     IssueDevice {
+        /// The CA directory (`<data-dir>/pki`).
         #[arg(long)]
         ca_dir: PathBuf,
+        /// The device's certificate signing request (PEM).
         #[arg(long)]
         csr: PathBuf,
+        /// The certificate file to write (must not exist).
         #[arg(long)]
         out: PathBuf,
+        /// Validity of the certificate, in days.
         #[arg(long, default_value_t = 825)]
         days: u32,
         #[command(flatten)]
@@ -198,10 +206,13 @@ pub enum PkiCommand {
     },
     /// Issue certificates for every `*.csr` in a directory (written beside them as `*.crt`).
     IssueDevices {
+        /// The CA directory (`<data-dir>/pki`).
         #[arg(long)]
         ca_dir: PathBuf,
+        /// The directory holding the `*.csr` files.
         #[arg(long)]
         csr_dir: PathBuf,
+        /// Validity of the certificates, in days.
         #[arg(long, default_value_t = 825)]
         days: u32,
         #[command(flatten)]
@@ -209,10 +220,13 @@ pub enum PkiCommand {
     },
     /// Issue an operator certificate and write an operator profile directory.
     IssueOperator {
+        /// The CA directory (`<data-dir>/pki`).
         #[arg(long)]
         ca_dir: PathBuf,
+        /// The operator's name, as the audit log records it.
         #[arg(long)]
         name: String,
+        /// The profile directory to write (ca.crt, operator.crt, operator.key).
         #[arg(long)]
         out_dir: PathBuf,
         /// What the certificate lets its holder do: viewer (read only), operator (also
@@ -220,6 +234,7 @@ pub enum PkiCommand {
         /// early renewals). No default: choose the least that does the job.
         #[arg(long, value_parser = parse_operator_role)]
         role: OperatorRole,
+        /// Validity of the certificate, in days.
         #[arg(long, default_value_t = 365)]
         days: u32,
         #[command(flatten)]
@@ -238,6 +253,7 @@ pub enum ReleaseCommand {
     /// Generate a release signing key (sealed, file mode 0600). Prints its public key alone on
     /// stdout; the key file's recovery key goes to stderr, once.
     Keygen {
+        /// The key file to write (must not exist).
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
@@ -245,24 +261,31 @@ pub enum ReleaseCommand {
     },
     /// Cut an image into chunks, seal them, and sign the manifest.
     Build {
+        /// The firmware image to release.
         #[arg(long)]
         image: PathBuf,
+        /// The release's version, as devices report it (`2.0.0`).
         #[arg(long)]
         version: String,
+        /// Anti-rollback counter: devices refuse a release below the one they run.
         #[arg(long)]
         security_version: u64,
+        /// The hardware model the image is for; devices of another model refuse it.
         #[arg(long)]
         hardware_model: String,
         /// Release signing key file (from `release keygen`).
         #[arg(long)]
         key: PathBuf,
+        /// The bundle directory to write (manifest, sealed chunks, content key).
         #[arg(long)]
         out_dir: PathBuf,
         /// Defaults to `fw-<version>`.
         #[arg(long)]
         artifact: Option<String>,
+        /// Bytes per chunk devices download.
         #[arg(long, default_value_t = DEFAULT_CHUNK_BYTES)]
         chunk_bytes: u32,
+        /// Days until devices refuse the manifest as expired.
         #[arg(long, default_value_t = 365)]
         expires_days: u64,
         /// The manifest's sequence number; devices refuse one not above what they installed
@@ -275,8 +298,10 @@ pub enum ReleaseCommand {
     /// Add another release key's signature to a built bundle (when the root's release role needs
     /// more than one: each approver signs in turn).
     Sign {
+        /// The bundle directory (from `release build`).
         #[arg(long)]
         bundle: PathBuf,
+        /// Release signing key file (from `release keygen`).
         #[arg(long)]
         key: PathBuf,
         #[command(flatten)]
@@ -299,11 +324,13 @@ pub enum ReleaseCommand {
         /// Release signing key file (from `release keygen`).
         #[arg(long)]
         key: PathBuf,
+        /// The new bundle directory to write.
         #[arg(long)]
         out_dir: PathBuf,
         /// Defaults to `fw-<version>`; must differ from the old release's.
         #[arg(long)]
         artifact: Option<String>,
+        /// Days until devices refuse the new manifest as expired.
         #[arg(long, default_value_t = 365)]
         expires_days: u64,
         /// Default: the signing time in Unix milliseconds; must be above the old release's.
@@ -314,13 +341,18 @@ pub enum ReleaseCommand {
     },
     /// Upload a built release; the orchestrator verifies its signature before accepting it.
     Upload {
+        /// The bundle directory (from `release build`).
         #[arg(long)]
         bundle: PathBuf,
         #[command(flatten)]
         conn: Conn,
     },
-    /// List the uploaded releases.
+    /// List the uploaded releases: version, security version, hardware, size, whether every
+    /// chunk arrived, who uploaded it and when.
     List {
+        /// Print the orchestrator's reply as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -344,21 +376,45 @@ pub enum DeviceCommand {
     },
     /// Register devices from their certificates.
     Register {
+        /// A device certificate (PEM); repeatable.
         #[arg(long = "cert", required = true)]
         certs: Vec<PathBuf>,
+        /// A group to put the devices in; repeatable.
         #[arg(long = "group")]
         groups: Vec<String>,
         #[command(flatten)]
         conn: Conn,
     },
-    /// List the registered devices (devices register themselves when they first connect).
+    /// List the registered devices (devices register themselves when they first connect): a
+    /// table of each device's state in its latest campaign, the firmware version it runs, its
+    /// labels, when it was last seen and its latest campaign.
     List {
+        /// Only devices carrying this label (`key=value`); repeat to require several.
+        #[arg(long)]
+        label: Vec<String>,
+        /// Only devices in this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Only devices in this state in their latest campaign (`failed`, `succeeded`, ...;
+        /// `none` for devices no campaign targeted).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only devices whose latest campaign is this one.
+        #[arg(long)]
+        campaign: Option<String>,
+        /// Only devices running this firmware version.
+        #[arg(long)]
+        version: Option<String>,
+        /// Print the orchestrator's reply as JSON, for scripts (filters do not apply).
+        #[arg(long, conflicts_with_all = ["label", "group", "state", "campaign", "version"])]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
     /// Let one device renew its certificate once, now, although it is not yet due or renewed
     /// within the hour (forgotten if the orchestrator restarts first).
     RenewAllow {
+        /// The device id.
         #[arg(long)]
         device: String,
         #[command(flatten)]
@@ -371,10 +427,13 @@ pub enum CampaignCommand {
     /// Create a campaign: the release goes to the targeted devices, wave by wave as the policy
     /// says. Membership is fixed now.
     Create {
+        /// The release to roll out (its artifact id, `fw-<version>` by default).
         #[arg(long)]
         artifact: String,
+        /// Target every registered device.
         #[arg(long, conflicts_with_all = ["group", "devices", "label"])]
         all: bool,
+        /// Target the devices of this group.
         #[arg(long, conflicts_with_all = ["devices", "label"])]
         group: Option<String>,
         /// Comma-separated device ids.
@@ -391,7 +450,8 @@ pub enum CampaignCommand {
         exclude: Vec<String>,
         #[command(flatten)]
         policy: PolicyArgs,
-        /// Print who would get the release in which wave; touch nothing.
+        /// Print the policy understood and who would get the release in which wave; touch
+        /// nothing.
         #[arg(long)]
         dry_run: bool,
         #[command(flatten)]
@@ -428,17 +488,23 @@ pub enum CampaignCommand {
         to: String,
         #[command(flatten)]
         policy: PolicyArgs,
+        /// Print the policy understood and who would get the release in which wave; touch
+        /// nothing (the campaign is not aborted either).
         #[arg(long)]
         dry_run: bool,
         #[command(flatten)]
         conn: Conn,
     },
-    /// Status, policy, waves and counts per state; `--watch` follows until the campaign stops.
+    /// Status, policy, waves and counts per state, and why it waits; `--watch` follows it.
     Status {
         /// The campaign id (`campaign create` prints it).
         campaign: String,
+        /// Also list every member: its wave, state and failure reason.
         #[arg(long)]
         devices: bool,
+        /// Follow the campaign until it can change no more (finished, aborted or expired; a
+        /// pause does not end the watch): each wave's bar and counts per state, failures as
+        /// they come, and why nothing is moving. Exits non-zero unless every device succeeded.
         #[arg(long)]
         watch: bool,
         /// Print the raw JSON summary.
@@ -447,8 +513,15 @@ pub enum CampaignCommand {
         #[command(flatten)]
         conn: Conn,
     },
-    /// List every campaign with its status.
+    /// List every campaign: its release, status, devices succeeded and failed, waves opened,
+    /// and when it was created.
     List {
+        /// Only campaigns in this status (`active`, `paused`, `aborted`, `expired`, `finished`).
+        #[arg(long)]
+        status: Option<String>,
+        /// Print the orchestrator's reply as JSON, for scripts.
+        #[arg(long, conflicts_with = "status")]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -460,7 +533,7 @@ async fn create_or_dry_run(conn: &Conn, body: AdminBody, dry_run: bool) -> Resul
     }
     let client = AdminClient::connect(&conn.profile, &conn.server).await?;
     let plan: DryRun = client.call(body).await?;
-    print_dry_run(&plan);
+    print!("{}", describe_dry_run(&plan));
     Ok(())
 }
 
@@ -779,8 +852,16 @@ async fn release(c: ReleaseCommand) -> Result<()> {
             println!("uploaded {a}; the orchestrator verified its signature");
             client.disconnect().await;
         }
-        ReleaseCommand::List { conn } => {
-            call_and_print(&conn, AdminBody::ReleaseList {}).await?;
+        ReleaseCommand::List { json, conn } => {
+            let client = AdminClient::connect(&conn.profile, &conn.server).await?;
+            let v: Value = client.call(AdminBody::ReleaseList {}).await?;
+            client.disconnect().await;
+            if json {
+                print_json(&v)?;
+            } else {
+                let rows: Vec<tables::ReleaseRow> = serde_json::from_value(v)?;
+                print_text(&tables::releases(&rows, human::now_ms()))?;
+            }
         }
     }
     Ok(())
@@ -806,8 +887,34 @@ async fn device(c: DeviceCommand) -> Result<()> {
             )
             .await?;
         }
-        DeviceCommand::List { conn } => {
-            call_and_print(&conn, AdminBody::DeviceList {}).await?;
+        DeviceCommand::List {
+            label,
+            group,
+            state,
+            campaign,
+            version,
+            json,
+            conn,
+        } => {
+            let filter = tables::DeviceFilter {
+                labels: label
+                    .iter()
+                    .map(|l| parse_label(l))
+                    .collect::<Result<_>>()?,
+                group,
+                state,
+                campaign,
+                version,
+            };
+            let client = AdminClient::connect(&conn.profile, &conn.server).await?;
+            let v = all_devices(&client).await?;
+            client.disconnect().await;
+            if json {
+                print_json(&v)?;
+            } else {
+                let rows: Vec<tables::DeviceRow> = serde_json::from_value(v)?;
+                print_text(&tables::devices(&rows, &filter, human::now_ms()))?;
+            }
         }
         DeviceCommand::RenewAllow { device, conn } => {
             let device = aloft_proto::DeviceId::new(device)?;
@@ -914,26 +1021,43 @@ async fn campaign(c: CampaignCommand) -> Result<()> {
             let s: CampaignSummary = client
                 .call(AdminBody::CampaignStatus { campaign, devices })
                 .await?;
+            client.disconnect().await;
             if json {
                 print_json(&s)?;
             } else {
-                print!("{}", describe(&s));
+                print_text(&describe(&s, human::now_ms()))?;
+            }
+            if watch {
+                if let Err(why) = watch::outcome(&s) {
+                    bail!("{why}");
+                }
             }
         }
-        CampaignCommand::List { conn } => {
-            call_and_print(&conn, AdminBody::CampaignList {}).await?;
+        CampaignCommand::List { status, json, conn } => {
+            let client = AdminClient::connect(&conn.profile, &conn.server).await?;
+            let v: Value = client.call(AdminBody::CampaignList {}).await?;
+            client.disconnect().await;
+            if json {
+                print_json(&v)?;
+            } else {
+                let all: Vec<CampaignSummary> = serde_json::from_value(v)?;
+                print_text(&tables::campaigns(&all, status.as_deref(), human::now_ms()))?;
+            }
         }
     }
     Ok(())
 }
 
-/// Shows a progress bar of terminal devices until the campaign finishes.
+/// Follows a campaign on stderr until it can change no more (a pause does not end it): on a
+/// terminal the frame is redrawn in place each poll, elsewhere (a pipe, a log) it is printed
+/// again only when it changed. Failures are printed as they arrive, above the frame. The final
+/// summary goes to stdout afterwards, and the exit status says whether the campaign succeeded.
 async fn watch_campaign(client: &AdminClient, campaign: &CampaignId) -> Result<()> {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    use std::io::{IsTerminal as _, Write as _};
+    let tty = std::io::stderr().is_terminal();
+    let mut last: Option<CampaignSummary> = None;
+    let mut last_waiting: Option<watch::Waiting> = None;
+    let mut drawn_lines = 0usize;
     loop {
         let s: CampaignSummary = client
             .call(AdminBody::CampaignStatus {
@@ -941,24 +1065,84 @@ async fn watch_campaign(client: &AdminClient, campaign: &CampaignId) -> Result<(
                 devices: false,
             })
             .await?;
-        let done = s.terminal();
-        bar.set_length(u64::from(s.total));
-        bar.set_position(u64::from(done));
-        bar.set_message(format!(
-            "succeeded={} failed={} rolled_back={}",
-            s.count(DeviceState::Succeeded),
-            s.count(DeviceState::Failed),
-            s.count(DeviceState::RolledBack)
-        ));
-        if s.status != crate::store::CampaignStatus::Active {
-            bar.finish_with_message(format!(
-                "{} {}",
-                s.status,
-                s.reason.as_deref().unwrap_or("")
-            ));
+        let now = human::now_ms();
+        let news = watch::new_failures(last.as_ref(), &s);
+        let waiting = watch::waiting(&s, now);
+        let changed = last.as_ref() != Some(&s) || waiting != last_waiting;
+        let mut err = std::io::stderr().lock();
+        if tty {
+            // Up to the first line of the last frame, and clear from there.
+            if drawn_lines > 0 {
+                let _ = write!(err, "\x1b[{drawn_lines}A\x1b[J");
+            }
+            for line in &news {
+                let _ = writeln!(err, "{line}");
+            }
+            let text = watch::frame(&s, now);
+            drawn_lines = text.lines().count();
+            let _ = write!(err, "{text}");
+        } else {
+            for line in &news {
+                let _ = writeln!(err, "{line}");
+            }
+            if changed {
+                let _ = write!(err, "{}", watch::frame(&s, now));
+            }
+        }
+        let _ = err.flush();
+        drop(err);
+        if watch::is_over(&s) {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        last = Some(s);
+        last_waiting = waiting;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+}
+
+/// Every registered device, a page at a time (1.5), so that a fleet of any size fits the reply
+/// limit; from an orchestrator before 1.5, which refuses the page fields, in one reply.
+async fn all_devices(client: &AdminClient) -> Result<Value> {
+    use crate::admin::client::ClientError;
+    const PAGE: u32 = 1000;
+    let mut all: Vec<Value> = Vec::new();
+    let mut after: Option<aloft_proto::DeviceId> = None;
+    loop {
+        let page: Result<Vec<Value>, _> = client
+            .call(AdminBody::DeviceList {
+                after: after.clone(),
+                limit: Some(PAGE),
+            })
+            .await;
+        let page = match page {
+            Err(ClientError::Refused(e)) if e.code == "malformed" && after.is_none() => {
+                return Ok(client
+                    .call(AdminBody::DeviceList {
+                        after: None,
+                        limit: None,
+                    })
+                    .await?)
+            }
+            other => other?,
+        };
+        let full = page.len() == PAGE as usize;
+        after = match page.last().and_then(|d| d["id"].as_str()) {
+            Some(id) => Some(aloft_proto::DeviceId::new(id)?),
+            None => None,
+        };
+        all.extend(page);
+        if !full || after.is_none() {
+            return Ok(Value::Array(all));
+        }
+    }
+}
+
+/// Text on stdout, where `aloft ... | head` closing the pipe early is not an error.
+fn print_text(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
     }
 }
 

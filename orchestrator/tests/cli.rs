@@ -82,3 +82,62 @@ fn every_subcommand_answers_help_with_its_own_about_line() {
         );
     }
 }
+
+/// A command that fails: its stderr.
+fn aloft_fails<I, S>(args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(env!("CARGO_BIN_EXE_aloft"))
+        .args(args)
+        .env_remove("ALOFT_SERVER")
+        .env_remove("ALOFT_PROFILE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "it succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_server_without_a_port_is_refused_with_the_cause_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().to_str().unwrap();
+    for cmd in [
+        &["device", "list"][..],
+        &["campaign", "list"],
+        &["release", "list"],
+    ] {
+        let err =
+            aloft_fails(
+                cmd.iter()
+                    .copied()
+                    .chain(["--profile", profile, "--server", "localhost"]),
+            );
+        assert!(
+            err.contains(
+                "--server \"localhost\" is not host:port: it has no port; write localhost:8883"
+            ),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn ambiguous_policy_numbers_are_refused_before_anything_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().to_str().unwrap();
+    let base = [
+        "campaign",
+        "create",
+        "--artifact",
+        "fw-2",
+        "--all",
+        "--profile",
+        profile,
+    ];
+    let err = aloft_fails(base.iter().copied().chain(["--waves", "10,50,100"]));
+    assert!(err.contains("write --waves 10%,50%,100%"), "{err}");
+    let err = aloft_fails(base.iter().copied().chain(["--pause-at", "1:5"]));
+    assert!(err.contains("a share takes %"), "{err}");
+}

@@ -20,6 +20,9 @@ pub const REQUEST_OP: &str = "request";
 pub const MAX_ADMIN_BYTES: usize = 1536 * 1024;
 /// Largest admin reply.
 pub const MAX_REPLY_BYTES: usize = 8 * 1024 * 1024;
+/// Most devices in one `device_list` page: well inside [`MAX_REPLY_BYTES`] (an entry is under
+/// 1 KiB).
+pub const MAX_DEVICE_PAGE: u32 = 2000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -73,7 +76,16 @@ pub enum AdminBody {
         #[serde(default)]
         groups: Vec<String>,
     },
-    DeviceList {},
+    /// Registered devices in id order. Without `limit`, all of them (a reply beyond
+    /// [`MAX_REPLY_BYTES`] cannot be sent: some 15,000 devices); with it (1.5), a page.
+    DeviceList {
+        /// (1.5) Only devices whose id sorts after this one: the page after the one ending there.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<DeviceId>,
+        /// (1.5) At most this many devices (at most [`MAX_DEVICE_PAGE`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
     /// How many devices are registered (1.4): what a script polls while a fleet connects,
     /// instead of the whole list.
     DeviceCount {},
@@ -371,7 +383,7 @@ impl AdminBody {
             AdminBody::ReleaseChunk { .. }
             | AdminBody::ReleaseList {}
             | AdminBody::TrustStatus {}
-            | AdminBody::DeviceList {}
+            | AdminBody::DeviceList { .. }
             | AdminBody::DeviceCount {}
             | AdminBody::CampaignStatus { .. }
             | AdminBody::CampaignList {}

@@ -58,6 +58,7 @@ fn device(id: &str, floor: Option<u64>) -> DeviceRecord {
         last_seen_ms: 2,
         floor: floor.map(SecurityVersion),
         installed_sequence: None,
+        running_version: None,
     }
 }
 

@@ -14,6 +14,7 @@ pub enum BackupCommand {
     /// Write the whole state of a stopped orchestrator (store, keys as sealed, trust files,
     /// CRL) to one encrypted file. Prints the backup's recovery key once.
     Create {
+        /// The data directory to back up.
         #[arg(long, env = "ALOFT_DATA_DIR")]
         data_dir: PathBuf,
         /// The backup file to write (must not exist).
@@ -29,6 +30,7 @@ pub enum BackupCommand {
         /// The backup file.
         #[arg(long = "in")]
         input: PathBuf,
+        /// The data directory to restore into.
         #[arg(long, env = "ALOFT_DATA_DIR")]
         data_dir: PathBuf,
         /// The backup's recovery key or passphrase (not the data directory's).
@@ -37,6 +39,7 @@ pub enum BackupCommand {
     },
     /// Print a backup's header: sequence number and creation time. Needs no secret.
     Inspect {
+        /// The backup file.
         #[arg(long = "in")]
         input: PathBuf,
     },

@@ -13,32 +13,35 @@ use crate::rollout::policy::{Growth, MaintenanceWindow, Size, Threshold};
 use crate::rollout::RolloutPolicy;
 
 /// A rollout policy from the command line: a TOML file (`--policy`) overridden by flags.
-/// Durations take `s`, `m`, `h` or `d` (`90s`, `10m`); ratios take `%`.
+/// One rule for every number: a share of devices takes `%` (`5%`), a plain number is a count of
+/// devices (`5`). Durations take `s`, `m`, `h` or `d` (`90s`, `10m`).
 #[derive(Args, Debug, Default)]
 #[command(about = None, long_about = None)]
 pub struct PolicyArgs {
     /// TOML file holding a rollout policy (the fields of PROTOCOL.md §Rollout policy).
     #[arg(long)]
     policy: Option<PathBuf>,
-    /// The first wave: a device count (`10`) or a percentage (`1%`).
+    /// The first wave: a count of devices (`10`) or a share of the target (`1%`).
     #[arg(long)]
     canary: Option<String>,
-    /// Cumulative percentages of the waves after the canary, e.g. `10,50,100`.
+    /// The waves after the canary, as cumulative shares of the target: `10%,50%,100%`.
     #[arg(long, value_delimiter = ',', conflicts_with = "growth")]
-    waves: Vec<f64>,
-    /// Exponential growth: each wave this many times the one before.
+    waves: Vec<String>,
+    /// Exponential growth instead of `--waves`: each wave this many times the one before (`2`).
     #[arg(long)]
     growth: Option<f64>,
     /// Wait this long after a wave finishes before the next starts.
     #[arg(long)]
     soak: Option<String>,
-    /// A wave is finished when this share of it has finished (`95%`).
+    /// A wave counts as finished when this share of it has finished (`95%`).
     #[arg(long)]
     advance_at: Option<String>,
-    /// Pause when a wave's failed/finished reaches this: `RATIO%[:MIN_SAMPLE]`, e.g. `20%:5`.
+    /// Pause when this share of a wave's finished devices failed, once at least the count after
+    /// the colon have finished: `SHARE%[:COUNT]`, e.g. `20%:5` (the count defaults to 1).
     #[arg(long)]
     pause_at: Option<String>,
-    /// Abort when a wave's failed/finished reaches this: `RATIO%[:MIN_SAMPLE]`.
+    /// Abort when this share of a wave's finished devices failed: `SHARE%[:COUNT]`, like
+    /// `--pause-at`.
     #[arg(long)]
     abort_at: Option<String>,
     /// A device downloading, installing or verifying that stays silent this long (no report, no
@@ -50,10 +53,11 @@ pub struct PolicyArgs {
     /// A notified device silent for longer is timed out (unset: it keeps its job).
     #[arg(long)]
     notified_timeout: Option<String>,
-    /// At most this many devices downloading at once.
+    /// At most this count of devices downloading at once.
     #[arg(long)]
     concurrency: Option<u32>,
-    /// Start no device before this: Unix seconds, or `+DURATION` from now.
+    /// Start no device before this: `+DURATION` from now (`+2h`), a UTC time
+    /// `YYYY-MM-DDTHH:MM[:SS]Z`, or Unix seconds.
     #[arg(long)]
     start_at: Option<String>,
     /// Daily maintenance window in UTC, `HH:MM-HH:MM` (may wrap past midnight).
@@ -85,28 +89,98 @@ pub fn parse_duration(s: &str) -> Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("{s:?} is too long"))
 }
 
-/// Parses `20%` or `0.2` into a ratio in [0, 1].
-fn parse_ratio(s: &str) -> Result<f64> {
-    let r = match s.trim().strip_suffix('%') {
-        Some(p) => p.trim().parse::<f64>().map(|p| p / 100.0),
-        None => s.trim().parse::<f64>(),
+/// Parses a share, `20%`, into a percentage in [0, 100]. A plain number is refused with the
+/// spelling to use: under the one rule a plain number is a count, and `0.2` or `20` once meant a
+/// ratio here (before 1.5), so neither may silently mean something else now.
+fn parse_percent(flag: &str, s: &str) -> Result<f64> {
+    let t = s.trim();
+    let Some(p) = t.strip_suffix('%') else {
+        let hint = match t.parse::<f64>() {
+            Ok(x) if x > 0.0 && x <= 1.0 && x.fract() != 0.0 => format!("{}%", x * 100.0),
+            Ok(x) if (0.0..=100.0).contains(&x) => format!("{x}%"),
+            _ => "20%".to_owned(),
+        };
+        bail!("{flag} {s:?}: a share takes %, e.g. {hint} (a plain number would be a count of devices)");
+    };
+    let pct = p
+        .trim()
+        .parse::<f64>()
+        .map_err(|_| anyhow::anyhow!("{flag} {s:?} is not a share like 20%"))?;
+    if !(0.0..=100.0).contains(&pct) {
+        bail!("{flag} {s:?} is not between 0% and 100%");
     }
-    .map_err(|_| anyhow::anyhow!("{s:?} is not a ratio like 20% or 0.2"))?;
-    if !(0.0..=1.0).contains(&r) {
-        bail!("{s:?} is not between 0% and 100%");
-    }
-    Ok(r)
+    Ok(pct)
 }
 
-fn parse_threshold(s: &str) -> Result<Threshold> {
+/// Parses a share, `20%`, into a ratio in [0, 1] (see [`parse_percent`]).
+fn parse_share(flag: &str, s: &str) -> Result<f64> {
+    parse_percent(flag, s).map(|p| p / 100.0)
+}
+
+/// Parses a count of devices: a whole number, no `%`.
+fn parse_count(flag: &str, s: &str) -> Result<u32> {
+    s.trim().parse::<u32>().map_err(|_| {
+        anyhow::anyhow!(
+            "{flag} {s:?}: a count of devices is a whole number (a share takes %, e.g. 5%)"
+        )
+    })
+}
+
+/// Parses `SHARE%[:COUNT]`: the failure share of a wave's finished devices, and how many must
+/// have finished before it counts.
+fn parse_threshold(flag: &str, s: &str) -> Result<Threshold> {
     let (ratio, min) = match s.split_once(':') {
-        Some((r, m)) => (r, m.trim().parse::<u32>()?),
+        Some((r, m)) => (r, parse_count(flag, m)?),
         None => (s, 1),
     };
+    let ratio = parse_share(flag, ratio).map_err(|e| {
+        anyhow::anyhow!("{e}; {flag} is SHARE%[:COUNT], e.g. {flag} 20%:5 (pause once 20% of at least 5 finished devices failed)")
+    })?;
     Ok(Threshold {
-        ratio: parse_ratio(ratio)?,
+        ratio,
         min_sample: min,
     })
+}
+
+/// Parses `--start-at`: `+DURATION`, `YYYY-MM-DDTHH:MM[:SS]Z` (UTC) or Unix seconds.
+fn parse_start_at(s: &str, now_secs: u64) -> Result<u64> {
+    let t = s.trim();
+    if let Some(d) = t.strip_prefix('+') {
+        return Ok(now_secs + parse_duration(d)?);
+    }
+    if let Ok(n) = t.parse::<u64>() {
+        return Ok(n);
+    }
+    let bad = || {
+        anyhow::anyhow!(
+            "--start-at {s:?} is not +DURATION (+2h), a UTC time like 2026-12-24T01:00Z, or Unix seconds"
+        )
+    };
+    let utc = t.strip_suffix('Z').ok_or_else(bad)?;
+    let (date, clock) = utc.split_once('T').ok_or_else(bad)?;
+    let num = |x: &str| x.parse::<u32>().map_err(|_| bad());
+    let d: Vec<&str> = date.split('-').collect();
+    let c: Vec<&str> = clock.split(':').collect();
+    let ([y, mo, da], 2..=3) = (d.as_slice(), c.len()) else {
+        return Err(bad());
+    };
+    let month =
+        time::Month::try_from(u8::try_from(num(mo)?).map_err(|_| bad())?).map_err(|_| bad())?;
+    let date = time::Date::from_calendar_date(
+        i32::try_from(num(y)?).map_err(|_| bad())?,
+        month,
+        u8::try_from(num(da)?).map_err(|_| bad())?,
+    )
+    .map_err(|_| bad())?;
+    let part = |i: usize| -> Result<u8> {
+        c.get(i)
+            .map_or(Ok(0), |x| u8::try_from(num(x)?).map_err(|_| bad()))
+    };
+    let clock = time::Time::from_hms(part(0)?, part(1)?, part(2)?).map_err(|_| bad())?;
+    let at = time::PrimitiveDateTime::new(date, clock)
+        .assume_utc()
+        .unix_timestamp();
+    u64::try_from(at).map_err(|_| bad())
 }
 
 impl PolicyArgs {
@@ -121,12 +195,30 @@ impl PolicyArgs {
         };
         if let Some(c) = &self.canary {
             p.waves.canary = Some(match c.trim().strip_suffix('%') {
-                Some(pct) => Size::Percent(pct.trim().parse()?),
-                None => Size::Count(c.trim().parse()?),
+                Some(_) => Size::Percent(parse_percent("--canary", c)?),
+                None => Size::Count(parse_count("--canary", c)?),
             });
         }
         if !self.waves.is_empty() {
-            p.waves.growth = Growth::Percent(self.waves.clone());
+            let shares = self
+                .waves
+                .iter()
+                .map(|w| {
+                    parse_percent("--waves", w).map_err(|_| {
+                        let spelled: Vec<String> = self
+                            .waves
+                            .iter()
+                            .map(|w| format!("{}%", w.trim().trim_end_matches('%')))
+                            .collect();
+                        anyhow::anyhow!(
+                            "--waves {}: waves are cumulative shares of the target and each takes %: write --waves {} (before 1.5, plain numbers here meant percentages)",
+                            self.waves.join(","),
+                            spelled.join(",")
+                        )
+                    })
+                })
+                .collect::<Result<Vec<f64>>>()?;
+            p.waves.growth = Growth::Percent(shares);
         }
         if let Some(f) = self.growth {
             p.waves.growth = Growth::Exponential(f);
@@ -135,13 +227,13 @@ impl PolicyArgs {
             p.soak_secs = parse_duration(d)?;
         }
         if let Some(r) = &self.advance_at {
-            p.advance_at = parse_ratio(r)?;
+            p.advance_at = parse_share("--advance-at", r)?;
         }
         if let Some(t) = &self.pause_at {
-            p.pause_at = Some(parse_threshold(t)?);
+            p.pause_at = Some(parse_threshold("--pause-at", t)?);
         }
         if let Some(t) = &self.abort_at {
-            p.abort_at = Some(parse_threshold(t)?);
+            p.abort_at = Some(parse_threshold("--abort-at", t)?);
         }
         if let Some(d) = &self.device_timeout {
             p.device_timeout_secs = Some(parse_duration(d)?);
@@ -153,10 +245,7 @@ impl PolicyArgs {
             p.concurrency = Some(k);
         }
         if let Some(t) = &self.start_at {
-            p.start_at = Some(match t.trim().strip_prefix('+') {
-                Some(d) => now_secs + parse_duration(d)?,
-                None => t.trim().parse()?,
-            });
+            p.start_at = Some(parse_start_at(t, now_secs)?);
         }
         if let Some(w) = &self.window {
             p.window = Some(MaintenanceWindow::parse(w)?);
@@ -187,24 +276,32 @@ pub(super) fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// One line for a policy, as the operator set it.
+/// One line for a policy, as the operator set it, in the flags' own spelling (`%` for shares,
+/// plain numbers for counts).
 pub fn describe_policy(p: &RolloutPolicy) -> String {
+    use super::human;
     let mut parts = Vec::new();
     match p.waves.canary {
-        Some(Size::Count(n)) => parts.push(format!("canary {n}")),
+        Some(Size::Count(n)) => parts.push(format!("canary {n} devices")),
         Some(Size::Percent(x)) => parts.push(format!("canary {x}%")),
         None => {}
     }
     match &p.waves.growth {
         Growth::Percent(ps) => {
             let ps: Vec<String> = ps.iter().map(|x| format!("{x}%")).collect();
-            parts.push(format!("waves {}", ps.join("/")));
+            parts.push(format!("waves {}", ps.join(",")));
         }
         Growth::Exponential(f) => parts.push(format!("growth x{f}")),
     }
-    parts.push(format!("soak {}s", p.soak_secs));
+    parts.push(format!("soak {}", human::duration(p.soak_secs)));
     parts.push(format!("advance at {}%", p.advance_at * 100.0));
-    let threshold = |t: &Threshold| format!("{}% (min {})", t.ratio * 100.0, t.min_sample);
+    let threshold = |t: &Threshold| {
+        format!(
+            "{}% failed (once {} finished)",
+            t.ratio * 100.0,
+            t.min_sample
+        )
+    };
     if let Some(t) = &p.pause_at {
         parts.push(format!("pause at {}", threshold(t)));
     }
@@ -212,28 +309,29 @@ pub fn describe_policy(p: &RolloutPolicy) -> String {
         parts.push(format!("abort at {}", threshold(t)));
     }
     if let Some(s) = p.device_timeout_secs {
-        parts.push(format!("device timeout {s}s"));
+        parts.push(format!("device timeout {}", human::duration(s)));
     }
     if let Some(s) = p.notified_timeout_secs {
-        parts.push(format!("notified timeout {s}s"));
+        parts.push(format!("notified timeout {}", human::duration(s)));
     }
     if let Some(k) = p.concurrency {
-        parts.push(format!("concurrency {k}"));
+        parts.push(format!("at most {k} downloading"));
     }
     if let Some(t) = p.start_at {
-        parts.push(format!("start at {t} (Unix s)"));
+        parts.push(format!("start at {}", human::time(t.saturating_mul(1000))));
     }
     if let Some(w) = p.window {
         parts.push(format!("window {w}"));
     }
     if let Some(s) = p.deadline_secs {
-        parts.push(format!("deadline {s}s"));
+        parts.push(format!("deadline {} after creation", human::duration(s)));
     }
     parts.join(", ")
 }
 
-/// A campaign summary as an operator reads it.
-pub fn describe(s: &CampaignSummary) -> String {
+/// A campaign summary as an operator reads it, times relative to `now_ms`.
+pub fn describe(s: &CampaignSummary, now_ms: u64) -> String {
+    use super::human;
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(
@@ -244,8 +342,19 @@ pub fn describe(s: &CampaignSummary) -> String {
     if let Some(r) = &s.reason {
         let _ = writeln!(out, "  why: {r}");
     }
+    if let Some(w) = super::watch::waiting(s, now_ms) {
+        let _ = writeln!(out, "  waiting: {}", w.describe(now_ms));
+    }
     if let Some(c) = &s.rolls_back {
         let _ = writeln!(out, "  rolls back {c}");
+    }
+    let _ = writeln!(
+        out,
+        "  created {}",
+        human::time_and_relative(s.created_ms, now_ms)
+    );
+    if let Some(f) = s.finished_ms {
+        let _ = writeln!(out, "  ended {}", human::time_and_relative(f, now_ms));
     }
     let _ = writeln!(out, "  policy: {}", describe_policy(&s.policy));
     let counts: Vec<String> = s.counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -257,11 +366,7 @@ pub fn describe(s: &CampaignSummary) -> String {
     if s.unhealthy > 0 {
         let _ = writeln!(out, "  unhealthy during the soak: {}", s.unhealthy);
     }
-    let at = |ms: Option<u64>| {
-        ms.map_or("-".to_owned(), |t| {
-            format!("+{:.1}s", t.saturating_sub(s.created_ms) as f64 / 1000.0)
-        })
-    };
+    let at = |ms: Option<u64>| ms.map_or("-".to_owned(), human::clock);
     for w in &s.waves {
         let c = &w.counts;
         let _ = writeln!(
@@ -291,24 +396,30 @@ pub fn describe(s: &CampaignSummary) -> String {
     out
 }
 
-/// Prints a dry run as the operator reads it: wave by wave.
-pub(super) fn print_dry_run(d: &DryRun) {
-    println!(
+/// A dry run as the operator reads it: the policy as understood, then wave by wave.
+pub(super) fn describe_dry_run(d: &DryRun) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "dry run: {} would go to {} devices in {} waves",
         d.artifact,
         d.total,
         d.waves.len()
     );
+    let _ = writeln!(out, "policy: {}", describe_policy(&d.policy));
     let mut before = 0;
     for (i, w) in d.waves.iter().enumerate() {
         before += w.len();
         let ids: Vec<&str> = w.iter().map(|d| d.as_str()).collect();
-        println!(
+        let _ = writeln!(
+            out,
             "wave {i}: {} devices (cumulative {before}): {}",
             w.len(),
             ids.join(" ")
         );
     }
+    out
 }
 
 #[cfg(test)]
@@ -341,7 +452,7 @@ mod tests {
             "--canary",
             "1%",
             "--waves",
-            "10,50,100",
+            "10%,50%,100%",
             "--soak",
             "10m",
             "--advance-at",
@@ -349,7 +460,7 @@ mod tests {
             "--pause-at",
             "20%:5",
             "--abort-at",
-            "0.5:10",
+            "50%:10",
             "--device-timeout",
             "30m",
             "--notified-timeout",
@@ -410,7 +521,7 @@ mod tests {
 
     #[test]
     fn the_status_shows_the_policy_and_the_waves() {
-        let (policy, _) = create(&["--canary", "2", "--waves", "100", "--pause-at", "20%:3"]);
+        let (policy, _) = create(&["--canary", "2", "--waves", "100%", "--pause-at", "20%:3"]);
         let summary: CampaignSummary = serde_json::from_value(serde_json::json!({
             "campaign": "c-1", "artifact": "fw-2", "status": "paused",
             "reason": "paused by threshold: wave 0 has 2 failed of 2 finished",
@@ -428,16 +539,27 @@ mod tests {
             "unhealthy": 0
         }))
         .unwrap();
-        let text = describe(&summary);
+        let text = describe(&summary, 61_000);
         assert!(text.contains("c-1 (fw-2): paused"), "{text}");
         assert!(text.contains("why: paused by threshold"), "{text}");
         assert!(
-            text.contains("policy: canary 2, waves 100%, soak 0s"),
+            text.contains("policy: canary 2 devices, waves 100%, soak 0s"),
             "{text}"
         );
-        assert!(text.contains("pause at 20% (min 3)"), "{text}");
         assert!(
-            text.contains("wave 0: 2 devices, opened +0.0s, finished -"),
+            text.contains("pause at 20% failed (once 3 finished)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("created 1970-01-01 00:00:01 UTC (1m ago)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wave 0: 2 devices, opened 00:00:01 UTC, finished -"),
+            "{text}"
+        );
+        assert!(
+            text.contains("waiting: paused (paused by threshold"),
             "{text}"
         );
         assert!(text.contains("reasons: health_check_failed=2"), "{text}");
@@ -448,13 +570,92 @@ mod tests {
         assert!(parse_duration("10x").is_err());
         assert!(parse_duration("m").is_err());
         assert_eq!(parse_duration("90").unwrap(), 90);
-        assert!(parse_ratio("120%").is_err());
-        assert!(parse_threshold("20%:x").is_err());
+        assert!(parse_share("--advance-at", "120%").is_err());
+        assert!(parse_threshold("--pause-at", "20%:x").is_err());
         let args = PolicyArgs {
-            waves: vec![50.0, 20.0],
+            waves: vec!["50%".into(), "20%".into()],
             ..PolicyArgs::default()
         };
         let e = args.to_policy(0).unwrap_err().to_string();
         assert!(e.contains("increase"), "{e}");
+    }
+
+    fn refused(args: &[&str]) -> String {
+        let argv = ["aloft", "campaign", "create", "--artifact", "fw-2", "--all"]
+            .into_iter()
+            .chain(args.iter().copied())
+            .chain(["--profile", "p"]);
+        let cli = Cli::try_parse_from(argv).unwrap();
+        let Command::Campaign(c) = cli.command else {
+            panic!("not a campaign command");
+        };
+        let CampaignCommand::Create { policy, .. } = *c else {
+            panic!("not create");
+        };
+        policy.to_policy(1_000).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn shares_take_a_percent_sign_and_counts_are_plain_numbers() {
+        // Shares: `%` everywhere, and the policy says what it understood in the same spelling.
+        let (odd, _) = create(&["--canary", "7%", "--waves", "7%,29%,100%"]);
+        assert!(
+            describe_policy(&odd).starts_with("canary 7%, waves 7%,29%,100%,"),
+            "{}",
+            describe_policy(&odd)
+        );
+        let (p, _) = create(&[
+            "--canary",
+            "5",
+            "--waves",
+            "10%,50%,100%",
+            "--advance-at",
+            "95%",
+            "--pause-at",
+            "20%:5",
+            "--abort-at",
+            "50%",
+        ]);
+        assert_eq!(p.waves.canary, Some(Size::Count(5)));
+        assert_eq!(p.abort_at.map(|t| t.min_sample), Some(1));
+        assert_eq!(
+            describe_policy(&p),
+            "canary 5 devices, waves 10%,50%,100%, soak 0s, advance at 95%, pause at 20% failed (once 5 finished), abort at 50% failed (once 1 finished)"
+        );
+        // The spellings the issue found ambiguous are refused with the one to use.
+        let e = refused(&["--pause-at", "1:5"]);
+        assert!(e.contains("a share takes %, e.g. 1%"), "{e}");
+        assert!(
+            e.contains("--pause-at is SHARE%[:COUNT], e.g. --pause-at 20%:5"),
+            "{e}"
+        );
+        let e = refused(&["--pause-at", "20"]);
+        assert!(e.contains("a share takes %, e.g. 20%"), "{e}");
+        let e = refused(&["--abort-at", "0.5:10"]);
+        assert!(e.contains("e.g. 50%"), "{e}");
+        let e = refused(&["--waves", "50,100"]);
+        assert!(e.contains("write --waves 50%,100%"), "{e}");
+        let e = refused(&["--advance-at", "0.95"]);
+        assert!(e.contains("e.g. 95%"), "{e}");
+        let e = refused(&["--canary", "0.5"]);
+        assert!(e.contains("a count of devices is a whole number"), "{e}");
+        let e = refused(&["--pause-at", "20%:5%"]);
+        assert!(e.contains("a count of devices is a whole number"), "{e}");
+    }
+
+    #[test]
+    fn start_at_takes_a_utc_time_a_delay_or_unix_seconds() {
+        assert_eq!(parse_start_at("+1h", 1_000).unwrap(), 4_600);
+        assert_eq!(parse_start_at("1796307603", 0).unwrap(), 1_796_307_603);
+        assert_eq!(
+            parse_start_at("2026-12-03T14:20:03Z", 0).unwrap(),
+            1_796_307_603
+        );
+        assert_eq!(
+            parse_start_at("2026-12-03T14:20Z", 0).unwrap(),
+            1_796_307_600
+        );
+        assert!(parse_start_at("2026-12-03 14:20", 0).is_err());
+        assert!(parse_start_at("2026-13-03T14:20Z", 0).is_err());
     }
 }

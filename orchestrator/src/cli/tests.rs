@@ -40,3 +40,26 @@ fn every_subcommand_describes_itself_in_its_own_words() {
         }
     }
 }
+
+#[test]
+fn every_argument_of_every_subcommand_says_what_it_does() {
+    let cli = Cli::command();
+    let mut all = Vec::new();
+    subcommands(&cli, "", &mut all);
+    let mut missing = Vec::new();
+    for (path, cmd) in &all {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            if arg
+                .get_help()
+                .is_none_or(|h| h.to_string().trim().is_empty())
+            {
+                missing.push(format!("aloft {path} --{id}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "arguments without help: {missing:#?}");
+}

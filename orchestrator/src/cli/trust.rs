@@ -21,6 +21,7 @@ pub enum TrustCommand {
     /// Generate a signing key for a root or release role (sealed, file mode 0600). Prints its
     /// public key alone on stdout; its key id and the key file's recovery key go to stderr.
     Keygen {
+        /// The key file to write (must not exist).
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
@@ -29,6 +30,7 @@ pub enum TrustCommand {
     /// Write new root metadata, unsigned. With `--from`, the version is the next one and keys,
     /// roles and revocations are carried over unless given again.
     RootNew {
+        /// The root metadata file to write (JSON).
         #[arg(long)]
         out: PathBuf,
         /// The root this one follows.
@@ -37,22 +39,26 @@ pub enum TrustCommand {
         /// Root role keys (public, 64 hex digits); repeat. Replaces the inherited set.
         #[arg(long = "root-key")]
         root_keys: Vec<String>,
+        /// Root keys that must sign the next root [default: inherited with --from, else 1].
         #[arg(long)]
         root_threshold: Option<u32>,
         /// Release role keys (public); repeat. Replaces the inherited set.
         #[arg(long = "release-key")]
         release_keys: Vec<String>,
+        /// Release keys that must sign a release [default: inherited with --from, else 1].
         #[arg(long)]
         release_threshold: Option<u32>,
         /// Keys revoked from now on, for every role (public key or key id); repeat. Revocations
         /// are never undone.
         #[arg(long = "revoke")]
         revoke: Vec<String>,
+        /// Days until devices and the orchestrator refuse this root as expired.
         #[arg(long, default_value_t = 365)]
         expires_days: u64,
     },
     /// Add a signature to a root file (in place). Each root key holder runs this in turn.
     Sign {
+        /// The root metadata file to sign (in place).
         #[arg(long)]
         root: PathBuf,
         /// Signing key file (from `trust keygen`).
@@ -62,16 +68,22 @@ pub enum TrustCommand {
         unlock: UnlockArgs,
     },
     /// Print a root file's metadata (signatures not checked).
-    Show { root: PathBuf },
+    Show {
+        /// The root metadata file.
+        root: PathBuf,
+    },
     /// Install root metadata into a data directory before `aloft serve` (the first install pins
     /// the lowest version given).
     Install {
+        /// The data directory `aloft init` made.
         #[arg(long, env = "ALOFT_DATA_DIR")]
         data_dir: PathBuf,
+        /// Root metadata files (signed), in any order.
         roots: Vec<PathBuf>,
     },
     /// Send new root metadata to a running orchestrator.
     Push {
+        /// Root metadata files (signed), in any order.
         roots: Vec<PathBuf>,
         #[command(flatten)]
         conn: Conn,

@@ -47,6 +47,10 @@ pub struct DeviceRecord {
     /// manifest whose sequence is not above it (`replayed_manifest`). Only rises, like `floor`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installed_sequence: Option<u64>,
+    /// The firmware version the device last said it runs (`running_version` of its status
+    /// reports and heartbeats); `None` until it has said. Written only when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_version: Option<String>,
 }
 
 /// A release whose signature the orchestrator verified on upload.

@@ -453,16 +453,25 @@ async fn handshake(
             Ok(Ok(1..)) => slot.spoke(),
             // Closed, or an error, before saying anything: nothing to count.
             Ok(_) => return Outcome::Gone,
-            Err(_) => return Outcome::TimedOut("no first byte"),
+            Err(_) => {
+                // Counted here, while this block still owns the socket: whoever sees it close
+                // also sees the count.
+                FrontStats::inc(&ctx.stats.handshakes_timed_out);
+                return Outcome::TimedOut("no first byte");
+            }
         }
         match tokio::time::timeout_at(started + whole, acceptor.accept(tcp).into_fallible()).await {
             Ok(Ok(tls)) => Outcome::Done(Box::new(tls)),
             Ok(Err((e, _tcp))) => Outcome::Failed(e),
-            Err(_) => Outcome::TimedOut("handshake unfinished"),
+            Err(_) => {
+                // The unfinished accept, which owns the socket, lives until this arm ends.
+                FrontStats::inc(&ctx.stats.handshakes_timed_out);
+                Outcome::TimedOut("handshake unfinished")
+            }
         }
     };
-    // The socket is dropped (closed) when `attempt` is, inside this function, after the counter
-    // moved: whoever sees the close also sees the count.
+    // A timed-out socket is counted inside `attempt`, before it is closed: a completed async
+    // block drops what it owns as it returns, before the match below runs.
     let outcome = tokio::select! {
         outcome = attempt => outcome,
         _ = evicted => Outcome::Evicted,
@@ -478,7 +487,6 @@ async fn handshake(
             None
         }
         Outcome::TimedOut(phase) => {
-            FrontStats::inc(&ctx.stats.handshakes_timed_out);
             debug!(%addr, phase, "tls handshake timed out");
             None
         }

@@ -188,10 +188,7 @@ impl Core {
             AdminBody::DeviceRegister { certs, groups } => {
                 return self.device_register(certs, groups, pending)
             }
-            AdminBody::DeviceList {} => {
-                let devices: Vec<&DeviceRecord> = self.devices.values().collect();
-                Ok(json!(devices))
-            }
+            AdminBody::DeviceList { after, limit } => Ok(self.device_list(after.as_ref(), limit)),
             AdminBody::DeviceCount {} => Ok(json!({ "registered": self.devices.len() })),
             AdminBody::DeviceLabel {
                 devices,
@@ -341,6 +338,40 @@ impl Core {
         Ok(json!({"artifact": artifact, "complete": complete}))
     }
 
+    /// Registered devices' records in id order (all, or the page of `limit` after `after`),
+    /// each with (since 1.5) the campaign it was last made a member of and its state there
+    /// (`campaign`, `state`; absent if no campaign targeted it). A page costs its own devices
+    /// times the campaigns, not a pass over the fleet.
+    fn device_list(&self, after: Option<&DeviceId>, limit: Option<u32>) -> Value {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let take = limit.map_or(usize::MAX, |l| {
+            l.clamp(1, crate::admin::wire::MAX_DEVICE_PAGE) as usize
+        });
+        let mut campaigns: Vec<&super::LiveCampaign> = self.campaigns.values().collect();
+        // Newest first: the first that has the device is its latest.
+        campaigns.sort_by(|a, b| {
+            (b.record.created_ms, &b.record.id).cmp(&(a.record.created_ms, &a.record.id))
+        });
+        let devices: Vec<Value> = self
+            .devices
+            .range::<DeviceId, _>((from, Bound::Unbounded))
+            .take(take)
+            .map(|(id, d)| {
+                let mut v = json!(d);
+                let latest = campaigns
+                    .iter()
+                    .find_map(|c| c.progress.get(id).map(|p| (&c.record.id, p.state)));
+                if let (Some(obj), Some((campaign, state))) = (v.as_object_mut(), latest) {
+                    obj.insert("campaign".into(), json!(campaign));
+                    obj.insert("state".into(), json!(state));
+                }
+                v
+            })
+            .collect();
+        Value::Array(devices)
+    }
+
     fn release_list(&self) -> AdminResult {
         let list: Vec<Value> = self
             .releases
@@ -356,6 +387,7 @@ impl Core {
                     "chunk_count": r.manifest.chunk_count,
                     "complete": r.complete,
                     "uploaded_by": r.uploaded_by,
+                    "uploaded_ms": r.uploaded_ms,
                 })
             })
             .collect();
@@ -443,6 +475,7 @@ impl Core {
                 last_seen_ms: 0,
                 floor: None,
                 installed_sequence: None,
+                running_version: None,
             });
             record.x25519_public = hex::encode(x);
             record.cert_not_after = identity.not_after;

@@ -659,6 +659,7 @@ impl Core {
             }
         };
         let now = self.now;
+        self.note_running_version(&device, report.running_version.as_deref());
         let campaign = report.campaign.clone();
         let current = self
             .campaigns
@@ -951,6 +952,7 @@ impl Core {
             }
         };
         self.metrics.heartbeat(hb.healthy);
+        self.note_running_version(&device, Some(&hb.running_version));
         let Some(campaign) = hb.campaign else {
             return;
         };
@@ -970,6 +972,22 @@ impl Core {
         live.progress.insert(device.clone(), p.clone());
         self.put_progress(&campaign, &device, &p);
         self.touched.insert(campaign);
+    }
+
+    /// Remembers the firmware version a registered device says it runs, for `device_list`.
+    /// Written only when it changes (a heartbeat every few seconds must not cost a write), and
+    /// not flushed on its own: it is information, not a decision.
+    fn note_running_version(&mut self, device: &DeviceId, version: Option<&str>) {
+        let Some(version) = version else {
+            return;
+        };
+        if let Some(d) = self.devices.get(device) {
+            if d.running_version.as_deref() != Some(version) {
+                let mut d = d.clone();
+                d.running_version = Some(version.to_owned());
+                self.put_device(d, false);
+            }
+        }
     }
 
     /// Records that `device` now runs `campaign`'s security version and manifest sequence: the
@@ -1028,6 +1046,7 @@ impl Core {
                     last_seen_ms: now,
                     floor: None,
                     installed_sequence: None,
+                    running_version: None,
                 }
             }
         };

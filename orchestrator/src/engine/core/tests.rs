@@ -165,6 +165,7 @@ impl Fixture {
                     last_seen_ms: 0,
                     floor: None,
                     installed_sequence: None,
+                    running_version: None,
                 },
             );
             durable
@@ -613,4 +614,102 @@ fn an_operator_may_pause_a_campaign_but_not_push_a_crl() {
         replies(&fx.after_commit)[0].error.as_ref().unwrap().code,
         "forbidden"
     );
+}
+
+#[test]
+fn device_list_shows_the_version_a_device_runs_and_its_state_in_its_latest_campaign() {
+    let f = Fixture::new(2, 4);
+    let mut core = f.core();
+    core.recover(1_000);
+    let mut report = f.report(0, 1, DeviceState::Downloading);
+    if let Event::Status { payload, .. } = &mut report {
+        let mut r: StatusReport = serde_json::from_slice(payload).unwrap();
+        r.running_version = Some("1.0.0".into());
+        *payload = Bytes::from(messages::encode(&r));
+    }
+    let fx = core.on_event(2_000, report);
+    let versions: Vec<_> = fx
+        .writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Device(d) => Some(d.running_version.as_deref()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        vec![Some("1.0.0")],
+        "written once, when it changed"
+    );
+    let fx = core.on_event(
+        3_000,
+        admin(
+            "list",
+            crate::admin::wire::AdminBody::DeviceList {
+                after: None,
+                limit: None,
+            },
+        ),
+    );
+    let reply = replies(&fx.now)
+        .into_iter()
+        .chain(replies(&fx.after_commit))
+        .next()
+        .unwrap();
+    let list = reply.result.unwrap();
+    let list = list.as_array().unwrap();
+    let one = list
+        .iter()
+        .find(|d| d["id"] == f.devices[0].as_str())
+        .unwrap();
+    assert_eq!(one["running_version"], "1.0.0");
+    assert_eq!(one["state"], "downloading");
+    assert_eq!(one["campaign"], f.campaign.as_str());
+    let other = list
+        .iter()
+        .find(|d| d["id"] == f.devices[1].as_str())
+        .unwrap();
+    assert_eq!(other["state"], "notified");
+    assert!(other.get("running_version").is_none());
+}
+
+#[test]
+fn device_list_pages_in_id_order_after_the_last_id_seen() {
+    let f = Fixture::new(5, 4);
+    let mut core = f.core();
+    core.recover(1_000);
+    let mut ids = Vec::new();
+    let mut after = None;
+    for n in 0.. {
+        let fx = core.on_event(
+            2_000,
+            admin(
+                &format!("page-{n}"),
+                crate::admin::wire::AdminBody::DeviceList {
+                    after: after.clone(),
+                    limit: Some(2),
+                },
+            ),
+        );
+        let reply = replies(&fx.now)
+            .into_iter()
+            .chain(replies(&fx.after_commit))
+            .next()
+            .unwrap();
+        let page: Vec<String> = reply
+            .result
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        after = Some(DeviceId::new(last.clone()).unwrap());
+        ids.extend(page);
+    }
+    let mut expected: Vec<String> = f.devices.iter().map(|d| d.to_string()).collect();
+    expected.sort();
+    assert_eq!(ids, expected);
 }
