@@ -340,6 +340,7 @@ pub async fn create_rollout(
             exclude: Vec::new(),
             policy,
             dry_run: false,
+            origin: None,
         })
         .await?;
     let id = v

@@ -227,6 +227,7 @@ async fn a_revoked_device_gets_no_job_and_no_chunk_while_the_others_update() {
             exclude: Vec::new(),
             policy: RolloutPolicy::default(),
             dry_run: false,
+            origin: None,
         })
         .await
         .unwrap();

@@ -186,6 +186,7 @@ impl Fixture {
                 policy: RolloutPolicy::default(),
                 rollout: RolloutState::default(),
                 rolls_back: None,
+                origin: None,
             },
         );
         Fixture {
