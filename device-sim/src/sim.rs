@@ -75,6 +75,9 @@ pub struct FleetConfig {
     pub health_check_ms: u64,
     /// When devices renew their certificates (and how long they wait to ask again).
     pub renewal: RenewalConfig,
+    /// (1.5) Trust anchors (PEM) for download origins' TLS: with them, devices fetch chunks from
+    /// a job's origin and fall back to chunk requests; without, they ignore a job's origin.
+    pub origin_ca_pem: Option<String>,
 }
 
 impl FleetConfig {
@@ -97,6 +100,7 @@ impl FleetConfig {
             reboot_ms: 200,
             health_check_ms: 200,
             renewal: RenewalConfig::default(),
+            origin_ca_pem: None,
         }
     }
 }
@@ -269,6 +273,14 @@ impl Fleet {
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
         let gate = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
+        // One origin client configuration (trust anchors) for the fleet; each device still has
+        // its own fetcher, connections and limits.
+        let origin = match &cfg.origin_ca_pem {
+            Some(pem) => Some(
+                crate::origin::OriginClientConfig::new(pem).context("origin trust anchors")?,
+            ),
+            None => None,
+        };
         let counters = Arc::new(FleetCounters::default());
         let faults = &cfg.faults;
         let (stop, stop_rx) = watch::channel(false);
@@ -287,6 +299,7 @@ impl Fleet {
             let mut tcfg = TransportConfig::new(cfg.host.clone(), cfg.port, renewer.tls());
             tcfg.connect_gate = Some(gate.clone());
             tcfg.renewal = Some(renewer);
+            tcfg.origin = origin.clone();
             let mut store = JsonFileStore::new(state_dir.join(format!("{}.json", ident.id)), false);
             let record = store
                 .load()
@@ -349,6 +362,7 @@ impl Fleet {
             acfg.heartbeat_ms = cfg.heartbeat_ms;
             acfg.confirm_deadline_ms = cfg.confirm_deadline_ms;
             acfg.reboot_delay_ms = cfg.reboot_ms;
+            acfg.origin_fetch = origin.is_some();
             let boot = Boot {
                 acfg,
                 key: ident.encryption_key,
