@@ -105,8 +105,7 @@ impl OriginFetcher {
             let Ok(_permit) = permits.acquire_owned().await else {
                 return;
             };
-            let body = match tokio::time::timeout(cfg.timeout, fetch(&cfg, &idle, &order)).await
-            {
+            let body = match tokio::time::timeout(cfg.timeout, fetch(&cfg, &idle, &order)).await {
                 Ok(r) => r,
                 Err(_) => Err(OriginFailure::Timeout),
             };
@@ -162,7 +161,10 @@ async fn fetch(
         .map_err(|_| OriginFailure::Connect)?;
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let req = hyper::Request::get(path)
-        .header(hyper::header::HOST, uri.authority().map_or("", |a| a.as_str()))
+        .header(
+            hyper::header::HOST,
+            uri.authority().map_or("", |a| a.as_str()),
+        )
         .header(hyper::header::USER_AGENT, "aloft-device")
         .body(Empty::<Bytes>::new())
         .map_err(|_| OriginFailure::Connect)?;

@@ -276,9 +276,9 @@ impl Fleet {
         // One origin client configuration (trust anchors) for the fleet; each device still has
         // its own fetcher, connections and limits.
         let origin = match &cfg.origin_ca_pem {
-            Some(pem) => Some(
-                crate::origin::OriginClientConfig::new(pem).context("origin trust anchors")?,
-            ),
+            Some(pem) => {
+                Some(crate::origin::OriginClientConfig::new(pem).context("origin trust anchors")?)
+            }
             None => None,
         };
         let counters = Arc::new(FleetCounters::default());

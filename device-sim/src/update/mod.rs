@@ -788,7 +788,11 @@ impl UpdateAgent {
         }
         self.report(DeviceState::Downloading, None, None);
         let mut session = Session::new(manifest, Some(key), self.cfg.chunk_timeout_ms);
-        session.origin = self.record.current.as_ref().and_then(|c| self.origin_plan(&c.job));
+        session.origin = self
+            .record
+            .current
+            .as_ref()
+            .and_then(|c| self.origin_plan(&c.job));
         self.session = Some(session);
     }
 

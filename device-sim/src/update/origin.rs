@@ -234,7 +234,10 @@ impl UpdateAgent {
         let downloading = self
             .current()
             .is_some_and(|(_, p)| p == DeviceState::Downloading);
-        let Some(s) = self.session.as_mut().filter(|s| downloading && s.artifact() == artifact)
+        let Some(s) = self
+            .session
+            .as_mut()
+            .filter(|s| downloading && s.artifact() == artifact)
         else {
             return;
         };
@@ -296,7 +299,8 @@ impl UpdateAgent {
             ChunkOutcome::Rejected { exhausted } => {
                 self.stats.chunks_rejected += 1;
                 if exhausted {
-                    let detail = format!("chunk {index} failed {} times", self.cfg.max_chunk_retries);
+                    let detail =
+                        format!("chunk {index} failed {} times", self.cfg.max_chunk_retries);
                     self.finish(
                         DeviceState::Failed,
                         Some(Reason::ChunkVerificationFailed),
@@ -321,18 +325,17 @@ mod tests {
     fn fetches_fill_the_window_and_skip_what_is_elsewhere() {
         let mut p = OriginPlan::new("https://o.example/x/".into());
         let f = p.next_fetches(0, &a(), 0..10, |i| i == 1, |_| Some(100), 3);
-        assert_eq!(
-            f.iter().map(|f| f.index).collect::<Vec<_>>(),
-            vec![0, 2, 3]
-        );
+        assert_eq!(f.iter().map(|f| f.index).collect::<Vec<_>>(), vec![0, 2, 3]);
         assert_eq!(f[0].url, "https://o.example/x/fw-2/chunks/0");
         assert_eq!(f[0].len, 100);
-        assert!(p.next_fetches(1, &a(), 0..10, |_| false, |_| Some(1), 3).is_empty());
+        assert!(p
+            .next_fetches(1, &a(), 0..10, |_| false, |_| Some(1), 3)
+            .is_empty());
         assert!(p.answered(2));
         assert!(!p.answered(2));
         assert!(!p.failed(2, 3));
         assert!(p.via_mqtt(2) && !p.via_mqtt(4));
-        let f = p.next_fetches(2, &a(), 0..10, |_| false, |_| Some(1), 3);
+        let f = p.next_fetches(2, &a(), 0..10, |i| i == 1, |_| Some(1), 3);
         assert_eq!(f.iter().map(|f| f.index).collect::<Vec<_>>(), vec![4]);
     }
 
@@ -346,7 +349,9 @@ mod tests {
         assert!(!p.failed(3, 3));
         assert!(p.failed(4, 3));
         assert!(p.abandoned() && p.via_mqtt(9));
-        assert!(p.next_fetches(0, &a(), 0..10, |_| false, |_| Some(1), 3).is_empty());
+        assert!(p
+            .next_fetches(0, &a(), 0..10, |_| false, |_| Some(1), 3)
+            .is_empty());
     }
 
     #[test]
@@ -356,5 +361,163 @@ mod tests {
         assert!(p.overdue(10, 20).is_empty());
         assert_eq!(p.overdue(20, 20), vec![0, 1]);
         assert!(!p.answered(0));
+    }
+}
+
+/// The agent with an origin, driven with real crypto and in-memory flash: every kind of lie is
+/// refused by hash, the chunk comes over MQTT instead, and the image is still the right one.
+#[cfg(test)]
+mod agent_tests {
+    use aloft_proto::messages::{self, Job};
+
+    use super::super::testkit::*;
+    use super::super::*;
+    use crate::slots::SlotId;
+
+    fn origin_job(fx: &Fixture, rel: &TestRelease) -> Vec<u8> {
+        let mut job: Job = messages::decode(&fx.job("c-1", rel)).unwrap();
+        job.origin = Some("https://origin.example/fw".into());
+        messages::encode(&job)
+    }
+
+    fn origin_rig(fx: &Fixture, max_failures: u32) -> Rig {
+        let mut cfg = fx.config();
+        cfg.origin_fetch = true;
+        cfg.origin_window = 2;
+        cfg.origin_max_failures = max_failures;
+        fx.rig_cfg(cfg)
+    }
+
+    #[test]
+    fn every_lie_of_the_origin_is_refused_and_the_chunk_comes_over_mqtt() {
+        let fx = Fixture::new();
+        let rel = fx.release(&ReleaseSpec {
+            size: 12_000,
+            ..ReleaseSpec::default()
+        });
+        let other = fx.release(&ReleaseSpec {
+            artifact: "fw-3",
+            size: 12_000,
+            ..ReleaseSpec::default()
+        });
+        let count = rel.manifest.chunk_count;
+        assert_eq!(count, 12);
+        let mut rig = origin_rig(&fx, 100);
+        rig.connect();
+        rig.step(Input::Job(&origin_job(&fx, &rel)));
+        rig.ack_head(messages::AckOutcome::Applied);
+        assert!(
+            rig.requested.is_empty(),
+            "nothing asked over MQTT while the origin serves"
+        );
+        let artifact = rel.manifest.artifact.clone();
+        let mut served = 0u32;
+        for _ in 0..100 {
+            let fetches = rig.agent.take_origin_fetches();
+            if fetches.is_empty() {
+                break;
+            }
+            assert!(fetches.len() <= 2, "the origin window holds");
+            for f in fetches {
+                assert_eq!(
+                    f.url,
+                    format!("https://origin.example/fw/fw-2/chunks/{}", f.index)
+                );
+                assert_eq!(Some(f.len), rel.manifest.sealed_len(f.index));
+                let good = rel.sealed[f.index as usize].clone();
+                let mut flipped = good.clone();
+                flipped[3] ^= 1;
+                let lie: Result<Vec<u8>, OriginFailure> = match f.index {
+                    0 => Ok(flipped),                         // wrong bytes
+                    1 => Ok(good[..good.len() - 7].to_vec()), // truncated
+                    2 => Ok(other.sealed[2].clone()),         // another release's chunk
+                    3 => Err(OriginFailure::Timeout),         // very slow
+                    4 => Err(OriginFailure::Status),          // 404
+                    5 => Err(OriginFailure::Redirect),        // a redirect elsewhere
+                    6 => Err(OriginFailure::Oversize),        // too long
+                    7 => Err(OriginFailure::Connect),         // TLS refused
+                    _ => {
+                        served += 1;
+                        Ok(good)
+                    }
+                };
+                rig.step(Input::Origin {
+                    artifact: &artifact,
+                    index: f.index,
+                    body: lie.as_deref().map_err(|e| *e),
+                });
+            }
+        }
+        assert_eq!(served, count - 8);
+        let mut asked: Vec<u32> = rig.requested.iter().copied().collect();
+        asked.sort();
+        assert_eq!(
+            asked,
+            (0..8).collect::<Vec<_>>(),
+            "each refused chunk is asked over MQTT"
+        );
+        // Nothing the origin lied with reached the slot.
+        let st = rig.agent.stats();
+        assert_eq!((st.origin_refused, st.origin_failed), (3, 5));
+        assert_eq!(st.origin_chunks, u64::from(count - 8));
+        assert_eq!(
+            st.chunks_rejected, 0,
+            "an origin's lie is not a chunk failure"
+        );
+        rig.run(&rel, &mut vec![]);
+        rig.settle(&rel);
+        let f = rig.agent.record().finished.back().unwrap().clone();
+        assert_eq!(f.state, DeviceState::Succeeded);
+        assert_eq!(
+            rig.flash.slot_bytes_mut(SlotId::B)[..rel.image.len()],
+            rel.image[..]
+        );
+    }
+
+    #[test]
+    fn an_origin_failing_in_a_row_is_given_up_for_mqtt() {
+        let fx = Fixture::new();
+        let rel = fx.release(&ReleaseSpec {
+            size: 12_000,
+            ..ReleaseSpec::default()
+        });
+        let mut rig = origin_rig(&fx, 3);
+        rig.connect();
+        rig.step(Input::Job(&origin_job(&fx, &rel)));
+        rig.ack_head(messages::AckOutcome::Applied);
+        let artifact = rel.manifest.artifact.clone();
+        for _ in 0..3 {
+            for f in rig.agent.take_origin_fetches() {
+                rig.step(Input::Origin {
+                    artifact: &artifact,
+                    index: f.index,
+                    body: Err(OriginFailure::Status),
+                });
+            }
+        }
+        assert_eq!(rig.agent.stats().origin_abandoned, 1);
+        assert!(rig.agent.take_origin_fetches().is_empty());
+        rig.run(&rel, &mut vec![]);
+        rig.settle(&rel);
+        assert_eq!(
+            rig.agent.record().finished.back().unwrap().state,
+            DeviceState::Succeeded
+        );
+        assert_eq!(rig.agent.stats().origin_chunks, 0);
+    }
+
+    #[test]
+    fn without_origin_fetching_a_job_origin_is_ignored() {
+        let fx = Fixture::new();
+        let rel = fx.release(&ReleaseSpec::default());
+        let mut rig = fx.rig();
+        rig.connect();
+        rig.step(Input::Job(&origin_job(&fx, &rel)));
+        assert!(rig.agent.take_origin_fetches().is_empty());
+        rig.settle(&rel);
+        assert_eq!(
+            rig.agent.record().finished.back().unwrap().state,
+            DeviceState::Succeeded
+        );
     }
 }
