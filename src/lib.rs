@@ -4,6 +4,7 @@
 //! that can be killed with SIGKILL.
 
 pub mod bench;
+pub mod origin;
 pub mod scenario;
 
 use std::io::{BufRead, BufReader};

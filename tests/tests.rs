@@ -11,6 +11,7 @@ mod campaign;
 mod certs;
 mod faults;
 mod fuzz_corpus;
+mod origin;
 mod readme;
 mod restart;
 mod rollout;

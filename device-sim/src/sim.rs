@@ -78,6 +78,10 @@ pub struct FleetConfig {
     /// (1.5) Trust anchors (PEM) for download origins' TLS: with them, devices fetch chunks from
     /// a job's origin and fall back to chunk requests; without, they ignore a job's origin.
     pub origin_ca_pem: Option<String>,
+    /// Longest time one origin fetch may take (default 20 s).
+    pub origin_fetch_timeout: Duration,
+    /// Origin failures in a row after which a download gives its origin up (default 4).
+    pub origin_max_failures: u32,
 }
 
 impl FleetConfig {
@@ -101,6 +105,8 @@ impl FleetConfig {
             health_check_ms: 200,
             renewal: RenewalConfig::default(),
             origin_ca_pem: None,
+            origin_fetch_timeout: Duration::from_secs(20),
+            origin_max_failures: 4,
         }
     }
 }
@@ -277,7 +283,10 @@ impl Fleet {
         // its own fetcher, connections and limits.
         let origin = match &cfg.origin_ca_pem {
             Some(pem) => {
-                Some(crate::origin::OriginClientConfig::new(pem).context("origin trust anchors")?)
+                let mut o =
+                    crate::origin::OriginClientConfig::new(pem).context("origin trust anchors")?;
+                o.timeout = cfg.origin_fetch_timeout;
+                Some(o)
             }
             None => None,
         };
@@ -363,6 +372,7 @@ impl Fleet {
             acfg.confirm_deadline_ms = cfg.confirm_deadline_ms;
             acfg.reboot_delay_ms = cfg.reboot_ms;
             acfg.origin_fetch = origin.is_some();
+            acfg.origin_max_failures = cfg.origin_max_failures;
             let boot = Boot {
                 acfg,
                 key: ident.encryption_key,
