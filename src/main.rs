@@ -186,8 +186,16 @@ async fn demo(args: Args) -> Result<bool> {
             let server = lab
                 .ca
                 .issue_server(&["127.0.0.1".into()], aloft_certs::Validity::days(1))?;
-            let n = Nginx::start(&root.join("nginx"), &export, &server.cert_pem, &server.key_pem)?;
-            step(&format!("release exported; nginx serving it at {}", n.url()));
+            let n = Nginx::start(
+                &root.join("nginx"),
+                &export,
+                &server.cert_pem,
+                &server.key_pem,
+            )?;
+            step(&format!(
+                "release exported; nginx serving it at {}",
+                n.url()
+            ));
             Some(n)
         }
         None => None,

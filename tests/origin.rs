@@ -45,6 +45,16 @@ async fn campaign_with_origin(env: &Env, artifact: ArtifactId, origin: String) -
     CampaignId::new(v["campaign"].as_str().unwrap()).unwrap()
 }
 
+/// Runs an `aloft` command line in this process, as the binary would (docs/ORIGINS.md's steps).
+async fn aloft(args: &[&str]) {
+    use clap::Parser;
+    let argv = std::iter::once("aloft").chain(args.iter().copied());
+    let cli = aloft_orchestrator::cli::Cli::try_parse_from(argv).unwrap();
+    aloft_orchestrator::cli::run(cli).await.unwrap();
+}
+
+/// docs/ORIGINS.md's procedure: `release export`, nginx serving the directory over HTTPS, and
+/// `campaign create --origin`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_fetch_every_chunk_from_nginx_and_none_from_the_orchestrator() {
     let env = Env::new(4).await;
@@ -52,13 +62,23 @@ async fn devices_fetch_every_chunk_from_nginx_and_none_from_the_orchestrator() {
         .lab
         .build_release(&ReleaseSpec::new("2.0.0", 2, 200 * 1024))
         .unwrap();
-    let artifact = ops::upload_bundle(&env.admin, &bundle, false)
+    ops::upload_bundle(&env.admin, &bundle, false)
         .await
         .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let export = tmp.path().join("export");
-    let exported = export_bundle(&bundle, &export).unwrap();
-    assert_eq!(exported.chunks, 13);
+    aloft(&[
+        "release",
+        "export",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+    ])
+    .await;
+    assert!(export.join("fw-2.0.0/manifest.json").is_file());
+    assert!(export.join("fw-2.0.0/chunks/12").is_file());
+    assert!(!export.join("fw-2.0.0/chunks/13").exists(), "13 chunks");
     let server = env
         .lab
         .ca
@@ -74,13 +94,38 @@ async fn devices_fetch_every_chunk_from_nginx_and_none_from_the_orchestrator() {
     let mut cfg = env.fleet_config();
     cfg.origin_ca_pem = Some(env.lab.ca.cert_pem().to_owned());
     let fleet = env.start_fleet(&cfg).await;
-    let campaign = campaign_with_origin(&env, artifact, nginx.url()).await;
-    let s = wait_campaign(&env.admin, &campaign, LIMIT, finished)
-        .await
-        .unwrap();
-    assert_eq!(s.count(DeviceState::Succeeded), 4, "{:?}", s.counts);
+    let orchestrator = env.running.device_addr.to_string();
+    // A second operator: the test's own admin session holds the first one's identity.
+    let profile = tmp.path().join("operator2");
+    ops::issue_operator_profile(
+        &env.lab.ca,
+        &aloft_proto::OperatorId::new("ops2").unwrap(),
+        &profile,
+        1,
+    )
+    .unwrap();
+    let url = nginx.url();
+    aloft(&[
+        "campaign",
+        "create",
+        "--artifact",
+        "fw-2.0.0",
+        "--all",
+        "--origin",
+        &url,
+        "--profile",
+        profile.to_str().unwrap(),
+        "--server",
+        &orchestrator,
+    ])
+    .await;
+    assert!(
+        fleet
+            .wait_all(LIMIT, |v| v.running_version == "2.0.0" && v.outbox == 0)
+            .await,
+        "every device runs 2.0.0 with nothing left to report"
+    );
     for (id, v) in fleet.views() {
-        assert_eq!(v.running_version, "2.0.0", "{id}");
         assert_eq!(v.stats.origin_chunks, 13, "{id}: every chunk from nginx");
         assert_eq!(v.stats.origin_refused + v.stats.origin_failed, 0, "{id}");
         assert_eq!(v.stats.chunks_received, 0, "{id}: no chunk over MQTT");
