@@ -159,7 +159,7 @@ enum Lie {
 }
 
 fn lie(index: u32) -> Lie {
-    if index % 2 == 0 {
+    if index.is_multiple_of(2) {
         return Lie::None;
     }
     match (index / 2) % 7 {
