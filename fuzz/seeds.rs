@@ -127,6 +127,7 @@ fn main() -> Result<()> {
         wrapped_key: wrap_content_key(&x25519.public_bytes()?, &device, &artifact, &content_key)?,
         issued_at: now,
         roots: vec![v2.clone()],
+        origin: None,
     };
     let status = |seq, state, reason| StatusReport {
         v: PROTOCOL_VERSION,

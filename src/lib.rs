@@ -4,6 +4,7 @@
 //! that can be killed with SIGKILL.
 
 pub mod bench;
+pub mod origin;
 pub mod scenario;
 
 use std::io::{BufRead, BufReader};
@@ -407,6 +408,7 @@ pub async fn create_rollout(
             exclude: Vec::new(),
             policy,
             dry_run: false,
+            origin: None,
         })
         .await?;
     let id = v

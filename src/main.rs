@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use aloft_device::Fleet;
 use std::sync::atomic::Ordering::Relaxed;
 
+use aloft_e2e::origin::Nginx;
 use aloft_e2e::scenario::{starve_during_installs, Expect, Scenario};
 use aloft_e2e::{create_rollout, peak_rss_of, scrape, status, wait_registered, Lab, ReleaseSpec};
 use aloft_orchestrator::admin::wire::AdminBody;
@@ -58,6 +59,12 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 900)]
     timeout_secs: u64,
+    /// (protocol 1.5) Serve the release from a download origin beside the orchestrator:
+    /// `nginx` exports it (`release export`) and starts Debian's nginx on loopback over HTTPS
+    /// (a certificate from the fleet CA, which the devices trust for origins); the campaign
+    /// names it, and devices fetch chunks there.
+    #[arg(long, value_parser = ["nginx"])]
+    origin: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -142,6 +149,9 @@ async fn demo(args: Args) -> Result<bool> {
     cfg.connect_concurrency = sc.fleet.connect_concurrency;
     cfg.slot_capacity = (sc.fleet.image_kib as u64 * 1024).max(1024 * 1024) * 2;
     cfg.faults = sc.faults.clone();
+    if args.origin.is_some() {
+        cfg.origin_ca_pem = Some(lab.ca.cert_pem().to_owned());
+    }
     let certs: Vec<String> = devices.iter().map(|d| d.cert_pem.clone()).collect();
     let fleet = Fleet::start(&cfg, devices)?;
     let admin = lab.operator(orch.device_addr).await?;
@@ -175,14 +185,53 @@ async fn demo(args: Args) -> Result<bool> {
         sc.fleet.image_kib * 1024,
     );
     spec.chunk_bytes = sc.fleet.chunk_kib * 1024;
-    let artifact = lab.upload(&admin, &spec).await?;
+    let bundle = lab.build_release(&spec)?;
+    let artifact = aloft_orchestrator::ops::upload_bundle(&admin, &bundle, false).await?;
+    let nginx = match args.origin {
+        Some(_) => {
+            let export = root.join("export");
+            aloft_orchestrator::ops::export::export_bundle(&bundle, &export)?;
+            let server = lab
+                .ca
+                .issue_server(&["127.0.0.1".into()], aloft_certs::Validity::days(1))?;
+            let n = Nginx::start(
+                &root.join("nginx"),
+                &export,
+                &server.cert_pem,
+                &server.key_pem,
+            )?;
+            step(&format!(
+                "release exported; nginx serving it at {}",
+                n.url()
+            ));
+            Some(n)
+        }
+        None => None,
+    };
     let chunk_count = (sc.fleet.image_kib as u64).div_ceil(u64::from(sc.fleet.chunk_kib));
     step(&format!(
         "release {artifact} built, signed, encrypted and uploaded ({} KiB)",
         sc.fleet.image_kib
     ));
 
-    let campaign = create_rollout(&admin, artifact, Target::All, sc.policy.clone()).await?;
+    let campaign = match &nginx {
+        None => create_rollout(&admin, artifact, Target::All, sc.policy.clone()).await?,
+        Some(n) => {
+            let v: serde_json::Value = admin
+                .call(AdminBody::CampaignCreate {
+                    artifact,
+                    target: Target::All,
+                    include: Vec::new(),
+                    exclude: Vec::new(),
+                    policy: sc.policy.clone(),
+                    dry_run: false,
+                    origin: Some(n.url()),
+                })
+                .await?;
+            let id = v.get("campaign").and_then(serde_json::Value::as_str);
+            aloft_proto::CampaignId::new(id.context("campaign id in reply")?)?
+        }
+    };
     let started = Instant::now();
     let first = status(&admin, &campaign, false).await?;
     step(&format!(
@@ -333,9 +382,20 @@ async fn demo(args: Args) -> Result<bool> {
         orch_rss as f64 / 1_048_576.0,
         sim_rss as f64 / 1_048_576.0,
     );
+    if let Some(n) = &nginx {
+        eprintln!(
+            "origin: {} chunks from nginx ({} requests logged), {} refused by hash, {} fetches failed, {} downloads gave it up",
+            total(|s| s.origin_chunks),
+            n.requests(),
+            total(|s| s.origin_refused),
+            total(|s| s.origin_failed),
+            total(|s| s.origin_abandoned),
+        );
+    }
     admin.disconnect().await;
     fleet.shutdown().await;
     drop(orch);
+    drop(nginx);
 
     let succeeded = summary.count(DeviceState::Succeeded);
     println!(

@@ -159,6 +159,7 @@ async fn a_redelivered_campaign_create_creates_one_campaign() {
             exclude: Vec::new(),
             policy: Default::default(),
             dry_run: false,
+            origin: None,
         },
     };
     let topic = aloft_proto::topics::admin_request(&op, "request");

@@ -271,6 +271,7 @@ async fn revoked_device_gets_no_job_and_no_chunk(broker: Broker) {
             exclude: Vec::new(),
             policy: RolloutPolicy::default(),
             dry_run: false,
+            origin: None,
         })
         .await
         .unwrap();

@@ -244,6 +244,7 @@ pub async fn forge_job(
         wrapped_key: crypto::wrap_content_key(&public, device, &artifact, key).unwrap(),
         issued_at: aloft_e2e::now_secs(),
         roots,
+        origin: None,
     };
     // The front's device road is where the orchestrator's jobs leave from.
     env.running

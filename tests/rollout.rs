@@ -405,6 +405,7 @@ async fn labels_select_the_target_and_a_dry_run_touches_nothing() {
         exclude: vec![eu[0].clone()],
         policy: policy.clone(),
         dry_run,
+        origin: None,
     };
     let plan: DryRun = env.admin.call(create(true)).await.unwrap();
     assert_eq!(plan.total, 8, "7 labelled + 1 included");
@@ -477,6 +478,7 @@ async fn a_rollback_to_an_older_build_is_refused_as_a_replay_until_the_image_is_
         exclude: Vec::new(),
         policy: RolloutPolicy::default(),
         dry_run: true,
+        origin: None,
     };
     for body in [
         rollback(old.clone(), true),

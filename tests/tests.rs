@@ -14,6 +14,7 @@ mod faults;
 mod fuzz_corpus;
 mod observability;
 mod operator_cli;
+mod origin;
 mod readme;
 mod restart;
 mod roles;

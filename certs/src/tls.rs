@@ -200,6 +200,20 @@ pub fn client_config_without_cert(ca_pem: &str) -> Result<ClientConfig, PkiError
         .with_no_client_auth())
 }
 
+/// (1.5) A device's client for an untrusted download origin: trusts only the CA certificates
+/// in `anchors_pem` (the device's origin trust anchors), presents no certificate, offers
+/// HTTP/1.1, and accepts TLS 1.2 as well as 1.3 (CDNs and buckets are not all on 1.3; the
+/// chunks' integrity rests on the signed manifest, not on this channel).
+pub fn origin_client_config(anchors_pem: &str) -> Result<ClientConfig, PkiError> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(fleet_roots(anchors_pem)?)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.resumption = rustls::client::Resumption::in_memory_sessions(4);
+    Ok(cfg)
+}
+
 /// Verifies `cert_pem` exactly as the TLS front would verify a client certificate (chain to the
 /// fleet CA, validity now, client-auth usage, not revoked by `crls_der`) and returns the identity
 /// it asserts. Used where a certificate arrives outside a handshake, e.g. device registration.

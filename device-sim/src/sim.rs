@@ -75,6 +75,13 @@ pub struct FleetConfig {
     pub health_check_ms: u64,
     /// When devices renew their certificates (and how long they wait to ask again).
     pub renewal: RenewalConfig,
+    /// (1.5) Trust anchors (PEM) for download origins' TLS: with them, devices fetch chunks from
+    /// a job's origin and fall back to chunk requests; without, they ignore a job's origin.
+    pub origin_ca_pem: Option<String>,
+    /// Longest time one origin fetch may take (default 20 s).
+    pub origin_fetch_timeout: Duration,
+    /// Origin failures in a row after which a download gives its origin up (default 4).
+    pub origin_max_failures: u32,
 }
 
 impl FleetConfig {
@@ -97,6 +104,9 @@ impl FleetConfig {
             reboot_ms: 200,
             health_check_ms: 200,
             renewal: RenewalConfig::default(),
+            origin_ca_pem: None,
+            origin_fetch_timeout: Duration::from_secs(20),
+            origin_max_failures: 4,
         }
     }
 }
@@ -269,6 +279,17 @@ impl Fleet {
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
         let gate = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
+        // One origin client configuration (trust anchors) for the fleet; each device still has
+        // its own fetcher, connections and limits.
+        let origin = match &cfg.origin_ca_pem {
+            Some(pem) => {
+                let mut o =
+                    crate::origin::OriginClientConfig::new(pem).context("origin trust anchors")?;
+                o.timeout = cfg.origin_fetch_timeout;
+                Some(o)
+            }
+            None => None,
+        };
         let counters = Arc::new(FleetCounters::default());
         let faults = &cfg.faults;
         let (stop, stop_rx) = watch::channel(false);
@@ -287,6 +308,7 @@ impl Fleet {
             let mut tcfg = TransportConfig::new(cfg.host.clone(), cfg.port, renewer.tls());
             tcfg.connect_gate = Some(gate.clone());
             tcfg.renewal = Some(renewer);
+            tcfg.origin = origin.clone();
             // Records saved by an older simulator (`{id}.json`) are read until the first save.
             let mut store =
                 RecordFileStore::new(state_dir.join(format!("{}.rec", ident.id)), false)
@@ -352,6 +374,8 @@ impl Fleet {
             acfg.heartbeat_ms = cfg.heartbeat_ms;
             acfg.confirm_deadline_ms = cfg.confirm_deadline_ms;
             acfg.reboot_delay_ms = cfg.reboot_ms;
+            acfg.origin_fetch = origin.is_some();
+            acfg.origin_max_failures = cfg.origin_max_failures;
             let boot = Boot {
                 acfg,
                 key: ident.encryption_key,

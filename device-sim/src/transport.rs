@@ -21,6 +21,7 @@ use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
+use crate::origin::{OriginClientConfig, OriginFetcher};
 use crate::renewal::{Outcome, Renewer};
 use crate::slots::Flash;
 use crate::store::DeviceStore;
@@ -55,6 +56,8 @@ pub struct TransportConfig {
     /// Certificate renewal: when set, the device connects with the renewer's current
     /// certificate (not `tls`), asks for a new one when it is due, and reconnects once it has it.
     pub renewal: Option<Arc<Renewer>>,
+    /// (1.5) The HTTPS client for a job's download origin; without it chunks come over MQTT.
+    pub origin: Option<OriginClientConfig>,
 }
 
 impl TransportConfig {
@@ -73,6 +76,7 @@ impl TransportConfig {
             save_every: Duration::from_secs(2),
             offline_for: Duration::ZERO,
             renewal: None,
+            origin: None,
         }
     }
 
@@ -278,6 +282,9 @@ struct Runner<'h> {
     /// `Control::power_losses` when the run started: any other value is a power loss.
     power_base: u64,
     renewal: Option<Arc<Renewer>>,
+    /// (1.5) Fetches from a job's origin, which the agent orders; outcomes come back on the
+    /// receiver [`Runner::session`] watches.
+    origin: Option<OriginFetcher>,
 }
 
 /// Runs the device like [`run`], under outside [`Control`]: the link can be taken down and
@@ -291,7 +298,15 @@ pub async fn run_controlled(
 ) -> RunEnd {
     let id = device.agent.device().clone();
     let power_base = control.borrow_and_update().power_losses;
+    let (origin, mut origin_rx) = match &cfg.origin {
+        Some(o) => {
+            let (f, rx) = OriginFetcher::new(o.clone());
+            (Some(f), Some(rx))
+        }
+        None => (None, None),
+    };
     let mut r = Runner {
+        origin,
         topics: Topics::new(&id),
         device,
         hooks,
@@ -349,7 +364,7 @@ pub async fn run_controlled(
             }
             Err(end) => return r.end(end),
         };
-        let (end, subscribed) = r.session(&mut session, &mut tick).await;
+        let (end, subscribed) = r.session(&mut session, &mut tick, &mut origin_rx).await;
         if subscribed {
             backoff = cfg.backoff_min;
         }
@@ -454,6 +469,7 @@ impl Runner<'_> {
         &mut self,
         session: &mut Session,
         tick: &mut tokio::time::Interval,
+        origin_rx: &mut Option<mpsc::Receiver<crate::origin::Fetched>>,
     ) -> (End, bool) {
         let mut subscribed = false;
         let end = loop {
@@ -471,6 +487,18 @@ impl Runner<'_> {
                         self.ask_for_certificate(c);
                     }
                     match self.tick(client) {
+                        Intervention::None => continue,
+                        Intervention::DropLink => break End::Link("link dropped (injected)".into()),
+                        Intervention::PowerLoss => break End::PowerLost,
+                    }
+                }
+                Some(f) = crate::origin::next(origin_rx) => {
+                    let input = Input::Origin {
+                        artifact: &f.artifact,
+                        index: f.index,
+                        body: f.body.as_deref().map_err(|e| *e),
+                    };
+                    match self.step(subscribed.then_some(&session.client), input) {
                         Intervention::None => continue,
                         Intervention::DropLink => break End::Link("link dropped (injected)".into()),
                         Intervention::PowerLoss => break End::PowerLost,
@@ -621,6 +649,13 @@ impl Runner<'_> {
     fn step(&mut self, client: Option<&AsyncClient>, input: Input<'_>) -> Intervention {
         let d = &mut self.device;
         let outputs = d.agent.handle(now_ms(), input, d.flash.as_mut());
+        // Origin fetches read nothing the record holds: they start at once.
+        let fetches = d.agent.take_origin_fetches();
+        if let Some(origin) = &mut self.origin {
+            for f in fetches {
+                origin.start(f);
+            }
+        }
         let connected = client.is_some();
         if !self.persist() {
             // Publishing a report the record does not hold could lose it on a restart.

@@ -339,6 +339,17 @@ pub enum ReleaseCommand {
         #[command(flatten)]
         unlock: UnlockArgs,
     },
+    /// (protocol 1.5) Write a built release's sealed chunks and signed manifest as static files
+    /// (`<artifact>/chunks/<index>`, `<artifact>/manifest.json`) for any HTTPS server, CDN or
+    /// bucket to serve as a campaign's `--origin`. Nothing secret is written (no content key).
+    Export {
+        /// The release's bundle directory (from `release build`).
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The directory to write into (the origin's document root).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Upload a built release; the orchestrator verifies its signature before accepting it.
     Upload {
         /// The bundle directory (from `release build`).
@@ -454,6 +465,11 @@ pub enum CampaignCommand {
         /// nothing.
         #[arg(long)]
         dry_run: bool,
+        /// (protocol 1.5) An HTTPS origin serving the release's export (`release export`):
+        /// devices fetch chunks there and fall back to the orchestrator. Only for a fleet of
+        /// 1.5 devices: a 1.4 device refuses a job that names an origin.
+        #[arg(long)]
+        origin: Option<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -846,6 +862,16 @@ async fn release(c: ReleaseCommand) -> Result<()> {
             )?;
             println!("{} now carries {n} signature(s)", bundle.display());
         }
+        ReleaseCommand::Export { bundle, out } => {
+            let e = crate::ops::export::export_bundle(&bundle, &out)?;
+            println!(
+                "exported {} ({} chunks, {} bytes) under {}",
+                e.artifact,
+                e.chunks,
+                e.bytes,
+                out.display()
+            );
+        }
         ReleaseCommand::Upload { bundle, conn } => {
             let client = AdminClient::connect(&conn.profile, &conn.server).await?;
             let a = upload_bundle(&client, &bundle, true).await?;
@@ -949,6 +975,7 @@ async fn campaign(c: CampaignCommand) -> Result<()> {
             exclude,
             policy,
             dry_run,
+            origin,
             conn,
         } => {
             let target = if all {
@@ -976,6 +1003,7 @@ async fn campaign(c: CampaignCommand) -> Result<()> {
                 exclude: device_ids(exclude)?,
                 policy: policy.to_policy(unix_now())?,
                 dry_run,
+                origin,
             };
             create_or_dry_run(&conn, body, dry_run).await?;
         }

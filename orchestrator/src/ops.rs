@@ -25,6 +25,7 @@ use crate::admin::wire::AdminBody;
 use crate::config::layout;
 use crate::store::Store;
 
+pub mod export;
 #[cfg(test)]
 mod tests;
 

@@ -8,6 +8,7 @@ pub mod crypto;
 pub mod ids;
 pub mod manifest;
 pub mod messages;
+pub mod origin;
 pub mod release;
 pub mod topics;
 pub mod trust;

@@ -117,6 +117,11 @@ pub struct Job {
     /// walks forward from the root it trusts before it verifies the manifest (since 1.2).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roots: Vec<SignedRoot>,
+    /// (1.5) An untrusted HTTPS origin serving the release's sealed chunks as an export
+    /// (`crate::origin`): a device that knows it may fetch chunks there and falls back to chunk
+    /// requests. Absent unless the campaign names one; a 1.4 device refuses a job carrying it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 impl Message for Job {
@@ -127,6 +132,10 @@ impl Message for Job {
     fn validate(&self) -> Result<(), DecodeError> {
         if self.roots.len() > MAX_ROOT_CHAIN {
             return Err(DecodeError::Invalid("too many roots"));
+        }
+        if let Some(origin) = &self.origin {
+            crate::origin::validate_origin(origin)
+                .map_err(|_| DecodeError::Invalid("origin is not a valid https URL"))?;
         }
         Ok(())
     }

@@ -16,6 +16,7 @@ use aloft_proto::messages::{MAX_CHUNKS_PER_REQUEST, MAX_RANGES_PER_REQUEST};
 use aloft_proto::ArtifactId;
 use sha2::{Digest, Sha256};
 
+use super::origin::OriginPlan;
 use crate::slots::{Flash, FlashError, SlotId};
 use crate::store::ChunkBitmap;
 
@@ -62,6 +63,9 @@ pub(super) struct Session {
     /// Chunk requests wait until the campaign's `downloading` report has been published once,
     /// so the orchestrator knows the device is downloading before it is asked for chunks.
     pub requests_enabled: bool,
+    /// (1.5) The job's untrusted origin, when the device fetches from one: chunks it is
+    /// fetching there are not asked of the orchestrator.
+    pub origin: Option<OriginPlan>,
 }
 
 impl Session {
@@ -79,6 +83,7 @@ impl Session {
             fresh_sample: false,
             paused_until: 0,
             requests_enabled: false,
+            origin: None,
         }
     }
 
@@ -105,6 +110,18 @@ impl Session {
     pub fn on_busy(&mut self, index: u32, resume_at: u64) {
         let _ = self.outstanding.split_off(&index);
         self.paused_until = self.paused_until.max(resume_at);
+    }
+
+    /// Whether chunk `index` is asked of the orchestrator and not yet received.
+    pub fn is_requested(&self, index: u32) -> bool {
+        self.outstanding.contains_key(&index)
+    }
+
+    /// Whether `sealed` is chunk `index` as the signed manifest describes it (length and
+    /// digest): checked before anything else is done with bytes from an untrusted origin.
+    pub fn matches_manifest(&self, index: u32, sealed: &[u8]) -> bool {
+        self.manifest.sealed_len(index) == Some(sealed.len())
+            && self.digests.get(index as usize) == Some(&crypto::sha256(sealed))
     }
 
     /// Handles one data frame for chunk `index` of `count`, received at `now`.
@@ -224,9 +241,11 @@ impl Session {
         if room == 0 {
             return Vec::new();
         }
+        let origin = &self.origin;
         let picked: Vec<u32> = written
             .missing()
             .filter(|i| !self.outstanding.contains_key(i))
+            .filter(|i| origin.as_ref().is_none_or(|o| o.via_mqtt(*i)))
             .take(room)
             .collect();
         for &i in &picked {

@@ -25,6 +25,7 @@
 mod checks;
 mod download;
 mod install;
+mod origin;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
@@ -48,6 +49,7 @@ use crate::slots::{Flash, PowerOn, SlotState};
 use crate::store::{CampaignProgress, ChunkBitmap, DeviceRecord, FinishedCampaign};
 use checks::{clip, peek_refusal, unwrap_key, verify_job, verify_signature, walk_roots, Refusal};
 use download::{ChunkOutcome, Session};
+pub use origin::{OriginFailure, OriginFetch};
 
 /// How the agent behaves; everything but the identity has a sensible default.
 #[derive(Debug, Clone)]
@@ -87,6 +89,17 @@ pub struct AgentConfig {
     /// How long the reset into a new image takes after the `rebooting` report is queued. 0 resets
     /// within the same step; a simulator sets more so that a power loss can strike in between.
     pub reboot_delay_ms: u64,
+    /// (1.5) Whether the device fetches chunks from a job's HTTPS origin (its shell has an
+    /// origin client and trust anchors for it). Off: a job's origin is ignored.
+    pub origin_fetch: bool,
+    /// Origin fetches in flight at once, at most.
+    pub origin_window: u32,
+    /// Origin failures in a row (fetch failed, or bytes that do not match the manifest) after
+    /// which the download gives the origin up and asks the orchestrator for everything.
+    pub origin_max_failures: u32,
+    /// A fetch the shell has not answered within this counts as failed (the shell's own time
+    /// limit should answer first).
+    pub origin_timeout_ms: u64,
 }
 
 impl AgentConfig {
@@ -106,6 +119,10 @@ impl AgentConfig {
             boot_limit: 3,
             heartbeat_ms: 10_000,
             reboot_delay_ms: 0,
+            origin_fetch: false,
+            origin_window: 4,
+            origin_max_failures: 4,
+            origin_timeout_ms: 60_000,
         }
     }
 }
@@ -187,6 +204,13 @@ pub enum Input<'a> {
     Ack(&'a [u8]),
     /// Time passed; timers are checked.
     Tick,
+    /// (1.5) What a fetch of chunk `index` of `artifact` from the job's origin brought: the
+    /// body (unchecked; at most the chunk's length) or why there is none.
+    Origin {
+        artifact: &'a aloft_proto::ArtifactId,
+        index: u32,
+        body: Result<&'a [u8], OriginFailure>,
+    },
 }
 
 /// Where an output goes: the device's own topics.
@@ -249,6 +273,16 @@ pub struct AgentStats {
     pub heartbeats_sent: u64,
     /// `busy` frames: the orchestrator asked this device to wait before asking again.
     pub busy_frames: u64,
+    /// (1.5) Chunks fetched from an origin, verified and written.
+    pub origin_chunks: u64,
+    /// Origin bodies refused: wrong length or digest (wrong bytes, truncated, another
+    /// release's chunk). The chunk then comes from the orchestrator.
+    pub origin_refused: u64,
+    /// Origin fetches that brought no body: connection or TLS failure, an HTTP error status, a
+    /// redirect, an oversize body, a timeout.
+    pub origin_failed: u64,
+    /// Downloads that gave their origin up after too many failures in a row.
+    pub origin_abandoned: u64,
 }
 
 impl AgentStats {
@@ -263,6 +297,10 @@ impl AgentStats {
             chunks_duplicate: self.chunks_duplicate + o.chunks_duplicate,
             heartbeats_sent: self.heartbeats_sent + o.heartbeats_sent,
             busy_frames: self.busy_frames + o.busy_frames,
+            origin_chunks: self.origin_chunks + o.origin_chunks,
+            origin_refused: self.origin_refused + o.origin_refused,
+            origin_failed: self.origin_failed + o.origin_failed,
+            origin_abandoned: self.origin_abandoned + o.origin_abandoned,
         }
     }
 }
@@ -297,6 +335,8 @@ pub struct UpdateAgent {
     verifying_since: Option<u64>,
     /// When the last heartbeat went out in this connection.
     last_heartbeat: Option<u64>,
+    /// (1.5) Origin fetches decided and not yet taken by the shell.
+    origin_orders: Vec<OriginFetch>,
 }
 
 impl UpdateAgent {
@@ -329,6 +369,7 @@ impl UpdateAgent {
             reboot_at: None,
             verifying_since: None,
             last_heartbeat: None,
+            origin_orders: Vec::new(),
         };
         agent.power_on();
         agent
@@ -391,6 +432,11 @@ impl UpdateAgent {
             Input::ChunkFrame(payload) => self.on_frame(now_ms, payload, flash),
             Input::Ack(payload) => self.on_ack(payload),
             Input::Tick => {}
+            Input::Origin {
+                artifact,
+                index,
+                body,
+            } => self.on_origin(now_ms, artifact, index, body, flash),
         }
         self.drive(now_ms, flash, &mut out);
         out
@@ -416,6 +462,7 @@ impl UpdateAgent {
             return;
         }
         self.publish_head(now, out);
+        self.request_origin(now);
         self.request_chunks(now, out);
         self.publish_heartbeat(now, out);
     }
@@ -497,6 +544,7 @@ impl UpdateAgent {
             None
         };
         let mut session = Session::new(manifest, key, self.cfg.chunk_timeout_ms);
+        session.origin = self.origin_plan(&cur.job);
         // If the downloading report is no longer queued, it was published (and acknowledged).
         session.requests_enabled = !self
             .record
@@ -739,7 +787,13 @@ impl UpdateAgent {
             return self.fail(Reason::InstallFailed, Some(e.to_string()));
         }
         self.report(DeviceState::Downloading, None, None);
-        self.session = Some(Session::new(manifest, Some(key), self.cfg.chunk_timeout_ms));
+        let mut session = Session::new(manifest, Some(key), self.cfg.chunk_timeout_ms);
+        session.origin = self
+            .record
+            .current
+            .as_ref()
+            .and_then(|c| self.origin_plan(&c.job));
+        self.session = Some(session);
     }
 
     fn on_frame(&mut self, now: u64, payload: &[u8], flash: &mut dyn Flash) {

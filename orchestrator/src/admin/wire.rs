@@ -120,6 +120,9 @@ pub enum AdminBody {
         policy: RolloutPolicy,
         #[serde(default)]
         dry_run: bool,
+        /// (1.5) An HTTPS origin serving the release's export; carried in every member's job.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        origin: Option<String>,
     },
     CampaignPause {
         campaign: CampaignId,

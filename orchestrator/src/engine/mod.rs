@@ -676,6 +676,7 @@ fn job_payload(order: &JobOrder) -> Result<Vec<u8>, crypto::CryptoError> {
         wrapped_key: wrapped,
         issued_at: order.issued_at_ms / 1000,
         roots: order.roots.to_vec(),
+        origin: t.origin.clone(),
     };
     Ok(messages::encode(&job))
 }

@@ -98,4 +98,7 @@ pub struct CampaignRecord {
     /// The campaign this one rolls back, if it is a rollback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolls_back: Option<CampaignId>,
+    /// (1.5) The untrusted HTTPS origin serving the release's export, named in every job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }

@@ -204,8 +204,9 @@ impl Core {
                 exclude,
                 policy,
                 dry_run,
+                origin,
             } => self.campaign_create(
-                operator, &artifact, target, &include, &exclude, policy, dry_run,
+                operator, &artifact, target, &include, &exclude, policy, dry_run, origin,
             ),
             AdminBody::CampaignPause { campaign } => {
                 self.campaign_control(operator, &campaign, "pause")

@@ -20,14 +20,22 @@ impl Core {
         exclude: &[DeviceId],
         policy: RolloutPolicy,
         dry_run: bool,
+        origin: Option<String>,
     ) -> AdminResult {
+        if let Some(o) = &origin {
+            if let Err(e) = aloft_proto::origin::validate_origin(o) {
+                return refuse("invalid_origin", e.to_string());
+            }
+        }
         let mut devices = self.resolve(&target)?;
         devices.extend(self.resolve(&Target::Devices(include.to_vec()))?);
         let excluded: HashSet<&DeviceId> = exclude.iter().collect();
         devices.retain(|d| !excluded.contains(d));
         devices.sort();
         devices.dedup();
-        self.start_campaign(operator, artifact, target, devices, policy, dry_run, None)
+        self.start_campaign(
+            operator, artifact, target, devices, policy, dry_run, None, origin,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -40,6 +48,7 @@ impl Core {
         policy: RolloutPolicy,
         dry_run: bool,
         rolls_back: Option<CampaignId>,
+        origin: Option<String>,
     ) -> AdminResult {
         let Some(release) = self.releases.get(artifact).cloned() else {
             return refuse("unknown_artifact", format!("no release {artifact}"));
@@ -109,6 +118,7 @@ impl Core {
             policy,
             rollout: RolloutState::default(),
             rolls_back,
+            origin,
         };
         self.write(Write::Campaign(record.clone()));
         let mut progress = std::collections::HashMap::new();
@@ -243,6 +253,8 @@ impl Core {
             policy,
             dry_run,
             Some(campaign.clone()),
+            // A rollback's release need not be exported: its devices use chunk requests.
+            None,
         )
     }
 

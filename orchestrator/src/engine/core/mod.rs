@@ -163,6 +163,8 @@ pub struct JobTemplate {
     pub artifact: ArtifactId,
     pub signed: SignedManifest,
     pub key: ContentKey,
+    /// (1.5) The campaign's download origin, if it names one.
+    pub origin: Option<String>,
 }
 
 /// One member's job, to be sealed for it (HPKE, off the engine task) and published retained.
@@ -358,6 +360,7 @@ impl LiveCampaign {
             artifact: record.artifact.clone(),
             signed: release.signed.clone(),
             key,
+            origin: record.origin.clone(),
         });
         LiveCampaign {
             record,
@@ -707,7 +710,12 @@ impl Core {
                     live.set(&device, next);
                 }
                 if s == DeviceState::Succeeded {
-                    if !current.served {
+                    // A member of a campaign with an origin may have fetched every chunk there.
+                    let from_origin = self
+                        .campaigns
+                        .get(&campaign)
+                        .is_some_and(|c| c.record.origin.is_some());
+                    if !current.served && !from_origin {
                         self.flag_success_without_download(&device, &campaign);
                     }
                     self.raise_floor(&device, &campaign);

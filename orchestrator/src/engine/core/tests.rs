@@ -187,6 +187,7 @@ impl Fixture {
                 policy: RolloutPolicy::default(),
                 rollout: RolloutState::default(),
                 rolls_back: None,
+                origin: None,
             },
         );
         Fixture {
