@@ -117,6 +117,24 @@ pub struct Job {
     /// walks forward from the root it trusts before it verifies the manifest (since 1.2).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub roots: Vec<SignedRoot>,
+    /// (1.5) Delta releases that rebuild `manifest`'s image from a known base, at most
+    /// [`MAX_DELTAS_PER_JOB`]; absent when empty, so a job without them is byte-for-byte a 1.4
+    /// job. A device may take the one whose base it runs, or ignore them all and download the
+    /// full image, which the job always offers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<DeltaOffer>,
+}
+
+/// Most delta offers one job may carry.
+pub const MAX_DELTAS_PER_JOB: usize = 4;
+
+/// (1.5) One delta a job offers: the delta release's signed manifest and its content key,
+/// wrapped for this device and the delta's artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaOffer {
+    pub manifest: SignedManifest,
+    pub wrapped_key: WrappedKey,
 }
 
 impl Message for Job {
@@ -127,6 +145,9 @@ impl Message for Job {
     fn validate(&self) -> Result<(), DecodeError> {
         if self.roots.len() > MAX_ROOT_CHAIN {
             return Err(DecodeError::Invalid("too many roots"));
+        }
+        if self.deltas.len() > MAX_DELTAS_PER_JOB {
+            return Err(DecodeError::Invalid("too many deltas"));
         }
         Ok(())
     }
