@@ -123,6 +123,7 @@ fn main() -> Result<()> {
         wrapped_key: wrap_content_key(&x25519.public_bytes()?, &device, &artifact, &content_key)?,
         issued_at: now,
         roots: vec![v2.clone()],
+        deltas: Vec::new(),
     };
     let status = |seq, state, reason| StatusReport {
         v: PROTOCOL_VERSION,

@@ -213,6 +213,7 @@ pub async fn forge_job(
         wrapped_key: crypto::wrap_content_key(&public, device, &artifact, key).unwrap(),
         issued_at: aloft_e2e::now_secs(),
         roots,
+        deltas: Vec::new(),
     };
     // The front's device road is where the orchestrator's jobs leave from.
     env.running

@@ -24,6 +24,8 @@
 
 mod checks;
 mod delta;
+#[cfg(test)]
+mod delta_tests;
 mod download;
 mod install;
 #[cfg(test)]

@@ -220,6 +220,7 @@ impl Fixture {
             wrapped_key: wrapped,
             issued_at: T0 / 1000,
             roots: roots.to_vec(),
+            deltas: Vec::new(),
         })
     }
 
