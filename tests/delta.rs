@@ -1,6 +1,9 @@
 //! Delta updates (1.5) with the real orchestrator and simulator: a mixed fleet where half the
 //! devices run the delta's base and rebuild the new image from the delta, and the other half,
-//! on another image, download the full one; the campaign summary counts both paths.
+//! on another image, download the full one; the campaign summary counts both paths. Also with
+//! a power loss at every rebuild (the seeded fault profile), which the devices resume.
+
+use std::sync::atomic::Ordering;
 
 use aloft_e2e::{create_campaign, finished, pseudo_random_image, wait_campaign, ReleaseSpec};
 use aloft_orchestrator::ops;
@@ -12,8 +15,20 @@ use crate::common::{Env, LIMIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_fleet_takes_the_delta_on_its_base_and_the_full_image_elsewhere() {
+    mixed_fleet(0.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_power_loss_at_every_rebuild_resumes_it_and_the_mixed_fleet_still_succeeds() {
+    mixed_fleet(1.0).await;
+}
+
+async fn mixed_fleet(power_loss_in_rebuild: f64) {
     let env = Env::new(6).await;
-    let fleet = env.start_fleet(&env.fleet_config()).await;
+    let mut cfg = env.fleet_config();
+    cfg.faults.seed = 13;
+    cfg.faults.power_loss_in_rebuild_probability = power_loss_in_rebuild;
+    let fleet = env.start_fleet(&cfg).await;
     // Half the fleet moves to 2.0.0 first: that image is the delta's base.
     let base_size = 256 * 1024;
     let base_bundle = env
@@ -96,5 +111,11 @@ async fn a_mixed_fleet_takes_the_delta_on_its_base_and_the_full_image_elsewhere(
         .map(|(_, v)| v.stats.delta_rebuilds)
         .sum();
     assert_eq!(rebuilt, 3, "each device on the base rebuilt the image once");
+    let power_losses = fleet.counters.power_losses.load(Ordering::Relaxed);
+    if power_loss_in_rebuild > 0.0 {
+        assert_eq!(power_losses, 3, "each rebuild was interrupted once");
+    } else {
+        assert_eq!(power_losses, 0);
+    }
     fleet.shutdown().await;
 }
