@@ -128,6 +128,7 @@ fn main() -> Result<()> {
         issued_at: now,
         roots: vec![v2.clone()],
         origin: None,
+        deltas: Vec::new(),
     };
     let status = |seq, state, reason| StatusReport {
         v: PROTOCOL_VERSION,

@@ -245,6 +245,7 @@ pub async fn forge_job(
         issued_at: aloft_e2e::now_secs(),
         roots,
         origin: None,
+        deltas: Vec::new(),
     };
     // The front's device road is where the orchestrator's jobs leave from.
     env.running

@@ -9,6 +9,7 @@ mod backup;
 mod bench;
 mod campaign;
 mod certs;
+mod delta;
 mod external;
 mod faults;
 mod fuzz_corpus;

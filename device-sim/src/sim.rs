@@ -345,6 +345,11 @@ impl Fleet {
             });
             let slow = chance(&mut plan, faults.slow_link_probability);
             let offline = chance(&mut plan, faults.offline_probability);
+            // Drawn last, so the streams of the older faults stay as they were.
+            let power_loss = power_loss.or_else(|| {
+                chance(&mut plan, faults.power_loss_in_rebuild_probability)
+                    .then_some(PowerLossAt::Rebuilding)
+            });
             if slow {
                 bump(&counters.slow_devices);
             }

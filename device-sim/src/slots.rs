@@ -57,6 +57,10 @@ pub struct SlotMeta {
     /// confirm costs one, and the bootloader gives up on the image after its boot limit.
     #[serde(default)]
     pub boot_attempts: u8,
+    /// SHA-256 of the image in the slot (lowercase hex), when known: what a delta's base must
+    /// match (1.5). Set when a verified image is installed, or at provisioning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_sha256: Option<String>,
 }
 
 impl SlotMeta {
@@ -66,6 +70,7 @@ impl SlotMeta {
             version: None,
             security_version: SecurityVersion(0),
             boot_attempts: 0,
+            image_sha256: None,
         }
     }
 }
@@ -90,6 +95,7 @@ impl SlotTable {
                     version: Some(version.to_owned()),
                     security_version,
                     boot_attempts: 0,
+                    image_sha256: None,
                 },
                 SlotMeta::empty(),
             ],
@@ -135,8 +141,22 @@ impl SlotTable {
             version: Some(version.to_owned()),
             security_version,
             boot_attempts: 0,
+            image_sha256: None,
         };
         self.boot = update;
+    }
+
+    /// Records the SHA-256 of the image just installed in the update slot (after
+    /// [`install_update`](Self::install_update)).
+    pub fn set_update_image_sha256(&mut self, sha256: &str) {
+        let update = self.update_slot();
+        self.slots[update.index()].image_sha256 = Some(sha256.to_owned());
+    }
+
+    /// Records the SHA-256 of the factory image in the running slot (provisioning).
+    pub fn set_running_image_sha256(&mut self, sha256: &str) {
+        let running = self.running_slot();
+        self.slots[running.index()].image_sha256 = Some(sha256.to_owned());
     }
 
     /// A reset: the boot slot becomes the running slot. The previous one stays as the fallback.

@@ -102,8 +102,22 @@ pub struct CampaignProgress {
     pub phase: DeviceState,
     /// The `seq` of this campaign's next report.
     pub next_seq: u32,
-    /// Chunks verified and written to the update slot.
+    /// Chunks verified and written to the update slot (of the delta's patch while `delta` is
+    /// set, else of the image).
     pub written: ChunkBitmap,
+    /// (1.5) The delta being downloaded or rebuilt instead of the full image, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaProgress>,
+}
+
+/// (1.5) A campaign taking a delta: which of the job's offers, and whether the rebuild has
+/// begun (from then on the patch in the update slot is being overwritten, so a power loss
+/// falls back to the full image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaProgress {
+    /// Index into the job's `deltas`.
+    pub offer: usize,
+    pub rebuilding: bool,
 }
 
 /// A campaign the device is done with, and the report that closed it.

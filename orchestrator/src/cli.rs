@@ -292,6 +292,14 @@ pub enum ReleaseCommand {
         /// last. Default: the build time in Unix milliseconds.
         #[arg(long)]
         sequence: Option<u64>,
+        /// (1.5) Also build a delta from this base image to `--image`, as a bundle of its own
+        /// in `<out-dir>/delta-from-<base-version>` (`release upload` sends it too). Devices
+        /// running the base download the delta; others the full image.
+        #[arg(long, requires = "base_version")]
+        base: Option<PathBuf>,
+        /// The firmware version of `--base`.
+        #[arg(long, requires = "base")]
+        base_version: Option<String>,
         #[command(flatten)]
         unlock: UnlockArgs,
     },
@@ -803,6 +811,8 @@ async fn release(c: ReleaseCommand) -> Result<()> {
             chunk_bytes,
             expires_days,
             sequence,
+            base,
+            base_version,
             unlock,
         } => {
             let key = read_signing_key(&key, &unlock.obtain("the release key")?)?;
@@ -819,6 +829,24 @@ async fn release(c: ReleaseCommand) -> Result<()> {
             };
             let a = build_bundle(&image, &meta, &key, &out_dir)?;
             println!("built and signed {a} into {}", out_dir.display());
+            if let (Some(base), Some(base_version)) = (base, base_version) {
+                let d = crate::ops::build_delta_bundle(
+                    &base,
+                    &base_version,
+                    &image,
+                    &meta,
+                    &key,
+                    &out_dir,
+                )?;
+                let full = std::fs::metadata(&image)?.len().max(1);
+                println!(
+                    "built and signed the delta {} from {base_version} into {} ({} bytes, {:.1}% of the image)",
+                    d.artifact,
+                    crate::ops::delta_bundle_dir(&out_dir, &base_version).display(),
+                    d.image_size,
+                    100.0 * d.image_size as f64 / full as f64
+                );
+            }
         }
         ReleaseCommand::Resign {
             bundle,
@@ -876,6 +904,10 @@ async fn release(c: ReleaseCommand) -> Result<()> {
             let client = AdminClient::connect(&conn.profile, &conn.server).await?;
             let a = upload_bundle(&client, &bundle, true).await?;
             println!("uploaded {a}; the orchestrator verified its signature");
+            for delta in crate::ops::delta_bundles(&bundle) {
+                let d = upload_bundle(&client, &delta, true).await?;
+                println!("uploaded the delta {d}; campaigns of {a} offer it");
+            }
             client.disconnect().await;
         }
         ReleaseCommand::List { json, conn } => {

@@ -22,6 +22,8 @@ pub struct Metrics {
     illegal_transitions: IntCounter,
     rejected_messages: IntCounterVec,
     failures: IntCounterVec,
+    /// (1.5) Members by the artifact they first downloaded, or that fell back from a delta.
+    delivery_paths: IntCounterVec,
     chunks_served: IntCounter,
     chunk_bytes_served: IntCounter,
     store_flush_seconds: Histogram,
@@ -93,6 +95,14 @@ impl Metrics {
                 "Failed or rolled-back devices by reason",
             ),
             &["reason"],
+        ));
+        let delivery_paths = must(IntCounterVec::new(
+            Opts::new(
+                "aloft_delivery_path_total",
+                "Campaign members by how they got the image: full, delta, or delta_then_full \
+                 (a fallback decided on the device)",
+            ),
+            &["path"],
         ));
         let chunks_served = must(IntCounter::new(
             "aloft_chunks_served_total",
@@ -226,6 +236,7 @@ impl Metrics {
             Box::new(illegal_transitions.clone()),
             Box::new(rejected_messages.clone()),
             Box::new(failures.clone()),
+            Box::new(delivery_paths.clone()),
             Box::new(chunks_served.clone()),
             Box::new(chunk_bytes_served.clone()),
             Box::new(store_flush_seconds.clone()),
@@ -257,6 +268,7 @@ impl Metrics {
             illegal_transitions,
             rejected_messages,
             failures,
+            delivery_paths,
             chunks_served,
             chunk_bytes_served,
             store_flush_seconds,
@@ -419,6 +431,12 @@ impl Metrics {
 
     pub fn failure(&self, reason: &str) {
         self.failures.with_label_values(&[reason]).inc();
+    }
+
+    /// A member took (or switched to) a delivery path; `delta_then_full` is counted when a
+    /// member that took the delta falls back, so `delta` minus it is who stayed on the delta.
+    pub fn delivery_path(&self, path: &str) {
+        self.delivery_paths.with_label_values(&[path]).inc();
     }
 
     pub fn chunk_served(&self, bytes: usize) {

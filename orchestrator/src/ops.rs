@@ -306,6 +306,73 @@ pub fn build_bundle(
     Ok(write_bundle(&mut file, size, meta, key, out_dir)?.artifact)
 }
 
+/// (1.5) The folder under a release bundle that holds its delta from base `base_version`:
+/// `release upload` uploads it after the full image.
+pub fn delta_bundle_dir(out_dir: &Path, base_version: &str) -> std::path::PathBuf {
+    out_dir.join(format!("delta-from-{base_version}"))
+}
+
+/// (1.5) Builds the delta from the image `base` (firmware `base_version`) to `image` as a
+/// release bundle of its own in [`delta_bundle_dir`], its artifact `<artifact>-from-<base>`.
+/// Both images are read whole: this runs on the operator's machine. Returns the delta's
+/// manifest.
+pub fn build_delta_bundle(
+    base: &Path,
+    base_version: &str,
+    image: &Path,
+    meta: &ReleaseMeta,
+    key: &ReleaseSigningKey,
+    out_dir: &Path,
+) -> Result<Manifest> {
+    let base_bytes = std::fs::read(base).with_context(|| format!("reading {}", base.display()))?;
+    let target = std::fs::read(image).with_context(|| format!("reading {}", image.display()))?;
+    let mut delta_meta = meta.clone();
+    delta_meta.artifact = ArtifactId::new(format!("{}-from-{base_version}", meta.artifact))
+        .context("the delta's artifact id (<artifact>-from-<base version>)")?;
+    let dir = delta_bundle_dir(out_dir, base_version);
+    std::fs::create_dir_all(&dir)?;
+    let chunks_path = dir.join(bundle::CHUNKS);
+    let mut chunks = std::io::BufWriter::new(
+        std::fs::File::create(&chunks_path)
+            .with_context(|| format!("creating {}", chunks_path.display()))?,
+    );
+    let built = aloft_proto::release::build_delta_release(
+        &base_bytes,
+        base_version,
+        &target,
+        &delta_meta,
+        key,
+        |_, sealed| chunks.write_all(&sealed),
+    )?;
+    chunks.flush()?;
+    std::fs::write(
+        dir.join(bundle::MANIFEST),
+        serde_json::to_vec_pretty(&built.signed)?,
+    )?;
+    let key_path = dir.join(bundle::CONTENT_KEY);
+    let _ = std::fs::remove_file(&key_path);
+    write_new(
+        &key_path,
+        hex::encode(built.content_key.as_bytes()).as_bytes(),
+        true,
+    )?;
+    Ok(built.manifest)
+}
+
+/// (1.5) The delta bundles built beside a release bundle, in name order.
+pub fn delta_bundles(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("delta-from-"))
+        .map(|e| e.path())
+        .filter(|p| p.join(bundle::MANIFEST).is_file())
+        .collect();
+    found.sort();
+    found
+}
+
 /// What `release resign` changes; everything else (image, hardware model, chunk size) is the
 /// old release's.
 #[derive(Debug, Clone)]

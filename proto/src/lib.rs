@@ -5,6 +5,7 @@
 
 pub mod chunkframe;
 pub mod crypto;
+pub mod delta;
 pub mod ids;
 pub mod manifest;
 pub mod messages;

@@ -11,6 +11,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::{self, CryptoError, TAG_LEN};
+use crate::delta::DeltaOf;
 use crate::ids::{ArtifactId, SecurityVersion};
 
 /// Manifest format version this crate reads and writes.
@@ -80,6 +81,11 @@ pub struct Manifest {
     /// manifests built before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequence: Option<u64>,
+    /// (1.5) Present on a delta release only: this manifest's "image" is a patch that rebuilds
+    /// the named target from the named base ([`crate::delta`]). A full image never carries it,
+    /// so a 1.4 device never sees the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaOf>,
 }
 
 impl Manifest {
@@ -118,6 +124,20 @@ impl Manifest {
         }
         if self.expires_at <= self.created_at {
             return Err(Inconsistent("expires_at is not after created_at"));
+        }
+        if let Some(d) = &self.delta {
+            if decode_digest_hex(&d.base_sha256).is_none()
+                || decode_digest_hex(&d.target_sha256).is_none()
+            {
+                return Err(Inconsistent("delta digests are not 64 hex digits"));
+            }
+            if d.base_version.is_empty() || d.base_version.len() > MAX_LABEL_LEN {
+                return Err(Inconsistent("delta base_version must be 1 to 64 bytes"));
+            }
+            let bound = crate::delta::MAX_DELTA_IMAGE_BYTES;
+            if d.target_size == 0 || d.target_size > bound || d.base_size > bound {
+                return Err(Inconsistent("delta target_size out of range"));
+            }
         }
         Ok(())
     }
@@ -160,6 +180,17 @@ impl Manifest {
 
     pub fn image_digest(&self) -> Option<[u8; 32]> {
         decode_digest_hex(&self.image_sha256)
+    }
+
+    /// (1.5) Whether this is a delta release whose patch rebuilds `full`'s image (same model,
+    /// security version and target digest and size).
+    pub fn is_delta_for(&self, full: &Manifest) -> bool {
+        self.delta.as_ref().is_some_and(|d| {
+            d.target_sha256 == full.image_sha256
+                && d.target_size == full.image_size
+                && self.hardware_model == full.hardware_model
+                && self.security_version == full.security_version
+        })
     }
 }
 
@@ -454,6 +485,7 @@ pub(crate) mod tests {
             created_at: 100,
             expires_at: 200,
             sequence: None,
+            delta: None,
         }
     }
 

@@ -122,6 +122,24 @@ pub struct Job {
     /// requests. Absent unless the campaign names one; a 1.4 device refuses a job carrying it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// (1.5) Delta releases that rebuild `manifest`'s image from a known base, at most
+    /// [`MAX_DELTAS_PER_JOB`]; absent when empty, so a job without them is byte-for-byte a 1.4
+    /// job. A device may take the one whose base it runs, or ignore them all and download the
+    /// full image, which the job always offers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<DeltaOffer>,
+}
+
+/// Most delta offers one job may carry.
+pub const MAX_DELTAS_PER_JOB: usize = 4;
+
+/// (1.5) One delta a job offers: the delta release's signed manifest and its content key,
+/// wrapped for this device and the delta's artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaOffer {
+    pub manifest: SignedManifest,
+    pub wrapped_key: WrappedKey,
 }
 
 impl Message for Job {
@@ -136,6 +154,9 @@ impl Message for Job {
         if let Some(origin) = &self.origin {
             crate::origin::validate_origin(origin)
                 .map_err(|_| DecodeError::Invalid("origin is not a valid https URL"))?;
+        }
+        if self.deltas.len() > MAX_DELTAS_PER_JOB {
+            return Err(DecodeError::Invalid("too many deltas"));
         }
         Ok(())
     }

@@ -9,6 +9,7 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 
 use crate::crypto::{seal_chunk, sha256, ContentKey, CryptoError};
+use crate::delta::{make_patch, DeltaError, DeltaOf};
 use crate::ids::{ArtifactId, SecurityVersion};
 use crate::manifest::{
     Manifest, ManifestError, ReleaseSigningKey, SignedManifest, MANIFEST_VERSION, MAX_CHUNKS,
@@ -43,6 +44,8 @@ pub enum ReleaseError {
     Crypto(#[from] CryptoError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Delta(#[from] DeltaError),
 }
 
 /// A built release: the signed manifest and the content key the orchestrator wraps per device.
@@ -58,6 +61,47 @@ pub fn build_release(
     image: &mut dyn Read,
     image_size: u64,
     meta: &ReleaseMeta,
+    key: &ReleaseSigningKey,
+    sink: impl FnMut(u32, Vec<u8>) -> Result<(), std::io::Error>,
+) -> Result<BuiltRelease, ReleaseError> {
+    build(image, image_size, meta, None, key, sink)
+}
+
+/// (1.5) Builds a delta release: the patch from `base` to `target` ([`crate::delta`]), chunked,
+/// sealed and signed like an image, its manifest naming the base (`base_version`, SHA-256) and
+/// the target's SHA-256 and size. `meta` is the delta's own (its artifact id differs from the
+/// full release's; version, security version and model are the target's).
+pub fn build_delta_release(
+    base: &[u8],
+    base_version: &str,
+    target: &[u8],
+    meta: &ReleaseMeta,
+    key: &ReleaseSigningKey,
+    sink: impl FnMut(u32, Vec<u8>) -> Result<(), std::io::Error>,
+) -> Result<BuiltRelease, ReleaseError> {
+    let patch = make_patch(base, target)?;
+    let of = DeltaOf {
+        base_sha256: hex::encode(sha256(base)),
+        base_version: base_version.to_owned(),
+        base_size: base.len() as u64,
+        target_sha256: hex::encode(sha256(target)),
+        target_size: target.len() as u64,
+    };
+    build(
+        &mut patch.as_slice(),
+        patch.len() as u64,
+        meta,
+        Some(of),
+        key,
+        sink,
+    )
+}
+
+fn build(
+    image: &mut dyn Read,
+    image_size: u64,
+    meta: &ReleaseMeta,
+    delta: Option<DeltaOf>,
     key: &ReleaseSigningKey,
     mut sink: impl FnMut(u32, Vec<u8>) -> Result<(), std::io::Error>,
 ) -> Result<BuiltRelease, ReleaseError> {
@@ -98,6 +142,7 @@ pub fn build_release(
         created_at: meta.created_at,
         expires_at: meta.expires_at,
         sequence: meta.sequence,
+        delta,
     };
     manifest.validate()?;
     let signed = SignedManifest::sign(&manifest, key);

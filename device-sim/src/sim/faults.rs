@@ -51,6 +51,11 @@ pub struct Faults {
     /// keeps the confirmed image and reports `healthy: false` in its heartbeats.
     pub unhealthy_after_confirm_probability: f64,
     pub unhealthy_after_ms: u64,
+    /// (1.5) A device that takes a delta loses power once with this probability, when its
+    /// rebuild is about to begin (the record says so); it resumes the rebuild from the intact
+    /// patch. A rebuild torn halfway falls back to the full image (`update::delta_tests`).
+    /// Ignored for a device whose `power_loss_probability` already drew a power loss.
+    pub power_loss_in_rebuild_probability: f64,
 }
 
 impl Default for Faults {
@@ -69,6 +74,7 @@ impl Default for Faults {
             offline_ms: 10_000,
             unhealthy_after_confirm_probability: 0.0,
             unhealthy_after_ms: 3_000,
+            power_loss_in_rebuild_probability: 0.0,
         }
     }
 }
@@ -87,6 +93,10 @@ impl Faults {
             ("power_loss_probability", self.power_loss_probability),
             ("slow_link_probability", self.slow_link_probability),
             ("offline_probability", self.offline_probability),
+            (
+                "power_loss_in_rebuild_probability",
+                self.power_loss_in_rebuild_probability,
+            ),
             (
                 "unhealthy_after_confirm_probability",
                 self.unhealthy_after_confirm_probability,
@@ -130,6 +140,8 @@ pub(super) enum PowerLossAt {
     Installing,
     /// Booted into the new image, before it confirmed.
     BeforeConfirm,
+    /// (1.5) The delta's patch is verified and the rebuild marked begun.
+    Rebuilding,
 }
 
 /// The transport hooks of one device; they outlive its power cycles.
@@ -188,6 +200,7 @@ impl SimHooks {
                 ) && slots.running_slot() != slots.boot_slot()
             }
             PowerLossAt::BeforeConfirm => cur.phase == DeviceState::Verifying,
+            PowerLossAt::Rebuilding => cur.delta.is_some_and(|d| d.rebuilding),
         }
     }
 }

@@ -67,6 +67,111 @@ impl UpdateAgent {
         self.stats.heartbeats_sent += 1;
     }
 
+    /// (1.5) The patch of a delta is all written: check it, mark the rebuild begun (saved
+    /// before the slot is overwritten), then rebuild the image over it. Returns true when the
+    /// session now holds the full image (rebuilt, or a fresh download after a fallback) and
+    /// `advance` should go on, false to wait for the next input (the record must be saved).
+    fn advance_delta(&mut self, flash: &mut dyn Flash) -> bool {
+        let (Some(cur), Some(session)) = (&mut self.record.current, &mut self.session) else {
+            return false;
+        };
+        let Some(mut progress) = cur.delta else {
+            return false;
+        };
+        let update = self.record.slots.update_slot();
+        let running = self.record.slots.running_slot();
+        // An intact patch is one whose signed digest still matches: after a power loss in the
+        // rebuild it is not, and the device falls back instead of rebuilding from a torn patch.
+        let intact = download::verify_image(flash, update, &session.manifest);
+        flash.release();
+        if !matches!(intact, Ok(true)) {
+            let why = if progress.rebuilding {
+                "the patch was overwritten by an interrupted rebuild"
+            } else {
+                "the patch does not match its digest"
+            };
+            return self.fall_back_to_full(why, flash);
+        }
+        if !progress.rebuilding {
+            progress.rebuilding = true;
+            cur.delta = Some(progress);
+            self.dirty(Persist::Now);
+            return false;
+        }
+        let full = match &self.trust {
+            Ok(trust) => verify_signature(trust, &cur.job.manifest),
+            Err(e) => Err(Refusal::new(Reason::UntrustedRoot, e)),
+        };
+        let full = match full {
+            Ok(m) => m,
+            Err(r) => {
+                self.fail(r.reason, Some(r.detail));
+                return true;
+            }
+        };
+        let rebuilt = delta::rebuild(flash, running, update, &session.manifest, &full);
+        flash.release();
+        match rebuilt {
+            Ok(_) => {
+                info!(device = %self.cfg.device, campaign = %cur.campaign, "image rebuilt from the delta");
+                self.stats.delta_rebuilds += 1;
+                let mut written = ChunkBitmap::new(full.chunk_count);
+                for i in 0..full.chunk_count {
+                    written.set(i);
+                }
+                cur.written = written;
+                cur.delta = None;
+                let enabled = session.requests_enabled;
+                let mut next = Session::new(full, None, self.cfg.chunk_timeout_ms);
+                next.requests_enabled = enabled;
+                self.session = Some(next);
+                self.dirty(Persist::Now);
+                true
+            }
+            Err(why) => self.fall_back_to_full(&why, flash),
+        }
+    }
+
+    /// (1.5) Gives up a delta for the full image of the same campaign, which the job always
+    /// offers: no report (the device is still `downloading`), a fresh download into the
+    /// update slot, the running slot untouched.
+    pub(super) fn fall_back_to_full(&mut self, why: &str, flash: &mut dyn Flash) -> bool {
+        warn!(device = %self.cfg.device, why, "delta abandoned; downloading the full image");
+        self.stats.delta_fallbacks += 1;
+        let Some(cur) = &mut self.record.current else {
+            return false;
+        };
+        cur.delta = None;
+        let checked = match &self.trust {
+            Ok(trust) => verify_signature(trust, &cur.job.manifest).and_then(|m| {
+                unwrap_key(&self.key, &self.cfg.device, &cur.job, &m).map(|k| (m, k))
+            }),
+            Err(e) => Err(Refusal::new(Reason::UntrustedRoot, e)),
+        };
+        let (manifest, key) = match checked {
+            Ok(x) => x,
+            Err(r) => {
+                self.fail(r.reason, Some(r.detail));
+                return true;
+            }
+        };
+        cur.written = ChunkBitmap::new(manifest.chunk_count);
+        self.record.slots.invalidate_update_slot();
+        let update = self.record.slots.update_slot();
+        let prepared = flash.begin_update(update, manifest.image_size);
+        flash.release();
+        if let Err(e) = prepared {
+            self.fail(Reason::InstallFailed, Some(e.to_string()));
+            return true;
+        }
+        let enabled = self.session.as_ref().is_some_and(|s| s.requests_enabled);
+        let mut next = Session::new(manifest, Some(key), self.cfg.chunk_timeout_ms);
+        next.requests_enabled = enabled;
+        self.session = Some(next);
+        self.dirty(Persist::Now);
+        false
+    }
+
     /// Runs the phases after the download; each appends its report to the outbox.
     pub(super) fn advance(&mut self, now: u64, flash: &mut dyn Flash) {
         loop {
@@ -87,6 +192,12 @@ impl UpdateAgent {
                     if !complete {
                         return;
                     }
+                    if session.manifest.delta.is_some() {
+                        if self.advance_delta(flash) {
+                            continue;
+                        }
+                        return;
+                    }
                     session.drop_key();
                     let verified = download::verify_image(flash, update, &session.manifest);
                     flash.release();
@@ -101,7 +212,9 @@ impl UpdateAgent {
                 }
                 DeviceState::Downloaded => match flash.set_boot_slot(update) {
                     Ok(()) => {
+                        let sha = session.manifest.image_sha256.clone();
                         self.record.slots.install_update(&version, security_version);
+                        self.record.slots.set_update_image_sha256(&sha);
                         self.enter(DeviceState::Installing);
                     }
                     Err(e) => self.fail(Reason::InstallFailed, Some(e.to_string())),

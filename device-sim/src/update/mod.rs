@@ -23,6 +23,9 @@
 //! revoked without touching the device (PROTOCOL.md §9.2).
 
 mod checks;
+mod delta;
+#[cfg(test)]
+mod delta_tests;
 mod download;
 mod install;
 mod origin;
@@ -46,8 +49,9 @@ use aloft_proto::{CampaignId, DeviceId, DeviceState, Reason};
 use tracing::{debug, info, warn};
 
 use crate::slots::{Flash, PowerOn, SlotState};
-use crate::store::{CampaignProgress, ChunkBitmap, DeviceRecord, FinishedCampaign};
+use crate::store::{CampaignProgress, ChunkBitmap, DeltaProgress, DeviceRecord, FinishedCampaign};
 use checks::{clip, peek_refusal, unwrap_key, verify_job, verify_signature, walk_roots, Refusal};
+pub use delta::RebuildStats;
 use download::{ChunkOutcome, Session};
 pub use origin::{OriginFailure, OriginFetch};
 
@@ -283,6 +287,11 @@ pub struct AgentStats {
     pub origin_failed: u64,
     /// Downloads that gave their origin up after too many failures in a row.
     pub origin_abandoned: u64,
+    /// (1.5) Images rebuilt from a delta and matching their signed target.
+    pub delta_rebuilds: u64,
+    /// (1.5) Deltas abandoned for the full image (a bad patch, a failed rebuild, or a power
+    /// loss that interrupted one).
+    pub delta_fallbacks: u64,
 }
 
 impl AgentStats {
@@ -301,6 +310,8 @@ impl AgentStats {
             origin_refused: self.origin_refused + o.origin_refused,
             origin_failed: self.origin_failed + o.origin_failed,
             origin_abandoned: self.origin_abandoned + o.origin_abandoned,
+            delta_rebuilds: self.delta_rebuilds + o.delta_rebuilds,
+            delta_fallbacks: self.delta_fallbacks + o.delta_fallbacks,
         }
     }
 }
@@ -543,6 +554,40 @@ impl UpdateAgent {
         } else {
             None
         };
+        // A delta in progress resumes with the delta's manifest and key; one that no longer
+        // checks out (or whose key does not unwrap) gives way to the full image.
+        let resumed = match (&self.trust, cur.delta, downloading) {
+            (Ok(trust), Some(d), true) => cur.job.deltas.get(d.offer).and_then(|o| {
+                let m = verify_signature(trust, &o.manifest).ok()?;
+                let k = aloft_proto::crypto::unwrap_content_key(
+                    &self.key,
+                    &self.cfg.device,
+                    &m.artifact,
+                    &o.wrapped_key,
+                )
+                .ok()?;
+                m.is_delta_for(&manifest).then_some((m, k))
+            }),
+            _ => None,
+        };
+        let full_image = manifest.image_size;
+        let (manifest, key) = match resumed {
+            Some((m, k)) => (m, Some(k)),
+            None => {
+                if let Some(cur) = &mut self.record.current {
+                    if cur.delta.take().is_some() {
+                        warn!(device = %self.cfg.device, "stored delta no longer checks out; downloading the full image");
+                        cur.written = ChunkBitmap::new(manifest.chunk_count);
+                        self.stats.delta_fallbacks += 1;
+                    }
+                }
+                (manifest, key)
+            }
+        };
+        let cur = match &self.record.current {
+            Some(c) => c,
+            None => return,
+        };
         let mut session = Session::new(manifest, key, self.cfg.chunk_timeout_ms);
         session.origin = self.origin_plan(&cur.job);
         // If the downloading report is no longer queued, it was published (and acknowledged).
@@ -557,7 +602,7 @@ impl UpdateAgent {
                 warn!(device = %self.cfg.device, "stored chunk bitmap is inconsistent; downloading again");
                 cur.written = ChunkBitmap::new(count);
                 let slot = self.record.slots.update_slot();
-                if let Err(e) = flash.begin_update(slot, session.manifest.image_size) {
+                if let Err(e) = flash.begin_update(slot, full_image) {
                     return self.fail(Reason::InstallFailed, Some(e.to_string()));
                 }
             }
@@ -717,6 +762,17 @@ impl UpdateAgent {
         // The manifest is signed time: once it is accepted the device's time never falls back
         // behind it.
         self.record.time_floor = self.record.time_floor.max(manifest.created_at);
+        let chosen = match &self.trust {
+            Ok(trust) => delta::choose(
+                trust,
+                &job,
+                &manifest,
+                self.record.slots.running_meta().image_sha256.as_deref(),
+                &self.key,
+                &self.cfg.device,
+            ),
+            Err(_) => None,
+        };
         if let Some((cur, _)) = current {
             info!(device = %self.cfg.device, %campaign, replaced = %cur, "new job replaces the current download");
             self.finish(
@@ -725,7 +781,7 @@ impl UpdateAgent {
                 Some(format!("replaced by campaign {campaign}")),
             );
         }
-        self.start(job, manifest, key, flash);
+        self.start(job, manifest, key, chosen, flash);
     }
 
     /// Keeps a root that a job's chain walked forward to. It is saved even if that job is then
@@ -768,19 +824,40 @@ impl UpdateAgent {
     }
 
     /// Accepts a verified job: prepares the update slot and reports `downloading`.
-    fn start(&mut self, job: Job, manifest: Manifest, key: ContentKey, flash: &mut dyn Flash) {
+    fn start(
+        &mut self,
+        job: Job,
+        manifest: Manifest,
+        key: ContentKey,
+        chosen: Option<delta::Chosen>,
+        flash: &mut dyn Flash,
+    ) {
         let campaign = job.campaign.clone();
-        info!(device = %self.cfg.device, %campaign, artifact = %manifest.artifact, version = %manifest.version, "job accepted");
+        info!(device = %self.cfg.device, %campaign, artifact = %manifest.artifact, version = %manifest.version, delta = chosen.is_some(), "job accepted");
         self.record.slots.invalidate_update_slot();
+        let image_size = manifest.image_size;
+        // With a delta, the download is the patch's: its manifest and key drive the session.
+        let (delta, manifest, key) = match chosen {
+            Some(c) => (
+                Some(DeltaProgress {
+                    offer: c.offer,
+                    rebuilding: false,
+                }),
+                c.manifest,
+                c.key,
+            ),
+            None => (None, manifest, key),
+        };
         self.record.current = Some(CampaignProgress {
             campaign,
             job,
             phase: DeviceState::Downloading,
             next_seq: 1,
             written: ChunkBitmap::new(manifest.chunk_count),
+            delta,
         });
         let slot = self.record.slots.update_slot();
-        let prepared = flash.begin_update(slot, manifest.image_size);
+        let prepared = flash.begin_update(slot, image_size);
         // The first chunk may be a while away (the orchestrator paces the fleet).
         flash.release();
         if let Err(e) = prepared {

@@ -221,6 +221,7 @@ impl Fixture {
             issued_at: T0 / 1000,
             roots: roots.to_vec(),
             origin: None,
+            deltas: Vec::new(),
         })
     }
 

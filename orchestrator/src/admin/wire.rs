@@ -245,6 +245,10 @@ pub struct CampaignSummary {
     pub unhealthy: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolls_back: Option<CampaignId>,
+    /// (1.5) Members by delivery path (`full`, `delta`, `delta_then_full`) since this
+    /// orchestrator started; absent when no member asked for chunks.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub paths: BTreeMap<String, u32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<DeviceSummary>,
 }

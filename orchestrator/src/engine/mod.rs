@@ -20,7 +20,7 @@ use aloft_certs::revocation::{write_file_atomically, VerifiedCrl};
 use aloft_certs::PkiError;
 use aloft_proto::chunkframe::{self, ChunkErrorCode};
 use aloft_proto::crypto;
-use aloft_proto::messages::{self, Job, PROTOCOL_VERSION};
+use aloft_proto::messages::{self, DeltaOffer, Job, PROTOCOL_VERSION};
 use aloft_proto::trust::SignedRoot;
 use aloft_proto::{topics, ArtifactId, DeviceId, OperatorId};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -669,6 +669,18 @@ fn job_payload(order: &JobOrder) -> Result<Vec<u8>, crypto::CryptoError> {
     let t = &order.template;
     let wrapped =
         crypto::wrap_content_key(&order.x25519_public, &order.device, &t.artifact, &t.key)?;
+    let mut deltas = Vec::with_capacity(t.deltas.len());
+    for d in &t.deltas {
+        deltas.push(DeltaOffer {
+            manifest: d.signed.clone(),
+            wrapped_key: crypto::wrap_content_key(
+                &order.x25519_public,
+                &order.device,
+                &d.artifact,
+                &d.key,
+            )?,
+        });
+    }
     let job = Job {
         v: PROTOCOL_VERSION,
         campaign: t.campaign.clone(),
@@ -677,6 +689,7 @@ fn job_payload(order: &JobOrder) -> Result<Vec<u8>, crypto::CryptoError> {
         issued_at: order.issued_at_ms / 1000,
         roots: order.roots.to_vec(),
         origin: t.origin.clone(),
+        deltas,
     };
     Ok(messages::encode(&job))
 }

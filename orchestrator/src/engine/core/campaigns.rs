@@ -127,7 +127,8 @@ impl Core {
             self.put_progress(&id, d, &p);
             progress.insert(d.clone(), p);
         }
-        let live = LiveCampaign::new(record, &release, key, progress);
+        let deltas = self.deltas_for(&release.manifest);
+        let live = LiveCampaign::new(record, &release, key, progress, deltas);
         let waves = live.rollout.waves().len();
         self.campaigns.insert(id.clone(), live);
         self.touched.insert(id.clone());
@@ -372,6 +373,7 @@ pub(super) fn summary(live: &LiveCampaign, with_devices: bool) -> CampaignSummar
             .collect(),
         unhealthy: live.progress.values().filter(|p| p.unhealthy).count() as u32,
         rolls_back: live.record.rolls_back.clone(),
+        paths: live.path_counts(),
         devices,
     }
 }

@@ -165,6 +165,36 @@ pub struct JobTemplate {
     pub key: ContentKey,
     /// (1.5) The campaign's download origin, if it names one.
     pub origin: Option<String>,
+    /// (1.5) Delta releases stored for this image, each offered beside it (PROTOCOL.md §5.10).
+    pub deltas: Vec<DeltaTemplate>,
+}
+
+/// (1.5) One delta release a campaign offers: its manifest, signed, and its content key.
+pub struct DeltaTemplate {
+    pub artifact: ArtifactId,
+    pub signed: SignedManifest,
+    pub key: ContentKey,
+    pub chunk_count: u32,
+}
+
+/// (1.5) How a member got its image: which artifact its chunk requests named. A member that
+/// asked for the delta and then for the full image fell back (another base, or a failed
+/// rebuild, decided on the device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DeliveryPath {
+    Full,
+    Delta,
+    DeltaThenFull,
+}
+
+impl DeliveryPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryPath::Full => "full",
+            DeliveryPath::Delta => "delta",
+            DeliveryPath::DeltaThenFull => "delta_then_full",
+        }
+    }
 }
 
 /// One member's job, to be sealed for it (HPKE, off the engine task) and published retained.
@@ -322,6 +352,9 @@ struct LiveCampaign {
     counts: BTreeMap<DeviceState, u32>,
     /// Who is notified when; it sees every change of `progress`.
     rollout: Rollout,
+    /// (1.5) Which path each member that asked for chunks took. In memory only: a restart
+    /// forgets it (the campaign's outcome does not depend on it).
+    paths: HashMap<DeviceId, DeliveryPath>,
 }
 
 impl LiveCampaign {
@@ -330,6 +363,7 @@ impl LiveCampaign {
         release: &ReleaseRecord,
         key: ContentKey,
         progress: HashMap<DeviceId, Progress>,
+        deltas: Vec<DeltaTemplate>,
     ) -> Self {
         let mut counts = BTreeMap::new();
         for p in progress.values() {
@@ -361,6 +395,7 @@ impl LiveCampaign {
             signed: release.signed.clone(),
             key,
             origin: record.origin.clone(),
+            deltas,
         });
         LiveCampaign {
             record,
@@ -369,7 +404,47 @@ impl LiveCampaign {
             progress,
             counts,
             rollout,
+            paths: HashMap::new(),
         }
+    }
+
+    /// The chunk count of `artifact` if this campaign serves it: its image or one of its deltas.
+    fn serves(&self, artifact: &ArtifactId) -> Option<(u32, bool)> {
+        if &self.record.artifact == artifact {
+            return Some((self.manifest.chunk_count, false));
+        }
+        self.job
+            .deltas
+            .iter()
+            .find(|d| &d.artifact == artifact)
+            .map(|d| (d.chunk_count, true))
+    }
+
+    /// Notes which artifact a member asked for; returns the path if it changed.
+    fn note_path(&mut self, device: &DeviceId, delta: bool) -> Option<DeliveryPath> {
+        let old = self.paths.get(device).copied();
+        let new = match (old, delta) {
+            (None, false) => DeliveryPath::Full,
+            (None | Some(DeliveryPath::Delta), true) => DeliveryPath::Delta,
+            (Some(DeliveryPath::Delta | DeliveryPath::DeltaThenFull), false) => {
+                DeliveryPath::DeltaThenFull
+            }
+            (Some(p), _) => p,
+        };
+        if old == Some(new) {
+            return None;
+        }
+        self.paths.insert(device.clone(), new);
+        Some(new)
+    }
+
+    /// Members per delivery path.
+    fn path_counts(&self) -> BTreeMap<String, u32> {
+        let mut m = BTreeMap::new();
+        for p in self.paths.values() {
+            *m.entry(p.as_str().to_owned()).or_insert(0) += 1;
+        }
+        m
     }
 
     /// Records a member's new progress.
@@ -631,6 +706,30 @@ impl Core {
         });
     }
 
+    /// (1.5) Every complete delta release stored for `full`'s image that still verifies under
+    /// the newest root, at most the protocol's number per job (newest uploads first).
+    fn deltas_for(&self, full: &Manifest) -> Vec<DeltaTemplate> {
+        let mut found: Vec<&ReleaseRecord> = self
+            .releases
+            .values()
+            .filter(|r| r.complete && r.manifest.is_delta_for(full))
+            .filter(|r| self.trust.trusted.verify_manifest(&r.signed).is_ok())
+            .collect();
+        found.sort_by(|a, b| b.uploaded_ms.cmp(&a.uploaded_ms));
+        found
+            .into_iter()
+            .filter_map(|r| {
+                Some(DeltaTemplate {
+                    artifact: r.artifact.clone(),
+                    signed: r.signed.clone(),
+                    key: parse_key_hex(&r.content_key_hex)?,
+                    chunk_count: r.manifest.chunk_count,
+                })
+            })
+            .take(aloft_proto::messages::MAX_DELTAS_PER_JOB)
+            .collect()
+    }
+
     fn load_campaign(
         &self,
         record: CampaignRecord,
@@ -644,11 +743,13 @@ impl Core {
             warn!(artifact = %record.artifact, "stored content key is malformed; campaign skipped");
             return None;
         };
+        let deltas = self.deltas_for(&release.manifest);
         Some(LiveCampaign::new(
             record,
             release,
             key,
             progress.into_iter().collect(),
+            deltas,
         ))
     }
 
@@ -821,7 +922,8 @@ impl Core {
         if state.is_some() {
             live.rollout.touch(&device, now);
         }
-        if live.record.artifact != req.artifact || state.is_none() {
+        let served = live.serves(&req.artifact);
+        if served.is_none() || state.is_none() {
             self.metrics.rejected("chunk_request", "unknown_artifact");
             self.chunk_error(
                 &device,
@@ -862,8 +964,13 @@ impl Core {
             }
             return;
         }
-        let count = live.manifest.chunk_count;
-        let artifact = live.record.artifact.clone();
+        let Some((count, is_delta)) = served else {
+            return;
+        };
+        let artifact = req.artifact.clone();
+        if let Some(path) = live.note_path(&device, is_delta) {
+            self.metrics.delivery_path(path.as_str());
+        }
         if let Err(wait_ms) = self.slots.admit(&device, now) {
             self.metrics.rejected("chunk_request", "busy");
             let frame = chunkframe::encode_busy(&artifact, first, wait_ms);
