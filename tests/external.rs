@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use aloft_certs::{FleetCa, Validity};
+use aloft_certs::{FleetCa, OperatorRole, Validity};
 use aloft_proto::{topics, OperatorId};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
@@ -95,7 +95,7 @@ async fn mosquitto_with_the_generated_config_refuses_every_attack_and_a_valid_up
     let none = aloft_certs::tls::client_config_without_cert(ca).unwrap();
     assert!(!connects(addr, none, "dev-0000").await, "no certificate");
     let other = FleetCa::create("Other CA", 1).unwrap();
-    let foreign = other.issue_operator(&ops, Validity::days(1)).unwrap();
+    let foreign = other.issue_operator(&ops, OperatorRole::Operator, Validity::days(1)).unwrap();
     let tls = aloft_certs::tls::client_config(ca, &foreign.cert_pem, &foreign.key_pem).unwrap();
     assert!(!connects(addr, tls, "ops").await, "another CA");
     let now = time::OffsetDateTime::now_utc();
@@ -104,6 +104,7 @@ async fn mosquitto_with_the_generated_config_refuses_every_attack_and_a_valid_up
         .ca
         .issue_operator(
             &ops,
+            OperatorRole::Operator,
             Validity {
                 not_before: now - time::Duration::days(3),
                 not_after: now - time::Duration::days(1),

@@ -22,6 +22,7 @@ fn cli_profile(env: &Env) -> std::path::PathBuf {
         aloft_orchestrator::ops::issue_operator_profile(
             &env.lab.ca,
             &OperatorId::new("cli").unwrap(),
+            aloft_certs::OperatorRole::Operator,
             &dir,
             30,
         )

@@ -100,6 +100,7 @@ async fn devices_fetch_every_chunk_from_nginx_and_none_from_the_orchestrator() {
     ops::issue_operator_profile(
         &env.lab.ca,
         &aloft_proto::OperatorId::new("ops2").unwrap(),
+        aloft_certs::OperatorRole::Operator,
         &profile,
         1,
     )

@@ -98,6 +98,7 @@ fn job(fx: &Fixture, full: &TestRelease, deltas: &[&TestRelease]) -> Vec<u8> {
         wrapped_key: wrap(full),
         issued_at: T0 / 1000,
         roots: Vec::new(),
+        origin: None,
         deltas: deltas
             .iter()
             .map(|d| DeltaOffer {

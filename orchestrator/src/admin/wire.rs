@@ -317,7 +317,7 @@ impl AdminBody {
             AdminBody::TrustUpdate { .. } => "trust_update",
             AdminBody::TrustStatus {} => "trust_status",
             AdminBody::DeviceRegister { .. } => "device_register",
-            AdminBody::DeviceList {} => "device_list",
+            AdminBody::DeviceList { .. } => "device_list",
             AdminBody::DeviceCount {} => "device_count",
             AdminBody::CrlUpdate { .. } => "crl_update",
             AdminBody::DeviceRenewAllow { .. } => "device_renew_allow",
@@ -342,7 +342,7 @@ impl AdminBody {
         match self {
             AdminBody::ReleaseList {}
             | AdminBody::TrustStatus {}
-            | AdminBody::DeviceList {}
+            | AdminBody::DeviceList { .. }
             | AdminBody::DeviceCount {}
             | AdminBody::CampaignStatus { .. }
             | AdminBody::CampaignList {}
