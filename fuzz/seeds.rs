@@ -165,6 +165,7 @@ fn main() -> Result<()> {
         v: PROTOCOL_VERSION,
         id: id.into(),
         body,
+        auth: None,
     };
     let admins = [
         admin(

@@ -149,18 +149,27 @@ async fn a_redelivered_campaign_create_creates_one_campaign() {
     )
     .unwrap();
     let (client, mut el) = crate::common::operator_client(env.running.device_addr, &profile).await;
+    // Signed, as the CLI signs: the role comes with the request, whatever became of the
+    // session by the time the engine reads it.
+    let signer = aloft_orchestrator::admin::auth::RequestSigner::from_profile(&profile).unwrap();
+    let body = AdminBody::CampaignCreate {
+        artifact,
+        target: Target::All,
+        include: Vec::new(),
+        exclude: Vec::new(),
+        policy: Default::default(),
+        dry_run: false,
+        origin: None,
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     let request = AdminRequest {
         v: 1,
         id: "create-once".into(),
-        body: AdminBody::CampaignCreate {
-            artifact,
-            target: Target::All,
-            include: Vec::new(),
-            exclude: Vec::new(),
-            policy: Default::default(),
-            dry_run: false,
-            origin: None,
-        },
+        auth: Some(signer.sign("create-once", &body, now_ms).unwrap()),
+        body,
     };
     let topic = aloft_proto::topics::admin_request(&op, "request");
     for _ in 0..2 {

@@ -48,6 +48,8 @@ pub enum PkiError {
     PemMalformed { what: &'static str, reason: String },
     #[error("certificate is not valid x.509: {0}")]
     CertificateParse(String),
+    #[error("bad signature: {0}")]
+    BadSignature(&'static str),
     #[error("certificate signing request is not valid: {0}")]
     CsrParse(String),
     #[error("certificate signing request signature does not verify")]

@@ -16,6 +16,7 @@ mod pem;
 mod profile;
 pub mod renewal;
 pub mod revocation;
+pub mod signature;
 pub mod tls;
 
 #[cfg(test)]

@@ -112,6 +112,16 @@ impl ReloadableClientVerifier {
         Ok(())
     }
 
+    /// Verifies a DER client certificate that arrived outside a handshake (an operator's signed
+    /// request) exactly as the next handshake would: chain to the fleet CA, validity now,
+    /// client-auth usage, the CRLs in force. Returns the identity it asserts.
+    pub fn verify_der(&self, cert_der: &[u8]) -> Result<crate::CertIdentity, PkiError> {
+        let leaf = CertificateDer::from(cert_der);
+        self.current()
+            .verify_client_cert(&leaf, &[], rustls::pki_types::UnixTime::now())?;
+        crate::parse_identity(cert_der)
+    }
+
     fn current(&self) -> Arc<dyn ClientCertVerifier> {
         self.current
             .read()

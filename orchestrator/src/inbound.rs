@@ -24,6 +24,8 @@ pub enum Inbound {
     Admin {
         operator: OperatorId,
         payload: Bytes,
+        /// The request's signature, checked on the link's task (`admin::auth`).
+        auth: crate::admin::auth::AdminAuth,
     },
     /// A certificate renewal request (since 1.1).
     Csr {

@@ -37,6 +37,8 @@ pub struct LinkConfig {
     pub share_group: Option<String>,
     /// Largest packet accepted from the broker (admin uploads carry chunks).
     pub max_packet_bytes: u32,
+    /// Checks the signatures of admin requests as they arrive, off the engine's task.
+    pub admin_auth: Arc<crate::admin::auth::Authenticator>,
 }
 
 /// Publishes on behalf of the engine: device-bound topics on the front's device road when
@@ -167,6 +169,7 @@ pub fn connect(
         ));
     }
     let share_group = cfg.share_group.clone();
+    let admin_auth = cfg.admin_auth.clone();
     opts.set_keep_alive(Duration::from_secs(30))
         .set_clean_start(true)
         .set_max_packet_size(Some(cfg.max_packet_bytes))
@@ -206,7 +209,7 @@ pub fn connect(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let Some(event) = route(&p.topic, p.payload) else {
+                    let Some(event) = route(&p.topic, p.payload, &admin_auth) else {
                         on_reject("unknown_topic");
                         continue;
                     };
@@ -240,19 +243,36 @@ pub fn connect(
     )
 }
 
-fn route(topic: &Bytes, payload: Bytes) -> Option<Inbound> {
+fn route(
+    topic: &Bytes,
+    payload: Bytes,
+    admin_auth: &crate::admin::auth::Authenticator,
+) -> Option<Inbound> {
     let topic = std::str::from_utf8(topic).ok()?;
     match topics::parse_inbound(topic) {
         Ok(Topic::Status(device)) => Some(Inbound::Status { device, payload }),
         Ok(Topic::ChunkRequest(device)) => Some(Inbound::ChunkRequest { device, payload }),
         Ok(Topic::Health(device)) => Some(Inbound::Health { device, payload }),
         Ok(Topic::Csr(device)) => Some(Inbound::Csr { device, payload }),
-        Ok(Topic::Admin { operator, op: _ }) => Some(Inbound::Admin { operator, payload }),
+        Ok(Topic::Admin { operator, op: _ }) => {
+            let auth = admin_auth.check(&operator, &payload, unix_ms());
+            Some(Inbound::Admin {
+                operator,
+                payload,
+                auth,
+            })
+        }
         Err(e) => {
             warn!(topic, error = %e, "publish on an unexpected topic refused");
             None
         }
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

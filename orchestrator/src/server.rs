@@ -181,6 +181,9 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let signer = crate::signer::Signer::start(pki.clone(), Some(cfg.unlock.clone()), tx.clone())
         .map_err(ServeError::Signer)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Operators' signed requests are checked with the front's own verifier (and CRLs); beside
+    // an external broker, which does the handshakes, the engine keeps its CRLs current.
+    let admin_auth = Arc::new(crate::admin::auth::Authenticator::new(verifier.clone()));
     let Transport {
         device_addr,
         insecure_addr,
@@ -191,9 +194,27 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         broker_crl,
     } = match cfg.external_broker()? {
         Some(external) => {
-            external_transport(&cfg, &external, &ca_pem, tx.clone(), &shutdown_rx).await?
+            external_transport(
+                &cfg,
+                &external,
+                &ca_pem,
+                admin_auth.clone(),
+                tx.clone(),
+                &shutdown_rx,
+            )
+            .await?
         }
-        None => embedded_transport(&cfg, tls, verifier, tx.clone(), &shutdown_rx).await?,
+        None => {
+            embedded_transport(
+                &cfg,
+                tls,
+                verifier,
+                admin_auth.clone(),
+                tx.clone(),
+                &shutdown_rx,
+            )
+            .await?
+        }
     };
     let metrics_addr = match cfg.file.metrics_listen {
         Some(addr) => {
@@ -217,6 +238,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
             signer: Some(signer),
             download_slots: cfg.file.downloads.slots,
             broker_crl,
+            admin_auth: Some(admin_auth),
         },
         metrics.clone(),
     );
@@ -252,6 +274,7 @@ async fn embedded_transport(
     cfg: &ServeConfig,
     tls: rustls::ServerConfig,
     verifier: Arc<aloft_certs::tls::ReloadableClientVerifier>,
+    admin_auth: Arc<crate::admin::auth::Authenticator>,
     tx: mpsc::Sender<Inbound>,
     shutdown_rx: &watch::Receiver<bool>,
 ) -> Result<Transport, ServeError> {
@@ -298,6 +321,7 @@ async fn embedded_transport(
         tls: None,
         share_group: None,
         max_packet_bytes: 2 * 1024 * 1024,
+        admin_auth,
     };
     // Devices' messages come from the front's device road, not through the broker.
     if let Some(mut inbox) = ctx.direct.take_inbox() {
@@ -332,6 +356,7 @@ async fn external_transport(
     cfg: &ServeConfig,
     external: &ExternalBroker,
     ca_pem: &str,
+    admin_auth: Arc<crate::admin::auth::Authenticator>,
     tx: mpsc::Sender<Inbound>,
     _shutdown_rx: &watch::Receiver<bool>,
 ) -> Result<Transport, ServeError> {
@@ -360,6 +385,7 @@ async fn external_transport(
         tls: Some(Arc::new(tls)),
         share_group: Some(SHARE_GROUP.into()),
         max_packet_bytes: 2 * 1024 * 1024,
+        admin_auth,
     };
     let publisher = link_up(&link_cfg, tx, &metrics).await?;
     let broker_crl = cfg

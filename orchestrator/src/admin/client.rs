@@ -68,6 +68,8 @@ pub struct AdminClient {
     next_id: std::sync::atomic::AtomicU64,
     /// Random per connection: request ids never repeat across CLI runs.
     session: String,
+    /// Signs every request with the profile's key (1.5, `super::auth`).
+    signer: super::auth::RequestSigner,
 }
 
 /// How long connecting (TCP, TLS, MQTT session and subscription) may take.
@@ -187,6 +189,13 @@ fn read(path: &Path) -> Result<String, ClientError> {
     })
 }
 
+/// Now, in Unix milliseconds, for a request's signature time.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl AdminClient {
     /// Connects to `server` (`host:port`) with the operator profile in `profile_dir`.
     pub async fn connect(profile_dir: &Path, server: &str) -> Result<Self, ClientError> {
@@ -200,6 +209,7 @@ impl AdminClient {
             .operator_id()
             .ok_or(ClientError::NotOperator)?;
         let tls = aloft_certs::tls::client_config(&ca, &cert, &key)?;
+        let signer = super::auth::RequestSigner::new(operator.clone(), &cert, key)?;
         let mut opts = MqttOptions::new(operator.to_string(), host, port);
         // Request/response over small packets: Nagle would add delayed-ACK stalls to each one.
         let mut net = rumqttc::NetworkOptions::new();
@@ -292,6 +302,7 @@ impl AdminClient {
                 })?;
                 hex::encode(r)
             },
+            signer,
         })
     }
 
@@ -306,12 +317,14 @@ impl AdminClient {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Unique across invocations, since the orchestrator answers a repeated id from its cache.
         let id = format!("{}-{n}", self.session);
+        let auth = self.signer.sign(&id, &body, unix_ms())?;
         let (tx, rx) = oneshot::channel();
         self.pending.lock().await.insert(id.clone(), tx);
         let req = AdminRequest {
             v: PROTOCOL_VERSION,
             id: id.clone(),
             body,
+            auth: Some(auth),
         };
         let topic = topics::admin_request(&self.operator, super::wire::REQUEST_OP);
         self.client

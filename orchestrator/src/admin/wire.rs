@@ -31,6 +31,10 @@ pub struct AdminRequest {
     /// Chosen by the client, echoed in the reply; 1 to 64 bytes.
     pub id: String,
     pub body: AdminBody,
+    /// (1.5) The operator's signature over the request, with its certificate
+    /// (`super::auth`); absent from older clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<super::auth::RequestAuth>,
 }
 
 impl Message for AdminRequest {

@@ -33,6 +33,7 @@ use tracing::{debug, warn};
 use self::core::{
     CaState, Core, CoreConfig, Effects, Event, JobOrder, Loaded, Out, Session, Write,
 };
+use crate::admin::auth::AdminAuth;
 use crate::admin::wire::AdminReply;
 use crate::metrics::Metrics;
 use crate::mqtt::{LinkClosed, Publisher};
@@ -82,6 +83,9 @@ pub struct EngineConfig {
     /// With an external broker: the CRL file it reads, rewritten with each new CRL, and how to
     /// tell it to reload.
     pub broker_crl: Option<BrokerCrl>,
+    /// Checks operators' signed requests; with an external broker it is told each new CRL
+    /// here (behind the front it shares the front's verifier, which the front updates).
+    pub admin_auth: Option<Arc<crate::admin::auth::Authenticator>>,
 }
 
 /// The CRL file an external broker reads (its `crlfile`), and the file holding its process
@@ -195,6 +199,7 @@ impl Shell {
         let files = Files {
             front: cfg.front.clone(),
             broker_crl: cfg.broker_crl,
+            admin_auth: cfg.admin_auth,
             crl_path: cfg.crl_path,
             trust_dir: cfg.trust_dir,
             ca_pem: cfg.ca_pem.clone(),
@@ -228,8 +233,15 @@ impl Shell {
             Inbound::Status { device, payload } => Event::Status { device, payload },
             Inbound::ChunkRequest { device, payload } => Event::ChunkRequest { device, payload },
             Inbound::Health { device, payload } => Event::Health { device, payload },
-            Inbound::Admin { operator, payload } => Event::Admin {
-                role: self.operator_role(&operator),
+            Inbound::Admin {
+                operator,
+                payload,
+                auth,
+            } => Event::Admin {
+                auth: match auth {
+                    AdminAuth::Session(_) => AdminAuth::Session(self.operator_role(&operator)),
+                    signed => signed,
+                },
                 operator,
                 payload,
             },
@@ -699,6 +711,7 @@ fn job_payload(order: &JobOrder) -> Result<Vec<u8>, crypto::CryptoError> {
 struct Files {
     front: Option<Arc<FrontContext>>,
     broker_crl: Option<BrokerCrl>,
+    admin_auth: Option<Arc<crate::admin::auth::Authenticator>>,
     crl_path: Option<PathBuf>,
     trust_dir: Option<PathBuf>,
     ca_pem: String,
@@ -729,6 +742,13 @@ impl Files {
             // chunk); the broker refuses their next handshake once it has reloaded the file.
             if let Some(broker) = &self.broker_crl {
                 broker.replace(crl_pem(crl.der.as_ref()).as_bytes())?;
+            }
+            // Signed admin requests are checked against it from now on.
+            if let Some(auth) = &self.admin_auth {
+                if let Err(e) = auth.set_crls(vec![crl.der.clone()]) {
+                    warn!(error = %e, "the admin request checker refused the new crl");
+                    return Err(e.to_string());
+                }
             }
             return Ok(Vec::new());
         };

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use super::campaigns::summary;
 use super::{parse_key_hex, refuse, AdminResult, Core, Out, Pending, Write};
+use crate::admin::auth::AdminAuth;
 use crate::admin::wire::{AdminBody, AdminError, AdminReply, AdminRequest};
 use crate::store::{AuditEvent, DeviceRecord, ReleaseRecord};
 
@@ -49,12 +50,7 @@ impl ReplyCache {
 }
 
 impl Core {
-    pub(super) fn on_admin(
-        &mut self,
-        operator: OperatorId,
-        role: Option<OperatorRole>,
-        payload: &[u8],
-    ) {
+    pub(super) fn on_admin(&mut self, operator: OperatorId, auth: AdminAuth, payload: &[u8]) {
         let reply_topic = topics::operator_reply(&operator);
         let req: AdminRequest = match messages::decode(payload) {
             Ok(r) => r,
@@ -70,6 +66,29 @@ impl Core {
             }
         };
         let id = req.id.clone();
+        // A signature that does not hold: refused before anything else, the reply cache
+        // included, and the refusal is not cached (a forgery must not pre-empt the real request
+        // with its id).
+        if let AdminAuth::Refused(why) = auth {
+            self.metrics.rejected("admin", why);
+            warn!(%operator, request = %id, reason = why, "admin request with an unacceptable signature refused");
+            let op = req.body.op();
+            self.audit(AuditEvent {
+                actor: operator.to_string(),
+                action: op.to_owned(),
+                subject: req.body.audit().map(|(_, s)| s).unwrap_or_default(),
+                outcome: "unauthenticated".into(),
+            });
+            let reply = AdminReply::err(
+                id,
+                AdminError::new(
+                    "unauthenticated",
+                    format!("the request's signature was refused ({why}): sign with a current, unrevoked certificate of this operator and a correct clock"),
+                ),
+            );
+            self.send(reply_topic, messages::encode(&reply), false);
+            return;
+        }
         let key = (operator.clone(), id.clone());
         if let Some(reply) = self.admin_replies.get(&key) {
             self.metrics.rejected("admin", "duplicate");
@@ -78,6 +97,25 @@ impl Core {
             self.send(reply_topic, reply, false);
             return;
         }
+        let role = match auth {
+            // Seen before and no longer in the reply cache: a replay, or a redelivery so late
+            // that the answer was forgotten. Either way it is not carried out twice.
+            AdminAuth::Signed { repeat: true, .. } => {
+                self.metrics.rejected("admin", "replayed");
+                warn!(%operator, request = %id, "repeated signed admin request refused");
+                let reply = AdminReply::err(
+                    id,
+                    AdminError::new(
+                        "replayed",
+                        "this request was already received; send a new one",
+                    ),
+                );
+                self.send(reply_topic, messages::encode(&reply), false);
+                return;
+            }
+            AdminAuth::Signed { role, .. } | AdminAuth::Session(role) => role,
+            AdminAuth::Refused(_) => None,
+        };
         // Fail closed: a certificate without a role (issued before 1.5) reads and does nothing
         // else; the holder of the CA issues a new one with `--role`.
         self.metrics.admin_request(req.body.op());

@@ -71,10 +71,10 @@ pub enum Event {
     },
     Admin {
         operator: OperatorId,
-        /// The role of the certificate the operator's session holds, as the front saw it; `None`
-        /// when no role is known (a certificate from before roles, a session already gone, no
-        /// front), which counts as a viewer.
-        role: Option<aloft_certs::OperatorRole>,
+        /// Who sent it: a signed request's certificate, or (unsigned, before 1.5) the role of
+        /// the certificate the operator's front session holds; no role known (a certificate
+        /// from before roles, a session already gone, no front) counts as a viewer.
+        auth: crate::admin::auth::AdminAuth,
         payload: Bytes,
     },
     Csr {
@@ -589,9 +589,9 @@ impl Core {
             Event::Health { device, payload } => self.on_health(device, &payload),
             Event::Admin {
                 operator,
-                role,
+                auth,
                 payload,
-            } => self.on_admin(operator, role, &payload),
+            } => self.on_admin(operator, auth, &payload),
             Event::Csr {
                 device,
                 payload,

@@ -11,6 +11,7 @@ use aloft_proto::trust::{Role, Root, ROOT_FORMAT};
 use aloft_proto::SecurityVersion;
 
 use super::*;
+use crate::admin::auth::AdminAuth;
 use crate::rollout::{RolloutPolicy, RolloutState};
 use crate::store::Target;
 
@@ -452,10 +453,11 @@ fn admin(id: &str, body: crate::admin::wire::AdminBody) -> Event {
         v: PROTOCOL_VERSION,
         id: id.into(),
         body,
+        auth: None,
     };
     Event::Admin {
         operator: OperatorId::new("ops").unwrap(),
-        role: Some(aloft_certs::OperatorRole::SecurityAdmin),
+        auth: AdminAuth::Session(Some(aloft_certs::OperatorRole::SecurityAdmin)),
         payload: Bytes::from(messages::encode(&req)),
     }
 }
@@ -558,11 +560,97 @@ fn admin_as(
             operator, payload, ..
         } => Event::Admin {
             operator,
-            role,
+            auth: AdminAuth::Session(role),
             payload,
         },
         other => other,
     }
+}
+
+fn admin_signed(auth: AdminAuth, id: &str, body: crate::admin::wire::AdminBody) -> Event {
+    match admin(id, body) {
+        Event::Admin {
+            operator, payload, ..
+        } => Event::Admin {
+            operator,
+            auth,
+            payload,
+        },
+        other => other,
+    }
+}
+
+#[test]
+fn a_refused_signature_is_answered_unauthenticated_audited_and_not_cached() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    let pause = || crate::admin::wire::AdminBody::CampaignPause {
+        campaign: f.campaign.clone(),
+    };
+    let fx = core.on_event(
+        1_000,
+        admin_signed(AdminAuth::Refused("bad_signature"), "p-1", pause()),
+    );
+    let all: Vec<_> = replies(&fx.now)
+        .into_iter()
+        .chain(replies(&fx.after_commit))
+        .collect();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].error.as_ref().unwrap().code, "unauthenticated");
+    assert!(fx.writes.iter().all(|w| matches!(
+        w,
+        Write::Audit { event, .. } if event.outcome == "unauthenticated"
+    )));
+    // The real request with that id is then carried out, not answered from a cache.
+    let op = Some(aloft_certs::OperatorRole::Operator);
+    let fx = core.on_event(
+        1_000,
+        admin_signed(
+            AdminAuth::Signed {
+                role: op,
+                repeat: false,
+            },
+            "p-1",
+            pause(),
+        ),
+    );
+    assert!(replies(&fx.after_commit)[0].ok);
+}
+
+#[test]
+fn a_signed_repeat_is_answered_from_the_cache_or_refused_never_run_twice() {
+    let f = Fixture::new(1, 4);
+    let mut core = f.core();
+    let op = Some(aloft_certs::OperatorRole::Operator);
+    let pause = || crate::admin::wire::AdminBody::CampaignPause {
+        campaign: f.campaign.clone(),
+    };
+    let first = AdminAuth::Signed {
+        role: op,
+        repeat: false,
+    };
+    let repeat = AdminAuth::Signed {
+        role: op,
+        repeat: true,
+    };
+    let fx = core.on_event(1_000, admin_signed(first, "p-1", pause()));
+    assert!(replies(&fx.after_commit)[0].ok);
+    // QoS 1 redelivery: the cached answer, nothing written.
+    let fx = core.on_event(1_000, admin_signed(repeat, "p-1", pause()));
+    let all: Vec<_> = replies(&fx.now)
+        .into_iter()
+        .chain(replies(&fx.after_commit))
+        .collect();
+    assert!(all[0].ok, "{all:?}");
+    assert!(fx.writes.is_empty());
+    // A repeat the cache does not hold (forgotten, or never answered here): refused.
+    let fx = core.on_event(1_000, admin_signed(repeat, "p-2", pause()));
+    let all: Vec<_> = replies(&fx.now)
+        .into_iter()
+        .chain(replies(&fx.after_commit))
+        .collect();
+    assert_eq!(all[0].error.as_ref().unwrap().code, "replayed");
+    assert!(fx.writes.is_empty());
 }
 
 #[test]
