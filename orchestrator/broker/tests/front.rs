@@ -638,7 +638,8 @@ async fn idle_and_half_open_sockets_do_not_delay_other_devices() {
         for s in &mut idle {
             read_to_close(s).await;
         }
-        assert_eq!(edge.stats().handshakes_timed_out, 60);
+        let stats = edge.stats();
+        assert_eq!(stats.handshakes_timed_out, 60, "{stats:?}");
         edge.assert_valid_device_works("dev-2").await;
     })
     .await;

@@ -460,11 +460,18 @@ async fn handshake(
                 return Outcome::TimedOut("no first byte");
             }
         }
-        match tokio::time::timeout_at(started + whole, acceptor.accept(tcp).into_fallible()).await {
-            Ok(Ok(tls)) => Outcome::Done(Box::new(tls)),
-            Ok(Err((e, _tcp))) => Outcome::Failed(e),
-            Err(_) => {
-                // The unfinished accept, which owns the socket, lives until this arm ends.
+        // Pinned here rather than awaited through `timeout_at`: an awaited future is dropped
+        // (closing the socket it owns) as the `.await` ends, before a match on its result
+        // runs, and a test watching for the close could then read the count before it moved.
+        let accept = acceptor.accept(tcp).into_fallible();
+        tokio::pin!(accept);
+        tokio::select! {
+            accepted = &mut accept => match accepted {
+                Ok(tls) => Outcome::Done(Box::new(tls)),
+                Err((e, _tcp)) => Outcome::Failed(e),
+            },
+            () = tokio::time::sleep_until(started + whole) => {
+                // `accept`, which owns the socket, is dropped when this block returns.
                 FrontStats::inc(&ctx.stats.handshakes_timed_out);
                 Outcome::TimedOut("handshake unfinished")
             }
