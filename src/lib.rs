@@ -279,6 +279,7 @@ impl Lab {
             created_at: now,
             expires_at: now + 86_400,
             sequence: Some(next_sequence()),
+            preconditions: None,
         };
         let bundle = dir.join("bundle");
         ops::build_bundle(&image, &meta, first, &bundle)?;

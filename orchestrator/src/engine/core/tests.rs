@@ -127,6 +127,7 @@ impl Fixture {
             created_at: 0,
             expires_at: u64::MAX / 2,
             sequence: Some(2),
+            preconditions: None,
         };
         let size = u64::from(chunks) * 1024;
         let image = vec![7u8; size as usize];
