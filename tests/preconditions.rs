@@ -55,13 +55,21 @@ async fn a_third_of_the_fleet_defers_on_a_low_battery_and_the_campaign_still_fin
         ..RolloutPolicy::default()
     };
     let campaign = env.roll_out(&battery_release(), policy).await;
-    let s = wait_campaign(&env.admin, &campaign, LIMIT, |s| {
-        s.status.is_final()
-    })
-    .await
-    .unwrap();
-    assert_eq!(s.status, CampaignStatus::Finished, "seed {seed}: {:?}", s.counts);
-    assert_eq!(s.count(DeviceState::Succeeded), 6, "seed {seed}: {:?}", s.counts);
+    let s = wait_campaign(&env.admin, &campaign, LIMIT, |s| s.status.is_final())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.status,
+        CampaignStatus::Finished,
+        "seed {seed}: {:?}",
+        s.counts
+    );
+    assert_eq!(
+        s.count(DeviceState::Succeeded),
+        6,
+        "seed {seed}: {:?}",
+        s.counts
+    );
 
     let views = fleet.views();
     let deferred: Vec<_> = views

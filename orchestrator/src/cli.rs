@@ -35,10 +35,10 @@ mod trust;
 mod unlock;
 mod watch;
 pub use backup::BackupCommand;
+pub use precondition::PreconditionArgs;
 pub use rollout::{describe, describe_policy, parse_duration, PolicyArgs};
 use rollout::{describe_dry_run, device_ids, parse_label, unix_now};
 pub use trust::{new_root, TrustCommand};
-pub use precondition::PreconditionArgs;
 pub use unlock::{NewLockArgs, UnlockArgs};
 
 #[derive(Parser, Debug)]

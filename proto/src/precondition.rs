@@ -105,7 +105,8 @@ impl InstallWindow {
             start_minute: minute(a).ok_or_else(bad)?,
             end_minute: minute(b).ok_or_else(bad)?,
         };
-        w.validate().map_err(|e| format!("install window {s:?}: {e}"))?;
+        w.validate()
+            .map_err(|e| format!("install window {s:?}: {e}"))?;
         Ok(w)
     }
 }
@@ -130,7 +131,14 @@ mod tests {
         let night = InstallWindow::parse("22:30-04:00").unwrap();
         assert!(night.contains(23 * 60) && night.contains(0) && night.contains(239));
         assert!(!night.contains(240) && !night.contains(12 * 60));
-        for bad in ["", "1-2", "24:00-01:00", "01:60-02:00", "03:00-03:00", "a:b-c:d"] {
+        for bad in [
+            "",
+            "1-2",
+            "24:00-01:00",
+            "01:60-02:00",
+            "03:00-03:00",
+            "a:b-c:d",
+        ] {
             assert!(InstallWindow::parse(bad).is_err(), "{bad}");
         }
     }

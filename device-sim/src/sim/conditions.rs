@@ -111,7 +111,11 @@ impl ConditionModel {
         SimEnvironment {
             start_ms,
             on_battery,
-            battery_start_pct: if on_battery { self.low_battery_pct } else { 100 },
+            battery_start_pct: if on_battery {
+                self.low_battery_pct
+            } else {
+                100
+            },
             charge_pct_per_sec: self.charge_pct_per_sec,
             in_use_until_ms: start_ms + in_use_for,
             metered_until_ms: start_ms + metered_for,
@@ -194,7 +198,10 @@ mod tests {
         let t0 = 1_700_000_000_000;
         let mut e = m.device(0, t0);
         let c = e.conditions(t0);
-        assert_eq!((c.battery_pct, c.external_power, c.in_use, c.metered), (10, false, true, true));
+        assert_eq!(
+            (c.battery_pct, c.external_power, c.in_use, c.metered),
+            (10, false, true, true)
+        );
         let c = e.conditions(t0 + 20_000);
         assert_eq!((c.battery_pct, c.in_use, c.metered), (50, false, false));
         assert_eq!(e.conditions(t0 + 3_600_000).battery_pct, 100);

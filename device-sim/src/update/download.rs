@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use aloft_proto::crypto::{self, ContentKey};
 use aloft_proto::manifest::Manifest;
-use aloft_proto::precondition::Preconditions;
 use aloft_proto::messages::{MAX_CHUNKS_PER_REQUEST, MAX_RANGES_PER_REQUEST};
+use aloft_proto::precondition::Preconditions;
 use aloft_proto::ArtifactId;
 use sha2::{Digest, Sha256};
 

@@ -30,9 +30,9 @@ mod delta_tests;
 mod download;
 mod install;
 mod origin;
-pub mod preconditions;
 #[cfg(test)]
 mod precondition_tests;
+pub mod preconditions;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]

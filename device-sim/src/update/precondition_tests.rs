@@ -117,7 +117,10 @@ fn an_image_outside_its_install_window_waits_downloaded_and_installs_inside_it()
     let detail = rig.reports().last().unwrap().detail.clone().unwrap();
     assert!(detail.contains("01:00-05:00"), "{detail}");
     let cur = rig.agent.record().current.clone().unwrap();
-    assert_eq!((cur.phase, cur.deferred), (Downloaded, Some(Reason::OutsideInstallWindow)));
+    assert_eq!(
+        (cur.phase, cur.deferred),
+        (Downloaded, Some(Reason::OutsideInstallWindow))
+    );
     assert!(cur.written.is_complete(), "the downloaded image is kept");
     assert_eq!(rig.agent.record().running_version(), "1.0.0");
 
@@ -137,7 +140,11 @@ fn an_image_outside_its_install_window_waits_downloaded_and_installs_inside_it()
     assert_eq!(finished(&rig, "c-1"), Some((Succeeded, None)));
     assert_eq!(rig.agent.record().running_version(), "2.0.0");
     let stats = rig.agent.stats();
-    assert_eq!((stats.chunks_received, stats.deferrals), (5, 1), "downloaded once");
+    assert_eq!(
+        (stats.chunks_received, stats.deferrals),
+        (5, 1),
+        "downloaded once"
+    );
 }
 
 #[test]
@@ -232,13 +239,19 @@ fn a_metered_link_holds_the_download_and_a_partial_download_is_kept() {
     );
     rig.advance(30_000);
     assert!(rig.requested.is_empty(), "no request while deferred");
-    assert_eq!(rig.agent.record().current.as_ref().unwrap().written.count(), 2);
+    assert_eq!(
+        rig.agent.record().current.as_ref().unwrap().written.count(),
+        2
+    );
 
     env.set(|c| c.metered = false);
     rig.settle(&rel);
     assert_eq!(finished(&rig, "c-1"), Some((Succeeded, None)));
     let stats = rig.agent.stats();
-    assert_eq!(stats.chunks_received, 5, "the two kept chunks were not fetched again");
+    assert_eq!(
+        stats.chunks_received, 5,
+        "the two kept chunks were not fetched again"
+    );
     assert_eq!(
         rig.states_of("c-1"),
         with_deferral(&[Deferred, Downloading, Deferred], HAPPY)
@@ -333,7 +346,10 @@ fn a_withdrawal_while_deferred_abandons_the_downloaded_image() {
         },
     });
     rig.step(Input::Job(&w));
-    assert_eq!(finished(&rig, "c-1"), Some((Failed, Some(Reason::Cancelled))));
+    assert_eq!(
+        finished(&rig, "c-1"),
+        Some((Failed, Some(Reason::Cancelled)))
+    );
     env.set(|c| c.local_minute = 90);
     rig.advance(120_000);
     rig.run(&rel, &mut vec![]);

@@ -226,10 +226,7 @@ mod tests {
         let small = Stage::Download {
             remaining_bytes: 500,
         };
-        assert_eq!(
-            reason(check(&p, &good(), big)),
-            Some(Reason::MeteredLink)
-        );
+        assert_eq!(reason(check(&p, &good(), big)), Some(Reason::MeteredLink));
         let unmetered = Conditions {
             metered: false,
             ..good()

@@ -34,7 +34,12 @@ pub fn is_legal(from: DeviceState, to: DeviceState) -> bool {
             | (Notified | Downloading | Downloaded | Deferred, Deferred)
             | (Deferred, Downloading | Installing)
             | (
-                Idle | Notified | Downloading | Downloaded | Installing | Rebooting | Verifying
+                Idle | Notified
+                    | Downloading
+                    | Downloaded
+                    | Installing
+                    | Rebooting
+                    | Verifying
                     | Deferred,
                 Failed
             )

@@ -771,8 +771,14 @@ fn deferred_members_are_in_flight_not_failures_and_trip_no_threshold() {
         );
     }
     let counts = core.campaigns[&f.campaign].rollout.waves()[0];
-    assert_eq!((counts.deferred, counts.failures(), counts.finished()), (3, 0, 1));
-    assert_eq!(durable.campaigns[&f.campaign].status, CampaignStatus::Active);
+    assert_eq!(
+        (counts.deferred, counts.failures(), counts.finished()),
+        (3, 0, 1)
+    );
+    assert_eq!(
+        durable.campaigns[&f.campaign].status,
+        CampaignStatus::Active
+    );
     assert!(!core.campaigns[&f.campaign].rollout.settled());
 
     // The window opens: the deferred devices go on where they stopped, and the campaign ends.
@@ -790,9 +796,16 @@ fn deferred_members_are_in_flight_not_failures_and_trip_no_threshold() {
         .iter()
         .all(|a| a.outcome == AckOutcome::Applied));
     for d in 0..4 {
-        assert_eq!(state_of(&durable, &f, d).0, DeviceState::Succeeded, "dev-{d}");
+        assert_eq!(
+            state_of(&durable, &f, d).0,
+            DeviceState::Succeeded,
+            "dev-{d}"
+        );
     }
-    assert_eq!(durable.campaigns[&f.campaign].status, CampaignStatus::Finished);
+    assert_eq!(
+        durable.campaigns[&f.campaign].status,
+        CampaignStatus::Finished
+    );
 }
 
 #[test]
@@ -814,9 +827,19 @@ fn a_deferral_past_the_campaign_deadline_is_timed_out_and_its_job_withdrawn() {
         events.push(f.report(2, seq as u32 + 1, *s));
     }
     feed(&mut core, &mut durable, 2_000, events);
-    feed(&mut core, &mut durable, 40_000, vec![f.report(1, 2, DeviceState::Downloaded)]);
+    feed(
+        &mut core,
+        &mut durable,
+        40_000,
+        vec![f.report(1, 2, DeviceState::Downloaded)],
+    );
     // Device 1 defers after the install gate closed on it; long silence, still deferred.
-    feed(&mut core, &mut durable, 50_000, vec![f.report(1, 3, DeviceState::Deferred)]);
+    feed(
+        &mut core,
+        &mut durable,
+        50_000,
+        vec![f.report(1, 3, DeviceState::Deferred)],
+    );
     feed(&mut core, &mut durable, 59_000, vec![]);
     assert_eq!(state_of(&durable, &f, 0).0, DeviceState::Deferred);
     assert_eq!(state_of(&durable, &f, 1).0, DeviceState::Deferred);
@@ -838,9 +861,17 @@ fn a_deferral_past_the_campaign_deadline_is_timed_out_and_its_job_withdrawn() {
         assert!(withdrawn, "dev-{d}'s job is withdrawn as timed_out");
     }
     assert_eq!(state_of(&durable, &f, 2).0, DeviceState::Succeeded);
-    assert_eq!(durable.campaigns[&f.campaign].status, CampaignStatus::Expired);
+    assert_eq!(
+        durable.campaigns[&f.campaign].status,
+        CampaignStatus::Expired
+    );
     assert!(core.campaigns[&f.campaign].rollout.settled());
     // A late report of the timed-out device changes nothing.
-    let fx = feed(&mut core, &mut durable, 62_000, vec![f.report(0, 2, DeviceState::Downloading)]);
+    let fx = feed(
+        &mut core,
+        &mut durable,
+        62_000,
+        vec![f.report(0, 2, DeviceState::Downloading)],
+    );
     assert_eq!(acks(&fx.after_commit)[0].outcome, AckOutcome::Rejected);
 }
