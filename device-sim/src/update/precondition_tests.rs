@@ -454,3 +454,85 @@ fn a_manifest_without_preconditions_never_asks_the_environment() {
     rig.settle(&rel);
     assert_eq!(rig.states_of("c-1"), numbered(HAPPY));
 }
+
+mod properties {
+    use super::*;
+    use crate::update::preconditions::{check, Stage};
+    use proptest::prelude::*;
+
+    fn conditions() -> impl Strategy<Value = Conditions> {
+        (
+            0u8..=100,
+            any::<bool>(),
+            any::<bool>(),
+            0u16..1440,
+            any::<bool>(),
+        )
+            .prop_map(
+                |(battery_pct, external_power, in_use, local_minute, metered)| Conditions {
+                    battery_pct,
+                    external_power,
+                    in_use,
+                    local_minute,
+                    free_bytes: 1 << 30,
+                    metered,
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// However the device's conditions change, it installs only at a moment they hold,
+        /// downloads every chunk once, and succeeds once they hold for good.
+        #[test]
+        fn a_device_installs_only_when_its_preconditions_hold_and_never_downloads_twice(
+            early in any::<bool>(),
+            script in proptest::collection::vec((conditions(), 0u64..5_000), 1..16),
+        ) {
+            let p = Preconditions {
+                min_battery_pct: Some(30),
+                not_in_use: true,
+                install_window: Some(InstallWindow::parse("01:00-05:00").unwrap()),
+                max_metered_bytes: Some(2_000),
+                check_before_download: early,
+                ..Default::default()
+            };
+            let fx = Fixture::new();
+            let rel = release_with(&fx, p.clone());
+            let env = Scripted::new(script[0].0);
+            let mut rig = rig_in(&fx, &env);
+            rig.connect();
+            rig.step(Input::Job(&fx.job("c-1", &rel)));
+            let installed = |rig: &Rig| {
+                rig.agent.current().is_some_and(|(_, ph)| ph >= Installing)
+                    || finished(rig, "c-1").is_some()
+            };
+            for (c, wait) in script {
+                env.set(|now| *now = c);
+                let before = installed(&rig);
+                rig.run(&rel, &mut vec![]);
+                rig.advance(wait);
+                rig.run(&rel, &mut vec![]);
+                if !before && installed(&rig) {
+                    prop_assert!(check(&p, &c, Stage::Install).is_ok(), "installed under {c:?}");
+                }
+            }
+            env.set(|c| *c = fine());
+            rig.settle(&rel);
+            prop_assert_eq!(finished(&rig, "c-1"), Some((Succeeded, None)));
+            prop_assert_eq!(rig.agent.stats().chunks_received, 5);
+            // The reports follow PROTOCOL.md §8.2 around deferrals.
+            let states: Vec<DeviceState> = rig.states_of("c-1").into_iter().map(|(_, s)| s).collect();
+            prop_assert!(matches!(states[0], Downloading | Deferred), "{states:?}");
+            for w in states.windows(2) {
+                let ok = match (w[0], w[1]) {
+                    (Deferred, to) => matches!(to, Downloading | Installing | Deferred),
+                    (from, Deferred) => matches!(from, Downloading | Downloaded),
+                    _ => true,
+                };
+                prop_assert!(ok, "{} -> {} in {states:?}", w[0], w[1]);
+            }
+        }
+    }
+}
