@@ -91,6 +91,7 @@ fn main() -> Result<()> {
         created_at: now,
         expires_at: now + 86_400,
         sequence: Some(aloft_e2e::next_sequence()),
+        preconditions: None,
     };
     let bundle = tmp.path().join("bundle");
     ops::build_bundle(&image, &meta, &release_key, &bundle)?;

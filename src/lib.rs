@@ -279,6 +279,7 @@ impl Lab {
             created_at: now,
             expires_at: now + 86_400,
             sequence: Some(next_sequence()),
+            preconditions: spec.preconditions.clone(),
         };
         let bundle = dir.join("bundle");
         ops::build_bundle(&image, &meta, first, &bundle)?;
@@ -468,6 +469,8 @@ pub struct ReleaseSpec {
     pub image_bytes: usize,
     pub chunk_bytes: u32,
     pub seed: u64,
+    /// (1.5) Device preconditions signed into the manifest.
+    pub preconditions: Option<aloft_proto::precondition::Preconditions>,
 }
 
 impl ReleaseSpec {
@@ -479,6 +482,7 @@ impl ReleaseSpec {
             image_bytes,
             chunk_bytes: aloft_proto::manifest::DEFAULT_CHUNK_BYTES,
             seed: security_version,
+            preconditions: None,
         }
     }
 }

@@ -149,6 +149,7 @@ async fn demo(args: Args) -> Result<bool> {
     cfg.connect_concurrency = sc.fleet.connect_concurrency;
     cfg.slot_capacity = (sc.fleet.image_kib as u64 * 1024).max(1024 * 1024) * 2;
     cfg.faults = sc.faults.clone();
+    cfg.conditions = sc.conditions.clone();
     if args.origin.is_some() {
         cfg.origin_ca_pem = Some(lab.ca.cert_pem().to_owned());
     }
@@ -185,6 +186,7 @@ async fn demo(args: Args) -> Result<bool> {
         sc.fleet.image_kib * 1024,
     );
     spec.chunk_bytes = sc.fleet.chunk_kib * 1024;
+    spec.preconditions = sc.release.preconditions.clone();
     let bundle = lab.build_release(&spec)?;
     let artifact = aloft_orchestrator::ops::upload_bundle(&admin, &bundle, false).await?;
     let nginx = match args.origin {
@@ -335,6 +337,14 @@ async fn demo(args: Args) -> Result<bool> {
         c.boot_hangs.load(Relaxed),
         c.unhealthy_devices.load(Relaxed),
     );
+    let deferred_devices = views.iter().filter(|(_, v)| v.stats.deferrals > 0).count();
+    if deferred_devices > 0 || c.constrained_devices.load(Relaxed) > 0 {
+        eprintln!(
+            "preconditions (1.5): {} devices started constrained, {deferred_devices} deferred at least once ({} deferred reports)",
+            c.constrained_devices.load(Relaxed),
+            total(|s| s.deferrals),
+        );
+    }
     let downloaded = u64::from(summary.total - summary.count(DeviceState::Idle));
     let needed = downloaded * chunk_count;
     eprintln!(

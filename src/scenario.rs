@@ -10,6 +10,10 @@
 //! link_drop_probability = 0.1
 //! [policy]                   # aloft_orchestrator::rollout::RolloutPolicy
 //! waves = { canary = { percent = 1.0 }, growth = { percent = [10.0, 50.0, 100.0] } }
+//! [conditions]               # aloft_device::ConditionModel: battery, use, local time (1.5)
+//! low_battery_probability = 0.33
+//! [release.preconditions]    # signed into the manifest (1.5)
+//! min_battery_pct = 30
 //! [starve]                   # the orchestrator stopped (SIGSTOP) during the installs
 //! orchestrator_stop_secs = 12
 //! after_downloaded_percent = 20.0
@@ -21,7 +25,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use aloft_device::{Faults, Fleet};
+use aloft_device::{ConditionModel, Faults, Fleet};
 use aloft_orchestrator::rollout::RolloutPolicy;
 use aloft_proto::DeviceState;
 use anyhow::{bail, Context, Result};
@@ -33,6 +37,8 @@ use serde::Deserialize;
 pub struct Scenario {
     pub fleet: FleetSpec,
     pub faults: Faults,
+    /// (1.5) The devices' battery, use, local time and link (seeded per device).
+    pub conditions: ConditionModel,
     pub policy: RolloutPolicy,
     pub release: ReleaseScenario,
     pub starve: Starve,
@@ -237,6 +243,9 @@ impl Default for FleetSpec {
 pub struct ReleaseScenario {
     pub version: String,
     pub security_version: u64,
+    /// (1.5) Device preconditions signed into the manifest, as `release build` takes them
+    /// (`install_window = { start_minute = 60, end_minute = 300 }`).
+    pub preconditions: Option<aloft_proto::precondition::Preconditions>,
 }
 
 impl Default for ReleaseScenario {
@@ -244,6 +253,7 @@ impl Default for ReleaseScenario {
         ReleaseScenario {
             version: "2.0.0".into(),
             security_version: 2,
+            preconditions: None,
         }
     }
 }

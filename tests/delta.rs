@@ -68,6 +68,7 @@ async fn mixed_fleet(power_loss_in_rebuild: f64) {
         created_at: now,
         expires_at: now + 86_400,
         sequence: Some(aloft_e2e::next_sequence()),
+        preconditions: None,
     };
     let bundle = dir.join("bundle");
     ops::build_bundle(&image_path, &meta, &env.lab.release_key, &bundle).unwrap();

@@ -16,6 +16,7 @@ mod fuzz_corpus;
 mod observability;
 mod operator_cli;
 mod origin;
+mod preconditions;
 mod readme;
 mod restart;
 mod roles;

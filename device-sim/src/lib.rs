@@ -19,7 +19,7 @@ pub mod update;
 
 pub use identity::DeviceIdentity;
 pub use renewal::{RenewalConfig, Renewer};
-pub use sim::{DeviceView, Faults, Fleet, FleetConfig, FleetCounters};
+pub use sim::{ConditionModel, DeviceView, Faults, Fleet, FleetConfig, FleetCounters};
 pub use slots::{FileFlash, Flash, FlashError, MemoryFlash, PowerOn, SlotId, SlotState, SlotTable};
 pub use store::{
     DeviceRecord, DeviceStore, JsonFileStore, MemoryStore, RecordFileStore, StoreError,

@@ -34,7 +34,9 @@ use crate::store::{DeviceRecord, DeviceStore, RecordFileStore};
 use crate::transport::{self, Control, Device, Hooks, Intervention, RunEnd, TransportConfig};
 use crate::update::{AgentConfig, AgentStats, AppHealth, HealthCheck, HealthStatus, UpdateAgent};
 
+mod conditions;
 mod faults;
+pub use conditions::{ConditionModel, SimEnvironment};
 pub use faults::Faults;
 use faults::{chance, some_of, HealthState, PowerLossAt, SimHealth, SimHooks};
 
@@ -82,6 +84,12 @@ pub struct FleetConfig {
     pub origin_fetch_timeout: Duration,
     /// Origin failures in a row after which a download gives its origin up (default 4).
     pub origin_max_failures: u32,
+    /// (1.5) The devices' battery, use, local time, storage and link, for manifests that carry
+    /// preconditions (seeded per device).
+    pub conditions: ConditionModel,
+    /// (1.5) How often a deferred device checks its preconditions again (default 1 s; a real
+    /// device's default is 60 s).
+    pub precondition_recheck_ms: u64,
 }
 
 impl FleetConfig {
@@ -107,6 +115,8 @@ impl FleetConfig {
             origin_ca_pem: None,
             origin_fetch_timeout: Duration::from_secs(20),
             origin_max_failures: 4,
+            conditions: ConditionModel::default(),
+            precondition_recheck_ms: 1_000,
         }
     }
 }
@@ -168,6 +178,9 @@ pub struct FleetCounters {
     /// (`unhealthy_after_confirm_probability`), counted when their first unhealthy heartbeat
     /// is due.
     pub unhealthy_devices: AtomicU64,
+    /// (1.5) Devices whose conditions start constrained by the [`ConditionModel`] (a low
+    /// battery, in use or metered), so a manifest's preconditions may defer them.
+    pub constrained_devices: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -181,6 +194,7 @@ struct Boot {
     factory: (String, SecurityVersion),
     tcfg: TransportConfig,
     health: SimHealth,
+    env: SimEnvironment,
     power_off_ms: u64,
 }
 
@@ -193,6 +207,7 @@ impl Boot {
             record,
             Box::new(self.health.clone()),
         )
+        .with_environment(Box::new(self.env))
     }
 }
 
@@ -270,6 +285,8 @@ impl Fleet {
     pub fn start(cfg: &FleetConfig, devices: Vec<DeviceIdentity>) -> Result<Fleet> {
         aloft_certs::tls::install_crypto_provider();
         cfg.faults.validate()?;
+        cfg.conditions.validate()?;
+        let started_ms = crate::transport::now_ms();
         let Some(root) = &cfg.root else {
             bail!("no root of trust: devices must be provisioned with one (FleetConfig::root, device-sim run --root FILE)");
         };
@@ -381,12 +398,18 @@ impl Fleet {
             acfg.reboot_delay_ms = cfg.reboot_ms;
             acfg.origin_fetch = origin.is_some();
             acfg.origin_max_failures = cfg.origin_max_failures;
+            acfg.precondition_recheck_ms = cfg.precondition_recheck_ms;
+            let env = cfg.conditions.device(n, started_ms);
+            if env.constrained() {
+                bump(&counters.constrained_devices);
+            }
             let boot = Boot {
                 acfg,
                 key: ident.encryption_key,
                 factory: (cfg.initial_version.clone(), cfg.initial_security_version),
                 tcfg,
                 health,
+                env,
                 power_off_ms: faults.power_off_ms,
             };
             let agent = boot.agent(record);

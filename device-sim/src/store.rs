@@ -108,6 +108,11 @@ pub struct CampaignProgress {
     /// (1.5) The delta being downloaded or rebuilt instead of the full image, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<DeltaProgress>,
+    /// (1.5) Set while the manifest's preconditions do not hold: the deferral reason last
+    /// reported. The phase stays where the campaign stopped (`downloading` or `downloaded`),
+    /// with everything written so far kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<Reason>,
 }
 
 /// (1.5) A campaign taking a delta: which of the job's offers, and whether the rebuild has

@@ -174,7 +174,7 @@ pub struct Device {
     pub store: Box<dyn DeviceStore>,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -26,6 +26,7 @@ use crate::store::Target;
 mod backup;
 mod human;
 pub mod pki;
+mod precondition;
 mod rollout;
 mod tables;
 #[cfg(test)]
@@ -34,6 +35,7 @@ mod trust;
 mod unlock;
 mod watch;
 pub use backup::BackupCommand;
+pub use precondition::PreconditionArgs;
 pub use rollout::{describe, describe_policy, parse_duration, PolicyArgs};
 use rollout::{describe_dry_run, device_ids, parse_label, unix_now};
 pub use trust::{new_root, TrustCommand};
@@ -300,6 +302,8 @@ pub enum ReleaseCommand {
         /// The firmware version of `--base`.
         #[arg(long, requires = "base")]
         base_version: Option<String>,
+        #[command(flatten)]
+        preconditions: PreconditionArgs,
         #[command(flatten)]
         unlock: UnlockArgs,
     },
@@ -813,8 +817,10 @@ async fn release(c: ReleaseCommand) -> Result<()> {
             sequence,
             base,
             base_version,
+            preconditions,
             unlock,
         } => {
+            let preconditions = preconditions.to_manifest()?;
             let key = read_signing_key(&key, &unlock.obtain("the release key")?)?;
             let now = crate::engine::now_ms() / 1000;
             let meta = ReleaseMeta {
@@ -826,6 +832,7 @@ async fn release(c: ReleaseCommand) -> Result<()> {
                 created_at: now,
                 expires_at: now + expires_days * 86_400,
                 sequence: Some(sequence.unwrap_or_else(crate::engine::now_ms)),
+                preconditions,
             };
             let a = build_bundle(&image, &meta, &key, &out_dir)?;
             println!("built and signed {a} into {}", out_dir.display());

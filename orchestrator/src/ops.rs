@@ -460,6 +460,8 @@ pub fn resign_bundle(
         created_at: new.created_at,
         expires_at: new.expires_at,
         sequence: Some(new.sequence),
+        // The conditions are part of what was released: a re-signed image keeps them.
+        preconditions: old.preconditions.clone(),
     };
     let built = write_bundle(&mut image, old.image_size, &meta, key, out_dir)?;
     if built.image_sha256 != old.image_sha256 {

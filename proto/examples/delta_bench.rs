@@ -107,6 +107,7 @@ fn meta(artifact: &str) -> ReleaseMeta {
         created_at: 1,
         expires_at: 2,
         sequence: Some(1),
+        preconditions: None,
     }
 }
 

@@ -10,6 +10,7 @@ pub mod ids;
 pub mod manifest;
 pub mod messages;
 pub mod origin;
+pub mod precondition;
 pub mod release;
 pub mod topics;
 pub mod trust;

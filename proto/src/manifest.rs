@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::{self, CryptoError, TAG_LEN};
 use crate::delta::DeltaOf;
 use crate::ids::{ArtifactId, SecurityVersion};
+use crate::precondition::Preconditions;
 
 /// Manifest format version this crate reads and writes.
 pub const MANIFEST_VERSION: u8 = 1;
@@ -86,6 +87,12 @@ pub struct Manifest {
     /// so a 1.4 device never sees the field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<DeltaOf>,
+    /// (1.5) What must hold on the device before it installs (and, if they say so, before it
+    /// downloads): battery, use, a local-time window, free storage, metered bytes. Signed with
+    /// the rest, so no server can strip or forge them. Absent, the manifest is byte-for-byte a
+    /// 1.4 manifest; present, a 1.4 device refuses the manifest (it knows no such field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preconditions: Option<Preconditions>,
 }
 
 impl Manifest {
@@ -124,6 +131,9 @@ impl Manifest {
         }
         if self.expires_at <= self.created_at {
             return Err(Inconsistent("expires_at is not after created_at"));
+        }
+        if let Some(p) = &self.preconditions {
+            p.validate().map_err(Inconsistent)?;
         }
         if let Some(d) = &self.delta {
             if decode_digest_hex(&d.base_sha256).is_none()
@@ -486,6 +496,7 @@ pub(crate) mod tests {
             expires_at: 200,
             sequence: None,
             delta: None,
+            preconditions: None,
         }
     }
 
@@ -566,6 +577,45 @@ pub(crate) mod tests {
             forged.verify(&[key.public()]),
             Err(ManifestError::BadSignature)
         );
+    }
+
+    #[test]
+    fn preconditions_are_covered_by_the_signature() {
+        use crate::precondition::{InstallWindow, Preconditions};
+        let key = ReleaseSigningKey::generate().unwrap();
+        let mut m = sample(3);
+        m.preconditions = Some(Preconditions {
+            min_battery_pct: Some(30),
+            install_window: Some(InstallWindow::parse("01:00-05:00").unwrap()),
+            ..Default::default()
+        });
+        let s = SignedManifest::sign(&m, &key);
+        assert_eq!(s.verify(&[key.public()]).unwrap(), m);
+        // A server that strips the preconditions, or widens the window, breaks the signature.
+        let mut stripped = m.clone();
+        stripped.preconditions = None;
+        let mut widened = m.clone();
+        widened.preconditions = Some(Preconditions {
+            min_battery_pct: Some(30),
+            install_window: Some(InstallWindow::parse("00:00-23:59").unwrap()),
+            ..Default::default()
+        });
+        for forged in [stripped, widened] {
+            let f = SignedManifest {
+                payload: B64.encode(serde_json::to_vec(&forged).unwrap()),
+                signatures: s.signatures.clone(),
+            };
+            assert_eq!(f.verify(&[key.public()]), Err(ManifestError::BadSignature));
+        }
+    }
+
+    #[test]
+    fn a_manifest_without_preconditions_serializes_as_in_1_4() {
+        let json = String::from_utf8(serde_json::to_vec(&sample(2)).unwrap()).unwrap();
+        assert!(!json.contains("preconditions"), "{json}");
+        let mut m = sample(2);
+        m.preconditions = Some(Default::default());
+        assert!(matches!(m.validate(), Err(ManifestError::Inconsistent(_))));
     }
 
     #[test]

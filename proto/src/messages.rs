@@ -211,10 +211,15 @@ pub enum DeviceState {
     Succeeded,
     Failed,
     RolledBack,
+    /// (1.5) The signed manifest's preconditions do not hold on the device (its reason says
+    /// which); it keeps what it has downloaded and checks again on its own schedule. Not a
+    /// failure, not an end. Last in order so that comparisons along the success path keep their
+    /// meaning.
+    Deferred,
 }
 
 impl DeviceState {
-    pub const ALL: [DeviceState; 10] = [
+    pub const ALL: [DeviceState; 11] = [
         DeviceState::Idle,
         DeviceState::Notified,
         DeviceState::Downloading,
@@ -225,6 +230,7 @@ impl DeviceState {
         DeviceState::Succeeded,
         DeviceState::Failed,
         DeviceState::RolledBack,
+        DeviceState::Deferred,
     ];
 
     /// The only way to `succeeded`, one legal step at a time.
@@ -263,6 +269,7 @@ impl DeviceState {
             DeviceState::Succeeded => "succeeded",
             DeviceState::Failed => "failed",
             DeviceState::RolledBack => "rolled_back",
+            DeviceState::Deferred => "deferred",
         }
     }
 }
@@ -321,6 +328,18 @@ pub enum Reason {
     /// The device's current certificate is revoked: the orchestrator publishes it no job and
     /// serves it no chunk (since 1.1; sent only by the orchestrator, to operators).
     Revoked,
+    /// (1.5) Deferred: the battery is below the manifest's minimum and the device is not on
+    /// external power.
+    BatteryLow,
+    /// (1.5) Deferred: the device is in active use.
+    InUse,
+    /// (1.5) Deferred: the device's local time is outside the manifest's install window.
+    OutsideInstallWindow,
+    /// (1.5) Deferred: less free storage than the manifest asks for.
+    StorageLow,
+    /// (1.5) Deferred: on a metered link, with more left to download than the manifest allows
+    /// there.
+    MeteredLink,
 }
 
 impl Reason {
@@ -347,7 +366,25 @@ impl Reason {
             Reason::RootExpired => "root_expired",
             Reason::ReplayedManifest => "replayed_manifest",
             Reason::Revoked => "revoked",
+            Reason::BatteryLow => "battery_low",
+            Reason::InUse => "in_use",
+            Reason::OutsideInstallWindow => "outside_install_window",
+            Reason::StorageLow => "storage_low",
+            Reason::MeteredLink => "metered_link",
         }
+    }
+
+    /// (1.5) Whether this reason explains a deferral (a precondition that does not hold) rather
+    /// than a failure. Only `deferred` reports carry these.
+    pub fn is_deferral(self) -> bool {
+        matches!(
+            self,
+            Reason::BatteryLow
+                | Reason::InUse
+                | Reason::OutsideInstallWindow
+                | Reason::StorageLow
+                | Reason::MeteredLink
+        )
     }
 }
 
@@ -367,7 +404,8 @@ pub struct StatusReport {
     pub campaign: CampaignId,
     pub seq: u32,
     pub state: DeviceState,
-    /// Required with `failed` and `rolled_back`, absent otherwise.
+    /// Required with `failed` and `rolled_back` (a failure reason) and with `deferred` (a
+    /// deferral reason, [`Reason::is_deferral`]); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<Reason>,
     /// Free text for humans, at most [`MAX_DETAIL_LEN`] bytes.
@@ -390,10 +428,19 @@ impl Message for StatusReport {
         if !self.state.is_reportable() {
             return Err(DecodeError::Invalid("state is not reportable by a device"));
         }
-        let needs_reason = matches!(self.state, DeviceState::Failed | DeviceState::RolledBack);
+        let needs_reason = matches!(
+            self.state,
+            DeviceState::Failed | DeviceState::RolledBack | DeviceState::Deferred
+        );
         if needs_reason != self.reason.is_some() {
             return Err(DecodeError::Invalid(
-                "reason is required with failed and rolled_back, and only then",
+                "reason is required with failed, rolled_back and deferred, and only then",
+            ));
+        }
+        let deferral = self.state == DeviceState::Deferred;
+        if self.reason.is_some_and(|r| r.is_deferral() != deferral) {
+            return Err(DecodeError::Invalid(
+                "deferred takes a deferral reason, and only deferred does",
             ));
         }
         check_detail(self.detail.as_deref())?;
@@ -657,6 +704,14 @@ mod tests {
             report(r#"{"v":1,"campaign":"c-1","seq":2,"state":"failed","reason":"bad_signature"}"#)
                 .unwrap();
         assert_eq!(r.reason, Some(Reason::BadSignature));
+        let r = report(
+            r#"{"v":1,"campaign":"c-1","seq":3,"state":"deferred","reason":"outside_install_window"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.state, r.reason),
+            (DeviceState::Deferred, Some(Reason::OutsideInstallWindow))
+        );
     }
 
     #[test]
@@ -673,6 +728,9 @@ mod tests {
             r#"{"v":1,"campaign":"c-1","seq":1,"state":"downloading","reason":"downgrade"}"#,
             r#"{"v":1,"campaign":"c-1","seq":1,"state":"downloading","extra":1}"#,
             r#"{"v":1,"campaign":"c-1","seq":1,"state":"exploded"}"#,
+            r#"{"v":1,"campaign":"c-1","seq":1,"state":"deferred"}"#,
+            r#"{"v":1,"campaign":"c-1","seq":1,"state":"deferred","reason":"bad_signature"}"#,
+            r#"{"v":1,"campaign":"c-1","seq":1,"state":"failed","reason":"battery_low"}"#,
         ];
         for c in cases {
             assert!(report(c).is_err(), "accepted {c:?}");

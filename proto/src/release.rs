@@ -29,6 +29,8 @@ pub struct ReleaseMeta {
     pub expires_at: u64,
     /// The manifest's sequence number ([`Manifest::sequence`]).
     pub sequence: Option<u64>,
+    /// (1.5) Device preconditions ([`Manifest::preconditions`]); `None` for none.
+    pub preconditions: Option<crate::precondition::Preconditions>,
 }
 
 /// Why a release could not be built.
@@ -143,6 +145,7 @@ fn build(
         expires_at: meta.expires_at,
         sequence: meta.sequence,
         delta,
+        preconditions: meta.preconditions.clone(),
     };
     manifest.validate()?;
     let signed = SignedManifest::sign(&manifest, key);
@@ -171,6 +174,7 @@ mod tests {
             created_at: 1,
             expires_at: 2,
             sequence: Some(1),
+            preconditions: None,
         };
         let mut chunks = Vec::new();
         let built = build_release(&mut image.as_slice(), 5000, &meta, &key, |i, c| {
@@ -201,6 +205,7 @@ mod tests {
             created_at: 1,
             expires_at: 2,
             sequence: Some(1),
+            preconditions: None,
         };
         let image = vec![0u8; 3000];
         let r = build_release(&mut image.as_slice(), 2048, &meta, &key, |_, _| Ok(()));

@@ -35,6 +35,7 @@ fn meta(artifact: &str) -> ReleaseMeta {
         created_at: T0 / 1000 - 86_400,
         expires_at: T0 / 1000 + 86_400,
         sequence: None,
+        preconditions: None,
     }
 }
 

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use aloft_proto::crypto::{self, ContentKey};
 use aloft_proto::manifest::Manifest;
 use aloft_proto::messages::{MAX_CHUNKS_PER_REQUEST, MAX_RANGES_PER_REQUEST};
+use aloft_proto::precondition::Preconditions;
 use aloft_proto::ArtifactId;
 use sha2::{Digest, Sha256};
 
@@ -66,13 +67,15 @@ pub(super) struct Session {
     /// (1.5) The job's untrusted origin, when the device fetches from one: chunks it is
     /// fetching there are not asked of the orchestrator.
     pub origin: Option<OriginPlan>,
+    /// (1.5) The preconditions of the campaign's (full image's) signed manifest: with a
+    /// delta, `manifest` is the patch's, but the job's manifest says when to install.
+    pub preconditions: Option<Preconditions>,
 }
 
 impl Session {
     pub fn new(manifest: Manifest, key: Option<ContentKey>, base_timeout_ms: u64) -> Self {
         Session {
             digests: manifest.chunk_digests(),
-            manifest,
             key,
             outstanding: BTreeMap::new(),
             asked_before: HashSet::new(),
@@ -84,6 +87,8 @@ impl Session {
             paused_until: 0,
             requests_enabled: false,
             origin: None,
+            preconditions: manifest.preconditions.clone(),
+            manifest,
         }
     }
 

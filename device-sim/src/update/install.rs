@@ -180,6 +180,17 @@ impl UpdateAgent {
             };
             let (phase, complete, campaign) =
                 (cur.phase, cur.written.is_complete(), cur.campaign.clone());
+            // (1.5) The manifest's preconditions gate the download and the install.
+            match phase {
+                DeviceState::Downloading if !complete => {
+                    self.download_gate(now);
+                    return;
+                }
+                // Chunks in flight when the download was deferred may have completed it.
+                DeviceState::Downloading => self.resume_download(),
+                DeviceState::Downloaded if !self.install_gate(now) => return,
+                _ => {}
+            }
             let Some(session) = &mut self.session else {
                 return;
             };

@@ -23,12 +23,16 @@
 //! revoked without touching the device (PROTOCOL.md §9.2).
 
 mod checks;
+mod deferral;
 mod delta;
 #[cfg(test)]
 mod delta_tests;
 mod download;
 mod install;
 mod origin;
+#[cfg(test)]
+mod precondition_tests;
+pub mod preconditions;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
@@ -54,6 +58,7 @@ use checks::{clip, peek_refusal, unwrap_key, verify_job, verify_signature, walk_
 pub use delta::RebuildStats;
 use download::{ChunkOutcome, Session};
 pub use origin::{OriginFailure, OriginFetch};
+pub use preconditions::{Conditions, Environment, Unconstrained};
 
 /// How the agent behaves; everything but the identity has a sensible default.
 #[derive(Debug, Clone)]
@@ -104,6 +109,9 @@ pub struct AgentConfig {
     /// A fetch the shell has not answered within this counts as failed (the shell's own time
     /// limit should answer first).
     pub origin_timeout_ms: u64,
+    /// (1.5) While the manifest's preconditions do not hold (and while a download they gate is
+    /// running), the device asks its [`Environment`] again this often.
+    pub precondition_recheck_ms: u64,
 }
 
 impl AgentConfig {
@@ -127,6 +135,7 @@ impl AgentConfig {
             origin_window: 4,
             origin_max_failures: 4,
             origin_timeout_ms: 60_000,
+            precondition_recheck_ms: 60_000,
         }
     }
 }
@@ -292,6 +301,8 @@ pub struct AgentStats {
     /// (1.5) Deltas abandoned for the full image (a bad patch, a failed rebuild, or a power
     /// loss that interrupted one).
     pub delta_fallbacks: u64,
+    /// (1.5) `deferred` reports queued: a precondition stopped a download or an install.
+    pub deferrals: u64,
 }
 
 impl AgentStats {
@@ -312,6 +323,7 @@ impl AgentStats {
             origin_abandoned: self.origin_abandoned + o.origin_abandoned,
             delta_rebuilds: self.delta_rebuilds + o.delta_rebuilds,
             delta_fallbacks: self.delta_fallbacks + o.delta_fallbacks,
+            deferrals: self.deferrals + o.deferrals,
         }
     }
 }
@@ -333,7 +345,7 @@ pub struct UpdateAgent {
     session: Option<Session>,
     /// A job for another campaign that arrived while the current one was past the point of no
     /// return; handled when the current one finishes (the retained job is not redelivered).
-    deferred_job: Option<Vec<u8>>,
+    held_job: Option<Vec<u8>>,
     stats: AgentStats,
     persist: Persist,
     /// The last report the orchestrator accepted (applied or duplicate) in this process's life:
@@ -348,6 +360,11 @@ pub struct UpdateAgent {
     last_heartbeat: Option<u64>,
     /// (1.5) Origin fetches decided and not yet taken by the shell.
     origin_orders: Vec<OriginFetch>,
+    /// (1.5) Where the device's conditions come from (battery, use, local time, storage, link).
+    env: Box<dyn Environment>,
+    /// (1.5) When the preconditions are due to be checked again; `None`: at the next step. In
+    /// memory only: after a restart the device checks at once.
+    precondition_check_at: Option<u64>,
 }
 
 impl UpdateAgent {
@@ -373,7 +390,7 @@ impl UpdateAgent {
             connected: false,
             head_sent_at: None,
             session: None,
-            deferred_job: None,
+            held_job: None,
             stats: AgentStats::default(),
             persist: Persist::Clean,
             last_acked: None,
@@ -381,9 +398,17 @@ impl UpdateAgent {
             verifying_since: None,
             last_heartbeat: None,
             origin_orders: Vec::new(),
+            env: Box::new(Unconstrained),
+            precondition_check_at: None,
         };
         agent.power_on();
         agent
+    }
+
+    /// (1.5) Takes the device's conditions from `env` instead of [`Unconstrained`].
+    pub fn with_environment(mut self, env: Box<dyn Environment>) -> Self {
+        self.env = env;
+        self
     }
 
     pub fn device(&self) -> &DeviceId {
@@ -464,7 +489,7 @@ impl UpdateAgent {
             if self.record.current.is_some() {
                 break;
             }
-            match self.deferred_job.take() {
+            match self.held_job.take() {
                 Some(job) => self.on_job(now, &job, flash),
                 None => break,
             }
@@ -508,7 +533,11 @@ impl UpdateAgent {
         let (Some(cur), Some(s)) = (&self.record.current, &mut self.session) else {
             return;
         };
-        if cur.phase != DeviceState::Downloading || !s.requests_enabled || now < s.paused_until {
+        if cur.phase != DeviceState::Downloading
+            || !s.requests_enabled
+            || now < s.paused_until
+            || cur.deferred.is_some()
+        {
             return;
         }
         self.stats.chunk_requests_expired += s.expire(now, self.cfg.max_chunk_timeout_ms);
@@ -571,6 +600,7 @@ impl UpdateAgent {
             _ => None,
         };
         let full_image = manifest.image_size;
+        let preconditions = manifest.preconditions.clone();
         let (manifest, key) = match resumed {
             Some((m, k)) => (m, Some(k)),
             None => {
@@ -589,6 +619,7 @@ impl UpdateAgent {
             None => return,
         };
         let mut session = Session::new(manifest, key, self.cfg.chunk_timeout_ms);
+        session.preconditions = preconditions;
         session.origin = self.origin_plan(&cur.job);
         // If the downloading report is no longer queued, it was published (and acknowledged).
         session.requests_enabled = !self
@@ -655,6 +686,7 @@ impl UpdateAgent {
         self.session = None;
         self.reboot_at = None;
         self.verifying_since = None;
+        self.precondition_check_at = None;
         if let Some(cur) = self.record.current.take() {
             self.record.push_finished(FinishedCampaign {
                 campaign: cur.campaign,
@@ -730,8 +762,8 @@ impl UpdateAgent {
                 return; // A redelivery: the campaign simply continues.
             }
             if *phase >= DeviceState::Installing {
-                info!(device = %self.cfg.device, %campaign, current = %cur, "job deferred until the current campaign finishes");
-                self.deferred_job = Some(payload.to_vec());
+                info!(device = %self.cfg.device, %campaign, current = %cur, "job held until the current campaign finishes");
+                self.held_job = Some(payload.to_vec());
                 return;
             }
         }
@@ -781,7 +813,7 @@ impl UpdateAgent {
                 Some(format!("replaced by campaign {campaign}")),
             );
         }
-        self.start(job, manifest, key, chosen, flash);
+        self.start(now, job, manifest, key, chosen, flash);
     }
 
     /// Keeps a root that a job's chain walked forward to. It is saved even if that job is then
@@ -797,13 +829,14 @@ impl UpdateAgent {
     /// No job (an empty payload, or a `Withdrawal` naming the campaign and why): the job topic
     /// holds the device's whole job state, so whatever it is downloading was withdrawn, even a
     /// campaign other than the one named (a later job may have come and gone while the device
-    /// was offline). The download is abandoned and the running slot untouched; an install that
-    /// has begun runs to its end, since stopping it halfway would gain nothing.
+    /// was offline). The download is abandoned and the running slot untouched, as is an image
+    /// downloaded and waiting for its preconditions; an install that has begun runs to its end,
+    /// since stopping it halfway would gain nothing.
     fn on_job_withdrawn(&mut self, withdrawn: Option<Withdrawn>) {
-        self.deferred_job = None;
+        self.held_job = None;
         if self
             .current()
-            .is_some_and(|(_, p)| p == DeviceState::Downloading)
+            .is_some_and(|(_, p)| matches!(p, DeviceState::Downloading | DeviceState::Downloaded))
         {
             let detail = match &withdrawn {
                 Some(w) => format!("job withdrawn ({} of {})", w.reason, w.campaign),
@@ -823,9 +856,11 @@ impl UpdateAgent {
             && self.current().is_none_or(|(c, _)| c != campaign)
     }
 
-    /// Accepts a verified job: prepares the update slot and reports `downloading`.
+    /// Accepts a verified job: prepares the update slot and reports `downloading` (or
+    /// `deferred`, when the manifest's preconditions gate the download and do not hold).
     fn start(
         &mut self,
+        now: u64,
         job: Job,
         manifest: Manifest,
         key: ContentKey,
@@ -836,6 +871,7 @@ impl UpdateAgent {
         info!(device = %self.cfg.device, %campaign, artifact = %manifest.artifact, version = %manifest.version, delta = chosen.is_some(), "job accepted");
         self.record.slots.invalidate_update_slot();
         let image_size = manifest.image_size;
+        let preconditions = manifest.preconditions.clone();
         // With a delta, the download is the patch's: its manifest and key drive the session.
         let (delta, manifest, key) = match chosen {
             Some(c) => (
@@ -855,6 +891,7 @@ impl UpdateAgent {
             next_seq: 1,
             written: ChunkBitmap::new(manifest.chunk_count),
             delta,
+            deferred: None,
         });
         let slot = self.record.slots.update_slot();
         let prepared = flash.begin_update(slot, image_size);
@@ -863,14 +900,21 @@ impl UpdateAgent {
         if let Err(e) = prepared {
             return self.fail(Reason::InstallFailed, Some(e.to_string()));
         }
-        self.report(DeviceState::Downloading, None, None);
         let mut session = Session::new(manifest, Some(key), self.cfg.chunk_timeout_ms);
+        session.preconditions = preconditions;
         session.origin = self
             .record
             .current
             .as_ref()
             .and_then(|c| self.origin_plan(&c.job));
         self.session = Some(session);
+        self.precondition_check_at = None;
+        match self.download_verdict(now) {
+            Some(Err(unmet)) => self.defer(unmet),
+            _ => {
+                self.report(DeviceState::Downloading, None, None);
+            }
+        }
     }
 
     fn on_frame(&mut self, now: u64, payload: &[u8], flash: &mut dyn Flash) {

@@ -195,7 +195,7 @@ impl UpdateAgent {
         let (Some(cur), Some(s)) = (&self.record.current, &mut self.session) else {
             return;
         };
-        if cur.phase != DeviceState::Downloading || !s.requests_enabled {
+        if cur.phase != DeviceState::Downloading || !s.requests_enabled || cur.deferred.is_some() {
             return;
         }
         let Some(mut plan) = s.origin.take() else {

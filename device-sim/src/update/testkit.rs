@@ -105,6 +105,8 @@ pub struct ReleaseSpec<'a> {
     pub size: usize,
     pub expires_at: u64,
     pub sequence: Option<u64>,
+    /// (1.5) Signed into the manifest.
+    pub preconditions: Option<aloft_proto::precondition::Preconditions>,
 }
 
 impl Default for ReleaseSpec<'_> {
@@ -117,6 +119,7 @@ impl Default for ReleaseSpec<'_> {
             size: 5000,
             expires_at: T0 / 1000 + 86_400,
             sequence: None,
+            preconditions: None,
         }
     }
 }
@@ -141,6 +144,7 @@ pub fn release(key: &ReleaseSigningKey, spec: &ReleaseSpec<'_>) -> TestRelease {
         created_at: T0 / 1000 - 86_400,
         expires_at: spec.expires_at,
         sequence: spec.sequence,
+        preconditions: spec.preconditions.clone(),
     };
     let mut sealed = Vec::new();
     let built = build_release(

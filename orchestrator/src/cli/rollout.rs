@@ -371,13 +371,14 @@ pub fn describe(s: &CampaignSummary, now_ms: u64) -> String {
         let c = &w.counts;
         let _ = writeln!(
             out,
-            "  wave {}: {} devices, opened {}, finished {}: notified {} downloading {} installing {} succeeded {} failed {} unhealthy {}",
+            "  wave {}: {} devices, opened {}, finished {}: notified {} downloading {} deferred {} installing {} succeeded {} failed {} unhealthy {}",
             w.wave,
             c.size,
             at(w.opened_ms),
             at(w.finished_ms),
             c.notified,
             c.downloading,
+            c.deferred,
             c.installing,
             c.succeeded,
             c.failed,

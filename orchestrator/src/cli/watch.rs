@@ -131,7 +131,7 @@ fn bar(w: &WaveSummary) -> String {
     let cells = |n: u32| (n as usize * BAR).div_ceil(size).min(BAR);
     let ok = cells(c.succeeded);
     let bad = cells(c.failures()).min(BAR - ok);
-    let busy = cells(c.downloading + c.installing).min(BAR - ok - bad);
+    let busy = cells(c.downloading + c.installing + c.deferred).min(BAR - ok - bad);
     format!(
         "{}{}{}{}",
         "█".repeat(ok),
@@ -146,11 +146,12 @@ fn wave_counts(w: &WaveSummary) -> String {
     let c = &w.counts;
     let waiting = c
         .size
-        .saturating_sub(c.notified + c.downloading + c.installing + c.finished());
+        .saturating_sub(c.notified + c.downloading + c.installing + c.deferred + c.finished());
     let parts: Vec<String> = [
         ("waiting", waiting),
         ("notified", c.notified),
         ("downloading", c.downloading),
+        ("deferred", c.deferred),
         ("installing", c.installing),
         ("succeeded", c.succeeded),
         ("failed", c.failed),

@@ -6,6 +6,10 @@
 //!          │             │             │            │            │           │
 //!          └──── Failed(reason) ◄──────┴────────────┘            └─► RolledBack(reason)
 //! ```
+//! (1.5) `Deferred` (the manifest's preconditions do not hold on the device) is entered from
+//! `Notified` (checked before the download), `Downloading` (a metered link, or a resumed
+//! download) or `Downloaded` (checked before the install), and again from itself when the
+//! reason changes; it leaves to `Downloading` or `Installing` once they hold, or to `Failed`.
 //! `Failed` is legal from every non-terminal state, so that a later orchestrator decision
 //! (timeouts, cancellation: not built yet) fits the same table. Terminal states (`Succeeded`, `Failed`, `RolledBack`) are absorbing.
 
@@ -27,8 +31,16 @@ pub fn is_legal(from: DeviceState, to: DeviceState) -> bool {
             | (Rebooting, Verifying)
             | (Verifying, Succeeded)
             | (Rebooting | Verifying, RolledBack)
+            | (Notified | Downloading | Downloaded | Deferred, Deferred)
+            | (Deferred, Downloading | Installing)
             | (
-                Idle | Notified | Downloading | Downloaded | Installing | Rebooting | Verifying,
+                Idle | Notified
+                    | Downloading
+                    | Downloaded
+                    | Installing
+                    | Rebooting
+                    | Verifying
+                    | Deferred,
                 Failed
             )
     )
@@ -38,7 +50,7 @@ pub fn is_legal(from: DeviceState, to: DeviceState) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
     pub state: DeviceState,
-    /// Set with `Failed` and `RolledBack`.
+    /// Set with `Failed` and `RolledBack`, and with `Deferred` (its deferral reason).
     pub reason: Option<Reason>,
     /// The last report sequence number handled (applied or rejected); 0 before any report.
     pub last_seq: u32,
@@ -126,7 +138,11 @@ mod tests {
     use std::collections::{HashSet, VecDeque};
 
     fn report(seq: u32, state: DeviceState) -> StatusReport {
-        let reason = matches!(state, Failed | RolledBack).then_some(Reason::HealthCheckFailed);
+        let reason = match state {
+            Failed | RolledBack => Some(Reason::HealthCheckFailed),
+            Deferred => Some(Reason::BatteryLow),
+            _ => None,
+        };
         StatusReport {
             v: PROTOCOL_VERSION,
             campaign: CampaignId::new("c-1").unwrap(),
@@ -174,6 +190,26 @@ mod tests {
     }
 
     #[test]
+    fn a_deferral_resumes_where_it_stopped_and_never_skips_the_install() {
+        for (from, to) in [
+            (Notified, Deferred),
+            (Downloading, Deferred),
+            (Downloaded, Deferred),
+            (Deferred, Deferred),
+            (Deferred, Downloading),
+            (Deferred, Installing),
+            (Deferred, Failed),
+        ] {
+            assert!(is_legal(from, to), "{from} -> {to}");
+        }
+        for to in [Rebooting, Verifying, Succeeded, RolledBack, Downloaded] {
+            assert!(!is_legal(Deferred, to), "deferred -> {to}");
+        }
+        assert!(!is_legal(Installing, Deferred));
+        assert!(!Deferred.is_terminal());
+    }
+
+    #[test]
     fn duplicate_report_changes_nothing() {
         let mut p = Progress::new(0);
         p.state = Notified;
@@ -218,7 +254,7 @@ mod tests {
         /// can't, leaves a terminal state, or moves the sequence number backwards.
         #[test]
         fn no_event_sequence_reaches_an_illegal_state(
-            events in proptest::collection::vec((0u32..12, 0usize..10, any::<bool>()), 0..64)
+            events in proptest::collection::vec((0u32..12, 0usize..11, any::<bool>()), 0..64)
         ) {
             let reachable = reachable();
             let mut p = Progress::new(0);

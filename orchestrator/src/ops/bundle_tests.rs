@@ -13,6 +13,7 @@ fn meta(artifact: &str, sv: u64, sequence: u64) -> ReleaseMeta {
         created_at: 1_000,
         expires_at: 2_000,
         sequence: Some(sequence),
+        preconditions: None,
     }
 }
 

@@ -112,6 +112,7 @@ mod tests {
             created_at: 1,
             expires_at: 2,
             sequence: Some(1),
+            preconditions: None,
         };
         let key = ReleaseSigningKey::generate().unwrap();
         super::super::write_bundle(&mut image.as_slice(), 5000, &meta, &key, dir).unwrap();

@@ -17,6 +17,11 @@
 //! wave is open, the schedule and maintenance window allow, and fewer than `concurrency` devices
 //! are downloading. Thresholds are judged per wave on failed / finished, where a succeeded
 //! device that reported itself unhealthy before its wave's soak ended counts as failed.
+//!
+//! (1.5) A `deferred` member (its manifest's preconditions do not hold yet) is in flight but
+//! neither finished nor failed: thresholds ignore it, the silence timeout spares it (deferring
+//! is waiting on purpose), it holds no download slot, and the campaign's deadline, or an abort,
+//! ends it as `timed_out` or `cancelled`.
 
 pub mod policy;
 #[cfg(test)]
@@ -75,6 +80,9 @@ pub struct WaveCounts {
     pub unhealthy: u32,
     /// Failed or rolled back (timeouts and cancellations included).
     pub failed: u32,
+    /// (1.5) Deferred by the manifest's preconditions: in flight, not a failure.
+    #[serde(default)]
+    pub deferred: u32,
 }
 
 impl WaveCounts {
@@ -97,6 +105,7 @@ impl WaveCounts {
             Succeeded if unhealthy => &mut self.unhealthy,
             Succeeded => &mut self.succeeded,
             Failed | RolledBack => &mut self.failed,
+            Deferred => &mut self.deferred,
         })
     }
 
@@ -243,7 +252,7 @@ impl Rollout {
     fn in_flight(&self) -> u32 {
         self.waves
             .iter()
-            .map(|w| w.notified + w.downloading + w.installing)
+            .map(|w| w.notified + w.downloading + w.installing + w.deferred)
             .sum()
     }
 
@@ -399,7 +408,9 @@ impl Rollout {
         // Timestamps of stopped members are not used again (they are final or nearly so).
         for i in 0..self.cursor {
             match self.members[i].state {
-                DeviceState::Notified => {
+                // A deferred member has installed nothing, and may wait for hours: it is ended
+                // here rather than left holding the campaign.
+                DeviceState::Notified | DeviceState::Deferred => {
                     self.set_state(i, DeviceState::Failed, self.members[i].since_ms);
                     out.push(Action::Cancel(self.members[i].id.clone()));
                 }
@@ -437,6 +448,11 @@ impl Rollout {
                 }
             }
         }
+        if self.status == CampaignStatus::Expired {
+            // Past the deadline a deferral has lasted too long, including one that began
+            // after it (a member that was downloading when the deadline passed).
+            self.time_out_deferred(now_ms, &mut out);
+        }
         self.judge(&mut out);
         if self.status != CampaignStatus::Active {
             return out;
@@ -457,6 +473,18 @@ impl Rollout {
         now_ms >= self.start_ms() && self.policy.window.is_none_or(|w| w.allows(now_ms))
     }
 
+    fn time_out_deferred(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        if self.waves.iter().all(|w| w.deferred == 0) {
+            return;
+        }
+        for i in 0..self.cursor {
+            if self.members[i].state == DeviceState::Deferred {
+                self.set_state(i, DeviceState::Failed, now_ms);
+                out.push(Action::TimeOut(self.members[i].id.clone()));
+            }
+        }
+    }
+
     fn time_out(&mut self, now_ms: u64, out: &mut Vec<Action>) {
         let notified = self.policy.notified_timeout_secs.map(|s| s * 1000);
         let busy = self.policy.device_timeout_secs.map(|s| s * 1000);
@@ -469,6 +497,8 @@ impl Rollout {
             // silent: a slow download that keeps asking for chunks is not stuck.
             let (limit, from) = match m.state {
                 DeviceState::Notified => (notified, m.since_ms),
+                // Waiting for its preconditions is not silence; the deadline bounds it.
+                DeviceState::Deferred => (None, 0),
                 s if s > DeviceState::Notified && !s.is_terminal() => (busy, m.active_ms),
                 _ => (None, 0),
             };

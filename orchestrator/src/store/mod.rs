@@ -417,6 +417,7 @@ pub(crate) mod tests {
             created_at: 0,
             expires_at: 10,
             sequence: None,
+            preconditions: None,
         };
         let signing = ReleaseSigningKey::generate().unwrap();
         let image = vec![7u8; 100];

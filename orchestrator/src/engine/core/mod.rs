@@ -791,9 +791,16 @@ impl Core {
             Decision::Apply(next) => {
                 self.put_progress(&campaign, &device, &next);
                 self.metrics.report("applied");
-                if let Some(reason) = next.reason {
-                    self.metrics.failure(reason.as_str());
-                    info!(%device, %campaign, state = %next.state, %reason, "device did not succeed");
+                match next.reason {
+                    Some(reason) if next.state == DeviceState::Deferred => {
+                        // Not a failure: the device waits for its manifest's preconditions.
+                        info!(%device, %campaign, %reason, "device deferred the update");
+                    }
+                    Some(reason) => {
+                        self.metrics.failure(reason.as_str());
+                        info!(%device, %campaign, state = %next.state, %reason, "device did not succeed");
+                    }
+                    None => {}
                 }
                 let s = next.state;
                 if s != DeviceState::Downloading {

@@ -128,6 +128,7 @@ impl Fixture {
             created_at: 0,
             expires_at: u64::MAX / 2,
             sequence: Some(2),
+            preconditions: None,
         };
         let size = u64::from(chunks) * 1024;
         let image = vec![7u8; size as usize];
@@ -216,8 +217,11 @@ impl Fixture {
     }
 
     pub fn report(&self, device: usize, seq: u32, state: DeviceState) -> Event {
-        let reason = matches!(state, DeviceState::Failed | DeviceState::RolledBack)
-            .then_some(Reason::HealthCheckFailed);
+        let reason = match state {
+            DeviceState::Failed | DeviceState::RolledBack => Some(Reason::HealthCheckFailed),
+            DeviceState::Deferred => Some(Reason::OutsideInstallWindow),
+            _ => None,
+        };
         let report = StatusReport {
             v: PROTOCOL_VERSION,
             campaign: self.campaign.clone(),
@@ -801,4 +805,161 @@ fn device_list_pages_in_id_order_after_the_last_id_seen() {
     let mut expected: Vec<String> = f.devices.iter().map(|d| d.to_string()).collect();
     expected.sort();
     assert_eq!(ids, expected);
+}
+
+/// Feeds `events` at `now`, then settles; what the store would hold is applied to `durable`.
+fn feed(core: &mut Core, durable: &mut Durable, now: u64, events: Vec<Event>) -> Effects {
+    let mut fx = Effects::default();
+    for e in events {
+        fx.extend(core.on_event(now, e));
+    }
+    fx.extend(core.on_tick(now));
+    fx.extend(core.settle(now));
+    durable.apply(&fx.writes);
+    fx
+}
+
+fn state_of(durable: &Durable, f: &Fixture, device: usize) -> (DeviceState, Option<Reason>) {
+    let p = &durable.progress[&(f.campaign.clone(), f.devices[device].clone())];
+    (p.state, p.reason)
+}
+
+#[test]
+fn deferred_members_are_in_flight_not_failures_and_trip_no_threshold() {
+    let mut f = Fixture::new(4, 2);
+    let threshold = crate::rollout::policy::Threshold {
+        ratio: 0.25,
+        min_sample: 1,
+    };
+    if let Some(c) = f.durable.campaigns.get_mut(&f.campaign) {
+        c.policy.pause_at = Some(threshold);
+        c.policy.abort_at = Some(threshold);
+    }
+    let mut durable = f.durable.clone();
+    let mut core = f.core();
+    durable.apply(&core.recover(1_000).writes);
+    // Three of four defer (one before its download, two after it); one succeeds.
+    let mut events = vec![f.report(0, 1, DeviceState::Deferred)];
+    for d in 1..3 {
+        events.push(f.report(d, 1, DeviceState::Downloading));
+        events.push(f.report(d, 2, DeviceState::Downloaded));
+        events.push(f.report(d, 3, DeviceState::Deferred));
+    }
+    for (seq, s) in DeviceState::SUCCESS_PATH[2..].iter().enumerate() {
+        events.push(f.report(3, seq as u32 + 1, *s));
+    }
+    let fx = feed(&mut core, &mut durable, 2_000, events);
+    assert!(acks(&fx.after_commit)
+        .iter()
+        .all(|a| a.outcome == AckOutcome::Applied));
+    for d in 0..3 {
+        assert_eq!(
+            state_of(&durable, &f, d),
+            (DeviceState::Deferred, Some(Reason::OutsideInstallWindow))
+        );
+    }
+    let counts = core.campaigns[&f.campaign].rollout.waves()[0];
+    assert_eq!(
+        (counts.deferred, counts.failures(), counts.finished()),
+        (3, 0, 1)
+    );
+    assert_eq!(
+        durable.campaigns[&f.campaign].status,
+        CampaignStatus::Active
+    );
+    assert!(!core.campaigns[&f.campaign].rollout.settled());
+
+    // The window opens: the deferred devices go on where they stopped, and the campaign ends.
+    let mut events = vec![f.report(0, 2, DeviceState::Downloading)];
+    for (seq, s) in DeviceState::SUCCESS_PATH[3..].iter().enumerate() {
+        events.push(f.report(0, seq as u32 + 3, *s));
+    }
+    for d in 1..3 {
+        for (seq, s) in DeviceState::SUCCESS_PATH[4..].iter().enumerate() {
+            events.push(f.report(d, seq as u32 + 4, *s));
+        }
+    }
+    let fx = feed(&mut core, &mut durable, 3_000, events);
+    assert!(acks(&fx.after_commit)
+        .iter()
+        .all(|a| a.outcome == AckOutcome::Applied));
+    for d in 0..4 {
+        assert_eq!(
+            state_of(&durable, &f, d).0,
+            DeviceState::Succeeded,
+            "dev-{d}"
+        );
+    }
+    assert_eq!(
+        durable.campaigns[&f.campaign].status,
+        CampaignStatus::Finished
+    );
+}
+
+#[test]
+fn a_deferral_past_the_campaign_deadline_is_timed_out_and_its_job_withdrawn() {
+    let mut f = Fixture::new(3, 2);
+    if let Some(c) = f.durable.campaigns.get_mut(&f.campaign) {
+        c.policy.deadline_secs = Some(60);
+        // Silence alone never times a deferred device out: it waits on purpose.
+        c.policy.device_timeout_secs = Some(5);
+    }
+    let mut durable = f.durable.clone();
+    let mut core = f.core();
+    durable.apply(&core.recover(1_000).writes);
+    let mut events = vec![
+        f.report(0, 1, DeviceState::Deferred),
+        f.report(1, 1, DeviceState::Downloading),
+    ];
+    for (seq, s) in DeviceState::SUCCESS_PATH[2..].iter().enumerate() {
+        events.push(f.report(2, seq as u32 + 1, *s));
+    }
+    feed(&mut core, &mut durable, 2_000, events);
+    feed(
+        &mut core,
+        &mut durable,
+        40_000,
+        vec![f.report(1, 2, DeviceState::Downloaded)],
+    );
+    // Device 1 defers after the install gate closed on it; long silence, still deferred.
+    feed(
+        &mut core,
+        &mut durable,
+        50_000,
+        vec![f.report(1, 3, DeviceState::Deferred)],
+    );
+    feed(&mut core, &mut durable, 59_000, vec![]);
+    assert_eq!(state_of(&durable, &f, 0).0, DeviceState::Deferred);
+    assert_eq!(state_of(&durable, &f, 1).0, DeviceState::Deferred);
+
+    let fx = feed(&mut core, &mut durable, 61_000, vec![]);
+    for d in 0..2 {
+        assert_eq!(
+            state_of(&durable, &f, d),
+            (DeviceState::Failed, Some(Reason::TimedOut)),
+            "dev-{d}"
+        );
+        let job = aloft_proto::topics::job(&f.devices[d]);
+        let withdrawn = fx.after_commit.iter().any(|o| {
+            matches!(o, Out::Publish { topic, payload, retain: true }
+                if *topic == job
+                    && messages::decode::<messages::Withdrawal>(payload)
+                        .is_ok_and(|w| w.withdrawn.reason == Reason::TimedOut))
+        });
+        assert!(withdrawn, "dev-{d}'s job is withdrawn as timed_out");
+    }
+    assert_eq!(state_of(&durable, &f, 2).0, DeviceState::Succeeded);
+    assert_eq!(
+        durable.campaigns[&f.campaign].status,
+        CampaignStatus::Expired
+    );
+    assert!(core.campaigns[&f.campaign].rollout.settled());
+    // A late report of the timed-out device changes nothing.
+    let fx = feed(
+        &mut core,
+        &mut durable,
+        62_000,
+        vec![f.report(0, 2, DeviceState::Downloading)],
+    );
+    assert_eq!(acks(&fx.after_commit)[0].outcome, AckOutcome::Rejected);
 }
