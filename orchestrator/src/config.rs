@@ -55,6 +55,8 @@ pub struct FileConfig {
     /// its TLS settings, the CRL included, on SIGHUP).
     pub external_broker_crl: Option<PathBuf>,
     pub external_broker_pid_file: Option<PathBuf>,
+    /// The read-only web console (off unless `listen` is set).
+    pub console: crate::console::ConsoleFile,
 }
 
 /// Where the external broker listens, from `mqtts://host:port`.
@@ -105,6 +107,7 @@ impl Default for FileConfig {
             external_broker: None,
             external_broker_crl: None,
             external_broker_pid_file: None,
+            console: crate::console::ConsoleFile::default(),
         }
     }
 }

@@ -106,6 +106,7 @@ pub struct Engine {
     store: Store,
     cfg: EngineConfig,
     metrics: Arc<Metrics>,
+    board: Arc<crate::board::Board>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -121,7 +122,13 @@ impl Engine {
             store,
             cfg,
             metrics,
+            board: Arc::default(),
         }
+    }
+
+    /// The campaign summaries this engine publishes after each batch, for the console.
+    pub fn board(&self) -> Arc<crate::board::Board> {
+        self.board.clone()
     }
 
     /// Runs until `rx` closes. Returns an error only for failures that make continuing unsafe
@@ -184,6 +191,7 @@ impl Shell {
             store,
             cfg,
             metrics,
+            board,
         } = engine;
         let loaded = load(&store)?;
         let mut seed = [0u8; 16];
@@ -209,7 +217,8 @@ impl Shell {
             },
             metrics.clone(),
             loaded,
-        );
+        )
+        .with_board(board);
         Ok(Shell {
             store,
             metrics,
