@@ -115,7 +115,7 @@ pub fn overview(o: &Overview<'_>) -> String {
             let _ = write!(
                 b,
                 "<tr><td><a href=\"/campaigns/{link}\">{id}</a></td><td>{art}</td>\
-                 <td data-c=\"{id}\" data-k=\"status\" class=\"status\">{status}</td><td>{total}</td>\
+                 <td class=\"status\" data-c=\"{id}\" data-k=\"status\">{status}</td><td>{total}</td>\
                  <td><progress data-c=\"{id}\" data-k=\"bar\" max=\"{max}\" value=\"{done}\"></progress></td>{counts}</tr>",
                 link = seg(c.campaign.as_str()),
                 art = esc(c.artifact.as_str()),
@@ -148,7 +148,7 @@ pub fn campaign(who: &str, now_ms: u64, c: &CampaignSummary) -> String {
     let _ = write!(
         b,
         "<h1>Campaign {id}</h1><dl class=\"facts\"><dt>release</dt><dd>{art}</dd>\
-         <dt>status</dt><dd data-c=\"{id}\" data-k=\"status\" class=\"status\">{status}</dd>\
+         <dt>status</dt><dd class=\"status\" data-c=\"{id}\" data-k=\"status\">{status}</dd>\
          <dt>why</dt><dd data-c=\"{id}\" data-k=\"reason\">{reason}</dd>\
          <dt>members</dt><dd>{total}</dd><dt>created</dt><dd>{created}</dd>\
          <dt>finished</dt><dd>{finished}</dd></dl>",
