@@ -77,3 +77,67 @@ impl Board {
         self.version.subscribe()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::CampaignStatus;
+
+    fn summary(id: &str, created_ms: u64, finished: bool) -> CampaignSummary {
+        CampaignSummary {
+            campaign: CampaignId::new(id).unwrap(),
+            artifact: aloft_proto::ArtifactId::new("fw").unwrap(),
+            status: if finished {
+                CampaignStatus::Finished
+            } else {
+                CampaignStatus::Active
+            },
+            total: 1,
+            counts: BTreeMap::new(),
+            reasons: BTreeMap::new(),
+            created_ms,
+            finished_ms: finished.then_some(created_ms + 1),
+            reason: None,
+            policy: Default::default(),
+            waves: Vec::new(),
+            unhealthy: 0,
+            rolls_back: None,
+            paths: BTreeMap::new(),
+            devices: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_publish_replaces_the_campaign_and_wakes_readers() {
+        let b = Board::default();
+        let mut rx = b.subscribe();
+        b.publish(summary("c-1", 1, false));
+        assert!(rx.has_changed().unwrap());
+        rx.mark_unchanged();
+        b.publish(summary("c-1", 1, true));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(b.campaigns().len(), 1);
+        assert_eq!(
+            b.campaign(&CampaignId::new("c-1").unwrap()).unwrap().status,
+            CampaignStatus::Finished
+        );
+    }
+
+    #[test]
+    fn the_board_is_bounded_and_drops_the_oldest_finished_campaign() {
+        let b = Board::default();
+        b.publish(summary("c-live", 0, false));
+        for i in 0..MAX_BOARD_CAMPAIGNS as u64 + 5 {
+            b.publish(summary(&format!("c-{i}"), i + 1, true));
+        }
+        let all = b.campaigns();
+        assert_eq!(all.len(), MAX_BOARD_CAMPAIGNS);
+        // The live campaign, though the oldest, stays; the oldest finished ones went.
+        assert!(b.campaign(&CampaignId::new("c-live").unwrap()).is_some());
+        assert!(b.campaign(&CampaignId::new("c-0").unwrap()).is_none());
+        assert_eq!(
+            all[0].campaign.as_str(),
+            format!("c-{}", MAX_BOARD_CAMPAIGNS as u64 + 4)
+        );
+    }
+}
