@@ -464,6 +464,17 @@ async fn the_console_admits_operators_and_viewer_tokens_only_and_writes_nothing(
     }
     let r = curl(&with(bearer(&token), "/admin")).await;
     assert_eq!(r.status, 404);
+    // No request bodies, not even on a GET.
+    let mut a = bearer(&token);
+    a.extend([
+        "-X".to_owned(),
+        "GET".to_owned(),
+        "--data".to_owned(),
+        "x".repeat(100),
+    ]);
+    let r = curl(&with(a, "/")).await;
+    assert_eq!(r.status, 413);
+    assert!(r.headers.contains("connection: close"), "{}", r.headers);
 
     // Live streams are bounded (this console allows one at a time).
     let mut first = tokio::process::Command::new("curl")
@@ -495,4 +506,5 @@ async fn the_console_admits_operators_and_viewer_tokens_only_and_writes_nothing(
     assert!(m.console_refused_count("token_bad_signature") >= 2);
     assert!(m.console_refused_count("certificate_role") >= 1);
     assert!(m.console_refused_count("streams_full") >= 1);
+    assert!(m.console_refused_count("body") >= 1);
 }

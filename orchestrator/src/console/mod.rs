@@ -61,6 +61,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// hyper's read buffer, which bounds a request's head.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// A connection is closed after this long, whatever it does (a live stream lasts less).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(15 * 60);
 
 /// `[console]` in the configuration file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -174,10 +176,11 @@ pub async fn serve(listener: TcpListener, console: Console, mut shutdown: watch:
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(MAX_HEAD_BYTES)
-                .serve_connection(TokioIo::new(tls), svc)
-                .await;
-            if let Err(e) = served {
-                debug!(%peer, error = %e, "console connection ended");
+                .serve_connection(TokioIo::new(tls), svc);
+            match tokio::time::timeout(CONNECTION_LIFETIME, served).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, error = %e, "console connection ended"),
+                Err(_) => debug!(%peer, "console connection closed at the end of its lifetime"),
             }
         });
     }
@@ -209,8 +212,27 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/static/console.js", get(script))
         .route("/static/console.css", get(style))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(shared.clone(), no_body))
         .layer(middleware::map_response(secure_headers))
         .with_state(shared)
+}
+
+/// The console takes no request bodies: one announced is refused before any handler runs, and
+/// the connection closes (nothing is read of it).
+async fn no_body(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let h = req.headers();
+    let announced = h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if announced {
+        return refuse(
+            &shared,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body",
+            "The console takes no request bodies.",
+        );
+    }
+    next.run(req).await
 }
 
 /// Headers on every response: a CSP that allows only this origin's script, style and
@@ -244,9 +266,14 @@ fn html(status: StatusCode, body: String) -> Response {
         .into_response()
 }
 
+/// A refusal, counted; the connection closes after it (a refused client keeps no idle
+/// connection open).
 fn refuse(shared: &Shared, status: StatusCode, reason: &'static str, text: &str) -> Response {
     shared.metrics.console_refused(reason);
-    html(status, pages::message(status.as_str(), text))
+    let mut r = html(status, pages::message(status.as_str(), text));
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 /// The token in the `aloft_console` cookie, or an `Authorization: Bearer` header.
