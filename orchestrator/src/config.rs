@@ -263,6 +263,20 @@ mod tests {
     }
 
     #[test]
+    fn the_console_is_off_unless_configured_and_the_shipped_files_say_so() {
+        let example: FileConfig = toml::from_str(DEFAULT_CONFIG_TOML).unwrap();
+        let deploy: FileConfig = toml::from_str(include_str!("../../deploy/aloft.toml")).unwrap();
+        for f in [&example, &deploy, &FileConfig::default()] {
+            assert_eq!(f.console.listen, None);
+            assert_eq!(f.console.max_connections, 64);
+            assert_eq!(f.console.max_streams, 16);
+        }
+        let on: FileConfig = toml::from_str("[console]\nlisten = \"127.0.0.1:9443\"\n").unwrap();
+        assert_eq!(on.console.listen, Some("127.0.0.1:9443".parse().unwrap()));
+        assert!(toml::from_str::<FileConfig>("[console]\nwrite = true\n").is_err());
+    }
+
+    #[test]
     fn download_slots_are_read_from_the_file_and_zero_is_refused() {
         let file: FileConfig = toml::from_str("[downloads]\nslots = 512\n").unwrap();
         assert_eq!(file.downloads.slots, 512);
