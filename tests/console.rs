@@ -3,6 +3,9 @@
 //! a person would, trusting only the orchestrator's own server key (its SPKI pinned). curl (the
 //! fleet CA as its only trust anchor) plays the other clients: live updates as a stream of
 //! events, and everyone the console must refuse.
+//!
+//! docs/console.png is this test's screenshot of a campaign page:
+//! `ALOFT_CONSOLE_SCREENSHOT=$PWD/docs/console.png cargo nextest run --test e2e console`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -38,10 +38,14 @@ impl Board {
         self.campaigns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The engine: a campaign's new summary.
+    /// The engine: a campaign's new summary. The same summary again (a tick that moved
+    /// nothing) wakes nobody.
     pub fn publish(&self, summary: CampaignSummary) {
         {
             let mut m = self.lock();
+            if m.get(&summary.campaign).is_some_and(|old| **old == summary) {
+                return;
+            }
             m.insert(summary.campaign.clone(), Arc::new(summary));
             if m.len() > MAX_BOARD_CAMPAIGNS {
                 let oldest = m
@@ -114,6 +118,11 @@ mod tests {
         b.publish(summary("c-1", 1, false));
         assert!(rx.has_changed().unwrap());
         rx.mark_unchanged();
+        b.publish(summary("c-1", 1, false));
+        assert!(
+            !rx.has_changed().unwrap(),
+            "the same summary again wakes nobody"
+        );
         b.publish(summary("c-1", 1, true));
         assert!(rx.has_changed().unwrap());
         assert_eq!(b.campaigns().len(), 1);

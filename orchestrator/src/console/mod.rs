@@ -436,9 +436,17 @@ async fn overview(
     let campaigns = shared.board.campaigns();
     let on_board: std::collections::HashSet<CampaignId> =
         campaigns.iter().map(|c| c.campaign.clone()).collect();
-    let older = match read_store(&shared, |s| s.campaigns_page(OLDER_CAMPAIGNS + 256)).await {
-        Ok(v) => v,
-        Err(r) => return r,
+    // The engine puts every campaign it loads on the board; only a full board (it dropped
+    // finished ones) leaves campaigns to list from the store. A record carries its membership,
+    // so the store is not read otherwise.
+    let older = if campaigns.len() < crate::board::MAX_BOARD_CAMPAIGNS {
+        Vec::new()
+    } else {
+        let want = OLDER_CAMPAIGNS + crate::board::MAX_BOARD_CAMPAIGNS;
+        match read_store(&shared, move |s| s.campaigns_page(want)).await {
+            Ok(v) => v,
+            Err(r) => return r,
+        }
     };
     let older: Vec<_> = older
         .into_iter()
