@@ -124,6 +124,60 @@ impl Browser {
         self.run(&["--dump-dom".into(), url.into()]).await
     }
 
+    /// Keeps `url` open in a browser that stays up (killed when the child drops), and returns
+    /// its DevTools port, whose `/json/list` says each page's current title.
+    async fn open(&self, url: &str) -> (tokio::process::Child, u16) {
+        let port_file = self.profile.join("DevToolsActivePort");
+        let _ = std::fs::remove_file(&port_file);
+        let child = tokio::process::Command::new("chromium")
+            .args(self.args())
+            .args(["--remote-debugging-port=0", url])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromium");
+        let port = tokio::time::timeout(LIMIT, async {
+            loop {
+                if let Some(p) = std::fs::read_to_string(&port_file)
+                    .ok()
+                    .and_then(|t| t.lines().next()?.parse().ok())
+                {
+                    return p;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("chromium wrote its DevTools port");
+        (child, port)
+    }
+
+    /// Waits until the open page whose URL contains `url_part` has a title `done` accepts.
+    async fn wait_title(&self, port: u16, url_part: &str, done: impl Fn(&str) -> bool) -> String {
+        let list = format!("http://127.0.0.1:{port}/json/list");
+        tokio::time::timeout(LIMIT, async {
+            loop {
+                let r = curl(&[list.clone()]).await;
+                let pages: Value = serde_json::from_str(&r.body).unwrap_or(Value::Null);
+                let title = pages.as_array().and_then(|ps| {
+                    ps.iter()
+                        .find(|p| {
+                            p["type"] == "page"
+                                && p["url"].as_str().is_some_and(|u| u.contains(url_part))
+                        })
+                        .and_then(|p| p["title"].as_str().map(str::to_owned))
+                });
+                if let Some(t) = title.filter(|t| done(t)) {
+                    return t;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the page's title")
+    }
+
     async fn screenshot(&self, url: &str, file: &Path) {
         self.run(&[format!("--screenshot={}", file.display()), url.into()])
             .await;
@@ -309,8 +363,18 @@ async fn a_browser_sees_the_fleet_a_running_campaign_and_a_devices_history() {
         );
     }
 
-    // Live: the stream starts with the board as it is, then follows a change (an operator
-    // pauses the campaign) without a reload.
+    // Live, in the browser: the campaign's page stays open; its script marks the tab live with
+    // the campaign's status from the event stream, and follows the pause below without a reload.
+    let page_url = format!("{}/campaigns/{id}", s.base());
+    let (open, port) = browser.open(&page_url).await;
+    let live_title =
+        |status: &str| format!("\u{25cf} {status} \u{b7} Campaign {id} \u{b7} Aloft console");
+    browser
+        .wait_title(port, &page_url, |t| t == live_title("active"))
+        .await;
+
+    // Live, on the wire: the stream starts with the board as it is, then follows a change (an
+    // operator pauses the campaign).
     let mut child = tokio::process::Command::new("curl")
         .args(["-sSN", "--cacert"])
         .arg(s.ca())
@@ -348,6 +412,10 @@ async fn a_browser_sees_the_fleet_a_running_campaign_and_a_devices_history() {
         }
     }
     drop(child);
+    browser
+        .wait_title(port, &page_url, |t| t == live_title("paused"))
+        .await;
+    drop(open);
     // And a reload shows it.
     let overview = browser.dom(&format!("{}/", s.base())).await;
     assert!(overview.contains(&cell("status", "paused")), "{overview}");

@@ -6,6 +6,8 @@
 (function () {
   const live = document.getElementById("live");
   if (!window.EventSource || !live) return;
+  // The tab says the page is live and, on a campaign's page, where the campaign stands.
+  const baseTitle = document.title;
   const set = (el, v) => {
     if (el.tagName === "PROGRESS") {
       el.value = v;
@@ -46,6 +48,8 @@
     if (n && typeof u.connected === "number") set(n, u.connected);
     live.dataset.state = "live";
     live.textContent = "live, updated " + clock(u.at_ms);
+    const headline = document.querySelector("[data-title][data-k='status']");
+    document.title = "\u25cf " + (headline ? headline.textContent + " \u00b7 " : "") + baseTitle;
   };
   const source = new EventSource("/events");
   source.onmessage = (e) => {
@@ -58,5 +62,6 @@
   source.onerror = () => {
     live.dataset.state = "reconnecting";
     live.textContent = "reconnecting";
+    document.title = baseTitle;
   };
 })();

@@ -148,7 +148,7 @@ pub fn campaign(who: &str, now_ms: u64, c: &CampaignSummary) -> String {
     let _ = write!(
         b,
         "<h1>Campaign {id}</h1><dl class=\"facts\"><dt>release</dt><dd>{art}</dd>\
-         <dt>status</dt><dd class=\"status\" data-c=\"{id}\" data-k=\"status\">{status}</dd>\
+         <dt>status</dt><dd class=\"status\" data-title=\"1\" data-c=\"{id}\" data-k=\"status\">{status}</dd>\
          <dt>why</dt><dd data-c=\"{id}\" data-k=\"reason\">{reason}</dd>\
          <dt>members</dt><dd>{total}</dd><dt>created</dt><dd>{created}</dd>\
          <dt>finished</dt><dd>{finished}</dd></dl>",
