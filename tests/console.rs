@@ -158,7 +158,7 @@ impl Browser {
         let list = format!("http://127.0.0.1:{port}/json/list");
         tokio::time::timeout(LIMIT, async {
             loop {
-                let r = curl(&[list.clone()]).await;
+                let r = curl(std::slice::from_ref(&list)).await;
                 let pages: Value = serde_json::from_str(&r.body).unwrap_or(Value::Null);
                 let title = pages.as_array().and_then(|ps| {
                     ps.iter()
