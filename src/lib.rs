@@ -147,6 +147,15 @@ impl Lab {
         }
     }
 
+    /// A viewer token for the console of this lab's orchestrator, as `aloft console token`
+    /// mints it from the data directory, valid for `ttl_secs`.
+    pub fn console_token(&self, ttl_secs: u64) -> Result<String> {
+        let master = ops::open_keystore(&self.data_dir, &self.unlock())?;
+        aloft_orchestrator::console::TokenKey::derive(&master)
+            .mint(now_secs(), ttl_secs)
+            .map_err(|e| anyhow::anyhow!("randomness: {e}"))
+    }
+
     /// Starts the orchestrator in this process.
     pub async fn start(&self) -> Result<aloft_orchestrator::Running> {
         Ok(aloft_orchestrator::start(self.serve_config()).await?)
@@ -327,6 +336,9 @@ pub fn spawn_orchestrator(
         .arg(listen.to_string())
         .arg("--metrics-listen")
         .arg("127.0.0.1:0")
+        // The read-only console, on loopback (the demo prints its link).
+        .arg("--console-listen")
+        .arg("127.0.0.1:0")
         .arg("--unlock-file")
         .arg(unlock_file)
         .stdout(Stdio::piped())
@@ -345,10 +357,15 @@ pub fn spawn_orchestrator(
         let _ = child.kill();
         bail!("orchestrator did not report its addresses: {line:?}");
     };
+    let console_addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("console=https://"))
+        .and_then(|v| v.parse().ok());
     Ok(OrchestratorProcess {
         child,
         device_addr,
         metrics_addr,
+        console_addr,
     })
 }
 
@@ -512,6 +529,8 @@ pub struct OrchestratorProcess {
     pub child: Child,
     pub device_addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    /// The read-only web console (HTTPS).
+    pub console_addr: Option<SocketAddr>,
 }
 
 impl OrchestratorProcess {

@@ -65,6 +65,10 @@ struct Args {
     /// names it, and devices fetch chunks there.
     #[arg(long, value_parser = ["nginx"])]
     origin: Option<String>,
+    /// Keep the orchestrator (and its console) up this many seconds after the campaign, to
+    /// look around in the console.
+    #[arg(long, default_value_t = 0)]
+    hold_secs: u64,
 }
 
 fn main() -> Result<()> {
@@ -138,6 +142,15 @@ async fn demo(args: Args) -> Result<bool> {
         orch.child.id(),
         orch.device_addr
     ));
+    if let Some(console) = orch.console_addr {
+        // The link carries a viewer token (read-only, as long as the demo may run).
+        let ttl = args.timeout_secs.saturating_add(args.hold_secs);
+        let token = lab.console_token(ttl.clamp(600, aloft_orchestrator::console::MAX_TTL_SECS))?;
+        step(&format!(
+            "console (read-only): https://{console}/login?token={token}  \
+             (the server certificate is from the demo's own CA: your browser will warn)"
+        ));
+    }
 
     let devices = lab.enroll_fleet("dev", n_devices)?;
     step(&format!(
@@ -401,6 +414,15 @@ async fn demo(args: Args) -> Result<bool> {
             total(|s| s.origin_failed),
             total(|s| s.origin_abandoned),
         );
+    }
+    if args.hold_secs > 0 {
+        if let Some(console) = orch.console_addr {
+            step(&format!(
+                "holding for {}s: the console is still at https://{console}/",
+                args.hold_secs
+            ));
+        }
+        tokio::time::sleep(Duration::from_secs(args.hold_secs)).await;
     }
     admin.disconnect().await;
     fleet.shutdown().await;

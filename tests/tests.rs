@@ -9,6 +9,7 @@ mod backup;
 mod bench;
 mod campaign;
 mod certs;
+mod console;
 mod delta;
 mod external;
 mod faults;

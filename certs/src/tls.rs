@@ -189,6 +189,73 @@ pub fn server_config_reloadable(
         .with_single_cert(parse_certs(cert_pem)?, parse_private_key(key_pem)?)?)
 }
 
+/// The console's client verifier: the front's (fleet CA, the CRLs in force, replaced with
+/// them), except that a client may present no certificate at all; the console then asks for a
+/// viewer token. A certificate that is presented must verify, or the handshake fails.
+#[derive(Debug)]
+struct OptionalClientCert(Arc<ReloadableClientVerifier>);
+
+impl ClientCertVerifier for OptionalClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// The web console's HTTPS listener: TLS 1.3 only, the orchestrator's server certificate,
+/// HTTP/1.1 by ALPN, and an optional client certificate checked like the front's (`verifier`,
+/// CRLs included).
+pub fn console_server_config(
+    verifier: Arc<ReloadableClientVerifier>,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<ServerConfig, PkiError> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(OptionalClientCert(verifier)))
+        .with_single_cert(parse_certs(cert_pem)?, parse_private_key(key_pem)?)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
 /// A device's or operator's connection: TLS 1.3 only, trusting only the fleet CA, presenting
 /// `cert_pem`/`key_pem`.
 pub fn client_config(

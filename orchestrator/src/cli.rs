@@ -24,7 +24,7 @@ use crate::ops::{
 use crate::store::Target;
 
 mod backup;
-mod human;
+pub(crate) mod human;
 pub mod pki;
 mod precondition;
 mod rollout;
@@ -107,6 +107,30 @@ pub enum Command {
     /// End-to-end encrypted backups of a data directory, and restores.
     #[command(subcommand)]
     Backup(BackupCommand),
+    /// The read-only web console (`aloft serve --console-listen`).
+    #[command(subcommand)]
+    Console(ConsoleCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConsoleCommand {
+    /// Mint a short-lived viewer token for the console, from the data directory (it needs the
+    /// data directory's unlock secret, as `serve` does). The token opens the console read-only
+    /// and nothing else. Prints the token, or with `--url` the link to open.
+    Token {
+        /// The data directory of the orchestrator whose console the token opens.
+        #[arg(long, env = "ALOFT_DATA_DIR")]
+        data_dir: PathBuf,
+        /// How long the token lives: `90s`, `30m`, `2h` (at most 24h).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// The console's address, `https://host:port`: print `<url>/login?token=…` instead of
+        /// the bare token.
+        #[arg(long)]
+        url: Option<String>,
+        #[command(flatten)]
+        unlock: UnlockArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -159,6 +183,10 @@ pub struct ServeArgs {
     /// INSECURE plain-TCP listener for local debugging (loopback only).
     #[arg(long)]
     pub insecure_plain_listen: Option<SocketAddr>,
+    /// The read-only web console, HTTPS [default: the file's `console.listen`, else off]; port
+    /// 0 picks a free port. Open it with an operator certificate or `aloft console token`.
+    #[arg(long)]
+    pub console_listen: Option<SocketAddr>,
     /// Devices sent chunks at once over the whole fleet; the others are told to wait (`busy`)
     /// [default: the file's `downloads.slots`, else 128].
     #[arg(long)]
@@ -626,6 +654,32 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Device(c) => device(c).await,
         Command::Campaign(c) => campaign(*c).await,
         Command::Backup(c) => backup::run(c),
+        Command::Console(ConsoleCommand::Token {
+            data_dir,
+            ttl,
+            url,
+            unlock,
+        }) => {
+            use anyhow::Context as _;
+            let ttl = rollout::parse_duration(&ttl)?;
+            if ttl == 0 || ttl > crate::console::MAX_TTL_SECS {
+                bail!(
+                    "--ttl must be between 1s and {}h: a console token is short-lived",
+                    crate::console::MAX_TTL_SECS / 3600
+                );
+            }
+            let unlock = unlock.obtain("the data directory")?;
+            let master = crate::ops::open_keystore(&data_dir, &unlock)
+                .with_context(|| format!("opening the keystore of {}", data_dir.display()))?;
+            let token = crate::console::TokenKey::derive(&master)
+                .mint(crate::cli::human::now_ms() / 1000, ttl)
+                .map_err(|e| anyhow::anyhow!("no randomness for the token: {e}"))?;
+            match url {
+                Some(u) => println!("{}/login?token={token}", u.trim_end_matches('/')),
+                None => println!("{token}"),
+            }
+            Ok(())
+        }
     }
 }
 
@@ -643,6 +697,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(p) = args.insecure_plain_listen {
         file.insecure_plain_listen = Some(p);
     }
+    if let Some(c) = args.console_listen {
+        file.console.listen = Some(c);
+    }
     if let Some(s) = args.download_slots {
         file.downloads.slots = s;
     }
@@ -658,11 +715,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let mut running = crate::start(cfg).await?;
     // One machine-readable line, so scripts and tests can find a port chosen at run time.
     println!(
-        "aloft listening device={} metrics={}",
+        "aloft listening device={} metrics={} console={}",
         running.device_addr,
         running
             .metrics_addr
             .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into()),
+        running
+            .console_addr
+            .map(|a| format!("https://{a}"))
             .unwrap_or_else(|| "-".into())
     );
     tokio::select! {

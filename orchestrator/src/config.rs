@@ -55,6 +55,8 @@ pub struct FileConfig {
     /// its TLS settings, the CRL included, on SIGHUP).
     pub external_broker_crl: Option<PathBuf>,
     pub external_broker_pid_file: Option<PathBuf>,
+    /// The read-only web console (off unless `listen` is set).
+    pub console: crate::console::ConsoleFile,
 }
 
 /// Where the external broker listens, from `mqtts://host:port`.
@@ -105,6 +107,7 @@ impl Default for FileConfig {
             external_broker: None,
             external_broker_crl: None,
             external_broker_pid_file: None,
+            console: crate::console::ConsoleFile::default(),
         }
     }
 }
@@ -257,6 +260,20 @@ mod tests {
             unlock: test_unlock(),
         };
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn the_console_is_off_unless_configured_and_the_shipped_files_say_so() {
+        let example: FileConfig = toml::from_str(DEFAULT_CONFIG_TOML).unwrap();
+        let deploy: FileConfig = toml::from_str(include_str!("../../deploy/aloft.toml")).unwrap();
+        for f in [&example, &deploy, &FileConfig::default()] {
+            assert_eq!(f.console.listen, None);
+            assert_eq!(f.console.max_connections, 64);
+            assert_eq!(f.console.max_streams, 16);
+        }
+        let on: FileConfig = toml::from_str("[console]\nlisten = \"127.0.0.1:9443\"\n").unwrap();
+        assert_eq!(on.console.listen, Some("127.0.0.1:9443".parse().unwrap()));
+        assert!(toml::from_str::<FileConfig>("[console]\nwrite = true\n").is_err());
     }
 
     #[test]

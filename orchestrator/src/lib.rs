@@ -6,9 +6,11 @@
 
 pub mod admin;
 pub mod backup;
+pub mod board;
 pub mod broker_config;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod engine;
 pub mod fleet;
 pub mod inbound;

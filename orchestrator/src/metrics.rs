@@ -56,6 +56,8 @@ pub struct Metrics {
     /// 1 while the orchestrator's MQTT link to its broker is connected (what `/health` says).
     broker_link_up: IntGauge,
     broker_link_losses: IntCounter,
+    console_requests: IntCounterVec,
+    console_refused: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -224,7 +226,23 @@ impl Metrics {
             "aloft_broker_link_losses_total",
             "Times the orchestrator's MQTT link to its broker failed (then it reconnects)",
         ));
+        let console_requests = must(IntCounterVec::new(
+            Opts::new(
+                "aloft_console_requests_total",
+                "Console requests served, by page",
+            ),
+            &["page"],
+        ));
+        let console_refused = must(IntCounterVec::new(
+            Opts::new(
+                "aloft_console_refused_total",
+                "Console connections and requests refused, by reason",
+            ),
+            &["reason"],
+        ));
         for c in [
+            Box::new(console_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(console_refused.clone()),
             Box::new(broker_link_up.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(broker_link_losses.clone()),
             Box::new(success_without_download.clone()) as Box<dyn prometheus::core::Collector>,
@@ -295,7 +313,36 @@ impl Metrics {
             success_without_download,
             broker_link_up,
             broker_link_losses,
+            console_requests,
+            console_refused,
         })
+    }
+
+    /// A console page or stream served (`page` is one of a fixed set).
+    pub fn console_request(&self, page: &str) {
+        self.console_requests.with_label_values(&[page]).inc();
+    }
+
+    /// A console connection or request refused (`reason` is one of a fixed set).
+    pub fn console_refused(&self, reason: &str) {
+        self.console_refused.with_label_values(&[reason]).inc();
+    }
+
+    pub fn console_refused_count(&self, reason: &str) -> u64 {
+        self.console_refused.with_label_values(&[reason]).get()
+    }
+
+    /// Devices registered and connected now (the console's fleet line), read as a scrape
+    /// reads them: registered from the expiry table (one entry per distinct expiry second,
+    /// summed under a lock the engine holds only to move one entry), connected from the
+    /// front's device road (or the gauge with an external broker).
+    pub fn fleet_counts(&self) -> (i64, i64) {
+        let registered: u64 = self.expiries().values().sum();
+        let connected = match &self.direct {
+            Some(d) => d.connected() as i64,
+            None => self.devices_connected.get(),
+        };
+        (registered as i64, connected)
     }
 
     /// The broker link came up (`true`) or failed (`false`).

@@ -91,6 +91,10 @@ pub struct Running {
     pub device_addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub insecure_addr: Option<SocketAddr>,
+    /// The read-only web console (HTTPS), if configured.
+    pub console_addr: Option<SocketAddr>,
+    /// Mints the console's viewer tokens (the demo prints a link with one).
+    console_key: crate::console::TokenKey,
     pub metrics: Arc<Metrics>,
     /// The embedded broker's loopback listener and secret (operator traffic); `None` with an
     /// external broker. Exposed for tests that play a compromised server.
@@ -104,6 +108,13 @@ pub struct Running {
 }
 
 impl Running {
+    /// A viewer token for this orchestrator's console, valid for `ttl_secs` (at most 24 h).
+    pub fn console_token(&self, ttl_secs: u64) -> Option<String> {
+        self.console_key
+            .mint(crate::engine::now_ms() / 1000, ttl_secs)
+            .ok()
+    }
+
     /// Stops accepting connections and ends the engine after its current batch.
     pub async fn shutdown(self) -> Result<(), ServeError> {
         let _ = self.shutdown.send(true);
@@ -143,6 +154,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
             error,
         }
     })?;
+    let console_key = crate::console::TokenKey::derive(&store_key);
     let store = Store::open(&cfg.data_dir.join(layout::STORE_DIR), store_key)?;
     let crl_path = cfg.data_dir.join(layout::CRL);
     // Fail closed: a crl.pem that exists must be readable and signed by the fleet CA, or the
@@ -170,6 +182,14 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     )?;
     let tls =
         aloft_certs::tls::server_config_reloadable(verifier.clone(), &server_cert, server_key)?;
+    let console_tls = match cfg.file.console.listen {
+        Some(_) => Some(aloft_certs::tls::console_server_config(
+            verifier.clone(),
+            &server_cert,
+            server_key,
+        )?),
+        None => None,
+    };
     // No root, no orchestrator: every upload is verified against it (fail closed).
     let trust_dir = cfg.data_dir.join(layout::TRUST_DIR);
     let trust = crate::trust::TrustState::load(&trust_dir)?;
@@ -225,6 +245,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         }
         None => None,
     };
+    let console_store = store.clone();
     let engine = Engine::new(
         store,
         EngineConfig {
@@ -242,12 +263,35 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         },
         metrics.clone(),
     );
+    let board = engine.board();
+    let console_addr = match (cfg.file.console.listen, console_tls) {
+        (Some(addr), Some(tls)) => {
+            let l = bind(addr).await?;
+            let a = l.local_addr().ok();
+            tokio::spawn(crate::console::serve(
+                l,
+                crate::console::Console {
+                    store: console_store,
+                    board,
+                    metrics: metrics.clone(),
+                    key: console_key.clone(),
+                    tls: Arc::new(tls),
+                    file: cfg.file.console.clone(),
+                },
+                shutdown_rx.clone(),
+            ));
+            a
+        }
+        _ => None,
+    };
     let engine = tokio::spawn(engine.run(rx, publisher));
-    info!(%device_addr, ?metrics_addr, "orchestrator listening");
+    info!(%device_addr, ?metrics_addr, ?console_addr, "orchestrator listening");
     Ok(Running {
         device_addr,
         metrics_addr,
         insecure_addr,
+        console_addr,
+        console_key,
         metrics,
         backend,
         devices: ctx.map(|c| c.direct.clone()),

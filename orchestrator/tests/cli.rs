@@ -141,3 +141,59 @@ fn ambiguous_policy_numbers_are_refused_before_anything_is_sent() {
     let err = aloft_fails(base.iter().copied().chain(["--pause-at", "1:5"]));
     assert!(err.contains("a share takes %"), "{err}");
 }
+
+#[test]
+fn console_token_prints_a_viewer_link_that_this_data_directory_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = aloft([
+        "init".as_ref(),
+        "--data-dir".as_ref(),
+        data.as_os_str(),
+        "--no-passphrase".as_ref(),
+    ]);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let recovery = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("recovery key: "))
+        .unwrap()
+        .to_owned();
+    let unlock_file = dir.path().join("unlock");
+    std::fs::write(&unlock_file, &recovery).unwrap();
+    let args = |ttl: &str| -> Vec<std::ffi::OsString> {
+        vec![
+            "console".into(),
+            "token".into(),
+            "--data-dir".into(),
+            data.clone().into(),
+            "--unlock-file".into(),
+            unlock_file.clone().into(),
+            "--ttl".into(),
+            ttl.into(),
+            "--url".into(),
+            "https://ota.example:9443/".into(),
+        ]
+    };
+    let out = aloft(args("10m"));
+    let link = String::from_utf8(out.stdout).unwrap();
+    let token = link
+        .trim_end()
+        .strip_prefix("https://ota.example:9443/login?token=")
+        .unwrap_or_else(|| panic!("{link:?}"));
+    let unlock = aloft_vault::Unlock::parse(&recovery).unwrap();
+    let key = aloft_orchestrator::console::TokenKey::derive(
+        &aloft_orchestrator::ops::open_keystore(&data, &unlock).unwrap(),
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expires = key.check(token, now).unwrap();
+    assert!(
+        expires <= now + 600 && expires + 60 >= now + 600,
+        "{expires} vs {now}"
+    );
+    // Longer than a day is refused before anything is opened.
+    let err = aloft_fails(args("25h"));
+    assert!(err.contains("--ttl must be between 1s and 24h"), "{err}");
+}

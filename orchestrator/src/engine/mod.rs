@@ -110,6 +110,7 @@ pub struct Engine {
     store: Store,
     cfg: EngineConfig,
     metrics: Arc<Metrics>,
+    board: Arc<crate::board::Board>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -125,7 +126,13 @@ impl Engine {
             store,
             cfg,
             metrics,
+            board: Arc::default(),
         }
+    }
+
+    /// The campaign summaries this engine publishes after each batch, for the console.
+    pub fn board(&self) -> Arc<crate::board::Board> {
+        self.board.clone()
     }
 
     /// Runs until `rx` closes. Returns an error only for failures that make continuing unsafe
@@ -188,6 +195,7 @@ impl Shell {
             store,
             cfg,
             metrics,
+            board,
         } = engine;
         let loaded = load(&store)?;
         let mut seed = [0u8; 16];
@@ -214,7 +222,8 @@ impl Shell {
             },
             metrics.clone(),
             loaded,
-        );
+        )
+        .with_board(board);
         Ok(Shell {
             store,
             metrics,

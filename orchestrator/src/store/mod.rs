@@ -13,10 +13,12 @@
 mod audit;
 mod closing;
 mod export;
+mod history;
 mod records;
 
 pub use audit::{AuditBreak, AuditEntry, AuditEvent, AUDIT_TREE};
 pub use export::{MergeReport, RawRecord, RawStore};
+pub use history::{Transition, HISTORY_PER_DEVICE, HISTORY_TREE};
 pub use records::{CampaignRecord, CampaignStatus, DeviceRecord, ReleaseRecord, Target};
 
 use std::path::{Path, PathBuf};
@@ -75,6 +77,7 @@ struct Trees {
     chunks: sled::Tree,
     campaigns: sled::Tree,
     progress: sled::Tree,
+    history: sled::Tree,
 }
 
 /// The tree and key of the record that proves the master key belongs to the store.
@@ -167,6 +170,7 @@ impl Store {
                 chunks: db.open_tree("chunks")?,
                 campaigns: db.open_tree("campaigns")?,
                 progress: db.open_tree("progress")?,
+                history: db.open_tree(HISTORY_TREE)?,
                 db,
             })
         })?;
@@ -206,6 +210,41 @@ impl Store {
 
     pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         Self::scan(&self.trees.devices, b"")
+    }
+
+    /// At most `limit` devices in id order, after `after` if given: one page.
+    pub fn devices_page(
+        &self,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<DeviceRecord>, StoreError> {
+        use std::ops::Bound;
+        let from = match after {
+            Some(a) => Bound::Excluded(a.as_str().as_bytes().to_vec()),
+            None => Bound::Unbounded,
+        };
+        self.trees
+            .devices
+            .range::<Vec<u8>, _>((from, Bound::Unbounded))
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// At most `limit` campaign records in id order (the console's older campaigns).
+    pub fn campaigns_page(&self, limit: usize) -> Result<Vec<CampaignRecord>, StoreError> {
+        self.trees
+            .campaigns
+            .iter()
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
     }
 
     /// Stores a release with its content key sealed.
@@ -316,7 +355,28 @@ impl Store {
         d: &DeviceId,
         p: &Progress,
     ) -> Result<(), StoreError> {
-        self.trees.progress.insert(progress_key(c, d), encode(p))?;
+        // A new record, or a change of state, is a transition for the device's history. The
+        // first record of a member is `idle` from nothing: recorded as idle → idle (the time
+        // the device joined the campaign).
+        let before = self.trees.progress.insert(progress_key(c, d), encode(p))?;
+        let from = match before {
+            Some(old) => match decode::<Progress>(&progress_key(c, d), &old) {
+                Ok(o) if o.state == p.state => return Ok(()),
+                Ok(o) => o.state,
+                Err(_) => p.state,
+            },
+            None => p.state,
+        };
+        self.append_history(
+            d,
+            &Transition {
+                campaign: c.clone(),
+                from,
+                to: p.state,
+                reason: p.reason,
+                at_ms: p.updated_ms,
+            },
+        )?;
         Ok(())
     }
 

@@ -321,6 +321,44 @@ impl Core {
     }
 }
 
+/// A campaign's summary without what costs a pass over its members (per-device rows, failure
+/// reasons, delivery paths): for the board, after every batch that touched the campaign.
+pub(super) fn summary_light(live: &LiveCampaign) -> CampaignSummary {
+    let waves: Vec<WaveSummary> = live
+        .rollout
+        .waves()
+        .iter()
+        .enumerate()
+        .map(|(w, c)| WaveSummary {
+            wave: w as u32,
+            counts: *c,
+            opened_ms: live.rollout.state().opened_ms.get(w).copied(),
+            finished_ms: live.rollout.state().finished_ms.get(w).copied(),
+        })
+        .collect();
+    CampaignSummary {
+        campaign: live.record.id.clone(),
+        artifact: live.record.artifact.clone(),
+        status: live.record.status,
+        total: live.progress.len() as u32,
+        counts: live
+            .counts()
+            .into_iter()
+            .map(|(s, n)| (s.as_str().to_owned(), n))
+            .collect(),
+        reasons: BTreeMap::new(),
+        created_ms: live.record.created_ms,
+        finished_ms: live.record.finished_ms,
+        reason: live.rollout.state().reason.clone(),
+        policy: live.record.policy.clone(),
+        unhealthy: waves.iter().map(|w| w.counts.unhealthy).sum(),
+        waves,
+        rolls_back: live.record.rolls_back.clone(),
+        paths: BTreeMap::new(),
+        devices: Vec::new(),
+    }
+}
+
 pub(super) fn summary(live: &LiveCampaign, with_devices: bool) -> CampaignSummary {
     let counts: BTreeMap<String, u32> = live
         .counts()

@@ -470,6 +470,8 @@ impl LiveCampaign {
 
 /// The engine's state and decisions. See the module documentation.
 pub struct Core {
+    /// Campaign summaries published for the console after each batch (see `crate::board`).
+    board: Arc<crate::board::Board>,
     trust: crate::trust::TrustState,
     /// The job chain of `trust`, shared by every job.
     roots: Arc<Vec<SignedRoot>>,
@@ -519,6 +521,7 @@ impl Core {
     pub fn new(cfg: CoreConfig, metrics: Arc<Metrics>, loaded: Loaded) -> Self {
         let roots = Arc::new(cfg.trust.job_chain().to_vec());
         let mut core = Core {
+            board: Arc::default(),
             trust: cfg.trust,
             roots,
             ca_pem: cfg.ca_pem,
@@ -564,6 +567,12 @@ impl Core {
     /// After start-up: re-judges every device against the CRL (it may have changed while the
     /// engine was down), then notifies members still idle and republishes the jobs of members
     /// in flight (the embedded broker keeps no retained messages across restarts).
+    /// Publishes campaign summaries on `board` from now on (see `crate::board`).
+    pub fn with_board(mut self, board: Arc<crate::board::Board>) -> Self {
+        self.board = board;
+        self
+    }
+
     pub fn recover(&mut self, now: u64) -> Effects {
         self.now = now;
         self.refresh_revoked();

@@ -157,6 +157,15 @@ impl Core {
             self.write(Write::Campaign(record));
         }
         self.refresh_gauges(id);
+        self.publish_board(id);
+    }
+
+    /// Puts the campaign's summary on the board (O(states + waves)), for the console.
+    fn publish_board(&self, id: &CampaignId) {
+        let Some(live) = self.campaigns.get(id) else {
+            return;
+        };
+        self.board.publish(super::campaigns::summary_light(live));
     }
 
     /// The orchestrator's own transition of a member (notify, time out, cancel).

@@ -963,3 +963,35 @@ fn a_deferral_past_the_campaign_deadline_is_timed_out_and_its_job_withdrawn() {
     );
     assert_eq!(acks(&fx.after_commit)[0].outcome, AckOutcome::Rejected);
 }
+
+#[test]
+fn each_settled_batch_puts_the_campaigns_it_touched_on_the_board() {
+    let f = Fixture::new(1, 4);
+    let board = Arc::new(crate::board::Board::default());
+    let mut core = f.core().with_board(board.clone());
+    let mut changes = board.subscribe();
+    core.recover(1_000);
+    let on_board = board.campaign(&f.campaign).unwrap();
+    let n = f.devices.len() as u32;
+    assert_eq!(on_board.total, n);
+    assert_eq!(on_board.counts.get("notified"), Some(&n));
+    assert!(changes.has_changed().unwrap());
+    changes.mark_unchanged();
+    // A report changes nothing on the board until its batch settles.
+    core.on_event(2_000, f.report(0, 1, DeviceState::Downloading));
+    assert!(!changes.has_changed().unwrap());
+    core.settle(2_000);
+    assert!(changes.has_changed().unwrap());
+    let on_board = board.campaign(&f.campaign).unwrap();
+    assert_eq!(on_board.counts.get("downloading"), Some(&1));
+    assert_eq!(
+        on_board
+            .waves
+            .iter()
+            .map(|w| w.counts.downloading)
+            .sum::<u32>(),
+        1
+    );
+    // What costs a pass over the members is left out.
+    assert!(on_board.devices.is_empty() && on_board.reasons.is_empty());
+}
