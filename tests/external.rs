@@ -95,7 +95,9 @@ async fn mosquitto_with_the_generated_config_refuses_every_attack_and_a_valid_up
     let none = aloft_certs::tls::client_config_without_cert(ca).unwrap();
     assert!(!connects(addr, none, "dev-0000").await, "no certificate");
     let other = FleetCa::create("Other CA", 1).unwrap();
-    let foreign = other.issue_operator(&ops, OperatorRole::Operator, Validity::days(1)).unwrap();
+    let foreign = other
+        .issue_operator(&ops, OperatorRole::Operator, Validity::days(1))
+        .unwrap();
     let tls = aloft_certs::tls::client_config(ca, &foreign.cert_pem, &foreign.key_pem).unwrap();
     assert!(!connects(addr, tls, "ops").await, "another CA");
     let now = time::OffsetDateTime::now_utc();
@@ -320,7 +322,9 @@ async fn mosquitto_killed_mid_campaign_and_restarted_on_its_port_the_campaign_co
         aloft_e2e::scrape(metrics_addr, "aloft_broker_link_up").await,
         Some(0.0)
     );
-    assert!(http_status(metrics_addr, "/health").await.starts_with("HTTP/1.1 503"));
+    assert!(http_status(metrics_addr, "/health")
+        .await
+        .starts_with("HTTP/1.1 503"));
 
     env.mosquitto = Some(env.lab.restart_mosquitto(addr).await.unwrap());
     // The operator's client does not reconnect (a CLI is short-lived): a new one, once the
@@ -335,9 +339,15 @@ async fn mosquitto_killed_mid_campaign_and_restarted_on_its_port_the_campaign_co
         .await
         .unwrap();
     assert_eq!(s.count(DeviceState::Succeeded), 24, "{:?}", s.counts);
-    assert!(fleet.wait_all(LIMIT, |v| v.running_version == "2.0.0").await);
+    assert!(
+        fleet
+            .wait_all(LIMIT, |v| v.running_version == "2.0.0")
+            .await
+    );
     assert!(metrics.broker_link_is_up());
-    assert!(http_status(metrics_addr, "/health").await.starts_with("HTTP/1.1 200"));
+    assert!(http_status(metrics_addr, "/health")
+        .await
+        .starts_with("HTTP/1.1 200"));
     assert!(aloft_e2e::scrape(metrics_addr, "aloft_broker_link_losses_total").await >= Some(1.0));
     fleet.shutdown().await;
 }

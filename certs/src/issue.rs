@@ -12,8 +12,7 @@ use rustls::pki_types::DnsName;
 use crate::csr;
 use crate::profile::{
     leaf_params, only_x25519_key, operator_subject, x25519_uri, OperatorRole, Role, Validity,
-    ORCHESTRATOR_COMMON_NAME,
-    SERVER_COMMON_NAME,
+    ORCHESTRATOR_COMMON_NAME, SERVER_COMMON_NAME,
 };
 use crate::{FleetCa, PkiError};
 

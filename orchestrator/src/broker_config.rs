@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use aloft_certs::{FleetCa, Validity, ORCHESTRATOR_COMMON_NAME};
+use aloft_certs::{FleetCa, OperatorRole, Validity, ORCHESTRATOR_COMMON_NAME};
 use aloft_proto::{topics, OperatorId};
 use anyhow::{bail, Context, Result};
 
@@ -36,8 +36,9 @@ pub struct MosquittoOptions {
     pub listen: SocketAddr,
     /// Names the broker's server certificate carries (what clients connect to).
     pub hostnames: Vec<String>,
-    /// Operators allowed to send admin requests; nobody else may.
-    pub operators: Vec<OperatorId>,
+    /// Operators allowed to send admin requests, each with the role `aloft serve` gives it
+    /// (written to `aloft-external.toml`); nobody else may send any.
+    pub operators: Vec<(OperatorId, OperatorRole)>,
     /// Where Mosquitto keeps its persistence file (retained jobs across a broker restart).
     pub persistence_dir: Option<PathBuf>,
     /// The user Mosquitto runs as once it started as root (its `user` setting; Mosquitto's
@@ -137,11 +138,19 @@ pub fn aloft_toml(dir: &Path, opts: &MosquittoOptions) -> String {
         .first()
         .cloned()
         .unwrap_or_else(|| opts.listen.ip().to_string());
+    let roles = opts
+        .operators
+        .iter()
+        .map(|(op, role)| format!("\"{op}\" = \"{role}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         "# Add to aloft serve's configuration file (or pass --broker).\n\
          external_broker = \"mqtts://{host}:{}\"\n\
          external_broker_crl = \"{}\"\n\
-         external_broker_pid_file = \"{}\"\n",
+         external_broker_pid_file = \"{}\"\n\
+         # The broker shows the orchestrator an operator's name, never its certificate's role.\n\
+         external_broker_operator_roles = {{ {roles} }}\n",
         opts.listen.port(),
         dir.join(files::CRL).display(),
         dir.join(files::PID).display()
@@ -159,7 +168,8 @@ pub fn write_mosquitto(
     opts: &MosquittoOptions,
 ) -> Result<PathBuf> {
     let pki = data_dir.join(layout::PKI_DIR);
-    check_operator_names(&pki, &opts.operators)?;
+    let names: Vec<OperatorId> = opts.operators.iter().map(|(op, _)| op.clone()).collect();
+    check_operator_names(&pki, &names)?;
     if opts.hostnames.is_empty() {
         bail!("the broker's certificate needs at least one hostname");
     }
@@ -188,7 +198,7 @@ pub fn write_mosquitto(
         Err(e) => return Err(e).context("reading the data directory's crl.pem"),
     };
     write(files::CRL, &crl, 0o644)?;
-    write(files::ACL, &mosquitto_acl(&opts.operators), 0o644)?;
+    write(files::ACL, &mosquitto_acl(&names), 0o644)?;
     write(files::CONF, &mosquitto_conf(out, opts), 0o644)?;
     write(files::ALOFT_TOML, &aloft_toml(out, opts), 0o644)?;
     Ok(out.join(files::CONF))
@@ -214,7 +224,7 @@ mod tests {
         MosquittoOptions {
             listen: "127.0.0.1:8883".parse().unwrap(),
             hostnames: vec!["localhost".into()],
-            operators: vec![OperatorId::new("ops").unwrap()],
+            operators: vec![(OperatorId::new("ops").unwrap(), OperatorRole::Operator)],
             persistence_dir: None,
             run_as_user: None,
         }
@@ -239,7 +249,7 @@ mod tests {
 
     #[test]
     fn devices_write_only_their_requests_and_only_the_orchestrator_writes_what_devices_read() {
-        let a = mosquitto_acl(&opts().operators);
+        let a = mosquitto_acl(&[OperatorId::new("ops").unwrap()]);
         let writes: Vec<&str> = a
             .lines()
             .filter(|l| l.starts_with("pattern write"))

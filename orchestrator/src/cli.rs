@@ -124,7 +124,8 @@ pub enum BrokerConfigCommand {
         /// A name clients reach the broker by (its certificate carries each); repeat for several.
         #[arg(long = "hostname", required = true)]
         hostnames: Vec<String>,
-        /// An operator allowed to send admin requests; repeat for several.
+        /// An operator allowed to send admin requests, `NAME=ROLE` (viewer, operator,
+        /// security-admin; a bare `NAME` is a viewer); repeat for several.
         #[arg(long = "operator")]
         operators: Vec<String>,
         /// Keep retained jobs across a broker restart in this directory.
@@ -590,9 +591,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 &unlock.obtain("the fleet CA key")?,
             )?;
             let operators = operators
-                .into_iter()
-                .map(OperatorId::new)
-                .collect::<Result<Vec<_>, _>>()?;
+                .iter()
+                .map(|o| -> Result<(OperatorId, OperatorRole)> {
+                    let (name, role) = o.split_once('=').unwrap_or((o, "viewer"));
+                    Ok((OperatorId::new(name)?, role.parse()?))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let opts = crate::broker_config::MosquittoOptions {
                 listen,
                 hostnames,

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use aloft_broker::{BrokerConfig, FrontConfig};
+use aloft_certs::OperatorRole;
+use aloft_proto::OperatorId;
 use aloft_vault::Unlock;
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +57,12 @@ pub struct FileConfig {
     /// its TLS settings, the CRL included, on SIGHUP).
     pub external_broker_crl: Option<PathBuf>,
     pub external_broker_pid_file: Option<PathBuf>,
+    /// With an external broker: each operator's role, by name (`viewer`, `operator`,
+    /// `security-admin`). The front reads the role from the operator's certificate; beside an
+    /// external broker the orchestrator never sees that certificate, only the name the broker
+    /// vouches for (the ACL lets an operator publish only on `admin/<its CN>/...`). An operator
+    /// missing here is a viewer.
+    pub external_broker_operator_roles: std::collections::BTreeMap<String, String>,
 }
 
 /// Where the external broker listens, from `mqtts://host:port`.
@@ -105,6 +113,7 @@ impl Default for FileConfig {
             external_broker: None,
             external_broker_crl: None,
             external_broker_pid_file: None,
+            external_broker_operator_roles: Default::default(),
         }
     }
 }
@@ -207,6 +216,7 @@ impl ServeConfig {
                 "downloads.slots must be at least 1".into(),
             ));
         }
+        self.operator_roles()?;
         if let Some(url) = &self.file.external_broker {
             ExternalBroker::parse(url)?;
             if self.file.insecure_plain_listen.is_some() {
@@ -228,6 +238,27 @@ impl ServeConfig {
 
     pub fn pki_dir(&self) -> PathBuf {
         self.data_dir.join(layout::PKI_DIR)
+    }
+
+    /// `external_broker_operator_roles`, read: a name that is no operator id or a role this
+    /// version does not know is an error (fail closed), never a silent viewer.
+    pub fn operator_roles(
+        &self,
+    ) -> Result<std::collections::HashMap<OperatorId, OperatorRole>, ConfigError> {
+        self.file
+            .external_broker_operator_roles
+            .iter()
+            .map(|(name, role)| {
+                let bad = |why: String| {
+                    ConfigError::Invalid(format!("external_broker_operator_roles.{name}: {why}"))
+                };
+                let id = OperatorId::new(name.as_str()).map_err(|e| bad(e.to_string()))?;
+                let role = role
+                    .parse::<OperatorRole>()
+                    .map_err(|e| bad(e.to_string()))?;
+                Ok((id, role))
+            })
+            .collect()
     }
 
     /// The external broker, if one is configured (validated by [`ServeConfig::validate`]).
