@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod backup;
 pub mod broker_config;
+pub mod broker_rules;
 pub mod cli;
 pub mod config;
 pub mod engine;
