@@ -330,6 +330,29 @@ mod tests {
     }
 
     #[test]
+    fn operator_roles_beside_a_broker_are_read_strictly_and_an_unknown_role_is_refused() {
+        let cfg = |text: &str| ServeConfig {
+            data_dir: PathBuf::from("/nonexistent"),
+            file: toml::from_str(text).unwrap(),
+            unlock: test_unlock(),
+        };
+        let ok = cfg("external_broker_operator_roles = { \"ops\" = \"security-admin\", \"eve\" = \"viewer\" }");
+        assert!(ok.validate().is_ok());
+        let roles = ok.operator_roles().unwrap();
+        assert_eq!(
+            roles.get(&OperatorId::new("ops").unwrap()),
+            Some(&OperatorRole::SecurityAdmin)
+        );
+        assert_eq!(roles.len(), 2);
+        for bad in [
+            "external_broker_operator_roles = { \"ops\" = \"admin\" }",
+            "external_broker_operator_roles = { \"o/ps\" = \"viewer\" }",
+        ] {
+            assert!(cfg(bad).validate().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn a_public_insecure_listener_is_refused() {
         let file = FileConfig {
             insecure_plain_listen: Some("0.0.0.0:1883".parse().unwrap()),
