@@ -326,9 +326,9 @@ pub fn hivemq_rbac(operators: &[OperatorId]) -> String {
          \x20 <users>\n",
     );
     let user = |x: &mut String, name: &str, role: &str| {
-        let _ = write!(
+        let _ = writeln!(
             x,
-            "    <user><name>{name}</name><password>UNUSED-CERTIFICATE-AUTH</password><roles><id>{role}</id></roles></user>\n"
+            "    <user><name>{name}</name><password>UNUSED-CERTIFICATE-AUTH</password><roles><id>{role}</id></roles></user>"
         );
     };
     user(&mut x, ORCHESTRATOR_COMMON_NAME, "orchestrator");
@@ -389,7 +389,7 @@ pub fn aws_iot_policies(arn: &str, operators: &[OperatorId]) -> Vec<(String, Str
         if filter {
             format!("{arn}:topicfilter/{t}")
         } else {
-            format!("{arn}:topic/{}", t.replace('+', "*").replace('#', "*"))
+            format!("{arn}:topic/{}", t.replace(['+', '#'], "*"))
         }
     };
     let policy = |who: Principal, name: &str, client: &str, share: bool| {

@@ -55,9 +55,7 @@ impl Who {
 type Request = (Who, Access, &'static str, bool);
 
 fn root(t: &str) -> String {
-    if t == "#" {
-        t.to_owned()
-    } else if t.starts_with("aloft") {
+    if t == "#" || t.starts_with("aloft") {
         t.to_owned()
     } else {
         format!("{}/{t}", topics::ROOT)
@@ -143,10 +141,12 @@ fn mosquitto_allows(acl: &str, (who, access, topic, _retain): Request) -> bool {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["user", u] => user = Some(u),
-            ["topic", rw, filter] if user == Some(who.name()) => {
-                if (*rw == want || *rw == "readwrite") && covers(filter, &root(topic)) {
-                    return true;
-                }
+            ["topic", rw, filter]
+                if user == Some(who.name())
+                    && (*rw == want || *rw == "readwrite")
+                    && covers(filter, &root(topic)) =>
+            {
+                return true;
             }
             ["pattern", rw, filter] => {
                 let f = filter.replace("%u", who.name());

@@ -722,7 +722,7 @@ impl Core {
             .filter(|r| r.complete && r.manifest.is_delta_for(full))
             .filter(|r| self.trust.trusted.verify_manifest(&r.signed).is_ok())
             .collect();
-        found.sort_by(|a, b| b.uploaded_ms.cmp(&a.uploaded_ms));
+        found.sort_by_key(|b| std::cmp::Reverse(b.uploaded_ms));
         found
             .into_iter()
             .filter_map(|r| {
