@@ -170,7 +170,11 @@ impl Lab {
         let opts = aloft_orchestrator::broker_config::MosquittoOptions {
             listen,
             hostnames: vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
-            operators: vec![OperatorId::new("ops")?],
+            // The lab's operator is a security-admin (its certificate says so too).
+            operators: vec![(
+                OperatorId::new("ops")?,
+                aloft_certs::OperatorRole::SecurityAdmin,
+            )],
             persistence_dir: Some(dir.join("db")),
             // The lab's files are private to whoever runs it; Mosquitto stays that user.
             run_as_user: Some(std::env::var("USER").unwrap_or_else(|_| "root".to_owned())),
@@ -203,6 +207,8 @@ impl Lab {
             Some(dir.join(aloft_orchestrator::broker_config::files::CRL));
         cfg.file.external_broker_pid_file =
             Some(dir.join(aloft_orchestrator::broker_config::files::PID));
+        // No `external_broker_operator_roles`: the lab's operators sign their requests, and
+        // the role comes from the certificate that signed (PROTOCOL.md §11.1a).
         cfg
     }
 
@@ -224,6 +230,28 @@ impl Lab {
     /// `orchestrator` runs `aloft serve`), listening on `listen`.
     pub fn spawn(&self, exe: &Path, listen: SocketAddr) -> Result<OrchestratorProcess> {
         spawn_orchestrator(exe, &self.data_dir, &self.unlock_file, listen)
+    }
+
+    /// Starts the orchestrator as a child process of `exe` beside the external broker at
+    /// `broker` (started by [`Lab::start_mosquitto`]), with the lines `aloft broker-config`
+    /// wrote for it (`aloft-external.toml`: the CRL file and the broker's pid file).
+    pub fn spawn_external(&self, exe: &Path, broker: SocketAddr) -> Result<OrchestratorProcess> {
+        let toml = self
+            .mosquitto_dir()
+            .join(aloft_orchestrator::broker_config::files::ALOFT_TOML);
+        let url = format!("mqtts://127.0.0.1:{}", broker.port());
+        spawn_orchestrator_with(
+            exe,
+            &self.data_dir,
+            &self.unlock_file,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            &[
+                "--config".as_ref(),
+                toml.as_os_str(),
+                "--broker".as_ref(),
+                url.as_ref(),
+            ],
+        )
     }
 
     /// Enrolls `count` simulated devices (keys and CSRs made device-side, certificates issued by
@@ -325,6 +353,17 @@ pub fn spawn_orchestrator(
     unlock_file: &Path,
     listen: SocketAddr,
 ) -> Result<OrchestratorProcess> {
+    spawn_orchestrator_with(exe, data_dir, unlock_file, listen, &[])
+}
+
+/// [`spawn_orchestrator`] with more arguments for `aloft serve`.
+pub fn spawn_orchestrator_with(
+    exe: &Path,
+    data_dir: &Path,
+    unlock_file: &Path,
+    listen: SocketAddr,
+    extra: &[&std::ffi::OsStr],
+) -> Result<OrchestratorProcess> {
     let log_path = data_dir.with_file_name("orchestrator.log");
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
@@ -341,6 +380,7 @@ pub fn spawn_orchestrator(
         .arg("127.0.0.1:0")
         .arg("--unlock-file")
         .arg(unlock_file)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()

@@ -69,6 +69,17 @@ struct Args {
     /// look around in the console.
     #[arg(long, default_value_t = 0)]
     hold_secs: u64,
+    /// Run beside an external broker instead of the front and the embedded one: `mosquitto`
+    /// starts Debian's Mosquitto 2 on a free loopback port with the configuration
+    /// `aloft broker-config mosquitto` generates, and the orchestrator, the operator and every
+    /// device connect to it.
+    #[arg(long, value_parser = ["mosquitto"])]
+    broker: Option<String>,
+    /// With `--broker mosquitto`: kill the broker (SIGKILL) once this percentage of the devices
+    /// succeeded, and start it again on the same port; the summary gives its RSS and the
+    /// devices' peak reconnect rate.
+    #[arg(long, requires = "broker")]
+    kill_broker_at: Option<u32>,
 }
 
 fn main() -> Result<()> {
@@ -136,10 +147,31 @@ async fn demo(args: Args) -> Result<bool> {
     let lab = Lab::create(&root).context("creating the lab")?;
     step("fleet CA, server certificate, operator and release key created");
     let exe = std::env::current_exe()?;
-    let orch = lab.spawn(&exe, SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let mut mosquitto = match args.broker.as_deref() {
+        Some(_) => {
+            let m = lab.start_mosquitto().await?;
+            step(&format!(
+                "mosquitto (pid {}) listening on {} with the generated configuration ({})",
+                m.pid,
+                m.addr,
+                aloft_e2e::bench::mosquitto::Mosquitto::version().unwrap_or_default()
+            ));
+            Some(m)
+        }
+        None => None,
+    };
+    let orch = match &mosquitto {
+        None => lab.spawn(&exe, SocketAddr::from(([127, 0, 0, 1], 0)))?,
+        Some(m) => lab.spawn_external(&exe, m.addr)?,
+    };
     step(&format!(
-        "orchestrator (pid {}) listening on {}",
+        "orchestrator (pid {}) {} {}",
         orch.child.id(),
+        if mosquitto.is_some() {
+            "connected to the broker at"
+        } else {
+            "listening on"
+        },
         orch.device_addr
     ));
     if let Some(console) = orch.console_addr {
@@ -167,16 +199,33 @@ async fn demo(args: Args) -> Result<bool> {
         cfg.origin_ca_pem = Some(lab.ca.cert_pem().to_owned());
     }
     let certs: Vec<String> = devices.iter().map(|d| d.cert_pem.clone()).collect();
-    let fleet = Fleet::start(&cfg, devices)?;
-    let admin = lab.operator(orch.device_addr).await?;
+    let mut admin = lab.operator(orch.device_addr).await?;
     let limit = Duration::from_secs(args.timeout_secs);
+    if mosquitto.is_some() {
+        // The orchestrator never sees a device's handshake beside an external broker: every
+        // device is registered from its certificate first.
+        lab.register(&admin, &devices).await?;
+        step(&format!(
+            "{n_devices} devices registered from their certificates"
+        ));
+    }
+    let connecting = Instant::now();
+    let fleet = Fleet::start(&cfg, devices)?;
     // Devices the scenario keeps offline at first are registered by their certificates later.
     let expected_online = n_devices - fleet.counters.offline_devices.load(Relaxed) as usize;
     wait_registered(&admin, expected_online, limit).await?;
-    step(&format!(
-        "{expected_online} devices connected over mTLS and registered"
-    ));
-    if expected_online < n_devices {
+    if mosquitto.is_some() {
+        wait_connected(&fleet, expected_online, limit).await?;
+        step(&format!(
+            "{expected_online} devices connected to mosquitto over mTLS in {:.2}s",
+            connecting.elapsed().as_secs_f64()
+        ));
+    } else {
+        step(&format!(
+            "{expected_online} devices connected over mTLS and registered"
+        ));
+    }
+    if expected_online < n_devices && mosquitto.is_none() {
         // In batches: 10,000 certificates in one request outgrow an operator's packet limit
         // (about 1 MiB), and the front closes a connection that sends a larger packet.
         for batch in certs.chunks(REGISTER_BATCH) {
@@ -282,9 +331,34 @@ async fn demo(args: Args) -> Result<bool> {
     let marks = [50u64, 95, 100];
     let mut reached: Vec<Option<f64>> = vec![None; marks.len()];
     let mut touched_at_pause: Option<u32> = None;
+    let mut broker_kill: Option<BrokerKill> = None;
     let summary = loop {
         let s = status(&admin, &campaign, false).await?;
         let ok = s.count(DeviceState::Succeeded);
+        if let (Some(pct), Some(m), None) = (args.kill_broker_at, &mut mosquitto, &broker_kill) {
+            if u64::from(ok) * 100 >= u64::from(pct) * u64::from(n) {
+                bar.suspend(|| {
+                    step(&format!(
+                        "{ok} devices succeeded: mosquitto killed (SIGKILL)"
+                    ))
+                });
+                let mut k =
+                    kill_and_restart_broker(&lab, m, &fleet, &orch, expected_online, limit).await?;
+                *m = k.restarted.take().context("the restarted broker")?;
+                // The operator's connection went with the broker; a new one.
+                admin = lab.operator(orch.device_addr).await?;
+                bar.suspend(|| {
+                    step(&format!(
+                        "mosquitto restarted; orchestrator link back after {:.2}s, all {expected_online} devices after {:.2}s, peak {} reconnects/s",
+                        k.link_back.as_secs_f64(),
+                        k.devices_back.as_secs_f64(),
+                        k.peak_per_sec
+                    ))
+                });
+                broker_kill = Some(k);
+                continue;
+            }
+        }
         let idle = s.count(DeviceState::Idle);
         let in_flight = s.total - idle - s.terminal();
         bar.set_position(u64::from(ok));
@@ -337,6 +411,20 @@ async fn demo(args: Args) -> Result<bool> {
     let sessions = c.sessions_up.load(Relaxed);
     let orch_rss = orch.peak_rss_bytes().unwrap_or(0);
     let sim_rss = peak_rss_of("/proc/self/status").unwrap_or(0);
+    if let Some(m) = &mosquitto {
+        let rss = peak_rss_of(&format!("/proc/{}/status", m.pid)).unwrap_or(0);
+        match &broker_kill {
+            None => eprintln!("peak RSS mosquitto: {:.1} MiB", rss as f64 / 1_048_576.0),
+            Some(k) => eprintln!(
+                "peak RSS mosquitto: {:.1} MiB before the kill, {:.1} MiB after the restart; reconnects: peak {}/s, orchestrator link back in {:.2}s, all devices in {:.2}s",
+                k.rss_before as f64 / 1_048_576.0,
+                rss as f64 / 1_048_576.0,
+                k.peak_per_sec,
+                k.link_back.as_secs_f64(),
+                k.devices_back.as_secs_f64()
+            ),
+        }
+    }
     eprintln!(
         "devices: {sessions} sessions for {n_devices} devices, {expired} chunk requests timed out, {duplicates} duplicate chunks received"
     );
@@ -428,6 +516,7 @@ async fn demo(args: Args) -> Result<bool> {
     fleet.shutdown().await;
     drop(orch);
     drop(nginx);
+    drop(mosquitto);
 
     let succeeded = summary.count(DeviceState::Succeeded);
     println!(
@@ -447,5 +536,100 @@ async fn demo(args: Args) -> Result<bool> {
             summary.status == CampaignStatus::Paused
                 && summary.total - summary.count(DeviceState::Idle) <= canary
         }
+    })
+}
+
+/// Waits until `n` devices of `fleet` are connected (beside an external broker "registered"
+/// says nothing about that).
+async fn wait_connected(fleet: &Fleet, n: usize, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let up = fleet.views().iter().filter(|(_, v)| v.connected).count();
+        if up >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("only {up} of {n} devices connected within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What killing the broker mid-campaign showed.
+struct BrokerKill {
+    /// Mosquitto's peak RSS before the kill.
+    rss_before: u64,
+    /// From the restart until the orchestrator's link was up again.
+    link_back: Duration,
+    /// From the restart until every online device was connected again.
+    devices_back: Duration,
+    /// The most device sessions established within any one second after the restart.
+    peak_per_sec: u64,
+    restarted: Option<aloft_e2e::bench::mosquitto::Mosquitto>,
+}
+
+/// SIGKILLs `m`, starts Mosquitto again on its port, and measures the reconnection: the
+/// orchestrator's link (its `aloft_broker_link_up`), and the devices' sessions sampled every
+/// 50 ms for the peak rate over a sliding second.
+async fn kill_and_restart_broker(
+    lab: &Lab,
+    m: &mut aloft_e2e::bench::mosquitto::Mosquitto,
+    fleet: &Fleet,
+    orch: &aloft_e2e::OrchestratorProcess,
+    online: usize,
+    limit: Duration,
+) -> Result<BrokerKill> {
+    let rss_before = peak_rss_of(&format!("/proc/{}/status", m.pid)).unwrap_or(0);
+    let addr = m.addr;
+    m.kill9()?;
+    // Every device notices the loss before the broker is back, as after a real crash.
+    let deadline = Instant::now() + limit;
+    while fleet.views().iter().any(|(_, v)| v.connected) {
+        if Instant::now() > deadline {
+            anyhow::bail!("devices still connected to a killed broker");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let restarted = lab.restart_mosquitto(addr).await?;
+    let t0 = Instant::now();
+    let base = fleet.counters.sessions_up.load(Relaxed);
+    let mut samples: std::collections::VecDeque<(Instant, u64)> = Default::default();
+    let mut peak_per_sec = 0;
+    let mut link_back = None;
+    let devices_back = loop {
+        let now = Instant::now();
+        let up = fleet.counters.sessions_up.load(Relaxed) - base;
+        samples.push_back((now, up));
+        while samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(1))
+        {
+            samples.pop_front();
+        }
+        if let Some((_, first)) = samples.front() {
+            peak_per_sec = peak_per_sec.max(up - first);
+        }
+        if link_back.is_none() {
+            if let Some(metrics) = orch.metrics_addr {
+                if aloft_e2e::scrape(metrics, "aloft_broker_link_up").await == Some(1.0) {
+                    link_back = Some(t0.elapsed());
+                }
+            }
+        }
+        let connected = fleet.views().iter().filter(|(_, v)| v.connected).count();
+        if connected >= online && link_back.is_some() {
+            break t0.elapsed();
+        }
+        if t0.elapsed() > limit {
+            anyhow::bail!("only {connected} of {online} devices back within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    Ok(BrokerKill {
+        rss_before,
+        link_back: link_back.unwrap_or(devices_back),
+        devices_back,
+        peak_per_sec,
+        restarted: Some(restarted),
     })
 }

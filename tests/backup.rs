@@ -38,6 +38,7 @@ async fn a_backup_restored_into_a_wiped_data_dir_resumes_its_campaign_and_later_
         orch,
         admin,
         fleet,
+        ..
     } = spawned(10, |cfg| cfg.window = 2).await;
     let addr = orch.device_addr;
     let first = lab
@@ -123,6 +124,7 @@ async fn restoring_an_older_backup_does_not_lower_a_devices_floor() {
         orch,
         admin,
         fleet,
+        ..
     } = spawned(3, |_| {}).await;
     let addr = orch.device_addr;
     let c = lab

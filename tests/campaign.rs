@@ -86,7 +86,18 @@ async fn tampered_chunks_are_rejected_by_the_device_re_requested_and_the_campaig
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_offline_when_the_campaign_starts_gets_its_job_when_it_connects() {
-    let env = Env::new(3).await;
+    offline_device_catches_up(Broker::Embedded).await;
+}
+
+/// Beside Mosquitto the job waits for the device as a retained message on the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_mosquitto_a_device_offline_when_the_campaign_starts_gets_its_job_when_it_connects()
+{
+    offline_device_catches_up(Broker::Mosquitto).await;
+}
+
+async fn offline_device_catches_up(broker: Broker) {
+    let env = Env::with(broker, 3).await;
     let (online, offline) = env.devices.split_at(2);
     // The offline device was registered by an operator from its certificate; it never connected.
     let registered: serde_json::Value = env

@@ -365,7 +365,19 @@ async fn registering_a_revoked_certificate_is_refused_and_an_unreadable_crl_refu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_renews_its_certificate_over_mqtt_keeps_its_record_and_updates_afterwards() {
-    let env = Env::new(2).await;
+    renewal_keeps_the_record(Broker::Embedded).await;
+}
+
+/// Beside Mosquitto the orchestrator never sees the reconnect: the record follows the
+/// certificate at issuance, and Mosquitto accepts the renewed certificate (same fleet CA).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_mosquitto_a_device_renews_its_certificate_keeps_its_record_and_updates_afterwards()
+{
+    renewal_keeps_the_record(Broker::Mosquitto).await;
+}
+
+async fn renewal_keeps_the_record(broker: Broker) {
+    let env = Env::with(broker, 2).await;
     let fleet = env.start_fleet(&env.fleet_config()).await;
     let first = env
         .roll_out(

@@ -98,12 +98,17 @@ impl Env {
             .unwrap()
     }
 
-    /// Starts the whole fleet and waits until the orchestrator registered every device.
+    /// Starts the whole fleet and waits until the orchestrator registered every device; beside
+    /// Mosquitto (where every device is registered from the start) until every device is
+    /// connected to the broker.
     pub async fn start_fleet(&self, cfg: &FleetConfig) -> Fleet {
         let fleet = Fleet::start(cfg, self.devices.clone()).unwrap();
         wait_registered(&self.admin, self.devices.len(), LIMIT)
             .await
             .unwrap();
+        if self.broker == Broker::Mosquitto {
+            assert!(fleet.wait_all(LIMIT, |v| v.connected).await);
+        }
         fleet
     }
 }
@@ -122,25 +127,62 @@ pub struct Spawned {
     pub orch: aloft_e2e::OrchestratorProcess,
     pub admin: AdminClient,
     pub fleet: Fleet,
+    /// The external broker, when there is one (killed when the test ends).
+    pub mosquitto: Option<aloft_e2e::bench::mosquitto::Mosquitto>,
 }
 
-/// Starts a [`Spawned`] with `devices` devices; `tune` adjusts the fleet's settings first.
+/// Starts a [`Spawned`] with `devices` devices on the embedded broker; `tune` adjusts the
+/// fleet's settings first.
 pub async fn spawned(devices: usize, tune: impl FnOnce(&mut FleetConfig)) -> Spawned {
+    spawned_on(Broker::Embedded, devices, tune).await
+}
+
+/// Starts a [`Spawned`] on `broker`. With Mosquitto the devices are registered from their
+/// certificates, and "registered" is not "connected": it waits until every device is connected.
+pub async fn spawned_on(
+    broker: Broker,
+    devices: usize,
+    tune: impl FnOnce(&mut FleetConfig),
+) -> Spawned {
     let tmp = tempfile::tempdir().unwrap();
     let lab = Lab::create(tmp.path()).unwrap();
-    let orch = lab.spawn(exe(), "127.0.0.1:0".parse().unwrap()).unwrap();
+    let mosquitto = match broker {
+        Broker::Embedded => None,
+        Broker::Mosquitto => Some(lab.start_mosquitto().await.unwrap()),
+    };
+    let orch = start_child(&lab, mosquitto.as_ref(), "127.0.0.1:0".parse().unwrap());
     let identities = lab.enroll_fleet("dev", devices).unwrap();
+    let admin = lab.operator(orch.device_addr).await.unwrap();
+    if broker == Broker::Mosquitto {
+        lab.register(&admin, &identities).await.unwrap();
+    }
     let mut cfg = lab.fleet_config(orch.device_addr);
     tune(&mut cfg);
     let fleet = Fleet::start(&cfg, identities).unwrap();
-    let admin = lab.operator(orch.device_addr).await.unwrap();
     wait_registered(&admin, devices, LIMIT).await.unwrap();
+    if broker == Broker::Mosquitto {
+        assert!(fleet.wait_all(LIMIT, |v| v.connected).await);
+    }
     Spawned {
         tmp,
         lab,
         orch,
         admin,
         fleet,
+        mosquitto,
+    }
+}
+
+/// The orchestrator as a child process: with the front on `listen`, or beside `mosquitto`
+/// (also how a test starts it again on the same data directory after a kill).
+pub fn start_child(
+    lab: &Lab,
+    mosquitto: Option<&aloft_e2e::bench::mosquitto::Mosquitto>,
+    listen: std::net::SocketAddr,
+) -> aloft_e2e::OrchestratorProcess {
+    match mosquitto {
+        None => lab.spawn(exe(), listen).unwrap(),
+        Some(m) => lab.spawn_external(exe(), m.addr).unwrap(),
     }
 }
 

@@ -1,6 +1,8 @@
 //! Crash safety: the orchestrator is killed with SIGKILL mid-campaign and started again on the
 //! same data directory. The embedded broker keeps nothing, so everything devices need must come
-//! back from the store, and no transition the orchestrator acknowledged may be lost.
+//! back from the store, and no transition the orchestrator acknowledged may be lost. The first
+//! two tests run on both set-ups: beside Mosquitto the devices stay connected to the broker
+//! while the orchestrator is gone, and their reports meet no subscriber until it is back.
 
 use std::collections::HashMap;
 
@@ -8,7 +10,7 @@ use aloft_device::Fleet;
 use aloft_e2e::{finished, status, wait_campaign, ReleaseSpec};
 use aloft_proto::{CampaignId, DeviceId, DeviceState};
 
-use crate::common::{exe, spawned, Spawned, LIMIT};
+use crate::common::{exe, spawned, spawned_on, start_child, Broker, Spawned, LIMIT};
 
 /// Position of a state along the success path, for "did not go backwards"; every terminal
 /// state counts as the end.
@@ -21,6 +23,16 @@ fn rank(s: DeviceState) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orchestrator_killed_mid_campaign_resumes_and_loses_no_acknowledged_transition() {
+    orchestrator_killed_mid_campaign(Broker::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrator_beside_mosquitto_killed_mid_campaign_resumes_and_loses_no_acknowledged_transition(
+) {
+    orchestrator_killed_mid_campaign(Broker::Mosquitto).await;
+}
+
+async fn orchestrator_killed_mid_campaign(broker: Broker) {
     // Small chunks and a small window: the campaign takes long enough to be caught mid-way.
     let Spawned {
         tmp: _tmp,
@@ -28,7 +40,8 @@ async fn orchestrator_killed_mid_campaign_resumes_and_loses_no_acknowledged_tran
         orch,
         admin,
         fleet,
-    } = spawned(50, |cfg| cfg.window = 2).await;
+        mosquitto,
+    } = spawned_on(broker, 50, |cfg| cfg.window = 2).await;
     let addr = orch.device_addr;
     let mut spec = ReleaseSpec::new("2.0.0", 2, 512 * 1024);
     spec.chunk_bytes = 4 * 1024;
@@ -53,7 +66,7 @@ async fn orchestrator_killed_mid_campaign_resumes_and_loses_no_acknowledged_tran
         before.counts
     );
 
-    let orch = lab.spawn(exe(), addr).unwrap();
+    let orch = start_child(&lab, mosquitto.as_ref(), addr);
     let admin = lab.operator(orch.device_addr).await.unwrap();
     let after_restart = status(&admin, &campaign, true).await.unwrap();
     for d in &after_restart.devices {
@@ -105,6 +118,16 @@ fn acknowledged(fleet: &Fleet, campaign: &CampaignId) -> HashMap<DeviceId, Devic
 /// when an operator resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_rollout_stays_paused_across_a_crash_and_its_thresholds_still_hold() {
+    paused_rollout_survives_a_crash(Broker::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beside_mosquitto_a_paused_rollout_stays_paused_across_a_crash_and_its_thresholds_still_hold(
+) {
+    paused_rollout_survives_a_crash(Broker::Mosquitto).await;
+}
+
+async fn paused_rollout_survives_a_crash(broker: Broker) {
     use aloft_e2e::create_rollout;
     use aloft_orchestrator::admin::wire::AdminBody;
     use aloft_orchestrator::rollout::policy::{Growth, Size, Threshold, Waves};
@@ -117,7 +140,11 @@ async fn a_paused_rollout_stays_paused_across_a_crash_and_its_thresholds_still_h
         orch,
         admin,
         fleet,
-    } = spawned(10, |cfg| cfg.faults.health_check_failure_probability = 1.0).await;
+        mosquitto,
+    } = spawned_on(broker, 10, |cfg| {
+        cfg.faults.health_check_failure_probability = 1.0
+    })
+    .await;
     let addr = orch.device_addr;
     let artifact = lab
         .upload(&admin, &ReleaseSpec::new("2.0.0", 2, 64 * 1024))
@@ -145,7 +172,7 @@ async fn a_paused_rollout_stays_paused_across_a_crash_and_its_thresholds_still_h
     admin.disconnect().await;
     orch.kill9().unwrap();
 
-    let orch = lab.spawn(exe(), addr).unwrap();
+    let orch = start_child(&lab, mosquitto.as_ref(), addr);
     let admin = lab.operator(orch.device_addr).await.unwrap();
     let after = status(&admin, &campaign, false).await.unwrap();
     assert_eq!(after.status, CampaignStatus::Paused);
@@ -188,6 +215,7 @@ async fn a_device_timed_out_while_offline_learns_of_it_even_after_the_orchestrat
         orch,
         admin,
         fleet,
+        ..
     } = spawned(1, |cfg| {
         cfg.faults.slow_link_probability = 1.0;
         cfg.faults.slow_link_bytes_per_sec = 16 * 1024;

@@ -13,7 +13,7 @@ use aloft_orchestrator::rollout::RolloutPolicy;
 use aloft_orchestrator::store::{CampaignStatus, Target};
 use aloft_proto::{ArtifactId, CampaignId, DeviceId, DeviceState, Reason};
 
-use crate::common::{waves, Env, LIMIT};
+use crate::common::{waves, Broker, Env, LIMIT};
 
 async fn wait_status(env: &Env, c: &CampaignId, want: CampaignStatus) -> CampaignSummary {
     wait_campaign(&env.admin, c, LIMIT, |s| s.status == want)
@@ -45,7 +45,17 @@ async fn register_offline(env: &Env, devices: &[aloft_device::DeviceIdentity]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_failing_its_health_check_pauses_at_the_canary_and_touches_no_one_else() {
-    let env = Env::new(20).await;
+    failing_canary_pauses(Broker::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_mosquitto_a_release_failing_its_health_check_pauses_at_the_canary_and_touches_no_one_else(
+) {
+    failing_canary_pauses(Broker::Mosquitto).await;
+}
+
+async fn failing_canary_pauses(broker: Broker) {
+    let env = Env::with(broker, 20).await;
     let mut cfg = env.fleet_config();
     cfg.faults.health_check_failure_probability = 1.0;
     let fleet = env.start_fleet(&cfg).await;
@@ -144,9 +154,18 @@ async fn a_release_failing_its_health_check_pauses_at_the_canary_and_touches_no_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_resume_and_abort_mid_wave() {
+    pause_resume_and_abort(Broker::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_mosquitto_pause_resume_and_abort_mid_wave() {
+    pause_resume_and_abort(Broker::Mosquitto).await;
+}
+
+async fn pause_resume_and_abort(broker: Broker) {
     // Six devices run; four are registered but offline, so some notified devices stay in
     // flight and the abort has someone to cancel.
-    let env = Env::new(10).await;
+    let env = Env::with(broker, 10).await;
     let (online, offline) = env.devices.split_at(6);
     register_offline(&env, offline).await;
     let fleet = Fleet::start(&env.fleet_config(), online.to_vec()).unwrap();

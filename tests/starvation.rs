@@ -24,6 +24,7 @@ async fn an_orchestrator_stopped_past_the_confirm_deadline_during_installs_rolls
         orch,
         admin,
         fleet,
+        ..
     } = spawned(DEVICES, |cfg| cfg.confirm_deadline_ms = DEADLINE_MS).await;
     let campaign = lab
         .release_to_all(&admin, &ReleaseSpec::new("2.0.0", 2, 256 * 1024))

@@ -150,7 +150,8 @@ pub enum BrokerConfigCommand {
         /// A name clients reach the broker by (its certificate carries each); repeat for several.
         #[arg(long = "hostname", required = true)]
         hostnames: Vec<String>,
-        /// An operator allowed to send admin requests; repeat for several.
+        /// An operator allowed to send admin requests, `NAME=ROLE` (viewer, operator,
+        /// security-admin; a bare `NAME` is a viewer); repeat for several.
         #[arg(long = "operator")]
         operators: Vec<String>,
         /// Keep retained jobs across a broker restart in this directory.
@@ -161,6 +162,28 @@ pub enum BrokerConfigCommand {
         user: Option<String>,
         #[command(flatten)]
         unlock: UnlockArgs,
+    },
+    /// EMQX 5: an emqx.conf fragment (TLS 1.3 listener with peer verification, CN as user name
+    /// and client id, file authorization) and acl.conf, from the same topic table, with the
+    /// TLS material and aloft-external.toml.
+    Emqx(OtherBrokerArgs),
+    /// VerneMQ: vernemq.conf lines (TLS listener, CN as user name, vmq_acl) and vmq.acl.
+    Vernemq(OtherBrokerArgs),
+    /// HiveMQ 4: config.xml (TLS 1.3 listener, client certificate required) and the File RBAC
+    /// extension's credentials.xml.
+    Hivemq(OtherBrokerArgs),
+    /// AWS IoT Core: policy documents (device, orchestrator, one per operator) with policy
+    /// variables (`${iot:Connection.Thing.ThingName}`).
+    AwsIot {
+        /// The directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// `arn:aws:iot:REGION:ACCOUNT`.
+        #[arg(long)]
+        arn: String,
+        /// An operator allowed to send admin requests; repeat for several.
+        #[arg(long = "operator")]
+        operators: Vec<String>,
     },
 }
 
@@ -197,6 +220,67 @@ pub struct ServeArgs {
     pub broker: Option<String>,
     #[command(flatten)]
     pub unlock: UnlockArgs,
+}
+
+/// `aloft broker-config emqx|vernemq|hivemq`.
+#[derive(Args, Debug)]
+pub struct OtherBrokerArgs {
+    /// The data directory `aloft init` made (its fleet CA signs the broker's certificate).
+    #[arg(long, env = "ALOFT_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// The directory to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Where the broker will read these files (they name each other by this path).
+    #[arg(long)]
+    pub broker_dir: String,
+    /// The broker's TLS listener.
+    #[arg(long, default_value = "0.0.0.0:8883")]
+    pub listen: SocketAddr,
+    /// A name clients reach the broker by (its certificate carries each); repeat for several.
+    #[arg(long = "hostname", required = true)]
+    pub hostnames: Vec<String>,
+    /// An operator allowed to send admin requests, `NAME=ROLE` (a bare `NAME` is a viewer);
+    /// repeat for several.
+    #[arg(long = "operator")]
+    pub operators: Vec<String>,
+    #[command(flatten)]
+    pub unlock: UnlockArgs,
+}
+
+/// `--operator NAME[=ROLE]` values.
+fn operator_roles(operators: &[String]) -> Result<Vec<(OperatorId, OperatorRole)>> {
+    operators
+        .iter()
+        .map(|o| -> Result<(OperatorId, OperatorRole)> {
+            let (name, role) = o.split_once('=').unwrap_or((o, "viewer"));
+            Ok((OperatorId::new(name)?, role.parse()?))
+        })
+        .collect()
+}
+
+/// `aloft broker-config emqx|vernemq|hivemq`: the TLS material and the broker's files.
+fn broker_config_other(
+    broker: crate::broker_config::OtherBroker,
+    a: OtherBrokerArgs,
+) -> Result<()> {
+    let ca = crate::ops::load_ca(
+        &a.data_dir.join(crate::config::layout::PKI_DIR),
+        &a.unlock.obtain("the fleet CA key")?,
+    )?;
+    let opts = crate::broker_config::MosquittoOptions {
+        listen: a.listen,
+        hostnames: a.hostnames,
+        operators: operator_roles(&a.operators)?,
+        persistence_dir: None,
+        run_as_user: None,
+    };
+    let files =
+        crate::broker_config::write_other(broker, &a.data_dir, &ca, &a.out, &a.broker_dir, &opts)?;
+    for f in files {
+        println!("wrote {}", f.display());
+    }
+    Ok(())
 }
 
 /// How an operator command reaches the orchestrator.
@@ -621,10 +705,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 &data_dir.join(crate::config::layout::PKI_DIR),
                 &unlock.obtain("the fleet CA key")?,
             )?;
-            let operators = operators
-                .into_iter()
-                .map(OperatorId::new)
-                .collect::<Result<Vec<_>, _>>()?;
+            let operators = operator_roles(&operators)?;
             let opts = crate::broker_config::MosquittoOptions {
                 listen,
                 hostnames,
@@ -640,6 +721,29 @@ pub async fn run(cli: Cli) -> Result<()> {
                 out.join(crate::broker_config::files::ALOFT_TOML).display()
             );
             Ok(())
+        }
+        Command::BrokerConfig(BrokerConfigCommand::AwsIot {
+            out,
+            arn,
+            operators,
+        }) => {
+            let names: Vec<OperatorId> = operator_roles(&operators)?
+                .into_iter()
+                .map(|(op, _)| op)
+                .collect();
+            for f in crate::broker_config::write_aws_iot(&out, &arn, &names)? {
+                println!("wrote {}", f.display());
+            }
+            Ok(())
+        }
+        Command::BrokerConfig(BrokerConfigCommand::Emqx(a)) => {
+            broker_config_other(crate::broker_config::OtherBroker::Emqx, a)
+        }
+        Command::BrokerConfig(BrokerConfigCommand::Vernemq(a)) => {
+            broker_config_other(crate::broker_config::OtherBroker::Vernemq, a)
+        }
+        Command::BrokerConfig(BrokerConfigCommand::Hivemq(a)) => {
+            broker_config_other(crate::broker_config::OtherBroker::Hivemq, a)
         }
         Command::GenerateConfig => {
             print!("{DEFAULT_CONFIG_TOML}");

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use aloft_broker::{BrokerConfig, FrontConfig};
+use aloft_certs::OperatorRole;
+use aloft_proto::OperatorId;
 use aloft_vault::Unlock;
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +59,12 @@ pub struct FileConfig {
     pub external_broker_pid_file: Option<PathBuf>,
     /// The read-only web console (off unless `listen` is set).
     pub console: crate::console::ConsoleFile,
+    /// With an external broker: each operator's role, by name (`viewer`, `operator`,
+    /// `security-admin`). The front reads the role from the operator's certificate; beside an
+    /// external broker the orchestrator never sees that certificate, only the name the broker
+    /// vouches for (the ACL lets an operator publish only on `admin/<its CN>/...`). An operator
+    /// missing here is a viewer.
+    pub external_broker_operator_roles: std::collections::BTreeMap<String, String>,
 }
 
 /// Where the external broker listens, from `mqtts://host:port`.
@@ -108,6 +116,7 @@ impl Default for FileConfig {
             external_broker_crl: None,
             external_broker_pid_file: None,
             console: crate::console::ConsoleFile::default(),
+            external_broker_operator_roles: Default::default(),
         }
     }
 }
@@ -210,6 +219,7 @@ impl ServeConfig {
                 "downloads.slots must be at least 1".into(),
             ));
         }
+        self.operator_roles()?;
         if let Some(url) = &self.file.external_broker {
             ExternalBroker::parse(url)?;
             if self.file.insecure_plain_listen.is_some() {
@@ -231,6 +241,27 @@ impl ServeConfig {
 
     pub fn pki_dir(&self) -> PathBuf {
         self.data_dir.join(layout::PKI_DIR)
+    }
+
+    /// `external_broker_operator_roles`, read: a name that is no operator id or a role this
+    /// version does not know is an error (fail closed), never a silent viewer.
+    pub fn operator_roles(
+        &self,
+    ) -> Result<std::collections::HashMap<OperatorId, OperatorRole>, ConfigError> {
+        self.file
+            .external_broker_operator_roles
+            .iter()
+            .map(|(name, role)| {
+                let bad = |why: String| {
+                    ConfigError::Invalid(format!("external_broker_operator_roles.{name}: {why}"))
+                };
+                let id = OperatorId::new(name.as_str()).map_err(|e| bad(e.to_string()))?;
+                let role = role
+                    .parse::<OperatorRole>()
+                    .map_err(|e| bad(e.to_string()))?;
+                Ok((id, role))
+            })
+            .collect()
     }
 
     /// The external broker, if one is configured (validated by [`ServeConfig::validate`]).
@@ -312,6 +343,29 @@ mod tests {
             "mqtts://broker:8883/x",
         ] {
             assert!(ExternalBroker::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn operator_roles_beside_a_broker_are_read_strictly_and_an_unknown_role_is_refused() {
+        let cfg = |text: &str| ServeConfig {
+            data_dir: PathBuf::from("/nonexistent"),
+            file: toml::from_str(text).unwrap(),
+            unlock: test_unlock(),
+        };
+        let ok = cfg("external_broker_operator_roles = { \"ops\" = \"security-admin\", \"eve\" = \"viewer\" }");
+        assert!(ok.validate().is_ok());
+        let roles = ok.operator_roles().unwrap();
+        assert_eq!(
+            roles.get(&OperatorId::new("ops").unwrap()),
+            Some(&OperatorRole::SecurityAdmin)
+        );
+        assert_eq!(roles.len(), 2);
+        for bad in [
+            "external_broker_operator_roles = { \"ops\" = \"admin\" }",
+            "external_broker_operator_roles = { \"o/ps\" = \"viewer\" }",
+        ] {
+            assert!(cfg(bad).validate().is_err(), "{bad}");
         }
     }
 

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod backup;
 pub mod board;
 pub mod broker_config;
+pub mod broker_rules;
 pub mod cli;
 pub mod config;
 pub mod console;

@@ -254,6 +254,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
             ca_pem,
             direct: ctx.as_ref().map(|c| c.direct.clone()),
             front: ctx.clone(),
+            operator_roles: cfg.operator_roles()?,
             crl,
             crl_path: Some(crl_path),
             signer: Some(signer),

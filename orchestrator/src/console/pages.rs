@@ -56,7 +56,7 @@ fn page(title: &str, who: &str, body: &str) -> String {
 }
 
 /// The states shown as columns, in the order a member moves through them.
-const STATES: [DeviceState; 10] = DeviceState::ALL;
+const STATES: [DeviceState; DeviceState::ALL.len()] = DeviceState::ALL;
 
 fn counts_row(c: &CampaignSummary) -> String {
     let id = esc(c.campaign.as_str());

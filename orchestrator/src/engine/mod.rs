@@ -71,6 +71,8 @@ pub struct EngineConfig {
     /// The front, whose CRL `crl_update` replaces at run time. Without it a CRL cannot be
     /// applied and `crl_update` is refused.
     pub front: Option<Arc<FrontContext>>,
+    /// Without a front: each operator's role by name (`external_broker_operator_roles`).
+    pub operator_roles: std::collections::HashMap<OperatorId, aloft_certs::OperatorRole>,
     /// The CRL in force at start-up (from `crl.pem`, already verified against the fleet CA).
     pub crl: Option<VerifiedCrl>,
     /// Where the CRL in force is kept (`<data-dir>/crl.pem`); `crl_update` replaces it.
@@ -177,6 +179,8 @@ struct Shell {
     metrics: Arc<Metrics>,
     direct: Option<Arc<DirectRoutes>>,
     front: Option<Arc<FrontContext>>,
+    /// Without a front: operators' roles by name, from the configuration.
+    operator_roles: std::collections::HashMap<OperatorId, aloft_certs::OperatorRole>,
     signer: Option<crate::signer::Signer>,
     /// `crl.pem`, the trust directory and the front's CRL, for the operator actions the core
     /// suspends until they are done.
@@ -219,6 +223,7 @@ impl Shell {
                 crl: cfg.crl,
                 seed,
                 download_slots: cfg.download_slots,
+                record_follows_issuance: cfg.front.is_none(),
             },
             metrics.clone(),
             loaded,
@@ -229,6 +234,7 @@ impl Shell {
             metrics,
             direct: cfg.direct,
             front: cfg.front,
+            operator_roles: cfg.operator_roles,
             signer: cfg.signer,
             files,
             core,
@@ -271,9 +277,13 @@ impl Shell {
 
     /// The role of the certificate the operator's live session holds, as the front knows it:
     /// the request came through that session (the front relays an operator's publishes only
-    /// while it is connected). `None` (a viewer) without a front or once the session is gone.
+    /// while it is connected). `None` (a viewer) once the session is gone. Without a front, the
+    /// role the configuration gives the name the external broker vouched for (its ACL lets an
+    /// operator publish only under its own CN), or `None`.
     fn operator_role(&self, operator: &OperatorId) -> Option<aloft_certs::OperatorRole> {
-        let front = self.front.as_ref()?;
+        let Some(front) = self.front.as_ref() else {
+            return self.operator_roles.get(operator).copied();
+        };
         let peer = aloft_broker::Peer::Operator(operator.clone());
         front.registry.operator_role(&peer).flatten()
     }

@@ -339,6 +339,10 @@ pub struct CoreConfig {
     pub seed: [u8; 16],
     /// Devices sent chunks at once over the whole fleet (see `pacing`); at least 1.
     pub download_slots: usize,
+    /// Whether a device's record follows a renewed certificate when it is issued: beside an
+    /// external broker, which is the only time the orchestrator sees it. With the front the
+    /// record follows the certificate a device presents at its next handshake instead.
+    pub record_follows_issuance: bool,
 }
 
 /// A campaign with its release material and every member's progress, in memory.
@@ -476,6 +480,8 @@ pub struct Core {
     /// The job chain of `trust`, shared by every job.
     roots: Arc<Vec<SignedRoot>>,
     ca_pem: String,
+    /// See [`CoreConfig::record_follows_issuance`].
+    record_follows_issuance: bool,
     metrics: Arc<Metrics>,
     campaigns: HashMap<CampaignId, LiveCampaign>,
     /// Every registered device, by id (ordered as the store lists them).
@@ -525,6 +531,7 @@ impl Core {
             trust: cfg.trust,
             roots,
             ca_pem: cfg.ca_pem,
+            record_follows_issuance: cfg.record_follows_issuance,
             metrics,
             campaigns: HashMap::new(),
             devices: loaded

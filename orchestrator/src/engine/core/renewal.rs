@@ -149,6 +149,9 @@ impl Core {
                 self.metrics.renewal("issued");
                 info!(%device, %serial, "device certificate renewed");
                 self.audit_renewal(&device, format!("{device} serial {serial}"), "ok");
+                if self.record_follows_issuance {
+                    self.follow_issued(&device, &cert);
+                }
                 let response = RenewalResponse {
                     v: PROTOCOL_VERSION,
                     cert: Some(cert),
@@ -167,6 +170,35 @@ impl Core {
                 self.answer_refusal(&device, error, detail);
             }
         }
+    }
+
+    /// Points the device's record at the certificate just issued to it. Beside an external
+    /// broker the orchestrator never sees the device's next handshake, so without this the
+    /// record would keep the old serial (and a CRL naming only the new one would not touch
+    /// it).
+    fn follow_issued(&mut self, device: &DeviceId, cert_pem: &str) {
+        let identity = match aloft_certs::tls::verify_client_cert(
+            &self.ca_pem,
+            cert_pem,
+            Vec::new(),
+        ) {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(%device, error = %e, "the certificate just issued does not read back; registry unchanged");
+                return;
+            }
+        };
+        let Some(mut record) = self.devices.get(device).cloned() else {
+            return;
+        };
+        if identity.device_id().as_ref() != Some(device) {
+            return;
+        }
+        record.cert_serial = identity.serial_hex();
+        record.cert_not_before = identity.not_before;
+        record.cert_not_after = identity.not_after;
+        self.set_revoked(&mut record);
+        self.put_device(record, true);
     }
 
     fn answer_refusal(&mut self, device: &DeviceId, error: RenewalError, mut detail: String) {

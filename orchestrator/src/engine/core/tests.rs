@@ -210,6 +210,7 @@ impl Fixture {
                 crl: None,
                 seed: [0; 16],
                 download_slots: super::pacing::DEFAULT_SLOTS,
+                record_follows_issuance: false,
             },
             Metrics::new(None, None),
             self.durable.loaded(),
