@@ -47,7 +47,19 @@ pub struct LinkConfig {
 pub struct Publisher {
     client: AsyncClient,
     devices: Option<Arc<DirectRoutes>>,
+    /// Retained publishes (jobs and withdrawals, one per member) go through a writer task of
+    /// their own, so that a campaign's thousands of them never hold the engine's task, nor the
+    /// replies, acks and chunk frames published after them, while the broker acknowledges
+    /// them a few at a time.
+    retained: mpsc::Sender<(String, Vec<u8>)>,
 }
+
+/// Most retained publishes waiting for the link: a campaign's jobs for a large fleet, and all
+/// of them again after a reconnect, fit; beyond it the engine waits.
+const RETAINED_QUEUE: usize = 1 << 16;
+/// The link's own request queue. Short, so that what the engine publishes directly waits
+/// behind at most this many retained publishes, not behind a whole campaign's.
+const REQUEST_QUEUE: usize = 256;
 
 /// Why a publish failed: the link's request queue is gone, i.e. the event loop stopped.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +82,13 @@ impl Publisher {
                 }
                 return Ok(());
             }
+        }
+        if retain {
+            return self
+                .retained
+                .send((topic, payload))
+                .await
+                .map_err(|_| LinkClosed);
         }
         // Chunk frames carry no state and the device asks again for what it misses: QoS 0, so
         // a broker never stores or redelivers them (PROTOCOL.md §4).
@@ -174,7 +193,21 @@ pub fn connect(
         .set_clean_start(true)
         .set_max_packet_size(Some(cfg.max_packet_bytes))
         .set_outgoing_inflight_upper_limit(INFLIGHT);
-    let (client, mut eventloop) = AsyncClient::new(opts, 4096);
+    let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_QUEUE);
+    let (retained, mut retained_rx) = mpsc::channel::<(String, Vec<u8>)>(RETAINED_QUEUE);
+    let writer = client.clone();
+    tokio::spawn(async move {
+        while let Some((topic, payload)) = retained_rx.recv().await {
+            if writer
+                .publish(topic, QoS::AtLeastOnce, true, payload)
+                .await
+                .is_err()
+            {
+                // The link is gone for good: the engine's next retained publish fails too.
+                break;
+            }
+        }
+    });
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let sub_client = client.clone();
     tokio::spawn(async move {
@@ -238,6 +271,7 @@ pub fn connect(
         Publisher {
             client,
             devices: None,
+            retained,
         },
         ready_rx,
     )
