@@ -10,6 +10,7 @@ pub mod board;
 pub mod broker_config;
 pub mod broker_rules;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod console;
 pub mod engine;

@@ -289,7 +289,7 @@ fn route(
         Ok(Topic::Health(device)) => Some(Inbound::Health { device, payload }),
         Ok(Topic::Csr(device)) => Some(Inbound::Csr { device, payload }),
         Ok(Topic::Admin { operator, op: _ }) => {
-            let auth = admin_auth.check(&operator, &payload, unix_ms());
+            let auth = admin_auth.check(&operator, &payload, crate::clock::now_ms());
             Some(Inbound::Admin {
                 operator,
                 payload,
@@ -301,12 +301,6 @@ fn route(
             None
         }
     }
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -189,13 +189,6 @@ fn read(path: &Path) -> Result<String, ClientError> {
     })
 }
 
-/// Now, in Unix milliseconds, for a request's signature time.
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl AdminClient {
     /// Connects to `server` (`host:port`) with the operator profile in `profile_dir`.
     pub async fn connect(profile_dir: &Path, server: &str) -> Result<Self, ClientError> {
@@ -317,7 +310,7 @@ impl AdminClient {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Unique across invocations, since the orchestrator answers a repeated id from its cache.
         let id = format!("{}-{n}", self.session);
-        let auth = self.signer.sign(&id, &body, unix_ms())?;
+        let auth = self.signer.sign(&id, &body, crate::clock::now_ms())?;
         let (tx, rx) = oneshot::channel();
         self.pending.lock().await.insert(id.clone(), tx);
         let req = AdminRequest {

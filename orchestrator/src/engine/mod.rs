@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use aloft_broker::{DeliverError, DirectRoutes, FrontContext};
 use aloft_certs::revocation::{write_file_atomically, VerifiedCrl};
@@ -115,12 +115,7 @@ pub struct Engine {
     board: Arc<crate::board::Board>,
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub(crate) use crate::clock::now_ms;
 
 impl Engine {
     pub fn new(store: Store, cfg: EngineConfig, metrics: Arc<Metrics>) -> Self {
