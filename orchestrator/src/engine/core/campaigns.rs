@@ -359,12 +359,8 @@ pub(super) fn summary_light(live: &LiveCampaign) -> CampaignSummary {
     }
 }
 
+/// A campaign's full summary: the light one, and what costs a pass over its members.
 pub(super) fn summary(live: &LiveCampaign, with_devices: bool) -> CampaignSummary {
-    let counts: BTreeMap<String, u32> = live
-        .counts()
-        .into_iter()
-        .map(|(s, n)| (s.as_str().to_owned(), n))
-        .collect();
     let mut reasons = BTreeMap::new();
     for p in live.progress.values() {
         if let Some(r) = p.reason {
@@ -387,32 +383,11 @@ pub(super) fn summary(live: &LiveCampaign, with_devices: bool) -> CampaignSummar
     };
     devices.sort_by(|a, b| a.device.cmp(&b.device));
     CampaignSummary {
-        campaign: live.record.id.clone(),
-        artifact: live.record.artifact.clone(),
-        status: live.record.status,
-        total: live.progress.len() as u32,
-        counts,
         reasons,
-        created_ms: live.record.created_ms,
-        finished_ms: live.record.finished_ms,
-        reason: live.rollout.state().reason.clone(),
-        policy: live.record.policy.clone(),
-        waves: live
-            .rollout
-            .waves()
-            .iter()
-            .enumerate()
-            .map(|(w, c)| WaveSummary {
-                wave: w as u32,
-                counts: *c,
-                opened_ms: live.rollout.state().opened_ms.get(w).copied(),
-                finished_ms: live.rollout.state().finished_ms.get(w).copied(),
-            })
-            .collect(),
         unhealthy: live.progress.values().filter(|p| p.unhealthy).count() as u32,
-        rolls_back: live.record.rolls_back.clone(),
         paths: live.path_counts(),
         devices,
+        ..summary_light(live)
     }
 }
 
