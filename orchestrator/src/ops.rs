@@ -41,6 +41,19 @@ pub mod bundle {
 /// simulator run on the server itself reach it by these (`--server 127.0.0.1:8883`).
 pub const LOCAL_SERVER_NAMES: [&str; 2] = ["localhost", "127.0.0.1"];
 
+/// Writes a certificate in the clear and its key sealed, beside each other in `pki`.
+fn write_cert_and_sealed_key(
+    pki: &Path,
+    cert_file: &str,
+    key_file: &str,
+    (cert_pem, key_pem): (String, Zeroizing<String>),
+    protection: &Protection,
+) -> Result<()> {
+    write_new(&pki.join(cert_file), cert_pem.as_bytes(), false)?;
+    aloft_vault::seal_file(&pki.join(key_file), key_pem.as_bytes(), protection, false)?;
+    Ok(())
+}
+
 /// The server certificate's names: [`LOCAL_SERVER_NAMES`], then `hostnames`, each once.
 pub fn server_names(hostnames: &[String]) -> Vec<String> {
     let mut names: Vec<String> = LOCAL_SERVER_NAMES.iter().map(|n| (*n).to_owned()).collect();
@@ -87,35 +100,27 @@ pub fn init(
     let ca = FleetCa::create(ca_name, 3650)?;
     save_ca(&ca, &pki, protection)?;
     let server = ca.issue_server(&server_names(hostnames), Validity::days(825))?;
-    write_new(
-        &pki.join(layout::SERVER_CERT),
-        server.cert_pem.as_bytes(),
-        false,
-    )?;
-    let server_key = Zeroizing::new(server.key_pem);
-    aloft_vault::seal_file(
-        &pki.join(layout::SERVER_KEY),
-        server_key.as_bytes(),
+    let server = (server.cert_pem, Zeroizing::new(server.key_pem));
+    write_cert_and_sealed_key(
+        &pki,
+        layout::SERVER_CERT,
+        layout::SERVER_KEY,
+        server,
         protection,
-        false,
     )
-    .context("sealing the server key")?;
+    .context("writing the server certificate and key")?;
     // The orchestrator's client certificate, for when it runs beside an external broker
     // (`external_broker`): role `orchestrator`, a CN no device or operator can hold.
     let client = ca.issue_orchestrator(Validity::days(825))?;
-    write_new(
-        &pki.join(layout::ORCHESTRATOR_CERT),
-        client.cert_pem.as_bytes(),
-        false,
-    )?;
-    let client_key = Zeroizing::new(client.key_pem);
-    aloft_vault::seal_file(
-        &pki.join(layout::ORCHESTRATOR_KEY),
-        client_key.as_bytes(),
+    let client = (client.cert_pem, Zeroizing::new(client.key_pem));
+    write_cert_and_sealed_key(
+        &pki,
+        layout::ORCHESTRATOR_CERT,
+        layout::ORCHESTRATOR_KEY,
+        client,
         protection,
-        false,
     )
-    .context("sealing the orchestrator's client key")?;
+    .context("writing the orchestrator's client certificate and key")?;
     let store_key = MasterKey::generate()?;
     create_keystore(data_dir, &store_key, protection)?;
     Store::create(&store_dir, store_key)?;
