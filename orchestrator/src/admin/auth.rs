@@ -12,7 +12,7 @@
 //! on the broker link's task (certificate and signature checks are kept off the engine's task)
 //! and hands the engine an [`AdminAuth`] with each request.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -33,6 +33,9 @@ pub const MAX_CERT_BYTES: usize = 4096;
 /// Most signed requests remembered for replay detection; beyond it new signed requests are
 /// refused (`replay_window_full`) until old ones age out, rather than forgotten early.
 pub const REPLAY_CAPACITY: usize = 200_000;
+/// Most of them from one operator, so that one operator's flood (a stolen key) cannot lock the
+/// others out: a release of 64 MiB in 16 KiB chunks is 4,096 requests.
+pub const REPLAY_PER_OPERATOR: usize = 50_000;
 /// Separates this signature from every other use of an operator key.
 const DOMAIN: &[u8] = b"aloft-admin-request-v1";
 
@@ -218,6 +221,7 @@ impl Authenticator {
 struct ReplayWindow {
     seen: HashSet<(OperatorId, String)>,
     order: VecDeque<(u64, OperatorId, String)>,
+    per_operator: HashMap<OperatorId, usize>,
 }
 
 impl ReplayWindow {
@@ -233,6 +237,12 @@ impl ReplayWindow {
                 break;
             }
             if let Some((_, op, id)) = self.order.pop_front() {
+                if let Some(n) = self.per_operator.get_mut(&op) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.per_operator.remove(&op);
+                    }
+                }
                 self.seen.remove(&(op, id));
             }
         }
@@ -240,9 +250,11 @@ impl ReplayWindow {
         if self.seen.contains(&key) {
             return Ok(true);
         }
-        if self.seen.len() >= REPLAY_CAPACITY {
+        let mine = self.per_operator.get(operator).copied().unwrap_or(0);
+        if self.seen.len() >= REPLAY_CAPACITY || mine >= REPLAY_PER_OPERATOR {
             return Err("replay_window_full");
         }
+        *self.per_operator.entry(operator.clone()).or_insert(0) += 1;
         self.order.push_back((now_ms, key.0.clone(), key.1.clone()));
         self.seen.insert(key);
         Ok(false)
@@ -425,12 +437,31 @@ mod tests {
         assert_eq!(w.insert(&ops, "a", 0), Ok(false));
         assert_eq!(w.insert(&ops, "a", 2 * MAX_SKEW_MS), Ok(true));
         assert_eq!(w.insert(&ops, "a", 2 * MAX_SKEW_MS + 1), Ok(false));
-        for i in 0..REPLAY_CAPACITY - 1 {
-            w.insert(&ops, &i.to_string(), 2 * MAX_SKEW_MS + 1).unwrap();
+        let t = 2 * MAX_SKEW_MS + 1;
+        // One operator fills its share and no more; the others still get in.
+        for i in 0..REPLAY_PER_OPERATOR - 1 {
+            w.insert(&ops, &i.to_string(), t).unwrap();
         }
+        assert_eq!(w.insert(&ops, "one-more", t), Err("replay_window_full"));
+        let mut n = 0;
+        'fill: for o in 0.. {
+            let other = OperatorId::new(format!("op-{o}")).unwrap();
+            for i in 0..REPLAY_PER_OPERATOR {
+                if w.seen.len() >= REPLAY_CAPACITY {
+                    break 'fill;
+                }
+                w.insert(&other, &i.to_string(), t).unwrap();
+                n += 1;
+            }
+        }
+        assert_eq!(n, REPLAY_CAPACITY - REPLAY_PER_OPERATOR);
+        let late = OperatorId::new("late").unwrap();
+        assert_eq!(w.insert(&late, "x", t), Err("replay_window_full"));
+        // When the window has passed, everyone's share is free again.
         assert_eq!(
-            w.insert(&ops, "one-more", 2 * MAX_SKEW_MS + 1),
-            Err("replay_window_full")
+            w.insert(&ops, "one-more", t + 2 * MAX_SKEW_MS + 1),
+            Ok(false)
         );
+        assert_eq!(w.per_operator.len(), 1);
     }
 }
