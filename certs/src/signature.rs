@@ -11,13 +11,22 @@ use crate::PkiError;
 /// Largest signature accepted: a DER ECDSA P-256 signature is at most 72 bytes.
 pub const MAX_SIGNATURE_BYTES: usize = 80;
 
-/// Signs `msg` with the P-256 private key in `key_pem` (PKCS#8, as the profiles hold it).
-pub fn sign_with_key(key_pem: &str, msg: &[u8]) -> Result<Vec<u8>, PkiError> {
-    let key = KeyPair::from_pem(key_pem).map_err(PkiError::PrivateKey)?;
-    if key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
-        return Err(PkiError::BadSignature("the key is not a p-256 ecdsa key"));
+/// A P-256 private key (PKCS#8 PEM, as the profiles hold it), parsed once, that signs messages
+/// (ECDSA, SHA-256, ASN.1 DER signature).
+pub struct MessageKey(KeyPair);
+
+impl MessageKey {
+    pub fn from_pem(key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem).map_err(PkiError::PrivateKey)?;
+        if key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+            return Err(PkiError::BadSignature("the key is not a p-256 ecdsa key"));
+        }
+        Ok(Self(key))
     }
-    key.sign(msg).map_err(PkiError::Signing)
+
+    pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, PkiError> {
+        self.0.sign(msg).map_err(PkiError::Signing)
+    }
 }
 
 /// Checks that `sig` is the signature of `msg` by the key of the DER certificate `cert_der`.
@@ -66,7 +75,10 @@ mod tests {
             .unwrap();
         let a_der = crate::tls::parse_cert(&a.cert_pem).unwrap();
         let b_der = crate::tls::parse_cert(&b.cert_pem).unwrap();
-        let sig = sign_with_key(&a.key_pem, b"campaign_abort c-1").unwrap();
+        let sig = MessageKey::from_pem(&a.key_pem)
+            .unwrap()
+            .sign(b"campaign_abort c-1")
+            .unwrap();
         verify_with_cert(a_der.as_ref(), b"campaign_abort c-1", &sig).unwrap();
         // Another message, another certificate of the same name, a mangled signature.
         assert!(verify_with_cert(a_der.as_ref(), b"campaign_abort c-2", &sig).is_err());

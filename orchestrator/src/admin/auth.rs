@@ -87,16 +87,16 @@ pub enum AdminAuth {
 pub struct RequestSigner {
     operator: OperatorId,
     cert_b64: String,
-    key_pem: String,
+    key: aloft_certs::signature::MessageKey,
 }
 
 impl RequestSigner {
-    pub fn new(operator: OperatorId, cert_pem: &str, key_pem: String) -> Result<Self, PkiError> {
+    pub fn new(operator: OperatorId, cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
         let der = aloft_certs::tls::parse_cert(cert_pem)?;
         Ok(Self {
             operator,
             cert_b64: B64.encode(der.as_ref()),
-            key_pem,
+            key: aloft_certs::signature::MessageKey::from_pem(key_pem)?,
         })
     }
 
@@ -109,7 +109,7 @@ impl RequestSigner {
         let operator = aloft_certs::parse_identity(&der)?
             .operator_id()
             .ok_or_else(|| anyhow::anyhow!("{} is not an operator certificate", dir.display()))?;
-        Ok(Self::new(operator, &cert, key)?)
+        Ok(Self::new(operator, &cert, &key)?)
     }
 
     /// The `auth` for request `id` with `body`, signed now (`now_ms`).
@@ -118,7 +118,7 @@ impl RequestSigner {
         let body_json = serde_json::to_vec(body)
             .map_err(|_| PkiError::BadSignature("the request body does not serialize"))?;
         let msg = signing_input(&self.operator, id, now_ms, &body_json);
-        let sig = aloft_certs::signature::sign_with_key(&self.key_pem, &msg)?;
+        let sig = self.key.sign(&msg)?;
         Ok(RequestAuth {
             cert: self.cert_b64.clone(),
             ts: now_ms,
@@ -287,7 +287,7 @@ mod tests {
 
     fn signer(ca: &FleetCa, ops: &OperatorId, role: OperatorRole) -> RequestSigner {
         let issued = ca.issue_operator(ops, role, Validity::days(1)).unwrap();
-        RequestSigner::new(ops.clone(), &issued.cert_pem, issued.key_pem.clone()).unwrap()
+        RequestSigner::new(ops.clone(), &issued.cert_pem, &issued.key_pem).unwrap()
     }
 
     fn abort() -> AdminBody {
@@ -409,8 +409,7 @@ mod tests {
         let issued =
             f.ca.issue_operator(&f.ops, OperatorRole::SecurityAdmin, Validity::days(1))
                 .unwrap();
-        let s =
-            RequestSigner::new(f.ops.clone(), &issued.cert_pem, issued.key_pem.clone()).unwrap();
+        let s = RequestSigner::new(f.ops.clone(), &issued.cert_pem, &issued.key_pem).unwrap();
         let serial = aloft_certs::cert_serial(&issued.cert_pem).unwrap();
         let mut state = aloft_certs::revocation::RevocationState::default();
         let now = time::OffsetDateTime::now_utc();

@@ -202,7 +202,7 @@ impl AdminClient {
             .operator_id()
             .ok_or(ClientError::NotOperator)?;
         let tls = aloft_certs::tls::client_config(&ca, &cert, &key)?;
-        let signer = super::auth::RequestSigner::new(operator.clone(), &cert, key)?;
+        let signer = super::auth::RequestSigner::new(operator.clone(), &cert, &key)?;
         let mut opts = MqttOptions::new(operator.to_string(), host, port);
         // Request/response over small packets: Nagle would add delayed-ACK stalls to each one.
         let mut net = rumqttc::NetworkOptions::new();
