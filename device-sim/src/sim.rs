@@ -290,8 +290,11 @@ impl Fleet {
         let Some(root) = &cfg.root else {
             bail!("no root of trust: devices must be provisioned with one (FleetConfig::root, device-sim run --root FILE)");
         };
-        // Checked once here rather than refusing every job later in every device.
-        TrustedRoot::pin(root.clone()).context("the root of trust does not verify")?;
+        // Checked once here rather than refusing every job later in every device; each agent
+        // gets the verified result instead of verifying the same signatures again.
+        let pinned = Arc::new(
+            TrustedRoot::pin(root.clone()).context("the root of trust does not verify")?,
+        );
         let state_dir = cfg.dir.join(STATE_DIR);
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
@@ -392,6 +395,7 @@ impl Fleet {
             })));
             let mut acfg =
                 AgentConfig::new(ident.id.clone(), cfg.hardware_model.clone(), root.clone());
+            acfg.pinned = Some(pinned.clone());
             acfg.window = cfg.window;
             acfg.heartbeat_ms = cfg.heartbeat_ms;
             acfg.confirm_deadline_ms = cfg.confirm_deadline_ms;

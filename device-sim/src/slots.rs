@@ -349,16 +349,15 @@ pub struct FileFlash {
 }
 
 impl FileFlash {
-    /// Opens (or creates) the slot file at `path`, and closes it again until it is used.
+    /// The slot file at `path`, created at its first use. Nothing is opened here: a simulator
+    /// starting 10,000 devices spent a quarter of a second of its connect storm creating empty
+    /// slot files, most of which a short run never writes.
     pub fn open(path: &Path, capacity: u64) -> Result<Self, FlashError> {
-        let mut flash = FileFlash {
+        Ok(FileFlash {
             path: path.to_owned(),
             file: None,
             capacity,
-        };
-        flash.file()?;
-        flash.file = None;
-        Ok(flash)
+        })
     }
 
     /// The slot file, opened if it is not.
