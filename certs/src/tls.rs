@@ -269,6 +269,26 @@ pub fn client_config(
         .with_client_auth_cert(parse_certs(cert_pem)?, parse_private_key(key_pem)?)?)
 }
 
+/// A simulated device's client: [`client_config`] offering only what microcontroller TLS stacks
+/// (mbedTLS, wolfSSL) offer by default, TLS_AES_128_GCM_SHA256 over X25519 or P-256, instead
+/// of rustls' defaults (AES-256 with SHA-384 first, and the X25519MLKEM768 hybrid). The server
+/// still accepts every suite and group; this only makes a simulated handshake cost what a real
+/// device's does: at 10,000 devices, SHA-384 without hardware support and the ML-KEM
+/// key share were a tenth of the connect storm's CPU.
+pub fn device_client_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<ClientConfig, PkiError> {
+    let mut provider = aws_lc_rs::default_provider();
+    provider.cipher_suites = vec![aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256];
+    provider.kx_groups = vec![aws_lc_rs::kx_group::X25519, aws_lc_rs::kx_group::SECP256R1];
+    Ok(ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(fleet_roots(ca_pem)?)
+        .with_client_auth_cert(parse_certs(cert_pem)?, parse_private_key(key_pem)?)?)
+}
+
 /// A client that trusts the fleet CA but presents no certificate; the server must refuse it.
 pub fn client_config_without_cert(ca_pem: &str) -> Result<ClientConfig, PkiError> {
     Ok(ClientConfig::builder_with_provider(provider())

@@ -97,7 +97,7 @@ pub fn client_tls(
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<rustls::ClientConfig, aloft_certs::PkiError> {
-    let mut tls = aloft_certs::tls::client_config(ca_pem, cert_pem, key_pem)?;
+    let mut tls = aloft_certs::tls::device_client_config(ca_pem, cert_pem, key_pem)?;
     tls.resumption = rustls::client::Resumption::in_memory_sessions(1);
     Ok(tls)
 }
