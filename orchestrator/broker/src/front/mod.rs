@@ -391,13 +391,14 @@ async fn handle(
             let source = IdentitySource::ClaimedClientId {
                 allowed: identity_from_client_id,
             };
-            relay::run(tcp, addr, source, None, ctx).await;
+            Box::pin(relay::run(tcp, addr, source, None, ctx)).await;
         }
         Mode::Tls => {
             let Some((slot, evicted)) = slot else {
                 return;
             };
-            let Some(tls) = handshake(tcp, addr, slot, evicted, ctx).await else {
+            // Boxed, like the session below: the task keeps room only for what is running.
+            let Some(tls) = Box::pin(handshake(tcp, addr, slot, evicted, ctx)).await else {
                 return;
             };
             let cert = tls
@@ -429,7 +430,7 @@ async fn handle(
                 }
             };
             let source = IdentitySource::Certificate(peer);
-            relay::run(tls, addr, source, Some(identity), ctx).await;
+            Box::pin(relay::run(tls, addr, source, Some(identity), ctx)).await;
         }
     }
 }

@@ -80,6 +80,9 @@ pub fn fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, FrameError> {
     Err(FrameError::BadHeader)
 }
 
+/// Bytes a [`FrameReader`] keeps allocated while nothing is buffered.
+const IDLE_CAPACITY: usize = 512;
+
 /// Reads whole MQTT frames from a stream, never buffering more than the size cap allows.
 #[derive(Debug)]
 pub struct FrameReader {
@@ -90,7 +93,7 @@ pub struct FrameReader {
 impl FrameReader {
     pub fn new(max_packet_bytes: usize) -> Self {
         Self {
-            buf: BytesMut::with_capacity(4096),
+            buf: BytesMut::new(),
             max_packet_bytes,
         }
     }
@@ -109,6 +112,11 @@ impl FrameReader {
     /// 4-byte remaining length can claim 256 MB. Cancel-safe: bytes already read stay buffered
     /// in `self`, so a call after a cancelled one resumes the same frame.
     pub async fn next<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<Bytes, FrameError> {
+        // Nothing buffered: a large buffer from an earlier packet is let go rather than kept
+        // through what may be a long idle wait (10,000 idle devices each kept 4 KiB here).
+        if self.buf.is_empty() && self.buf.capacity() > IDLE_CAPACITY {
+            self.buf = BytesMut::new();
+        }
         loop {
             if let Some((head, remaining)) = fixed_header(&self.buf)? {
                 let total = head + remaining;

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{Connect, Login, Packet};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
@@ -139,7 +139,7 @@ pub(crate) async fn run<S>(
         .map(|i| (i.serial.clone(), i.operator_role));
     let admitted = match timeout(
         connect_timeout,
-        admit(&mut reader, &mut client_r, addr, source, cert, ctx),
+        Box::pin(admit(&mut reader, &mut client_r, addr, source, cert, ctx)),
     )
     .await
     {
@@ -151,12 +151,21 @@ pub(crate) async fn run<S>(
             return;
         }
     };
+    // Each kind of session is its own boxed future: a connection's task then holds only the
+    // state of the session it serves, not room for the largest of them (an idle device's task
+    // was 17.9 KB, mostly room for an operator's relay and a handshake long finished).
     let peer = admitted.peer.clone();
-    let backend_connect = match (&peer, admitted.backend_connect.clone()) {
-        (Peer::Operator(_), Some(connect)) => connect,
+    match (&peer, admitted.backend_connect.clone()) {
+        (Peer::Operator(_), Some(connect)) => {
+            let streams = (reader, client_r, client_w);
+            Box::pin(relay_operator(
+                peer, connect, admitted, max, addr, identity, streams, ctx,
+            ))
+            .await
+        }
         (Peer::Device(device), _) => {
             let device = device.clone();
-            return serve_device(
+            Box::pin(serve_device(
                 device,
                 admitted,
                 max,
@@ -164,12 +173,28 @@ pub(crate) async fn run<S>(
                 identity,
                 (reader, client_r, client_w),
                 ctx,
-            )
-            .await;
+            ))
+            .await
         }
-        (Peer::Operator(_), None) => return,
-    };
+        (Peer::Operator(_), None) => {}
+    }
+}
 
+/// Relays an admitted operator's session to the embedded broker.
+#[allow(clippy::too_many_arguments)]
+async fn relay_operator<S>(
+    peer: Peer,
+    backend_connect: Bytes,
+    admitted: Admitted,
+    max: usize,
+    addr: SocketAddr,
+    identity: Option<aloft_certs::CertIdentity>,
+    (mut reader, mut client_r, mut client_w): (FrameReader, ReadHalf<S>, WriteHalf<S>),
+    ctx: &FrontContext,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let connect_timeout = Duration::from_millis(ctx.cfg.connect_timeout_ms);
     let opened = timeout(connect_timeout, open_backend(ctx, &backend_connect))
         .await
         .unwrap_or(Err(BackendError::TimedOut));
