@@ -367,7 +367,21 @@ pub fn spawn_orchestrator_with(
     let log_path = data_dir.with_file_name("orchestrator.log");
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
-    let mut child = Command::new(exe)
+    // A profiler to run the orchestrator under (`ALOFT_ORCHESTRATOR_WRAP="heaptrack -o FILE"`,
+    // docs/BENCHMARKS.md): the words of the variable, then the usual command line. The pid and
+    // the RSS figures are then the profiler's.
+    let wrap: Vec<String> = std::env::var("ALOFT_ORCHESTRATOR_WRAP")
+        .map(|w| w.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    let mut command = match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let mut child = command
         .arg("orchestrator")
         .arg("--data-dir")
         .arg(data_dir)
@@ -387,7 +401,15 @@ pub fn spawn_orchestrator_with(
         .with_context(|| format!("starting {}", exe.display()))?;
     let stdout = child.stdout.take().context("child stdout")?;
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
+    let mut reader = BufReader::new(stdout);
+    // The addresses line is the first the orchestrator prints; a wrapping profiler may print
+    // a few of its own before it.
+    for _ in 0..8 {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 || line.contains("device=") {
+            break;
+        }
+    }
     let field = |name: &str| -> Option<SocketAddr> {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(name))
