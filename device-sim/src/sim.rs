@@ -292,9 +292,8 @@ impl Fleet {
         };
         // Checked once here rather than refusing every job later in every device; each agent
         // gets the verified result instead of verifying the same signatures again.
-        let pinned = Arc::new(
-            TrustedRoot::pin(root.clone()).context("the root of trust does not verify")?,
-        );
+        let pinned =
+            Arc::new(TrustedRoot::pin(root.clone()).context("the root of trust does not verify")?);
         let state_dir = cfg.dir.join(STATE_DIR);
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;

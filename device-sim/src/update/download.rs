@@ -15,14 +15,10 @@ use aloft_proto::manifest::Manifest;
 use aloft_proto::messages::{MAX_CHUNKS_PER_REQUEST, MAX_RANGES_PER_REQUEST};
 use aloft_proto::precondition::Preconditions;
 use aloft_proto::ArtifactId;
-use sha2::{Digest, Sha256};
 
 use super::origin::OriginPlan;
 use crate::slots::{Flash, FlashError, SlotId};
 use crate::store::ChunkBitmap;
-
-/// Bytes read per step when hashing the update slot back.
-const VERIFY_BLOCK_BYTES: usize = 16 * 1024;
 
 /// What became of one data frame.
 #[derive(Debug)]
@@ -285,22 +281,13 @@ fn to_requests(indices: &[u32]) -> Vec<Vec<[u32; 2]>> {
     requests
 }
 
-/// Reads the update slot back and compares its SHA-256 with the manifest's image digest.
+/// Compares the SHA-256 of the image in the update slot with the manifest's image digest.
 pub(super) fn verify_image(
     flash: &mut dyn Flash,
     slot: SlotId,
     manifest: &Manifest,
 ) -> Result<bool, FlashError> {
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; VERIFY_BLOCK_BYTES];
-    let mut offset = 0u64;
-    while offset < manifest.image_size {
-        let n = (manifest.image_size - offset).min(VERIFY_BLOCK_BYTES as u64) as usize;
-        flash.read(slot, offset, &mut buf[..n])?;
-        hash.update(&buf[..n]);
-        offset += n as u64;
-    }
-    let digest: [u8; 32] = hash.finalize().into();
+    let digest = flash.digest(slot, manifest.image_size)?;
     Ok(manifest.image_digest() == Some(digest))
 }
 
