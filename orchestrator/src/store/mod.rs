@@ -15,6 +15,8 @@
 
 mod audit;
 mod closing;
+#[cfg(test)]
+mod contract;
 mod export;
 mod history;
 mod kv;
@@ -526,7 +528,7 @@ pub(crate) mod tests {
         assert!(matches!(s.device(&id), Err(StoreError::Corrupt { .. })));
     }
 
-    fn release_record(artifact: &str, key_hex: &str) -> ReleaseRecord {
+    pub(crate) fn release_record(artifact: &str, key_hex: &str) -> ReleaseRecord {
         use aloft_proto::manifest::ReleaseSigningKey;
         use aloft_proto::release::{build_release, ReleaseMeta};
         let meta = ReleaseMeta {

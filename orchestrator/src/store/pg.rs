@@ -439,8 +439,7 @@ impl Worker {
         })
     }
 
-    /// Runs `f` on the connection; an error that closed it drops it, so the next request
-    /// connects again.
+    /// Runs `f` on the connection; any error drops it, so the next request connects again.
     fn with_client<T>(
         &mut self,
         f: impl FnOnce(&mut Client, &mut HashMap<String, Statement>) -> Result<T, postgres::Error>,
@@ -453,7 +452,11 @@ impl Worker {
             });
         };
         let result = f(client, statements);
-        if client.is_closed() {
+        if result.is_err() {
+            // Whatever failed (a lost server may first answer with a FATAL error on a client
+            // that does not yet know it is closed), the next request starts on a new
+            // connection rather than on one in an unknown state; reconnecting re-takes the
+            // lock. Nothing pending is lost: the buffer is cleared only by a commit.
             self.client = None;
         }
         result.map_err(|e| self.db_error(&e))
@@ -673,6 +676,16 @@ impl Worker {
         }
         self.cleared = [false; Tree::ALL.len()];
         Ok(())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // The server drops a closed connection's locks only once its backend notices the
+        // close; unlocking first makes the store free the moment the handle's drop returns.
+        if let Some(client) = self.client.as_mut() {
+            let _ = client.execute("SELECT pg_advisory_unlock_all()", &[]);
+        }
     }
 }
 
