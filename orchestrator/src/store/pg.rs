@@ -266,6 +266,7 @@ impl Pg {
             statements: HashMap::new(),
             pending: std::array::from_fn(|_| BTreeMap::new()),
             cleared: [false; Tree::ALL.len()],
+            committed: Committed::default(),
         };
         let thread = std::thread::Builder::new()
             .name("aloft-store-pg".into())
@@ -377,6 +378,63 @@ struct Worker {
     pending: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; Tree::ALL.len()],
     /// Trees cleared since the last successful flush (their table is emptied first).
     cleared: [bool; Tree::ALL.len()],
+    /// Committed rows every transition reads, known without a round trip.
+    committed: Committed,
+}
+
+/// Most rows [`Committed`] keeps per map before it starts again empty.
+const COMMITTED_CAP: usize = 1 << 18;
+
+/// What this process knows of the committed rows that every transition reads
+/// (`Store::put_progress` reads the record it replaces and the device's newest history key),
+/// so that a transition costs no round trip. Sound because this process holds the store's
+/// lock, so nobody else writes; emptied when a connection is made again (the lock was lost
+/// meanwhile), and when a map reaches [`COMMITTED_CAP`].
+#[derive(Default)]
+struct Committed {
+    /// Progress rows by key (`None`: known to be absent).
+    progress: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Per device (the history key's prefix: the id and its NUL), its newest history key.
+    newest_history: HashMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl Committed {
+    fn clear(&mut self) {
+        self.progress.clear();
+        self.newest_history.clear();
+    }
+
+    fn note_progress(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        if self.progress.len() >= COMMITTED_CAP && !self.progress.contains_key(&key) {
+            self.progress.clear();
+        }
+        self.progress.insert(key, value);
+    }
+
+    fn note_newest_history(&mut self, prefix: Vec<u8>, newest: Option<Vec<u8>>) {
+        if self.newest_history.len() >= COMMITTED_CAP {
+            self.newest_history.clear();
+        }
+        self.newest_history.insert(prefix, newest);
+    }
+
+    /// A history write has committed: the newest key of its device moves up, or is no longer
+    /// known if it was removed.
+    fn history_written(&mut self, key: &[u8], inserted: bool) {
+        let Some(nul) = key.iter().position(|b| *b == 0) else {
+            return;
+        };
+        let Some(newest) = self.newest_history.get_mut(&key[..=nul]) else {
+            return;
+        };
+        if inserted {
+            if newest.as_deref().is_none_or(|n| key > n) {
+                *newest = Some(key.to_vec());
+            }
+        } else if newest.as_deref() == Some(key) {
+            self.newest_history.remove(&key[..=nul]);
+        }
+    }
 }
 
 impl Worker {
@@ -423,6 +481,7 @@ impl Worker {
         }
         if self.client.is_none() {
             self.statements.clear();
+            self.committed.clear();
             let mut client = self.config.connect(NoTls).map_err(|e| self.db_error(&e))?;
             let locked: bool = client
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&STORE_LOCK])
@@ -509,6 +568,11 @@ impl Worker {
         if self.cleared[tree.index()] {
             return Ok(None);
         }
+        if tree == Tree::Progress {
+            if let Some(v) = self.committed.progress.get(key) {
+                return Ok(v.clone());
+            }
+        }
         let (name, columns) = table(tree);
         let filter: Vec<String> = columns
             .iter()
@@ -517,79 +581,63 @@ impl Worker {
             .collect();
         let sql = format!("SELECT v FROM {name} WHERE {}", filter.join(" AND "));
         let params: Vec<&(dyn ToSql + Sync)> = cols.iter().map(Val::sql).collect();
-        self.with_client(|client, statements| {
+        let found = self.with_client(|client, statements| {
             let stmt = prepared(client, statements, &sql)?;
             match client.query_opt(&stmt, &params)? {
                 Some(row) => Ok(Some(row.try_get::<_, Vec<u8>>(0)?)),
                 None => Ok(None),
             }
-        })
+        })?;
+        if tree == Tree::Progress {
+            self.committed.note_progress(key.to_vec(), found.clone());
+        }
+        Ok(found)
     }
 
     fn scan(&mut self, tree: Tree, scan: &Scan) -> Result<Vec<Entry>, StoreError> {
-        let layout = tree.layout();
         let pending: Vec<(Vec<u8>, Option<Vec<u8>>)> = self.pending[tree.index()]
             .range(scan.bounds())
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        let cleared = self.cleared[tree.index()];
+        let newest_key_only = tree == Tree::History
+            && scan.rev
+            && scan.limit == 1
+            && !scan.values
+            && scan.from == Bound::Unbounded
+            && !scan.prefix.is_empty();
         let mut rows: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-        if !self.cleared[tree.index()] && scan.limit > 0 {
-            let (name, columns) = table(tree);
-            let prefix = split_key(layout, &scan.prefix, false)
-                .ok_or_else(|| bad_key(tree, &scan.prefix))?;
-            let mut params: Vec<Val> = Vec::new();
-            let mut filter: Vec<String> = Vec::new();
-            for (c, v) in columns.iter().zip(prefix) {
-                params.push(v);
-                filter.push(format!("{c} = ${}", params.len()));
-            }
-            let from = match &scan.from {
-                Bound::Included(k) => Some((k, ">=")),
-                Bound::Excluded(k) => Some((k, ">")),
-                Bound::Unbounded => None,
-            };
-            if let Some((k, op)) = from {
-                let vals = split_key(layout, k, true).ok_or_else(|| bad_key(tree, k))?;
-                let mut places = Vec::new();
-                for v in vals {
-                    params.push(v);
-                    places.push(format!("${}", params.len()));
+        if newest_key_only && !cleared {
+            // A transition's look-up of the device's newest history key.
+            let newest = match self.committed.newest_history.get(&scan.prefix) {
+                Some(n) => n.clone(),
+                None => {
+                    let n = self.db_rows(tree, scan, 1)?.pop().map(|(k, _)| k);
+                    self.committed
+                        .note_newest_history(scan.prefix.clone(), n.clone());
+                    n
                 }
-                filter.push(format!(
-                    "({}) {op} ({})",
-                    columns.join(", "),
-                    places.join(", ")
-                ));
+            };
+            let removed = |k: &Vec<u8>| pending.iter().any(|(p, v)| p == k && v.is_none());
+            match newest {
+                // Removed but not yet committed: the next newest is needed, from the table.
+                Some(k) if removed(&k) => {
+                    rows.extend(self.db_rows(tree, scan, 1 + pending.len())?)
+                }
+                Some(k) => {
+                    rows.insert(k, Vec::new());
+                }
+                None => {}
             }
-            let order: Vec<String> = columns
-                .iter()
-                .map(|c| format!("{c}{}", if scan.rev { " DESC" } else { "" }))
-                .collect();
-            let mut sql = format!(
-                "SELECT {}, {} FROM {name}",
-                columns.join(", "),
-                if scan.values { "v" } else { "''::bytea" }
-            );
-            if !filter.is_empty() {
-                sql.push_str(&format!(" WHERE {}", filter.join(" AND ")));
-            }
-            sql.push_str(&format!(" ORDER BY {}", order.join(", ")));
+        } else if !cleared && scan.limit > 0 {
             // Pending writes may replace or remove as many rows as they number.
             let want = scan.limit.saturating_add(pending.len());
-            if let Ok(n) = i64::try_from(want) {
-                sql.push_str(&format!(" LIMIT {n}"));
-            }
-            let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(Val::sql).collect();
-            let found = self.with_client(|client, statements| {
-                let stmt = prepared(client, statements, &sql)?;
-                let mut out = Vec::new();
-                for row in client.query(&stmt, &params)? {
-                    let key = join_key(layout, &row)?;
-                    let v: Vec<u8> = row.try_get(columns.len())?;
-                    out.push((key, v));
+            let found = self.db_rows(tree, scan, want)?;
+            if tree == Tree::Progress && scan.values && scan.limit == usize::MAX {
+                for (k, v) in &found {
+                    self.committed.note_progress(k.clone(), Some(v.clone()));
                 }
-                Ok(out)
-            })?;
+            }
             rows.extend(found);
         }
         for (k, v) in pending {
@@ -608,6 +656,65 @@ impl Worker {
             rows.rev().take(scan.limit).collect()
         } else {
             rows.take(scan.limit).collect()
+        })
+    }
+
+    /// The committed rows of `scan`'s range, at most `want` (pending writes aside).
+    fn db_rows(&mut self, tree: Tree, scan: &Scan, want: usize) -> Result<Vec<Entry>, StoreError> {
+        let layout = tree.layout();
+        let (name, columns) = table(tree);
+        let prefix =
+            split_key(layout, &scan.prefix, false).ok_or_else(|| bad_key(tree, &scan.prefix))?;
+        let mut params: Vec<Val> = Vec::new();
+        let mut filter: Vec<String> = Vec::new();
+        for (c, v) in columns.iter().zip(prefix) {
+            params.push(v);
+            filter.push(format!("{c} = ${}", params.len()));
+        }
+        let from = match &scan.from {
+            Bound::Included(k) => Some((k, ">=")),
+            Bound::Excluded(k) => Some((k, ">")),
+            Bound::Unbounded => None,
+        };
+        if let Some((k, op)) = from {
+            let vals = split_key(layout, k, true).ok_or_else(|| bad_key(tree, k))?;
+            let mut places = Vec::new();
+            for v in vals {
+                params.push(v);
+                places.push(format!("${}", params.len()));
+            }
+            filter.push(format!(
+                "({}) {op} ({})",
+                columns.join(", "),
+                places.join(", ")
+            ));
+        }
+        let order: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{c}{}", if scan.rev { " DESC" } else { "" }))
+            .collect();
+        let mut sql = format!(
+            "SELECT {}, {} FROM {name}",
+            columns.join(", "),
+            if scan.values { "v" } else { "''::bytea" }
+        );
+        if !filter.is_empty() {
+            sql.push_str(&format!(" WHERE {}", filter.join(" AND ")));
+        }
+        sql.push_str(&format!(" ORDER BY {}", order.join(", ")));
+        if let Ok(n) = i64::try_from(want) {
+            sql.push_str(&format!(" LIMIT {n}"));
+        }
+        let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(Val::sql).collect();
+        self.with_client(|client, statements| {
+            let stmt = prepared(client, statements, &sql)?;
+            let mut out = Vec::new();
+            for row in client.query(&stmt, &params)? {
+                let key = join_key(layout, &row)?;
+                let v: Vec<u8> = row.try_get(columns.len())?;
+                out.push((key, v));
+            }
+            Ok(out)
         })
     }
 
@@ -671,6 +778,15 @@ impl Worker {
             }
             tx.commit()
         })?;
+        if self.cleared[Tree::Progress.index()] || self.cleared[Tree::History.index()] {
+            self.committed.clear();
+        }
+        for (k, v) in std::mem::take(&mut self.pending[Tree::Progress.index()]) {
+            self.committed.note_progress(k, v);
+        }
+        for (k, v) in &self.pending[Tree::History.index()] {
+            self.committed.history_written(k, v.is_some());
+        }
         for p in &mut self.pending {
             p.clear();
         }
