@@ -322,6 +322,29 @@ fn flushed_writes_survive_a_reopen_and_another_key_is_refused(b: &mut dyn Backen
     assert_eq!(s.device_history(&d, 10).unwrap().len(), 1);
 }
 
+/// A flush larger than one statement takes (a restore, a long batch) lands whole.
+fn a_large_flush_lands_whole(b: &mut dyn Backend) {
+    let at = b.fresh();
+    let key = MasterKey::generate().unwrap();
+    let s = Store::create_at(&at, key.clone()).unwrap();
+    let n = 5000;
+    for i in 0..n {
+        s.put_device(&device(&format!("dev-{i:05}"), Some(1)))
+            .unwrap();
+    }
+    s.flush().unwrap();
+    drop(s);
+    let s = Store::open_at(&at, key).unwrap();
+    let page = s
+        .devices_page(Some(&DeviceId::new("dev-04990").unwrap()), 100)
+        .unwrap();
+    assert_eq!(
+        ids(&page),
+        (4991..n).map(|i| format!("dev-{i:05}")).collect::<Vec<_>>()
+    );
+    assert_eq!(s.devices().unwrap().len(), n);
+}
+
 /// An empty location is refused, never opened as a fresh store.
 fn a_missing_store_is_refused(b: &mut dyn Backend) {
     let at = b.fresh();
@@ -452,6 +475,7 @@ mod on_sled {
         pending_writes_are_read_before_the_flush,
         flushed_writes_survive_a_reopen_and_another_key_is_refused,
         a_missing_store_is_refused,
+        a_large_flush_lands_whole,
         raw_records_move_between_engines_and_merges_keep_the_higher_state,
     );
 }
@@ -462,6 +486,7 @@ mod on_postgres {
         pending_writes_are_read_before_the_flush,
         flushed_writes_survive_a_reopen_and_another_key_is_refused,
         a_missing_store_is_refused,
+        a_large_flush_lands_whole,
         raw_records_move_between_engines_and_merges_keep_the_higher_state,
     );
 

@@ -120,23 +120,40 @@ fn split_key(layout: &[Part], key: &[u8], complete: bool) -> Option<Vec<Val>> {
     rest.is_empty().then_some(vals)
 }
 
-/// The key bytes of a row's key columns.
-fn join_key(layout: &[Part], row: &postgres::Row) -> Result<Vec<u8>, postgres::Error> {
+/// The key bytes of a row's key columns; `None` for a value no key of ours holds (a NUL in
+/// a text part, a number out of its part's range), which only a foreign write can leave.
+fn join_key(layout: &[Part], row: &postgres::Row) -> Result<Option<Vec<u8>>, postgres::Error> {
     let mut key = Vec::new();
     for (i, part) in layout.iter().enumerate() {
         match part {
             Part::Text => {
-                key.extend_from_slice(row.try_get::<_, &str>(i)?.as_bytes());
+                let text = row.try_get::<_, &str>(i)?;
+                if text.contains('\0') {
+                    return Ok(None);
+                }
+                key.extend_from_slice(text.as_bytes());
                 if i + 1 < layout.len() {
                     key.push(0);
                 }
             }
-            Part::U32 => key.extend_from_slice(&(row.try_get::<_, i64>(i)? as u32).to_be_bytes()),
-            Part::U64 => key.extend_from_slice(&(row.try_get::<_, i64>(i)? as u64).to_be_bytes()),
+            Part::U32 => match u32::try_from(row.try_get::<_, i64>(i)?) {
+                Ok(n) => key.extend_from_slice(&n.to_be_bytes()),
+                Err(_) => return Ok(None),
+            },
+            Part::U64 => match u64::try_from(row.try_get::<_, i64>(i)?) {
+                Ok(n) => key.extend_from_slice(&n.to_be_bytes()),
+                Err(_) => return Ok(None),
+            },
         }
     }
-    Ok(key)
+    Ok(Some(key))
 }
+
+/// Rows at most per statement of a flush, and bytes of values at most: a large flush (a
+/// restore) becomes several statements of one transaction, each well inside PostgreSQL's
+/// 1 GiB message limit.
+const ROWS_PER_STATEMENT: usize = 4096;
+const BYTES_PER_STATEMENT: usize = 64 * 1024 * 1024;
 
 fn bad_key(tree: Tree, key: &[u8]) -> StoreError {
     StoreError::Corrupt {
@@ -702,11 +719,13 @@ impl Worker {
             sql.push_str(&format!(" WHERE {}", filter.join(" AND ")));
         }
         sql.push_str(&format!(" ORDER BY {}", order.join(", ")));
+        // A parameter, not a literal: one prepared statement per shape, whatever the limit.
         if let Ok(n) = i64::try_from(want) {
-            sql.push_str(&format!(" LIMIT {n}"));
+            params.push(Val::Int(n));
+            sql.push_str(&format!(" LIMIT ${}", params.len()));
         }
         let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(Val::sql).collect();
-        self.with_client(|client, statements| {
+        let found = self.with_client(|client, statements| {
             let stmt = prepared(client, statements, &sql)?;
             let mut out = Vec::new();
             for row in client.query(&stmt, &params)? {
@@ -715,7 +734,17 @@ impl Worker {
                 out.push((key, v));
             }
             Ok(out)
-        })
+        })?;
+        found
+            .into_iter()
+            .map(|(k, v)| match k {
+                Some(k) => Ok((k, v)),
+                None => Err(StoreError::Corrupt {
+                    key: format!("a row of {name}"),
+                    source: serde::de::Error::custom("key columns no key of this store can hold"),
+                }),
+            })
+            .collect()
     }
 
     /// Commits every pending write in one transaction; on success the buffer is empty.
@@ -731,20 +760,26 @@ impl Worker {
                 continue;
             }
             let layout = tree.layout();
-            let mut upsert = Columns::new(layout);
-            let mut remove = Columns::new(layout);
+            let mut upserts = vec![Columns::new(layout)];
+            let mut removes = vec![Columns::new(layout)];
             for (k, v) in pending {
                 let vals = split_key(layout, k, true).ok_or_else(|| bad_key(tree, k))?;
-                match v {
-                    Some(v) => upsert.push(vals, Some(v.clone())),
-                    None => remove.push(vals, None),
+                let (group, value) = match v {
+                    Some(v) => (&mut upserts, Some(v.clone())),
+                    None => (&mut removes, None),
+                };
+                if group.last().is_some_and(Columns::full) {
+                    group.push(Columns::new(layout));
+                }
+                if let Some(columns) = group.last_mut() {
+                    columns.push(vals, value);
                 }
             }
-            batches.push((tree, cleared, upsert, remove));
+            batches.push((tree, cleared, upserts, removes));
         }
         self.with_client(|client, statements| {
             let mut tx = client.transaction()?;
-            for (tree, cleared, upsert, remove) in &batches {
+            for (tree, cleared, upserts, removes) in &batches {
                 let (name, columns) = table(*tree);
                 let layout = tree.layout();
                 let types: Vec<String> = layout
@@ -755,7 +790,7 @@ impl Worker {
                 if *cleared {
                     tx.execute(&format!("DELETE FROM {name}"), &[])?;
                 }
-                if !remove.is_empty() && !*cleared {
+                for remove in removes.iter().filter(|r| !r.is_empty() && !*cleared) {
                     let sql = format!(
                         "DELETE FROM {name} WHERE ({}) IN (SELECT * FROM unnest({}))",
                         columns.join(", "),
@@ -764,7 +799,7 @@ impl Worker {
                     let stmt = prepared(&mut tx, statements, &sql)?;
                     tx.execute(&stmt, &remove.params())?;
                 }
-                if !upsert.is_empty() {
+                for upsert in upserts.iter().filter(|u| !u.is_empty()) {
                     let sql = format!(
                         "INSERT INTO {name} ({cols}, v) SELECT * FROM unnest({types}, ${n}::bytea[]) \
                          ON CONFLICT ({cols}) DO UPDATE SET v = EXCLUDED.v",
@@ -827,6 +862,8 @@ struct Columns {
     slots: Vec<(bool, usize)>,
     values: Vec<Vec<u8>>,
     len: usize,
+    /// Bytes of `values`.
+    bytes: usize,
 }
 
 impl Columns {
@@ -848,6 +885,7 @@ impl Columns {
             slots,
             values: Vec::new(),
             len: 0,
+            bytes: 0,
         }
     }
 
@@ -859,9 +897,15 @@ impl Columns {
             }
         }
         if let Some(v) = value {
+            self.bytes += v.len();
             self.values.push(v);
         }
         self.len += 1;
+    }
+
+    /// Whether one more row belongs in the next statement.
+    fn full(&self) -> bool {
+        self.len >= ROWS_PER_STATEMENT || self.bytes >= BYTES_PER_STATEMENT
     }
 
     fn is_empty(&self) -> bool {
