@@ -1,7 +1,8 @@
-//! The orchestrator on a PostgreSQL store (a throwaway cluster this test starts): a data
+//! The orchestrator on a PostgreSQL store (a throwaway cluster each test starts): a data
 //! directory made with the default sled store moves into PostgreSQL the documented way (a
-//! backup restored with `--store`), a campaign runs through the real engine, and a restart on
-//! the same database finds everything the first run acknowledged.
+//! backup restored with `--store`), a campaign runs through the real engine, a restart on the
+//! same database finds everything the first run acknowledged, and `aloft serve --store` killed
+//! with SIGKILL mid-campaign loses no acknowledged transition.
 
 use aloft_device::Fleet;
 use aloft_e2e::{finished, wait_campaign, wait_registered, Lab, ReleaseSpec};
@@ -12,20 +13,15 @@ use aloft_orchestrator::store::{Store, StoreLocation};
 use aloft_proto::DeviceState;
 use aloft_vault::{Protection, RecoveryKey, Unlock};
 
-use crate::common::LIMIT;
+use crate::common::{exe, LIMIT};
+use crate::restart::{acknowledged, rank};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_campaign_runs_on_a_postgresql_store_and_a_restart_finds_it_finished() {
-    let tmp = tempfile::tempdir().unwrap();
-    let lab = Lab::create(tmp.path()).unwrap();
-    let cluster = tokio::task::spawn_blocking(TempCluster::start)
-        .await
-        .unwrap()
-        .unwrap();
+/// A lab whose data directory's store was moved into a new database of `cluster`; its URL.
+fn lab_on_postgres(tmp: &std::path::Path, cluster: &TempCluster) -> (Lab, StoreLocation) {
+    let lab = Lab::create(tmp).unwrap();
     let at = StoreLocation::Postgres(cluster.create_database("e2e").unwrap());
-
     // sled → PostgreSQL: back up the data directory, restore it with the database as its store.
-    let out = tmp.path().join("move.aloftbak");
+    let out = tmp.join("move.aloftbak");
     let rk = RecoveryKey::generate().unwrap();
     backup::create(&lab.data_dir, &out, &Protection::recovery_key(rk.clone())).unwrap();
     let r = backup::restore_at(&out, &lab.data_dir, &at, &Unlock::RecoveryKey(rk)).unwrap();
@@ -34,6 +30,17 @@ async fn a_campaign_runs_on_a_postgresql_store_and_a_restart_finds_it_finished()
         !lab.data_dir.join(layout::STORE_DIR).exists(),
         "the sled store went aside with the previous contents"
     );
+    (lab, at)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_runs_on_a_postgresql_store_and_a_restart_finds_it_finished() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = tokio::task::spawn_blocking(TempCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let (lab, at) = lab_on_postgres(tmp.path(), &cluster);
 
     let mut cfg = lab.serve_config();
     let StoreLocation::Postgres(url) = &at else {
@@ -87,6 +94,77 @@ async fn a_campaign_runs_on_a_postgresql_store_and_a_restart_finds_it_finished()
     assert_eq!(s.count(DeviceState::Succeeded), 6, "{:?}", s.counts);
     drop(admin);
     running.shutdown().await.unwrap();
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_postgresql_killed_mid_campaign_loses_no_acknowledged_transition() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = tokio::task::spawn_blocking(TempCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let (lab, at) = lab_on_postgres(tmp.path(), &cluster);
+    let StoreLocation::Postgres(url) = &at else {
+        unreachable!()
+    };
+    let store_args = [std::ffi::OsStr::new("--store"), std::ffi::OsStr::new(url)];
+    let spawn = |listen| {
+        aloft_e2e::spawn_orchestrator_with(
+            exe(),
+            &lab.data_dir,
+            &lab.unlock_file,
+            listen,
+            &store_args,
+        )
+        .unwrap()
+    };
+    let orch = spawn("127.0.0.1:0".parse().unwrap());
+    let addr = orch.device_addr;
+    let admin = lab.operator(addr).await.unwrap();
+    let mut cfg = lab.fleet_config(addr);
+    cfg.window = 2;
+    let fleet = Fleet::start(&cfg, lab.enroll_fleet("dev", 30).unwrap()).unwrap();
+    wait_registered(&admin, 30, LIMIT).await.unwrap();
+    let mut spec = ReleaseSpec::new("2.0.0", 2, 512 * 1024);
+    spec.chunk_bytes = 4 * 1024;
+    let campaign = lab.release_to_all(&admin, &spec).await.unwrap();
+    wait_campaign(&admin, &campaign, LIMIT, |s| {
+        s.count(DeviceState::Downloading) >= 10 && !finished(s)
+    })
+    .await
+    .unwrap();
+    admin.disconnect().await;
+    orch.kill9().unwrap();
+    let acked = acknowledged(&fleet, &campaign);
+    assert!(
+        acked.values().any(|s| *s != DeviceState::Succeeded),
+        "the kill landed mid-campaign"
+    );
+
+    // The killed process's session (and its lock) ends as the server notices the socket close.
+    let orch = spawn(addr);
+    let admin = lab.operator(orch.device_addr).await.unwrap();
+    let after = aloft_e2e::status(&admin, &campaign, true).await.unwrap();
+    for d in &after.devices {
+        if let Some(a) = acked.get(&d.device) {
+            assert!(
+                rank(d.state) >= rank(*a),
+                "{} was acknowledged in {a} but the restarted orchestrator says {}",
+                d.device,
+                d.state
+            );
+        }
+    }
+    let s = wait_campaign(&admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(s.count(DeviceState::Succeeded), 30, "{:?}", s.counts);
+    fleet.shutdown().await;
+    admin.disconnect().await;
+    drop(orch);
     tokio::task::spawn_blocking(move || drop(cluster))
         .await
         .unwrap();

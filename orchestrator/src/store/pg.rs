@@ -41,6 +41,9 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 /// The session advisory lock that keeps a second process off the store ("aloft" ‖ 1).
 const STORE_LOCK: i64 = 0x616c_6f66_7400_0001;
 
+/// How long opening waits for the store's lock before it says the store is in use.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
 /// Used when the URL sets no `connect_timeout`: an unreachable server is an error, not a hang.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -500,12 +503,23 @@ impl Worker {
             self.statements.clear();
             self.committed.clear();
             let mut client = self.config.connect(NoTls).map_err(|e| self.db_error(&e))?;
-            let locked: bool = client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&STORE_LOCK])
-                .and_then(|row| row.try_get(0))
-                .map_err(|e| self.db_error(&e))?;
-            if !locked {
-                return Err(StoreError::DatabaseInUse(self.label.clone()));
+            // Waits a moment for the lock: a process that was just killed holds it until its
+            // server backend has noticed the closed socket. The lock is the session's, and
+            // outlives the transaction that bounds the wait.
+            let locked = client.transaction().and_then(|mut tx| {
+                tx.batch_execute(&format!(
+                    "SET LOCAL lock_timeout = '{}ms'",
+                    LOCK_WAIT.as_millis()
+                ))?;
+                tx.execute("SELECT pg_advisory_lock($1)", &[&STORE_LOCK])?;
+                tx.commit()
+            });
+            match locked {
+                Ok(()) => {}
+                Err(e) if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                    return Err(StoreError::DatabaseInUse(self.label.clone()));
+                }
+                Err(e) => return Err(self.db_error(&e)),
             }
             self.client = Some(client);
         }
