@@ -982,5 +982,11 @@ mod tests {
         let d = describe_url(&c);
         assert_eq!(d, "postgres://aloft@db.example:5433/fleet");
         assert!(!d.contains("s3cret"));
+        // A Unix socket directory, percent-encoded, as deploy/aloft.toml shows it.
+        let c = parse_url("postgres://aloft@%2Fvar%2Frun%2Fpostgresql/aloft").unwrap();
+        assert_eq!(
+            describe_url(&c),
+            "postgres://aloft@/var/run/postgresql:5432/aloft"
+        );
     }
 }
