@@ -561,21 +561,20 @@ mod on_postgres {
             s.flush().is_err(),
             "a second flush while the server is down"
         );
-        // A transition reads the record it replaces: with the server down that read fails,
-        // as an error, not a panic; the process still reads its own pending write.
-        assert!(matches!(
-            s.put_progress(&c, &d, &progress(DeviceState::Downloading, 2, 2)),
-            Err(StoreError::Database { .. })
-        ));
-        assert!(s.campaign(&c).is_err());
+        // A transition reads the record it replaces, which this process committed itself: it
+        // is known without the server, and the transition waits in the buffer with the rest.
+        s.put_progress(&c, &d, &progress(DeviceState::Downloading, 2, 2))
+            .unwrap();
+        // A read only the server can answer fails, as an error, not a panic; the process
+        // still reads its own pending writes.
+        assert!(matches!(s.campaign(&c), Err(StoreError::Database { .. })));
         assert_eq!(
             s.device(&d).unwrap().unwrap().floor,
             Some(SecurityVersion(4))
         );
+        assert_eq!(s.progress(&c, &d).unwrap().unwrap().last_seq, 2);
 
         b.cluster.start_server().unwrap();
-        s.put_progress(&c, &d, &progress(DeviceState::Downloading, 2, 2))
-            .unwrap();
         s.flush().unwrap();
         drop(s);
         let s = Store::open_at(&at, key).unwrap();
@@ -585,5 +584,6 @@ mod on_postgres {
         );
         let p = s.progress(&c, &d).unwrap().unwrap();
         assert_eq!((p.state, p.last_seq), (DeviceState::Downloading, 2));
+        assert_eq!(s.device_history(&d, 10).unwrap().len(), 2);
     }
 }

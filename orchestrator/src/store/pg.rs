@@ -20,8 +20,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -215,30 +216,35 @@ pub fn parse_url(url: &str) -> Result<postgres::Config, StoreError> {
         .map_err(|e| StoreError::BadLocation(format!("not a PostgreSQL URL: {e}")))
 }
 
-/// A request to the connection's thread.
+/// A request to the connection's thread: only what needs the server.
 enum Request {
+    /// One committed row.
     Get {
         tree: Tree,
-        key: Vec<u8>,
         cols: Vec<Val>,
         reply: mpsc::SyncSender<Result<Option<Vec<u8>>, StoreError>>,
     },
-    Write {
-        tree: Tree,
-        key: Vec<u8>,
-        value: Option<Vec<u8>>,
-    },
-    Clear {
-        tree: Tree,
-    },
-    Scan {
+    /// The committed rows of a range, at most `want`.
+    Rows {
         tree: Tree,
         scan: Scan,
+        want: usize,
         reply: mpsc::SyncSender<Result<Vec<Entry>, StoreError>>,
     },
-    Flush {
+    /// One transaction of these statements.
+    Commit {
+        batches: Vec<Batch>,
         reply: mpsc::SyncSender<Result<(), StoreError>>,
     },
+}
+
+/// One tree's share of a commit.
+struct Batch {
+    tree: Tree,
+    /// Empty the table first.
+    cleared: bool,
+    upserts: Vec<Columns>,
+    removes: Vec<Columns>,
 }
 
 /// A handle to a store's PostgreSQL connection thread. Clones share it; dropping the last one
@@ -253,6 +259,13 @@ struct Inner {
     thread: Option<JoinHandle<()>>,
     /// The database, for messages.
     label: String,
+    /// Writes since the last commit and what is known of committed rows, used by callers on
+    /// their own threads: a write, or a read the overlay answers, costs no hop to the
+    /// connection's thread. A flush holds it until its commit returns.
+    overlay: Mutex<Overlay>,
+    /// How many connections the connection's thread has made: what [`Committed`] knows is
+    /// dropped when it changes (the lock, and so the right to trust it, was lost meanwhile).
+    connections: Arc<AtomicU64>,
 }
 
 impl Drop for Inner {
@@ -263,6 +276,27 @@ impl Drop for Inner {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Writes not yet committed, and the committed rows every transition reads.
+#[derive(Default)]
+struct Overlay {
+    /// Writes since the last successful flush, per tree: `None` removes the key.
+    pending: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; Tree::ALL.len()],
+    /// Trees cleared since the last successful flush (their table is emptied first).
+    cleared: [bool; Tree::ALL.len()],
+    committed: Committed,
+    /// The connection count `committed` belongs to.
+    connection: u64,
+    /// Bumped by every commit and every reconnection: a row read from the server is kept in
+    /// `committed` only if no commit came between the read's start and its end.
+    epoch: u64,
+}
+
+impl Overlay {
+    fn is_empty(&self) -> bool {
+        self.pending.iter().all(BTreeMap::is_empty) && !self.cleared.contains(&true)
     }
 }
 
@@ -277,6 +311,7 @@ impl Pg {
             config.application_name("aloft");
         }
         let label = describe_url(&config);
+        let connections = Arc::new(AtomicU64::new(0));
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let mut worker = Worker {
@@ -284,9 +319,7 @@ impl Pg {
             label: label.clone(),
             client: None,
             statements: HashMap::new(),
-            pending: std::array::from_fn(|_| BTreeMap::new()),
-            cleared: [false; Tree::ALL.len()],
-            committed: Committed::default(),
+            connections: connections.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("aloft-store-pg".into())
@@ -306,6 +339,8 @@ impl Pg {
             tx: Some(tx),
             thread: Some(thread),
             label: label.clone(),
+            overlay: Mutex::default(),
+            connections,
         };
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Pg {
@@ -324,17 +359,28 @@ impl Pg {
         &self.inner.label
     }
 
+    /// The overlay, with what it knows of committed rows dropped if the connection changed.
+    fn overlay(&self) -> MutexGuard<'_, Overlay> {
+        // A panic while it was held cannot leave it half-written in a way a read could trip
+        // on (each change is one map operation), so a poisoned lock is taken as it is.
+        let mut o = self
+            .inner
+            .overlay
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let connections = self.inner.connections.load(Ordering::Acquire);
+        if o.connection != connections {
+            o.committed.clear();
+            o.connection = connections;
+            o.epoch += 1;
+        }
+        o
+    }
+
     fn stopped(&self) -> StoreError {
         StoreError::Database {
             db: self.inner.label.clone(),
             error: "the store's connection thread has stopped".into(),
-        }
-    }
-
-    fn send(&self, r: Request) -> Result<(), StoreError> {
-        match &self.inner.tx {
-            Some(tx) => tx.send(r).map_err(|_| self.stopped()),
-            None => Err(self.stopped()),
         }
     }
 
@@ -343,19 +389,36 @@ impl Pg {
         make: impl FnOnce(mpsc::SyncSender<Result<T, StoreError>>) -> Request,
     ) -> Result<T, StoreError> {
         let (reply, rx) = mpsc::sync_channel(1);
-        self.send(make(reply))?;
+        let tx = self.inner.tx.as_ref().ok_or_else(|| self.stopped())?;
+        tx.send(make(reply)).map_err(|_| self.stopped())?;
         rx.recv().map_err(|_| self.stopped())?
     }
 
     pub(crate) fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let cols = split_key(tree.layout(), key, true).ok_or_else(|| bad_key(tree, key))?;
-        let key = key.to_vec();
-        self.ask(|reply| Request::Get {
-            tree,
-            key,
-            cols,
-            reply,
-        })
+        let epoch = {
+            let o = self.overlay();
+            if let Some(v) = o.pending[tree.index()].get(key) {
+                return Ok(v.clone());
+            }
+            if o.cleared[tree.index()] {
+                return Ok(None);
+            }
+            if tree == Tree::Progress {
+                if let Some(v) = o.committed.progress.get(key) {
+                    return Ok(v.clone());
+                }
+            }
+            o.epoch
+        };
+        let found = self.ask(|reply| Request::Get { tree, cols, reply })?;
+        if tree == Tree::Progress {
+            let mut o = self.overlay();
+            if o.epoch == epoch {
+                o.committed.note_progress(key.to_vec(), found.clone());
+            }
+        }
+        Ok(found)
     }
 
     /// Buffers a write (`None`: a removal) until the next flush. The key is checked here, so
@@ -369,20 +432,160 @@ impl Pg {
         if split_key(tree.layout(), &key, true).is_none() {
             return Err(bad_key(tree, &key));
         }
-        self.send(Request::Write { tree, key, value })
+        self.overlay().pending[tree.index()].insert(key, value);
+        Ok(())
     }
 
     pub(crate) fn clear(&self, tree: Tree) -> Result<(), StoreError> {
-        self.send(Request::Clear { tree })
+        let mut o = self.overlay();
+        o.pending[tree.index()].clear();
+        o.cleared[tree.index()] = true;
+        Ok(())
+    }
+
+    fn rows(&self, tree: Tree, scan: &Scan, want: usize) -> Result<Vec<Entry>, StoreError> {
+        let scan = scan.clone();
+        self.ask(|reply| Request::Rows {
+            tree,
+            scan,
+            want,
+            reply,
+        })
     }
 
     pub(crate) fn scan(&self, tree: Tree, scan: &Scan) -> Result<Vec<Entry>, StoreError> {
-        let scan = scan.clone();
-        self.ask(|reply| Request::Scan { tree, scan, reply })
+        let newest_key_only = tree == Tree::History
+            && scan.rev
+            && scan.limit == 1
+            && !scan.values
+            && scan.from == Bound::Unbounded
+            && !scan.prefix.is_empty();
+        let (pending, cleared, known_newest, epoch) = {
+            let o = self.overlay();
+            let pending: Vec<(Vec<u8>, Option<Vec<u8>>)> = o.pending[tree.index()]
+                .range(scan.bounds())
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let known = if newest_key_only {
+                o.committed.newest_history.get(&scan.prefix).cloned()
+            } else {
+                None
+            };
+            (pending, o.cleared[tree.index()], known, o.epoch)
+        };
+        let mut rows: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        if newest_key_only && !cleared {
+            // A transition's look-up of the device's newest history key.
+            let newest = match known_newest {
+                Some(n) => n,
+                None => {
+                    let n = self.rows(tree, scan, 1)?.pop().map(|(k, _)| k);
+                    let mut o = self.overlay();
+                    if o.epoch == epoch {
+                        o.committed
+                            .note_newest_history(scan.prefix.clone(), n.clone());
+                    }
+                    n
+                }
+            };
+            let removed = |k: &Vec<u8>| pending.iter().any(|(p, v)| p == k && v.is_none());
+            match newest {
+                // Removed but not yet committed: the next newest is needed, from the table.
+                Some(k) if removed(&k) => rows.extend(self.rows(tree, scan, 1 + pending.len())?),
+                Some(k) => {
+                    rows.insert(k, Vec::new());
+                }
+                None => {}
+            }
+        } else if !cleared && scan.limit > 0 {
+            // Pending writes may replace or remove as many rows as they number.
+            let want = scan.limit.saturating_add(pending.len());
+            let found = self.rows(tree, scan, want)?;
+            if tree == Tree::Progress && scan.values && scan.limit == usize::MAX {
+                let mut o = self.overlay();
+                if o.epoch == epoch {
+                    for (k, v) in &found {
+                        o.committed.note_progress(k.clone(), Some(v.clone()));
+                    }
+                }
+            }
+            rows.extend(found);
+        }
+        for (k, v) in pending {
+            match v {
+                Some(v) => {
+                    let v = if scan.values { v } else { Vec::new() };
+                    rows.insert(k, v);
+                }
+                None => {
+                    rows.remove(&k);
+                }
+            }
+        }
+        let rows = rows.into_iter();
+        Ok(if scan.rev {
+            rows.rev().take(scan.limit).collect()
+        } else {
+            rows.take(scan.limit).collect()
+        })
     }
 
+    /// Commits every pending write in one transaction; on success the buffer is empty, on an
+    /// error it is kept whole for the next flush.
     pub(crate) fn flush(&self) -> Result<(), StoreError> {
-        self.ask(|reply| Request::Flush { reply })
+        // Held until the commit returns: no write or read slips between the commit and the
+        // buffer's clearing (the connection's thread never takes it).
+        let mut o = self.overlay();
+        if o.is_empty() {
+            return Ok(());
+        }
+        let mut batches = Vec::new();
+        for tree in Tree::ALL {
+            let pending = &o.pending[tree.index()];
+            let cleared = o.cleared[tree.index()];
+            if pending.is_empty() && !cleared {
+                continue;
+            }
+            let layout = tree.layout();
+            let mut upserts = vec![Columns::new(layout)];
+            let mut removes = vec![Columns::new(layout)];
+            for (k, v) in pending {
+                let vals = split_key(layout, k, true).ok_or_else(|| bad_key(tree, k))?;
+                let (group, value) = match v {
+                    Some(v) => (&mut upserts, Some(v.clone())),
+                    None => (&mut removes, None),
+                };
+                if group.last().is_some_and(Columns::full) {
+                    group.push(Columns::new(layout));
+                }
+                if let Some(columns) = group.last_mut() {
+                    columns.push(vals, value);
+                }
+            }
+            batches.push(Batch {
+                tree,
+                cleared,
+                upserts,
+                removes,
+            });
+        }
+        self.ask(|reply| Request::Commit { batches, reply })?;
+        let o = &mut *o;
+        if o.cleared[Tree::Progress.index()] || o.cleared[Tree::History.index()] {
+            o.committed.clear();
+        }
+        for (k, v) in std::mem::take(&mut o.pending[Tree::Progress.index()]) {
+            o.committed.note_progress(k, v);
+        }
+        for (k, v) in &o.pending[Tree::History.index()] {
+            o.committed.history_written(k, v.is_some());
+        }
+        for p in &mut o.pending {
+            p.clear();
+        }
+        o.cleared = [false; Tree::ALL.len()];
+        o.epoch += 1;
+        Ok(())
     }
 }
 
@@ -394,12 +597,8 @@ struct Worker {
     client: Option<Client>,
     /// Prepared statements of the current connection, by SQL.
     statements: HashMap<String, Statement>,
-    /// Writes since the last successful flush, per tree: `None` removes the key.
-    pending: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; Tree::ALL.len()],
-    /// Trees cleared since the last successful flush (their table is emptied first).
-    cleared: [bool; Tree::ALL.len()],
-    /// Committed rows every transition reads, known without a round trip.
-    committed: Committed,
+    /// Bumped at each new connection (see [`Inner::connections`]).
+    connections: Arc<AtomicU64>,
 }
 
 /// Most rows [`Committed`] keeps per map before it starts again empty.
@@ -461,26 +660,19 @@ impl Worker {
     fn run(&mut self, rx: mpsc::Receiver<Request>) {
         while let Ok(r) = rx.recv() {
             match r {
-                Request::Get {
+                Request::Get { tree, cols, reply } => {
+                    let _ = reply.send(self.get(tree, &cols));
+                }
+                Request::Rows {
                     tree,
-                    key,
-                    cols,
+                    scan,
+                    want,
                     reply,
                 } => {
-                    let _ = reply.send(self.get(tree, &key, &cols));
+                    let _ = reply.send(self.db_rows(tree, &scan, want));
                 }
-                Request::Write { tree, key, value } => {
-                    self.pending[tree.index()].insert(key, value);
-                }
-                Request::Clear { tree } => {
-                    self.pending[tree.index()].clear();
-                    self.cleared[tree.index()] = true;
-                }
-                Request::Scan { tree, scan, reply } => {
-                    let _ = reply.send(self.scan(tree, &scan));
-                }
-                Request::Flush { reply } => {
-                    let _ = reply.send(self.flush());
+                Request::Commit { batches, reply } => {
+                    let _ = reply.send(self.commit(&batches));
                 }
             }
         }
@@ -501,7 +693,6 @@ impl Worker {
         }
         if self.client.is_none() {
             self.statements.clear();
-            self.committed.clear();
             let mut client = self.config.connect(NoTls).map_err(|e| self.db_error(&e))?;
             // Waits a moment for the lock: a process that was just killed holds it until its
             // server backend has noticed the closed socket. The lock is the session's, and
@@ -522,6 +713,7 @@ impl Worker {
                 Err(e) => return Err(self.db_error(&e)),
             }
             self.client = Some(client);
+            self.connections.fetch_add(1, Ordering::Release);
         }
         self.client.as_mut().ok_or_else(|| StoreError::Database {
             db: self.label.clone(),
@@ -592,18 +784,7 @@ impl Worker {
         Ok(())
     }
 
-    fn get(&mut self, tree: Tree, key: &[u8], cols: &[Val]) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(v) = self.pending[tree.index()].get(key) {
-            return Ok(v.clone());
-        }
-        if self.cleared[tree.index()] {
-            return Ok(None);
-        }
-        if tree == Tree::Progress {
-            if let Some(v) = self.committed.progress.get(key) {
-                return Ok(v.clone());
-            }
-        }
+    fn get(&mut self, tree: Tree, cols: &[Val]) -> Result<Option<Vec<u8>>, StoreError> {
         let (name, columns) = table(tree);
         let filter: Vec<String> = columns
             .iter()
@@ -612,81 +793,12 @@ impl Worker {
             .collect();
         let sql = format!("SELECT v FROM {name} WHERE {}", filter.join(" AND "));
         let params: Vec<&(dyn ToSql + Sync)> = cols.iter().map(Val::sql).collect();
-        let found = self.with_client(|client, statements| {
+        self.with_client(|client, statements| {
             let stmt = prepared(client, statements, &sql)?;
             match client.query_opt(&stmt, &params)? {
                 Some(row) => Ok(Some(row.try_get::<_, Vec<u8>>(0)?)),
                 None => Ok(None),
             }
-        })?;
-        if tree == Tree::Progress {
-            self.committed.note_progress(key.to_vec(), found.clone());
-        }
-        Ok(found)
-    }
-
-    fn scan(&mut self, tree: Tree, scan: &Scan) -> Result<Vec<Entry>, StoreError> {
-        let pending: Vec<(Vec<u8>, Option<Vec<u8>>)> = self.pending[tree.index()]
-            .range(scan.bounds())
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let cleared = self.cleared[tree.index()];
-        let newest_key_only = tree == Tree::History
-            && scan.rev
-            && scan.limit == 1
-            && !scan.values
-            && scan.from == Bound::Unbounded
-            && !scan.prefix.is_empty();
-        let mut rows: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-        if newest_key_only && !cleared {
-            // A transition's look-up of the device's newest history key.
-            let newest = match self.committed.newest_history.get(&scan.prefix) {
-                Some(n) => n.clone(),
-                None => {
-                    let n = self.db_rows(tree, scan, 1)?.pop().map(|(k, _)| k);
-                    self.committed
-                        .note_newest_history(scan.prefix.clone(), n.clone());
-                    n
-                }
-            };
-            let removed = |k: &Vec<u8>| pending.iter().any(|(p, v)| p == k && v.is_none());
-            match newest {
-                // Removed but not yet committed: the next newest is needed, from the table.
-                Some(k) if removed(&k) => {
-                    rows.extend(self.db_rows(tree, scan, 1 + pending.len())?)
-                }
-                Some(k) => {
-                    rows.insert(k, Vec::new());
-                }
-                None => {}
-            }
-        } else if !cleared && scan.limit > 0 {
-            // Pending writes may replace or remove as many rows as they number.
-            let want = scan.limit.saturating_add(pending.len());
-            let found = self.db_rows(tree, scan, want)?;
-            if tree == Tree::Progress && scan.values && scan.limit == usize::MAX {
-                for (k, v) in &found {
-                    self.committed.note_progress(k.clone(), Some(v.clone()));
-                }
-            }
-            rows.extend(found);
-        }
-        for (k, v) in pending {
-            match v {
-                Some(v) => {
-                    let v = if scan.values { v } else { Vec::new() };
-                    rows.insert(k, v);
-                }
-                None => {
-                    rows.remove(&k);
-                }
-            }
-        }
-        let rows = rows.into_iter();
-        Ok(if scan.rev {
-            rows.rev().take(scan.limit).collect()
-        } else {
-            rows.take(scan.limit).collect()
         })
     }
 
@@ -761,39 +873,17 @@ impl Worker {
             .collect()
     }
 
-    /// Commits every pending write in one transaction; on success the buffer is empty.
-    fn flush(&mut self) -> Result<(), StoreError> {
-        if self.pending.iter().all(BTreeMap::is_empty) && !self.cleared.contains(&true) {
-            return Ok(());
-        }
-        let mut batches = Vec::new();
-        for tree in Tree::ALL {
-            let pending = &self.pending[tree.index()];
-            let cleared = self.cleared[tree.index()];
-            if pending.is_empty() && !cleared {
-                continue;
-            }
-            let layout = tree.layout();
-            let mut upserts = vec![Columns::new(layout)];
-            let mut removes = vec![Columns::new(layout)];
-            for (k, v) in pending {
-                let vals = split_key(layout, k, true).ok_or_else(|| bad_key(tree, k))?;
-                let (group, value) = match v {
-                    Some(v) => (&mut upserts, Some(v.clone())),
-                    None => (&mut removes, None),
-                };
-                if group.last().is_some_and(Columns::full) {
-                    group.push(Columns::new(layout));
-                }
-                if let Some(columns) = group.last_mut() {
-                    columns.push(vals, value);
-                }
-            }
-            batches.push((tree, cleared, upserts, removes));
-        }
+    /// Runs one commit's statements in one transaction.
+    fn commit(&mut self, batches: &[Batch]) -> Result<(), StoreError> {
         self.with_client(|client, statements| {
             let mut tx = client.transaction()?;
-            for (tree, cleared, upserts, removes) in &batches {
+            for Batch {
+                tree,
+                cleared,
+                upserts,
+                removes,
+            } in batches
+            {
                 let (name, columns) = table(*tree);
                 let layout = tree.layout();
                 let types: Vec<String> = layout
@@ -826,21 +916,7 @@ impl Worker {
                 }
             }
             tx.commit()
-        })?;
-        if self.cleared[Tree::Progress.index()] || self.cleared[Tree::History.index()] {
-            self.committed.clear();
-        }
-        for (k, v) in std::mem::take(&mut self.pending[Tree::Progress.index()]) {
-            self.committed.note_progress(k, v);
-        }
-        for (k, v) in &self.pending[Tree::History.index()] {
-            self.committed.history_written(k, v.is_some());
-        }
-        for p in &mut self.pending {
-            p.clear();
-        }
-        self.cleared = [false; Tree::ALL.len()];
-        Ok(())
+        })
     }
 }
 
