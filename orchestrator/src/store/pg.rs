@@ -4,14 +4,14 @@
 //!
 //! Design: rust-postgres's blocking client panics when it runs on a tokio runtime thread, and
 //! the engine calls the store from one. So a store's connection lives on a thread of its own
-//! ([`Pg`] is a handle to it): callers send it requests over a channel and block on the reply,
-//! whatever thread they are on. Writes are buffered on that thread (`pending`), and reads merge
-//! them over the table, so a process sees its own writes at once, as with sled. `flush` sends
-//! the buffer as ONE transaction, a few statements per table (`unnest` arrays, `ON CONFLICT DO
-//! UPDATE`), and returns only once PostgreSQL has committed it: the group commit. A failed
-//! flush (the connection lost, the server down) returns the error and keeps the buffer, so
-//! nothing is acknowledged that was not committed and a later flush, on a new connection,
-//! may commit it.
+//! ([`Pg`] is a handle to it): callers send it what needs the server over a channel and block on
+//! the reply, whatever thread they are on. Writes are buffered in the handle (`Overlay`, behind
+//! a mutex, in the caller's thread) and reads merge them over the table, so a process sees its
+//! own writes at once, as with sled. `flush` sends the buffer as ONE transaction, a few
+//! statements per table (`unnest` arrays, `ON CONFLICT DO UPDATE`), and returns only once
+//! PostgreSQL has committed it: the group commit. A failed flush (the connection lost, the
+//! server down) returns the error and keeps the buffer, so nothing is acknowledged that was not
+//! committed and a later flush, on a new connection, may commit it.
 //!
 //! One process at a time: each connection holds a session advisory lock on the database, as
 //! sled's file lock does for a directory (replicas, issue 12, will replace it by leases).
