@@ -647,6 +647,11 @@ mod tests {
         assert!(o.wants(Id::S1) && o.wants(Id::S6));
         assert!(!o.wants(Id::S5) && !o.wants(Id::MosquittoStorm));
         o.only.clear();
+        // S5pg needs PostgreSQL installed: only when named.
+        assert!(!o.wants(Id::S5Pg));
+        o.only = vec![Id::S5Pg];
+        assert!(o.wants(Id::S5Pg) && !o.wants(Id::S5));
+        o.only.clear();
         o.broker = Broker::Mosquitto;
         assert!(o.wants(Id::MosquittoStorm) && o.wants(Id::AloftStorm));
         assert!(!o.wants(Id::S1) && !o.wants(Id::S5));
