@@ -169,3 +169,107 @@ async fn serve_on_postgresql_killed_mid_campaign_loses_no_acknowledged_transitio
         .await
         .unwrap();
 }
+
+/// PostgreSQL stopped mid-campaign: nothing is acknowledged while it is down; the first commit
+/// (here an operator's pause) fails, and the orchestrator exits with the database's error, for
+/// its supervisor to restart it; with the database back, a new process resumes, loses no
+/// acknowledged transition, and never applied the pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_stopped_mid_campaign_stops_acknowledgements_and_a_restart_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = tokio::task::spawn_blocking(TempCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let (lab, at) = lab_on_postgres(tmp.path(), &cluster);
+    let StoreLocation::Postgres(url) = &at else {
+        unreachable!()
+    };
+    let store_args = [std::ffi::OsStr::new("--store"), std::ffi::OsStr::new(url)];
+    let spawn = |listen| {
+        aloft_e2e::spawn_orchestrator_with(
+            exe(),
+            &lab.data_dir,
+            &lab.unlock_file,
+            listen,
+            &store_args,
+        )
+        .unwrap()
+    };
+    let mut orch = spawn("127.0.0.1:0".parse().unwrap());
+    let addr = orch.device_addr;
+    let admin = lab.operator(addr).await.unwrap();
+    let mut cfg = lab.fleet_config(addr);
+    cfg.window = 2;
+    let fleet = Fleet::start(&cfg, lab.enroll_fleet("dev", 20).unwrap()).unwrap();
+    wait_registered(&admin, 20, LIMIT).await.unwrap();
+    let mut spec = ReleaseSpec::new("2.0.0", 2, 512 * 1024);
+    spec.chunk_bytes = 4 * 1024;
+    let campaign = lab.release_to_all(&admin, &spec).await.unwrap();
+    let campaign_to_pause = campaign.clone();
+    wait_campaign(&admin, &campaign, LIMIT, |s| {
+        s.count(DeviceState::Downloading) >= 5 && !finished(s)
+    })
+    .await
+    .unwrap();
+
+    tokio::task::block_in_place(|| cluster.stop()).unwrap();
+    // Devices whose next chunk is not in memory stall (a chunk read fails and they ask again),
+    // so nothing may need a commit for a while, and nothing is acknowledged meanwhile. An
+    // operator's pause needs one: its commit fails, and the engine stops without replying.
+    let pause = tokio::spawn(async move {
+        let body = aloft_orchestrator::admin::wire::AdminBody::CampaignPause {
+            campaign: campaign_to_pause,
+        };
+        let _ = admin.call::<serde_json::Value>(body).await;
+    });
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = orch.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < LIMIT,
+            "the orchestrator went on without its database"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "it exits with an error: {status}");
+    let log = std::fs::read_to_string(lab.data_dir.with_file_name("orchestrator.log")).unwrap();
+    assert!(log.contains("store database"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    // Nothing can be acknowledged any more: what each device last had accepted is fixed.
+    let acked = acknowledged(&fleet, &campaign);
+    drop(orch);
+    pause.abort();
+
+    tokio::task::block_in_place(|| cluster.start_server()).unwrap();
+    let orch = spawn(addr);
+    let admin = lab.operator(orch.device_addr).await.unwrap();
+    let after = aloft_e2e::status(&admin, &campaign, true).await.unwrap();
+    for d in &after.devices {
+        if let Some(a) = acked.get(&d.device) {
+            assert!(
+                rank(d.state) >= rank(*a),
+                "{} was acknowledged in {a} but the restarted orchestrator says {}",
+                d.device,
+                d.state
+            );
+        }
+    }
+    let s = wait_campaign(&admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
+    // The pause was never committed, so never applied: the campaign ran to its end.
+    assert_eq!(s.count(DeviceState::Succeeded), 20, "{:?}", s.counts);
+    assert_eq!(
+        s.status,
+        aloft_orchestrator::store::CampaignStatus::Finished
+    );
+    fleet.shutdown().await;
+    admin.disconnect().await;
+    drop(orch);
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
+}
