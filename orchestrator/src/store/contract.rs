@@ -345,6 +345,57 @@ fn a_large_flush_lands_whole(b: &mut dyn Backend) {
     assert_eq!(s.devices().unwrap().len(), n);
 }
 
+/// A reader on another thread (the console) while the engine writes and flushes: it sees no
+/// torn state, and what the store knows of committed rows never goes stale, so every history
+/// entry starts where the one before it ended.
+fn a_reader_beside_the_writer_leaves_the_history_whole(b: &mut dyn Backend) {
+    let at = b.fresh();
+    let s = Store::create_at(&at, MasterKey::generate().unwrap()).unwrap();
+    let c = CampaignId::new("c-1").unwrap();
+    let devices: Vec<DeviceId> = (0..8)
+        .map(|i| DeviceId::new(format!("dev-{i}")).unwrap())
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (s, c, devices, stop) = (s.clone(), c.clone(), devices.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for d in &devices {
+                    s.progress(&c, d).unwrap();
+                    s.device_history(d, 4).unwrap();
+                }
+                s.campaign_progress(&c).unwrap();
+                reads += 1;
+            }
+            reads
+        })
+    };
+    let states = DeviceState::SUCCESS_PATH;
+    for round in 0..40u32 {
+        for d in &devices {
+            let state = states[round as usize % states.len()];
+            s.put_progress(&c, d, &progress(state, round, u64::from(round)))
+                .unwrap();
+        }
+        if round % 3 == 2 {
+            s.flush().unwrap();
+        }
+    }
+    s.flush().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(reader.join().unwrap() > 0);
+    for d in &devices {
+        let mut h = s.device_history(d, usize::MAX).unwrap();
+        h.reverse();
+        assert_eq!(h.len(), 40, "{d}: one entry per change of state");
+        for pair in h.windows(2) {
+            assert_eq!(pair[1].from, pair[0].to, "{d}: {pair:?}");
+        }
+        assert_eq!(s.progress(&c, d).unwrap().unwrap().last_seq, 39);
+    }
+}
+
 /// An empty location is refused, never opened as a fresh store.
 fn a_missing_store_is_refused(b: &mut dyn Backend) {
     let at = b.fresh();
@@ -476,6 +527,7 @@ mod on_sled {
         flushed_writes_survive_a_reopen_and_another_key_is_refused,
         a_missing_store_is_refused,
         a_large_flush_lands_whole,
+        a_reader_beside_the_writer_leaves_the_history_whole,
         raw_records_move_between_engines_and_merges_keep_the_higher_state,
     );
 }
@@ -487,6 +539,7 @@ mod on_postgres {
         flushed_writes_survive_a_reopen_and_another_key_is_refused,
         a_missing_store_is_refused,
         a_large_flush_lands_whole,
+        a_reader_beside_the_writer_leaves_the_history_whole,
         raw_records_move_between_engines_and_merges_keep_the_higher_state,
     );
 
