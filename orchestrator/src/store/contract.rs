@@ -345,9 +345,10 @@ fn a_large_flush_lands_whole(b: &mut dyn Backend) {
     assert_eq!(s.devices().unwrap().len(), n);
 }
 
-/// A reader on another thread (the console) while the engine writes and flushes: it sees no
-/// torn state, and what the store knows of committed rows never goes stale, so every history
-/// entry starts where the one before it ended.
+/// A reader on another thread (the console) while the engine writes and flushes: reads never
+/// fail, and every history entry starts where the one before it ended. (The race PostgreSQL's
+/// `Overlay::epoch` guards, a read from the server noted after a commit overtook it, is too
+/// narrow for this test to hit reliably: removing the guard did not fail it in three runs.)
 fn a_reader_beside_the_writer_leaves_the_history_whole(b: &mut dyn Backend) {
     let at = b.fresh();
     let s = Store::create_at(&at, MasterKey::generate().unwrap()).unwrap();
