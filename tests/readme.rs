@@ -40,6 +40,13 @@ const README: &str = include_str!("../README.md");
 /// The section whose `sh` blocks are run.
 const SECTION: &str = "## Using it for real";
 
+/// The section run against a PostgreSQL cluster of the test's own.
+const POSTGRES_SECTION: &str = "## The store in PostgreSQL";
+
+/// What the PostgreSQL section calls its database server, replaced by the test's cluster.
+const PG_HOST: &str = "db.example.com";
+const PG_PORT: &str = "5432";
+
 /// Devices enrolled in place of the README's 100: enough for every command, few enough for CI.
 const DEVICES: usize = 5;
 
@@ -199,18 +206,30 @@ struct Reader {
     sim: Option<Background>,
     /// Every command run so far and its outcome, shown when one fails.
     transcript: String,
+    /// The test's PostgreSQL server's port, in place of the README's `db.example.com:5432`.
+    pg_port: Option<u16>,
 }
 
 impl Reader {
     fn new() -> Reader {
+        Reader::with_postgres(None)
+    }
+
+    /// A reader whose `db.example.com:5432` is the cluster on `pg_port`, with PostgreSQL's
+    /// programs (`createdb`) on PATH.
+    fn with_postgres(pg_port: Option<u16>) -> Reader {
         let tmp = tempfile::tempdir().unwrap();
         let work = tmp.path().to_owned();
         std::fs::create_dir_all(work.join("home")).unwrap();
-        let path_var = format!(
+        let mut path_var = format!(
             "{}:{}",
             binary_dir().display(),
             std::env::var("PATH").unwrap_or_default()
         );
+        if pg_port.is_some() {
+            let bin = aloft_orchestrator::store::pg_cluster::find_bin_dir().unwrap();
+            path_var = format!("{}:{path_var}", bin.display());
+        }
         Reader {
             _tmp: tmp,
             work,
@@ -221,6 +240,7 @@ impl Reader {
             serve: None,
             sim: None,
             transcript: String::new(),
+            pg_port,
         }
     }
 
@@ -236,6 +256,11 @@ impl Reader {
                 &self.work.join("var/lib/aloft").display().to_string(),
             )
             .replace("--count 100", &format!("--count {DEVICES}"));
+        if let Some(port) = self.pg_port {
+            out = out
+                .replace(PG_HOST, "127.0.0.1")
+                .replace(PG_PORT, &port.to_string());
+        }
         if let Some(port) = self.port {
             for host in ["localhost", "127.0.0.1"] {
                 out = out.replace(&format!("{host}:8883"), &format!("{host}:{port}"));
@@ -266,6 +291,7 @@ impl Reader {
             .env_remove("ALOFT_SERVER")
             .env_remove("ALOFT_PROFILE")
             .env_remove("ALOFT_DATA_DIR")
+            .env_remove("ALOFT_STORE")
             .stdin(Stdio::null())
             .kill_on_drop(true);
         if let Some(port) = self.port {
@@ -514,6 +540,46 @@ async fn every_command_of_the_readme_walkthrough_runs_as_written() {
         logs, 2,
         "the walkthrough serves twice, before and after its restore"
     );
+}
+
+/// The PostgreSQL section, run as written against a throwaway cluster: init into a database,
+/// serve from it, back it up and restore it, serve again; no ERROR in either serve's log, and
+/// no sled store in the data directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgresql_walkthrough_runs_as_written() {
+    use aloft_orchestrator::store::pg_cluster::TempCluster;
+    let lines = command_lines(README, POSTGRES_SECTION);
+    assert!(lines.len() > 10, "only {} commands found", lines.len());
+    let cluster = tokio::task::spawn_blocking(TempCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut reader = Reader::with_postgres(Some(cluster.port()));
+    for line in &lines {
+        reader.run(line).await;
+    }
+    if let Some(serve) = reader.serve.take() {
+        let status = serve.stop("TERM").await;
+        assert!(status.success(), "`aloft serve` ended {status} on SIGTERM");
+    }
+    assert!(!reader.work.join("var/lib/aloft/store").exists());
+    let mut logs = 0;
+    for entry in std::fs::read_dir(&reader.work).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("serve-") && name.ends_with(".log") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(!text.contains("ERROR"), "{name} has ERROR lines:\n{text}");
+            logs += 1;
+        }
+    }
+    assert_eq!(
+        logs, 2,
+        "the section serves twice, before and after its restore"
+    );
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
 }
 
 /// The block stays runnable: each line is one command (no `a|b` alternatives to choose from).

@@ -14,7 +14,7 @@ use crate::common::{exe, spawned, spawned_on, start_child, Broker, Spawned, LIMI
 
 /// Position of a state along the success path, for "did not go backwards"; every terminal
 /// state counts as the end.
-fn rank(s: DeviceState) -> usize {
+pub(crate) fn rank(s: DeviceState) -> usize {
     DeviceState::SUCCESS_PATH
         .iter()
         .position(|p| *p == s)
@@ -102,7 +102,7 @@ async fn orchestrator_killed_mid_campaign(broker: Broker) {
 }
 
 /// Each device's last acknowledged state in `campaign`.
-fn acknowledged(fleet: &Fleet, campaign: &CampaignId) -> HashMap<DeviceId, DeviceState> {
+pub(crate) fn acknowledged(fleet: &Fleet, campaign: &CampaignId) -> HashMap<DeviceId, DeviceState> {
     fleet
         .views()
         .into_iter()

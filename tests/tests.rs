@@ -17,6 +17,7 @@ mod fuzz_corpus;
 mod observability;
 mod operator_cli;
 mod origin;
+mod postgres;
 mod preconditions;
 mod readme;
 mod restart;

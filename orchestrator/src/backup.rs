@@ -29,7 +29,7 @@ use aloft_vault::{KeySlots, MasterKey, Protection, Unlock, VaultError};
 use sha2::{Digest, Sha256};
 
 use crate::config::layout;
-use crate::store::{MergeReport, RawRecord, RawStore, StoreError};
+use crate::store::{MergeReport, RawRecord, RawStore, StoreError, StoreLocation};
 
 const MAGIC: &[u8; 8] = b"ALOFTBAK";
 const FORMAT: u16 = 1;
@@ -121,6 +121,8 @@ pub struct RestoreReport {
     pub records: u64,
     /// Where the previous contents of the data directory went, if there were any.
     pub previous: Option<PathBuf>,
+    /// With a PostgreSQL store: where its previous records went (a sled store), if it held one.
+    pub previous_store: Option<PathBuf>,
     /// Security state taken from the surviving store.
     pub merged: MergeReport,
     /// Files whose surviving version was kept because it was newer (CRL, root metadata, trust).
@@ -258,19 +260,53 @@ pub fn inspect(path: &Path) -> Result<BackupHeader, BackupError> {
 /// Checks that `create` can start: a data directory, its store not in use, `out` free. For a
 /// command line that wants to fail before it makes and shows a recovery key.
 pub fn preflight(data_dir: &Path, out: &Path) -> Result<(), BackupError> {
+    preflight_at(data_dir, &sled_store(data_dir), out)
+}
+
+/// [`preflight`] with the store at `store`.
+pub fn preflight_at(data_dir: &Path, store: &StoreLocation, out: &Path) -> Result<(), BackupError> {
     if !data_dir.join(layout::KEYSTORE).is_file() {
         return Err(BackupError::NotADataDir(data_dir.to_owned()));
     }
     if out.symlink_metadata().is_ok() {
         return Err(BackupError::Exists(out.to_owned()));
     }
-    RawStore::open(&data_dir.join(layout::STORE_DIR))?;
+    open_existing(store)?;
     Ok(())
+}
+
+/// The data directory's own sled store.
+fn sled_store(data_dir: &Path) -> StoreLocation {
+    StoreLocation::Sled(data_dir.join(layout::STORE_DIR))
+}
+
+/// The store at `at`, which must hold one (a PostgreSQL database with only an empty schema
+/// does not).
+fn open_existing(at: &StoreLocation) -> Result<RawStore, BackupError> {
+    let store = RawStore::open_at(at)?;
+    if !store.holds_store()? {
+        return Err(match at {
+            StoreLocation::Sled(_) => StoreError::NoKeyCheck,
+            StoreLocation::Postgres(_) => StoreError::MissingDatabase(at.to_string()),
+        }
+        .into());
+    }
+    Ok(store)
 }
 
 /// Writes a backup of the stopped orchestrator's `data_dir` to `out` (a new file).
 pub fn create(
     data_dir: &Path,
+    out: &Path,
+    protection: &Protection,
+) -> Result<BackupSummary, BackupError> {
+    create_at(data_dir, &sled_store(data_dir), out, protection)
+}
+
+/// [`create`] with the store at `store` (the data directory's, or a PostgreSQL database).
+pub fn create_at(
+    data_dir: &Path,
+    store: &StoreLocation,
     out: &Path,
     protection: &Protection,
 ) -> Result<BackupSummary, BackupError> {
@@ -281,7 +317,7 @@ pub fn create(
         return Err(BackupError::Exists(out.to_owned()));
     }
     // Opening the store first refuses a running orchestrator before anything is written.
-    let store = RawStore::open(&data_dir.join(layout::STORE_DIR))?;
+    let store = open_existing(store)?;
     let seq = read_seq(data_dir)? + 1;
     // The number is spent before the file exists: a failed backup skips it, none repeats it.
     write_seq(data_dir, seq)?;
@@ -490,6 +526,18 @@ pub fn restore(
     data_dir: &Path,
     unlock: &Unlock,
 ) -> Result<RestoreReport, BackupError> {
+    restore_at(input, data_dir, &sled_store(data_dir), unlock)
+}
+
+/// [`restore`] with the store at `store`. A PostgreSQL store is replaced in one transaction
+/// once the whole backup has authenticated and merged; its previous records are first copied
+/// into a sled store in `.pre-restore-<seq>-<time>-store/` (`RestoreReport::previous_store`).
+pub fn restore_at(
+    input: &Path,
+    data_dir: &Path,
+    store: &StoreLocation,
+    unlock: &Unlock,
+) -> Result<RestoreReport, BackupError> {
     let mut f = BufReader::new(File::open(input).map_err(io_err(input))?);
     let ReadHeader {
         header,
@@ -505,12 +553,23 @@ pub fn restore(
         restrict_dir(data_dir)?;
     }
     // Holding the surviving store open keeps `aloft serve` from starting mid-restore, and a
-    // running one makes this fail here, before anything is written.
-    let surviving_store_dir = data_dir.join(layout::STORE_DIR);
-    let surviving = if surviving_store_dir.exists() {
-        Some(RawStore::open(&surviving_store_dir)?)
-    } else {
-        None
+    // running one makes this fail here, before anything is written. A PostgreSQL database is
+    // held (its lock) even when it holds no store yet: the restore writes into it.
+    let database = match store {
+        StoreLocation::Postgres(_) => Some(RawStore::open_at(store)?),
+        StoreLocation::Sled(_) => None,
+    };
+    let surviving_sled = match store {
+        StoreLocation::Sled(dir) if dir.exists() => Some(RawStore::open(dir)?),
+        _ => None,
+    };
+    let database_holds_store = match &database {
+        Some(db) => db.holds_store()?,
+        None => false,
+    };
+    let surviving: Option<&RawStore> = match &database {
+        Some(db) if database_holds_store => Some(db),
+        _ => surviving_sled.as_ref(),
     };
     let mut suffix = [0u8; 6];
     getrandom::fill(&mut suffix).map_err(|_| VaultError::Randomness)?;
@@ -535,11 +594,10 @@ pub fn restore(
             records,
             ..RestoreReport::default()
         };
-        if let Some(surviving) = &surviving {
+        if let Some(surviving) = surviving {
             report.merged = staged_store.merge_security_state(surviving)?;
         }
         staged_store.flush()?;
-        drop(staged_store);
         report.kept_surviving = merge_files(data_dir, &staging)?;
         let seq = read_seq(data_dir)?.max(header.seq);
         aloft_vault::write_atomic(
@@ -548,12 +606,29 @@ pub fn restore(
             0o600,
             true,
         )?;
+        if let Some(db) = &database {
+            // The last step that can fail before the files are swapped in, and one
+            // transaction: a failure leaves the database as it was.
+            report.previous_store = replace_database(
+                db,
+                database_holds_store,
+                &staged_store,
+                data_dir,
+                header.seq,
+            )?;
+            drop(staged_store);
+            // The staged sled copy must not land in the data directory beside the database.
+            if let Err(error) = std::fs::remove_dir_all(staging.join(layout::STORE_DIR)) {
+                tracing::warn!(%error, "removing the staged copy of the restored store");
+            }
+        }
         Ok(report)
     })();
     let mut report = match result {
         Ok(r) => r,
         Err(e) => {
-            drop(surviving);
+            drop(surviving_sled);
+            drop(database);
             let _ = std::fs::remove_dir_all(&staging);
             if created_dir {
                 let _ = std::fs::remove_dir(data_dir);
@@ -561,9 +636,42 @@ pub fn restore(
             return Err(e);
         }
     };
-    drop(surviving);
+    drop(surviving_sled);
+    drop(database);
     report.previous = swap_in(data_dir, &staging, header.seq)?;
     Ok(report)
+}
+
+/// Replaces a PostgreSQL store's records by the restored ones (one transaction), after
+/// copying its previous records, if it held a store, into a sled store in
+/// `.pre-restore-<seq>-<time>-store/` beside the data directory's other leftovers; returns
+/// that directory.
+fn replace_database(
+    db: &RawStore,
+    held_store: bool,
+    restored: &RawStore,
+    data_dir: &Path,
+    seq: u64,
+) -> Result<Option<PathBuf>, BackupError> {
+    let previous = if held_store {
+        let dir = data_dir.join(format!("{PRE_RESTORE_PREFIX}{seq}-{}-store", now_secs()));
+        std::fs::create_dir(&dir).map_err(io_err(&dir))?;
+        restrict_dir(&dir)?;
+        let copy = (|| {
+            let copy = RawStore::create(&dir.join(layout::STORE_DIR))?;
+            db.export(|r| copy.insert(&r))?;
+            copy.flush()
+        })();
+        if let Err(e) = copy {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e.into());
+        }
+        Some(dir)
+    } else {
+        None
+    };
+    db.replace_with(restored)?;
+    Ok(previous)
 }
 
 /// Creates `dir` and its parents, owner-only (they may hold keys).

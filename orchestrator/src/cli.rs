@@ -3,7 +3,7 @@
 //! operator's machine, with a key the server never holds.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aloft_certs::{OperatorRole, Validity};
@@ -18,8 +18,8 @@ use crate::admin::client::AdminClient;
 use crate::admin::wire::{AdminBody, CampaignSummary, DryRun};
 use crate::config::{FileConfig, ServeConfig, DEFAULT_CONFIG_TOML};
 use crate::ops::{
-    build_bundle, cosign_bundle, init, issue_operator_profile, load_ca, read_signing_key,
-    upload_bundle, write_new, write_signing_key,
+    build_bundle, cosign_bundle, issue_operator_profile, load_ca, read_signing_key, upload_bundle,
+    write_new, write_signing_key,
 };
 use crate::store::Target;
 
@@ -67,6 +67,8 @@ pub enum Command {
         /// `127.0.0.1`, which it always carries so that commands on the server itself work.
         #[arg(long = "hostname")]
         hostnames: Vec<String>,
+        #[command(flatten)]
+        store: StoreArgs,
         #[command(flatten)]
         lock: NewLockArgs,
     },
@@ -219,7 +221,34 @@ pub struct ServeArgs {
     #[arg(long)]
     pub broker: Option<String>,
     #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
     pub unlock: UnlockArgs,
+}
+
+/// `--store`: where the store lives.
+#[derive(Args, Debug, Clone, Default)]
+pub struct StoreArgs {
+    /// Where the store lives: `sled`, the data directory's `store/` (the default), or a
+    /// PostgreSQL database, `postgres://user[:password]@host[:port]/database`. Prefer
+    /// ALOFT_STORE for a URL with a password: the process list shows flags.
+    #[arg(
+        long = "store",
+        env = "ALOFT_STORE",
+        value_name = "sled|postgres://...",
+        hide_env_values = true
+    )]
+    pub store: Option<String>,
+}
+
+impl StoreArgs {
+    /// The store of `data_dir` these arguments name.
+    pub fn location(&self, data_dir: &Path) -> Result<crate::store::StoreLocation> {
+        Ok(crate::store::StoreLocation::from_flag(
+            self.store.as_deref(),
+            data_dir,
+        )?)
+    }
 }
 
 /// `aloft broker-config emqx|vernemq|hivemq`.
@@ -684,12 +713,17 @@ pub async fn run(cli: Cli) -> Result<()> {
             data_dir,
             ca_name,
             hostnames,
+            store,
             lock,
-        } => lock.seal_with(
-            "the data directory",
-            "this data directory's CA key, server key and keystore",
-            |p| init(&data_dir, &ca_name, &hostnames, p).map(|_| ()),
-        ),
+        } => {
+            let at = store.location(&data_dir)?;
+            crate::ops::init_preflight(&data_dir, &at)?;
+            lock.seal_with(
+                "the data directory",
+                "this data directory's CA key, server key and keystore",
+                |p| crate::ops::init_at(&data_dir, &at, &ca_name, &hostnames, p).map(|_| ()),
+            )
+        }
         Command::Serve(args) => serve(args).await,
         Command::BrokerConfig(BrokerConfigCommand::Mosquitto {
             data_dir,
@@ -809,6 +843,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(b) = args.broker {
         file.external_broker = Some(b);
+    }
+    if let Some(s) = args.store.store {
+        file.store = Some(s);
     }
     let unlock = args.unlock.obtain("the data directory")?;
     let cfg = ServeConfig {

@@ -65,6 +65,9 @@ pub struct FileConfig {
     /// vouches for (the ACL lets an operator publish only on `admin/<its CN>/...`). An operator
     /// missing here is a viewer.
     pub external_broker_operator_roles: std::collections::BTreeMap<String, String>,
+    /// Where the store lives: `sled` (the data directory's `store/`, the default) or a
+    /// PostgreSQL database, `postgres://user@host:port/database`.
+    pub store: Option<String>,
 }
 
 /// Where the external broker listens, from `mqtts://host:port`.
@@ -117,6 +120,7 @@ impl Default for FileConfig {
             external_broker_pid_file: None,
             console: crate::console::ConsoleFile::default(),
             external_broker_operator_roles: Default::default(),
+            store: None,
         }
     }
 }
@@ -205,6 +209,12 @@ impl FileConfig {
 }
 
 impl ServeConfig {
+    /// The store `serve` opens: `store` (file or `--store`), else the data directory's.
+    pub fn store_location(&self) -> Result<crate::store::StoreLocation, ConfigError> {
+        crate::store::StoreLocation::from_flag(self.file.store.as_deref(), &self.data_dir)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.file
             .front
@@ -220,6 +230,7 @@ impl ServeConfig {
             ));
         }
         self.operator_roles()?;
+        self.store_location()?;
         if let Some(url) = &self.file.external_broker {
             ExternalBroker::parse(url)?;
             if self.file.insecure_plain_listen.is_some() {

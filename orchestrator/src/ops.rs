@@ -23,7 +23,7 @@ use zeroize::Zeroizing;
 use crate::admin::client::{AdminClient, PROFILE_CA, PROFILE_CERT, PROFILE_KEY};
 use crate::admin::wire::AdminBody;
 use crate::config::layout;
-use crate::store::Store;
+use crate::store::{Store, StoreLocation};
 
 pub mod export;
 #[cfg(test)]
@@ -75,10 +75,23 @@ pub fn init(
     hostnames: &[String],
     protection: &Protection,
 ) -> Result<FleetCa> {
+    let at = StoreLocation::Sled(data_dir.join(layout::STORE_DIR));
+    init_at(data_dir, &at, ca_name, hostnames, protection)
+}
+
+/// Checks that `init_at` can make a data directory with its store at `at`, before anything is
+/// written or a recovery key shown: no keystore, CA or sled store there yet, and a PostgreSQL
+/// database that is reachable, not in use and holds no store.
+pub fn init_preflight(data_dir: &Path, at: &StoreLocation) -> Result<()> {
     let pki = data_dir.join(layout::PKI_DIR);
-    let keystore = data_dir.join(layout::KEYSTORE);
-    let store_dir = data_dir.join(layout::STORE_DIR);
-    for path in [&keystore, &store_dir, &pki.join(aloft_certs::CA_CERT_FILE)] {
+    let mut paths = vec![
+        data_dir.join(layout::KEYSTORE),
+        pki.join(aloft_certs::CA_CERT_FILE),
+    ];
+    if let StoreLocation::Sled(dir) = at {
+        paths.push(dir.clone());
+    }
+    for path in paths {
         if path.symlink_metadata().is_ok() {
             bail!(
                 "{} already exists: refusing to overwrite a data directory",
@@ -86,6 +99,25 @@ pub fn init(
             );
         }
     }
+    if at.is_postgres() {
+        let raw = crate::store::RawStore::open_at(at)?;
+        if raw.holds_store()? {
+            bail!("{at} already holds a store: refusing to overwrite it");
+        }
+    }
+    Ok(())
+}
+
+/// [`init`] with the store at `at` (the data directory's sled store, or a PostgreSQL database).
+pub fn init_at(
+    data_dir: &Path,
+    at: &StoreLocation,
+    ca_name: &str,
+    hostnames: &[String],
+    protection: &Protection,
+) -> Result<FleetCa> {
+    init_preflight(data_dir, at)?;
+    let pki = data_dir.join(layout::PKI_DIR);
     std::fs::create_dir_all(&pki).with_context(|| format!("creating {}", pki.display()))?;
     // The data directory holds the CA key, the server key and (in the store) content keys:
     // owner-only whatever the umask, even though each is sealed.
@@ -123,9 +155,9 @@ pub fn init(
     .context("writing the orchestrator's client certificate and key")?;
     let store_key = MasterKey::generate()?;
     create_keystore(data_dir, &store_key, protection)?;
-    Store::create(&store_dir, store_key)?;
+    Store::create_at(at, store_key)?;
     println!(
-        "initialized {}: fleet CA, server and orchestrator certificates, keystore and store",
+        "initialized {}: fleet CA, server and orchestrator certificates, keystore and store ({at})",
         data_dir.display()
     );
     Ok(ca)

@@ -155,7 +155,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         }
     })?;
     let console_key = crate::console::TokenKey::derive(&store_key);
-    let store = Store::open(&cfg.data_dir.join(layout::STORE_DIR), store_key)?;
+    let store = Store::open_at(&cfg.store_location()?, store_key)?;
     let crl_path = cfg.data_dir.join(layout::CRL);
     // Fail closed: a crl.pem that exists must be readable and signed by the fleet CA, or the
     // orchestrator does not start (starting without it would un-revoke certificates).

@@ -48,6 +48,9 @@ pub enum Id {
     S3Rss,
     S4,
     S5,
+    /// S5 on the PostgreSQL store (a throwaway cluster); only with `--only s5pg`.
+    #[value(name = "s5pg")]
+    S5Pg,
     S6,
     S7,
     /// The bare connect storm against Mosquitto.
@@ -69,6 +72,7 @@ impl Id {
             Id::S3Rss => "S3 orch. RSS",
             Id::S4 => "S4",
             Id::S5 => "S5",
+            Id::S5Pg => "S5 PostgreSQL",
             Id::S6 => "S6",
             Id::S7 => "S7",
             Id::MosquittoStorm => "S1 Mosquitto",
@@ -112,6 +116,13 @@ impl Id {
                 ),
                 "/s",
             ),
+            Id::S5Pg => (
+                format!(
+                    "durable transitions/s into PostgreSQL, batches of {}, one transaction each",
+                    store::BATCH
+                ),
+                "/s",
+            ),
             Id::S6 => (
                 "simulator memory per device during the campaign".into(),
                 "KiB",
@@ -144,6 +155,7 @@ impl Id {
             Id::S3Rss => "≤ 1024 MiB at 10,000".into(),
             Id::S4 => "≤ 16 KiB".into(),
             Id::S5 => "≥ 50,000/s".into(),
+            Id::S5Pg => "-".into(),
             Id::S6 => "≤ 32 KiB".into(),
             Id::S7 => "≥ 5,000/s".into(),
             Id::MosquittoStorm | Id::AloftStorm => "-".into(),
@@ -236,6 +248,10 @@ impl Opts {
             Id::S1 | Id::S2 | Id::S3 | Id::S3Resent | Id::S3Rss | Id::S4 | Id::S6 => Id::S1,
             other => other,
         };
+        if id == Id::S5Pg {
+            // It needs PostgreSQL installed: asked for by name only.
+            return self.only.contains(&Id::S5Pg);
+        }
         by_broker && (self.only.is_empty() || self.only.iter().any(|o| group(*o) == group(id)))
     }
 }
@@ -392,7 +408,7 @@ async fn run_once(
     (out, course)
 }
 
-fn all_ids() -> [Id; 12] {
+fn all_ids() -> [Id; 13] {
     [
         Id::S1,
         Id::S1c,
@@ -402,6 +418,7 @@ fn all_ids() -> [Id; 12] {
         Id::S3Rss,
         Id::S4,
         Id::S5,
+        Id::S5Pg,
         Id::S6,
         Id::S7,
         Id::MosquittoStorm,
@@ -451,6 +468,12 @@ async fn run_inner(
         let r =
             tokio::task::spawn_blocking(move || store::transitions_per_sec(&dir, n, secs)).await?;
         out.insert(Id::S5, r.map_err(|e| format!("{e:#}")));
+    }
+    if opts.wants(Id::S5Pg) {
+        let secs = Duration::from_secs(args.store_secs);
+        let r = tokio::task::spawn_blocking(move || store::postgres_transitions_per_sec(n, secs))
+            .await?;
+        out.insert(Id::S5Pg, r.map_err(|e| format!("{e:#}")));
     }
     Ok(course)
 }
@@ -623,6 +646,11 @@ mod tests {
         };
         assert!(o.wants(Id::S1) && o.wants(Id::S6));
         assert!(!o.wants(Id::S5) && !o.wants(Id::MosquittoStorm));
+        o.only.clear();
+        // S5pg needs PostgreSQL installed: only when named.
+        assert!(!o.wants(Id::S5Pg));
+        o.only = vec![Id::S5Pg];
+        assert!(o.wants(Id::S5Pg) && !o.wants(Id::S5));
         o.only.clear();
         o.broker = Broker::Mosquitto;
         assert!(o.wants(Id::MosquittoStorm) && o.wants(Id::AloftStorm));

@@ -522,3 +522,117 @@ fn restoring_an_old_backup_keeps_certificates_issued_and_revoked_since() {
         "a restore never un-revokes a certificate"
     );
 }
+
+/// The same guarantees with the store in PostgreSQL (a throwaway cluster): a backup of a
+/// running store is refused, a restore keeps the surviving higher floors, sequence numbers and
+/// longer audit log, keeps the database's previous records aside, and a fresh database (the
+/// data directory and the database both lost) is restored whole.
+#[test]
+fn a_postgresql_store_is_backed_up_and_restored_without_lowering_security_state() {
+    use crate::store::pg_cluster::TempCluster;
+    use crate::store::{AuditEvent, StoreLocation};
+    aloft_certs::tls::install_crypto_provider();
+    let cluster = TempCluster::start().unwrap();
+    let at = StoreLocation::Postgres(cluster.create_database("backup").unwrap());
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    let rk = RecoveryKey::generate().unwrap();
+    crate::ops::init_at(
+        &data_dir,
+        &at,
+        "Test CA",
+        &["localhost".into()],
+        &Protection::recovery_key(rk.clone()),
+    )
+    .unwrap();
+    assert!(!data_dir.join(layout::STORE_DIR).exists());
+    let data_unlock = Unlock::RecoveryKey(rk);
+    let key = crate::ops::open_keystore(&data_dir, &data_unlock).unwrap();
+    let c = CampaignId::new("c-1").unwrap();
+    let d1 = DeviceId::new("dev-1").unwrap();
+    let audit = |s: &Store, what: &str| {
+        let e = AuditEvent {
+            actor: "ops".into(),
+            action: what.into(),
+            subject: "c-1".into(),
+            outcome: "ok".into(),
+        };
+        s.append_audit(e, 1).unwrap();
+    };
+    {
+        let s = Store::open_at(&at, key.clone()).unwrap();
+        s.put_device(&device("dev-1", Some(3))).unwrap();
+        s.put_progress(&c, &d1, &progress(DeviceState::Downloading, 4))
+            .unwrap();
+        audit(&s, "campaign_create");
+        s.flush().unwrap();
+        // A running orchestrator's database is refused, as its sled directory is.
+        let err = create_at(
+            &data_dir,
+            &at,
+            &tmp.path().join("x"),
+            &recovery_protection().0,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, BackupError::Store(StoreError::DatabaseInUse(_))),
+            "{err}"
+        );
+    }
+    let out = tmp.path().join("pg.aloftbak");
+    let (p, unlock) = recovery_protection();
+    let summary = create_at(&data_dir, &at, &out, &p).unwrap();
+    // The key check, a device, a progress record, its history entry and an audit entry.
+    assert_eq!(summary.records, 5);
+
+    {
+        let s = Store::open_at(&at, key.clone()).unwrap();
+        s.put_device(&device("dev-1", Some(7))).unwrap();
+        s.put_progress(&c, &d1, &progress(DeviceState::Succeeded, 9))
+            .unwrap();
+        audit(&s, "campaign_pause");
+        s.flush().unwrap();
+    }
+    let r = restore_at(&out, &data_dir, &at, &unlock).unwrap();
+    assert_eq!(
+        (
+            r.merged.floors_raised,
+            r.merged.progress_kept,
+            r.merged.audit_entries_kept
+        ),
+        (1, 1, 2)
+    );
+    assert!(!data_dir.join(layout::STORE_DIR).exists());
+    let previous = r.previous_store.expect("the database's previous records");
+    let aside = RawStore::open(&previous.join(layout::STORE_DIR)).unwrap();
+    assert_eq!(
+        aside.device(&d1).unwrap().unwrap().floor,
+        Some(SecurityVersion(7))
+    );
+    drop(aside);
+    {
+        let key = crate::ops::open_keystore(&data_dir, &data_unlock).unwrap();
+        let s = Store::open_at(&at, key).unwrap();
+        assert_eq!(
+            s.device(&d1).unwrap().unwrap().floor,
+            Some(SecurityVersion(7))
+        );
+        let p = s.progress(&c, &d1).unwrap().unwrap();
+        assert_eq!((p.state, p.last_seq), (DeviceState::Succeeded, 9));
+        assert_eq!(s.verify_audit().unwrap(), Ok(2));
+    }
+
+    // Disaster recovery: a new machine, a new empty database.
+    let fresh = StoreLocation::Postgres(cluster.create_database("fresh").unwrap());
+    let new_dir = tmp.path().join("new");
+    let r = restore_at(&out, &new_dir, &fresh, &unlock).unwrap();
+    assert_eq!(r.records, 5);
+    assert!(r.previous_store.is_none());
+    let key = crate::ops::open_keystore(&new_dir, &data_unlock).unwrap();
+    let s = Store::open_at(&fresh, key).unwrap();
+    assert_eq!(
+        s.device(&d1).unwrap().unwrap().floor,
+        Some(SecurityVersion(3))
+    );
+    assert_eq!(s.verify_audit().unwrap(), Ok(1));
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Subcommand;
 
-use super::{NewLockArgs, UnlockArgs};
+use super::{NewLockArgs, StoreArgs, UnlockArgs};
 use crate::backup;
 
 #[derive(Subcommand, Debug)]
@@ -21,6 +21,8 @@ pub enum BackupCommand {
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
         lock: NewLockArgs,
     },
     /// Restore a backup into a data directory (new or existing; the orchestrator stopped).
@@ -33,6 +35,9 @@ pub enum BackupCommand {
         /// The data directory to restore into.
         #[arg(long, env = "ALOFT_DATA_DIR")]
         data_dir: PathBuf,
+        /// The store to restore into (replaced whole; a PostgreSQL database may be empty).
+        #[command(flatten)]
+        store: StoreArgs,
         /// The backup's recovery key or passphrase (not the data directory's).
         #[command(flatten)]
         unlock: UnlockArgs,
@@ -50,11 +55,13 @@ pub fn run(c: BackupCommand) -> Result<()> {
         BackupCommand::Create {
             data_dir,
             out,
+            store,
             lock,
         } => {
-            backup::preflight(&data_dir, &out)?;
+            let at = store.location(&data_dir)?;
+            backup::preflight_at(&data_dir, &at, &out)?;
             let s = lock.seal_with("the backup", &format!("{}", out.display()), |p| {
-                Ok(backup::create(&data_dir, &out, p)?)
+                Ok(backup::create_at(&data_dir, &at, &out, p)?)
             })?;
             println!(
                 "backup {} of {} written to {}: {} files, {} store records, {} bytes",
@@ -69,10 +76,12 @@ pub fn run(c: BackupCommand) -> Result<()> {
         BackupCommand::Restore {
             input,
             data_dir,
+            store,
             unlock,
         } => {
+            let at = store.location(&data_dir)?;
             let unlock = unlock.obtain("the backup")?;
-            let r = backup::restore(&input, &data_dir, &unlock)?;
+            let r = backup::restore_at(&input, &data_dir, &at, &unlock)?;
             println!(
                 "restored backup {} (taken at unix time {}) into {}: {} files, {} store records",
                 r.seq,
@@ -100,6 +109,12 @@ pub fn run(c: BackupCommand) -> Result<()> {
             if let Some(p) = &r.previous {
                 println!(
                     "the previous contents are in {}; delete it once the orchestrator runs",
+                    p.display()
+                );
+            }
+            if let Some(p) = &r.previous_store {
+                println!(
+                    "the database's previous records are in {} (a sled store); delete it once the orchestrator runs",
                     p.display()
                 );
             }

@@ -8,10 +8,14 @@
 use aloft_proto::crypto::sha256;
 use serde::{Deserialize, Serialize};
 
+use super::kv::{Scan, Tree};
 use super::{decode, encode, Store, StoreError};
 
 /// The tree holding the log; keys are big-endian sequence numbers.
 pub const AUDIT_TREE: &str = "audit";
+
+/// Entries read per page while the chain is verified.
+const VERIFY_PAGE: usize = 1024;
 
 /// What happened, before it is numbered and chained.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,16 +60,12 @@ pub struct AuditBreak {
 }
 
 impl Store {
-    fn audit_tree(&self) -> Result<sled::Tree, StoreError> {
-        Ok(self.trees.db.open_tree(AUDIT_TREE)?)
-    }
-
     /// Appends an entry (durable with the caller's next flush) and returns it.
     pub fn append_audit(&self, event: AuditEvent, at_ms: u64) -> Result<AuditEntry, StoreError> {
-        let tree = self.audit_tree()?;
-        let (seq, prev) = match tree.last()? {
+        let newest = self.kv.scan(Tree::Audit, &Scan::all().rev().limit(1))?;
+        let (seq, prev) = match newest.first() {
             Some((k, v)) => {
-                let last: AuditEntry = decode(&k, &v)?;
+                let last: AuditEntry = decode(k, v)?;
                 (last.seq + 1, last.hash)
             }
             None => (1, "0".repeat(64)),
@@ -78,41 +78,47 @@ impl Store {
             prev,
             hash,
         };
-        tree.insert(seq.to_be_bytes(), encode(&entry))?;
+        self.kv
+            .insert(Tree::Audit, &seq.to_be_bytes(), &encode(&entry))?;
         Ok(entry)
     }
 
     /// Entries from `since` (inclusive), at most `limit`.
     pub fn audit(&self, since: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        self.audit_tree()?
-            .range(since.to_be_bytes()..)
-            .take(limit)
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
+        let from = std::ops::Bound::Included(since.to_be_bytes().to_vec());
+        self.scan(Tree::Audit, &Scan::all().from(from).limit(limit))
     }
 
     /// Walks the whole chain; returns the number of entries, or where it breaks.
     pub fn verify_audit(&self) -> Result<Result<u64, AuditBreak>, StoreError> {
         let mut prev = "0".repeat(64);
         let mut expected = 1u64;
-        for kv in self.audit_tree()?.iter() {
-            let (k, v) = kv?;
-            let e: AuditEntry = decode(&k, &v)?;
-            let broken = |why| Ok(Err(AuditBreak { seq: e.seq, why }));
-            if e.seq != expected || k.as_ref() != e.seq.to_be_bytes() {
-                return broken("a sequence number is missing or out of place");
+        // A page at a time: the log grows without bound.
+        let mut from = std::ops::Bound::Unbounded;
+        loop {
+            let page = self.kv.scan(
+                Tree::Audit,
+                &Scan::all().from(from.clone()).limit(VERIFY_PAGE),
+            )?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            from = std::ops::Bound::Excluded(last.clone());
+            for (k, v) in page {
+                let e: AuditEntry = decode(&k, &v)?;
+                let broken = |why| Ok(Err(AuditBreak { seq: e.seq, why }));
+                if e.seq != expected || k[..] != e.seq.to_be_bytes() {
+                    return broken("a sequence number is missing or out of place");
+                }
+                if e.prev != prev {
+                    return broken("it does not follow the entry before it");
+                }
+                if e.hash != entry_hash(e.seq, e.at_ms, &e.event, &e.prev) {
+                    return broken("its content does not match its hash");
+                }
+                prev = e.hash;
+                expected += 1;
             }
-            if e.prev != prev {
-                return broken("it does not follow the entry before it");
-            }
-            if e.hash != entry_hash(e.seq, e.at_ms, &e.event, &e.prev) {
-                return broken("its content does not match its hash");
-            }
-            prev = e.hash;
-            expected += 1;
         }
         Ok(Ok(expected - 1))
     }
@@ -148,17 +154,12 @@ mod tests {
         let mut forged = all[1].clone();
         forged.event.action = "campaign_resume".into();
         store
-            .audit_tree()
-            .unwrap()
-            .insert(2u64.to_be_bytes(), encode(&forged))
+            .kv
+            .insert(Tree::Audit, &2u64.to_be_bytes(), &encode(&forged))
             .unwrap();
         assert_eq!(store.verify_audit().unwrap().unwrap_err().seq, 2);
         // ... and removing an entry is noticed too.
-        store
-            .audit_tree()
-            .unwrap()
-            .remove(2u64.to_be_bytes())
-            .unwrap();
+        store.kv.remove(Tree::Audit, &2u64.to_be_bytes()).unwrap();
         assert_eq!(store.verify_audit().unwrap().unwrap_err().seq, 3);
     }
 }

@@ -3,15 +3,22 @@
 //! into a new store, and merge the security state of a surviving store into a restored one so
 //! that a restore never lowers it (device floors, report sequence numbers).
 
+use std::ops::Bound;
 use std::path::Path;
 
 use aloft_proto::{CampaignId, DeviceId};
 
-use super::{decode, encode, progress_key, Sled, StoreError};
+use super::kv::{Entry, Kv, Scan, Tree};
+use super::{decode, encode, open_kv, progress_key, StoreError, StoreLocation, KEY_CHECK};
 use crate::fleet::state::Progress;
 use crate::store::DeviceRecord;
 
-/// One record of one tree, exactly as sled holds it.
+/// Records read per page when a whole tree is walked (backups, merges): a large store is never
+/// held in memory at once.
+const PAGE: usize = 1024;
+
+/// One record of one tree, exactly as the store holds it (sled's key bytes; PostgreSQL's key
+/// columns joined the same way), so a backup of either engine restores into either.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawRecord {
     pub tree: Vec<u8>,
@@ -21,7 +28,7 @@ pub struct RawRecord {
 
 /// A store opened without its master key: raw records only.
 pub struct RawStore {
-    db: Sled<sled::Db>,
+    kv: Kv,
 }
 
 /// What a merge kept from the surviving store.
@@ -37,60 +44,91 @@ pub struct MergeReport {
     pub audit_entries_kept: usize,
 }
 
+/// Calls `f` with every record of `tree` in key order, a page at a time.
+fn for_each<E: From<StoreError>>(
+    kv: &Kv,
+    tree: Tree,
+    mut f: impl FnMut(Entry) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut from = Bound::Unbounded;
+    loop {
+        let page = kv.scan(tree, &Scan::all().from(from.clone()).limit(PAGE))?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
+        from = Bound::Excluded(last.clone());
+        for e in page {
+            f(e)?;
+        }
+    }
+}
+
 impl RawStore {
-    /// Opens an existing store; a missing one is an error.
+    /// Opens an existing sled store; a missing one is an error.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        if !dir.join("conf").exists() {
-            return Err(StoreError::Missing(dir.to_owned()));
-        }
-        Ok(Self {
-            db: Sled::open(dir)?,
-        })
+        Self::open_at(&StoreLocation::Sled(dir.to_owned()))
     }
 
-    /// Creates an empty store to import into; `dir` must not exist.
+    /// Creates an empty sled store to import into; `dir` must not exist.
     pub fn create(dir: &Path) -> Result<Self, StoreError> {
-        if dir.exists() {
-            return Err(StoreError::Exists(dir.to_owned()));
-        }
         Ok(Self {
-            db: Sled::open(dir)?,
+            kv: open_kv(&StoreLocation::Sled(dir.to_owned()), true)?,
         })
     }
 
-    /// Calls `f` with every record of every named tree (sled's own default tree is empty for
-    /// us and skipped).
+    /// Opens the store at `at`: a sled directory must exist; a PostgreSQL database is
+    /// connected to (and its schema migrated), store or not ([`RawStore::holds_store`]).
+    pub fn open_at(at: &StoreLocation) -> Result<Self, StoreError> {
+        Ok(Self {
+            kv: open_kv(at, false)?,
+        })
+    }
+
+    /// Whether this holds a store (its key check record), not just an empty schema.
+    pub fn holds_store(&self) -> Result<bool, StoreError> {
+        Ok(self.kv.get(Tree::Meta, KEY_CHECK)?.is_some())
+    }
+
+    /// Calls `f` with every record of every tree.
     pub fn export<E>(&self, mut f: impl FnMut(RawRecord) -> Result<(), E>) -> Result<(), E>
     where
         E: From<StoreError>,
     {
-        for name in self.db.tree_names() {
-            if name.as_ref() == b"__sled__default" {
-                continue;
-            }
-            let tree = self.db.open_tree(&name).map_err(StoreError::from)?;
-            for kv in tree.iter() {
-                let (k, v) = kv.map_err(StoreError::from)?;
+        for tree in Tree::ALL {
+            for_each(&self.kv, tree, |(key, value)| {
                 f(RawRecord {
-                    tree: name.to_vec(),
-                    key: k.to_vec(),
-                    value: v.to_vec(),
-                })?;
-            }
+                    tree: tree.name().as_bytes().to_vec(),
+                    key,
+                    value,
+                })
+            })?;
         }
         Ok(())
     }
 
     pub fn insert(&self, r: &RawRecord) -> Result<(), StoreError> {
-        self.db
-            .open_tree(&r.tree)?
-            .insert(&r.key, r.value.as_slice())?;
-        Ok(())
+        let tree = Tree::from_name(&r.tree)
+            .ok_or_else(|| StoreError::UnknownTree(String::from_utf8_lossy(&r.tree).into()))?;
+        self.kv.insert(tree, &r.key, &r.value)
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        self.kv.flush()
+    }
+
+    /// Replaces everything this store holds by `other`'s records, durably at once (on
+    /// PostgreSQL: one transaction, so a failure leaves the old contents whole).
+    pub fn replace_with(&self, other: &RawStore) -> Result<u64, StoreError> {
+        for tree in Tree::ALL {
+            self.kv.clear(tree)?;
+        }
+        let mut n = 0u64;
+        other.export(|r| {
+            n += 1;
+            self.insert(&r)
+        })?;
+        self.flush()?;
+        Ok(n)
     }
 
     /// Raises this (restored) store's security state to `surviving`'s wherever that is higher:
@@ -100,11 +138,10 @@ impl RawStore {
     /// `surviving` (releases sealed under its own key, campaigns) is taken.
     pub fn merge_security_state(&self, surviving: &RawStore) -> Result<MergeReport, StoreError> {
         let mut report = MergeReport::default();
-        let ours = self.db.open_tree("devices")?;
-        for kv in surviving.db.open_tree("devices")?.iter() {
-            let (k, v) = kv?;
+        let ours = &self.kv;
+        for_each(&surviving.kv, Tree::Devices, |(k, v)| {
             let theirs: DeviceRecord = decode(&k, &v)?;
-            match ours.get(&k)? {
+            match ours.get(Tree::Devices, &k)? {
                 Some(mine) => {
                     let mut mine: DeviceRecord = decode(&k, &mine)?;
                     if theirs.floor > mine.floor
@@ -113,61 +150,65 @@ impl RawStore {
                         mine.floor = mine.floor.max(theirs.floor);
                         mine.installed_sequence =
                             mine.installed_sequence.max(theirs.installed_sequence);
-                        ours.insert(&k, encode(&mine))?;
+                        ours.insert(Tree::Devices, &k, &encode(&mine))?;
                         report.floors_raised += 1;
                     }
                 }
                 None => {
-                    ours.insert(&k, v)?;
+                    ours.insert(Tree::Devices, &k, &v)?;
                     report.devices_added += 1;
                 }
             }
-        }
-        let ours = self.db.open_tree("progress")?;
-        for kv in surviving.db.open_tree("progress")?.iter() {
-            let (k, v) = kv?;
-            let Some(mine) = ours.get(&k)? else {
+            Ok::<(), StoreError>(())
+        })?;
+        for_each(&surviving.kv, Tree::Progress, |(k, v)| {
+            let Some(mine) = ours.get(Tree::Progress, &k)? else {
                 // Its campaign is not in the backup; the device's floor above is what matters.
-                continue;
+                return Ok(());
             };
             let theirs: Progress = decode(&k, &v)?;
             let mine: Progress = decode(&k, &mine)?;
             if theirs.last_seq > mine.last_seq {
-                ours.insert(&k, v)?;
+                ours.insert(Tree::Progress, &k, &v)?;
                 report.progress_kept += 1;
             }
-        }
+            Ok::<(), StoreError>(())
+        })?;
         // The audit log is append-only: the longer of the two holds everything the other does
         // (and what happened after the backup), so it is kept whole.
-        let ours = self.db.open_tree(super::AUDIT_TREE)?;
-        let theirs = surviving.db.open_tree(super::AUDIT_TREE)?;
-        let last = |t: &sled::Tree| -> Result<u64, StoreError> {
-            Ok(t.last()?
-                .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_ref()).ok())
+        let last = |kv: &Kv| -> Result<u64, StoreError> {
+            Ok(kv
+                .scan(Tree::Audit, &Scan::all().rev().limit(1).keys_only())?
+                .first()
+                .and_then(|(k, _)| <[u8; 8]>::try_from(k.as_slice()).ok())
                 .map_or(0, u64::from_be_bytes))
         };
-        if last(&theirs)? > last(&ours)? {
-            ours.clear()?;
-            for kv in theirs.iter() {
-                let (k, v) = kv?;
-                ours.insert(k, v)?;
+        if last(&surviving.kv)? > last(ours)? {
+            ours.clear(Tree::Audit)?;
+            for_each(&surviving.kv, Tree::Audit, |(k, v)| {
+                ours.insert(Tree::Audit, &k, &v)?;
                 report.audit_entries_kept += 1;
-            }
+                Ok::<(), StoreError>(())
+            })?;
         }
         Ok(report)
     }
 
     /// A device's record, for tests and reports.
     pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        let tree = self.db.open_tree("devices")?;
         let key = id.as_str().as_bytes();
-        tree.get(key)?.map(|v| decode(key, &v)).transpose()
+        self.kv
+            .get(Tree::Devices, key)?
+            .map(|v| decode(key, &v))
+            .transpose()
     }
 
     /// A progress record, for tests and reports.
     pub fn progress(&self, c: &CampaignId, d: &DeviceId) -> Result<Option<Progress>, StoreError> {
-        let tree = self.db.open_tree("progress")?;
         let key = progress_key(c, d);
-        tree.get(&key)?.map(|v| decode(&key, &v)).transpose()
+        self.kv
+            .get(Tree::Progress, &key)?
+            .map(|v| decode(&key, &v))
+            .transpose()
     }
 }

@@ -10,7 +10,8 @@
 use aloft_proto::{CampaignId, DeviceId, DeviceState, Reason};
 use serde::{Deserialize, Serialize};
 
-use super::{decode, encode, Store, StoreError};
+use super::kv::{Scan, Tree};
+use super::{encode, Store, StoreError};
 
 /// The tree of the per-device history.
 pub const HISTORY_TREE: &str = "history";
@@ -54,16 +55,20 @@ impl Store {
         device: &DeviceId,
         t: &Transition,
     ) -> Result<(), StoreError> {
-        let tree = &self.trees.history;
         let p = prefix(device);
-        let last = match tree.scan_prefix(&p).next_back() {
-            Some(kv) => counter(p.len(), &kv?.0).unwrap_or(0),
+        let newest = self.kv.scan(
+            Tree::History,
+            &Scan::prefix(p.clone()).rev().limit(1).keys_only(),
+        )?;
+        let last = match newest.first() {
+            Some((k, _)) => counter(p.len(), k).unwrap_or(0),
             None => 0,
         };
         let n = last.saturating_add(1);
-        tree.insert(key(device, n), encode(t))?;
+        self.kv.insert(Tree::History, &key(device, n), &encode(t))?;
         if n > HISTORY_PER_DEVICE {
-            tree.remove(key(device, n - HISTORY_PER_DEVICE))?;
+            self.kv
+                .remove(Tree::History, &key(device, n - HISTORY_PER_DEVICE))?;
         }
         Ok(())
     }
@@ -74,16 +79,11 @@ impl Store {
         device: &DeviceId,
         limit: usize,
     ) -> Result<Vec<Transition>, StoreError> {
-        self.trees
-            .history
-            .scan_prefix(prefix(device))
-            .rev()
-            .take(limit.min(HISTORY_PER_DEVICE as usize))
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
+        let limit = limit.min(HISTORY_PER_DEVICE as usize);
+        self.scan(
+            Tree::History,
+            &Scan::prefix(prefix(device)).rev().limit(limit),
+        )
     }
 }
 
@@ -158,6 +158,7 @@ mod tests {
         assert_eq!(h.len() as u64, HISTORY_PER_DEVICE);
         assert_eq!(h[0].at_ms, HISTORY_PER_DEVICE + 9);
         assert_eq!(h.last().unwrap().at_ms, 10);
-        assert_eq!(s.trees.history.len() as u64, HISTORY_PER_DEVICE);
+        let all = s.kv.scan(Tree::History, &Scan::all().keys_only()).unwrap();
+        assert_eq!(all.len() as u64, HISTORY_PER_DEVICE);
     }
 }

@@ -1,9 +1,12 @@
 //! Durable state behind one narrow interface: devices, releases and their sealed chunks,
-//! campaigns, and per-(campaign, device) progress. Only this module knows sled.
+//! campaigns, and per-(campaign, device) progress. Two engines keep it (`kv`): sled in the
+//! data directory (the default), or PostgreSQL (`--store postgres://...`, `pg`). Only this
+//! module knows either.
 //!
 //! Durability contract: a write is durable only after [`Store::flush`] returns. Callers
 //! acknowledge anything to a peer only after flushing (DESIGN.md: sled's `insert` alone loses
-//! acknowledged records on SIGKILL; an explicit flush loses none).
+//! acknowledged records on SIGKILL; an explicit flush loses none). Reads see the process's own
+//! writes at once, flushed or not.
 //!
 //! Secrets at rest: release content keys are sealed under the orchestrator's master key (from
 //! the data directory's keystore) by `put_release` and opened by `release`; the rest of the
@@ -12,8 +15,13 @@
 
 mod audit;
 mod closing;
+#[cfg(test)]
+mod contract;
 mod export;
 mod history;
+mod kv;
+pub mod pg;
+pub mod pg_cluster;
 mod records;
 
 pub use audit::{AuditBreak, AuditEntry, AuditEvent, AUDIT_TREE};
@@ -21,8 +29,8 @@ pub use export::{MergeReport, RawRecord, RawStore};
 pub use history::{Transition, HISTORY_PER_DEVICE, HISTORY_TREE};
 pub use records::{CampaignRecord, CampaignStatus, DeviceRecord, ReleaseRecord, Target};
 
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use aloft_proto::{ArtifactId, CampaignId, DeviceId};
 use aloft_vault::MasterKey;
@@ -32,6 +40,7 @@ use zeroize::Zeroizing;
 
 use crate::fleet::state::Progress;
 use closing::Sled;
+use kv::{Kv, Scan, Tree};
 
 /// Why the store failed. Any of these is fatal for the operation, never silently ignored.
 #[derive(Debug, thiserror::Error)]
@@ -58,30 +67,77 @@ pub enum StoreError {
         artifact: String,
         error: aloft_vault::VaultError,
     },
+    #[error("store database {db}: {error}")]
+    Database { db: String, error: String },
+    #[error("the store database {0} is in use by another process: stop `aloft serve` first")]
+    DatabaseInUse(String),
+    #[error("store database {db} has schema version {found}, newer than this aloft knows ({known}): run the newer aloft")]
+    SchemaTooNew { db: String, found: i32, known: i32 },
+    #[error("no store in database {0}: refusing to start with an empty one (run `aloft init --store ...`, or restore a backup)")]
+    MissingDatabase(String),
+    #[error("database {0} already holds a store")]
+    DatabaseExists(String),
+    #[error("--store: {0}")]
+    BadLocation(String),
+    #[error("a backup record names the unknown tree {0:?}")]
+    UnknownTree(String),
 }
 
-/// The orchestrator's store. Clones share one sled database; dropping the last one closes it
-/// and returns only once the store can be opened again.
+/// Where a store lives: `--store`'s value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A sled directory (the data directory's `store/`, the default).
+    Sled(PathBuf),
+    /// A PostgreSQL database, by URL (`postgres://user@host:port/db`).
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// `--store`: absent or `sled` is `data_dir`'s sled store; a `postgres://` or
+    /// `postgresql://` URL is that database.
+    pub fn from_flag(flag: Option<&str>, data_dir: &Path) -> Result<Self, StoreError> {
+        match flag.map(str::trim) {
+            None | Some("") | Some("sled") => Ok(StoreLocation::Sled(
+                data_dir.join(crate::config::layout::STORE_DIR),
+            )),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                pg::parse_url(url)?;
+                Ok(StoreLocation::Postgres(url.to_owned()))
+            }
+            Some(other) => Err(StoreError::BadLocation(format!(
+                "{other:?} is neither `sled` nor a postgres:// URL"
+            ))),
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, StoreLocation::Postgres(_))
+    }
+}
+
+impl std::fmt::Display for StoreLocation {
+    /// The path, or the database without its password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreLocation::Sled(p) => write!(f, "{}", p.display()),
+            StoreLocation::Postgres(url) => match pg::parse_url(url) {
+                Ok(c) => f.write_str(&pg::describe_url(&c)),
+                Err(_) => f.write_str("postgres://(unparsable)"),
+            },
+        }
+    }
+}
+
+/// The orchestrator's store. Clones share one engine; dropping the last one closes it and
+/// returns only once the store can be opened again.
 #[derive(Clone)]
 pub struct Store {
-    trees: Arc<Sled<Trees>>,
+    kv: Kv,
     /// Seals content keys at rest.
     key: MasterKey,
 }
 
-/// Every sled handle a [`Store`] holds.
-struct Trees {
-    db: sled::Db,
-    devices: sled::Tree,
-    releases: sled::Tree,
-    chunks: sled::Tree,
-    campaigns: sled::Tree,
-    progress: sled::Tree,
-    history: sled::Tree,
-}
-
-/// The tree and key of the record that proves the master key belongs to the store.
-const META_TREE: &str = "meta";
+/// The key of the record that proves the master key belongs to the store (in `meta`).
 const KEY_CHECK: &[u8] = b"key-check";
 const KEY_CHECK_AAD: &[u8] = b"aloft-store-key-check-v1";
 const CONTENT_KEY_AAD: &[u8] = b"aloft-store-content-key-v1\0";
@@ -109,9 +165,14 @@ fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError
     })
 }
 
-fn chunk_key(artifact: &ArtifactId, index: u32) -> Vec<u8> {
+fn chunk_prefix(artifact: &ArtifactId) -> Vec<u8> {
     let mut k = artifact.as_str().as_bytes().to_vec();
     k.push(0);
+    k
+}
+
+fn chunk_key(artifact: &ArtifactId, index: u32) -> Vec<u8> {
+    let mut k = chunk_prefix(artifact);
     k.extend_from_slice(&index.to_be_bytes());
     k
 }
@@ -128,88 +189,105 @@ fn progress_key(campaign: &CampaignId, device: &DeviceId) -> Vec<u8> {
     k
 }
 
+/// Opens the engine at `at`; `create` for a new store (a sled directory that must not exist).
+fn open_kv(at: &StoreLocation, create: bool) -> Result<Kv, StoreError> {
+    match at {
+        StoreLocation::Sled(dir) => {
+            if create && dir.exists() {
+                return Err(StoreError::Exists(dir.to_owned()));
+            }
+            if !create && !dir.join("conf").exists() {
+                return Err(StoreError::Missing(dir.to_owned()));
+            }
+            Kv::sled(Sled::open(dir)?)
+        }
+        StoreLocation::Postgres(url) => Ok(Kv::Pg(pg::Pg::open(url)?)),
+    }
+}
+
+/// What a store is called in messages.
+fn describe(kv: &Kv, at: &StoreLocation) -> String {
+    match kv {
+        Kv::Pg(pg) => pg.label().to_owned(),
+        Kv::Sled(_) => at.to_string(),
+    }
+}
+
 impl Store {
     /// Creates a new, empty store in `dir` whose content keys `key` seals (`aloft init`).
     pub fn create(dir: &Path, key: MasterKey) -> Result<Self, StoreError> {
-        if dir.exists() {
-            return Err(StoreError::Exists(dir.to_owned()));
+        Self::create_at(&StoreLocation::Sled(dir.to_owned()), key)
+    }
+
+    /// Opens the existing store in `dir` with its master key. A missing store, a store without
+    /// its key check, or a key that does not open it is an error, never a fresh store.
+    pub fn open(dir: &Path, key: MasterKey) -> Result<Self, StoreError> {
+        Self::open_at(&StoreLocation::Sled(dir.to_owned()), key)
+    }
+
+    /// [`Store::create`] at either engine: a PostgreSQL database may exist (its schema is
+    /// migrated) but must hold no store yet.
+    pub fn create_at(at: &StoreLocation, key: MasterKey) -> Result<Self, StoreError> {
+        let kv = open_kv(at, true)?;
+        if kv.get(Tree::Meta, KEY_CHECK)?.is_some() {
+            return Err(StoreError::DatabaseExists(describe(&kv, at)));
         }
-        let db = Sled::open(dir)?;
         let check = key
             .seal(KEY_CHECK_AAD, b"aloft")
             .map_err(|error| StoreError::ContentKey {
                 artifact: "-".into(),
                 error,
             })?;
-        db.open_tree(META_TREE)?.insert(KEY_CHECK, check)?;
-        db.flush()?;
-        Self::from_db(db, key)
+        kv.insert(Tree::Meta, KEY_CHECK, &check)?;
+        kv.flush()?;
+        Ok(Self { kv, key })
     }
 
-    /// Opens the existing store in `dir` with its master key. A missing store, a store without
-    /// its key check, or a key that does not open it is an error, never a fresh store.
-    pub fn open(dir: &Path, key: MasterKey) -> Result<Self, StoreError> {
-        if !dir.join("conf").exists() {
-            return Err(StoreError::Missing(dir.to_owned()));
-        }
-        let db = Sled::open(dir)?;
-        let check = db
-            .open_tree(META_TREE)?
-            .get(KEY_CHECK)?
-            .ok_or(StoreError::NoKeyCheck)?;
+    /// [`Store::open`] at either engine.
+    pub fn open_at(at: &StoreLocation, key: MasterKey) -> Result<Self, StoreError> {
+        let kv = open_kv(at, false)?;
+        let Some(check) = kv.get(Tree::Meta, KEY_CHECK)? else {
+            if let Kv::Pg(pg) = &kv {
+                if is_empty(&kv)? {
+                    return Err(StoreError::MissingDatabase(pg.label().to_owned()));
+                }
+            }
+            return Err(StoreError::NoKeyCheck);
+        };
         key.open(KEY_CHECK_AAD, &check)
             .map_err(|_| StoreError::WrongKey)?;
-        Self::from_db(db, key)
+        Ok(Self { kv, key })
     }
 
-    fn from_db(db: Sled<sled::Db>, key: MasterKey) -> Result<Self, StoreError> {
-        let trees = db.try_map(|db| {
-            Ok(Trees {
-                devices: db.open_tree("devices")?,
-                releases: db.open_tree("releases")?,
-                chunks: db.open_tree("chunks")?,
-                campaigns: db.open_tree("campaigns")?,
-                progress: db.open_tree("progress")?,
-                history: db.open_tree(HISTORY_TREE)?,
-                db,
-            })
-        })?;
-        Ok(Self {
-            trees: Arc::new(trees),
-            key,
-        })
-    }
-
-    /// Makes every earlier write durable.
+    /// Makes every earlier write durable. On an error none of the writes since the last
+    /// successful flush may be acknowledged; a later flush may still make them durable.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.trees.db.flush()?;
-        Ok(())
+        self.kv.flush()
     }
 
-    fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>, StoreError> {
-        tree.get(key)?.map(|v| decode(key, &v)).transpose()
+    fn get<T: DeserializeOwned>(&self, tree: Tree, key: &[u8]) -> Result<Option<T>, StoreError> {
+        self.kv.get(tree, key)?.map(|v| decode(key, &v)).transpose()
     }
 
-    fn scan<T: DeserializeOwned>(tree: &sled::Tree, prefix: &[u8]) -> Result<Vec<T>, StoreError> {
-        tree.scan_prefix(prefix)
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
+    fn scan<T: DeserializeOwned>(&self, tree: Tree, scan: &Scan) -> Result<Vec<T>, StoreError> {
+        self.kv
+            .scan(tree, scan)?
+            .into_iter()
+            .map(|(k, v)| decode(&k, &v))
             .collect()
     }
 
     pub fn put_device(&self, d: &DeviceRecord) -> Result<(), StoreError> {
-        self.trees.devices.insert(d.id.as_str(), encode(d))?;
-        Ok(())
+        self.kv
+            .insert(Tree::Devices, d.id.as_str().as_bytes(), &encode(d))
     }
 
     pub fn device(&self, id: &DeviceId) -> Result<Option<DeviceRecord>, StoreError> {
-        Self::get(&self.trees.devices, id.as_str().as_bytes())
+        self.get(Tree::Devices, id.as_str().as_bytes())
     }
 
     pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        Self::scan(&self.trees.devices, b"")
+        self.scan(Tree::Devices, &Scan::all())
     }
 
     /// At most `limit` devices in id order, after `after` if given: one page.
@@ -218,33 +296,16 @@ impl Store {
         after: Option<&DeviceId>,
         limit: usize,
     ) -> Result<Vec<DeviceRecord>, StoreError> {
-        use std::ops::Bound;
         let from = match after {
             Some(a) => Bound::Excluded(a.as_str().as_bytes().to_vec()),
             None => Bound::Unbounded,
         };
-        self.trees
-            .devices
-            .range::<Vec<u8>, _>((from, Bound::Unbounded))
-            .take(limit)
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
+        self.scan(Tree::Devices, &Scan::all().from(from).limit(limit))
     }
 
     /// At most `limit` campaign records in id order (the console's older campaigns).
     pub fn campaigns_page(&self, limit: usize) -> Result<Vec<CampaignRecord>, StoreError> {
-        self.trees
-            .campaigns
-            .iter()
-            .take(limit)
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
+        self.scan(Tree::Campaigns, &Scan::all().limit(limit))
     }
 
     /// Stores a release with its content key sealed.
@@ -263,10 +324,8 @@ impl Store {
             obj.remove(CLEAR_FIELD);
             obj.insert(SEALED_FIELD.into(), hex::encode(sealed).into());
         }
-        self.trees
-            .releases
-            .insert(r.artifact.as_str(), encode(&v))?;
-        Ok(())
+        self.kv
+            .insert(Tree::Releases, r.artifact.as_str().as_bytes(), &encode(&v))
     }
 
     fn unseal_release(&self, key: &[u8], bytes: &[u8]) -> Result<ReleaseRecord, StoreError> {
@@ -302,51 +361,47 @@ impl Store {
 
     pub fn release(&self, a: &ArtifactId) -> Result<Option<ReleaseRecord>, StoreError> {
         let key = a.as_str().as_bytes();
-        self.trees
-            .releases
-            .get(key)?
+        self.kv
+            .get(Tree::Releases, key)?
             .map(|v| self.unseal_release(key, &v))
             .transpose()
     }
 
     pub fn releases(&self) -> Result<Vec<ReleaseRecord>, StoreError> {
-        self.trees
-            .releases
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                self.unseal_release(&k, &v)
-            })
+        self.kv
+            .scan(Tree::Releases, &Scan::all())?
+            .into_iter()
+            .map(|(k, v)| self.unseal_release(&k, &v))
             .collect()
     }
 
     pub fn put_chunk(&self, a: &ArtifactId, index: u32, sealed: &[u8]) -> Result<(), StoreError> {
-        self.trees.chunks.insert(chunk_key(a, index), sealed)?;
-        Ok(())
+        self.kv.insert(Tree::Chunks, &chunk_key(a, index), sealed)
     }
 
-    /// A sealed chunk; sled hands out a reference-counted buffer, so serving is copy-free here.
-    pub fn chunk(&self, a: &ArtifactId, index: u32) -> Result<Option<sled::IVec>, StoreError> {
-        Ok(self.trees.chunks.get(chunk_key(a, index))?)
+    /// A sealed chunk.
+    pub fn chunk(&self, a: &ArtifactId, index: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        self.kv.get(Tree::Chunks, &chunk_key(a, index))
     }
 
+    /// How many chunks of `a` the store holds (0 if it cannot read them).
     pub fn chunk_count_stored(&self, a: &ArtifactId) -> usize {
-        let mut prefix = a.as_str().as_bytes().to_vec();
-        prefix.push(0);
-        self.trees.chunks.scan_prefix(prefix).count()
+        self.kv
+            .scan(Tree::Chunks, &Scan::prefix(chunk_prefix(a)).keys_only())
+            .map_or(0, |c| c.len())
     }
 
     pub fn put_campaign(&self, c: &CampaignRecord) -> Result<(), StoreError> {
-        self.trees.campaigns.insert(c.id.as_str(), encode(c))?;
-        Ok(())
+        self.kv
+            .insert(Tree::Campaigns, c.id.as_str().as_bytes(), &encode(c))
     }
 
     pub fn campaign(&self, id: &CampaignId) -> Result<Option<CampaignRecord>, StoreError> {
-        Self::get(&self.trees.campaigns, id.as_str().as_bytes())
+        self.get(Tree::Campaigns, id.as_str().as_bytes())
     }
 
     pub fn campaigns(&self) -> Result<Vec<CampaignRecord>, StoreError> {
-        Self::scan(&self.trees.campaigns, b"")
+        self.scan(Tree::Campaigns, &Scan::all())
     }
 
     pub fn put_progress(
@@ -358,9 +413,11 @@ impl Store {
         // A new record, or a change of state, is a transition for the device's history. The
         // first record of a member is `idle` from nothing: recorded as idle → idle (the time
         // the device joined the campaign).
-        let before = self.trees.progress.insert(progress_key(c, d), encode(p))?;
+        let key = progress_key(c, d);
+        let before = self.kv.get(Tree::Progress, &key)?;
+        self.kv.insert(Tree::Progress, &key, &encode(p))?;
         let from = match before {
-            Some(old) => match decode::<Progress>(&progress_key(c, d), &old) {
+            Some(old) => match decode::<Progress>(&key, &old) {
                 Ok(o) if o.state == p.state => return Ok(()),
                 Ok(o) => o.state,
                 Err(_) => p.state,
@@ -381,7 +438,7 @@ impl Store {
     }
 
     pub fn progress(&self, c: &CampaignId, d: &DeviceId) -> Result<Option<Progress>, StoreError> {
-        Self::get(&self.trees.progress, &progress_key(c, d))
+        self.get(Tree::Progress, &progress_key(c, d))
     }
 
     /// Every device's progress in campaign `c`.
@@ -390,11 +447,10 @@ impl Store {
         c: &CampaignId,
     ) -> Result<Vec<(DeviceId, Progress)>, StoreError> {
         let prefix = progress_prefix(c);
-        self.trees
-            .progress
-            .scan_prefix(&prefix)
-            .map(|kv| {
-                let (k, v) = kv?;
+        self.kv
+            .scan(Tree::Progress, &Scan::prefix(prefix.clone()))?
+            .into_iter()
+            .map(|(k, v)| {
                 let id = std::str::from_utf8(&k[prefix.len()..])
                     .ok()
                     .and_then(|s| DeviceId::new(s).ok());
@@ -408,6 +464,16 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// Whether a store holds no record at all (a fresh database).
+fn is_empty(kv: &Kv) -> Result<bool, StoreError> {
+    for tree in Tree::ALL {
+        if !kv.scan(tree, &Scan::all().keys_only().limit(1))?.is_empty() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -457,15 +523,12 @@ pub(crate) mod tests {
     fn a_corrupt_record_is_an_error_not_a_default() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::create(&dir.path().join("store"), MasterKey::generate().unwrap()).unwrap();
-        s.trees
-            .devices
-            .insert("dev-1", b"{not json".to_vec())
-            .unwrap();
+        s.kv.insert(Tree::Devices, b"dev-1", b"{not json").unwrap();
         let id = DeviceId::new("dev-1").unwrap();
         assert!(matches!(s.device(&id), Err(StoreError::Corrupt { .. })));
     }
 
-    fn release_record(artifact: &str, key_hex: &str) -> ReleaseRecord {
+    pub(crate) fn release_record(artifact: &str, key_hex: &str) -> ReleaseRecord {
         use aloft_proto::manifest::ReleaseSigningKey;
         use aloft_proto::release::{build_release, ReleaseMeta};
         let meta = ReleaseMeta {
@@ -503,7 +566,7 @@ pub(crate) mod tests {
         {
             let s = Store::create(&path, key.clone()).unwrap();
             s.put_release(&release_record("fw-1", &clear)).unwrap();
-            let raw = s.trees.releases.get("fw-1").unwrap().unwrap();
+            let raw = s.kv.get(Tree::Releases, b"fw-1").unwrap().unwrap();
             let text = String::from_utf8_lossy(&raw);
             assert!(!text.contains(&clear), "content key in clear");
             assert!(text.contains(SEALED_FIELD));

@@ -1,0 +1,275 @@
+//! The orchestrator on a PostgreSQL store (a throwaway cluster each test starts): a data
+//! directory made with the default sled store moves into PostgreSQL the documented way (a
+//! backup restored with `--store`), a campaign runs through the real engine, a restart on the
+//! same database finds everything the first run acknowledged, and `aloft serve --store` killed
+//! with SIGKILL mid-campaign loses no acknowledged transition.
+
+use aloft_device::Fleet;
+use aloft_e2e::{finished, wait_campaign, wait_registered, Lab, ReleaseSpec};
+use aloft_orchestrator::backup;
+use aloft_orchestrator::config::layout;
+use aloft_orchestrator::store::pg_cluster::TempCluster;
+use aloft_orchestrator::store::{Store, StoreLocation};
+use aloft_proto::DeviceState;
+use aloft_vault::{Protection, RecoveryKey, Unlock};
+
+use crate::common::{exe, LIMIT};
+use crate::restart::{acknowledged, rank};
+
+/// A lab whose data directory's store was moved into a new database of `cluster`; its URL.
+fn lab_on_postgres(tmp: &std::path::Path, cluster: &TempCluster) -> (Lab, StoreLocation) {
+    let lab = Lab::create(tmp).unwrap();
+    let at = StoreLocation::Postgres(cluster.create_database("e2e").unwrap());
+    // sled → PostgreSQL: back up the data directory, restore it with the database as its store.
+    let out = tmp.join("move.aloftbak");
+    let rk = RecoveryKey::generate().unwrap();
+    backup::create(&lab.data_dir, &out, &Protection::recovery_key(rk.clone())).unwrap();
+    let r = backup::restore_at(&out, &lab.data_dir, &at, &Unlock::RecoveryKey(rk)).unwrap();
+    assert!(r.records > 0);
+    assert!(
+        !lab.data_dir.join(layout::STORE_DIR).exists(),
+        "the sled store went aside with the previous contents"
+    );
+    (lab, at)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_runs_on_a_postgresql_store_and_a_restart_finds_it_finished() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = tokio::task::spawn_blocking(TempCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let (lab, at) = lab_on_postgres(tmp.path(), &cluster);
+
+    let mut cfg = lab.serve_config();
+    let StoreLocation::Postgres(url) = &at else {
+        unreachable!()
+    };
+    cfg.file.store = Some(url.clone());
+    let running = aloft_orchestrator::start(cfg.clone()).await.unwrap();
+    let admin = lab.operator(running.device_addr).await.unwrap();
+    let devices = lab.enroll_fleet("dev", 6).unwrap();
+    let fleet = Fleet::start(&lab.fleet_config(running.device_addr), devices).unwrap();
+    wait_registered(&admin, 6, LIMIT).await.unwrap();
+    let campaign = lab
+        .release_to_all(&admin, &ReleaseSpec::new("2.0.0", 2, 64 * 1024))
+        .await
+        .unwrap();
+    let s = wait_campaign(&admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(s.count(DeviceState::Succeeded), 6, "{:?}", s.counts);
+    fleet.shutdown().await;
+    drop(admin);
+    running.shutdown().await.unwrap();
+
+    // What the engine acknowledged is in the database, under the data directory's key.
+    let key = aloft_orchestrator::ops::open_keystore(&lab.data_dir, &lab.unlock()).unwrap();
+    let check = at.clone();
+    let campaign_id = campaign.clone();
+    tokio::task::spawn_blocking(move || {
+        let store = Store::open_at(&check, key).unwrap();
+        let members = store.campaign_progress(&campaign_id).unwrap();
+        assert_eq!(members.len(), 6);
+        assert!(members
+            .iter()
+            .all(|(_, p)| p.state == DeviceState::Succeeded));
+        assert!(store
+            .devices()
+            .unwrap()
+            .iter()
+            .all(|d| d.floor.map(|f| f.0) == Some(2)));
+        assert!(store.verify_audit().unwrap().unwrap() >= 1);
+    })
+    .await
+    .unwrap();
+
+    // A new process on the same database picks the campaign up as it was left.
+    let running = aloft_orchestrator::start(cfg).await.unwrap();
+    let admin = lab.operator(running.device_addr).await.unwrap();
+    let s = wait_campaign(&admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(s.count(DeviceState::Succeeded), 6, "{:?}", s.counts);
+    drop(admin);
+    running.shutdown().await.unwrap();
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_postgresql_killed_mid_campaign_loses_no_acknowledged_transition() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = tokio::task::spawn_blocking(TempCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let (lab, at) = lab_on_postgres(tmp.path(), &cluster);
+    let StoreLocation::Postgres(url) = &at else {
+        unreachable!()
+    };
+    let store_args = [std::ffi::OsStr::new("--store"), std::ffi::OsStr::new(url)];
+    let spawn = |listen| {
+        aloft_e2e::spawn_orchestrator_with(
+            exe(),
+            &lab.data_dir,
+            &lab.unlock_file,
+            listen,
+            &store_args,
+        )
+        .unwrap()
+    };
+    let orch = spawn("127.0.0.1:0".parse().unwrap());
+    let addr = orch.device_addr;
+    let admin = lab.operator(addr).await.unwrap();
+    let mut cfg = lab.fleet_config(addr);
+    cfg.window = 2;
+    let fleet = Fleet::start(&cfg, lab.enroll_fleet("dev", 30).unwrap()).unwrap();
+    wait_registered(&admin, 30, LIMIT).await.unwrap();
+    let mut spec = ReleaseSpec::new("2.0.0", 2, 512 * 1024);
+    spec.chunk_bytes = 4 * 1024;
+    let campaign = lab.release_to_all(&admin, &spec).await.unwrap();
+    wait_campaign(&admin, &campaign, LIMIT, |s| {
+        s.count(DeviceState::Downloading) >= 10 && !finished(s)
+    })
+    .await
+    .unwrap();
+    admin.disconnect().await;
+    orch.kill9().unwrap();
+    let acked = acknowledged(&fleet, &campaign);
+    assert!(
+        acked.values().any(|s| *s != DeviceState::Succeeded),
+        "the kill landed mid-campaign"
+    );
+
+    // The killed process's session (and its lock) ends as the server notices the socket close.
+    let orch = spawn(addr);
+    let admin = lab.operator(orch.device_addr).await.unwrap();
+    let after = aloft_e2e::status(&admin, &campaign, true).await.unwrap();
+    for d in &after.devices {
+        if let Some(a) = acked.get(&d.device) {
+            assert!(
+                rank(d.state) >= rank(*a),
+                "{} was acknowledged in {a} but the restarted orchestrator says {}",
+                d.device,
+                d.state
+            );
+        }
+    }
+    let s = wait_campaign(&admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(s.count(DeviceState::Succeeded), 30, "{:?}", s.counts);
+    fleet.shutdown().await;
+    admin.disconnect().await;
+    drop(orch);
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
+}
+
+/// PostgreSQL stopped mid-campaign: nothing is acknowledged while it is down; the first commit
+/// (here an operator's pause) fails, and the orchestrator exits with the database's error, for
+/// its supervisor to restart it; with the database back, a new process resumes, loses no
+/// acknowledged transition, and never applied the pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_stopped_mid_campaign_stops_acknowledgements_and_a_restart_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = tokio::task::spawn_blocking(TempCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let (lab, at) = lab_on_postgres(tmp.path(), &cluster);
+    let StoreLocation::Postgres(url) = &at else {
+        unreachable!()
+    };
+    let store_args = [std::ffi::OsStr::new("--store"), std::ffi::OsStr::new(url)];
+    let spawn = |listen| {
+        aloft_e2e::spawn_orchestrator_with(
+            exe(),
+            &lab.data_dir,
+            &lab.unlock_file,
+            listen,
+            &store_args,
+        )
+        .unwrap()
+    };
+    let mut orch = spawn("127.0.0.1:0".parse().unwrap());
+    let addr = orch.device_addr;
+    let admin = lab.operator(addr).await.unwrap();
+    let mut cfg = lab.fleet_config(addr);
+    cfg.window = 2;
+    let fleet = Fleet::start(&cfg, lab.enroll_fleet("dev", 20).unwrap()).unwrap();
+    wait_registered(&admin, 20, LIMIT).await.unwrap();
+    let mut spec = ReleaseSpec::new("2.0.0", 2, 512 * 1024);
+    spec.chunk_bytes = 4 * 1024;
+    let campaign = lab.release_to_all(&admin, &spec).await.unwrap();
+    let campaign_to_pause = campaign.clone();
+    wait_campaign(&admin, &campaign, LIMIT, |s| {
+        s.count(DeviceState::Downloading) >= 5 && !finished(s)
+    })
+    .await
+    .unwrap();
+
+    tokio::task::block_in_place(|| cluster.stop()).unwrap();
+    // Devices whose next chunk is not in memory stall (a chunk read fails and they ask again),
+    // so nothing may need a commit for a while, and nothing is acknowledged meanwhile. An
+    // operator's pause needs one: its commit fails, and the engine stops without replying.
+    let pause = tokio::spawn(async move {
+        let body = aloft_orchestrator::admin::wire::AdminBody::CampaignPause {
+            campaign: campaign_to_pause,
+        };
+        let _ = admin.call::<serde_json::Value>(body).await;
+    });
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = orch.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < LIMIT,
+            "the orchestrator went on without its database"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(!status.success(), "it exits with an error: {status}");
+    let log = std::fs::read_to_string(lab.data_dir.with_file_name("orchestrator.log")).unwrap();
+    assert!(log.contains("store database"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    // Nothing can be acknowledged any more: what each device last had accepted is fixed.
+    let acked = acknowledged(&fleet, &campaign);
+    drop(orch);
+    pause.abort();
+
+    tokio::task::block_in_place(|| cluster.start_server()).unwrap();
+    let orch = spawn(addr);
+    let admin = lab.operator(orch.device_addr).await.unwrap();
+    let after = aloft_e2e::status(&admin, &campaign, true).await.unwrap();
+    for d in &after.devices {
+        if let Some(a) = acked.get(&d.device) {
+            assert!(
+                rank(d.state) >= rank(*a),
+                "{} was acknowledged in {a} but the restarted orchestrator says {}",
+                d.device,
+                d.state
+            );
+        }
+    }
+    let s = wait_campaign(&admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
+    // The pause was never committed, so never applied: the campaign ran to its end.
+    assert_eq!(s.count(DeviceState::Succeeded), 20, "{:?}", s.counts);
+    assert_eq!(
+        s.status,
+        aloft_orchestrator::store::CampaignStatus::Finished
+    );
+    fleet.shutdown().await;
+    admin.disconnect().await;
+    drop(orch);
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
+}
