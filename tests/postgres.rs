@@ -33,19 +33,37 @@ fn lab_on_postgres(tmp: &std::path::Path, cluster: &TempCluster) -> (Lab, StoreL
     (lab, at)
 }
 
+/// A throwaway PostgreSQL cluster, started off the runtime's threads.
+async fn start_cluster() -> TempCluster {
+    tokio::task::spawn_blocking(TempCluster::start)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// [`lab_on_postgres`], with the database's URL.
+fn lab_on_postgres_url(tmp: &std::path::Path, cluster: &TempCluster) -> (Lab, String) {
+    match lab_on_postgres(tmp, cluster) {
+        (lab, StoreLocation::Postgres(url)) => (lab, url),
+        (_, other) => panic!("the lab's store is not in PostgreSQL: {other:?}"),
+    }
+}
+
+/// `aloft serve --store URL` on the lab's data directory, as a child process listening at
+/// `listen`.
+fn spawn_on(lab: &Lab, url: &str, listen: std::net::SocketAddr) -> aloft_e2e::OrchestratorProcess {
+    let store_args = [std::ffi::OsStr::new("--store"), std::ffi::OsStr::new(url)];
+    aloft_e2e::spawn_orchestrator_with(exe(), &lab.data_dir, &lab.unlock_file, listen, &store_args)
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_campaign_runs_on_a_postgresql_store_and_a_restart_finds_it_finished() {
     let tmp = tempfile::tempdir().unwrap();
-    let cluster = tokio::task::spawn_blocking(TempCluster::start)
-        .await
-        .unwrap()
-        .unwrap();
-    let (lab, at) = lab_on_postgres(tmp.path(), &cluster);
+    let cluster = start_cluster().await;
+    let (lab, url) = lab_on_postgres_url(tmp.path(), &cluster);
 
     let mut cfg = lab.serve_config();
-    let StoreLocation::Postgres(url) = &at else {
-        unreachable!()
-    };
     cfg.file.store = Some(url.clone());
     let running = aloft_orchestrator::start(cfg.clone()).await.unwrap();
     let admin = lab.operator(running.device_addr).await.unwrap();
@@ -66,7 +84,7 @@ async fn a_campaign_runs_on_a_postgresql_store_and_a_restart_finds_it_finished()
 
     // What the engine acknowledged is in the database, under the data directory's key.
     let key = aloft_orchestrator::ops::open_keystore(&lab.data_dir, &lab.unlock()).unwrap();
-    let check = at.clone();
+    let check = StoreLocation::Postgres(url.clone());
     let campaign_id = campaign.clone();
     tokio::task::spawn_blocking(move || {
         let store = Store::open_at(&check, key).unwrap();
@@ -102,25 +120,9 @@ async fn a_campaign_runs_on_a_postgresql_store_and_a_restart_finds_it_finished()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_on_postgresql_killed_mid_campaign_loses_no_acknowledged_transition() {
     let tmp = tempfile::tempdir().unwrap();
-    let cluster = tokio::task::spawn_blocking(TempCluster::start)
-        .await
-        .unwrap()
-        .unwrap();
-    let (lab, at) = lab_on_postgres(tmp.path(), &cluster);
-    let StoreLocation::Postgres(url) = &at else {
-        unreachable!()
-    };
-    let store_args = [std::ffi::OsStr::new("--store"), std::ffi::OsStr::new(url)];
-    let spawn = |listen| {
-        aloft_e2e::spawn_orchestrator_with(
-            exe(),
-            &lab.data_dir,
-            &lab.unlock_file,
-            listen,
-            &store_args,
-        )
-        .unwrap()
-    };
+    let cluster = start_cluster().await;
+    let (lab, url) = lab_on_postgres_url(tmp.path(), &cluster);
+    let spawn = |listen| spawn_on(&lab, &url, listen);
     let orch = spawn("127.0.0.1:0".parse().unwrap());
     let addr = orch.device_addr;
     let admin = lab.operator(addr).await.unwrap();
@@ -177,25 +179,9 @@ async fn serve_on_postgresql_killed_mid_campaign_loses_no_acknowledged_transitio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_stopped_mid_campaign_stops_acknowledgements_and_a_restart_resumes() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cluster = tokio::task::spawn_blocking(TempCluster::start)
-        .await
-        .unwrap()
-        .unwrap();
-    let (lab, at) = lab_on_postgres(tmp.path(), &cluster);
-    let StoreLocation::Postgres(url) = &at else {
-        unreachable!()
-    };
-    let store_args = [std::ffi::OsStr::new("--store"), std::ffi::OsStr::new(url)];
-    let spawn = |listen| {
-        aloft_e2e::spawn_orchestrator_with(
-            exe(),
-            &lab.data_dir,
-            &lab.unlock_file,
-            listen,
-            &store_args,
-        )
-        .unwrap()
-    };
+    let mut cluster = start_cluster().await;
+    let (lab, url) = lab_on_postgres_url(tmp.path(), &cluster);
+    let spawn = |listen| spawn_on(&lab, &url, listen);
     let mut orch = spawn("127.0.0.1:0".parse().unwrap());
     let addr = orch.device_addr;
     let admin = lab.operator(addr).await.unwrap();
