@@ -263,7 +263,17 @@ pub fn client_config(
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<ClientConfig, PkiError> {
-    Ok(ClientConfig::builder_with_provider(provider())
+    client_config_with(provider(), ca_pem, cert_pem, key_pem)
+}
+
+/// A TLS 1.3 client of the fleet CA presenting `cert_pem`, on `provider`'s suites and groups.
+fn client_config_with(
+    provider: Arc<CryptoProvider>,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<ClientConfig, PkiError> {
+    Ok(ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(fleet_roots(ca_pem)?)
         .with_client_auth_cert(parse_certs(cert_pem)?, parse_private_key(key_pem)?)?)
@@ -283,10 +293,7 @@ pub fn device_client_config(
     let mut provider = aws_lc_rs::default_provider();
     provider.cipher_suites = vec![aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256];
     provider.kx_groups = vec![aws_lc_rs::kx_group::X25519, aws_lc_rs::kx_group::SECP256R1];
-    Ok(ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(fleet_roots(ca_pem)?)
-        .with_client_auth_cert(parse_certs(cert_pem)?, parse_private_key(key_pem)?)?)
+    client_config_with(Arc::new(provider), ca_pem, cert_pem, key_pem)
 }
 
 /// A client that trusts the fleet CA but presents no certificate; the server must refuse it.
