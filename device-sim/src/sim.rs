@@ -341,8 +341,7 @@ impl Fleet {
             let flash = FileFlash::open(
                 &state_dir.join(format!("{}.slots", ident.id)),
                 cfg.slot_capacity,
-            )
-            .with_context(|| format!("slots of {}", ident.id))?;
+            );
 
             // Each fault draws from its own stream, so turning one on leaves the others' draws
             // (and runs recorded before it existed) unchanged.
