@@ -159,7 +159,7 @@ pub(crate) async fn run<S>(
         (Peer::Operator(_), Some(connect)) => {
             let streams = (reader, client_r, client_w);
             Box::pin(relay_operator(
-                peer, connect, admitted, max, addr, identity, streams, ctx,
+                connect, admitted, max, addr, identity, streams, ctx,
             ))
             .await
         }
@@ -183,7 +183,6 @@ pub(crate) async fn run<S>(
 /// Relays an admitted operator's session to the embedded broker.
 #[allow(clippy::too_many_arguments)]
 async fn relay_operator<S>(
-    peer: Peer,
     backend_connect: Bytes,
     admitted: Admitted,
     max: usize,
@@ -194,6 +193,7 @@ async fn relay_operator<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    let peer = admitted.peer.clone();
     let connect_timeout = Duration::from_millis(ctx.cfg.connect_timeout_ms);
     let opened = timeout(connect_timeout, open_backend(ctx, &backend_connect))
         .await
