@@ -181,7 +181,6 @@ pub(crate) async fn run<S>(
 }
 
 /// Relays an admitted operator's session to the embedded broker.
-#[allow(clippy::too_many_arguments)]
 async fn relay_operator<S>(
     backend_connect: Bytes,
     admitted: Admitted,
