@@ -16,6 +16,7 @@
 //! connection with a DISCONNECT, as for relayed sessions.
 
 use std::collections::HashSet;
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
 use super::acl::{self, DeviceTopic};
-use super::direct::{publish_qos1, DeviceBound, DeviceMessage, SessionQueues};
+use super::direct::{publish_qos1, DeviceBound, DeviceMessage, Frame, SessionQueues};
 use super::mqtt::{self, FrameReader, Reason};
 use super::{FrontContext, FrontStats};
 use aloft_proto::{topics, DeviceId};
@@ -351,8 +352,175 @@ impl InFlight {
     }
 }
 
+/// At most this many bytes, and this many parts, gathered for one write to the client.
+const COALESCE_BYTES: usize = 64 * 1024;
+const COALESCE_PARTS: usize = 32;
+
+/// Packets gathered for one write to the client. A downloading device has a chunk request
+/// acknowledged and a chunk frame sent for every chunk; written one by one, with a flush each,
+/// they cost 4.5 system calls per chunk and a TLS record for each frame's 40-byte head
+/// (docs/BENCHMARKS.md). Gathered, what is ready leaves in one vectored write and one flush.
+/// Made anew for each write, so an idle session holds none of it.
+#[derive(Default)]
+struct Outgoing {
+    parts: Vec<Bytes>,
+    /// Chunk frames whose bytes are in `parts`: each gives its bytes back to the fleet budget
+    /// when it drops, after the write.
+    frames: Vec<Box<Frame>>,
+    bytes: usize,
+}
+
+impl Outgoing {
+    fn full(&self) -> bool {
+        self.bytes >= COALESCE_BYTES || self.parts.len() + 2 > COALESCE_PARTS
+    }
+
+    fn packet(&mut self, packet: Bytes) {
+        self.bytes += packet.len();
+        self.parts.push(packet);
+    }
+
+    fn frame(&mut self, frame: Box<Frame>) {
+        self.bytes += frame.head.len() + frame.body.len();
+        self.parts.push(frame.head.clone());
+        self.parts.push(frame.body.clone());
+        self.frames.push(frame);
+    }
+
+    /// Writes every part, in order, and flushes; returns the bytes written.
+    async fn write<W: AsyncWrite + Unpin>(self, w: &mut W) -> std::io::Result<usize> {
+        let mut part = 0;
+        let mut offset = 0;
+        while part < self.parts.len() {
+            let slices: Vec<IoSlice<'_>> = self.parts[part..]
+                .iter()
+                .enumerate()
+                .map(|(i, p)| IoSlice::new(if i == 0 { &p[offset..] } else { p }))
+                .collect();
+            let mut n = w.write_vectored(&slices).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            // Past the parts written whole, into the one written in part.
+            while n > 0 {
+                let left = self.parts[part].len() - offset;
+                if n >= left {
+                    n -= left;
+                    part += 1;
+                    offset = 0;
+                } else {
+                    offset += n;
+                    n = 0;
+                }
+            }
+        }
+        w.flush().await?;
+        Ok(self.bytes)
+    }
+}
+
+/// What the writer is to do next.
+enum Next {
+    End(Option<Reason>),
+    Reply(Reply),
+    Job,
+    Control(DeviceBound, Bytes),
+    Chunk(Box<Frame>),
+}
+
+/// The writer's own state: the QoS 1 PUBLISHes in flight and the last job sent.
+struct Writer<'s, 'c> {
+    session: &'s DeviceSession<'c>,
+    subs: &'s std::sync::atomic::AtomicU8,
+    in_flight: InFlight,
+    last_job: Option<Bytes>,
+}
+
+impl Writer<'_, '_> {
+    /// Adds what `next` asks to send to `out`.
+    fn take(&mut self, next: Next, out: &mut Outgoing) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let ctx = self.session.ctx;
+        let device = &self.session.device;
+        let subs = self.subs.load(Relaxed);
+        let packet = match next {
+            Next::End(_) => return,
+            Next::Reply(Reply::Packet(p)) => p,
+            Next::Reply(Reply::PubAck(pkid)) => {
+                self.in_flight.ids.remove(&pkid);
+                return;
+            }
+            Next::Reply(Reply::SubAck { packet, then_job }) => {
+                self.checked(packet, out);
+                if !then_job {
+                    return;
+                }
+                // The retained job, with RETAIN=1 as MQTT delivers retained messages on
+                // subscribe; it waits for room like any QoS 1 PUBLISH would.
+                let Some(job) = ctx.direct.retained_job(device) else {
+                    return;
+                };
+                self.last_job = Some(job.clone());
+                let pkid = self.in_flight.take_id();
+                publish_qos1(&topics::job(device), pkid, true, &job)
+            }
+            Next::Job => {
+                if !receives(subs, DeviceBound::Job) {
+                    return;
+                }
+                let job = ctx.direct.retained_job(device).unwrap_or_default();
+                // A job cleared before this session ever saw one needs no empty message.
+                if self.last_job.as_ref().map_or(job.is_empty(), |l| *l == job) {
+                    return;
+                }
+                self.last_job = Some(job.clone());
+                let pkid = self.in_flight.take_id();
+                publish_qos1(&topics::job(device), pkid, false, &job)
+            }
+            Next::Control(kind, payload) => {
+                if !receives(subs, kind) {
+                    return;
+                }
+                let topic = match kind {
+                    DeviceBound::Ack => topics::ack(device),
+                    DeviceBound::Cert => topics::cert(device),
+                    DeviceBound::Job => topics::job(device),
+                    DeviceBound::ChunkResponse => topics::chunk_response(device),
+                };
+                let pkid = self.in_flight.take_id();
+                publish_qos1(&topic, pkid, false, &payload)
+            }
+            Next::Chunk(frame) => {
+                if !receives(subs, DeviceBound::ChunkResponse) {
+                    return;
+                }
+                if frame.head.len() + frame.body.len() > self.session.client_max_packet {
+                    FrontStats::inc(&ctx.stats.device_packets_over_client_max);
+                    return;
+                }
+                // Head and shared body, written as one packet.
+                out.frame(frame);
+                return;
+            }
+        };
+        self.checked(packet, out);
+    }
+
+    /// Adds `packet` unless it is over the client's maximum size.
+    fn checked(&self, packet: Bytes, out: &mut Outgoing) {
+        if packet.len() > self.session.client_max_packet {
+            // MQTT 5 §3.1.2.11.4: a packet over the client's maximum is discarded, not sent.
+            FrontStats::inc(&self.session.ctx.stats.device_packets_over_client_max);
+            debug!(device = %self.session.device, bytes = packet.len(), "packet over the client's maximum size not sent");
+            return;
+        }
+        out.packet(packet);
+    }
+}
+
 /// Writes to the client: the reader's replies first, then jobs, acks and certificates (QoS 1,
-/// within the client's Receive Maximum), then chunk frames; each packet whole.
+/// within the client's Receive Maximum), then chunk frames; each packet whole. What is ready
+/// when the writer wakes (replies and chunk frames, up to [`COALESCE_BYTES`]) leaves together.
 async fn write_loop<W: AsyncWrite + Unpin>(
     session: &DeviceSession<'_>,
     client_w: &mut W,
@@ -361,118 +529,54 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut end: oneshot::Receiver<Option<Reason>>,
     subs: &std::sync::atomic::AtomicU8,
 ) {
-    use std::sync::atomic::Ordering::Relaxed;
     let ctx = session.ctx;
-    let device = &session.device;
-    let mut in_flight = InFlight {
-        max: session.receive_maximum.max(1),
-        ids: HashSet::new(),
-        next: 0,
+    let mut w = Writer {
+        session,
+        subs,
+        in_flight: InFlight {
+            max: session.receive_maximum.max(1),
+            ids: HashSet::new(),
+            next: 0,
+        },
+        last_job: None,
     };
-    let mut last_job: Option<Bytes> = None;
     loop {
-        let room = in_flight.has_room();
-        let packet = tokio::select! {
+        let room = w.in_flight.has_room();
+        let next = tokio::select! {
             biased;
-            reason = &mut end => {
-                if let Ok(Some(reason)) = reason {
-                    let _ = write_flush(client_w, &mqtt::disconnect(reason)).await;
-                }
+            reason = &mut end => Next::End(reason.ok().flatten()),
+            Some(reply) = replies.recv() => Next::Reply(reply),
+            () = queues.job.notified(), if room => Next::Job,
+            Some((kind, payload)) = queues.control.recv(), if room => Next::Control(kind, payload),
+            Some(frame) = queues.chunks.recv() => Next::Chunk(frame),
+        };
+        if let Next::End(reason) = next {
+            if let Some(reason) = reason {
+                let _ = write_flush(client_w, &mqtt::disconnect(reason)).await;
+            }
+            break;
+        }
+        let mut out = Outgoing::default();
+        w.take(next, &mut out);
+        // Whatever else is ready goes with it: replies first, then chunk frames.
+        while !out.full() {
+            if let Ok(reply) = replies.try_recv() {
+                w.take(Next::Reply(reply), &mut out);
+            } else if let Ok(frame) = queues.chunks.try_recv() {
+                w.take(Next::Chunk(frame), &mut out);
+            } else {
                 break;
             }
-            Some(reply) = replies.recv() => match reply {
-                Reply::Packet(p) => p,
-                Reply::PubAck(pkid) => {
-                    in_flight.ids.remove(&pkid);
-                    continue;
-                }
-                Reply::SubAck { packet, then_job } => {
-                    if write_out(ctx, client_w, &packet).await.is_err() {
-                        break;
-                    }
-                    if !then_job {
-                        continue;
-                    }
-                    // The retained job, with RETAIN=1 as MQTT delivers retained messages on
-                    // subscribe; it waits for room like any QoS 1 PUBLISH would.
-                    let Some(job) = ctx.direct.retained_job(device) else {
-                        continue;
-                    };
-                    last_job = Some(job.clone());
-                    let pkid = in_flight.take_id();
-                    publish_qos1(&topics::job(device), pkid, true, &job)
-                }
-            },
-            () = queues.job.notified(), if room => {
-                if !receives(subs.load(Relaxed), DeviceBound::Job) {
-                    continue;
-                }
-                let job = ctx.direct.retained_job(device).unwrap_or_default();
-                // A job cleared before this session ever saw one needs no empty message.
-                if last_job.as_ref().map_or(job.is_empty(), |l| *l == job) {
-                    continue;
-                }
-                last_job = Some(job.clone());
-                let pkid = in_flight.take_id();
-                publish_qos1(&topics::job(device), pkid, false, &job)
-            }
-            Some((kind, payload)) = queues.control.recv(), if room => {
-                if !receives(subs.load(Relaxed), kind) {
-                    continue;
-                }
-                let topic = match kind {
-                    DeviceBound::Ack => topics::ack(device),
-                    DeviceBound::Cert => topics::cert(device),
-                    DeviceBound::Job => topics::job(device),
-                    DeviceBound::ChunkResponse => topics::chunk_response(device),
-                };
-                let pkid = in_flight.take_id();
-                publish_qos1(&topic, pkid, false, &payload)
-            }
-            Some(frame) = queues.chunks.recv() => {
-                if !receives(subs.load(Relaxed), DeviceBound::ChunkResponse) {
-                    continue;
-                }
-                // Head and shared body, written as one packet; the frame's budget is given
-                // back when it drops, after the write.
-                let len = frame.head.len() + frame.body.len();
-                if len > session.client_max_packet {
-                    FrontStats::inc(&ctx.stats.device_packets_over_client_max);
-                    continue;
-                }
-                let written = async {
-                    client_w.write_all(&frame.head).await?;
-                    client_w.write_all(&frame.body).await?;
-                    client_w.flush().await
-                };
-                if written.await.is_err() {
-                    break;
-                }
-                FrontStats::add(&ctx.stats.bytes_out, len);
-                continue;
-            }
-        };
-        if packet.len() > session.client_max_packet {
-            // MQTT 5 §3.1.2.11.4: a packet over the client's maximum is discarded, not sent.
-            FrontStats::inc(&ctx.stats.device_packets_over_client_max);
-            debug!(%device, bytes = packet.len(), "packet over the client's maximum size not sent");
+        }
+        if out.parts.is_empty() {
             continue;
         }
-        if write_out(ctx, client_w, &packet).await.is_err() {
-            break;
+        match out.write(client_w).await {
+            Ok(bytes) => FrontStats::add(&ctx.stats.bytes_out, bytes),
+            Err(_) => break,
         }
     }
     let _ = client_w.shutdown().await;
-}
-
-async fn write_out<W: AsyncWrite + Unpin>(
-    ctx: &FrontContext,
-    w: &mut W,
-    packet: &[u8],
-) -> std::io::Result<()> {
-    write_flush(w, packet).await?;
-    FrontStats::add(&ctx.stats.bytes_out, packet.len());
-    Ok(())
 }
 
 async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
@@ -512,6 +616,64 @@ mod tests {
             assert!(!receives(0, kind));
             assert!(!receives(!(bit | SUB_TREE), kind));
         }
+    }
+
+    /// Takes at most 7 bytes per write, vectored or not.
+    struct Trickle(Vec<u8>);
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = buf.len().min(7);
+            self.0.extend_from_slice(&buf[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn gathered_packets_leave_whole_and_in_order_through_short_writes() {
+        let mut out = Outgoing::default();
+        let packets: Vec<Bytes> = (0u8..5)
+            .map(|i| Bytes::from(vec![i; 3 + 4 * usize::from(i)]))
+            .collect();
+        for p in &packets {
+            out.packet(p.clone());
+        }
+        let mut w = Trickle(Vec::new());
+        let written = out.write(&mut w).await.unwrap();
+        assert_eq!(w.0, packets.concat());
+        assert_eq!(written, w.0.len());
+    }
+
+    #[test]
+    fn gathering_stops_at_its_byte_and_part_limits() {
+        let mut out = Outgoing::default();
+        out.packet(Bytes::from(vec![0; COALESCE_BYTES - 1]));
+        assert!(!out.full());
+        out.packet(Bytes::from_static(b"x"));
+        assert!(out.full());
+        let mut out = Outgoing::default();
+        for _ in 0..COALESCE_PARTS - 2 {
+            out.packet(Bytes::from_static(b"x"));
+        }
+        assert!(!out.full(), "room for one more chunk frame (head and body)");
+        out.packet(Bytes::from_static(b"x"));
+        assert!(out.full());
     }
 
     #[test]
