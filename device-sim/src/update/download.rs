@@ -232,14 +232,20 @@ impl Session {
 
     /// Picks missing chunks to fill the window up to `window` outstanding, marks them requested
     /// at `now`, and returns them as request range lists within the protocol's limits.
+    ///
+    /// The window is refilled once half of it is free, not at every chunk: one request (and
+    /// one acknowledgement, one event for the orchestrator) then covers several chunks, while
+    /// half a window stays in flight to keep the link busy. Asking per chunk made a request,
+    /// its PUBACK and an engine event for every 16 KiB delivered (docs/BENCHMARKS.md).
     pub fn next_requests(
         &mut self,
         now: u64,
         written: &ChunkBitmap,
         window: u32,
     ) -> Vec<Vec<[u32; 2]>> {
-        let room = (window.max(1) as usize).saturating_sub(self.outstanding.len());
-        if room == 0 {
+        let window = window.max(1) as usize;
+        let room = window.saturating_sub(self.outstanding.len());
+        if room == 0 || room < window.div_ceil(2) {
             return Vec::new();
         }
         let origin = &self.origin;

@@ -438,11 +438,15 @@ fn requests_fill_a_window_and_time_out_with_backoff() {
         (0..16).collect::<Vec<_>>()
     );
     rig.requested.clear();
-    rig.step(Input::ChunkFrame(&rel.frame(0)));
+    for i in 0..7 {
+        rig.step(Input::ChunkFrame(&rel.frame(i)));
+    }
+    assert!(rig.requested.is_empty(), "less than half the window free");
+    rig.step(Input::ChunkFrame(&rel.frame(7)));
     assert_eq!(
         rig.requested.iter().copied().collect::<Vec<_>>(),
-        vec![16],
-        "window refilled"
+        (16..24).collect::<Vec<_>>(),
+        "window refilled once half of it is free"
     );
     rig.requested.clear();
     assert!(rig.advance(2_999).is_empty());
