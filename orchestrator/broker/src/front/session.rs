@@ -366,7 +366,7 @@ struct Outgoing {
     parts: Vec<Bytes>,
     /// Chunk frames whose bytes are in `parts`: each gives its bytes back to the fleet budget
     /// when it drops, after the write.
-    frames: Vec<Box<Frame>>,
+    frames: Vec<Frame>,
     bytes: usize,
 }
 
@@ -384,7 +384,7 @@ impl Outgoing {
         self.bytes += frame.head.len() + frame.body.len();
         self.parts.push(frame.head.clone());
         self.parts.push(frame.body.clone());
-        self.frames.push(frame);
+        self.frames.push(*frame);
     }
 
     /// Writes every part, in order, and flushes; returns the bytes written.
