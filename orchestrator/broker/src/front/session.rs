@@ -380,11 +380,11 @@ impl Outgoing {
         self.parts.push(packet);
     }
 
-    fn frame(&mut self, frame: Box<Frame>) {
+    fn frame(&mut self, frame: Frame) {
         self.bytes += frame.head.len() + frame.body.len();
         self.parts.push(frame.head.clone());
         self.parts.push(frame.body.clone());
-        self.frames.push(*frame);
+        self.frames.push(frame);
     }
 
     /// Writes every part, in order, and flushes; returns the bytes written.
@@ -499,7 +499,7 @@ impl Writer<'_, '_> {
                     return;
                 }
                 // Head and shared body, written as one packet.
-                out.frame(frame);
+                out.frame(*frame);
                 return;
             }
         };
