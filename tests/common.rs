@@ -360,3 +360,15 @@ pub async fn close(client: AsyncClient, mut el: EventLoop) {
     })
     .await;
 }
+
+/// The status line of a plain HTTP GET of `path` (the orchestrator's `/health`, `/metrics`).
+pub async fn http_status(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body.lines().next().unwrap_or_default().to_owned()
+}

@@ -15,7 +15,7 @@ use aloft_e2e::{finished, wait_campaign, ReleaseSpec};
 use aloft_orchestrator::rollout::RolloutPolicy;
 use aloft_proto::DeviceState;
 
-use crate::common::{close, device_client, Broker, Env, LIMIT};
+use crate::common::{close, device_client, http_status, Broker, Env, LIMIT};
 
 /// Subscribes to `filter` and returns the broker's answer, keeping the topics of the
 /// publishes that arrive meanwhile in `seen`.
@@ -350,16 +350,4 @@ async fn mosquitto_killed_mid_campaign_and_restarted_on_its_port_the_campaign_co
         .starts_with("HTTP/1.1 200"));
     assert!(aloft_e2e::scrape(metrics_addr, "aloft_broker_link_losses_total").await >= Some(1.0));
     fleet.shutdown().await;
-}
-
-/// The status line of `GET path` on the metrics listener.
-async fn http_status(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body.lines().next().unwrap_or_default().to_owned()
 }

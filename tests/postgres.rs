@@ -13,7 +13,7 @@ use aloft_orchestrator::store::{Store, StoreLocation};
 use aloft_proto::DeviceState;
 use aloft_vault::{Protection, RecoveryKey, Unlock};
 
-use crate::common::{exe, LIMIT};
+use crate::common::{exe, http_status, LIMIT};
 use crate::restart::{acknowledged, rank};
 
 /// A lab whose data directory's store was moved into a new database of `cluster`; its URL.
@@ -172,12 +172,13 @@ async fn serve_on_postgresql_killed_mid_campaign_loses_no_acknowledged_transitio
         .unwrap();
 }
 
-/// PostgreSQL stopped mid-campaign: nothing is acknowledged while it is down; the first commit
-/// (here an operator's pause) fails, and the orchestrator exits with the database's error, for
-/// its supervisor to restart it; with the database back, a new process resumes, loses no
-/// acknowledged transition, and never applied the pause.
+/// PostgreSQL stopped mid-campaign: the orchestrator stays up and waits for it. Nothing is
+/// acknowledged while it is down (a commit it needs, here an operator's pause, waits unanswered),
+/// `/health` says the store is unreachable; once the database is back the same process commits
+/// what waited, answers the pause, and the campaign, resumed, runs to its end with no
+/// acknowledged transition lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgresql_stopped_mid_campaign_stops_acknowledgements_and_a_restart_resumes() {
+async fn postgresql_stopped_mid_campaign_holds_acknowledgements_until_it_is_back() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cluster = start_cluster().await;
     let (lab, url) = lab_on_postgres_url(tmp.path(), &cluster);
@@ -201,52 +202,81 @@ async fn postgresql_stopped_mid_campaign_stops_acknowledgements_and_a_restart_re
 
     tokio::task::block_in_place(|| cluster.stop()).unwrap();
     // Devices whose next chunk is not in memory stall (a chunk read fails and they ask again),
-    // so nothing may need a commit for a while, and nothing is acknowledged meanwhile. An
-    // operator's pause needs one: its commit fails, and the engine stops without replying.
+    // so nothing may need a commit for a while. An operator's pause needs one: its flush
+    // fails, and the engine waits for the database with the pause's reply held.
     let pause = tokio::spawn(async move {
         let body = aloft_orchestrator::admin::wire::AdminBody::CampaignPause {
             campaign: campaign_to_pause,
         };
-        let _ = admin.call::<serde_json::Value>(body).await;
+        let answer = admin.call::<serde_json::Value>(body).await;
+        (admin, answer)
     });
+    let metrics = orch.metrics_addr.expect("the orchestrator serves /metrics");
     let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = orch.child.try_wait().unwrap() {
-            break status;
+    while aloft_e2e::scrape(metrics, "aloft_store_up").await != Some(0.0) {
+        if started.elapsed() > LIMIT {
+            let log = std::fs::read_to_string(lab.data_dir.with_file_name("orchestrator.log"));
+            panic!("the lost database was not noticed: {log:?}");
         }
-        assert!(
-            started.elapsed() < LIMIT,
-            "the orchestrator went on without its database"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
-    assert!(!status.success(), "it exits with an error: {status}");
-    let log = std::fs::read_to_string(lab.data_dir.with_file_name("orchestrator.log")).unwrap();
-    assert!(log.contains("store database"), "{log}");
-    assert!(!log.contains("panicked"), "{log}");
-    // Nothing can be acknowledged any more: what each device last had accepted is fixed.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let health = http_status(metrics, "/health").await;
+    assert!(health.starts_with("HTTP/1.1 503"), "{health}");
+    // Waiting, not gone: nothing is acknowledged, and what each device last had accepted
+    // stays as it was.
     let acked = acknowledged(&fleet, &campaign);
-    drop(orch);
-    pause.abort();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert!(
+        orch.child.try_wait().unwrap().is_none(),
+        "the orchestrator must wait for its database, not exit"
+    );
+    assert_eq!(
+        acknowledged(&fleet, &campaign),
+        acked,
+        "acknowledged while the database was down"
+    );
+    assert!(
+        !pause.is_finished(),
+        "the pause was answered before it was committed"
+    );
 
     tokio::task::block_in_place(|| cluster.start_server()).unwrap();
-    let orch = spawn(addr);
-    let admin = lab.operator(orch.device_addr).await.unwrap();
+    // The same process commits the pause and answers it.
+    let (admin, paused) = tokio::time::timeout(LIMIT, pause)
+        .await
+        .expect("the pause is answered once the database is back")
+        .unwrap();
+    assert!(paused.is_ok(), "{paused:?}");
+    assert_eq!(
+        aloft_e2e::scrape(metrics, "aloft_store_up").await,
+        Some(1.0)
+    );
+    assert!(http_status(metrics, "/health")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    let log = std::fs::read_to_string(lab.data_dir.with_file_name("orchestrator.log")).unwrap();
+    assert!(log.contains("store cannot be reached"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
     let after = aloft_e2e::status(&admin, &campaign, true).await.unwrap();
     for d in &after.devices {
         if let Some(a) = acked.get(&d.device) {
             assert!(
                 rank(d.state) >= rank(*a),
-                "{} was acknowledged in {a} but the restarted orchestrator says {}",
+                "{} was acknowledged in {a} but the orchestrator now says {}",
                 d.device,
                 d.state
             );
         }
     }
+    let _: serde_json::Value = admin
+        .call(aloft_orchestrator::admin::wire::AdminBody::CampaignResume {
+            campaign: campaign.clone(),
+        })
+        .await
+        .unwrap();
     let s = wait_campaign(&admin, &campaign, LIMIT, finished)
         .await
         .unwrap();
-    // The pause was never committed, so never applied: the campaign ran to its end.
     assert_eq!(s.count(DeviceState::Succeeded), 20, "{:?}", s.counts);
     assert_eq!(
         s.status,

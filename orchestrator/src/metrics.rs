@@ -56,6 +56,9 @@ pub struct Metrics {
     /// 1 while the orchestrator's MQTT link to its broker is connected (what `/health` says).
     broker_link_up: IntGauge,
     broker_link_losses: IntCounter,
+    /// 0 while the engine waits for its store to come back (a failed flush), else 1.
+    store_up: IntGauge,
+    store_losses: IntCounter,
     console_requests: IntCounterVec,
     console_refused: IntCounterVec,
 }
@@ -226,6 +229,15 @@ impl Metrics {
             "aloft_broker_link_losses_total",
             "Times the orchestrator's MQTT link to its broker failed (then it reconnects)",
         ));
+        let store_up = must(IntGauge::new(
+            "aloft_store_up",
+            "0 while the engine waits for its store (a flush failed; nothing is acknowledged until it commits), else 1",
+        ));
+        store_up.set(1);
+        let store_losses = must(IntCounter::new(
+            "aloft_store_losses_total",
+            "Times a flush failed and the engine began waiting for its store",
+        ));
         let console_requests = must(IntCounterVec::new(
             Opts::new(
                 "aloft_console_requests_total",
@@ -245,6 +257,8 @@ impl Metrics {
             Box::new(console_refused.clone()),
             Box::new(broker_link_up.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(broker_link_losses.clone()),
+            Box::new(store_up.clone()),
+            Box::new(store_losses.clone()),
             Box::new(success_without_download.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(renewals.clone()),
             Box::new(heartbeats.clone()),
@@ -313,6 +327,8 @@ impl Metrics {
             success_without_download,
             broker_link_up,
             broker_link_losses,
+            store_up,
+            store_losses,
             console_requests,
             console_refused,
         })
@@ -355,6 +371,18 @@ impl Metrics {
 
     pub fn broker_link_is_up(&self) -> bool {
         self.broker_link_up.get() == 1
+    }
+
+    /// The store took a flush again (`true`), or a flush failed and the engine waits (`false`).
+    pub fn store(&self, up: bool) {
+        if !up && self.store_up.get() == 1 {
+            self.store_losses.inc();
+        }
+        self.store_up.set(i64::from(up));
+    }
+
+    pub fn store_is_up(&self) -> bool {
+        self.store_up.get() == 1
     }
 
     /// A member succeeded `secs` after it was notified.
@@ -572,14 +600,20 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
             let (status, body) = if head.starts_with("GET /metrics") {
                 ("200 OK", metrics.render())
             } else if head.starts_with("GET /health") {
-                // Up means the orchestrator can reach devices: its broker link is connected.
-                if metrics.broker_link_is_up() {
-                    ("200 OK", String::from("ok\n"))
-                } else {
+                // Up means the orchestrator can reach devices (its broker link is connected)
+                // and make their reports durable (its store takes flushes).
+                if !metrics.broker_link_is_up() {
                     (
                         "503 Service Unavailable",
                         String::from("broker unreachable\n"),
                     )
+                } else if !metrics.store_is_up() {
+                    (
+                        "503 Service Unavailable",
+                        String::from("store unreachable\n"),
+                    )
+                } else {
+                    ("200 OK", String::from("ok\n"))
                 }
             } else {
                 ("404 Not Found", String::from("not found\n"))

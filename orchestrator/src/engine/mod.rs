@@ -28,13 +28,13 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde_json::json;
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use self::core::{
     CaState, Core, CoreConfig, Effects, Event, JobOrder, Loaded, Out, Session, Write,
 };
 use crate::admin::auth::AdminAuth;
-use crate::admin::wire::AdminReply;
+use crate::admin::wire::{AdminError, AdminReply};
 use crate::metrics::Metrics;
 use crate::mqtt::{LinkClosed, Publisher};
 use crate::store::{Store, StoreError};
@@ -54,6 +54,9 @@ pub const TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Jobs wrapped per task of the blocking pool at least.
 const JOBS_PER_TASK: usize = 32;
+/// First and longest wait between flushes while the store is unreachable.
+const STORE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const STORE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the engine needs besides its store.
 #[derive(Clone)]
@@ -106,6 +109,41 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Link(#[from] LinkClosed),
+}
+
+/// The engine waiting for its store: when it began, and the next wait.
+#[derive(Default)]
+struct Outage {
+    since: Option<Instant>,
+    wait: std::time::Duration,
+}
+
+impl Outage {
+    /// A store operation failed and may succeed later: say so once, then wait a little longer
+    /// each time.
+    async fn wait(&mut self, metrics: &Metrics, error: &StoreError) {
+        if self.since.is_none() {
+            self.since = Some(Instant::now());
+            self.wait = STORE_RETRY_MIN;
+            metrics.store(false);
+            warn!(%error, "the store cannot be reached: nothing is acknowledged until it commits again");
+        } else {
+            debug!(%error, "the store is still unreachable");
+        }
+        tokio::time::sleep(self.wait).await;
+        self.wait = (self.wait * 2).min(STORE_RETRY_MAX);
+    }
+
+    /// The operation went through.
+    fn over(self, metrics: &Metrics) {
+        if let Some(since) = self.since {
+            metrics.store(true);
+            info!(
+                waited_secs = since.elapsed().as_secs(),
+                "the store is reachable again; acknowledging resumes"
+            );
+        }
+    }
 }
 
 pub struct Engine {
@@ -384,6 +422,41 @@ impl Shell {
         }
     }
 
+    /// Makes one of the core's writes, waiting for the store like [`Self::flush_until_durable`]
+    /// (a transition reads the record it replaces, which may need the database).
+    async fn apply_until_done(&mut self, w: Write) -> Result<(), StoreError> {
+        let mut outage = Outage::default();
+        loop {
+            match self.apply(&w) {
+                Ok(()) => {
+                    outage.over(&self.metrics);
+                    return Ok(());
+                }
+                Err(e) if e.is_transient() => outage.wait(&self.metrics, &e).await,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Flushes the store; while its database is unreachable, waits and tries again (with the
+    /// batch's output held, so nothing is acknowledged that is not committed, and no new
+    /// event taken: devices' publishes wait in the front, unacknowledged). Errors that waiting
+    /// cannot mend (another holder took the store meanwhile, a local disk's error) end the
+    /// engine.
+    async fn flush_until_durable(&mut self) -> Result<(), StoreError> {
+        let mut outage = Outage::default();
+        loop {
+            match self.store.flush() {
+                Ok(()) => {
+                    outage.over(&self.metrics);
+                    return Ok(());
+                }
+                Err(e) if e.is_transient() => outage.wait(&self.metrics, &e).await,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Moves the touched rollouts, makes the batch durable, then lets its output out.
     async fn commit(&mut self, publisher: &Publisher) -> Result<(), EngineError> {
         let fx = self.core.settle(now_ms());
@@ -405,11 +478,11 @@ impl Shell {
         let wrapping = wrap_jobs(jobs);
         let commit_started = Instant::now();
         for w in writes {
-            self.apply(w)?;
+            self.apply_until_done(w).await?;
         }
         if flush {
             let t = Instant::now();
-            self.store.flush()?;
+            self.flush_until_durable().await?;
             self.metrics.store_flushed(t.elapsed().as_secs_f64());
             self.metrics
                 .store_committed(commit_started.elapsed().as_secs_f64());
@@ -478,12 +551,28 @@ impl Shell {
                     since,
                     limit,
                 } => {
-                    let entries = self.store.audit(since, limit)?;
-                    let chain = match self.store.verify_audit()? {
-                        Ok(n) => json!({"ok": true, "entries": n}),
-                        Err(b) => json!({"ok": false, "broken": b.to_string()}),
+                    // A store that cannot be read now gets the operator an error, not the
+                    // engine stopped.
+                    let read = self
+                        .store
+                        .audit(since, limit)
+                        .and_then(|entries| Ok((entries, self.store.verify_audit()?)));
+                    let reply = match read {
+                        Ok((entries, verified)) => {
+                            let chain = match verified {
+                                Ok(n) => json!({"ok": true, "entries": n}),
+                                Err(b) => json!({"ok": false, "broken": b.to_string()}),
+                            };
+                            AdminReply::ok(id, json!({"entries": entries, "chain": chain}))
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "reading the audit log failed");
+                            AdminReply::err(
+                                id,
+                                AdminError::new("store", format!("reading the audit log: {e}")),
+                            )
+                        }
                     };
-                    let reply = AdminReply::ok(id, json!({"entries": entries, "chain": chain}));
                     let topic = topics::operator_reply(&operator);
                     publisher
                         .publish(topic, messages::encode(&reply), false)
@@ -502,22 +591,24 @@ impl Shell {
     }
 
     /// Makes one of the core's writes.
-    fn apply(&self, w: Write) -> Result<(), StoreError> {
+    fn apply(&self, w: &Write) -> Result<(), StoreError> {
         match w {
             Write::Progress {
                 campaign,
                 device,
                 progress,
-            } => self.store.put_progress(&campaign, &device, &progress),
-            Write::Device(d) => self.store.put_device(&d),
-            Write::Campaign(c) => self.store.put_campaign(&c),
-            Write::Release(r) => self.store.put_release(&r),
+            } => self.store.put_progress(campaign, device, progress),
+            Write::Device(d) => self.store.put_device(d),
+            Write::Campaign(c) => self.store.put_campaign(c),
+            Write::Release(r) => self.store.put_release(r),
             Write::Chunk {
                 artifact,
                 index,
                 sealed,
-            } => self.store.put_chunk(&artifact, index, &sealed),
-            Write::Audit { event, at_ms } => self.store.append_audit(event, at_ms).map(|_| ()),
+            } => self.store.put_chunk(artifact, *index, sealed),
+            Write::Audit { event, at_ms } => {
+                self.store.append_audit(event.clone(), *at_ms).map(|_| ())
+            }
         }
     }
 

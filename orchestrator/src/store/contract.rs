@@ -593,6 +593,43 @@ mod on_postgres {
     }
 
     #[test]
+    fn a_process_whose_store_was_held_by_another_meanwhile_stops_instead_of_writing() {
+        let mut b = PgBackend::new();
+        let at = b.fresh();
+        let key = MasterKey::generate().unwrap();
+        let s = Store::create_at(&at, key.clone()).unwrap();
+        let d = DeviceId::new("dev-1").unwrap();
+        s.put_device(&device("dev-1", Some(1))).unwrap();
+        s.flush().unwrap();
+
+        b.cluster.stop().unwrap();
+        s.put_device(&device("dev-1", Some(2))).unwrap();
+        let err = s.flush().expect_err("the server is down");
+        assert!(err.is_transient(), "{err}");
+        b.cluster.start_server().unwrap();
+        // While this process has no connection (and so no lock), another takes the store,
+        // writes and leaves.
+        let other = Store::open_at(&at, key.clone()).unwrap();
+        other.put_device(&device("dev-1", Some(7))).unwrap();
+        other.flush().unwrap();
+        drop(other);
+
+        let err = s
+            .flush()
+            .expect_err("the first process must not write over the other's");
+        assert!(matches!(err, StoreError::DatabaseTakenOver { .. }), "{err}");
+        assert!(!err.is_transient());
+        assert!(err.to_string().contains("another process"), "{err}");
+        drop(s);
+        let s = Store::open_at(&at, key).unwrap();
+        assert_eq!(
+            s.device(&d).unwrap().unwrap().floor,
+            Some(SecurityVersion(7)),
+            "the other holder's write stands"
+        );
+    }
+
+    #[test]
     fn a_stopped_server_fails_the_flush_and_a_restarted_one_takes_the_same_writes() {
         let mut b = PgBackend::new();
         let at = b.fresh();

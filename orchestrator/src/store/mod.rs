@@ -71,6 +71,8 @@ pub enum StoreError {
     Database { db: String, error: String },
     #[error("the store database {0} is in use by another process: stop `aloft serve` first")]
     DatabaseInUse(String),
+    #[error("store database {db} was held by another process while this one had lost its connection (holder generation {now}, this process left it at {mine}): what this process knows may be stale, so it stops; a new start reads the store afresh")]
+    DatabaseTakenOver { db: String, mine: i64, now: i64 },
     #[error("store database {db} has schema version {found}, newer than this aloft knows ({known}): run the newer aloft")]
     SchemaTooNew { db: String, found: i32, known: i32 },
     #[error("no store in database {0}: refusing to start with an empty one (run `aloft init --store ...`, or restore a backup)")]
@@ -81,6 +83,16 @@ pub enum StoreError {
     BadLocation(String),
     #[error("a backup record names the unknown tree {0:?}")]
     UnknownTree(String),
+}
+
+impl StoreError {
+    /// The store's database could not be reached (or failed a statement) and may come back:
+    /// nothing was lost (a failed flush keeps its writes), so waiting and trying again is
+    /// safe. Every other error (a corrupt record, another holder, a local disk's I/O error)
+    /// is not waited out.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Database { .. })
+    }
 }
 
 /// Where a store lives: `--store`'s value.

@@ -34,7 +34,10 @@ use super::StoreError;
 
 /// The schema's versions, in order: (version, name, SQL). Never edit one that has shipped;
 /// add the next.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "initial", include_str!("pg/0001_initial.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "initial", include_str!("pg/0001_initial.sql")),
+    (2, "holder", include_str!("pg/0002_holder.sql")),
+];
 
 /// The newest schema version this binary knows.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -320,11 +323,16 @@ impl Pg {
             client: None,
             statements: HashMap::new(),
             connections: connections.clone(),
+            generation: None,
         };
         let thread = std::thread::Builder::new()
             .name("aloft-store-pg".into())
             .spawn(move || {
-                let opened = worker.client().map(|_| ()).and_then(|()| worker.migrate());
+                let opened = worker
+                    .client()
+                    .map(|_| ())
+                    .and_then(|()| worker.migrate())
+                    .and_then(|()| worker.claim());
                 let ok = opened.is_ok();
                 let _ = ready_tx.send(opened);
                 if ok {
@@ -599,6 +607,9 @@ struct Worker {
     statements: HashMap<String, Statement>,
     /// Bumped at each new connection (see [`Inner::connections`]).
     connections: Arc<AtomicU64>,
+    /// The holder generation this process set when it last took the store's lock
+    /// (`aloft_store_holder`); `None` until the schema has it.
+    generation: Option<i64>,
 }
 
 /// Most rows [`Committed`] keeps per map before it starts again empty.
@@ -714,6 +725,26 @@ impl Worker {
             }
             self.client = Some(client);
             self.connections.fetch_add(1, Ordering::Release);
+            if let Some(mine) = self.generation {
+                // The lock was lost with the connection: anyone may have held the store
+                // meanwhile. Only if nobody did may this process go on from what it knows.
+                match self.bump_generation() {
+                    Ok(now) if now == mine + 1 => self.generation = Some(now),
+                    Ok(now) => {
+                        // Dropping the connection gives the lock back; this process must stop.
+                        self.client = None;
+                        return Err(StoreError::DatabaseTakenOver {
+                            db: self.label.clone(),
+                            mine,
+                            now,
+                        });
+                    }
+                    Err(e) => {
+                        self.client = None;
+                        return Err(e);
+                    }
+                }
+            }
         }
         self.client.as_mut().ok_or_else(|| StoreError::Database {
             db: self.label.clone(),
@@ -742,6 +773,37 @@ impl Worker {
             self.client = None;
         }
         result.map_err(|e| self.db_error(&e))
+    }
+
+    /// Bumps the holder generation on the current connection (which holds the lock).
+    fn bump_generation(&mut self) -> Result<i64, StoreError> {
+        let label = self.label.clone();
+        let client = self.client.as_mut().ok_or_else(|| StoreError::Database {
+            db: label.clone(),
+            error: "not connected".into(),
+        })?;
+        client
+            .query_one(
+                "UPDATE aloft_store_holder SET generation = generation + 1 WHERE id = 1 \
+                 RETURNING generation",
+                &[],
+            )
+            .and_then(|row| row.try_get::<_, i64>(0))
+            .map_err(|e| StoreError::Database {
+                db: label,
+                error: describe_error(&e),
+            })
+    }
+
+    /// At open, once the schema is current: this process becomes the store's holder.
+    fn claim(&mut self) -> Result<(), StoreError> {
+        self.client()?;
+        let generation = self.bump_generation();
+        if generation.is_err() {
+            self.client = None;
+        }
+        self.generation = Some(generation?);
+        Ok(())
     }
 
     /// Applies the migrations this database lacks, in order, in one transaction.
