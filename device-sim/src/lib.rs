@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod identity;
+mod mqtt;
 pub mod origin;
 pub mod renewal;
 pub mod sim;

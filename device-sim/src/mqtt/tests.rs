@@ -1,0 +1,213 @@
+use super::*;
+
+fn publish(topic: &str, qos: QoS, pkid: u16, payload: Vec<u8>) -> Packet {
+    let mut p = Publish::new(topic, qos, payload, None);
+    p.pkid = pkid;
+    Packet::Publish(p)
+}
+
+#[test]
+fn in_flight_publishes_stop_at_the_limit_and_each_puback_frees_one() {
+    let mut f = InFlight::new(3);
+    let ids: Vec<u16> = (0..3).filter_map(|_| f.take()).collect();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(f.take(), None, "a fourth publish is over the limit");
+    assert!(f.ack(ids[1]));
+    assert_eq!(f.acked, 1);
+    assert!(
+        !f.ack(ids[1]),
+        "a second PUBACK for the same id matches nothing"
+    );
+    assert!(
+        !f.ack(999),
+        "a PUBACK for an id never taken matches nothing"
+    );
+    assert!(f.take().is_some());
+    assert_eq!(f.take(), None);
+    assert_eq!(f.acked, 1);
+}
+
+#[test]
+fn packet_ids_are_never_zero_and_never_reuse_one_in_flight_across_the_wrap() {
+    let mut f = InFlight::new(2);
+    let kept = f.take().expect("room");
+    for _ in 0..70_000 {
+        let id = f.take().expect("one slot stays free");
+        assert_ne!(id, 0);
+        assert_ne!(id, kept, "an id in flight is not handed out again");
+        assert!(f.ack(id));
+    }
+}
+
+#[test]
+fn a_zero_limit_still_lets_one_publish_through() {
+    let mut f = InFlight::new(0);
+    assert!(f.take().is_some());
+    assert_eq!(f.take(), None);
+}
+
+#[test]
+fn keep_alive_pings_after_silence_and_gives_up_when_the_ping_goes_unanswered() {
+    let t0 = Instant::now();
+    let every = Duration::from_secs(10);
+    let mut k = KeepAlive::new(every, t0);
+    assert_eq!(k.due(t0 + Duration::from_secs(9)), Due::Nothing);
+    k.sent(t0 + Duration::from_secs(5));
+    assert_eq!(k.deadline(), t0 + Duration::from_secs(15));
+    assert_eq!(k.due(t0 + Duration::from_secs(12)), Due::Nothing);
+    assert_eq!(k.due(t0 + Duration::from_secs(15)), Due::Ping);
+    // Waiting for the answer now: the deadline is the ping's plus the keep-alive.
+    assert_eq!(k.deadline(), t0 + Duration::from_secs(25));
+    assert_eq!(k.due(t0 + Duration::from_secs(20)), Due::Nothing);
+    assert_eq!(k.due(t0 + Duration::from_secs(25)), Due::Dead);
+}
+
+#[test]
+fn any_packet_from_the_server_answers_a_ping() {
+    let t0 = Instant::now();
+    let mut k = KeepAlive::new(Duration::from_secs(10), t0);
+    assert_eq!(k.due(t0 + Duration::from_secs(10)), Due::Ping);
+    k.sent(t0 + Duration::from_secs(10));
+    k.received();
+    assert_eq!(k.due(t0 + Duration::from_secs(19)), Due::Nothing);
+    assert_eq!(k.due(t0 + Duration::from_secs(20)), Due::Ping);
+}
+
+#[test]
+fn a_zero_keep_alive_never_pings() {
+    let t0 = Instant::now();
+    let mut k = KeepAlive::new(Duration::ZERO, t0);
+    assert_eq!(k.due(t0 + Duration::from_secs(100_000)), Due::Nothing);
+    assert!(k.deadline() > t0 + Duration::from_secs(100_000));
+}
+
+#[test]
+fn the_read_buffer_is_given_back_once_a_large_packet_is_decoded() {
+    let mut wire = BytesMut::new();
+    publish(
+        "aloft/v1/d/dev-1/chunk/resp",
+        QoS::AtMostOnce,
+        0,
+        vec![7; 16 * 1024],
+    )
+    .write(&mut wire, None)
+    .expect("encodes");
+    let mut read = BytesMut::with_capacity(wire.len());
+    read.extend_from_slice(&wire);
+    let packet = Packet::read(&mut read, Some(20 * 1024)).expect("decodes");
+    assert!(read.is_empty());
+    relax_read(&mut read);
+    assert_eq!(read.capacity(), 0, "an empty buffer holds no allocation");
+    // The decoded publish keeps its own bytes.
+    let Packet::Publish(p) = packet else {
+        panic!("not a publish")
+    };
+    assert_eq!(p.payload.len(), 16 * 1024);
+    assert!(p.payload.iter().all(|&b| b == 7));
+}
+
+#[test]
+fn a_read_buffer_holding_the_start_of_the_next_packet_is_kept() {
+    let mut read = BytesMut::from(&[0x30u8, 0x05][..]);
+    relax_read(&mut read);
+    assert_eq!(&read[..], &[0x30, 0x05]);
+}
+
+#[test]
+fn a_packet_over_the_maximum_is_refused_from_its_fixed_header() {
+    let mut wire = BytesMut::new();
+    publish("t", QoS::AtMostOnce, 0, vec![0; 10_000])
+        .write(&mut wire, None)
+        .expect("encodes");
+    // Only the fixed header has arrived: the codec refuses before the body is read.
+    let mut read = BytesMut::from(&wire[..4]);
+    assert!(matches!(
+        Packet::read(&mut read, Some(4096)),
+        Err(CodecError::PayloadSizeLimitExceeded { .. })
+    ));
+}
+
+#[test]
+fn room_grows_to_exactly_what_is_asked() {
+    let mut b = BytesMut::with_capacity(64);
+    b.extend_from_slice(&[1; 60]);
+    make_room(&mut b, 16_000);
+    assert_eq!(b.capacity(), 16_060);
+    assert_eq!(&b[..], &[1; 60][..]);
+    let cap = b.capacity();
+    make_room(&mut b, 10);
+    assert_eq!(b.capacity(), cap, "enough room already: nothing changes");
+}
+
+#[test]
+fn a_read_takes_a_step_at_first_and_the_rest_of_the_packet_once_bytes_came() {
+    assert_eq!(read_size(0, 2), MIN_READ);
+    assert_eq!(read_size(60, 16_500), READ_STEP);
+    assert_eq!(read_size(READ_STEP + 60, 12_000), 12_000);
+    assert_eq!(read_size(100, 1_000), 1_000);
+}
+
+#[test]
+fn the_write_buffer_is_given_back_once_a_large_packet_is_written() {
+    let mut w = WriteBuf::default();
+    w.put(&publish("csr", QoS::AtLeastOnce, 1, vec![1; 4000]), None)
+        .expect("encodes");
+    let len = w.unsent().len();
+    w.advance(1000);
+    assert_eq!(w.unsent().len(), len - 1000);
+    w.advance(len - 1000);
+    assert!(w.unsent().is_empty());
+    assert_eq!(w.buf.capacity(), 0);
+
+    w.put(&Packet::PubAck(PubAck::new(3, None)), None)
+        .expect("encodes");
+    let cap = w.buf.capacity();
+    let n = w.unsent().len();
+    w.advance(n);
+    assert_eq!(
+        w.buf.capacity(),
+        cap,
+        "a small buffer is kept for the next packet"
+    );
+}
+
+#[test]
+fn a_packet_over_the_servers_maximum_is_not_queued() {
+    let mut w = WriteBuf::default();
+    w.put(&Packet::PubAck(PubAck::new(3, None)), None)
+        .expect("encodes");
+    let before = w.unsent().to_vec();
+    assert!(w
+        .put(
+            &publish("status", QoS::AtLeastOnce, 2, vec![0; 500]),
+            Some(100)
+        )
+        .is_err());
+    assert_eq!(w.unsent(), &before[..]);
+}
+
+#[test]
+fn the_connect_carries_the_devices_limits() {
+    let connect = Connect {
+        keep_alive: 60,
+        client_id: "dev-1".into(),
+        clean_start: true,
+        properties: Some(ConnectProperties {
+            receive_maximum: Some(RECEIVE_MAXIMUM),
+            max_packet_size: Some(20_000),
+            ..ConnectProperties::new()
+        }),
+    };
+    let mut wire = BytesMut::new();
+    Packet::Connect(connect, None, None)
+        .write(&mut wire, None)
+        .expect("encodes");
+    let Ok(Packet::Connect(c, None, None)) = Packet::read(&mut wire, None) else {
+        panic!("not a connect")
+    };
+    let p = c.properties.expect("properties");
+    assert_eq!(c.client_id, "dev-1");
+    assert!(c.clean_start);
+    assert_eq!(p.receive_maximum, Some(RECEIVE_MAXIMUM));
+    assert_eq!(p.max_packet_size, Some(20_000));
+}
