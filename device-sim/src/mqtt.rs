@@ -23,7 +23,8 @@ use rumqttc::v5::mqttbytes::v5::{
     Connect, ConnectProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter,
     Packet, PingReq, PubAck, PubAckReason, Publish, Subscribe, SubscribeReasonCode,
 };
-use rumqttc::v5::mqttbytes::{Error as CodecError, QoS};
+use rumqttc::v5::mqttbytes::Error as CodecError;
+pub use rumqttc::v5::mqttbytes::QoS;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;

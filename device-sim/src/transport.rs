@@ -14,11 +14,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aloft_proto::{chunkframe, messages, topics, DeviceId};
 use bytes::Bytes;
 use rand::Rng;
-use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
-use crate::mqtt::{self, Incoming};
+use crate::mqtt::{self, Incoming, QoS};
 use crate::origin::{OriginClientConfig, OriginFetcher};
 use crate::renewal::{Outcome, Renewer};
 use crate::slots::Flash;
