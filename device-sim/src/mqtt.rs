@@ -157,12 +157,16 @@ impl InFlight {
     }
 }
 
-/// When the session must ping the server, and when it gives the server up.
+/// When the session must ping the server, and when it gives the server up. It pings once
+/// either side has been silent for the keep-alive: silence from the device would let the server
+/// drop it, and silence from the server may be a half-open connection that only a ping reveals
+/// (a device sending QoS 0 heartbeats would otherwise never notice).
 #[derive(Debug)]
 struct KeepAlive {
     /// Zero: never ping.
     every: Duration,
     last_sent: Instant,
+    last_received: Instant,
     /// When the ping now waiting for an answer (any packet) was sent.
     ping_sent: Option<Instant>,
 }
@@ -181,6 +185,7 @@ impl KeepAlive {
         KeepAlive {
             every,
             last_sent: now,
+            last_received: now,
             ping_sent: None,
         }
     }
@@ -192,14 +197,17 @@ impl KeepAlive {
         } else {
             self.every
         };
-        self.ping_sent.unwrap_or(self.last_sent) + every
+        self.ping_sent
+            .unwrap_or(self.last_sent.min(self.last_received))
+            + every
     }
 
     fn sent(&mut self, now: Instant) {
         self.last_sent = now;
     }
 
-    fn received(&mut self) {
+    fn received(&mut self, now: Instant) {
+        self.last_received = now;
         self.ping_sent = None;
     }
 
@@ -411,8 +419,9 @@ impl Session {
         poll_fn(|cx| self.poll_next(cx)).await
     }
 
-    /// Sends DISCONNECT (normal) and closes the TLS session, giving up after `within`.
-    pub async fn close(mut self, within: Duration) {
+    /// Sends DISCONNECT (normal) and closes the TLS session, giving up after `within`. Boxed,
+    /// so that its future does not hold the whole session.
+    pub async fn close(mut self: Box<Self>, within: Duration) {
         let disconnect = Disconnect {
             reason_code: DisconnectReasonCode::NormalDisconnection,
             properties: None,
@@ -521,7 +530,7 @@ impl Session {
             let needed = match Packet::read(&mut self.read, Some(self.max_incoming)) {
                 Ok(packet) => {
                     relax_read(&mut self.read);
-                    self.keep_alive.received();
+                    self.keep_alive.received(Instant::now());
                     return Poll::Ready(Ok(packet));
                 }
                 Err(CodecError::InsufficientBytes(n)) => n,

@@ -167,7 +167,9 @@ pub enum RunEnd {
 
 /// A device: its agent and where it keeps its firmware and record.
 pub struct Device {
-    pub agent: UpdateAgent,
+    /// Boxed: a device's task holds its `Device` in several states of its future (an async
+    /// fn keeps its arguments beside the locals they move into), and the agent is 2 KB.
+    pub agent: Box<UpdateAgent>,
     pub flash: Box<dyn Flash>,
     pub store: Box<dyn DeviceStore>,
 }
@@ -372,7 +374,7 @@ pub async fn run_controlled(
             End::Stopped => {
                 r.disconnected(subscribed);
                 // Give the DISCONNECT a moment to leave.
-                (*session).close(Duration::from_millis(200)).await;
+                session.close(Duration::from_millis(200)).await;
                 return r.end(End::Stopped);
             }
             End::Link(reason) => {

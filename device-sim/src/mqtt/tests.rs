@@ -53,6 +53,7 @@ fn keep_alive_pings_after_silence_and_gives_up_when_the_ping_goes_unanswered() {
     let mut k = KeepAlive::new(every, t0);
     assert_eq!(k.due(t0 + Duration::from_secs(9)), Due::Nothing);
     k.sent(t0 + Duration::from_secs(5));
+    k.received(t0 + Duration::from_secs(6));
     assert_eq!(k.deadline(), t0 + Duration::from_secs(15));
     assert_eq!(k.due(t0 + Duration::from_secs(12)), Due::Nothing);
     assert_eq!(k.due(t0 + Duration::from_secs(15)), Due::Ping);
@@ -68,9 +69,22 @@ fn any_packet_from_the_server_answers_a_ping() {
     let mut k = KeepAlive::new(Duration::from_secs(10), t0);
     assert_eq!(k.due(t0 + Duration::from_secs(10)), Due::Ping);
     k.sent(t0 + Duration::from_secs(10));
-    k.received();
+    k.received(t0 + Duration::from_secs(11));
     assert_eq!(k.due(t0 + Duration::from_secs(19)), Due::Nothing);
     assert_eq!(k.due(t0 + Duration::from_secs(20)), Due::Ping);
+}
+
+#[test]
+fn a_device_that_keeps_sending_still_pings_a_silent_server() {
+    let t0 = Instant::now();
+    let mut k = KeepAlive::new(Duration::from_secs(10), t0);
+    for s in 1..10 {
+        k.sent(t0 + Duration::from_secs(s));
+    }
+    // QoS 0 heartbeats get no answer: the server's silence alone calls for a ping.
+    assert_eq!(k.due(t0 + Duration::from_secs(10)), Due::Ping);
+    k.sent(t0 + Duration::from_secs(10));
+    assert_eq!(k.due(t0 + Duration::from_secs(20)), Due::Dead);
 }
 
 #[test]
