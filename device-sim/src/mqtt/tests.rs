@@ -1,3 +1,6 @@
+//! Unit tests of the session's pure parts: in-flight packet ids, the keep-alive clock, giving
+//! buffers back, read sizes and the codec at its limits; no sockets.
+
 use super::*;
 
 fn publish(topic: &str, qos: QoS, pkid: u16, payload: Vec<u8>) -> Packet {
