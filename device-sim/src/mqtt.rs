@@ -286,9 +286,10 @@ impl WriteBuf {
     }
 }
 
-/// One MQTT 5 session over mTLS. Keep it boxed: the TLS state is about a kilobyte.
-pub struct Session {
-    stream: TlsStream<TcpStream>,
+/// One MQTT 5 session over mTLS (over any byte stream in tests). Keep it boxed: the TLS state
+/// is about a kilobyte.
+pub struct Session<S = TlsStream<TcpStream>> {
+    stream: S,
     read: BytesMut,
     write: WriteBuf,
     /// The write buffer was handed to the stream but not flushed yet.
@@ -315,27 +316,47 @@ impl Session {
         let stream = tokio_rustls::TlsConnector::from(opts.tls)
             .connect(name, tcp)
             .await?;
+        Session::start(
+            stream,
+            opts.client_id,
+            opts.keep_alive,
+            opts.inflight,
+            opts.max_incoming,
+        )
+        .await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Sends CONNECT on an established stream and waits for a successful CONNACK.
+    async fn start(
+        stream: S,
+        client_id: &str,
+        keep_alive: Duration,
+        inflight: u16,
+        max_incoming: u32,
+    ) -> Result<Self, SessionError> {
         let now = Instant::now();
         let mut s = Session {
             stream,
             read: BytesMut::new(),
             write: WriteBuf::default(),
             unflushed: false,
-            in_flight: InFlight::new(opts.inflight),
-            keep_alive: KeepAlive::new(opts.keep_alive, now),
+            in_flight: InFlight::new(inflight),
+            keep_alive: KeepAlive::new(keep_alive, now),
             timer: Box::pin(tokio::time::sleep_until(now)),
-            max_incoming: opts.max_incoming,
+            max_incoming,
             max_outgoing: None,
             subscribing: None,
         };
-        let keep_alive_secs = u16::try_from(opts.keep_alive.as_secs()).unwrap_or(u16::MAX);
+        let keep_alive_secs = u16::try_from(keep_alive.as_secs()).unwrap_or(u16::MAX);
         let connect = Connect {
             keep_alive: keep_alive_secs,
-            client_id: opts.client_id.to_owned(),
+            client_id: client_id.to_owned(),
             clean_start: true,
             properties: Some(ConnectProperties {
                 receive_maximum: Some(RECEIVE_MAXIMUM),
-                max_packet_size: Some(opts.max_incoming),
+                max_packet_size: Some(max_incoming),
                 ..ConnectProperties::new()
             }),
         };

@@ -1,5 +1,6 @@
-//! Unit tests of the session's pure parts: in-flight packet ids, the keep-alive clock, giving
-//! buffers back, read sizes and the codec at its limits; no sockets.
+//! Unit tests of the session: its pure parts (in-flight packet ids, the keep-alive clock, giving
+//! buffers back, read sizes, the codec at its limits), then the session itself over an
+//! in-memory stream against a scripted server; no sockets.
 
 use super::*;
 
@@ -227,4 +228,259 @@ fn the_connect_carries_the_devices_limits() {
     assert!(c.clean_start);
     assert_eq!(p.receive_maximum, Some(RECEIVE_MAXIMUM));
     assert_eq!(p.max_packet_size, Some(20_000));
+}
+
+// The session over an in-memory stream, against a scripted server speaking rumqttc's codec.
+
+use rumqttc::v5::mqttbytes::v5::{ConnAck, ConnAckProperties, SubAck};
+use tokio::io::{AsyncReadExt, DuplexStream};
+
+/// The server's end: a stream and what it has read but not decoded yet.
+struct Server {
+    io: DuplexStream,
+    buf: BytesMut,
+}
+
+impl Server {
+    async fn read(&mut self) -> Packet {
+        loop {
+            match Packet::read(&mut self.buf, None) {
+                Ok(p) => return p,
+                Err(CodecError::InsufficientBytes(_)) => {
+                    let n = self.io.read_buf(&mut self.buf).await.expect("server read");
+                    assert!(n > 0, "the client closed the stream");
+                }
+                Err(e) => panic!("the client sent a malformed packet: {e}"),
+            }
+        }
+    }
+
+    async fn send(&mut self, packet: Packet) {
+        let mut b = BytesMut::new();
+        packet.write(&mut b, None).expect("encodes");
+        self.io.write_all(&b).await.expect("server write");
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        self.io.write_all(bytes).await.expect("server write");
+    }
+}
+
+fn connack(code: ConnectReturnCode, receive_max: Option<u16>) -> Packet {
+    Packet::ConnAck(ConnAck {
+        session_present: false,
+        code,
+        properties: receive_max.map(|r| ConnAckProperties {
+            session_expiry_interval: None,
+            receive_max: Some(r),
+            max_qos: None,
+            retain_available: None,
+            max_packet_size: None,
+            assigned_client_identifier: None,
+            topic_alias_max: None,
+            reason_string: None,
+            user_properties: Vec::new(),
+            wildcard_subscription_available: None,
+            subscription_identifiers_available: None,
+            shared_subscription_available: None,
+            server_keep_alive: None,
+            response_information: None,
+            server_reference: None,
+            authentication_method: None,
+            authentication_data: None,
+        }),
+    })
+}
+
+const MAX_IN: u32 = 20_000;
+
+/// A session whose CONNECT the server answered with `answer`.
+async fn start(
+    inflight: u16,
+    answer: Packet,
+) -> (Result<Session<DuplexStream>, SessionError>, Server) {
+    let (client, io) = tokio::io::duplex(64 * 1024);
+    let mut server = Server {
+        io,
+        buf: BytesMut::new(),
+    };
+    let serve = async {
+        let Packet::Connect(c, None, None) = server.read().await else {
+            panic!("the first packet is not a CONNECT")
+        };
+        assert_eq!(c.client_id, "dev-1");
+        server.send(answer).await;
+    };
+    let (session, ()) = tokio::join!(
+        Session::start(client, "dev-1", Duration::from_secs(60), inflight, MAX_IN),
+        serve
+    );
+    (session, server)
+}
+
+async fn connected(inflight: u16, receive_max: Option<u16>) -> (Session<DuplexStream>, Server) {
+    let (session, server) = start(inflight, connack(ConnectReturnCode::Success, receive_max)).await;
+    (session.expect("connected"), server)
+}
+
+#[tokio::test]
+async fn a_refused_connack_ends_the_connect_with_its_reason() {
+    let (session, _server) = start(4, connack(ConnectReturnCode::NotAuthorized, None)).await;
+    assert!(matches!(
+        session,
+        Err(SessionError::Refused(ConnectReturnCode::NotAuthorized))
+    ));
+}
+
+#[tokio::test]
+async fn every_filter_must_be_granted_or_the_session_ends() {
+    let (mut session, mut server) = connected(4, None).await;
+    session
+        .subscribe(vec!["a/job".into(), "a/ack".into()])
+        .expect("queued");
+    let serve = async {
+        let Packet::Subscribe(s) = server.read().await else {
+            panic!("not a SUBSCRIBE")
+        };
+        assert!(s.filters.iter().all(|f| f.qos == QoS::AtLeastOnce));
+        server
+            .send(Packet::SubAck(SubAck {
+                pkid: s.pkid,
+                return_codes: vec![
+                    SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                    SubscribeReasonCode::NotAuthorized,
+                ],
+                properties: None,
+            }))
+            .await;
+    };
+    let (next, ()) = tokio::join!(session.next(), serve);
+    assert!(matches!(
+        next,
+        Err(SessionError::SubscriptionRefused(
+            SubscribeReasonCode::NotAuthorized
+        ))
+    ));
+}
+
+#[tokio::test]
+async fn a_granted_subscription_is_reported_once() {
+    let (mut session, mut server) = connected(4, None).await;
+    session.subscribe(vec!["a/job".into()]).expect("queued");
+    let serve = async {
+        let Packet::Subscribe(s) = server.read().await else {
+            panic!("not a SUBSCRIBE")
+        };
+        server
+            .send(Packet::SubAck(SubAck {
+                pkid: s.pkid,
+                return_codes: vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)],
+                properties: None,
+            }))
+            .await;
+    };
+    let (next, ()) = tokio::join!(session.next(), serve);
+    assert!(matches!(next, Ok(Incoming::Subscribed)));
+}
+
+#[tokio::test]
+async fn an_incoming_qos1_publish_is_acknowledged_and_a_qos2_one_ends_the_session() {
+    let (mut session, mut server) = connected(4, None).await;
+    server
+        .send(publish("a/ack", QoS::AtLeastOnce, 7, b"ok".to_vec()))
+        .await;
+    let Ok(Incoming::Publish { topic, payload }) = session.next().await else {
+        panic!("no publish")
+    };
+    assert_eq!((&topic[..], &payload[..]), (&b"a/ack"[..], &b"ok"[..]));
+    drop((topic, payload));
+    let serve = async {
+        let Packet::PubAck(ack) = server.read().await else {
+            panic!("not a PUBACK")
+        };
+        assert_eq!(ack.pkid, 7);
+        server
+            .send(publish("a/ack", QoS::ExactlyOnce, 8, b"x".to_vec()))
+            .await;
+    };
+    let (next, ()) = tokio::join!(session.next(), serve);
+    assert!(matches!(next, Err(SessionError::Protocol(_))));
+}
+
+#[tokio::test]
+async fn publishes_over_the_servers_receive_maximum_are_dropped_until_a_puback_frees_one() {
+    // The device allows 4; the server's Receive Maximum of 2 lowers that.
+    let (mut session, mut server) = connected(4, Some(2)).await;
+    assert_eq!(session.publish("s", QoS::AtLeastOnce, vec![1]), Ok(()));
+    assert_eq!(session.publish("s", QoS::AtLeastOnce, vec![2]), Ok(()));
+    assert_eq!(
+        session.publish("s", QoS::AtLeastOnce, vec![3]),
+        Err(Dropped)
+    );
+    assert_eq!(session.publish("h", QoS::AtMostOnce, vec![4]), Ok(()));
+    let serve = async {
+        let mut first = None;
+        for want in [1u8, 2, 4] {
+            let Packet::Publish(p) = server.read().await else {
+                panic!("not a PUBLISH")
+            };
+            assert_eq!(&p.payload[..], &[want][..]);
+            first = first.or(Some(p.pkid));
+        }
+        server
+            .send(Packet::PubAck(PubAck::new(first.expect("one"), None)))
+            .await;
+        server
+            .send(publish("a/job", QoS::AtMostOnce, 0, b"j".to_vec()))
+            .await;
+    };
+    let (next, ()) = tokio::join!(session.next(), serve);
+    assert!(matches!(next, Ok(Incoming::Publish { .. })));
+    assert_eq!(session.acknowledged(), 1);
+    assert_eq!(session.publish("s", QoS::AtLeastOnce, vec![5]), Ok(()));
+}
+
+#[tokio::test]
+async fn a_puback_for_no_publish_in_flight_ends_the_session() {
+    let (mut session, mut server) = connected(4, None).await;
+    server.send(Packet::PubAck(PubAck::new(42, None))).await;
+    assert!(matches!(
+        session.next().await,
+        Err(SessionError::Protocol(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_packet_over_the_maximum_ends_the_session_on_its_fixed_header() {
+    let (mut session, mut server) = connected(4, None).await;
+    // A PUBLISH announcing 1 MiB (remaining length 0x100000): only its header is ever sent.
+    server.send_raw(&[0x30, 0x80, 0x80, 0x40]).await;
+    assert!(matches!(
+        session.next().await,
+        Err(SessionError::Codec(
+            CodecError::PayloadSizeLimitExceeded { .. }
+        ))
+    ));
+}
+
+#[tokio::test]
+async fn a_server_that_closes_the_stream_ends_the_session() {
+    let (mut session, server) = connected(4, None).await;
+    drop(server);
+    assert!(matches!(
+        session.next().await,
+        Err(SessionError::Closed | SessionError::Io(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_clean_close_sends_disconnect_then_ends_the_stream() {
+    let (session, mut server) = connected(4, None).await;
+    Box::new(session).close(Duration::from_secs(5)).await;
+    // MQTT 5's shortest DISCONNECT (normal, no properties), which rumqttd's codec and
+    // Mosquitto read (rumqttc's own reader does not), then the end of the stream.
+    let mut rest = Vec::new();
+    server.io.read_to_end(&mut rest).await.expect("read");
+    assert!(server.buf.is_empty());
+    assert_eq!(rest, [0xE0, 0x00]);
 }
