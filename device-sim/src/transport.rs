@@ -549,9 +549,9 @@ impl Runner<'_> {
                 Kind::Job => Input::Job(&payload),
                 Kind::Ack => Input::Ack(&payload),
                 Kind::Chunk => {
-                    let mut f = payload.to_vec();
-                    // The copy is what the agent sees; the packet's bytes go back to the session.
-                    drop(payload);
+                    // The packet's own allocation when nothing else shares it (the session has
+                    // let go of its read buffer), else a copy.
+                    let mut f = Vec::from(payload);
                     self.hooks.inbound_chunk(&mut f);
                     let delay = self.hooks.chunk_delay(f.len());
                     if !delay.is_zero() {
