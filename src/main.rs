@@ -488,8 +488,9 @@ async fn demo(args: Args) -> Result<bool> {
         );
     }
     eprintln!(
-        "chunk bytes served: {:.1} MiB ({dropped} frames dropped at the front, {request_errors} rejected by devices); peak RSS orchestrator: {:.1} MiB, simulator: {:.1} MiB",
+        "chunk bytes served: {:.1} MiB ({dropped} frames dropped at the front, {request_errors} rejected by devices, {} device publishes dropped over the in-flight cap); peak RSS orchestrator: {:.1} MiB, simulator: {:.1} MiB",
         served / 1_048_576.0,
+        fleet.counters.publishes_dropped.load(Relaxed),
         orch_rss as f64 / 1_048_576.0,
         sim_rss as f64 / 1_048_576.0,
     );

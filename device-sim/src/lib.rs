@@ -1,7 +1,7 @@
 //! Aloft's device agent and its simulator.
 //!
-//! The agent has the seam of drogue-iot's embedded-update: the [`transport`] talks MQTT on one
-//! side, [`slots`] store firmware on the other, and between them [`update`] decides, as a sans-I/O
+//! The agent has the seam of drogue-iot's embedded-update: the [`transport`] talks MQTT (through
+//! the crate's own session, `mqtt`) on one side, [`slots`] store firmware on the other, and between them [`update`] decides, as a sans-I/O
 //! state machine that takes the time as a parameter. [`store`] keeps the device's record across
 //! restarts, [`identity`] its keys and certificate, and [`renewal`] renews that certificate over MQTT
 //! before it expires. [`sim`] runs thousands of agents in one
@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod identity;
+mod mqtt;
 pub mod origin;
 pub mod renewal;
 pub mod sim;

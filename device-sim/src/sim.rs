@@ -212,11 +212,12 @@ impl Boot {
 }
 
 /// One device's life: runs until stopped, and after each power loss stays off for a moment,
-/// then powers on from the record on disk.
+/// then powers on from the record on disk. `boot` and `hooks` come boxed: an async fn keeps its
+/// arguments for its whole life, in the task every device holds.
 async fn live(
-    boot: Boot,
+    boot: Box<Boot>,
     mut device: Device,
-    mut hooks: SimHooks,
+    mut hooks: Box<SimHooks>,
     stop: watch::Receiver<bool>,
     control: watch::Receiver<Control>,
 ) {
@@ -225,7 +226,7 @@ async fn live(
         let end = transport::run_controlled(
             device,
             tcfg.clone(),
-            &mut hooks,
+            &mut *hooks,
             stop.clone(),
             control.clone(),
         )
@@ -261,7 +262,7 @@ async fn live(
             }
         };
         device = Device {
-            agent: boot.agent(record),
+            agent: Box::new(boot.agent(record)),
             flash,
             store,
         };
@@ -434,12 +435,18 @@ impl Fleet {
             let (control, control_rx) = watch::channel(Control::default());
             controls.insert(ident.id.clone(), control);
             let device = Device {
-                agent,
+                agent: Box::new(agent),
                 flash: Box::new(flash) as Box<dyn Flash>,
                 store: Box::new(store) as Box<dyn DeviceStore>,
             };
             let stop = stop_rx.clone();
-            tasks.push(tokio::spawn(live(boot, device, hooks, stop, control_rx)));
+            tasks.push(tokio::spawn(live(
+                Box::new(boot),
+                device,
+                Box::new(hooks),
+                stop,
+                control_rx,
+            )));
         }
         Ok(Fleet {
             views,

@@ -14,13 +14,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aloft_proto::{chunkframe, messages, topics, DeviceId};
 use bytes::Bytes;
 use rand::Rng;
-use rumqttc::v5::mqttbytes::v5::{Filter, Packet};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
+use crate::mqtt::{self, Incoming, QoS};
 use crate::origin::{OriginClientConfig, OriginFetcher};
 use crate::renewal::{Outcome, Renewer};
 use crate::slots::Flash;
@@ -46,8 +43,8 @@ pub struct TransportConfig {
     pub backoff_max: Duration,
     /// How often the agent's timers are checked.
     pub tick: Duration,
-    /// Most QoS 1 publishes in flight; bounds rumqttc's preallocation (see DESIGN.md). A device
-    /// has at most its chunk window of requests, a report and a CSR outstanding at once.
+    /// Most QoS 1 publishes in flight; one more is dropped (the agent re-sends on its timers).
+    /// A device has at most its chunk window of requests, a report and a CSR outstanding at once.
     pub inflight: u16,
     /// How long a `Persist::Soon` change may stay unsaved.
     pub save_every: Duration,
@@ -119,7 +116,8 @@ pub trait Hooks: Send {
     }
     /// The session came up (true) or went down (false).
     fn connection(&mut self, _up: bool) {}
-    /// A publish could not be queued (the client's request queue was full).
+    /// A publish could not be queued (too many QoS 1 publishes in flight, or too many bytes
+    /// waiting to be written).
     fn dropped_publish(&mut self) {}
     /// The record could not be saved.
     fn store_failed(&mut self, _error: &str) {}
@@ -169,7 +167,9 @@ pub enum RunEnd {
 
 /// A device: its agent and where it keeps its firmware and record.
 pub struct Device {
-    pub agent: UpdateAgent,
+    /// Boxed: a device's task holds its `Device` in several states of its future (an async
+    /// fn keeps its arguments beside the locals they move into), and the agent is 2 KB.
+    pub agent: Box<UpdateAgent>,
     pub flash: Box<dyn Flash>,
     pub store: Box<dyn DeviceStore>,
 }
@@ -221,12 +221,6 @@ pub fn subscriptions(id: &DeviceId, renewing: bool) -> Vec<String> {
         filters.push(topics::cert(id));
     }
     filters
-}
-
-/// What the poller task forwards: MQTT events until the connection fails.
-enum Link {
-    Event(Box<Event>),
-    Down(String),
 }
 
 /// Runs the device until `stop` becomes true, saves its record and returns it (for a restart
@@ -335,9 +329,9 @@ pub async fn run_controlled(
             return r.end(end);
         }
         let connected = {
-            // On the heap, and only while connecting: the connect future holds a whole rumqttc
-            // event loop and TLS handshake, which would otherwise size every device's task.
-            let mut connecting = Box::pin(Session::connect(&id, &cfg));
+            // On the heap, and only while connecting: the connect future holds a TLS handshake,
+            // which would otherwise size every device's task.
+            let mut connecting = Box::pin(connect(&id, &cfg));
             loop {
                 tokio::select! {
                     s = &mut connecting => break Ok(s),
@@ -371,7 +365,7 @@ pub async fn run_controlled(
         match end {
             End::PowerLost => {
                 // A dead device sends nothing: its link just breaks.
-                session.abort();
+                drop(session);
                 if subscribed {
                     r.hooks.connection(false);
                 }
@@ -379,13 +373,15 @@ pub async fn run_controlled(
             }
             End::Stopped => {
                 r.disconnected(subscribed);
-                session.close().await;
+                // Give the DISCONNECT a moment to leave.
+                session.close(Duration::from_millis(200)).await;
                 return r.end(End::Stopped);
             }
             End::Link(reason) => {
-                debug!(device = %id, %reason, "session ended");
+                debug!(device = %id, %reason, acknowledged = session.acknowledged(), "session ended");
                 r.disconnected(subscribed);
-                session.abort();
+                // Broken without a DISCONNECT, as a failed link would be.
+                drop(session);
                 retry_at = Instant::now() + jitter(backoff);
                 backoff = (backoff * 2).min(cfg.backoff_max);
             }
@@ -467,7 +463,7 @@ impl Runner<'_> {
     /// subscription (the agent saw `Connected`).
     async fn session(
         &mut self,
-        session: &mut Session,
+        session: &mut mqtt::Session,
         tick: &mut tokio::time::Interval,
         origin_rx: &mut Option<mpsc::Receiver<crate::origin::Fetched>>,
     ) -> (End, bool) {
@@ -482,11 +478,10 @@ impl Runner<'_> {
                     ControlEvent::Online(true) => continue,
                 },
                 _ = tick.tick() => {
-                    let client = subscribed.then_some(&session.client);
-                    if let Some(c) = client {
-                        self.ask_for_certificate(c);
+                    if subscribed {
+                        self.ask_for_certificate(session);
                     }
-                    match self.tick(client) {
+                    match self.tick(subscribed.then_some(&mut *session)) {
                         Intervention::None => continue,
                         Intervention::DropLink => break End::Link("link dropped (injected)".into()),
                         Intervention::PowerLoss => break End::PowerLost,
@@ -498,44 +493,43 @@ impl Runner<'_> {
                         index: f.index,
                         body: f.body.as_deref().map_err(|e| *e),
                     };
-                    match self.step(subscribed.then_some(&session.client), input) {
+                    match self.step(subscribed.then_some(&mut *session), input) {
                         Intervention::None => continue,
                         Intervention::DropLink => break End::Link("link dropped (injected)".into()),
                         Intervention::PowerLoss => break End::PowerLost,
                     }
                 }
-                link = session.events.recv() => match link {
-                    None => break End::Link("poller ended".into()),
-                    Some(Link::Down(e)) => break End::Link(e),
-                    Some(Link::Event(ev)) => match *ev {
-                        Event::Incoming(Packet::SubAck(_)) if !subscribed => {
-                            subscribed = true;
-                            self.hooks.connection(true);
-                            self.ask_for_certificate(&session.client);
-                            match self.step(Some(&session.client), Input::Connected) {
-                                Intervention::None => continue,
-                                Intervention::DropLink => break End::Link("link dropped (injected)".into()),
-                                Intervention::PowerLoss => break End::PowerLost,
-                            }
+                incoming = session.next() => match incoming {
+                    Err(e) => break End::Link(e.to_string()),
+                    Ok(Incoming::Subscribed) => {
+                        if subscribed {
+                            continue;
                         }
-                        Event::Incoming(Packet::Publish(p)) => {
-                            let t = &self.topics;
-                            kind = if p.topic == t.job.as_bytes() {
-                                Kind::Job
-                            } else if p.topic == t.chunks.as_bytes() {
-                                Kind::Chunk
-                            } else if p.topic == t.ack.as_bytes() {
-                                Kind::Ack
-                            } else if p.topic == t.cert.as_bytes() {
-                                Kind::Cert
-                            } else {
-                                debug!(device = %self.device.agent.device(), "publish on an unexpected topic ignored");
-                                continue;
-                            };
-                            payload = p.payload;
+                        subscribed = true;
+                        self.hooks.connection(true);
+                        self.ask_for_certificate(session);
+                        match self.step(Some(session), Input::Connected) {
+                            Intervention::None => continue,
+                            Intervention::DropLink => break End::Link("link dropped (injected)".into()),
+                            Intervention::PowerLoss => break End::PowerLost,
                         }
-                        _ => continue,
-                    },
+                    }
+                    Ok(Incoming::Publish { topic, payload: p }) => {
+                        let t = &self.topics;
+                        kind = if topic == t.job.as_bytes() {
+                            Kind::Job
+                        } else if topic == t.chunks.as_bytes() {
+                            Kind::Chunk
+                        } else if topic == t.ack.as_bytes() {
+                            Kind::Ack
+                        } else if topic == t.cert.as_bytes() {
+                            Kind::Cert
+                        } else {
+                            debug!(device = %self.device.agent.device(), "publish on an unexpected topic ignored");
+                            continue;
+                        };
+                        payload = p;
+                    }
                 },
             }
             let frame;
@@ -555,7 +549,9 @@ impl Runner<'_> {
                 Kind::Job => Input::Job(&payload),
                 Kind::Ack => Input::Ack(&payload),
                 Kind::Chunk => {
-                    let mut f = payload.to_vec();
+                    // The packet's own allocation when nothing else shares it (the session has
+                    // let go of its read buffer), else a copy.
+                    let mut f = Vec::from(payload);
                     self.hooks.inbound_chunk(&mut f);
                     let delay = self.hooks.chunk_delay(f.len());
                     if !delay.is_zero() {
@@ -574,7 +570,7 @@ impl Runner<'_> {
                     Input::ChunkFrame(&frame)
                 }
             };
-            match self.step(Some(&session.client), input) {
+            match self.step(Some(session), input) {
                 Intervention::None => {}
                 Intervention::DropLink => break End::Link("link dropped (injected)".into()),
                 Intervention::PowerLoss => break End::PowerLost,
@@ -584,13 +580,13 @@ impl Runner<'_> {
     }
 
     /// Publishes a certificate renewal request if one is due (see [`Renewer::poll`]).
-    fn ask_for_certificate(&mut self, client: &AsyncClient) {
+    fn ask_for_certificate(&mut self, client: &mut mqtt::Session) {
         let Some(renewal) = &self.renewal else {
             return;
         };
         if let Some(payload) = renewal.poll(now_ms()) {
             if client
-                .try_publish(self.topics.csr.clone(), QoS::AtLeastOnce, false, payload)
+                .publish(&self.topics.csr, QoS::AtLeastOnce, payload)
                 .is_err()
             {
                 // Asked again after the renewer's retry interval.
@@ -600,7 +596,7 @@ impl Runner<'_> {
     }
 
     /// A timer tick: saves delayed progress when due and lets the agent check its timers.
-    fn tick(&mut self, client: Option<&AsyncClient>) -> Intervention {
+    fn tick(&mut self, client: Option<&mut mqtt::Session>) -> Intervention {
         if self.unsaved && self.last_save.elapsed() >= self.save_every {
             self.save();
         }
@@ -646,7 +642,7 @@ impl Runner<'_> {
 
     /// One agent step: handle, persist as the agent asks, let the hooks intervene, then publish
     /// on `client` (`None` while the session is not up).
-    fn step(&mut self, client: Option<&AsyncClient>, input: Input<'_>) -> Intervention {
+    fn step(&mut self, client: Option<&mut mqtt::Session>, input: Input<'_>) -> Intervention {
         let d = &mut self.device;
         let outputs = d.agent.handle(now_ms(), input, d.flash.as_mut());
         // Origin fetches read nothing the record holds: they start at once.
@@ -677,33 +673,12 @@ impl Runner<'_> {
                 // A lost heartbeat is superseded by the next one.
                 OutTopic::Health => (&self.topics.health, QoS::AtMostOnce),
             };
-            if client
-                .try_publish(topic.clone(), qos, false, payload)
-                .is_err()
-            {
+            if client.publish(topic, qos, payload).is_err() {
                 // The agent re-sends on its timers; nothing is lost but time.
                 self.hooks.dropped_publish();
             }
         }
         Intervention::None
-    }
-}
-
-/// An event whose publish no longer shares rumqttc's read buffer. A decoded publish's topic and
-/// payload are slices of that buffer, and while any slice lives the buffer cannot be reused, so
-/// each burst of chunk frames queued for the agent made it allocate a new one. With the copy the
-/// buffer is reused and only the frames actually queued (at most 4) are held: measured with
-/// heaptrack at 300 devices, 84 KiB of read buffers per device became 26 KiB of buffer and 23
-/// KiB of queued copies (docs/BENCHMARKS.md). A copy of a 16 KiB frame costs far less than its
-/// decryption.
-fn unpin(ev: Event) -> Event {
-    match ev {
-        Event::Incoming(Packet::Publish(mut p)) => {
-            p.topic = Bytes::copy_from_slice(&p.topic);
-            p.payload = Bytes::copy_from_slice(&p.payload);
-            Event::Incoming(Packet::Publish(p))
-        }
-        other => other,
     }
 }
 
@@ -713,54 +688,26 @@ fn jitter(d: Duration) -> Duration {
     Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms.max(1)))
 }
 
-/// One MQTT connection: the client handle and the events its poller task forwards.
-struct Session {
-    client: AsyncClient,
-    events: mpsc::Receiver<Link>,
-    poller: tokio::task::JoinHandle<()>,
-}
-
-impl Session {
-    /// Connects and subscribes; `None` if the connection could not be made. The caller stops
-    /// waiting by dropping the future.
-    async fn connect(id: &DeviceId, cfg: &TransportConfig) -> Option<Session> {
-        let _permit = match &cfg.connect_gate {
-            Some(gate) => Some(gate.clone().acquire_owned().await.ok()?),
-            None => None,
-        };
-        let mut opts = MqttOptions::new(id.as_str(), cfg.host.clone(), cfg.port);
-        // Request/response over small packets: Nagle would add delayed-ACK stalls to each one.
-        let mut net = rumqttc::NetworkOptions::new();
-        net.set_tcp_nodelay(true);
-        opts.set_network_options(net);
-        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            cfg.tls(),
-        )))
-        .set_keep_alive(cfg.keep_alive)
-        .set_clean_start(true)
-        .set_connection_timeout(cfg.connect_timeout.as_secs().max(1))
-        .set_max_packet_size(Some(max_incoming_packet()))
-        .set_outgoing_inflight_upper_limit(cfg.inflight)
-        .set_request_channel_capacity(256);
-        let (client, mut eventloop) = AsyncClient::new(opts, 256);
-        // rumqttc preallocates room for 100 events (about 40 KiB, a third of a simulated
-        // device's memory); a device's events are forwarded one by one, so the queue holds a
-        // handful at most and may grow as it needs.
-        eventloop.state.events = std::collections::VecDeque::new();
-
-        // Up to the CONNACK under the gate: that is the expensive part (TLS handshake).
-        let first = tokio::time::timeout(cfg.connect_timeout, async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                    Ok(_) => continue,
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-        })
-        .await;
-        match first {
-            Ok(Ok(())) => {}
+/// Connects and subscribes; `None` if the connection could not be made. The caller stops
+/// waiting by dropping the future.
+async fn connect(id: &DeviceId, cfg: &TransportConfig) -> Option<Box<mqtt::Session>> {
+    let _permit = match &cfg.connect_gate {
+        Some(gate) => Some(gate.clone().acquire_owned().await.ok()?),
+        None => None,
+    };
+    // Up to the CONNACK under the gate: that is the expensive part (TLS handshake).
+    let opts = mqtt::Options {
+        client_id: id.as_str(),
+        host: &cfg.host,
+        port: cfg.port,
+        tls: cfg.tls(),
+        keep_alive: cfg.keep_alive,
+        inflight: cfg.inflight,
+        max_incoming: max_incoming_packet(),
+    };
+    let mut session =
+        match tokio::time::timeout(cfg.connect_timeout, mqtt::Session::connect(opts)).await {
+            Ok(Ok(s)) => Box::new(s),
             Ok(Err(e)) => {
                 debug!(device = %id, error = %e, "connect failed");
                 return None;
@@ -769,56 +716,11 @@ impl Session {
                 debug!(device = %id, "connect timed out");
                 return None;
             }
-        }
-        drop(_permit);
-        let filters = subscriptions(id, cfg.renewal.is_some())
-            .into_iter()
-            .map(|t| Filter::new(t, QoS::AtLeastOnce));
-        if client.try_subscribe_many(filters).is_err() {
-            return None;
-        }
-        // Few events wait for the agent: a full channel stops the poller reading the socket, so
-        // chunk frames the agent has not reached yet wait in the kernel's socket buffer rather
-        // than in this process.
-        let (tx, events) = mpsc::channel(4);
-        let poller = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(ev) => {
-                        if tx.send(Link::Event(Box::new(unpin(ev)))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Link::Down(e.to_string())).await;
-                        return;
-                    }
-                }
-            }
-        });
-        Some(Session {
-            client,
-            events,
-            poller,
-        })
+        };
+    drop(_permit);
+    if let Err(e) = session.subscribe(subscriptions(id, cfg.renewal.is_some())) {
+        debug!(device = %id, error = %e, "subscribe failed");
+        return None;
     }
-
-    async fn close(self) {
-        let _ = self.client.try_disconnect();
-        // Give the DISCONNECT a moment to leave, then make sure the poller is gone.
-        let mut poller = self.poller;
-        if tokio::time::timeout(Duration::from_millis(200), &mut poller)
-            .await
-            .is_err()
-        {
-            poller.abort();
-        }
-    }
-}
-
-impl Session {
-    /// Breaks the connection without a DISCONNECT, as a failed link or a dead device would.
-    fn abort(self) {
-        self.poller.abort();
-    }
+    Some(session)
 }
