@@ -16,6 +16,7 @@ pub mod fuzzing;
 mod identity;
 pub(crate) mod mqtt;
 mod pending;
+mod queue;
 mod registry;
 mod relay;
 mod session;

@@ -22,13 +22,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttd::protocol::{DisconnectReasonCode, Packet, QoS};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
 use super::acl::{self, DeviceTopic};
 use super::direct::{publish_qos1, DeviceBound, DeviceMessage, SessionQueues};
 use super::mqtt::{self, FrameReader, Reason};
+use super::queue;
 use super::{FrontContext, FrontStats};
 use aloft_proto::{topics, DeviceId};
 
@@ -106,7 +107,7 @@ pub(crate) async fn run<R, W>(
     W: AsyncWrite + Unpin,
 {
     let ctx = session.ctx;
-    let (reply_tx, reply_rx) = mpsc::channel(REPLY_QUEUE);
+    let (reply_tx, reply_rx) = queue::bounded(REPLY_QUEUE);
     let (end_tx, end_rx) = oneshot::channel();
     let subs = std::sync::atomic::AtomicU8::new(0);
     let mut quota = Quota {
@@ -167,7 +168,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     session: &DeviceSession<'_>,
     reader: &mut FrameReader,
     client_r: &mut R,
-    replies: &mpsc::Sender<Reply>,
+    replies: &queue::Sender<Reply>,
     subs: &std::sync::atomic::AtomicU8,
     quota: &mut Quota,
 ) -> End {
@@ -357,7 +358,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     session: &DeviceSession<'_>,
     client_w: &mut W,
     mut queues: SessionQueues,
-    mut replies: mpsc::Receiver<Reply>,
+    mut replies: queue::Receiver<Reply>,
     mut end: oneshot::Receiver<Option<Reason>>,
     subs: &std::sync::atomic::AtomicU8,
 ) {
@@ -380,7 +381,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 }
                 break;
             }
-            Some(reply) = replies.recv() => match reply {
+            reply = replies.recv() => match reply {
                 Reply::Packet(p) => p,
                 Reply::PubAck(pkid) => {
                     in_flight.ids.remove(&pkid);
@@ -416,7 +417,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 let pkid = in_flight.take_id();
                 publish_qos1(&topics::job(device), pkid, false, &job)
             }
-            Some((kind, payload)) = queues.control.recv(), if room => {
+            (kind, payload) = queues.control.recv(), if room => {
                 if !receives(subs.load(Relaxed), kind) {
                     continue;
                 }
@@ -429,7 +430,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 let pkid = in_flight.take_id();
                 publish_qos1(&topic, pkid, false, &payload)
             }
-            Some(frame) = queues.chunks.recv() => {
+            frame = queues.chunks.recv() => {
                 if !receives(subs.load(Relaxed), DeviceBound::ChunkResponse) {
                     continue;
                 }
