@@ -13,6 +13,7 @@
 //! DISCONNECT it receives as an error ("router-drop"), and a connection closed with unread bytes
 //! as a reset.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -117,8 +118,27 @@ enum End {
 }
 
 /// Runs one connection to completion (identity established or to be claimed).
-pub(crate) async fn run<S>(
+///
+/// The stream is split here, before any future exists: an async fn keeps room for its
+/// arguments for as long as it runs, and a TLS stream (1.2 KB) kept there beside the halves
+/// that own it was dead weight in every connected device's session.
+pub(crate) fn run<'a, S>(
     stream: S,
+    addr: SocketAddr,
+    source: IdentitySource,
+    identity: Option<aloft_certs::CertIdentity>,
+    ctx: &'a FrontContext,
+) -> impl Future<Output = ()> + 'a
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'a,
+{
+    let (client_r, client_w) = tokio::io::split(stream);
+    run_split(client_r, client_w, addr, source, identity, ctx)
+}
+
+async fn run_split<S>(
+    mut client_r: ReadHalf<S>,
+    mut client_w: WriteHalf<S>,
     addr: SocketAddr,
     source: IdentitySource,
     identity: Option<aloft_certs::CertIdentity>,
@@ -126,7 +146,6 @@ pub(crate) async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let (mut client_r, mut client_w) = tokio::io::split(stream);
     let max = match &source {
         IdentitySource::Certificate(peer) => ctx.cfg.max_packet_bytes(peer),
         IdentitySource::ClaimedClientId { .. } => ctx.cfg.device_max_packet_bytes,
