@@ -155,6 +155,7 @@ pub(crate) async fn run<R, W>(
     if quota.refused > 0 {
         warn!(%device, %addr, refused = quota.refused, cap = quota.cap, "session ended after subscriptions were refused for quota");
     }
+    debug!(%device, %addr, "session closed");
 }
 
 /// Subscriptions of one session, counted over all its SUBSCRIBEs (UNSUBSCRIBE gives none back).
