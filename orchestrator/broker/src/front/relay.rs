@@ -27,7 +27,6 @@ use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
 use super::acl;
-use super::direct::{RouteGuard, SessionQueues};
 use super::identity::Peer;
 use super::mqtt::{self, ConnAckProps, DecodeError, FrameError, FrameReader, Reason};
 use super::registry::Claim;
@@ -222,12 +221,12 @@ where
                 ctx,
             };
             let streams = (reader, client_r, client_w);
-            Some(Box::pin(serve_device(
+            Some(Box::pin(super::session::run(
                 session,
-                route,
-                queues,
-                admitted.claim,
                 streams,
+                queues,
+                route,
+                admitted.claim,
             )))
         }
         (Peer::Operator(_), None) => None,
@@ -324,33 +323,6 @@ async fn relay_operator<S>(
         warn!(%peer, %addr, refused = quota.refused, cap = quota.cap, "session ended after subscriptions were refused for quota");
     }
     debug!(%peer, %addr, "session closed");
-}
-
-/// Serves an admitted device's session on the device road; its CONNACK was sent.
-async fn serve_device<R, W>(
-    session: super::session::DeviceSession<'_>,
-    route: RouteGuard,
-    queues: SessionQueues,
-    claim: Claim,
-    (mut reader, mut client_r, mut client_w): (FrameReader, R, W),
-) where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let kill = claim.kill_signal();
-    let mut claim = Some(claim);
-    super::session::run(
-        session,
-        &mut reader,
-        &mut client_r,
-        &mut client_w,
-        queues,
-        &kill,
-        || drop(claim.take()),
-    )
-    .await;
-    drop(route);
-    drop(claim);
 }
 
 /// The CONNACK of an admitted session: the effective keep-alive if the front changed it, the
