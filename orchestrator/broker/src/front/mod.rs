@@ -16,6 +16,7 @@ pub mod fuzzing;
 mod identity;
 pub(crate) mod mqtt;
 mod pending;
+mod queue;
 mod registry;
 mod relay;
 mod session;
@@ -401,38 +402,54 @@ async fn handle(
             let Some(tls) = Box::pin(handshake(tcp, addr, slot, evicted, ctx)).await else {
                 return;
             };
-            let cert = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first());
-            // Fail closed: no certificate (cannot happen with a verifier that requires one,
-            // but the config is the caller's) or an identity we do not accept ends it here.
-            let Some(cert) = cert else {
-                FrontStats::inc(&ctx.stats.certificates_refused);
-                info!(%addr, "no client certificate after handshake");
-                return;
-            };
-            let identity = match aloft_certs::parse_identity(cert.as_ref()) {
-                Ok(identity) => identity,
-                Err(e) => {
-                    FrontStats::inc(&ctx.stats.certificates_refused);
-                    info!(%addr, error = %e, "client certificate identity unparsable");
-                    return;
-                }
-            };
-            let peer = match Peer::from_identity(&identity) {
-                Ok(peer) => peer,
-                Err(e) => {
-                    FrontStats::inc(&ctx.stats.certificates_refused);
-                    info!(%addr, error = %e, "client certificate identity refused");
-                    return;
-                }
-            };
-            let source = IdentitySource::Certificate(peer);
-            Box::pin(relay::run(tls, addr, source, Some(identity), ctx)).await;
+            if let Some(session) = tls_session(tls, addr, ctx) {
+                session.await;
+            }
         }
     }
+}
+
+/// The boxed session of a connection whose handshake is done, or `None` if its certificate
+/// names no identity we accept.
+///
+/// A plain function, not part of `handle`: a local of an async fn that is borrowed (here, to
+/// read the peer's certificate) keeps its room in the future until its scope ends, and the
+/// TLS stream (1.2 KB) then stayed in every connection's task beside the session that owns it.
+fn tls_session<'a>(
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    addr: SocketAddr,
+    ctx: &'a FrontContext,
+) -> Option<std::pin::Pin<Box<impl Future<Output = ()> + 'a>>> {
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first());
+    // Fail closed: no certificate (cannot happen with a verifier that requires one, but the
+    // config is the caller's) or an identity we do not accept ends it here.
+    let Some(cert) = cert else {
+        FrontStats::inc(&ctx.stats.certificates_refused);
+        info!(%addr, "no client certificate after handshake");
+        return None;
+    };
+    let identity = match aloft_certs::parse_identity(cert.as_ref()) {
+        Ok(identity) => identity,
+        Err(e) => {
+            FrontStats::inc(&ctx.stats.certificates_refused);
+            info!(%addr, error = %e, "client certificate identity unparsable");
+            return None;
+        }
+    };
+    let peer = match Peer::from_identity(&identity) {
+        Ok(peer) => peer,
+        Err(e) => {
+            FrontStats::inc(&ctx.stats.certificates_refused);
+            info!(%addr, error = %e, "client certificate identity refused");
+            return None;
+        }
+    };
+    let source = IdentitySource::Certificate(peer);
+    Some(Box::pin(relay::run(tls, addr, source, Some(identity), ctx)))
 }
 
 /// Runs the TLS handshake of a socket holding `slot`: its first byte within the first-byte

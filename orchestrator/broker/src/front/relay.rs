@@ -13,7 +13,9 @@
 //! DISCONNECT it receives as an error ("router-drop"), and a connection closed with unread bytes
 //! as a reset.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -116,17 +118,48 @@ enum End {
     Disconnect(Reason),
 }
 
+/// A session the front serves after admitting its CONNECT.
+type Served<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
 /// Runs one connection to completion (identity established or to be claimed).
-pub(crate) async fn run<S>(
+///
+/// The stream is split here, before any future exists: an async fn keeps room for its
+/// arguments for as long as it runs, and a TLS stream (1.2 KB) kept there beside the halves
+/// that own it was dead weight in every connected device's session. The admission and the
+/// session are boxed apart, so nothing of the admission (the CONNECT, the certificate's
+/// identity, the CONNACK) stays in memory while a device idles.
+pub(crate) fn run<'a, S>(
     stream: S,
     addr: SocketAddr,
     source: IdentitySource,
     identity: Option<aloft_certs::CertIdentity>,
-    ctx: &FrontContext,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    ctx: &'a FrontContext,
+) -> impl Future<Output = ()> + 'a
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'a,
 {
-    let (mut client_r, mut client_w) = tokio::io::split(stream);
+    let (client_r, client_w) = tokio::io::split(stream);
+    let admission = Box::pin(admission(client_r, client_w, addr, source, identity, ctx));
+    async move {
+        if let Some(session) = admission.await {
+            session.await;
+        }
+    }
+}
+
+/// Admits the connection's CONNECT and returns its session, or `None` once it is refused or
+/// gone. A device's CONNACK is sent here: its session starts established.
+async fn admission<'a, S>(
+    mut client_r: ReadHalf<S>,
+    mut client_w: WriteHalf<S>,
+    addr: SocketAddr,
+    source: IdentitySource,
+    identity: Option<aloft_certs::CertIdentity>,
+    ctx: &'a FrontContext,
+) -> Option<Served<'a>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'a,
+{
     let max = match &source {
         IdentitySource::Certificate(peer) => ctx.cfg.max_packet_bytes(peer),
         IdentitySource::ClaimedClientId { .. } => ctx.cfg.device_max_packet_bytes,
@@ -144,39 +177,59 @@ pub(crate) async fn run<S>(
     .await
     {
         Ok(Ok(a)) => a,
-        Ok(Err(refusal)) => return refuse(&mut client_w, refusal).await,
+        Ok(Err(refusal)) => {
+            refuse(&mut client_w, refusal).await;
+            return None;
+        }
         Err(_) => {
             FrontStats::inc(&ctx.stats.connects_timed_out);
             debug!(%addr, "no CONNECT in time");
-            return;
+            return None;
         }
     };
     // Each kind of session is its own boxed future: a connection's task then holds only the
     // state of the session it serves, not room for the largest of them (an idle device's task
     // was 17.9 KB, mostly room for an operator's relay and a handshake long finished).
-    let peer = admitted.peer.clone();
-    match (&peer, admitted.backend_connect.clone()) {
+    match (&admitted.peer, &admitted.backend_connect) {
         (Peer::Operator(_), Some(connect)) => {
+            let connect = connect.clone();
             let streams = (reader, client_r, client_w);
-            Box::pin(relay_operator(
+            Some(Box::pin(relay_operator(
                 connect, admitted, max, addr, identity, streams, ctx,
-            ))
-            .await
+            )))
         }
         (Peer::Device(device), _) => {
             let device = device.clone();
-            Box::pin(serve_device(
+            // The route opens before the CONNACK: whatever the orchestrator sends from the
+            // moment the device can know it is connected reaches it.
+            let (route, queues) = ctx.direct.open(device.clone());
+            // Sessions the front serves itself keep nothing across connections and grant QoS
+            // 1 at most.
+            let connack = success_connack(&admitted, false, max, true);
+            if !established(&mut client_w, &connack, identity.as_ref(), ctx).await {
+                return None;
+            }
+            debug!(%device, %addr, "device session served");
+            let session = super::session::DeviceSession {
                 device,
-                admitted,
-                max,
                 addr,
-                identity,
-                (reader, client_r, client_w),
+                idle: Duration::from_millis(u64::from(admitted.keep_alive_secs) * 1_500),
+                receive_maximum: usize::from(admitted.receive_maximum),
+                client_max_packet: admitted.client_max_packet,
+                will: admitted.device_will,
+                max_subscriptions: ctx.cfg.max_subscriptions_per_session,
                 ctx,
-            ))
-            .await
+            };
+            let streams = (reader, client_r, client_w);
+            Some(Box::pin(super::session::run(
+                session,
+                streams,
+                queues,
+                route,
+                admitted.claim,
+            )))
         }
-        (Peer::Operator(_), None) => {}
+        (Peer::Operator(_), None) => None,
     }
 }
 
@@ -270,55 +323,6 @@ async fn relay_operator<S>(
         warn!(%peer, %addr, refused = quota.refused, cap = quota.cap, "session ended after subscriptions were refused for quota");
     }
     debug!(%peer, %addr, "session closed");
-}
-
-/// Answers an admitted device's CONNECT and serves its session on the device road.
-async fn serve_device<R, W>(
-    device: DeviceId,
-    admitted: Admitted,
-    max: usize,
-    addr: SocketAddr,
-    identity: Option<aloft_certs::CertIdentity>,
-    (mut reader, mut client_r, mut client_w): (FrameReader, R, W),
-    ctx: &FrontContext,
-) where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    // The route opens before the CONNACK: whatever the orchestrator sends from the moment the
-    // device can know it is connected reaches it.
-    let (route, queues) = ctx.direct.open(device.clone());
-    // Sessions the front serves itself keep nothing across connections and grant QoS 1 at most.
-    let connack = success_connack(&admitted, false, max, true);
-    if !established(&mut client_w, &connack, identity.as_ref(), ctx).await {
-        return;
-    }
-    debug!(%device, %addr, "device session served");
-    let kill = admitted.claim.kill_signal();
-    let mut claim = Some(admitted.claim);
-    let session = super::session::DeviceSession {
-        device: device.clone(),
-        addr,
-        idle: Duration::from_millis(u64::from(admitted.keep_alive_secs) * 1_500),
-        receive_maximum: usize::from(admitted.receive_maximum),
-        client_max_packet: admitted.client_max_packet,
-        will: admitted.device_will,
-        max_subscriptions: ctx.cfg.max_subscriptions_per_session,
-        ctx,
-    };
-    super::session::run(
-        session,
-        &mut reader,
-        &mut client_r,
-        &mut client_w,
-        queues,
-        &kill,
-        || drop(claim.take()),
-    )
-    .await;
-    drop(route);
-    drop(claim);
-    debug!(%device, %addr, "session closed");
 }
 
 /// The CONNACK of an admitted session: the effective keep-alive if the front changed it, the

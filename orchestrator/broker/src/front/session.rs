@@ -16,6 +16,7 @@
 //! connection with a DISCONNECT, as for relayed sessions.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -23,13 +24,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttd::protocol::{DisconnectReasonCode, Packet, QoS};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::timeout;
 use tracing::{debug, info, warn};
 
 use super::acl::{self, DeviceTopic};
-use super::direct::{publish_qos1, DeviceBound, DeviceMessage, Frame, SessionQueues};
+use super::direct::{publish_qos1, DeviceBound, DeviceMessage, Frame, RouteGuard, SessionQueues};
 use super::mqtt::{self, FrameReader, Reason};
+use super::queue;
+use super::registry::Claim;
 use super::{FrontContext, FrontStats};
 use aloft_proto::{topics, DeviceId};
 
@@ -93,67 +96,78 @@ enum End {
     Disconnect(Reason),
 }
 
-/// Runs a device session until either side ends it or `kill` fires (revocation).
-pub(crate) async fn run<R, W>(
-    session: DeviceSession<'_>,
-    reader: &mut FrameReader,
-    client_r: &mut R,
-    client_w: &mut W,
+/// Runs a device session until either side ends it or its claim's kill signal fires
+/// (revocation); the route closes and the claim is released when it ends.
+///
+/// A plain function returning an `async move` block, not an async fn: an async fn keeps a
+/// second copy of every argument it takes by value, and this future lives as long as the
+/// device stays connected.
+pub(crate) fn run<'a, R, W>(
+    session: DeviceSession<'a>,
+    (mut reader, mut client_r, mut client_w): (FrameReader, R, W),
     queues: SessionQueues,
-    kill: &tokio::sync::Notify,
-    release_claim: impl FnOnce(),
-) where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    route: RouteGuard,
+    claim: Claim,
+) -> impl Future<Output = ()> + 'a
+where
+    R: AsyncRead + Unpin + 'a,
+    W: AsyncWrite + Unpin + 'a,
 {
-    let ctx = session.ctx;
-    let (reply_tx, reply_rx) = mpsc::channel(REPLY_QUEUE);
-    let (end_tx, end_rx) = oneshot::channel();
-    let subs = std::sync::atomic::AtomicU8::new(0);
-    let mut quota = Quota {
-        cap: session.max_subscriptions,
-        used: 0,
-        refused: 0,
-    };
-    let device = session.device.clone();
-    let addr = session.addr;
-    let read = async {
-        let end = tokio::select! {
-            end = read_loop(&session, reader, client_r, &reply_tx, &subs, &mut quota) => end,
-            () = kill.notified() => {
-                FrontStats::inc(&ctx.stats.sessions_revoked);
-                info!(%device, %addr, "certificate revoked; ending the session");
-                End::Disconnect(Reason::AdministrativeAction)
-            }
+    let kill = claim.kill_signal();
+    async move {
+        let ctx = session.ctx;
+        let mut claim = Some(claim);
+        let (reply_tx, reply_rx) = queue::bounded(REPLY_QUEUE);
+        let (end_tx, end_rx) = oneshot::channel();
+        let subs = std::sync::atomic::AtomicU8::new(0);
+        let mut quota = Quota {
+            cap: session.max_subscriptions,
+            used: 0,
+            refused: 0,
         };
-        let (reason, will) = match end {
-            End::Quiet { will } => (None, will),
-            End::Disconnect(r) => (Some(r), true),
-        };
-        if will {
-            if let Some(w) = session.will.clone() {
-                if ctx.direct.inbox().try_send(w).is_err() {
-                    FrontStats::inc(&ctx.stats.device_inbox_full);
+        let (device, addr) = (&session.device, session.addr);
+        let read = async {
+            let end = tokio::select! {
+                end = read_loop(&session, &mut reader, &mut client_r, &reply_tx, &subs, &mut quota) => end,
+                () = kill.notified() => {
+                    FrontStats::inc(&ctx.stats.sessions_revoked);
+                    info!(%device, %addr, "certificate revoked; ending the session");
+                    End::Disconnect(Reason::AdministrativeAction)
+                }
+            };
+            let (reason, will) = match end {
+                End::Quiet { will } => (None, will),
+                End::Disconnect(r) => (Some(r), true),
+            };
+            if will {
+                if let Some(w) = session.will.clone() {
+                    if ctx.direct.inbox().try_send(w).is_err() {
+                        FrontStats::inc(&ctx.stats.device_inbox_full);
+                    }
                 }
             }
-        }
-        let _ = end_tx.send(reason);
-    };
-    {
-        let write = write_loop(&session, client_w, queues, reply_rx, end_rx, &subs);
-        tokio::pin!(read, write);
-        tokio::select! {
-            () = &mut read => {
-                // The client is gone or being closed: free its identity now so an immediate
-                // reconnect is not refused, then give the DISCONNECT a bounded chance to leave.
-                release_claim();
-                let _ = timeout(LAST_WORDS, &mut write).await;
+            let _ = end_tx.send(reason);
+        };
+        {
+            let write = write_loop(&session, &mut client_w, queues, reply_rx, end_rx, &subs);
+            tokio::pin!(read, write);
+            tokio::select! {
+                () = &mut read => {
+                    // The client is gone or being closed: free its identity now so an
+                    // immediate reconnect is not refused, then give the DISCONNECT a bounded
+                    // chance to leave.
+                    drop(claim.take());
+                    let _ = timeout(LAST_WORDS, &mut write).await;
+                }
+                () = &mut write => {}
             }
-            () = &mut write => {}
         }
-    }
-    if quota.refused > 0 {
-        warn!(%device, %addr, refused = quota.refused, cap = quota.cap, "session ended after subscriptions were refused for quota");
+        drop(route);
+        drop(claim);
+        if quota.refused > 0 {
+            warn!(%device, %addr, refused = quota.refused, cap = quota.cap, "session ended after subscriptions were refused for quota");
+        }
+        debug!(%device, %addr, "session closed");
     }
 }
 
@@ -168,11 +182,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
     session: &DeviceSession<'_>,
     reader: &mut FrameReader,
     client_r: &mut R,
-    replies: &mpsc::Sender<Reply>,
+    replies: &queue::Sender<Reply>,
     subs: &std::sync::atomic::AtomicU8,
     quota: &mut Quota,
 ) -> End {
-    use std::sync::atomic::Ordering::Relaxed;
     let ctx = session.ctx;
     let stats = &ctx.stats;
     let device = &session.device;
@@ -185,146 +198,174 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 Err(None) => return End::Quiet { will: true },
                 Err(Some(reason)) => return End::Disconnect(reason),
             };
-        let reply = match mqtt::decode_client(&frame) {
-            Ok(Packet::Publish(publish, props)) => {
-                let alias = props.as_ref().is_some_and(|p| p.topic_alias.is_some());
-                let topic = if alias || publish.retain {
-                    None
-                } else {
-                    acl::device_publish_topic(device, &publish.topic)
-                };
-                let Some(topic) = topic else {
-                    FrontStats::inc(&stats.acl_denied_publish);
-                    let denied = acl::check_publish(
-                        &super::Peer::Device(device.clone()),
-                        &publish.topic,
-                        publish.retain,
-                        alias,
-                    )
-                    .err();
-                    warn!(%device, topic = %String::from_utf8_lossy(&publish.topic), retain = publish.retain, ?denied, "publish denied; closing");
-                    return End::Disconnect(Reason::NotAuthorized);
-                };
-                let Some((qos, pkid)) = mqtt::publish_qos_pkid(&frame) else {
-                    FrontStats::inc(&stats.malformed_packets);
-                    return End::Disconnect(Reason::MalformedPacket);
-                };
-                let message = DeviceMessage {
-                    device: device.clone(),
-                    topic,
-                    payload: publish.payload,
-                };
-                FrontStats::inc(&stats.device_messages);
-                match (qos, pkid) {
-                    (0, _) => {
-                        // At most once: under overload a heartbeat is worth less than the
-                        // reports queued before it.
-                        if ctx.direct.inbox().try_send(message).is_err() {
-                            FrontStats::inc(&stats.device_inbox_full);
-                        }
-                        continue;
-                    }
-                    (1, Some(pkid)) => {
-                        if ctx.direct.inbox().send(message).await.is_err() {
-                            warn!(%device, "orchestrator inbox closed; ending the session");
-                            return End::Disconnect(Reason::ServerUnavailable);
-                        }
-                        Reply::Packet(mqtt::puback(pkid))
-                    }
-                    _ => {
-                        FrontStats::inc(&stats.malformed_packets);
-                        info!(%device, "QoS 2 PUBLISH; closing");
-                        return End::Disconnect(Reason::QosNotSupported);
-                    }
+        // Decided by a plain function: the decoded packet (392 bytes) and what it borrows are
+        // gone before anything is awaited, so an idle session keeps no room for them.
+        let reply = match step(session, &frame, subs, quota) {
+            Step::Reply(reply) => reply,
+            Step::Skip => continue,
+            Step::End(end) => return end,
+            Step::Inbox { message, pkid } => {
+                if ctx.direct.inbox().send(message).await.is_err() {
+                    warn!(%device, "orchestrator inbox closed; ending the session");
+                    return End::Disconnect(Reason::ServerUnavailable);
                 }
-            }
-            Ok(Packet::Subscribe(subscribe, _)) => {
-                if subscribe.filters.is_empty() {
-                    FrontStats::inc(&stats.malformed_packets);
-                    return End::Disconnect(Reason::MalformedPacket);
-                }
-                let mut bits = 0u8;
-                let mut codes = Vec::with_capacity(subscribe.filters.len());
-                for filter in &subscribe.filters {
-                    let index = acl::is_valid_filter(&filter.path)
-                        .then(|| acl::device_filter_index(device, &filter.path))
-                        .flatten();
-                    let Some(index) = index else {
-                        FrontStats::inc(&stats.acl_denied_subscribe);
-                        warn!(%device, filter = %filter.path, "subscribe denied; closing");
-                        return End::Disconnect(Reason::NotAuthorized);
-                    };
-                    bits |= 1 << index;
-                    codes.push(if filter.qos == QoS::AtMostOnce { 0 } else { 1 });
-                }
-                let n = subscribe.filters.len();
-                match quota.used.checked_add(n) {
-                    Some(total) if total <= quota.cap => quota.used = total,
-                    _ => {
-                        quota.refused += n as u64;
-                        FrontStats::add(&stats.subscriptions_over_quota, n);
-                        if quota.refused == n as u64 {
-                            warn!(%device, cap = quota.cap, "subscription quota reached; refusing further SUBSCRIBEs (0x97)");
-                        }
-                        let packet = mqtt::suback(subscribe.pkid, n, Reason::QuotaExceeded);
-                        if replies.send(Reply::Packet(packet)).await.is_err() {
-                            return End::Quiet { will: true };
-                        }
-                        continue;
-                    }
-                }
-                let before = subs.fetch_or(bits, Relaxed);
-                let then_job = !receives(before, DeviceBound::Job)
-                    && receives(before | bits, DeviceBound::Job);
-                Reply::SubAck {
-                    packet: mqtt::suback_codes(subscribe.pkid, &codes),
-                    then_job,
-                }
-            }
-            Ok(Packet::Unsubscribe(unsubscribe, _)) => {
-                let mut codes = Vec::with_capacity(unsubscribe.filters.len());
-                for filter in &unsubscribe.filters {
-                    let bit = acl::device_filter_index(device, filter).map_or(0, |i| 1u8 << i);
-                    let before = subs.fetch_and(!bit, Relaxed);
-                    // 0x11: No subscription existed.
-                    codes.push(if bit != 0 && before & bit != 0 {
-                        0
-                    } else {
-                        0x11
-                    });
-                }
-                Reply::Packet(mqtt::unsuback(unsubscribe.pkid, &codes))
-            }
-            Ok(Packet::PingReq(_)) => Reply::Packet(Bytes::from_static(&mqtt::PINGRESP)),
-            Ok(Packet::PubAck(ack, _)) => Reply::PubAck(ack.pkid),
-            Ok(Packet::Disconnect(d, _)) => {
-                return End::Quiet {
-                    will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
-                };
-            }
-            Ok(Packet::Connect(..)) => {
-                FrontStats::inc(&stats.malformed_packets);
-                info!(%device, "second CONNECT; closing");
-                return End::Disconnect(Reason::ProtocolError);
-            }
-            Ok(Packet::PubRec(..) | Packet::PubRel(..) | Packet::PubComp(..)) => {
-                // The front never sends QoS 2 and refuses it from clients.
-                FrontStats::inc(&stats.malformed_packets);
-                info!(%device, "QoS 2 flow packet; closing");
-                return End::Disconnect(Reason::ProtocolError);
-            }
-            Ok(_) => {
-                FrontStats::inc(&stats.malformed_packets);
-                return End::Disconnect(Reason::ProtocolError);
-            }
-            Err(e) => {
-                FrontStats::inc(&stats.malformed_packets);
-                info!(%device, error = %e, "malformed packet; closing");
-                return End::Disconnect(Reason::MalformedPacket);
+                Reply::Packet(mqtt::puback(pkid))
             }
         };
         if replies.send(reply).await.is_err() {
             return End::Quiet { will: true };
+        }
+    }
+}
+
+/// What the reader does with one packet from the client.
+enum Step {
+    /// Hand the writer this.
+    Reply(Reply),
+    /// Nothing to answer.
+    Skip,
+    /// A QoS 1 PUBLISH for the orchestrator: PUBACK it once the inbox took it.
+    Inbox { message: DeviceMessage, pkid: u16 },
+    /// End the session.
+    End(End),
+}
+
+/// Decodes one frame from the client and decides what it calls for; no I/O.
+fn step(
+    session: &DeviceSession<'_>,
+    frame: &[u8],
+    subs: &std::sync::atomic::AtomicU8,
+    quota: &mut Quota,
+) -> Step {
+    use std::sync::atomic::Ordering::Relaxed;
+    let ctx = session.ctx;
+    let stats = &ctx.stats;
+    let device = &session.device;
+    match mqtt::decode_client(frame) {
+        Ok(Packet::Publish(publish, props)) => {
+            let alias = props.as_ref().is_some_and(|p| p.topic_alias.is_some());
+            let topic = if alias || publish.retain {
+                None
+            } else {
+                acl::device_publish_topic(device, &publish.topic)
+            };
+            let Some(topic) = topic else {
+                FrontStats::inc(&stats.acl_denied_publish);
+                let denied = acl::check_publish(
+                    &super::Peer::Device(device.clone()),
+                    &publish.topic,
+                    publish.retain,
+                    alias,
+                )
+                .err();
+                warn!(%device, topic = %String::from_utf8_lossy(&publish.topic), retain = publish.retain, ?denied, "publish denied; closing");
+                return Step::End(End::Disconnect(Reason::NotAuthorized));
+            };
+            let Some((qos, pkid)) = mqtt::publish_qos_pkid(frame) else {
+                FrontStats::inc(&stats.malformed_packets);
+                return Step::End(End::Disconnect(Reason::MalformedPacket));
+            };
+            let message = DeviceMessage {
+                device: device.clone(),
+                topic,
+                payload: publish.payload,
+            };
+            FrontStats::inc(&stats.device_messages);
+            match (qos, pkid) {
+                (0, _) => {
+                    // At most once: under overload a heartbeat is worth less than the
+                    // reports queued before it.
+                    if ctx.direct.inbox().try_send(message).is_err() {
+                        FrontStats::inc(&stats.device_inbox_full);
+                    }
+                    Step::Skip
+                }
+                (1, Some(pkid)) => Step::Inbox { message, pkid },
+                _ => {
+                    FrontStats::inc(&stats.malformed_packets);
+                    info!(%device, "QoS 2 PUBLISH; closing");
+                    Step::End(End::Disconnect(Reason::QosNotSupported))
+                }
+            }
+        }
+        Ok(Packet::Subscribe(subscribe, _)) => {
+            if subscribe.filters.is_empty() {
+                FrontStats::inc(&stats.malformed_packets);
+                return Step::End(End::Disconnect(Reason::MalformedPacket));
+            }
+            let mut bits = 0u8;
+            let mut codes = Vec::with_capacity(subscribe.filters.len());
+            for filter in &subscribe.filters {
+                let index = acl::is_valid_filter(&filter.path)
+                    .then(|| acl::device_filter_index(device, &filter.path))
+                    .flatten();
+                let Some(index) = index else {
+                    FrontStats::inc(&stats.acl_denied_subscribe);
+                    warn!(%device, filter = %filter.path, "subscribe denied; closing");
+                    return Step::End(End::Disconnect(Reason::NotAuthorized));
+                };
+                bits |= 1 << index;
+                codes.push(if filter.qos == QoS::AtMostOnce { 0 } else { 1 });
+            }
+            let n = subscribe.filters.len();
+            match quota.used.checked_add(n) {
+                Some(total) if total <= quota.cap => quota.used = total,
+                _ => {
+                    quota.refused += n as u64;
+                    FrontStats::add(&stats.subscriptions_over_quota, n);
+                    if quota.refused == n as u64 {
+                        warn!(%device, cap = quota.cap, "subscription quota reached; refusing further SUBSCRIBEs (0x97)");
+                    }
+                    let packet = mqtt::suback(subscribe.pkid, n, Reason::QuotaExceeded);
+                    return Step::Reply(Reply::Packet(packet));
+                }
+            }
+            let before = subs.fetch_or(bits, Relaxed);
+            let then_job =
+                !receives(before, DeviceBound::Job) && receives(before | bits, DeviceBound::Job);
+            Step::Reply(Reply::SubAck {
+                packet: mqtt::suback_codes(subscribe.pkid, &codes),
+                then_job,
+            })
+        }
+        Ok(Packet::Unsubscribe(unsubscribe, _)) => {
+            let mut codes = Vec::with_capacity(unsubscribe.filters.len());
+            for filter in &unsubscribe.filters {
+                let bit = acl::device_filter_index(device, filter).map_or(0, |i| 1u8 << i);
+                let before = subs.fetch_and(!bit, Relaxed);
+                // 0x11: No subscription existed.
+                codes.push(if bit != 0 && before & bit != 0 {
+                    0
+                } else {
+                    0x11
+                });
+            }
+            Step::Reply(Reply::Packet(mqtt::unsuback(unsubscribe.pkid, &codes)))
+        }
+        Ok(Packet::PingReq(_)) => Step::Reply(Reply::Packet(Bytes::from_static(&mqtt::PINGRESP))),
+        Ok(Packet::PubAck(ack, _)) => Step::Reply(Reply::PubAck(ack.pkid)),
+        Ok(Packet::Disconnect(d, _)) => Step::End(End::Quiet {
+            will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+        }),
+        Ok(Packet::Connect(..)) => {
+            FrontStats::inc(&stats.malformed_packets);
+            info!(%device, "second CONNECT; closing");
+            Step::End(End::Disconnect(Reason::ProtocolError))
+        }
+        Ok(Packet::PubRec(..) | Packet::PubRel(..) | Packet::PubComp(..)) => {
+            // The front never sends QoS 2 and refuses it from clients.
+            FrontStats::inc(&stats.malformed_packets);
+            info!(%device, "QoS 2 flow packet; closing");
+            Step::End(End::Disconnect(Reason::ProtocolError))
+        }
+        Ok(_) => {
+            FrontStats::inc(&stats.malformed_packets);
+            Step::End(End::Disconnect(Reason::ProtocolError))
+        }
+        Err(e) => {
+            FrontStats::inc(&stats.malformed_packets);
+            info!(%device, error = %e, "malformed packet; closing");
+            Step::End(End::Disconnect(Reason::MalformedPacket))
         }
     }
 }
@@ -425,7 +466,7 @@ enum Next {
     Reply(Reply),
     Job,
     Control(DeviceBound, Bytes),
-    Chunk(Box<Frame>),
+    Chunk(Frame),
 }
 
 /// The writer's own state: the QoS 1 PUBLISHes in flight and the last job sent.
@@ -499,7 +540,7 @@ impl Writer<'_, '_> {
                     return;
                 }
                 // Head and shared body, written as one packet.
-                out.frame(*frame);
+                out.frame(frame);
                 return;
             }
         };
@@ -525,7 +566,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     session: &DeviceSession<'_>,
     client_w: &mut W,
     mut queues: SessionQueues,
-    mut replies: mpsc::Receiver<Reply>,
+    mut replies: queue::Receiver<Reply>,
     mut end: oneshot::Receiver<Option<Reason>>,
     subs: &std::sync::atomic::AtomicU8,
 ) {
@@ -545,10 +586,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         let next = tokio::select! {
             biased;
             reason = &mut end => Next::End(reason.ok().flatten()),
-            Some(reply) = replies.recv() => Next::Reply(reply),
+            reply = replies.recv() => Next::Reply(reply),
             () = queues.job.notified(), if room => Next::Job,
-            Some((kind, payload)) = queues.control.recv(), if room => Next::Control(kind, payload),
-            Some(frame) = queues.chunks.recv() => Next::Chunk(frame),
+            (kind, payload) = queues.control.recv(), if room => Next::Control(kind, payload),
+            frame = queues.chunks.recv() => Next::Chunk(frame),
         };
         if let Next::End(reason) = next {
             if let Some(reason) = reason {
@@ -560,9 +601,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         w.take(next, &mut out);
         // Whatever else is ready goes with it: replies first, then chunk frames.
         while !out.full() {
-            if let Ok(reply) = replies.try_recv() {
+            if let Some(reply) = replies.try_recv() {
                 w.take(Next::Reply(reply), &mut out);
-            } else if let Ok(frame) = queues.chunks.try_recv() {
+            } else if let Some(frame) = queues.chunks.try_recv() {
                 w.take(Next::Chunk(frame), &mut out);
             } else {
                 break;
