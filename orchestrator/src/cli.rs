@@ -213,7 +213,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub console_listen: Option<SocketAddr>,
     /// Devices sent chunks at once over the whole fleet; the others are told to wait (`busy`)
-    /// [default: the file's `downloads.slots`, else 128].
+    /// [default: the file's `downloads.slots`, else 256].
     #[arg(long)]
     pub download_slots: Option<usize>,
     /// Run beside an external MQTT 5 broker, `mqtts://host:port`, as its client (certificate
