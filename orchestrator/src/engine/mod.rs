@@ -111,6 +111,26 @@ pub enum EngineError {
     Link(#[from] LinkClosed),
 }
 
+/// Makes one of the core's writes.
+fn apply(store: &Store, w: &Write) -> Result<(), StoreError> {
+    match w {
+        Write::Progress {
+            campaign,
+            device,
+            progress,
+        } => store.put_progress(campaign, device, progress),
+        Write::Device(d) => store.put_device(d),
+        Write::Campaign(c) => store.put_campaign(c),
+        Write::Release(r) => store.put_release(r),
+        Write::Chunk {
+            artifact,
+            index,
+            sealed,
+        } => store.put_chunk(artifact, *index, sealed),
+        Write::Audit { event, at_ms } => store.append_audit(event.clone(), *at_ms).map(|_| ()),
+    }
+}
+
 /// The engine waiting for its store: when it began, and the next wait.
 #[derive(Default)]
 struct Outage {
@@ -422,31 +442,19 @@ impl Shell {
         }
     }
 
-    /// Makes one of the core's writes, waiting for the store like [`Self::flush_until_durable`]
-    /// (a transition reads the record it replaces, which may need the database).
-    async fn apply_until_done(&mut self, w: Write) -> Result<(), StoreError> {
+    /// Runs a store operation of the commit (a write, the flush); while the store's database is
+    /// unreachable, waits and tries again, with the batch's output held (nothing acknowledged
+    /// that is not committed) and no new event taken (devices' publishes wait in the front,
+    /// unacknowledged). A write may need the database too: a transition reads the record it
+    /// replaces. Errors that waiting cannot mend (another holder took the store meanwhile, a
+    /// local disk's error) end the engine.
+    async fn until_stored(
+        &self,
+        mut op: impl FnMut(&Store) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let mut outage = Outage::default();
         loop {
-            match self.apply(&w) {
-                Ok(()) => {
-                    outage.over(&self.metrics);
-                    return Ok(());
-                }
-                Err(e) if e.is_transient() => outage.wait(&self.metrics, &e).await,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Flushes the store; while its database is unreachable, waits and tries again (with the
-    /// batch's output held, so nothing is acknowledged that is not committed, and no new
-    /// event taken: devices' publishes wait in the front, unacknowledged). Errors that waiting
-    /// cannot mend (another holder took the store meanwhile, a local disk's error) end the
-    /// engine.
-    async fn flush_until_durable(&mut self) -> Result<(), StoreError> {
-        let mut outage = Outage::default();
-        loop {
-            match self.store.flush() {
+            match op(&self.store) {
                 Ok(()) => {
                     outage.over(&self.metrics);
                     return Ok(());
@@ -478,11 +486,11 @@ impl Shell {
         let wrapping = wrap_jobs(jobs);
         let commit_started = Instant::now();
         for w in writes {
-            self.apply_until_done(w).await?;
+            self.until_stored(|store| apply(store, &w)).await?;
         }
         if flush {
             let t = Instant::now();
-            self.flush_until_durable().await?;
+            self.until_stored(Store::flush).await?;
             self.metrics.store_flushed(t.elapsed().as_secs_f64());
             self.metrics
                 .store_committed(commit_started.elapsed().as_secs_f64());
@@ -588,28 +596,6 @@ impl Shell {
             }
         }
         Ok(())
-    }
-
-    /// Makes one of the core's writes.
-    fn apply(&self, w: &Write) -> Result<(), StoreError> {
-        match w {
-            Write::Progress {
-                campaign,
-                device,
-                progress,
-            } => self.store.put_progress(campaign, device, progress),
-            Write::Device(d) => self.store.put_device(d),
-            Write::Campaign(c) => self.store.put_campaign(c),
-            Write::Release(r) => self.store.put_release(r),
-            Write::Chunk {
-                artifact,
-                index,
-                sealed,
-            } => self.store.put_chunk(artifact, *index, sealed),
-            Write::Audit { event, at_ms } => {
-                self.store.append_audit(event.clone(), *at_ms).map(|_| ())
-            }
-        }
     }
 
     /// Chunk service: one frame per requested index, in order, read from the store

@@ -612,6 +612,18 @@ struct Worker {
     generation: Option<i64>,
 }
 
+/// Bumps the store's holder generation (`aloft_store_holder`) on a connection that holds the
+/// store's lock, and returns it.
+fn bump_generation(client: &mut Client) -> Result<i64, postgres::Error> {
+    client
+        .query_one(
+            "UPDATE aloft_store_holder SET generation = generation + 1 WHERE id = 1 \
+             RETURNING generation",
+            &[],
+        )?
+        .try_get(0)
+}
+
 /// Most rows [`Committed`] keeps per map before it starts again empty.
 const COMMITTED_CAP: usize = 1 << 18;
 
@@ -723,28 +735,22 @@ impl Worker {
                 }
                 Err(e) => return Err(self.db_error(&e)),
             }
-            self.client = Some(client);
-            self.connections.fetch_add(1, Ordering::Release);
             if let Some(mine) = self.generation {
                 // The lock was lost with the connection: anyone may have held the store
                 // meanwhile. Only if nobody did may this process go on from what it knows.
-                match self.bump_generation() {
-                    Ok(now) if now == mine + 1 => self.generation = Some(now),
-                    Ok(now) => {
-                        // Dropping the connection gives the lock back; this process must stop.
-                        self.client = None;
-                        return Err(StoreError::DatabaseTakenOver {
-                            db: self.label.clone(),
-                            mine,
-                            now,
-                        });
-                    }
-                    Err(e) => {
-                        self.client = None;
-                        return Err(e);
-                    }
+                // On any return here the new connection drops, giving the lock back.
+                let now = bump_generation(&mut client).map_err(|e| self.db_error(&e))?;
+                if now != mine + 1 {
+                    return Err(StoreError::DatabaseTakenOver {
+                        db: self.label.clone(),
+                        mine,
+                        now,
+                    });
                 }
+                self.generation = Some(now);
             }
+            self.client = Some(client);
+            self.connections.fetch_add(1, Ordering::Release);
         }
         self.client.as_mut().ok_or_else(|| StoreError::Database {
             db: self.label.clone(),
@@ -775,34 +781,9 @@ impl Worker {
         result.map_err(|e| self.db_error(&e))
     }
 
-    /// Bumps the holder generation on the current connection (which holds the lock).
-    fn bump_generation(&mut self) -> Result<i64, StoreError> {
-        let label = self.label.clone();
-        let client = self.client.as_mut().ok_or_else(|| StoreError::Database {
-            db: label.clone(),
-            error: "not connected".into(),
-        })?;
-        client
-            .query_one(
-                "UPDATE aloft_store_holder SET generation = generation + 1 WHERE id = 1 \
-                 RETURNING generation",
-                &[],
-            )
-            .and_then(|row| row.try_get::<_, i64>(0))
-            .map_err(|e| StoreError::Database {
-                db: label,
-                error: describe_error(&e),
-            })
-    }
-
     /// At open, once the schema is current: this process becomes the store's holder.
     fn claim(&mut self) -> Result<(), StoreError> {
-        self.client()?;
-        let generation = self.bump_generation();
-        if generation.is_err() {
-            self.client = None;
-        }
-        self.generation = Some(generation?);
+        self.generation = Some(self.with_client(|client, _| bump_generation(client))?);
         Ok(())
     }
 
