@@ -204,7 +204,16 @@ impl Engine {
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let more = shell.core.has_more();
             tokio::select! {
+                // The timer first (it is ready twice a second: a stream of events never starves
+                // the timeouts), then events, then the next slice of a large wave: between
+                // slices the engine answers whatever arrived.
+                biased;
+                _ = ticker.tick() => {
+                    let fx = shell.core.on_tick(now_ms());
+                    shell.absorb(fx);
+                }
                 ev = rx.recv() => {
                     let Some(first) = ev else { break };
                     shell.handle(first)?;
@@ -215,10 +224,7 @@ impl Engine {
                         }
                     }
                 }
-                _ = ticker.tick() => {
-                    let fx = shell.core.on_tick(now_ms());
-                    shell.absorb(fx);
-                }
+                () = std::future::ready(()), if more => {}
             }
             shell.commit(&publisher).await?;
         }

@@ -165,7 +165,17 @@ pub struct Rollout {
     cursor: usize,
     waves: Vec<WaveCounts>,
     changed: bool,
+    /// The last tick stopped notifying at [`NOTIFY_PER_TICK`] with members still to notify.
+    more: bool,
 }
+
+/// At most this many members are notified per tick. Each notification is a durable write and
+/// a content key wrapped for one device, all made before the batch's output leaves: a wave of
+/// 10,000 opened at once held every job (and every other reply) for the whole of its commit,
+/// about 1.5 s. In slices, the first devices have their jobs after one slice's commit, the
+/// engine answers other events between slices, and the cost of one commit no longer grows
+/// with the wave.
+pub const NOTIFY_PER_TICK: u32 = 512;
 
 impl Rollout {
     /// A rollout from its plan and stored state; members missing from `known` are idle.
@@ -213,6 +223,7 @@ impl Rollout {
             cursor: 0,
             waves,
             changed: false,
+            more: false,
         };
         r.skip_started();
         r
@@ -260,6 +271,12 @@ impl Rollout {
     /// flight. The engine stops ticking such a rollout.
     pub fn settled(&self) -> bool {
         self.status == CampaignStatus::Finished || (self.status.is_final() && self.in_flight() == 0)
+    }
+
+    /// The last tick left members to notify that it could have notified but for
+    /// [`NOTIFY_PER_TICK`]: tick again soon, without waiting for an event or the timer.
+    pub fn more_to_notify(&self) -> bool {
+        self.more
     }
 
     /// Moves the cursor past members that left `idle`. Members are notified in rank order
@@ -423,6 +440,7 @@ impl Rollout {
     /// Moves time forward to `now_ms`: timeouts, thresholds, waves, notifications.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Action> {
         let mut out = Vec::new();
+        self.more = false;
         if self.settled() {
             return out;
         }
@@ -598,12 +616,15 @@ impl Rollout {
             Some(k) => k.saturating_sub(self.busy(now_ms)),
             None => u32::MAX,
         };
-        while free > 0 && self.cursor < open_end {
+        let mut slice = NOTIFY_PER_TICK;
+        while free > 0 && slice > 0 && self.cursor < open_end {
             let i = self.cursor;
             self.set_state(i, DeviceState::Notified, now_ms);
             out.push(Action::Notify(self.members[i].id.clone()));
             free -= 1;
+            slice -= 1;
             self.skip_started();
         }
+        self.more = slice == 0 && free > 0 && self.cursor < open_end;
     }
 }

@@ -584,3 +584,34 @@ proptest! {
         prop_assert!(r.tick(now).contains(&Action::TimeOut(m[0].clone())));
     }
 }
+
+#[test]
+fn a_large_wave_is_notified_in_slices_and_a_concurrency_limit_asks_for_no_more_ticks() {
+    let slice = NOTIFY_PER_TICK as usize;
+    let m = members(slice + 3);
+    let policy = RolloutPolicy::default();
+    let plan = Plan::new(&ArtifactId::new("fw-s").unwrap(), &m, &policy);
+    let mut r = fresh(plan, policy, 0);
+    assert_eq!(notified(&r.tick(1)), slice);
+    assert!(r.more_to_notify(), "the rest of the wave is due now");
+    assert_eq!(notified(&r.tick(1)), 3);
+    assert!(!r.more_to_notify());
+    r.tick(1);
+    assert!(!r.more_to_notify());
+
+    // Held back by concurrency, not by the slice: nothing to do until a device finishes.
+    let policy = RolloutPolicy {
+        concurrency: Some(NOTIFY_PER_TICK + 1),
+        ..RolloutPolicy::default()
+    };
+    let m = members(slice + 50);
+    let plan = Plan::new(&ArtifactId::new("fw-s").unwrap(), &m, &policy);
+    let mut r = fresh(plan, policy, 0);
+    assert_eq!(notified(&r.tick(1)), slice);
+    assert!(r.more_to_notify());
+    assert_eq!(notified(&r.tick(1)), 1);
+    assert!(
+        !r.more_to_notify(),
+        "the concurrency limit is reached: wait"
+    );
+}

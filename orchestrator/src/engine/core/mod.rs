@@ -666,6 +666,12 @@ impl Core {
         std::mem::take(&mut self.fx)
     }
 
+    /// A rollout has more to do now (the rest of a wave being notified in slices): the shell
+    /// settles again at once instead of waiting for an event or the timer.
+    pub fn has_more(&self) -> bool {
+        !self.touched.is_empty()
+    }
+
     /// Moves the rollouts touched since the last settle and ends the batch: the shell calls it
     /// once per batch, then makes every write of the batch durable before any of its held
     /// output leaves.

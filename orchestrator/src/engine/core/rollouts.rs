@@ -101,7 +101,16 @@ impl Core {
                 });
             }
         }
-        self.apply_rollout(id, actions, now)
+        self.apply_rollout(id, actions, now);
+        // The rest of a wave larger than one tick's slice follows at the next settle, which
+        // the shell runs without waiting (`Core::has_more`).
+        if self
+            .campaigns
+            .get(id)
+            .is_some_and(|l| l.rollout.more_to_notify())
+        {
+            self.touched.insert(id.clone());
+        }
     }
 
     /// Carries out a rollout's decisions, then stores its state if it changed.

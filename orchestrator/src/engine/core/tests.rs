@@ -156,7 +156,7 @@ impl Fixture {
                 d.clone(),
                 DeviceRecord {
                     id: d.clone(),
-                    x25519_public: hex::encode([i as u8 + 1; 32]),
+                    x25519_public: hex::encode([(i % 255) as u8 + 1; 32]),
                     cert_not_after: i64::MAX,
                     cert_not_before: 0,
                     cert_serial: format!("{:02x}", i + 1),
@@ -995,4 +995,83 @@ fn each_settled_batch_puts_the_campaigns_it_touched_on_the_board() {
     );
     // What costs a pass over the members is left out.
     assert!(on_board.devices.is_empty() && on_board.reasons.is_empty());
+}
+
+/// The devices notified by `fx` (progress written as notified), each with its job ordered.
+fn notified_with_jobs(fx: &Effects) -> Vec<DeviceId> {
+    let notified: Vec<DeviceId> = progress_writes(&fx.writes)
+        .into_iter()
+        .filter(|(_, p)| p.state == DeviceState::Notified)
+        .map(|(d, _)| d.clone())
+        .collect();
+    let jobs: HashSet<&DeviceId> = fx
+        .after_commit
+        .iter()
+        .filter_map(|o| match o {
+            Out::Job(j) => Some(&j.device),
+            _ => None,
+        })
+        .collect();
+    for d in &notified {
+        assert!(
+            jobs.contains(d),
+            "{d} notified without its job in the same batch"
+        );
+    }
+    notified
+}
+
+#[test]
+fn a_wave_larger_than_a_slice_is_notified_over_several_batches_each_job_after_its_own_commit() {
+    let slice = crate::rollout::NOTIFY_PER_TICK as usize;
+    let n = 2 * slice + 7;
+    let f = Fixture::new(n, 4);
+    let mut core = f.core();
+    let mut fx = core.recover(1_000);
+    let mut seen = HashSet::new();
+    let mut batches = Vec::new();
+    loop {
+        assert!(fx.now.is_empty(), "nothing leaves before the commit");
+        let notified = notified_with_jobs(&fx);
+        assert!(notified.len() <= slice);
+        for d in &notified {
+            assert!(seen.insert(d.clone()), "{d} notified twice");
+        }
+        batches.push(notified.len());
+        if !core.has_more() {
+            break;
+        }
+        fx = core.settle(1_001);
+    }
+    assert_eq!(batches, vec![slice, slice, 7]);
+    assert_eq!(seen.len(), n);
+}
+
+#[test]
+fn a_restart_between_slices_notifies_the_rest_and_no_member_twice() {
+    let slice = crate::rollout::NOTIFY_PER_TICK as usize;
+    let n = slice + 5;
+    let f = Fixture::new(n, 4);
+    let mut core = f.core();
+    let fx = core.recover(1_000);
+    let first = notified_with_jobs(&fx);
+    assert_eq!(first.len(), slice);
+    assert!(core.has_more());
+    // The first slice was committed; the process dies before the next settle.
+    let mut durable = f.durable.clone();
+    durable.apply(&fx.writes);
+    let mut again = Fixture { durable, ..f }.core();
+    let fx = again.recover(2_000);
+    let rest = notified_with_jobs(&fx);
+    assert_eq!(rest.len(), 5, "only members still idle are notified");
+    assert!(rest.iter().all(|d| !first.contains(d)));
+    // Members notified before the restart get their job again (no retained messages survive a
+    // restart of the embedded broker), the same campaign's.
+    let jobs = fx
+        .after_commit
+        .iter()
+        .filter(|o| matches!(o, Out::Job(_)))
+        .count();
+    assert_eq!(jobs, n);
+    assert!(!again.has_more());
 }
