@@ -295,10 +295,12 @@ impl Fleet {
         // gets the verified result instead of verifying the same signatures again.
         let pinned =
             Arc::new(TrustedRoot::pin(root.clone()).context("the root of trust does not verify")?);
+        let root = Arc::new(root.clone());
         let state_dir = cfg.dir.join(STATE_DIR);
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
         let gate = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
+        let fleet_tls = transport::DeviceTls::new(&cfg.ca_pem).context("the fleet ca")?;
         // One origin client configuration (trust anchors) for the fleet; each device still has
         // its own fetcher, connections and limits.
         let origin = match &cfg.origin_ca_pem {
@@ -320,7 +322,7 @@ impl Fleet {
         for (n, ident) in devices.into_iter().enumerate() {
             // A renewed certificate replaces the file the device was loaded from, if it was.
             let cert_file = crate::identity::renewed_cert_path(&cfg.dir, &ident.id);
-            let renewer = Renewer::new(&ident, &cfg.ca_pem, cert_file, cfg.renewal)
+            let renewer = Renewer::with_fleet_tls(&ident, &fleet_tls, cert_file, cfg.renewal)
                 .with_context(|| format!("TLS settings of {}", ident.id))?;
             renewers.insert(ident.id.clone(), renewer.clone());
             // The device connects with the renewer's current settings; these are the same ones,
