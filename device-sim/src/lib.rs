@@ -25,7 +25,7 @@ pub use slots::{FileFlash, Flash, FlashError, MemoryFlash, PowerOn, SlotId, Slot
 pub use store::{
     DeviceRecord, DeviceStore, JsonFileStore, MemoryStore, RecordFileStore, StoreError,
 };
-pub use transport::{Device, Hooks, NoHooks, TransportConfig};
+pub use transport::{Device, DeviceTls, Hooks, NoHooks, TransportConfig};
 pub use update::{
     AgentConfig, AgentStats, AlwaysHealthy, AppHealth, HealthCheck, HealthStatus, Input, OutTopic,
     Output, Persist, UpdateAgent,

@@ -18,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use tracing::{info, warn};
 
 use crate::identity::DeviceIdentity;
+use crate::transport::DeviceTls;
 
 /// When a device asks for a new certificate.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -91,7 +92,8 @@ struct State {
 /// [`Renewer::tls`] and feeds it) and whoever watches it (the simulator).
 pub struct Renewer {
     id: DeviceId,
-    ca_pem: String,
+    /// The fleet's TLS settings (CA, provider, server verifier), shared with its other devices.
+    fleet_tls: DeviceTls,
     key_pem: String,
     x25519_public: [u8; 32],
     /// Where the certificate is kept; `None` keeps it in memory only (tests).
@@ -108,10 +110,10 @@ impl std::fmt::Debug for Renewer {
     }
 }
 
-fn current(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Current> {
+fn current(fleet_tls: &DeviceTls, cert_pem: &str, key_pem: &str) -> Result<Current> {
     let der = aloft_certs::tls::parse_cert(cert_pem)?;
     let identity = aloft_certs::parse_identity(&der)?;
-    let tls = crate::transport::client_tls(ca_pem, cert_pem, key_pem)?;
+    let tls = fleet_tls.client(cert_pem, key_pem)?;
     Ok(Current {
         cert_pem: cert_pem.to_owned(),
         not_before: identity.not_before,
@@ -128,11 +130,22 @@ impl Renewer {
         cert_path: Option<PathBuf>,
         cfg: RenewalConfig,
     ) -> Result<Arc<Renewer>> {
-        let current = current(ca_pem, &identity.cert_pem, &identity.key_pem)
+        let fleet_tls = DeviceTls::new(ca_pem).context("the fleet ca")?;
+        Renewer::with_fleet_tls(identity, &fleet_tls, cert_path, cfg)
+    }
+
+    /// [`Renewer::new`] with TLS settings shared by a fleet (see [`DeviceTls`]).
+    pub fn with_fleet_tls(
+        identity: &DeviceIdentity,
+        fleet_tls: &DeviceTls,
+        cert_path: Option<PathBuf>,
+        cfg: RenewalConfig,
+    ) -> Result<Arc<Renewer>> {
+        let current = current(fleet_tls, &identity.cert_pem, &identity.key_pem)
             .with_context(|| format!("certificate of {}", identity.id))?;
         Ok(Arc::new(Renewer {
             id: identity.id.clone(),
-            ca_pem: ca_pem.to_owned(),
+            fleet_tls: fleet_tls.clone(),
             key_pem: identity.key_pem.clone(),
             x25519_public: identity.encryption_key.public_bytes()?,
             cert_path,
@@ -249,7 +262,8 @@ impl Renewer {
 
     /// Checks `cert_pem` is ours in every respect, saves it, and makes it current.
     fn install(&self, cert_pem: &str) -> Result<String> {
-        let identity = aloft_certs::tls::verify_client_cert(&self.ca_pem, cert_pem, Vec::new())?;
+        let identity =
+            aloft_certs::tls::verify_client_cert(self.fleet_tls.ca_pem(), cert_pem, Vec::new())?;
         if identity.device_id().as_ref() != Some(&self.id) {
             bail!("it names {} rather than {}", identity.id, self.id);
         }
@@ -259,7 +273,7 @@ impl Renewer {
         if !aloft_certs::cert_public_key_matches(cert_pem, &self.key_pem)? {
             bail!("it certifies another tls key");
         }
-        let next = current(&self.ca_pem, cert_pem, &self.key_pem)?;
+        let next = current(&self.fleet_tls, cert_pem, &self.key_pem)?;
         // Saved before it is used: a device that restarts must come back with the certificate
         // the orchestrator may already have seen.
         if let Some(path) = &self.cert_path {

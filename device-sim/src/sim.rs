@@ -38,7 +38,7 @@ mod conditions;
 mod faults;
 pub use conditions::{ConditionModel, SimEnvironment};
 pub use faults::Faults;
-use faults::{chance, some_of, HealthState, PowerLossAt, SimHealth, SimHooks};
+use faults::{chance, some_of, HealthState, LazyRng, PowerLossAt, SimHealth, SimHooks};
 
 /// How the fleet runs.
 #[derive(Clone)]
@@ -244,7 +244,7 @@ async fn live(
         } = d;
         // The agent's memory is gone: only what the store saved survives.
         drop(agent);
-        let off = some_of(&mut hooks.fault_rng, boot.power_off_ms);
+        let off = some_of(hooks.fault_rng.get(), boot.power_off_ms);
         let mut stopping = stop.clone();
         tokio::select! {
             _ = stopping.wait_for(|s| *s) => return,
@@ -295,10 +295,12 @@ impl Fleet {
         // gets the verified result instead of verifying the same signatures again.
         let pinned =
             Arc::new(TrustedRoot::pin(root.clone()).context("the root of trust does not verify")?);
+        let root = Arc::new(root.clone());
         let state_dir = cfg.dir.join(STATE_DIR);
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
         let gate = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
+        let fleet_tls = transport::DeviceTls::new(&cfg.ca_pem).context("the fleet ca")?;
         // One origin client configuration (trust anchors) for the fleet; each device still has
         // its own fetcher, connections and limits.
         let origin = match &cfg.origin_ca_pem {
@@ -320,7 +322,7 @@ impl Fleet {
         for (n, ident) in devices.into_iter().enumerate() {
             // A renewed certificate replaces the file the device was loaded from, if it was.
             let cert_file = crate::identity::renewed_cert_path(&cfg.dir, &ident.id);
-            let renewer = Renewer::new(&ident, &cfg.ca_pem, cert_file, cfg.renewal)
+            let renewer = Renewer::with_fleet_tls(&ident, &fleet_tls, cert_file, cfg.renewal)
                 .with_context(|| format!("TLS settings of {}", ident.id))?;
             renewers.insert(ident.id.clone(), renewer.clone());
             // The device connects with the renewer's current settings; these are the same ones,
@@ -347,7 +349,8 @@ impl Fleet {
             // Each fault draws from its own stream, so turning one on leaves the others' draws
             // (and runs recorded before it existed) unchanged.
             let seed = faults.seed ^ (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            let stream = |k: u64| StdRng::seed_from_u64(seed.rotate_left(17 + 7 * k as u32) ^ k);
+            let stream_seed = |k: u64| seed.rotate_left(17 + 7 * k as u32) ^ k;
+            let stream = |k: u64| StdRng::seed_from_u64(stream_seed(k));
             let mut plan = stream(1);
             let link_drops = if chance(&mut plan, faults.link_drop_probability) {
                 plan.gen_range(1..=3)
@@ -378,9 +381,9 @@ impl Fleet {
             }
 
             let health = SimHealth(Arc::new(Mutex::new(HealthState {
-                fail_rng: StdRng::seed_from_u64(seed),
-                hang_rng: stream(2),
-                app_rng: stream(3),
+                fail_rng: LazyRng::new(seed),
+                hang_rng: LazyRng::new(stream_seed(2)),
+                app_rng: LazyRng::new(stream_seed(3)),
                 failure_probability: faults.health_check_failure_probability,
                 hang_probability: faults.boot_hang_probability,
                 unhealthy_probability: faults.unhealthy_after_confirm_probability,
@@ -420,9 +423,9 @@ impl Fleet {
             let mut hooks = SimHooks {
                 view: view.clone(),
                 counters: counters.clone(),
-                rng: StdRng::seed_from_u64(seed.rotate_left(17)),
+                rng: LazyRng::new(seed.rotate_left(17)),
                 corrupt: faults.corrupt_chunk_probability,
-                fault_rng: stream(4),
+                fault_rng: LazyRng::new(stream_seed(4)),
                 link_drops_left: link_drops,
                 frames_until_drop,
                 power_loss,
@@ -612,5 +615,16 @@ mod tests {
         assert!(!chance(&mut a, 0.0));
         assert!(chance(&mut a, 1.0));
         assert_eq!(a.gen::<u64>(), b.gen::<u64>());
+    }
+
+    #[test]
+    fn a_stream_made_at_its_first_draw_draws_as_one_made_up_front() {
+        let mut lazy = LazyRng::new(11);
+        let mut eager = StdRng::seed_from_u64(11);
+        assert!(!lazy.chance(0.0));
+        for _ in 0..100 {
+            assert_eq!(lazy.chance(0.5), chance(&mut eager, 0.5));
+        }
+        assert_eq!(lazy.get().gen::<u64>(), eager.gen::<u64>());
     }
 }

@@ -94,9 +94,151 @@ pub fn client_tls(
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<rustls::ClientConfig, aloft_certs::PkiError> {
-    let mut tls = aloft_certs::tls::device_client_config(ca_pem, cert_pem, key_pem)?;
-    tls.resumption = rustls::client::Resumption::in_memory_sessions(1);
-    Ok(tls)
+    DeviceTls::new(ca_pem)?.client(cert_pem, key_pem)
+}
+
+/// What every device of a fleet has in common in its TLS client settings, built once: the fleet
+/// CA (its PEM, to check renewed certificates against), the crypto provider (the suites and
+/// groups a device offers, as `aloft_certs::tls::device_client_config`: TLS_AES_128_GCM_SHA256
+/// over X25519 or P-256) and the verifier of the server's certificate against the fleet CA.
+/// Built per device they were about 2 KiB of each simulated device's heap; each device still
+/// has its own certificate, key and session cache ([`DeviceTls::client`]).
+#[derive(Clone)]
+pub struct DeviceTls {
+    ca_pem: Arc<str>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    verifier: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl std::fmt::Debug for DeviceTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceTls").finish_non_exhaustive()
+    }
+}
+
+impl DeviceTls {
+    /// Trusts the CA certificate(s) in `ca_pem` and nothing else.
+    pub fn new(ca_pem: &str) -> Result<Self, aloft_certs::PkiError> {
+        use rustls::crypto::aws_lc_rs;
+        let mut provider = aws_lc_rs::default_provider();
+        provider.cipher_suites = vec![aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256];
+        provider.kx_groups = vec![aws_lc_rs::kx_group::X25519, aws_lc_rs::kx_group::SECP256R1];
+        let provider = Arc::new(provider);
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in aloft_certs::tls::parse_certs(ca_pem)? {
+            roots.add(cert)?;
+        }
+        // Without CRLs no revocation is checked, as `with_root_certificates` does.
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()?;
+        Ok(DeviceTls {
+            ca_pem: ca_pem.into(),
+            provider,
+            verifier,
+        })
+    }
+
+    /// The fleet CA certificate(s), PEM.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// One device's settings: TLS 1.3, its certificate and key, a session cache for one server.
+    pub fn client(
+        &self,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> Result<rustls::ClientConfig, aloft_certs::PkiError> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_webpki_verifier(self.verifier.clone())
+            .with_client_auth_cert(
+                aloft_certs::tls::parse_certs(cert_pem)?,
+                aloft_certs::tls::parse_private_key(key_pem)?,
+            )?;
+        tls.resumption = rustls::client::Resumption::store(Arc::new(OneSession::default()));
+        Ok(tls)
+    }
+}
+
+/// A device's TLS session cache: the key-exchange group its one server chose, and the newest
+/// TLS 1.3 ticket, as a microcontroller's stack keeps one session (mbedTLS'
+/// `mbedtls_ssl_session`). rustls' memory cache keeps up to 8 tickets per server, each with a
+/// copy of the server's certificate chain, and preallocates room for them (about 2 KiB per
+/// device); a device that resumes uses one.
+#[derive(Debug, Default)]
+struct OneSession(std::sync::Mutex<SessionSlot>);
+
+#[derive(Debug, Default)]
+struct SessionSlot {
+    kx_hint: Option<(rustls::pki_types::ServerName<'static>, rustls::NamedGroup)>,
+    ticket: Option<(
+        rustls::pki_types::ServerName<'static>,
+        rustls::client::Tls13ClientSessionValue,
+    )>,
+}
+
+impl OneSession {
+    fn slot(&self) -> std::sync::MutexGuard<'_, SessionSlot> {
+        // Every update replaces a whole field; a panic elsewhere cannot leave half of one.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl rustls::client::ClientSessionStore for OneSession {
+    fn set_kx_hint(
+        &self,
+        server: rustls::pki_types::ServerName<'static>,
+        group: rustls::NamedGroup,
+    ) {
+        self.slot().kx_hint = Some((server, group));
+    }
+
+    fn kx_hint(&self, server: &rustls::pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+        match &self.slot().kx_hint {
+            Some((s, g)) if s == server => Some(*g),
+            _ => None,
+        }
+    }
+
+    // Devices speak TLS 1.3 only.
+    fn set_tls12_session(
+        &self,
+        _: rustls::pki_types::ServerName<'static>,
+        _: rustls::client::Tls12ClientSessionValue,
+    ) {
+    }
+
+    fn tls12_session(
+        &self,
+        _: &rustls::pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+
+    fn remove_tls12_session(&self, _: &rustls::pki_types::ServerName<'static>) {}
+
+    fn insert_tls13_ticket(
+        &self,
+        server: rustls::pki_types::ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.slot().ticket = Some((server, value));
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        server: &rustls::pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        let mut slot = self.slot();
+        match &slot.ticket {
+            Some((s, _)) if s == server => slot.ticket.take().map(|(_, t)| t),
+            _ => None,
+        }
+    }
 }
 
 /// What a transport's user may watch or change while it runs. Every method has a default.
@@ -723,4 +865,90 @@ async fn connect(id: &DeviceId, cfg: &TransportConfig) -> Option<Box<mqtt::Sessi
         return None;
     }
     Some(session)
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+    use aloft_certs::{FleetCa, Validity};
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConnection, Connection, HandshakeKind, ServerConnection};
+
+    fn device_tls(ca: &FleetCa, fleet: &DeviceTls) -> Arc<rustls::ClientConfig> {
+        let id = DeviceId::new("dev-tls-1").unwrap();
+        let csr = aloft_certs::device_csr(&id, &[7; 32]).unwrap();
+        let cert = ca.issue_device(&csr.csr_pem, Validity::days(1)).unwrap();
+        Arc::new(fleet.client(&cert, &csr.key_pem).unwrap())
+    }
+
+    fn server(ca: &FleetCa) -> Arc<rustls::ServerConfig> {
+        let issued = ca
+            .issue_server(&["localhost".to_owned()], Validity::days(1))
+            .unwrap();
+        Arc::new(
+            aloft_certs::tls::server_config(
+                ca.cert_pem(),
+                &issued.cert_pem,
+                &issued.key_pem,
+                Vec::new(),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn pump(from: &mut Connection, to: &mut Connection) -> Result<(), rustls::Error> {
+        let mut bytes = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut bytes).unwrap();
+        }
+        let mut slice = bytes.as_slice();
+        while !slice.is_empty() {
+            to.read_tls(&mut slice).unwrap();
+            to.process_new_packets()?;
+        }
+        Ok(())
+    }
+
+    /// A whole handshake in memory, then the server's session tickets delivered to the client.
+    fn connect(
+        client: &Arc<rustls::ClientConfig>,
+        server: &Arc<rustls::ServerConfig>,
+    ) -> Result<ClientConnection, rustls::Error> {
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = Connection::Client(ClientConnection::new(client.clone(), name)?);
+        let mut s = Connection::Server(ServerConnection::new(server.clone())?);
+        for _ in 0..8 {
+            pump(&mut c, &mut s)?;
+            pump(&mut s, &mut c)?;
+        }
+        match c {
+            Connection::Client(c) if !c.is_handshaking() => Ok(c),
+            _ => Err(rustls::Error::General("handshake did not finish".into())),
+        }
+    }
+
+    #[test]
+    fn a_device_offers_aes_128_gcm_and_resumes_its_session_from_the_one_ticket_it_keeps() {
+        let ca = FleetCa::create("Aloft Test Fleet CA", 1).unwrap();
+        let fleet = DeviceTls::new(ca.cert_pem()).unwrap();
+        let (client, server) = (device_tls(&ca, &fleet), server(&ca));
+        let first = connect(&client, &server).unwrap();
+        assert_eq!(first.handshake_kind(), Some(HandshakeKind::Full));
+        assert_eq!(
+            first.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+        let second = connect(&client, &server).unwrap();
+        assert_eq!(second.handshake_kind(), Some(HandshakeKind::Resumed));
+    }
+
+    #[test]
+    fn devices_sharing_fleet_settings_refuse_a_server_another_ca_certified() {
+        let ca = FleetCa::create("Aloft Test Fleet CA", 1).unwrap();
+        let other = FleetCa::create("Another CA", 1).unwrap();
+        let fleet = DeviceTls::new(ca.cert_pem()).unwrap();
+        let client = device_tls(&ca, &fleet);
+        assert!(connect(&client, &server(&other)).is_err());
+        assert!(connect(&client, &server(&ca)).is_ok());
+    }
 }

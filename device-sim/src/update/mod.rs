@@ -70,8 +70,8 @@ pub struct AgentConfig {
     pub hardware_model: String,
     /// The root of trust pinned at provisioning: it names the release keys (and how many must
     /// sign) until a job's chain of newer roots replaces it; the newest accepted lives in the
-    /// record.
-    pub root: SignedRoot,
+    /// record. Shared: a simulator's agents were provisioned with one and the same.
+    pub root: Arc<SignedRoot>,
     /// `root` already verified by whoever provisions many agents with the same one (the
     /// simulator pins it once for the whole fleet: at 10,000 devices, verifying it again at
     /// every power-on cost 0.8 s of CPU in the connect storm). `None`, as on a real device:
@@ -122,11 +122,15 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    pub fn new(device: DeviceId, hardware_model: impl Into<String>, root: SignedRoot) -> Self {
+    pub fn new(
+        device: DeviceId,
+        hardware_model: impl Into<String>,
+        root: impl Into<Arc<SignedRoot>>,
+    ) -> Self {
         AgentConfig {
             device,
             hardware_model: hardware_model.into(),
-            root,
+            root: root.into(),
             pinned: None,
             trusted_clock: true,
             window: 8,
@@ -344,8 +348,9 @@ pub struct UpdateAgent {
     record: DeviceRecord,
     /// The root jobs are checked against, as restored at power-on and walked forward since
     /// (mirrored in `record.trusted_root`); an error if neither the pinned root nor the stored
-    /// one verifies, in which case every job is refused.
-    trust: Result<TrustedRoot, TrustError>,
+    /// one verifies, in which case every job is refused. Shared with the simulator's other
+    /// agents until a job walks it forward.
+    trust: Result<Arc<TrustedRoot>, TrustError>,
     connected: bool,
     /// When the outbox head was last published in this connection.
     head_sent_at: Option<u64>,
@@ -429,7 +434,7 @@ impl UpdateAgent {
 
     /// The root of trust jobs are checked against now, if one verifies.
     pub fn trusted_root(&self) -> Option<&TrustedRoot> {
-        self.trust.as_ref().ok()
+        self.trust.as_deref().ok()
     }
 
     /// The campaign and state of the last report the orchestrator accepted since start-up.
@@ -830,7 +835,7 @@ impl UpdateAgent {
         info!(device = %self.cfg.device, version = newer.version(), "root of trust rotated");
         self.record.time_floor = self.record.time_floor.max(newer.root().issued_at);
         self.record.trusted_root = Some(newer.clone());
-        self.trust = Ok(newer);
+        self.trust = Ok(Arc::new(newer));
         self.dirty(Persist::Now);
     }
 
@@ -1066,24 +1071,24 @@ impl UpdateAgent {
 /// The root a device trusts at power-on: the newer of the one its record keeps (its signatures
 /// checked again) and the one pinned in its configuration, which a re-provisioned device may
 /// have moved ahead. Revocations the record knows of stay revoked either way.
-fn initial_trust(cfg: &AgentConfig, record: &DeviceRecord) -> Result<TrustedRoot, TrustError> {
+fn initial_trust(cfg: &AgentConfig, record: &DeviceRecord) -> Result<Arc<TrustedRoot>, TrustError> {
     let pinned = match &cfg.pinned {
-        Some(p) => Ok(TrustedRoot::clone(p)),
-        None => TrustedRoot::pin(cfg.root.clone()),
+        Some(p) => Ok(p.clone()),
+        None => TrustedRoot::pin(SignedRoot::clone(&cfg.root)).map(Arc::new),
     };
     let stored = record.trusted_root.clone().map(TrustedRoot::restore);
     match (pinned, stored) {
         (pinned, None) => pinned,
-        (Ok(p), Some(Ok(s))) if s.version() >= p.version() => Ok(s),
+        (Ok(p), Some(Ok(s))) if s.version() >= p.version() => Ok(Arc::new(s)),
         (Ok(mut p), Some(Ok(s))) => {
             for k in s.revoked {
                 if !p.revoked.contains(&k) {
-                    p.revoked.push(k);
+                    Arc::make_mut(&mut p).revoked.push(k);
                 }
             }
             Ok(p)
         }
-        (Err(_), Some(Ok(s))) => Ok(s),
+        (Err(_), Some(Ok(s))) => Ok(Arc::new(s)),
         (pinned, Some(Err(e))) => {
             warn!(device = %cfg.device, error = %e, "the stored root does not verify; using the pinned one");
             pinned

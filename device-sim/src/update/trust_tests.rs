@@ -255,7 +255,7 @@ fn an_expired_root_is_refused_until_a_newer_root_arrives() {
     let mut v1 = root_meta(1, &[&fx.root_key], &[&fx.signing], 1);
     v1.expires_at = T0 / 1000 - 1;
     let mut cfg = fx.config();
-    cfg.root = signed_root(&v1, &[&fx.root_key]);
+    cfg.root = signed_root(&v1, &[&fx.root_key]).into();
     let mut rig = fx.rig_cfg(cfg);
     rig.connect();
     let rel = fx.release(&ReleaseSpec::default());
