@@ -437,8 +437,21 @@ impl Rollout {
         }
     }
 
-    /// Moves time forward to `now_ms`: timeouts, thresholds, waves, notifications.
+    /// Moves time forward to `now_ms`: timeouts, thresholds, waves, notifications. The
+    /// timeouts pass over every member in flight: the engine's timer calls this, twice a
+    /// second.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Action> {
+        self.advance(now_ms, true)
+    }
+
+    /// What reports can change (thresholds, waves, notifications), without the passes over the
+    /// members that find timeouts: after a batch of events, whose cost must not grow with the
+    /// campaign. Timeouts wait for the next [`Rollout::tick`], at most 500 ms later.
+    pub fn step(&mut self, now_ms: u64) -> Vec<Action> {
+        self.advance(now_ms, false)
+    }
+
+    fn advance(&mut self, now_ms: u64, timers: bool) -> Vec<Action> {
         let mut out = Vec::new();
         self.more = false;
         if self.settled() {
@@ -449,7 +462,9 @@ impl Rollout {
             self.changed = true;
             out.push(Action::WaveOpened(0));
         }
-        self.time_out(now_ms, &mut out);
+        if timers {
+            self.time_out(now_ms, &mut out);
+        }
         if let Some(deadline) = self.policy.deadline_secs {
             let active = matches!(self.status, CampaignStatus::Active | CampaignStatus::Paused);
             if active && now_ms >= self.start_ms() + deadline * 1000 {
@@ -466,7 +481,7 @@ impl Rollout {
                 }
             }
         }
-        if self.status == CampaignStatus::Expired {
+        if timers && self.status == CampaignStatus::Expired {
             // Past the deadline a deferral has lasted too long, including one that began
             // after it (a member that was downloading when the deadline passed).
             self.time_out_deferred(now_ms, &mut out);

@@ -615,3 +615,28 @@ fn a_large_wave_is_notified_in_slices_and_a_concurrency_limit_asks_for_no_more_t
         "the concurrency limit is reached: wait"
     );
 }
+
+#[test]
+fn only_the_timer_tick_looks_for_timeouts() {
+    let policy = RolloutPolicy {
+        device_timeout_secs: Some(5),
+        ..RolloutPolicy::default()
+    };
+    let m = members(3);
+    let plan = Plan::new(&ArtifactId::new("fw-s").unwrap(), &m, &policy);
+    let mut r = fresh(plan, policy, 0);
+    let first = r.tick(1_000);
+    assert_eq!(notified(&first), 3);
+    for a in &first {
+        if let Action::Notify(d) = a {
+            r.observe(d, DeviceState::Downloading, 1_000);
+        }
+    }
+    let timed_out = |a: &[Action]| a.iter().filter(|a| matches!(a, Action::TimeOut(_))).count();
+    assert_eq!(
+        timed_out(&r.step(60_000)),
+        0,
+        "a batch of events finds none"
+    );
+    assert_eq!(timed_out(&r.tick(60_000)), 3, "the timer finds all three");
+}

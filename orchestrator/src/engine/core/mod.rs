@@ -493,6 +493,8 @@ pub struct Core {
     admin_replies: admin::ReplyCache,
     /// Campaigns changed since the last settle: their rollouts move before the batch commits.
     touched: HashSet<CampaignId>,
+    /// The timer went off since the last settle: the next one looks for timeouts too.
+    timer_due: bool,
     /// The CRL in force; only a verified CRL with a higher number replaces it.
     crl: Option<VerifiedCrl>,
     /// Registered devices whose current certificate the CRL in force revokes (or whose record
@@ -547,6 +549,7 @@ impl Core {
             uploads: loaded.uploads,
             admin_replies: admin::ReplyCache::default(),
             touched: HashSet::new(),
+            timer_due: false,
             crl: cfg.crl,
             revoked_devices: HashSet::new(),
             renewals: RenewalGate::default(),
@@ -657,6 +660,7 @@ impl Core {
     /// schedules), even if no event touched it.
     pub fn on_tick(&mut self, now: u64) -> Effects {
         self.now = now;
+        self.timer_due = true;
         self.touched.extend(
             self.campaigns
                 .iter()
@@ -678,10 +682,11 @@ impl Core {
     pub fn settle(&mut self, now: u64) -> Effects {
         self.now = now;
         self.served_unflushed.clear();
+        let timers = std::mem::take(&mut self.timer_due);
         let mut touched: Vec<CampaignId> = std::mem::take(&mut self.touched).into_iter().collect();
         touched.sort();
         for id in touched {
-            self.tick_rollout(&id, now);
+            self.tick_rollout(&id, now, timers);
         }
         std::mem::take(&mut self.fx)
     }

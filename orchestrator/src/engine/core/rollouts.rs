@@ -83,11 +83,17 @@ impl Core {
     }
 
     /// Moves a campaign's rollout to `now` and carries out what it decides.
-    pub(super) fn tick_rollout(&mut self, id: &CampaignId, now: u64) {
+    /// With `timers` (the engine's timer went off since the last settle) it looks for
+    /// timeouts too, a pass over the members in flight; after events alone it does not.
+    pub(super) fn tick_rollout(&mut self, id: &CampaignId, now: u64, timers: bool) {
         let Some(live) = self.campaigns.get_mut(id) else {
             return;
         };
-        let actions = live.rollout.tick(now);
+        let actions = if timers {
+            live.rollout.tick(now)
+        } else {
+            live.rollout.step(now)
+        };
         // A status the rollout reached by itself (a threshold, the deadline, the end) goes to
         // the audit log; operators' own actions are logged with their request.
         let reason = live.rollout.state().reason.clone().unwrap_or_default();
