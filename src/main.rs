@@ -109,16 +109,16 @@ fn main() -> Result<()> {
 }
 
 /// glibc's allocator, set for a process running thousands of simulated devices (never for the
-/// orchestrator child, which keeps glibc's defaults): one arena rather than one per thread that
-/// ever contended, and allocations of 32 KiB and more mapped apart and given back when freed,
-/// rather than left as holes between devices' small allocations. Together they took the
-/// simulator's memory per device (S6) from about 62 to 54 KiB at 1,000 devices; see
+/// orchestrator child, which keeps glibc's defaults): allocations of 32 KiB and more (rustls'
+/// record buffers, which `Vec` doubling takes from 16 to 32 KiB) are mapped apart and given back
+/// when freed, rather than left as holes between devices' small allocations. One arena
+/// (`M_ARENA_MAX`) was tried too: 3.7 KiB less per device at 1,000 devices, nothing at 5,000,
+/// and a single lock for every worker thread of a CPU-bound process, so it is not set. See
 /// docs/BENCHMARKS.md, "Simulator memory, third step".
 fn fleet_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters, and runs before any other thread exists.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024);
     }
 }
