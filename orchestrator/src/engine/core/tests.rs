@@ -442,15 +442,7 @@ fn a_core_restarted_from_its_writes_republishes_the_jobs_of_members_in_flight_on
     f.durable.apply(&fx.writes);
     let mut restarted = f.core();
     let fx = restarted.recover(5_000);
-    let jobs: Vec<&DeviceId> = fx
-        .after_commit
-        .iter()
-        .filter_map(|o| match o {
-            Out::Job(j) => Some(&j.device),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(jobs, vec![&f.devices[0]]);
+    assert_eq!(job_devices(&fx), vec![&f.devices[0]]);
 }
 
 fn admin(id: &str, body: crate::admin::wire::AdminBody) -> Event {
@@ -997,6 +989,17 @@ fn each_settled_batch_puts_the_campaigns_it_touched_on_the_board() {
     assert!(on_board.devices.is_empty() && on_board.reasons.is_empty());
 }
 
+/// The devices `fx` orders a job for, in order.
+fn job_devices(fx: &Effects) -> Vec<&DeviceId> {
+    fx.after_commit
+        .iter()
+        .filter_map(|o| match o {
+            Out::Job(j) => Some(&j.device),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The devices notified by `fx` (progress written as notified), each with its job ordered.
 fn notified_with_jobs(fx: &Effects) -> Vec<DeviceId> {
     let notified: Vec<DeviceId> = progress_writes(&fx.writes)
@@ -1004,14 +1007,7 @@ fn notified_with_jobs(fx: &Effects) -> Vec<DeviceId> {
         .filter(|(_, p)| p.state == DeviceState::Notified)
         .map(|(d, _)| d.clone())
         .collect();
-    let jobs: HashSet<&DeviceId> = fx
-        .after_commit
-        .iter()
-        .filter_map(|o| match o {
-            Out::Job(j) => Some(&j.device),
-            _ => None,
-        })
-        .collect();
+    let jobs: HashSet<&DeviceId> = job_devices(fx).into_iter().collect();
     for d in &notified {
         assert!(
             jobs.contains(d),
