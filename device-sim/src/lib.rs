@@ -3,11 +3,12 @@
 //! The agent has the seam of drogue-iot's embedded-update: the [`transport`] talks MQTT (through
 //! the crate's own session, `mqtt`) on one side, [`slots`] store firmware on the other, and between them [`update`] decides, as a sans-I/O
 //! state machine that takes the time as a parameter. [`store`] keeps the device's record across
-//! restarts, [`identity`] its keys and certificate, and [`renewal`] renews that certificate over MQTT
+//! restarts (in a simulated fleet, in [`fleet_files`] shared by all devices), [`identity`] its keys and certificate, and [`renewal`] renews that certificate over MQTT
 //! before it expires. [`sim`] runs thousands of agents in one
 //! process, one tokio task per device.
 #![forbid(unsafe_code)]
 
+pub mod fleet_files;
 pub mod identity;
 mod mqtt;
 pub mod origin;

@@ -27,10 +27,11 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use crate::fleet_files::FleetFiles;
 use crate::identity::{DeviceIdentity, STATE_DIR};
 use crate::renewal::{RenewalConfig, Renewer};
-use crate::slots::{FileFlash, Flash, SlotState};
-use crate::store::{DeviceRecord, DeviceStore, RecordFileStore};
+use crate::slots::SlotState;
+use crate::store::DeviceRecord;
 use crate::transport::{self, Control, Device, Hooks, Intervention, RunEnd, TransportConfig};
 use crate::update::{AgentConfig, AgentStats, AppHealth, HealthCheck, HealthStatus, UpdateAgent};
 
@@ -299,6 +300,12 @@ impl Fleet {
         let state_dir = cfg.dir.join(STATE_DIR);
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
+        let files = FleetFiles::open(
+            &state_dir,
+            devices.iter().map(|d| d.id.as_str()),
+            cfg.slot_capacity,
+            false,
+        )?;
         let gate = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
         let fleet_tls = transport::DeviceTls::new(&cfg.ca_pem).context("the fleet ca")?;
         // One origin client configuration (trust anchors) for the fleet; each device still has
@@ -331,20 +338,14 @@ impl Fleet {
             tcfg.connect_gate = Some(gate.clone());
             tcfg.renewal = Some(renewer);
             tcfg.origin = origin.clone();
-            // Records saved by an older simulator (`{id}.json`) are read until the first save.
-            let mut store =
-                RecordFileStore::new(state_dir.join(format!("{}.rec", ident.id)), false)
-                    .with_legacy(state_dir.join(format!("{}.json", ident.id)));
+            let mut store = files.store(ident.id.as_str())?;
             let record = store
                 .load()
                 .with_context(|| format!("record of {}", ident.id))?
                 .unwrap_or_else(|| {
                     DeviceRecord::factory(&cfg.initial_version, cfg.initial_security_version)
                 });
-            let flash = FileFlash::open(
-                &state_dir.join(format!("{}.slots", ident.id)),
-                cfg.slot_capacity,
-            );
+            let flash = files.flash(ident.id.as_str(), cfg.slot_capacity)?;
 
             // Each fault draws from its own stream, so turning one on leaves the others' draws
             // (and runs recorded before it existed) unchanged.
@@ -439,8 +440,8 @@ impl Fleet {
             controls.insert(ident.id.clone(), control);
             let device = Device {
                 agent: Box::new(agent),
-                flash: Box::new(flash) as Box<dyn Flash>,
-                store: Box::new(store) as Box<dyn DeviceStore>,
+                flash,
+                store,
             };
             let stop = stop_rx.clone();
             tasks.push(tokio::spawn(live(

@@ -6,6 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aloft_proto::SecurityVersion;
 use serde::{Deserialize, Serialize};
@@ -363,15 +364,21 @@ impl Flash for MemoryFlash {
     }
 }
 
-/// Both slots in one sparse file: slot A at offset 0, slot B at `capacity`. Sparse, so a fleet of
-/// simulated devices costs disk only for the images actually written. The file is open only
-/// while an image is being written and read back ([`Flash::release`] closes it): a simulator of
-/// 10,000 devices that kept every slot file open used 10,000 descriptors besides its 10,000
-/// sockets, and hit the process's limit.
+/// Both slots in one sparse file: slot A at the base, slot B at base + `capacity`. Sparse, so a
+/// fleet of simulated devices costs disk only for the images actually written.
+///
+/// The file is the device's own ([`open`](FileFlash::open), base 0), open only while an image is
+/// being written and read back ([`Flash::release`] closes it): a simulator of 10,000 devices
+/// that kept every slot file open used 10,000 descriptors besides its 10,000 sockets, and hit
+/// the process's limit. Or it is a file shared by many devices, each at its own base
+/// ([`at`](FileFlash::at)), held open by all of them: creating a slot file per device at its
+/// first job cost more than the job itself (see `fleet_files`).
 #[derive(Debug)]
 pub struct FileFlash {
     path: PathBuf,
     file: Option<File>,
+    /// A file shared with other devices, and this device's base in it.
+    shared: Option<(Arc<File>, u64)>,
     capacity: u64,
     /// The digest of the image being written, while it is written front to back.
     stream: Option<Stream>,
@@ -397,6 +404,19 @@ impl FileFlash {
         FileFlash {
             path: path.to_owned(),
             file: None,
+            shared: None,
+            capacity,
+            stream: None,
+        }
+    }
+
+    /// Slots of `capacity` bytes each at `base` in `file`, a file shared with other devices
+    /// (`2 * capacity` bytes each), named `path` in errors.
+    pub fn at(file: Arc<File>, path: &Path, base: u64, capacity: u64) -> Self {
+        FileFlash {
+            path: path.to_owned(),
+            file: None,
+            shared: Some((file, base)),
             capacity,
             stream: None,
         }
@@ -404,6 +424,9 @@ impl FileFlash {
 
     /// The slot file, opened if it is not.
     fn file(&mut self) -> Result<&File, FlashError> {
+        if let Some((f, _)) = &self.shared {
+            return Ok(f);
+        }
         if self.file.is_none() {
             let file = OpenOptions::new()
                 .read(true)
@@ -423,7 +446,7 @@ impl FileFlash {
     }
 
     fn base(&self, slot: SlotId) -> u64 {
-        slot.index() as u64 * self.capacity
+        self.shared.as_ref().map_or(0, |(_, base)| *base) + slot.index() as u64 * self.capacity
     }
 }
 
@@ -435,9 +458,9 @@ impl Flash for FileFlash {
     fn begin_update(&mut self, slot: SlotId, size: u64) -> Result<(), FlashError> {
         check_bounds(self.capacity, 0, size as usize)?;
         // Punching holes portably is not possible with std; when the update slot is the last
-        // one, truncating to its start frees it, otherwise stale bytes are simply overwritten
-        // (every byte of the new image is written before it is read back).
-        if slot == SlotId::B {
+        // one of its own file, truncating to its start frees it, otherwise stale bytes are
+        // simply overwritten (every byte of the new image is written before it is read back).
+        if slot == SlotId::B && self.shared.is_none() {
             let base = self.base(SlotId::B);
             self.file()?.set_len(base)?;
         }

@@ -9,14 +9,16 @@
 //! checksummed copies in one file and overwrites the older copy in place, as a device's
 //! record partition would: a crash mid-write leaves the other copy, and a save creates no file
 //! (creating a temporary file per save cost a sixth of all CPU in a 1,000-device campaign on
-//! ext4, see docs/BENCHMARKS.md). [`JsonFileStore`] replaces a JSON file atomically (temporary
-//! file + rename); `RecordFileStore` reads it once as a legacy record.
+//! ext4, see docs/BENCHMARKS.md). The file may be the device's own or a place in a file the
+//! whole simulated fleet shares (`fleet_files`). [`JsonFileStore`] replaces a JSON file
+//! atomically (temporary file + rename); `RecordFileStore` reads it once as a legacy record.
 
 use std::collections::VecDeque;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aloft_proto::messages::{Job, StatusReport};
 use aloft_proto::trust::TrustedRoot;
@@ -332,17 +334,24 @@ impl DeviceStore for JsonFileStore {
 
 /// The record as two checksummed copies in one file, the older overwritten in place.
 ///
-/// Copy `i` starts at `i * COPY_BYTES` (the file is sparse: only what was written takes blocks):
-/// a [`HEADER_BYTES`] header (magic, sequence number, body length, the first 8 bytes of the
-/// SHA-256 of sequence, length and body), then the record as JSON. A save writes the copy that
-/// does not hold the newest record, with the next sequence number; a load takes the intact copy
-/// with the highest one. A torn write (a crash, a real power loss) damages only the copy being
-/// written, so a load finds the previous record, as with a rename. The file is created by the
-/// first save only, and open only during a load or a save (a simulator runs thousands of these
-/// beside thousands of sockets).
+/// Copy `i` starts at `i * COPY_BYTES` from the record's base (the file is sparse: only what
+/// was written takes blocks): a [`HEADER_BYTES`] header (magic, sequence number, body length,
+/// the first 8 bytes of the SHA-256 of sequence, length and body), then the record as JSON. A
+/// save writes the copy that does not hold the newest record, with the next sequence number; a
+/// load takes the intact copy with the highest one. A torn write (a crash, a real power loss)
+/// damages only the copy being written, so a load finds the previous record, as with a rename.
+///
+/// Its own file ([`new`](Self::new), base 0) is created by the first save only, and open only
+/// during a load or a save (a simulator runs thousands of these beside thousands of sockets). A
+/// place in a shared file ([`at`](Self::at)) creates nothing: the simulator keeps its fleet's
+/// records in a few such files, because creating two files per device at its first job was
+/// most of a 10,000-device campaign's start (see `fleet_files`).
 #[derive(Debug)]
 pub struct RecordFileStore {
+    /// The file, for opening it (its own) and for errors (either).
     path: PathBuf,
+    /// A file shared with other records, held open, and this record's offset in it.
+    shared: Option<(Arc<fs::File>, u64)>,
     /// Read once if `path` does not exist yet: the JSON record of an older simulator.
     legacy: Option<PathBuf>,
     /// Whether each save is flushed to the disk before it returns (see [`JsonFileStore`]).
@@ -350,6 +359,27 @@ pub struct RecordFileStore {
     /// The copy holding the newest record and its sequence number, once known.
     newest: Option<(u64, u64)>,
 }
+
+/// What one copy's place holds.
+enum Held {
+    /// Nothing was ever written there: past the end of the file, or a header of zeros (a hole).
+    Blank,
+    /// Something that is not an intact copy: torn, cut or not a record.
+    Torn,
+    Intact(u64, Vec<u8>),
+}
+
+impl Held {
+    fn seq(&self) -> Option<u64> {
+        match self {
+            Held::Intact(seq, _) => Some(*seq),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes of one record's place in a file: its two copies.
+pub const RECORD_BYTES: u64 = 2 * COPY_BYTES;
 
 /// Bytes reserved for each copy (header included).
 pub const COPY_BYTES: u64 = 256 * 1024;
@@ -372,6 +402,19 @@ impl RecordFileStore {
     pub fn new(path: impl Into<PathBuf>, sync: bool) -> Self {
         RecordFileStore {
             path: path.into(),
+            shared: None,
+            legacy: None,
+            sync,
+            newest: None,
+        }
+    }
+
+    /// The record at `base` in `file`, an open file shared with other records ([`RECORD_BYTES`]
+    /// each), named `path` in errors.
+    pub fn at(file: Arc<fs::File>, path: impl Into<PathBuf>, base: u64, sync: bool) -> Self {
+        RecordFileStore {
+            path: path.into(),
+            shared: Some((file, base)),
             legacy: None,
             sync,
             newest: None,
@@ -395,13 +438,21 @@ impl RecordFileStore {
         }
     }
 
-    /// Copy `i`'s sequence number and body, or `None` if it is absent, torn or not a record.
-    fn read_copy(&self, f: &fs::File, i: u64) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    fn base(&self) -> u64 {
+        self.shared.as_ref().map_or(0, |(_, base)| *base)
+    }
+
+    /// What copy `i` holds.
+    fn read_copy(&self, f: &fs::File, i: u64) -> Result<Held, StoreError> {
+        let at = self.base() + i * COPY_BYTES;
         let mut header = [0u8; HEADER_BYTES];
-        match f.read_exact_at(&mut header, i * COPY_BYTES) {
+        match f.read_exact_at(&mut header, at) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Held::Blank),
             Err(e) => return Err(self.io(e)),
+        }
+        if header.iter().all(|&b| b == 0) {
+            return Ok(Held::Blank);
         }
         let mut seq = [0u8; 8];
         seq.copy_from_slice(&header[8..16]);
@@ -409,53 +460,92 @@ impl RecordFileStore {
         len.copy_from_slice(&header[16..20]);
         let (seq, len) = (u64::from_le_bytes(seq), u32::from_le_bytes(len) as usize);
         if &header[..8] != MAGIC || len as u64 > COPY_BYTES - HEADER_BYTES as u64 {
-            return Ok(None);
+            return Ok(Held::Torn);
         }
         let mut body = vec![0u8; len];
-        match f.read_exact_at(&mut body, i * COPY_BYTES + HEADER_BYTES as u64) {
+        match f.read_exact_at(&mut body, at + HEADER_BYTES as u64) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Held::Torn),
             Err(e) => return Err(self.io(e)),
         }
-        Ok((header[24..32] == copy_digest(seq, &body)).then_some((seq, body)))
+        Ok(if header[24..32] == copy_digest(seq, &body) {
+            Held::Intact(seq, body)
+        } else {
+            Held::Torn
+        })
+    }
+
+    /// Which copy holds the newest record, and its sequence number, if either is intact.
+    fn newest_of(a: &Held, b: &Held) -> Option<(u64, u64)> {
+        match (a.seq(), b.seq()) {
+            (Some(sa), Some(sb)) if sa > sb => Some((0, sa)),
+            (_, Some(sb)) => Some((1, sb)),
+            (Some(sa), None) => Some((0, sa)),
+            (None, None) => None,
+        }
+    }
+
+    /// The file to read, if there is one: a shared file always is; an empty own file is one
+    /// whose first save never reached the disk.
+    fn file_to_read(&self) -> Result<Option<FileRef<'_>>, StoreError> {
+        if let Some((f, _)) = &self.shared {
+            return Ok(Some(FileRef::Shared(f)));
+        }
+        match fs::File::open(&self.path).and_then(|f| {
+            let empty = f.metadata()?.len() == 0;
+            Ok((!empty).then_some(f))
+        }) {
+            Ok(f) => Ok(f.map(FileRef::Own)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(e)),
+        }
+    }
+
+    fn load_legacy(&mut self) -> Result<Option<DeviceRecord>, StoreError> {
+        self.newest = None;
+        match &self.legacy {
+            Some(legacy) => JsonFileStore::new(legacy.clone(), false).load(),
+            None => Ok(None),
+        }
+    }
+}
+
+/// A record's file: its own, opened for one load or save, or a shared one held open.
+enum FileRef<'a> {
+    Own(fs::File),
+    Shared(&'a fs::File),
+}
+
+impl std::ops::Deref for FileRef<'_> {
+    type Target = fs::File;
+    fn deref(&self) -> &fs::File {
+        match self {
+            FileRef::Own(f) => f,
+            FileRef::Shared(f) => f,
+        }
     }
 }
 
 impl DeviceStore for RecordFileStore {
     fn load(&mut self) -> Result<Option<DeviceRecord>, StoreError> {
-        // An empty file is one whose first save never reached the disk: no record yet.
-        let f = match fs::File::open(&self.path).and_then(|f| {
-            let empty = f.metadata()?.len() == 0;
-            Ok((!empty).then_some(f))
-        }) {
-            Ok(Some(f)) => f,
-            Ok(None) => {
-                self.newest = None;
-                return match &self.legacy {
-                    Some(legacy) => JsonFileStore::new(legacy.clone(), false).load(),
-                    None => Ok(None),
-                };
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.newest = None;
-                return match &self.legacy {
-                    Some(legacy) => JsonFileStore::new(legacy.clone(), false).load(),
-                    None => Ok(None),
-                };
-            }
-            Err(e) => return Err(self.io(e)),
+        let Some(f) = self.file_to_read()? else {
+            return self.load_legacy();
         };
         let a = self.read_copy(&f, 0)?;
         let b = self.read_copy(&f, 1)?;
-        let (i, seq, body) = match (a, b) {
-            (Some((sa, ba)), Some((sb, _))) if sa > sb => (0, sa, ba),
-            (_, Some((sb, bb))) => (1, sb, bb),
-            (Some((sa, ba)), None) => (0, sa, ba),
-            (None, None) => {
-                return Err(StoreError::Damaged {
-                    path: self.path.clone(),
-                })
-            }
+        drop(f);
+        if matches!((&a, &b), (Held::Blank, Held::Blank)) && self.shared.is_some() {
+            // A place in a shared file nobody has saved to yet (its own file would not exist).
+            return self.load_legacy();
+        }
+        let Some((i, seq)) = Self::newest_of(&a, &b) else {
+            return Err(StoreError::Damaged {
+                path: self.path.clone(),
+            });
+        };
+        let body = match if i == 0 { a } else { b } {
+            Held::Intact(_, body) => body,
+            _ => Vec::new(),
         };
         let record = serde_json::from_slice(&body).map_err(|source| StoreError::Corrupt {
             path: self.path.clone(),
@@ -466,17 +556,12 @@ impl DeviceStore for RecordFileStore {
     }
 
     fn save(&mut self, record: &DeviceRecord) -> Result<(), StoreError> {
-        if self.newest.is_none() && self.path.exists() {
+        if self.newest.is_none() {
             // Which copy is newer is read from the file once; a damaged file is overwritten.
-            if let Ok(f) = fs::File::open(&self.path) {
-                let a = self.read_copy(&f, 0)?.map(|(s, _)| s);
-                let b = self.read_copy(&f, 1)?.map(|(s, _)| s);
-                self.newest = match (a, b) {
-                    (Some(sa), Some(sb)) if sa > sb => Some((0, sa)),
-                    (_, Some(sb)) => Some((1, sb)),
-                    (Some(sa), None) => Some((0, sa)),
-                    (None, None) => None,
-                };
+            if let Some(f) = self.file_to_read()? {
+                let a = self.read_copy(&f, 0)?;
+                let b = self.read_copy(&f, 1)?;
+                self.newest = Self::newest_of(&a, &b);
             }
         }
         let (copy, seq) = match self.newest {
@@ -504,23 +589,30 @@ impl DeviceStore for RecordFileStore {
         header[16..20].copy_from_slice(&(len as u32).to_le_bytes());
         header[24..32].copy_from_slice(&digest);
         buf[..HEADER_BYTES].copy_from_slice(&header);
-        let created = !self.path.exists();
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&self.path)
-            .map_err(|e| self.io(e))?;
-        f.write_all_at(&buf, copy * COPY_BYTES)
-            .map_err(|e| self.io(e))?;
-        if self.sync {
-            f.sync_data().map_err(|e| self.io(e))?;
-            if created {
-                if let Some(dir) = self.path.parent() {
-                    // A new file is durable only once its directory entry is.
-                    fs::File::open(dir)
-                        .and_then(|d| d.sync_all())
-                        .map_err(|e| self.io(e))?;
+        let at = self.base() + copy * COPY_BYTES;
+        if let Some((f, _)) = &self.shared {
+            f.write_all_at(&buf, at).map_err(|e| self.io(e))?;
+            if self.sync {
+                f.sync_data().map_err(|e| self.io(e))?;
+            }
+        } else {
+            let created = !self.path.exists();
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&self.path)
+                .map_err(|e| self.io(e))?;
+            f.write_all_at(&buf, at).map_err(|e| self.io(e))?;
+            if self.sync {
+                f.sync_data().map_err(|e| self.io(e))?;
+                if created {
+                    if let Some(dir) = self.path.parent() {
+                        // A new file is durable only once its directory entry is.
+                        fs::File::open(dir)
+                            .and_then(|d| d.sync_all())
+                            .map_err(|e| self.io(e))?;
+                    }
                 }
             }
         }

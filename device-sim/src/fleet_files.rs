@@ -1,0 +1,345 @@
+//! Where a simulated fleet keeps its devices' records and firmware slots: a few files shared by
+//! all devices, each device at a fixed place, instead of two files per device.
+//!
+//! Why: a device creates its files when it accepts its first job, so a campaign's start created
+//! 20,000 files in one directory at 10,000 devices. ext4's inode allocation under its locks
+//! (`find_inode_bit`, `rwsem_spin_on_owner`) was about 60% of the simulator's CPU while the jobs
+//! were delivered (docs/BENCHMARKS.md). Writing at an offset of a file that exists costs none
+//! of that.
+//!
+//! Layout, in the simulator's state directory:
+//! - `fleet.index`: which place each device id has, kept across runs (a device keeps its place
+//!   when others join or leave), and the bytes each device's slots take;
+//! - `records-NNNN.bin` and `slots-NNNN.bin`: [`DEVICES_PER_FILE`] places each (a bound on one
+//!   file's size and extent tree), sparse, so only what was written takes disk.
+//!
+//! A device whose own files an older simulator left (`{id}.rec`, `{id}.json`, `{id}.slots`)
+//! keeps using them, so a campaign that began under that simulator goes on where it was.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+
+use crate::slots::{FileFlash, Flash};
+use crate::store::{DeviceStore, RecordFileStore, RECORD_BYTES};
+
+/// Devices per shared file.
+pub const DEVICES_PER_FILE: u64 = 1024;
+
+const INDEX: &str = "fleet.index";
+const INDEX_MAGIC: &str = "aloft-sim-fleet 1";
+
+/// The fleet's shared files, opened for the devices given to [`FleetFiles::open`].
+pub struct FleetFiles {
+    dir: PathBuf,
+    /// Each device's place, in the order it was first given one.
+    places: HashMap<String, u64>,
+    /// Bytes a device's two slots take in a slot file.
+    slot_stride: u64,
+    /// Names in the directory at open, to find what an older simulator left.
+    names: HashSet<OsString>,
+    records: Vec<(Arc<File>, PathBuf)>,
+    slots: Vec<(Arc<File>, PathBuf)>,
+    sync: bool,
+}
+
+impl FleetFiles {
+    /// Opens (creating what is missing) the shared files of `dir` for `ids`, each slot of
+    /// `slot_capacity` bytes. New ids get the next free places, recorded in the index before any
+    /// device runs.
+    pub fn open<'a>(
+        dir: &Path,
+        ids: impl IntoIterator<Item = &'a str>,
+        slot_capacity: u64,
+        sync: bool,
+    ) -> anyhow::Result<Self> {
+        let index_path = dir.join(INDEX);
+        let (mut order, slot_stride) = match fs::read_to_string(&index_path) {
+            Ok(text) => parse_index(&text).with_context(|| index_path.display().to_string())?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let stride = slot_capacity
+                    .checked_mul(2)
+                    .context("slot capacity too large")?;
+                (Vec::new(), stride)
+            }
+            Err(e) => return Err(e).with_context(|| index_path.display().to_string()),
+        };
+        if slot_capacity.checked_mul(2).is_none_or(|b| b > slot_stride) {
+            bail!(
+                "{}: the fleet's slot files hold {} bytes per slot, this run asks for {slot_capacity}",
+                index_path.display(),
+                slot_stride / 2
+            );
+        }
+        let mut places: HashMap<String, u64> = order
+            .iter()
+            .enumerate()
+            .map(|(n, id)| (id.clone(), n as u64))
+            .collect();
+        let before = order.len();
+        for id in ids {
+            if id.is_empty() || id.contains(['\n', '\r']) {
+                bail!("device id {id:?} cannot be written to the fleet index");
+            }
+            if !places.contains_key(id) {
+                places.insert(id.to_owned(), order.len() as u64);
+                order.push(id.to_owned());
+            }
+        }
+        if order.len() != before || before == 0 {
+            write_index(&index_path, &order, slot_stride, sync)?;
+        }
+        let names = fs::read_dir(dir)
+            .with_context(|| dir.display().to_string())?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<HashSet<_>, _>>()
+            .with_context(|| dir.display().to_string())?;
+        let files = (order.len() as u64).div_ceil(DEVICES_PER_FILE);
+        let open = |kind: &str| -> anyhow::Result<Vec<(Arc<File>, PathBuf)>> {
+            (0..files)
+                .map(|n| {
+                    let path = dir.join(format!("{kind}-{n:04}.bin"));
+                    let f = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(&path)
+                        .with_context(|| path.display().to_string())?;
+                    Ok((Arc::new(f), path))
+                })
+                .collect()
+        };
+        Ok(FleetFiles {
+            dir: dir.to_owned(),
+            records: open("records")?,
+            slots: open("slots")?,
+            places,
+            slot_stride,
+            names,
+            sync,
+        })
+    }
+
+    fn place(&self, id: &str) -> anyhow::Result<(usize, u64)> {
+        let n = *self
+            .places
+            .get(id)
+            .with_context(|| format!("{id} was not given a place in the fleet's files"))?;
+        Ok(((n / DEVICES_PER_FILE) as usize, n % DEVICES_PER_FILE))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.names.contains(std::ffi::OsStr::new(name))
+    }
+
+    /// Where device `id` keeps its record.
+    pub fn store(&self, id: &str) -> anyhow::Result<Box<dyn DeviceStore>> {
+        let (own, legacy) = (format!("{id}.rec"), format!("{id}.json"));
+        if self.has(&own) || self.has(&legacy) {
+            return Ok(Box::new(
+                RecordFileStore::new(self.dir.join(own), self.sync)
+                    .with_legacy(self.dir.join(legacy)),
+            ));
+        }
+        let (file, at) = self.place(id)?;
+        let (f, path) = self
+            .records
+            .get(file)
+            .context("fleet record file missing")?;
+        Ok(Box::new(RecordFileStore::at(
+            f.clone(),
+            path,
+            at * RECORD_BYTES,
+            self.sync,
+        )))
+    }
+
+    /// Where device `id` keeps its firmware slots, `capacity` bytes each.
+    pub fn flash(&self, id: &str, capacity: u64) -> anyhow::Result<Box<dyn Flash>> {
+        let own = format!("{id}.slots");
+        if self.has(&own) {
+            return Ok(Box::new(FileFlash::open(&self.dir.join(own), capacity)));
+        }
+        let (file, at) = self.place(id)?;
+        let (f, path) = self.slots.get(file).context("fleet slot file missing")?;
+        Ok(Box::new(FileFlash::at(
+            f.clone(),
+            path,
+            at * self.slot_stride,
+            capacity,
+        )))
+    }
+}
+
+fn parse_index(text: &str) -> anyhow::Result<(Vec<String>, u64)> {
+    let mut lines = text.lines();
+    if lines.next() != Some(INDEX_MAGIC) {
+        bail!("not a fleet index (first line is not {INDEX_MAGIC:?})");
+    }
+    let stride = lines
+        .next()
+        .and_then(|l| l.strip_prefix("slot-stride "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .filter(|&n| n > 0)
+        .context("second line is not `slot-stride <bytes>`")?;
+    let mut seen = HashSet::new();
+    let mut order = Vec::new();
+    for (n, id) in lines.enumerate() {
+        if id.is_empty() || !seen.insert(id) {
+            bail!("line {}: empty or repeated device id {id:?}", n + 3);
+        }
+        order.push(id.to_owned());
+    }
+    Ok((order, stride))
+}
+
+/// Replaces the index atomically: a crash leaves the old one or the new one.
+fn write_index(path: &Path, order: &[String], stride: u64, sync: bool) -> anyhow::Result<()> {
+    let mut text = format!("{INDEX_MAGIC}\nslot-stride {stride}\n");
+    for id in order {
+        text.push_str(id);
+        text.push('\n');
+    }
+    let tmp = path.with_extension("index.tmp");
+    let mut f = File::create(&tmp).with_context(|| tmp.display().to_string())?;
+    f.write_all(text.as_bytes())
+        .with_context(|| tmp.display().to_string())?;
+    if sync {
+        f.sync_data().with_context(|| tmp.display().to_string())?;
+    }
+    drop(f);
+    fs::rename(&tmp, path).with_context(|| path.display().to_string())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::slots::SlotId;
+    use crate::store::DeviceRecord;
+    use aloft_proto::SecurityVersion;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn devices_keep_their_records_and_slots_apart_and_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<String> = (0..3).map(|n| format!("dev-{n}")).collect();
+        let files = FleetFiles::open(dir.path(), ids.iter().map(String::as_str), 64, true).unwrap();
+        for (n, id) in ids.iter().enumerate() {
+            let mut s = files.store(id).unwrap();
+            assert_eq!(s.load().unwrap(), None);
+            s.save(&DeviceRecord::factory(id, SecurityVersion(n as u64)))
+                .unwrap();
+            let mut f = files.flash(id, 32).unwrap();
+            f.begin_update(SlotId::B, 32).unwrap();
+            f.write(SlotId::B, 0, &[n as u8 + 1; 32]).unwrap();
+            f.write(SlotId::A, 0, &[n as u8 + 10; 32]).unwrap();
+        }
+        drop(files);
+        // A restart with one device gone and one new: the others find what they wrote.
+        let again = ["dev-new", "dev-2", "dev-0"];
+        let files = FleetFiles::open(dir.path(), again, 64, true).unwrap();
+        for (n, id) in [(0, "dev-0"), (2, "dev-2")] {
+            let r = files.store(id).unwrap().load().unwrap().unwrap();
+            assert_eq!(r.running_version(), id);
+            let mut f = files.flash(id, 32).unwrap();
+            let mut buf = [0u8; 32];
+            f.read(SlotId::B, 0, &mut buf).unwrap();
+            assert_eq!(buf, [n as u8 + 1; 32]);
+            f.read(SlotId::A, 0, &mut buf).unwrap();
+            assert_eq!(buf, [n as u8 + 10; 32]);
+        }
+        assert_eq!(files.store("dev-new").unwrap().load().unwrap(), None);
+        assert_eq!(
+            names(dir.path()),
+            ["fleet.index", "records-0000.bin", "slots-0000.bin"]
+        );
+        let index = fs::read_to_string(dir.path().join(INDEX)).unwrap();
+        assert!(index.ends_with("dev-0\ndev-1\ndev-2\ndev-new\n"), "{index}");
+    }
+
+    #[test]
+    fn a_device_with_files_of_its_own_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = DeviceRecord::factory("2.0", SecurityVersion(7));
+        RecordFileStore::new(dir.path().join("old.rec"), false)
+            .save(&r)
+            .unwrap();
+        let mut own = FileFlash::open(&dir.path().join("old.slots"), 16);
+        own.write(SlotId::B, 0, &[9; 16]).unwrap();
+        drop(own);
+        let files = FleetFiles::open(dir.path(), ["old"], 16, false).unwrap();
+        assert_eq!(files.store("old").unwrap().load().unwrap(), Some(r));
+        let mut buf = [0u8; 16];
+        files
+            .flash("old", 16)
+            .unwrap()
+            .read(SlotId::B, 0, &mut buf)
+            .unwrap();
+        assert_eq!(buf, [9; 16]);
+    }
+
+    #[test]
+    fn a_larger_slot_than_the_files_were_made_for_is_refused_and_a_bad_index_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        FleetFiles::open(dir.path(), ["a"], 64, false).unwrap();
+        assert!(FleetFiles::open(dir.path(), ["a"], 32, false).is_ok());
+        let err = FleetFiles::open(dir.path(), ["a"], 65, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("64 bytes per slot"), "{err}");
+        fs::write(
+            dir.path().join(INDEX),
+            "aloft-sim-fleet 1\nslot-stride 128\na\na\n",
+        )
+        .unwrap();
+        let err = format!(
+            "{:#}",
+            FleetFiles::open(dir.path(), ["a"], 64, false)
+                .err()
+                .unwrap()
+        );
+        assert!(err.contains("repeated device id"), "{err}");
+        assert!(FleetFiles::open(dir.path(), ["x\ny"], 64, false).is_err());
+    }
+
+    #[test]
+    fn the_files_grow_a_file_per_thousand_and_twenty_four_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<String> = (0..DEVICES_PER_FILE + 1).map(|n| format!("d{n}")).collect();
+        let files = FleetFiles::open(dir.path(), ids.iter().map(String::as_str), 8, false).unwrap();
+        let last = ids.last().unwrap();
+        files
+            .store(last)
+            .unwrap()
+            .save(&DeviceRecord::factory("1", SecurityVersion(1)))
+            .unwrap();
+        assert!(
+            fs::metadata(dir.path().join("records-0001.bin"))
+                .unwrap()
+                .len()
+                > 0
+        );
+        assert_eq!(
+            fs::metadata(dir.path().join("records-0000.bin"))
+                .unwrap()
+                .len(),
+            0
+        );
+    }
+}
