@@ -170,6 +170,7 @@ fn run(
     let mut was_leading = false;
     let mut led_before = false;
     let mut told_waiting = false;
+    let mut told_failing = false;
     loop {
         let now = shared.now();
         let next = shared.lease().poll(now);
@@ -184,6 +185,10 @@ fn run(
                     Acquired::Failed(why) => {
                         if was_leading {
                             warn!(db = %pg.label(), error = %why, "renewing the leader lease failed; retrying");
+                        } else if !told_failing {
+                            // Said once: a process waiting at start would otherwise be silent.
+                            warn!(db = %pg.label(), error = %why, "asking for the leader lease failed; retrying");
+                            told_failing = true;
                         }
                         Answer::Failed
                     }
