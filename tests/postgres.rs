@@ -2,7 +2,8 @@
 //! directory made with the default sled store moves into PostgreSQL the documented way (a
 //! backup restored with `--store`), a campaign runs through the real engine, a restart on the
 //! same database finds everything the first run acknowledged, and `aloft serve --store` killed
-//! with SIGKILL mid-campaign loses no acknowledged transition.
+//! with SIGKILL mid-campaign loses no acknowledged transition, and a serve whose leader lease
+//! another holder took commits nothing more and stops.
 
 use aloft_device::Fleet;
 use aloft_e2e::{finished, wait_campaign, wait_registered, Lab, ReleaseSpec};
@@ -50,9 +51,15 @@ fn lab_on_postgres_url(tmp: &std::path::Path, cluster: &TempCluster) -> (Lab, St
 }
 
 /// `aloft serve --store URL` on the lab's data directory, as a child process listening at
-/// `listen`.
+/// `listen`. Its lease lasts 3 s: a process started after one was killed waits for the killed
+/// one's lease to run out.
 fn spawn_on(lab: &Lab, url: &str, listen: std::net::SocketAddr) -> aloft_e2e::OrchestratorProcess {
-    let store_args = [std::ffi::OsStr::new("--store"), std::ffi::OsStr::new(url)];
+    let store_args = [
+        std::ffi::OsStr::new("--store"),
+        std::ffi::OsStr::new(url),
+        std::ffi::OsStr::new("--lease-ttl-secs"),
+        std::ffi::OsStr::new("3"),
+    ];
     aloft_e2e::spawn_orchestrator_with(exe(), &lab.data_dir, &lab.unlock_file, listen, &store_args)
         .unwrap()
 }
@@ -285,6 +292,71 @@ async fn postgresql_stopped_mid_campaign_holds_acknowledgements_until_it_is_back
     fleet.shutdown().await;
     admin.disconnect().await;
     drop(orch);
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
+}
+
+/// A serve whose leader lease was taken by another holder (the test plays it: it takes the
+/// row as an expired lease's next holder would) stops with a clear error, and what it would
+/// have committed after (the devices that connect then) is not in the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_whose_lease_another_holder_took_commits_nothing_more_and_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = start_cluster().await;
+    let (lab, url) = lab_on_postgres_url(tmp.path(), &cluster);
+    let mut orch = spawn_on(&lab, &url, "127.0.0.1:0".parse().unwrap());
+    let metrics = orch.metrics_addr.expect("the orchestrator serves /metrics");
+    assert_eq!(aloft_e2e::scrape(metrics, "aloft_leader").await, Some(1.0));
+    let token = aloft_e2e::scrape(metrics, "aloft_lease_token")
+        .await
+        .expect("a PostgreSQL store's lease token");
+    assert!(token >= 1.0);
+    let psql = |sql: &'static str| {
+        let c = &cluster;
+        tokio::task::block_in_place(|| c.psql("e2e", sql)).unwrap()
+    };
+    let holder = psql("SELECT holder FROM aloft_lease");
+    assert!(holder.contains('#'), "replica id and run mark: {holder}");
+
+    // Another holder takes the lease over: a higher token, its own lease.
+    psql(
+        "UPDATE aloft_lease SET holder = 'intruder#00000000', token = token + 1, \
+         expires_at = now() + interval '1 hour'",
+    );
+    // Devices connect: registering them would need a commit, which the fence refuses.
+    let fleet = Fleet::start(
+        &lab.fleet_config(orch.device_addr),
+        lab.enroll_fleet("late", 3).unwrap(),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = orch.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < LIMIT,
+            "the orchestrator went on after its lease was taken"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "a lost lease is an error: {status}");
+    let log = std::fs::read_to_string(lab.data_dir.with_file_name("orchestrator.log")).unwrap();
+    assert!(log.contains("leader lease"), "{log}");
+    assert!(log.contains("commits nothing more"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(
+        psql("SELECT count(*) FROM aloft_devices WHERE id LIKE 'late%'"),
+        "0",
+        "committed after the lease was lost"
+    );
+    assert_eq!(
+        psql("SELECT holder FROM aloft_lease"),
+        "intruder#00000000",
+        "the stopped process released nothing of the other's"
+    );
+    fleet.shutdown().await;
     tokio::task::spawn_blocking(move || drop(cluster))
         .await
         .unwrap();

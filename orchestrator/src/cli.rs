@@ -222,6 +222,14 @@ pub struct ServeArgs {
     pub broker: Option<String>,
     #[command(flatten)]
     pub store: StoreArgs,
+    /// On a PostgreSQL store: this replica's name in the leader lease [default: the file's
+    /// `lease.replica_id`, else hostname-pid].
+    #[arg(long)]
+    pub replica_id: Option<String>,
+    /// On a PostgreSQL store: how long a grant of the leader lease lasts, renewed at a third
+    /// of it [default: the file's `lease.ttl_secs`, else 15].
+    #[arg(long)]
+    pub lease_ttl_secs: Option<u64>,
     #[command(flatten)]
     pub unlock: UnlockArgs,
 }
@@ -846,6 +854,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(s) = args.store.store {
         file.store = Some(s);
+    }
+    if let Some(r) = args.replica_id {
+        file.lease.replica_id = Some(r);
+    }
+    if let Some(t) = args.lease_ttl_secs {
+        file.lease.ttl_secs = t;
     }
     let unlock = args.unlock.obtain("the data directory")?;
     let cfg = ServeConfig {

@@ -68,6 +68,32 @@ pub struct FileConfig {
     /// Where the store lives: `sled` (the data directory's `store/`, the default) or a
     /// PostgreSQL database, `postgres://user@host:port/database`.
     pub store: Option<String>,
+    /// The leader lease, on a PostgreSQL store (`lease`).
+    pub lease: LeaseFile,
+}
+
+/// The leader lease (PostgreSQL only; a sled store is held by one process, which leads).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeaseFile {
+    /// This replica's name in the lease (`aloft_lease.holder`, with a mark of the run);
+    /// default `hostname-pid`.
+    pub replica_id: Option<String>,
+    /// How long a grant lasts; renewed at a third of it. A replica that dies is replaced this
+    /// long after its last renewal at most.
+    pub ttl_secs: u64,
+}
+
+/// The default lease ttl.
+pub const DEFAULT_LEASE_TTL_SECS: u64 = 15;
+
+impl Default for LeaseFile {
+    fn default() -> Self {
+        Self {
+            replica_id: None,
+            ttl_secs: DEFAULT_LEASE_TTL_SECS,
+        }
+    }
 }
 
 /// Where the external broker listens, from `mqtts://host:port`.
@@ -121,6 +147,7 @@ impl Default for FileConfig {
             console: crate::console::ConsoleFile::default(),
             external_broker_operator_roles: Default::default(),
             store: None,
+            lease: LeaseFile::default(),
         }
     }
 }
@@ -231,6 +258,18 @@ impl ServeConfig {
         }
         self.operator_roles()?;
         self.store_location()?;
+        if !(1..=3600).contains(&self.file.lease.ttl_secs) {
+            return Err(ConfigError::Invalid(
+                "lease.ttl_secs must be between 1 and 3600".into(),
+            ));
+        }
+        if let Some(id) = &self.file.lease.replica_id {
+            if id.is_empty() || id.len() > 200 || id.chars().any(char::is_control) {
+                return Err(ConfigError::Invalid(
+                    "lease.replica_id must be 1 to 200 printable characters".into(),
+                ));
+            }
+        }
         if let Some(url) = &self.file.external_broker {
             ExternalBroker::parse(url)?;
             if self.file.insecure_plain_listen.is_some() {

@@ -16,6 +16,7 @@ pub mod console;
 pub mod engine;
 pub mod fleet;
 pub mod inbound;
+pub mod lease;
 pub mod metrics;
 pub mod model;
 pub mod mqtt;

@@ -59,9 +59,18 @@ pub struct Metrics {
     /// 0 while the engine waits for its store to come back (a failed flush), else 1.
     store_up: IntGauge,
     store_losses: IntCounter,
+    /// 1 while this process leads (holds the leader lease; always on sled), else 0.
+    leader: IntGauge,
+    /// The fencing token this process holds (PostgreSQL only: registered with the lease).
+    lease_token: IntGauge,
+    /// Reads the lease at scrape time: (leads now, token held).
+    lease: Mutex<Option<LeaseView>>,
     console_requests: IntCounterVec,
     console_refused: IntCounterVec,
 }
+
+/// Reads the leader lease at scrape time: whether this process leads now, and its token.
+pub type LeaseView = Arc<dyn Fn() -> (bool, Option<i64>) + Send + Sync>;
 
 fn must<T>(r: prometheus::Result<T>) -> T {
     // Metric definitions are static and unique; a failure here is a programming error caught by
@@ -238,6 +247,15 @@ impl Metrics {
             "aloft_store_losses_total",
             "Times a flush failed and the engine began waiting for its store",
         ));
+        let leader = must(IntGauge::new(
+            "aloft_leader",
+            "1 while this process leads: it holds the leader lease (PostgreSQL), or its store is sled, else 0",
+        ));
+        leader.set(1);
+        let lease_token = must(IntGauge::new(
+            "aloft_lease_token",
+            "The fencing token of the leader lease this process holds (PostgreSQL only)",
+        ));
         let console_requests = must(IntCounterVec::new(
             Opts::new(
                 "aloft_console_requests_total",
@@ -259,6 +277,7 @@ impl Metrics {
             Box::new(broker_link_losses.clone()),
             Box::new(store_up.clone()),
             Box::new(store_losses.clone()),
+            Box::new(leader.clone()),
             Box::new(success_without_download.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(renewals.clone()),
             Box::new(heartbeats.clone()),
@@ -329,6 +348,9 @@ impl Metrics {
             broker_link_losses,
             store_up,
             store_losses,
+            leader,
+            lease_token,
+            lease: Mutex::new(None),
             console_requests,
             console_refused,
         })
@@ -379,6 +401,29 @@ impl Metrics {
             self.store_losses.inc();
         }
         self.store_up.set(i64::from(up));
+    }
+
+    /// The process holds (or waits for) the leader lease: `aloft_leader` follows it from now
+    /// on, and `aloft_lease_token` appears.
+    pub fn watch_lease(&self, view: LeaseView) {
+        let mut lease = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        if lease.is_none() {
+            // Registered once; a second registration of the same family is the error ignored.
+            let _ = self.registry.register(Box::new(self.lease_token.clone()));
+        }
+        let (leads, token) = view();
+        self.leader.set(i64::from(leads));
+        self.lease_token.set(token.unwrap_or(0));
+        *lease = Some(view);
+    }
+
+    /// Whether this process leads now (`aloft_leader`).
+    pub fn leads(&self) -> bool {
+        let view = self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match view {
+            Some(v) => v().0,
+            None => self.leader.get() == 1,
+        }
     }
 
     pub fn store_is_up(&self) -> bool {
@@ -562,6 +607,12 @@ impl Metrics {
             drop(expiries);
             self.certificates_expiring.set(soon as i64);
             self.devices_registered.set(all as i64);
+            let view = self.lease.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(view) = view {
+                let (leads, token) = view();
+                self.leader.set(i64::from(leads));
+                self.lease_token.set(token.unwrap_or(0));
+            }
         }
         let mut buf = Vec::new();
         // Encoding into a Vec only fails on invalid metric families, which `new` rules out.
@@ -878,6 +929,23 @@ mod tests {
             Some(4.0)
         );
         assert_eq!(value(&text, "aloft_front_connections"), Some(0.0));
+    }
+
+    #[test]
+    fn the_leader_gauge_is_one_on_sled_and_follows_the_lease_at_scrape_time() {
+        let m = Metrics::new(None, None);
+        let text = m.render();
+        assert_eq!(value(&text, "aloft_leader"), Some(1.0));
+        assert_eq!(value(&text, "aloft_lease_token"), None, "PostgreSQL only");
+        let leads = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let l = leads.clone();
+        m.watch_lease(Arc::new(move || (l.load(Ordering::Relaxed), Some(7))));
+        let text = m.render();
+        assert_eq!(value(&text, "aloft_leader"), Some(1.0));
+        assert_eq!(value(&text, "aloft_lease_token"), Some(7.0));
+        leads.store(false, Ordering::Relaxed);
+        assert_eq!(value(&m.render(), "aloft_leader"), Some(0.0));
+        assert!(!m.leads());
     }
 
     #[test]

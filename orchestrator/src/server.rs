@@ -17,8 +17,11 @@ use zeroize::Zeroizing;
 
 use crate::config::{layout, ExternalBroker, ServeConfig};
 use crate::engine::{Engine, EngineConfig, EngineError, Inbound, SeenDevice};
+use crate::lease::holder::LeaseHolder;
+use crate::lease::LeaseTimes;
 use crate::metrics::{self, Metrics};
 use crate::mqtt::{self, LinkConfig};
+use crate::store::pg_lease::PgLease;
 use crate::store::{Store, StoreError};
 
 /// The client id of the orchestrator's own broker connection.
@@ -66,6 +69,10 @@ pub enum ServeError {
     EngineTask,
     #[error("starting the renewal signer: {0}")]
     Signer(std::io::Error),
+    #[error("starting the leader lease's thread: {0}")]
+    LeaseThread(std::io::Error),
+    #[error("{0}")]
+    LeaseLost(String),
 }
 
 fn read(path: &Path) -> Result<String, ServeError> {
@@ -105,6 +112,8 @@ pub struct Running {
     pub devices: Option<Arc<aloft_broker::DirectRoutes>>,
     shutdown: watch::Sender<bool>,
     engine: JoinHandle<Result<(), EngineError>>,
+    /// The leader lease's thread, on a PostgreSQL store.
+    lease: Option<LeaseHolder>,
 }
 
 impl Running {
@@ -115,24 +124,79 @@ impl Running {
             .ok()
     }
 
-    /// Stops accepting connections and ends the engine after its current batch.
-    pub async fn shutdown(self) -> Result<(), ServeError> {
+    /// Stops accepting connections and ends the engine after its current batch, then releases
+    /// the leader lease (after the engine: nothing is committed once it is released).
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
         let _ = self.shutdown.send(true);
         self.engine.abort();
-        match self.engine.await {
-            Ok(r) => Ok(r?),
+        let ended = match (&mut self.engine).await {
+            Ok(r) => r.map_err(ServeError::from),
             Err(e) if e.is_cancelled() => Ok(()),
             Err(_) => Err(ServeError::EngineTask),
+        };
+        if let Some(lease) = self.lease.take() {
+            let _ = tokio::task::spawn_blocking(move || lease.stop()).await;
+        }
+        ended
+    }
+
+    /// Waits until the engine stops by itself (it only does on a fatal error) or the leader
+    /// lease is lost (the store is fenced already; the engine is stopped).
+    pub async fn wait(&mut self) -> Result<(), ServeError> {
+        let lost = lease_lost(self.lease.as_ref().map(LeaseHolder::status));
+        tokio::select! {
+            r = &mut self.engine => match r {
+                Ok(r) => Ok(r?),
+                Err(_) => Err(ServeError::EngineTask),
+            },
+            why = lost => {
+                self.engine.abort();
+                Err(ServeError::LeaseLost(why))
+            }
         }
     }
 
-    /// Waits until the engine stops by itself (it only does on a fatal error).
-    pub async fn wait(&mut self) -> Result<(), ServeError> {
-        match (&mut self.engine).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(ServeError::EngineTask),
-        }
+    /// The leader lease's holder name on a PostgreSQL store (`replica-id#mark`).
+    pub fn lease_holder(&self) -> Option<&str> {
+        self.lease.as_ref().map(LeaseHolder::holder)
     }
+}
+
+/// Resolves with why the lease was lost; never without a lease.
+async fn lease_lost(status: Option<watch::Receiver<crate::lease::holder::Status>>) -> String {
+    let Some(mut rx) = status else {
+        return std::future::pending().await;
+    };
+    let lost = rx
+        .wait_for(|s| s.lost.is_some())
+        .await
+        .map(|s| s.lost.clone().unwrap_or_default());
+    match lost {
+        Ok(why) => why,
+        // The thread ended without a loss: it was stopped, so the process is shutting down.
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// On a PostgreSQL store: starts the lease thread, whose first grant fences the store.
+fn start_lease(cfg: &ServeConfig, store: &Store) -> Result<Option<LeaseHolder>, ServeError> {
+    let (Some(fence), crate::store::StoreLocation::Postgres(url)) =
+        (store.lease_fence(), cfg.store_location()?)
+    else {
+        return Ok(None);
+    };
+    let replica = cfg
+        .file
+        .lease
+        .replica_id
+        .clone()
+        .unwrap_or_else(crate::lease::holder::default_replica_id);
+    let ttl = std::time::Duration::from_secs(cfg.file.lease.ttl_secs);
+    let pg = PgLease::new(&url, crate::lease::holder::holder_name(&replica), ttl)?;
+    let times = LeaseTimes::from_ttl_ms(cfg.file.lease.ttl_secs * 1000);
+    let holder = LeaseHolder::start(pg, times, fence).map_err(ServeError::LeaseThread)?;
+    info!(holder = %holder.holder(), ttl_secs = cfg.file.lease.ttl_secs, "asking for the leader lease");
+    Ok(Some(holder))
 }
 
 /// Starts everything and returns once the orchestrator accepts devices.
@@ -156,6 +220,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     })?;
     let console_key = crate::console::TokenKey::derive(&store_key);
     let store = Store::open_at(&cfg.store_location()?, store_key)?;
+    let lease = start_lease(&cfg, &store)?;
     let crl_path = cfg.data_dir.join(layout::CRL);
     // Fail closed: a crl.pem that exists must be readable and signed by the fleet CA, or the
     // orchestrator does not start (starting without it would un-revoke certificates).
@@ -245,6 +310,12 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         }
         None => None,
     };
+    if let Some(lease) = &lease {
+        metrics.watch_lease(Arc::new(lease.view()));
+        // The engine loads and commits only under the lease: its first commit is fenced.
+        let token = lease.granted().await.map_err(ServeError::LeaseLost)?;
+        info!(%token, "leading: the engine starts");
+    }
     let console_store = store.clone();
     let engine = Engine::new(
         store,
@@ -298,6 +369,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         devices: ctx.map(|c| c.direct.clone()),
         shutdown: shutdown_tx,
         engine,
+        lease,
     })
 }
 

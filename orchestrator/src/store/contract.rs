@@ -1,7 +1,8 @@
 //! The store's contract, written once and run on both engines: sled in a temporary directory,
 //! and PostgreSQL in a throwaway cluster this test process starts itself (`pg_cluster`).
 //! `contract_tests!` makes one `#[test]` per check and engine, so a failure names both.
-//! PostgreSQL-only behaviour (migrations, a lost server, the database lock) follows.
+//! PostgreSQL-only behaviour (migrations, a lost server, the database lock, the leader lease and
+//! its fencing) follows.
 
 use std::ops::Bound;
 
@@ -676,5 +677,143 @@ mod on_postgres {
         let p = s.progress(&c, &d).unwrap().unwrap();
         assert_eq!((p.state, p.last_seq), (DeviceState::Downloading, 2));
         assert_eq!(s.device_history(&d, 10).unwrap().len(), 2);
+    }
+
+    /// The lease's ttl in these tests: expiry is forced with an UPDATE, never waited for, so
+    /// it only bounds each statement (a sixth of it).
+    const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(6);
+
+    fn lease_db(b: &mut PgBackend) -> (StoreLocation, String, String) {
+        let at = b.fresh();
+        let StoreLocation::Postgres(url) = &at else {
+            unreachable!()
+        };
+        let url = url.clone();
+        (at, url, format!("contract_{}", b.n))
+    }
+
+    fn expire(b: &PgBackend, db: &str) {
+        b.cluster
+            .psql(
+                db,
+                "UPDATE aloft_lease SET expires_at = now() - interval '1 second' WHERE id = 1",
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn the_lease_is_granted_renewed_refused_to_another_and_taken_over_after_expiry() {
+        use pg_lease::{Acquired, PgLease};
+        let mut b = PgBackend::new();
+        let (at, url, db) = lease_db(&mut b);
+        drop(Store::create_at(&at, MasterKey::generate().unwrap()).unwrap());
+        let mut a = PgLease::new(&url, "a#1".into(), LEASE_TTL).unwrap();
+        let mut other = PgLease::new(&url, "b#1".into(), LEASE_TTL).unwrap();
+
+        assert_eq!(
+            a.acquire(),
+            Acquired::Granted(1),
+            "the first grant raises 0"
+        );
+        let live = "SELECT expires_at > now() + interval '5 seconds' FROM aloft_lease";
+        assert_eq!(b.cluster.psql(&db, live).unwrap(), "t", "until now() + ttl");
+        assert_eq!(
+            a.acquire(),
+            Acquired::Granted(1),
+            "a renewal keeps the token"
+        );
+        assert_eq!(
+            other.acquire(),
+            Acquired::Refused {
+                holder: "a#1".into(),
+                token: 1
+            },
+            "refused while a's lease is live"
+        );
+        assert_eq!(
+            b.cluster
+                .psql(&db, "SELECT holder FROM aloft_lease")
+                .unwrap(),
+            "a#1"
+        );
+
+        expire(&b, &db);
+        assert_eq!(
+            other.acquire(),
+            Acquired::Granted(2),
+            "a takeover raises the token"
+        );
+        assert_eq!(
+            a.acquire(),
+            Acquired::Refused {
+                holder: "b#1".into(),
+                token: 2
+            }
+        );
+        // A clean release lets the next holder in at once, with a new token.
+        other.release(2).unwrap();
+        assert_eq!(a.acquire(), Acquired::Granted(3));
+        // A release by a holder that no longer holds the lease changes nothing.
+        other.release(2).unwrap();
+        assert_eq!(a.acquire(), Acquired::Granted(3));
+    }
+
+    #[test]
+    fn a_fenced_flush_after_a_takeover_fails_with_lease_lost_and_commits_nothing() {
+        use pg_lease::{Acquired, PgLease};
+        let mut b = PgBackend::new();
+        let (at, url, db) = lease_db(&mut b);
+        let key = MasterKey::generate().unwrap();
+        let s = Store::create_at(&at, key.clone()).unwrap();
+        let d = DeviceId::new("dev-1").unwrap();
+        let mut mine = PgLease::new(&url, "serve#1".into(), LEASE_TTL).unwrap();
+        let Acquired::Granted(token) = mine.acquire() else {
+            panic!("the lease is free")
+        };
+        s.lease_fence().unwrap().hold(token);
+        s.put_device(&device("dev-1", Some(1))).unwrap();
+        s.flush().unwrap();
+
+        // This process stalls past its lease; another takes it over.
+        expire(&b, &db);
+        let mut next = PgLease::new(&url, "serve#2".into(), LEASE_TTL).unwrap();
+        assert_eq!(next.acquire(), Acquired::Granted(token + 1));
+
+        s.put_device(&device("dev-1", Some(2))).unwrap();
+        let err = s.flush().expect_err("a fenced flush after a takeover");
+        assert!(
+            matches!(err, StoreError::LeaseLost { mine: Some(m), now: Some(n), .. } if m == token && n == token + 1),
+            "{err}"
+        );
+        assert!(!err.is_transient(), "fatal, not waited out");
+        assert!(err.to_string().contains("leader lease"), "{err}");
+        // Lost for good: no later flush reaches the database either.
+        let again = s.flush().expect_err("still lost");
+        assert!(matches!(again, StoreError::LeaseLost { .. }), "{again}");
+        assert_eq!(
+            b.cluster
+                .psql(&db, "SELECT count(*) FROM aloft_devices")
+                .unwrap(),
+            "1"
+        );
+        drop(s);
+        let s = Store::open_at(&at, key).unwrap();
+        assert_eq!(
+            s.device(&d).unwrap().unwrap().floor,
+            Some(SecurityVersion(1)),
+            "nothing of the fenced flush was committed"
+        );
+    }
+
+    #[test]
+    fn a_store_without_a_lease_is_unfenced_and_sled_has_no_fence() {
+        let mut b = PgBackend::new();
+        let at = b.fresh();
+        let s = Store::create_at(&at, MasterKey::generate().unwrap()).unwrap();
+        s.put_device(&device("dev-1", Some(1))).unwrap();
+        s.flush().unwrap();
+        let mut sled = SledBackend::new();
+        let s = Store::create_at(&sled.fresh(), MasterKey::generate().unwrap()).unwrap();
+        assert!(s.lease_fence().is_none());
     }
 }

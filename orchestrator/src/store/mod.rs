@@ -22,6 +22,7 @@ mod history;
 mod kv;
 pub mod pg;
 pub mod pg_cluster;
+pub mod pg_lease;
 mod records;
 
 pub use audit::{AuditBreak, AuditEntry, AuditEvent, AUDIT_TREE};
@@ -73,6 +74,13 @@ pub enum StoreError {
     DatabaseInUse(String),
     #[error("store database {db} was held by another process while this one had lost its connection (holder generation {now}, this process left it at {mine}): what this process knows may be stale, so it stops; a new start reads the store afresh")]
     DatabaseTakenOver { db: String, mine: i64, now: i64 },
+    #[error("store database {db}: the leader lease was taken over{}: this process commits nothing more and stops", lease_tokens(.mine, .now))]
+    LeaseLost {
+        db: String,
+        /// The token this process held, and the one the database has now, when known.
+        mine: Option<i64>,
+        now: Option<i64>,
+    },
     #[error("store database {db} has schema version {found}, newer than this aloft knows ({known}): run the newer aloft")]
     SchemaTooNew { db: String, found: i32, known: i32 },
     #[error("no store in database {0}: refusing to start with an empty one (run `aloft init --store ...`, or restore a backup)")]
@@ -83,6 +91,13 @@ pub enum StoreError {
     BadLocation(String),
     #[error("a backup record names the unknown tree {0:?}")]
     UnknownTree(String),
+}
+
+fn lease_tokens(mine: &Option<i64>, now: &Option<i64>) -> String {
+    match (mine, now) {
+        (Some(m), Some(n)) => format!(" (token {n}; this process held {m})"),
+        _ => String::new(),
+    }
 }
 
 impl StoreError {
@@ -269,6 +284,16 @@ impl Store {
         key.open(KEY_CHECK_AAD, &check)
             .map_err(|_| StoreError::WrongKey)?;
         Ok(Self { kv, key })
+    }
+
+    /// The leader lease's fence of a PostgreSQL store (`pg_lease`), which `aloft serve` sets
+    /// to its lease's token before its engine commits anything; `None` on sled, which is held
+    /// by one process through its file lock and needs no lease.
+    pub fn lease_fence(&self) -> Option<std::sync::Arc<pg_lease::Fence>> {
+        match &self.kv {
+            Kv::Pg(pg) => Some(pg.fence()),
+            Kv::Sled(_) => None,
+        }
     }
 
     /// Makes every earlier write durable. On an error none of the writes since the last

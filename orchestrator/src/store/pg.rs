@@ -30,6 +30,7 @@ use postgres::types::ToSql;
 use postgres::{Client, GenericClient, NoTls, Statement};
 
 use super::kv::{Entry, Part, Scan, Tree};
+use super::pg_lease::{Fence, FenceCheck};
 use super::StoreError;
 
 /// The schema's versions, in order: (version, name, SQL). Never edit one that has shipped;
@@ -37,6 +38,7 @@ use super::StoreError;
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "initial", include_str!("pg/0001_initial.sql")),
     (2, "holder", include_str!("pg/0002_holder.sql")),
+    (3, "lease", include_str!("pg/0003_lease.sql")),
 ];
 
 /// The newest schema version this binary knows.
@@ -175,7 +177,7 @@ fn bad_key(tree: Tree, key: &[u8]) -> StoreError {
 
 /// PostgreSQL's own words for an error: the server's message (with its detail) when there is
 /// one, else the client's (connection refused, closed, timed out).
-fn describe_error(e: &postgres::Error) -> String {
+pub(crate) fn describe_error(e: &postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         let mut s = format!("{}: {}", db.severity(), db.message());
         if let Some(d) = db.detail() {
@@ -269,6 +271,8 @@ struct Inner {
     /// How many connections the connection's thread has made: what [`Committed`] knows is
     /// dropped when it changes (the lock, and so the right to trust it, was lost meanwhile).
     connections: Arc<AtomicU64>,
+    /// The leader lease's token every commit checks, once `aloft serve` holds the lease.
+    fence: Arc<Fence>,
 }
 
 impl Drop for Inner {
@@ -315,6 +319,7 @@ impl Pg {
         }
         let label = describe_url(&config);
         let connections = Arc::new(AtomicU64::new(0));
+        let fence = Arc::new(Fence::default());
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let mut worker = Worker {
@@ -324,6 +329,7 @@ impl Pg {
             statements: HashMap::new(),
             connections: connections.clone(),
             generation: None,
+            fence: fence.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("aloft-store-pg".into())
@@ -349,6 +355,7 @@ impl Pg {
             label: label.clone(),
             overlay: Mutex::default(),
             connections,
+            fence,
         };
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Pg {
@@ -365,6 +372,11 @@ impl Pg {
     /// The database, for messages (no password).
     pub(crate) fn label(&self) -> &str {
         &self.inner.label
+    }
+
+    /// The fence every commit of this store checks (see `pg_lease`).
+    pub(crate) fn fence(&self) -> Arc<Fence> {
+        self.inner.fence.clone()
     }
 
     /// The overlay, with what it knows of committed rows dropped if the connection changed.
@@ -610,6 +622,8 @@ struct Worker {
     /// The holder generation this process set when it last took the store's lock
     /// (`aloft_store_holder`); `None` until the schema has it.
     generation: Option<i64>,
+    /// The leader lease's token commits must still find (shared with the handle).
+    fence: Arc<Fence>,
 }
 
 /// Bumps the store's holder generation (`aloft_store_holder`) on a connection that holds the
@@ -916,10 +930,36 @@ impl Worker {
             .collect()
     }
 
-    /// Runs one commit's statements in one transaction.
+    /// Runs one commit's statements in one transaction. Once the process holds the leader
+    /// lease, the transaction first reads the lease's token FOR SHARE (a takeover's update
+    /// waits until this commit ends, and a commit after a takeover sees the new token) and
+    /// commits nothing if it is not this process's.
     fn commit(&mut self, batches: &[Batch]) -> Result<(), StoreError> {
-        self.with_client(|client, statements| {
+        let mine = match self.fence.check() {
+            FenceCheck::Off => None,
+            FenceCheck::Token(t) => Some(t),
+            FenceCheck::Lost => {
+                return Err(StoreError::LeaseLost {
+                    db: self.label.clone(),
+                    mine: None,
+                    now: None,
+                })
+            }
+        };
+        let fenced = self.with_client(|client, statements| {
             let mut tx = client.transaction()?;
+            if let Some(mine) = mine {
+                let now: i64 = tx
+                    .query_one(
+                        "SELECT token FROM aloft_lease WHERE id = 1 FOR SHARE",
+                        &[],
+                    )?
+                    .try_get(0)?;
+                if now != mine {
+                    // Dropping the transaction rolls it back.
+                    return Ok(Some(now));
+                }
+            }
             for Batch {
                 tree,
                 cleared,
@@ -958,8 +998,20 @@ impl Worker {
                     tx.execute(&stmt, &upsert.params())?;
                 }
             }
-            tx.commit()
-        })
+            tx.commit()?;
+            Ok(None)
+        })?;
+        match (fenced, mine) {
+            (Some(now), Some(mine)) => {
+                self.fence.lose();
+                Err(StoreError::LeaseLost {
+                    db: self.label.clone(),
+                    mine: Some(mine),
+                    now: Some(now),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 }
 

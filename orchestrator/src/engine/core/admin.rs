@@ -9,7 +9,7 @@ use aloft_certs::OperatorRole;
 use aloft_proto::crypto::{self, sha256};
 use aloft_proto::manifest::ManifestError;
 use aloft_proto::messages::{self, DecodeError};
-use aloft_proto::{topics, ArtifactId, DeviceId, OperatorId};
+use aloft_proto::{topics, ArtifactId, CampaignId, DeviceId, OperatorId};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::{json, Value};
@@ -47,6 +47,13 @@ impl ReplyCache {
             }
         }
     }
+}
+
+/// Campaign summaries an operator asked for (`campaign_status`, `campaign_list`).
+#[derive(Debug)]
+pub(super) enum SummaryRead {
+    One { campaign: CampaignId, devices: bool },
+    All,
 }
 
 impl Core {
@@ -201,7 +208,23 @@ impl Core {
         self.send(topics::operator_reply(&operator), encoded, false);
     }
 
-    /// Carries out a request; `None`: suspended until the shell hands back what it needs.
+    /// A summary read answered at the batch's settle, once the rollouts have moved.
+    pub(super) fn summarize(&self, read: SummaryRead) -> AdminResult {
+        match read {
+            SummaryRead::One { campaign, devices } => match self.campaigns.get(&campaign) {
+                Some(live) => Ok(json!(summary(live, devices))),
+                None => refuse("unknown_campaign", format!("no campaign {campaign}")),
+            },
+            SummaryRead::All => {
+                let mut all: Vec<_> = self.campaigns.values().map(|l| summary(l, false)).collect();
+                all.sort_by_key(|s| s.created_ms);
+                Ok(json!(all))
+            }
+        }
+    }
+
+    /// Carries out a request; `None`: suspended until the shell hands back what it needs, or
+    /// until the batch's settle.
     fn dispatch(
         &mut self,
         operator: &OperatorId,
@@ -262,18 +285,16 @@ impl Core {
                 dry_run,
             } => self.campaign_rollback(operator, &campaign, &to, policy, dry_run),
             AdminBody::CampaignStatus { campaign, devices } => {
-                match self.campaigns.get(&campaign) {
-                    Some(live) => Ok(json!(summary(live, devices))),
-                    None => refuse("unknown_campaign", format!("no campaign {campaign}")),
-                }
+                let read = SummaryRead::One { campaign, devices };
+                self.summaries_due.push((pending.clone(), read));
+                return None;
             }
             AdminBody::AuditList { .. } => {
                 refuse("internal", "audit_list is answered by the shell")
             }
             AdminBody::CampaignList {} => {
-                let mut all: Vec<_> = self.campaigns.values().map(|l| summary(l, false)).collect();
-                all.sort_by_key(|s| s.created_ms);
-                Ok(json!(all))
+                self.summaries_due.push((pending.clone(), SummaryRead::All));
+                return None;
             }
         })
     }

@@ -491,6 +491,10 @@ pub struct Core {
     /// Chunks received so far of releases being uploaded.
     uploads: HashMap<ArtifactId, HashSet<u32>>,
     admin_replies: admin::ReplyCache,
+    /// Campaign summaries asked for in this batch, answered at its settle: a summary built
+    /// mid-batch could show every member finished and the campaign still `Active`, a state no
+    /// commit ever held (the rollout moves to `Finished` at the settle).
+    summaries_due: Vec<(Pending, admin::SummaryRead)>,
     /// Campaigns changed since the last settle: their rollouts move before the batch commits.
     touched: HashSet<CampaignId>,
     /// The timer went off since the last settle: the next one looks for timeouts too.
@@ -548,6 +552,7 @@ impl Core {
                 .collect(),
             uploads: loaded.uploads,
             admin_replies: admin::ReplyCache::default(),
+            summaries_due: Vec::new(),
             touched: HashSet::new(),
             timer_due: false,
             crl: cfg.crl,
@@ -687,6 +692,10 @@ impl Core {
         touched.sort();
         for id in touched {
             self.tick_rollout(&id, now, timers);
+        }
+        for (pending, read) in std::mem::take(&mut self.summaries_due) {
+            let answer = self.summarize(read);
+            self.finish_admin(pending, answer);
         }
         std::mem::take(&mut self.fx)
     }

@@ -889,6 +889,52 @@ fn deferred_members_are_in_flight_not_failures_and_trip_no_threshold() {
     );
 }
 
+/// Regression (the flaky `postgresql_stopped_mid_campaign_holds_acknowledgements_until_it_is_back`):
+/// a status request in the same batch as the last member's report was answered before the
+/// batch's settle moved the rollout, so it said every member succeeded and the campaign was
+/// still `Active`, which no commit ever held.
+#[test]
+fn a_status_asked_in_the_batch_that_finishes_a_campaign_says_finished() {
+    use crate::admin::wire::AdminBody;
+    let f = Fixture::new(2, 2);
+    let mut durable = f.durable.clone();
+    let mut core = f.core();
+    durable.apply(&core.recover(1_000).writes);
+    let success = |d: usize| -> Vec<Event> {
+        DeviceState::SUCCESS_PATH[2..]
+            .iter()
+            .enumerate()
+            .map(|(seq, s)| f.report(d, seq as u32 + 1, *s))
+            .collect()
+    };
+    feed(&mut core, &mut durable, 2_000, success(0));
+    // One batch, as the engine takes it: the last member's reports, then the operator's
+    // questions, then the settle; no timer in between.
+    let mut fx = Effects::default();
+    for e in success(1) {
+        fx.extend(core.on_event(3_000, e));
+    }
+    let status = AdminBody::CampaignStatus {
+        campaign: f.campaign.clone(),
+        devices: false,
+    };
+    fx.extend(core.on_event(3_000, admin("status", status)));
+    fx.extend(core.on_event(3_000, admin("list", AdminBody::CampaignList {})));
+    assert!(
+        replies(&fx.after_commit).is_empty(),
+        "summaries are answered at the settle"
+    );
+    fx.extend(core.settle(3_000));
+    let replies = replies(&fx.after_commit);
+    let summary = |id: &str| -> serde_json::Value {
+        let r = replies.iter().find(|r| r.id == id).expect("answered");
+        serde_json::to_value(r.result.as_ref().expect("ok")).unwrap()
+    };
+    let one = summary("status");
+    assert_eq!(one["status"], "finished", "{one}");
+    assert_eq!(summary("list")[0]["status"], "finished");
+}
+
 #[test]
 fn a_deferral_past_the_campaign_deadline_is_timed_out_and_its_job_withdrawn() {
     let mut f = Fixture::new(3, 2);
