@@ -31,6 +31,11 @@ use crate::store::{DeviceStore, RecordFileStore, RECORD_BYTES};
 /// Devices per shared file.
 pub const DEVICES_PER_FILE: u64 = 1024;
 
+/// The least a device's slots take in a slot file: room for two 64 MiB slots (the simulator's
+/// default), so a state directory made by a run with small slots (the bench's first fleet)
+/// serves a later run with the default ones.
+pub const MIN_SLOT_STRIDE: u64 = 128 * 1024 * 1024;
+
 const INDEX: &str = "fleet.index";
 const INDEX_MAGIC: &str = "aloft-sim-fleet 1";
 
@@ -64,7 +69,8 @@ impl FleetFiles {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let stride = slot_capacity
                     .checked_mul(2)
-                    .context("slot capacity too large")?;
+                    .context("slot capacity too large")?
+                    .max(MIN_SLOT_STRIDE);
                 (Vec::new(), stride)
             }
             Err(e) => return Err(e).with_context(|| index_path.display().to_string()),
@@ -296,16 +302,20 @@ mod tests {
     #[test]
     fn a_larger_slot_than_the_files_were_made_for_is_refused_and_a_bad_index_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
+        let big = MIN_SLOT_STRIDE;
         FleetFiles::open(dir.path(), ["a"], 64, false).unwrap();
-        assert!(FleetFiles::open(dir.path(), ["a"], 32, false).is_ok());
-        let err = FleetFiles::open(dir.path(), ["a"], 65, false)
+        assert!(FleetFiles::open(dir.path(), ["a"], big / 2, false).is_ok());
+        let err = FleetFiles::open(dir.path(), ["a"], big / 2 + 1, false)
             .err()
             .unwrap()
             .to_string();
-        assert!(err.contains("64 bytes per slot"), "{err}");
+        assert!(
+            err.contains(&format!("{} bytes per slot", big / 2)),
+            "{err}"
+        );
         fs::write(
             dir.path().join(INDEX),
-            "aloft-sim-fleet 1\nslot-stride 128\na\na\n",
+            "aloft-sim-fleet 1\nslot-stride 134217728\na\na\n",
         )
         .unwrap();
         let err = format!(
