@@ -660,7 +660,8 @@ impl Shell {
                 // instead of timing out, and asks again for this chunk and those after it.
                 Err(DeliverError::Busy | DeliverError::QueueFull) => {
                     self.metrics.rejected("chunk_response", "busy");
-                    let busy = chunkframe::encode_busy(artifact, index, core::pacing::MIN_WAIT_MS);
+                    let busy =
+                        chunkframe::encode_busy(artifact, index, core::pacing::QUEUE_FULL_WAIT_MS);
                     let _ = direct.deliver_unmetered(device, &topic, Bytes::from(busy));
                     break;
                 }

@@ -840,7 +840,7 @@ impl Core {
                 }
                 let s = next.state;
                 if s != DeviceState::Downloading {
-                    self.slots.release(&device);
+                    self.slots.release(&device, now);
                     self.chunk_high.remove(&device);
                 }
                 if s.is_terminal() {

@@ -4,12 +4,20 @@
 //! 1,000 devices downloading at once each got a thousandth of what the machine moves, every
 //! window took longer than the devices' timers, and a quarter of the bytes were sent twice
 //! (docs/BENCHMARKS.md). Here a device takes a slot with its first chunk request and keeps it
-//! while it keeps asking; beyond `max` slots a request is answered `busy` with a wait that
-//! grows with the number of devices waiting, so a waiting device neither times out nor polls
-//! hard. A device gives its slot back when its download ends (its report leaves
-//! `downloading`) or when it has been silent for `idle_ms`. Pure: time comes in as `now`.
+//! while it keeps asking; beyond `max` slots a request is answered `busy` with a wait. A device
+//! gives its slot back when its download ends (its report leaves `downloading`) or when it has
+//! been silent for `idle_ms`. Pure: time comes in as `now`.
+//!
+//! The wait brings a device back about when its turn comes: its place in the queue (a ticket
+//! taken when it was first told to wait, so a device that has waited long is told a short
+//! wait) divided by the rate at which slots are handed on. That rate is measured (downloads
+//! ended per second, over one-second buckets) and taken at one and a half times what was seen
+//! (before anything was measured: each slot four times a second): a device back too early
+//! costs one more `busy` frame, a device back too late leaves a slot empty. Before, a fixed 500 ms per generation of `max` waiters told 10,000
+//! devices of a one-chunk campaign to wait 10 s (the cap), drawn by the device as 10–20 s
+//! (PROTOCOL.md §9.3), and the slots stood empty for most of that.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use aloft_proto::DeviceId;
 
@@ -20,19 +28,38 @@ pub const DEFAULT_SLOTS: usize = 256;
 /// A slot whose device asked for nothing for this long is given to another.
 pub const IDLE_MS: u64 = 5_000;
 /// Shortest and longest wait a `busy` frame asks for.
-pub const MIN_WAIT_MS: u32 = 500;
+pub const MIN_WAIT_MS: u32 = 100;
 pub const MAX_WAIT_MS: u32 = 10_000;
+/// The wait when the front's queues are full (the fleet's bytes in flight, or a device's
+/// frames): they drain in about that time at the rates measured in docs/BENCHMARKS.md.
+pub const QUEUE_FULL_WAIT_MS: u32 = 500;
+/// The hand-on rate assumed before one was measured: each slot four times a second.
+const FIRST_TURNS_PER_SLOT_PER_SEC: f64 = 4.0;
+/// How much faster than measured slots are assumed to be handed on.
+const RATE_MARGIN: f64 = 1.5;
 /// A waiting device not heard of for this long is no longer counted as waiting.
 const WAITING_FORGET_MS: u64 = 2 * MAX_WAIT_MS as u64;
 
 pub(super) struct DownloadSlots {
     max: usize,
     idle_ms: u64,
-    /// Devices holding a slot, with the time of their last chunk request.
-    holders: HashMap<DeviceId, u64>,
-    /// Devices told to wait, with when they were last told.
-    waiting: HashMap<DeviceId, u64>,
+    /// Devices holding a slot: when they took it and when they last asked for chunks.
+    holders: HashMap<DeviceId, Held>,
+    /// Devices told to wait: their ticket and when they were last told.
+    waiting: HashMap<DeviceId, (u64, u64)>,
+    /// The tickets of `waiting`, to find the oldest.
+    tickets: BTreeSet<u64>,
+    next_ticket: u64,
+    /// Downloads ended since `bucket_start` (set by the first), and the running rate of them
+    /// per second (0 until a bucket is full).
+    ended: u64,
+    bucket_start: Option<u64>,
+    ended_per_sec: f64,
     last_sweep: u64,
+}
+
+struct Held {
+    last: u64,
 }
 
 impl Default for DownloadSlots {
@@ -48,36 +75,81 @@ impl DownloadSlots {
             idle_ms,
             holders: HashMap::new(),
             waiting: HashMap::new(),
+            tickets: BTreeSet::new(),
+            next_ticket: 0,
+            ended: 0,
+            bucket_start: None,
+            ended_per_sec: 0.0,
             last_sweep: 0,
         }
     }
 
     /// Lets `device` be served now (`Ok`), or says how long it should wait (`Err(ms)`).
     pub fn admit(&mut self, device: &DeviceId, now: u64) -> Result<(), u32> {
-        if let Some(last) = self.holders.get_mut(device) {
-            *last = now;
+        if let Some(held) = self.holders.get_mut(device) {
+            held.last = now;
             return Ok(());
         }
         if self.holders.len() >= self.max {
             self.sweep(now);
         }
         if self.holders.len() < self.max {
-            self.waiting.remove(device);
-            self.holders.insert(device.clone(), now);
+            self.forget_waiter(device);
+            self.holders.insert(device.clone(), Held { last: now });
             return Ok(());
         }
-        self.waiting.insert(device.clone(), now);
-        // One wait per "generation" of slots ahead of it: with W waiting for S slots, a device
-        // comes back about when the ones served now are done.
-        let generations = self.waiting.len().div_ceil(self.max) as u64;
-        let wait = u64::from(MIN_WAIT_MS).saturating_mul(generations);
+        let ticket = match self.waiting.get_mut(device) {
+            Some((ticket, told)) => {
+                *told = now;
+                *ticket
+            }
+            None => {
+                let ticket = self.next_ticket;
+                self.next_ticket += 1;
+                self.waiting.insert(device.clone(), (ticket, now));
+                self.tickets.insert(ticket);
+                ticket
+            }
+        };
+        // Waiters ahead of this one: at most the tickets between the oldest and its own.
+        let oldest = self.tickets.first().copied().unwrap_or(ticket);
+        let ahead = (ticket - oldest).min(self.waiting.len() as u64);
+        let rate = if self.ended_per_sec > 0.0 {
+            RATE_MARGIN * self.ended_per_sec
+        } else {
+            FIRST_TURNS_PER_SLOT_PER_SEC * self.max as f64
+        };
+        let expected_ms = ahead as f64 * 1_000.0 / rate;
+        // The device draws its wait from [w, 2w] (PROTOCOL.md §9.3): asking for two thirds of
+        // the expected wait brings it back, on average, when its turn comes.
+        let wait = (expected_ms * 2.0 / 3.0) as u64;
         Err(wait.clamp(u64::from(MIN_WAIT_MS), u64::from(MAX_WAIT_MS)) as u32)
     }
 
     /// `device`'s download ended (or it may no longer download): its slot is free.
-    pub fn release(&mut self, device: &DeviceId) {
-        self.holders.remove(device);
-        self.waiting.remove(device);
+    pub fn release(&mut self, device: &DeviceId, now: u64) {
+        if self.holders.remove(device).is_some() {
+            self.ended += 1;
+            let start = *self.bucket_start.get_or_insert(now);
+            let elapsed = now.saturating_sub(start);
+            if elapsed >= 1_000 {
+                let seen = self.ended as f64 * 1_000.0 / elapsed as f64;
+                self.ended_per_sec = if self.ended_per_sec == 0.0 {
+                    seen
+                } else {
+                    (self.ended_per_sec + seen) / 2.0
+                };
+                self.ended = 0;
+                self.bucket_start = Some(now);
+            }
+        }
+        self.forget_waiter(device);
+    }
+
+    fn forget_waiter(&mut self, device: &DeviceId) {
+        if let Some((ticket, _)) = self.waiting.remove(device) {
+            self.tickets.remove(&ticket);
+        }
     }
 
     /// Devices holding a slot and devices waiting for one.
@@ -87,7 +159,8 @@ impl DownloadSlots {
     }
 
     /// Frees the slots of silent holders and forgets long-gone waiters; at most once a second,
-    /// so its O(slots + waiting) cost is not paid per request.
+    /// so its O(slots + waiting) cost is not paid per request. A slot freed for silence does
+    /// not count as a hold: it says nothing of how long downloads take.
     fn sweep(&mut self, now: u64) {
         if now.saturating_sub(self.last_sweep) < 1_000 {
             return;
@@ -95,9 +168,15 @@ impl DownloadSlots {
         self.last_sweep = now;
         let idle = self.idle_ms;
         self.holders
-            .retain(|_, last| now.saturating_sub(*last) < idle);
-        self.waiting
-            .retain(|_, last| now.saturating_sub(*last) < WAITING_FORGET_MS);
+            .retain(|_, held| now.saturating_sub(held.last) < idle);
+        let tickets = &mut self.tickets;
+        self.waiting.retain(|_, (ticket, told)| {
+            let keep = now.saturating_sub(*told) < WAITING_FORGET_MS;
+            if !keep {
+                tickets.remove(ticket);
+            }
+            keep
+        });
     }
 }
 
@@ -115,11 +194,13 @@ mod tests {
         assert!(s.admit(&d(1), 0).is_ok());
         assert!(s.admit(&d(2), 0).is_ok());
         assert!(s.admit(&d(1), 100).is_ok(), "a holder keeps its slot");
+        // Before any download ended, each slot is assumed handed on 4 times a second: with 2
+        // slots, 125 ms per waiter ahead, two thirds of it asked for, at least 100 ms.
         assert_eq!(s.admit(&d(3), 100), Err(MIN_WAIT_MS));
         assert_eq!(s.admit(&d(4), 100), Err(MIN_WAIT_MS));
-        assert_eq!(s.admit(&d(5), 100), Err(2 * MIN_WAIT_MS));
+        assert_eq!(s.admit(&d(5), 100), Err(166));
         assert_eq!(s.counts(), (2, 3));
-        s.release(&d(2));
+        s.release(&d(2), 200);
         assert!(s.admit(&d(4), 200).is_ok());
         assert_eq!(s.counts(), (2, 2));
     }
@@ -135,5 +216,30 @@ mod tests {
         assert!(s.admit(&d(2), 4_000).is_err(), "not idle long enough yet");
         assert!(s.admit(&d(2), 6_000).is_ok(), "dev-1 was silent for 6 s");
         assert!(s.admit(&d(1), 6_100).is_err());
+    }
+
+    #[test]
+    fn waits_follow_how_fast_slots_are_handed_on_and_a_long_waiter_is_told_a_short_wait() {
+        let mut s = DownloadSlots::new(2, 5_000);
+        // Downloads ending 100 a second, for a few seconds: assumed handed on 150 a second.
+        for i in 0..400u32 {
+            let t = u64::from(i) * 10;
+            assert!(s.admit(&d(1000 + i), t).is_ok());
+            s.release(&d(1000 + i), t + 10);
+        }
+        assert!(s.admit(&d(1), 10_000).is_ok());
+        assert!(s.admit(&d(2), 10_000).is_ok());
+        assert_eq!(s.admit(&d(3), 10_000), Err(MIN_WAIT_MS));
+        for i in 4..303 {
+            let _ = s.admit(&d(i), 10_000);
+        }
+        // 299 ahead at 150 a second: 2 s expected, 1.33 s asked for.
+        let late = s.admit(&d(302), 10_001).unwrap_err();
+        assert!((1_280..=1_380).contains(&late), "{late}");
+        // Once those ahead of it were served, the same device is told a short wait.
+        for i in 3..300 {
+            s.release(&d(i), 10_010);
+        }
+        assert_eq!(s.admit(&d(302), 10_020), Err(MIN_WAIT_MS));
     }
 }
