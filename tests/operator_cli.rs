@@ -197,3 +197,59 @@ async fn abort(env: &Env, campaign: &CampaignId) {
     .await
     .unwrap();
 }
+
+/// `aloft status` reads each replica's `/health` and `/metrics`: one healthy leader is exit 0;
+/// a replica that does not answer makes it exit 1 and says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_the_leading_replica_and_fails_on_one_that_does_not_answer() {
+    let env = Env::new(1).await;
+    let metrics = env.running.metrics_addr.expect("the lab serves metrics");
+    let bin = crate::readme::binary_dir().join("aloft");
+    let out = Command::new(&bin)
+        .args(["status", "--metrics", &metrics.to_string()])
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.contains("one leader"), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.contains(&metrics.to_string()))
+        .unwrap_or_default();
+    assert!(
+        row.contains("yes") && row.contains("up") && row.contains("200"),
+        "{table}"
+    );
+    // A port nothing listens on: taken and closed again.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = Command::new(&bin)
+        .args([
+            "status",
+            "--json",
+            "--metrics",
+            &metrics.to_string(),
+            "--metrics",
+            &dead.to_string(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["leaders"], 1);
+    assert_eq!(v["replicas"][1]["healthy"], false);
+    assert!(
+        v["replicas"][0]["replica"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{v}"
+    );
+}

@@ -28,6 +28,7 @@ pub(crate) mod human;
 pub mod pki;
 mod precondition;
 mod rollout;
+mod status;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -112,6 +113,17 @@ pub enum Command {
     /// The read-only web console (`aloft serve --console-listen`).
     #[command(subcommand)]
     Console(ConsoleCommand),
+    /// Which replica leads and how each is, from each one's `/health` and `/metrics` (exit
+    /// code 1 unless every replica is healthy and exactly one leads).
+    Status {
+        /// A replica's metrics listener (`aloft serve --metrics-listen`), host:port; repeat
+        /// for each replica.
+        #[arg(long = "metrics", required = true, value_name = "ADDR")]
+        metrics: Vec<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -793,6 +805,21 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Pki(c) => pki(c).await,
         Command::Trust(c) => trust::run(c).await,
+        Command::Status { metrics, json } => {
+            let s = status::ask(&metrics).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", status::table(&s));
+            }
+            if s.ok {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!(
+                    "not every replica is healthy with exactly one leader"
+                ))
+            }
+        }
         Command::Audit { since, limit, conn } => {
             call_and_print(&conn, AdminBody::AuditList { since, limit }).await
         }

@@ -403,6 +403,21 @@ impl Metrics {
         self.store_up.set(i64::from(up));
     }
 
+    /// Names this process: `aloft_replica_info{replica="..."}` 1, so a scrape (and
+    /// `aloft status`) says which replica it is. Called once, at start.
+    pub fn name_replica(&self, replica: &str) {
+        let info = must(IntGaugeVec::new(
+            Opts::new(
+                "aloft_replica_info",
+                "1, labelled with this process's replica id (`[lease] replica_id`, else hostname-pid)",
+            ),
+            &["replica"],
+        ));
+        info.with_label_values(&[replica]).set(1);
+        // A second call's registration of the same family is the error ignored.
+        let _ = self.registry.register(Box::new(info));
+    }
+
     /// The process holds (or waits for) the leader lease: `aloft_leader` follows it from now
     /// on, and `aloft_lease_token` appears.
     pub fn watch_lease(&self, view: LeaseView) {

@@ -178,6 +178,15 @@ async fn lease_lost(status: Option<watch::Receiver<crate::lease::holder::Status>
     }
 }
 
+/// This process's replica id: `[lease] replica_id` (`--replica-id`), else hostname-pid.
+fn replica_id(cfg: &ServeConfig) -> String {
+    cfg.file
+        .lease
+        .replica_id
+        .clone()
+        .unwrap_or_else(crate::lease::holder::default_replica_id)
+}
+
 /// On a PostgreSQL store: starts the lease thread, whose first grant fences the store.
 fn start_lease(cfg: &ServeConfig, store: &Store) -> Result<Option<LeaseHolder>, ServeError> {
     let (Some(fence), crate::store::StoreLocation::Postgres(url)) =
@@ -185,12 +194,7 @@ fn start_lease(cfg: &ServeConfig, store: &Store) -> Result<Option<LeaseHolder>, 
     else {
         return Ok(None);
     };
-    let replica = cfg
-        .file
-        .lease
-        .replica_id
-        .clone()
-        .unwrap_or_else(crate::lease::holder::default_replica_id);
+    let replica = replica_id(cfg);
     let ttl = std::time::Duration::from_secs(cfg.file.lease.ttl_secs);
     let pg = PgLease::new(&url, crate::lease::holder::holder_name(&replica), ttl)?;
     let times = LeaseTimes::from_ttl_ms(cfg.file.lease.ttl_secs * 1000);
@@ -405,6 +409,7 @@ async fn embedded_transport(
             .with_reloadable_verifier(verifier),
     );
     let metrics = Metrics::new(Some(ctx.stats.clone()), Some(ctx.direct.clone()));
+    metrics.name_replica(&replica_id(cfg));
     let listener = bind(cfg.file.listen).await?;
     let device_addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: cfg.file.listen,
@@ -494,6 +499,7 @@ async fn external_transport(
         .and_then(|mut a| a.next())
         .ok_or_else(|| ServeError::Resolve(format!("{}:{}", external.host, external.port)))?;
     let metrics = Metrics::new(None, None);
+    metrics.name_replica(&replica_id(cfg));
     let link_cfg = LinkConfig {
         host: external.host.clone(),
         port: external.port,
