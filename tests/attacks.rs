@@ -19,10 +19,11 @@ use crate::common::{
 
 /// A manifest whose payload was changed after signing (a different version claimed).
 fn tamper(signed: &SignedManifest) -> SignedManifest {
-    let mut m: Value = serde_json::from_slice(&B64.decode(&signed.payload).unwrap()).unwrap();
+    let mut m: Value =
+        serde_json::from_slice(&B64.decode(signed.payload.as_bytes()).unwrap()).unwrap();
     m["version"] = Value::from("6.6.6");
     SignedManifest {
-        payload: B64.encode(serde_json::to_vec(&m).unwrap()),
+        payload: B64.encode(serde_json::to_vec(&m).unwrap()).into(),
         signatures: signed.signatures.clone(),
     }
 }

@@ -33,6 +33,7 @@ use crate::renewal::{RenewalConfig, Renewer};
 use crate::slots::SlotState;
 use crate::store::DeviceRecord;
 use crate::transport::{self, Control, Device, Hooks, Intervention, RunEnd, TransportConfig};
+use crate::update::shared::SharedManifests;
 use crate::update::{AgentConfig, AgentStats, AppHealth, HealthCheck, HealthStatus, UpdateAgent};
 
 mod conditions;
@@ -297,6 +298,7 @@ impl Fleet {
         let pinned =
             Arc::new(TrustedRoot::pin(root.clone()).context("the root of trust does not verify")?);
         let root = Arc::new(root.clone());
+        let manifests = Arc::new(SharedManifests::default());
         let state_dir = cfg.dir.join(STATE_DIR);
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
@@ -399,6 +401,7 @@ impl Fleet {
             let mut acfg =
                 AgentConfig::new(ident.id.clone(), cfg.hardware_model.clone(), root.clone());
             acfg.pinned = Some(pinned.clone());
+            acfg.manifests = Some(manifests.clone());
             acfg.window = cfg.window;
             acfg.heartbeat_ms = cfg.heartbeat_ms;
             acfg.confirm_deadline_ms = cfg.confirm_deadline_ms;

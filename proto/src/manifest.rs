@@ -9,6 +9,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 use crate::crypto::{self, CryptoError, TAG_LEN};
 use crate::delta::DeltaOf;
@@ -225,8 +226,10 @@ pub struct ManifestSignature {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignedManifest {
-    /// The manifest's JSON, base64.
-    pub payload: String,
+    /// The manifest's JSON, base64. Shared, not copied: a campaign's jobs all carry the same
+    /// manifest, and a simulator holding thousands of them keeps one copy (`Arc` serializes as
+    /// the string itself, so the wire form is unchanged).
+    pub payload: Arc<str>,
     pub signatures: Vec<ManifestSignature>,
 }
 
@@ -236,7 +239,7 @@ impl SignedManifest {
         // Serializing a struct of strings and integers to JSON cannot fail.
         let bytes = serde_json::to_vec(manifest).unwrap_or_default();
         let mut signed = Self {
-            payload: B64.encode(&bytes),
+            payload: B64.encode(&bytes).into(),
             signatures: Vec::new(),
         };
         signed.add_signature(key, &bytes);
@@ -247,7 +250,7 @@ impl SignedManifest {
     /// already signed is not added twice.
     pub fn cosign(&mut self, key: &ReleaseSigningKey) -> Result<(), ManifestError> {
         let payload = B64
-            .decode(&self.payload)
+            .decode(self.payload.as_bytes())
             .map_err(|_| ManifestError::Malformed("payload is not base64".into()))?;
         if self.signatures.len() >= MAX_SIGNATURES {
             return Err(ManifestError::Malformed("signature count".into()));
@@ -277,7 +280,7 @@ impl SignedManifest {
             return Err(ManifestError::Malformed("signature count".into()));
         }
         let payload = B64
-            .decode(&self.payload)
+            .decode(self.payload.as_bytes())
             .map_err(|_| ManifestError::Malformed("payload is not base64".into()))?;
         let input = signing_input(&payload);
         let mut saw_trusted_key = false;
@@ -338,7 +341,7 @@ impl SignedManifest {
     /// that some other component will verify.
     pub fn peek_unverified(&self) -> Result<Manifest, ManifestError> {
         let payload = B64
-            .decode(&self.payload)
+            .decode(self.payload.as_bytes())
             .map_err(|_| ManifestError::Malformed("payload is not base64".into()))?;
         serde_json::from_slice(&payload).map_err(|e| ManifestError::Malformed(e.to_string()))
     }
@@ -570,7 +573,7 @@ pub(crate) mod tests {
         let mut m = sample(3);
         m.security_version = SecurityVersion(99);
         let forged = SignedManifest {
-            payload: B64.encode(serde_json::to_vec(&m).unwrap()),
+            payload: B64.encode(serde_json::to_vec(&m).unwrap()).into(),
             signatures: s.signatures.clone(),
         };
         assert_eq!(
@@ -602,7 +605,7 @@ pub(crate) mod tests {
         });
         for forged in [stripped, widened] {
             let f = SignedManifest {
-                payload: B64.encode(serde_json::to_vec(&forged).unwrap()),
+                payload: B64.encode(serde_json::to_vec(&forged).unwrap()).into(),
                 signatures: s.signatures.clone(),
             };
             assert_eq!(f.verify(&[key.public()]), Err(ManifestError::BadSignature));

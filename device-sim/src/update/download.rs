@@ -9,6 +9,7 @@
 //! and devices re-request what is merely slow, which adds load.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use aloft_proto::crypto::{self, ContentKey};
 use aloft_proto::manifest::Manifest;
@@ -17,6 +18,7 @@ use aloft_proto::precondition::Preconditions;
 use aloft_proto::ArtifactId;
 
 use super::origin::OriginPlan;
+use super::shared::SharedManifests;
 use crate::slots::{Flash, FlashError, SlotId};
 use crate::store::ChunkBitmap;
 
@@ -42,7 +44,9 @@ pub(super) struct Session {
     /// the device uses: the text is three times the size, and was a tenth of a simulated
     /// device's heap while it downloaded).
     pub manifest: Manifest,
-    digests: Box<[[u8; 32]]>,
+    /// Shared by every download of the same manifest when the agent has a
+    /// [`SharedManifests`](super::shared::SharedManifests).
+    digests: Arc<[[u8; 32]]>,
     /// Held only while downloading; dropping it zeroizes it.
     key: Option<ContentKey>,
     /// Requested chunks not yet received: the time of their last request, and whether it was a
@@ -72,8 +76,16 @@ pub(super) struct Session {
 }
 
 impl Session {
-    pub fn new(mut manifest: Manifest, key: Option<ContentKey>, base_timeout_ms: u64) -> Self {
-        let digests = manifest.chunk_digests().into_boxed_slice();
+    pub fn new(
+        mut manifest: Manifest,
+        key: Option<ContentKey>,
+        base_timeout_ms: u64,
+        shared: Option<&SharedManifests>,
+    ) -> Self {
+        let digests = match shared {
+            Some(s) => s.digests(&manifest),
+            None => manifest.chunk_digests().into(),
+        };
         manifest.chunk_sha256 = String::new();
         Session {
             digests,

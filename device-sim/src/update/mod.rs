@@ -35,6 +35,7 @@ mod precondition_tests;
 pub mod preconditions;
 #[cfg(test)]
 mod proptests;
+pub mod shared;
 #[cfg(test)]
 mod testkit;
 #[cfg(test)]
@@ -77,6 +78,9 @@ pub struct AgentConfig {
     /// every power-on cost 0.8 s of CPU in the connect storm). `None`, as on a real device:
     /// verified at every power-on.
     pub pinned: Option<Arc<TrustedRoot>>,
+    /// Where agents that share a process keep one copy of each signed manifest (the simulator's
+    /// fleet shares one); `None`: the agent keeps its own.
+    pub manifests: Option<Arc<shared::SharedManifests>>,
     /// Whether the device's clock can be trusted (default true). Without one, the device's time
     /// is the latest signed time it has seen (`DeviceRecord::time_floor`), so expiries still
     /// hold against anything older than the newest metadata it accepted.
@@ -132,6 +136,7 @@ impl AgentConfig {
             hardware_model: hardware_model.into(),
             root: root.into(),
             pinned: None,
+            manifests: None,
             trusted_clock: true,
             window: 8,
             chunk_timeout_ms: 3_000,
@@ -390,6 +395,10 @@ impl UpdateAgent {
         record: DeviceRecord,
         health: Box<dyn HealthCheck>,
     ) -> Self {
+        let mut record = record;
+        if let (Some(pool), Some(cur)) = (&cfg.manifests, &mut record.current) {
+            share_manifests(pool, &mut cur.job);
+        }
         let trust = initial_trust(&cfg, &record);
         if let Err(e) = &trust {
             warn!(device = %cfg.device, error = %e, "no root of trust verifies; every job will be refused");
@@ -631,7 +640,12 @@ impl UpdateAgent {
             Some(c) => c,
             None => return,
         };
-        let mut session = Session::new(manifest, key, self.cfg.chunk_timeout_ms);
+        let mut session = Session::new(
+            manifest,
+            key,
+            self.cfg.chunk_timeout_ms,
+            self.cfg.manifests.as_deref(),
+        );
         session.preconditions = preconditions;
         session.origin = self.origin_plan(&cur.job);
         // If the downloading report is no longer queued, it was published (and acknowledged).
@@ -741,7 +755,7 @@ impl UpdateAgent {
         if let Ok(w) = messages::decode::<Withdrawal>(payload) {
             return self.on_job_withdrawn(Some(w.withdrawn));
         }
-        let job: Job = match messages::decode(payload) {
+        let mut job: Job = match messages::decode(payload) {
             Ok(j) => j,
             Err(e) => {
                 self.stats.bad_payloads += 1;
@@ -756,6 +770,9 @@ impl UpdateAgent {
                 return;
             }
         };
+        if let Some(pool) = &self.cfg.manifests {
+            share_manifests(pool, &mut job);
+        }
         let campaign = job.campaign.clone();
         if let Some(f) = self.record.finished(&campaign) {
             if !f.acked && self.record.outbox.front() == Some(&f.final_report) {
@@ -913,7 +930,12 @@ impl UpdateAgent {
         if let Err(e) = prepared {
             return self.fail(Reason::InstallFailed, Some(e.to_string()));
         }
-        let mut session = Session::new(manifest, Some(key), self.cfg.chunk_timeout_ms);
+        let mut session = Session::new(
+            manifest,
+            Some(key),
+            self.cfg.chunk_timeout_ms,
+            self.cfg.manifests.as_deref(),
+        );
         session.preconditions = preconditions;
         session.origin = self
             .record
@@ -1071,6 +1093,14 @@ impl UpdateAgent {
 /// The root a device trusts at power-on: the newer of the one its record keeps (its signatures
 /// checked again) and the one pinned in its configuration, which a re-provisioned device may
 /// have moved ahead. Revocations the record knows of stay revoked either way.
+/// Points the job's manifests (its own and its deltas') at the process's shared copies.
+fn share_manifests(pool: &shared::SharedManifests, job: &mut Job) {
+    pool.share(&mut job.manifest);
+    for d in &mut job.deltas {
+        pool.share(&mut d.manifest);
+    }
+}
+
 fn initial_trust(cfg: &AgentConfig, record: &DeviceRecord) -> Result<Arc<TrustedRoot>, TrustError> {
     let pinned = match &cfg.pinned {
         Some(p) => Ok(p.clone()),

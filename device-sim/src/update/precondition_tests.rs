@@ -380,7 +380,7 @@ fn preconditions_stripped_or_forged_by_the_server_break_the_signature() {
     for (i, m) in [stripped, forged].into_iter().enumerate() {
         let mut rel = release_with(&fx, rel.manifest.preconditions.clone().unwrap());
         rel.signed = SignedManifest {
-            payload: b64.encode(serde_json::to_vec(&m).unwrap()),
+            payload: b64.encode(serde_json::to_vec(&m).unwrap()).into(),
             signatures: rel.signed.signatures.clone(),
         };
         let env = Scripted::new(Conditions {
@@ -417,7 +417,7 @@ fn a_signed_precondition_the_device_does_not_know_makes_it_refuse_the_manifest()
     json["preconditions"]["max_temperature_c"] = serde_json::json!(40);
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut signed = SignedManifest {
-        payload: b64.encode(serde_json::to_vec(&json).unwrap()),
+        payload: b64.encode(serde_json::to_vec(&json).unwrap()).into(),
         signatures: Vec::new(),
     };
     signed.cosign(&fx.signing).unwrap();

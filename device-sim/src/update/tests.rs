@@ -170,7 +170,7 @@ fn bad_signature_is_refused() {
     m.security_version = SecurityVersion(99);
     let b64 = base64::engine::general_purpose::STANDARD;
     rel.signed = SignedManifest {
-        payload: b64.encode(serde_json::to_vec(&m).unwrap()),
+        payload: b64.encode(serde_json::to_vec(&m).unwrap()).into(),
         signatures: rel.signed.signatures.clone(),
     };
     assert_refused_then_recovers(
@@ -1171,4 +1171,33 @@ fn heartbeats_keep_naming_the_confirmed_campaign_after_a_later_rollback() {
         rig.agent.record().installed_by.as_ref().map(|c| c.as_str()),
         Some("c-1")
     );
+}
+
+#[test]
+fn agents_sharing_a_pool_hold_one_copy_of_a_campaigns_manifest_and_still_install() {
+    let fx = Fixture::new();
+    let rel = fx.release(&ReleaseSpec::default());
+    let pool = Arc::new(shared::SharedManifests::default());
+    let mut cfg = fx.config();
+    cfg.manifests = Some(pool.clone());
+    let (mut a, mut b) = (fx.rig_cfg(cfg.clone()), fx.rig_cfg(cfg.clone()));
+    for rig in [&mut a, &mut b] {
+        rig.connect();
+        rig.step(Input::Job(&fx.job("c-1", &rel)));
+    }
+    let held = |rig: &Rig| {
+        let cur = rig.agent.record().current.as_ref().expect("job accepted");
+        cur.job.manifest.payload.clone()
+    };
+    assert!(Arc::ptr_eq(&held(&a), &held(&b)));
+    // A device powering on from its saved record shares it too.
+    let saved = a.agent.record().clone();
+    let again = fx.agent_with(cfg, saved, Box::new(FixedHealth(true)));
+    let cur = again.record().current.as_ref().expect("campaign kept");
+    assert!(Arc::ptr_eq(&cur.job.manifest.payload, &held(&b)));
+    assert_eq!(pool.len(), 1);
+    for rig in [&mut a, &mut b] {
+        rig.run(&rel, &mut vec![]);
+        assert_eq!(finished(rig, "c-1"), (Succeeded, None));
+    }
 }
