@@ -361,3 +361,122 @@ async fn serve_whose_lease_another_holder_took_commits_nothing_more_and_stops() 
         .await
         .unwrap();
 }
+
+/// PostgreSQL run with deploy/postgresql/aloft-primary.conf and a streaming standby named
+/// `aloft_standby`: a transition is acknowledged only once the standby has flushed it. While
+/// the standby is away the primary's commits wait, so the orchestrator acknowledges nothing and
+/// holds an operator's reply; once the standby is back everything goes on, and the standby
+/// holds every row the primary does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_deployed_settings_nothing_is_acknowledged_while_the_synchronous_standby_is_away()
+{
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join("postgresql")
+        .join("aloft-primary.conf");
+    assert!(conf.is_file(), "{} is missing", conf.display());
+    let include = vec![format!("include '{}'", conf.display())];
+    // The standby first: with a synchronous standby named, the primary's every commit (the
+    // database's creation included) waits for it.
+    let primary = tokio::task::spawn_blocking(move || TempCluster::start_with(&include))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut standby =
+        tokio::task::block_in_place(|| TempCluster::standby_of(&primary, "aloft_standby", &[]))
+            .unwrap();
+    let (lab, url) = lab_on_postgres_url(tmp.path(), &primary);
+    assert_eq!(
+        primary
+            .psql(
+                "e2e",
+                "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'aloft_standby'"
+            )
+            .unwrap(),
+        "sync"
+    );
+    let orch = spawn_on(&lab, &url, "127.0.0.1:0".parse().unwrap());
+    let admin = lab.operator(orch.device_addr).await.unwrap();
+    let mut cfg = lab.fleet_config(orch.device_addr);
+    cfg.window = 2;
+    let fleet = Fleet::start(&cfg, lab.enroll_fleet("dev", 20).unwrap()).unwrap();
+    wait_registered(&admin, 20, LIMIT).await.unwrap();
+    let mut spec = ReleaseSpec::new("2.0.0", 2, 256 * 1024);
+    spec.chunk_bytes = 4 * 1024;
+    let campaign = lab.release_to_all(&admin, &spec).await.unwrap();
+    wait_campaign(&admin, &campaign, LIMIT, |s| {
+        s.count(DeviceState::Downloading) >= 5 && !finished(s)
+    })
+    .await
+    .unwrap();
+
+    tokio::task::block_in_place(|| standby.stop()).unwrap();
+    let to_pause = campaign.clone();
+    let pause = tokio::spawn(async move {
+        let body = aloft_orchestrator::admin::wire::AdminBody::CampaignPause { campaign: to_pause };
+        let answer = admin.call::<serde_json::Value>(body).await;
+        (admin, answer)
+    });
+    let acked = acknowledged(&fleet, &campaign);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        acknowledged(&fleet, &campaign),
+        acked,
+        "acknowledged while the synchronous standby was away"
+    );
+    assert!(
+        !pause.is_finished(),
+        "the pause was answered before the standby had it"
+    );
+
+    tokio::task::block_in_place(|| standby.start_server()).unwrap();
+    let (admin, paused) = tokio::time::timeout(LIMIT, pause)
+        .await
+        .expect("the pause is answered once the standby is back")
+        .unwrap();
+    assert!(paused.is_ok(), "{paused:?}");
+    let _: serde_json::Value = admin
+        .call(aloft_orchestrator::admin::wire::AdminBody::CampaignResume {
+            campaign: campaign.clone(),
+        })
+        .await
+        .unwrap();
+    let s = wait_campaign(&admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(s.count(DeviceState::Succeeded), 20, "{:?}", s.counts);
+    fleet.shutdown().await;
+    admin.disconnect().await;
+    drop(orch);
+    // Every committed row is on the standby: synchronous_commit = on waits for its flush, and
+    // the replay follows (read once it has caught up with the primary's last position).
+    let rows = "SELECT (SELECT count(*) FROM aloft_progress) || ' ' || \
+                (SELECT count(*) FROM aloft_history) || ' ' || (SELECT count(*) FROM aloft_audit)";
+    let on_primary = primary.psql("e2e", rows).unwrap();
+    let lsn = primary.psql("e2e", "SELECT pg_current_wal_lsn()").unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let caught_up = standby
+            .psql(
+                "e2e",
+                &format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"),
+            )
+            .unwrap();
+        if caught_up == "t" {
+            break;
+        }
+        assert!(
+            started.elapsed() < LIMIT,
+            "the standby did not replay to {lsn}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(standby.psql("e2e", rows).unwrap(), on_primary);
+    tokio::task::spawn_blocking(move || {
+        drop(standby);
+        drop(primary);
+    })
+    .await
+    .unwrap();
+}

@@ -98,28 +98,13 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<(), Error> {
 impl TempCluster {
     /// Initialises and starts a cluster; returns once it accepts connections.
     pub fn start() -> Result<Self, Error> {
-        let bin = find_bin_dir()?;
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let root = std::env::temp_dir().join(format!("aloft-pg-{}-{stamp:x}", std::process::id()));
-        std::fs::create_dir(&root)?;
-        let run_as = if running_as_root() {
-            Some(nobody()?)
-        } else {
-            None
-        };
-        let mut cluster = TempCluster {
-            bin,
-            data: root.join("data"),
-            root,
-            port: free_port()?,
-            run_as,
-            server: None,
-        };
-        if let Some((uid, gid)) = cluster.run_as {
-            chown_tree(&cluster.root, uid, gid)?;
-        }
+        Self::start_with(&[])
+    }
+
+    /// [`TempCluster::start`] with `settings` (lines of `postgresql.conf`, such as an
+    /// `include` of a file in deploy/) added to the cluster's configuration.
+    pub fn start_with(settings: &[String]) -> Result<Self, Error> {
+        let mut cluster = Self::empty()?;
         let out = cluster
             .command("initdb")
             .arg("-D")
@@ -141,8 +126,87 @@ impl TempCluster {
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
+        cluster.configure(settings)?;
         cluster.start_server()?;
         Ok(cluster)
+    }
+
+    /// A streaming standby of `primary` (`pg_basebackup -R`), started with `settings` added,
+    /// connecting as `name` (its `cluster_name`, which is the name the primary's
+    /// `synchronous_standby_names` lists).
+    pub fn standby_of(
+        primary: &TempCluster,
+        name: &str,
+        settings: &[String],
+    ) -> Result<Self, Error> {
+        let mut cluster = Self::empty()?;
+        let out = cluster
+            .command("pg_basebackup")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                USER,
+            ])
+            .arg("-D")
+            .arg(&cluster.data)
+            .args(["-R", "-X", "stream", "--no-sync"])
+            .output()?;
+        if !out.status.success() {
+            return Err(err(format!(
+                "pg_basebackup failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let mut all = vec![format!("cluster_name = '{name}'")];
+        all.extend_from_slice(settings);
+        cluster.configure(&all)?;
+        cluster.start_server()?;
+        Ok(cluster)
+    }
+
+    /// A temporary directory for a cluster not yet created, and a free port.
+    fn empty() -> Result<Self, Error> {
+        let bin = find_bin_dir()?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let root = std::env::temp_dir().join(format!("aloft-pg-{}-{stamp:x}", std::process::id()));
+        std::fs::create_dir(&root)?;
+        let run_as = if running_as_root() {
+            Some(nobody()?)
+        } else {
+            None
+        };
+        let cluster = TempCluster {
+            bin,
+            data: root.join("data"),
+            root,
+            port: free_port()?,
+            run_as,
+            server: None,
+        };
+        if let Some((uid, gid)) = cluster.run_as {
+            chown_tree(&cluster.root, uid, gid)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Appends `settings` to the cluster's `postgresql.conf`.
+    fn configure(&self, settings: &[String]) -> Result<(), Error> {
+        if settings.is_empty() {
+            return Ok(());
+        }
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.data.join("postgresql.conf"))?;
+        for line in settings {
+            writeln!(f, "{line}")?;
+        }
+        Ok(())
     }
 
     fn command(&self, program: &str) -> Command {
