@@ -354,7 +354,10 @@ async fn a_device_gets_the_same_job_byte_for_byte_from_an_orchestrator_killed_an
     }
     let job: aloft_proto::messages::Job = aloft_proto::messages::decode(&before[0]).unwrap();
     assert_eq!(job.campaign, campaign);
-    assert_ne!(before[0], before[1], "each device's key is wrapped for it alone");
+    assert_ne!(
+        before[0], before[1],
+        "each device's key is wrapped for it alone"
+    );
     for (client, el) in listeners {
         crate::common::close(client, el).await;
     }

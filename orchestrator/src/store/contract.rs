@@ -354,7 +354,10 @@ fn a_members_stored_job_round_trips(b: &mut dyn Backend) {
     let key = MasterKey::generate().unwrap();
     let c = CampaignId::new("c-1").unwrap();
     let other = CampaignId::new("c-2").unwrap();
-    let (d1, d2) = (DeviceId::new("dev-1").unwrap(), DeviceId::new("dev-2").unwrap());
+    let (d1, d2) = (
+        DeviceId::new("dev-1").unwrap(),
+        DeviceId::new("dev-2").unwrap(),
+    );
     let (j1, j2) = (member_job(&d1, 0), member_job(&d2, 2));
     {
         let s = Store::create_at(&at, key.clone()).unwrap();
@@ -657,12 +660,18 @@ mod on_postgres {
         // Back to what schema 3 had: no jobs table.
         let db = format!("contract_{}", b.n);
         b.cluster
-            .psql(&db, "DROP TABLE aloft_jobs; DELETE FROM aloft_schema_migrations WHERE version = 4")
+            .psql(
+                &db,
+                "DROP TABLE aloft_jobs; DELETE FROM aloft_schema_migrations WHERE version = 4",
+            )
             .unwrap();
         let s = Store::open_at(&at, key).unwrap();
         let versions = b
             .cluster
-            .psql(&db, "SELECT max(version)::text FROM aloft_schema_migrations")
+            .psql(
+                &db,
+                "SELECT max(version)::text FROM aloft_schema_migrations",
+            )
             .unwrap();
         assert_eq!(versions, pg::SCHEMA_VERSION.to_string());
         assert_eq!(s.campaign_progress(&c).unwrap().len(), 1);

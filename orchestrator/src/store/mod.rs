@@ -28,9 +28,7 @@ mod records;
 pub use audit::{AuditBreak, AuditEntry, AuditEvent, AUDIT_TREE};
 pub use export::{MergeReport, RawRecord, RawStore};
 pub use history::{Transition, HISTORY_PER_DEVICE, HISTORY_TREE};
-pub use records::{
-    CampaignRecord, CampaignStatus, DeviceRecord, MemberJob, ReleaseRecord, Target,
-};
+pub use records::{CampaignRecord, CampaignStatus, DeviceRecord, MemberJob, ReleaseRecord, Target};
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -488,12 +486,17 @@ impl Store {
         d: &DeviceId,
         job: &MemberJob,
     ) -> Result<(), StoreError> {
-        self.kv.insert(Tree::Jobs, &progress_key(c, d), &encode(job))
+        self.kv
+            .insert(Tree::Jobs, &progress_key(c, d), &encode(job))
     }
 
     /// A member's stored job, if one was made (members notified before jobs were stored have
     /// none).
-    pub fn member_job(&self, c: &CampaignId, d: &DeviceId) -> Result<Option<MemberJob>, StoreError> {
+    pub fn member_job(
+        &self,
+        c: &CampaignId,
+        d: &DeviceId,
+    ) -> Result<Option<MemberJob>, StoreError> {
         self.get(Tree::Jobs, &progress_key(c, d))
     }
 

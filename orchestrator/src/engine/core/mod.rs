@@ -4,8 +4,9 @@
 //! caused, and the output that may leave the process only once those writes are flushed (acks,
 //! jobs, withdrawals, admin replies, renewal answers), apart from chunk service, which carries
 //! no state and may leave at once. It owns all the state it decides on, loaded once at
-//! start-up ([`Loaded`]): live campaigns with every member's progress, the device registry,
-//! release metadata, the CRL in force and the revoked set, the renewal gate, the reply cache.
+//! start-up ([`Loaded`]): live campaigns with every member's progress and stored job, the
+//! device registry, release metadata, the CRL in force and the revoked set, the renewal gate,
+//! the reply cache.
 //!
 //! The only way out is the effects. The three operator actions that must reach a file or the
 //! front before they can answer (`crl_update`, the `crl.pem` check of `device_register`,

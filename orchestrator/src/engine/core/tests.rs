@@ -1262,5 +1262,8 @@ fn a_device_registered_again_with_another_key_gets_a_new_job() {
     let orders = job_orders(&fx.after_commit);
     let by_device = |i: usize| orders.iter().find(|o| o.device == f.devices[i]).unwrap();
     assert!(by_device(0).stored.is_some());
-    assert!(by_device(1).stored.is_none(), "its stored keys were wrapped to the old key");
+    assert!(
+        by_device(1).stored.is_none(),
+        "its stored keys were wrapped to the old key"
+    );
 }
