@@ -278,3 +278,104 @@ async fn a_device_timed_out_while_offline_learns_of_it_even_after_the_orchestrat
     fleet.shutdown().await;
     drop(orch);
 }
+
+/// The next non-empty publish on `device`'s job topic that `el` receives (a retained job on
+/// subscribe, or one published live).
+async fn next_job(
+    el: &mut rumqttc::v5::EventLoop,
+    device: &aloft_device::DeviceIdentity,
+) -> Vec<u8> {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::Event;
+    let topic = aloft_proto::topics::job(&device.id);
+    tokio::time::timeout(LIMIT, async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p)))
+                    if p.topic == topic.as_bytes() && !p.payload.is_empty() =>
+                {
+                    return p.payload.to_vec();
+                }
+                Ok(_) => {}
+                Err(e) => panic!("{}: {e}", device.id),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{}: no job", device.id))
+}
+
+/// Connects as each device with its own certificate and subscribes to its job topic.
+async fn job_listeners(
+    addr: std::net::SocketAddr,
+    lab: &aloft_e2e::Lab,
+    devices: &[aloft_device::DeviceIdentity],
+) -> Vec<(rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop)> {
+    let mut listeners = Vec::new();
+    for d in devices {
+        let (client, el) = crate::common::device_client(addr, lab.ca.cert_pem(), d).await;
+        client
+            .subscribe(
+                aloft_proto::topics::job(&d.id),
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            )
+            .await
+            .unwrap();
+        listeners.push((client, el));
+    }
+    listeners
+}
+
+/// REPLICAS-PLAN step 4: a job is made once. Its wrapped key is HPKE with a fresh ephemeral
+/// key, so a job made again would be another job; the orchestrator stores each member's part
+/// and republishes from it after a crash, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_gets_the_same_job_byte_for_byte_from_an_orchestrator_killed_and_restarted_mid_campaign(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = aloft_e2e::Lab::create(tmp.path()).unwrap();
+    let orch = start_child(&lab, None, "127.0.0.1:0".parse().unwrap());
+    let addr = orch.device_addr;
+    let devices = lab.enroll_fleet("dev", 2).unwrap();
+    let admin = lab.operator(addr).await.unwrap();
+    // The devices register by connecting, and stay notified: they never report, so the
+    // campaign is mid-way when the orchestrator dies.
+    let mut listeners = job_listeners(addr, &lab, &devices).await;
+    aloft_e2e::wait_registered(&admin, devices.len(), LIMIT)
+        .await
+        .unwrap();
+    let campaign = lab
+        .release_to_all(&admin, &ReleaseSpec::new("2.0.0", 2, 64 * 1024))
+        .await
+        .unwrap();
+    let mut before = Vec::new();
+    for ((_, el), d) in listeners.iter_mut().zip(&devices) {
+        before.push(next_job(el, d).await);
+    }
+    let job: aloft_proto::messages::Job = aloft_proto::messages::decode(&before[0]).unwrap();
+    assert_eq!(job.campaign, campaign);
+    assert_ne!(
+        before[0], before[1],
+        "each device's key is wrapped for it alone"
+    );
+    for (client, el) in listeners {
+        crate::common::close(client, el).await;
+    }
+    admin.disconnect().await;
+    orch.kill9().unwrap();
+
+    let orch = lab.spawn(exe(), addr).unwrap();
+    let mut listeners = job_listeners(orch.device_addr, &lab, &devices).await;
+    for (i, ((_, el), d)) in listeners.iter_mut().zip(&devices).enumerate() {
+        let after = next_job(el, d).await;
+        assert!(
+            after == before[i],
+            "{}: the job after the restart differs from the one before it",
+            d.id
+        );
+    }
+    for (client, el) in listeners {
+        crate::common::close(client, el).await;
+    }
+    drop(orch);
+}

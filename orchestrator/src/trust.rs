@@ -129,6 +129,18 @@ impl TrustState {
         let skip = self.chain.len().saturating_sub(MAX_ROOT_CHAIN);
         &self.chain[skip..]
     }
+
+    /// What a job carried when `version` was the newest root: [`Self::job_chain`] as it was
+    /// then (roots accepted later left out).
+    pub fn job_chain_at(&self, version: u64) -> Vec<SignedRoot> {
+        let upto: Vec<&SignedRoot> = self
+            .chain
+            .iter()
+            .filter(|s| s.peek_unverified().is_ok_and(|r| r.version <= version))
+            .collect();
+        let skip = upto.len().saturating_sub(MAX_ROOT_CHAIN);
+        upto[skip..].iter().map(|s| (*s).clone()).collect()
+    }
 }
 
 /// Writes `dir/root-<version>.json` atomically (temp file, fsync, rename, directory fsync).

@@ -6,9 +6,13 @@
 //! the core one by one; chunk service and hand-overs to the signer happen at once. At the end of
 //! a batch the core moves the rollouts it touched, then the shell applies the batch's writes,
 //! flushes them once (group commit) and only then lets out its acknowledgements, jobs, replies
-//! and answers. A crash therefore loses only unacknowledged work, which devices resend. The
-//! content keys of a batch's jobs are wrapped (HPKE) on the blocking pool while the store
-//! flushes, never on the engine task.
+//! and answers. A crash therefore loses only unacknowledged work, which devices resend.
+//!
+//! A member's job is made once: its content keys are wrapped (HPKE, on the blocking pool, never
+//! on the engine task, while the batch's writes are made) and the result (`MemberJob`) is
+//! written in the same commit as the batch, so the job leaves only once the keys it carries are
+//! durable. Every later publication of the job (a restart's recovery, a reconnected broker
+//! link) is rebuilt from that stored part, byte for byte, on the blocking pool too.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -22,7 +26,7 @@ use aloft_proto::chunkframe::{self, ChunkErrorCode};
 use aloft_proto::crypto;
 use aloft_proto::messages::{self, DeltaOffer, Job, PROTOCOL_VERSION};
 use aloft_proto::trust::SignedRoot;
-use aloft_proto::{topics, ArtifactId, DeviceId, OperatorId};
+use aloft_proto::{topics, ArtifactId, CampaignId, DeviceId, OperatorId};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bytes::Bytes;
@@ -37,7 +41,7 @@ use crate::admin::auth::AdminAuth;
 use crate::admin::wire::{AdminError, AdminReply};
 use crate::metrics::Metrics;
 use crate::mqtt::{LinkClosed, Publisher};
-use crate::store::{Store, StoreError};
+use crate::store::{MemberJob, Store, StoreError};
 
 pub mod core;
 mod frames;
@@ -52,7 +56,7 @@ pub const BATCH_MAX: usize = 256;
 /// How often rollouts are moved forward when no event arrives (timeouts, soaks, schedules).
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Jobs wrapped per task of the blocking pool at least.
+/// Jobs built (wrapped or rebuilt) per task of the blocking pool at least.
 const JOBS_PER_TASK: usize = 32;
 /// First and longest wait between flushes while the store is unreachable.
 const STORE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(100);
@@ -481,40 +485,61 @@ impl Shell {
             after_commit,
             ..
         } = std::mem::take(&mut self.batch);
-        // Wrapping starts before the flush and runs beside it, off this task.
-        let jobs: Vec<JobOrder> = after_commit
-            .iter()
-            .filter_map(|o| match o {
-                Out::Job(j) => Some(j.clone()),
-                _ => None,
-            })
-            .collect();
-        let wrapping = wrap_jobs(jobs);
+        // One job per member, however many orders the batch holds for it (a notification and
+        // a reconnected link's republication): two wrappings would be two different jobs.
+        let mut jobs: Vec<JobOrder> = Vec::new();
+        let mut job_of: HashMap<(CampaignId, DeviceId), usize> = HashMap::new();
+        let mut slots: Vec<usize> = Vec::new();
+        for o in &after_commit {
+            if let Out::Job(j) = o {
+                let slot = *job_of.entry(j.member()).or_insert_with(|| {
+                    jobs.push(j.clone());
+                    jobs.len() - 1
+                });
+                slots.push(slot);
+            }
+        }
+        let mut uses = vec![0usize; jobs.len()];
+        for &slot in &slots {
+            uses[slot] += 1;
+        }
+        // Building starts before the batch's writes and runs beside them, off this task.
+        let building = build_jobs(jobs);
         let commit_started = Instant::now();
         for w in writes {
             self.until_stored(|store| apply(store, &w)).await?;
         }
-        if flush {
+        let mut built: Vec<Option<Built>> = Vec::with_capacity(uses.len());
+        for (task, len) in building {
+            // A building task that panicked loses its jobs; the devices get them at the next
+            // restart's republication, and a panic there is a bug to see in the log.
+            match task.await {
+                Ok(b) => built.extend(b.into_iter().map(Some)),
+                Err(e) => {
+                    warn!(error = %e, "building jobs failed");
+                    built.extend(std::iter::repeat_with(|| None).take(len));
+                }
+            }
+        }
+        // The jobs made now are stored in this commit: none leaves before the keys it carries
+        // are durable, and none is ever made again.
+        let mut made_any = false;
+        for b in built.iter().flatten().flatten() {
+            if let Some(made) = &b.made {
+                self.until_stored(|store| store.put_member_job(&b.campaign, &b.device, made))
+                    .await?;
+                self.core.job_made(&b.campaign, &b.device, made.clone());
+                made_any = true;
+            }
+        }
+        if flush || made_any {
             let t = Instant::now();
             self.until_stored(Store::flush).await?;
             self.metrics.store_flushed(t.elapsed().as_secs_f64());
             self.metrics
                 .store_committed(commit_started.elapsed().as_secs_f64());
         }
-        // One entry per job, in order, so each stays in its place among the batch's output.
-        let mut wrapped: Vec<Option<WrappedJob>> = Vec::new();
-        for (task, len) in wrapping {
-            // A wrapping task that panicked loses its jobs; the devices get them at the next
-            // restart's republication, and a panic there is a bug to see in the log.
-            match task.await {
-                Ok(w) => wrapped.extend(w.into_iter().map(Some)),
-                Err(e) => {
-                    warn!(error = %e, "wrapping content keys failed");
-                    wrapped.extend(std::iter::repeat_with(|| None).take(len));
-                }
-            }
-        }
-        let mut wrapped = wrapped.into_iter();
+        let mut slots = slots.into_iter();
         for out in after_commit {
             match out {
                 Out::Publish {
@@ -527,17 +552,35 @@ impl Shell {
                         .publish(topics::ack(&device), messages::encode(&ack), false)
                         .await?
                 }
-                Out::Job(_) => match wrapped.next().flatten() {
-                    Some((device, Ok(payload))) => {
-                        publisher
-                            .publish(topics::job(&device), payload, true)
-                            .await?
+                Out::Job(order) => {
+                    let Some(slot) = slots.next() else { continue };
+                    uses[slot] -= 1;
+                    let job = if uses[slot] == 0 {
+                        built[slot].take()
+                    } else {
+                        built[slot].as_ref().map(|b| match b {
+                            Ok(b) => Ok(BuiltJob {
+                                device: b.device.clone(),
+                                campaign: b.campaign.clone(),
+                                payload: b.payload.clone(),
+                                made: None,
+                            }),
+                            Err(e) => Err(e.clone()),
+                        })
+                    };
+                    match job {
+                        Some(Ok(b)) => {
+                            publisher
+                                .publish(topics::job(&b.device), b.payload, true)
+                                .await?
+                        }
+                        Some(Err(e)) => {
+                            let device = &order.device;
+                            warn!(%device, error = %e, "cannot wrap the content key for device")
+                        }
+                        None => {}
                     }
-                    Some((device, Err(e))) => {
-                        warn!(%device, error = %e, "cannot wrap the content key for device")
-                    }
-                    None => {}
-                },
+                }
                 Out::ChunkFrame { device, frame } => {
                     self.send_chunk_now(&device, frame, publisher).await?
                 }
@@ -735,25 +778,40 @@ fn load(store: &Store) -> Result<Loaded, StoreError> {
         uploads.insert(r.artifact.clone(), received);
     }
     let mut campaigns = Vec::new();
+    let mut jobs = HashMap::new();
     for record in store.campaigns()? {
         let progress = store.campaign_progress(&record.id)?;
+        // A finished campaign's jobs are never published again.
+        if !record.status.is_final() {
+            jobs.insert(record.id.clone(), store.campaign_jobs(&record.id)?);
+        }
         campaigns.push((record, progress));
     }
     Ok(Loaded {
         devices,
         releases,
         campaigns,
+        jobs,
         uploads,
     })
 }
 
-/// A job's payload for its device, or why its content key could not be wrapped.
-type WrappedJob = (DeviceId, Result<Vec<u8>, crypto::CryptoError>);
-type Wrapped = Vec<WrappedJob>;
+/// A job ready to leave: its payload, and the member's part of it if it was made now (to be
+/// stored before the job leaves).
+struct BuiltJob {
+    device: DeviceId,
+    campaign: CampaignId,
+    payload: Vec<u8>,
+    made: Option<Arc<MemberJob>>,
+}
 
-/// Wraps each job's content key for its device on the blocking pool, a few tasks at once; each
-/// task with the number of jobs it wraps.
-fn wrap_jobs(jobs: Vec<JobOrder>) -> Vec<(tokio::task::JoinHandle<Wrapped>, usize)> {
+/// A job, or why its content key could not be wrapped.
+type Built = Result<BuiltJob, crypto::CryptoError>;
+
+/// Builds each job on the blocking pool, a few tasks at once: a new one has its content keys
+/// wrapped for its device, a stored one is rebuilt from what was stored. Each task comes with
+/// the number of jobs it builds.
+fn build_jobs(jobs: Vec<JobOrder>) -> Vec<(tokio::task::JoinHandle<Vec<Built>>, usize)> {
     if jobs.is_empty() {
         return Vec::new();
     }
@@ -764,44 +822,75 @@ fn wrap_jobs(jobs: Vec<JobOrder>) -> Vec<(tokio::task::JoinHandle<Wrapped>, usiz
     while jobs.peek().is_some() {
         let part: Vec<JobOrder> = jobs.by_ref().take(per_task).collect();
         let len = part.len();
-        let task = tokio::task::spawn_blocking(move || {
-            part.iter()
-                .map(|j| (j.device.clone(), job_payload(j)))
-                .collect()
-        });
+        let task = tokio::task::spawn_blocking(move || part.iter().map(build_job).collect());
         tasks.push((task, len));
     }
     tasks
 }
 
-/// The job for one device: the signed manifest and the content key wrapped for it alone.
-fn job_payload(order: &JobOrder) -> Result<Vec<u8>, crypto::CryptoError> {
+/// One member's job: the stored one, or a new one with the content keys wrapped for it alone.
+fn build_job(order: &JobOrder) -> Built {
+    let (member, made) = match &order.stored {
+        Some(job) => (job.clone(), None),
+        None => {
+            let job = Arc::new(make_member_job(order)?);
+            (job.clone(), Some(job))
+        }
+    };
+    Ok(BuiltJob {
+        device: order.device.clone(),
+        campaign: order.template.campaign.clone(),
+        payload: job_payload(order, &member),
+        made,
+    })
+}
+
+/// Wraps the content key of the release, and of each delta offered, for one device
+/// (HPKE with a fresh ephemeral key: each call gives other bytes, so it is made once).
+fn make_member_job(order: &JobOrder) -> Result<MemberJob, crypto::CryptoError> {
     let t = &order.template;
-    let wrapped =
-        crypto::wrap_content_key(&order.x25519_public, &order.device, &t.artifact, &t.key)?;
+    let public = &order.x25519_public;
+    let wrapped_key = crypto::wrap_content_key(public, &order.device, &t.artifact, &t.key)?;
     let mut deltas = Vec::with_capacity(t.deltas.len());
     for d in &t.deltas {
-        deltas.push(DeltaOffer {
-            manifest: d.signed.clone(),
-            wrapped_key: crypto::wrap_content_key(
-                &order.x25519_public,
-                &order.device,
-                &d.artifact,
-                &d.key,
-            )?,
-        });
+        let wrapped = crypto::wrap_content_key(public, &order.device, &d.artifact, &d.key)?;
+        deltas.push((d.artifact.clone(), wrapped));
     }
+    Ok(MemberJob {
+        issued_at: order.issued_at_ms / 1000,
+        wrapped_key,
+        deltas,
+        root_version: order.root_version,
+        wrapped_to: hex::encode(public),
+    })
+}
+
+/// The job for one device: the campaign's part (the signed manifest, origin, delta manifests)
+/// and the member's own (`MemberJob`). The same inputs give the same bytes.
+fn job_payload(order: &JobOrder, member: &MemberJob) -> Vec<u8> {
+    let t = &order.template;
+    let deltas = member
+        .deltas
+        .iter()
+        .filter_map(|(artifact, wrapped_key)| {
+            let d = t.deltas.iter().find(|d| &d.artifact == artifact)?;
+            Some(DeltaOffer {
+                manifest: d.signed.clone(),
+                wrapped_key: wrapped_key.clone(),
+            })
+        })
+        .collect();
     let job = Job {
         v: PROTOCOL_VERSION,
         campaign: t.campaign.clone(),
         manifest: t.signed.clone(),
-        wrapped_key: wrapped,
-        issued_at: order.issued_at_ms / 1000,
+        wrapped_key: member.wrapped_key.clone(),
+        issued_at: member.issued_at,
         roots: order.roots.to_vec(),
         origin: t.origin.clone(),
         deltas,
     };
-    Ok(messages::encode(&job))
+    messages::encode(&job)
 }
 
 /// The CRL file, the front and the trust directory, for the operator actions the core

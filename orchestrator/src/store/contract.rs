@@ -323,6 +323,71 @@ fn flushed_writes_survive_a_reopen_and_another_key_is_refused(b: &mut dyn Backen
     assert_eq!(s.device_history(&d, 10).unwrap().len(), 1);
 }
 
+/// A job wrapped for one device, as the engine makes it (a real HPKE wrapping).
+fn member_job(device: &DeviceId, deltas: usize) -> MemberJob {
+    let public = aloft_proto::crypto::DeviceEncryptionKey::generate()
+        .and_then(|k| k.public_bytes())
+        .unwrap();
+    let key = aloft_proto::crypto::ContentKey::from_bytes([7; 32]);
+    let wrap = |artifact: &str| {
+        let artifact = ArtifactId::new(artifact).unwrap();
+        aloft_proto::crypto::wrap_content_key(&public, device, &artifact, &key).unwrap()
+    };
+    MemberJob {
+        issued_at: 1_700_000_000,
+        wrapped_key: wrap("fw-1"),
+        deltas: (0..deltas)
+            .map(|i| {
+                let a = format!("fw-1-delta-{i}");
+                (ArtifactId::new(&a).unwrap(), wrap(&a))
+            })
+            .collect(),
+        root_version: 3,
+        wrapped_to: hex::encode(public),
+    }
+}
+
+/// A member's job (its wrapped keys) reads back as it was stored, before and after the flush
+/// and across a reopen; a member without one (notified before jobs were stored) has none.
+fn a_members_stored_job_round_trips(b: &mut dyn Backend) {
+    let at = b.fresh();
+    let key = MasterKey::generate().unwrap();
+    let c = CampaignId::new("c-1").unwrap();
+    let other = CampaignId::new("c-2").unwrap();
+    let (d1, d2) = (
+        DeviceId::new("dev-1").unwrap(),
+        DeviceId::new("dev-2").unwrap(),
+    );
+    let (j1, j2) = (member_job(&d1, 0), member_job(&d2, 2));
+    {
+        let s = Store::create_at(&at, key.clone()).unwrap();
+        for d in [&d1, &d2] {
+            s.put_progress(&c, d, &progress(DeviceState::Notified, 0, 5))
+                .unwrap();
+        }
+        s.put_member_job(&c, &d1, &j1).unwrap();
+        s.flush().unwrap();
+        s.put_member_job(&c, &d2, &j2).unwrap();
+        assert_eq!(s.member_job(&c, &d2).unwrap().as_ref(), Some(&j2));
+        s.put_progress(&other, &d1, &progress(DeviceState::Notified, 0, 5))
+            .unwrap();
+        s.flush().unwrap();
+    }
+    let s = Store::open_at(&at, key).unwrap();
+    assert_eq!(s.member_job(&c, &d1).unwrap(), Some(j1.clone()));
+    assert_eq!(
+        s.campaign_jobs(&c).unwrap(),
+        vec![(d1.clone(), j1), (d2.clone(), j2.clone())]
+    );
+    assert_eq!(s.member_job(&other, &d1).unwrap(), None);
+    assert!(s.campaign_jobs(&other).unwrap().is_empty());
+    // The progress row moving on leaves the job as it was.
+    s.put_progress(&c, &d2, &progress(DeviceState::Downloading, 1, 6))
+        .unwrap();
+    s.flush().unwrap();
+    assert_eq!(s.member_job(&c, &d2).unwrap(), Some(j2));
+}
+
 /// A flush larger than one statement takes (a restore, a long batch) lands whole.
 fn a_large_flush_lands_whole(b: &mut dyn Backend) {
     let at = b.fresh();
@@ -525,6 +590,7 @@ macro_rules! contract_tests {
 mod on_sled {
     contract_tests!(SledBackend:
         every_record_kind_reads_back,
+        a_members_stored_job_round_trips,
         pending_writes_are_read_before_the_flush,
         flushed_writes_survive_a_reopen_and_another_key_is_refused,
         a_missing_store_is_refused,
@@ -537,6 +603,7 @@ mod on_sled {
 mod on_postgres {
     contract_tests!(PgBackend:
         every_record_kind_reads_back,
+        a_members_stored_job_round_trips,
         pending_writes_are_read_before_the_flush,
         flushed_writes_survive_a_reopen_and_another_key_is_refused,
         a_missing_store_is_refused,
@@ -575,6 +642,44 @@ mod on_postgres {
             "{err}"
         );
         assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    #[test]
+    fn a_store_of_schema_3_is_migrated_and_its_members_load_without_a_stored_job() {
+        let mut b = PgBackend::new();
+        let at = b.fresh();
+        let key = MasterKey::generate().unwrap();
+        let c = CampaignId::new("c-1").unwrap();
+        let d = DeviceId::new("dev-1").unwrap();
+        {
+            let s = Store::create_at(&at, key.clone()).unwrap();
+            s.put_progress(&c, &d, &progress(DeviceState::Notified, 0, 5))
+                .unwrap();
+            s.flush().unwrap();
+        }
+        // Back to what schema 3 had: no jobs table.
+        let db = format!("contract_{}", b.n);
+        b.cluster
+            .psql(
+                &db,
+                "DROP TABLE aloft_jobs; DELETE FROM aloft_schema_migrations WHERE version = 4",
+            )
+            .unwrap();
+        let s = Store::open_at(&at, key).unwrap();
+        let versions = b
+            .cluster
+            .psql(
+                &db,
+                "SELECT max(version)::text FROM aloft_schema_migrations",
+            )
+            .unwrap();
+        assert_eq!(versions, pg::SCHEMA_VERSION.to_string());
+        assert_eq!(s.campaign_progress(&c).unwrap().len(), 1);
+        assert_eq!(s.member_job(&c, &d).unwrap(), None);
+        let job = member_job(&d, 1);
+        s.put_member_job(&c, &d, &job).unwrap();
+        s.flush().unwrap();
+        assert_eq!(s.campaign_jobs(&c).unwrap(), vec![(d, job)]);
     }
 
     #[test]

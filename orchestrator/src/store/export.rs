@@ -134,7 +134,8 @@ impl RawStore {
     /// Raises this (restored) store's security state to `surviving`'s wherever that is higher:
     /// each device's floor, and each progress record whose `last_seq` is higher (the device's
     /// later reports were acknowledged; taking the record whole keeps its state consistent with
-    /// that sequence number). Devices only `surviving` knows are added. Nothing else of
+    /// that sequence number). Devices only `surviving` knows are added, and its stored jobs
+    /// (`MemberJob`) of members the restored store has. Nothing else of
     /// `surviving` (releases sealed under its own key, campaigns) is taken.
     pub fn merge_security_state(&self, surviving: &RawStore) -> Result<MergeReport, StoreError> {
         let mut report = MergeReport::default();
@@ -171,6 +172,14 @@ impl RawStore {
             if theirs.last_seq > mine.last_seq {
                 ours.insert(Tree::Progress, &k, &v)?;
                 report.progress_kept += 1;
+            }
+            Ok::<(), StoreError>(())
+        })?;
+        // The jobs devices received last are the surviving store's: keep each wherever the
+        // restored store has the member, so what is republished is what the device holds.
+        for_each(&surviving.kv, Tree::Jobs, |(k, v)| {
+            if ours.get(Tree::Progress, &k)?.is_some() {
+                ours.insert(Tree::Jobs, &k, &v)?;
             }
             Ok::<(), StoreError>(())
         })?;

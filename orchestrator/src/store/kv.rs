@@ -25,6 +25,8 @@ pub(crate) enum Tree {
     Progress,
     History,
     Audit,
+    /// Each member's own part of its job (`MemberJob`), beside its progress row.
+    Jobs,
 }
 
 /// One part of a key, in order.
@@ -39,7 +41,7 @@ pub(crate) enum Part {
 }
 
 impl Tree {
-    pub(crate) const ALL: [Tree; 8] = [
+    pub(crate) const ALL: [Tree; 9] = [
         Tree::Meta,
         Tree::Devices,
         Tree::Releases,
@@ -48,6 +50,7 @@ impl Tree {
         Tree::Progress,
         Tree::History,
         Tree::Audit,
+        Tree::Jobs,
     ];
 
     /// The sled tree's name, which is also the tree's name in a backup.
@@ -61,6 +64,7 @@ impl Tree {
             Tree::Progress => "progress",
             Tree::History => super::HISTORY_TREE,
             Tree::Audit => super::AUDIT_TREE,
+            Tree::Jobs => "jobs",
         }
     }
 
@@ -77,7 +81,7 @@ impl Tree {
         match self {
             Tree::Meta | Tree::Devices | Tree::Releases | Tree::Campaigns => &[Part::Text],
             Tree::Chunks => &[Part::Text, Part::U32],
-            Tree::Progress => &[Part::Text, Part::Text],
+            Tree::Progress | Tree::Jobs => &[Part::Text, Part::Text],
             Tree::History => &[Part::Text, Part::U64],
             Tree::Audit => &[Part::U64],
         }

@@ -1,5 +1,5 @@
 //! Durable state behind one narrow interface: devices, releases and their sealed chunks,
-//! campaigns, and per-(campaign, device) progress. Two engines keep it (`kv`): sled in the
+//! campaigns, and per-(campaign, device) progress and job (`MemberJob`). Two engines keep it (`kv`): sled in the
 //! data directory (the default), or PostgreSQL (`--store postgres://...`, `pg`). Only this
 //! module knows either.
 //!
@@ -28,7 +28,7 @@ mod records;
 pub use audit::{AuditBreak, AuditEntry, AuditEvent, AUDIT_TREE};
 pub use export::{MergeReport, RawRecord, RawStore};
 pub use history::{Transition, HISTORY_PER_DEVICE, HISTORY_TREE};
-pub use records::{CampaignRecord, CampaignStatus, DeviceRecord, ReleaseRecord, Target};
+pub use records::{CampaignRecord, CampaignStatus, DeviceRecord, MemberJob, ReleaseRecord, Target};
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -478,14 +478,50 @@ impl Store {
         self.get(Tree::Progress, &progress_key(c, d))
     }
 
+    /// Stores a member's own part of its job (see [`MemberJob`]), in the same commit as
+    /// whatever else the batch writes; the job may leave only after that commit.
+    pub fn put_member_job(
+        &self,
+        c: &CampaignId,
+        d: &DeviceId,
+        job: &MemberJob,
+    ) -> Result<(), StoreError> {
+        self.kv
+            .insert(Tree::Jobs, &progress_key(c, d), &encode(job))
+    }
+
+    /// A member's stored job, if one was made (members notified before jobs were stored have
+    /// none).
+    pub fn member_job(
+        &self,
+        c: &CampaignId,
+        d: &DeviceId,
+    ) -> Result<Option<MemberJob>, StoreError> {
+        self.get(Tree::Jobs, &progress_key(c, d))
+    }
+
+    /// Every stored job of campaign `c`'s members.
+    pub fn campaign_jobs(&self, c: &CampaignId) -> Result<Vec<(DeviceId, MemberJob)>, StoreError> {
+        self.member_rows(Tree::Jobs, c)
+    }
+
     /// Every device's progress in campaign `c`.
     pub fn campaign_progress(
         &self,
         c: &CampaignId,
     ) -> Result<Vec<(DeviceId, Progress)>, StoreError> {
+        self.member_rows(Tree::Progress, c)
+    }
+
+    /// Every row of campaign `c` in a tree keyed by (campaign, device).
+    fn member_rows<T: DeserializeOwned>(
+        &self,
+        tree: Tree,
+        c: &CampaignId,
+    ) -> Result<Vec<(DeviceId, T)>, StoreError> {
         let prefix = progress_prefix(c);
         self.kv
-            .scan(Tree::Progress, &Scan::prefix(prefix.clone()))?
+            .scan(tree, &Scan::prefix(prefix.clone()))?
             .into_iter()
             .map(|(k, v)| {
                 let id = std::str::from_utf8(&k[prefix.len()..])

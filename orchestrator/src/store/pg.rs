@@ -39,6 +39,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "initial", include_str!("pg/0001_initial.sql")),
     (2, "holder", include_str!("pg/0002_holder.sql")),
     (3, "lease", include_str!("pg/0003_lease.sql")),
+    (4, "jobs", include_str!("pg/0004_jobs.sql")),
 ];
 
 /// The newest schema version this binary knows.
@@ -64,6 +65,7 @@ fn table(tree: Tree) -> (&'static str, &'static [&'static str]) {
         Tree::Progress => ("aloft_progress", &["campaign", "device"]),
         Tree::History => ("aloft_history", &["device", "n"]),
         Tree::Audit => ("aloft_audit", &["seq"]),
+        Tree::Jobs => ("aloft_jobs", &["campaign", "device"]),
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use aloft_proto::crypto::WrappedKey;
 use aloft_proto::manifest::{Manifest, SignedManifest};
 use aloft_proto::{ArtifactId, CampaignId, DeviceId, OperatorId, SecurityVersion};
 use serde::{Deserialize, Serialize};
@@ -101,4 +102,29 @@ pub struct CampaignRecord {
     /// (1.5) The untrusted HTTPS origin serving the release's export, named in every job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+}
+
+/// A member's own part of its job: what HPKE made for this device alone, and what else the job
+/// carried that may change later (its issue time, the chain of roots). The rest of a job (the
+/// signed manifest, the origin, the delta manifests) is the campaign's, built from its release,
+/// and never copied here. Made once, when the member is first notified, committed before the
+/// job leaves, and every later publication of the job is rebuilt from it byte for byte: a
+/// device never receives two different jobs for one campaign, whoever publishes it and however
+/// often (a restart, a reconnected broker link).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberJob {
+    /// The job's `issued_at` (Unix seconds).
+    pub issued_at: u64,
+    /// The release's content key, wrapped for this device.
+    pub wrapped_key: WrappedKey,
+    /// (1.5) Each delta the job offers, in the job's order: its artifact and its content key
+    /// wrapped for this device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<(ArtifactId, WrappedKey)>,
+    /// The version of the newest root the job's `roots` chain ends at (roots accepted later do
+    /// not join it).
+    pub root_version: u64,
+    /// The device's X25519 public key (hex) the keys were wrapped to. A device registered again
+    /// with another key could not open them: only then is the job made anew.
+    pub wrapped_to: String,
 }

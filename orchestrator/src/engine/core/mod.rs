@@ -4,8 +4,9 @@
 //! caused, and the output that may leave the process only once those writes are flushed (acks,
 //! jobs, withdrawals, admin replies, renewal answers), apart from chunk service, which carries
 //! no state and may leave at once. It owns all the state it decides on, loaded once at
-//! start-up ([`Loaded`]): live campaigns with every member's progress, the device registry,
-//! release metadata, the CRL in force and the revoked set, the renewal gate, the reply cache.
+//! start-up ([`Loaded`]): live campaigns with every member's progress and stored job, the
+//! device registry, release metadata, the CRL in force and the revoked set, the renewal gate,
+//! the reply cache.
 //!
 //! The only way out is the effects. The three operator actions that must reach a file or the
 //! front before they can answer (`crl_update`, the `crl.pem` check of `device_register`,
@@ -34,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::model::CampaignStatus;
 use crate::rollout::{Action, Known, Plan, Rollout};
 use crate::signer::SignRequest;
-use crate::store::{AuditEvent, CampaignRecord, DeviceRecord, ReleaseRecord};
+use crate::store::{AuditEvent, CampaignRecord, DeviceRecord, MemberJob, ReleaseRecord};
 
 mod admin;
 mod campaigns;
@@ -158,6 +159,7 @@ pub enum Write {
 }
 
 /// What a campaign's jobs share; each job adds the content key wrapped for one device.
+#[derive(Clone)]
 pub struct JobTemplate {
     pub campaign: CampaignId,
     pub artifact: ArtifactId,
@@ -170,6 +172,7 @@ pub struct JobTemplate {
 }
 
 /// (1.5) One delta release a campaign offers: its manifest, signed, and its content key.
+#[derive(Clone)]
 pub struct DeltaTemplate {
     pub artifact: ArtifactId,
     pub signed: SignedManifest,
@@ -197,15 +200,34 @@ impl DeliveryPath {
     }
 }
 
-/// One member's job, to be sealed for it (HPKE, off the engine task) and published retained.
+/// One member's job, to be published retained once the batch has committed. Made once: the
+/// first order of a member (`stored` is `None`) has the shell wrap its keys (HPKE, off the
+/// engine task) and commit them as its `MemberJob` before the job leaves, then hand it back
+/// (`Core::job_made`); every later order carries that `MemberJob`, and the job is rebuilt from
+/// it byte for byte.
 #[derive(Clone)]
 pub struct JobOrder {
     pub device: DeviceId,
     /// The device's X25519 public key from its certificate.
     pub x25519_public: [u8; 32],
+    /// The campaign's part of the job. For a stored job, its delta offers are the ones it was
+    /// made with.
     pub template: Arc<JobTemplate>,
+    /// The chain of roots the job carries: the stored job's, or the newest.
     pub roots: Arc<Vec<SignedRoot>>,
+    /// The version of the newest root in `roots`, stored with a new job.
+    pub root_version: u64,
+    /// When a new job is issued.
     pub issued_at_ms: u64,
+    /// The member's job as it was made and stored; `None`: make it now.
+    pub stored: Option<Arc<MemberJob>>,
+}
+
+impl JobOrder {
+    /// Whose job this is: its campaign and device.
+    pub fn member(&self) -> (CampaignId, DeviceId) {
+        (self.template.campaign.clone(), self.device.clone())
+    }
 }
 
 impl std::fmt::Debug for JobOrder {
@@ -322,6 +344,8 @@ pub struct Loaded {
     pub devices: Vec<DeviceRecord>,
     pub releases: Vec<ReleaseRecord>,
     pub campaigns: Vec<(CampaignRecord, Vec<(DeviceId, Progress)>)>,
+    /// Each unfinished campaign's stored jobs (`MemberJob`), by member.
+    pub jobs: HashMap<CampaignId, Vec<(DeviceId, MemberJob)>>,
     /// Chunks stored so far of each release still uploading.
     pub uploads: HashMap<ArtifactId, HashSet<u32>>,
 }
@@ -351,6 +375,8 @@ struct LiveCampaign {
     manifest: Manifest,
     job: Arc<JobTemplate>,
     progress: HashMap<DeviceId, Progress>,
+    /// Each member's job as it was made and stored: republished from here, never made again.
+    jobs: HashMap<DeviceId, Arc<MemberJob>>,
     /// Members per state, kept with `progress` (see `set`): every applied report refreshes the
     /// campaign's gauges, which must not cost a pass over the whole fleet.
     counts: BTreeMap<DeviceState, u32>,
@@ -406,6 +432,7 @@ impl LiveCampaign {
             manifest: release.manifest.clone(),
             job,
             progress,
+            jobs: HashMap::new(),
             counts,
             rollout,
             paths: HashMap::new(),
@@ -571,12 +598,27 @@ impl Core {
         for d in core.devices.values() {
             core.metrics.device_certificate(None, d.cert_not_after);
         }
+        let mut jobs = loaded.jobs;
         for (record, progress) in loaded.campaigns {
-            if let Some(live) = core.load_campaign(record, progress) {
+            if let Some(mut live) = core.load_campaign(record, progress) {
+                live.jobs = jobs
+                    .remove(&live.record.id)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(d, j)| (d, Arc::new(j)))
+                    .collect();
                 core.campaigns.insert(live.record.id.clone(), live);
             }
         }
         core
+    }
+
+    /// The shell made a member's job (`JobOrder::stored` was `None`) and wrote it to the
+    /// batch being committed: every later order for the member carries it.
+    pub fn job_made(&mut self, campaign: &CampaignId, device: &DeviceId, job: Arc<MemberJob>) {
+        if let Some(live) = self.campaigns.get_mut(campaign) {
+            live.jobs.insert(device.clone(), job);
+        }
     }
 
     /// After start-up: re-judges every device against the CRL (it may have changed while the

@@ -26,14 +26,17 @@ impl Core {
         }
     }
 
-    /// Orders one member's job, with the content key to be wrapped for it alone.
+    /// Orders one member's job: the one stored for it if it has one (republished byte for
+    /// byte), else a new one, whose content key the shell wraps for it alone and stores before
+    /// the job leaves.
     pub(super) fn publish_job(&mut self, id: &CampaignId, device: &DeviceId, now: u64) {
         let Some(record) = self.devices.get(device) else {
             warn!(%device, "campaign member is not registered; no job");
             return;
         };
         if self.is_revoked(record) {
-            // Fail closed: no content key is ever wrapped to a revoked certificate's key.
+            // Fail closed: no content key is ever wrapped to a revoked certificate's key, and
+            // a job stored before the revocation is not published again either.
             self.metrics.rejected("job", "revoked");
             warn!(%device, campaign = %id, "device certificate is revoked; no job, member failed");
             self.move_member(id, device, DeviceState::Failed, Some(Reason::Revoked), now);
@@ -51,14 +54,74 @@ impl Core {
         let Some(live) = self.campaigns.get(id) else {
             return;
         };
+        let wrapped_to = hex::encode(x25519_public);
+        let stored = match live.jobs.get(device) {
+            Some(job) if job.wrapped_to == wrapped_to => Some(job.clone()),
+            Some(_) => {
+                // Registered again with another key: the stored keys cannot be opened by it.
+                info!(%device, campaign = %id, "device's key changed since its job was made; a new job is made");
+                None
+            }
+            None => None,
+        };
+        let (template, roots) = match &stored {
+            Some(job) => {
+                let Some(template) = self.template_of(live, job) else {
+                    warn!(%device, campaign = %id, "a delta release of the stored job is missing; no job");
+                    return;
+                };
+                (template, self.roots_at(job.root_version))
+            }
+            None => (live.job.clone(), self.roots.clone()),
+        };
         let order = JobOrder {
             device: device.clone(),
             x25519_public,
-            template: live.job.clone(),
-            roots: self.roots.clone(),
+            template,
+            roots,
+            root_version: self.trust.trusted.version(),
             issued_at_ms: now,
+            stored,
         };
         self.fx.after_commit.push(Out::Job(order));
+    }
+
+    /// The campaign's part of a stored job: the campaign's template, unless the job was made
+    /// with other delta offers than the template holds now (a delta release uploaded or a root
+    /// accepted since); then a template with exactly the job's. `None` if one of its delta
+    /// releases is gone.
+    fn template_of(&self, live: &LiveCampaign, job: &MemberJob) -> Option<Arc<JobTemplate>> {
+        let same = job.deltas.len() == live.job.deltas.len()
+            && job
+                .deltas
+                .iter()
+                .zip(&live.job.deltas)
+                .all(|((artifact, _), d)| artifact == &d.artifact);
+        if same {
+            return Some(live.job.clone());
+        }
+        let mut deltas = Vec::with_capacity(job.deltas.len());
+        for (artifact, _) in &job.deltas {
+            let release = self.releases.get(artifact)?;
+            deltas.push(DeltaTemplate {
+                artifact: artifact.clone(),
+                signed: release.signed.clone(),
+                key: parse_key_hex(&release.content_key_hex)?,
+                chunk_count: release.manifest.chunk_count,
+            });
+        }
+        let mut template = (*live.job).clone();
+        template.deltas = deltas;
+        Some(Arc::new(template))
+    }
+
+    /// The chain of roots a job made when `version` was the newest carries.
+    fn roots_at(&self, version: u64) -> Arc<Vec<SignedRoot>> {
+        if version == self.trust.trusted.version() {
+            self.roots.clone()
+        } else {
+            Arc::new(self.trust.job_chain_at(version))
+        }
     }
 
     /// Withdraws a device's job (PROTOCOL.md §5.2): a device downloading stops. First the empty

@@ -23,6 +23,8 @@ pub(super) struct Durable {
     pub campaigns: BTreeMap<CampaignId, CampaignRecord>,
     pub progress: BTreeMap<(CampaignId, DeviceId), Progress>,
     pub audit: Vec<AuditEvent>,
+    /// Members' jobs as the shell made and stored them (`Core::job_made`).
+    pub jobs: BTreeMap<(CampaignId, DeviceId), MemberJob>,
 }
 
 impl Durable {
@@ -69,6 +71,12 @@ impl Durable {
                     (c.clone(), progress)
                 })
                 .collect(),
+            jobs: self.jobs.iter().fold(HashMap::new(), |mut m, ((c, d), j)| {
+                m.entry(c.clone())
+                    .or_insert_with(Vec::new)
+                    .push((d.clone(), j.clone()));
+                m
+            }),
             uploads: HashMap::new(),
         }
     }
@@ -81,6 +89,8 @@ pub(super) struct Fixture {
     pub campaign: CampaignId,
     pub artifact: ArtifactId,
     pub devices: Vec<DeviceId>,
+    /// The CRL in force when a core starts.
+    pub crl: Option<VerifiedCrl>,
 }
 
 fn signed_root(root_key: &ReleaseSigningKey, release: &ReleaseSigningKey) -> SignedRoot {
@@ -198,6 +208,7 @@ impl Fixture {
             campaign,
             artifact,
             devices,
+            crl: None,
         }
     }
 
@@ -207,7 +218,7 @@ impl Fixture {
             CoreConfig {
                 trust: self.trust.clone(),
                 ca_pem: String::new(),
-                crl: None,
+                crl: self.crl.clone(),
                 seed: [0; 16],
                 download_slots: super::pacing::DEFAULT_SLOTS,
                 record_follows_issuance: false,
@@ -1116,4 +1127,143 @@ fn a_restart_between_slices_notifies_the_rest_and_no_member_twice() {
         .count();
     assert_eq!(jobs, n);
     assert!(!again.has_more());
+}
+
+/// The job orders among `outs`, in order.
+fn job_orders(outs: &[Out]) -> Vec<&JobOrder> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Out::Job(j) => Some(j),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What the shell would make and store for an order with nothing stored (the keys are stand-ins:
+/// the core never reads them).
+fn made_job(order: &JobOrder, n: u8) -> MemberJob {
+    MemberJob {
+        issued_at: order.issued_at_ms / 1000,
+        wrapped_key: crypto::WrappedKey {
+            enc: format!("enc-{n}"),
+            ct: format!("ct-{n}"),
+        },
+        deltas: Vec::new(),
+        root_version: order.root_version,
+        wrapped_to: hex::encode(order.x25519_public),
+    }
+}
+
+/// Recovers `core`, makes and stores the job of each order as the shell does, and returns them.
+fn recover_and_make_jobs(f: &mut Fixture, core: &mut Core) -> Vec<(DeviceId, MemberJob)> {
+    let fx = core.recover(1_000);
+    f.durable.apply(&fx.writes);
+    let mut made = Vec::new();
+    for (n, order) in job_orders(&fx.after_commit).into_iter().enumerate() {
+        assert!(order.stored.is_none(), "a first job is made, not found");
+        let job = made_job(order, n as u8);
+        core.job_made(&f.campaign, &order.device, Arc::new(job.clone()));
+        f.durable
+            .jobs
+            .insert((f.campaign.clone(), order.device.clone()), job.clone());
+        made.push((order.device.clone(), job));
+    }
+    made
+}
+
+#[test]
+fn a_members_job_is_made_once_and_every_later_order_carries_the_stored_one() {
+    let mut f = Fixture::new(3, 4);
+    let mut core = f.core();
+    let made = recover_and_make_jobs(&mut f, &mut core);
+    assert_eq!(made.len(), 3);
+    let stored_of = |outs: &[Out]| -> BTreeMap<DeviceId, MemberJob> {
+        job_orders(outs)
+            .into_iter()
+            .map(|o| {
+                let stored = o.stored.as_deref().expect("the stored job, not a new one");
+                (o.device.clone(), stored.clone())
+            })
+            .collect()
+    };
+    let made: BTreeMap<DeviceId, MemberJob> = made.into_iter().collect();
+    // The broker link comes back: the same jobs, from what was stored.
+    let fx = core.on_event(2_000, Event::LinkRestored);
+    assert_eq!(stored_of(&fx.after_commit), made);
+    // A restart loads them with the members' progress and republishes them as they were.
+    let mut restarted = f.core();
+    let fx = restarted.recover(3_000);
+    assert_eq!(stored_of(&fx.after_commit), made);
+}
+
+#[test]
+fn a_member_notified_before_jobs_were_stored_gets_its_job_made_once_at_recovery() {
+    let mut f = Fixture::new(2, 4);
+    let mut core = f.core();
+    recover_and_make_jobs(&mut f, &mut core);
+    // A store written before jobs were stored: the members are notified, no job row.
+    f.durable.jobs.clear();
+    let mut upgraded = f.core();
+    let made = recover_and_make_jobs(&mut f, &mut upgraded);
+    assert_eq!(made.len(), 2);
+    let fx = upgraded.on_event(2_000, Event::LinkRestored);
+    let orders = job_orders(&fx.after_commit);
+    assert_eq!(orders.len(), 2);
+    assert!(orders.iter().all(|o| o.stored.is_some()));
+}
+
+#[test]
+fn a_job_stored_before_its_device_was_revoked_is_not_published_again() {
+    let mut f = Fixture::new(2, 4);
+    let mut core = f.core();
+    recover_and_make_jobs(&mut f, &mut core);
+    // dev-0's certificate (serial 01) is revoked while the orchestrator is down.
+    let ca = aloft_certs::FleetCa::create("test ca", 1).unwrap();
+    let der = ca.crl(&[vec![0x01]], 1, 7).unwrap();
+    let pem = format!(
+        "-----BEGIN X509 CRL-----\n{}\n-----END X509 CRL-----\n",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, der.as_ref())
+    );
+    f.crl = Some(VerifiedCrl::parse(&pem, ca.cert_pem()).unwrap());
+    let mut restarted = f.core();
+    let fx = restarted.recover(2_000);
+    let orders = job_orders(&fx.after_commit);
+    assert_eq!(
+        orders.iter().map(|o| o.device.as_str()).collect::<Vec<_>>(),
+        ["dev-1"],
+        "no job, stored or new, for the revoked device"
+    );
+    let failed = progress_writes(&fx.writes)
+        .into_iter()
+        .any(|(d, p)| d == &f.devices[0] && p.reason == Some(Reason::Revoked));
+    assert!(failed, "the revoked member is failed");
+    let withdrawn = fx.after_commit.iter().any(|o| {
+        matches!(o, Out::Publish { topic, payload, retain: true }
+            if *topic == topics::job(&f.devices[0]) && payload.is_empty())
+    });
+    assert!(withdrawn, "the revoked device's retained job is cleared");
+    // The broker link coming back does not bring it back either.
+    let fx = restarted.on_event(3_000, Event::LinkRestored);
+    assert!(job_orders(&fx.after_commit)
+        .iter()
+        .all(|o| o.device != f.devices[0]));
+}
+
+#[test]
+fn a_device_registered_again_with_another_key_gets_a_new_job() {
+    let mut f = Fixture::new(2, 4);
+    let mut core = f.core();
+    recover_and_make_jobs(&mut f, &mut core);
+    if let Some(d) = f.durable.devices.get_mut(&f.devices[1]) {
+        d.x25519_public = hex::encode([0xee; 32]);
+    }
+    let mut restarted = f.core();
+    let fx = restarted.recover(2_000);
+    let orders = job_orders(&fx.after_commit);
+    let by_device = |i: usize| orders.iter().find(|o| o.device == f.devices[i]).unwrap();
+    assert!(by_device(0).stored.is_some());
+    assert!(
+        by_device(1).stored.is_none(),
+        "its stored keys were wrapped to the old key"
+    );
 }
