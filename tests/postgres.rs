@@ -7,11 +7,12 @@
 
 use aloft_device::Fleet;
 use aloft_e2e::{finished, wait_campaign, wait_registered, Lab, ReleaseSpec};
+use aloft_orchestrator::admin::client::AdminClient;
 use aloft_orchestrator::backup;
 use aloft_orchestrator::config::layout;
 use aloft_orchestrator::store::pg_cluster::TempCluster;
 use aloft_orchestrator::store::{Store, StoreLocation};
-use aloft_proto::DeviceState;
+use aloft_proto::{CampaignId, DeviceId, DeviceState};
 use aloft_vault::{Protection, RecoveryKey, Unlock};
 
 use crate::common::{exe, http_status, LIMIT};
@@ -62,6 +63,99 @@ fn spawn_on(lab: &Lab, url: &str, listen: std::net::SocketAddr) -> aloft_e2e::Or
     ];
     aloft_e2e::spawn_orchestrator_with(exe(), &lab.data_dir, &lab.unlock_file, listen, &store_args)
         .unwrap()
+}
+
+/// 20 devices of `lab` on the orchestrator at `addr`, registered, and a campaign of an image of
+/// `image_kib` KiB (4 KiB chunks, window 2) to all of them, under way: 5 or more downloading.
+async fn campaign_under_way(
+    lab: &Lab,
+    addr: std::net::SocketAddr,
+    image_kib: usize,
+) -> (AdminClient, Fleet, CampaignId) {
+    let admin = lab.operator(addr).await.unwrap();
+    let mut cfg = lab.fleet_config(addr);
+    cfg.window = 2;
+    let fleet = Fleet::start(&cfg, lab.enroll_fleet("dev", 20).unwrap()).unwrap();
+    wait_registered(&admin, 20, LIMIT).await.unwrap();
+    let mut spec = ReleaseSpec::new("2.0.0", 2, image_kib * 1024);
+    spec.chunk_bytes = 4 * 1024;
+    let campaign = lab.release_to_all(&admin, &spec).await.unwrap();
+    wait_campaign(&admin, &campaign, LIMIT, |s| {
+        s.count(DeviceState::Downloading) >= 5 && !finished(s)
+    })
+    .await
+    .unwrap();
+    (admin, fleet, campaign)
+}
+
+/// What an operator's pause answered, with the operator given back.
+type PauseAnswer = (AdminClient, anyhow::Result<serde_json::Value>);
+
+/// An operator's pause of `campaign`, asked from a task of its own. A pause needs a commit, so
+/// while the store cannot commit, its answer is held.
+fn pause_in_background(
+    admin: AdminClient,
+    campaign: &CampaignId,
+) -> tokio::task::JoinHandle<PauseAnswer> {
+    let body = aloft_orchestrator::admin::wire::AdminBody::CampaignPause {
+        campaign: campaign.clone(),
+    };
+    tokio::spawn(async move {
+        let answer = admin
+            .call::<serde_json::Value>(body)
+            .await
+            .map_err(anyhow::Error::from);
+        (admin, answer)
+    })
+}
+
+/// Over a few seconds in which the store cannot commit: no device's acknowledged state moves
+/// and `pause` stays unanswered (`why` names what the store is waiting for). Returns what each
+/// device had acknowledged.
+async fn assert_nothing_acknowledged(
+    fleet: &Fleet,
+    campaign: &CampaignId,
+    pause: &tokio::task::JoinHandle<PauseAnswer>,
+    why: &str,
+) -> std::collections::HashMap<DeviceId, DeviceState> {
+    let acked = acknowledged(fleet, campaign);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        acknowledged(fleet, campaign),
+        acked,
+        "acknowledged while {why}"
+    );
+    assert!(!pause.is_finished(), "the pause was answered while {why}");
+    acked
+}
+
+/// Once the store commits again, the pause is answered (by the same process). Gives the
+/// operator back.
+async fn pause_answered(pause: tokio::task::JoinHandle<PauseAnswer>) -> AdminClient {
+    let (admin, paused) = tokio::time::timeout(LIMIT, pause)
+        .await
+        .expect("the pause is answered once the store commits again")
+        .unwrap();
+    assert!(paused.is_ok(), "{paused:?}");
+    admin
+}
+
+/// Resumes `campaign` and waits until it has finished with all `n` devices succeeded.
+async fn resume_until_all_succeeded(admin: &AdminClient, campaign: &CampaignId, n: u32) {
+    let _: serde_json::Value = admin
+        .call(aloft_orchestrator::admin::wire::AdminBody::CampaignResume {
+            campaign: campaign.clone(),
+        })
+        .await
+        .unwrap();
+    let s = wait_campaign(admin, campaign, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(s.count(DeviceState::Succeeded), n, "{:?}", s.counts);
+    assert_eq!(
+        s.status,
+        aloft_orchestrator::store::CampaignStatus::Finished
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,33 +285,13 @@ async fn postgresql_stopped_mid_campaign_holds_acknowledgements_until_it_is_back
     let (lab, url) = lab_on_postgres_url(tmp.path(), &cluster);
     let spawn = |listen| spawn_on(&lab, &url, listen);
     let mut orch = spawn("127.0.0.1:0".parse().unwrap());
-    let addr = orch.device_addr;
-    let admin = lab.operator(addr).await.unwrap();
-    let mut cfg = lab.fleet_config(addr);
-    cfg.window = 2;
-    let fleet = Fleet::start(&cfg, lab.enroll_fleet("dev", 20).unwrap()).unwrap();
-    wait_registered(&admin, 20, LIMIT).await.unwrap();
-    let mut spec = ReleaseSpec::new("2.0.0", 2, 512 * 1024);
-    spec.chunk_bytes = 4 * 1024;
-    let campaign = lab.release_to_all(&admin, &spec).await.unwrap();
-    let campaign_to_pause = campaign.clone();
-    wait_campaign(&admin, &campaign, LIMIT, |s| {
-        s.count(DeviceState::Downloading) >= 5 && !finished(s)
-    })
-    .await
-    .unwrap();
+    let (admin, fleet, campaign) = campaign_under_way(&lab, orch.device_addr, 512).await;
 
     tokio::task::block_in_place(|| cluster.stop()).unwrap();
     // Devices whose next chunk is not in memory stall (a chunk read fails and they ask again),
     // so nothing may need a commit for a while. An operator's pause needs one: its flush
     // fails, and the engine waits for the database with the pause's reply held.
-    let pause = tokio::spawn(async move {
-        let body = aloft_orchestrator::admin::wire::AdminBody::CampaignPause {
-            campaign: campaign_to_pause,
-        };
-        let answer = admin.call::<serde_json::Value>(body).await;
-        (admin, answer)
-    });
+    let pause = pause_in_background(admin, &campaign);
     let metrics = orch.metrics_addr.expect("the orchestrator serves /metrics");
     let started = std::time::Instant::now();
     while aloft_e2e::scrape(metrics, "aloft_store_up").await != Some(0.0) {
@@ -231,29 +305,15 @@ async fn postgresql_stopped_mid_campaign_holds_acknowledgements_until_it_is_back
     assert!(health.starts_with("HTTP/1.1 503"), "{health}");
     // Waiting, not gone: nothing is acknowledged, and what each device last had accepted
     // stays as it was.
-    let acked = acknowledged(&fleet, &campaign);
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let acked =
+        assert_nothing_acknowledged(&fleet, &campaign, &pause, "the database was down").await;
     assert!(
         orch.child.try_wait().unwrap().is_none(),
         "the orchestrator must wait for its database, not exit"
     );
-    assert_eq!(
-        acknowledged(&fleet, &campaign),
-        acked,
-        "acknowledged while the database was down"
-    );
-    assert!(
-        !pause.is_finished(),
-        "the pause was answered before it was committed"
-    );
 
     tokio::task::block_in_place(|| cluster.start_server()).unwrap();
-    // The same process commits the pause and answers it.
-    let (admin, paused) = tokio::time::timeout(LIMIT, pause)
-        .await
-        .expect("the pause is answered once the database is back")
-        .unwrap();
-    assert!(paused.is_ok(), "{paused:?}");
+    let admin = pause_answered(pause).await;
     assert_eq!(
         aloft_e2e::scrape(metrics, "aloft_store_up").await,
         Some(1.0)
@@ -275,20 +335,7 @@ async fn postgresql_stopped_mid_campaign_holds_acknowledgements_until_it_is_back
             );
         }
     }
-    let _: serde_json::Value = admin
-        .call(aloft_orchestrator::admin::wire::AdminBody::CampaignResume {
-            campaign: campaign.clone(),
-        })
-        .await
-        .unwrap();
-    let s = wait_campaign(&admin, &campaign, LIMIT, finished)
-        .await
-        .unwrap();
-    assert_eq!(s.count(DeviceState::Succeeded), 20, "{:?}", s.counts);
-    assert_eq!(
-        s.status,
-        aloft_orchestrator::store::CampaignStatus::Finished
-    );
+    resume_until_all_succeeded(&admin, &campaign, 20).await;
     fleet.shutdown().await;
     admin.disconnect().await;
     drop(orch);
@@ -397,55 +444,21 @@ async fn with_the_deployed_settings_nothing_is_acknowledged_while_the_synchronou
         "sync"
     );
     let orch = spawn_on(&lab, &url, "127.0.0.1:0".parse().unwrap());
-    let admin = lab.operator(orch.device_addr).await.unwrap();
-    let mut cfg = lab.fleet_config(orch.device_addr);
-    cfg.window = 2;
-    let fleet = Fleet::start(&cfg, lab.enroll_fleet("dev", 20).unwrap()).unwrap();
-    wait_registered(&admin, 20, LIMIT).await.unwrap();
-    let mut spec = ReleaseSpec::new("2.0.0", 2, 256 * 1024);
-    spec.chunk_bytes = 4 * 1024;
-    let campaign = lab.release_to_all(&admin, &spec).await.unwrap();
-    wait_campaign(&admin, &campaign, LIMIT, |s| {
-        s.count(DeviceState::Downloading) >= 5 && !finished(s)
-    })
-    .await
-    .unwrap();
+    let (admin, fleet, campaign) = campaign_under_way(&lab, orch.device_addr, 256).await;
 
     tokio::task::block_in_place(|| standby.stop()).unwrap();
-    let to_pause = campaign.clone();
-    let pause = tokio::spawn(async move {
-        let body = aloft_orchestrator::admin::wire::AdminBody::CampaignPause { campaign: to_pause };
-        let answer = admin.call::<serde_json::Value>(body).await;
-        (admin, answer)
-    });
-    let acked = acknowledged(&fleet, &campaign);
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    assert_eq!(
-        acknowledged(&fleet, &campaign),
-        acked,
-        "acknowledged while the synchronous standby was away"
-    );
-    assert!(
-        !pause.is_finished(),
-        "the pause was answered before the standby had it"
-    );
+    let pause = pause_in_background(admin, &campaign);
+    assert_nothing_acknowledged(
+        &fleet,
+        &campaign,
+        &pause,
+        "the synchronous standby was away",
+    )
+    .await;
 
     tokio::task::block_in_place(|| standby.start_server()).unwrap();
-    let (admin, paused) = tokio::time::timeout(LIMIT, pause)
-        .await
-        .expect("the pause is answered once the standby is back")
-        .unwrap();
-    assert!(paused.is_ok(), "{paused:?}");
-    let _: serde_json::Value = admin
-        .call(aloft_orchestrator::admin::wire::AdminBody::CampaignResume {
-            campaign: campaign.clone(),
-        })
-        .await
-        .unwrap();
-    let s = wait_campaign(&admin, &campaign, LIMIT, finished)
-        .await
-        .unwrap();
-    assert_eq!(s.count(DeviceState::Succeeded), 20, "{:?}", s.counts);
+    let admin = pause_answered(pause).await;
+    resume_until_all_succeeded(&admin, &campaign, 20).await;
     fleet.shutdown().await;
     admin.disconnect().await;
     drop(orch);
