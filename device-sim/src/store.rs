@@ -356,8 +356,12 @@ pub struct RecordFileStore {
     legacy: Option<PathBuf>,
     /// Whether each save is flushed to the disk before it returns (see [`JsonFileStore`]).
     sync: bool,
-    /// The copy holding the newest record and its sequence number, once known.
+    /// The copy holding the newest record and its sequence number, if there is one.
     newest: Option<(u64, u64)>,
+    /// Whether `newest` is what the file holds (a load or a save read it), so a save need not
+    /// read the file first: at a campaign's start every simulated device's first save came
+    /// right after a load that had found its place blank, and read it again.
+    newest_known: bool,
 }
 
 /// What one copy's place holds.
@@ -406,6 +410,7 @@ impl RecordFileStore {
             legacy: None,
             sync,
             newest: None,
+            newest_known: false,
         }
     }
 
@@ -418,6 +423,7 @@ impl RecordFileStore {
             legacy: None,
             sync,
             newest: None,
+            newest_known: false,
         }
     }
 
@@ -501,8 +507,10 @@ impl RecordFileStore {
         }
     }
 
+    /// The record of an older simulator, if any, where the file holds none.
     fn load_legacy(&mut self) -> Result<Option<DeviceRecord>, StoreError> {
         self.newest = None;
+        self.newest_known = true;
         match &self.legacy {
             Some(legacy) => JsonFileStore::new(legacy.clone(), false).load(),
             None => Ok(None),
@@ -552,17 +560,19 @@ impl DeviceStore for RecordFileStore {
             source,
         })?;
         self.newest = Some((i, seq));
+        self.newest_known = true;
         Ok(Some(record))
     }
 
     fn save(&mut self, record: &DeviceRecord) -> Result<(), StoreError> {
-        if self.newest.is_none() {
+        if !self.newest_known {
             // Which copy is newer is read from the file once; a damaged file is overwritten.
             if let Some(f) = self.file_to_read()? {
                 let a = self.read_copy(&f, 0)?;
                 let b = self.read_copy(&f, 1)?;
                 self.newest = Self::newest_of(&a, &b);
             }
+            self.newest_known = true;
         }
         let (copy, seq) = match self.newest {
             Some((i, seq)) => (1 - i, seq + 1),

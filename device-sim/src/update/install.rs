@@ -122,12 +122,7 @@ impl UpdateAgent {
                 cur.written = written;
                 cur.delta = None;
                 let enabled = session.requests_enabled;
-                let mut next = Session::new(
-                    full,
-                    None,
-                    self.cfg.chunk_timeout_ms,
-                    self.cfg.manifests.as_deref(),
-                );
+                let mut next = self.new_session(full, None);
                 next.requests_enabled = enabled;
                 self.session = Some(next);
                 self.dirty(Persist::Now);
@@ -170,12 +165,7 @@ impl UpdateAgent {
             return true;
         }
         let enabled = self.session.as_ref().is_some_and(|s| s.requests_enabled);
-        let mut next = Session::new(
-            manifest,
-            Some(key),
-            self.cfg.chunk_timeout_ms,
-            self.cfg.manifests.as_deref(),
-        );
+        let mut next = self.new_session(manifest, Some(key));
         next.requests_enabled = enabled;
         self.session = Some(next);
         self.dirty(Persist::Now);

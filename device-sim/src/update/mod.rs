@@ -392,10 +392,9 @@ impl UpdateAgent {
     pub fn new(
         cfg: AgentConfig,
         key: DeviceEncryptionKey,
-        record: DeviceRecord,
+        mut record: DeviceRecord,
         health: Box<dyn HealthCheck>,
     ) -> Self {
-        let mut record = record;
         if let (Some(pool), Some(cur)) = (&cfg.manifests, &mut record.current) {
             share_manifests(pool, &mut cur.job);
         }
@@ -640,12 +639,7 @@ impl UpdateAgent {
             Some(c) => c,
             None => return,
         };
-        let mut session = Session::new(
-            manifest,
-            key,
-            self.cfg.chunk_timeout_ms,
-            self.cfg.manifests.as_deref(),
-        );
+        let mut session = self.new_session(manifest, key);
         session.preconditions = preconditions;
         session.origin = self.origin_plan(&cur.job);
         // If the downloading report is no longer queued, it was published (and acknowledged).
@@ -930,12 +924,7 @@ impl UpdateAgent {
         if let Err(e) = prepared {
             return self.fail(Reason::InstallFailed, Some(e.to_string()));
         }
-        let mut session = Session::new(
-            manifest,
-            Some(key),
-            self.cfg.chunk_timeout_ms,
-            self.cfg.manifests.as_deref(),
-        );
+        let mut session = self.new_session(manifest, Some(key));
         session.preconditions = preconditions;
         session.origin = self
             .record
@@ -1090,9 +1079,18 @@ impl UpdateAgent {
     }
 }
 
-/// The root a device trusts at power-on: the newer of the one its record keeps (its signatures
-/// checked again) and the one pinned in its configuration, which a re-provisioned device may
-/// have moved ahead. Revocations the record knows of stay revoked either way.
+impl UpdateAgent {
+    /// A download of `manifest`, with the chunk digests the process shares if it does.
+    fn new_session(&self, manifest: Manifest, key: Option<ContentKey>) -> Session {
+        Session::new(
+            manifest,
+            key,
+            self.cfg.chunk_timeout_ms,
+            self.cfg.manifests.as_deref(),
+        )
+    }
+}
+
 /// Points the job's manifests (its own and its deltas') at the process's shared copies.
 fn share_manifests(pool: &shared::SharedManifests, job: &mut Job) {
     pool.share(&mut job.manifest);
@@ -1101,6 +1099,9 @@ fn share_manifests(pool: &shared::SharedManifests, job: &mut Job) {
     }
 }
 
+/// The root a device trusts at power-on: the newer of the one its record keeps (its signatures
+/// checked again) and the one pinned in its configuration, which a re-provisioned device may
+/// have moved ahead. Revocations the record knows of stay revoked either way.
 fn initial_trust(cfg: &AgentConfig, record: &DeviceRecord) -> Result<Arc<TrustedRoot>, TrustError> {
     let pinned = match &cfg.pinned {
         Some(p) => Ok(p.clone()),

@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long one replica may take to answer both requests.
 const ASK_TIMEOUT: Duration = Duration::from_secs(3);
 /// The most of one answer read (a scrape of a large fleet is a few hundred KiB).
-const MAX_ANSWER: u64 = 8 * 1024 * 1024;
+const MAX_ANSWER: usize = 8 * 1024 * 1024;
 
 /// What one replica said.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -121,31 +120,32 @@ pub fn table(s: &Status) -> String {
     out
 }
 
-/// `GET path` on `address` (host:port, or an `http://` URL): the status code and body.
+/// `GET path` on `address` (host:port, or an `http://` URL): the status code and body, read up
+/// to [`MAX_ANSWER`] bytes.
 async fn get(address: &str, path: &str) -> Result<(u16, String)> {
+    use http_body_util::{BodyExt, Empty, Limited};
     let host = address
         .strip_prefix("http://")
         .unwrap_or(address)
         .trim_end_matches('/');
-    let mut s = tokio::net::TcpStream::connect(host)
+    let stream = tokio::net::TcpStream::connect(host)
         .await
         .with_context(|| format!("connecting to {host}"))?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut raw = Vec::new();
-    s.take(MAX_ANSWER).read_to_end(&mut raw).await?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("{host}{path}: not an HTTP answer"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow!("{host}{path}: no status code"))?;
-    Ok((code, body.to_owned()))
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    // The connection ends once `sender` is dropped (an answer read, or the caller's timeout).
+    tokio::spawn(conn);
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, host)
+        .body(Empty::<bytes::Bytes>::new())?;
+    let answer = sender.send_request(request).await?;
+    let code = answer.status().as_u16();
+    let body = Limited::new(answer.into_body(), MAX_ANSWER)
+        .collect()
+        .await
+        .map_err(|e| anyhow!("{host}{path}: {e}"))?
+        .to_bytes();
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Asks every replica, all at once (one hung replica delays nobody beyond its timeout).

@@ -555,18 +555,11 @@ impl Shell {
                 Out::Job(order) => {
                     let Some(slot) = slots.next() else { continue };
                     uses[slot] -= 1;
+                    // The last order of a member takes its job; an earlier one copies it.
                     let job = if uses[slot] == 0 {
                         built[slot].take()
                     } else {
-                        built[slot].as_ref().map(|b| match b {
-                            Ok(b) => Ok(BuiltJob {
-                                device: b.device.clone(),
-                                campaign: b.campaign.clone(),
-                                payload: b.payload.clone(),
-                                made: None,
-                            }),
-                            Err(e) => Err(e.clone()),
-                        })
+                        built[slot].clone()
                     };
                     match job {
                         Some(Ok(b)) => {
@@ -798,6 +791,7 @@ fn load(store: &Store) -> Result<Loaded, StoreError> {
 
 /// A job ready to leave: its payload, and the member's part of it if it was made now (to be
 /// stored before the job leaves).
+#[derive(Clone)]
 struct BuiltJob {
     device: DeviceId,
     campaign: CampaignId,

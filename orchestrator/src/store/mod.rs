@@ -1,7 +1,7 @@
 //! Durable state behind one narrow interface: devices, releases and their sealed chunks,
-//! campaigns, and per-(campaign, device) progress and job (`MemberJob`). Two engines keep it (`kv`): sled in the
-//! data directory (the default), or PostgreSQL (`--store postgres://...`, `pg`). Only this
-//! module knows either.
+//! campaigns, and per-(campaign, device) progress and job (`MemberJob`). Two engines keep it
+//! (`kv`): sled in the data directory (the default), or PostgreSQL (`--store postgres://...`,
+//! `pg`). Only this module knows either.
 //!
 //! Durability contract: a write is durable only after [`Store::flush`] returns. Callers
 //! acknowledge anything to a peer only after flushing (DESIGN.md: sled's `insert` alone loses

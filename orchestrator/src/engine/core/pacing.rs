@@ -13,9 +13,10 @@
 //! wait) divided by the rate at which slots are handed on. That rate is measured (downloads
 //! ended per second, over one-second buckets) and taken at one and a half times what was seen
 //! (before anything was measured: each slot four times a second): a device back too early
-//! costs one more `busy` frame, a device back too late leaves a slot empty. Before, a fixed 500 ms per generation of `max` waiters told 10,000
-//! devices of a one-chunk campaign to wait 10 s (the cap), drawn by the device as 10–20 s
-//! (PROTOCOL.md §9.3), and the slots stood empty for most of that.
+//! costs one more `busy` frame, a device back too late leaves a slot empty. Before, a fixed
+//! 500 ms per generation of `max` waiters told 10,000 devices of a one-chunk campaign to wait
+//! 10 s (the cap), drawn by the device as 10–20 s (PROTOCOL.md §9.3), and the slots stood
+//! empty for most of that.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -43,8 +44,8 @@ const WAITING_FORGET_MS: u64 = 2 * MAX_WAIT_MS as u64;
 pub(super) struct DownloadSlots {
     max: usize,
     idle_ms: u64,
-    /// Devices holding a slot: when they took it and when they last asked for chunks.
-    holders: HashMap<DeviceId, Held>,
+    /// Devices holding a slot, with the time of their last chunk request.
+    holders: HashMap<DeviceId, u64>,
     /// Devices told to wait: their ticket and when they were last told.
     waiting: HashMap<DeviceId, (u64, u64)>,
     /// The tickets of `waiting`, to find the oldest.
@@ -56,10 +57,6 @@ pub(super) struct DownloadSlots {
     bucket_start: Option<u64>,
     ended_per_sec: f64,
     last_sweep: u64,
-}
-
-struct Held {
-    last: u64,
 }
 
 impl Default for DownloadSlots {
@@ -86,8 +83,8 @@ impl DownloadSlots {
 
     /// Lets `device` be served now (`Ok`), or says how long it should wait (`Err(ms)`).
     pub fn admit(&mut self, device: &DeviceId, now: u64) -> Result<(), u32> {
-        if let Some(held) = self.holders.get_mut(device) {
-            held.last = now;
+        if let Some(last) = self.holders.get_mut(device) {
+            *last = now;
             return Ok(());
         }
         if self.holders.len() >= self.max {
@@ -95,7 +92,7 @@ impl DownloadSlots {
         }
         if self.holders.len() < self.max {
             self.forget_waiter(device);
-            self.holders.insert(device.clone(), Held { last: now });
+            self.holders.insert(device.clone(), now);
             return Ok(());
         }
         let ticket = match self.waiting.get_mut(device) {
@@ -168,7 +165,7 @@ impl DownloadSlots {
         self.last_sweep = now;
         let idle = self.idle_ms;
         self.holders
-            .retain(|_, held| now.saturating_sub(held.last) < idle);
+            .retain(|_, last| now.saturating_sub(*last) < idle);
         let tickets = &mut self.tickets;
         self.waiting.retain(|_, (ticket, told)| {
             let keep = now.saturating_sub(*told) < WAITING_FORGET_MS;
