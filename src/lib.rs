@@ -364,7 +364,15 @@ pub fn spawn_orchestrator_with(
     listen: SocketAddr,
     extra: &[&std::ffi::OsStr],
 ) -> Result<OrchestratorProcess> {
-    let log_path = data_dir.with_file_name("orchestrator.log");
+    // Replicas on one data directory each get their own log.
+    let replica = extra
+        .windows(2)
+        .find(|w| w[0] == "--replica-id")
+        .map(|w| w[1].to_string_lossy().into_owned());
+    let log_path = match replica {
+        Some(id) => data_dir.with_file_name(format!("orchestrator-{id}.log")),
+        None => data_dir.with_file_name("orchestrator.log"),
+    };
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
     // A profiler to run the orchestrator under (`ALOFT_ORCHESTRATOR_WRAP="heaptrack -o FILE"`,

@@ -36,7 +36,7 @@ fn lab_on_postgres(tmp: &std::path::Path, cluster: &TempCluster) -> (Lab, StoreL
 }
 
 /// A throwaway PostgreSQL cluster, started off the runtime's threads.
-async fn start_cluster() -> TempCluster {
+pub(crate) async fn start_cluster() -> TempCluster {
     tokio::task::spawn_blocking(TempCluster::start)
         .await
         .unwrap()
@@ -44,7 +44,7 @@ async fn start_cluster() -> TempCluster {
 }
 
 /// [`lab_on_postgres`], with the database's URL.
-fn lab_on_postgres_url(tmp: &std::path::Path, cluster: &TempCluster) -> (Lab, String) {
+pub(crate) fn lab_on_postgres_url(tmp: &std::path::Path, cluster: &TempCluster) -> (Lab, String) {
     match lab_on_postgres(tmp, cluster) {
         (lab, StoreLocation::Postgres(url)) => (lab, url),
         (_, other) => panic!("the lab's store is not in PostgreSQL: {other:?}"),

@@ -20,6 +20,7 @@ mod origin;
 mod postgres;
 mod preconditions;
 mod readme;
+mod replicas;
 mod restart;
 mod roles;
 mod rollout;

@@ -38,6 +38,24 @@ pub enum Inbound {
     Signed(Signed),
     /// The orchestrator's broker link reconnected after a failure.
     LinkRestored,
+    /// (Replicas) A publish this replica received on a device's or operator's topic other
+    /// than a chunk request, as received: it goes to the replicas' inbox, not to an engine.
+    Received {
+        topic: String,
+        payload: Bytes,
+    },
+    /// (Replicas, the leader) A row of the replicas' inbox, for the engine to apply once.
+    Inbox(InboxRow),
+}
+
+/// A row of the replicas' inbox (`replica::inbox`).
+#[derive(Debug, Clone)]
+pub struct InboxRow {
+    pub id: i64,
+    /// `replica::inbox::KIND_MESSAGE` or `KIND_SERVED`.
+    pub kind: i16,
+    pub topic: String,
+    pub payload: Bytes,
 }
 
 /// A device identity taken from a verified certificate.

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod mqtt;
 pub mod ops;
+pub mod replica;
 pub mod rollout;
 pub mod server;
 pub mod signer;

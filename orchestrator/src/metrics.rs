@@ -67,6 +67,8 @@ pub struct Metrics {
     lease: Mutex<Option<LeaseView>>,
     console_requests: IntCounterVec,
     console_refused: IntCounterVec,
+    /// (Replicas) Rows of the replicas' inbox, by what happened to them.
+    inbox_rows: IntCounterVec,
 }
 
 /// Reads the leader lease at scrape time: whether this process leads now, and its token.
@@ -95,6 +97,14 @@ impl Metrics {
         let illegal_transitions = must(IntCounter::new(
             "aloft_illegal_transitions_total",
             "Reports refused because the transition is not legal",
+        ));
+        let inbox_rows = must(IntCounterVec::new(
+            Opts::new(
+                "aloft_inbox_rows_total",
+                "Rows of the replicas' inbox (PostgreSQL replicas): written by this replica, \
+                 read by this leader, failed writes",
+            ),
+            &["op"],
         ));
         let rejected_messages = must(IntCounterVec::new(
             Opts::new(
@@ -302,6 +312,7 @@ impl Metrics {
             Box::new(devices_connected.clone()),
             Box::new(devices_registered.clone()),
             Box::new(certificates_expiring.clone()),
+            Box::new(inbox_rows.clone()),
         ] {
             vec_names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             must(registry.register(c));
@@ -353,7 +364,13 @@ impl Metrics {
             lease: Mutex::new(None),
             console_requests,
             console_refused,
+            inbox_rows,
         })
+    }
+
+    /// (Replicas) `n` rows of the replicas' inbox `op` ("written", "read", "write_failed").
+    pub fn inbox(&self, op: &str, n: u64) {
+        self.inbox_rows.with_label_values(&[op]).inc_by(n);
     }
 
     /// A console page or stream served (`page` is one of a fixed set).

@@ -39,6 +39,10 @@ pub struct LinkConfig {
     pub max_packet_bytes: u32,
     /// Checks the signatures of admin requests as they arrive, off the engine's task.
     pub admin_auth: Arc<crate::admin::auth::Authenticator>,
+    /// One replica among several (`replica`): chunk requests are handed on as usual, every
+    /// other publish as received ([`Inbound::Received`]), for the replicas' inbox; the leader
+    /// routes it when it applies the row.
+    pub replica: bool,
 }
 
 /// Publishes on behalf of the engine: device-bound topics on the front's device road when
@@ -189,6 +193,7 @@ pub fn connect(
     }
     let share_group = cfg.share_group.clone();
     let admin_auth = cfg.admin_auth.clone();
+    let replica = cfg.replica;
     opts.set_keep_alive(Duration::from_secs(30))
         .set_clean_start(true)
         .set_max_packet_size(Some(cfg.max_packet_bytes))
@@ -242,7 +247,12 @@ pub fn connect(
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let Some(event) = route(&p.topic, p.payload, &admin_auth) else {
+                    let routed = match std::str::from_utf8(&p.topic) {
+                        Ok(topic) if replica => as_received(topic, p.payload),
+                        Ok(topic) => route(topic, p.payload, &admin_auth),
+                        Err(_) => None,
+                    };
+                    let Some(event) = routed else {
                         on_reject("unknown_topic");
                         continue;
                     };
@@ -277,12 +287,28 @@ pub fn connect(
     )
 }
 
-fn route(
-    topic: &Bytes,
+/// A replica's routing: a chunk request as usual, any other inbound topic as received.
+fn as_received(topic: &str, payload: Bytes) -> Option<Inbound> {
+    match topics::parse_inbound(topic) {
+        Ok(Topic::ChunkRequest(device)) => Some(Inbound::ChunkRequest { device, payload }),
+        Ok(_) => Some(Inbound::Received {
+            topic: topic.to_owned(),
+            payload,
+        }),
+        Err(e) => {
+            warn!(topic, error = %e, "publish on an unexpected topic refused");
+            None
+        }
+    }
+}
+
+/// The event a publish on `topic` is; `None` (logged) for a topic no one may publish on.
+/// Admin requests' signatures are checked here, off the engine's task.
+pub fn route(
+    topic: &str,
     payload: Bytes,
     admin_auth: &crate::admin::auth::Authenticator,
 ) -> Option<Inbound> {
-    let topic = std::str::from_utf8(topic).ok()?;
     match topics::parse_inbound(topic) {
         Ok(Topic::Status(device)) => Some(Inbound::Status { device, payload }),
         Ok(Topic::ChunkRequest(device)) => Some(Inbound::ChunkRequest { device, payload }),

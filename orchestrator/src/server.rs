@@ -21,8 +21,11 @@ use crate::lease::holder::LeaseHolder;
 use crate::lease::LeaseTimes;
 use crate::metrics::{self, Metrics};
 use crate::mqtt::{self, LinkConfig};
+use crate::replica::chunks::ChunkServer;
+use crate::replica::inbox::{InboxReader, InboxWriter};
+use crate::replica::Router;
 use crate::store::pg_lease::PgLease;
-use crate::store::{Store, StoreError};
+use crate::store::{Sharing, Store, StoreError, StoreLocation};
 
 /// The client id of the orchestrator's own broker connection.
 pub const ORCHESTRATOR_CLIENT_ID: &str = "aloft-orchestrator";
@@ -69,6 +72,8 @@ pub enum ServeError {
     EngineTask,
     #[error("starting the renewal signer: {0}")]
     Signer(std::io::Error),
+    #[error("starting a replica's chunk thread: {0}")]
+    Thread(std::io::Error),
     #[error("starting the leader lease's thread: {0}")]
     LeaseThread(std::io::Error),
     #[error("{0}")]
@@ -223,7 +228,18 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         }
     })?;
     let console_key = crate::console::TokenKey::derive(&store_key);
-    let store = Store::open_at(&cfg.store_location()?, store_key)?;
+    let location = cfg.store_location()?;
+    // Replicas: a PostgreSQL store beside an external broker. Any number of processes share
+    // the store then (`replica`); only the lease's holder writes to it.
+    let replicated = location.is_postgres() && cfg.external_broker()?.is_some();
+    let (store, reader) = if replicated {
+        (
+            Store::open_sharing(&location, store_key.clone(), Sharing::Replica)?,
+            Some(Store::open_sharing(&location, store_key, Sharing::Reader)?),
+        )
+    } else {
+        (Store::open_at(&location, store_key)?, None)
+    };
     let lease = start_lease(&cfg, &store)?;
     let crl_path = cfg.data_dir.join(layout::CRL);
     // Fail closed: a crl.pem that exists must be readable and signed by the fleet CA, or the
@@ -270,6 +286,9 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let signer = crate::signer::Signer::start(pki.clone(), Some(cfg.unlock.clone()), tx.clone())
         .map_err(ServeError::Signer)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // A replica's link hands what it receives to its router, not to the engine.
+    let (link_tx, link_rx) = mpsc::channel(8192);
+    let link_tx = if replicated { link_tx } else { tx.clone() };
     // Operators' signed requests are checked with the front's own verifier (and CRLs); beside
     // an external broker, which does the handshakes, the engine keeps its CRLs current.
     let admin_auth = Arc::new(crate::admin::auth::Authenticator::new(verifier.clone()));
@@ -288,8 +307,8 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
                 &external,
                 &ca_pem,
                 admin_auth.clone(),
-                tx.clone(),
-                &shutdown_rx,
+                link_tx,
+                replicated,
             )
             .await?
         }
@@ -316,11 +335,14 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     };
     if let Some(lease) = &lease {
         metrics.watch_lease(Arc::new(lease.view()));
-        // The engine loads and commits only under the lease: its first commit is fenced.
-        let token = lease.granted().await.map_err(ServeError::LeaseLost)?;
-        info!(%token, "leading: the engine starts");
+        // The engine loads and commits only under the lease: its first commit is fenced. A
+        // replica serves its share of the fleet meanwhile, and starts its engine when granted.
+        if !replicated {
+            let token = lease.granted().await.map_err(ServeError::LeaseLost)?;
+            info!(%token, "leading: the engine starts");
+        }
     }
-    let console_store = store.clone();
+    let console_store = reader.clone().unwrap_or_else(|| store.clone());
     let engine = Engine::new(
         store,
         EngineConfig {
@@ -360,7 +382,42 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         }
         _ => None,
     };
-    let engine = tokio::spawn(engine.run(rx, publisher));
+    let engine = match (replicated, reader, &lease, location) {
+        (true, Some(reader), Some(lease), StoreLocation::Postgres(url)) => {
+            let inbox = InboxWriter::start(&url, replica_id(&cfg), metrics.clone())?;
+            let chunks = ChunkServer::start(
+                reader,
+                publisher.clone(),
+                inbox.clone(),
+                metrics.clone(),
+                cfg.file.downloads.slots,
+            )
+            .map_err(ServeError::Thread)?;
+            let (engine_tx, engine_rx) = watch::channel(None);
+            tokio::spawn(
+                Router {
+                    chunks,
+                    inbox,
+                    engine: engine_rx,
+                }
+                .run(link_rx),
+            );
+            let grant = lease.status();
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                // Never granted: the lease was lost, which `Running::wait` reports.
+                let Ok(token) = crate::lease::holder::granted(grant).await else {
+                    return std::future::pending().await;
+                };
+                info!(%token, "leading: the engine starts and applies the replicas' inbox");
+                // Dropped with this task: the reader stops with the engine.
+                let _inbox = InboxReader::start(&url, tx.clone(), metrics)?;
+                let _ = engine_tx.send(Some(tx));
+                engine.run(rx, publisher).await
+            })
+        }
+        _ => tokio::spawn(engine.run(rx, publisher)),
+    };
     info!(%device_addr, ?metrics_addr, ?console_addr, "orchestrator listening");
     Ok(Running {
         device_addr,
@@ -444,6 +501,7 @@ async fn embedded_transport(
         share_group: None,
         max_packet_bytes: 2 * 1024 * 1024,
         admin_auth,
+        replica: false,
     };
     // Devices' messages come from the front's device road, not through the broker.
     if let Some(mut inbox) = ctx.direct.take_inbox() {
@@ -480,7 +538,7 @@ async fn external_transport(
     ca_pem: &str,
     admin_auth: Arc<crate::admin::auth::Authenticator>,
     tx: mpsc::Sender<Inbound>,
-    _shutdown_rx: &watch::Receiver<bool>,
+    replicated: bool,
 ) -> Result<Transport, ServeError> {
     let pki = cfg.pki_dir();
     let cert = read(&pki.join(layout::ORCHESTRATOR_CERT))?;
@@ -503,12 +561,20 @@ async fn external_transport(
     let link_cfg = LinkConfig {
         host: external.host.clone(),
         port: external.port,
-        client_id: ORCHESTRATOR_CLIENT_ID.into(),
+        // Replicas must not take over each other's broker sessions.
+        client_id: match replicated {
+            true => format!(
+                "{ORCHESTRATOR_CLIENT_ID}-{}",
+                client_id_part(&replica_id(cfg))
+            ),
+            false => ORCHESTRATOR_CLIENT_ID.into(),
+        },
         credentials: None,
         tls: Some(Arc::new(tls)),
         share_group: Some(SHARE_GROUP.into()),
         max_packet_bytes: 2 * 1024 * 1024,
         admin_auth,
+        replica: replicated,
     };
     let publisher = link_up(&link_cfg, tx, &metrics).await?;
     let broker_crl = cfg
@@ -529,6 +595,19 @@ async fn external_transport(
         backend: None,
         broker_crl,
     })
+}
+
+/// A replica id as part of an MQTT client id: ASCII letters, digits, `-`, `_` and `.` kept,
+/// anything else `_`, at most 64 characters.
+fn client_id_part(replica: &str) -> String {
+    replica
+        .chars()
+        .take(64)
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '_' | '.' => c,
+            _ => '_',
+        })
+        .collect()
 }
 
 /// Connects the orchestrator's MQTT link and waits for its first SUBACK.

@@ -299,6 +299,10 @@ pub struct AgentStats {
     pub chunk_requests_expired: u64,
     /// Chunk frames that arrived for chunks already written (answers to repeated requests).
     pub chunks_duplicate: u64,
+    /// Jobs of the campaign in progress that arrived again with another wrapped key: the
+    /// orchestrator made a second, different job for one campaign (it must never; replicas
+    /// and restarts republish the stored one byte for byte).
+    pub jobs_differing: u64,
     /// Heartbeats published.
     pub heartbeats_sent: u64,
     /// `busy` frames: the orchestrator asked this device to wait before asking again.
@@ -332,6 +336,7 @@ impl AgentStats {
             reports_rejected: self.reports_rejected + o.reports_rejected,
             chunk_requests_expired: self.chunk_requests_expired + o.chunk_requests_expired,
             chunks_duplicate: self.chunks_duplicate + o.chunks_duplicate,
+            jobs_differing: self.jobs_differing + o.jobs_differing,
             heartbeats_sent: self.heartbeats_sent + o.heartbeats_sent,
             busy_frames: self.busy_frames + o.busy_frames,
             origin_chunks: self.origin_chunks + o.origin_chunks,
@@ -783,6 +788,11 @@ impl UpdateAgent {
             .map(|c| (c.campaign.clone(), c.phase));
         if let Some((cur, phase)) = &current {
             if cur == &campaign {
+                let accepted = self.record.current.as_ref().map(|c| &c.job.wrapped_key);
+                if accepted.is_some_and(|k| *k != job.wrapped_key) {
+                    self.stats.jobs_differing += 1;
+                    warn!(device = %self.cfg.device, %campaign, "a second, different job for the campaign in progress");
+                }
                 return; // A redelivery: the campaign simply continues.
             }
             if *phase >= DeviceState::Installing {

@@ -19,7 +19,7 @@ use crate::store::{Store, StoreError};
 const MAX_BYTES: usize = 256 * 1024 * 1024;
 
 #[derive(Default)]
-pub(super) struct FrameCache {
+pub(crate) struct FrameCache {
     /// Per release, its frames by chunk index (`None` until first served).
     frames: HashMap<ArtifactId, Vec<Option<Bytes>>>,
     bytes: usize,

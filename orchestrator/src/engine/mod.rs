@@ -44,11 +44,11 @@ use crate::mqtt::{LinkClosed, Publisher};
 use crate::store::{MemberJob, Store, StoreError};
 
 pub mod core;
-mod frames;
+pub(crate) mod frames;
 
 pub use self::core::pacing::DEFAULT_SLOTS as DEFAULT_DOWNLOAD_SLOTS;
 pub use self::core::{RENEWAL_INTERVAL_MS, SUCCESS_WITHOUT_DOWNLOAD};
-pub use crate::inbound::{Inbound, SeenDevice};
+pub use crate::inbound::{Inbound, InboxRow, SeenDevice};
 
 /// Most events handled per group commit.
 pub const BATCH_MAX: usize = 256;
@@ -253,6 +253,9 @@ struct Shell {
     batch: Effects,
     /// Encoded chunk frames, shared by every device served the same chunk.
     frames: frames::FrameCache,
+    /// The batch applied rows of the replicas' inbox: it must commit even if it wrote nothing
+    /// else, to delete them.
+    inbox_applied: bool,
 }
 
 impl Shell {
@@ -303,6 +306,7 @@ impl Shell {
             core,
             batch: Effects::default(),
             frames: frames::FrameCache::default(),
+            inbox_applied: false,
         })
     }
 
@@ -332,10 +336,60 @@ impl Shell {
             Inbound::DeviceSeen(seen) => Event::DeviceSeen(seen),
             Inbound::Signed(signed) => Event::Signed(signed),
             Inbound::LinkRestored => Event::LinkRestored,
+            Inbound::Inbox(row) => return self.apply_inbox(row),
+            Inbound::Received { topic, .. } => {
+                warn!(%topic, "a replica's received message reached the engine directly; dropped");
+                return Ok(());
+            }
         };
         let fx = self.core.on_event(now_ms(), event);
         self.absorb(fx);
         Ok(())
+    }
+
+    /// (Replicas, the leader) Applies a row of the replicas' inbox: the row is deleted in the
+    /// batch's commit, with what it caused, so it takes effect once.
+    fn apply_inbox(&mut self, row: InboxRow) -> Result<(), StoreError> {
+        self.store.consume_inbox(row.id)?;
+        self.inbox_applied = true;
+        match row.kind {
+            crate::replica::inbox::KIND_SERVED => {
+                let campaign = std::str::from_utf8(&row.payload)
+                    .ok()
+                    .and_then(|c| CampaignId::new(c).ok());
+                match (campaign, DeviceId::new(row.topic)) {
+                    (Some(campaign), Ok(device)) => {
+                        let fx = self
+                            .core
+                            .on_event(now_ms(), Event::Served { campaign, device });
+                        self.absorb(fx);
+                    }
+                    _ => warn!(id = row.id, "malformed served note in the inbox; skipped"),
+                }
+                Ok(())
+            }
+            crate::replica::inbox::KIND_MESSAGE => {
+                let Some(auth) = self.files.admin_auth.clone() else {
+                    warn!(
+                        id = row.id,
+                        "inbox row without an admin authenticator; skipped"
+                    );
+                    return Ok(());
+                };
+                match crate::mqtt::route(&row.topic, row.payload, &auth) {
+                    // Chunk requests are served by the replica that received them.
+                    Some(Inbound::ChunkRequest { .. }) | None => {
+                        self.metrics.rejected("inbox", "unexpected_topic");
+                        Ok(())
+                    }
+                    Some(ev) => self.handle(ev),
+                }
+            }
+            kind => {
+                warn!(id = row.id, kind, "inbox row of an unknown kind; skipped");
+                Ok(())
+            }
+        }
     }
 
     /// The role of the certificate the operator's live session holds, as the front knows it:
@@ -532,7 +586,7 @@ impl Shell {
                 made_any = true;
             }
         }
-        if flush || made_any {
+        if flush || made_any || std::mem::take(&mut self.inbox_applied) {
             let t = Instant::now();
             self.until_stored(Store::flush).await?;
             self.metrics.store_flushed(t.elapsed().as_secs_f64());

@@ -28,6 +28,21 @@ pub struct Status {
     pub lost: Option<String>,
 }
 
+/// The first grant's token, once the database granted it, or why it never will be (read
+/// from a [`LeaseHolder::status`]).
+pub async fn granted(mut rx: watch::Receiver<Status>) -> Result<Token, String> {
+    let status = rx
+        .wait_for(|s| s.token.is_some() || s.lost.is_some())
+        .await
+        .map(|s| s.clone())
+        .map_err(|_| "the lease thread stopped".to_owned())?;
+    match (status.lost, status.token) {
+        (Some(lost), _) => Err(lost),
+        (None, Some(token)) => Ok(token),
+        (None, None) => Err("the lease thread stopped".into()),
+    }
+}
+
 /// The lease thread's handle. Dropping it stops the thread, which releases the lease.
 pub struct LeaseHolder {
     shared: Arc<Shared>,
@@ -125,17 +140,7 @@ impl LeaseHolder {
 
     /// The first grant's token, once the database granted it, or why it never will be.
     pub async fn granted(&self) -> Result<Token, String> {
-        let mut rx = self.status.clone();
-        let status = rx
-            .wait_for(|s| s.token.is_some() || s.lost.is_some())
-            .await
-            .map(|s| s.clone())
-            .map_err(|_| "the lease thread stopped".to_owned())?;
-        match (status.lost, status.token) {
-            (Some(lost), _) => Err(lost),
-            (None, Some(token)) => Ok(token),
-            (None, None) => Err("the lease thread stopped".into()),
-        }
+        granted(self.status.clone()).await
     }
 
     /// Why the lease was lost, once it is (never, while it is held).

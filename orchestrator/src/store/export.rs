@@ -72,7 +72,11 @@ impl RawStore {
     /// Creates an empty sled store to import into; `dir` must not exist.
     pub fn create(dir: &Path) -> Result<Self, StoreError> {
         Ok(Self {
-            kv: open_kv(&StoreLocation::Sled(dir.to_owned()), true)?,
+            kv: open_kv(
+                &StoreLocation::Sled(dir.to_owned()),
+                true,
+                super::Sharing::Exclusive,
+            )?,
         })
     }
 
@@ -80,7 +84,7 @@ impl RawStore {
     /// connected to (and its schema migrated), store or not ([`RawStore::holds_store`]).
     pub fn open_at(at: &StoreLocation) -> Result<Self, StoreError> {
         Ok(Self {
-            kv: open_kv(at, false)?,
+            kv: open_kv(at, false, super::Sharing::Exclusive)?,
         })
     }
 

@@ -28,6 +28,7 @@ mod records;
 pub use audit::{AuditBreak, AuditEntry, AuditEvent, AUDIT_TREE};
 pub use export::{MergeReport, RawRecord, RawStore};
 pub use history::{Transition, HISTORY_PER_DEVICE, HISTORY_TREE};
+pub use pg::Sharing;
 pub use records::{CampaignRecord, CampaignStatus, DeviceRecord, MemberJob, ReleaseRecord, Target};
 
 use std::ops::Bound;
@@ -217,7 +218,8 @@ fn progress_key(campaign: &CampaignId, device: &DeviceId) -> Vec<u8> {
 }
 
 /// Opens the engine at `at`; `create` for a new store (a sled directory that must not exist).
-fn open_kv(at: &StoreLocation, create: bool) -> Result<Kv, StoreError> {
+/// `sharing` matters only to PostgreSQL: sled is always one process's.
+fn open_kv(at: &StoreLocation, create: bool, sharing: Sharing) -> Result<Kv, StoreError> {
     match at {
         StoreLocation::Sled(dir) => {
             if create && dir.exists() {
@@ -228,7 +230,7 @@ fn open_kv(at: &StoreLocation, create: bool) -> Result<Kv, StoreError> {
             }
             Kv::sled(Sled::open(dir)?)
         }
-        StoreLocation::Postgres(url) => Ok(Kv::Pg(pg::Pg::open(url)?)),
+        StoreLocation::Postgres(url) => Ok(Kv::Pg(pg::Pg::open(url, sharing)?)),
     }
 }
 
@@ -255,7 +257,7 @@ impl Store {
     /// [`Store::create`] at either engine: a PostgreSQL database may exist (its schema is
     /// migrated) but must hold no store yet.
     pub fn create_at(at: &StoreLocation, key: MasterKey) -> Result<Self, StoreError> {
-        let kv = open_kv(at, true)?;
+        let kv = open_kv(at, true, Sharing::Exclusive)?;
         if kv.get(Tree::Meta, KEY_CHECK)?.is_some() {
             return Err(StoreError::DatabaseExists(describe(&kv, at)));
         }
@@ -272,7 +274,17 @@ impl Store {
 
     /// [`Store::open`] at either engine.
     pub fn open_at(at: &StoreLocation, key: MasterKey) -> Result<Self, StoreError> {
-        let kv = open_kv(at, false)?;
+        Self::open_sharing(at, key, Sharing::Exclusive)
+    }
+
+    /// [`Store::open_at`], shared with other processes as `sharing` says (PostgreSQL: one
+    /// `aloft serve` replica among several, or a replica's reads). Sled is always exclusive.
+    pub fn open_sharing(
+        at: &StoreLocation,
+        key: MasterKey,
+        sharing: Sharing,
+    ) -> Result<Self, StoreError> {
+        let kv = open_kv(at, false, sharing)?;
         let Some(check) = kv.get(Tree::Meta, KEY_CHECK)? else {
             if let Kv::Pg(pg) = &kv {
                 if is_empty(&kv)? {
@@ -293,6 +305,15 @@ impl Store {
         match &self.kv {
             Kv::Pg(pg) => Some(pg.fence()),
             Kv::Sled(_) => None,
+        }
+    }
+
+    /// Notes that the replicas' inbox row `id` was applied (PostgreSQL): the next flush
+    /// deletes it in the transaction that commits what it caused. Sled has no inbox.
+    pub fn consume_inbox(&self, id: i64) -> Result<(), StoreError> {
+        match &self.kv {
+            Kv::Pg(pg) => pg.consume_inbox(id),
+            Kv::Sled(_) => Ok(()),
         }
     }
 

@@ -13,8 +13,14 @@
 //! server down) returns the error and keeps the buffer, so nothing is acknowledged that was not
 //! committed and a later flush, on a new connection, may commit it.
 //!
-//! One process at a time: each connection holds a session advisory lock on the database, as
-//! sled's file lock does for a directory (replicas, issue 12, will replace it by leases).
+//! Who may hold the store ([`Sharing`]): one process alone (an exclusive session advisory lock
+//! on the database, as sled's file lock for a directory, and the holder generation), or
+//! `aloft serve` replicas side by side (a shared lock, which keeps offline tools such as
+//! `aloft backup` off while any replica runs; the leader lease's fence guards every commit
+//! instead of the generation). A replica's reading connection never writes and keeps no cache
+//! of committed rows, which other processes change. Replicas hand what they receive to the
+//! leader through `aloft_inbox` (`replica::inbox`); the leader deletes each row it applied in
+//! the commit that applies it ([`Pg::consume_inbox`]).
 //! The schema is versioned (`MIGRATIONS`, applied in order in one transaction at open); a
 //! database whose schema is newer than this binary knows is refused.
 
@@ -40,6 +46,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "holder", include_str!("pg/0002_holder.sql")),
     (3, "lease", include_str!("pg/0003_lease.sql")),
     (4, "jobs", include_str!("pg/0004_jobs.sql")),
+    (5, "inbox", include_str!("pg/0005_inbox.sql")),
 ];
 
 /// The newest schema version this binary knows.
@@ -47,6 +54,23 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 /// The session advisory lock that keeps a second process off the store ("aloft" ‖ 1).
 const STORE_LOCK: i64 = 0x616c_6f66_7400_0001;
+
+/// Taken for the length of a migration's transaction: replicas starting together migrate one
+/// after the other ("aloft" ‖ 2).
+const MIGRATE_LOCK: i64 = 0x616c_6f66_7400_0002;
+
+/// How a process shares the store with others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// Alone: an exclusive lock, and the holder generation checked at every reconnection
+    /// (offline tools; `aloft serve` on the embedded broker).
+    Exclusive,
+    /// One `aloft serve` replica among several: a shared lock and no generation. Only the
+    /// holder of the leader lease writes, and its fence refuses a commit once the lease moved.
+    Replica,
+    /// A replica's reads (chunk service): a shared lock, no writes, no cache of committed rows.
+    Reader,
+}
 
 /// How long opening waits for the store's lock before it says the store is in use.
 const LOCK_WAIT: Duration = Duration::from_secs(3);
@@ -238,9 +262,10 @@ enum Request {
         want: usize,
         reply: mpsc::SyncSender<Result<Vec<Entry>, StoreError>>,
     },
-    /// One transaction of these statements.
+    /// One transaction of these statements, deleting these inbox rows.
     Commit {
         batches: Vec<Batch>,
+        inbox_done: Vec<i64>,
         reply: mpsc::SyncSender<Result<(), StoreError>>,
     },
 }
@@ -275,6 +300,7 @@ struct Inner {
     connections: Arc<AtomicU64>,
     /// The leader lease's token every commit checks, once `aloft serve` holds the lease.
     fence: Arc<Fence>,
+    sharing: Sharing,
 }
 
 impl Drop for Inner {
@@ -295,6 +321,8 @@ struct Overlay {
     pending: [BTreeMap<Vec<u8>, Option<Vec<u8>>>; Tree::ALL.len()],
     /// Trees cleared since the last successful flush (their table is emptied first).
     cleared: [bool; Tree::ALL.len()],
+    /// Inbox rows applied since the last successful flush, deleted in its transaction.
+    inbox_done: Vec<i64>,
     committed: Committed,
     /// The connection count `committed` belongs to.
     connection: u64,
@@ -305,13 +333,16 @@ struct Overlay {
 
 impl Overlay {
     fn is_empty(&self) -> bool {
-        self.pending.iter().all(BTreeMap::is_empty) && !self.cleared.contains(&true)
+        self.pending.iter().all(BTreeMap::is_empty)
+            && !self.cleared.contains(&true)
+            && self.inbox_done.is_empty()
     }
 }
 
 impl Pg {
-    /// Connects, takes the store's lock and brings the schema up to [`SCHEMA_VERSION`].
-    pub(crate) fn open(url: &str) -> Result<Self, StoreError> {
+    /// Connects, takes the store's lock as `sharing` says and brings the schema up to
+    /// [`SCHEMA_VERSION`].
+    pub(crate) fn open(url: &str, sharing: Sharing) -> Result<Self, StoreError> {
         let mut config = parse_url(url)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
@@ -332,6 +363,7 @@ impl Pg {
             connections: connections.clone(),
             generation: None,
             fence: fence.clone(),
+            sharing,
         };
         let thread = std::thread::Builder::new()
             .name("aloft-store-pg".into())
@@ -358,6 +390,7 @@ impl Pg {
             overlay: Mutex::default(),
             connections,
             fence,
+            sharing,
         };
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Pg {
@@ -426,7 +459,7 @@ impl Pg {
             if o.cleared[tree.index()] {
                 return Ok(None);
             }
-            if tree == Tree::Progress {
+            if tree == Tree::Progress && self.caches() {
                 if let Some(v) = o.committed.progress.get(key) {
                     return Ok(v.clone());
                 }
@@ -434,13 +467,35 @@ impl Pg {
             o.epoch
         };
         let found = self.ask(|reply| Request::Get { tree, cols, reply })?;
-        if tree == Tree::Progress {
+        if tree == Tree::Progress && self.caches() {
             let mut o = self.overlay();
             if o.epoch == epoch {
                 o.committed.note_progress(key.to_vec(), found.clone());
             }
         }
         Ok(found)
+    }
+
+    /// Whether committed rows may be remembered: not by a reader, whose rows others write.
+    fn caches(&self) -> bool {
+        self.inner.sharing != Sharing::Reader
+    }
+
+    fn read_only(&self) -> StoreError {
+        StoreError::Database {
+            db: self.inner.label.clone(),
+            error: "a replica's reading connection does not write".into(),
+        }
+    }
+
+    /// Notes that inbox row `id` was applied: the next flush deletes it in the transaction
+    /// that makes what it caused durable, so each row takes effect exactly once.
+    pub(crate) fn consume_inbox(&self, id: i64) -> Result<(), StoreError> {
+        if !self.caches() {
+            return Err(self.read_only());
+        }
+        self.overlay().inbox_done.push(id);
+        Ok(())
     }
 
     /// Buffers a write (`None`: a removal) until the next flush. The key is checked here, so
@@ -451,6 +506,9 @@ impl Pg {
         key: Vec<u8>,
         value: Option<Vec<u8>>,
     ) -> Result<(), StoreError> {
+        if !self.caches() {
+            return Err(self.read_only());
+        }
         if split_key(tree.layout(), &key, true).is_none() {
             return Err(bad_key(tree, &key));
         }
@@ -459,6 +517,9 @@ impl Pg {
     }
 
     pub(crate) fn clear(&self, tree: Tree) -> Result<(), StoreError> {
+        if !self.caches() {
+            return Err(self.read_only());
+        }
         let mut o = self.overlay();
         o.pending[tree.index()].clear();
         o.cleared[tree.index()] = true;
@@ -591,8 +652,14 @@ impl Pg {
                 removes,
             });
         }
-        self.ask(|reply| Request::Commit { batches, reply })?;
+        let inbox_done = o.inbox_done.clone();
+        self.ask(|reply| Request::Commit {
+            batches,
+            inbox_done,
+            reply,
+        })?;
         let o = &mut *o;
+        o.inbox_done.clear();
         if o.cleared[Tree::Progress.index()] || o.cleared[Tree::History.index()] {
             o.committed.clear();
         }
@@ -626,6 +693,7 @@ struct Worker {
     generation: Option<i64>,
     /// The leader lease's token commits must still find (shared with the handle).
     fence: Arc<Fence>,
+    sharing: Sharing,
 }
 
 /// Bumps the store's holder generation (`aloft_store_holder`) on a connection that holds the
@@ -710,8 +778,12 @@ impl Worker {
                 } => {
                     let _ = reply.send(self.db_rows(tree, &scan, want));
                 }
-                Request::Commit { batches, reply } => {
-                    let _ = reply.send(self.commit(&batches));
+                Request::Commit {
+                    batches,
+                    inbox_done,
+                    reply,
+                } => {
+                    let _ = reply.send(self.commit(&batches, &inbox_done));
                 }
             }
         }
@@ -741,7 +813,11 @@ impl Worker {
                     "SET LOCAL lock_timeout = '{}ms'",
                     LOCK_WAIT.as_millis()
                 ))?;
-                tx.execute("SELECT pg_advisory_lock($1)", &[&STORE_LOCK])?;
+                let lock = match self.sharing {
+                    Sharing::Exclusive => "SELECT pg_advisory_lock($1)",
+                    Sharing::Replica | Sharing::Reader => "SELECT pg_advisory_lock_shared($1)",
+                };
+                tx.execute(lock, &[&STORE_LOCK])?;
                 tx.commit()
             });
             match locked {
@@ -797,8 +873,12 @@ impl Worker {
         result.map_err(|e| self.db_error(&e))
     }
 
-    /// At open, once the schema is current: this process becomes the store's holder.
+    /// At open, once the schema is current: this process becomes the store's holder (alone;
+    /// replicas share it under the lease).
     fn claim(&mut self) -> Result<(), StoreError> {
+        if self.sharing != Sharing::Exclusive {
+            return Ok(());
+        }
         self.generation = Some(self.with_client(|client, _| bump_generation(client))?);
         Ok(())
     }
@@ -808,6 +888,7 @@ impl Worker {
         let label = self.label.clone();
         let found = self.with_client(|client, _| {
             let mut tx = client.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])?;
             tx.batch_execute(
                 "CREATE TABLE IF NOT EXISTS aloft_schema_migrations (
                      version integer PRIMARY KEY,
@@ -936,7 +1017,7 @@ impl Worker {
     /// lease, the transaction first reads the lease's token FOR SHARE (a takeover's update
     /// waits until this commit ends, and a commit after a takeover sees the new token) and
     /// commits nothing if it is not this process's.
-    fn commit(&mut self, batches: &[Batch]) -> Result<(), StoreError> {
+    fn commit(&mut self, batches: &[Batch], inbox_done: &[i64]) -> Result<(), StoreError> {
         let mine = match self.fence.check() {
             FenceCheck::Off => None,
             FenceCheck::Token(t) => Some(t),
@@ -999,6 +1080,14 @@ impl Worker {
                     let stmt = prepared(&mut tx, statements, &sql)?;
                     tx.execute(&stmt, &upsert.params())?;
                 }
+            }
+            if !inbox_done.is_empty() {
+                let stmt = prepared(
+                    &mut tx,
+                    statements,
+                    "DELETE FROM aloft_inbox WHERE id = ANY($1)",
+                )?;
+                tx.execute(&stmt, &[&inbox_done])?;
             }
             tx.commit()?;
             Ok(None)

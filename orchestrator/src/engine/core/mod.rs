@@ -39,7 +39,7 @@ use crate::store::{AuditEvent, CampaignRecord, DeviceRecord, MemberJob, ReleaseR
 
 mod admin;
 mod campaigns;
-pub(super) mod pacing;
+pub(crate) mod pacing;
 mod pki;
 mod renewal;
 mod rollouts;
@@ -87,6 +87,12 @@ pub enum Event {
         ca: CaState,
     },
     DeviceSeen(SeenDevice),
+    /// (Replicas) Another replica began serving chunks to a member: what `note_served`
+    /// records when this core serves them itself. Committed before the first chunk left.
+    Served {
+        campaign: CampaignId,
+        device: DeviceId,
+    },
     /// The broker link came back after a failure: an external broker may have lost retained
     /// jobs (a restart), so every member in flight gets its job again.
     LinkRestored,
@@ -665,6 +671,16 @@ impl Core {
                 ca,
             } => self.on_csr(device, &payload, session, ca),
             Event::DeviceSeen(seen) => self.on_device_seen(seen),
+            Event::Served { campaign, device } => {
+                let now = self.now;
+                if let Some(live) = self.campaigns.get_mut(&campaign) {
+                    if live.progress.contains_key(&device) {
+                        // Being served is a sign of life, as a chunk request here is.
+                        live.rollout.touch(&device, now);
+                    }
+                }
+                self.note_served(&campaign, &device);
+            }
             Event::LinkRestored => {
                 let ids: Vec<CampaignId> = self.campaigns.keys().cloned().collect();
                 for id in ids {
@@ -1278,7 +1294,7 @@ fn refuse(code: &str, message: impl Into<String>) -> AdminResult {
 
 /// Why a member's job was withdrawn, if it was: the orchestrator timed it out, cancelled it or
 /// revoked its certificate, or its campaign was aborted while it was notified or downloading.
-fn withdrawn_reason(p: &Progress, status: CampaignStatus) -> Option<Reason> {
+pub(crate) fn withdrawn_reason(p: &Progress, status: CampaignStatus) -> Option<Reason> {
     match (p.state, p.reason) {
         (
             DeviceState::Failed,

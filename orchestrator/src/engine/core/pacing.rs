@@ -41,7 +41,7 @@ const RATE_MARGIN: f64 = 1.5;
 /// A waiting device not heard of for this long is no longer counted as waiting.
 const WAITING_FORGET_MS: u64 = 2 * MAX_WAIT_MS as u64;
 
-pub(super) struct DownloadSlots {
+pub(crate) struct DownloadSlots {
     max: usize,
     idle_ms: u64,
     /// Devices holding a slot, with the time of their last chunk request.

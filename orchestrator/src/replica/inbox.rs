@@ -1,0 +1,340 @@
+//! The replicas' inbox (`aloft_inbox`, schema 5): how a message any replica received reaches
+//! the one replica that applies it.
+//!
+//! [`InboxWriter`] (every replica) inserts what its broker link hands it, a group of rows per
+//! transaction, and wakes the leader with `NOTIFY`. [`InboxReader`] (the leader) reads the rows
+//! in `id` order and hands each to its engine, which deletes it in the commit that applies it
+//! (`Store::consume_inbox`). So a row takes effect exactly once whoever received it, and a
+//! leader that dies before its commit leaves the row for the next one.
+//!
+//! Both run on threads of their own with a connection each: rust-postgres's blocking client
+//! must not run on a tokio thread, and neither may hold up the link or the engine.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, NoTls};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::inbound::{Inbound, InboxRow};
+use crate::metrics::Metrics;
+use crate::store::pg::{describe_error, parse_url};
+use crate::store::StoreError;
+
+/// A message as received (topic and payload).
+pub const KIND_MESSAGE: i16 = 0;
+/// A replica began serving chunks to a member: topic is the device, payload the campaign.
+pub const KIND_SERVED: i16 = 1;
+
+/// Rows waiting for the writer's thread; beyond it the link waits (the broker then holds
+/// back what it sends this replica).
+const QUEUE: usize = 8192;
+/// Most rows in one insert.
+const ROWS_PER_INSERT: usize = 512;
+/// Most rows the leader has read and not yet seen deleted; beyond it it reads no more.
+const IN_FLIGHT: usize = 4096;
+/// Most rows read at once.
+const ROWS_PER_READ: i64 = 512;
+/// How long the reader sleeps when no `NOTIFY` came: a bound on a lost wake-up.
+const IDLE_POLL: Duration = Duration::from_millis(200);
+/// Waits between attempts while the database is unreachable.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Statement and connect bound of both threads' connections.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One row to insert, and who waits for its commit.
+struct Item {
+    kind: i16,
+    topic: String,
+    payload: Bytes,
+    done: Option<oneshot::Sender<()>>,
+}
+
+/// Inserts what this replica received into the inbox. Clones share one thread.
+#[derive(Clone)]
+pub struct InboxWriter {
+    tx: mpsc::Sender<Item>,
+}
+
+fn connect(config: &postgres::Config, label: &str) -> Result<Client, StoreError> {
+    let mut client = config.connect(NoTls).map_err(|e| StoreError::Database {
+        db: label.to_owned(),
+        error: describe_error(&e),
+    })?;
+    client
+        .batch_execute(&format!(
+            "SET statement_timeout = {}",
+            STATEMENT_TIMEOUT.as_millis()
+        ))
+        .map_err(|e| StoreError::Database {
+            db: label.to_owned(),
+            error: describe_error(&e),
+        })?;
+    Ok(client)
+}
+
+fn config(url: &str, application: &str) -> Result<(postgres::Config, String), StoreError> {
+    let mut config = parse_url(url)?;
+    config.connect_timeout(STATEMENT_TIMEOUT);
+    config.application_name(application);
+    let label = crate::store::pg::describe_url(&config);
+    Ok((config, label))
+}
+
+impl InboxWriter {
+    /// Starts the writer's thread on the store's database at `url`; rows are marked with
+    /// `replica` (for an operator reading the table).
+    pub fn start(url: &str, replica: String, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+        let (config, label) = config(url, "aloft-inbox-writer")?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        std::thread::Builder::new()
+            .name("aloft-inbox-w".into())
+            .spawn(move || write_loop(config, label, replica, rx, metrics))
+            .map_err(|e| StoreError::Database {
+                db: url.to_owned(),
+                error: format!("cannot start the inbox writer's thread: {e}"),
+            })?;
+        Ok(InboxWriter { tx })
+    }
+
+    /// Queues a message as received; returns once it is queued (not yet committed: the
+    /// device's acknowledgement comes from the leader, after the commit that applies it).
+    pub async fn message(&self, topic: String, payload: Bytes) -> bool {
+        let item = Item {
+            kind: KIND_MESSAGE,
+            topic,
+            payload,
+            done: None,
+        };
+        self.tx.send(item).await.is_ok()
+    }
+
+    /// Notes that this replica serves chunks to `device` in `campaign`, and blocks until the
+    /// note is committed: no chunk leaves before the leader can learn that it was served.
+    /// `false` if the writer stopped. Call from a thread outside the runtime.
+    pub fn served_blocking(&self, device: &str, campaign: &str) -> bool {
+        let (done, wait) = oneshot::channel();
+        let item = Item {
+            kind: KIND_SERVED,
+            topic: device.to_owned(),
+            payload: Bytes::copy_from_slice(campaign.as_bytes()),
+            done: Some(done),
+        };
+        self.tx.blocking_send(item).is_ok() && wait.blocking_recv().is_ok()
+    }
+}
+
+fn write_loop(
+    config: postgres::Config,
+    label: String,
+    replica: String,
+    mut rx: mpsc::Receiver<Item>,
+    metrics: Arc<Metrics>,
+) {
+    let mut client: Option<Client> = None;
+    let mut wait = RETRY_MIN;
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < ROWS_PER_INSERT {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        // The batch is kept until it is committed: the database may be away for a while, and
+        // meanwhile the queue fills and the link waits.
+        loop {
+            if client.is_none() {
+                match connect(&config, &label) {
+                    Ok(c) => client = Some(c),
+                    Err(e) => {
+                        metrics.inbox("write_failed", 1);
+                        warn!(error = %e, "connecting to write the replicas' inbox failed; trying again");
+                        std::thread::sleep(wait);
+                        wait = (wait * 2).min(RETRY_MAX);
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = client.as_mut() else { continue };
+            match insert(c, &replica, &batch) {
+                Ok(()) => {
+                    wait = RETRY_MIN;
+                    metrics.inbox("written", batch.len() as u64);
+                    for item in batch.drain(..) {
+                        if let Some(done) = item.done {
+                            let _ = done.send(());
+                        }
+                    }
+                    break;
+                }
+                Err(e) => {
+                    client = None;
+                    metrics.inbox("write_failed", 1);
+                    warn!(error = %describe_error(&e), "writing the replicas' inbox failed; trying again");
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    }
+    debug!("inbox writer stops: every sender is gone");
+}
+
+fn insert(client: &mut Client, replica: &str, batch: &[Item]) -> Result<(), postgres::Error> {
+    let kinds: Vec<i16> = batch.iter().map(|i| i.kind).collect();
+    let topics: Vec<&str> = batch.iter().map(|i| i.topic.as_str()).collect();
+    let payloads: Vec<&[u8]> = batch.iter().map(|i| &i.payload[..]).collect();
+    let mut tx = client.transaction()?;
+    tx.execute(
+        "INSERT INTO aloft_inbox (kind, replica, topic, payload) \
+         SELECT k, $1, t, p FROM unnest($2::smallint[], $3::text[], $4::bytea[]) AS u(k, t, p)",
+        &[&replica, &kinds, &topics, &payloads],
+    )?;
+    // Delivered at commit: the leader's reader wakes once the rows are visible.
+    tx.batch_execute("NOTIFY aloft_inbox")?;
+    tx.commit()
+}
+
+/// Reads the inbox for the leader's engine, until stopped or the engine is gone.
+pub struct InboxReader {
+    stop: Arc<AtomicBool>,
+}
+
+impl InboxReader {
+    /// Starts the reader's thread: rows go to `engine` as [`Inbound::Inbox`], in `id` order,
+    /// each once (a row is read again only if it is still there after the engine saw it,
+    /// which it cannot be: the engine's commit deletes it or the process stops).
+    pub fn start(
+        url: &str,
+        engine: mpsc::Sender<Inbound>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
+        let (config, label) = config(url, "aloft-inbox-reader")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::Builder::new()
+            .name("aloft-inbox-r".into())
+            .spawn(move || read_loop(config, label, engine, stopped, metrics))
+            .map_err(|e| StoreError::Database {
+                db: url.to_owned(),
+                error: format!("cannot start the inbox reader's thread: {e}"),
+            })?;
+        Ok(InboxReader { stop })
+    }
+}
+
+impl Drop for InboxReader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+fn read_loop(
+    config: postgres::Config,
+    label: String,
+    engine: mpsc::Sender<Inbound>,
+    stop: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) {
+    // Rows handed to the engine and not yet seen deleted. Ids are handed out in order but
+    // committed in any order, so the reader never skips ahead by position: it asks for every
+    // row it has not handed over.
+    let mut in_flight: BTreeSet<i64> = BTreeSet::new();
+    let mut client: Option<Client> = None;
+    let mut wait = RETRY_MIN;
+    while !stop.load(Ordering::Acquire) && !engine.is_closed() {
+        let c = match client.as_mut() {
+            Some(c) => c,
+            None => match connect(&config, &label).and_then(|mut c| {
+                match c.batch_execute("LISTEN aloft_inbox") {
+                    Ok(()) => Ok(c),
+                    Err(e) => Err(StoreError::Database {
+                        db: label.clone(),
+                        error: describe_error(&e),
+                    }),
+                }
+            }) {
+                Ok(c) => client.insert(c),
+                Err(e) => {
+                    warn!(error = %e, "reading the replicas' inbox failed; trying again");
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(RETRY_MAX);
+                    continue;
+                }
+            },
+        };
+        match read_once(c, &mut in_flight) {
+            Ok(rows) => {
+                wait = RETRY_MIN;
+                let full = rows.len() as i64 == ROWS_PER_READ;
+                metrics.inbox("read", rows.len() as u64);
+                for row in rows {
+                    if engine.blocking_send(Inbound::Inbox(row)).is_err() {
+                        return;
+                    }
+                }
+                if full && in_flight.len() < IN_FLIGHT {
+                    continue;
+                }
+                // Sleeps until a replica's NOTIFY or the poll's bound, whichever comes first.
+                let mut notes = c.notifications();
+                let _ = notes.timeout_iter(IDLE_POLL).next();
+                // Drains what else came, without waiting: a steady stream of NOTIFYs must not
+                // keep the reader here.
+                while let Ok(Some(_)) = notes.iter().next() {}
+            }
+            Err(e) => {
+                client = None;
+                warn!(error = %describe_error(&e), "reading the replicas' inbox failed; trying again");
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// Forgets the handed-over rows that are gone (their commit happened), then reads the rows
+/// not handed over yet, oldest first, as many as the in-flight bound allows.
+fn read_once(
+    client: &mut Client,
+    in_flight: &mut BTreeSet<i64>,
+) -> Result<Vec<InboxRow>, postgres::Error> {
+    if !in_flight.is_empty() {
+        let ids: Vec<i64> = in_flight.iter().copied().collect();
+        let present: BTreeSet<i64> = client
+            .query("SELECT id FROM aloft_inbox WHERE id = ANY($1)", &[&ids])?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        in_flight.retain(|id| present.contains(id));
+    }
+    let room = IN_FLIGHT.saturating_sub(in_flight.len()) as i64;
+    if room == 0 {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = in_flight.iter().copied().collect();
+    let rows = client.query(
+        "SELECT id, kind, topic, payload FROM aloft_inbox WHERE NOT (id = ANY($1)) \
+         ORDER BY id LIMIT $2",
+        &[&ids, &room.min(ROWS_PER_READ)],
+    )?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let row = InboxRow {
+            id: r.try_get(0)?,
+            kind: r.try_get(1)?,
+            topic: r.try_get(2)?,
+            payload: Bytes::from(r.try_get::<_, Vec<u8>>(3)?),
+        };
+        in_flight.insert(row.id);
+        out.push(row);
+    }
+    Ok(out)
+}

@@ -1,0 +1,15 @@
+-- Aloft store, schema 5: the replicas' inbox. Every `aloft serve` replica on this database
+-- receives a share of the devices' and operators' messages (MQTT 5 shared subscriptions); it
+-- inserts each one here, and the replica holding the leader lease applies them in `id` order,
+-- deleting each row in the very transaction that commits what it caused. A row is therefore
+-- applied once, by one process, whoever received it; `kind` 0 is a message as received (topic
+-- and payload), 1 a note that a replica began serving chunks to a member (topic: the device,
+-- payload: the campaign), made durable before its first chunk leaves.
+CREATE TABLE aloft_inbox (
+    id bigserial PRIMARY KEY,
+    kind smallint NOT NULL,
+    replica text NOT NULL,
+    topic text NOT NULL,
+    payload bytea NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now()
+);

@@ -1,0 +1,239 @@
+//! Replicas (issue 12): three `aloft serve` processes on one PostgreSQL store and one Mosquitto,
+//! sharing the fleet through MQTT 5 shared subscriptions. A follower killed with SIGKILL
+//! mid-campaign, then the leader, then both started again: the campaign completes, no
+//! acknowledged transition is lost, no device is sent two different jobs for the campaign, no
+//! wave opens twice, every member is notified once, and the audit chain verifies.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use aloft_device::Fleet;
+use aloft_e2e::{finished, wait_campaign, wait_registered, Lab, OrchestratorProcess, ReleaseSpec};
+use aloft_orchestrator::ops;
+use aloft_orchestrator::rollout::policy::Size;
+use aloft_orchestrator::rollout::RolloutPolicy;
+use aloft_orchestrator::store::{Sharing, Store, StoreLocation, Target};
+use aloft_proto::{CampaignId, DeviceId, DeviceState};
+
+use crate::common::{exe, waves, LIMIT};
+use crate::postgres::{lab_on_postgres_url, start_cluster};
+use crate::restart::{acknowledged, rank};
+
+/// Devices in the campaign.
+const DEVICES: usize = 500;
+
+/// `aloft serve` replica `id` on the lab's data directory, its store in PostgreSQL at `url`
+/// beside Mosquitto at `broker` (with the lines `aloft broker-config` wrote for it), its lease
+/// 3 s long.
+fn replica(lab: &Lab, url: &str, broker: SocketAddr, id: &str) -> OrchestratorProcess {
+    let toml = lab
+        .mosquitto_dir()
+        .join(aloft_orchestrator::broker_config::files::ALOFT_TOML);
+    let broker_url = format!("mqtts://127.0.0.1:{}", broker.port());
+    let args: [&std::ffi::OsStr; 10] = [
+        "--config".as_ref(),
+        toml.as_os_str(),
+        "--broker".as_ref(),
+        broker_url.as_ref(),
+        "--store".as_ref(),
+        url.as_ref(),
+        "--lease-ttl-secs".as_ref(),
+        "3".as_ref(),
+        "--replica-id".as_ref(),
+        id.as_ref(),
+    ];
+    aloft_e2e::spawn_orchestrator_with(
+        exe(),
+        &lab.data_dir,
+        &lab.unlock_file,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &args,
+    )
+    .unwrap()
+}
+
+/// Whether the replica whose metrics are at `addr` leads now (`aloft_leader`).
+async fn leads(p: &OrchestratorProcess) -> bool {
+    let Some(addr) = p.metrics_addr else {
+        return false;
+    };
+    aloft_e2e::scrape(addr, "aloft_leader").await == Some(1.0)
+}
+
+/// Waits until exactly one of the running `replicas` leads and returns its index.
+async fn leader(replicas: &[Option<OrchestratorProcess>]) -> usize {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let mut leading = Vec::new();
+        for (i, r) in replicas.iter().enumerate() {
+            if let Some(r) = r {
+                if leads(r).await {
+                    leading.push(i);
+                }
+            }
+        }
+        if let [one] = leading[..] {
+            return one;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no single leader: {leading:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+fn kill(p: &mut Option<OrchestratorProcess>) {
+    if let Some(p) = p.take() {
+        p.kill9().unwrap();
+    }
+}
+
+/// Every device's acknowledged state is still where it was acknowledged, or further on.
+fn none_lost(acked: &HashMap<DeviceId, DeviceState>, now: &HashMap<DeviceId, DeviceState>) {
+    for (d, a) in acked {
+        let n = now.get(d).copied().unwrap_or(DeviceState::Idle);
+        assert!(
+            rank(n) >= rank(*a),
+            "{d} was acknowledged in {a} but the orchestrator now says {n}"
+        );
+    }
+}
+
+async fn states(
+    admin: &aloft_orchestrator::admin::client::AdminClient,
+    campaign: &CampaignId,
+) -> HashMap<DeviceId, DeviceState> {
+    aloft_e2e::status(admin, campaign, true)
+        .await
+        .unwrap()
+        .devices
+        .into_iter()
+        .map(|d| (d.device, d.state))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_lose_a_follower_then_the_leader_and_the_campaign_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = start_cluster().await;
+    let (lab, url) = lab_on_postgres_url(tmp.path(), &cluster);
+    let mosquitto = lab.start_mosquitto().await.unwrap();
+    let broker = mosquitto.addr;
+    let start = |id| Some(replica(&lab, &url, broker, id));
+    let mut r = vec![start("r0"), None, None];
+    assert_eq!(leader(&r).await, 0);
+    r[1] = start("r1");
+    r[2] = start("r2");
+    assert_eq!(leader(&r).await, 0);
+
+    let admin = lab.operator(broker).await.unwrap();
+    let identities = lab.enroll_fleet("dev", DEVICES).unwrap();
+    lab.register(&admin, &identities).await.unwrap();
+    let mut cfg = lab.fleet_config(broker);
+    cfg.window = 4;
+    let fleet = Fleet::start(&cfg, identities).unwrap();
+    wait_registered(&admin, DEVICES, LIMIT).await.unwrap();
+    assert!(fleet.wait_all(LIMIT, |v| v.connected).await);
+
+    // Two waves: a canary of 50, then the rest.
+    let mut spec = ReleaseSpec::new("2.0.0", 2, 64 * 1024);
+    spec.chunk_bytes = 4 * 1024;
+    let artifact = lab.upload(&admin, &spec).await.unwrap();
+    let policy = RolloutPolicy {
+        waves: waves(Size::Count(50), &[100.0]),
+        ..RolloutPolicy::default()
+    };
+    let campaign = aloft_e2e::create_rollout(&admin, artifact, Target::All, policy)
+        .await
+        .unwrap();
+    wait_campaign(&admin, &campaign, LIMIT, |s| {
+        s.count(DeviceState::Succeeded) >= 60 && !finished(s)
+    })
+    .await
+    .unwrap();
+
+    // A follower dies; the others go on.
+    kill(&mut r[1]);
+    let acked = acknowledged(&fleet, &campaign);
+    let before = states(&admin, &campaign).await;
+    none_lost(&acked, &before);
+    let done = before
+        .values()
+        .filter(|s| **s == DeviceState::Succeeded)
+        .count();
+    wait_campaign(&admin, &campaign, LIMIT, |s| {
+        s.count(DeviceState::Succeeded) as usize >= done + 50 && !finished(s)
+    })
+    .await
+    .unwrap();
+
+    // Then the leader, mid-campaign; the last replica takes over once its lease runs out.
+    kill(&mut r[0]);
+    let acked = acknowledged(&fleet, &campaign);
+    assert!(
+        acked.values().any(|s| *s != DeviceState::Succeeded),
+        "the leader was killed mid-campaign"
+    );
+    assert_eq!(leader(&r).await, 2);
+    none_lost(&acked, &states(&admin, &campaign).await);
+    // Both come back, as followers.
+    r[0] = start("r0");
+    r[1] = start("r1");
+    let s = wait_campaign(&admin, &campaign, LIMIT, finished)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.count(DeviceState::Succeeded),
+        DEVICES as u32,
+        "{:?}",
+        s.counts
+    );
+    assert_eq!(leader(&r).await, 2);
+    assert!(
+        fleet
+            .wait_all(LIMIT, |v| v.running_version == "2.0.0")
+            .await
+    );
+    let differing: u64 = fleet
+        .views()
+        .iter()
+        .map(|(_, v)| v.stats.jobs_differing)
+        .sum();
+    assert_eq!(differing, 0, "a device was sent two different jobs");
+    fleet.shutdown().await;
+    admin.disconnect().await;
+    for p in &mut r {
+        kill(p);
+    }
+
+    // What the store says: each wave opened once, each member notified once, the chain whole.
+    let key = ops::open_keystore(&lab.data_dir, &lab.unlock()).unwrap();
+    let at = StoreLocation::Postgres(url.clone());
+    let store = tokio::task::spawn_blocking(move || Store::open_sharing(&at, key, Sharing::Reader))
+        .await
+        .unwrap()
+        .unwrap();
+    let (record, notified, chain) = tokio::task::spawn_blocking(move || {
+        let record = store.campaign(&campaign).unwrap().unwrap();
+        let mut notified = 0;
+        for d in &record.devices {
+            notified += store
+                .device_history(d, 64)
+                .unwrap()
+                .iter()
+                .filter(|t| t.campaign == campaign && t.to == DeviceState::Notified)
+                .count();
+        }
+        (record, notified, store.verify_audit().unwrap())
+    })
+    .await
+    .unwrap();
+    assert_eq!(record.rollout.opened_ms.len(), 2, "{:?}", record.rollout);
+    assert_eq!(notified, DEVICES, "every member notified once");
+    assert!(chain.is_ok(), "{chain:?}");
+    drop(mosquitto);
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
+}
