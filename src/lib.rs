@@ -254,6 +254,68 @@ impl Lab {
         )
     }
 
+    /// Moves this lab's store into the PostgreSQL database at `url` the documented way: a
+    /// backup of the data directory, restored with the database as its store (the sled store
+    /// goes aside).
+    pub fn move_store_to_postgres(&self, url: &str) -> Result<()> {
+        let at = aloft_orchestrator::store::StoreLocation::Postgres(url.to_owned());
+        let out = self.root.join("move.aloftbak");
+        let rk = RecoveryKey::generate()?;
+        aloft_orchestrator::backup::create(
+            &self.data_dir,
+            &out,
+            &Protection::recovery_key(rk.clone()),
+        )?;
+        let restored = aloft_orchestrator::backup::restore_at(
+            &out,
+            &self.data_dir,
+            &at,
+            &Unlock::RecoveryKey(rk),
+        )?;
+        if restored.records == 0 {
+            bail!("the backup restored into {url} held no records");
+        }
+        std::fs::remove_file(&out)?;
+        Ok(())
+    }
+
+    /// `aloft serve` replica `id` (issue 12) as a child process of `exe`: its store the
+    /// PostgreSQL database at `url`, beside the external broker at `broker` (started by
+    /// [`Lab::start_mosquitto`], with the lines `aloft broker-config` wrote for it), its lease
+    /// `ttl_secs` long. Its log is `orchestrator-<id>.log` beside the data directory.
+    pub fn spawn_replica(
+        &self,
+        exe: &Path,
+        broker: SocketAddr,
+        url: &str,
+        id: &str,
+        ttl_secs: u32,
+    ) -> Result<OrchestratorProcess> {
+        let toml = self
+            .mosquitto_dir()
+            .join(aloft_orchestrator::broker_config::files::ALOFT_TOML);
+        let broker_url = format!("mqtts://127.0.0.1:{}", broker.port());
+        let ttl = ttl_secs.to_string();
+        spawn_orchestrator_with(
+            exe,
+            &self.data_dir,
+            &self.unlock_file,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            &[
+                "--config".as_ref(),
+                toml.as_os_str(),
+                "--broker".as_ref(),
+                broker_url.as_ref(),
+                "--store".as_ref(),
+                url.as_ref(),
+                "--lease-ttl-secs".as_ref(),
+                ttl.as_ref(),
+                "--replica-id".as_ref(),
+                id.as_ref(),
+            ],
+        )
+    }
+
     /// Enrolls `count` simulated devices (keys and CSRs made device-side, certificates issued by
     /// this lab's CA, on every core) under `root/fleet`, and returns them.
     pub fn enroll_fleet(&self, prefix: &str, count: usize) -> Result<Vec<DeviceIdentity>> {

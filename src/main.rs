@@ -17,6 +17,7 @@ use aloft_e2e::scenario::{starve_during_installs, Expect, Scenario};
 use aloft_e2e::{create_rollout, peak_rss_of, scrape, status, wait_registered, Lab, ReleaseSpec};
 use aloft_orchestrator::admin::wire::AdminBody;
 use aloft_orchestrator::cli as orch_cli;
+use aloft_orchestrator::store::pg_cluster::TempCluster;
 use aloft_orchestrator::store::{CampaignStatus, Target};
 use aloft_proto::DeviceState;
 use anyhow::{Context, Result};
@@ -80,6 +81,11 @@ struct Args {
     /// devices' peak reconnect rate.
     #[arg(long, requires = "broker")]
     kill_broker_at: Option<u32>,
+    /// With `--broker mosquitto`: run this many `aloft serve` replicas (issue 12) on a
+    /// throwaway PostgreSQL cluster (Debian's PostgreSQL, `initdb` in the working directory)
+    /// instead of one process on the sled store; the summary gives each replica's share.
+    #[arg(long, requires = "broker", value_parser = clap::value_parser!(u32).range(1..=16))]
+    replicas: Option<u32>,
 }
 
 fn main() -> Result<()> {
@@ -121,6 +127,19 @@ fn fleet_allocator() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024);
     }
+}
+
+/// Waits until the replica `p` leads (`aloft_leader` 1 on its `/metrics`).
+async fn wait_leading(p: &aloft_e2e::OrchestratorProcess, limit: Duration) -> Result<()> {
+    let metrics = p.metrics_addr.context("the replica serves /metrics")?;
+    let deadline = Instant::now() + limit;
+    while scrape(metrics, "aloft_leader").await != Some(1.0) {
+        if Instant::now() > deadline {
+            anyhow::bail!("the first replica did not lead within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 fn run_orchestrator(rest: &[String]) -> Result<()> {
@@ -177,9 +196,28 @@ async fn demo(args: Args) -> Result<bool> {
         }
         None => None,
     };
-    let orch = match &mosquitto {
-        None => lab.spawn(&exe, SocketAddr::from(([127, 0, 0, 1], 0)))?,
-        Some(m) => lab.spawn_external(&exe, m.addr)?,
+    // Replicas: the store moves into a throwaway PostgreSQL cluster, and every replica but the
+    // first (which leads: it starts first) is kept in `others`.
+    // Kept until the end: dropping it stops the database.
+    let mut _cluster = None;
+    let mut others = Vec::new();
+    let orch = match (&mosquitto, args.replicas) {
+        (None, _) => lab.spawn(&exe, SocketAddr::from(([127, 0, 0, 1], 0)))?,
+        (Some(m), None) => lab.spawn_external(&exe, m.addr)?,
+        (Some(m), Some(n)) => {
+            let pg = tokio::task::block_in_place(TempCluster::start)?;
+            let url = pg.create_database("aloft")?;
+            lab.move_store_to_postgres(&url)?;
+            step("store moved into a throwaway PostgreSQL cluster");
+            let first = lab.spawn_replica(&exe, m.addr, &url, "r0", 15)?;
+            wait_leading(&first, Duration::from_secs(args.timeout_secs)).await?;
+            for i in 1..n {
+                others.push(lab.spawn_replica(&exe, m.addr, &url, &format!("r{i}"), 15)?);
+            }
+            step(&format!("{n} replicas started; r0 leads"));
+            _cluster = Some(pg);
+            first
+        }
     };
     step(&format!(
         "orchestrator (pid {}) {} {}",
@@ -414,8 +452,38 @@ async fn demo(args: Args) -> Result<bool> {
             None => 0.0,
         }
     };
-    let served = metric("aloft_chunk_bytes_served_total").await;
-    let chunks_served = metric("aloft_chunks_served_total").await as u64;
+    let mut served = metric("aloft_chunk_bytes_served_total").await;
+    let mut chunks_served = metric("aloft_chunks_served_total").await as u64;
+    if !others.is_empty() {
+        let all: Vec<&aloft_e2e::OrchestratorProcess> =
+            std::iter::once(&orch).chain(others.iter()).collect();
+        for (i, r) in all.iter().enumerate() {
+            let Some(m) = r.metrics_addr else { continue };
+            let get = |name: &'static str| async move { scrape(m, name).await.unwrap_or(0.0) };
+            let chunks = get("aloft_chunks_served_total").await;
+            let bytes = get("aloft_chunk_bytes_served_total").await;
+            let written = get("aloft_inbox_rows_total{op=\"written\"}").await;
+            let read = get("aloft_inbox_rows_total{op=\"read\"}").await;
+            let applied = get("aloft_reports_total{outcome=\"applied\"}").await;
+            let leads = get("aloft_leader").await == 1.0;
+            eprintln!(
+                "replica r{i}{}: {chunks} chunks served, {written} inbox rows written{}",
+                if leads { " (leader)" } else { "" },
+                if read > 0.0 {
+                    format!(
+                        ", {read} read and {applied} reports applied ({:.0} transitions/s over the campaign)",
+                        applied / secs
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            if i > 0 {
+                chunks_served += chunks as u64;
+                served += bytes;
+            }
+        }
+    }
     let dropped = metric("aloft_front_direct_packets_total{outcome=\"dropped\"}").await;
     let views = fleet.views();
     let total = |f: fn(&aloft_device::AgentStats) -> u64| -> u64 {

@@ -8,12 +8,10 @@
 use aloft_device::Fleet;
 use aloft_e2e::{finished, wait_campaign, wait_registered, Lab, ReleaseSpec};
 use aloft_orchestrator::admin::client::AdminClient;
-use aloft_orchestrator::backup;
 use aloft_orchestrator::config::layout;
 use aloft_orchestrator::store::pg_cluster::TempCluster;
 use aloft_orchestrator::store::{Store, StoreLocation};
 use aloft_proto::{CampaignId, DeviceId, DeviceState};
-use aloft_vault::{Protection, RecoveryKey, Unlock};
 
 use crate::common::{exe, http_status, LIMIT};
 use crate::restart::{acknowledged, rank};
@@ -21,13 +19,10 @@ use crate::restart::{acknowledged, rank};
 /// A lab whose data directory's store was moved into a new database of `cluster`; its URL.
 fn lab_on_postgres(tmp: &std::path::Path, cluster: &TempCluster) -> (Lab, StoreLocation) {
     let lab = Lab::create(tmp).unwrap();
-    let at = StoreLocation::Postgres(cluster.create_database("e2e").unwrap());
+    let url = cluster.create_database("e2e").unwrap();
     // sled → PostgreSQL: back up the data directory, restore it with the database as its store.
-    let out = tmp.join("move.aloftbak");
-    let rk = RecoveryKey::generate().unwrap();
-    backup::create(&lab.data_dir, &out, &Protection::recovery_key(rk.clone())).unwrap();
-    let r = backup::restore_at(&out, &lab.data_dir, &at, &Unlock::RecoveryKey(rk)).unwrap();
-    assert!(r.records > 0);
+    lab.move_store_to_postgres(&url).unwrap();
+    let at = StoreLocation::Postgres(url);
     assert!(
         !lab.data_dir.join(layout::STORE_DIR).exists(),
         "the sled store went aside with the previous contents"
@@ -89,11 +84,11 @@ async fn campaign_under_way(
 }
 
 /// What an operator's pause answered, with the operator given back.
-type PauseAnswer = (AdminClient, anyhow::Result<serde_json::Value>);
+pub(crate) type PauseAnswer = (AdminClient, anyhow::Result<serde_json::Value>);
 
 /// An operator's pause of `campaign`, asked from a task of its own. A pause needs a commit, so
 /// while the store cannot commit, its answer is held.
-fn pause_in_background(
+pub(crate) fn pause_in_background(
     admin: AdminClient,
     campaign: &CampaignId,
 ) -> tokio::task::JoinHandle<PauseAnswer> {
@@ -112,7 +107,7 @@ fn pause_in_background(
 /// Over a few seconds in which the store cannot commit: no device's acknowledged state moves
 /// and `pause` stays unanswered (`why` names what the store is waiting for). Returns what each
 /// device had acknowledged.
-async fn assert_nothing_acknowledged(
+pub(crate) async fn assert_nothing_acknowledged(
     fleet: &Fleet,
     campaign: &CampaignId,
     pause: &tokio::task::JoinHandle<PauseAnswer>,
@@ -131,7 +126,7 @@ async fn assert_nothing_acknowledged(
 
 /// Once the store commits again, the pause is answered (by the same process). Gives the
 /// operator back.
-async fn pause_answered(pause: tokio::task::JoinHandle<PauseAnswer>) -> AdminClient {
+pub(crate) async fn pause_answered(pause: tokio::task::JoinHandle<PauseAnswer>) -> AdminClient {
     let (admin, paused) = tokio::time::timeout(LIMIT, pause)
         .await
         .expect("the pause is answered once the store commits again")
@@ -141,7 +136,7 @@ async fn pause_answered(pause: tokio::task::JoinHandle<PauseAnswer>) -> AdminCli
 }
 
 /// Resumes `campaign` and waits until it has finished with all `n` devices succeeded.
-async fn resume_until_all_succeeded(admin: &AdminClient, campaign: &CampaignId, n: u32) {
+pub(crate) async fn resume_until_all_succeeded(admin: &AdminClient, campaign: &CampaignId, n: u32) {
     let _: serde_json::Value = admin
         .call(aloft_orchestrator::admin::wire::AdminBody::CampaignResume {
             campaign: campaign.clone(),

@@ -2,7 +2,9 @@
 //! sharing the fleet through MQTT 5 shared subscriptions. A follower killed with SIGKILL
 //! mid-campaign, then the leader, then both started again: the campaign completes, no
 //! acknowledged transition is lost, no device is sent two different jobs for the campaign, no
-//! wave opens twice, every member is notified once, and the audit chain verifies.
+//! wave opens twice, every member is notified once, and the audit chain verifies. PostgreSQL
+//! stopped mid-campaign under three replicas: nothing is acknowledged until it is back, then
+//! the campaign completes.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,40 +18,28 @@ use aloft_orchestrator::store::{Sharing, Store, StoreLocation, Target};
 use aloft_proto::{CampaignId, DeviceId, DeviceState};
 
 use crate::common::{exe, waves, LIMIT};
-use crate::postgres::{lab_on_postgres_url, start_cluster};
+use crate::postgres::{
+    assert_nothing_acknowledged, lab_on_postgres_url, pause_answered, pause_in_background,
+    resume_until_all_succeeded, start_cluster,
+};
 use crate::restart::{acknowledged, rank};
 
 /// Devices in the campaign.
 const DEVICES: usize = 500;
 
-/// `aloft serve` replica `id` on the lab's data directory, its store in PostgreSQL at `url`
-/// beside Mosquitto at `broker` (with the lines `aloft broker-config` wrote for it), its lease
-/// 3 s long.
+/// Replica `id` of `lab`, its lease 3 s long.
 fn replica(lab: &Lab, url: &str, broker: SocketAddr, id: &str) -> OrchestratorProcess {
-    let toml = lab
-        .mosquitto_dir()
-        .join(aloft_orchestrator::broker_config::files::ALOFT_TOML);
-    let broker_url = format!("mqtts://127.0.0.1:{}", broker.port());
-    let args: [&std::ffi::OsStr; 10] = [
-        "--config".as_ref(),
-        toml.as_os_str(),
-        "--broker".as_ref(),
-        broker_url.as_ref(),
-        "--store".as_ref(),
-        url.as_ref(),
-        "--lease-ttl-secs".as_ref(),
-        "3".as_ref(),
-        "--replica-id".as_ref(),
-        id.as_ref(),
-    ];
-    aloft_e2e::spawn_orchestrator_with(
-        exe(),
-        &lab.data_dir,
-        &lab.unlock_file,
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        &args,
-    )
-    .unwrap()
+    replica_with_ttl(lab, url, broker, id, 3)
+}
+
+fn replica_with_ttl(
+    lab: &Lab,
+    url: &str,
+    broker: SocketAddr,
+    id: &str,
+    ttl_secs: u32,
+) -> OrchestratorProcess {
+    lab.spawn_replica(exe(), broker, url, id, ttl_secs).unwrap()
 }
 
 /// Whether the replica whose metrics are at `addr` leads now (`aloft_leader`).
@@ -232,6 +222,66 @@ async fn three_replicas_lose_a_follower_then_the_leader_and_the_campaign_complet
     assert_eq!(record.rollout.opened_ms.len(), 2, "{:?}", record.rollout);
     assert_eq!(notified, DEVICES, "every member notified once");
     assert!(chain.is_ok(), "{chain:?}");
+    drop(mosquitto);
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_stopped_under_three_replicas_holds_acknowledgements_until_it_is_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cluster = start_cluster().await;
+    let (lab, url) = lab_on_postgres_url(tmp.path(), &cluster);
+    let mosquitto = lab.start_mosquitto().await.unwrap();
+    let broker = mosquitto.addr;
+    // A lease longer than the outage: the leader still holds it when the database is back.
+    let start = |id| Some(replica_with_ttl(&lab, &url, broker, id, 15));
+    let mut r = vec![start("r0"), None, None];
+    assert_eq!(leader(&r).await, 0);
+    r[1] = start("r1");
+    r[2] = start("r2");
+
+    let admin = lab.operator(broker).await.unwrap();
+    let identities = lab.enroll_fleet("dev", 30).unwrap();
+    lab.register(&admin, &identities).await.unwrap();
+    let mut cfg = lab.fleet_config(broker);
+    cfg.window = 2;
+    let fleet = Fleet::start(&cfg, identities).unwrap();
+    wait_registered(&admin, 30, LIMIT).await.unwrap();
+    assert!(fleet.wait_all(LIMIT, |v| v.connected).await);
+    let mut spec = ReleaseSpec::new("2.0.0", 2, 256 * 1024);
+    spec.chunk_bytes = 4 * 1024;
+    let campaign = lab.release_to_all(&admin, &spec).await.unwrap();
+    wait_campaign(&admin, &campaign, LIMIT, |s| {
+        s.count(DeviceState::Downloading) >= 5 && !finished(s)
+    })
+    .await
+    .unwrap();
+
+    tokio::task::block_in_place(|| cluster.stop()).unwrap();
+    // Whichever replica receives it cannot write it to the inbox, and the leader could not
+    // commit it: the pause waits unanswered, and no device's acknowledged state moves.
+    let pause = pause_in_background(admin, &campaign);
+    let acked =
+        assert_nothing_acknowledged(&fleet, &campaign, &pause, "the database was down").await;
+    for p in r.iter_mut().flatten() {
+        assert!(
+            p.child.try_wait().unwrap().is_none(),
+            "a replica must wait for its database, not exit"
+        );
+    }
+
+    tokio::task::block_in_place(|| cluster.start_server()).unwrap();
+    let admin = pause_answered(pause).await;
+    assert_eq!(leader(&r).await, 0);
+    none_lost(&acked, &states(&admin, &campaign).await);
+    resume_until_all_succeeded(&admin, &campaign, 30).await;
+    fleet.shutdown().await;
+    admin.disconnect().await;
+    for p in &mut r {
+        kill(p);
+    }
     drop(mosquitto);
     tokio::task::spawn_blocking(move || drop(cluster))
         .await

@@ -326,7 +326,7 @@ async fn job_listeners(
     listeners
 }
 
-/// REPLICAS-PLAN step 4: a job is made once. Its wrapped key is HPKE with a fresh ephemeral
+/// A job is made once (issue 12). Its wrapped key is HPKE with a fresh ephemeral
 /// key, so a job made again would be another job; the orchestrator stores each member's part
 /// and republishes from it after a crash, byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

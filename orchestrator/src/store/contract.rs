@@ -657,12 +657,13 @@ mod on_postgres {
                 .unwrap();
             s.flush().unwrap();
         }
-        // Back to what schema 3 had: no jobs table.
+        // Back to what schema 3 had: no jobs table (nor what later schemas added).
         let db = format!("contract_{}", b.n);
         b.cluster
             .psql(
                 &db,
-                "DROP TABLE aloft_jobs; DELETE FROM aloft_schema_migrations WHERE version = 4",
+                "DROP TABLE aloft_jobs; DROP TABLE aloft_inbox; \
+                 DELETE FROM aloft_schema_migrations WHERE version >= 4",
             )
             .unwrap();
         let s = Store::open_at(&at, key).unwrap();
@@ -680,6 +681,63 @@ mod on_postgres {
         s.put_member_job(&c, &d, &job).unwrap();
         s.flush().unwrap();
         assert_eq!(s.campaign_jobs(&c).unwrap(), vec![(d, job)]);
+    }
+
+    #[test]
+    fn replicas_share_the_database_offline_tools_wait_and_a_commit_deletes_the_inbox_rows_it_applied(
+    ) {
+        let mut b = PgBackend::new();
+        let at = b.fresh();
+        let key = MasterKey::generate().unwrap();
+        drop(Store::create_at(&at, key.clone()).unwrap());
+        let leader = Store::open_sharing(&at, key.clone(), Sharing::Replica).unwrap();
+        let other = Store::open_sharing(&at, key.clone(), Sharing::Replica).unwrap();
+        let reader = Store::open_sharing(&at, key.clone(), Sharing::Reader).unwrap();
+        // An offline tool takes the store alone: not while any replica holds it.
+        let err = Store::open_at(&at, key.clone()).err().unwrap();
+        assert!(matches!(err, StoreError::DatabaseInUse(_)), "{err}");
+        assert!(reader.put_device(&device("dev-1", Some(1))).is_err());
+        assert!(reader.consume_inbox(1).is_err());
+
+        let db = format!("contract_{}", b.n);
+        let first: i64 = b
+            .cluster
+            .psql(
+                &db,
+                "INSERT INTO aloft_inbox (kind, replica, topic, payload) \
+                 VALUES (0, 'r1', 'a', '\\x00'), (0, 'r2', 'b', '\\x00') RETURNING id",
+            )
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        // A row applied alone still commits (its deletion is the commit's only write).
+        leader.consume_inbox(first).unwrap();
+        leader.flush().unwrap();
+        let left = |b: &PgBackend| {
+            b.cluster
+                .psql(&db, "SELECT count(*)::text FROM aloft_inbox")
+        };
+        assert_eq!(left(&b).unwrap(), "1");
+        // Applied with a transition: both are durable in one commit, and a reader (which
+        // keeps no cache) sees the transition at once.
+        let c = CampaignId::new("c-1").unwrap();
+        let d = DeviceId::new("dev-1").unwrap();
+        assert_eq!(reader.progress(&c, &d).unwrap(), None);
+        leader.consume_inbox(first + 1).unwrap();
+        leader
+            .put_progress(&c, &d, &progress(DeviceState::Downloading, 0, 1))
+            .unwrap();
+        leader.flush().unwrap();
+        assert_eq!(left(&b).unwrap(), "0");
+        assert_eq!(
+            reader.progress(&c, &d).unwrap().map(|p| p.state),
+            Some(DeviceState::Downloading)
+        );
+        drop((leader, other, reader));
+        assert!(Store::open_at(&at, key).is_ok());
     }
 
     #[test]
