@@ -291,6 +291,20 @@ impl Lab {
         id: &str,
         ttl_secs: u32,
     ) -> Result<OrchestratorProcess> {
+        self.spawn_replica_in(&self.data_dir, exe, broker, url, id, ttl_secs)
+    }
+
+    /// [`Lab::spawn_replica`] on another data directory: a copy of this lab's, as a replica on
+    /// another host has.
+    pub fn spawn_replica_in(
+        &self,
+        data_dir: &Path,
+        exe: &Path,
+        broker: SocketAddr,
+        url: &str,
+        id: &str,
+        ttl_secs: u32,
+    ) -> Result<OrchestratorProcess> {
         let toml = self
             .mosquitto_dir()
             .join(aloft_orchestrator::broker_config::files::ALOFT_TOML);
@@ -298,7 +312,7 @@ impl Lab {
         let ttl = ttl_secs.to_string();
         spawn_orchestrator_with(
             exe,
-            &self.data_dir,
+            data_dir,
             &self.unlock_file,
             SocketAddr::from(([127, 0, 0, 1], 0)),
             &[

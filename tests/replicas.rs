@@ -287,3 +287,102 @@ async fn postgresql_stopped_under_three_replicas_holds_acknowledgements_until_it
         .await
         .unwrap();
 }
+
+/// A replica on another host has its own data directory, whose root of trust and CRL are the
+/// ones it was set up with. The leader also writes each root it accepts and each CRL it applies
+/// to the database, and a replica that takes over brings its files up to date from there first:
+/// a takeover never un-revokes a device nor goes back to an older root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_its_own_data_directory_takes_over_with_the_newest_root_and_crl() {
+    use aloft_certs::cert_serial;
+    use aloft_certs::revocation::{RevocationReason, RevocationState};
+    use aloft_orchestrator::admin::wire::AdminBody;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let cluster = start_cluster().await;
+    let (lab, url) = lab_on_postgres_url(tmp.path(), &cluster);
+    let mosquitto = lab.start_mosquitto().await.unwrap();
+    let broker = mosquitto.addr;
+    // The other host's copy, made before any root or CRL was pushed.
+    let other = tmp.path().join("other-host").join("data");
+    std::fs::create_dir_all(other.parent().unwrap()).unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&lab.data_dir)
+        .arg(&other)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let mut r = vec![Some(replica(&lab, &url, broker, "r0")), None];
+    assert_eq!(leader(&r).await, 0);
+    r[1] = Some(
+        lab.spawn_replica_in(&other, exe(), broker, &url, "r1", 3)
+            .unwrap(),
+    );
+
+    let admin = lab.operator(broker).await.unwrap();
+    let devices = lab.enroll_fleet("dev", 2).unwrap();
+    lab.register(&admin, &devices).await.unwrap();
+    let v2 = Lab::make_root(
+        Some(&lab.pinned_root),
+        &[&lab.root_key],
+        &[&lab.release_key],
+        &[],
+        &[&lab.root_key],
+    )
+    .unwrap();
+    let pushed: serde_json::Value = admin
+        .call(AdminBody::TrustUpdate { roots: vec![v2] })
+        .await
+        .unwrap();
+    assert_eq!(pushed["version"], 2);
+    let mut state = RevocationState::default();
+    state.revoke(
+        &cert_serial(&devices[0].cert_pem).unwrap(),
+        RevocationReason::KeyCompromise,
+        Some(devices[0].id.to_string()),
+        0,
+    );
+    let crl = state
+        .sign_crl(&lab.ca, 7, time::OffsetDateTime::now_utc())
+        .unwrap();
+    let _: serde_json::Value = admin.call(AdminBody::CrlUpdate { crl }).await.unwrap();
+    assert!(
+        !other.join("crl.pem").exists(),
+        "the other host has no CRL yet"
+    );
+
+    kill(&mut r[0]);
+    assert_eq!(leader(&r).await, 1);
+    let status: serde_json::Value = admin.call(AdminBody::TrustStatus {}).await.unwrap();
+    assert_eq!(status["version"], 2, "{status}");
+    assert!(other.join("trust").join("root-2.json").exists());
+    assert_eq!(
+        std::fs::read_to_string(other.join("crl.pem")).unwrap(),
+        std::fs::read_to_string(lab.data_dir.join("crl.pem")).unwrap(),
+        "the new leader put the newest CRL in force"
+    );
+    let list: serde_json::Value = admin
+        .call(AdminBody::DeviceList {
+            after: None,
+            limit: None,
+        })
+        .await
+        .unwrap();
+    let revoked: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["revoked"] == true)
+        .filter_map(|d| d["id"].as_str())
+        .collect();
+    assert_eq!(revoked, vec![devices[0].id.as_str()], "{list}");
+    admin.disconnect().await;
+    for p in &mut r {
+        kill(p);
+    }
+    drop(mosquitto);
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
+}

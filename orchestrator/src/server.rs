@@ -343,6 +343,14 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
         }
     }
     let console_store = reader.clone().unwrap_or_else(|| store.clone());
+    // What a replica brings up to date with the database when it becomes the leader.
+    let security = Security {
+        store: store.clone(),
+        trust_dir: trust_dir.clone(),
+        crl_path: crl_path.clone(),
+        ca_pem: ca_pem.clone(),
+        admin_auth: admin_auth.clone(),
+    };
     let engine = Engine::new(
         store,
         EngineConfig {
@@ -358,6 +366,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
             download_slots: cfg.file.downloads.slots,
             broker_crl,
             admin_auth: Some(admin_auth),
+            share_security: replicated,
         },
         metrics.clone(),
     );
@@ -410,6 +419,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
                     return std::future::pending().await;
                 };
                 info!(%token, "leading: the engine starts and applies the replicas' inbox");
+                let engine = security.sync_into(engine).await;
                 // Dropped with this task: the reader stops with the engine.
                 let _inbox = InboxReader::start(&url, tx.clone(), metrics)?;
                 let _ = engine_tx.send(Some(tx));
@@ -595,6 +605,52 @@ async fn external_transport(
         backend: None,
         broker_crl,
     })
+}
+
+/// (Replicas) The files and the checker a replica brings up to date with the database when it
+/// becomes the leader (`replica::security`).
+struct Security {
+    store: Store,
+    trust_dir: std::path::PathBuf,
+    crl_path: std::path::PathBuf,
+    ca_pem: String,
+    admin_auth: Arc<crate::admin::auth::Authenticator>,
+}
+
+impl Security {
+    /// Syncs, retrying while the database cannot be reached (the engine must not start on
+    /// older security state than the last leader's), and hands the result to `engine`.
+    async fn sync_into(self, engine: Engine) -> Engine {
+        let mut wait = std::time::Duration::from_millis(100);
+        loop {
+            let s = self.store.clone();
+            let (dir, path, ca) = (
+                self.trust_dir.clone(),
+                self.crl_path.clone(),
+                self.ca_pem.clone(),
+            );
+            let synced = tokio::task::spawn_blocking(move || {
+                crate::replica::security::sync(&s, &dir, &path, &ca)
+            })
+            .await;
+            match synced {
+                Ok(Ok(synced)) => {
+                    if let Some(crl) = &synced.crl {
+                        if let Err(e) = self.admin_auth.set_crls(vec![crl.der.clone()]) {
+                            tracing::warn!(error = %e, "the admin request checker refused the CRL in force");
+                        }
+                    }
+                    return engine.with_security(synced.trust, synced.crl);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "bringing the root of trust and the CRL up to date failed; trying again")
+                }
+                Err(e) => tracing::warn!(error = %e, "the security sync task failed; trying again"),
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_secs(5));
+        }
+    }
 }
 
 /// A replica id as part of an MQTT client id: ASCII letters, digits, `-`, `_` and `.` kept,

@@ -123,6 +123,11 @@ impl TrustState {
         Ok(n)
     }
 
+    /// Every accepted root above the pinned one, oldest first.
+    pub fn chain(&self) -> &[SignedRoot] {
+        &self.chain
+    }
+
     /// What a job carries: the newest accepted roots above the pinned one, at most
     /// [`MAX_ROOT_CHAIN`] (a device further behind must be re-provisioned).
     pub fn job_chain(&self) -> &[SignedRoot] {

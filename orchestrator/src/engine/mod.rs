@@ -95,6 +95,9 @@ pub struct EngineConfig {
     /// Checks operators' signed requests; with an external broker it is told each new CRL
     /// here (behind the front it shares the front's verifier, which the front updates).
     pub admin_auth: Option<Arc<crate::admin::auth::Authenticator>>,
+    /// (Replicas) Also write each accepted root and applied CRL to the store, for the other
+    /// replicas (`replica::security`).
+    pub share_security: bool,
 }
 
 /// The CRL file an external broker reads (its `crlfile`), and the file holding its process
@@ -194,6 +197,18 @@ impl Engine {
         self.board.clone()
     }
 
+    /// (Replicas) What this replica found in force when it became the leader
+    /// (`replica::security::sync`), in place of what it read at start.
+    pub fn with_security(
+        mut self,
+        trust: crate::trust::TrustState,
+        crl: Option<VerifiedCrl>,
+    ) -> Self {
+        self.cfg.trust = trust;
+        self.cfg.crl = crl;
+        self
+    }
+
     /// Runs until `rx` closes. Returns an error only for failures that make continuing unsafe
     /// (the store cannot read or write, the broker link is gone).
     pub async fn run(
@@ -253,9 +268,13 @@ struct Shell {
     batch: Effects,
     /// Encoded chunk frames, shared by every device served the same chunk.
     frames: frames::FrameCache,
-    /// The batch applied rows of the replicas' inbox: it must commit even if it wrote nothing
-    /// else, to delete them.
-    inbox_applied: bool,
+    /// The shell wrote to the store beside the core's writes (rows of the replicas' inbox
+    /// applied, security state shared with replicas): the batch must commit even if the core
+    /// wrote nothing.
+    must_flush: bool,
+    /// (Replicas) Roots accepted and CRLs applied are also written to the store for the other
+    /// replicas (`replica::security`).
+    share_security: bool,
 }
 
 impl Shell {
@@ -306,7 +325,8 @@ impl Shell {
             core,
             batch: Effects::default(),
             frames: frames::FrameCache::default(),
-            inbox_applied: false,
+            must_flush: false,
+            share_security: cfg.share_security,
         })
     }
 
@@ -351,7 +371,7 @@ impl Shell {
     /// batch's commit, with what it caused, so it takes effect once.
     fn apply_inbox(&mut self, row: InboxRow) -> Result<(), StoreError> {
         self.store.consume_inbox(row.id)?;
-        self.inbox_applied = true;
+        self.must_flush = true;
         match row.kind {
             crate::replica::inbox::KIND_SERVED => {
                 let campaign = std::str::from_utf8(&row.payload)
@@ -462,6 +482,11 @@ impl Shell {
                     pending,
                 } => {
                     let result = self.files.apply_crl(&crl, previous.as_deref());
+                    if result.is_ok() && self.share_security {
+                        self.share(|store| {
+                            crate::replica::security::share_crl(store, &crl_pem(crl.der.as_ref()))
+                        });
+                    }
                     let event = Event::CrlApplied {
                         pending,
                         crl,
@@ -492,6 +517,9 @@ impl Shell {
                     pending,
                 } => {
                     let result = self.files.store_roots(&roots);
+                    if result.is_ok() && self.share_security {
+                        self.share(|store| crate::replica::security::share_roots(store, &roots));
+                    }
                     let event = Event::RootsStored {
                         pending,
                         next,
@@ -503,6 +531,16 @@ impl Shell {
                 }
                 other => self.batch.after_commit.push(other),
             }
+        }
+    }
+
+    /// (Replicas) Writes security state for the other replicas, committed with the batch
+    /// (before the operator's answer). A failure is logged: the next leader's `sync` at its
+    /// start writes what its files hold, and this leader's files hold it already.
+    fn share(&mut self, write: impl FnOnce(&Store) -> Result<(), String>) {
+        match write(&self.store) {
+            Ok(()) => self.must_flush = true,
+            Err(e) => warn!(error = %e, "sharing security state with the replicas failed"),
         }
     }
 
@@ -586,7 +624,7 @@ impl Shell {
                 made_any = true;
             }
         }
-        if flush || made_any || std::mem::take(&mut self.inbox_applied) {
+        if flush || made_any || std::mem::take(&mut self.must_flush) {
             let t = Instant::now();
             self.until_stored(Store::flush).await?;
             self.metrics.store_flushed(t.elapsed().as_secs_f64());

@@ -51,6 +51,9 @@ const MAX_RELEASES: usize = 64;
 #[derive(Debug, Clone)]
 pub struct CampaignView {
     pub status: CampaignStatus,
+    /// The policy's device timeout: members this replica serves are reported alive to the
+    /// leader a few times within it.
+    pub device_timeout: Option<Duration>,
     pub artifact: ArtifactId,
     pub chunk_count: u32,
     /// The image's manifest, to recognise its deltas.
@@ -109,6 +112,14 @@ pub fn judge(
     Verdict::Serve { count, delta }
 }
 
+/// Whether a member served here must be reported alive to the leader again, last reported at
+/// `last`, under a device timeout of `timeout`: a third of it apart (at least 500 ms), so that
+/// two lost notes still leave one in time.
+pub fn touch_due(last: Option<Instant>, now: Instant, timeout: Duration) -> bool {
+    let every = (timeout / 3).max(Duration::from_millis(500));
+    last.is_none_or(|at| now.duration_since(at) >= every)
+}
+
 /// Hands chunk requests to the chunk thread.
 #[derive(Clone)]
 pub struct ChunkServer {
@@ -139,6 +150,7 @@ impl ChunkServer {
             campaigns: HashMap::new(),
             members: HashMap::new(),
             releases: HashMap::new(),
+            touched: HashMap::new(),
         };
         std::thread::Builder::new()
             .name("aloft-chunks".into())
@@ -165,6 +177,8 @@ struct Worker {
     campaigns: HashMap<CampaignId, (Instant, Option<CampaignView>)>,
     members: HashMap<(CampaignId, DeviceId), (Instant, Option<MemberView>)>,
     releases: HashMap<ArtifactId, Option<(Manifest, bool)>>,
+    /// When each member served here was last reported alive to the leader.
+    touched: HashMap<(CampaignId, DeviceId), (Instant, ())>,
 }
 
 /// Keeps a view map under [`MAX_VIEWS`]: the expired go first, then everything.
@@ -209,6 +223,7 @@ impl Worker {
                 .release(&record.artifact)
                 .map(|(manifest, _)| CampaignView {
                     status: record.status,
+                    device_timeout: record.policy.device_timeout_secs.map(Duration::from_secs),
                     artifact: record.artifact,
                     chunk_count: manifest.chunk_count,
                     manifest: Some(Arc::new(manifest)),
@@ -327,6 +342,7 @@ impl Worker {
             return;
         }
         let served = member.as_ref().is_some_and(|m| m.progress.served);
+        let key = (req.campaign.clone(), device.clone());
         if first < count && !served {
             if !self
                 .inbox
@@ -334,11 +350,16 @@ impl Worker {
             {
                 return;
             }
-            if let Some((_, Some(m))) = self
-                .members
-                .get_mut(&(req.campaign.clone(), device.clone()))
-            {
+            if let Some((_, Some(m))) = self.members.get_mut(&key) {
                 m.progress.served = true;
+            }
+            make_room(&mut self.touched, now, &self.metrics);
+            self.touched.insert(key, (now, ()));
+        } else if let Some(timeout) = campaign.as_ref().and_then(|c| c.device_timeout) {
+            if touch_due(self.touched.get(&key).map(|(at, _)| *at), now, timeout) {
+                self.inbox.touch(device.as_str(), req.campaign.as_str());
+                make_room(&mut self.touched, now, &self.metrics);
+                self.touched.insert(key, (now, ()));
             }
         }
         let mut last = false;
@@ -390,6 +411,7 @@ mod tests {
     fn campaign(status: CampaignStatus) -> CampaignView {
         CampaignView {
             status,
+            device_timeout: None,
             artifact: ArtifactId::new("a1").unwrap(),
             chunk_count: 4,
             manifest: None,
@@ -401,6 +423,19 @@ mod tests {
         progress.state = state;
         progress.reason = reason;
         MemberView { progress, revoked }
+    }
+
+    #[test]
+    fn a_member_served_here_is_reported_alive_three_times_per_device_timeout() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(30);
+        assert!(touch_due(None, t0, timeout));
+        assert!(!touch_due(Some(t0), t0 + Duration::from_secs(9), timeout));
+        assert!(touch_due(Some(t0), t0 + Duration::from_secs(10), timeout));
+        // A very short timeout still leaves half a second between notes.
+        let short = Duration::from_millis(600);
+        assert!(!touch_due(Some(t0), t0 + Duration::from_millis(400), short));
+        assert!(touch_due(Some(t0), t0 + Duration::from_millis(500), short));
     }
 
     #[test]

@@ -60,6 +60,7 @@ struct Item {
 #[derive(Clone)]
 pub struct InboxWriter {
     tx: mpsc::Sender<Item>,
+    metrics: Arc<Metrics>,
 }
 
 fn connect(config: &postgres::Config, label: &str) -> Result<Client, StoreError> {
@@ -93,14 +94,15 @@ impl InboxWriter {
     pub fn start(url: &str, replica: String, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
         let (config, label) = config(url, "aloft-inbox-writer")?;
         let (tx, rx) = mpsc::channel(QUEUE);
+        let counted = metrics.clone();
         std::thread::Builder::new()
             .name("aloft-inbox-w".into())
-            .spawn(move || write_loop(config, label, replica, rx, metrics))
+            .spawn(move || write_loop(config, label, replica, rx, counted))
             .map_err(|e| StoreError::Database {
                 db: url.to_owned(),
                 error: format!("cannot start the inbox writer's thread: {e}"),
             })?;
-        Ok(InboxWriter { tx })
+        Ok(InboxWriter { tx, metrics })
     }
 
     /// Queues a message as received; returns once it is queued (not yet committed: the
@@ -112,7 +114,31 @@ impl InboxWriter {
             payload,
             done: None,
         };
-        self.tx.send(item).await.is_ok()
+        match self.tx.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                // The database is slow or away: the link waits, and the broker holds back.
+                self.metrics.inbox("queue_full", 1);
+                self.tx.send(item).await.is_ok()
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Notes, without waiting, that this replica still serves chunks to `device` in
+    /// `campaign`: the leader counts it as a sign of life, as it counts a chunk request it
+    /// serves itself (a device timeout measures silence). Dropped, and counted, when the queue
+    /// is full: the next one is due soon.
+    pub fn touch(&self, device: &str, campaign: &str) {
+        let item = Item {
+            kind: KIND_SERVED,
+            topic: device.to_owned(),
+            payload: Bytes::copy_from_slice(campaign.as_bytes()),
+            done: None,
+        };
+        if self.tx.try_send(item).is_err() {
+            self.metrics.inbox("touch_dropped", 1);
+        }
     }
 
     /// Notes that this replica serves chunks to `device` in `campaign`, and blocks until the

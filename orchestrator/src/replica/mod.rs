@@ -15,6 +15,7 @@
 
 pub mod chunks;
 pub mod inbox;
+pub mod security;
 
 use tokio::sync::mpsc;
 use tracing::debug;

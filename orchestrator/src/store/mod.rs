@@ -165,6 +165,9 @@ pub struct Store {
     key: MasterKey,
 }
 
+/// Where the values every replica shares live in `meta`.
+const SHARED: &str = "shared/";
+
 /// The key of the record that proves the master key belongs to the store (in `meta`).
 const KEY_CHECK: &[u8] = b"key-check";
 const KEY_CHECK_AAD: &[u8] = b"aloft-store-key-check-v1";
@@ -315,6 +318,19 @@ impl Store {
             Kv::Pg(pg) => pg.consume_inbox(id),
             Kv::Sled(_) => Ok(()),
         }
+    }
+
+    /// (Replicas) Writes a named value every replica reads (`meta`, under `shared/`): the
+    /// security state that lives in files beside a single process (`replica::security`).
+    pub fn put_shared(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.kv
+            .insert(Tree::Meta, format!("{SHARED}{name}").as_bytes(), value)
+    }
+
+    /// (Replicas) The value [`Store::put_shared`] wrote under `name`, if any.
+    pub fn shared(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.kv
+            .get(Tree::Meta, format!("{SHARED}{name}").as_bytes())
     }
 
     /// Makes every earlier write durable. On an error none of the writes since the last
