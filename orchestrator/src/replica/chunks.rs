@@ -4,13 +4,14 @@
 //! leader only.
 //!
 //! What a replica knows of a member is read from the store and kept for [`VIEW_TTL`]: its
-//! progress row (state, withdrawal, whether it was served), its device record (revocation)
-//! and its campaign (status, release). So a withdrawal or a revocation reaches every
-//! replica's chunk service within that time; the leader refuses the member's reports at once.
-//! Releases are immutable once complete and are kept without expiry. The decision itself is
-//! [`judge`], pure; the first chunk a member is handed by any replica waits until a note
-//! saying so is committed to the inbox (`KIND_SERVED`), as the engine's own "served" record
-//! does, so a `succeeded` report of a device that was sent chunks is never flagged.
+//! progress row (state, withdrawal or revocation, whether it was served) and its campaign
+//! (status, release). So a withdrawal or a revocation reaches every replica's chunk service
+//! within that time; the leader refuses the member's reports at once. One read per member
+//! per second, whatever it asks. Releases are immutable once complete and are kept without
+//! expiry. The decision itself is [`judge`], pure. The first chunks a member is handed by a
+//! replica wait, held, until a note saying so is committed to the inbox (`KIND_SERVED`), as
+//! the engine's own "served" record does, so a `succeeded` report of a device that was sent
+//! chunks is never flagged; the thread goes on with other requests meanwhile.
 //!
 //! Pacing is per replica (`engine::core::pacing`): each replica hands out its own slots. A
 //! slot is given back when the device asks for the image's last chunk or falls silent.
@@ -60,11 +61,11 @@ pub struct CampaignView {
     pub manifest: Option<Arc<Manifest>>,
 }
 
-/// What a replica knows of one member.
+/// What a replica knows of one member: its progress row. A revoked member's row says so
+/// (the leader fails its members in flight, reason `revoked`, when the CRL revokes it).
 #[derive(Debug, Clone)]
 pub struct MemberView {
     pub progress: Progress,
-    pub revoked: bool,
 }
 
 /// What to do with a chunk request.
@@ -94,7 +95,7 @@ pub fn judge(
     let Some(member) = member else {
         return refuse(ChunkErrorCode::UnknownArtifact, "unknown_artifact");
     };
-    if member.revoked {
+    if member.progress.reason == Some(aloft_proto::Reason::Revoked) {
         return refuse(ChunkErrorCode::NotDownloading, "revoked");
     }
     let (count, delta) = if &campaign.artifact == artifact {
@@ -120,10 +121,22 @@ pub fn touch_due(last: Option<Instant>, now: Instant, timeout: Duration) -> bool
     last.is_none_or(|at| now.duration_since(at) >= every)
 }
 
+/// What the chunk thread takes.
+enum Job {
+    /// A chunk request as received.
+    Request(DeviceId, Bytes),
+    /// The `served` note of a member is committed: its held requests may be answered.
+    Noted(CampaignId, DeviceId),
+}
+
+/// Requests held per member while its `served` note is committed (a device's window); more
+/// are dropped, counted, and asked again by the device.
+const MAX_HELD: usize = 32;
+
 /// Hands chunk requests to the chunk thread.
 #[derive(Clone)]
 pub struct ChunkServer {
-    tx: mpsc::Sender<(DeviceId, Bytes)>,
+    tx: mpsc::Sender<Job>,
     metrics: Arc<Metrics>,
 }
 
@@ -140,6 +153,8 @@ impl ChunkServer {
         let (tx, rx) = mpsc::channel(QUEUE);
         let runtime = tokio::runtime::Handle::current();
         let worker = Worker {
+            jobs: tx.clone(),
+            held: HashMap::new(),
             store,
             publisher,
             inbox,
@@ -160,13 +175,17 @@ impl ChunkServer {
 
     /// Queues a request; a full queue drops it (the device asks again).
     pub fn request(&self, device: DeviceId, payload: Bytes) {
-        if self.tx.try_send((device, payload)).is_err() {
+        if self.tx.try_send(Job::Request(device, payload)).is_err() {
             self.metrics.rejected("chunk_request", "replica_queue_full");
         }
     }
 }
 
 struct Worker {
+    /// Its own queue, for the writer's thread to say a `served` note is committed.
+    jobs: mpsc::Sender<Job>,
+    /// Requests waiting for their member's `served` note.
+    held: HashMap<(CampaignId, DeviceId), Vec<Bytes>>,
     store: Store,
     publisher: Publisher,
     inbox: InboxWriter,
@@ -194,12 +213,24 @@ fn make_room<K, V>(map: &mut HashMap<K, (Instant, V)>, now: Instant, metrics: &M
 }
 
 impl Worker {
-    fn run(mut self, mut rx: mpsc::Receiver<(DeviceId, Bytes)>) {
-        while let Some((device, payload)) = rx.blocking_recv() {
-            let started = Instant::now();
-            self.serve(device, &payload);
-            self.metrics
-                .chunk_request_served(started.elapsed().as_secs_f64());
+    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        while let Some(job) = rx.blocking_recv() {
+            match job {
+                Job::Request(device, payload) => {
+                    let started = Instant::now();
+                    self.serve(device, &payload);
+                    self.metrics
+                        .chunk_request_served(started.elapsed().as_secs_f64());
+                }
+                Job::Noted(campaign, device) => {
+                    let key = (campaign, device);
+                    make_room(&mut self.touched, Instant::now(), &self.metrics);
+                    self.touched.insert(key.clone(), (Instant::now(), ()));
+                    for payload in self.held.remove(&key).unwrap_or_default() {
+                        self.serve(key.1.clone(), &payload);
+                    }
+                }
+            }
         }
         debug!("chunk thread stops: the link is gone");
     }
@@ -273,10 +304,10 @@ impl Worker {
                 return v.clone();
             }
         }
-        let read = self.store.progress(campaign, device).and_then(|p| {
-            let revoked = self.store.device(device)?.is_some_and(|d| d.revoked);
-            Ok(p.map(|progress| MemberView { progress, revoked }))
-        });
+        let read = self
+            .store
+            .progress(campaign, device)
+            .map(|p| p.map(|progress| MemberView { progress }));
         let view = match read {
             Ok(v) => v,
             Err(e) => {
@@ -343,18 +374,34 @@ impl Worker {
         }
         let served = member.as_ref().is_some_and(|m| m.progress.served);
         let key = (req.campaign.clone(), device.clone());
-        if first < count && !served {
-            if !self
-                .inbox
-                .served_blocking(device.as_str(), req.campaign.as_str())
-            {
+        // `touched` holds the members whose `served` note this replica committed.
+        if first < count && !served && !self.touched.contains_key(&key) {
+            // The request waits for the note's commit; the thread goes on with others.
+            if let Some(held) = self.held.get_mut(&key) {
+                if held.len() < MAX_HELD {
+                    held.push(Bytes::copy_from_slice(payload));
+                } else {
+                    self.metrics.rejected("chunk_request", "replica_held_full");
+                }
                 return;
             }
-            if let Some((_, Some(m))) = self.members.get_mut(&key) {
-                m.progress.served = true;
+            if self.held.len() >= MAX_VIEWS {
+                self.metrics.rejected("chunk_request", "replica_held_full");
+                return;
             }
-            make_room(&mut self.touched, now, &self.metrics);
-            self.touched.insert(key, (now, ()));
+            let jobs = self.jobs.clone();
+            let (c, d) = key.clone();
+            let noted = Box::new(move || {
+                // From the writer's thread; a full queue waits: this thread drains it.
+                let _ = jobs.blocking_send(Job::Noted(c, d));
+            });
+            if self
+                .inbox
+                .served(device.as_str(), req.campaign.as_str(), noted)
+            {
+                self.held.insert(key, vec![Bytes::copy_from_slice(payload)]);
+            }
+            return;
         } else if let Some(timeout) = campaign.as_ref().and_then(|c| c.device_timeout) {
             if touch_due(self.touched.get(&key).map(|(at, _)| *at), now, timeout) {
                 self.inbox.touch(device.as_str(), req.campaign.as_str());
@@ -418,11 +465,11 @@ mod tests {
         }
     }
 
-    fn member(state: DeviceState, reason: Option<Reason>, revoked: bool) -> MemberView {
+    fn member(state: DeviceState, reason: Option<Reason>) -> MemberView {
         let mut progress = Progress::new(0);
         progress.state = state;
         progress.reason = reason;
-        MemberView { progress, revoked }
+        MemberView { progress }
     }
 
     #[test]
@@ -447,30 +494,30 @@ mod tests {
             delta: false,
         };
         for state in [DeviceState::Notified, DeviceState::Downloading] {
-            let m = member(state, None, false);
+            let m = member(state, None);
             assert_eq!(judge(Some(&run), Some(&m), &a1, None), serve);
         }
         let refused = |v: Verdict| match v {
             Verdict::Refuse { reason, .. } => reason,
             Verdict::Serve { .. } => "served",
         };
-        let done = member(DeviceState::Succeeded, None, false);
+        let done = member(DeviceState::Succeeded, None);
         assert_eq!(
             refused(judge(Some(&run), Some(&done), &a1, None)),
             "not_downloading"
         );
-        let timed_out = member(DeviceState::Failed, Some(Reason::TimedOut), false);
+        let timed_out = member(DeviceState::Failed, Some(Reason::TimedOut));
         assert_eq!(
             refused(judge(Some(&run), Some(&timed_out), &a1, None)),
             "not_downloading"
         );
         let aborted = campaign(CampaignStatus::Aborted);
-        let m = member(DeviceState::Downloading, None, false);
+        let m = member(DeviceState::Downloading, None);
         assert_eq!(
             refused(judge(Some(&aborted), Some(&m), &a1, None)),
             "not_downloading"
         );
-        let revoked = member(DeviceState::Downloading, None, true);
+        let revoked = member(DeviceState::Failed, Some(Reason::Revoked));
         assert_eq!(
             refused(judge(Some(&run), Some(&revoked), &a1, None)),
             "revoked"

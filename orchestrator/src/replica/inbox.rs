@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::inbound::{Inbound, InboxRow};
@@ -48,12 +48,15 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 /// Statement and connect bound of both threads' connections.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One row to insert, and who waits for its commit.
+/// What runs once a row is committed.
+pub type Committed = Box<dyn FnOnce() + Send>;
+
+/// One row to insert, and what waits for its commit.
 struct Item {
     kind: i16,
     topic: String,
     payload: Bytes,
-    done: Option<oneshot::Sender<()>>,
+    done: Option<Committed>,
 }
 
 /// Inserts what this replica received into the inbox. Clones share one thread.
@@ -141,18 +144,24 @@ impl InboxWriter {
         }
     }
 
-    /// Notes that this replica serves chunks to `device` in `campaign`, and blocks until the
-    /// note is committed: no chunk leaves before the leader can learn that it was served.
-    /// `false` if the writer stopped. Call from a thread outside the runtime.
-    pub fn served_blocking(&self, device: &str, campaign: &str) -> bool {
-        let (done, wait) = oneshot::channel();
+    /// Notes that this replica serves chunks to `device` in `campaign`; `done` runs once the
+    /// note is committed (the caller holds the chunks until then: none leaves before the
+    /// leader can learn that it was served). `false`, and `done` dropped, if the queue is
+    /// full (counted) or the writer stopped: the device asks again.
+    pub fn served(&self, device: &str, campaign: &str, done: Committed) -> bool {
         let item = Item {
             kind: KIND_SERVED,
             topic: device.to_owned(),
             payload: Bytes::copy_from_slice(campaign.as_bytes()),
             done: Some(done),
         };
-        self.tx.blocking_send(item).is_ok() && wait.blocking_recv().is_ok()
+        match self.tx.try_send(item) {
+            Ok(()) => true,
+            Err(_) => {
+                self.metrics.inbox("queue_full", 1);
+                false
+            }
+        }
     }
 }
 
@@ -195,7 +204,7 @@ fn write_loop(
                     metrics.inbox("written", batch.len() as u64);
                     for item in batch.drain(..) {
                         if let Some(done) = item.done {
-                            let _ = done.send(());
+                            done();
                         }
                     }
                     break;
@@ -218,6 +227,14 @@ fn insert(client: &mut Client, replica: &str, batch: &[Item]) -> Result<(), post
     let topics: Vec<&str> = batch.iter().map(|i| i.topic.as_str()).collect();
     let payloads: Vec<&[u8]> = batch.iter().map(|i| &i.payload[..]).collect();
     let mut tx = client.transaction()?;
+    // A message in the inbox is not yet acknowledged to anyone: the leader acknowledges it
+    // after its own commit, which is synchronous and, the WAL being one sequence, makes this
+    // insert durable too. So a batch of messages alone need not wait for the disk (a crash
+    // loses only what no one was told of; devices send it again). A `served` note must be on
+    // disk before its chunks leave, so a batch that carries one waits.
+    if batch.iter().all(|i| i.done.is_none()) {
+        tx.batch_execute("SET LOCAL synchronous_commit = off")?;
+    }
     tx.execute(
         "INSERT INTO aloft_inbox (kind, replica, topic, payload) \
          SELECT k, $1, t, p FROM unnest($2::smallint[], $3::text[], $4::bytea[]) AS u(k, t, p)",
