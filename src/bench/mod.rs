@@ -51,6 +51,10 @@ pub enum Id {
     /// S5 on the PostgreSQL store (a throwaway cluster); only with `--only s5pg`.
     #[value(name = "s5pg")]
     S5Pg,
+    /// S5 through the replicas' inbox (`--intakes` replicas writing it, one applier); only
+    /// with `--only s5inbox`.
+    #[value(name = "s5inbox")]
+    S5Inbox,
     S6,
     S7,
     /// The bare connect storm against Mosquitto.
@@ -73,6 +77,7 @@ impl Id {
             Id::S4 => "S4",
             Id::S5 => "S5",
             Id::S5Pg => "S5 PostgreSQL",
+            Id::S5Inbox => "S5 via the inbox",
             Id::S6 => "S6",
             Id::S7 => "S7",
             Id::MosquittoStorm => "S1 Mosquitto",
@@ -123,6 +128,10 @@ impl Id {
                 ),
                 "/s",
             ),
+            Id::S5Inbox => (
+                "durable transitions/s through the replicas' inbox, one applier".into(),
+                "/s",
+            ),
             Id::S6 => (
                 "simulator memory per device during the campaign".into(),
                 "KiB",
@@ -155,7 +164,7 @@ impl Id {
             Id::S3Rss => "≤ 1024 MiB at 10,000".into(),
             Id::S4 => "≤ 16 KiB".into(),
             Id::S5 => "≥ 50,000/s".into(),
-            Id::S5Pg => "-".into(),
+            Id::S5Pg | Id::S5Inbox => "-".into(),
             Id::S6 => "≤ 32 KiB".into(),
             Id::S7 => "≥ 5,000/s".into(),
             Id::MosquittoStorm | Id::AloftStorm => "-".into(),
@@ -207,6 +216,9 @@ pub struct BenchArgs {
     /// How long S5 writes, seconds.
     #[arg(long, default_value_t = 5)]
     store_secs: u64,
+    /// S5inbox: how many replicas write the inbox.
+    #[arg(long, default_value_t = 3)]
+    intakes: usize,
     /// Every wait gives up after this many seconds.
     #[arg(long, default_value_t = 180)]
     timeout_secs: u64,
@@ -248,9 +260,9 @@ impl Opts {
             Id::S1 | Id::S2 | Id::S3 | Id::S3Resent | Id::S3Rss | Id::S4 | Id::S6 => Id::S1,
             other => other,
         };
-        if id == Id::S5Pg {
-            // It needs PostgreSQL installed: asked for by name only.
-            return self.only.contains(&Id::S5Pg);
+        if id == Id::S5Pg || id == Id::S5Inbox {
+            // They need PostgreSQL installed: asked for by name only.
+            return self.only.contains(&id);
         }
         by_broker && (self.only.is_empty() || self.only.iter().any(|o| group(*o) == group(id)))
     }
@@ -408,7 +420,7 @@ async fn run_once(
     (out, course)
 }
 
-fn all_ids() -> [Id; 13] {
+fn all_ids() -> [Id; 14] {
     [
         Id::S1,
         Id::S1c,
@@ -419,6 +431,7 @@ fn all_ids() -> [Id; 13] {
         Id::S4,
         Id::S5,
         Id::S5Pg,
+        Id::S5Inbox,
         Id::S6,
         Id::S7,
         Id::MosquittoStorm,
@@ -474,6 +487,14 @@ async fn run_inner(
         let r = tokio::task::spawn_blocking(move || store::postgres_transitions_per_sec(n, secs))
             .await?;
         out.insert(Id::S5Pg, r.map_err(|e| format!("{e:#}")));
+    }
+    if opts.wants(Id::S5Inbox) {
+        let secs = Duration::from_secs(args.store_secs);
+        let intakes = args.intakes;
+        let r =
+            tokio::task::spawn_blocking(move || store::inbox_transitions_per_sec(intakes, n, secs))
+                .await?;
+        out.insert(Id::S5Inbox, r.map_err(|e| format!("{e:#}")));
     }
     Ok(course)
 }

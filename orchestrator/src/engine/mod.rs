@@ -388,7 +388,7 @@ impl Shell {
                 }
                 Ok(())
             }
-            crate::replica::inbox::KIND_MESSAGE => {
+            crate::replica::inbox::KIND_MESSAGE | crate::replica::inbox::KIND_OPERATOR => {
                 let Some(auth) = self.files.admin_auth.clone() else {
                     warn!(
                         id = row.id,

@@ -26,18 +26,27 @@ use crate::metrics::Metrics;
 use crate::store::pg::{describe_error, parse_url};
 use crate::store::StoreError;
 
-/// A message as received (topic and payload).
+/// A device's message as received (topic and payload).
 pub const KIND_MESSAGE: i16 = 0;
 /// A replica began serving chunks to a member: topic is the device, payload the campaign.
 pub const KIND_SERVED: i16 = 1;
+/// An operator's request as received: read before devices' messages.
+pub const KIND_OPERATOR: i16 = 2;
+/// Operators' requests read at once, at most.
+const OPERATOR_ROWS_PER_READ: i64 = 64;
+
+/// Where operators' requests are published (`aloft/v1/admin/<operator>/<op>`).
+const OPERATOR_PREFIX: &str = "aloft/v1/admin/";
 
 /// Rows waiting for the writer's thread; beyond it the link waits (the broker then holds
 /// back what it sends this replica).
 const QUEUE: usize = 8192;
 /// Most rows in one insert.
 const ROWS_PER_INSERT: usize = 512;
-/// Most rows the leader has read and not yet seen deleted; beyond it it reads no more.
-const IN_FLIGHT: usize = 4096;
+/// Most rows the leader has read and not yet seen deleted; beyond it it reads no more. Four
+/// of the engine's batches: enough to keep it busy, few enough that leaving them out of each
+/// read stays cheap.
+const IN_FLIGHT: usize = 1024;
 /// Most rows read at once.
 const ROWS_PER_READ: i64 = 512;
 /// How long the reader sleeps when no `NOTIFY` came: a bound on a lost wake-up.
@@ -111,8 +120,13 @@ impl InboxWriter {
     /// Queues a message as received; returns once it is queued (not yet committed: the
     /// device's acknowledgement comes from the leader, after the commit that applies it).
     pub async fn message(&self, topic: String, payload: Bytes) -> bool {
+        let kind = if topic.starts_with(OPERATOR_PREFIX) {
+            KIND_OPERATOR
+        } else {
+            KIND_MESSAGE
+        };
         let item = Item {
-            kind: KIND_MESSAGE,
+            kind,
             topic,
             payload,
             done: None,
@@ -316,7 +330,7 @@ fn read_loop(
         match read_once(c, &mut in_flight) {
             Ok(rows) => {
                 wait = RETRY_MIN;
-                let full = rows.len() as i64 == ROWS_PER_READ;
+                let full = rows.len() as i64 >= ROWS_PER_READ;
                 metrics.inbox("read", rows.len() as u64);
                 for row in rows {
                     if engine.blocking_send(Inbound::Inbox(row)).is_err() {
@@ -358,17 +372,37 @@ fn read_once(
             .collect::<Result<_, _>>()?;
         in_flight.retain(|id| present.contains(id));
     }
-    let room = IN_FLIGHT.saturating_sub(in_flight.len()) as i64;
-    if room == 0 {
-        return Ok(Vec::new());
+    let mut out = Vec::new();
+    // Operators first (a few, through their own index), then everything in id order.
+    for (sql, limit) in [
+        (
+            "SELECT id, kind, topic, payload FROM aloft_inbox \
+             WHERE kind = 2 AND NOT (id = ANY($1)) ORDER BY id LIMIT $2",
+            OPERATOR_ROWS_PER_READ,
+        ),
+        (
+            "SELECT id, kind, topic, payload FROM aloft_inbox WHERE NOT (id = ANY($1)) \
+             ORDER BY id LIMIT $2",
+            ROWS_PER_READ,
+        ),
+    ] {
+        let room = IN_FLIGHT.saturating_sub(in_flight.len()) as i64;
+        if room == 0 {
+            break;
+        }
+        let ids: Vec<i64> = in_flight.iter().copied().collect();
+        let rows = client.query(sql, &[&ids, &room.min(limit)])?;
+        read_rows(rows, in_flight, &mut out)?;
     }
-    let ids: Vec<i64> = in_flight.iter().copied().collect();
-    let rows = client.query(
-        "SELECT id, kind, topic, payload FROM aloft_inbox WHERE NOT (id = ANY($1)) \
-         ORDER BY id LIMIT $2",
-        &[&ids, &room.min(ROWS_PER_READ)],
-    )?;
-    let mut out = Vec::with_capacity(rows.len());
+    Ok(out)
+}
+
+/// Rows as [`InboxRow`]s, noted as handed over.
+fn read_rows(
+    rows: Vec<postgres::Row>,
+    in_flight: &mut BTreeSet<i64>,
+    out: &mut Vec<InboxRow>,
+) -> Result<(), postgres::Error> {
     for r in rows {
         let row = InboxRow {
             id: r.try_get(0)?,
@@ -379,5 +413,5 @@ fn read_once(
         in_flight.insert(row.id);
         out.push(row);
     }
-    Ok(out)
+    Ok(())
 }

@@ -2,9 +2,11 @@
 -- receives a share of the devices' and operators' messages (MQTT 5 shared subscriptions); it
 -- inserts each one here, and the replica holding the leader lease applies them in `id` order,
 -- deleting each row in the very transaction that commits what it caused. A row is therefore
--- applied once, by one process, whoever received it; `kind` 0 is a message as received (topic
--- and payload), 1 a note that a replica began serving chunks to a member (topic: the device,
--- payload: the campaign), made durable before its first chunk leaves.
+-- applied once, by one process, whoever received it; `kind` 0 is a device's message as received
+-- (topic and payload), 2 an operator's, 1 a note that a replica began serving chunks to a member
+-- (topic: the device, payload: the campaign), made durable before its first chunk leaves.
+-- Operators' requests are read first (their own index): a pause must not wait behind a fleet's
+-- backlog of reports.
 CREATE TABLE aloft_inbox (
     id bigserial PRIMARY KEY,
     kind smallint NOT NULL,
@@ -13,3 +15,4 @@ CREATE TABLE aloft_inbox (
     payload bytea NOT NULL,
     received_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE INDEX aloft_inbox_operators ON aloft_inbox (id) WHERE kind = 2;
