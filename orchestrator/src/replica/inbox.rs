@@ -249,9 +249,11 @@ fn insert(client: &mut Client, replica: &str, batch: &[Item]) -> Result<(), post
     if batch.iter().all(|i| i.done.is_none()) {
         tx.batch_execute("SET LOCAL synchronous_commit = off")?;
     }
+    // A device's message already waiting is not written twice (`aloft_inbox_once`).
     tx.execute(
         "INSERT INTO aloft_inbox (kind, replica, topic, payload) \
-         SELECT k, $1, t, p FROM unnest($2::smallint[], $3::text[], $4::bytea[]) AS u(k, t, p)",
+         SELECT k, $1, t, p FROM unnest($2::smallint[], $3::text[], $4::bytea[]) AS u(k, t, p) \
+         ON CONFLICT (topic, md5(payload)) WHERE kind = 0 DO NOTHING",
         &[&replica, &kinds, &topics, &payloads],
     )?;
     // Delivered at commit: the leader's reader wakes once the rows are visible.
@@ -414,4 +416,59 @@ fn read_rows(
         out.push(row);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::pg_cluster::TempCluster;
+    use crate::store::{Store, StoreLocation};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_already_waiting_is_written_once_and_operators_are_read_first() {
+        let cluster = tokio::task::spawn_blocking(TempCluster::start)
+            .await
+            .unwrap()
+            .unwrap();
+        let url = cluster.create_database("inbox").unwrap();
+        let at = StoreLocation::Postgres(url.clone());
+        let key = aloft_vault::MasterKey::generate().unwrap();
+        tokio::task::spawn_blocking(move || Store::create_at(&at, key).map(drop))
+            .await
+            .unwrap()
+            .unwrap();
+        let metrics = Metrics::new(None, None);
+        let writer = InboxWriter::start(&url, "r1".into(), metrics.clone()).unwrap();
+        let status = "aloft/v1/d/dev-1/status".to_owned();
+        let report = Bytes::from_static(br#"{"seq":1}"#);
+        // The same report twice (sent again, or reaching two replicas), then another.
+        for payload in [report.clone(), report, Bytes::from_static(br#"{"seq":2}"#)] {
+            assert!(writer.message(status.clone(), payload).await);
+        }
+        assert!(
+            writer
+                .message("aloft/v1/admin/ops/campaign_pause".into(), Bytes::new())
+                .await
+        );
+        let count = || cluster.psql("inbox", "SELECT count(*)::text FROM aloft_inbox");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while count().unwrap() != "3" {
+            assert!(std::time::Instant::now() < deadline, "{:?}", count());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The operator's request was written last and is read first.
+        let (tx, mut rx) = mpsc::channel(16);
+        let _reader = InboxReader::start(&url, tx, metrics).unwrap();
+        let mut kinds = Vec::new();
+        for _ in 0..3 {
+            match rx.recv().await {
+                Some(Inbound::Inbox(row)) => kinds.push(row.kind),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(kinds, vec![KIND_OPERATOR, KIND_MESSAGE, KIND_MESSAGE]);
+        tokio::task::spawn_blocking(move || drop(cluster))
+            .await
+            .unwrap();
+    }
 }

@@ -16,3 +16,8 @@ CREATE TABLE aloft_inbox (
     received_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX aloft_inbox_operators ON aloft_inbox (id) WHERE kind = 2;
+-- A device's message waits here once: a copy of one still waiting (a device sending its report
+-- again while the leader is behind, the same report reaching two replicas) is not written. Once
+-- applied (deleted), the same message may come in again: a device whose acknowledgement was lost
+-- gets one.
+CREATE UNIQUE INDEX aloft_inbox_once ON aloft_inbox (topic, md5(payload)) WHERE kind = 0;
