@@ -368,7 +368,9 @@ impl Metrics {
         })
     }
 
-    /// (Replicas) `n` rows of the replicas' inbox `op` ("written", "read", "write_failed").
+    /// (Replicas) `n` rows of the replicas' inbox `op` ("written", "already_waiting": a
+    /// device's message not written again, "read", "write_failed", "queue_full",
+    /// "touch_dropped").
     pub fn inbox(&self, op: &str, n: u64) {
         self.inbox_rows.with_label_values(&[op]).inc_by(n);
     }

@@ -213,9 +213,13 @@ fn write_loop(
             }
             let Some(c) = client.as_mut() else { continue };
             match insert(c, &replica, &batch) {
-                Ok(()) => {
+                Ok(inserted) => {
                     wait = RETRY_MIN;
-                    metrics.inbox("written", batch.len() as u64);
+                    metrics.inbox("written", inserted);
+                    metrics.inbox(
+                        "already_waiting",
+                        (batch.len() as u64).saturating_sub(inserted),
+                    );
                     for item in batch.drain(..) {
                         if let Some(done) = item.done {
                             done();
@@ -236,7 +240,8 @@ fn write_loop(
     debug!("inbox writer stops: every sender is gone");
 }
 
-fn insert(client: &mut Client, replica: &str, batch: &[Item]) -> Result<(), postgres::Error> {
+/// Inserts a batch in one transaction; returns how many rows were new.
+fn insert(client: &mut Client, replica: &str, batch: &[Item]) -> Result<u64, postgres::Error> {
     let kinds: Vec<i16> = batch.iter().map(|i| i.kind).collect();
     let topics: Vec<&str> = batch.iter().map(|i| i.topic.as_str()).collect();
     let payloads: Vec<&[u8]> = batch.iter().map(|i| &i.payload[..]).collect();
@@ -250,7 +255,7 @@ fn insert(client: &mut Client, replica: &str, batch: &[Item]) -> Result<(), post
         tx.batch_execute("SET LOCAL synchronous_commit = off")?;
     }
     // A device's message already waiting is not written twice (`aloft_inbox_once`).
-    tx.execute(
+    let inserted = tx.execute(
         "INSERT INTO aloft_inbox (kind, replica, topic, payload) \
          SELECT k, $1, t, p FROM unnest($2::smallint[], $3::text[], $4::bytea[]) AS u(k, t, p) \
          ON CONFLICT (topic, md5(payload)) WHERE kind = 0 DO NOTHING",
@@ -258,7 +263,8 @@ fn insert(client: &mut Client, replica: &str, batch: &[Item]) -> Result<(), post
     )?;
     // Delivered at commit: the leader's reader wakes once the rows are visible.
     tx.batch_execute("NOTIFY aloft_inbox")?;
-    tx.commit()
+    tx.commit()?;
+    Ok(inserted)
 }
 
 /// Reads the inbox for the leader's engine, until stopped or the engine is gone.
