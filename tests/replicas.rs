@@ -73,6 +73,65 @@ async fn leader(replicas: &[Option<OrchestratorProcess>]) -> usize {
     }
 }
 
+/// What every replica test runs on: a lab whose store is in a throwaway PostgreSQL cluster,
+/// and Mosquitto with the generated configuration.
+struct Bed {
+    tmp: tempfile::TempDir,
+    cluster: aloft_orchestrator::store::pg_cluster::TempCluster,
+    lab: Lab,
+    url: String,
+    mosquitto: aloft_e2e::bench::mosquitto::Mosquitto,
+    broker: SocketAddr,
+}
+
+impl Bed {
+    async fn new() -> Bed {
+        let tmp = tempfile::tempdir().unwrap();
+        let cluster = start_cluster().await;
+        let (lab, url) = lab_on_postgres_url(tmp.path(), &cluster);
+        let mosquitto = lab.start_mosquitto().await.unwrap();
+        let broker = mosquitto.addr;
+        Bed {
+            tmp,
+            cluster,
+            lab,
+            url,
+            mosquitto,
+            broker,
+        }
+    }
+
+    /// `n` devices registered from their certificates, running with a chunk window of
+    /// `window`, connected to the broker; and the operator.
+    async fn fleet(
+        &self,
+        n: usize,
+        window: u32,
+    ) -> (aloft_orchestrator::admin::client::AdminClient, Fleet) {
+        let admin = self.lab.operator(self.broker).await.unwrap();
+        let identities = self.lab.enroll_fleet("dev", n).unwrap();
+        self.lab.register(&admin, &identities).await.unwrap();
+        let mut cfg = self.lab.fleet_config(self.broker);
+        cfg.window = window;
+        let fleet = Fleet::start(&cfg, identities).unwrap();
+        wait_registered(&admin, n, LIMIT).await.unwrap();
+        assert!(fleet.wait_all(LIMIT, |v| v.connected).await);
+        (admin, fleet)
+    }
+
+    /// Stops the replicas, the broker and the database.
+    async fn close(self, mut replicas: Vec<Option<OrchestratorProcess>>) {
+        for p in &mut replicas {
+            kill(p);
+        }
+        drop(self.mosquitto);
+        let cluster = self.cluster;
+        tokio::task::spawn_blocking(move || drop(cluster))
+            .await
+            .unwrap();
+    }
+}
+
 fn kill(p: &mut Option<OrchestratorProcess>) {
     if let Some(p) = p.take() {
         p.kill9().unwrap();
@@ -105,26 +164,16 @@ async fn states(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_lose_a_follower_then_the_leader_and_the_campaign_completes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cluster = start_cluster().await;
-    let (lab, url) = lab_on_postgres_url(tmp.path(), &cluster);
-    let mosquitto = lab.start_mosquitto().await.unwrap();
-    let broker = mosquitto.addr;
-    let start = |id| Some(replica(&lab, &url, broker, id));
+    let bed = Bed::new().await;
+    let (lab, url, broker) = (&bed.lab, &bed.url, bed.broker);
+    let start = |id| Some(replica(lab, url, broker, id));
     let mut r = vec![start("r0"), None, None];
     assert_eq!(leader(&r).await, 0);
     r[1] = start("r1");
     r[2] = start("r2");
     assert_eq!(leader(&r).await, 0);
 
-    let admin = lab.operator(broker).await.unwrap();
-    let identities = lab.enroll_fleet("dev", DEVICES).unwrap();
-    lab.register(&admin, &identities).await.unwrap();
-    let mut cfg = lab.fleet_config(broker);
-    cfg.window = 4;
-    let fleet = Fleet::start(&cfg, identities).unwrap();
-    wait_registered(&admin, DEVICES, LIMIT).await.unwrap();
-    assert!(fleet.wait_all(LIMIT, |v| v.connected).await);
+    let (admin, fleet) = bed.fleet(DEVICES, 4).await;
 
     // Two waves: a canary of 50, then the rest.
     let mut spec = ReleaseSpec::new("2.0.0", 2, 64 * 1024);
@@ -196,10 +245,11 @@ async fn three_replicas_lose_a_follower_then_the_leader_and_the_campaign_complet
     for p in &mut r {
         kill(p);
     }
+    let url = url.clone();
 
     // What the store says: each wave opened once, each member notified once, the chain whole.
     let key = ops::open_keystore(&lab.data_dir, &lab.unlock()).unwrap();
-    let at = StoreLocation::Postgres(url.clone());
+    let at = StoreLocation::Postgres(url);
     let store = tokio::task::spawn_blocking(move || Store::open_sharing(&at, key, Sharing::Reader))
         .await
         .unwrap()
@@ -222,34 +272,21 @@ async fn three_replicas_lose_a_follower_then_the_leader_and_the_campaign_complet
     assert_eq!(record.rollout.opened_ms.len(), 2, "{:?}", record.rollout);
     assert_eq!(notified, DEVICES, "every member notified once");
     assert!(chain.is_ok(), "{chain:?}");
-    drop(mosquitto);
-    tokio::task::spawn_blocking(move || drop(cluster))
-        .await
-        .unwrap();
+    bed.close(r).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_stopped_under_three_replicas_holds_acknowledgements_until_it_is_back() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cluster = start_cluster().await;
-    let (lab, url) = lab_on_postgres_url(tmp.path(), &cluster);
-    let mosquitto = lab.start_mosquitto().await.unwrap();
-    let broker = mosquitto.addr;
+    let mut bed = Bed::new().await;
     // A lease longer than the outage: the leader still holds it when the database is back.
-    let start = |id| Some(replica_with_ttl(&lab, &url, broker, id, 15));
+    let (lab, url, broker) = (&bed.lab, bed.url.clone(), bed.broker);
+    let start = |id| Some(replica_with_ttl(lab, &url, broker, id, 15));
     let mut r = vec![start("r0"), None, None];
     assert_eq!(leader(&r).await, 0);
     r[1] = start("r1");
     r[2] = start("r2");
 
-    let admin = lab.operator(broker).await.unwrap();
-    let identities = lab.enroll_fleet("dev", 30).unwrap();
-    lab.register(&admin, &identities).await.unwrap();
-    let mut cfg = lab.fleet_config(broker);
-    cfg.window = 2;
-    let fleet = Fleet::start(&cfg, identities).unwrap();
-    wait_registered(&admin, 30, LIMIT).await.unwrap();
-    assert!(fleet.wait_all(LIMIT, |v| v.connected).await);
+    let (admin, fleet) = bed.fleet(30, 2).await;
     let mut spec = ReleaseSpec::new("2.0.0", 2, 256 * 1024);
     spec.chunk_bytes = 4 * 1024;
     let campaign = lab.release_to_all(&admin, &spec).await.unwrap();
@@ -259,7 +296,7 @@ async fn postgresql_stopped_under_three_replicas_holds_acknowledgements_until_it
     .await
     .unwrap();
 
-    tokio::task::block_in_place(|| cluster.stop()).unwrap();
+    tokio::task::block_in_place(|| bed.cluster.stop()).unwrap();
     // Whichever replica receives it cannot write it to the inbox, and the leader could not
     // commit it: the pause waits unanswered, and no device's acknowledged state moves.
     let pause = pause_in_background(admin, &campaign);
@@ -272,20 +309,14 @@ async fn postgresql_stopped_under_three_replicas_holds_acknowledgements_until_it
         );
     }
 
-    tokio::task::block_in_place(|| cluster.start_server()).unwrap();
+    tokio::task::block_in_place(|| bed.cluster.start_server()).unwrap();
     let admin = pause_answered(pause).await;
     assert_eq!(leader(&r).await, 0);
     none_lost(&acked, &states(&admin, &campaign).await);
     resume_until_all_succeeded(&admin, &campaign, 30).await;
     fleet.shutdown().await;
     admin.disconnect().await;
-    for p in &mut r {
-        kill(p);
-    }
-    drop(mosquitto);
-    tokio::task::spawn_blocking(move || drop(cluster))
-        .await
-        .unwrap();
+    bed.close(r).await;
 }
 
 /// A replica on another host has its own data directory, whose root of trust and CRL are the
@@ -298,13 +329,10 @@ async fn a_replica_with_its_own_data_directory_takes_over_with_the_newest_root_a
     use aloft_certs::revocation::{RevocationReason, RevocationState};
     use aloft_orchestrator::admin::wire::AdminBody;
 
-    let tmp = tempfile::tempdir().unwrap();
-    let cluster = start_cluster().await;
-    let (lab, url) = lab_on_postgres_url(tmp.path(), &cluster);
-    let mosquitto = lab.start_mosquitto().await.unwrap();
-    let broker = mosquitto.addr;
+    let bed = Bed::new().await;
+    let (lab, url, broker) = (&bed.lab, &bed.url, bed.broker);
     // The other host's copy, made before any root or CRL was pushed.
-    let other = tmp.path().join("other-host").join("data");
+    let other = bed.tmp.path().join("other-host").join("data");
     std::fs::create_dir_all(other.parent().unwrap()).unwrap();
     let copied = std::process::Command::new("cp")
         .arg("-a")
@@ -313,10 +341,10 @@ async fn a_replica_with_its_own_data_directory_takes_over_with_the_newest_root_a
         .status()
         .unwrap();
     assert!(copied.success());
-    let mut r = vec![Some(replica(&lab, &url, broker, "r0")), None];
+    let mut r = vec![Some(replica(lab, url, broker, "r0")), None];
     assert_eq!(leader(&r).await, 0);
     r[1] = Some(
-        lab.spawn_replica_in(&other, exe(), broker, &url, "r1", 3)
+        lab.spawn_replica_in(&other, exe(), broker, url, "r1", 3)
             .unwrap(),
     );
 
@@ -378,11 +406,5 @@ async fn a_replica_with_its_own_data_directory_takes_over_with_the_newest_root_a
         .collect();
     assert_eq!(revoked, vec![devices[0].id.as_str()], "{list}");
     admin.disconnect().await;
-    for p in &mut r {
-        kill(p);
-    }
-    drop(mosquitto);
-    tokio::task::spawn_blocking(move || drop(cluster))
-        .await
-        .unwrap();
+    bed.close(r).await;
 }
