@@ -443,6 +443,26 @@ async fn with_the_deployed_settings_nothing_is_acknowledged_while_the_synchronou
 
     tokio::task::block_in_place(|| standby.stop()).unwrap();
     let pause = pause_in_background(admin, &campaign);
+    // A commit the standby confirmed just before it stopped may still have its acks on the
+    // way to the devices. Once a commit waits for the standby (`SyncRep`), the engine is held
+    // in it, and every earlier commit's acks were handed to the front before it began: after
+    // a moment for those to arrive, nothing more may be acknowledged.
+    let started = std::time::Instant::now();
+    while primary
+        .psql(
+            "e2e",
+            "SELECT count(*)::text FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+        )
+        .unwrap()
+        == "0"
+    {
+        assert!(
+            started.elapsed() < LIMIT,
+            "no commit waited for the standby"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_nothing_acknowledged(
         &fleet,
         &campaign,
