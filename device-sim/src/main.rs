@@ -61,9 +61,11 @@ enum Command {
     Run {
         #[arg(long)]
         dir: PathBuf,
-        /// The orchestrator's device listener.
-        #[arg(long, default_value = "127.0.0.1:8883")]
-        server: String,
+        /// The orchestrator's device listener, or the external broker's; repeat for the nodes
+        /// of a broker cluster: devices are spread over them in turn (the n-th enrolled device
+        /// on the (n mod count)-th server).
+        #[arg(long = "server", default_value = "127.0.0.1:8883")]
+        servers: Vec<String>,
         /// The root of trust the devices were provisioned with (JSON SignedRoot): it names the
         /// release keys they accept [default: DIR/root.json, written by `enroll --root`].
         #[arg(long, value_name = "FILE")]
@@ -141,7 +143,7 @@ fn main() -> Result<()> {
         }
         Command::Run {
             dir,
-            server,
+            servers,
             root,
             hardware_model,
             initial_version,
@@ -170,10 +172,17 @@ fn main() -> Result<()> {
                 faults.seed = s;
             }
             faults.validate()?;
-            let (host, port) = server
-                .rsplit_once(':')
-                .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
-                .with_context(|| format!("--server {server}: expected host:port"))?;
+            let mut addrs = servers
+                .iter()
+                .map(|server| {
+                    server
+                        .rsplit_once(':')
+                        .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+                        .with_context(|| format!("--server {server}: expected host:port"))
+                })
+                .collect::<Result<Vec<_>>>()?
+                .into_iter();
+            let (host, port) = addrs.next().context("no --server")?;
             let root_path = root.unwrap_or_else(|| dir.join(identity::ROOT_FILE));
             if !root_path.exists() {
                 bail!(
@@ -187,6 +196,7 @@ fn main() -> Result<()> {
                 bail!("no enrolled devices with certificates in {}", dir.display());
             }
             let mut cfg = FleetConfig::new(host, port, ca_pem, dir);
+            cfg.more_servers = addrs.collect();
             cfg.root = Some(root);
             cfg.hardware_model = hardware_model;
             cfg.initial_version = initial_version;
@@ -197,7 +207,11 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
                 let fleet = Fleet::start(&cfg, devices)?;
-                eprintln!("running {} devices against {server}", fleet.len());
+                eprintln!(
+                    "running {} devices against {}",
+                    fleet.len(),
+                    servers.join(", ")
+                );
                 let mut every = tokio::time::interval(Duration::from_secs(5));
                 loop {
                     tokio::select! {

@@ -48,6 +48,9 @@ pub struct FleetConfig {
     /// `host:port` of the orchestrator's device listener.
     pub host: String,
     pub port: u16,
+    /// Further listeners of the same broker (the other nodes of a cluster), `(host, port)`:
+    /// devices are spread over `host:port` and these in turn ([`FleetConfig::server_for`]).
+    pub more_servers: Vec<(String, u16)>,
     pub ca_pem: String,
     /// The root of trust the devices were provisioned with (it names the release keys they
     /// accept). Required: [`Fleet::start`] refuses a fleet without one.
@@ -99,6 +102,7 @@ impl FleetConfig {
         FleetConfig {
             host: host.into(),
             port,
+            more_servers: Vec::new(),
             ca_pem,
             root: None,
             hardware_model: "sim-v1".into(),
@@ -119,6 +123,18 @@ impl FleetConfig {
             origin_max_failures: 4,
             conditions: ConditionModel::default(),
             precondition_recheck_ms: 1_000,
+        }
+    }
+
+    /// Where the `n`-th device given to [`Fleet::start`] connects: `host:port` and
+    /// `more_servers` round-robin, so that each of `k` servers gets every `k`-th device.
+    pub fn server_for(&self, n: usize) -> (&str, u16) {
+        match n % (1 + self.more_servers.len()) {
+            0 => (&self.host, self.port),
+            i => {
+                let (host, port) = &self.more_servers[i - 1];
+                (host, *port)
+            }
         }
     }
 }
@@ -336,7 +352,8 @@ impl Fleet {
             renewers.insert(ident.id.clone(), renewer.clone());
             // The device connects with the renewer's current settings; these are the same ones,
             // not a second copy (each holds the parsed CA, certificate, key and session cache).
-            let mut tcfg = TransportConfig::new(cfg.host.clone(), cfg.port, renewer.tls());
+            let (host, port) = cfg.server_for(n);
+            let mut tcfg = TransportConfig::new(host, port, renewer.tls());
             tcfg.connect_gate = Some(gate.clone());
             tcfg.renewal = Some(renewer);
             tcfg.origin = origin.clone();
@@ -606,6 +623,27 @@ mod tests {
         );
         assert!(s.faults.validate().is_ok());
         assert!(toml::from_str::<Scenario>("[faults]\nlink_drop_chance = 0.1\n").is_err());
+    }
+
+    #[test]
+    fn devices_are_spread_over_every_server_in_turn() {
+        let mut cfg = FleetConfig::new("a", 1, String::new(), PathBuf::new());
+        assert_eq!(cfg.server_for(0), ("a", 1));
+        assert_eq!(cfg.server_for(7), ("a", 1), "one server takes every device");
+        cfg.more_servers = vec![("b".into(), 2), ("c".into(), 3)];
+        let spread: Vec<(&str, u16)> = (0..7).map(|n| cfg.server_for(n)).collect();
+        assert_eq!(
+            spread,
+            [
+                ("a", 1),
+                ("b", 2),
+                ("c", 3),
+                ("a", 1),
+                ("b", 2),
+                ("c", 3),
+                ("a", 1)
+            ]
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `aloft broker-config`: an external broker's configuration generated from Aloft's PKI, so that
 //! the broker enforces what the front enforces (TLS 1.3, a client certificate from the fleet CA,
 //! the CRL, identity from the certificate, each device on its own topics only). Mosquitto 2 is
-//! generated here; deploy/ holds the other brokers' equivalents, written by hand.
+//! generated here; the other brokers' files come from `broker_rules` (copies in deploy/).
 //!
 //! The text is made by pure functions (`mosquitto_conf`, `mosquitto_acl`); [`write_mosquitto`]
 //! issues the broker's server certificate and writes the files.
@@ -170,6 +170,8 @@ pub enum OtherBroker {
     Emqx,
     Vernemq,
     Hivemq,
+    /// rmqttd 0.24: `rmqtt.toml` and its plugins' files (`plugins/`).
+    Rmqtt,
 }
 
 /// Writes the TLS material (as [`write_mosquitto`] does) and `broker`'s settings and rules
@@ -200,6 +202,20 @@ pub fn write_other(
             ("config.xml", r::hivemq_config(broker_dir, port)),
             ("credentials.xml", r::hivemq_rbac(&names)),
         ],
+        OtherBroker::Rmqtt => {
+            let plugins = out.join("plugins");
+            std::fs::create_dir_all(&plugins)
+                .with_context(|| format!("creating {}", plugins.display()))?;
+            vec![
+                ("rmqtt.toml", r::rmqtt_conf(broker_dir, opts.listen)),
+                ("plugins/rmqtt-acl.toml", r::rmqtt_acl(&names)),
+                ("plugins/rmqtt-retainer.toml", r::rmqtt_retainer(broker_dir)),
+                (
+                    "plugins/rmqtt-shared-subscription.toml",
+                    r::rmqtt_shared_subscription(),
+                ),
+            ]
+        }
     };
     let mut written = Vec::new();
     for (name, text) in texts {

@@ -186,6 +186,11 @@ pub enum BrokerConfigCommand {
     /// HiveMQ 4: config.xml (TLS 1.3 listener, client certificate required) and the File RBAC
     /// extension's credentials.xml.
     Hivemq(OtherBrokerArgs),
+    /// RMQTT (rmqttd 0.24): rmqtt.toml (a TLS listener on `--listen` that requires a client
+    /// certificate from the fleet CA, CN as user name) and plugins/ (rmqtt-acl rules from the
+    /// same topic table, retained messages on disk, shared subscriptions). deploy/rmqtt makes
+    /// a cluster of it.
+    Rmqtt(OtherBrokerArgs),
     /// AWS IoT Core: policy documents (device, orchestrator, one per operator) with policy
     /// variables (`${iot:Connection.Thing.ThingName}`).
     AwsIot {
@@ -271,7 +276,7 @@ impl StoreArgs {
     }
 }
 
-/// `aloft broker-config emqx|vernemq|hivemq`.
+/// `aloft broker-config emqx|vernemq|hivemq|rmqtt`.
 #[derive(Args, Debug)]
 pub struct OtherBrokerArgs {
     /// The data directory `aloft init` made (its fleet CA signs the broker's certificate).
@@ -308,7 +313,7 @@ fn operator_roles(operators: &[String]) -> Result<Vec<(OperatorId, OperatorRole)
         .collect()
 }
 
-/// `aloft broker-config emqx|vernemq|hivemq`: the TLS material and the broker's files.
+/// `aloft broker-config emqx|vernemq|hivemq|rmqtt`: the TLS material and the broker's files.
 fn broker_config_other(
     broker: crate::broker_config::OtherBroker,
     a: OtherBrokerArgs,
@@ -798,6 +803,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::BrokerConfig(BrokerConfigCommand::Hivemq(a)) => {
             broker_config_other(crate::broker_config::OtherBroker::Hivemq, a)
+        }
+        Command::BrokerConfig(BrokerConfigCommand::Rmqtt(a)) => {
+            broker_config_other(crate::broker_config::OtherBroker::Rmqtt, a)
         }
         Command::GenerateConfig => {
             print!("{DEFAULT_CONFIG_TOML}");

@@ -1,7 +1,8 @@
 //! Each broker's generated rules, read back by a small interpreter of its own format, must
 //! answer a matrix of requests (a device on its own and another device's topics, wildcards,
 //! retained jobs, admin requests; an operator; the orchestrator) exactly as the topic table
-//! does, and so as the Mosquitto ACL does. deploy/ must hold exactly what the generators write.
+//! does, and so as the Mosquitto ACL does (retain apart, for the formats that cannot say it).
+//! deploy/ must hold exactly what the generators write.
 
 use super::*;
 
@@ -306,6 +307,64 @@ fn aws_allows(policies: &[(String, String)], (who, access, topic, retain): Reque
     }
 }
 
+/// rmqtt-acl's matching of a requested topic or filter against a rule's filter (its topic
+/// trie): `#` in the rule takes the rest (none included), `+` any one level of the request
+/// (a `+` or `#` in it too), any other level only itself.
+fn rmqtt_trie_matches(rule: &[&str], requested: &[&str]) -> bool {
+    match (rule.split_first(), requested.split_first()) {
+        (Some((&"#", _)), _) => true,
+        (None, None) => true,
+        (Some((&"+", r)), Some((_, q))) => rmqtt_trie_matches(r, q),
+        (Some((l, r)), Some((m, q))) => l == m && rmqtt_trie_matches(r, q),
+        _ => false,
+    }
+}
+
+/// rmqttd's `rmqtt-acl.toml` as the plugin reads it: the first rule whose control covers the
+/// request, whose users all match the client and whose topics match decides; no match refuses.
+/// A rule without topics matches every topic; `%u` is the client's user name (its CN).
+/// Retain is not part of the format: `retain` is ignored.
+fn rmqtt_allows(acl: &str, (who, access, topic, _retain): Request) -> bool {
+    let doc: toml::Value = toml::from_str(acl).unwrap();
+    let t = root(topic);
+    let requested: Vec<&str> = t.split('/').collect();
+    for rule in doc["rules"].as_array().unwrap() {
+        let rule = rule.as_array().unwrap();
+        let allow = match rule[0].as_str().unwrap() {
+            "allow" => true,
+            "deny" => false,
+            other => panic!("unknown access {other}"),
+        };
+        let users_match = match &rule[1] {
+            toml::Value::String(s) if s == "all" => true,
+            toml::Value::Table(t) => {
+                assert_eq!(t.len(), 1, "only user conditions are generated: {t:?}");
+                t["user"].as_str().unwrap() == who.name()
+            }
+            other => panic!("unknown user {other:?}"),
+        };
+        let control = rule.get(2).map_or("all", |c| c.as_str().unwrap());
+        let control_match = match control {
+            "all" | "pubsub" => true,
+            "publish" => access == P,
+            "subscribe" => access == S,
+            "connect" => false,
+            other => panic!("unknown control {other}"),
+        };
+        let topics_match = match rule.get(3) {
+            None => true,
+            Some(list) => list.as_array().unwrap().iter().any(|f| {
+                let f = f.as_str().unwrap().replace("%u", who.name());
+                rmqtt_trie_matches(&f.split('/').collect::<Vec<_>>(), &requested)
+            }),
+        };
+        if users_match && control_match && topics_match {
+            return allow;
+        }
+    }
+    false
+}
+
 fn check(name: &str, allows: impl Fn(Request) -> bool) {
     for req in matrix() {
         assert_eq!(
@@ -365,6 +424,52 @@ fn vernemq_rules_are_the_mosquitto_acl() {
 }
 
 #[test]
+fn rmqtt_rules_answer_like_the_table_apart_from_retain() {
+    let acl = rmqtt_acl(&ops());
+    for req in matrix() {
+        // As Mosquitto's, rmqtt-acl's rules cannot say "not retained" (SECURITY.md).
+        let (who, access, topic, retain) = req;
+        if retain && matches!(who, Who::Device(_)) && table_allows((who, access, topic, false)) {
+            assert!(rmqtt_allows(&acl, req));
+            continue;
+        }
+        assert_eq!(rmqtt_allows(&acl, req), table_allows(req), "{req:?}");
+    }
+}
+
+#[test]
+fn rmqtt_lets_every_client_connect_first_and_ends_with_a_refusal() {
+    let acl = rmqtt_acl(&ops());
+    let doc: toml::Value = toml::from_str(&acl).unwrap();
+    let rules = doc["rules"].as_array().unwrap();
+    // rmqtt-acl also decides CONNECTs with the first matching rule: a rule before this one
+    // that denies "all" of a user would keep that user out.
+    assert_eq!(rules[0].as_array().unwrap()[2].as_str(), Some("connect"));
+    assert_eq!(
+        rules.last().unwrap().as_array().unwrap().len(),
+        2,
+        "the last rule denies everything"
+    );
+    assert_eq!(doc["disconnect_if_pub_rejected"].as_bool(), Some(false));
+}
+
+#[test]
+fn rmqtt_trie_matching_takes_a_requested_wildcard_literally() {
+    let m = |rule: &str, req: &str| {
+        rmqtt_trie_matches(
+            &rule.split('/').collect::<Vec<_>>(),
+            &req.split('/').collect::<Vec<_>>(),
+        )
+    };
+    assert!(m("a/d/x/#", "a/d/x/#"));
+    assert!(m("a/d/x/#", "a/d/x"));
+    assert!(m("a/d/+/s", "a/d/+/s"));
+    assert!(!m("a/d/x/#", "a/d/+/job"));
+    assert!(!m("a/d/x/#", "#"));
+    assert!(!m("a/d/+/s", "a/d/#"));
+}
+
+#[test]
 fn emqx_rules_answer_like_the_table() {
     let acl = emqx_acl(&ops());
     check("emqx", |r| emqx_allows(&acl, r));
@@ -419,6 +524,27 @@ fn the_broker_settings_require_a_fleet_certificate_over_tls_13() {
     let h = hivemq_config("/opt/hivemq/aloft", 8883);
     assert!(h.contains("<client-authentication-mode>REQUIRED</client-authentication-mode>"));
     assert!(h.contains("<protocol>TLSv1.3</protocol>"));
+    // rmqttd offers TLS 1.2 too (no setting for the version): the certificate is required.
+    let r: toml::Value = toml::from_str(&rmqtt_conf(
+        "/etc/rmqtt/aloft",
+        "0.0.0.0:8883".parse().unwrap(),
+    ))
+    .unwrap();
+    let tls = &r["listener"]["tls"]["external"];
+    assert_eq!(tls["cross_certificate"].as_bool(), Some(true));
+    assert_eq!(
+        tls["client_ca_certs"].as_str(),
+        Some("/etc/rmqtt/aloft/ca.crt")
+    );
+    assert_eq!(tls["cert_cn_as_username"].as_bool(), Some(true));
+    assert_eq!(tls["allow_anonymous"].as_bool(), Some(false));
+    assert!(r["listener"].get("tcp").is_none(), "no plain listener");
+    let startups = r["plugins"]["default_startups"].as_array().unwrap();
+    for p in ["rmqtt-acl", "rmqtt-retainer", "rmqtt-shared-subscription"] {
+        assert!(startups.iter().any(|s| s.as_str() == Some(p)), "{p}");
+    }
+    let retainer: toml::Value = toml::from_str(&rmqtt_retainer("/etc/rmqtt/aloft")).unwrap();
+    assert_eq!(retainer["retained_message_ttl"].as_str(), Some("0m"));
 }
 
 /// deploy/ is what the generators write for `/etc/<broker>/aloft`, port 8883 and operator
@@ -458,6 +584,22 @@ fn deploy_files() -> Vec<(String, String)> {
         (
             "deploy/hivemq/credentials.xml".to_owned(),
             hivemq_rbac(&ops()),
+        ),
+        (
+            "deploy/rmqtt/rmqtt.toml".to_owned(),
+            rmqtt_conf("/etc/rmqtt/aloft", "0.0.0.0:8883".parse().unwrap()),
+        ),
+        (
+            "deploy/rmqtt/plugins/rmqtt-acl.toml".to_owned(),
+            rmqtt_acl(&ops()),
+        ),
+        (
+            "deploy/rmqtt/plugins/rmqtt-retainer.toml".to_owned(),
+            rmqtt_retainer("/etc/rmqtt/aloft"),
+        ),
+        (
+            "deploy/rmqtt/plugins/rmqtt-shared-subscription.toml".to_owned(),
+            rmqtt_shared_subscription(),
         ),
     ];
     for (name, doc) in aws_iot_policies("arn:aws:iot:REGION:ACCOUNT", &ops()) {
