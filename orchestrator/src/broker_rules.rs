@@ -8,6 +8,9 @@
 use std::fmt::Write as _;
 
 use aloft_certs::ORCHESTRATOR_COMMON_NAME;
+
+/// The orchestrator's MQTT client id beside a broker; a replica appends `-<replica id>`.
+pub const ORCHESTRATOR_CLIENT_ID: &str = "aloft-orchestrator";
 use aloft_proto::{topics, OperatorId};
 
 /// Who a grant is for.
@@ -534,7 +537,7 @@ pub fn aws_iot_policies(arn: &str, operators: &[OperatorId]) -> Vec<(String, Str
             format!("{arn}:topic/{}", t.replace(['+', '#'], "*"))
         }
     };
-    let policy = |who: Principal, name: &str, client: &str, share: bool| {
+    let policy = |who: Principal, name: &str, clients: &[&str], share: bool| {
         let pubs: Vec<String> = grants(who, P)
             .map(|g| topic(g.filter, name, false))
             .collect();
@@ -557,7 +560,10 @@ pub fn aws_iot_policies(arn: &str, operators: &[OperatorId]) -> Vec<(String, Str
         let mut statements = vec![serde_json::json!({
             "Effect": "Allow",
             "Action": "iot:Connect",
-            "Resource": format!("{arn}:client/{client}"),
+            "Resource": match clients {
+                [one] => serde_json::json!(format!("{arn}:client/{one}")),
+                _ => serde_json::json!(clients.iter().map(|c| format!("{arn}:client/{c}")).collect::<Vec<_>>()),
+            },
         })];
         if who == D {
             statements[0]["Condition"] =
@@ -581,16 +587,29 @@ pub fn aws_iot_policies(arn: &str, operators: &[OperatorId]) -> Vec<(String, Str
         serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n"
     };
     let mut out = vec![
-        ("device".to_owned(), policy(D, AWS_THING, AWS_THING, false)),
+        (
+            "device".to_owned(),
+            policy(D, AWS_THING, &[AWS_THING], false),
+        ),
         (
             "orchestrator".to_owned(),
-            policy(X, "", ORCHESTRATOR_COMMON_NAME, true),
+            // One process connects as `aloft-orchestrator`, replicas as
+            // `aloft-orchestrator-<replica id>` (they must not take each other's session over).
+            policy(
+                X,
+                "",
+                &[
+                    ORCHESTRATOR_CLIENT_ID,
+                    &format!("{ORCHESTRATOR_CLIENT_ID}-*"),
+                ],
+                true,
+            ),
         ),
     ];
     for op in operators {
         out.push((
             format!("operator-{op}"),
-            policy(O, op.as_str(), op.as_str(), false),
+            policy(O, op.as_str(), &[op.as_str()], false),
         ));
     }
     out

@@ -27,8 +27,8 @@ use crate::replica::Router;
 use crate::store::pg_lease::PgLease;
 use crate::store::{Sharing, Store, StoreError, StoreLocation};
 
-/// The client id of the orchestrator's own broker connection.
-pub const ORCHESTRATOR_CLIENT_ID: &str = "aloft-orchestrator";
+/// The client id of the orchestrator's own broker connection (the brokers' rules name it).
+pub use crate::broker_rules::ORCHESTRATOR_CLIENT_ID;
 
 /// The MQTT 5 shared-subscription group the orchestrator reads device topics through on an
 /// external broker (`$share/aloft/aloft/v1/d/+/status`, ...).

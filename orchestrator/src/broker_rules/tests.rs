@@ -498,6 +498,15 @@ fn aws_iot_policies_answer_like_the_table_and_bind_the_client_id_to_the_thing() 
         !p[0].1.contains("iot:RetainPublish"),
         "devices never retain"
     );
+    // The orchestrator connects under the client id the server uses, or a replica's.
+    let orch: serde_json::Value = serde_json::from_str(&p[1].1).unwrap();
+    assert_eq!(
+        orch["Statement"][0]["Resource"],
+        serde_json::json!([
+            format!("arn:aws:iot:eu-west-1:123456789012:client/{ORCHESTRATOR_CLIENT_ID}"),
+            format!("arn:aws:iot:eu-west-1:123456789012:client/{ORCHESTRATOR_CLIENT_ID}-*"),
+        ])
+    );
 }
 
 #[test]
