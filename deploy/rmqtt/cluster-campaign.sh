@@ -440,6 +440,15 @@ while :; do
     sleep 1
 done
 summary="$s"
+# Each replica's share, from its /metrics: chunks it served, messages it wrote to the inbox.
+metric() { curl -sf "http://$1/metrics" | awk -v m="$2" '$1 == m { printf "%d", $2 }'; }
+shares=""
+for ((r = 0; r < ${#metrics[@]}; r++)); do
+    m="${metrics[$r]}"
+    lead=""
+    [[ "$(metric "$m" aloft_leader)" == 1 ]] && lead=" (leader)"
+    shares+=" replica-$((r + 1))$lead: chunks $(metric "$m" aloft_chunks_served_total), inbox rows $(metric "$m" 'aloft_inbox_rows_total{op="written"}');"
+done
 rss_brokers=""
 for n in 0 1 2; do
     rss_brokers+="$(peak_mib "${broker_pids[$n]}")/"
@@ -457,6 +466,7 @@ echo "outcome:              $(jq -c .counts <<<"$summary")  reasons: $(jq -c .re
 echo "connect (all devices): ${connect_ms} ms;$per_node"
 echo "campaign (orchestrator's created -> finished): $(jq '(.finished_ms // 0) - .created_ms' <<<"$summary") ms"
 echo "succeeded 50% / 95% / 100% at (polled each 1 s): ${reached[50]:--} / ${reached[95]:--} / ${reached[100]:--} ms"
+echo "replicas:            ${shares%;}"
 echo "peak RSS MiB: rmqttd nodes ${rss_brokers%/}; aloft serve ${rss_orch%/}; device-sim $(peak_mib "$sim_pid")"
 total=$(jq .total <<<"$summary")
 ok=$(jq '.counts.succeeded // 0' <<<"$summary")

@@ -8,7 +8,8 @@
 //! (status, release). So a withdrawal or a revocation reaches every replica's chunk service
 //! within that time; the leader refuses the member's reports at once. One read per member
 //! per second, whatever it asks. Releases are immutable once complete and are kept without
-//! expiry. The decision itself is [`judge`], pure. The first chunks a member is handed by a
+//! expiry; an artifact that is unknown or not complete yet is remembered as such for
+//! [`VIEW_TTL`], so a member asking for it again costs no read. The decision itself is [`judge`], pure. The first chunks a member is handed by a
 //! replica wait, held, until a note saying so is committed to the inbox (`KIND_SERVED`), as
 //! the engine's own "served" record does, so a `succeeded` report of a device that was sent
 //! chunks is never flagged; the thread goes on with other requests meanwhile.
@@ -165,6 +166,7 @@ impl ChunkServer {
             campaigns: HashMap::new(),
             members: HashMap::new(),
             releases: HashMap::new(),
+            missing: HashMap::new(),
             touched: HashMap::new(),
         };
         std::thread::Builder::new()
@@ -195,7 +197,10 @@ struct Worker {
     frames: FrameCache,
     campaigns: HashMap<CampaignId, (Instant, Option<CampaignView>)>,
     members: HashMap<(CampaignId, DeviceId), (Instant, Option<MemberView>)>,
-    releases: HashMap<ArtifactId, Option<(Manifest, bool)>>,
+    /// Complete releases (immutable).
+    releases: HashMap<ArtifactId, Arc<Manifest>>,
+    /// Artifacts found unknown or not complete, and when.
+    missing: HashMap<ArtifactId, (Instant, ())>,
     /// When each member served here was last reported alive to the leader.
     touched: HashMap<(CampaignId, DeviceId), (Instant, ())>,
 }
@@ -251,13 +256,13 @@ impl Worker {
         }
         let view = match self.store.campaign(id) {
             Ok(Some(record)) => self
-                .release(&record.artifact)
-                .map(|(manifest, _)| CampaignView {
+                .release(&record.artifact, now)
+                .map(|manifest| CampaignView {
                     status: record.status,
                     device_timeout: record.policy.device_timeout_secs.map(Duration::from_secs),
                     artifact: record.artifact,
                     chunk_count: manifest.chunk_count,
-                    manifest: Some(Arc::new(manifest)),
+                    manifest: Some(manifest),
                 }),
             Ok(None) => None,
             Err(e) => {
@@ -270,24 +275,36 @@ impl Worker {
         view
     }
 
-    /// A release's manifest and whether it is complete.
-    fn release(&mut self, artifact: &ArtifactId) -> Option<(Manifest, bool)> {
-        if let Some(Some(r)) = self.releases.get(artifact) {
-            return Some(r.clone());
+    /// A complete release's manifest; `None` for one unknown or not complete yet.
+    fn release(&mut self, artifact: &ArtifactId, now: Instant) -> Option<Arc<Manifest>> {
+        if let Some(manifest) = self.releases.get(artifact) {
+            return Some(manifest.clone());
+        }
+        if let Some((at, ())) = self.missing.get(artifact) {
+            if now.duration_since(*at) < VIEW_TTL {
+                return None;
+            }
         }
         let found = match self.store.release(artifact) {
-            Ok(r) => r.map(|r| (r.manifest, r.complete)),
+            Ok(r) => r.filter(|r| r.complete).map(|r| Arc::new(r.manifest)),
             Err(e) => {
                 warn!(%artifact, error = %e, "reading a release for chunk service failed");
                 return None;
             }
         };
-        // Only complete releases are kept: an incomplete one may still be finished.
-        if found.as_ref().is_some_and(|(_, complete)| *complete) {
-            if self.releases.len() >= MAX_RELEASES {
-                self.releases.clear();
+        match &found {
+            Some(manifest) => {
+                if self.releases.len() >= MAX_RELEASES {
+                    self.releases.clear();
+                }
+                self.releases.insert(artifact.clone(), manifest.clone());
+                self.missing.remove(artifact);
             }
-            self.releases.insert(artifact.clone(), found.clone());
+            // It may be uploaded or finished later: asked again after the view's time.
+            None => {
+                make_room(&mut self.missing, now, &self.metrics);
+                self.missing.insert(artifact.clone(), (now, ()));
+            }
         }
         found
     }
@@ -337,15 +354,19 @@ impl Worker {
             Some(_) => self.member(&req.campaign, &device, now),
             None => None,
         };
-        let delta_count = match &campaign {
-            Some(CampaignView {
-                artifact,
-                manifest: Some(image),
-                ..
-            }) if *artifact != req.artifact => self
-                .release(&req.artifact)
-                .filter(|(m, complete)| *complete && m.is_delta_for(image))
-                .map(|(m, _)| m.chunk_count),
+        // Another artifact than the image is looked up only for a member (it may be a delta).
+        let delta_count = match (&campaign, &member) {
+            (
+                Some(CampaignView {
+                    artifact,
+                    manifest: Some(image),
+                    ..
+                }),
+                Some(_),
+            ) if *artifact != req.artifact => self
+                .release(&req.artifact, now)
+                .filter(|m| m.is_delta_for(image))
+                .map(|m| m.chunk_count),
             _ => None,
         };
         let (count, _delta) = match judge(
