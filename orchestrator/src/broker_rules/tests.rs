@@ -521,6 +521,12 @@ fn the_broker_settings_require_a_fleet_certificate_over_tls_13() {
     ] {
         assert!(e.contains(l), "emqx: {l}");
     }
+    // Both listeners require a fleet certificate; only the services' one leaves client ids
+    // free, for replicas sharing the orchestrator's certificate.
+    assert_eq!(e.matches("fail_if_no_peer_cert = true").count(), 2);
+    assert!(e.contains("bind = \"0.0.0.0:8884\"\n  zone = aloft_services"));
+    assert!(e.contains("zones.aloft_services.mqtt.peer_cert_as_clientid = disabled"));
+    assert!(e.contains("\nmqtt.peer_cert_as_clientid = cn"));
     let v = vernemq_conf("/etc/vernemq/aloft", 8883);
     for l in [
         "listener.ssl.require_certificate = on",

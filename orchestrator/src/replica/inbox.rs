@@ -1,4 +1,4 @@
-//! The replicas' inbox (`aloft_inbox`, schema 5): how a message any replica received reaches
+//! The replicas' inbox (`aloft_inbox`, schemas 5 and 6): how a message any replica received reaches
 //! the one replica that applies it.
 //!
 //! [`InboxWriter`] (every replica) inserts what its broker link hands it, a group of rows per
@@ -10,7 +10,7 @@
 //! Both run on threads of their own with a connection each: rust-postgres's blocking client
 //! must not run on a tokio thread, and neither may hold up the link or the engine.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -242,9 +242,16 @@ fn write_loop(
 
 /// Inserts a batch in one transaction; returns how many rows were new.
 fn insert(client: &mut Client, replica: &str, batch: &[Item]) -> Result<u64, postgres::Error> {
-    let kinds: Vec<i16> = batch.iter().map(|i| i.kind).collect();
-    let topics: Vec<&str> = batch.iter().map(|i| i.topic.as_str()).collect();
-    let payloads: Vec<&[u8]> = batch.iter().map(|i| &i.payload[..]).collect();
+    // A device's message twice in one batch (sent again before the first was written) is
+    // written once, where it came first: the statement's lookup sees only rows committed before.
+    let mut seen = HashSet::new();
+    let rows: Vec<&Item> = batch
+        .iter()
+        .filter(|i| i.kind != KIND_MESSAGE || seen.insert((i.topic.as_str(), &i.payload[..])))
+        .collect();
+    let kinds: Vec<i16> = rows.iter().map(|i| i.kind).collect();
+    let topics: Vec<&str> = rows.iter().map(|i| i.topic.as_str()).collect();
+    let payloads: Vec<&[u8]> = rows.iter().map(|i| &i.payload[..]).collect();
     let mut tx = client.transaction()?;
     // A message in the inbox is not yet acknowledged to anyone: the leader acknowledges it
     // after its own commit, which is synchronous and, the WAL being one sequence, makes this
@@ -254,11 +261,18 @@ fn insert(client: &mut Client, replica: &str, batch: &[Item]) -> Result<u64, pos
     if batch.iter().all(|i| i.done.is_none()) {
         tx.batch_execute("SET LOCAL synchronous_commit = off")?;
     }
-    // A device's message already waiting is not written twice (`aloft_inbox_once`).
+    // A device's message already waiting is not written again (`aloft_inbox_waiting`). A
+    // lookup, not a unique index: an index would make this insert wait for another replica's
+    // uncommitted copy, and two replicas' batches deadlock on each other (schema 6). Rows
+    // take their ids in the batch's order: a device's messages are applied as they came.
     let inserted = tx.execute(
         "INSERT INTO aloft_inbox (kind, replica, topic, payload) \
-         SELECT k, $1, t, p FROM unnest($2::smallint[], $3::text[], $4::bytea[]) AS u(k, t, p) \
-         ON CONFLICT (topic, md5(payload)) WHERE kind = 0 DO NOTHING",
+         SELECT k, $1, t, p \
+         FROM unnest($2::smallint[], $3::text[], $4::bytea[]) WITH ORDINALITY AS u(k, t, p, n) \
+         WHERE k <> 0 OR NOT EXISTS (SELECT 1 FROM aloft_inbox w \
+             WHERE w.kind = 0 AND w.topic = u.t AND md5(w.payload) = md5(u.p) \
+             AND w.payload = u.p) \
+         ORDER BY n",
         &[&replica, &kinds, &topics, &payloads],
     )?;
     // Delivered at commit: the leader's reader wakes once the rows are visible.
@@ -473,6 +487,90 @@ mod tests {
             }
         }
         assert_eq!(kinds, vec![KIND_OPERATOR, KIND_MESSAGE, KIND_MESSAGE]);
+        tokio::task::spawn_blocking(move || drop(cluster))
+            .await
+            .unwrap();
+    }
+
+    /// Schema 6: a replica does not wait for another's uncommitted copy of a message (with a
+    /// unique index it did, and two replicas' batches deadlocked), and a copy another replica
+    /// committed is not written again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_neither_waits_for_nor_repeats_another_replicas_copy() {
+        let cluster = tokio::task::spawn_blocking(TempCluster::start)
+            .await
+            .unwrap()
+            .unwrap();
+        let url = cluster.create_database("inbox").unwrap();
+        let at = StoreLocation::Postgres(url.clone());
+        let key = aloft_vault::MasterKey::generate().unwrap();
+        tokio::task::spawn_blocking(move || Store::create_at(&at, key).map(drop))
+            .await
+            .unwrap()
+            .unwrap();
+        let status = "aloft/v1/d/dev-1/status";
+        // Another replica's insert of the report, held uncommitted.
+        let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+        let (inserted_tx, inserted_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let (config, _) = config(&url, "test").unwrap();
+                let mut c = config.connect(NoTls).unwrap();
+                let mut tx = c.transaction().unwrap();
+                tx.execute(
+                    "INSERT INTO aloft_inbox (kind, replica, topic, payload) \
+                     VALUES (0, 'r2', $1, $2)",
+                    &[&status, &&b"{\"seq\":1}"[..]],
+                )
+                .unwrap();
+                inserted_tx.send(()).unwrap();
+                let _ = held_rx.recv();
+                tx.commit().unwrap();
+            })
+        };
+        tokio::task::spawn_blocking(move || inserted_rx.recv().unwrap())
+            .await
+            .unwrap();
+        let metrics = Metrics::new(None, None);
+        let writer = InboxWriter::start(&url, "r1".into(), metrics.clone()).unwrap();
+        assert!(
+            writer
+                .message(status.into(), Bytes::from_static(br#"{"seq":1}"#))
+                .await
+        );
+        let count = |filter: &str| {
+            cluster.psql(
+                "inbox",
+                &format!("SELECT count(*)::text FROM aloft_inbox {filter}"),
+            )
+        };
+        let wait_for = |filter: &str, n: &str| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while count(filter).unwrap() != n {
+                assert!(std::time::Instant::now() < deadline, "{:?}", count(filter));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        // Committed while the other copy is still uncommitted: this writer did not wait.
+        wait_for("", "1");
+        held_tx.send(()).unwrap();
+        holder.join().unwrap();
+        wait_for("", "2");
+        // Both copies are committed now: the same report again is not written.
+        assert!(
+            writer
+                .message(status.into(), Bytes::from_static(br#"{"seq":1}"#))
+                .await
+        );
+        assert!(
+            writer
+                .message(status.into(), Bytes::from_static(br#"{"seq":2}"#))
+                .await
+        );
+        // The second report is written after the first was looked at.
+        wait_for("WHERE payload = '{\"seq\":2}'", "1");
+        assert_eq!(count("").unwrap(), "3");
         tokio::task::spawn_blocking(move || drop(cluster))
             .await
             .unwrap();

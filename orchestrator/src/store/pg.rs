@@ -47,6 +47,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (3, "lease", include_str!("pg/0003_lease.sql")),
     (4, "jobs", include_str!("pg/0004_jobs.sql")),
     (5, "inbox", include_str!("pg/0005_inbox.sql")),
+    (6, "inbox_lookup", include_str!("pg/0006_inbox_lookup.sql")),
 ];
 
 /// The newest schema version this binary knows.
