@@ -8,7 +8,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
-use crate::crypto::{seal_chunk, sha256, ContentKey, CryptoError};
+use crate::crypto::{sha256, ChunkCipher, ContentKey, CryptoError};
 use crate::delta::{make_patch, DeltaError, DeltaOf};
 use crate::ids::{ArtifactId, SecurityVersion};
 use crate::manifest::{
@@ -113,6 +113,7 @@ fn build(
     }
     let chunk_count = chunk_count as u32;
     let content_key = ContentKey::generate()?;
+    let cipher = ChunkCipher::new(&content_key);
     let mut image_hash = Sha256::new();
     let mut digests = Vec::with_capacity(32 * chunk_count as usize);
     let mut buf = vec![0u8; meta.chunk_size as usize];
@@ -122,7 +123,7 @@ fn build(
         image.read_exact(&mut buf[..n])?;
         remaining -= n as u64;
         image_hash.update(&buf[..n]);
-        let sealed = seal_chunk(&content_key, &meta.artifact, index, chunk_count, &buf[..n]);
+        let sealed = cipher.seal(&meta.artifact, index, chunk_count, &buf[..n]);
         digests.extend_from_slice(&sha256(&sealed));
         sink(index, sealed)?;
     }

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use aloft_proto::crypto::{self, ContentKey};
+use aloft_proto::crypto::{self, ChunkCipher, ContentKey};
 use aloft_proto::manifest::Manifest;
 use aloft_proto::messages::{MAX_CHUNKS_PER_REQUEST, MAX_RANGES_PER_REQUEST};
 use aloft_proto::precondition::Preconditions;
@@ -47,8 +47,9 @@ pub(super) struct Session {
     /// Shared by every download of the same manifest when the agent has a
     /// [`SharedManifests`](super::shared::SharedManifests).
     digests: Arc<[[u8; 32]]>,
-    /// Held only while downloading; dropping it zeroizes it.
-    key: Option<ContentKey>,
+    /// The content key made ready to open chunks, held only while downloading: dropping it
+    /// frees aws-lc's state, which aws-lc clears as it frees it.
+    cipher: Option<ChunkCipher>,
     /// Requested chunks not yet received: the time of their last request, and whether it was a
     /// repeat (whose answer may be to the first request, so it gives no response time).
     outstanding: BTreeMap<u32, (u64, bool)>,
@@ -89,7 +90,7 @@ impl Session {
         manifest.chunk_sha256 = String::new();
         Session {
             digests,
-            key,
+            cipher: key.as_ref().map(ChunkCipher::new),
             outstanding: BTreeMap::new(),
             asked_before: HashSet::new(),
             failures: HashMap::new(),
@@ -111,7 +112,7 @@ impl Session {
 
     /// Forgets the content key once every chunk is written.
     pub fn drop_key(&mut self) {
-        self.key = None;
+        self.cipher = None;
     }
 
     /// Forgets what was requested: after a reconnect or a pause everything missing is asked again.
@@ -167,14 +168,14 @@ impl Session {
             self.outstanding.remove(&index);
             return ChunkOutcome::Duplicate;
         }
-        let Some(key) = &self.key else {
+        let Some(cipher) = &self.cipher else {
             return ChunkOutcome::Ignored;
         };
         // The digest is checked before decrypting: a tampered chunk never reaches the cipher.
         let digest_ok = self.manifest.sealed_len(index) == Some(sealed.len())
             && self.digests.get(index as usize) == Some(&crypto::sha256(sealed));
         let plain = if digest_ok {
-            crypto::open_chunk(key, artifact, index, count, sealed).ok()
+            cipher.open(artifact, index, count, sealed).ok()
         } else {
             None
         };
