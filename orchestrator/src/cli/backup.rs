@@ -91,14 +91,15 @@ pub fn run(c: BackupCommand) -> Result<()> {
                 r.records
             );
             let m = &r.merged;
-            if m.floors_raised + m.devices_added + m.progress_kept > 0
+            if m.floors_raised + m.devices_added + m.progress_kept + m.shared_kept > 0
                 || !r.kept_surviving.is_empty()
             {
                 println!(
-                    "kept newer surviving state: {} device floors, {} devices, {} progress records, files: {}",
+                    "kept newer surviving state: {} device floors, {} devices, {} progress records, {} replicas' shared values, files: {}",
                     m.floors_raised,
                     m.devices_added,
                     m.progress_kept,
+                    m.shared_kept,
                     if r.kept_surviving.is_empty() {
                         "-".to_owned()
                     } else {

@@ -494,6 +494,7 @@ fn raw_records_move_between_engines_and_merges_keep_the_higher_state(b: &mut dyn
             .unwrap();
         s.append_audit(event("a"), 1).unwrap();
         s.append_audit(event("b"), 2).unwrap();
+        s.put_shared("crl.pem", b"the CRL in force now").unwrap();
         s.flush().unwrap();
     }
     let source = RawStore::open_at(&at).unwrap();
@@ -505,8 +506,9 @@ fn raw_records_move_between_engines_and_merges_keep_the_higher_state(b: &mut dyn
             Ok::<(), StoreError>(())
         })
         .unwrap();
-    // meta, 2 devices, release, chunk, progress, 1 history entry, 2 audit entries.
-    assert_eq!(records.len(), 9);
+    // meta (key check, shared CRL), 2 devices, release, chunk, progress, 1 history entry,
+    // 2 audit entries.
+    assert_eq!(records.len(), 10);
     let dir = tempfile::tempdir().unwrap();
     let copy = RawStore::create(&dir.path().join("copy")).unwrap();
     for r in &records {
@@ -542,6 +544,9 @@ fn raw_records_move_between_engines_and_merges_keep_the_higher_state(b: &mut dyn
         if r.tree == b"audit" && r.key == 2u64.to_be_bytes() {
             continue;
         }
+        if r.key == b"shared/crl.pem" {
+            r.value = b"the CRL at the backup".to_vec();
+        }
         old.insert(&r).unwrap();
     }
     let report = old.merge_security_state(&source).unwrap();
@@ -549,10 +554,20 @@ fn raw_records_move_between_engines_and_merges_keep_the_higher_state(b: &mut dyn
         (
             report.floors_raised,
             report.progress_kept,
-            report.audit_entries_kept
+            report.audit_entries_kept,
+            report.shared_kept
         ),
-        (1, 1, 2)
+        (1, 1, 2, 1)
     );
+    let mut shared = Vec::new();
+    old.export(|r| {
+        if r.key.starts_with(b"shared/") {
+            shared.push(r.value);
+        }
+        Ok::<(), StoreError>(())
+    })
+    .unwrap();
+    assert_eq!(shared, vec![b"the CRL in force now".to_vec()]);
     assert_eq!(
         old.device(&d).unwrap().unwrap().floor,
         Some(SecurityVersion(5))
@@ -564,7 +579,7 @@ fn raw_records_move_between_engines_and_merges_keep_the_higher_state(b: &mut dyn
     drop(Store::create_at(&target_at, MasterKey::generate().unwrap()));
     if target_at.is_postgres() {
         let target = RawStore::open_at(&target_at).unwrap();
-        assert_eq!(target.replace_with(&old).unwrap(), 9);
+        assert_eq!(target.replace_with(&old).unwrap(), 10);
         drop(target);
         let s = Store::open_at(&target_at, key).unwrap();
         assert_eq!(

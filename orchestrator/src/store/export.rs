@@ -42,6 +42,9 @@ pub struct MergeReport {
     pub progress_kept: usize,
     /// Audit entries taken from the surviving store, whose log was longer (0: the backup's).
     pub audit_entries_kept: usize,
+    /// Values of the replicas' shared security state (accepted roots, the CRL in force) taken
+    /// from the surviving store.
+    pub shared_kept: usize,
 }
 
 /// Calls `f` with every record of `tree` in key order, a page at a time.
@@ -184,6 +187,21 @@ impl RawStore {
         for_each(&surviving.kv, Tree::Jobs, |(k, v)| {
             if ours.get(Tree::Progress, &k)?.is_some() {
                 ours.insert(Tree::Jobs, &k, &v)?;
+            }
+            Ok::<(), StoreError>(())
+        })?;
+        // The security state replicas share (`replica::security`: the roots accepted, the CRL in
+        // force). In a live database it only moves forward (leaders add roots and write a CRL
+        // only once they applied it, which they do only for a newer one), so the surviving
+        // store's is never older than a backup's: it is kept. Otherwise a replica whose own
+        // files are old could take the lease after the restore and un-revoke devices. (Each
+        // leader also checks what it reads: roots must walk forward, CRLs must verify.)
+        for_each(&surviving.kv, Tree::Meta, |(k, v)| {
+            if k.starts_with(super::SHARED.as_bytes())
+                && ours.get(Tree::Meta, &k)? != Some(v.clone())
+            {
+                ours.insert(Tree::Meta, &k, &v)?;
+                report.shared_kept += 1;
             }
             Ok::<(), StoreError>(())
         })?;
