@@ -444,8 +444,8 @@ mod tests {
     use crate::store::pg_cluster::TempCluster;
     use crate::store::{Store, StoreLocation};
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_message_already_waiting_is_written_once_and_operators_are_read_first() {
+    /// A throwaway PostgreSQL cluster holding a store of the current schema, and its URL.
+    async fn inbox_database() -> (TempCluster, String) {
         let cluster = tokio::task::spawn_blocking(TempCluster::start)
             .await
             .unwrap()
@@ -457,6 +457,12 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        (cluster, url)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_already_waiting_is_written_once_and_operators_are_read_first() {
+        let (cluster, url) = inbox_database().await;
         let metrics = Metrics::new(None, None);
         let writer = InboxWriter::start(&url, "r1".into(), metrics.clone()).unwrap();
         let status = "aloft/v1/d/dev-1/status".to_owned();
@@ -497,17 +503,7 @@ mod tests {
     /// committed is not written again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_replica_neither_waits_for_nor_repeats_another_replicas_copy() {
-        let cluster = tokio::task::spawn_blocking(TempCluster::start)
-            .await
-            .unwrap()
-            .unwrap();
-        let url = cluster.create_database("inbox").unwrap();
-        let at = StoreLocation::Postgres(url.clone());
-        let key = aloft_vault::MasterKey::generate().unwrap();
-        tokio::task::spawn_blocking(move || Store::create_at(&at, key).map(drop))
-            .await
-            .unwrap()
-            .unwrap();
+        let (cluster, url) = inbox_database().await;
         let status = "aloft/v1/d/dev-1/status";
         // Another replica's insert of the report, held uncommitted.
         let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
