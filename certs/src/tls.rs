@@ -36,6 +36,16 @@ fn fleet_roots(ca_pem: &str) -> Result<Arc<RootCertStore>, PkiError> {
     Ok(Arc::new(roots))
 }
 
+/// Most plaintext bytes the orchestrator's listener puts in one TLS record (PROTOCOL.md §2.1).
+/// TLS allows 16 KiB. With 4 KiB a device needs a TLS input buffer of only 4 KiB (mbedTLS's
+/// `MBEDTLS_SSL_IN_CONTENT_LEN` on small parts; the TLS maximum-fragment-length extension,
+/// which rustls does not offer, is how a device would otherwise ask for it), and the
+/// simulator's rustls read buffers shrink with it: 5.5 KiB less per simulated device during a
+/// campaign (docs/BENCHMARKS.md). The cost: about 3% more CPU for the whole fleet in paired
+/// runs (four records to seal and open per 16 KiB chunk frame instead of two), and 66 bytes
+/// of record overhead per frame.
+pub const MAX_RECORD_PLAINTEXT: usize = 4096;
+
 /// The orchestrator's listener: TLS 1.3 only, presenting `cert_pem`/`key_pem`, and requiring a
 /// client certificate issued by the fleet CA and not revoked by any of `crls_der`.
 pub fn server_config(
@@ -49,10 +59,12 @@ pub fn server_config(
         WebPkiClientVerifier::builder_with_provider(fleet_roots(ca_pem)?, provider.clone())
             .with_crls(crls_der)
             .build()?;
-    Ok(ServerConfig::builder_with_provider(provider)
+    let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(parse_certs(cert_pem)?, parse_private_key(key_pem)?)?)
+        .with_single_cert(parse_certs(cert_pem)?, parse_private_key(key_pem)?)?;
+    cfg.max_fragment_size = Some(MAX_RECORD_PLAINTEXT);
+    Ok(cfg)
 }
 
 /// The front's client certificate verifier, whose CRLs can be replaced while the server runs:
@@ -183,10 +195,12 @@ pub fn server_config_reloadable(
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<ServerConfig, PkiError> {
-    Ok(ServerConfig::builder_with_provider(provider())
+    let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(parse_certs(cert_pem)?, parse_private_key(key_pem)?)?)
+        .with_single_cert(parse_certs(cert_pem)?, parse_private_key(key_pem)?)?;
+    cfg.max_fragment_size = Some(MAX_RECORD_PLAINTEXT);
+    Ok(cfg)
 }
 
 /// The console's client verifier: the front's (fleet CA, the CRLs in force, replaced with

@@ -206,3 +206,34 @@ fn verify_client_cert_accepts_fleet_devices_and_refuses_strangers() {
     let other = crate::testutil::ca();
     assert!(super::verify_client_cert(other.cert_pem(), &dev.cert_pem, Vec::new()).is_err());
 }
+
+/// PROTOCOL.md §2.1: the listener's records carry at most `MAX_RECORD_PLAINTEXT` bytes, so a
+/// device with a 4 KiB TLS input buffer receives a 16 KiB chunk frame.
+#[test]
+fn the_listener_sends_records_of_at_most_4_kib() {
+    use std::io::Write;
+    let ca = ca();
+    let device = enroll(&ca, "dev-042", Validity::days(1));
+    let client = client_config(ca.cert_pem(), &device.cert_pem, &device.key_pem).unwrap();
+    let mut server = handshake(client, front(&ca, Vec::new())).unwrap();
+    server.writer().write_all(&[7u8; 16 * 1024]).unwrap();
+    let mut wire = Vec::new();
+    while server.wants_write() {
+        server.write_tls(&mut wire).unwrap();
+    }
+    // TLS 1.3 records: type, version, 2-byte length, then the sealed inner plaintext (content,
+    // its type byte, a 16-byte tag).
+    let mut lengths = Vec::new();
+    let mut rest = wire.as_slice();
+    while rest.len() >= 5 {
+        let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+        lengths.push(len);
+        rest = &rest[5 + len..];
+    }
+    assert!(rest.is_empty());
+    assert!(lengths.len() >= 4, "{lengths:?}");
+    assert!(
+        lengths.iter().all(|&l| l <= MAX_RECORD_PLAINTEXT + 1 + 16),
+        "{lengths:?}"
+    );
+}
