@@ -90,7 +90,8 @@ pub fn inbox_transitions_per_sec(
         .enable_all()
         .build()?;
     let stop = Arc::new(AtomicBool::new(false));
-    for r in 0..intakes.max(1) {
+    let intakes = intakes.max(1);
+    for r in 0..intakes {
         let writer = InboxWriter::start(&url, format!("r{r}"), metrics.clone())?;
         let (stop, ids) = (stop.clone(), ids.clone());
         rt.spawn(async move {

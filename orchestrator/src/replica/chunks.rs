@@ -9,10 +9,11 @@
 //! within that time; the leader refuses the member's reports at once. One read per member
 //! per second, whatever it asks. Releases are immutable once complete and are kept without
 //! expiry; an artifact that is unknown or not complete yet is remembered as such for
-//! [`VIEW_TTL`], so a member asking for it again costs no read. The decision itself is [`judge`], pure. The first chunks a member is handed by a
-//! replica wait, held, until a note saying so is committed to the inbox (`KIND_SERVED`), as
-//! the engine's own "served" record does, so a `succeeded` report of a device that was sent
-//! chunks is never flagged; the thread goes on with other requests meanwhile.
+//! [`VIEW_TTL`], so a member asking for it again costs no read. The decision itself is
+//! [`judge`], pure. The first chunks a member is handed by a replica wait, held, until a note
+//! saying so is committed to the inbox (`KIND_SERVED`), as the engine's own "served" record
+//! does, so a `succeeded` report of a device that was sent chunks is never flagged; the
+//! thread goes on with other requests meanwhile.
 //!
 //! Pacing is per replica (`engine::core::pacing`): each replica hands out its own slots. A
 //! slot is given back when the device asks for the image's last chunk or falls silent.
@@ -228,9 +229,9 @@ impl Worker {
                         .chunk_request_served(started.elapsed().as_secs_f64());
                 }
                 Job::Noted(campaign, device) => {
-                    let key = (campaign, device);
-                    make_room(&mut self.touched, Instant::now(), &self.metrics);
-                    self.touched.insert(key.clone(), (Instant::now(), ()));
+                    let (key, now) = ((campaign, device), Instant::now());
+                    make_room(&mut self.touched, now, &self.metrics);
+                    self.touched.insert(key.clone(), (now, ()));
                     for payload in self.held.remove(&key).unwrap_or_default() {
                         self.serve(key.1.clone(), &payload);
                     }

@@ -1,5 +1,5 @@
-//! The replicas' inbox (`aloft_inbox`, schemas 5 and 6): how a message any replica received reaches
-//! the one replica that applies it.
+//! The replicas' inbox (`aloft_inbox`, schemas 5 and 6): how a message any replica received
+//! reaches the one replica that applies it.
 //!
 //! [`InboxWriter`] (every replica) inserts what its broker link hands it, a group of rows per
 //! transaction, and wakes the leader with `NOTIFY`. [`InboxReader`] (the leader) reads the rows

@@ -198,7 +198,7 @@ impl RawStore {
         // leader also checks what it reads: roots must walk forward, CRLs must verify.)
         for_each(&surviving.kv, Tree::Meta, |(k, v)| {
             if k.starts_with(super::SHARED.as_bytes())
-                && ours.get(Tree::Meta, &k)? != Some(v.clone())
+                && ours.get(Tree::Meta, &k)?.as_deref() != Some(&v[..])
             {
                 ours.insert(Tree::Meta, &k, &v)?;
                 report.shared_kept += 1;
