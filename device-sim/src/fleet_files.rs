@@ -15,13 +15,22 @@
 //!
 //! A device whose own files an older simulator left (`{id}.rec`, `{id}.json`, `{id}.slots`)
 //! keeps using them, so a campaign that began under that simulator goes on where it was.
+//!
+//! The slot files' pages are let go soon after they are written ([`FleetFiles::trim_slots`]).
+//! A real device's image goes to its own flash; a simulator's 10,000 images went into the page
+//! cache of one machine, 10 GiB for a 1 MiB campaign. On a virtual machine whose freed memory
+//! goes back to the host, every new page-cache page is fresh memory that the host must fault
+//! in: copying the images into the cache took a quarter of all CPU of a 10,000-device campaign
+//! (`copy_folio_from_iter_atomic`, docs/BENCHMARKS.md). Pages dropped once on disk are reused
+//! for the next images instead.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
@@ -35,6 +44,10 @@ pub const DEVICES_PER_FILE: u64 = 1024;
 /// default), so a state directory made by a run with small slots (the bench's first fleet)
 /// serves a later run with the default ones.
 pub const MIN_SLOT_STRIDE: u64 = 128 * 1024 * 1024;
+
+/// How often the slot files' written pages are handed to the disk and, once there, dropped
+/// from memory: what a campaign writes in about two of these stays cached.
+pub const TRIM_INTERVAL: Duration = Duration::from_millis(250);
 
 const INDEX: &str = "fleet.index";
 const INDEX_MAGIC: &str = "aloft-sim-fleet 1";
@@ -166,6 +179,27 @@ impl FleetFiles {
         )))
     }
 
+    /// Starts a thread that, every [`TRIM_INTERVAL`], starts writing the slot files' dirty
+    /// pages to disk and drops from memory those already written (the module doc says why).
+    /// Nothing is lost: a dropped page is read from disk when it is next read. The thread ends
+    /// when every device has let go of the files.
+    pub fn trim_slots(&self) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let files: Vec<Weak<File>> = self.slots.iter().map(|(f, _)| Arc::downgrade(f)).collect();
+        std::thread::Builder::new()
+            .name("aloft-sim-trim".into())
+            .spawn(move || loop {
+                std::thread::sleep(TRIM_INTERVAL);
+                let mut open = 0;
+                for file in files.iter().filter_map(Weak::upgrade) {
+                    open += 1;
+                    drop_written_pages(&file);
+                }
+                if open == 0 {
+                    return;
+                }
+            })
+    }
+
     /// Where device `id` keeps its firmware slots, `capacity` bytes each.
     pub fn flash(&self, id: &str, capacity: u64) -> anyhow::Result<Box<dyn Flash>> {
         let own = format!("{id}.slots");
@@ -181,6 +215,14 @@ impl FleetFiles {
             capacity,
         )))
     }
+}
+
+/// `POSIX_FADV_DONTNEED` over the whole file: Linux starts writeback of its dirty pages and
+/// drops the clean ones; pages still dirty or being written stay, for the next call. The cost
+/// follows the pages cached, not the file's (sparse) size. Advice only: a failure changes
+/// nothing a device reads, so it is ignored.
+fn drop_written_pages(file: &File) {
+    let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed);
 }
 
 fn parse_index(text: &str) -> anyhow::Result<(Vec<String>, u64)> {
@@ -238,6 +280,36 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn trimmed_slots_read_back_what_was_written_and_the_trim_ends_with_the_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids = ["dev-0", "dev-1"];
+        let files = FleetFiles::open(dir.path(), ids, 1 << 20, false).unwrap();
+        let trim = files.trim_slots().unwrap();
+        let image: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        let mut flashes: Vec<_> = ids
+            .iter()
+            .map(|id| files.flash(id, 1 << 20).unwrap())
+            .collect();
+        drop(files);
+        for f in &mut flashes {
+            f.begin_update(SlotId::B, image.len() as u64).unwrap();
+            for (n, chunk) in image.chunks(16 * 1024).enumerate() {
+                f.write(SlotId::B, (n * 16 * 1024) as u64, chunk).unwrap();
+            }
+        }
+        // Trimmed at least twice: written back, then dropped; read from the disk again.
+        std::thread::sleep(TRIM_INTERVAL * 3);
+        for f in &mut flashes {
+            let mut back = vec![0u8; image.len()];
+            f.read(SlotId::B, 0, &mut back).unwrap();
+            assert!(back == image, "a trimmed slot reads back what was written");
+        }
+        assert!(!trim.is_finished(), "the devices still hold the files");
+        drop(flashes);
+        trim.join().unwrap();
     }
 
     #[test]

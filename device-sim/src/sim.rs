@@ -324,6 +324,10 @@ impl Fleet {
             cfg.slot_capacity,
             false,
         )?;
+        // Detached: the thread ends by itself once the devices have let go of the files.
+        let _trim = files
+            .trim_slots()
+            .context("starting the slot files' trim thread")?;
         let gate = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
         let fleet_tls = transport::DeviceTls::new(&cfg.ca_pem).context("the fleet ca")?;
         // One origin client configuration (trust anchors) for the fleet; each device still has
