@@ -12,6 +12,7 @@ use aloft_proto::messages::{self, Job};
 use aloft_proto::trust::{TrustError, TrustedRoot, MAX_ROOT_CHAIN};
 use aloft_proto::{CampaignId, DeviceId, Reason};
 
+use super::shared::SharedManifests;
 use super::AgentConfig;
 use crate::store::DeviceRecord;
 
@@ -92,7 +93,7 @@ pub(super) fn verify_job(
     if let Err(e) = trust.check_fresh(now) {
         return Err(Refusal::new(Reason::RootExpired, e));
     }
-    let m = verify_signature(trust, &job.manifest)?;
+    let m = verify_signature(cfg.manifests.as_deref(), trust, &job.manifest)?;
     if m.hardware_model != cfg.hardware_model {
         return Err(Refusal::new(
             Reason::WrongHardware,
@@ -145,12 +146,19 @@ pub(super) fn unwrap_key(
 }
 
 /// Verifies a manifest against the release role of `trust`: a threshold of its keys, none
-/// revoked. Also what a restarted device checks again of the job it was working on.
+/// revoked. Also what a restarted device checks again of the job it was working on. With the
+/// process's `shared` manifests, a check its devices made before is answered from memory
+/// ([`SharedManifests::verify`]).
 pub(super) fn verify_signature(
+    shared: Option<&SharedManifests>,
     trust: &TrustedRoot,
     manifest: &SignedManifest,
 ) -> Result<Manifest, Refusal> {
-    trust.verify_manifest(manifest).map_err(|e| {
+    let verified = match shared {
+        Some(pool) => pool.verify(trust, manifest),
+        None => trust.verify_manifest(manifest),
+    };
+    verified.map_err(|e| {
         let reason = match e {
             ManifestError::UnknownKey => Reason::UnknownSigningKey,
             ManifestError::BadSignature => Reason::BadSignature,

@@ -17,6 +17,7 @@ use aloft_proto::DeviceId;
 use sha2::{Digest, Sha256};
 
 use super::checks::verify_signature;
+use super::shared::SharedManifests;
 use crate::slots::{Flash, SlotId};
 
 /// Bytes the rebuild buffers before each flash write.
@@ -34,6 +35,7 @@ pub(super) struct Chosen {
 /// patch is smaller than the image (a larger one saves nothing). `None` means: download the
 /// full image.
 pub(super) fn choose(
+    shared: Option<&SharedManifests>,
     trust: &TrustedRoot,
     job: &Job,
     full: &Manifest,
@@ -43,7 +45,7 @@ pub(super) fn choose(
 ) -> Option<Chosen> {
     let running = running_sha256?;
     job.deltas.iter().enumerate().find_map(|(offer, o)| {
-        let manifest = verify_signature(trust, &o.manifest).ok()?;
+        let manifest = verify_signature(shared, trust, &o.manifest).ok()?;
         let d = manifest.delta.as_ref()?;
         if !manifest.is_delta_for(full)
             || d.base_sha256 != running

@@ -99,7 +99,7 @@ impl UpdateAgent {
             return false;
         }
         let full = match &self.trust {
-            Ok(trust) => verify_signature(trust, &cur.job.manifest),
+            Ok(trust) => verify_signature(self.cfg.manifests.as_deref(), trust, &cur.job.manifest),
             Err(e) => Err(Refusal::new(Reason::UntrustedRoot, e)),
         };
         let full = match full {
@@ -143,9 +143,10 @@ impl UpdateAgent {
         };
         cur.delta = None;
         let checked = match &self.trust {
-            Ok(trust) => verify_signature(trust, &cur.job.manifest).and_then(|m| {
-                unwrap_key(&self.key, &self.cfg.device, &cur.job, &m).map(|k| (m, k))
-            }),
+            Ok(trust) => verify_signature(self.cfg.manifests.as_deref(), trust, &cur.job.manifest)
+                .and_then(|m| {
+                    unwrap_key(&self.key, &self.cfg.device, &cur.job, &m).map(|k| (m, k))
+                }),
             Err(e) => Err(Refusal::new(Reason::UntrustedRoot, e)),
         };
         let (manifest, key) = match checked {

@@ -594,7 +594,7 @@ impl UpdateAgent {
         // The stored job is checked again against the root the record trusts now: a record
         // edited at rest must not smuggle in a job no release key signed.
         let checked = match &self.trust {
-            Ok(trust) => verify_signature(trust, &cur.job.manifest),
+            Ok(trust) => verify_signature(self.cfg.manifests.as_deref(), trust, &cur.job.manifest),
             Err(e) => Err(Refusal::new(Reason::UntrustedRoot, e)),
         };
         let manifest = match checked {
@@ -613,7 +613,7 @@ impl UpdateAgent {
         // checks out (or whose key does not unwrap) gives way to the full image.
         let resumed = match (&self.trust, cur.delta, downloading) {
             (Ok(trust), Some(d), true) => cur.job.deltas.get(d.offer).and_then(|o| {
-                let m = verify_signature(trust, &o.manifest).ok()?;
+                let m = verify_signature(self.cfg.manifests.as_deref(), trust, &o.manifest).ok()?;
                 let k = aloft_proto::crypto::unwrap_content_key(
                     &self.key,
                     &self.cfg.device,
@@ -830,6 +830,7 @@ impl UpdateAgent {
         self.record.time_floor = self.record.time_floor.max(manifest.created_at);
         let chosen = match &self.trust {
             Ok(trust) => delta::choose(
+                self.cfg.manifests.as_deref(),
                 trust,
                 &job,
                 &manifest,

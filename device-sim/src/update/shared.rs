@@ -2,17 +2,37 @@
 //! one process. Every device of a campaign receives the same signed manifest (several KiB of
 //! base64 naming every chunk's digest), keeps it in its record for as long as the campaign runs
 //! and holds the digests while it downloads; a simulator with 10,000 devices held 10,000 copies
-//! of each. Sharing identical bytes changes nothing any device decides: each still verifies the
-//! manifest itself, and the digests are decoded from the verified manifest's own text.
+//! of each. Sharing identical bytes changes nothing any device decides: the digests are decoded
+//! from the verified manifest's own text.
+//!
+//! The answer of a signature check is remembered too ([`SharedManifests::verify`]): it is a
+//! function of the root a device trusts and of the signed manifest, and every device of a
+//! campaign asks it of the same two. Ed25519 verification of the manifest was 16% of the
+//! simulator's CPU while a 10,000-device campaign's jobs arrived, on the two cores the
+//! orchestrator needed (docs/BENCHMARKS.md, S2). A device whose root or manifest differs in any
+//! byte (another root version, a revocation, a tampered payload or signature) misses and
+//! verifies for itself; a real device, alone on its hardware, always does.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use aloft_proto::manifest::{Manifest, SignedManifest};
+use aloft_proto::manifest::{Manifest, ManifestError, SignedManifest};
+use aloft_proto::trust::TrustedRoot;
 
 /// Manifests held at most; past it, those no agent holds any more are dropped first, and a
 /// manifest that finds no room is simply not shared.
 pub const MAX_SHARED: usize = 64;
+
+/// Signature checks remembered at most; past it, the oldest is forgotten.
+pub const MAX_VERIFIED: usize = 16;
+
+/// One remembered check: what it read, whole, and its answer.
+#[derive(Debug)]
+struct Verified {
+    trust: TrustedRoot,
+    signed: SignedManifest,
+    answer: Result<Manifest, ManifestError>,
+}
 
 /// The manifests shared by a process's agents (see the module doc).
 #[derive(Debug, Default)]
@@ -20,6 +40,8 @@ pub struct SharedManifests {
     held: Mutex<HashSet<Arc<str>>>,
     /// Decoded digests by the manifest's `chunk_sha256` text, while some download holds them.
     digests: Mutex<HashMap<String, Weak<[[u8; 32]]>>>,
+    /// Answers of [`SharedManifests::verify`], oldest first.
+    verified: Mutex<Vec<Verified>>,
 }
 
 /// A poisoned lock only means another agent panicked mid-insert; the map is still valid.
@@ -59,6 +81,40 @@ impl SharedManifests {
         d
     }
 
+    /// `trust.verify_manifest(signed)`, answered from memory when the same check was made
+    /// before: same root, field for field (its signed bytes, the root they parse to, every
+    /// revocation), and the same manifest (payload and signatures). The check reads nothing
+    /// else, so the answer is the one verifying again would give.
+    pub fn verify(
+        &self,
+        trust: &TrustedRoot,
+        signed: &SignedManifest,
+    ) -> Result<Manifest, ManifestError> {
+        if let Some(v) = lock(&self.verified)
+            .iter()
+            .find(|v| v.signed == *signed && v.trust == *trust)
+        {
+            return v.answer.clone();
+        }
+        let answer = trust.verify_manifest(signed);
+        let mut verified = lock(&self.verified);
+        if verified.len() >= MAX_VERIFIED {
+            verified.remove(0);
+        }
+        verified.push(Verified {
+            trust: trust.clone(),
+            signed: signed.clone(),
+            answer: answer.clone(),
+        });
+        answer
+    }
+
+    /// Checks remembered now.
+    #[cfg(test)]
+    pub(crate) fn verified_len(&self) -> usize {
+        lock(&self.verified).len()
+    }
+
     /// Manifests held now.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
@@ -75,6 +131,57 @@ mod tests {
             payload: payload.into(),
             signatures: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_remembered_check_answers_only_the_same_root_and_the_same_manifest() {
+        use crate::update::testkit::{key, release, root_meta, signed_root, ReleaseSpec};
+        let (signing, root_key, stranger) = (key(), key(), key());
+        let meta = root_meta(1, &[&root_key], &[&signing], 1);
+        let trust = TrustedRoot::pin(signed_root(&meta, &[&root_key])).unwrap();
+        let rel = release(&signing, &ReleaseSpec::default());
+        let pool = SharedManifests::default();
+        let direct = trust.verify_manifest(&rel.signed).unwrap();
+        assert_eq!(pool.verify(&trust, &rel.signed).unwrap(), direct);
+        assert_eq!(pool.verify(&trust, &rel.signed).unwrap(), direct);
+        assert_eq!(pool.verified_len(), 1, "the second answer came from memory");
+
+        // The same payload under a signature by a key the root does not know.
+        let mut forged = rel.signed.clone();
+        forged.signatures = release(&stranger, &ReleaseSpec::default())
+            .signed
+            .signatures;
+        assert_eq!(forged.payload, rel.signed.payload);
+        let refused = pool.verify(&trust, &forged);
+        assert!(refused.is_err());
+        assert_eq!(refused, trust.verify_manifest(&forged));
+        // One signature byte changed.
+        let mut flipped = rel.signed.clone();
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut sig = base64::Engine::decode(&b64, &flipped.signatures[0].sig).unwrap();
+        sig[10] ^= 1;
+        flipped.signatures[0].sig = base64::Engine::encode(&b64, sig);
+        assert!(pool.verify(&trust, &flipped).is_err());
+
+        // A root that revokes the signing key: refused, though the first root's Ok is kept.
+        let mut revoking = root_meta(1, &[&root_key], &[&stranger], 1);
+        revoking.revoked = vec![signing.public().key_id()];
+        let revoking = TrustedRoot::pin(signed_root(&revoking, &[&root_key])).unwrap();
+        assert!(pool.verify(&revoking, &rel.signed).is_err());
+        assert_eq!(pool.verify(&trust, &rel.signed).unwrap(), direct);
+
+        // Bounded: the oldest answers are forgotten.
+        for n in 0..MAX_VERIFIED as u64 + 4 {
+            let version = format!("3.0.{n}");
+            let spec = ReleaseSpec {
+                version: &version,
+                ..ReleaseSpec::default()
+            };
+            assert!(pool
+                .verify(&trust, &release(&signing, &spec).signed)
+                .is_ok());
+        }
+        assert_eq!(pool.verified_len(), MAX_VERIFIED);
     }
 
     #[test]
