@@ -90,14 +90,17 @@ impl SharedManifests {
         trust: &TrustedRoot,
         signed: &SignedManifest,
     ) -> Result<Manifest, ManifestError> {
-        if let Some(v) = lock(&self.verified)
-            .iter()
-            .find(|v| v.signed == *signed && v.trust == *trust)
-        {
+        let same = |v: &&Verified| v.signed == *signed && v.trust == *trust;
+        if let Some(v) = lock(&self.verified).iter().find(same) {
             return v.answer.clone();
         }
         let answer = trust.verify_manifest(signed);
         let mut verified = lock(&self.verified);
+        // Another agent may have verified the same meanwhile (the lock is not held while
+        // verifying): one entry is enough.
+        if verified.iter().any(|v| same(&v)) {
+            return answer;
+        }
         if verified.len() >= MAX_VERIFIED {
             verified.remove(0);
         }

@@ -15,8 +15,8 @@
 //! (before anything was measured: each slot four times a second): a device back too early
 //! costs one more `busy` frame, a device back too late leaves a slot empty. Before, a fixed
 //! 500 ms per generation of `max` waiters told 10,000 devices of a one-chunk campaign to wait
-//! 10 s (the cap), drawn by the device as 10–20 s (PROTOCOL.md §9.3), and the slots stood
-//! empty for most of that.
+//! 10 s (the cap then; 3 s now, see [`MAX_WAIT_MS`]), drawn by the device as 10–20 s
+//! (PROTOCOL.md §9.3), and the slots stood empty for most of that.
 
 use std::collections::{BTreeSet, HashMap};
 
