@@ -6,7 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use aloft_proto::SecurityVersion;
 use serde::{Deserialize, Serialize};
@@ -260,6 +260,19 @@ pub trait Flash: Send {
     /// Prepares `slot` for an image of `size` bytes, discarding what it held.
     fn begin_update(&mut self, slot: SlotId, size: u64) -> Result<(), FlashError>;
     fn write(&mut self, slot: SlotId, offset: u64, data: &[u8]) -> Result<(), FlashError>;
+    /// [`Flash::write`] of `data` that is, byte for byte, chunk `known.index` of the content
+    /// `known.chain` names: storage that hashes what it is given may take the image's hash
+    /// state from the chain instead of hashing `data` again.
+    fn write_known(
+        &mut self,
+        slot: SlotId,
+        offset: u64,
+        data: &[u8],
+        known: &Known,
+    ) -> Result<(), FlashError> {
+        let _ = known;
+        self.write(slot, offset, data)
+    }
     /// Fills `buf` from `offset`; bytes never written read as zero.
     fn read(&mut self, slot: SlotId, offset: u64, buf: &mut [u8]) -> Result<(), FlashError>;
     /// Tells the bootloader which slot to start next. Simulated storage needs nothing here: the
@@ -275,6 +288,45 @@ pub trait Flash: Send {
     fn digest(&mut self, slot: SlotId, len: u64) -> Result<[u8; 32], FlashError> {
         read_back_digest(self, slot, len)
     }
+}
+
+/// The SHA-256 states of one sequence of chunks hashed in order: entry `i` is the state after
+/// chunks `0..=i`. Whoever holds a [`Known`] for a chain vouches that its bytes are the chain's
+/// chunk; every device of a simulated campaign writes the same image, and the first to write a
+/// chunk hashes it for the others (the module doc of `update::shared` says who may vouch).
+#[derive(Debug, Default)]
+pub struct HashChain {
+    states: Mutex<Vec<Option<Sha256>>>,
+}
+
+impl HashChain {
+    /// The state after chunks `0..n` (the empty state for `n == 0`), if it was taken.
+    fn after(&self, n: u32) -> Option<Sha256> {
+        let Some(last) = n.checked_sub(1) else {
+            return Some(Sha256::new());
+        };
+        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        states.get(last as usize).cloned().flatten()
+    }
+
+    /// Records the state after chunks `0..=index`.
+    fn record(&self, index: u32, state: &Sha256) {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let i = index as usize;
+        if states.len() <= i {
+            states.resize(i + 1, None);
+        }
+        if states[i].is_none() {
+            states[i] = Some(state.clone());
+        }
+    }
+}
+
+/// Chunk `index` of the content `chain` names (see [`Flash::write_known`]).
+#[derive(Debug, Clone)]
+pub struct Known {
+    pub chain: Arc<HashChain>,
+    pub index: u32,
 }
 
 /// Bytes read back at a time by [`Flash::digest`].
@@ -393,7 +445,50 @@ pub struct FileFlash {
 struct Stream {
     slot: SlotId,
     written: u64,
-    hash: Sha256,
+    hash: StreamHash,
+}
+
+/// How a [`Stream`] knows the digest of what it was given.
+#[derive(Debug)]
+enum StreamHash {
+    /// Hashed here, every byte.
+    Own(Sha256),
+    /// Everything written is chunks `0..n` of `chain`, in order: the state is the chain's.
+    Chain(Arc<HashChain>, u32),
+}
+
+impl StreamHash {
+    /// Adds `data` to the hash: taken from the chain when `data` is its next chunk, hashed here
+    /// otherwise. `None` when the chain lost the state this stream stands at (it never drops
+    /// one, so only a chain mix-up could): the digest is then read back.
+    fn add(self, data: &[u8], known: Option<&Known>) -> Option<StreamHash> {
+        match (self, known) {
+            (StreamHash::Chain(c, n), Some(k)) if Arc::ptr_eq(&c, &k.chain) && k.index == n => {
+                if c.after(n + 1).is_none() {
+                    let mut state = c.after(n)?;
+                    state.update(data);
+                    c.record(n, &state);
+                }
+                Some(StreamHash::Chain(c, n + 1))
+            }
+            (StreamHash::Chain(c, n), _) => {
+                let mut state = c.after(n)?;
+                state.update(data);
+                Some(StreamHash::Own(state))
+            }
+            (StreamHash::Own(mut h), _) => {
+                h.update(data);
+                Some(StreamHash::Own(h))
+            }
+        }
+    }
+
+    fn finalize(&self) -> Option<[u8; 32]> {
+        match self {
+            StreamHash::Own(h) => Some(h.clone().finalize().into()),
+            StreamHash::Chain(c, n) => c.after(*n).map(|s| s.finalize().into()),
+        }
+    }
 }
 
 impl FileFlash {
@@ -450,6 +545,43 @@ impl FileFlash {
     }
 }
 
+impl FileFlash {
+    /// Writes `data` and adds it to the stream's digest when it continues the stream.
+    fn write_streamed(
+        &mut self,
+        slot: SlotId,
+        offset: u64,
+        data: &[u8],
+        known: Option<&Known>,
+    ) -> Result<(), FlashError> {
+        use std::os::unix::fs::FileExt;
+        check_bounds(self.capacity, offset, data.len())?;
+        let at = self.base(slot) + offset;
+        if self.stream.as_ref().is_some_and(|s| s.slot == slot) {
+            // Dropped before the write: if the write fails, what the slot holds is unknown.
+            let stream = self.stream.take().filter(|s| s.written == offset);
+            self.file()?.write_all_at(data, at)?;
+            self.stream = stream.and_then(|s| {
+                // A stream that has written nothing yet joins the chain of its first chunk.
+                let hash = match (s.hash, known) {
+                    (StreamHash::Own(_), Some(k)) if s.written == 0 && k.index == 0 => {
+                        StreamHash::Chain(k.chain.clone(), 0)
+                    }
+                    (h, _) => h,
+                };
+                Some(Stream {
+                    slot: s.slot,
+                    written: s.written + data.len() as u64,
+                    hash: hash.add(data, known)?,
+                })
+            });
+        } else {
+            self.file()?.write_all_at(data, at)?;
+        }
+        Ok(())
+    }
+}
+
 impl Flash for FileFlash {
     fn capacity(&self) -> u64 {
         self.capacity
@@ -467,7 +599,7 @@ impl Flash for FileFlash {
         self.stream = Some(Stream {
             slot,
             written: 0,
-            hash: Sha256::new(),
+            hash: StreamHash::Own(Sha256::new()),
         });
         Ok(())
     }
@@ -477,28 +609,27 @@ impl Flash for FileFlash {
     }
 
     fn write(&mut self, slot: SlotId, offset: u64, data: &[u8]) -> Result<(), FlashError> {
-        use std::os::unix::fs::FileExt;
-        check_bounds(self.capacity, offset, data.len())?;
-        let at = self.base(slot) + offset;
-        if self.stream.as_ref().is_some_and(|s| s.slot == slot) {
-            // Dropped before the write: if the write fails, what the slot holds is unknown.
-            let stream = self.stream.take().filter(|s| s.written == offset);
-            self.file()?.write_all_at(data, at)?;
-            self.stream = stream.map(|mut s| {
-                s.hash.update(data);
-                s.written += data.len() as u64;
-                s
-            });
-        } else {
-            self.file()?.write_all_at(data, at)?;
-        }
-        Ok(())
+        self.write_streamed(slot, offset, data, None)
+    }
+
+    fn write_known(
+        &mut self,
+        slot: SlotId,
+        offset: u64,
+        data: &[u8],
+        known: &Known,
+    ) -> Result<(), FlashError> {
+        self.write_streamed(slot, offset, data, Some(known))
     }
 
     fn digest(&mut self, slot: SlotId, len: u64) -> Result<[u8; 32], FlashError> {
-        match &self.stream {
-            Some(s) if s.slot == slot && s.written == len => Ok(s.hash.clone().finalize().into()),
-            _ => read_back_digest(self, slot, len),
+        let streamed = match &self.stream {
+            Some(s) if s.slot == slot && s.written == len => s.hash.finalize(),
+            _ => None,
+        };
+        match streamed {
+            Some(d) => Ok(d),
+            None => read_back_digest(self, slot, len),
         }
     }
 
@@ -663,5 +794,70 @@ mod tests {
         f.begin_update(SlotId::B, 40).unwrap();
         f.write(SlotId::B, 0, &image).unwrap();
         assert_eq!(f.digest(SlotId::B, 16).unwrap(), sha(&image[..16]));
+    }
+
+    /// Two slots written with the same chunks vouched for by one chain: the second takes the
+    /// states the first recorded, and both digests are the image's. A chunk vouched for out of
+    /// order, by another chain, or written plainly in between, is hashed and still counts.
+    #[test]
+    fn file_flash_digest_from_a_hash_chain_is_the_digest_of_what_the_slot_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let image: Vec<u8> = (0..40u8).collect();
+        let sha = |b: &[u8]| -> [u8; 32] { Sha256::digest(b).into() };
+        let chain = Arc::new(HashChain::default());
+        let known = |index: u32| Known {
+            chain: chain.clone(),
+            index,
+        };
+        let write_all = |f: &mut FileFlash, vouch: &dyn Fn(u32) -> Option<Known>| {
+            f.begin_update(SlotId::B, 40).unwrap();
+            for (i, part) in image.chunks(16).enumerate() {
+                let at = 16 * i as u64;
+                match vouch(i as u32) {
+                    Some(k) => f.write_known(SlotId::B, at, part, &k).unwrap(),
+                    None => f.write(SlotId::B, at, part).unwrap(),
+                }
+            }
+        };
+        for n in 0..2 {
+            let mut f = FileFlash::open(&dir.path().join(format!("slots-{n}.bin")), 64);
+            write_all(&mut f, &|i| Some(known(i)));
+            assert!(matches!(
+                f.stream.as_ref().map(|s| &s.hash),
+                Some(StreamHash::Chain(_, 3))
+            ));
+            assert_eq!(f.digest(SlotId::B, 40).unwrap(), sha(&image), "device {n}");
+        }
+        assert_eq!(chain.states.lock().unwrap().len(), 3, "recorded once");
+
+        // Chunk 1 written plainly: hashed from the chain's state after chunk 0.
+        let mut f = FileFlash::open(&dir.path().join("plain.bin"), 64);
+        write_all(&mut f, &|i| (i != 1).then(|| known(i)));
+        assert!(matches!(
+            f.stream.as_ref().map(|s| &s.hash),
+            Some(StreamHash::Own(_))
+        ));
+        assert_eq!(f.digest(SlotId::B, 40).unwrap(), sha(&image));
+
+        // Another chain, or the wrong index, from the second chunk on.
+        let stranger = Arc::new(HashChain::default());
+        let mut f = FileFlash::open(&dir.path().join("stranger.bin"), 64);
+        write_all(&mut f, &|i| match i {
+            0 => Some(known(0)),
+            1 => Some(Known {
+                chain: stranger.clone(),
+                index: 1,
+            }),
+            _ => Some(known(1)),
+        });
+        assert_eq!(f.digest(SlotId::B, 40).unwrap(), sha(&image));
+        assert!(stranger.states.lock().unwrap().is_empty());
+
+        // A chunk written again after a power loss, vouched for: the slot is read back.
+        f.write_known(SlotId::B, 16, &[0xee; 16], &known(1))
+            .unwrap();
+        let mut changed = image.clone();
+        changed[16..32].fill(0xee);
+        assert_eq!(f.digest(SlotId::B, 40).unwrap(), sha(&changed));
     }
 }

@@ -11,15 +11,15 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use aloft_proto::crypto::{self, ChunkCipher, ContentKey};
+use aloft_proto::crypto::{ChunkCipher, ContentKey};
 use aloft_proto::manifest::Manifest;
 use aloft_proto::messages::{MAX_CHUNKS_PER_REQUEST, MAX_RANGES_PER_REQUEST};
 use aloft_proto::precondition::Preconditions;
 use aloft_proto::ArtifactId;
 
 use super::origin::OriginPlan;
-use super::shared::SharedManifests;
-use crate::slots::{Flash, FlashError, SlotId};
+use super::shared::{ChunkChecks, ChunkMatch, SharedManifests};
+use crate::slots::{Flash, FlashError, HashChain, Known, SlotId};
 use crate::store::ChunkBitmap;
 
 /// What became of one data frame.
@@ -44,9 +44,13 @@ pub(super) struct Session {
     /// the device uses: the text is three times the size, and was a tenth of a simulated
     /// device's heap while it downloaded).
     pub manifest: Manifest,
-    /// Shared by every download of the same manifest when the agent has a
+    /// The chunk digests, shared (with the chunks found to match them) by every download of
+    /// the same manifest when the agent has a
     /// [`SharedManifests`](super::shared::SharedManifests).
-    digests: Arc<[[u8; 32]]>,
+    checks: Arc<ChunkChecks>,
+    /// The hash chain of the image this download's key opens, when `checks` keeps one: a
+    /// chunk known byte for byte is written as that chain's chunk.
+    chain: Option<Arc<HashChain>>,
     /// The content key made ready to open chunks, held only while downloading: dropping it
     /// frees aws-lc's state, which aws-lc clears as it frees it.
     cipher: Option<ChunkCipher>,
@@ -83,13 +87,17 @@ impl Session {
         base_timeout_ms: u64,
         shared: Option<&SharedManifests>,
     ) -> Self {
-        let digests = match shared {
-            Some(s) => s.digests(&manifest),
-            None => manifest.chunk_digests().into(),
+        let checks = match shared {
+            Some(s) => s.checks(&manifest),
+            None => Arc::new(ChunkChecks::new(manifest.chunk_digests(), None)),
         };
         manifest.chunk_sha256 = String::new();
+        let chain = key
+            .as_ref()
+            .and_then(|k| checks.chain(k, &manifest.artifact, manifest.chunk_count));
         Session {
-            digests,
+            checks,
+            chain,
             cipher: key.as_ref().map(ChunkCipher::new),
             outstanding: BTreeMap::new(),
             asked_before: HashSet::new(),
@@ -139,8 +147,14 @@ impl Session {
     /// Whether `sealed` is chunk `index` as the signed manifest describes it (length and
     /// digest): checked before anything else is done with bytes from an untrusted origin.
     pub fn matches_manifest(&self, index: u32, sealed: &[u8]) -> bool {
-        self.manifest.sealed_len(index) == Some(sealed.len())
-            && self.digests.get(index as usize) == Some(&crypto::sha256(sealed))
+        self.check(index, sealed) != ChunkMatch::No
+    }
+
+    fn check(&self, index: u32, sealed: &[u8]) -> ChunkMatch {
+        if self.manifest.sealed_len(index) != Some(sealed.len()) {
+            return ChunkMatch::No;
+        }
+        self.checks.check(index, sealed)
     }
 
     /// Handles one data frame for chunk `index` of `count`, received at `now`.
@@ -172,9 +186,8 @@ impl Session {
             return ChunkOutcome::Ignored;
         };
         // The digest is checked before decrypting: a tampered chunk never reaches the cipher.
-        let digest_ok = self.manifest.sealed_len(index) == Some(sealed.len())
-            && self.digests.get(index as usize) == Some(&crypto::sha256(sealed));
-        let plain = if digest_ok {
+        let matched = self.check(index, sealed);
+        let plain = if matched != ChunkMatch::No {
             cipher.open(artifact, index, count, sealed).ok()
         } else {
             None
@@ -189,7 +202,18 @@ impl Session {
             };
         };
         let offset = u64::from(index) * u64::from(self.manifest.chunk_size);
-        if let Err(e) = flash.write(slot, offset, &plain) {
+        let written_ok = match (&self.chain, matched) {
+            // Same sealed bytes, same key, artifact and count: the same plaintext.
+            (Some(chain), ChunkMatch::Known) => {
+                let known = Known {
+                    chain: chain.clone(),
+                    index,
+                };
+                flash.write_known(slot, offset, &plain, &known)
+            }
+            _ => flash.write(slot, offset, &plain),
+        };
+        if let Err(e) = written_ok {
             return ChunkOutcome::WriteFailed(e);
         }
         written.set(index);

@@ -12,12 +12,29 @@
 //! orchestrator needed (docs/BENCHMARKS.md, S2). A device whose root or manifest differs in any
 //! byte (another root version, a revocation, a tampered payload or signature) misses and
 //! verifies for itself; a real device, alone on its hardware, always does.
+//!
+//! So are the two SHA-256 passes over every chunk ([`ChunkChecks`]): the digest of each sealed
+//! chunk against the manifest, and the image digest of what the slot holds (PROTOCOL.md §9.3,
+//! steps 6 and 8). Every device of a campaign receives the same sealed chunks and writes the
+//! same image; hashing them was a quarter of the simulator's CPU while 10,000 devices
+//! downloaded 1 MiB (docs/BENCHMARKS.md, S3b). The first device to find a sealed chunk matching
+//! its digest keeps its bytes; a device whose chunk is *byte for byte* those bytes has the same
+//! answer without hashing (a comparison costs a tenth of a hash), and any other byte string is
+//! hashed as before. Equal sealed bytes under the same content key, artifact and chunk count
+//! open to equal plaintext, so such a chunk is also vouched for as chunk `i` of that key's
+//! [`HashChain`], from which the slot takes the image digest's state. Content keys are told
+//! apart by a SHA-256 fingerprint, not kept.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+use aloft_proto::crypto::{self, ContentKey};
 use aloft_proto::manifest::{Manifest, ManifestError, SignedManifest};
 use aloft_proto::trust::TrustedRoot;
+use aloft_proto::ArtifactId;
+
+use crate::slots::HashChain;
 
 /// Manifests held at most; past it, those no agent holds any more are dropped first, and a
 /// manifest that finds no room is simply not shared.
@@ -25,6 +42,13 @@ pub const MAX_SHARED: usize = 64;
 
 /// Signature checks remembered at most; past it, the oldest is forgotten.
 pub const MAX_VERIFIED: usize = 16;
+
+/// Bytes of sealed chunks a process keeps at most for [`ChunkChecks`], across every manifest;
+/// past it, chunks are hashed by every device as before.
+pub const MAX_KNOWN_BYTES: usize = 32 * 1024 * 1024;
+
+/// Content keys a [`ChunkChecks`] keeps a hash chain for at most (a campaign has one).
+const MAX_CHAINS: usize = 4;
 
 /// One remembered check: what it read, whole, and its answer.
 #[derive(Debug)]
@@ -38,10 +62,132 @@ struct Verified {
 #[derive(Debug, Default)]
 pub struct SharedManifests {
     held: Mutex<HashSet<Arc<str>>>,
-    /// Decoded digests by the manifest's `chunk_sha256` text, while some download holds them.
-    digests: Mutex<HashMap<String, Weak<[[u8; 32]]>>>,
+    /// Decoded digests and known chunks by the manifest's `chunk_sha256` text, while some
+    /// download holds them.
+    checks: Mutex<HashMap<String, Weak<ChunkChecks>>>,
+    /// Bytes the [`ChunkChecks`] hold now, against [`MAX_KNOWN_BYTES`].
+    known_bytes: Arc<AtomicUsize>,
     /// Answers of [`SharedManifests::verify`], oldest first.
     verified: Mutex<Vec<Verified>>,
+}
+
+/// A manifest's chunk digests, the sealed chunks found to match them and the hash chains of
+/// the images they open to (see the module doc). Without a budget nothing is remembered: a
+/// device alone keeps no copy of what it already wrote.
+#[derive(Debug)]
+pub struct ChunkChecks {
+    digests: Vec<[u8; 32]>,
+    /// Sealed chunk `i` as some device received it, hashing to `digests[i]`.
+    known: Mutex<Vec<Option<Arc<[u8]>>>>,
+    /// The hash chain of each content key's image.
+    chains: Mutex<Vec<(ChainId, Arc<HashChain>)>>,
+    /// The process's count of bytes held, when this remembers.
+    budget: Option<Arc<AtomicUsize>>,
+    /// Bytes this holds in `known`, given back to the budget when it is dropped.
+    held: AtomicUsize,
+}
+
+/// Whose image a [`HashChain`] hashes: a fingerprint of the content key, the artifact, the
+/// chunk count.
+type ChainId = ([u8; 32], ArtifactId, u32);
+
+/// How a sealed chunk compared with its digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkMatch {
+    /// It does not match (or there is no chunk of that index).
+    No,
+    /// It matches, by hashing it.
+    Hashed,
+    /// It matches and is byte for byte the chunk remembered: it may be vouched for.
+    Known,
+}
+
+impl ChunkChecks {
+    pub fn new(digests: Vec<[u8; 32]>, budget: Option<Arc<AtomicUsize>>) -> Self {
+        ChunkChecks {
+            known: Mutex::new(vec![None; if budget.is_some() { digests.len() } else { 0 }]),
+            digests,
+            chains: Mutex::new(Vec::new()),
+            budget,
+            held: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether `sealed` hashes to chunk `index`'s digest; answered by comparing bytes when a
+    /// device found these very bytes to match before.
+    pub fn check(&self, index: u32, sealed: &[u8]) -> ChunkMatch {
+        let i = index as usize;
+        let Some(expected) = self.digests.get(i) else {
+            return ChunkMatch::No;
+        };
+        let seen = lock(&self.known).get(i).cloned().flatten();
+        if seen.as_deref() == Some(sealed) {
+            return ChunkMatch::Known;
+        }
+        if crypto::sha256(sealed) != *expected {
+            return ChunkMatch::No;
+        }
+        if seen.is_none() && self.remember(i, sealed) {
+            ChunkMatch::Known
+        } else {
+            ChunkMatch::Hashed
+        }
+    }
+
+    /// Keeps `sealed` as chunk `i`, if the budget allows and no other bytes are kept for it.
+    fn remember(&self, i: usize, sealed: &[u8]) -> bool {
+        let Some(budget) = &self.budget else {
+            return false;
+        };
+        let mut known = lock(&self.known);
+        match known.get(i) {
+            Some(Some(k)) => return **k == *sealed,
+            Some(None) => {}
+            None => return false,
+        }
+        let reserved = budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+            b.checked_add(sealed.len())
+                .filter(|&after| after <= MAX_KNOWN_BYTES)
+        });
+        if reserved.is_err() {
+            return false;
+        }
+        self.held.fetch_add(sealed.len(), Ordering::Relaxed);
+        known[i] = Some(sealed.into());
+        true
+    }
+
+    /// The hash chain of the image chunks of `artifact` (`count` of them) open to under `key`;
+    /// `None` when this does not remember or keeps chains for too many keys already.
+    pub fn chain(
+        &self,
+        key: &ContentKey,
+        artifact: &ArtifactId,
+        count: u32,
+    ) -> Option<Arc<HashChain>> {
+        self.budget.as_ref()?;
+        let mut tagged = b"aloft-sim hash chain key".to_vec();
+        tagged.extend_from_slice(key.as_bytes());
+        let id = (crypto::sha256(&tagged), artifact.clone(), count);
+        let mut chains = lock(&self.chains);
+        if let Some((_, c)) = chains.iter().find(|(k, _)| *k == id) {
+            return Some(c.clone());
+        }
+        if chains.len() >= MAX_CHAINS {
+            return None;
+        }
+        let c = Arc::new(HashChain::default());
+        chains.push((id, c.clone()));
+        Some(c)
+    }
+}
+
+impl Drop for ChunkChecks {
+    fn drop(&mut self) {
+        if let Some(b) = &self.budget {
+            b.fetch_sub(*self.held.get_mut(), Ordering::Relaxed);
+        }
+    }
 }
 
 /// A poisoned lock only means another agent panicked mid-insert; the map is still valid.
@@ -65,20 +211,24 @@ impl SharedManifests {
         }
     }
 
-    /// The chunk digests of a verified `manifest`, decoded once for every download of it.
-    pub fn digests(&self, manifest: &Manifest) -> Arc<[[u8; 32]]> {
-        let mut map = lock(&self.digests);
-        if let Some(d) = map.get(&manifest.chunk_sha256).and_then(Weak::upgrade) {
-            return d;
+    /// The chunk checks of a verified `manifest`: its digests decoded once for every download
+    /// of it, and the chunks found to match them.
+    pub fn checks(&self, manifest: &Manifest) -> Arc<ChunkChecks> {
+        let mut map = lock(&self.checks);
+        if let Some(c) = map.get(&manifest.chunk_sha256).and_then(Weak::upgrade) {
+            return c;
         }
-        let d: Arc<[[u8; 32]]> = manifest.chunk_digests().into();
+        let c = Arc::new(ChunkChecks::new(
+            manifest.chunk_digests(),
+            Some(self.known_bytes.clone()),
+        ));
         if map.len() >= MAX_SHARED {
             map.retain(|_, w| w.strong_count() > 0);
         }
         if map.len() < MAX_SHARED {
-            map.insert(manifest.chunk_sha256.clone(), Arc::downgrade(&d));
+            map.insert(manifest.chunk_sha256.clone(), Arc::downgrade(&c));
         }
-        d
+        c
     }
 
     /// `trust.verify_manifest(signed)`, answered from memory when the same check was made
@@ -201,18 +351,18 @@ mod tests {
     }
 
     #[test]
-    fn every_download_of_a_manifest_shares_its_decoded_digests_while_one_holds_them() {
+    fn every_download_of_a_manifest_shares_its_chunk_checks_while_one_holds_them() {
         let rel = crate::update::testkit::Fixture::new()
             .release(&crate::update::testkit::ReleaseSpec::default());
         let pool = SharedManifests::default();
-        let (a, b) = (pool.digests(&rel.manifest), pool.digests(&rel.manifest));
+        let (a, b) = (pool.checks(&rel.manifest), pool.checks(&rel.manifest));
         assert!(Arc::ptr_eq(&a, &b));
-        assert_eq!(&a[..], &rel.manifest.chunk_digests()[..]);
+        assert_eq!(a.digests, rel.manifest.chunk_digests());
         drop((a, b));
-        let c = pool.digests(&rel.manifest);
+        let c = pool.checks(&rel.manifest);
         assert_eq!(
-            (&c[..], Arc::strong_count(&c)),
-            (&rel.manifest.chunk_digests()[..], 1)
+            (&c.digests, Arc::strong_count(&c)),
+            (&rel.manifest.chunk_digests(), 1)
         );
     }
 
@@ -229,5 +379,72 @@ mod tests {
         let mut again = signed("kept");
         pool.share(&mut again);
         assert!(Arc::ptr_eq(&kept.payload, &again.payload));
+    }
+}
+
+#[cfg(test)]
+mod chunk_tests {
+    use super::*;
+    use aloft_proto::crypto::sha256;
+
+    fn checks(chunks: &[&[u8]], budget: Option<Arc<AtomicUsize>>) -> ChunkChecks {
+        ChunkChecks::new(chunks.iter().map(|c| sha256(c)).collect(), budget)
+    }
+
+    #[test]
+    fn a_known_chunk_answers_only_for_the_same_bytes() {
+        let budget = Arc::new(AtomicUsize::new(0));
+        let c = checks(&[b"first chunk", b"second chunk"], Some(budget.clone()));
+        assert_eq!(c.check(0, b"first chunk"), ChunkMatch::Known, "kept");
+        assert_eq!(budget.load(Ordering::Relaxed), 11);
+        assert_eq!(c.check(0, b"first chunk"), ChunkMatch::Known, "compared");
+        // A tampered chunk of the same length, another chunk's bytes, an index out of range.
+        assert_eq!(c.check(0, b"first chunK"), ChunkMatch::No);
+        assert_eq!(c.check(0, b"second chunk"), ChunkMatch::No);
+        assert_eq!(c.check(2, b"first chunk"), ChunkMatch::No);
+        // Nothing bad is kept: the good bytes still answer, and the budget did not move.
+        assert_eq!(c.check(0, b"first chunk"), ChunkMatch::Known);
+        assert_eq!(budget.load(Ordering::Relaxed), 11);
+        drop(c);
+        assert_eq!(budget.load(Ordering::Relaxed), 0, "given back when dropped");
+    }
+
+    #[test]
+    fn without_a_budget_or_past_it_chunks_are_hashed_and_not_kept() {
+        let alone = checks(&[b"chunk"], None);
+        assert_eq!(alone.check(0, b"chunk"), ChunkMatch::Hashed);
+        assert_eq!(alone.check(0, b"chunK"), ChunkMatch::No);
+        assert!(alone
+            .chain(&ContentKey::from_bytes([1; 32]), &art(), 1)
+            .is_none());
+
+        let full = Arc::new(AtomicUsize::new(MAX_KNOWN_BYTES - 2));
+        let c = checks(&[b"chunk"], Some(full.clone()));
+        assert_eq!(c.check(0, b"chunk"), ChunkMatch::Hashed);
+        assert_eq!(c.check(0, b"chunK"), ChunkMatch::No);
+        assert_eq!(full.load(Ordering::Relaxed), MAX_KNOWN_BYTES - 2);
+    }
+
+    fn art() -> ArtifactId {
+        ArtifactId::new("fw-2.0").unwrap()
+    }
+
+    #[test]
+    fn each_content_key_has_its_own_chain() {
+        let c = checks(&[b"chunk"], Some(Arc::default()));
+        let (k1, k2) = (
+            ContentKey::from_bytes([1; 32]),
+            ContentKey::from_bytes([2; 32]),
+        );
+        let a = c.chain(&k1, &art(), 1).unwrap();
+        assert!(Arc::ptr_eq(&a, &c.chain(&k1, &art(), 1).unwrap()));
+        assert!(!Arc::ptr_eq(&a, &c.chain(&k2, &art(), 1).unwrap()));
+        assert!(!Arc::ptr_eq(&a, &c.chain(&k1, &art(), 2).unwrap()));
+        let other = ArtifactId::new("fw-3.0").unwrap();
+        assert!(!Arc::ptr_eq(&a, &c.chain(&k1, &other, 1).unwrap()));
+        // Four chains are kept; a fifth key gets none and its device hashes for itself.
+        assert!(c
+            .chain(&ContentKey::from_bytes([3; 32]), &art(), 1)
+            .is_none());
     }
 }
