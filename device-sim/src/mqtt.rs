@@ -8,7 +8,8 @@
 //! publishes at a time and never QoS 2. Here the bytes go through rumqttc's own v5 codec
 //! (`Packet::read` and `write`, so there is no second parser), the session holds only its two
 //! buffers, its in-flight packet ids and its keep-alive clock, and it reads only when the device
-//! asks for the next packet, so frames it has not reached wait in the kernel's socket buffer.
+//! asks for the next packet, so frames it has not reached wait in the kernel's socket buffer
+//! (all but the rest of one read of the socket, which [`read_ahead`] takes in steps of 32 KiB).
 //! Both buffers drop back to nothing once they are empty, so an idle device holds almost no
 //! memory for its connection (docs/BENCHMARKS.md, "Simulator memory").
 
@@ -28,6 +29,10 @@ pub use rumqttc::v5::mqttbytes::QoS;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
+
+use read_ahead::ReadAhead;
+
+mod read_ahead;
 
 type Instant = tokio::time::Instant;
 
@@ -288,7 +293,7 @@ impl WriteBuf {
 
 /// One MQTT 5 session over mTLS (over any byte stream in tests). Keep it boxed: the TLS state
 /// is about a kilobyte.
-pub struct Session<S = TlsStream<TcpStream>> {
+pub struct Session<S = TlsStream<ReadAhead<TcpStream>>> {
     stream: S,
     read: BytesMut,
     write: WriteBuf,
@@ -314,7 +319,7 @@ impl Session {
         let name = rustls::pki_types::ServerName::try_from(opts.host.to_owned())
             .map_err(|_| SessionError::ServerName(opts.host.to_owned()))?;
         let stream = tokio_rustls::TlsConnector::from(opts.tls)
-            .connect(name, tcp)
+            .connect(name, ReadAhead::new(tcp))
             .await?;
         Session::start(
             stream,
