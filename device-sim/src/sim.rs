@@ -563,6 +563,17 @@ impl Fleet {
             .count()
     }
 
+    /// The sum of `f` over every device right now. Copies nothing, like [`Fleet::count`].
+    pub fn sum(&self, f: impl Fn(&DeviceView) -> u64) -> u64 {
+        self.views
+            .values()
+            .map(|v| match v.lock() {
+                Ok(v) => f(&v),
+                Err(p) => f(&p.into_inner()),
+            })
+            .sum()
+    }
+
     /// Waits until every device satisfies `pred`, checking every 50 ms, for at most `limit`.
     pub async fn wait_all(&self, limit: Duration, pred: impl Fn(&DeviceView) -> bool) -> bool {
         let deadline = tokio::time::Instant::now() + limit;

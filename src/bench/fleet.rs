@@ -310,7 +310,6 @@ async fn campaign(
     let mut last_bytes = (0.0, bytes_before);
     let mut next_sample = Duration::ZERO;
     let summary = loop {
-        let views = fleet.views();
         *sim_peak = (*sim_peak).max(rss("self").map_or(0, |r| r.0));
         let t = created.elapsed();
         if t >= next_sample {
@@ -318,7 +317,9 @@ async fn campaign(
             let s = status_until(admin, &campaign, deadline).await?;
             let served = counter("aloft_chunks_served_total").await - served_before;
             let bytes = counter("aloft_chunk_bytes_served_total").await;
-            let kept: u64 = views.iter().map(|(_, v)| v.stats.chunks_received).sum();
+            // Summed in place: cloning 10,000 devices' views five times a second was 1.5% of
+            // the simulator's CPU during S3b, the measurement taking from what it measures.
+            let kept = fleet.sum(|v| v.stats.chunks_received);
             let secs = t.as_secs_f64();
             let dt = (secs - last_bytes.0).max(1e-3);
             samples.push(Sample {
