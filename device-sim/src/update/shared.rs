@@ -18,7 +18,7 @@
 //! steps 6 and 8). Every device of a campaign receives the same sealed chunks and writes the
 //! same image; hashing them was a quarter of the simulator's CPU while 10,000 devices
 //! downloaded 1 MiB (docs/BENCHMARKS.md, S3b). The first device to find a sealed chunk matching
-//! its digest keeps its bytes; a device whose chunk is *byte for byte* those bytes has the same
+//! its digest keeps its bytes (within a quarter of a kibibyte per device of the fleet); a device whose chunk is *byte for byte* those bytes has the same
 //! answer without hashing (a comparison costs a tenth of a hash), and any other byte string is
 //! hashed as before. Equal sealed bytes under the same content key, artifact and chunk count
 //! open to equal plaintext, so such a chunk is also vouched for as chunk `i` of that key's
@@ -47,6 +47,12 @@ pub const MAX_VERIFIED: usize = 16;
 /// past it, chunks are hashed by every device as before.
 pub const MAX_KNOWN_BYTES: usize = 32 * 1024 * 1024;
 
+/// Bytes of sealed chunks kept per device of a fleet ([`SharedManifests::for_fleet`]): the
+/// memory is the process's, but a simulator is sized by its memory per device (S6), which
+/// this keeps to a quarter of a kibibyte. 10,000 devices keep a 1 MiB image whole; 1,000 keep
+/// its first 256 KiB.
+pub const KNOWN_BYTES_PER_DEVICE: usize = 256;
+
 /// Content keys a [`ChunkChecks`] keeps a hash chain for at most (a campaign has one).
 const MAX_CHAINS: usize = 4;
 
@@ -59,14 +65,14 @@ struct Verified {
 }
 
 /// The manifests shared by a process's agents (see the module doc).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SharedManifests {
     held: Mutex<HashSet<Arc<str>>>,
     /// Decoded digests and known chunks by the manifest's `chunk_sha256` text, while some
     /// download holds them.
     checks: Mutex<HashMap<String, Weak<ChunkChecks>>>,
-    /// Bytes the [`ChunkChecks`] hold now, against [`MAX_KNOWN_BYTES`].
-    known_bytes: Arc<AtomicUsize>,
+    /// Bytes the [`ChunkChecks`] hold now, and how many they may.
+    known_bytes: Arc<Budget>,
     /// Answers of [`SharedManifests::verify`], oldest first.
     verified: Mutex<Vec<Verified>>,
 }
@@ -82,7 +88,7 @@ pub struct ChunkChecks {
     /// The hash chain of each content key's image.
     chains: Mutex<Vec<(ChainId, Arc<HashChain>)>>,
     /// The process's count of bytes held, when this remembers.
-    budget: Option<Arc<AtomicUsize>>,
+    budget: Option<Arc<Budget>>,
     /// Bytes this holds in `known`, given back to the budget when it is dropped.
     held: AtomicUsize,
 }
@@ -103,7 +109,7 @@ pub enum ChunkMatch {
 }
 
 impl ChunkChecks {
-    pub fn new(digests: Vec<[u8; 32]>, budget: Option<Arc<AtomicUsize>>) -> Self {
+    pub fn new(digests: Vec<[u8; 32]>, budget: Option<Arc<Budget>>) -> Self {
         ChunkChecks {
             known: Mutex::new(vec![None; if budget.is_some() { digests.len() } else { 0 }]),
             digests,
@@ -145,11 +151,7 @@ impl ChunkChecks {
             Some(None) => {}
             None => return false,
         }
-        let reserved = budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
-            b.checked_add(sealed.len())
-                .filter(|&after| after <= MAX_KNOWN_BYTES)
-        });
-        if reserved.is_err() {
+        if !budget.take(sealed.len()) {
             return false;
         }
         self.held.fetch_add(sealed.len(), Ordering::Relaxed);
@@ -185,7 +187,7 @@ impl ChunkChecks {
 impl Drop for ChunkChecks {
     fn drop(&mut self) {
         if let Some(b) = &self.budget {
-            b.fetch_sub(*self.held.get_mut(), Ordering::Relaxed);
+            b.give_back(*self.held.get_mut());
         }
     }
 }
@@ -195,7 +197,66 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Bytes of sealed chunks held, against a limit.
+#[derive(Debug)]
+pub struct Budget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Self {
+        Budget {
+            used: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Takes `n` bytes if they fit.
+    fn take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                b.checked_add(n).filter(|&after| after <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for SharedManifests {
+    /// Keeps up to [`MAX_KNOWN_BYTES`] of chunks.
+    fn default() -> Self {
+        SharedManifests::with_known_bytes(MAX_KNOWN_BYTES)
+    }
+}
+
 impl SharedManifests {
+    /// For a fleet of `devices`: [`KNOWN_BYTES_PER_DEVICE`] each, at most [`MAX_KNOWN_BYTES`].
+    pub fn for_fleet(devices: usize) -> Self {
+        SharedManifests::with_known_bytes(
+            devices
+                .saturating_mul(KNOWN_BYTES_PER_DEVICE)
+                .min(MAX_KNOWN_BYTES),
+        )
+    }
+
+    fn with_known_bytes(limit: usize) -> Self {
+        SharedManifests {
+            held: Mutex::default(),
+            checks: Mutex::default(),
+            known_bytes: Arc::new(Budget::new(limit)),
+            verified: Mutex::default(),
+        }
+    }
+
     /// Makes `signed` hold the shared copy of its payload, adding it if it is new.
     pub fn share(&self, signed: &mut SignedManifest) {
         let mut held = lock(&self.held);
@@ -387,16 +448,16 @@ mod chunk_tests {
     use super::*;
     use aloft_proto::crypto::sha256;
 
-    fn checks(chunks: &[&[u8]], budget: Option<Arc<AtomicUsize>>) -> ChunkChecks {
+    fn checks(chunks: &[&[u8]], budget: Option<Arc<Budget>>) -> ChunkChecks {
         ChunkChecks::new(chunks.iter().map(|c| sha256(c)).collect(), budget)
     }
 
     #[test]
     fn a_known_chunk_answers_only_for_the_same_bytes() {
-        let budget = Arc::new(AtomicUsize::new(0));
+        let budget = Arc::new(Budget::new(MAX_KNOWN_BYTES));
         let c = checks(&[b"first chunk", b"second chunk"], Some(budget.clone()));
         assert_eq!(c.check(0, b"first chunk"), ChunkMatch::Known, "kept");
-        assert_eq!(budget.load(Ordering::Relaxed), 11);
+        assert_eq!(budget.used(), 11);
         assert_eq!(c.check(0, b"first chunk"), ChunkMatch::Known, "compared");
         // A tampered chunk of the same length, another chunk's bytes, an index out of range.
         assert_eq!(c.check(0, b"first chunK"), ChunkMatch::No);
@@ -404,9 +465,9 @@ mod chunk_tests {
         assert_eq!(c.check(2, b"first chunk"), ChunkMatch::No);
         // Nothing bad is kept: the good bytes still answer, and the budget did not move.
         assert_eq!(c.check(0, b"first chunk"), ChunkMatch::Known);
-        assert_eq!(budget.load(Ordering::Relaxed), 11);
+        assert_eq!(budget.used(), 11);
         drop(c);
-        assert_eq!(budget.load(Ordering::Relaxed), 0, "given back when dropped");
+        assert_eq!(budget.used(), 0, "given back when dropped");
     }
 
     #[test]
@@ -418,11 +479,19 @@ mod chunk_tests {
             .chain(&ContentKey::from_bytes([1; 32]), &art(), 1)
             .is_none());
 
-        let full = Arc::new(AtomicUsize::new(MAX_KNOWN_BYTES - 2));
-        let c = checks(&[b"chunk"], Some(full.clone()));
-        assert_eq!(c.check(0, b"chunk"), ChunkMatch::Hashed);
-        assert_eq!(c.check(0, b"chunK"), ChunkMatch::No);
-        assert_eq!(full.load(Ordering::Relaxed), MAX_KNOWN_BYTES - 2);
+        // A fleet of 2 devices keeps 512 bytes: not a chunk of 600.
+        let pool = SharedManifests::for_fleet(2);
+        let big = [7u8; 600];
+        let c = checks(&[&big], Some(pool.known_bytes.clone()));
+        assert_eq!(c.check(0, &big), ChunkMatch::Hashed);
+        assert_eq!(c.check(0, &[8u8; 600]), ChunkMatch::No);
+        assert_eq!(pool.known_bytes.used(), 0);
+        let small = checks(&[b"chunk"], Some(pool.known_bytes.clone()));
+        assert_eq!(
+            small.check(0, b"chunk"),
+            ChunkMatch::Known,
+            "what fits is kept"
+        );
     }
 
     fn art() -> ArtifactId {
@@ -431,7 +500,7 @@ mod chunk_tests {
 
     #[test]
     fn each_content_key_has_its_own_chain() {
-        let c = checks(&[b"chunk"], Some(Arc::default()));
+        let c = checks(&[b"chunk"], Some(Arc::new(Budget::new(MAX_KNOWN_BYTES))));
         let (k1, k2) = (
             ContentKey::from_bytes([1; 32]),
             ContentKey::from_bytes([2; 32]),
