@@ -554,13 +554,7 @@ impl Fleet {
     /// How many devices satisfy `pred` right now.
     /// Copies nothing: cheap enough to poll at 10,000 devices.
     pub fn count(&self, pred: impl Fn(&DeviceView) -> bool) -> usize {
-        self.views
-            .values()
-            .filter(|v| match v.lock() {
-                Ok(v) => pred(&v),
-                Err(p) => pred(&p.into_inner()),
-            })
-            .count()
+        self.sum(|v| u64::from(pred(v))) as usize
     }
 
     /// The sum of `f` over every device right now. Copies nothing, like [`Fleet::count`].
