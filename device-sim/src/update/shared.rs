@@ -15,15 +15,16 @@
 //!
 //! So are the two SHA-256 passes over every chunk ([`ChunkChecks`]): the digest of each sealed
 //! chunk against the manifest, and the image digest of what the slot holds (PROTOCOL.md §9.3,
-//! steps 6 and 8). Every device of a campaign receives the same sealed chunks and writes the
+//! steps 5 and 8). Every device of a campaign receives the same sealed chunks and writes the
 //! same image; hashing them was a quarter of the simulator's CPU while 10,000 devices
 //! downloaded 1 MiB (docs/BENCHMARKS.md, S3b). The first device to find a sealed chunk matching
-//! its digest keeps its bytes (within a quarter of a kibibyte per device of the fleet); a device whose chunk is *byte for byte* those bytes has the same
-//! answer without hashing (a comparison costs a tenth of a hash), and any other byte string is
-//! hashed as before. Equal sealed bytes under the same content key, artifact and chunk count
-//! open to equal plaintext, so such a chunk is also vouched for as chunk `i` of that key's
-//! [`HashChain`], from which the slot takes the image digest's state. Content keys are told
-//! apart by a SHA-256 fingerprint, not kept.
+//! its digest keeps its bytes (within [`KNOWN_BYTES_PER_DEVICE`] per device of the fleet); a
+//! device whose chunk is *byte for byte* those bytes has the same answer without hashing (a
+//! comparison costs a tenth of a hash), and any other byte string is hashed as before. Equal
+//! sealed bytes under the same content key, artifact and chunk count open to equal plaintext,
+//! so such a chunk is also vouched for as chunk `i` of that key's [`HashChain`], from which the
+//! slot takes the image digest's state. Content keys are told apart by a SHA-256 fingerprint,
+//! not kept.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
