@@ -175,7 +175,7 @@ impl UpdateAgent {
     }
 
     /// The origin fetches decided since the last call, for the shell to carry out; each is
-    /// answered with an [`Input::Origin`].
+    /// answered with an [`Input::Origin`](super::Input::Origin).
     pub fn take_origin_fetches(&mut self) -> Vec<OriginFetch> {
         std::mem::take(&mut self.origin_orders)
     }

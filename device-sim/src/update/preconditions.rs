@@ -1,9 +1,8 @@
 //! (1.5) The device's side of a signed manifest's preconditions (PROTOCOL.md §9.5): a pure
-//! judgement of the device's [`Conditions`] against the manifest's
-//! [`Preconditions`](aloft_proto::precondition::Preconditions). The conditions come from the
-//! shell through an [`Environment`] (the battery gauge, the application, the clock and time
-//! zone, the file system, the modem); the agent asks for them when it checks, and never reads a
-//! sensor itself.
+//! judgement of the device's [`Conditions`] against the manifest's [`Preconditions`]. The
+//! conditions come from the shell through an [`Environment`] (the battery gauge, the
+//! application, the clock and time zone, the file system, the modem); the agent asks for them
+//! when it checks, and never reads a sensor itself.
 
 use aloft_proto::precondition::{Preconditions, MINUTES_PER_DAY};
 use aloft_proto::Reason;
