@@ -309,6 +309,15 @@ impl HashChain {
         states.get(last as usize).cloned().flatten()
     }
 
+    /// Whether the state after chunks `0..n` was taken (without copying it).
+    fn has(&self, n: u32) -> bool {
+        let Some(last) = n.checked_sub(1) else {
+            return true;
+        };
+        let states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        states.get(last as usize).is_some_and(Option::is_some)
+    }
+
     /// Records the state after chunks `0..=index`.
     fn record(&self, index: u32, state: &Sha256) {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
@@ -464,7 +473,7 @@ impl StreamHash {
     fn add(self, data: &[u8], known: Option<&Known>) -> Option<StreamHash> {
         match (self, known) {
             (StreamHash::Chain(c, n), Some(k)) if Arc::ptr_eq(&c, &k.chain) && k.index == n => {
-                if c.after(n + 1).is_none() {
+                if !c.has(n + 1) {
                     let mut state = c.after(n)?;
                     state.update(data);
                     c.record(n, &state);

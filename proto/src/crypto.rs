@@ -22,8 +22,8 @@ use crate::ids::{ArtifactId, DeviceId};
 /// AES-256-GCM (RFC 9180). It is rustls' implementation over aws-lc, whose X25519 is the TLS
 /// handshakes' own: a wrap takes half the time it took with the serial curve25519-dalek
 /// arithmetic of the `hpke` crate used before (44 against 90 µs, `examples/key_wrap.rs`), and
-/// at 10,000 devices a campaign's start was mostly this (docs/BENCHMARKS.md, S2). The bytes on the wire are the same; the tests below check both
-/// directions against the `hpke` crate.
+/// at 10,000 devices a campaign's start was mostly this (docs/BENCHMARKS.md, S2). The bytes on
+/// the wire are the same; the tests below check both directions against the `hpke` crate.
 const WRAP_SUITE: &dyn Hpke = DH_KEM_X25519_HKDF_SHA256_AES_256;
 
 /// Bytes an AES-GCM tag adds to every sealed chunk.

@@ -43,8 +43,10 @@ pub const QUEUE_FULL_WAIT_MS: u32 = 500;
 const FIRST_TURNS_PER_SLOT_PER_SEC: f64 = 4.0;
 /// How much faster than measured slots are assumed to be handed on.
 const RATE_MARGIN: f64 = 1.5;
-/// A waiting device not heard of for this long is no longer counted as waiting: well past the
-/// longest draw (`2 × MAX_WAIT_MS`), so a device that asks again in time keeps its ticket.
+/// A waiting device not heard of for this long is no longer counted as waiting: twice the
+/// longest wait the reference device accepts (10 s, PROTOCOL.md §9.3), its longest draw, so a
+/// device that asks again in time keeps its ticket even if it was told more than
+/// [`MAX_WAIT_MS`] (by an older server).
 const WAITING_FORGET_MS: u64 = 20_000;
 
 pub(crate) struct DownloadSlots {
