@@ -268,7 +268,7 @@ pub trait Flash: Send {
         slot: SlotId,
         offset: u64,
         data: &[u8],
-        known: &Known,
+        known: &Known<'_>,
     ) -> Result<(), FlashError> {
         let _ = known;
         self.write(slot, offset, data)
@@ -332,9 +332,12 @@ impl HashChain {
 }
 
 /// Chunk `index` of the content `chain` names (see [`Flash::write_known`]).
-#[derive(Debug, Clone)]
-pub struct Known {
-    pub chain: Arc<HashChain>,
+///
+/// Borrowed: a download vouches for every chunk it writes, and a shared count touched per chunk
+/// by every device would bounce between the cores.
+#[derive(Debug, Clone, Copy)]
+pub struct Known<'a> {
+    pub chain: &'a Arc<HashChain>,
     pub index: u32,
 }
 
@@ -470,9 +473,9 @@ impl StreamHash {
     /// Adds `data` to the hash: taken from the chain when `data` is its next chunk, hashed here
     /// otherwise. `None` when the chain lost the state this stream stands at (it never drops
     /// one, so only a chain mix-up could): the digest is then read back.
-    fn add(self, data: &[u8], known: Option<&Known>) -> Option<StreamHash> {
+    fn add(self, data: &[u8], known: Option<&Known<'_>>) -> Option<StreamHash> {
         match (self, known) {
-            (StreamHash::Chain(c, n), Some(k)) if Arc::ptr_eq(&c, &k.chain) && k.index == n => {
+            (StreamHash::Chain(c, n), Some(k)) if Arc::ptr_eq(&c, k.chain) && k.index == n => {
                 if !c.has(n + 1) {
                     let mut state = c.after(n)?;
                     state.update(data);
@@ -561,7 +564,7 @@ impl FileFlash {
         slot: SlotId,
         offset: u64,
         data: &[u8],
-        known: Option<&Known>,
+        known: Option<&Known<'_>>,
     ) -> Result<(), FlashError> {
         use std::os::unix::fs::FileExt;
         check_bounds(self.capacity, offset, data.len())?;
@@ -626,7 +629,7 @@ impl Flash for FileFlash {
         slot: SlotId,
         offset: u64,
         data: &[u8],
-        known: &Known,
+        known: &Known<'_>,
     ) -> Result<(), FlashError> {
         self.write_streamed(slot, offset, data, Some(known))
     }
@@ -815,10 +818,14 @@ mod tests {
         let sha = |b: &[u8]| -> [u8; 32] { Sha256::digest(b).into() };
         let chain = Arc::new(HashChain::default());
         let known = |index: u32| Known {
-            chain: chain.clone(),
+            chain: &chain,
             index,
         };
-        let write_all = |f: &mut FileFlash, vouch: &dyn Fn(u32) -> Option<Known>| {
+        fn write_all<'a>(
+            f: &mut FileFlash,
+            image: &[u8],
+            vouch: &dyn Fn(u32) -> Option<Known<'a>>,
+        ) {
             f.begin_update(SlotId::B, 40).unwrap();
             for (i, part) in image.chunks(16).enumerate() {
                 let at = 16 * i as u64;
@@ -827,10 +834,10 @@ mod tests {
                     None => f.write(SlotId::B, at, part).unwrap(),
                 }
             }
-        };
+        }
         for n in 0..2 {
             let mut f = FileFlash::open(&dir.path().join(format!("slots-{n}.bin")), 64);
-            write_all(&mut f, &|i| Some(known(i)));
+            write_all(&mut f, &image, &|i| Some(known(i)));
             assert!(matches!(
                 f.stream.as_ref().map(|s| &s.hash),
                 Some(StreamHash::Chain(_, 3))
@@ -841,7 +848,7 @@ mod tests {
 
         // Chunk 1 written plainly: hashed from the chain's state after chunk 0.
         let mut f = FileFlash::open(&dir.path().join("plain.bin"), 64);
-        write_all(&mut f, &|i| (i != 1).then(|| known(i)));
+        write_all(&mut f, &image, &|i| (i != 1).then(|| known(i)));
         assert!(matches!(
             f.stream.as_ref().map(|s| &s.hash),
             Some(StreamHash::Own(_))
@@ -851,10 +858,10 @@ mod tests {
         // Another chain, or the wrong index, from the second chunk on.
         let stranger = Arc::new(HashChain::default());
         let mut f = FileFlash::open(&dir.path().join("stranger.bin"), 64);
-        write_all(&mut f, &|i| match i {
+        write_all(&mut f, &image, &|i| match i {
             0 => Some(known(0)),
             1 => Some(Known {
-                chain: stranger.clone(),
+                chain: &stranger,
                 index: 1,
             }),
             _ => Some(known(1)),

@@ -205,10 +205,7 @@ impl Session {
         let written_ok = match (&self.chain, matched) {
             // Same sealed bytes, same key, artifact and count: the same plaintext.
             (Some(chain), ChunkMatch::Known) => {
-                let known = Known {
-                    chain: chain.clone(),
-                    index,
-                };
+                let known = Known { chain, index };
                 flash.write_known(slot, offset, &plain, &known)
             }
             _ => flash.write(slot, offset, &plain),
