@@ -421,6 +421,8 @@ struct Runner<'h> {
     /// (1.5) Fetches from a job's origin, which the agent orders; outcomes come back on the
     /// receiver [`Runner::session`] watches.
     origin: Option<OriginFetcher>,
+    /// The agent's [`next_wake`](UpdateAgent::next_wake) the tick was last moved to.
+    wake_armed: Option<u64>,
 }
 
 /// Runs the device like [`run`], under outside [`Control`]: the link can be taken down and
@@ -454,6 +456,7 @@ pub async fn run_controlled(
         control_open: true,
         power_base,
         renewal: cfg.renewal.clone(),
+        wake_armed: None,
     };
     // A new agent may have changed its record at power-on (the bootloader's choice of slot).
     r.persist();
@@ -541,6 +544,7 @@ impl Runner<'_> {
         mut retry_at: Instant,
     ) -> Result<(), End> {
         loop {
+            self.arm_wake(tick);
             let online = self.control.borrow().online;
             let ready_at = retry_at.max(hold_until);
             if online && Instant::now() >= ready_at {
@@ -611,6 +615,7 @@ impl Runner<'_> {
     ) -> (End, bool) {
         let mut subscribed = false;
         let end = loop {
+            self.arm_wake(tick);
             let (kind, payload): (Kind, Bytes);
             tokio::select! {
                 ev = self.control_event() => match ev {
@@ -737,6 +742,22 @@ impl Runner<'_> {
         }
     }
 
+    /// Moves the next tick to the agent's next wake-up when that comes first and is new. A
+    /// wake-up further off than a tick period waits for a later call (every event and tick
+    /// makes one), so ticks are never further apart than a period; one already passed, or
+    /// already armed, is left to the regular ticks, so a step that did not move the agent on
+    /// cannot make it spin.
+    fn arm_wake(&mut self, tick: &mut tokio::time::Interval) {
+        let Some(wake) = self.device.agent.next_wake() else {
+            return;
+        };
+        let period = tick.period().as_millis() as u64;
+        if let Some(ms) = wake_delay(wake, self.wake_armed, now_ms(), period) {
+            self.wake_armed = Some(wake);
+            tick.reset_at(Instant::now() + Duration::from_millis(ms));
+        }
+    }
+
     /// A timer tick: saves delayed progress when due and lets the agent check its timers.
     fn tick(&mut self, client: Option<&mut mqtt::Session>) -> Intervention {
         if self.unsaved && self.last_save.elapsed() >= self.save_every {
@@ -822,6 +843,17 @@ impl Runner<'_> {
         }
         Intervention::None
     }
+}
+
+/// How long from `now` to move the next tick for the agent's wake-up at `wake`, if at all (see
+/// `Runner::arm_wake`): not when it is the one already armed, has passed, or is a period or
+/// more away. One millisecond late: the agent's clock is the wall clock, the timer's the
+/// monotonic one, and a step a hair early would find the wait not over.
+fn wake_delay(wake: u64, armed: Option<u64>, now: u64, period_ms: u64) -> Option<u64> {
+    if armed == Some(wake) || wake <= now || wake >= now.saturating_add(period_ms) {
+        return None;
+    }
+    Some(wake - now + 1)
 }
 
 /// Full jitter: anywhere in `[d/2, d]`, so reconnecting devices spread out.
@@ -950,5 +982,28 @@ mod tls_tests {
         let client = device_tls(&ca, &fleet);
         assert!(connect(&client, &server(&other)).is_err());
         assert!(connect(&client, &server(&ca)).is_ok());
+    }
+}
+
+/// The pure rule for when a device's wake-up moves its tick.
+#[cfg(test)]
+mod wake_tests {
+    #[test]
+    fn a_wake_up_moves_the_tick_once_only_when_it_comes_before_the_next() {
+        let period = 500;
+        // Due within the period: the tick moves there, a millisecond late.
+        assert_eq!(super::wake_delay(1_200, None, 1_000, period), Some(201));
+        // The same wake-up again (the step it brought did not move the agent on): left to
+        // the regular ticks, so the device cannot spin on it.
+        assert_eq!(super::wake_delay(1_200, Some(1_200), 1_000, period), None);
+        // A later one replaces it.
+        assert_eq!(
+            super::wake_delay(1_300, Some(1_200), 1_000, period),
+            Some(301)
+        );
+        // Passed already, or a period or more away: the regular ticks come first.
+        assert_eq!(super::wake_delay(1_000, None, 1_000, period), None);
+        assert_eq!(super::wake_delay(900, None, 1_000, period), None);
+        assert_eq!(super::wake_delay(1_500, None, 1_000, period), None);
     }
 }

@@ -413,6 +413,16 @@ impl HealthCheck for SimHealth {
         self.state().decided_at.min(now_ms)
     }
 
+    fn ready_at(&self) -> Option<u64> {
+        let s = self.state();
+        match &s.check {
+            Some((_, started, verdict)) if *verdict != Verdict::Hang => {
+                Some(started.saturating_add(s.check_ms))
+            }
+            _ => None,
+        }
+    }
+
     fn app_health(&mut self, now_ms: u64) -> AppHealth {
         let mut s = self.state();
         if s.unhealthy_at.is_none_or(|t| now_ms < t) {

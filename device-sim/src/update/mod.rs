@@ -204,6 +204,13 @@ pub trait HealthCheck: Send {
         now_ms
     }
 
+    /// When a check that [`check`](Self::check) last found `Pending` will have its verdict, if
+    /// it knows: the agent is then stepped at that moment instead of at the shell's next tick.
+    /// `None` (the default): the check is asked again at every step, as before.
+    fn ready_at(&self) -> Option<u64> {
+        None
+    }
+
     /// The application's health at `now_ms`, for a heartbeat. Healthy unless overridden.
     fn app_health(&mut self, _now_ms: u64) -> AppHealth {
         AppHealth::healthy()
@@ -461,6 +468,35 @@ impl UpdateAgent {
 
     pub fn is_connected(&self) -> bool {
         self.connected
+    }
+
+    /// The earliest moment at which only the passing of time changes what a step does: the
+    /// reset into an installed image, the health check's verdict or the confirm deadline, the
+    /// end of a `busy` pause. A shell that steps the agent at a coarse tick (the simulator's is
+    /// half a second) steps it then as well, so a device resets, confirms and asks again when
+    /// a real one would rather than up to a tick later (a 1,000-device campaign's last second
+    /// was ticks waited out, docs/BENCHMARKS.md). `None`: nothing before the next tick. Other
+    /// timers (request timeouts, heartbeats, saves) keep the tick's pace.
+    pub fn next_wake(&self) -> Option<u64> {
+        let (_, phase) = self.current()?;
+        match phase {
+            DeviceState::Rebooting => self.reboot_at,
+            DeviceState::Verifying => {
+                let deadline = self
+                    .verifying_since
+                    .map(|s| s.saturating_add(self.cfg.confirm_deadline_ms));
+                [self.health.ready_at(), deadline]
+                    .into_iter()
+                    .flatten()
+                    .min()
+            }
+            DeviceState::Downloading => self
+                .session
+                .as_ref()
+                .map(|s| s.paused_until)
+                .filter(|&t| t > 0),
+            _ => None,
+        }
     }
 
     /// The campaign in progress and its phase.

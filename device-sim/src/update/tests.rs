@@ -793,6 +793,59 @@ impl HealthCheck for OwnTimeHealth {
             _ => now,
         }
     }
+
+    fn ready_at(&self) -> Option<u64> {
+        self.started.map(|s| s.saturating_add(self.takes_ms))
+    }
+}
+
+/// A shell that steps the agent at a coarse tick learns when the reset, the health check's
+/// verdict and the end of a `busy` pause are due, and nothing once the campaign is over.
+#[test]
+fn the_agent_names_the_moment_its_reset_verdict_and_busy_pause_are_due() {
+    let fx = Fixture::new();
+    let rel = fx.release(&ReleaseSpec::default());
+    let health = OwnTimeHealth {
+        takes_ms: 200,
+        started: None,
+        own_time: true,
+    };
+    let mut rig = Rig::new(fx.agent_with(
+        slow_boot_config(&fx),
+        DeviceRecord::factory("1.0.0", SecurityVersion(1)),
+        Box::new(health),
+    ));
+    rig.connect();
+    assert_eq!(rig.agent.next_wake(), None, "no campaign");
+    rig.step(Input::Job(&fx.job("c-1", &rel)));
+    while rig.requested.is_empty() {
+        assert!(rig.ack_head(AckOutcome::Applied).is_some());
+    }
+    assert_eq!(rig.agent.next_wake(), None, "downloading, not told to wait");
+    let first = rig.requested[0];
+    let artifact = rel.manifest.artifact.clone();
+    rig.step(Input::ChunkFrame(&chunkframe::encode_busy(
+        &artifact, first, 400,
+    )));
+    let pause = rig.agent.next_wake().expect("a busy pause has an end");
+    assert!(
+        (rig.now + 400..rig.now + 800).contains(&pause),
+        "between the hint and twice it: {} ms",
+        pause - rig.now
+    );
+
+    rig.now = pause;
+    while rig.agent.current().map(|(_, p)| p) != Some(Rebooting) {
+        assert!(one_move(&mut rig, &rel));
+    }
+    assert_eq!(rig.agent.next_wake(), Some(rig.now + 1_000), "the reset");
+    rig.advance(1_000);
+    assert_eq!(rig.agent.current().map(|(_, p)| p), Some(Verifying));
+    assert_eq!(rig.agent.next_wake(), Some(rig.now + 200), "the verdict");
+    rig.advance(200);
+    while rig.ack_head(AckOutcome::Applied).is_some() {}
+    assert_eq!(finished(&rig, "c-1"), (Succeeded, None));
+    assert_eq!(rig.agent.next_wake(), None, "the campaign is over");
 }
 
 /// Verifying with `health`, then one step `late_ms` after the reset.
