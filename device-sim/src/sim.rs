@@ -314,7 +314,7 @@ impl Fleet {
         let pinned =
             Arc::new(TrustedRoot::pin(root.clone()).context("the root of trust does not verify")?);
         let root = Arc::new(root.clone());
-        let manifests = Arc::new(SharedManifests::for_fleet(devices.len()));
+        let manifests = Arc::new(SharedManifests::default());
         let state_dir = cfg.dir.join(STATE_DIR);
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;

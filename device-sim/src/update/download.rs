@@ -44,12 +44,12 @@ pub(super) struct Session {
     /// the device uses: the text is three times the size, and was a tenth of a simulated
     /// device's heap while it downloaded).
     pub manifest: Manifest,
-    /// The chunk digests, shared (with the chunks found to match them) by every download of
+    /// The chunk digests, shared (with the tags of the chunks found to match them) by every download of
     /// the same manifest when the agent has a
     /// [`SharedManifests`](super::shared::SharedManifests).
     checks: Arc<ChunkChecks>,
     /// The hash chain of the image this download's key opens, when `checks` keeps one: a
-    /// chunk known byte for byte is written as that chain's chunk.
+    /// chunk known by its tag is written as that chain's chunk.
     chain: Option<Arc<HashChain>>,
     /// The content key made ready to open chunks, held only while downloading: dropping it
     /// frees aws-lc's state, which aws-lc clears as it frees it.
@@ -89,7 +89,7 @@ impl Session {
     ) -> Self {
         let checks = match shared {
             Some(s) => s.checks(&manifest),
-            None => Arc::new(ChunkChecks::new(manifest.chunk_digests(), None)),
+            None => Arc::new(ChunkChecks::new(manifest.chunk_digests(), false)),
         };
         manifest.chunk_sha256 = String::new();
         let chain = key
