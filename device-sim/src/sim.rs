@@ -199,6 +199,10 @@ pub struct FleetCounters {
     /// (1.5) Devices whose conditions start constrained by the [`ConditionModel`] (a low
     /// battery, in use or metered), so a manifest's preconditions may defer them.
     pub constrained_devices: AtomicU64,
+    /// Devices that took up a campaign other than the one they had (counted when a device's
+    /// view first shows it): a cheap way to wait for every device's job, checked exactly once
+    /// it is reached.
+    pub jobs_started: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
