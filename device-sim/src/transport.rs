@@ -742,10 +742,10 @@ impl Runner<'_> {
         }
     }
 
-    /// Moves the next tick to the agent's next wake-up when that comes first and is new. A
-    /// wake-up further off than a tick period waits for a later call (every event and tick
-    /// makes one), so ticks are never further apart than a period; one already passed, or
-    /// already armed, is left to the regular ticks, so a step that did not move the agent on
+    /// Moves the next tick to the agent's next wake-up when that is new and less than a tick
+    /// period away, so the next tick is never further off than a period from now (a wake-up
+    /// further off waits for a later call: every event and tick makes one). One already passed,
+    /// or already armed, is left to the regular ticks, so a step that did not move the agent on
     /// cannot make it spin.
     fn arm_wake(&mut self, tick: &mut tokio::time::Interval) {
         let Some(wake) = self.device.agent.next_wake() else {
