@@ -254,36 +254,29 @@ impl Hooks for SimHooks {
         v.floor = record.floor.0;
         // A campaign counts as taken up when the view first names it, in progress or (one that
         // began and ended within a step) finished.
-        let finished = record.finished.back();
-        let same_finished = match (&v.last_finished, finished) {
-            (Some((c, state, reason, acked)), Some(f)) => {
-                *c == f.campaign && *state == f.state && *reason == f.reason && *acked == f.acked
-            }
-            (None, None) => true,
-            _ => false,
-        };
-        if !same_finished {
-            let new_campaign = finished.is_some_and(|f| {
-                v.current.as_ref().is_none_or(|(c, _)| *c != f.campaign)
-                    && v.last_finished
-                        .as_ref()
-                        .is_none_or(|(c, ..)| *c != f.campaign)
-            });
-            v.last_finished = finished.map(|f| (f.campaign.clone(), f.state, f.reason, f.acked));
-            if new_campaign {
-                bump(&self.counters.jobs_started);
-            }
-        }
         let current = agent.current();
+        let finished = record
+            .finished
+            .back()
+            .map(|f| (&f.campaign, f.state, f.reason, f.acked));
+        let named = |c: &CampaignId| {
+            v.current.as_ref().is_some_and(|(was, _)| was == c)
+                || v.last_finished.as_ref().is_some_and(|(was, ..)| was == c)
+        };
+        let current_new = current.is_some_and(|(c, _)| !named(c));
+        let finished_new =
+            finished.is_some_and(|(c, ..)| !named(c) && current.is_none_or(|(now, _)| now != c));
+        let taken_up = u64::from(current_new) + u64::from(finished_new);
+        if taken_up > 0 {
+            self.counters
+                .jobs_started
+                .fetch_add(taken_up, Ordering::Relaxed);
+        }
         if v.current.as_ref().map(|(c, s)| (c, *s)) != current {
-            let new_campaign = current.is_some_and(|(c, _)| {
-                v.current.as_ref().is_none_or(|(was, _)| was != c)
-                    && v.last_finished.as_ref().is_none_or(|(f, ..)| f != c)
-            });
             v.current = current.map(|(c, s)| (c.clone(), s));
-            if new_campaign {
-                bump(&self.counters.jobs_started);
-            }
+        }
+        if v.last_finished.as_ref().map(|(c, s, r, a)| (c, *s, *r, *a)) != finished {
+            v.last_finished = finished.map(|(c, s, r, a)| (c.clone(), s, r, a));
         }
         v.stats = stats;
         // A new agent after a power loss remembers no ack yet; the view keeps the last one.

@@ -44,8 +44,8 @@ pub(super) struct Session {
     /// the device uses: the text is three times the size, and was a tenth of a simulated
     /// device's heap while it downloaded).
     pub manifest: Manifest,
-    /// The chunk digests, shared (with the tags of the chunks found to match them) by every download of
-    /// the same manifest when the agent has a
+    /// The chunk digests, shared (with the tags of the chunks found to match them) by every
+    /// download of the same manifest when the agent has a
     /// [`SharedManifests`](super::shared::SharedManifests).
     checks: Arc<ChunkChecks>,
     /// The hash chain of the image this download's key opens, when `checks` keeps one: a

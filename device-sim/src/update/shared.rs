@@ -59,8 +59,8 @@ struct Verified {
 #[derive(Debug, Default)]
 pub struct SharedManifests {
     held: Mutex<HashSet<Arc<str>>>,
-    /// Decoded digests and known chunks by the manifest's `chunk_sha256` text, while some
-    /// download holds them.
+    /// Decoded digests and the tags of known chunks by the manifest's `chunk_sha256` text,
+    /// while some download holds them.
     checks: Mutex<HashMap<String, Weak<ChunkChecks>>>,
     /// Answers of [`SharedManifests::verify`], oldest first.
     verified: Mutex<Vec<Verified>>,
