@@ -21,6 +21,7 @@ mod registry;
 mod relay;
 mod session;
 mod stats;
+mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,7 +31,6 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::embedded::BackendAddr;
@@ -416,15 +416,11 @@ async fn handle(
 /// read the peer's certificate) keeps its room in the future until its scope ends, and the
 /// TLS stream (1.2 KB) then stayed in every connection's task beside the session that owns it.
 fn tls_session<'a>(
-    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    tls: tls::TlsStream,
     addr: SocketAddr,
     ctx: &'a FrontContext,
 ) -> Option<std::pin::Pin<Box<impl Future<Output = ()> + 'a>>> {
-    let cert = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first());
+    let cert = tls.peer_certificates().and_then(|chain| chain.first());
     // Fail closed: no certificate (cannot happen with a verifier that requires one, but the
     // config is the caller's) or an identity we do not accept ends it here.
     let Some(cert) = cert else {
@@ -460,8 +456,7 @@ async fn handshake(
     slot: Slot,
     evicted: EvictionSignal,
     ctx: &FrontContext,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    let acceptor = TlsAcceptor::from(Arc::clone(&ctx.tls));
+) -> Option<tls::TlsStream> {
     let started = tokio::time::Instant::now();
     let first_byte = Duration::from_millis(ctx.cfg.first_byte_timeout_ms);
     let whole = Duration::from_millis(ctx.cfg.handshake_timeout_ms);
@@ -481,12 +476,12 @@ async fn handshake(
         // Pinned here rather than awaited through `timeout_at`: an awaited future is dropped
         // (closing the socket it owns) as the `.await` ends, before a match on its result
         // runs, and a test watching for the close could then read the count before it moved.
-        let accept = acceptor.accept(tcp).into_fallible();
+        let accept = tls::accept(tcp, Arc::clone(&ctx.tls));
         tokio::pin!(accept);
         tokio::select! {
             accepted = &mut accept => match accepted {
                 Ok(tls) => Outcome::Done(Box::new(tls)),
-                Err((e, _tcp)) => Outcome::Failed(e),
+                Err(e) => Outcome::Failed(e),
             },
             () = tokio::time::sleep_until(started + whole) => {
                 // `accept`, which owns the socket, is dropped when this block returns.
@@ -525,7 +520,7 @@ type EvictionSignal = tokio::sync::oneshot::Receiver<()>;
 
 /// How a handshake attempt ended.
 enum Outcome {
-    Done(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Done(Box<tls::TlsStream>),
     Failed(std::io::Error),
     TimedOut(&'static str),
     Evicted,
