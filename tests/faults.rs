@@ -77,6 +77,9 @@ async fn a_healthy_release_through_flaky_links_and_power_losses_succeeds_everywh
         *seen.entry(state.as_str().to_owned()).or_insert(0u32) += 1;
     }
     assert_eq!(seen, s.counts, "counts match the devices' view exactly");
+    // What the bench's S3 waits for: every device's acknowledged end, counted once each
+    // through the power losses.
+    assert_eq!(fleet.counters.finals_acked.load(Relaxed), 30);
     fleet.shutdown().await;
 }
 

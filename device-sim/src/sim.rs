@@ -203,6 +203,10 @@ pub struct FleetCounters {
     /// view first shows it): a cheap way to wait for every device's job, checked exactly once
     /// it is reached.
     pub jobs_started: AtomicU64,
+    /// Campaigns whose final report the orchestrator acknowledged (counted when a device's view
+    /// first shows it acknowledged): the orchestrator acknowledges only what it has recorded,
+    /// so this reaching the fleet's size marks the moment every device's end is on its disk.
+    pub finals_acked: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {

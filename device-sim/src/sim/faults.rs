@@ -275,6 +275,16 @@ impl Hooks for SimHooks {
         if v.current.as_ref().map(|(c, s)| (c, *s)) != current {
             v.current = current.map(|(c, s)| (c.clone(), s));
         }
+        let acked_new = finished.is_some_and(|(c, _, _, acked)| {
+            acked
+                && !v
+                    .last_finished
+                    .as_ref()
+                    .is_some_and(|(was, _, _, was_acked)| was == c && *was_acked)
+        });
+        if acked_new {
+            bump(&self.counters.finals_acked);
+        }
         if v.last_finished.as_ref().map(|(c, s, r, a)| (c, *s, *r, *a)) != finished {
             v.last_finished = finished.map(|(c, s, r, a)| (c.clone(), s, r, a));
         }
