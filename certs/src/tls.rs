@@ -1,6 +1,7 @@
 //! rustls configurations for every Aloft TLS endpoint: the orchestrator's mTLS front (TLS 1.3,
 //! client certificate required, verified against the fleet CA and its CRLs) and the clients,
-//! device agent and operator CLI, which trust the fleet CA and nothing else.
+//! device agent and operator CLI, which trust the fleet CA and nothing else; and, in
+//! [`stream`], the TLS stream the front and the simulated devices run those configs over.
 
 use std::sync::{Arc, RwLock};
 
@@ -13,6 +14,8 @@ use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertSto
 
 pub use crate::pem::{parse_cert, parse_certs, parse_crl, parse_private_key};
 use crate::PkiError;
+
+pub mod stream;
 
 /// Makes aws-lc-rs the process-wide rustls provider, for code that builds its own configs.
 /// Calling it again, or after someone else installed a provider, does nothing.

@@ -9,9 +9,10 @@
 //! (`Packet::read` and `write`, so there is no second parser), the session holds only its two
 //! buffers, its in-flight packet ids and its keep-alive clock, and it reads only when the device
 //! asks for the next packet, so frames it has not reached wait in the kernel's socket buffer
-//! (all but the rest of one read of the socket, which [`read_ahead`] takes in steps of 32 KiB).
-//! Both buffers drop back to nothing once they are empty, so an idle device holds almost no
-//! memory for its connection (docs/BENCHMARKS.md, "Simulator memory").
+//! (all but the rest of one read of the socket, which the TLS stream takes in steps of 32 KiB).
+//! Both buffers drop back to nothing once they are empty, and so do the TLS stream's
+//! (`aloft_certs::tls::stream`), so an idle device holds almost no memory for its connection
+//! (docs/BENCHMARKS.md, "Simulator memory").
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use aloft_certs::tls::stream::{self as tls, TlsStream};
 use bytes::{Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5::{
     Connect, ConnectProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter,
@@ -28,11 +30,6 @@ use rumqttc::v5::mqttbytes::Error as CodecError;
 pub use rumqttc::v5::mqttbytes::QoS;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
-
-use read_ahead::ReadAhead;
-
-mod read_ahead;
 
 type Instant = tokio::time::Instant;
 
@@ -293,7 +290,7 @@ impl WriteBuf {
 
 /// One MQTT 5 session over mTLS (over any byte stream in tests). Keep it boxed: the TLS state
 /// is about a kilobyte.
-pub struct Session<S = TlsStream<ReadAhead<TcpStream>>> {
+pub struct Session<S = TlsStream<tls::Client>> {
     stream: S,
     read: BytesMut,
     write: WriteBuf,
@@ -318,9 +315,7 @@ impl Session {
         tcp.set_nodelay(true)?;
         let name = rustls::pki_types::ServerName::try_from(opts.host.to_owned())
             .map_err(|_| SessionError::ServerName(opts.host.to_owned()))?;
-        let stream = tokio_rustls::TlsConnector::from(opts.tls)
-            .connect(name, ReadAhead::new(tcp))
-            .await?;
+        let stream = tls::connect(tcp, opts.tls, name).await?;
         Session::start(
             stream,
             opts.client_id,

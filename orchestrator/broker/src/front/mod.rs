@@ -21,7 +21,6 @@ mod registry;
 mod relay;
 mod session;
 mod stats;
-mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -29,6 +28,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aloft_certs::tls::stream::{self as tls, TlsStream};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -416,7 +416,7 @@ async fn handle(
 /// read the peer's certificate) keeps its room in the future until its scope ends, and the
 /// TLS stream (1.2 KB) then stayed in every connection's task beside the session that owns it.
 fn tls_session<'a>(
-    tls: tls::TlsStream,
+    tls: TlsStream<tls::Server>,
     addr: SocketAddr,
     ctx: &'a FrontContext,
 ) -> Option<std::pin::Pin<Box<impl Future<Output = ()> + 'a>>> {
@@ -456,7 +456,7 @@ async fn handshake(
     slot: Slot,
     evicted: EvictionSignal,
     ctx: &FrontContext,
-) -> Option<tls::TlsStream> {
+) -> Option<TlsStream<tls::Server>> {
     let started = tokio::time::Instant::now();
     let first_byte = Duration::from_millis(ctx.cfg.first_byte_timeout_ms);
     let whole = Duration::from_millis(ctx.cfg.handshake_timeout_ms);
@@ -520,7 +520,7 @@ type EvictionSignal = tokio::sync::oneshot::Receiver<()>;
 
 /// How a handshake attempt ended.
 enum Outcome {
-    Done(Box<tls::TlsStream>),
+    Done(Box<TlsStream<tls::Server>>),
     Failed(std::io::Error),
     TimedOut(&'static str),
     Evicted,

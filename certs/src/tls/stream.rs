@@ -1,12 +1,14 @@
-//! The front's TLS: rustls' unbuffered server connection under a stream the sessions read and
-//! write, holding a buffer only while it holds bytes.
+//! A TLS stream over rustls' unbuffered API, for either end: the front's server connections
+//! and the simulated devices' client connections. It holds a buffer only while it holds bytes.
 //!
-//! Why not tokio-rustls, as before: rustls' buffered connection keeps a 4 KiB read buffer for as
-//! long as the connection lives (it sizes it to 4 KiB before every read and never below), and a
-//! connected, idle device is what the orchestrator holds most of (goal S4, docs/BENCHMARKS.md).
-//! Here received TLS bytes are kept only while a record is incomplete, decrypted bytes only
-//! until the session reads them, and encrypted bytes only until the socket takes them: an idle
-//! device's connection holds no buffer at all.
+//! Why not tokio-rustls: rustls' buffered connection keeps a 4 KiB read buffer for as long as
+//! the connection lives (it sizes it to 4 KiB before every read and never below), and a
+//! connected, idle device is what the orchestrator holds most of (goal S4, docs/BENCHMARKS.md);
+//! a simulator holds 10,000 such connections (S6). Here received TLS bytes are kept only while a
+//! record is incomplete, decrypted bytes only until they are read, and encrypted bytes only
+//! until the socket takes them: an idle connection holds no buffer at all. The socket is read
+//! up to 32 KiB at a time (rustls' buffered connection reads at most 4 KiB past what it holds,
+//! and a simulated device's 16 KiB chunk frame took four or five `recv` calls).
 //!
 //! Invariant: bytes reach the socket in the order rustls produced them (handshake messages,
 //! alerts, key updates and application data alike): everything goes through `outgoing`, or
@@ -19,22 +21,25 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 
-use rustls::pki_types::CertificateDer;
-use rustls::server::UnbufferedServerConnection;
+use std::ops::DerefMut;
+
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
-    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedConnectionCommon,
+    UnbufferedStatus, WriteTraffic,
 };
-use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use rustls::{ClientConfig, CommonState, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Most received bytes held unprocessed: a whole handshake message (rustls joins them up to
 /// 64 KiB) plus a record's worth. Past it the connection fails instead of growing.
 const MAX_INCOMING: usize = 0x1_0000 + 0x4400;
 
-/// Bytes asked of the socket per read. A device's requests, reports and its handshake flight
-/// are each far smaller.
-const READ_SIZE: usize = 8 * 1024;
+/// Bytes asked of the socket per read: a 16 KiB chunk frame and the start of the next.
+const READ_SIZE: usize = 32 * 1024;
 
 /// Most plaintext sealed per write: bounds the thread's sealing buffer and what is left in
 /// `outgoing` when the socket takes only part.
@@ -46,13 +51,45 @@ thread_local! {
     static SEALED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A server-side TLS connection whose handshake is done.
-pub(crate) struct TlsStream {
+/// Either end of a rustls connection, as the stream drives it.
+pub trait Side: DerefMut<Target = UnbufferedConnectionCommon<Self::Data>> + Send + Unpin {
+    type Data;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+}
+
+impl Side for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+}
+
+impl Side for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+}
+
+/// A TLS connection whose handshake is done, as the server (`TlsStream<Server>`) or the client.
+pub struct TlsStream<C> {
     tcp: TcpStream,
-    conn: UnbufferedServerConnection,
-    /// Received bytes not yet processed: an incomplete record at most, once the handshake is
-    /// done (rustls processes every complete one as it reads).
+    conn: C,
+    /// Received bytes not yet processed, from `in_at` on: an incomplete record at most, once
+    /// the handshake is done (every complete one is processed as it is read). What rustls is
+    /// done with is skipped, not moved: moving the rest of a 32 KiB read down after each
+    /// record copied the read several times over.
     incoming: Vec<u8>,
+    in_at: usize,
     /// Decrypted bytes the session has not read yet, from `plain_at` on.
     plain: Vec<u8>,
     plain_at: usize,
@@ -84,14 +121,35 @@ enum Stop {
     Sealed { plain: usize, sealed: usize },
 }
 
+/// The server's end.
+pub type Server = UnbufferedServerConnection;
+/// The client's end.
+pub type Client = UnbufferedClientConnection;
+
 /// Runs the handshake of `tcp` as the server of `config`. No deadline of its own: the caller
 /// bounds it.
-pub(crate) async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<TlsStream> {
+pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<TlsStream<Server>> {
     let conn = UnbufferedServerConnection::new(config).map_err(invalid)?;
+    handshake(tcp, conn).await
+}
+
+/// Runs the handshake of `tcp` as a client of `config` to `name`. No deadline of its own: the
+/// caller bounds it.
+pub async fn connect(
+    tcp: TcpStream,
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+) -> io::Result<TlsStream<Client>> {
+    let conn = UnbufferedClientConnection::new(config, name).map_err(invalid)?;
+    handshake(tcp, conn).await
+}
+
+async fn handshake<C: Side>(tcp: TcpStream, conn: C) -> io::Result<TlsStream<C>> {
     let mut tls = TlsStream {
         tcp,
         conn,
         incoming: Vec::new(),
+        in_at: 0,
         plain: Vec::new(),
         plain_at: 0,
         outgoing: Vec::new(),
@@ -101,7 +159,7 @@ pub(crate) async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Res
         reader: None,
     };
     loop {
-        let stop = match tls.drive(None) {
+        let stop = match tls.drive(None, None) {
             Ok(stop) => stop,
             Err(e) => {
                 tls.send_alert().await;
@@ -109,20 +167,14 @@ pub(crate) async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Res
             }
         };
         tls.flush_outgoing().await?;
-        if !tls.conn.is_handshaking() {
+        if !tls.common().is_handshaking() {
             return Ok(tls);
         }
         match stop {
             Stop::NeedBytes => {
-                if tls.incoming.len() >= MAX_INCOMING {
-                    return Err(invalid("handshake message over the input cap"));
-                }
-                let mut buf = [0u8; READ_SIZE];
-                let n = tls.tcp.read(&mut buf).await?;
-                if n == 0 {
+                if std::future::poll_fn(|cx| tls.poll_fill(cx)).await? == 0 {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
-                tls.incoming.extend_from_slice(&buf[..n]);
             }
             Stop::Closed | Stop::Sealed { .. } => {
                 return Err(io::ErrorKind::UnexpectedEof.into());
@@ -131,10 +183,14 @@ pub(crate) async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Res
     }
 }
 
-impl TlsStream {
-    /// The client's certificate chain, end entity first.
-    pub(crate) fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
-        self.conn.peer_certificates()
+impl<C: Side> TlsStream<C> {
+    /// The peer's certificate chain, end entity first.
+    pub fn peer_certificates(&self) -> Option<&[CertificateDer<'static>]> {
+        self.common().peer_certificates()
+    }
+
+    fn common(&self) -> &CommonState {
+        &self.conn
     }
 
     /// Bytes held in the connection's own buffers (for tests: an idle connection holds none).
@@ -145,15 +201,20 @@ impl TlsStream {
 
     /// Runs rustls over the received bytes until it needs more of them, the peer has closed,
     /// or (with `send`) it has sealed what the writer gives it into the thread's buffer.
-    /// Decrypted bytes go to `plain`; handshake messages, alerts and key updates to `outgoing`.
-    fn drive(&mut self, send: Option<Outbound<'_>>) -> io::Result<Stop> {
+    /// Decrypted bytes go to `read_into` while it has room and nothing is waiting before them,
+    /// then to `plain`; handshake messages, alerts and key updates go to `outgoing`.
+    fn drive(
+        &mut self,
+        mut read_into: Option<&mut ReadBuf<'_>>,
+        send: Option<Outbound<'_>>,
+    ) -> io::Result<Stop> {
         loop {
             let UnbufferedStatus { mut discard, state } =
-                self.conn.process_tls_records(&mut self.incoming);
+                self.conn.process(&mut self.incoming[self.in_at..]);
             let state = match state {
                 Ok(state) => state,
                 Err(e) => {
-                    discard_front(&mut self.incoming, discard);
+                    self.discard(discard);
                     return Err(invalid(e));
                 }
             };
@@ -166,7 +227,15 @@ impl TlsStream {
                     while let Some(record) = records.next_record() {
                         let record = record.map_err(invalid)?;
                         discard += record.discard;
-                        self.plain.extend_from_slice(record.payload);
+                        let mut payload = record.payload;
+                        if let Some(buf) = read_into.as_deref_mut() {
+                            if self.plain.is_empty() {
+                                let n = payload.len().min(buf.remaining());
+                                buf.put_slice(&payload[..n]);
+                                payload = &payload[n..];
+                            }
+                        }
+                        self.plain.extend_from_slice(payload);
                     }
                     None
                 }
@@ -220,15 +289,44 @@ impl TlsStream {
                 // No early data is accepted (the config allows none), and any state a later
                 // rustls adds is one this stream does not know how to serve.
                 _ => {
-                    discard_front(&mut self.incoming, discard);
+                    self.discard(discard);
                     return Err(invalid("unexpected TLS connection state"));
                 }
             };
-            discard_front(&mut self.incoming, discard);
+            self.discard(discard);
             if let Some(stop) = stop {
                 return Ok(stop);
             }
         }
+    }
+
+    /// Skips `n` processed bytes of `incoming`, and lets it go once all are processed.
+    fn discard(&mut self, n: usize) {
+        self.in_at = (self.in_at + n).min(self.incoming.len());
+        if self.in_at == self.incoming.len() {
+            self.incoming = Vec::new();
+            self.in_at = 0;
+        }
+    }
+
+    /// Reads what the socket holds (up to [`READ_SIZE`]) onto `incoming`: 0 at its end.
+    ///
+    /// The read goes through a buffer on this call's stack, not in any future: a handshake
+    /// that kept 32 KiB in its future cost the front that much per pending handshake, and
+    /// its heap kept the high-water mark of a connect storm.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.incoming.len() - self.in_at >= MAX_INCOMING {
+            return Poll::Ready(Err(invalid("TLS input over its cap")));
+        }
+        let mut scratch = [MaybeUninit::<u8>::uninit(); READ_SIZE];
+        let mut read = ReadBuf::uninit(&mut scratch);
+        ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut read))?;
+        if self.in_at > 0 {
+            self.incoming.drain(..self.in_at);
+            self.in_at = 0;
+        }
+        self.incoming.extend_from_slice(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
     }
 
     /// Takes decrypted bytes into `buf`; false if there were none.
@@ -295,7 +393,7 @@ impl TlsStream {
     /// own deadline (the caller's).
     async fn send_alert(&mut self) {
         if let ConnectionState::EncodeTlsData(mut encode) =
-            match self.conn.process_tls_records(&mut self.incoming).state {
+            match self.conn.process(&mut self.incoming[self.in_at..]).state {
                 Ok(state) => state,
                 Err(_) => return,
             }
@@ -311,7 +409,7 @@ impl TlsStream {
     fn poll_send(&mut self, cx: &mut Context<'_>, send: Outbound<'_>) -> Poll<io::Result<usize>> {
         // Earlier bytes first, and at most one write's worth waiting at any time.
         ready!(self.poll_outgoing(cx))?;
-        let stop = self.drive(Some(send));
+        let stop = self.drive(None, Some(send));
         self.wake_reader();
         let (plain, sealed) = match stop? {
             Stop::Sealed { plain, sealed } => (plain, sealed),
@@ -347,8 +445,8 @@ impl TlsStream {
 
 /// Seals what `send` asks into `sealed` (grown as rustls asks), returning the plaintext taken
 /// and the sealed length.
-fn seal(
-    traffic: &mut rustls::unbuffered::WriteTraffic<'_, rustls::server::ServerConnectionData>,
+fn seal<D>(
+    traffic: &mut WriteTraffic<'_, D>,
     send: &Outbound<'_>,
     sealed: &mut Vec<u8>,
 ) -> io::Result<(usize, usize)> {
@@ -390,22 +488,11 @@ fn seal(
     Ok((plain, len))
 }
 
-fn discard_front(buf: &mut Vec<u8>, n: usize) {
-    if n == 0 {
-        return;
-    }
-    if n >= buf.len() {
-        *buf = Vec::new();
-    } else {
-        buf.drain(..n);
-    }
-}
-
 fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-impl AsyncRead for TlsStream {
+impl<C: Side> AsyncRead for TlsStream<C> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -416,7 +503,12 @@ impl AsyncRead for TlsStream {
             if this.take_plain(buf) || this.peer_closed || buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
-            match this.drive(None)? {
+            let filled = buf.filled().len();
+            let stop = this.drive(Some(buf), None)?;
+            if buf.filled().len() > filled {
+                return Poll::Ready(Ok(()));
+            }
+            match stop {
                 Stop::Closed => continue,
                 Stop::Sealed { .. } => return Poll::Ready(Err(invalid("sealed on a read"))),
                 Stop::NeedBytes if this.plain_at < this.plain.len() => continue,
@@ -424,19 +516,14 @@ impl AsyncRead for TlsStream {
             }
             // A key update or alert rustls produced goes out before we wait for the peer.
             this.try_outgoing()?;
-            if this.incoming.len() >= MAX_INCOMING {
-                return Poll::Ready(Err(invalid("TLS input over its cap")));
-            }
-            let mut scratch = [MaybeUninit::<u8>::uninit(); READ_SIZE];
-            let mut read = ReadBuf::uninit(&mut scratch);
-            match Pin::new(&mut this.tcp).poll_read(cx, &mut read) {
-                Poll::Ready(Ok(())) if read.filled().is_empty() => {
+            match this.poll_fill(cx) {
+                Poll::Ready(Ok(0)) => {
                     // The end of the stream without close_notify: whatever is unread is lost,
                     // as it would be for a peer that vanished, and the session ends.
                     this.peer_closed = true;
                     return Poll::Ready(Ok(()));
                 }
-                Poll::Ready(Ok(())) => this.incoming.extend_from_slice(read.filled()),
+                Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
                     this.reader = Some(cx.waker().clone());
@@ -447,7 +534,7 @@ impl AsyncRead for TlsStream {
     }
 }
 
-impl AsyncWrite for TlsStream {
+impl<C: Side> AsyncWrite for TlsStream<C> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -493,10 +580,11 @@ impl AsyncWrite for TlsStream {
 mod tests {
     use super::*;
 
-    use aloft_certs::tls::{client_config, install_crypto_provider, server_config};
-    use aloft_certs::{device_csr, FleetCa, Validity};
+    use crate::tls::{client_config, install_crypto_provider, server_config};
+    use crate::{device_csr, FleetCa, Validity};
     use aloft_proto::DeviceId;
     use rustls::pki_types::ServerName;
+    use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
     use tokio_rustls::TlsConnector;
 
@@ -525,7 +613,7 @@ mod tests {
         server: Arc<ServerConfig>,
         client: Arc<rustls::ClientConfig>,
     ) -> (
-        io::Result<TlsStream>,
+        io::Result<TlsStream<Server>>,
         io::Result<tokio_rustls::client::TlsStream<TcpStream>>,
     ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -546,7 +634,7 @@ mod tests {
         let (server, client) = pair(server, client).await;
         let (mut server, mut client) = (server.expect("server side"), client.expect("client"));
         let cert = server.peer_certificates().and_then(|c| c.first()).cloned();
-        let identity = aloft_certs::parse_identity(cert.expect("client certificate").as_ref());
+        let identity = crate::parse_identity(cert.expect("client certificate").as_ref());
         assert_eq!(identity.expect("identity").id, "dev-1");
 
         let up: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
@@ -602,6 +690,46 @@ mod tests {
             .await
             .expect("a clean end for the client");
         assert!(rest.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_client_end_against_another_servers_tls_reads_and_writes_and_then_holds_nothing() {
+        let (server, client) = configs(false);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // The server is tokio-rustls (rustls' buffered connection): another implementation.
+        let echo = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut tls = tokio_rustls::TlsAcceptor::from(server)
+                .accept(tcp)
+                .await
+                .expect("server handshake");
+            let mut got = vec![0u8; 1 << 20];
+            tls.read_exact(&mut got).await.expect("server reads");
+            tls.write_all(&got).await.expect("server echoes");
+            tls.flush().await.expect("server flushes");
+            tls.shutdown().await.expect("server closes");
+        });
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = ServerName::try_from("localhost").expect("name");
+        let mut tls = connect(tcp, client, name).await.expect("client handshake");
+        assert!(tls.peer_certificates().is_some_and(|c| !c.is_empty()));
+        let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 239) as u8).collect();
+        tls.write_all(&data).await.expect("client writes");
+        tls.flush().await.expect("client flushes");
+        let mut back = Vec::new();
+        // Read in odd sizes, as a device reads what its next packet needs.
+        let mut buf = vec![0u8; 16_411];
+        loop {
+            let n = tls.read(&mut buf).await.expect("client reads");
+            if n == 0 {
+                break;
+            }
+            back.extend_from_slice(&buf[..n]);
+        }
+        assert!(back == data, "the echo is what was sent");
+        assert_eq!(tls.held(), 0, "a drained connection holds no buffer");
+        echo.await.expect("server task");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
