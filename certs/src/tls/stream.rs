@@ -49,6 +49,8 @@ thread_local! {
     /// Where a write is sealed before it goes to the socket: per thread, because a write is
     /// sealed and handed to the socket within one poll, so no connection needs its own.
     static SEALED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Where the ends of slices are joined into whole records (see [`seal`]).
+    static JOINT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Either end of a rustls connection, as the stream drives it.
@@ -102,6 +104,15 @@ pub struct TlsStream<C> {
     close_queued: bool,
     /// The reader, while it waits: the writer's half may process a record that gives it bytes.
     reader: Option<Waker>,
+    /// Plaintext bytes per record, as rustls cuts them (see [`record_plaintext`]).
+    frag: usize,
+}
+
+/// The plaintext rustls puts in a record under a config's `max_fragment_size`: that size less
+/// the 5-byte record header (rustls' `MessageFragmenter`), or TLS's 16 KiB without one. Only
+/// how full records are depends on it, never what arrives.
+fn record_plaintext(max_fragment_size: Option<usize>) -> usize {
+    max_fragment_size.map_or(16 * 1024, |n| n.saturating_sub(5).clamp(32, 16 * 1024))
 }
 
 /// What the writer's half asks of rustls once it may send application data.
@@ -129,8 +140,9 @@ pub type Client = UnbufferedClientConnection;
 /// Runs the handshake of `tcp` as the server of `config`. No deadline of its own: the caller
 /// bounds it.
 pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<TlsStream<Server>> {
+    let frag = record_plaintext(config.max_fragment_size);
     let conn = UnbufferedServerConnection::new(config).map_err(invalid)?;
-    handshake(tcp, conn).await
+    handshake(tcp, conn, frag).await
 }
 
 /// Runs the handshake of `tcp` as a client of `config` to `name`. No deadline of its own: the
@@ -140,11 +152,12 @@ pub async fn connect(
     config: Arc<ClientConfig>,
     name: ServerName<'static>,
 ) -> io::Result<TlsStream<Client>> {
+    let frag = record_plaintext(config.max_fragment_size);
     let conn = UnbufferedClientConnection::new(config, name).map_err(invalid)?;
-    handshake(tcp, conn).await
+    handshake(tcp, conn, frag).await
 }
 
-async fn handshake<C: Side>(tcp: TcpStream, conn: C) -> io::Result<TlsStream<C>> {
+async fn handshake<C: Side>(tcp: TcpStream, conn: C, frag: usize) -> io::Result<TlsStream<C>> {
     let mut tls = TlsStream {
         tcp,
         conn,
@@ -157,6 +170,7 @@ async fn handshake<C: Side>(tcp: TcpStream, conn: C) -> io::Result<TlsStream<C>>
         peer_closed: false,
         close_queued: false,
         reader: None,
+        frag,
     };
     loop {
         let stop = match tls.drive(None, None) {
@@ -281,7 +295,7 @@ impl<C: Side> TlsStream<C> {
                 ConnectionState::WriteTraffic(mut traffic) => match &send {
                     None => Some(Stop::NeedBytes),
                     Some(send) => Some(SEALED.with_borrow_mut(|sealed| {
-                        seal(&mut traffic, send, sealed)
+                        seal(&mut traffic, send, self.frag, sealed)
                             .map(|(plain, n)| Stop::Sealed { plain, sealed: n })
                     })?),
                 },
@@ -448,6 +462,7 @@ impl<C: Side> TlsStream<C> {
 fn seal<D>(
     traffic: &mut WriteTraffic<'_, D>,
     send: &Outbound<'_>,
+    frag: usize,
     sealed: &mut Vec<u8>,
 ) -> io::Result<(usize, usize)> {
     let mut plain = 0;
@@ -473,19 +488,62 @@ fn seal<D>(
         }
     };
     match send {
+        // rustls cuts records at `frag` bytes of plaintext within one `encrypt`, and ends one at
+        // the end of each. Sealed slice by slice, a chunk frame's small header was a record of
+        // its own and its body's tail another: slices are packed instead, whole records sealed
+        // straight from a slice and what is left joined with what follows in `joint`.
         Outbound::Data(bufs) => {
-            for buf in bufs.iter() {
-                let take = buf.len().min(MAX_WRITE - plain);
-                if take == 0 {
-                    break;
-                }
-                seal_one(&buf[..take], false)?;
-                plain += take;
-            }
+            plain = JOINT.with_borrow_mut(|joint| {
+                pack(bufs, MAX_WRITE, frag, joint, |piece| seal_one(piece, false))
+            })?;
         }
         Outbound::CloseNotify => seal_one(&[], true)?,
     }
     Ok((plain, len))
+}
+
+/// Hands `bufs` (at most `limit` bytes of them) to `seal` in pieces that are whole records of
+/// `frag` bytes, but for the last: whole records straight from a slice, the ends of slices
+/// joined in `joint`. Returns the bytes taken.
+fn pack(
+    bufs: &[IoSlice<'_>],
+    limit: usize,
+    frag: usize,
+    joint: &mut Vec<u8>,
+    mut seal: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<usize> {
+    joint.resize(frag, 0);
+    let mut taken = 0;
+    let mut held = 0;
+    for buf in bufs {
+        let take = buf.len().min(limit - taken);
+        if take == 0 {
+            break;
+        }
+        taken += take;
+        let mut rest = &buf[..take];
+        if held > 0 {
+            let n = (frag - held).min(rest.len());
+            joint[held..held + n].copy_from_slice(&rest[..n]);
+            held += n;
+            rest = &rest[n..];
+            if held < frag {
+                continue;
+            }
+            seal(&joint[..held])?;
+        }
+        let whole = rest.len() / frag * frag;
+        if whole > 0 {
+            seal(&rest[..whole])?;
+        }
+        let tail = &rest[whole..];
+        joint[..tail.len()].copy_from_slice(tail);
+        held = tail.len();
+    }
+    if held > 0 {
+        seal(&joint[..held])?;
+    }
+    Ok(taken)
 }
 
 fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
@@ -730,6 +788,55 @@ mod tests {
         assert!(back == data, "the echo is what was sent");
         assert_eq!(tls.held(), 0, "a drained connection holds no buffer");
         echo.await.expect("server task");
+    }
+
+    #[test]
+    fn slices_are_packed_into_whole_records_but_the_last() {
+        // A chunk frame as the front writes it: a small header, then the body; twice.
+        let (head, body) = (vec![1u8; 40], vec![2u8; 16_420]);
+        let bufs = [
+            IoSlice::new(&head),
+            IoSlice::new(&body),
+            IoSlice::new(&head),
+            IoSlice::new(&body),
+        ];
+        let mut pieces = Vec::new();
+        let mut joint = Vec::new();
+        let taken = pack(&bufs, MAX_WRITE, 4091, &mut joint, |p| {
+            pieces.push(p.to_vec());
+            Ok(())
+        })
+        .expect("packed");
+        assert_eq!(taken, 2 * (40 + 16_420));
+        let (last, whole) = pieces.split_last().expect("pieces");
+        assert!(whole.iter().all(|p| p.len() % 4091 == 0), "whole records");
+        assert!(last.len() <= 4091 || last.len() % 4091 == 0);
+        let records: usize = pieces.iter().map(|p| p.len().div_ceil(4091)).sum();
+        assert_eq!(
+            records,
+            (2 * (40 + 16_420usize)).div_ceil(4091),
+            "no record short of full"
+        );
+        let all: Vec<u8> = pieces.concat();
+        assert!(
+            all == [&head[..], &body, &head, &body].concat(),
+            "every byte, in order"
+        );
+
+        // A limit takes a prefix, and a slice is cut where the limit falls.
+        let mut pieces = Vec::new();
+        let taken = pack(&bufs, 10_000, 4091, &mut joint, |p| {
+            pieces.push(p.len());
+            Ok(())
+        })
+        .expect("packed");
+        assert_eq!((taken, pieces.iter().sum::<usize>()), (10_000, 10_000));
+    }
+
+    #[test]
+    fn a_record_carries_the_fragment_size_less_its_header() {
+        assert_eq!(record_plaintext(Some(4096)), 4091);
+        assert_eq!(record_plaintext(None), 16 * 1024);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
