@@ -584,7 +584,13 @@ impl<C: Side> AsyncRead for TlsStream<C> {
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    this.reader = Some(cx.waker().clone());
+                    if !this
+                        .reader
+                        .as_ref()
+                        .is_some_and(|w| w.will_wake(cx.waker()))
+                    {
+                        this.reader = Some(cx.waker().clone());
+                    }
                     return Poll::Pending;
                 }
             }
