@@ -62,25 +62,23 @@ pub trait Side: DerefMut<Target = UnbufferedConnectionCommon<Self::Data>> + Send
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
 }
 
-impl Side for UnbufferedServerConnection {
-    type Data = ServerConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
+/// rustls gives each end its own inherent `process_tls_records`, and no trait to name both.
+macro_rules! side {
+    ($conn:ty, $data:ty) => {
+        impl Side for $conn {
+            type Data = $data;
+            fn process<'c, 'i>(
+                &'c mut self,
+                incoming: &'i mut [u8],
+            ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+                self.process_tls_records(incoming)
+            }
+        }
+    };
 }
 
-impl Side for UnbufferedClientConnection {
-    type Data = ClientConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-}
+side!(UnbufferedServerConnection, ServerConnectionData);
+side!(UnbufferedClientConnection, ClientConnectionData);
 
 /// A TLS connection whose handshake is done, as the server (`TlsStream<Server>`) or the client.
 pub struct TlsStream<C> {
