@@ -17,11 +17,10 @@
 use std::cell::RefCell;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
+use std::ops::DerefMut;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
-
-use std::ops::DerefMut;
 
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -231,11 +230,9 @@ impl<C: Side> TlsStream<C> {
                 }
             };
             let stop = match state {
+                // `plain` is empty (and `plain_at` 0) whenever nothing in it waits to be read:
+                // `take_plain` lets it go as it empties it.
                 ConnectionState::ReadTraffic(mut records) => {
-                    if self.plain_at == self.plain.len() {
-                        self.plain.clear();
-                        self.plain_at = 0;
-                    }
                     while let Some(record) = records.next_record() {
                         let record = record.map_err(invalid)?;
                         discard += record.discard;
@@ -375,9 +372,14 @@ impl<C: Side> TlsStream<C> {
             }
             self.out_at += n;
         }
+        self.outgoing_sent();
+        Poll::Ready(Ok(()))
+    }
+
+    /// Everything in `outgoing` is with the socket: its buffer is let go.
+    fn outgoing_sent(&mut self) {
         self.outgoing = Vec::new();
         self.out_at = 0;
-        Poll::Ready(Ok(()))
     }
 
     /// Hands `outgoing` to the socket as far as it takes it now, without registering for
@@ -392,8 +394,7 @@ impl<C: Side> TlsStream<C> {
                 Err(e) => return Err(e),
             }
         }
-        self.outgoing = Vec::new();
-        self.out_at = 0;
+        self.outgoing_sent();
         Ok(())
     }
 
