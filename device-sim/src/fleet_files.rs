@@ -10,8 +10,11 @@
 //! Layout, in the simulator's state directory:
 //! - `fleet.index`: which place each device id has, kept across runs (a device keeps its place
 //!   when others join or leave), and the bytes each device's slots take;
-//! - `records-NNNN.bin` and `slots-NNNN.bin`: [`DEVICES_PER_FILE`] places each (a bound on one
-//!   file's size and extent tree), sparse, so only what was written takes disk.
+//! - `records-NNNN.bin`, `slots-NNNN.bin` and `slotmaps-NNNN.bin`: [`DEVICES_PER_FILE`] places
+//!   each (a bound on one file's size and extent tree), sparse, so only what was written takes
+//!   disk;
+//! - `images/`: each image the fleet's devices downloaded, stored once; a slot's map names the
+//!   chunks of it that the slot holds (`slots::images` says why).
 //!
 //! A device whose own files an older simulator left (`{id}.rec`, `{id}.json`, `{id}.slots`)
 //! keeps using them, so a campaign that began under that simulator goes on where it was.
@@ -34,7 +37,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::slots::{FileFlash, Flash};
+use crate::slots::{FileFlash, Flash, ImageStore, SlotRefs, MAP_STRIDE};
 use crate::store::{DeviceStore, RecordFileStore, RECORD_BYTES};
 
 /// Devices per shared file.
@@ -50,6 +53,8 @@ pub const MIN_SLOT_STRIDE: u64 = 128 * 1024 * 1024;
 pub const TRIM_INTERVAL: Duration = Duration::from_millis(250);
 
 const INDEX: &str = "fleet.index";
+/// The directory of the fleet's stored images (`slots::images`).
+const IMAGES: &str = "images";
 const INDEX_MAGIC: &str = "aloft-sim-fleet 1";
 
 /// The fleet's shared files, opened for the devices given to [`FleetFiles::open`].
@@ -63,6 +68,9 @@ pub struct FleetFiles {
     names: HashSet<OsString>,
     records: Vec<(Arc<File>, PathBuf)>,
     slots: Vec<(Arc<File>, PathBuf)>,
+    /// Which stored image's chunks each slot holds (`slots::images`).
+    slot_maps: Vec<(Arc<File>, PathBuf)>,
+    images: Arc<ImageStore>,
     sync: bool,
 }
 
@@ -138,6 +146,8 @@ impl FleetFiles {
             dir: dir.to_owned(),
             records: open("records")?,
             slots: open("slots")?,
+            slot_maps: open("slotmaps")?,
+            images: Arc::new(ImageStore::new(&dir.join(IMAGES))),
             places,
             slot_stride,
             names,
@@ -208,12 +218,14 @@ impl FleetFiles {
         }
         let (file, at) = self.place(id)?;
         let (f, path) = self.slots.get(file).context("fleet slot file missing")?;
-        Ok(Box::new(FileFlash::at(
-            f.clone(),
-            path,
-            at * self.slot_stride,
-            capacity,
-        )))
+        let (map, _) = self
+            .slot_maps
+            .get(file)
+            .context("fleet slot map file missing")?;
+        let refs = SlotRefs::new(self.images.clone(), map.clone(), at * MAP_STRIDE);
+        Ok(Box::new(
+            FileFlash::at(f.clone(), path, at * self.slot_stride, capacity).with_refs(refs),
+        ))
     }
 }
 
@@ -269,9 +281,10 @@ fn write_index(path: &Path, order: &[String], stride: u64, sync: bool) -> anyhow
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::slots::SlotId;
+    use crate::slots::{FlashError, HashChain, ImageKey, Known, SlotId};
     use crate::store::DeviceRecord;
     use aloft_proto::SecurityVersion;
+    use sha2::Digest;
 
     fn names(dir: &Path) -> Vec<String> {
         let mut v: Vec<_> = fs::read_dir(dir)
@@ -344,7 +357,12 @@ mod tests {
         assert_eq!(files.store("dev-new").unwrap().load().unwrap(), None);
         assert_eq!(
             names(dir.path()),
-            ["fleet.index", "records-0000.bin", "slots-0000.bin"]
+            [
+                "fleet.index",
+                "records-0000.bin",
+                "slotmaps-0000.bin",
+                "slots-0000.bin"
+            ]
         );
         let index = fs::read_to_string(dir.path().join(INDEX)).unwrap();
         assert!(index.ends_with("dev-0\ndev-1\ndev-2\ndev-new\n"), "{index}");
@@ -423,5 +441,130 @@ mod tests {
                 .len(),
             0
         );
+    }
+
+    /// An image of `len` bytes in chunks of 1,024, and the chain that vouches for its chunks.
+    fn stored_image(len: usize, seed: u8) -> (Vec<u8>, Arc<HashChain>) {
+        let image: Vec<u8> = (0..len)
+            .map(|i| (i * 13 + usize::from(seed)) as u8)
+            .collect();
+        let key = ImageKey::new([seed; 32], 1024, len as u64);
+        (image, Arc::new(HashChain::of_image(key)))
+    }
+
+    fn write_vouched(f: &mut dyn Flash, slot: SlotId, image: &[u8], chain: &Arc<HashChain>) {
+        f.begin_update(slot, image.len() as u64).unwrap();
+        for (i, part) in image.chunks(1024).enumerate() {
+            let known = Known {
+                chain,
+                index: i as u32,
+            };
+            f.write_known(slot, 1024 * i as u64, part, &known).unwrap();
+        }
+    }
+
+    fn read_all(f: &mut dyn Flash, slot: SlotId, len: usize) -> Vec<u8> {
+        let mut back = vec![0u8; len];
+        f.read(slot, 0, &mut back).unwrap();
+        back
+    }
+
+    #[test]
+    fn an_image_many_devices_write_is_stored_once_and_each_reads_it_back_after_a_restart() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ids = ["dev-0", "dev-1", "dev-2"];
+        let (image, chain) = stored_image(4500, 1);
+        let sha: [u8; 32] = sha2::Sha256::digest(&image).into();
+        let files = FleetFiles::open(dir.path(), ids, 1 << 20, false).unwrap();
+        for id in ids {
+            let mut f = files.flash(id, 1 << 20).unwrap();
+            write_vouched(&mut *f, SlotId::B, &image, &chain);
+            assert_eq!(read_all(&mut *f, SlotId::B, image.len()), image);
+            assert_eq!(f.digest(SlotId::B, image.len() as u64).unwrap(), sha);
+        }
+        let slots = fs::metadata(dir.path().join("slots-0000.bin")).unwrap();
+        assert_eq!(slots.blocks(), 0, "no device wrote its copy into its slot");
+        let stored: Vec<_> = fs::read_dir(dir.path().join(IMAGES)).unwrap().collect();
+        assert_eq!(stored.len(), 1);
+        let one = stored[0].as_ref().unwrap().metadata().unwrap();
+        assert_eq!(one.len(), image.len() as u64);
+        drop(files);
+
+        // Another process: nothing in memory, every slot read back from the files.
+        let files = FleetFiles::open(dir.path(), ids, 1 << 20, false).unwrap();
+        for id in ids {
+            let mut f = files.flash(id, 1 << 20).unwrap();
+            assert_eq!(read_all(&mut *f, SlotId::B, image.len()), image, "{id}");
+            assert_eq!(f.digest(SlotId::B, image.len() as u64).unwrap(), sha);
+            assert_eq!(
+                read_all(&mut *f, SlotId::A, 16),
+                [0; 16],
+                "slot A holds nothing"
+            );
+        }
+    }
+
+    #[test]
+    fn a_plain_write_over_stored_chunks_keeps_what_it_does_not_cover_and_a_new_image_forgets_them()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, chain) = stored_image(3000, 2);
+        let files = FleetFiles::open(dir.path(), ["d"], 1 << 20, false).unwrap();
+        let mut f = files.flash("d", 1 << 20).unwrap();
+        write_vouched(&mut *f, SlotId::B, &image, &chain);
+        // Across chunks 0 and 1, as a delta's rebuild or a test's corruption writes.
+        f.write(SlotId::B, 1000, &[0xee; 100]).unwrap();
+        let mut expected = image.clone();
+        expected[1000..1100].fill(0xee);
+        assert_eq!(read_all(&mut *f, SlotId::B, image.len()), expected);
+        // A vouched chunk at a place or length that is not its own is written plainly.
+        let known = Known {
+            chain: &chain,
+            index: 2,
+        };
+        f.write_known(SlotId::B, 2000, &image[..500], &known)
+            .unwrap();
+        expected[2000..2500].copy_from_slice(&image[..500]);
+        assert_eq!(read_all(&mut *f, SlotId::B, image.len()), expected);
+        drop(f);
+        let mut f = files.flash("d", 1 << 20).unwrap();
+        assert_eq!(read_all(&mut *f, SlotId::B, image.len()), expected);
+
+        // The other slot updated meanwhile: slot B keeps its image.
+        let (other, other_chain) = stored_image(2048, 3);
+        write_vouched(&mut *f, SlotId::A, &other, &other_chain);
+        assert_eq!(read_all(&mut *f, SlotId::A, other.len()), other);
+        assert_eq!(read_all(&mut *f, SlotId::B, image.len()), expected);
+
+        // Slot B prepared for an image written plainly: nothing of the stored one shows.
+        f.begin_update(SlotId::B, 3000).unwrap();
+        f.write(SlotId::B, 0, &[7; 3000]).unwrap();
+        assert_eq!(read_all(&mut *f, SlotId::B, 3000), [7; 3000]);
+        drop(f);
+        drop(files);
+        let files = FleetFiles::open(dir.path(), ["d"], 1 << 20, false).unwrap();
+        let mut f = files.flash("d", 1 << 20).unwrap();
+        assert_eq!(read_all(&mut *f, SlotId::B, 3000), [7; 3000]);
+        assert_eq!(read_all(&mut *f, SlotId::A, other.len()), other);
+    }
+
+    #[test]
+    fn a_slot_that_names_a_stored_image_that_is_gone_fails_its_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, chain) = stored_image(2048, 4);
+        let files = FleetFiles::open(dir.path(), ["d"], 1 << 20, false).unwrap();
+        write_vouched(
+            &mut *files.flash("d", 1 << 20).unwrap(),
+            SlotId::B,
+            &image,
+            &chain,
+        );
+        drop(files);
+        fs::remove_dir_all(dir.path().join(IMAGES)).unwrap();
+        let files = FleetFiles::open(dir.path(), ["d"], 1 << 20, false).unwrap();
+        let mut f = files.flash("d", 1 << 20).unwrap();
+        let err = f.read(SlotId::B, 0, &mut [0u8; 16]).unwrap_err();
+        assert!(matches!(err, FlashError::Io(_)), "{err}");
     }
 }

@@ -2,7 +2,7 @@
 //! *boot* slot is what the next reset starts, the *update* slot is the other one, where a new
 //! image is written. [`SlotTable`] is the small metadata (persisted with the device record);
 //! [`Flash`] is the byte storage behind the slots, with a sparse-file and an in-memory
-//! implementation.
+//! implementation; [`images`] keeps a simulated fleet's images once for all its devices.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -11,6 +11,9 @@ use std::sync::{Arc, Mutex};
 use aloft_proto::SecurityVersion;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+mod images;
+pub use images::{ImageKey, ImageStore, SlotRefs, MAP_STRIDE};
 
 /// One of the two firmware slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -297,9 +300,24 @@ pub trait Flash: Send {
 #[derive(Debug, Default)]
 pub struct HashChain {
     states: Mutex<Vec<Option<Sha256>>>,
+    /// The image whose chunks these are, for slots that store each chunk once ([`images`]).
+    image: Option<ImageKey>,
 }
 
 impl HashChain {
+    /// The chain of `image`'s chunks.
+    pub fn of_image(image: Option<ImageKey>) -> Self {
+        HashChain {
+            states: Mutex::default(),
+            image,
+        }
+    }
+
+    /// The image whose chunks these are, if it can be stored once for a fleet.
+    pub fn image(&self) -> Option<ImageKey> {
+        self.image
+    }
+
     /// The state after chunks `0..n` (the empty state for `n == 0`), if it was taken.
     fn after(&self, n: u32) -> Option<Sha256> {
         let Some(last) = n.checked_sub(1) else {
@@ -446,6 +464,8 @@ pub struct FileFlash {
     capacity: u64,
     /// The digest of the image being written, while it is written front to back.
     stream: Option<Stream>,
+    /// Where the slots name chunks of a fleet's stored images instead of holding them.
+    refs: Option<SlotRefs>,
 }
 
 /// SHA-256 of what an update slot received since `begin_update`, as long as every write
@@ -514,6 +534,7 @@ impl FileFlash {
             shared: None,
             capacity,
             stream: None,
+            refs: None,
         }
     }
 
@@ -526,6 +547,7 @@ impl FileFlash {
             shared: Some((file, base)),
             capacity,
             stream: None,
+            refs: None,
         }
     }
 
@@ -548,6 +570,13 @@ impl FileFlash {
             .ok_or_else(|| FlashError::from(std::io::Error::other("slot file not open")))
     }
 
+    /// The same slots, where a chunk vouched for by a chain of a stored image is kept once in
+    /// `refs`' store and named in its map (see [`images`]).
+    pub fn with_refs(mut self, refs: SlotRefs) -> Self {
+        self.refs = Some(refs);
+        self
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -566,13 +595,11 @@ impl FileFlash {
         data: &[u8],
         known: Option<&Known<'_>>,
     ) -> Result<(), FlashError> {
-        use std::os::unix::fs::FileExt;
         check_bounds(self.capacity, offset, data.len())?;
-        let at = self.base(slot) + offset;
         if self.stream.as_ref().is_some_and(|s| s.slot == slot) {
             // Dropped before the write: if the write fails, what the slot holds is unknown.
             let stream = self.stream.take().filter(|s| s.written == offset);
-            self.file()?.write_all_at(data, at)?;
+            self.put(slot, offset, data, known)?;
             self.stream = stream.and_then(|s| {
                 // A stream that has written nothing yet joins the chain of its first chunk.
                 let hash = match (s.hash, known) {
@@ -588,8 +615,31 @@ impl FileFlash {
                 })
             });
         } else {
-            self.file()?.write_all_at(data, at)?;
+            self.put(slot, offset, data, known)?;
         }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` of `slot`: named in the slot's map when it is a stored
+    /// image's chunk, into the slot otherwise.
+    fn put(
+        &mut self,
+        slot: SlotId,
+        offset: u64,
+        data: &[u8],
+        known: Option<&Known<'_>>,
+    ) -> Result<(), FlashError> {
+        use std::os::unix::fs::FileExt;
+        let base = self.base(slot);
+        if let (Some(refs), Some((raw, _))) = (&mut self.refs, &self.shared) {
+            if let Some((key, k)) = known.and_then(|k| Some((k.chain.image()?, k))) {
+                if refs.put(slot, offset, data, key, k.index)? {
+                    return Ok(());
+                }
+            }
+            refs.before_plain_write(slot, offset, data.len() as u64, raw, base)?;
+        }
+        self.file()?.write_all_at(data, base + offset)?;
         Ok(())
     }
 }
@@ -607,6 +657,9 @@ impl Flash for FileFlash {
         if slot == SlotId::B && self.shared.is_none() {
             let base = self.base(SlotId::B);
             self.file()?.set_len(base)?;
+        }
+        if let Some(refs) = &mut self.refs {
+            refs.clear(slot)?;
         }
         self.stream = Some(Stream {
             slot,
@@ -659,6 +712,9 @@ impl Flash for FileFlash {
                 break;
             }
             done += n;
+        }
+        if let Some(refs) = &mut self.refs {
+            refs.overlay(slot, offset, buf)?;
         }
         Ok(())
     }

@@ -92,9 +92,7 @@ impl Session {
             None => Arc::new(ChunkChecks::new(manifest.chunk_digests(), false)),
         };
         manifest.chunk_sha256 = String::new();
-        let chain = key
-            .as_ref()
-            .and_then(|k| checks.chain(k, &manifest.artifact, manifest.chunk_count));
+        let chain = key.as_ref().and_then(|k| checks.chain(k, &manifest));
         Session {
             checks,
             chain,

@@ -35,7 +35,7 @@ use aloft_proto::trust::TrustedRoot;
 use aloft_proto::ArtifactId;
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
-use crate::slots::HashChain;
+use crate::slots::{HashChain, ImageKey};
 
 /// Manifests held at most; past it, those no agent holds any more are dropped first, and a
 /// manifest that finds no room is simply not shared.
@@ -177,17 +177,13 @@ impl ChunkChecks {
         }
     }
 
-    /// The hash chain of the image chunks of `artifact` (`count` of them) open to under `key`;
-    /// `None` when this does not remember or keeps chains for too many keys already.
-    pub fn chain(
-        &self,
-        key: &ContentKey,
-        artifact: &ArtifactId,
-        count: u32,
-    ) -> Option<Arc<HashChain>> {
+    /// The hash chain of the image the chunks of `manifest` open to under `key`; `None` when
+    /// this does not remember or keeps chains for too many keys already.
+    pub fn chain(&self, key: &ContentKey, manifest: &Manifest) -> Option<Arc<HashChain>> {
         self.tagger.as_ref()?;
         let mut tagged = b"aloft-sim hash chain key".to_vec();
         tagged.extend_from_slice(key.as_bytes());
+        let (artifact, count) = (&manifest.artifact, manifest.chunk_count);
         let id = (crypto::sha256(&tagged), artifact.clone(), count);
         let mut chains = lock(&self.chains);
         if let Some((_, c)) = chains.iter().find(|(k, _)| *k == id) {
@@ -196,7 +192,21 @@ impl ChunkChecks {
         if chains.len() >= MAX_CHAINS {
             return None;
         }
-        let c = Arc::new(HashChain::default());
+        // The stored image's name: everything that makes its plaintext what it is, and its cut.
+        let mut named = b"aloft-sim stored image".to_vec();
+        named.extend_from_slice(&id.0);
+        named.extend_from_slice(artifact.as_str().as_bytes());
+        named.push(0);
+        named.extend_from_slice(&count.to_be_bytes());
+        named.extend_from_slice(&manifest.chunk_size.to_be_bytes());
+        named.extend_from_slice(&manifest.image_size.to_be_bytes());
+        let image = ImageKey::new(
+            crypto::sha256(&named),
+            manifest.chunk_size,
+            manifest.image_size,
+        )
+        .filter(|k| k.count == count);
+        let c = Arc::new(HashChain::of_image(image));
         chains.push((id, c.clone()));
         Some(c)
     }
@@ -442,12 +452,19 @@ mod chunk_tests {
         assert_eq!(alone.check(0, b"chunk"), ChunkMatch::Hashed);
         assert_eq!(alone.check(0, b"chunK"), ChunkMatch::No);
         assert!(alone
-            .chain(&ContentKey::from_bytes([1; 32]), &art(), 1)
+            .chain(&ContentKey::from_bytes([1; 32]), &manifest("fw-2.0", 1))
             .is_none());
     }
 
-    fn art() -> ArtifactId {
-        ArtifactId::new("fw-2.0").unwrap()
+    /// A manifest of `artifact` in `count` chunks (of 1,024 bytes).
+    fn manifest(artifact: &str, count: usize) -> Manifest {
+        use crate::update::testkit::{key, release, ReleaseSpec};
+        let spec = ReleaseSpec {
+            artifact,
+            size: count * 1024,
+            ..ReleaseSpec::default()
+        };
+        release(&key(), &spec).manifest
     }
 
     #[test]
@@ -457,15 +474,21 @@ mod chunk_tests {
             ContentKey::from_bytes([1; 32]),
             ContentKey::from_bytes([2; 32]),
         );
-        let a = c.chain(&k1, &art(), 1).unwrap();
-        assert!(Arc::ptr_eq(&a, &c.chain(&k1, &art(), 1).unwrap()));
-        assert!(!Arc::ptr_eq(&a, &c.chain(&k2, &art(), 1).unwrap()));
-        assert!(!Arc::ptr_eq(&a, &c.chain(&k1, &art(), 2).unwrap()));
-        let other = ArtifactId::new("fw-3.0").unwrap();
-        assert!(!Arc::ptr_eq(&a, &c.chain(&k1, &other, 1).unwrap()));
+        let (one, two) = (manifest("fw-2.0", 1), manifest("fw-2.0", 2));
+        let a = c.chain(&k1, &one).unwrap();
+        assert!(Arc::ptr_eq(&a, &c.chain(&k1, &one).unwrap()));
+        let b = c.chain(&k2, &one).unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &c.chain(&k1, &two).unwrap()));
+        let other = c.chain(&k1, &manifest("fw-3.0", 1)).unwrap();
+        assert!(!Arc::ptr_eq(&a, &other));
+        // Each names its stored image apart.
+        let ids: HashSet<_> = [&a, &b, &other]
+            .iter()
+            .map(|c| c.image().unwrap().id)
+            .collect();
+        assert_eq!(ids.len(), 3);
         // Four chains are kept; a fifth key gets none and its device hashes for itself.
-        assert!(c
-            .chain(&ContentKey::from_bytes([3; 32]), &art(), 1)
-            .is_none());
+        assert!(c.chain(&ContentKey::from_bytes([3; 32]), &one).is_none());
     }
 }
