@@ -55,22 +55,41 @@ impl Store {
         device: &DeviceId,
         t: &Transition,
     ) -> Result<(), StoreError> {
-        let p = prefix(device);
-        let newest = self.kv.scan(
-            Tree::History,
-            &Scan::prefix(p.clone()).rev().limit(1).keys_only(),
-        )?;
-        let last = match newest.first() {
-            Some((k, _)) => counter(p.len(), k).unwrap_or(0),
-            None => 0,
+        let known = self.history_tips.as_ref().and_then(|tips| {
+            let tips = tips.lock().unwrap_or_else(|p| p.into_inner());
+            tips.get(device).copied()
+        });
+        let last = match known {
+            Some(n) => n,
+            None => self.newest_history(device)?,
         };
         let n = last.saturating_add(1);
         self.kv.insert(Tree::History, &key(device, n), &encode(t))?;
+        if let Some(tips) = &self.history_tips {
+            let mut tips = tips.lock().unwrap_or_else(|p| p.into_inner());
+            tips.insert(device.clone(), n);
+        }
         if n > HISTORY_PER_DEVICE {
             self.kv
                 .remove(Tree::History, &key(device, n - HISTORY_PER_DEVICE))?;
         }
         Ok(())
+    }
+
+    /// The counter of `device`'s newest history entry (0 with none): one reverse step. Sled's
+    /// reverse step copies the leaf it lands in, and was a third of the cost of recording a
+    /// transition while a 10,000-device campaign's jobs went out (docs/BENCHMARKS.md), so on
+    /// sled it is taken once per device and process.
+    fn newest_history(&self, device: &DeviceId) -> Result<u64, StoreError> {
+        let p = prefix(device);
+        let newest = self.kv.scan(
+            Tree::History,
+            &Scan::prefix(p.clone()).rev().limit(1).keys_only(),
+        )?;
+        Ok(match newest.first() {
+            Some((k, _)) => counter(p.len(), k).unwrap_or(0),
+            None => 0,
+        })
     }
 
     /// `device`'s transitions, newest first, at most `limit` (at most the cap).
@@ -91,6 +110,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::fleet::state::Progress;
+    use aloft_vault::MasterKey;
 
     fn progress(state: DeviceState, at: u64) -> Progress {
         let mut p = Progress::new(at);
@@ -160,5 +180,40 @@ mod tests {
         assert_eq!(h.last().unwrap().at_ms, 10);
         let all = s.kv.scan(Tree::History, &Scan::all().keys_only()).unwrap();
         assert_eq!(all.len() as u64, HISTORY_PER_DEVICE);
+    }
+
+    #[test]
+    fn the_history_goes_on_from_its_newest_entry_after_a_reopen_and_through_a_clone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let key = MasterKey::generate().unwrap();
+        let d = DeviceId::new("dev-1").unwrap();
+        let t = |at_ms| Transition {
+            campaign: CampaignId::new("c").unwrap(),
+            from: DeviceState::Idle,
+            to: DeviceState::Notified,
+            reason: None,
+            at_ms,
+        };
+        let s = Store::create(&path, key.clone()).unwrap();
+        let other = s.clone();
+        for i in 0..HISTORY_PER_DEVICE {
+            // Alternately through the store and its clone: they share the newest counter.
+            let by = if i % 2 == 0 { &s } else { &other };
+            by.append_history(&d, &t(i)).unwrap();
+        }
+        s.flush().unwrap();
+        drop((s, other));
+        let s = Store::open(&path, key).unwrap();
+        for i in HISTORY_PER_DEVICE..HISTORY_PER_DEVICE + 3 {
+            s.append_history(&d, &t(i)).unwrap();
+        }
+        let h = s.device_history(&d, usize::MAX).unwrap();
+        let at: Vec<u64> = h.iter().map(|t| t.at_ms).collect();
+        let expected: Vec<u64> = (3..HISTORY_PER_DEVICE + 3).rev().collect();
+        assert_eq!(
+            at, expected,
+            "newest first, none overwritten, the oldest dropped"
+        );
     }
 }

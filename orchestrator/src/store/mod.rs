@@ -31,8 +31,10 @@ pub use history::{Transition, HISTORY_PER_DEVICE, HISTORY_TREE};
 pub use pg::Sharing;
 pub use records::{CampaignRecord, CampaignStatus, DeviceRecord, MemberJob, ReleaseRecord, Target};
 
+use std::collections::HashMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use aloft_proto::{ArtifactId, CampaignId, DeviceId};
 use aloft_vault::MasterKey;
@@ -163,6 +165,11 @@ pub struct Store {
     kv: Kv,
     /// Seals content keys at rest.
     key: MasterKey,
+    /// Sled only: each device's newest history counter that this process appended or read
+    /// (`history`). Sled is held by one process through its file lock, so no one else appends;
+    /// PostgreSQL replicas may, and find the newest entry in the database each time.
+    /// Shared by the store's clones, as the database is.
+    history_tips: Option<Arc<Mutex<HashMap<DeviceId, u64>>>>,
 }
 
 /// Where the values every replica shares live in `meta`.
@@ -246,6 +253,15 @@ fn describe(kv: &Kv, at: &StoreLocation) -> String {
 }
 
 impl Store {
+    fn with(kv: Kv, key: MasterKey) -> Self {
+        let history_tips = matches!(kv, Kv::Sled(_)).then(Arc::default);
+        Store {
+            kv,
+            key,
+            history_tips,
+        }
+    }
+
     /// Creates a new, empty store in `dir` whose content keys `key` seals (`aloft init`).
     pub fn create(dir: &Path, key: MasterKey) -> Result<Self, StoreError> {
         Self::create_at(&StoreLocation::Sled(dir.to_owned()), key)
@@ -272,7 +288,7 @@ impl Store {
             })?;
         kv.insert(Tree::Meta, KEY_CHECK, &check)?;
         kv.flush()?;
-        Ok(Self { kv, key })
+        Ok(Self::with(kv, key))
     }
 
     /// [`Store::open`] at either engine.
@@ -298,7 +314,7 @@ impl Store {
         };
         key.open(KEY_CHECK_AAD, &check)
             .map_err(|_| StoreError::WrongKey)?;
-        Ok(Self { kv, key })
+        Ok(Self::with(kv, key))
     }
 
     /// The leader lease's fence of a PostgreSQL store (`pg_lease`), which `aloft serve` sets
