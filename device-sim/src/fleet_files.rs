@@ -567,4 +567,32 @@ mod tests {
         let err = f.read(SlotId::B, 0, &mut [0u8; 16]).unwrap_err();
         assert!(matches!(err, FlashError::Io(_)), "{err}");
     }
+
+    #[test]
+    fn the_bits_naming_stored_chunks_reach_the_map_file_at_a_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, chain) = stored_image(4096, 5);
+        let ids = ["killed", "synced"];
+        let files = FleetFiles::open(dir.path(), ids, 1 << 20, false).unwrap();
+        for id in ids {
+            let mut f = files.flash(id, 1 << 20).unwrap();
+            write_vouched(&mut *f, SlotId::B, &image, &chain);
+            if id == "synced" {
+                f.sync().unwrap();
+            }
+            // The process dies: nothing of this device's flash runs again.
+            std::mem::forget(f);
+        }
+        drop(files);
+        let files = FleetFiles::open(dir.path(), ids, 1 << 20, false).unwrap();
+        let mut f = files.flash("synced", 1 << 20).unwrap();
+        assert_eq!(read_all(&mut *f, SlotId::B, image.len()), image);
+        // Its record was never saved after these chunks (a save syncs first): they are
+        // downloaded again, and the slot holds nothing the record claims.
+        let mut f = files.flash("killed", 1 << 20).unwrap();
+        assert_eq!(
+            read_all(&mut *f, SlotId::B, image.len()),
+            vec![0; image.len()]
+        );
+    }
 }

@@ -286,6 +286,13 @@ pub trait Flash: Send {
     /// Nothing more will be read or written for a while (an image was prepared for, or read
     /// back): storage may let go of what it holds open. The next access opens it again.
     fn release(&mut self) {}
+    /// Makes every write so far survive a restart of the process. The device's record, which
+    /// says which chunks are written, is saved only after it. A real flash is durable when a
+    /// write returns; a simulated slot keeps the bits naming stored chunks in memory until
+    /// then (`images`).
+    fn sync(&mut self) -> Result<(), FlashError> {
+        Ok(())
+    }
     /// SHA-256 of the first `len` bytes of `slot`. Reads them back, like a device checking the
     /// image its flash holds before it boots it.
     fn digest(&mut self, slot: SlotId, len: u64) -> Result<[u8; 32], FlashError> {
@@ -671,6 +678,13 @@ impl Flash for FileFlash {
 
     fn release(&mut self) {
         self.file = None;
+    }
+
+    fn sync(&mut self) -> Result<(), FlashError> {
+        match &mut self.refs {
+            Some(refs) => refs.sync(),
+            None => Ok(()),
+        }
     }
 
     fn write(&mut self, slot: SlotId, offset: u64, data: &[u8]) -> Result<(), FlashError> {

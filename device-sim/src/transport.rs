@@ -777,7 +777,20 @@ impl Runner<'_> {
     }
 
     fn save(&mut self) -> bool {
-        match self.device.store.save(self.device.agent.record()) {
+        // The flash first: the record may say chunks are written that only a sync makes
+        // survive a restart.
+        let saved = self
+            .device
+            .flash
+            .sync()
+            .map_err(anyhow::Error::from)
+            .and_then(|()| {
+                self.device
+                    .store
+                    .save(self.device.agent.record())
+                    .map_err(anyhow::Error::from)
+            });
+        match saved {
             Ok(()) => {
                 self.unsaved = false;
                 self.last_save = Instant::now();

@@ -13,8 +13,14 @@
 //! and a plain write over a referenced chunk first copies what it does not cover.
 //!
 //! Both live on disk, so a simulator restarted on its state directory reads every slot as it
-//! was: an image's chunk is written before any slot's bit names it. Nothing is fsynced (as for
-//! the slot files): a simulated device's power loss does not lose the machine's page cache.
+//! was: an image's chunk is written before any slot's bit names it. A bit set is written to the
+//! map file at the next [`SlotRefs::sync`], which the device's transport calls before it saves
+//! the record that says the chunk is written (`Flash::sync`): one write per record saved
+//! instead of one per chunk, which was 3% of a 10,000-device campaign's CPU. A simulator
+//! killed in between loses only bits its saved records do not claim, whose chunks the devices
+//! download again. Bits cleared (by a plain write over a named chunk) and headers are written
+//! at once. Nothing is fsynced (as for the slot files): a simulated device's power loss does
+//! not lose the machine's page cache.
 //!
 //! Map layout, [`MAP_STRIDE`] bytes per device, slot A then slot B at [`MAP_SLOT_BYTES`]:
 //! a 64-byte header (`aloftref`, the image id, chunk size, chunk count and the last chunk's
@@ -218,6 +224,8 @@ struct SlotMap {
     /// The image the slot names chunks of, with its file once opened.
     image: Option<(ImageKey, Option<Arc<StoredImage>>)>,
     bits: Vec<u64>,
+    /// Bitmap bytes with bits set since the last sync (first and last), not yet in the file.
+    unsynced: Option<(u32, u32)>,
 }
 
 impl SlotMap {
@@ -354,6 +362,7 @@ impl SlotRefs {
                 map_file.write_all_at(&fresh, at)?;
                 m.image = Some((key, None));
                 m.bits = vec![0u64; key.count.div_ceil(64) as usize];
+                m.unsynced = None;
             }
         }
         let image = match &mut m.image {
@@ -366,11 +375,30 @@ impl SlotRefs {
         };
         image.put(index, data)?;
         m.set(index, true);
-        map_file.write_all_at(
-            &[m.bitmap_byte(index)],
-            at + HEADER_BYTES as u64 + u64::from(index / 8),
-        )?;
+        let byte = index / 8;
+        m.unsynced = Some(match m.unsynced {
+            Some((first, last)) => (first.min(byte), last.max(byte)),
+            None => (byte, byte),
+        });
         Ok(true)
+    }
+
+    /// Writes the bits set since the last sync to the map file.
+    pub fn sync(&mut self) -> Result<(), FlashError> {
+        for slot in [SlotId::A, SlotId::B] {
+            let at = self.at(slot);
+            let Some(m) = self.slots[slot.index()].as_mut() else {
+                continue;
+            };
+            let Some((first, last)) = m.unsynced else {
+                continue;
+            };
+            let bytes: Vec<u8> = (first..=last).map(|b| m.bitmap_byte(b * 8)).collect();
+            self.map
+                .write_all_at(&bytes, at + HEADER_BYTES as u64 + u64::from(first))?;
+            m.unsynced = None;
+        }
+        Ok(())
     }
 
     /// Before `len` bytes are written plainly at `offset` of `slot` (through `raw`, at `base`):
@@ -429,6 +457,14 @@ impl SlotRefs {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for SlotRefs {
+    fn drop(&mut self) {
+        // A device let go of (a run's end): what it wrote is kept. A failure here is one a
+        // sync the record waits for would have reported; nothing claims these bits yet.
+        let _ = self.sync();
     }
 }
 
