@@ -254,20 +254,20 @@ impl SlotMap {
         self.bits.iter().any(|&w| w != 0)
     }
 
-    /// Chunks of the image that `[offset, offset + len)` touches and the slot names.
-    fn named(&self, offset: u64, len: u64) -> impl Iterator<Item = (ImageKey, u32)> + '_ {
-        let key = self.image.as_ref().map(|(k, _)| *k);
-        let range = key.filter(|_| len > 0).map(|k| {
-            let cs = u64::from(k.chunk_size);
-            let first = offset / cs;
-            let last = ((offset + len - 1) / cs).min(u64::from(k.count) - 1);
-            (first as u32)..(last as u32).saturating_add(1)
-        });
-        range
-            .into_iter()
-            .flatten()
-            .filter(|&i| self.get(i))
-            .filter_map(move |i| key.map(|k| (k, i)))
+    /// The image the slot names chunks of, and those of its chunks that `[offset, offset + len)`
+    /// touches; `None` when it names none there.
+    fn named(&self, offset: u64, len: u64) -> Option<(ImageKey, Vec<u32>)> {
+        let (key, _) = self.image.as_ref().filter(|_| len > 0)?;
+        let cs = u64::from(key.chunk_size);
+        let first = (offset / cs).min(u64::from(u32::MAX)) as u32;
+        let last = ((offset + len - 1) / cs).min(u64::from(key.count) - 1) as u32;
+        let named: Vec<u32> = (first..=last).filter(|&i| self.get(i)).collect();
+        (!named.is_empty()).then_some((*key, named))
+    }
+
+    /// The bitmap bytes `first..=last`, as the map file holds them.
+    fn bitmap_bytes(&self, first: u32, last: u32) -> Vec<u8> {
+        (first..=last).map(|b| self.bitmap_byte(b * 8)).collect()
     }
 }
 
@@ -291,45 +291,28 @@ impl SlotRefs {
         }
     }
 
-    fn at(&self, slot: SlotId) -> u64 {
-        self.base + slot.index() as u64 * MAP_SLOT_BYTES
-    }
-
-    /// `slot`'s map, read from the file the first time.
-    fn loaded(&mut self, slot: SlotId) -> Result<&mut SlotMap, FlashError> {
-        let at = self.at(slot);
-        let entry = &mut self.slots[slot.index()];
-        if entry.is_none() {
-            let mut h = [0u8; HEADER_BYTES];
-            let n = self.map.read_at(&mut h, at)?;
-            let mut m = SlotMap::default();
-            if let Some(key) = (n == HEADER_BYTES).then(|| ImageKey::parse(&h)).flatten() {
-                let mut bytes = vec![0u8; key.count.div_ceil(8) as usize];
-                self.map
-                    .read_exact_at(&mut bytes, at + HEADER_BYTES as u64)?;
-                m.bits = vec![0u64; key.count.div_ceil(64) as usize];
-                for (i, b) in bytes.iter().enumerate() {
-                    m.bits[i / 8] |= u64::from(*b) << (8 * (i % 8));
-                }
-                m.image = Some((key, None));
-            }
-            *entry = Some(m);
-        }
-        entry
-            .as_mut()
-            .ok_or_else(|| FlashError::from(std::io::Error::other("slot map not loaded")))
+    /// `slot`'s map, read from the map file the first time, beside the files it names.
+    fn loaded(&mut self, slot: SlotId) -> Result<Loaded<'_>, FlashError> {
+        let at = self.base + slot.index() as u64 * MAP_SLOT_BYTES;
+        let SlotRefs {
+            store, map, slots, ..
+        } = self;
+        let entry = &mut slots[slot.index()];
+        let m = match entry {
+            Some(m) => m,
+            None => entry.insert(read_map(map, at)?),
+        };
+        Ok(Loaded { at, m, map, store })
     }
 
     /// The slot will hold a new image: it names nothing any more. A map that names nothing is
     /// not written: a campaign's 10,000 jobs would each have dirtied a page of the map file
     /// while the jobs still arrived (its first chunk writes the map anyway).
     pub fn clear(&mut self, slot: SlotId) -> Result<(), FlashError> {
-        let at = self.at(slot);
-        let map_file = self.map.clone();
-        let m = self.loaded(slot)?;
+        let Loaded { at, m, map, .. } = self.loaded(slot)?;
         if m.image.is_some() {
-            map_file.write_all_at(&[0u8; 8], at)?;
             *m = SlotMap::default();
+            map.write_all_at(&[0u8; 8], at)?;
         }
         Ok(())
     }
@@ -348,10 +331,7 @@ impl SlotRefs {
         if index >= key.count || offset != key.start(index) || data.len() as u64 != key.len(index) {
             return Ok(false);
         }
-        let at = self.at(slot);
-        let store = self.store.clone();
-        let map_file = self.map.clone();
-        let m = self.loaded(slot)?;
+        let Loaded { at, m, map, store } = self.loaded(slot)?;
         match &m.image {
             Some((k, _)) if *k == key => {}
             Some(_) if m.any() => return Ok(false),
@@ -359,19 +339,16 @@ impl SlotRefs {
                 // A new map: the header and a cleared bitmap in one write.
                 let mut fresh = key.header().to_vec();
                 fresh.resize(HEADER_BYTES + key.count.div_ceil(8) as usize, 0);
-                map_file.write_all_at(&fresh, at)?;
-                m.image = Some((key, None));
-                m.bits = vec![0u64; key.count.div_ceil(64) as usize];
-                m.unsynced = None;
+                map.write_all_at(&fresh, at)?;
+                *m = SlotMap {
+                    image: Some((key, None)),
+                    bits: vec![0u64; key.count.div_ceil(64) as usize],
+                    unsynced: None,
+                };
             }
         }
-        let image = match &mut m.image {
-            Some((_, Some(i))) => i.clone(),
-            Some((_, opened)) => match store.image(key, true)? {
-                Some(i) => opened.insert(i).clone(),
-                None => return Ok(false),
-            },
-            None => return Ok(false),
+        let Some(image) = opened(store, m, true)? else {
+            return Ok(false);
         };
         image.put(index, data)?;
         m.set(index, true);
@@ -386,17 +363,13 @@ impl SlotRefs {
     /// Writes the bits set since the last sync to the map file.
     pub fn sync(&mut self) -> Result<(), FlashError> {
         for slot in [SlotId::A, SlotId::B] {
-            let at = self.at(slot);
-            let Some(m) = self.slots[slot.index()].as_mut() else {
+            if self.slots[slot.index()].is_none() {
                 continue;
-            };
-            let Some((first, last)) = m.unsynced else {
-                continue;
-            };
-            let bytes: Vec<u8> = (first..=last).map(|b| m.bitmap_byte(b * 8)).collect();
-            self.map
-                .write_all_at(&bytes, at + HEADER_BYTES as u64 + u64::from(first))?;
-            m.unsynced = None;
+            }
+            let Loaded { at, m, map, .. } = self.loaded(slot)?;
+            if let Some((first, last)) = m.unsynced.take() {
+                write_bitmap(map, at, m, first, last)?;
+            }
         }
         Ok(())
     }
@@ -412,17 +385,14 @@ impl SlotRefs {
         raw: &File,
         base: u64,
     ) -> Result<(), FlashError> {
-        let at = self.at(slot);
-        let store = self.store.clone();
-        let map_file = self.map.clone();
-        let m = self.loaded(slot)?;
-        let named: Vec<(ImageKey, u32)> = m.named(offset, len).collect();
-        if named.is_empty() {
+        let Loaded { at, m, map, store } = self.loaded(slot)?;
+        let Some((key, named)) = m.named(offset, len) else {
             return Ok(());
-        }
-        let image = opened(&store, m)?;
+        };
+        let image =
+            opened(store, m, false)?.ok_or_else(|| std::io::Error::other("image store full"))?;
         let end = offset + len;
-        for &(key, i) in &named {
+        for &i in &named {
             let (start, stop) = (key.start(i), key.start(i) + key.len(i));
             if start < offset || stop > end {
                 let mut chunk = vec![0u8; key.len(i) as usize];
@@ -431,24 +401,21 @@ impl SlotRefs {
             }
             m.set(i, false);
         }
-        let (first, last) = (named[0].1 / 8, named[named.len() - 1].1 / 8);
-        let bytes: Vec<u8> = (first..=last).map(|b| m.bitmap_byte(b * 8)).collect();
-        map_file.write_all_at(&bytes, at + HEADER_BYTES as u64 + u64::from(first))?;
-        Ok(())
+        let (first, last) = (named[0] / 8, named[named.len() - 1] / 8);
+        write_bitmap(map, at, m, first, last)
     }
 
     /// Puts into `buf` (read plainly from `offset` of `slot`) the bytes of every chunk the slot
     /// names there.
     pub fn overlay(&mut self, slot: SlotId, offset: u64, buf: &mut [u8]) -> Result<(), FlashError> {
-        let store = self.store.clone();
-        let m = self.loaded(slot)?;
-        let named: Vec<(ImageKey, u32)> = m.named(offset, buf.len() as u64).collect();
-        if named.is_empty() {
+        let Loaded { m, store, .. } = self.loaded(slot)?;
+        let Some((key, named)) = m.named(offset, buf.len() as u64) else {
             return Ok(());
-        }
-        let image = opened(&store, m)?;
+        };
+        let image =
+            opened(store, m, false)?.ok_or_else(|| std::io::Error::other("image store full"))?;
         let end = offset + buf.len() as u64;
-        for (key, i) in named {
+        for i in named {
             let from = key.start(i).max(offset);
             let to = (key.start(i) + key.len(i)).min(end);
             if from < to {
@@ -460,6 +427,38 @@ impl SlotRefs {
     }
 }
 
+/// One slot's map, where it is in the map file, and the files it is read and written with.
+struct Loaded<'a> {
+    at: u64,
+    m: &'a mut SlotMap,
+    map: &'a File,
+    store: &'a ImageStore,
+}
+
+/// A slot's map as the map file holds it at `at` (none for a header without the magic).
+fn read_map(map: &File, at: u64) -> Result<SlotMap, FlashError> {
+    let mut h = [0u8; HEADER_BYTES];
+    let n = map.read_at(&mut h, at)?;
+    let mut m = SlotMap::default();
+    if let Some(key) = (n == HEADER_BYTES).then(|| ImageKey::parse(&h)).flatten() {
+        let mut bytes = vec![0u8; key.count.div_ceil(8) as usize];
+        map.read_exact_at(&mut bytes, at + HEADER_BYTES as u64)?;
+        m.bits = vec![0u64; key.count.div_ceil(64) as usize];
+        for (i, b) in bytes.iter().enumerate() {
+            m.bits[i / 8] |= u64::from(*b) << (8 * (i % 8));
+        }
+        m.image = Some((key, None));
+    }
+    Ok(m)
+}
+
+/// Writes bitmap bytes `first..=last` of `m`, whose map is at `at`.
+fn write_bitmap(map: &File, at: u64, m: &SlotMap, first: u32, last: u32) -> Result<(), FlashError> {
+    let bytes = m.bitmap_bytes(first, last);
+    map.write_all_at(&bytes, at + HEADER_BYTES as u64 + u64::from(first))?;
+    Ok(())
+}
+
 impl Drop for SlotRefs {
     fn drop(&mut self) {
         // A device let go of (a run's end): what it wrote is kept. A failure here is one a
@@ -468,14 +467,18 @@ impl Drop for SlotRefs {
     }
 }
 
-/// The image `m` names chunks of, opened (it must exist).
-fn opened(store: &ImageStore, m: &mut SlotMap) -> Result<Arc<StoredImage>, FlashError> {
-    match &mut m.image {
-        Some((_, Some(i))) => Ok(i.clone()),
-        Some((key, opened)) => match store.image(*key, false)? {
-            Some(i) => Ok(opened.insert(i).clone()),
-            None => Err(std::io::Error::other("image store full").into()),
-        },
-        None => Err(std::io::Error::other("slot names no image").into()),
+/// The image `m` names chunks of, opened: created when `create`, else it must exist. `None`
+/// when it names none, or when `create` and the store holds as many images as it may.
+fn opened(
+    store: &ImageStore,
+    m: &mut SlotMap,
+    create: bool,
+) -> Result<Option<Arc<StoredImage>>, FlashError> {
+    let Some((key, opened)) = &mut m.image else {
+        return Ok(None);
+    };
+    if let Some(i) = opened {
+        return Ok(Some(i.clone()));
     }
+    Ok(store.image(*key, create)?.map(|i| opened.insert(i).clone()))
 }
