@@ -603,44 +603,49 @@ impl FileFlash {
         known: Option<&Known<'_>>,
     ) -> Result<(), FlashError> {
         check_bounds(self.capacity, offset, data.len())?;
-        if self.stream.as_ref().is_some_and(|s| s.slot == slot) {
-            // Dropped before the write: if the write fails, what the slot holds is unknown.
-            let stream = self.stream.take().filter(|s| s.written == offset);
-            self.put(slot, offset, data, known)?;
-            self.stream = stream.and_then(|s| {
-                // A stream that has written nothing yet joins the chain of its first chunk.
-                let hash = match (s.hash, known) {
-                    (StreamHash::Own(_), Some(k)) if s.written == 0 && k.index == 0 => {
-                        StreamHash::Chain(k.chain.clone(), 0)
-                    }
-                    (h, _) => h,
-                };
-                Some(Stream {
-                    slot: s.slot,
-                    written: s.written + data.len() as u64,
-                    hash: hash.add(data, known)?,
-                })
-            });
-        } else {
-            self.put(slot, offset, data, known)?;
+        // This slot's stream is taken before the write: if the write fails, what the slot
+        // holds is unknown. Another slot's stays.
+        let ours = self.stream.as_ref().is_some_and(|s| s.slot == slot);
+        let continued = ours
+            .then(|| self.stream.take())
+            .flatten()
+            .filter(|s| s.written == offset);
+        let vouched = known.and_then(|k| Some((k.chain.image()?, k.index)));
+        self.put(slot, offset, data, vouched)?;
+        if !ours {
+            return Ok(());
         }
+        self.stream = continued.and_then(|s| {
+            // A stream that has written nothing yet joins the chain of its first chunk.
+            let hash = match (s.hash, known) {
+                (StreamHash::Own(_), Some(k)) if s.written == 0 && k.index == 0 => {
+                    StreamHash::Chain(k.chain.clone(), 0)
+                }
+                (h, _) => h,
+            };
+            Some(Stream {
+                slot: s.slot,
+                written: s.written + data.len() as u64,
+                hash: hash.add(data, known)?,
+            })
+        });
         Ok(())
     }
 
-    /// Writes `data` at `offset` of `slot`: named in the slot's map when it is a stored
-    /// image's chunk, into the slot otherwise.
+    /// Writes `data` at `offset` of `slot`: named in the slot's map when it is `vouched` chunk
+    /// (index) of a stored image, into the slot otherwise.
     fn put(
         &mut self,
         slot: SlotId,
         offset: u64,
         data: &[u8],
-        known: Option<&Known<'_>>,
+        vouched: Option<(ImageKey, u32)>,
     ) -> Result<(), FlashError> {
         use std::os::unix::fs::FileExt;
         let base = self.base(slot);
         if let (Some(refs), Some((raw, _))) = (&mut self.refs, &self.shared) {
-            if let Some((key, k)) = known.and_then(|k| Some((k.chain.image()?, k))) {
-                if refs.put(slot, offset, data, key, k.index)? {
+            if let Some((key, index)) = vouched {
+                if refs.put(slot, offset, data, key, index)? {
                     return Ok(());
                 }
             }
