@@ -506,6 +506,73 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_chunk_is_named_without_its_bytes_only_where_a_write_of_them_would_store_it_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, chain) = stored_image(4500, 6);
+        let sha: [u8; 32] = sha2::Sha256::digest(&image).into();
+        let ids = ["first", "second", "late", "stranger"];
+        let files = FleetFiles::open(dir.path(), ids, 1 << 20, false).unwrap();
+        let known = |index: u32| Known {
+            chain: &chain,
+            index,
+        };
+        let mut first = files.flash("first", 1 << 20).unwrap();
+        first.begin_update(SlotId::B, image.len() as u64).unwrap();
+        assert!(
+            !first.name_known(SlotId::B, 0, &known(0)).unwrap(),
+            "nothing stored yet: the bytes are needed"
+        );
+        write_vouched(&mut *first, SlotId::B, &image, &chain);
+
+        // Every chunk stored, and the chain holds every state: named, in order, unopened.
+        let mut second = files.flash("second", 1 << 20).unwrap();
+        second.begin_update(SlotId::B, image.len() as u64).unwrap();
+        for i in 0..5u32 {
+            assert!(second
+                .name_known(SlotId::B, 1024 * u64::from(i), &known(i))
+                .unwrap());
+        }
+        assert_eq!(read_all(&mut *second, SlotId::B, image.len()), image);
+        assert_eq!(second.digest(SlotId::B, image.len() as u64).unwrap(), sha);
+
+        // Not the chunk's place, or past the image: not named.
+        let mut late = files.flash("late", 1 << 20).unwrap();
+        late.begin_update(SlotId::B, image.len() as u64).unwrap();
+        assert!(!late.name_known(SlotId::B, 1024, &known(0)).unwrap());
+        assert!(!late.name_known(SlotId::B, 5 * 1024, &known(5)).unwrap());
+        // A chunk written plainly first: the slot hashes its own bytes from there on, so the
+        // next chunk's bytes are needed too; the image still reads back whole.
+        late.write(SlotId::B, 0, &image[..1024]).unwrap();
+        assert!(!late.name_known(SlotId::B, 1024, &known(1)).unwrap());
+        for (i, part) in image.chunks(1024).enumerate().skip(1) {
+            late.write_known(SlotId::B, 1024 * i as u64, part, &known(i as u32))
+                .unwrap();
+        }
+        assert_eq!(late.digest(SlotId::B, image.len() as u64).unwrap(), sha);
+
+        // Another key's chain names another stored image, which holds nothing.
+        let other = Arc::new(HashChain::of_image(ImageKey::new([7; 32], 1024, 4500)));
+        let mut stranger = files.flash("stranger", 1 << 20).unwrap();
+        stranger
+            .begin_update(SlotId::B, image.len() as u64)
+            .unwrap();
+        let theirs = Known {
+            chain: &other,
+            index: 0,
+        };
+        assert!(!stranger.name_known(SlotId::B, 0, &theirs).unwrap());
+        assert_eq!(read_all(&mut *stranger, SlotId::B, 16), [0; 16]);
+
+        // What was named survives a restart like what was written.
+        second.sync().unwrap();
+        drop((first, second, late, stranger));
+        drop(files);
+        let files = FleetFiles::open(dir.path(), ids, 1 << 20, false).unwrap();
+        let mut second = files.flash("second", 1 << 20).unwrap();
+        assert_eq!(read_all(&mut *second, SlotId::B, image.len()), image);
+    }
+
+    #[test]
     fn a_plain_write_over_stored_chunks_keeps_what_it_does_not_cover_and_a_new_image_forgets_them()
     {
         let dir = tempfile::tempdir().unwrap();

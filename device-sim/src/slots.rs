@@ -276,6 +276,19 @@ pub trait Flash: Send {
         let _ = known;
         self.write(slot, offset, data)
     }
+    /// Records that `slot` holds, at `offset`, chunk `known.index` of the content `known.chain`
+    /// names, without being given its bytes: only storage that keeps a fleet's images once
+    /// (`images`) can, when it holds that chunk already and its hash state is the chain's.
+    /// `false` when it cannot (nothing is written), and the caller writes the bytes.
+    fn name_known(
+        &mut self,
+        slot: SlotId,
+        offset: u64,
+        known: &Known<'_>,
+    ) -> Result<bool, FlashError> {
+        let _ = (slot, offset, known);
+        Ok(false)
+    }
     /// Fills `buf` from `offset`; bytes never written read as zero.
     fn read(&mut self, slot: SlotId, offset: u64, buf: &mut [u8]) -> Result<(), FlashError>;
     /// Tells the bootloader which slot to start next. Simulated storage needs nothing here: the
@@ -522,6 +535,19 @@ impl StreamHash {
         }
     }
 
+    /// What [`StreamHash::add`] would make of `known`'s chunk, if it needs none of its bytes:
+    /// the chain's state after it, when the chain has it. `written` is what the stream holds.
+    fn without_bytes(&self, written: u64, known: &Known<'_>) -> Option<StreamHash> {
+        let (chain, n) = match self {
+            StreamHash::Chain(c, n) => (c, *n),
+            // A stream that has written nothing joins the chain of its first chunk.
+            StreamHash::Own(_) if written == 0 && known.index == 0 => (known.chain, 0),
+            StreamHash::Own(_) => return None,
+        };
+        (Arc::ptr_eq(chain, known.chain) && n == known.index && chain.has(n + 1))
+            .then(|| StreamHash::Chain(chain.clone(), n + 1))
+    }
+
     fn finalize(&self) -> Option<[u8; 32]> {
         match self {
             StreamHash::Own(h) => Some(h.clone().finalize().into()),
@@ -645,7 +671,7 @@ impl FileFlash {
         let base = self.base(slot);
         if let (Some(refs), Some((raw, _))) = (&mut self.refs, &self.shared) {
             if let Some((key, index)) = vouched {
-                if refs.put(slot, offset, data, key, index)? {
+                if refs.put(slot, offset, Some(data), key, index)? {
                     return Ok(());
                 }
             }
@@ -704,6 +730,46 @@ impl Flash for FileFlash {
         known: &Known<'_>,
     ) -> Result<(), FlashError> {
         self.write_streamed(slot, offset, data, Some(known))
+    }
+
+    fn name_known(
+        &mut self,
+        slot: SlotId,
+        offset: u64,
+        known: &Known<'_>,
+    ) -> Result<bool, FlashError> {
+        let (Some(refs), Some(key)) = (&mut self.refs, known.chain.image()) else {
+            return Ok(false);
+        };
+        if known.index >= key.count {
+            return Ok(false);
+        }
+        let len = key.len(known.index);
+        check_bounds(self.capacity, offset, len as usize)?;
+        // This slot's stream, as a write of the bytes would leave it; the bytes are needed
+        // when it would hash them.
+        let stream = match self.stream.as_ref().filter(|s| s.slot == slot) {
+            None => None,
+            Some(s) if s.written != offset => Some(None),
+            Some(s) => match s.hash.without_bytes(s.written, known) {
+                Some(hash) => Some(Some(Stream {
+                    slot,
+                    written: s.written + len,
+                    hash,
+                })),
+                None => return Ok(false),
+            },
+        };
+        let named = refs.put(slot, offset, None, key, known.index);
+        if let Some(stream) = stream {
+            // After a failed write what the slot holds is unknown: its stream goes.
+            match &named {
+                Ok(true) => self.stream = stream,
+                Ok(false) => {}
+                Err(_) => self.stream = None,
+            }
+        }
+        named
     }
 
     fn digest(&mut self, slot: SlotId, len: u64) -> Result<[u8; 32], FlashError> {

@@ -77,7 +77,7 @@ impl ImageKey {
     }
 
     /// Plaintext length of chunk `index`.
-    fn len(&self, index: u32) -> u64 {
+    pub(super) fn len(&self, index: u32) -> u64 {
         if index + 1 == self.count {
             u64::from(self.tail)
         } else {
@@ -317,18 +317,22 @@ impl SlotRefs {
         Ok(())
     }
 
-    /// Records that `slot` holds chunk `index` of `key`'s image, `data`, at `offset`, storing
-    /// the chunk if it is not yet. `false` (nothing done) when it cannot: `data` is not that
-    /// chunk's place and length, the slot names chunks of another image, or the store is full.
+    /// Records that `slot` holds chunk `index` of `key`'s image at `offset`: `data`, stored if
+    /// the chunk is not yet, or (`None`) the chunk as stored already. `false` (nothing named)
+    /// when it cannot: not that chunk's place and length, the slot names chunks of another
+    /// image, the store is full, or without `data` the chunk is not stored.
     pub fn put(
         &mut self,
         slot: SlotId,
         offset: u64,
-        data: &[u8],
+        data: Option<&[u8]>,
         key: ImageKey,
         index: u32,
     ) -> Result<bool, FlashError> {
-        if index >= key.count || offset != key.start(index) || data.len() as u64 != key.len(index) {
+        if index >= key.count
+            || offset != key.start(index)
+            || data.is_some_and(|d| d.len() as u64 != key.len(index))
+        {
             return Ok(false);
         }
         let Loaded { at, m, map, store } = self.loaded(slot)?;
@@ -350,7 +354,11 @@ impl SlotRefs {
         let Some(image) = opened(store, m, true)? else {
             return Ok(false);
         };
-        image.put(index, data)?;
+        match data {
+            Some(data) => image.put(index, data)?,
+            None if image.has(index) => {}
+            None => return Ok(false),
+        }
         m.set(index, true);
         let byte = index / 8;
         m.unsynced = Some(match m.unsynced {

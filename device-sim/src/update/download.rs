@@ -185,6 +185,19 @@ impl Session {
         };
         // The digest is checked before decrypting: a tampered chunk never reaches the cipher.
         let matched = self.check(index, sealed);
+        let offset = u64::from(index) * u64::from(self.manifest.chunk_size);
+        if let (ChunkMatch::Known, Some(chain)) = (matched, &self.chain) {
+            // These sealed bytes, opened under this key (the chain's) for this artifact, index
+            // and count, gave the plaintext a fleet's store holds once some device of it opened
+            // them: opening them again gives the same bytes (it was 6% of the simulator's CPU
+            // while 10,000 devices downloaded). A slot that can name the stored chunk does,
+            // unopened.
+            match flash.name_known(slot, offset, &Known { chain, index }) {
+                Ok(true) => return self.written(now, index, written),
+                Ok(false) => {}
+                Err(e) => return ChunkOutcome::WriteFailed(e),
+            }
+        }
         let plain = if matched != ChunkMatch::No {
             cipher.open(artifact, index, count, sealed).ok()
         } else {
@@ -199,7 +212,6 @@ impl Session {
                 exhausted: *n >= max_retries,
             };
         };
-        let offset = u64::from(index) * u64::from(self.manifest.chunk_size);
         let written_ok = match (&self.chain, matched) {
             // Same sealed bytes, same key, artifact and count: the same plaintext.
             (Some(chain), ChunkMatch::Known) => {
@@ -211,6 +223,11 @@ impl Session {
         if let Err(e) = written_ok {
             return ChunkOutcome::WriteFailed(e);
         }
+        self.written(now, index, written)
+    }
+
+    /// Chunk `index` is in the slot: it is marked written, and its response time sampled.
+    fn written(&mut self, now: u64, index: u32, written: &mut ChunkBitmap) -> ChunkOutcome {
         written.set(index);
         if let Some((sent, false)) = self.outstanding.remove(&index) {
             self.sample_response_time(now.saturating_sub(sent) as f64);
