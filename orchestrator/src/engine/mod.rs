@@ -24,7 +24,7 @@ use aloft_certs::revocation::{write_file_atomically, VerifiedCrl};
 use aloft_certs::PkiError;
 use aloft_proto::chunkframe::{self, ChunkErrorCode};
 use aloft_proto::crypto;
-use aloft_proto::messages::{self, DeltaOffer, Job, PROTOCOL_VERSION};
+use aloft_proto::messages;
 use aloft_proto::trust::SignedRoot;
 use aloft_proto::{topics, ArtifactId, CampaignId, DeviceId, OperatorId};
 use base64::engine::general_purpose::STANDARD as B64;
@@ -37,14 +37,16 @@ use tracing::{debug, info, warn};
 use self::core::{
     CaState, Core, CoreConfig, Effects, Event, JobOrder, Loaded, Out, Session, Write,
 };
+use self::jobs::{build_jobs, Built};
 use crate::admin::auth::AdminAuth;
 use crate::admin::wire::{AdminError, AdminReply};
 use crate::metrics::Metrics;
 use crate::mqtt::{LinkClosed, Publisher};
-use crate::store::{MemberJob, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 pub mod core;
 pub(crate) mod frames;
+mod jobs;
 
 pub use self::core::pacing::DEFAULT_SLOTS as DEFAULT_DOWNLOAD_SLOTS;
 pub use self::core::{RENEWAL_INTERVAL_MS, SUCCESS_WITHOUT_DOWNLOAD};
@@ -56,8 +58,6 @@ pub const BATCH_MAX: usize = 256;
 /// How often rollouts are moved forward when no event arrives (timeouts, soaks, schedules).
 pub const TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Jobs built (wrapped or rebuilt) per task of the blocking pool at least.
-const JOBS_PER_TASK: usize = 32;
 /// First and longest wait between flushes while the store is unreachable.
 const STORE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(100);
 const STORE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
@@ -879,104 +879,6 @@ fn load(store: &Store) -> Result<Loaded, StoreError> {
         jobs,
         uploads,
     })
-}
-
-/// A job ready to leave: its payload, and the member's part of it if it was made now (to be
-/// stored before the job leaves).
-#[derive(Clone)]
-struct BuiltJob {
-    device: DeviceId,
-    campaign: CampaignId,
-    payload: Vec<u8>,
-    made: Option<Arc<MemberJob>>,
-}
-
-/// A job, or why its content key could not be wrapped.
-type Built = Result<BuiltJob, crypto::CryptoError>;
-
-/// Builds each job on the blocking pool, a few tasks at once: a new one has its content keys
-/// wrapped for its device, a stored one is rebuilt from what was stored. Each task comes with
-/// the number of jobs it builds.
-fn build_jobs(jobs: Vec<JobOrder>) -> Vec<(tokio::task::JoinHandle<Vec<Built>>, usize)> {
-    if jobs.is_empty() {
-        return Vec::new();
-    }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_task = jobs.len().div_ceil(threads).max(JOBS_PER_TASK);
-    let mut tasks = Vec::new();
-    let mut jobs = jobs.into_iter().peekable();
-    while jobs.peek().is_some() {
-        let part: Vec<JobOrder> = jobs.by_ref().take(per_task).collect();
-        let len = part.len();
-        let task = tokio::task::spawn_blocking(move || part.iter().map(build_job).collect());
-        tasks.push((task, len));
-    }
-    tasks
-}
-
-/// One member's job: the stored one, or a new one with the content keys wrapped for it alone.
-fn build_job(order: &JobOrder) -> Built {
-    let (member, made) = match &order.stored {
-        Some(job) => (job.clone(), None),
-        None => {
-            let job = Arc::new(make_member_job(order)?);
-            (job.clone(), Some(job))
-        }
-    };
-    Ok(BuiltJob {
-        device: order.device.clone(),
-        campaign: order.template.campaign.clone(),
-        payload: job_payload(order, &member),
-        made,
-    })
-}
-
-/// Wraps the content key of the release, and of each delta offered, for one device
-/// (HPKE with a fresh ephemeral key: each call gives other bytes, so it is made once).
-fn make_member_job(order: &JobOrder) -> Result<MemberJob, crypto::CryptoError> {
-    let t = &order.template;
-    let public = &order.x25519_public;
-    let wrapped_key = crypto::wrap_content_key(public, &order.device, &t.artifact, &t.key)?;
-    let mut deltas = Vec::with_capacity(t.deltas.len());
-    for d in &t.deltas {
-        let wrapped = crypto::wrap_content_key(public, &order.device, &d.artifact, &d.key)?;
-        deltas.push((d.artifact.clone(), wrapped));
-    }
-    Ok(MemberJob {
-        issued_at: order.issued_at_ms / 1000,
-        wrapped_key,
-        deltas,
-        root_version: order.root_version,
-        wrapped_to: hex::encode(public),
-    })
-}
-
-/// The job for one device: the campaign's part (the signed manifest, origin, delta manifests)
-/// and the member's own (`MemberJob`). The same inputs give the same bytes.
-fn job_payload(order: &JobOrder, member: &MemberJob) -> Vec<u8> {
-    let t = &order.template;
-    let deltas = member
-        .deltas
-        .iter()
-        .filter_map(|(artifact, wrapped_key)| {
-            let d = t.deltas.iter().find(|d| &d.artifact == artifact)?;
-            Some(DeltaOffer {
-                manifest: d.signed.clone(),
-                wrapped_key: wrapped_key.clone(),
-            })
-        })
-        .collect();
-    let job = Job {
-        v: PROTOCOL_VERSION,
-        campaign: t.campaign.clone(),
-        manifest: t.signed.clone(),
-        wrapped_key: member.wrapped_key.clone(),
-        issued_at: member.issued_at,
-        roots: order.roots.to_vec(),
-        origin: t.origin.clone(),
-        deltas,
-    };
-    messages::encode(&job)
 }
 
 /// The CRL file, the front and the trust directory, for the operator actions the core
