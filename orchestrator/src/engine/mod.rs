@@ -754,6 +754,9 @@ impl Shell {
         count: u32,
         indices: &[u32],
     ) {
+        // One topic for the request's frames (formatting it per frame was 1.3% of the
+        // orchestrator's CPU while 10,000 devices downloaded).
+        let topic = topics::chunk_response(device);
         for &index in indices {
             if index >= count {
                 let frame = chunkframe::encode_error(artifact, index, ChunkErrorCode::OutOfRange);
@@ -781,7 +784,6 @@ impl Shell {
                 self.send_chunk(device, frame.to_vec());
                 continue;
             };
-            let topic = topics::chunk_response(device);
             match direct.deliver(device, &topic, frame) {
                 Ok(()) => self.metrics.chunk_served(sealed),
                 // The front's fleet budget (or this device's queue) is full: the device waits
