@@ -382,6 +382,37 @@ async fn device_with_valid_cert_can_subscribe_and_receive_its_own_topics() {
     .await;
 }
 
+/// The PUBACK of a chunk request or a status report may wait for what answers it, to leave in
+/// the same write (`session::ACK_HOLD`): it still comes first, and it comes when nothing answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_puback_comes_before_its_answer_and_without_one() {
+    bounded(async {
+        let edge = Edge::start().await;
+        let mut dev = edge.device("dev-1").await;
+        dev.subscribe("aloft/v1/d/dev-1/#").await;
+        assert_eq!(dev.suback().await.len(), 1);
+        let mut next_two = async |answer: Option<(DeviceBound, &[u8])>, topic: &str| {
+            dev.publish(topic, b"{}", false).await;
+            assert_eq!(edge.received().await.0, topic);
+            if let Some((kind, payload)) = answer {
+                edge.send("dev-1", kind, payload, false);
+            }
+            assert!(matches!(dev.next().await, Ev::PubAck), "the PUBACK first");
+            if let Some((_, payload)) = answer {
+                assert_eq!(dev.next_publish().await.1, payload);
+            }
+        };
+        let (req, status) = ("aloft/v1/d/dev-1/chunk/req", "aloft/v1/d/dev-1/status");
+        next_two(Some((DeviceBound::ChunkResponse, b"frame")), req).await;
+        next_two(Some((DeviceBound::Ack, b"ack")), status).await;
+        next_two(None, req).await;
+        next_two(None, status).await;
+        // A health report's PUBACK is not held; all are acknowledged.
+        next_two(None, "aloft/v1/d/dev-1/health").await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_publishes_admin_requests_and_receives_replies_only_on_its_own_topics() {
     bounded(async {
