@@ -390,6 +390,44 @@ fn outbox_resends_its_head_on_reconnect_and_after_the_timeout() {
     );
 }
 
+/// An applied ack waits for the next save: a power loss before it re-sends the report, which
+/// the orchestrator answers `duplicate`. A rejected report is forgotten at once, never re-sent.
+#[test]
+fn an_applied_ack_is_saved_with_the_next_save_and_a_rejection_at_once() {
+    let fx = Fixture::new();
+    let rel = fx.release(&ReleaseSpec::default());
+    let power_on = |record| fx.agent(record, Box::new(AlwaysHealthy));
+    for outcome in [
+        AckOutcome::Applied,
+        AckOutcome::Duplicate,
+        AckOutcome::Rejected,
+    ] {
+        let mut rig = fx.rig();
+        rig.connect();
+        rig.step(Input::Job(&fx.job("c-1", &rel)));
+        assert_eq!(
+            rig.saved.outbox.len(),
+            1,
+            "a queued report is saved at once"
+        );
+        rig.ack_head(outcome);
+        assert!(rig.agent.record().outbox.is_empty());
+        let kept = outcome != AckOutcome::Rejected;
+        assert_eq!(rig.saved.outbox.len(), usize::from(kept), "{outcome:?}");
+        rig.power_cycle(power_on);
+        let resent: Vec<_> = rig.connect().iter().filter_map(as_report).collect();
+        assert_eq!(resent.len(), usize::from(kept), "{outcome:?}");
+        if kept {
+            assert_eq!((resent[0].seq, resent[0].state), (1, Downloading));
+            // Acknowledged again, it is gone, and a save keeps it gone.
+            rig.ack_head(AckOutcome::Duplicate);
+            rig.save();
+            rig.power_cycle(power_on);
+            assert!(rig.connect().iter().all(|o| as_report(o).is_none()));
+        }
+    }
+}
+
 #[test]
 fn redelivered_job_of_a_finished_campaign_resends_its_unacked_result() {
     let fx = Fixture::new();
