@@ -504,8 +504,7 @@ impl Store {
         // first record of a member is `idle` from nothing: recorded as idle → idle (the time
         // the device joined the campaign).
         let key = progress_key(c, d);
-        let before = self.kv.get(Tree::Progress, &key)?;
-        self.kv.insert(Tree::Progress, &key, &encode(p))?;
+        let before = self.kv.replace(Tree::Progress, &key, &encode(p))?;
         let from = match before {
             Some(old) => match decode::<Progress>(&key, &old) {
                 Ok(o) if o.state == p.state => return Ok(()),
