@@ -535,15 +535,25 @@ impl StreamHash {
         }
     }
 
+    /// The chain this stream follows and how many of its chunks it holds, given that it holds
+    /// `written` bytes and `known` is the chunk written next: a stream that has written nothing
+    /// yet joins the chain of its first chunk. `None` when it hashes on its own.
+    fn on_chain<'s>(
+        &'s self,
+        written: u64,
+        known: Option<&Known<'s>>,
+    ) -> Option<(&'s Arc<HashChain>, u32)> {
+        match (self, known) {
+            (StreamHash::Chain(c, n), _) => Some((c, *n)),
+            (StreamHash::Own(_), Some(k)) if written == 0 && k.index == 0 => Some((k.chain, 0)),
+            (StreamHash::Own(_), _) => None,
+        }
+    }
+
     /// What [`StreamHash::add`] would make of `known`'s chunk, if it needs none of its bytes:
     /// the chain's state after it, when the chain has it. `written` is what the stream holds.
     fn without_bytes(&self, written: u64, known: &Known<'_>) -> Option<StreamHash> {
-        let (chain, n) = match self {
-            StreamHash::Chain(c, n) => (c, *n),
-            // A stream that has written nothing joins the chain of its first chunk.
-            StreamHash::Own(_) if written == 0 && known.index == 0 => (known.chain, 0),
-            StreamHash::Own(_) => return None,
-        };
+        let (chain, n) = self.on_chain(written, Some(known))?;
         (Arc::ptr_eq(chain, known.chain) && n == known.index && chain.has(n + 1))
             .then(|| StreamHash::Chain(chain.clone(), n + 1))
     }
@@ -642,12 +652,13 @@ impl FileFlash {
             return Ok(());
         }
         self.stream = continued.and_then(|s| {
-            // A stream that has written nothing yet joins the chain of its first chunk.
-            let hash = match (s.hash, known) {
-                (StreamHash::Own(_), Some(k)) if s.written == 0 && k.index == 0 => {
-                    StreamHash::Chain(k.chain.clone(), 0)
-                }
-                (h, _) => h,
+            let joined = s
+                .hash
+                .on_chain(s.written, known)
+                .map(|(c, n)| (c.clone(), n));
+            let hash = match joined {
+                Some((c, n)) => StreamHash::Chain(c, n),
+                None => s.hash,
             };
             Some(Stream {
                 slot: s.slot,
