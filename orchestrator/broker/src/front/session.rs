@@ -426,7 +426,7 @@ struct Outgoing {
     /// when it drops, after the write.
     frames: Vec<Frame>,
     bytes: usize,
-    /// A chunk request's PUBACK is among the parts.
+    /// A held PUBACK (of a chunk request or a status report) is among the parts.
     held: bool,
 }
 
@@ -625,8 +625,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         gather(&mut w, &mut out, &mut replies, &mut queues);
         if out.held && out.frames.is_empty() && !out.full() {
             // A held PUBACK waits for what its PUBLISH asked for: a chunk request's first
-            // frame, a status report's ack.
-            // Boxed: in place, the timer would be part of every session's future, idle or not.
+            // frame, a status report's ack. Boxed: in place, the timer would be part of every
+            // session's future, idle or not.
             let room = w.in_flight.has_room();
             let answer = Box::pin(timeout(ACK_HOLD, async {
                 tokio::select! {
