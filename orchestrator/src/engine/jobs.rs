@@ -108,7 +108,8 @@ struct Encoded {
 impl Encoded {
     /// The job for one device: the campaign's part (the signed manifest, origin, delta
     /// manifests) and the member's own (`MemberJob`). The same inputs give the same bytes, and
-    /// the bytes [`messages::encode`] gives the [`Job`] they stand for (`same_bytes_as_a_job`).
+    /// the bytes [`messages::encode`] gives the [`Job`] they stand for (tested by
+    /// `a_payload_is_byte_for_byte_the_encoding_of_the_job_it_stands_for`).
     fn payload(&mut self, order: &JobOrder, member: &MemberJob) -> Vec<u8> {
         let t = &order.template;
         if !self.template.as_ref().is_some_and(|k| Arc::ptr_eq(k, t)) {
